@@ -1,0 +1,315 @@
+//! API keys: signed, self-contained credentials, verifiable with only the trust root's public key.
+//!
+//! The chain follows the NATS operator → account → user model:
+//! the **operator** (trust root) signs an [`AuthorityCert`] that binds a realm (and its subrealms)
+//! to the realm authority's Ed25519 public key; the **realm authority** signs [`KeyClaims`]
+//! (realm, role, key id, expiry). An API key carries both signed documents, so a node needs no
+//! database and no network to verify it. Revocation is by key id ([`Authenticator`](super::Authenticator)).
+//!
+//! Wire form: `sk_live_` + base64url (no padding) of a MessagePack array
+//! `[version, cert, cert_sig, claims, claims_sig]`.
+
+use base64::Engine;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use super::AuthError;
+
+/// Prefix of every API key.
+pub const KEY_PREFIX: &str = "sk_live_";
+const VERSION: u8 = 1;
+const CERT_DOMAIN: &[u8] = b"macula/authority-cert/v1\0";
+const CLAIMS_DOMAIN: &[u8] = b"macula/key-claims/v1\0";
+/// Keys longer than this are refused before any decoding.
+pub const MAX_KEY_LEN: usize = 4096;
+
+/// The operator's statement: "this public key is the authority of `realm` and its subrealms".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorityCert {
+    pub realm: String,
+    #[serde(with = "serde_bytes32")]
+    pub authority: [u8; 32],
+    /// Unix seconds after which the certificate is invalid; 0 means no expiry.
+    pub expires_at: u64,
+}
+
+/// The realm authority's statement about one API key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyClaims {
+    /// The realm the key is for (the authority's realm or one of its subrealms).
+    pub realm: String,
+    pub role: String,
+    /// Unique key id, used for revocation and shown in listings.
+    pub kid: String,
+    /// Human name given at creation ("Production home bots").
+    pub name: String,
+    pub issued_at: u64,
+    /// Unix seconds after which the key is refused; 0 means no expiry.
+    pub expires_at: u64,
+    /// For key-pair clients (WAMP-Cryptosign): the Ed25519 public key that must prove possession.
+    /// A key with a bound public key is not a bearer token and is refused as a WAMP ticket.
+    #[serde(default, with = "serde_opt_bytes32")]
+    pub pubkey: Option<[u8; 32]>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope(
+    u8,
+    #[serde(with = "serde_bytes_vec")] Vec<u8>,
+    #[serde(with = "serde_bytes_vec")] Vec<u8>,
+    #[serde(with = "serde_bytes_vec")] Vec<u8>,
+    #[serde(with = "serde_bytes_vec")] Vec<u8>,
+);
+
+/// A credential whose signatures and expiry have been checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedKey {
+    pub authority: AuthorityCert,
+    pub claims: KeyClaims,
+}
+
+fn sign_doc(key: &SigningKey, domain: &[u8], doc: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(domain.len() + doc.len());
+    m.extend_from_slice(domain);
+    m.extend_from_slice(doc);
+    key.sign(&m).to_bytes().to_vec()
+}
+
+fn verify_doc(key: &VerifyingKey, domain: &[u8], doc: &[u8], sig: &[u8]) -> bool {
+    let Ok(sig) = Signature::from_slice(sig) else {
+        return false;
+    };
+    let mut m = Vec::with_capacity(domain.len() + doc.len());
+    m.extend_from_slice(domain);
+    m.extend_from_slice(doc);
+    key.verify(&m, &sig).is_ok()
+}
+
+/// A signed authority certificate, as stored next to the realm authority's key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedCert {
+    #[serde(with = "serde_bytes_vec")]
+    pub cert: Vec<u8>,
+    #[serde(with = "serde_bytes_vec")]
+    pub sig: Vec<u8>,
+}
+
+impl SignedCert {
+    /// The operator signs `cert`.
+    pub fn issue(operator: &SigningKey, cert: &AuthorityCert) -> SignedCert {
+        let bytes = rmp_serde::to_vec(cert).unwrap_or_default();
+        let sig = sign_doc(operator, CERT_DOMAIN, &bytes);
+        SignedCert { cert: bytes, sig }
+    }
+
+    /// Checks the operator's signature and returns the certificate.
+    pub fn verify(&self, operator: &VerifyingKey, now: u64) -> Result<AuthorityCert, AuthError> {
+        if !verify_doc(operator, CERT_DOMAIN, &self.cert, &self.sig) {
+            return Err(AuthError::BadSignature("realm authority certificate"));
+        }
+        let cert: AuthorityCert = rmp_serde::from_slice(&self.cert)
+            .map_err(|_| AuthError::Malformed("authority certificate"))?;
+        if cert.expires_at != 0 && cert.expires_at <= now {
+            return Err(AuthError::Expired("realm authority certificate"));
+        }
+        Ok(cert)
+    }
+
+    /// Text form for files: base64url of the MessagePack encoding.
+    pub fn to_text(&self) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(rmp_serde::to_vec(self).unwrap_or_default())
+    }
+
+    pub fn from_text(s: &str) -> Result<SignedCert, AuthError> {
+        let b = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(s.trim())
+            .map_err(|_| AuthError::Malformed("authority certificate"))?;
+        rmp_serde::from_slice(&b).map_err(|_| AuthError::Malformed("authority certificate"))
+    }
+}
+
+/// Issues an API key: the realm authority signs `claims`; the operator-signed certificate rides along.
+pub fn issue_key(authority: &SigningKey, cert: &SignedCert, claims: &KeyClaims) -> String {
+    let claims_bytes = rmp_serde::to_vec(claims).unwrap_or_default();
+    let claims_sig = sign_doc(authority, CLAIMS_DOMAIN, &claims_bytes);
+    let env = Envelope(
+        VERSION,
+        cert.cert.clone(),
+        cert.sig.clone(),
+        claims_bytes,
+        claims_sig,
+    );
+    let bytes = rmp_serde::to_vec(&env).unwrap_or_default();
+    let mut s = String::from(KEY_PREFIX);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(bytes, &mut s);
+    s
+}
+
+/// Verifies an API key against the operator's public key at time `now` (Unix seconds).
+/// Revocation is the caller's business (see [`Authenticator`](super::Authenticator)).
+pub fn verify_key(key: &str, operator: &VerifyingKey, now: u64) -> Result<VerifiedKey, AuthError> {
+    if key.len() > MAX_KEY_LEN {
+        return Err(AuthError::Malformed("API key (too long)"));
+    }
+    let body = key
+        .strip_prefix(KEY_PREFIX)
+        .ok_or(AuthError::Malformed("API key (expected sk_live_...)"))?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(body)
+        .map_err(|_| AuthError::Malformed("API key"))?;
+    let Envelope(version, cert, cert_sig, claims_bytes, claims_sig) =
+        rmp_serde::from_slice(&bytes).map_err(|_| AuthError::Malformed("API key"))?;
+    if version != VERSION {
+        return Err(AuthError::Malformed("API key (unsupported version)"));
+    }
+    let authority = SignedCert {
+        cert,
+        sig: cert_sig,
+    }
+    .verify(operator, now)?;
+    let authority_key = VerifyingKey::from_bytes(&authority.authority)
+        .map_err(|_| AuthError::Malformed("authority key"))?;
+    if !verify_doc(&authority_key, CLAIMS_DOMAIN, &claims_bytes, &claims_sig) {
+        return Err(AuthError::BadSignature("API key"));
+    }
+    let claims: KeyClaims =
+        rmp_serde::from_slice(&claims_bytes).map_err(|_| AuthError::Malformed("API key claims"))?;
+    if !macula_wamp::uri::is_same_or_subrealm(&claims.realm, &authority.realm) {
+        return Err(AuthError::RealmOutsideAuthority {
+            realm: claims.realm,
+            authority: authority.realm,
+        });
+    }
+    if claims.expires_at != 0 && claims.expires_at <= now {
+        return Err(AuthError::Expired("API key"));
+    }
+    Ok(VerifiedKey { authority, claims })
+}
+
+/// Parses a public or secret Ed25519 key from 64 hex characters.
+pub fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    let b = hex::decode(s.trim()).ok()?;
+    b.try_into().ok()
+}
+
+mod serde_bytes_vec {
+    use serde::{Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+mod serde_bytes32 {
+    use serde::{Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let v = super::serde_bytes_vec::deserialize(d)?;
+        v.try_into()
+            .map_err(|_| serde::de::Error::custom("expected 32 bytes"))
+    }
+}
+
+mod serde_opt_bytes32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_bytes(b),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+        #[derive(Deserialize)]
+        struct W(#[serde(with = "super::serde_bytes32")] [u8; 32]);
+        Ok(Option::<W>::deserialize(d)?.map(|w| w.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (SigningKey, SigningKey, SignedCert) {
+        let op = SigningKey::from_bytes(&[1; 32]);
+        let auth = SigningKey::from_bytes(&[2; 32]);
+        let cert = SignedCert::issue(
+            &op,
+            &AuthorityCert {
+                realm: "com.acme".into(),
+                authority: auth.verifying_key().to_bytes(),
+                expires_at: 0,
+            },
+        );
+        (op, auth, cert)
+    }
+
+    fn claims(realm: &str, expires_at: u64) -> KeyClaims {
+        KeyClaims {
+            realm: realm.into(),
+            role: "admin".into(),
+            kid: "key_1".into(),
+            name: "test".into(),
+            issued_at: 1,
+            expires_at,
+            pubkey: None,
+        }
+    }
+
+    #[test]
+    fn issued_key_verifies_with_only_the_operator_public_key() {
+        let (op, auth, cert) = setup();
+        let key = issue_key(&auth, &cert, &claims("com.acme.shop", 0));
+        assert!(key.starts_with("sk_live_"));
+        let v = verify_key(&key, &op.verifying_key(), 100).unwrap();
+        assert_eq!(v.claims.realm, "com.acme.shop");
+        assert_eq!(v.authority.realm, "com.acme");
+    }
+
+    #[test]
+    fn tampered_expired_and_foreign_keys_are_refused() {
+        let (op, auth, cert) = setup();
+        let key = issue_key(&auth, &cert, &claims("com.acme", 50));
+        assert_eq!(
+            verify_key(&key, &op.verifying_key(), 60),
+            Err(AuthError::Expired("API key"))
+        );
+        // Flip one character in the middle of the key.
+        let mut chars: Vec<char> = key.chars().collect();
+        let i = chars.len() / 2;
+        chars[i] = if chars[i] == 'A' { 'B' } else { 'A' };
+        let tampered: String = chars.into_iter().collect();
+        assert!(verify_key(&tampered, &op.verifying_key(), 10).is_err());
+        // A different operator does not trust this chain.
+        let other = SigningKey::from_bytes(&[9; 32]);
+        assert_eq!(
+            verify_key(&key, &other.verifying_key(), 10),
+            Err(AuthError::BadSignature("realm authority certificate"))
+        );
+        // An authority cannot sign keys for realms outside its own.
+        let outside = issue_key(&auth, &cert, &claims("org.evil", 0));
+        assert!(matches!(
+            verify_key(&outside, &op.verifying_key(), 10),
+            Err(AuthError::RealmOutsideAuthority { .. })
+        ));
+        assert!(verify_key("sk_live_!!!", &op.verifying_key(), 10).is_err());
+        assert!(verify_key("nope", &op.verifying_key(), 10).is_err());
+    }
+}
