@@ -17,6 +17,12 @@ pub trait Peer: Send + Sync {
     fn send(&self, msg: Arc<Message>);
 }
 
+impl<T: Peer + ?Sized> Peer for Arc<T> {
+    fn send(&self, msg: Arc<Message>) {
+        (**self).send(msg)
+    }
+}
+
 /// What the realm knows about a joined session.
 #[derive(Debug, Clone)]
 pub struct SessionInfo {

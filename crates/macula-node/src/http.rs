@@ -1,0 +1,458 @@
+//! The HTTP side of a node: WebSocket upgrade (`/ws`, `/`), the HTTP bridge (`/v1/realms/...`),
+//! health (`/healthz`, `/readyz`) and Prometheus `/metrics`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::{SinkExt, StreamExt};
+use macula_router::SessionInfo;
+use macula_wamp::{dict, errors, Dict, Message, Payload, Serializer, Value};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::confdir::now_secs;
+use crate::node::Node;
+use crate::outbox::Outbox;
+use crate::session::{encode_out, Connection, Flow};
+
+pub fn router(node: Arc<Node>) -> Router {
+    let body_limit = node.config.limits.max_http_body;
+    Router::new()
+        .route("/", get(ws_upgrade))
+        .route("/ws", get(ws_upgrade))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(|| async { "ready\n" }))
+        .route("/metrics", get(metrics))
+        .route("/v1/realms/{realm}/publish", post(publish))
+        .route("/v1/realms/{realm}/call/{procedure}", post(call))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(node)
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
+    let realms: Vec<_> = node
+        .realm_handles()
+        .iter()
+        .map(|r| {
+            let core = r.lock();
+            let (subs, regs, calls) = core.stats();
+            (r.name.clone(), core.session_count(), subs, regs, calls)
+        })
+        .collect();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        node.metrics.render(&realms),
+    )
+}
+
+async fn ws_upgrade(
+    State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let protocols = Serializer::ALL.map(|s| s.subprotocol());
+    let ws = ws.protocols(protocols);
+    let Some(serializer) = ws
+        .selected_protocol()
+        .and_then(|p| p.to_str().ok())
+        .and_then(Serializer::from_subprotocol)
+    else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "WAMP over WebSocket needs a subprotocol: wamp.2.msgpack, wamp.2.cbor or wamp.2.json\n",
+        )
+            .into_response();
+    };
+    let limit = node.config.limits.max_message_size;
+    ws.max_message_size(limit + 64 * 1024)
+        .max_frame_size(limit + 64 * 1024)
+        .on_upgrade(move |socket| run_ws(socket, node, serializer, peer.to_string()))
+}
+
+async fn run_ws(socket: WebSocket, node: Arc<Node>, serializer: Serializer, peer: String) {
+    let (mut sink, mut stream) = socket.split();
+    let mut conn = Connection::new(node.clone(), serializer, "websocket", peer);
+    let outbox = conn.outbox();
+    let writer_node = node.clone();
+    let mut writer = tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(256);
+        while outbox.next_batch(&mut batch).await {
+            for item in batch.drain(..) {
+                let mut buf = Vec::with_capacity(128);
+                if encode_out(&item, serializer, &writer_node, &mut buf) {
+                    let frame = if serializer.is_text() {
+                        match String::from_utf8(buf) {
+                            Ok(s) => WsMessage::Text(s.into()),
+                            Err(_) => continue,
+                        }
+                    } else {
+                        WsMessage::Binary(buf.into())
+                    };
+                    if sink.feed(frame).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            if sink.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let timeout = Duration::from_millis(node.config.limits.handshake_timeout_ms);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let next = tokio::select! {
+            m = stream.next() => m,
+            _ = &mut writer => break,
+            _ = tokio::time::sleep_until(deadline), if !conn.is_joined() => {
+                conn.outbox().close_with(macula_router::auth::abort(errors::PROTOCOL_VIOLATION, "no WELCOME within the handshake timeout"));
+                break;
+            }
+        };
+        let flow = match next {
+            Some(Ok(WsMessage::Binary(b))) => conn.on_frame(&b),
+            Some(Ok(WsMessage::Text(t))) => conn.on_frame(t.as_bytes()),
+            Some(Ok(WsMessage::Close(_))) | None => break,
+            Some(Ok(_)) => Flow::Continue,
+            Some(Err(e)) => {
+                let msg = e.to_string();
+                if msg.contains("too long") || msg.contains("size") {
+                    conn.refuse_oversized(usize::MAX);
+                }
+                break;
+            }
+        };
+        if flow == Flow::Close {
+            break;
+        }
+    }
+    conn.finish();
+    if !writer.is_finished() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP bridge
+
+fn http_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message.into()}})),
+    )
+        .into_response()
+}
+
+/// Maps a WAMP error URI to an HTTP status.
+fn status_for(uri: &str) -> StatusCode {
+    match uri {
+        errors::NOT_AUTHORIZED => StatusCode::FORBIDDEN,
+        errors::NO_SUCH_PROCEDURE | errors::NO_SUCH_REALM => StatusCode::NOT_FOUND,
+        errors::INVALID_URI | errors::INVALID_ARGUMENT => StatusCode::BAD_REQUEST,
+        errors::CANCELED | errors::TIMEOUT => StatusCode::GATEWAY_TIMEOUT,
+        errors::AUTHENTICATION_FAILED | errors::NO_AUTH_METHOD => StatusCode::UNAUTHORIZED,
+        errors::NO_SUCH_ROLE | errors::AUTHORIZATION_FAILED => StatusCode::FORBIDDEN,
+        _ => StatusCode::UNPROCESSABLE_ENTITY,
+    }
+}
+
+fn wamp_error_response(uri: &str, payload: &Payload) -> Response {
+    let message = payload
+        .args
+        .first()
+        .and_then(Value::as_str)
+        .unwrap_or(uri)
+        .to_owned();
+    let args: Vec<serde_json::Value> = payload.args.iter().map(Into::into).collect();
+    let kwargs: serde_json::Map<String, serde_json::Value> = payload
+        .kwargs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.into()))
+        .collect();
+    (
+        status_for(uri),
+        Json(json!({"error": {"code": uri, "message": message, "args": args, "kwargs": kwargs}})),
+    )
+        .into_response()
+}
+
+/// A bridge request's temporary session: authenticated like any other, joined for one operation.
+struct BridgeSession {
+    realm: Arc<crate::node::RealmHandle>,
+    id: u64,
+    outbox: Arc<Outbox>,
+}
+
+impl BridgeSession {
+    fn open(node: &Arc<Node>, realm: &str, headers: &HeaderMap) -> Result<BridgeSession, Response> {
+        node.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = Node::check_realm_name(realm) {
+            return Err(http_error(StatusCode::BAD_REQUEST, errors::INVALID_URI, e));
+        }
+        let key = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                http_error(
+                    StatusCode::UNAUTHORIZED,
+                    errors::AUTHENTICATION_FAILED,
+                    "send the API key as `Authorization: Bearer sk_live_...`",
+                )
+            })?;
+        let mut hs = macula_router::auth::Handshake::Challenged {
+            realm: realm.to_owned(),
+            hello: Dict::new(),
+            method: macula_router::auth::Pending::Ticket,
+        };
+        let auth = node.auth();
+        let step = hs.on_message(
+            Message::Authenticate {
+                signature: key.to_owned(),
+                extra: Dict::new(),
+            },
+            &auth.authenticator,
+            now_secs(),
+            [0; 32],
+        );
+        let identity = match step {
+            macula_router::auth::Step::Authenticated { identity, .. } => identity,
+            macula_router::auth::Step::Abort(Message::Abort { details, reason }) => {
+                node.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+                let msg = details
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("authentication failed")
+                    .to_owned();
+                return Err(http_error(StatusCode::UNAUTHORIZED, &reason, msg));
+            }
+            _ => {
+                return Err(http_error(
+                    StatusCode::UNAUTHORIZED,
+                    errors::AUTHENTICATION_FAILED,
+                    "authentication failed",
+                ))
+            }
+        };
+        let handle = node.admit(&identity).map_err(|m| match m {
+            Message::Abort { details, reason } => {
+                let msg = details
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("refused")
+                    .to_owned();
+                http_error(status_for(&reason), &reason, msg)
+            }
+            _ => http_error(
+                StatusCode::FORBIDDEN,
+                errors::AUTHORIZATION_FAILED,
+                "refused",
+            ),
+        })?;
+        let outbox = Outbox::new(
+            64,
+            crate::outbox::SlowConsumerPolicy::DropOldest,
+            node.metrics.clone(),
+        );
+        let id = {
+            let mut core = handle.lock();
+            let id = core.new_session_id();
+            let info = SessionInfo {
+                id,
+                authid: identity.kid.clone(),
+                authrole: identity.role.clone(),
+                authmethod: "ticket",
+                transport: dict! {"type" => "http"},
+                callee_cancel: false,
+            };
+            // The WELCOME is not needed by an HTTP client.
+            let _welcome = core.join(info, outbox.clone());
+            id
+        };
+        Ok(BridgeSession {
+            realm: handle,
+            id,
+            outbox,
+        })
+    }
+
+    fn send(&self, msg: Message) -> Result<(), Response> {
+        self.realm
+            .lock()
+            .handle(self.id, msg, Instant::now())
+            .map_err(|_| {
+                http_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    errors::PROTOCOL_VIOLATION,
+                    "the bridge session was closed",
+                )
+            })
+    }
+
+    /// Waits for the reply to the one request this session made.
+    async fn reply(&self, within: Duration) -> Option<Message> {
+        let mut batch = vec![];
+        let got = tokio::time::timeout(within, self.outbox.next_batch(&mut batch)).await;
+        match got {
+            Ok(true) => batch.into_iter().find_map(|o| match o {
+                crate::outbox::Out::Msg(m) => Some((*m).clone()),
+                _ => None,
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for BridgeSession {
+    fn drop(&mut self) {
+        self.realm.lock().leave(self.id);
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    topic: String,
+    #[serde(default)]
+    args: Vec<serde_json::Value>,
+    #[serde(default)]
+    kwargs: serde_json::Map<String, serde_json::Value>,
+}
+
+fn to_payload(
+    args: Vec<serde_json::Value>,
+    kwargs: serde_json::Map<String, serde_json::Value>,
+) -> Payload {
+    Payload {
+        args: args.into_iter().map(Value::from).collect(),
+        kwargs: kwargs
+            .into_iter()
+            .map(|(k, v)| (k, Value::from(v)))
+            .collect(),
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], hint: &str) -> Result<T, Response> {
+    serde_json::from_slice(body).map_err(|e| {
+        http_error(
+            StatusCode::BAD_REQUEST,
+            errors::INVALID_ARGUMENT,
+            format!("invalid JSON body ({e}); expected {hint}"),
+        )
+    })
+}
+
+async fn publish(
+    State(node): State<Arc<Node>>,
+    Path(realm): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let s = match BridgeSession::open(&node, &realm, &headers) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let b: PublishBody =
+        match parse_json(&body, r#"{"topic": "...", "args": [...], "kwargs": {...}}"#) {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+    let msg = Message::Publish {
+        request: 1,
+        options: dict! {"acknowledge" => true},
+        topic: b.topic,
+        payload: to_payload(b.args, b.kwargs),
+    };
+    if let Err(r) = s.send(msg) {
+        return r;
+    }
+    match s.reply(Duration::from_secs(5)).await {
+        Some(Message::Published { publication, .. }) => {
+            (StatusCode::OK, Json(json!({"publication": publication}))).into_response()
+        }
+        Some(Message::Error { error, payload, .. }) => wamp_error_response(&error, &payload),
+        _ => http_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            errors::NETWORK_FAILURE,
+            "no acknowledgement from the router",
+        ),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CallBody {
+    #[serde(default)]
+    args: Vec<serde_json::Value>,
+    #[serde(default)]
+    kwargs: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct CallQuery {
+    timeout_ms: Option<u64>,
+}
+
+async fn call(
+    State(node): State<Arc<Node>>,
+    Path((realm, procedure)): Path<(String, String)>,
+    Query(q): Query<CallQuery>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let s = match BridgeSession::open(&node, &realm, &headers) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let b: CallBody = if body.is_empty() {
+        CallBody::default()
+    } else {
+        match parse_json(&body, r#"{"args": [...], "kwargs": {...}}"#) {
+            Ok(b) => b,
+            Err(r) => return r,
+        }
+    };
+    let timeout_ms = q
+        .timeout_ms
+        .unwrap_or(node.config.limits.call_timeout_ms)
+        .max(1);
+    let msg = Message::Call {
+        request: 1,
+        options: dict! {"timeout" => timeout_ms},
+        procedure,
+        payload: to_payload(b.args, b.kwargs),
+    };
+    if let Err(r) = s.send(msg) {
+        return r;
+    }
+    match s.reply(Duration::from_millis(timeout_ms + 1000)).await {
+        Some(Message::Result { payload, .. }) => {
+            let args: Vec<serde_json::Value> = payload.args.iter().map(Into::into).collect();
+            let kwargs: serde_json::Map<String, serde_json::Value> = payload
+                .kwargs
+                .iter()
+                .map(|(k, v)| (k.clone(), v.into()))
+                .collect();
+            (
+                StatusCode::OK,
+                Json(json!({"args": args, "kwargs": kwargs})),
+            )
+                .into_response()
+        }
+        Some(Message::Error { error, payload, .. }) => wamp_error_response(&error, &payload),
+        _ => http_error(
+            StatusCode::GATEWAY_TIMEOUT,
+            errors::CANCELED,
+            "the call did not complete in time",
+        ),
+    }
+}

@@ -1,0 +1,245 @@
+//! The node's shared state: realms, the authenticator, live sessions, metrics — and admission
+//! (which realm and policy an authenticated identity joins).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use macula_router::auth::{abort, Authenticator, Identity};
+use macula_router::policy::Policy;
+use macula_router::{Realm, RealmConfig};
+use macula_wamp::{errors, uri, Id, Message};
+
+use crate::confdir::{ConfDir, Loaded};
+use crate::config::NodeConfig;
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+
+/// A realm and the lock around its router core.
+pub struct RealmHandle {
+    pub name: String,
+    pub core: Mutex<Realm<Arc<Outbox>>>,
+}
+
+impl RealmHandle {
+    /// Locks the realm's core; a poisoned lock (a panic elsewhere) is recovered, not propagated.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Realm<Arc<Outbox>>> {
+        match self.core.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+}
+
+/// A live session, for revocation and policy changes.
+struct LiveSession {
+    kid: String,
+    outbox: Arc<Outbox>,
+}
+
+/// Authentication and policy state, replaced as a whole on reload.
+pub struct AuthState {
+    pub authenticator: Authenticator,
+    pub policies: HashMap<String, Arc<Policy>>,
+}
+
+/// The node.
+pub struct Node {
+    pub config: NodeConfig,
+    pub metrics: Arc<Metrics>,
+    pub confdir: Option<ConfDir>,
+    auth: RwLock<Arc<AuthState>>,
+    realms: Mutex<HashMap<String, Arc<RealmHandle>>>,
+    sessions: Mutex<HashMap<Id, LiveSession>>,
+}
+
+impl Node {
+    pub fn new(loaded: Loaded, confdir: Option<ConfDir>) -> Arc<Node> {
+        let auth = AuthState {
+            authenticator: Authenticator::new(loaded.operator, loaded.revoked),
+            policies: loaded.policies,
+        };
+        Arc::new(Node {
+            config: loaded.config,
+            metrics: Arc::new(Metrics::default()),
+            confdir,
+            auth: RwLock::new(Arc::new(auth)),
+            realms: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn auth(&self) -> Arc<AuthState> {
+        match self.auth.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// The policy governing `realm`: its own, or the nearest parent's if that parent has roles
+    /// that extend to subrealms.
+    pub fn policy_for(&self, realm: &str) -> Option<Arc<Policy>> {
+        let auth = self.auth();
+        if let Some(p) = auth.policies.get(realm) {
+            return Some(p.clone());
+        }
+        let mut r = realm;
+        while let Some(i) = r.rfind('.') {
+            r = &r[..i];
+            if let Some(p) = auth.policies.get(r) {
+                return p.governs_subrealms().then(|| p.clone());
+            }
+        }
+        None
+    }
+
+    /// Decides whether `identity` may join its realm; returns the realm to join or the ABORT.
+    pub fn admit(&self, identity: &Identity) -> Result<Arc<RealmHandle>, Message> {
+        let Some(policy) = self.policy_for(&identity.realm) else {
+            return Err(abort(
+                errors::NO_SUCH_REALM,
+                format!("realm {} does not exist on this node (create it with `macula realms create {}`)", identity.realm, identity.realm),
+            ));
+        };
+        if !policy.has_role(&identity.role) {
+            return Err(abort(
+                errors::NO_SUCH_ROLE,
+                format!("realm {} has no role {:?}", policy.realm(), identity.role),
+            ));
+        }
+        if policy.realm() != identity.realm && !policy.role_covers_subrealms(&identity.role) {
+            return Err(abort(
+                errors::AUTHORIZATION_FAILED,
+                format!(
+                    "role {:?} of {} does not extend to subrealm {}",
+                    identity.role,
+                    policy.realm(),
+                    identity.realm
+                ),
+            ));
+        }
+        if self.metrics.sessions.load(Ordering::Relaxed) as usize >= self.config.limits.max_sessions
+        {
+            return Err(abort(
+                errors::SYSTEM_SHUTDOWN,
+                "this node is at its session limit (limits.max_sessions); try another node",
+            ));
+        }
+        let mut realms = self.realms.lock().unwrap_or_else(|p| p.into_inner());
+        let handle = realms
+            .entry(identity.realm.clone())
+            .or_insert_with(|| {
+                let config = RealmConfig {
+                    default_call_timeout: self.config.limits.call_timeout(),
+                };
+                Arc::new(RealmHandle {
+                    name: identity.realm.clone(),
+                    core: Mutex::new(Realm::new(
+                        &identity.realm,
+                        policy.clone(),
+                        config,
+                        rand::random(),
+                    )),
+                })
+            })
+            .clone();
+        Ok(handle)
+    }
+
+    /// Records a joined session.
+    pub fn session_joined(&self, id: Id, kid: &str, outbox: Arc<Outbox>) {
+        self.metrics.sessions.fetch_add(1, Ordering::Relaxed);
+        self.metrics.sessions_total.fetch_add(1, Ordering::Relaxed);
+        let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        s.insert(
+            id,
+            LiveSession {
+                kid: kid.to_owned(),
+                outbox,
+            },
+        );
+    }
+
+    /// Removes a session from its realm and the live table.
+    pub fn session_left(&self, id: Id, realm: &RealmHandle) {
+        realm.lock().leave(id);
+        let removed = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        if removed.is_some() {
+            self.metrics.sessions.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// All realms with live state.
+    pub fn realm_handles(&self) -> Vec<Arc<RealmHandle>> {
+        self.realms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Expires call timeouts in every realm.
+    pub fn tick(&self, now: Instant) {
+        for r in self.realm_handles() {
+            r.lock().tick(now);
+        }
+    }
+
+    /// Applies a freshly loaded configuration: new policies and revocations take effect for new
+    /// operations at once; sessions whose key was revoked or whose role disappeared are closed.
+    pub fn apply(&self, loaded: Loaded) {
+        let auth = Arc::new(AuthState {
+            authenticator: Authenticator::new(loaded.operator, loaded.revoked),
+            policies: loaded.policies,
+        });
+        *self.auth.write().unwrap_or_else(|p| p.into_inner()) = auth.clone();
+        for r in self.realm_handles() {
+            let policy = self.policy_for(&r.name);
+            let mut core = r.lock();
+            if let Some(p) = policy {
+                core.set_policy(p);
+            }
+            let orphaned = core.sessions_without_role();
+            drop(core);
+            let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            for id in orphaned {
+                if let Some(s) = sessions.get(&id) {
+                    s.outbox.close_with(abort(
+                        errors::AUTHORIZATION_FAILED,
+                        "the session's role was removed from the realm policy",
+                    ));
+                }
+            }
+        }
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        for s in sessions.values() {
+            if auth.authenticator.is_revoked(&s.kid) {
+                s.outbox.close_with(abort(
+                    errors::CREDENTIAL_REVOKED,
+                    format!("key {} was revoked", s.kid),
+                ));
+            }
+        }
+    }
+
+    /// Re-reads the config directory; errors leave the running configuration in place.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let Some(dir) = &self.confdir else {
+            return Ok(());
+        };
+        let loaded = dir.load()?;
+        self.apply(loaded);
+        Ok(())
+    }
+
+    /// Validates a realm name for the HTTP bridge.
+    pub fn check_realm_name(realm: &str) -> Result<(), String> {
+        uri::validate_realm(realm).map_err(|e| e.to_string())
+    }
+}

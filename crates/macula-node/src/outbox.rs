@@ -1,0 +1,220 @@
+//! The bounded queue between the router and one connection's writer.
+//!
+//! Slow consumers must not stall publishers: the router only ever pushes here, never waits. When a
+//! session's queue is full the configured [`SlowConsumerPolicy`] applies:
+//! - `drop_oldest` (default): the oldest queued EVENT is dropped and counted
+//!   (`macula_queue_dropped_total`); if the queue holds no event at all (a session not reading its
+//!   RPC traffic), the session is disconnected instead, because dropping a RESULT or INVOCATION
+//!   would leave a call hanging.
+//! - `disconnect`: the session is closed with ABORT `macula.error.slow_consumer`.
+//!
+//! The writer drains everything queued in one go and writes it as one batch (one flush), which is
+//! what makes high message rates possible.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use macula_router::Peer;
+use macula_wamp::{errors, Message};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
+
+/// What to do when a session's outgoing queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowConsumerPolicy {
+    #[default]
+    DropOldest,
+    Disconnect,
+}
+
+/// An item for the writer.
+pub enum Out {
+    Msg(Arc<Message>),
+    /// RawSocket PONG with the PING's payload.
+    Pong(Vec<u8>),
+}
+
+struct Inner {
+    queue: VecDeque<Out>,
+    /// No more messages are accepted; the writer flushes what is queued and closes.
+    closed: bool,
+}
+
+/// One connection's outgoing queue.
+pub struct Outbox {
+    inner: Mutex<Inner>,
+    notify: Notify,
+    capacity: usize,
+    policy: SlowConsumerPolicy,
+    metrics: Arc<Metrics>,
+}
+
+impl Outbox {
+    pub fn new(capacity: usize, policy: SlowConsumerPolicy, metrics: Arc<Metrics>) -> Arc<Outbox> {
+        Arc::new(Outbox {
+            inner: Mutex::new(Inner {
+                queue: VecDeque::with_capacity(capacity.min(64)),
+                closed: false,
+            }),
+            notify: Notify::new(),
+            capacity: capacity.max(1),
+            policy,
+            metrics,
+        })
+    }
+
+    fn push(&self, item: Out) {
+        let mut g = match self.inner.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if g.closed {
+            return;
+        }
+        if g.queue.len() >= self.capacity {
+            let victim = match self.policy {
+                SlowConsumerPolicy::DropOldest => g
+                    .queue
+                    .iter()
+                    .position(|o| matches!(o, Out::Msg(m) if matches!(**m, Message::Event { .. }))),
+                SlowConsumerPolicy::Disconnect => None,
+            };
+            match victim {
+                Some(i) => {
+                    g.queue.remove(i);
+                    self.metrics.queue_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                None => {
+                    // Disconnect: replace the backlog with the reason and close.
+                    g.queue.clear();
+                    g.queue.push_back(Out::Msg(Arc::new(macula_router::auth::abort(
+                        errors::SLOW_CONSUMER,
+                        format!("the session's outgoing queue exceeded {} messages; read faster or raise limits.outbox_capacity", self.capacity),
+                    ))));
+                    g.closed = true;
+                    self.metrics
+                        .slow_consumer_disconnects
+                        .fetch_add(1, Ordering::Relaxed);
+                    drop(g);
+                    self.notify.notify_one();
+                    return;
+                }
+            }
+        }
+        let was_empty = g.queue.is_empty();
+        g.queue.push_back(item);
+        drop(g);
+        if was_empty {
+            self.notify.notify_one();
+        }
+    }
+
+    pub fn pong(&self, payload: Vec<u8>) {
+        self.push(Out::Pong(payload));
+    }
+
+    /// Queues `last` (a GOODBYE or ABORT) and closes: nothing after it is sent.
+    pub fn close_with(&self, last: Message) {
+        self.push(Out::Msg(Arc::new(last)));
+        self.close();
+    }
+
+    /// Closes without a final message.
+    pub fn close(&self) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.closed = true;
+        }
+        self.notify.notify_one();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.inner.lock().map(|g| g.closed).unwrap_or(true)
+    }
+
+    /// Waits for queued items and moves them all into `batch`. Returns `false` when the outbox is
+    /// closed and empty: the writer should close the connection.
+    pub async fn next_batch(&self, batch: &mut Vec<Out>) -> bool {
+        loop {
+            let notified = self.notify.notified();
+            {
+                let mut g = match self.inner.lock() {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                if !g.queue.is_empty() {
+                    batch.extend(g.queue.drain(..));
+                    return true;
+                }
+                if g.closed {
+                    return false;
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Peer for Outbox {
+    fn send(&self, msg: Arc<Message>) {
+        self.push(Out::Msg(msg));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use macula_wamp::{Dict, Payload};
+
+    fn event(n: u64) -> Arc<Message> {
+        Arc::new(Message::Event {
+            subscription: 1,
+            publication: n,
+            details: Dict::new(),
+            payload: Payload::default(),
+        })
+    }
+
+    #[tokio::test]
+    async fn full_queue_drops_the_oldest_event_and_counts_it() {
+        let m = Arc::new(Metrics::default());
+        let o = Outbox::new(2, SlowConsumerPolicy::DropOldest, m.clone());
+        for n in 1..=3 {
+            o.send(event(n));
+        }
+        let mut b = vec![];
+        assert!(o.next_batch(&mut b).await);
+        let pubs: Vec<u64> = b
+            .iter()
+            .map(|x| match x {
+                Out::Msg(m) => match **m {
+                    Message::Event { publication, .. } => publication,
+                    _ => 0,
+                },
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(pubs, vec![2, 3]);
+        assert_eq!(m.queue_dropped.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn disconnect_policy_closes_with_slow_consumer_abort() {
+        let m = Arc::new(Metrics::default());
+        let o = Outbox::new(1, SlowConsumerPolicy::Disconnect, m.clone());
+        o.send(event(1));
+        o.send(event(2));
+        o.send(event(3));
+        let mut b = vec![];
+        assert!(o.next_batch(&mut b).await);
+        assert!(
+            matches!(&b[..], [Out::Msg(m)] if matches!(&**m, Message::Abort { reason, .. } if reason == errors::SLOW_CONSUMER))
+        );
+        b.clear();
+        assert!(!o.next_batch(&mut b).await);
+        assert_eq!(m.slow_consumer_disconnects.load(Ordering::Relaxed), 1);
+    }
+}

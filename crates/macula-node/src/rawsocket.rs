@@ -1,0 +1,149 @@
+//! WAMP RawSocket over TCP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use macula_wamp::rawsocket::{
+    FrameHeader, FrameKind, Handshake, HandshakeError, HEADER_LEN, MAX_FRAME_LEN,
+};
+use macula_wamp::Serializer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::node::Node;
+use crate::outbox::Out;
+use crate::session::{encode_out, Connection, Flow};
+
+/// Accepts RawSocket connections until the listener fails.
+pub async fn serve(listener: TcpListener, node: Arc<Node>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let node = node.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, peer, node).await {
+                        tracing::debug!(%peer, "rawsocket connection ended: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!("rawsocket accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) -> std::io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let (r, w) = stream.into_split();
+    let mut r = BufReader::with_capacity(64 * 1024, r);
+    let mut w = BufWriter::with_capacity(64 * 1024, w);
+    let timeout = Duration::from_millis(node.config.limits.handshake_timeout_ms);
+    let mut hs = [0u8; 4];
+    tokio::time::timeout(timeout, r.read_exact(&mut hs))
+        .await
+        .map_err(|_| std::io::ErrorKind::TimedOut)??;
+    let ours = node.config.limits.max_message_size.min(MAX_FRAME_LEN);
+    let client = match Handshake::parse(hs) {
+        Ok(h) => h,
+        Err(None) => return Ok(()), // not RawSocket: close silently
+        Err(Some(e)) => {
+            w.write_all(&Handshake::encode_error(e)).await?;
+            return w.flush().await;
+        }
+    };
+    let Some(serializer) = Serializer::from_rawsocket_id(client.serializer_id) else {
+        w.write_all(&Handshake::encode_error(
+            HandshakeError::SerializerUnsupported,
+        ))
+        .await?;
+        return w.flush().await;
+    };
+    w.write_all(&Handshake::encode(ours, serializer)).await?;
+    w.flush().await?;
+
+    let mut conn = Connection::new(node.clone(), serializer, "rawsocket", peer.to_string());
+    let outbox = conn.outbox();
+    let writer_node = node.clone();
+    let client_max = client.max_len;
+    let mut writer = tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(256);
+        let mut buf = Vec::with_capacity(1024);
+        while outbox.next_batch(&mut batch).await {
+            for item in batch.drain(..) {
+                buf.clear();
+                if encode_out(&item, serializer, &writer_node, &mut buf) {
+                    if buf.len() > client_max {
+                        tracing::warn!("dropping a {}-byte message above the client's RawSocket limit of {client_max}", buf.len());
+                        continue;
+                    }
+                    w.write_all(&FrameHeader::encode(FrameKind::Message, buf.len()))
+                        .await?;
+                    w.write_all(&buf).await?;
+                } else if let Out::Pong(p) = item {
+                    w.write_all(&FrameHeader::encode(FrameKind::Pong, p.len()))
+                        .await?;
+                    w.write_all(&p).await?;
+                }
+            }
+            w.flush().await?;
+        }
+        w.flush().await?;
+        w.shutdown().await
+    });
+
+    let result = read_loop(&mut r, &mut conn, ours, timeout, &mut writer).await;
+    conn.finish();
+    if !writer.is_finished() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer).await;
+    }
+    result
+}
+
+async fn read_loop(
+    r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    conn: &mut Connection,
+    max_len: usize,
+    handshake_timeout: Duration,
+    writer: &mut tokio::task::JoinHandle<std::io::Result<()>>,
+) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let started = tokio::time::Instant::now();
+    loop {
+        let mut header = [0u8; HEADER_LEN];
+        let read = async {
+            r.read_exact(&mut header).await?;
+            Ok::<_, std::io::Error>(())
+        };
+        tokio::select! {
+            res = read => res?,
+            _ = &mut *writer => return Ok(()),
+            _ = tokio::time::sleep_until(started + handshake_timeout), if !conn.is_joined() => {
+                conn.outbox().close_with(macula_router::auth::abort(macula_wamp::errors::PROTOCOL_VIOLATION, "no WELCOME within the handshake timeout"));
+                return Ok(());
+            }
+        }
+        let h = match FrameHeader::parse(header) {
+            Ok(h) => h,
+            Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+        };
+        if h.len > max_len {
+            // Refused before its payload is buffered.
+            conn.refuse_oversized(h.len);
+            return Ok(());
+        }
+        buf.resize(h.len, 0);
+        r.read_exact(&mut buf).await?;
+        match h.kind {
+            FrameKind::Message => {
+                if conn.on_frame(&buf) == Flow::Close {
+                    return Ok(());
+                }
+            }
+            FrameKind::Ping => conn.outbox().pong(buf.clone()),
+            FrameKind::Pong => {}
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! One client connection, independent of transport: frames in → handshake or router → outbox.
+//! The transports (WebSocket, RawSocket) only move frames.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use macula_router::auth::{abort, Handshake, Step};
+use macula_router::SessionInfo;
+use macula_wamp::{dict, errors, Dict, Id, Message, Serializer, Value};
+
+use crate::confdir::now_secs;
+use crate::node::{Node, RealmHandle};
+use crate::outbox::{Out, Outbox};
+
+/// Whether the connection goes on after a frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// The outbox was closed with a final message; stop reading.
+    Close,
+}
+
+enum State {
+    Handshake(Handshake),
+    Joined { id: Id, realm: Arc<RealmHandle> },
+    Closed,
+}
+
+/// Per-session token bucket against floods.
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self, now: Instant) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        if self.tokens < 1.0 {
+            let dt = now.duration_since(self.last).as_secs_f64();
+            self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+            self.last = now;
+        }
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A client connection's protocol state.
+pub struct Connection {
+    node: Arc<Node>,
+    serializer: Serializer,
+    transport: Dict,
+    outbox: Arc<Outbox>,
+    state: State,
+    bucket: Bucket,
+}
+
+impl Connection {
+    pub fn new(
+        node: Arc<Node>,
+        serializer: Serializer,
+        transport_type: &str,
+        peer: String,
+    ) -> Connection {
+        let limits = &node.config.limits;
+        let outbox = Outbox::new(
+            limits.outbox_capacity,
+            limits.slow_consumer,
+            node.metrics.clone(),
+        );
+        let bucket = Bucket {
+            rate: limits.rate_limit_per_second as f64,
+            burst: limits.rate_limit_burst.max(1) as f64,
+            tokens: limits.rate_limit_burst.max(1) as f64,
+            last: Instant::now(),
+        };
+        let transport =
+            dict! {"type" => transport_type, "peer" => peer, "serializer" => serializer.name()};
+        Connection {
+            node,
+            serializer,
+            transport,
+            outbox,
+            state: State::Handshake(Handshake::Start),
+            bucket,
+        }
+    }
+
+    pub fn outbox(&self) -> Arc<Outbox> {
+        self.outbox.clone()
+    }
+
+    pub fn serializer(&self) -> Serializer {
+        self.serializer
+    }
+
+    pub fn is_joined(&self) -> bool {
+        matches!(self.state, State::Joined { .. })
+    }
+
+    fn fail(&mut self, msg: Message) -> Flow {
+        self.outbox.close_with(msg);
+        Flow::Close
+    }
+
+    /// Closes the session because a message of `len` bytes is above the size limit.
+    pub fn refuse_oversized(&mut self, len: usize) -> Flow {
+        self.node.metrics.oversized.fetch_add(1, Ordering::Relaxed);
+        let limit = self.node.config.limits.max_message_size;
+        self.fail(abort(
+            errors::PROTOCOL_VIOLATION,
+            format!("message of {len} bytes exceeds this node's limit of {limit} bytes (limits.max_message_size)"),
+        ))
+    }
+
+    /// Handles one received frame.
+    pub fn on_frame(&mut self, bytes: &[u8]) -> Flow {
+        let metrics = self.node.metrics.clone();
+        if bytes.len() > self.node.config.limits.max_message_size {
+            return self.refuse_oversized(bytes.len());
+        }
+        let msg = match self.serializer.decode(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                metrics.decode_errors.fetch_add(1, Ordering::Relaxed);
+                return self.fail(abort(errors::PROTOCOL_VIOLATION, e.to_string()));
+            }
+        };
+        metrics.count_in(msg.code());
+        self.on_message(msg)
+    }
+
+    fn on_message(&mut self, msg: Message) -> Flow {
+        let now = Instant::now();
+        match &mut self.state {
+            State::Closed => Flow::Close,
+            State::Joined { id, realm } => {
+                if !self.bucket.take(now) {
+                    self.node
+                        .metrics
+                        .rate_limited
+                        .fetch_add(1, Ordering::Relaxed);
+                    let rate = self.node.config.limits.rate_limit_per_second;
+                    return self.fail(abort(
+                        errors::RATE_LIMITED,
+                        format!("the session sent more than {rate} messages per second (limits.rate_limit_per_second)"),
+                    ));
+                }
+                let result = realm.lock().handle(*id, msg, now);
+                match result {
+                    Ok(()) => Flow::Continue,
+                    Err(last) => {
+                        if matches!(last, Message::Abort { .. }) {
+                            self.node
+                                .metrics
+                                .protocol_errors
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.fail(last)
+                    }
+                }
+            }
+            State::Handshake(h) => {
+                let auth = self.node.auth();
+                match h.on_message(msg, &auth.authenticator, now_secs(), rand::random()) {
+                    Step::Challenge(c) => {
+                        self.outbox_send(c);
+                        Flow::Continue
+                    }
+                    Step::Abort(a) => {
+                        self.node
+                            .metrics
+                            .auth_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.fail(a)
+                    }
+                    Step::Authenticated { identity, hello } => {
+                        let realm = match self.node.admit(&identity) {
+                            Ok(r) => r,
+                            Err(a) => {
+                                self.node
+                                    .metrics
+                                    .auth_failures
+                                    .fetch_add(1, Ordering::Relaxed);
+                                return self.fail(a);
+                            }
+                        };
+                        let callee_cancel = hello
+                            .get("roles")
+                            .and_then(Value::as_dict)
+                            .and_then(|r| r.get("callee"))
+                            .and_then(Value::as_dict)
+                            .and_then(|c| c.get("features"))
+                            .and_then(Value::as_dict)
+                            .and_then(|f| f.get("call_canceling"))
+                            .and_then(Value::as_bool)
+                            .unwrap_or(false);
+                        let id = {
+                            let mut core = realm.lock();
+                            let id = core.new_session_id();
+                            let info = SessionInfo {
+                                id,
+                                authid: identity.kid.clone(),
+                                authrole: identity.role.clone(),
+                                authmethod: identity.method,
+                                transport: self.transport.clone(),
+                                callee_cancel,
+                            };
+                            let welcome = core.join(info, self.outbox.clone());
+                            self.outbox_send(welcome);
+                            id
+                        };
+                        self.node
+                            .session_joined(id, &identity.kid, self.outbox.clone());
+                        self.state = State::Joined { id, realm };
+                        Flow::Continue
+                    }
+                }
+            }
+        }
+    }
+
+    fn outbox_send(&self, m: Message) {
+        use macula_router::Peer;
+        self.outbox.send(Arc::new(m));
+    }
+
+    /// Called once the connection is gone: leaves the realm.
+    pub fn finish(&mut self) {
+        if let State::Joined { id, realm } = std::mem::replace(&mut self.state, State::Closed) {
+            self.node.session_left(id, &realm);
+        }
+        self.outbox.close();
+    }
+}
+
+/// Encodes one outgoing item, counting it. `None` for items the transport handles itself.
+pub fn encode_out(item: &Out, serializer: Serializer, node: &Node, buf: &mut Vec<u8>) -> bool {
+    match item {
+        Out::Msg(m) => {
+            node.metrics.count_out(m.code());
+            serializer.encode_into(m, buf);
+            true
+        }
+        Out::Pong(_) => false,
+    }
+}

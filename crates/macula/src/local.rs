@@ -1,0 +1,232 @@
+//! Commands that work on a local config directory: keys and realms.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use macula_node::ConfDir;
+
+/// `$MACULA_HOME`, else `$XDG_DATA_HOME/macula`, else `~/.local/share/macula`.
+pub fn default_home() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("macula");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(h).join(".local/share/macula");
+    }
+    PathBuf::from(".macula")
+}
+
+/// The file where `macula up` leaves the admin key it printed, and the realm it belongs to.
+pub fn up_key_path(home: &std::path::Path) -> PathBuf {
+    home.join("up-admin.key")
+}
+
+#[derive(Args)]
+pub struct DirArg {
+    /// Config directory [default: the one `macula up` uses].
+    #[arg(long, env = "MACULA_HOME", default_value_os_t = default_home())]
+    pub config: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub enum KeysCmd {
+    /// Issue a key. It is printed once and never stored; only its id is recorded.
+    ///
+    /// Example: macula keys create --realm com.example.demo --role service_account --name "home bots" --expires 90d
+    Create {
+        #[command(flatten)]
+        dir: DirArg,
+        #[arg(long)]
+        realm: String,
+        #[arg(long, default_value = "service_account")]
+        role: String,
+        /// A name to recognise the key by in listings.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Lifetime, e.g. 30d, 12h, 90m; `never` for no expiry.
+        #[arg(long, default_value = "365d")]
+        expires: String,
+        /// Bind the key to an Ed25519 public key (64 hex) for WAMP-Cryptosign clients.
+        #[arg(long)]
+        pubkey: Option<String>,
+    },
+    /// List issued keys (ids, roles, expiry, revocation).
+    List {
+        #[command(flatten)]
+        dir: DirArg,
+        #[arg(long)]
+        realm: Option<String>,
+    },
+    /// Revoke a key by id. Running nodes reading this directory refuse it within a second and
+    /// close sessions that use it.
+    Revoke {
+        #[command(flatten)]
+        dir: DirArg,
+        key_id: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RealmsCmd {
+    /// List realms in the config directory.
+    List {
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// Create a realm with the default roles (admin, developer, service_account).
+    Create {
+        #[command(flatten)]
+        dir: DirArg,
+        name: String,
+    },
+}
+
+/// Parses `30d`, `12h`, `90m`, `45s`, `500ms` or `never` (0).
+pub fn parse_duration_secs(s: &str) -> Result<u64> {
+    if s == "never" {
+        return Ok(0);
+    }
+    let (num, unit): (String, String) = s.chars().partition(|c| c.is_ascii_digit());
+    let n: u64 = num.parse().map_err(|_| {
+        anyhow::anyhow!("invalid duration {s:?}: use e.g. 30d, 12h, 90m, 45s or never")
+    })?;
+    Ok(match unit.as_str() {
+        "d" => n * 86_400,
+        "h" => n * 3600,
+        "m" => n * 60,
+        "s" | "" => n,
+        _ => bail!("invalid duration {s:?}: use e.g. 30d, 12h, 90m, 45s or never"),
+    })
+}
+
+fn open(dir: &DirArg) -> Result<ConfDir> {
+    let d = ConfDir::new(&dir.config);
+    if !d.exists() {
+        bail!(
+            "{} is not a Macula config directory; run `macula up` once or pass --config",
+            dir.config.display()
+        );
+    }
+    Ok(d)
+}
+
+pub fn keys(cmd: KeysCmd, json: bool) -> Result<()> {
+    match cmd {
+        KeysCmd::Create {
+            dir,
+            realm,
+            role,
+            name,
+            expires,
+            pubkey,
+        } => {
+            let d = open(&dir)?;
+            let ttl = parse_duration_secs(&expires)?;
+            let pk = match pubkey {
+                Some(p) => Some(
+                    macula_router::auth::credential::parse_hex32(&p)
+                        .ok_or_else(|| anyhow::anyhow!("--pubkey must be 64 hex characters"))?,
+                ),
+                None => None,
+            };
+            let (kid, key) = d.issue_key(&realm, &role, &name, ttl, pk)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"id": kid, "key": key, "realm": realm, "role": role})
+                );
+            } else {
+                println!("Created key {kid} (realm {realm}, role {role}). It is shown only once:\n\n{key}\n");
+            }
+        }
+        KeysCmd::List { dir, realm } => {
+            let d = open(&dir)?;
+            let keys = d.list_keys(realm.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+            } else if keys.is_empty() {
+                println!(
+                    "No keys. Create one with `macula keys create --realm <realm> --role <role>`."
+                );
+            } else {
+                println!(
+                    "{:<22} {:<24} {:<16} {:<22} {:<22} STATUS  NAME",
+                    "ID", "REALM", "ROLE", "CREATED", "EXPIRES"
+                );
+                for k in keys {
+                    println!(
+                        "{:<22} {:<24} {:<16} {:<22} {:<22} {:<7} {}",
+                        k.id,
+                        k.realm,
+                        k.role,
+                        k.created_at.as_deref().unwrap_or("-"),
+                        k.expires_at.as_deref().unwrap_or("never"),
+                        if k.revoked { "revoked" } else { "active" },
+                        k.name
+                    );
+                }
+            }
+        }
+        KeysCmd::Revoke { dir, key_id } => {
+            let d = open(&dir)?;
+            let realm = d.revoke_key(&key_id)?;
+            if json {
+                println!("{}", serde_json::json!({"revoked": key_id, "realm": realm}));
+            } else {
+                println!("Revoked {key_id} in realm {realm}. Nodes using {} refuse it from their next reload (≤ 1 s).", dir.config.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn realms(cmd: RealmsCmd, json: bool) -> Result<()> {
+    match cmd {
+        RealmsCmd::List { dir } => {
+            let d = open(&dir)?;
+            let names = d.realms()?;
+            if json {
+                let rows: Vec<_> = names
+                    .iter()
+                    .map(|r| {
+                        let doc = d.read_policy(r).ok();
+                        serde_json::json!({
+                            "realm": r,
+                            "policy_version": doc.as_ref().map(|p| p.version),
+                            "roles": doc.as_ref().map(|p| p.roles.iter().map(|x| x.name.clone()).collect::<Vec<_>>()),
+                            "keys": doc.as_ref().map(|p| p.api_keys.len()),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if names.is_empty() {
+                println!("No realms. Create one with `macula realms create com.example.app`.");
+            } else {
+                println!("{:<32} {:<8} {:<6} ROLES", "REALM", "VERSION", "KEYS");
+                for r in names {
+                    let doc = d.read_policy(&r)?;
+                    let roles: Vec<&str> = doc.roles.iter().map(|x| x.name.as_str()).collect();
+                    println!(
+                        "{:<32} {:<8} {:<6} {}",
+                        r,
+                        doc.version,
+                        doc.api_keys.len(),
+                        roles.join(", ")
+                    );
+                }
+            }
+        }
+        RealmsCmd::Create { dir, name } => {
+            let d = ConfDir::new(&dir.config);
+            d.init()?;
+            d.create_realm(&name, None)?;
+            if json {
+                println!("{}", serde_json::json!({"realm": name}));
+            } else {
+                println!("Created realm {name} with roles admin, developer, service_account.\nIssue a key: macula keys create --realm {name} --role admin");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,124 @@
+//! The `macula` command.
+
+mod client_cmds;
+mod local;
+mod run;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Macula: a decentralized application mesh. Realms, pub/sub and RPC over WAMP, authorized at the edge.
+#[derive(Parser)]
+#[command(name = "macula", version, propagate_version = true)]
+#[command(
+    after_help = "Start here:\n  macula up                     start a local node with a demo realm and print a key\n  macula sub com.example.demo.hello\n  macula pub com.example.demo.hello '\"hi\"'\n\nEvery command has --help with examples."
+)]
+struct Cli {
+    /// Print machine-readable JSON instead of human output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where a client command connects. Defaults come from `macula up`'s directory, so commands work
+/// right after `macula up` with no flags.
+#[derive(Args, Clone)]
+pub struct Conn {
+    /// Node URL: ws://host:port/ws (WebSocket) or rs://host:port (RawSocket).
+    #[arg(long, env = "MACULA_URL", default_value = "ws://127.0.0.1:8080/ws")]
+    pub url: String,
+    /// Realm to join [default: the realm created by `macula up`].
+    #[arg(long, env = "MACULA_REALM")]
+    pub realm: Option<String>,
+    /// API key (sk_live_...) [default: the admin key printed by `macula up`].
+    #[arg(long, env = "MACULA_KEY", hide_env_values = true)]
+    pub key: Option<String>,
+    /// Config directory of `macula up` used for the defaults above.
+    #[arg(long, env = "MACULA_HOME", default_value_os_t = local::default_home())]
+    pub home: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a complete local node on embedded defaults: creates a config directory with a trust
+    /// root and a demo realm, issues a fresh admin key, prints copy-paste examples, and runs.
+    Up(run::UpArgs),
+    /// Run a node from a config directory (see `macula up` for one that is set up for you).
+    Node(run::NodeArgs),
+    /// Publish an event: `macula pub com.example.demo.hello '{"n": 1}'`.
+    Pub(client_cmds::PubArgs),
+    /// Subscribe and print events: `macula sub com.example.demo --match prefix`.
+    Sub(client_cmds::SubArgs),
+    /// Call a procedure and print its result: `macula call com.example.demo.add '[2, 3]'`.
+    Call(client_cmds::CallArgs),
+    /// Register a procedure answered by running a command:
+    /// `macula serve com.example.demo.date -- date -u`.
+    Serve(client_cmds::ServeArgs),
+    /// Manage API keys in a local config directory.
+    #[command(subcommand)]
+    Keys(local::KeysCmd),
+    /// Manage realms in a local config directory.
+    #[command(subcommand)]
+    Realms(local::RealmsCmd),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MACULA_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,macula=info,macula_node=info")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let json = cli.json;
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Up(a) => run::up(a, json).await,
+            Command::Node(a) => run::node(a).await,
+            Command::Pub(a) => client_cmds::publish(a, json).await,
+            Command::Sub(a) => client_cmds::subscribe(a, json).await,
+            Command::Call(a) => client_cmds::call(a, json).await,
+            Command::Serve(a) => client_cmds::serve(a, json).await,
+            Command::Keys(c) => local::keys(c, json),
+            Command::Realms(c) => local::realms(c, json),
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn pub_takes_a_positional_payload_and_a_global_json_flag() {
+        use clap::Parser;
+        let cli =
+            super::Cli::try_parse_from(["macula", "--json", "pub", "com.a.b", "[1]"]).unwrap();
+        assert!(cli.json);
+        assert!(
+            matches!(cli.command, super::Command::Pub(ref p) if p.payload.as_deref() == Some("[1]"))
+        );
+    }
+}
