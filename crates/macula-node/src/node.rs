@@ -228,6 +228,22 @@ impl Node {
         }
     }
 
+    /// Closes every session with `message` (e.g. `wamp.close.system_shutdown` on shutdown).
+    pub fn close_all_sessions(&self, message: Message) {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        for s in sessions.values() {
+            s.outbox.close_with(message.clone());
+        }
+    }
+
+    /// Number of joined sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
     /// Re-reads the config directory; errors leave the running configuration in place.
     pub fn reload(&self) -> anyhow::Result<()> {
         let Some(dir) = &self.confdir else {
