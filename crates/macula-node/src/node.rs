@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use macula_router::auth::{abort, Authenticator, Identity};
+use macula_router::auth::{abort, goodbye, Authenticator, Identity};
 use macula_router::policy::Policy;
 use macula_router::{Realm, RealmConfig};
 use macula_wamp::{errors, uri, Id, Message};
@@ -210,7 +210,7 @@ impl Node {
             let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
             for id in orphaned {
                 if let Some(s) = sessions.get(&id) {
-                    s.outbox.close_with(abort(
+                    s.outbox.close_with(goodbye(
                         errors::AUTHORIZATION_FAILED,
                         "the session's role was removed from the realm policy",
                     ));
@@ -220,7 +220,7 @@ impl Node {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         for s in sessions.values() {
             if auth.authenticator.is_revoked(&s.kid) {
-                s.outbox.close_with(abort(
+                s.outbox.close_with(goodbye(
                     errors::CREDENTIAL_REVOKED,
                     format!("key {} was revoked", s.kid),
                 ));

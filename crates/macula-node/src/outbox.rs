@@ -6,7 +6,7 @@
 //!   (`macula_queue_dropped_total`); if the queue holds no event at all (a session not reading its
 //!   RPC traffic), the session is disconnected instead, because dropping a RESULT or INVOCATION
 //!   would leave a call hanging.
-//! - `disconnect`: the session is closed with ABORT `macula.error.slow_consumer`.
+//! - `disconnect`: the session is closed with GOODBYE `macula.error.slow_consumer`.
 //!
 //! The writer drains everything queued in one go and writes it as one batch (one flush), which is
 //! what makes high message rates possible.
@@ -91,7 +91,7 @@ impl Outbox {
                 None => {
                     // Disconnect: replace the backlog with the reason and close.
                     g.queue.clear();
-                    g.queue.push_back(Out::Msg(Arc::new(macula_router::auth::abort(
+                    g.queue.push_back(Out::Msg(Arc::new(macula_router::auth::goodbye(
                         errors::SLOW_CONSUMER,
                         format!("the session's outgoing queue exceeded {} messages; read faster or raise limits.outbox_capacity", self.capacity),
                     ))));
@@ -202,7 +202,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn disconnect_policy_closes_with_slow_consumer_abort() {
+    async fn disconnect_policy_closes_with_slow_consumer_goodbye() {
         let m = Arc::new(Metrics::default());
         let o = Outbox::new(1, SlowConsumerPolicy::Disconnect, m.clone());
         o.send(event(1));
@@ -211,7 +211,7 @@ mod tests {
         let mut b = vec![];
         assert!(o.next_batch(&mut b).await);
         assert!(
-            matches!(&b[..], [Out::Msg(m)] if matches!(&**m, Message::Abort { reason, .. } if reason == errors::SLOW_CONSUMER))
+            matches!(&b[..], [Out::Msg(m)] if matches!(&**m, Message::Goodbye { reason, .. } if reason == errors::SLOW_CONSUMER))
         );
         b.clear();
         assert!(!o.next_batch(&mut b).await);

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use macula_router::auth::{abort, Handshake, Step};
+use macula_router::auth::{abort, goodbye, Handshake, Step};
 use macula_router::SessionInfo;
 use macula_wamp::{dict, errors, Dict, Id, Message, Serializer, Value};
 
@@ -150,7 +150,7 @@ impl Connection {
                         .rate_limited
                         .fetch_add(1, Ordering::Relaxed);
                     let rate = self.node.config.limits.rate_limit_per_second;
-                    return self.fail(abort(
+                    return self.fail(goodbye(
                         errors::RATE_LIMITED,
                         format!("the session sent more than {rate} messages per second (limits.rate_limit_per_second)"),
                     ));

@@ -342,12 +342,13 @@ impl RawClient {
     }
 }
 
+/// The reason of an ABORT or of a router-initiated GOODBYE.
 fn abort_reason(frame: &str) -> Option<String> {
     match macula_wamp::Serializer::Json
         .decode(frame.as_bytes())
         .ok()?
     {
-        Message::Abort { reason, .. } => Some(reason),
+        Message::Abort { reason, .. } | Message::Goodbye { reason, .. } => Some(reason),
         _ => None,
     }
 }
@@ -416,7 +417,7 @@ async fn malformed_and_oversized_input_aborts_only_the_offender() {
 }
 
 #[tokio::test]
-async fn flooding_session_is_aborted_with_rate_limited() {
+async fn flooding_session_is_closed_with_rate_limited() {
     let t = TestNode::start_with(|c| {
         c.limits.rate_limit_per_second = 50;
         c.limits.rate_limit_burst = 50;

@@ -529,10 +529,11 @@ impl<P: Peer> Realm<P> {
         }
     }
 
-    fn publish_meta(&self, topic: &str, args: List) {
+    fn publish_meta(&mut self, topic: &str, args: List) {
+        let publication = self.ids.next();
         self.deliver(
             topic,
-            0,
+            publication,
             Dict::new(),
             Payload::args(args),
             &Filter::default(),

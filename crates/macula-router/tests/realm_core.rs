@@ -593,7 +593,17 @@ fn callee_leaving_fails_its_calls_and_meta_events_announce_joins_and_leaves() {
         matches!(ic.take().as_slice(), [Message::Error { request: 9, error, .. }] if error == errors::CANCELED)
     );
     match events(&iw).as_slice() {
-        [Message::Event { payload, .. }] => assert_eq!(payload.args[0], Value::from(callee)),
+        [Message::Event {
+            payload,
+            publication,
+            ..
+        }] => {
+            assert_eq!(payload.args[0], Value::from(callee));
+            assert!(
+                (1..=macula_wamp::MAX_ID).contains(publication),
+                "meta events carry valid publication ids"
+            );
+        }
         other => panic!("{other:?}"),
     }
     w.send(caller, call(10, "com.acme.p", dict! {})).unwrap();

@@ -167,6 +167,18 @@ pub enum Step {
     Abort(Message),
 }
 
+/// Builds a router-initiated GOODBYE with a human message: how an *established* session is
+/// closed (revocation, limits, shutdown). ABORT is only for sessions not yet established and for
+/// protocol violations.
+pub fn goodbye(reason: &str, message: impl Into<String>) -> Message {
+    let mut details = Dict::new();
+    details.insert("message".into(), Value::Str(message.into()));
+    Message::Goodbye {
+        details,
+        reason: reason.into(),
+    }
+}
+
 /// Builds an ABORT with a human message.
 pub fn abort(reason: &str, message: impl Into<String>) -> Message {
     let mut details = Dict::new();

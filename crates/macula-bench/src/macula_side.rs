@@ -1,0 +1,479 @@
+//! The Macula side: a node in a child process and lean RawSocket/WebSocket clients.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::{SinkExt, StreamExt};
+use macula_node::{ConfDir, Node};
+use macula_wamp::rawsocket::{FrameHeader, FrameKind, Handshake};
+use macula_wamp::{dict, Dict, Message, Payload, Serializer, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+use crate::{percentile, Figure, Scenario};
+
+const REALM: &str = "com.bench";
+const SER: Serializer = Serializer::MsgPack;
+
+/// The hidden `node` subcommand: a node tuned for measurement (no rate limit, deep queues).
+pub fn run_node(config: &Path) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let dir = ConfDir::new(config);
+        let mut loaded = dir.load()?;
+        loaded.config.listen.http = "127.0.0.1:0".parse()?;
+        loaded.config.listen.rawsocket = "127.0.0.1:0".parse()?;
+        loaded.config.limits.rate_limit_per_second = 0;
+        loaded.config.limits.outbox_capacity = 1 << 22;
+        loaded.config.limits.max_sessions = 1_000_000;
+        let node = Node::new(loaded, None);
+        let running = macula_node::start(node).await?;
+        println!("{} {}", running.http_addr, running.rawsocket_addr);
+        std::future::pending::<()>().await;
+        Ok(())
+    })
+}
+
+pub struct Server {
+    child: Child,
+    pub http: String,
+    pub raw: String,
+    pub key: String,
+    _tmp: TempDir,
+}
+
+/// A temporary directory removed on drop (no extra dependency for one use).
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Server {
+    pub async fn start() -> Result<Server> {
+        let tmp = TempDir(std::env::temp_dir().join(format!(
+            "macula-bench-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        )));
+        let dir = ConfDir::new(&tmp.0);
+        dir.init()?;
+        dir.create_realm(REALM, None)?;
+        let (_, key) = dir.issue_key(REALM, "admin", "bench", 86_400, None)?;
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .arg("node")
+            .arg(&tmp.0)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let mut line = String::new();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            BufReader::new(out).read_line(&mut line),
+        )
+        .await
+        .context("node start")??;
+        let mut parts = line.split_whitespace();
+        let http = parts
+            .next()
+            .ok_or_else(|| anyhow!("node did not print its addresses"))?
+            .to_owned();
+        let raw = parts
+            .next()
+            .ok_or_else(|| anyhow!("node did not print its addresses"))?
+            .to_owned();
+        Ok(Server {
+            child,
+            http,
+            raw,
+            key,
+            _tmp: tmp,
+        })
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let Some(pid) = self.child.id() else { return 0 };
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// A lean RawSocket client: pre-encoded frames, batched writes.
+struct Raw {
+    r: BufReader<OwnedReadHalf>,
+    w: BufWriter<OwnedWriteHalf>,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    async fn join(addr: &str, key: &str) -> Result<Raw> {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        let (r, w) = s.into_split();
+        let mut c = Raw {
+            r: BufReader::with_capacity(256 * 1024, r),
+            w: BufWriter::with_capacity(256 * 1024, w),
+            buf: vec![],
+        };
+        c.w.write_all(&Handshake::encode(1 << 24, SER)).await?;
+        c.w.flush().await?;
+        let mut h = [0u8; 4];
+        c.r.read_exact(&mut h).await?;
+        Handshake::parse_reply(h).map_err(|e| anyhow!(e))?;
+        let roles = dict! {"publisher" => dict!{}, "subscriber" => dict!{}, "caller" => dict!{}, "callee" => dict!{}};
+        c.send(&Message::Hello {
+            realm: REALM.into(),
+            details: dict! {"roles" => roles, "authmethods" => vec![Value::from("ticket")]},
+        })
+        .await?;
+        c.w.flush().await?;
+        c.expect(|m| matches!(m, Message::Challenge { .. })).await?;
+        c.send(&Message::Authenticate {
+            signature: key.into(),
+            extra: Dict::new(),
+        })
+        .await?;
+        c.w.flush().await?;
+        c.expect(|m| matches!(m, Message::Welcome { .. })).await?;
+        Ok(c)
+    }
+
+    async fn send(&mut self, m: &Message) -> Result<()> {
+        let b = SER.encode(m);
+        self.w
+            .write_all(&FrameHeader::encode(FrameKind::Message, b.len()))
+            .await?;
+        self.w.write_all(&b).await?;
+        Ok(())
+    }
+
+    /// Reads one frame into the internal buffer.
+    async fn frame(&mut self) -> Result<()> {
+        let mut h = [0u8; 4];
+        self.r.read_exact(&mut h).await?;
+        let h = FrameHeader::parse(h).map_err(|e| anyhow!(e))?;
+        self.buf.resize(h.len, 0);
+        self.r.read_exact(&mut self.buf).await?;
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> Result<Message> {
+        self.frame().await?;
+        Ok(SER.decode(&self.buf)?)
+    }
+
+    async fn expect(&mut self, f: impl Fn(&Message) -> bool) -> Result<Message> {
+        let m = self.recv().await?;
+        if f(&m) {
+            Ok(m)
+        } else {
+            bail!("unexpected {m:?}")
+        }
+    }
+}
+
+fn payload(size: usize) -> Payload {
+    Payload::args(vec![Value::Bin(vec![b'x'; size])])
+}
+
+pub async fn run(s: &Server, sc: &Scenario) -> Result<Vec<Figure>> {
+    match sc {
+        Scenario::Pubsub {
+            messages,
+            size,
+            subscribers,
+        } => pubsub(s, *messages, *size, *subscribers).await,
+        Scenario::RpcLatency { calls } => rpc_latency(s, *calls).await,
+        Scenario::RpcThroughput { callers, seconds } => rpc_throughput(s, *callers, *seconds).await,
+        Scenario::Idle { sessions } => idle(s, *sessions).await,
+        _ => Ok(vec![]),
+    }
+}
+
+async fn pubsub(s: &Server, messages: u64, size: usize, subscribers: usize) -> Result<Vec<Figure>> {
+    let topic = "com.bench.t";
+    let mut subs = vec![];
+    for _ in 0..subscribers {
+        let mut c = Raw::join(&s.raw, &s.key).await?;
+        c.send(&Message::Subscribe {
+            request: 1,
+            options: Dict::new(),
+            topic: topic.into(),
+        })
+        .await?;
+        c.w.flush().await?;
+        c.expect(|m| matches!(m, Message::Subscribed { .. }))
+            .await?;
+        subs.push(c);
+    }
+    let mut publ = Raw::join(&s.raw, &s.key).await?;
+    let frame = {
+        let b = SER.encode(&Message::Publish {
+            request: 1,
+            options: Dict::new(),
+            topic: topic.into(),
+            payload: payload(size),
+        });
+        let mut f = FrameHeader::encode(FrameKind::Message, b.len()).to_vec();
+        f.extend_from_slice(&b);
+        f
+    };
+    let start = Instant::now();
+    let mut tasks = vec![];
+    for mut c in subs {
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            let mut last = Instant::now();
+            while n < messages {
+                match tokio::time::timeout(Duration::from_secs(3), c.frame()).await {
+                    Ok(Ok(())) => {
+                        n += 1;
+                        last = Instant::now();
+                    }
+                    _ => break,
+                }
+            }
+            (n, last)
+        }));
+    }
+    let per_chunk = (64 * 1024 / frame.len()).max(1);
+    let chunk: Vec<u8> = frame
+        .iter()
+        .copied()
+        .cycle()
+        .take(frame.len() * per_chunk)
+        .collect();
+    let mut sent = 0u64;
+    while sent < messages {
+        let k = (messages - sent).min(per_chunk as u64) as usize;
+        publ.w.write_all(&chunk[..k * frame.len()]).await?;
+        sent += k as u64;
+    }
+    publ.w.flush().await?;
+    let mut total = 0;
+    let mut end = start;
+    for t in tasks {
+        let (n, last) = t.await?;
+        total += n;
+        end = end.max(last);
+    }
+    let secs = end.duration_since(start).as_secs_f64().max(1e-9);
+    let expected = messages * subscribers as u64;
+    Ok(vec![Figure {
+        scenario: format!("pubsub 1:{subscribers} {size}B events/s"),
+        server: "macula",
+        value: total as f64 / secs,
+        unit: "events/s",
+        note: format!("{total}/{expected} delivered in {secs:.2}s"),
+    }])
+}
+
+async fn callee(s: &Server) -> Result<tokio::task::JoinHandle<Result<()>>> {
+    let mut c = Raw::join(&s.raw, &s.key).await?;
+    c.send(&Message::Register {
+        request: 1,
+        options: Dict::new(),
+        procedure: "com.bench.echo".into(),
+    })
+    .await?;
+    c.w.flush().await?;
+    c.expect(|m| matches!(m, Message::Registered { .. }))
+        .await?;
+    Ok(tokio::spawn(async move {
+        loop {
+            if let Message::Invocation {
+                request, payload, ..
+            } = c.recv().await?
+            {
+                c.send(&Message::Yield {
+                    request,
+                    options: Dict::new(),
+                    payload,
+                })
+                .await?;
+            }
+            if c.r.buffer().is_empty() {
+                c.w.flush().await?;
+            }
+        }
+    }))
+}
+
+async fn rpc_latency(s: &Server, calls: u64) -> Result<Vec<Figure>> {
+    let callee = callee(s).await?;
+    let mut c = Raw::join(&s.raw, &s.key).await?;
+    let mut lat = Vec::with_capacity(calls as usize);
+    for i in 1..=calls + 1000 {
+        let t = Instant::now();
+        c.send(&Message::Call {
+            request: i,
+            options: Dict::new(),
+            procedure: "com.bench.echo".into(),
+            payload: payload(64),
+        })
+        .await?;
+        c.w.flush().await?;
+        c.expect(|m| matches!(m, Message::Result { .. })).await?;
+        if i > 1000 {
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    callee.abort();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    Ok(vec![
+        Figure {
+            scenario: "rpc latency p50".into(),
+            server: "macula",
+            value: percentile(&lat, 0.5),
+            unit: "µs",
+            note: format!("{calls} sequential calls"),
+        },
+        Figure {
+            scenario: "rpc latency p99".into(),
+            server: "macula",
+            value: percentile(&lat, 0.99),
+            unit: "µs",
+            note: String::new(),
+        },
+    ])
+}
+
+async fn rpc_throughput(s: &Server, callers: usize, seconds: u64) -> Result<Vec<Figure>> {
+    let callee = callee(s).await?;
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = vec![];
+    for _ in 0..callers {
+        let mut c = Raw::join(&s.raw, &s.key).await?;
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0;
+            while Instant::now() < deadline {
+                i += 1;
+                c.send(&Message::Call {
+                    request: i,
+                    options: Dict::new(),
+                    procedure: "com.bench.echo".into(),
+                    payload: payload(64),
+                })
+                .await?;
+                c.w.flush().await?;
+                c.expect(|m| matches!(m, Message::Result { .. })).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    let start = Instant::now();
+    for t in tasks {
+        t.await??;
+    }
+    callee.abort();
+    let n = done.load(Ordering::Relaxed);
+    Ok(vec![Figure {
+        scenario: format!("rpc throughput {callers} callers"),
+        server: "macula",
+        value: n as f64 / start.elapsed().as_secs_f64(),
+        unit: "calls/s",
+        note: format!("{n} calls"),
+    }])
+}
+
+async fn idle(s: &Server, sessions: usize) -> Result<Vec<Figure>> {
+    let before = s.rss_kib();
+    let url = format!("ws://{}/ws", s.http);
+    let mut conns = Vec::with_capacity(sessions);
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = vec![];
+    for _ in 0..sessions {
+        let url = url.clone();
+        let key = s.key.clone();
+        let sem = sem.clone();
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire().await?;
+            ws_join(&url, &key).await
+        }));
+    }
+    for t in tasks {
+        conns.push(t.await??);
+    }
+    // Let the node settle, then read its resident memory.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = s.rss_kib();
+    let per = (after.saturating_sub(before)) as f64 * 1024.0 / sessions as f64;
+    drop(conns);
+    Ok(vec![
+        Figure {
+            scenario: format!("idle ws sessions ({sessions}) RSS"),
+            server: "macula",
+            value: after as f64 / 1024.0,
+            unit: "MiB",
+            note: format!("{before} KiB before"),
+        },
+        Figure {
+            scenario: "idle ws session memory".into(),
+            server: "macula",
+            value: per,
+            unit: "bytes",
+            note: "per session".into(),
+        },
+    ])
+}
+
+type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+async fn ws_join(url: &str, key: &str) -> Result<WsStream> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message as W;
+    let mut req = url.into_client_request()?;
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", SER.subprotocol().parse()?);
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+    let hello = Message::Hello {
+        realm: REALM.into(),
+        details: dict! {"roles" => dict!{"subscriber" => dict!{}}, "authmethods" => vec![Value::from("ticket")]},
+    };
+    ws.send(W::Binary(SER.encode(&hello).into())).await?;
+    let _challenge = ws.next().await.ok_or_else(|| anyhow!("closed"))??;
+    ws.send(W::Binary(
+        SER.encode(&Message::Authenticate {
+            signature: key.into(),
+            extra: Dict::new(),
+        })
+        .into(),
+    ))
+    .await?;
+    match ws.next().await.ok_or_else(|| anyhow!("closed"))?? {
+        W::Binary(b) if matches!(SER.decode(&b)?, Message::Welcome { .. }) => Ok(ws),
+        other => bail!("no welcome: {other:?}"),
+    }
+}

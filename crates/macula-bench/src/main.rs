@@ -1,0 +1,181 @@
+//! `macula-bench`: measures a Macula node and, side by side, a NATS server on the same machine.
+//!
+//! Both servers run as separate processes and are driven by equally lean clients that speak the
+//! raw protocol (pre-encoded frames, counting without full decoding), so the figures compare the
+//! servers rather than the client libraries. Payloads are 64 bytes; Macula uses MessagePack over
+//! RawSocket unless told otherwise.
+//!
+//! ```text
+//! cargo build --release -p macula-bench -p macula
+//! target/release/macula-bench all            # every scenario, Macula and NATS
+//! target/release/macula-bench pubsub --subscribers 4 --messages 2000000
+//! ```
+
+mod macula_side;
+mod nats_side;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "macula-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// Which servers to measure.
+    #[arg(long, global = true, default_value = "both")]
+    target: Target,
+    /// Print results as JSON lines.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Target {
+    Macula,
+    Nats,
+    Both,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Publish → subscribe throughput; `--subscribers N` for 1:N fan-out.
+    Pubsub {
+        #[arg(long, default_value_t = 1_000_000)]
+        messages: u64,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 1)]
+        subscribers: usize,
+    },
+    /// Sequential RPC round trips: p50/p99 latency.
+    RpcLatency {
+        #[arg(long, default_value_t = 20_000)]
+        calls: u64,
+    },
+    /// RPC throughput with many concurrent callers, each making sequential calls.
+    RpcThroughput {
+        #[arg(long, default_value_t = 64)]
+        callers: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// Memory per idle WebSocket session (Macula only).
+    Idle {
+        #[arg(long, default_value_t = 10_000)]
+        sessions: usize,
+    },
+    /// Every scenario with default sizes.
+    All,
+    /// (internal) run a Macula node for the benchmark.
+    #[command(hide = true)]
+    Node { config: std::path::PathBuf },
+}
+
+/// One measured figure.
+pub struct Figure {
+    pub scenario: String,
+    pub server: &'static str,
+    pub value: f64,
+    pub unit: &'static str,
+    pub note: String,
+}
+
+fn print(figs: &[Figure], json: bool) {
+    for f in figs {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"scenario": f.scenario, "server": f.server, "value": f.value, "unit": f.unit, "note": f.note})
+            );
+        } else {
+            println!(
+                "{:<34} {:<7} {:>14.1} {:<10} {}",
+                f.scenario, f.server, f.value, f.unit, f.note
+            );
+        }
+    }
+    // Ratios where both servers were measured.
+    if !json {
+        for m in figs.iter().filter(|f| f.server == "macula") {
+            if let Some(n) = figs
+                .iter()
+                .find(|f| f.server == "nats" && f.scenario == m.scenario && f.unit == m.unit)
+            {
+                if n.value > 0.0 {
+                    println!(
+                        "{:<34} ratio   {:>14.2} macula/nats",
+                        m.scenario,
+                        m.value / n.value
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Cmd::Node { config } = &cli.cmd {
+        return macula_side::run_node(config);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let scenarios: Vec<Cmd> = match cli.cmd {
+            Cmd::All => vec![
+                Cmd::Pubsub {
+                    messages: 1_000_000,
+                    size: 64,
+                    subscribers: 1,
+                },
+                Cmd::Pubsub {
+                    messages: 250_000,
+                    size: 64,
+                    subscribers: 4,
+                },
+                Cmd::RpcLatency { calls: 20_000 },
+                Cmd::RpcThroughput {
+                    callers: 64,
+                    seconds: 5,
+                },
+                Cmd::Idle { sessions: 10_000 },
+            ],
+            other => vec![other],
+        };
+        let mut figs = vec![];
+        for s in scenarios {
+            if cli.target != Target::Nats {
+                let server = macula_side::Server::start().await?;
+                figs.extend(macula_side::run(&server, &s).await?);
+                server.stop().await;
+            }
+            if cli.target != Target::Macula && !matches!(s, Cmd::Idle { .. }) {
+                match nats_side::Server::start().await {
+                    Ok(server) => {
+                        figs.extend(nats_side::run(&server, &s).await?);
+                        server.stop().await;
+                    }
+                    Err(e) => eprintln!("skipping NATS: {e:#}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        print(&figs, cli.json);
+        Ok(())
+    })
+}
+
+/// Percentile of a sorted list of durations in microseconds.
+pub fn percentile(sorted_us: &[f64], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted_us.len() as f64 - 1.0) * p).round() as usize;
+    sorted_us[i.min(sorted_us.len() - 1)]
+}
+
+pub(crate) use Cmd as Scenario;

@@ -1,0 +1,300 @@
+//! The NATS side: Debian's `nats-server` in a child process and a lean text-protocol client.
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+use crate::{percentile, Figure, Scenario};
+
+pub struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    pub async fn start() -> Result<Server> {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.port()
+        };
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("nats-server not found (apt-get install nats-server)")?;
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(&addr).await.is_err() {
+            if Instant::now() > deadline {
+                bail!("nats-server did not start");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Server { child, addr })
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+struct Nats {
+    r: BufReader<OwnedReadHalf>,
+    w: BufWriter<OwnedWriteHalf>,
+    line: Vec<u8>,
+    body: Vec<u8>,
+}
+
+impl Nats {
+    async fn connect(addr: &str) -> Result<Nats> {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        let (r, w) = s.into_split();
+        let mut c = Nats {
+            r: BufReader::with_capacity(256 * 1024, r),
+            w: BufWriter::with_capacity(256 * 1024, w),
+            line: vec![],
+            body: vec![],
+        };
+        c.read_line().await?; // INFO
+        c.w.write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\n")
+            .await?;
+        c.ping().await?;
+        Ok(c)
+    }
+
+    async fn read_line(&mut self) -> Result<()> {
+        self.line.clear();
+        let n = self.r.read_until(b'\n', &mut self.line).await?;
+        if n == 0 {
+            bail!("nats closed the connection");
+        }
+        Ok(())
+    }
+
+    /// Round trip so that everything sent before is processed.
+    async fn ping(&mut self) -> Result<()> {
+        self.w.write_all(b"PING\r\n").await?;
+        self.w.flush().await?;
+        loop {
+            self.read_line().await?;
+            if self.line.starts_with(b"PONG") {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads until the next MSG; returns its reply subject, if any.
+    async fn next_msg(&mut self) -> Result<Option<String>> {
+        loop {
+            self.read_line().await?;
+            if self.line.starts_with(b"MSG ") {
+                let text = std::str::from_utf8(&self.line)?.trim_end().to_owned();
+                let parts: Vec<&str> = text.split(' ').collect();
+                let len: usize = parts.last().ok_or_else(|| anyhow!("bad MSG"))?.parse()?;
+                self.body.resize(len + 2, 0);
+                self.r.read_exact(&mut self.body).await?;
+                return Ok(if parts.len() == 5 {
+                    Some(parts[3].to_owned())
+                } else {
+                    None
+                });
+            } else if self.line.starts_with(b"PING") {
+                self.w.write_all(b"PONG\r\n").await?;
+                self.w.flush().await?;
+            } else if self.line.starts_with(b"-ERR") {
+                bail!("nats: {}", String::from_utf8_lossy(&self.line));
+            }
+        }
+    }
+}
+
+pub async fn run(s: &Server, sc: &Scenario) -> Result<Vec<Figure>> {
+    match sc {
+        Scenario::Pubsub {
+            messages,
+            size,
+            subscribers,
+        } => pubsub(s, *messages, *size, *subscribers).await,
+        Scenario::RpcLatency { calls } => rpc_latency(s, *calls).await,
+        Scenario::RpcThroughput { callers, seconds } => rpc_throughput(s, *callers, *seconds).await,
+        _ => Ok(vec![]),
+    }
+}
+
+async fn pubsub(s: &Server, messages: u64, size: usize, subscribers: usize) -> Result<Vec<Figure>> {
+    let mut subs = vec![];
+    for _ in 0..subscribers {
+        let mut c = Nats::connect(&s.addr).await?;
+        c.w.write_all(b"SUB bench.t 1\r\n").await?;
+        c.ping().await?;
+        subs.push(c);
+    }
+    let mut publ = Nats::connect(&s.addr).await?;
+    let mut frame = format!("PUB bench.t {size}\r\n").into_bytes();
+    frame.extend(std::iter::repeat_n(b'x', size));
+    frame.extend_from_slice(b"\r\n");
+    let start = Instant::now();
+    let mut tasks = vec![];
+    for mut c in subs {
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            let mut last = Instant::now();
+            while n < messages {
+                match tokio::time::timeout(Duration::from_secs(3), c.next_msg()).await {
+                    Ok(Ok(_)) => {
+                        n += 1;
+                        last = Instant::now();
+                    }
+                    _ => break,
+                }
+            }
+            (n, last)
+        }));
+    }
+    let per_chunk = (64 * 1024 / frame.len()).max(1);
+    let chunk: Vec<u8> = frame
+        .iter()
+        .copied()
+        .cycle()
+        .take(frame.len() * per_chunk)
+        .collect();
+    let mut sent = 0u64;
+    while sent < messages {
+        let k = (messages - sent).min(per_chunk as u64) as usize;
+        publ.w.write_all(&chunk[..k * frame.len()]).await?;
+        sent += k as u64;
+    }
+    publ.w.flush().await?;
+    let mut total = 0;
+    let mut end = start;
+    for t in tasks {
+        let (n, last) = t.await?;
+        total += n;
+        end = end.max(last);
+    }
+    let secs = end.duration_since(start).as_secs_f64().max(1e-9);
+    Ok(vec![Figure {
+        scenario: format!("pubsub 1:{subscribers} {size}B events/s"),
+        server: "nats",
+        value: total as f64 / secs,
+        unit: "events/s",
+        note: format!(
+            "{total}/{} delivered in {secs:.2}s",
+            messages * subscribers as u64
+        ),
+    }])
+}
+
+async fn responder(s: &Server) -> Result<tokio::task::JoinHandle<Result<()>>> {
+    let mut c = Nats::connect(&s.addr).await?;
+    c.w.write_all(b"SUB bench.rpc 1\r\n").await?;
+    c.ping().await?;
+    Ok(tokio::spawn(async move {
+        loop {
+            if let Some(reply) = c.next_msg().await? {
+                let len = c.body.len() - 2;
+                c.w.write_all(format!("PUB {reply} {len}\r\n").as_bytes())
+                    .await?;
+                let body = c.body.clone();
+                c.w.write_all(&body).await?;
+            }
+            if c.r.buffer().is_empty() {
+                c.w.flush().await?;
+            }
+        }
+    }))
+}
+
+fn request_frame(inbox: &str) -> Vec<u8> {
+    let mut f = format!("PUB bench.rpc {inbox} 64\r\n").into_bytes();
+    f.extend(std::iter::repeat_n(b'x', 64));
+    f.extend_from_slice(b"\r\n");
+    f
+}
+
+async fn requester(s: &Server, inbox: &str) -> Result<Nats> {
+    let mut c = Nats::connect(&s.addr).await?;
+    c.w.write_all(format!("SUB {inbox} 1\r\n").as_bytes())
+        .await?;
+    c.ping().await?;
+    Ok(c)
+}
+
+async fn rpc_latency(s: &Server, calls: u64) -> Result<Vec<Figure>> {
+    let resp = responder(s).await?;
+    let mut c = requester(s, "_INBOX.lat").await?;
+    let frame = request_frame("_INBOX.lat");
+    let mut lat = Vec::with_capacity(calls as usize);
+    for i in 0..calls + 1000 {
+        let t = Instant::now();
+        c.w.write_all(&frame).await?;
+        c.w.flush().await?;
+        c.next_msg().await?;
+        if i >= 1000 {
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    resp.abort();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    Ok(vec![
+        Figure {
+            scenario: "rpc latency p50".into(),
+            server: "nats",
+            value: percentile(&lat, 0.5),
+            unit: "µs",
+            note: format!("{calls} sequential requests"),
+        },
+        Figure {
+            scenario: "rpc latency p99".into(),
+            server: "nats",
+            value: percentile(&lat, 0.99),
+            unit: "µs",
+            note: String::new(),
+        },
+    ])
+}
+
+async fn rpc_throughput(s: &Server, callers: usize, seconds: u64) -> Result<Vec<Figure>> {
+    let resp = responder(s).await?;
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = vec![];
+    for i in 0..callers {
+        let inbox = format!("_INBOX.t{i}");
+        let mut c = requester(s, &inbox).await?;
+        let frame = request_frame(&inbox);
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                c.w.write_all(&frame).await?;
+                c.w.flush().await?;
+                c.next_msg().await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    let start = Instant::now();
+    for t in tasks {
+        t.await??;
+    }
+    resp.abort();
+    let n = done.load(Ordering::Relaxed);
+    Ok(vec![Figure {
+        scenario: format!("rpc throughput {callers} callers"),
+        server: "nats",
+        value: n as f64 / start.elapsed().as_secs_f64(),
+        unit: "calls/s",
+        note: format!("{n} requests"),
+    }])
+}
