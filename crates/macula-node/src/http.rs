@@ -15,7 +15,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use macula_router::SessionInfo;
 use macula_wamp::{dict, errors, Dict, Message, Payload, Serializer, Value};
 use serde::Deserialize;
@@ -113,12 +113,19 @@ async fn run_ws(socket: WebSocket, node: Arc<Node>, serializer: Serializer, peer
     let timeout = Duration::from_millis(node.config.limits.handshake_timeout_ms);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let next = tokio::select! {
-            m = stream.next() => m,
-            _ = &mut writer => break,
-            _ = tokio::time::sleep_until(deadline), if !conn.is_joined() => {
-                conn.outbox().close_with(macula_router::auth::abort(errors::PROTOCOL_VIOLATION, "no WELCOME within the handshake timeout"));
-                break;
+        // Take what is already received without waiting; before waiting, flush staged deliveries.
+        let next = match stream.next().now_or_never() {
+            Some(m) => m,
+            None => {
+                conn.flush();
+                tokio::select! {
+                    m = stream.next() => m,
+                    _ = &mut writer => break,
+                    _ = tokio::time::sleep_until(deadline), if !conn.is_joined() => {
+                        conn.outbox().close_with(macula_router::auth::abort(errors::PROTOCOL_VIOLATION, "no WELCOME within the handshake timeout"));
+                        break;
+                    }
+                }
             }
         };
         let flow = match next {
@@ -136,6 +143,9 @@ async fn run_ws(socket: WebSocket, node: Arc<Node>, serializer: Serializer, peer
         };
         if flow == Flow::Close {
             break;
+        }
+        if conn.should_flush() {
+            conn.flush();
         }
     }
     conn.finish();
@@ -175,17 +185,10 @@ fn wamp_error_response(uri: &str, payload: &Payload) -> Response {
         .and_then(Value::as_str)
         .unwrap_or(uri)
         .to_owned();
-    let args: Vec<serde_json::Value> = payload.args.iter().map(Into::into).collect();
-    let kwargs: serde_json::Map<String, serde_json::Value> = payload
-        .kwargs
-        .iter()
-        .map(|(k, v)| (k.clone(), v.into()))
-        .collect();
-    (
-        status_for(uri),
-        Json(json!({"error": {"code": uri, "message": message, "args": args, "kwargs": kwargs}})),
-    )
-        .into_response()
+    let mut error = payload.to_json();
+    error["code"] = json!(uri);
+    error["message"] = json!(message);
+    (status_for(uri), Json(json!({ "error": error }))).into_response()
 }
 
 /// A bridge request's temporary session: authenticated like any other, joined for one operation.
@@ -279,7 +282,7 @@ impl BridgeSession {
                 callee_cancel: false,
             };
             // The WELCOME is not needed by an HTTP client.
-            let _welcome = core.join(info, outbox.clone());
+            let _welcome = core.join(info, crate::outbox::SessionPeer(outbox.clone()));
             id
         };
         Ok(BridgeSession {
@@ -332,19 +335,6 @@ struct PublishBody {
     kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
-fn to_payload(
-    args: Vec<serde_json::Value>,
-    kwargs: serde_json::Map<String, serde_json::Value>,
-) -> Payload {
-    Payload {
-        args: args.into_iter().map(Value::from).collect(),
-        kwargs: kwargs
-            .into_iter()
-            .map(|(k, v)| (k, Value::from(v)))
-            .collect(),
-    }
-}
-
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], hint: &str) -> Result<T, Response> {
     serde_json::from_slice(body).map_err(|e| {
         http_error(
@@ -374,7 +364,7 @@ async fn publish(
         request: 1,
         options: dict! {"acknowledge" => true},
         topic: b.topic,
-        payload: to_payload(b.args, b.kwargs),
+        payload: Payload::from_json(b.args, b.kwargs),
     };
     if let Err(r) = s.send(msg) {
         return r;
@@ -433,24 +423,14 @@ async fn call(
         request: 1,
         options: dict! {"timeout" => timeout_ms},
         procedure,
-        payload: to_payload(b.args, b.kwargs),
+        payload: Payload::from_json(b.args, b.kwargs),
     };
     if let Err(r) = s.send(msg) {
         return r;
     }
     match s.reply(Duration::from_millis(timeout_ms + 1000)).await {
         Some(Message::Result { payload, .. }) => {
-            let args: Vec<serde_json::Value> = payload.args.iter().map(Into::into).collect();
-            let kwargs: serde_json::Map<String, serde_json::Value> = payload
-                .kwargs
-                .iter()
-                .map(|(k, v)| (k.clone(), v.into()))
-                .collect();
-            (
-                StatusCode::OK,
-                Json(json!({"args": args, "kwargs": kwargs})),
-            )
-                .into_response()
+            (StatusCode::OK, Json(payload.to_json())).into_response()
         }
         Some(Message::Error { error, payload, .. }) => wamp_error_response(&error, &payload),
         _ => http_error(

@@ -14,17 +14,17 @@ use macula_wamp::{errors, uri, Id, Message};
 use crate::confdir::{ConfDir, Loaded};
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, SessionPeer};
 
 /// A realm and the lock around its router core.
 pub struct RealmHandle {
     pub name: String,
-    pub core: Mutex<Realm<Arc<Outbox>>>,
+    pub core: Mutex<Realm<SessionPeer>>,
 }
 
 impl RealmHandle {
     /// Locks the realm's core; a poisoned lock (a panic elsewhere) is recovered, not propagated.
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, Realm<Arc<Outbox>>> {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Realm<SessionPeer>> {
         match self.core.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),

@@ -11,6 +11,7 @@
 //! The writer drains everything queued in one go and writes it as one batch (one flush), which is
 //! what makes high message rates possible.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -68,13 +69,30 @@ impl Outbox {
     }
 
     fn push(&self, item: Out) {
+        self.push_many(std::iter::once(item));
+    }
+
+    /// Queues several items under one lock acquisition and at most one wake-up of the writer.
+    fn push_many(&self, items: impl Iterator<Item = Out>) {
         let mut g = match self.inner.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        if g.closed {
-            return;
+        let was_empty = g.queue.is_empty();
+        for item in items {
+            if g.closed {
+                break;
+            }
+            self.push_locked(&mut g, item);
         }
+        let wake = (was_empty && !g.queue.is_empty()) || g.closed;
+        drop(g);
+        if wake {
+            self.notify.notify_one();
+        }
+    }
+
+    fn push_locked(&self, g: &mut Inner, item: Out) {
         if g.queue.len() >= self.capacity {
             let victim = match self.policy {
                 SlowConsumerPolicy::DropOldest => g
@@ -99,18 +117,11 @@ impl Outbox {
                     self.metrics
                         .slow_consumer_disconnects
                         .fetch_add(1, Ordering::Relaxed);
-                    drop(g);
-                    self.notify.notify_one();
                     return;
                 }
             }
         }
-        let was_empty = g.queue.is_empty();
         g.queue.push_back(item);
-        drop(g);
-        if was_empty {
-            self.notify.notify_one();
-        }
     }
 
     pub fn pong(&self, payload: Vec<u8>) {
@@ -161,6 +172,84 @@ impl Outbox {
 impl Peer for Outbox {
     fn send(&self, msg: Arc<Message>) {
         self.push(Out::Msg(msg));
+    }
+}
+
+thread_local! {
+    /// Deliveries captured while a reader handles its input (see [`Staging`]).
+    static STAGE: RefCell<Option<Vec<(Arc<Outbox>, Arc<Message>)>>> = const { RefCell::new(None) };
+}
+
+/// How the router reaches a session: its outbox. While a reader runs [`Staging::capture`],
+/// deliveries are staged instead of pushed, so that a burst of input costs one lock and one
+/// wake-up per recipient rather than one per message.
+#[derive(Clone)]
+pub struct SessionPeer(pub Arc<Outbox>);
+
+impl Peer for SessionPeer {
+    fn send(&self, msg: Arc<Message>) {
+        let staged = STAGE.with(|s| match s.borrow_mut().as_mut() {
+            Some(v) => {
+                v.push((self.0.clone(), msg.clone()));
+                true
+            }
+            None => false,
+        });
+        if !staged {
+            self.0.push(Out::Msg(msg));
+        }
+    }
+}
+
+/// Deliveries produced by one connection's burst of input, flushed when the burst ends.
+///
+/// Invariant: staged deliveries are flushed before the reader waits for more input, so staging
+/// never delays a message by more than the time to handle input that was already buffered.
+#[derive(Default)]
+pub struct Staging {
+    items: Vec<(Arc<Outbox>, Arc<Message>)>,
+}
+
+impl Staging {
+    /// Upper bound on staged deliveries before a flush is forced.
+    pub const LIMIT: usize = 4096;
+
+    /// Runs `f` (synchronous: nothing can interleave on this thread) with deliveries staged here.
+    pub fn capture<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        STAGE.with(|s| *s.borrow_mut() = Some(std::mem::take(&mut self.items)));
+        let r = f();
+        self.items = STAGE.with(|s| s.borrow_mut().take()).unwrap_or_default();
+        r
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Pushes staged deliveries, one batch per recipient, preserving each recipient's order.
+    pub fn flush(&mut self) {
+        if self.items.is_empty() {
+            return;
+        }
+        // A stable sort groups by recipient and keeps per-recipient order.
+        self.items.sort_by_key(|(o, _)| Arc::as_ptr(o) as usize);
+        let mut items = std::mem::take(&mut self.items).into_iter().peekable();
+        while let Some((outbox, first)) = items.next() {
+            let mut run = vec![Out::Msg(first)];
+            while let Some((next, _)) = items.peek() {
+                if !Arc::ptr_eq(next, &outbox) {
+                    break;
+                }
+                if let Some((_, m)) = items.next() {
+                    run.push(Out::Msg(m));
+                }
+            }
+            outbox.push_many(run.into_iter());
+        }
     }
 }
 

@@ -145,5 +145,21 @@ async fn read_loop(
             FrameKind::Ping => conn.outbox().pong(buf.clone()),
             FrameKind::Pong => {}
         }
+        // Deliveries are staged while complete frames are already buffered; they go out before
+        // the reader can wait on the socket.
+        if conn.should_flush() || !full_frame_buffered(r.buffer()) {
+            conn.flush();
+        }
+    }
+}
+
+/// Whether `buf` starts with a complete frame (header and payload).
+fn full_frame_buffered(buf: &[u8]) -> bool {
+    if buf.len() < HEADER_LEN {
+        return false;
+    }
+    match FrameHeader::parse([buf[0], buf[1], buf[2], buf[3]]) {
+        Ok(h) => buf.len() >= HEADER_LEN + h.len,
+        Err(_) => true,
     }
 }

@@ -11,7 +11,7 @@ use macula_wamp::{dict, errors, Dict, Id, Message, Serializer, Value};
 
 use crate::confdir::now_secs;
 use crate::node::{Node, RealmHandle};
-use crate::outbox::{Out, Outbox};
+use crate::outbox::{Out, Outbox, SessionPeer, Staging};
 
 /// Whether the connection goes on after a frame.
 #[derive(Debug, PartialEq, Eq)]
@@ -62,6 +62,7 @@ pub struct Connection {
     outbox: Arc<Outbox>,
     state: State,
     bucket: Bucket,
+    staging: Staging,
 }
 
 impl Connection {
@@ -92,6 +93,7 @@ impl Connection {
             outbox,
             state: State::Handshake(Handshake::Start),
             bucket,
+            staging: Staging::default(),
         }
     }
 
@@ -108,8 +110,20 @@ impl Connection {
     }
 
     fn fail(&mut self, msg: Message) -> Flow {
+        self.flush();
         self.outbox.close_with(msg);
         Flow::Close
+    }
+
+    /// Pushes deliveries staged while handling buffered input. Transports call this before they
+    /// wait for more input.
+    pub fn flush(&mut self) {
+        self.staging.flush();
+    }
+
+    /// Whether enough deliveries are staged that they should go out now.
+    pub fn should_flush(&self) -> bool {
+        self.staging.len() >= Staging::LIMIT
     }
 
     /// Closes the session because a message of `len` bytes is above the size limit.
@@ -155,7 +169,8 @@ impl Connection {
                         format!("the session sent more than {rate} messages per second (limits.rate_limit_per_second)"),
                     ));
                 }
-                let result = realm.lock().handle(*id, msg, now);
+                let (id, realm) = (*id, realm.clone());
+                let result = self.staging.capture(|| realm.lock().handle(id, msg, now));
                 match result {
                     Ok(()) => Flow::Continue,
                     Err(last) => {
@@ -215,7 +230,7 @@ impl Connection {
                                 transport: self.transport.clone(),
                                 callee_cancel,
                             };
-                            let welcome = core.join(info, self.outbox.clone());
+                            let welcome = core.join(info, SessionPeer(self.outbox.clone()));
                             self.outbox_send(welcome);
                             id
                         };
@@ -236,6 +251,7 @@ impl Connection {
 
     /// Called once the connection is gone: leaves the realm.
     pub fn finish(&mut self) {
+        self.flush();
         if let State::Joined { id, realm } = std::mem::replace(&mut self.state, State::Closed) {
             self.node.session_left(id, &realm);
         }

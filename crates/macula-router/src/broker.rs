@@ -2,6 +2,8 @@
 
 use std::collections::HashMap;
 
+use crate::ids::IdMap;
+
 use macula_wamp::uri::MatchPolicy;
 use macula_wamp::Id;
 
@@ -18,8 +20,11 @@ pub struct Subscription {
 /// All subscriptions of one realm.
 #[derive(Debug, Default)]
 pub struct Broker {
-    subs: HashMap<Id, Subscription>,
-    by_key: HashMap<(MatchPolicy, String), Id>,
+    subs: IdMap<Subscription>,
+    /// Exact subscriptions by topic (looked up by `&str` on every publish, no allocation).
+    exact: HashMap<String, Id>,
+    /// Prefix and wildcard subscriptions by (policy, pattern).
+    by_pattern: HashMap<(MatchPolicy, String), Id>,
     /// Prefix and wildcard subscriptions, scanned on every publish.
     patterns: Vec<Id>,
 }
@@ -34,7 +39,7 @@ impl Broker {
         policy: MatchPolicy,
         new_id: impl FnOnce() -> Id,
     ) -> (Id, bool) {
-        if let Some(&id) = self.by_key.get(&(policy, uri.to_owned())) {
+        if let Some(id) = self.find(policy, uri) {
             if let Some(s) = self.subs.get_mut(&id) {
                 if !s.subscribers.contains(&session) {
                     s.subscribers.push(session);
@@ -55,8 +60,10 @@ impl Broker {
                 subscribers: vec![session],
             },
         );
-        self.by_key.insert((policy, uri.to_owned()), id);
-        if policy != MatchPolicy::Exact {
+        if policy == MatchPolicy::Exact {
+            self.exact.insert(uri.to_owned(), id);
+        } else {
+            self.by_pattern.insert((policy, uri.to_owned()), id);
             self.patterns.push(id);
         }
         (id, true)
@@ -72,15 +79,19 @@ impl Broker {
             return Some(false);
         }
         if let Some(s) = self.subs.remove(&id) {
-            self.by_key.remove(&(s.policy, s.uri));
-            self.patterns.retain(|p| *p != id);
+            if s.policy == MatchPolicy::Exact {
+                self.exact.remove(&s.uri);
+            } else {
+                self.by_pattern.remove(&(s.policy, s.uri));
+                self.patterns.retain(|p| *p != id);
+            }
         }
         Some(true)
     }
 
     /// Calls `f` for every subscription matching `topic`.
     pub fn for_each_match<'a>(&'a self, topic: &str, mut f: impl FnMut(&'a Subscription)) {
-        if let Some(id) = self.by_key.get(&(MatchPolicy::Exact, topic.to_owned())) {
+        if let Some(id) = self.exact.get(topic) {
             if let Some(s) = self.subs.get(id) {
                 f(s);
             }
@@ -91,6 +102,13 @@ impl Broker {
                     f(s);
                 }
             }
+        }
+    }
+
+    fn find(&self, policy: MatchPolicy, uri: &str) -> Option<Id> {
+        match policy {
+            MatchPolicy::Exact => self.exact.get(uri).copied(),
+            _ => self.by_pattern.get(&(policy, uri.to_owned())).copied(),
         }
     }
 

@@ -2,6 +2,8 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+
+use crate::ids::{IdMap, IdPairMap};
 use std::time::Instant;
 
 use macula_wamp::uri::MatchPolicy;
@@ -85,13 +87,15 @@ pub struct PendingCall {
 /// Registrations and calls of one realm.
 #[derive(Debug, Default)]
 pub struct Dealer {
-    regs: HashMap<Id, Registration>,
-    by_key: HashMap<(MatchPolicy, String), Id>,
+    regs: IdMap<Registration>,
+    /// Exact registrations by procedure (looked up by `&str` on every call).
+    exact: HashMap<String, Id>,
+    by_pattern: HashMap<(MatchPolicy, String), Id>,
     patterns: Vec<Id>,
     /// Calls in flight by invocation id.
-    calls: HashMap<Id, PendingCall>,
+    calls: IdMap<PendingCall>,
     /// (caller session, CALL request id) → invocation id.
-    by_caller: HashMap<(Id, Id), Id>,
+    by_caller: IdPairMap<Id>,
     /// Call deadlines; entries of finished calls are skipped lazily.
     deadlines: BinaryHeap<Reverse<(Instant, Id)>>,
     last_invocation: Id,
@@ -113,7 +117,11 @@ impl Dealer {
         invoke: InvokePolicy,
         new_id: impl FnOnce() -> Id,
     ) -> Result<Id, RegisterError> {
-        if let Some(&id) = self.by_key.get(&(policy, uri.to_owned())) {
+        let existing = match policy {
+            MatchPolicy::Exact => self.exact.get(uri).copied(),
+            _ => self.by_pattern.get(&(policy, uri.to_owned())).copied(),
+        };
+        if let Some(id) = existing {
             if let Some(r) = self.regs.get_mut(&id) {
                 if r.invoke == InvokePolicy::Single || r.callees.contains(&session) {
                     return Err(RegisterError::AlreadyExists);
@@ -140,8 +148,10 @@ impl Dealer {
                 next: 0,
             },
         );
-        self.by_key.insert((policy, uri.to_owned()), id);
-        if policy != MatchPolicy::Exact {
+        if policy == MatchPolicy::Exact {
+            self.exact.insert(uri.to_owned(), id);
+        } else {
+            self.by_pattern.insert((policy, uri.to_owned()), id);
             self.patterns.push(id);
         }
         Ok(id)
@@ -154,8 +164,12 @@ impl Dealer {
         r.callees.remove(pos);
         if r.callees.is_empty() {
             if let Some(r) = self.regs.remove(&id) {
-                self.by_key.remove(&(r.policy, r.uri));
-                self.patterns.retain(|p| *p != id);
+                if r.policy == MatchPolicy::Exact {
+                    self.exact.remove(&r.uri);
+                } else {
+                    self.by_pattern.remove(&(r.policy, r.uri));
+                    self.patterns.retain(|p| *p != id);
+                }
             }
         }
         Some(())
@@ -164,11 +178,7 @@ impl Dealer {
     /// Finds the registration for `procedure`: exact match first, then the longest prefix, then
     /// the wildcard pattern with the most literal components.
     pub fn lookup(&self, procedure: &str) -> Option<&Registration> {
-        if let Some(r) = self
-            .by_key
-            .get(&(MatchPolicy::Exact, procedure.to_owned()))
-            .and_then(|id| self.regs.get(id))
-        {
+        if let Some(r) = self.exact.get(procedure).and_then(|id| self.regs.get(id)) {
             return Some(r);
         }
         let mut best: Option<&Registration> = None;

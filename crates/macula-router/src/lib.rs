@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod broker;
 pub mod dealer;
+pub mod ids;
 pub mod policy;
 mod realm;
 

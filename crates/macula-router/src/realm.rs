@@ -1,7 +1,6 @@
 //! A realm: its sessions, broker and dealer, and the handling of every message a joined session
 //! sends. Sans-IO: messages come in through [`Realm::handle`], go out through each session's [`Peer`].
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,6 +9,7 @@ use macula_wamp::{code, dict, errors, Dict, Id, List, Message, Payload, Value, M
 
 use crate::broker::Broker;
 use crate::dealer::{CancelMode, Dealer, InvokePolicy, PendingCall, RegisterError};
+use crate::ids::IdMap;
 use crate::policy::{Action, Policy};
 
 /// Where a session's outgoing messages go (a bounded queue in the node, a `Vec` in tests).
@@ -89,7 +89,7 @@ pub struct Realm<P: Peer> {
     name: String,
     policy: Arc<Policy>,
     config: RealmConfig,
-    sessions: HashMap<Id, Member<P>>,
+    sessions: IdMap<Member<P>>,
     broker: Broker,
     dealer: Dealer,
     ids: IdGen,
@@ -143,7 +143,7 @@ impl<P: Peer> Realm<P> {
             name: name.to_owned(),
             policy,
             config,
-            sessions: HashMap::new(),
+            sessions: IdMap::default(),
             broker: Broker::default(),
             dealer: Dealer::default(),
             ids: IdGen(seed | 1),

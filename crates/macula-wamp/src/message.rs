@@ -29,6 +29,28 @@ impl Payload {
     pub fn is_empty(&self) -> bool {
         self.args.is_empty() && self.kwargs.is_empty()
     }
+
+    /// The payload as JSON: `{"args": [...], "kwargs": {...}}` (the HTTP bridge and CLI shape).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "args": self.args.iter().map(serde_json::Value::from).collect::<Vec<_>>(),
+            "kwargs": self.kwargs.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(v))).collect::<serde_json::Map<_, _>>(),
+        })
+    }
+
+    /// Builds a payload from JSON arguments and keyword arguments.
+    pub fn from_json(
+        args: Vec<serde_json::Value>,
+        kwargs: serde_json::Map<String, serde_json::Value>,
+    ) -> Payload {
+        Payload {
+            args: args.into_iter().map(Value::from).collect(),
+            kwargs: kwargs
+                .into_iter()
+                .map(|(k, v)| (k, Value::from(v)))
+                .collect(),
+        }
+    }
 }
 
 /// Message type codes as the specification numbers them.

@@ -73,13 +73,6 @@ fn payload(json: Option<&str>, kwargs: Option<&str>) -> Result<Payload> {
     Ok(Payload { args, kwargs })
 }
 
-fn payload_json(p: &Payload) -> serde_json::Value {
-    serde_json::json!({
-        "args": p.args.iter().map(serde_json::Value::from).collect::<Vec<_>>(),
-        "kwargs": p.kwargs.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(v))).collect::<serde_json::Map<_, _>>(),
-    })
-}
-
 fn human(p: &Payload) -> String {
     let mut parts: Vec<String> = p
         .args
@@ -169,7 +162,7 @@ pub async fn subscribe(a: SubArgs, json: bool) -> Result<()> {
     while let Some(e) = sub.next().await {
         let topic = e.topic.clone().unwrap_or_else(|| a.pattern.clone());
         if json {
-            let mut v = payload_json(&e.payload);
+            let mut v = e.payload.to_json();
             v["topic"] = serde_json::Value::String(topic);
             v["publication"] = serde_json::json!(e.publication);
             println!("{v}");
@@ -220,7 +213,7 @@ pub async fn call(a: CallArgs, json: bool) -> Result<()> {
     while let Some(answer) = s.next().await {
         let answer = answer.map_err(|e| anyhow!("{e}"))?;
         if json {
-            let mut v = payload_json(&answer.payload);
+            let mut v = answer.payload.to_json();
             v["progress"] = serde_json::Value::Bool(answer.progress);
             println!("{v}");
         } else {
@@ -289,7 +282,7 @@ async fn run_command(cmd: &[String], p: &Payload) -> Result<Payload, CallError> 
         .spawn()
         .map_err(|e| failed(format!("cannot start {}: {e}", cmd[0])))?;
     if let Some(mut stdin) = child.stdin.take() {
-        let input = payload_json(p).to_string();
+        let input = p.to_json().to_string();
         let _ = stdin.write_all(input.as_bytes()).await;
     }
     let out = child
