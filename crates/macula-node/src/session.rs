@@ -63,6 +63,8 @@ pub struct Connection {
     state: State,
     bucket: Bucket,
     staging: Staging,
+    /// The time of the current burst of input (read once per burst, reset on flush).
+    now: Option<Instant>,
 }
 
 impl Connection {
@@ -94,6 +96,7 @@ impl Connection {
             state: State::Handshake(Handshake::Start),
             bucket,
             staging: Staging::default(),
+            now: None,
         }
     }
 
@@ -119,6 +122,7 @@ impl Connection {
     /// wait for more input.
     pub fn flush(&mut self) {
         self.staging.flush();
+        self.now = None;
     }
 
     /// Whether enough deliveries are staged that they should go out now.
@@ -154,7 +158,7 @@ impl Connection {
     }
 
     fn on_message(&mut self, msg: Message) -> Flow {
-        let now = Instant::now();
+        let now = *self.now.get_or_insert_with(Instant::now);
         match &mut self.state {
             State::Closed => Flow::Close,
             State::Joined { id, realm } => {

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use crate::ids::IdMap;
+use crate::ids::{IdMap, UriMap};
 
 use macula_wamp::uri::MatchPolicy;
 use macula_wamp::Id;
@@ -22,7 +22,7 @@ pub struct Subscription {
 pub struct Broker {
     subs: IdMap<Subscription>,
     /// Exact subscriptions by topic (looked up by `&str` on every publish, no allocation).
-    exact: HashMap<String, Id>,
+    exact: UriMap<Id>,
     /// Prefix and wildcard subscriptions by (policy, pattern).
     by_pattern: HashMap<(MatchPolicy, String), Id>,
     /// Prefix and wildcard subscriptions, scanned on every publish.

@@ -3,7 +3,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
-use crate::ids::{IdMap, IdPairMap};
+use crate::ids::{IdMap, IdPairMap, UriMap};
 use std::time::Instant;
 
 use macula_wamp::uri::MatchPolicy;
@@ -89,7 +89,7 @@ pub struct PendingCall {
 pub struct Dealer {
     regs: IdMap<Registration>,
     /// Exact registrations by procedure (looked up by `&str` on every call).
-    exact: HashMap<String, Id>,
+    exact: UriMap<Id>,
     by_pattern: HashMap<(MatchPolicy, String), Id>,
     patterns: Vec<Id>,
     /// Calls in flight by invocation id.

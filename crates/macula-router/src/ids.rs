@@ -29,3 +29,7 @@ impl Hasher for IdHasher {
 pub type IdMap<V> = HashMap<Id, V, BuildHasherDefault<IdHasher>>;
 /// A map keyed by pairs of ids.
 pub type IdPairMap<V> = HashMap<(Id, Id), V, BuildHasherDefault<IdHasher>>;
+
+/// A map keyed by client-chosen strings (topics, procedures): a fast hash with a random seed per
+/// map, so crafted URIs cannot force collisions.
+pub type UriMap<V> = HashMap<String, V, foldhash::fast::RandomState>;

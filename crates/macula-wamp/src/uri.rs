@@ -32,19 +32,31 @@ fn err(what: &'static str, value: &str, why: &'static str) -> UriError {
 }
 
 /// A concrete URI (topic to publish to, procedure to call or register with `exact` match).
+/// One pass over the bytes: this runs on every publish and call.
 pub fn validate(uri: &str) -> Result<(), UriError> {
     if uri.is_empty() || uri.len() > MAX_URI_LEN {
         return Err(err("URI", uri, "must be 1 to 255 characters"));
     }
-    if uri.split('.').all(component_ok) {
-        Ok(())
-    } else {
-        Err(err(
-            "URI",
-            uri,
-            "use dot-separated components of a-z, 0-9, '_' and '-' (e.g. com.acme.orders.created)",
-        ))
+    let mut after_dot = true;
+    for b in uri.bytes() {
+        let ok = if b == b'.' {
+            !std::mem::replace(&mut after_dot, true)
+        } else {
+            after_dot = false;
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+        };
+        if !ok {
+            return Err(err(
+                "URI",
+                uri,
+                "use dot-separated components of a-z, 0-9, '_' and '-' (e.g. com.acme.orders.created)",
+            ));
+        }
     }
+    if after_dot {
+        return Err(err("URI", uri, "must not end with '.'"));
+    }
+    Ok(())
 }
 
 /// A URI under a match policy: `exact` (same as [`validate`]), `prefix` (a URI prefix, whole
