@@ -35,6 +35,10 @@ struct Cli {
     /// Print results as JSON lines.
     #[arg(long, global = true)]
     json: bool,
+    /// Repeat each scenario this many times per server and report the median (loopback figures on
+    /// a shared 2-core machine vary by ±30% from run to run).
+    #[arg(long, global = true, default_value_t = 3)]
+    runs: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -153,25 +157,68 @@ fn main() -> Result<()> {
         };
         let mut figs = vec![];
         for s in scenarios {
-            if cli.target != Target::Nats {
-                let server = macula_side::Server::start().await?;
-                figs.extend(macula_side::run(&server, &s).await?);
-                server.stop().await;
-            }
-            if cli.target != Target::Macula && !matches!(s, Cmd::Idle { .. }) {
-                match nats_side::Server::start().await {
-                    Ok(server) => {
-                        figs.extend(nats_side::run(&server, &s).await?);
-                        server.stop().await;
-                    }
-                    Err(e) => eprintln!("skipping NATS: {e:#}"),
+            let mut runs = vec![];
+            // Alternate the servers run by run so that drift in the machine's load hits both alike.
+            for _ in 0..cli.runs.max(1) {
+                if cli.target != Target::Nats {
+                    let server = macula_side::Server::start().await?;
+                    runs.extend(macula_side::run(&server, &s).await?);
+                    server.stop().await;
                 }
+                if cli.target != Target::Macula && !matches!(s, Cmd::Idle { .. }) {
+                    match nats_side::Server::start().await {
+                        Ok(server) => {
+                            runs.extend(nats_side::run(&server, &s).await?);
+                            server.stop().await;
+                        }
+                        Err(e) => eprintln!("skipping NATS: {e:#}"),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            figs.extend(median(runs));
         }
         print(&figs, cli.json);
         Ok(())
     })
+}
+
+/// Collapses repeated runs of the same (scenario, server) into their median, noting the range.
+fn median(runs: Vec<Figure>) -> Vec<Figure> {
+    let mut out: Vec<Figure> = vec![];
+    let mut keys: Vec<(String, &'static str)> = vec![];
+    for f in &runs {
+        if !keys.iter().any(|(s, v)| *s == f.scenario && *v == f.server) {
+            keys.push((f.scenario.clone(), f.server));
+        }
+    }
+    for (scenario, server) in keys {
+        let mut same: Vec<&Figure> = runs
+            .iter()
+            .filter(|f| f.scenario == scenario && f.server == server)
+            .collect();
+        same.sort_by(|a, b| a.value.total_cmp(&b.value));
+        let mid = same[same.len() / 2];
+        let note = if same.len() > 1 {
+            format!(
+                "median of {} (range {:.1}–{:.1}); {}",
+                same.len(),
+                same[0].value,
+                same[same.len() - 1].value,
+                mid.note
+            )
+        } else {
+            mid.note.clone()
+        };
+        out.push(Figure {
+            scenario,
+            server,
+            value: mid.value,
+            unit: mid.unit,
+            note,
+        });
+    }
+    out
 }
 
 /// Percentile of a sorted list of durations in microseconds.

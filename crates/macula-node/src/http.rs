@@ -75,8 +75,12 @@ async fn ws_upgrade(
             .into_response();
     };
     let limit = node.config.limits.max_message_size;
+    // tungstenite reads in chunks of `read_buffer_size` (128 KiB by default, allocated per
+    // connection): 8 KiB keeps idle sessions small; larger messages are still assembled.
     ws.max_message_size(limit + 64 * 1024)
         .max_frame_size(limit + 64 * 1024)
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(8 * 1024)
         .on_upgrade(move |socket| run_ws(socket, node, serializer, peer.to_string()))
 }
 
