@@ -175,9 +175,12 @@ impl Peer for Outbox {
     }
 }
 
+/// A delivery waiting in a [`Staging`]: the recipient's outbox and the message.
+type Staged = (Arc<Outbox>, Arc<Message>);
+
 thread_local! {
     /// Deliveries captured while a reader handles its input (see [`Staging`]).
-    static STAGE: RefCell<Option<Vec<(Arc<Outbox>, Arc<Message>)>>> = const { RefCell::new(None) };
+    static STAGE: RefCell<Option<Vec<Staged>>> = const { RefCell::new(None) };
 }
 
 /// How the router reaches a session: its outbox. While a reader runs [`Staging::capture`],
@@ -207,7 +210,7 @@ impl Peer for SessionPeer {
 /// never delays a message by more than the time to handle input that was already buffered.
 #[derive(Default)]
 pub struct Staging {
-    items: Vec<(Arc<Outbox>, Arc<Message>)>,
+    items: Vec<Staged>,
 }
 
 impl Staging {
