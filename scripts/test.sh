@@ -9,4 +9,4 @@ cargo test --workspace --all-targets
 
 echo "==> interop: Autobahn|Python against target/debug/macula"
 cargo build -p macula --quiet
-MACULA_BIN="$PWD/target/debug/macula" tests/interop/run.sh
+MACULA_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/macula" tests/interop/run.sh
