@@ -595,3 +595,46 @@ async fn websocket_without_a_wamp_subprotocol_is_refused() {
     assert_eq!(st, "400", "{body}");
     assert!(body.contains("wamp.2.json"));
 }
+
+#[tokio::test]
+async fn roles_marked_subrealms_may_join_subrealms_and_others_may_not() {
+    let t = TestNode::start().await;
+    let url = t.running.ws_url();
+    // The default policy's admin role extends to subrealms; service_account does not.
+    let sub = Client::connect(&url, "com.example.test.shop", &t.admin_key)
+        .await
+        .unwrap();
+    assert!(sub.session_id().is_some());
+    let (_, sa) = t.key("service_account");
+    let err = Client::connect(&url, "com.example.test.shop", &sa)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.uri(), Some(errors::AUTHORIZATION_FAILED), "{err}");
+    // Subrealms are isolated from their parent: an event in the parent does not reach them.
+    let mut in_sub = sub.subscribe("com.example.test.x").await.unwrap();
+    let parent = t.client().await;
+    parent
+        .publish_with(
+            "com.example.test.x",
+            Payload::args(vec![Value::Int(1)]),
+            dict! {"acknowledge" => true},
+        )
+        .await
+        .unwrap();
+    sub.publish_with(
+        "com.example.test.x",
+        Payload::args(vec![Value::Int(2)]),
+        dict! {"acknowledge" => true, "exclude_me" => false},
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        within("own realm event", in_sub.next())
+            .await
+            .unwrap()
+            .payload
+            .args,
+        vec![Value::Int(2)]
+    );
+}
