@@ -11,6 +11,7 @@
 //! target/release/macula-bench pubsub --subscribers 4 --messages 2000000
 //! ```
 
+mod baseline;
 mod macula_side;
 mod nats_side;
 
@@ -76,8 +77,16 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         sessions: usize,
     },
+    /// The machine's floor: one TCP round trip of 64 bytes to an echo process.
+    Baseline {
+        #[arg(long, default_value_t = 20_000)]
+        calls: u64,
+    },
     /// Every scenario with default sizes.
     All,
+    /// (internal) a TCP echo server for the baseline.
+    #[command(hide = true)]
+    Echo,
     /// (internal) run a Macula node for the benchmark.
     #[command(hide = true)]
     Node { config: std::path::PathBuf },
@@ -130,12 +139,16 @@ fn main() -> Result<()> {
     if let Cmd::Node { config } = &cli.cmd {
         return macula_side::run_node(config);
     }
+    if let Cmd::Echo = &cli.cmd {
+        return baseline::run_echo();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
         let scenarios: Vec<Cmd> = match cli.cmd {
             Cmd::All => vec![
+                Cmd::Baseline { calls: 20_000 },
                 Cmd::Pubsub {
                     messages: 1_000_000,
                     size: 64,
@@ -160,6 +173,10 @@ fn main() -> Result<()> {
             let mut runs = vec![];
             // Alternate the servers run by run so that drift in the machine's load hits both alike.
             for _ in 0..cli.runs.max(1) {
+                if let Cmd::Baseline { calls } = s {
+                    runs.extend(baseline::round_trips(calls).await?);
+                    continue;
+                }
                 if cli.target != Target::Nats {
                     let server = macula_side::Server::start().await?;
                     runs.extend(macula_side::run(&server, &s).await?);
