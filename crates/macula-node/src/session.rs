@@ -146,7 +146,7 @@ impl Connection {
         if bytes.len() > self.node.config.limits.max_message_size {
             return self.refuse_oversized(bytes.len());
         }
-        let msg = match self.serializer.decode(bytes) {
+        let msg = match self.serializer.decode_fast(bytes) {
             Ok(m) => m,
             Err(e) => {
                 metrics.decode_errors.fetch_add(1, Ordering::Relaxed);

@@ -10,6 +10,7 @@
 
 pub mod errors;
 mod message;
+pub mod passthrough;
 pub mod rawsocket;
 mod serializer;
 pub mod uri;

@@ -1,5 +1,8 @@
 //! WAMP v2 messages: the typed form of the arrays on the wire, and conversion both ways.
 
+use std::borrow::Cow;
+
+use crate::passthrough::RawPayload;
 use crate::value::{Dict, List, Value};
 use crate::ProtocolError;
 
@@ -10,31 +13,47 @@ pub type Id = u64;
 pub const MAX_ID: Id = 1 << 53;
 
 /// Positional and keyword arguments of a publication, call, yield, result, error or event.
+///
+/// A payload is either decoded (`args`, `kwargs`) or, on the router's pub/sub fast path, kept as
+/// the publisher's validated MessagePack bytes (`raw`, with `args`/`kwargs` empty). Code that
+/// reads the arguments of a payload it did not build itself calls [`Payload::materialized`].
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Payload {
     pub args: List,
     pub kwargs: Dict,
+    pub raw: Option<RawPayload>,
 }
 
 impl Payload {
     pub fn new(args: List, kwargs: Dict) -> Self {
-        Payload { args, kwargs }
-    }
-    pub fn args(args: List) -> Self {
         Payload {
             args,
-            kwargs: Dict::new(),
+            kwargs,
+            raw: None,
         }
     }
+    pub fn args(args: List) -> Self {
+        Payload::new(args, Dict::new())
+    }
     pub fn is_empty(&self) -> bool {
-        self.args.is_empty() && self.kwargs.is_empty()
+        self.raw.is_none() && self.args.is_empty() && self.kwargs.is_empty()
+    }
+
+    /// The decoded payload: itself, or its raw bytes decoded.
+    pub fn materialized(&self) -> Cow<'_, Payload> {
+        match &self.raw {
+            None => Cow::Borrowed(self),
+            Some(raw) => Cow::Owned(raw.decode()),
+        }
     }
 
     /// The payload as JSON: `{"args": [...], "kwargs": {...}}` (the HTTP bridge and CLI shape).
     pub fn to_json(&self) -> serde_json::Value {
+        let p = self.materialized();
+        let p = p.as_ref();
         serde_json::json!({
-            "args": self.args.iter().map(serde_json::Value::from).collect::<Vec<_>>(),
-            "kwargs": self.kwargs.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(v))).collect::<serde_json::Map<_, _>>(),
+            "args": p.args.iter().map(serde_json::Value::from).collect::<Vec<_>>(),
+            "kwargs": p.kwargs.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(v))).collect::<serde_json::Map<_, _>>(),
         })
     }
 
@@ -43,13 +62,13 @@ impl Payload {
         args: Vec<serde_json::Value>,
         kwargs: serde_json::Map<String, serde_json::Value>,
     ) -> Payload {
-        Payload {
-            args: args.into_iter().map(Value::from).collect(),
-            kwargs: kwargs
+        Payload::new(
+            args.into_iter().map(Value::from).collect(),
+            kwargs
                 .into_iter()
                 .map(|(k, v)| (k, Value::from(v)))
                 .collect(),
-        }
+        )
     }
 }
 
@@ -460,12 +479,12 @@ impl Fields {
             Some(Value::Dict(d)) => d,
             Some(_) => return Err(Self::bad("ArgumentsKw", "expected a dictionary")),
         };
-        Ok(Payload { args, kwargs })
+        Ok(Payload::new(args, kwargs))
     }
 }
 
 /// One element of a message array, borrowed from the message, for serializing without copies.
-enum El<'a> {
+pub(crate) enum El<'a> {
     Id(Id),
     Str(&'a str),
     Dict(&'a Dict),
@@ -483,12 +502,12 @@ impl serde::Serialize for El<'_> {
     }
 }
 
-impl serde::Serialize for Message {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq;
+impl Message {
+    /// The elements before the payload, and the payload if this type carries one.
+    pub(crate) fn parts(&self) -> ([Option<El<'_>>; 6], Option<&Payload>) {
         use El::*;
         let c = Id(self.code());
-        let (head, payload): ([Option<El>; 6], Option<&Payload>) = match self {
+        match self {
             Message::Hello { realm, details } => (
                 [
                     Some(c),
@@ -794,7 +813,19 @@ impl serde::Serialize for Message {
                 ],
                 Some(payload),
             ),
-        };
+        }
+    }
+}
+
+impl serde::Serialize for Message {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        use El::*;
+        let (head, payload) = self.parts();
+        // A raw payload is spliced by `Serializer::encode_into` when the serializer matches;
+        // here (any other serializer) it is decoded first.
+        let payload = payload.map(Payload::materialized);
+        let payload = payload.as_deref();
         let n_head = head.iter().filter(|e| e.is_some()).count();
         let (with_args, with_kw) = match payload {
             Some(p) if !p.kwargs.is_empty() => (true, true),

@@ -56,6 +56,9 @@ impl Serializer {
 
     /// Appends the encoding of `msg` to `out`.
     pub fn encode_into(self, msg: &Message, out: &mut Vec<u8>) {
+        if self == Serializer::MsgPack && crate::passthrough::encode_spliced(msg, out) {
+            return;
+        }
         // Encoding our own message types into a Vec cannot fail except on non-string map keys,
         // which `Dict` rules out; a failure would be a bug, so it is logged by the caller's tests.
         let r = match self {
@@ -77,6 +80,17 @@ impl Serializer {
     pub fn decode(self, bytes: &[u8]) -> Result<Message, ProtocolError> {
         let value = self.decode_value(bytes)?;
         Message::from_value(value)
+    }
+
+    /// Decodes one message like [`Serializer::decode`], except that a MessagePack PUBLISH keeps its
+    /// arguments as raw bytes (see [`crate::passthrough`]). The router uses this on its input.
+    pub fn decode_fast(self, bytes: &[u8]) -> Result<Message, ProtocolError> {
+        if self == Serializer::MsgPack {
+            if let Some(m) = crate::passthrough::decode_publish(bytes) {
+                return Ok(m);
+            }
+        }
+        self.decode(bytes)
     }
 
     /// Decodes a single value.

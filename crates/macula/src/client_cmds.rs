@@ -70,7 +70,7 @@ fn payload(json: Option<&str>, kwargs: Option<&str>) -> Result<Payload> {
             _ => bail!("--kwargs must be a JSON object"),
         },
     };
-    Ok(Payload { args, kwargs })
+    Ok(Payload::new(args, kwargs))
 }
 
 fn human(p: &Payload) -> String {
