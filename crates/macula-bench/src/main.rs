@@ -53,7 +53,7 @@ enum Target {
 enum Cmd {
     /// Publish → subscribe throughput; `--subscribers N` for 1:N fan-out.
     Pubsub {
-        #[arg(long, default_value_t = 1_000_000)]
+        #[arg(long, default_value_t = 2_000_000)]
         messages: u64,
         #[arg(long, default_value_t = 64)]
         size: usize,
