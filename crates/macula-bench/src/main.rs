@@ -150,12 +150,12 @@ fn main() -> Result<()> {
             Cmd::All => vec![
                 Cmd::Baseline { calls: 20_000 },
                 Cmd::Pubsub {
-                    messages: 1_000_000,
+                    messages: 2_000_000,
                     size: 64,
                     subscribers: 1,
                 },
                 Cmd::Pubsub {
-                    messages: 250_000,
+                    messages: 500_000,
                     size: 64,
                     subscribers: 4,
                 },
