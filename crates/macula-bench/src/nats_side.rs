@@ -146,20 +146,9 @@ async fn pubsub(s: &Server, messages: u64, size: usize, subscribers: usize) -> R
     let start = Instant::now();
     let mut tasks = vec![];
     for mut c in subs {
-        tasks.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            let mut last = Instant::now();
-            while n < messages {
-                match tokio::time::timeout(Duration::from_secs(3), c.next_msg()).await {
-                    Ok(Ok(_)) => {
-                        n += 1;
-                        last = Instant::now();
-                    }
-                    _ => break,
-                }
-            }
-            (n, last)
-        }));
+        tasks.push(tokio::spawn(
+            async move { count_msgs(&mut c, messages).await },
+        ));
     }
     let per_chunk = (64 * 1024 / frame.len()).max(1);
     let chunk: Vec<u8> = frame
@@ -193,6 +182,50 @@ async fn pubsub(s: &Server, messages: u64, size: usize, subscribers: usize) -> R
             messages * subscribers as u64
         ),
     }])
+}
+
+/// Counts MSG deliveries in large reads (one timeout and one clock read per read call), answering
+/// server PINGs, until `target` arrived or nothing came for 3 s.
+async fn count_msgs(c: &mut Nats, target: u64) -> (u64, Instant) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut filled, mut n, mut last) = (0usize, 0u64, Instant::now());
+    while n < target {
+        if filled == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        let k = match tokio::time::timeout(Duration::from_secs(3), c.r.read(&mut buf[filled..]))
+            .await
+        {
+            Ok(Ok(k)) if k > 0 => k,
+            _ => break,
+        };
+        filled += k;
+        last = Instant::now();
+        let mut pos = 0;
+        while let Some(eol) = buf[pos..filled].iter().position(|b| *b == b'\n') {
+            let line = &buf[pos..pos + eol + 1];
+            if line.starts_with(b"MSG ") {
+                let len: usize = std::str::from_utf8(line)
+                    .ok()
+                    .and_then(|l| l.trim_end().rsplit(' ').next()?.parse().ok())
+                    .unwrap_or(0);
+                if filled - pos < eol + 1 + len + 2 {
+                    break;
+                }
+                pos += eol + 1 + len + 2;
+                n += 1;
+            } else {
+                if line.starts_with(b"PING") {
+                    let _ = c.w.write_all(b"PONG\r\n").await;
+                    let _ = c.w.flush().await;
+                }
+                pos += eol + 1;
+            }
+        }
+        buf.copy_within(pos..filled, 0);
+        filled -= pos;
+    }
+    (n, last)
 }
 
 async fn responder(s: &Server) -> Result<tokio::task::JoinHandle<Result<()>>> {

@@ -301,7 +301,10 @@ mod tests {
         bytes[n - 2] = 0xff; // invalid UTF-8 inside the string
         assert!(decode_publish(&bytes).is_none());
         // …and the full decoder decides (it reads such a string as binary).
-        assert_eq!(Serializer::MsgPack.decode_fast(&bytes), Serializer::MsgPack.decode(&bytes));
+        assert_eq!(
+            Serializer::MsgPack.decode_fast(&bytes),
+            Serializer::MsgPack.decode(&bytes)
+        );
         assert!(
             decode_publish(&Serializer::MsgPack.encode(&Message::Unregistered { request: 1 }))
                 .is_none()
