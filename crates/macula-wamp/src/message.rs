@@ -21,7 +21,8 @@ pub const MAX_ID: Id = 1 << 53;
 pub struct Payload {
     pub args: List,
     pub kwargs: Dict,
-    pub raw: Option<RawPayload>,
+    /// Shared: an event built from a publication shares its bytes with every recipient.
+    pub raw: Option<std::sync::Arc<RawPayload>>,
 }
 
 impl Payload {

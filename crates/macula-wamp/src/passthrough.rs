@@ -19,7 +19,7 @@ use crate::{Dict, Value, MAX_DEPTH};
 /// exactly as they appeared in the publisher's message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawPayload {
-    pub bytes: Arc<[u8]>,
+    pub bytes: Box<[u8]>,
     pub elements: usize,
 }
 
@@ -87,10 +87,10 @@ pub fn decode_publish(bytes: &[u8]) -> Option<Message> {
         Payload::default()
     } else {
         Payload {
-            raw: Some(RawPayload {
-                bytes: Arc::from(&bytes[payload_start..]),
+            raw: Some(Arc::new(RawPayload {
+                bytes: Box::from(&bytes[payload_start..]),
                 elements,
-            }),
+            })),
             ..Payload::default()
         }
     };
