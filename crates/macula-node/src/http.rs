@@ -116,6 +116,7 @@ async fn run_ws(socket: WebSocket, node: Arc<Node>, serializer: Serializer, peer
     });
     let timeout = Duration::from_millis(node.config.limits.handshake_timeout_ms);
     let deadline = tokio::time::Instant::now() + timeout;
+    let closed = conn.outbox();
     loop {
         // Take what is already received without waiting; before waiting, flush staged deliveries.
         let next = match stream.next().now_or_never() {
@@ -125,6 +126,7 @@ async fn run_ws(socket: WebSocket, node: Arc<Node>, serializer: Serializer, peer
                 tokio::select! {
                     m = stream.next() => m,
                     _ = &mut writer => break,
+                    _ = closed.closed() => break,
                     _ = tokio::time::sleep_until(deadline), if !conn.is_joined() => {
                         conn.outbox().close_with(macula_router::auth::abort(errors::PROTOCOL_VIOLATION, "no WELCOME within the handshake timeout"));
                         break;
@@ -153,8 +155,13 @@ async fn run_ws(socket: WebSocket, node: Arc<Node>, serializer: Serializer, peer
         }
     }
     conn.finish();
-    if !writer.is_finished() {
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer).await;
+    // Give the writer a moment to deliver the final GOODBYE/ABORT; a client that does not read
+    // must not keep the task (and its memory) alive.
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
     }
 }
 
@@ -419,10 +426,12 @@ async fn call(
             Err(r) => return r,
         }
     };
-    let timeout_ms = q
-        .timeout_ms
-        .unwrap_or(node.config.limits.call_timeout_ms)
-        .max(1);
+    // An HTTP request always ends: `timeout_ms` (or the node's call timeout) clamped to 1 ms–1 h.
+    const BRIDGE_MAX_MS: u64 = 3_600_000;
+    let timeout_ms = match q.timeout_ms.unwrap_or(node.config.limits.call_timeout_ms) {
+        0 => BRIDGE_MAX_MS,
+        t => t.min(BRIDGE_MAX_MS),
+    };
     let msg = Message::Call {
         request: 1,
         options: dict! {"timeout" => timeout_ms},
@@ -432,7 +441,10 @@ async fn call(
     if let Err(r) = s.send(msg) {
         return r;
     }
-    match s.reply(Duration::from_millis(timeout_ms + 1000)).await {
+    match s
+        .reply(Duration::from_millis(timeout_ms.saturating_add(1000)))
+        .await
+    {
         Some(Message::Result { payload, .. }) => {
             (StatusCode::OK, Json(payload.to_json())).into_response()
         }

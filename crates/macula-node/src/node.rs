@@ -108,6 +108,21 @@ impl Node {
                 format!("realm {} has no role {:?}", policy.realm(), identity.role),
             ));
         }
+        // A key issued for a parent realm enters a subrealm only through a role that the *key's*
+        // realm marks `subrealms: true`; a role of the same name in the subrealm's own policy
+        // is not enough.
+        if identity.key_realm != identity.realm {
+            let key_policy = self.policy_for(&identity.key_realm);
+            if !key_policy.is_some_and(|p| p.role_covers_subrealms(&identity.role)) {
+                return Err(abort(
+                    errors::AUTHORIZATION_FAILED,
+                    format!(
+                        "the key's role {:?} of {} does not extend to subrealm {}",
+                        identity.role, identity.key_realm, identity.realm
+                    ),
+                ));
+            }
+        }
         if policy.realm() != identity.realm && !policy.role_covers_subrealms(&identity.role) {
             return Err(abort(
                 errors::AUTHORIZATION_FAILED,

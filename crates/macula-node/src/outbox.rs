@@ -49,6 +49,8 @@ struct Inner {
 pub struct Outbox {
     inner: Mutex<Inner>,
     notify: Notify,
+    /// Wakes the connection's reader when the outbox closes (revocation, limits, shutdown).
+    closed_notify: Notify,
     capacity: usize,
     policy: SlowConsumerPolicy,
     metrics: Arc<Metrics>,
@@ -62,6 +64,7 @@ impl Outbox {
                 closed: false,
             }),
             notify: Notify::new(),
+            closed_notify: Notify::new(),
             capacity: capacity.max(1),
             policy,
             metrics,
@@ -86,9 +89,13 @@ impl Outbox {
             self.push_locked(&mut g, item);
         }
         let wake = (was_empty && !g.queue.is_empty()) || g.closed;
+        let closed = g.closed;
         drop(g);
         if wake {
             self.notify.notify_one();
+        }
+        if closed {
+            self.closed_notify.notify_waiters();
         }
     }
 
@@ -140,6 +147,19 @@ impl Outbox {
             g.closed = true;
         }
         self.notify.notify_one();
+        self.closed_notify.notify_waiters();
+    }
+
+    /// Completes once the outbox is closed: the reader stops serving the session at once, even
+    /// if the client never sends another byte or its writer is stuck on a full socket.
+    pub async fn closed(&self) {
+        loop {
+            let n = self.closed_notify.notified();
+            if self.is_closed() {
+                return;
+            }
+            n.await;
+        }
     }
 
     pub fn is_closed(&self) -> bool {
@@ -219,10 +239,17 @@ impl Staging {
 
     /// Runs `f` (synchronous: nothing can interleave on this thread) with deliveries staged here.
     pub fn capture<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        /// Unsets the thread-local even if `f` unwinds, so later direct sends on this thread are
+        /// never swallowed by a staging area nobody flushes.
+        struct Reset<'a>(&'a mut Vec<Staged>);
+        impl Drop for Reset<'_> {
+            fn drop(&mut self) {
+                *self.0 = STAGE.with(|s| s.borrow_mut().take()).unwrap_or_default();
+            }
+        }
         STAGE.with(|s| *s.borrow_mut() = Some(std::mem::take(&mut self.items)));
-        let r = f();
-        self.items = STAGE.with(|s| s.borrow_mut().take()).unwrap_or_default();
-        r
+        let _reset = Reset(&mut self.items);
+        f()
     }
 
     pub fn len(&self) -> usize {

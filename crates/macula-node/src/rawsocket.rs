@@ -96,8 +96,13 @@ async fn handle(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) -> std::io
 
     let result = read_loop(&mut r, &mut conn, ours, timeout, &mut writer).await;
     conn.finish();
-    if !writer.is_finished() {
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer).await;
+    // Give the writer a moment to deliver the final GOODBYE/ABORT; a client that does not read
+    // must not keep the task (and its memory) alive.
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
     }
     result
 }
@@ -111,31 +116,41 @@ async fn read_loop(
 ) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let started = tokio::time::Instant::now();
+    let outbox = conn.outbox();
     loop {
         let mut header = [0u8; HEADER_LEN];
+        // One frame: header, then payload. The payload buffer grows as bytes arrive (a header
+        // alone never reserves memory), and the whole read is bounded by the handshake deadline
+        // before WELCOME and ends at once when the session is closed.
         let read = async {
             r.read_exact(&mut header).await?;
-            Ok::<_, std::io::Error>(())
+            let h = FrameHeader::parse(header)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            if h.len > max_len {
+                return Ok(Err(h.len));
+            }
+            buf.clear();
+            let n = (&mut *r).take(h.len as u64).read_to_end(&mut buf).await?;
+            if n < h.len {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            Ok::<_, std::io::Error>(Ok(h))
         };
-        tokio::select! {
-            res = read => res?,
+        let h = tokio::select! {
+            res = read => match res? {
+                Ok(h) => h,
+                Err(len) => {
+                    conn.refuse_oversized(len);
+                    return Ok(());
+                }
+            },
             _ = &mut *writer => return Ok(()),
+            _ = outbox.closed() => return Ok(()),
             _ = tokio::time::sleep_until(started + handshake_timeout), if !conn.is_joined() => {
-                conn.outbox().close_with(macula_router::auth::abort(macula_wamp::errors::PROTOCOL_VIOLATION, "no WELCOME within the handshake timeout"));
+                outbox.close_with(macula_router::auth::abort(macula_wamp::errors::PROTOCOL_VIOLATION, "no WELCOME within the handshake timeout"));
                 return Ok(());
             }
-        }
-        let h = match FrameHeader::parse(header) {
-            Ok(h) => h,
-            Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
         };
-        if h.len > max_len {
-            // Refused before its payload is buffered.
-            conn.refuse_oversized(h.len);
-            return Ok(());
-        }
-        buf.resize(h.len, 0);
-        r.read_exact(&mut buf).await?;
         match h.kind {
             FrameKind::Message => {
                 if conn.on_frame(&buf) == Flow::Close {

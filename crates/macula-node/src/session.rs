@@ -142,6 +142,10 @@ impl Connection {
 
     /// Handles one received frame.
     pub fn on_frame(&mut self, bytes: &[u8]) -> Flow {
+        // A closed session (revoked, over a limit, shut down) serves nothing more.
+        if self.outbox.is_closed() {
+            return Flow::Close;
+        }
         let metrics = self.node.metrics.clone();
         if bytes.len() > self.node.config.limits.max_message_size {
             return self.refuse_oversized(bytes.len());

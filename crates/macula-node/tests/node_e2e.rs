@@ -638,3 +638,100 @@ async fn roles_marked_subrealms_may_join_subrealms_and_others_may_not() {
         vec![Value::Int(2)]
     );
 }
+
+#[tokio::test]
+async fn a_parent_key_does_not_enter_a_subrealm_with_its_own_policy_through_a_same_named_role() {
+    let t = TestNode::start().await;
+    // com.example.test.shop has its own policy, which also defines service_account.
+    t.dir.create_realm("com.example.test.shop", None).unwrap();
+    t.node().reload().unwrap();
+    let (_, parent_sa) = t.key("service_account"); // subrealms: false in the parent policy
+    let err = Client::connect(&t.running.ws_url(), "com.example.test.shop", &parent_sa)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.uri(), Some(errors::AUTHORIZATION_FAILED), "{err}");
+}
+
+#[tokio::test]
+async fn a_revoked_session_that_stops_reading_is_still_removed_at_once() {
+    let t = TestNode::start().await;
+    let (kid, key) = t.key("admin");
+    // A raw client that joins, registers, and then never reads nor writes again.
+    let mut s = tokio::net::TcpStream::connect(t.running.rawsocket_addr)
+        .await
+        .unwrap();
+    s.write_all(&Handshake::encode(1 << 24, macula_wamp::Serializer::Json))
+        .await
+        .unwrap();
+    let mut r = [0u8; 4];
+    s.read_exact(&mut r).await.unwrap();
+    let frame = |text: String| {
+        let mut f = FrameHeader::encode(FrameKind::Message, text.len()).to_vec();
+        f.extend_from_slice(text.as_bytes());
+        f
+    };
+    s.write_all(&frame(format!(
+        r#"[1,"{REALM}",{{"authmethods":["ticket"],"roles":{{"callee":{{}}}}}}]"#
+    )))
+    .await
+    .unwrap();
+    s.write_all(&frame(format!(r#"[5,"{key}",{{}}]"#)))
+        .await
+        .unwrap();
+    s.write_all(&frame(r#"[64,1,{},"com.example.test.zombie"]"#.to_string()))
+        .await
+        .unwrap();
+    s.write_all(&frame(r#"[32,2,{},"com.example.test.flood"]"#.to_string()))
+        .await
+        .unwrap();
+    let caller = t.client().await;
+    // The registration and the subscription exist once the realm counts them.
+    let node = t.node().clone();
+    eventually("zombie registered and subscribed", || {
+        node.realm_handles().iter().any(|r| {
+            let (subs, regs, _) = r.lock().stats();
+            subs >= 1 && regs >= 1
+        })
+    })
+    .await;
+    let mut pending = caller
+        .call_stream(
+            "com.example.test.zombie",
+            Payload::default(),
+            CallOptions::default(),
+        )
+        .unwrap();
+    // Flood its subscription (64 MB) so that the node's writer for it is stuck on a full socket.
+    let big = "z".repeat(16 * 1024);
+    for _ in 0..4_000 {
+        caller
+            .publish(
+                "com.example.test.flood",
+                Payload::args(vec![Value::Str(big.clone())]),
+            )
+            .await
+            .unwrap();
+    }
+    caller
+        .publish_with(
+            "com.example.test.flood",
+            Payload::default(),
+            dict! {"acknowledge" => true},
+        )
+        .await
+        .unwrap();
+    t.dir.revoke_key(&kid).unwrap();
+    // The revoked session leaves the realm without the client doing anything: its call fails.
+    let err = within("call fails", pending.next())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.uri(), Some(errors::CANCELED), "{err}");
+    let after = caller
+        .call("com.example.test.zombie", Payload::default())
+        .await
+        .unwrap_err();
+    assert_eq!(after.uri(), Some(errors::NO_SUCH_PROCEDURE));
+    drop(s);
+}

@@ -93,7 +93,7 @@ pub struct Dealer {
     by_pattern: HashMap<(MatchPolicy, String), Id>,
     patterns: Vec<Id>,
     /// Calls in flight by invocation id.
-    calls: IdMap<PendingCall>,
+    calls: IdMap<(PendingCall, Option<Instant>)>,
     /// (caller session, CALL request id) → invocation id.
     by_caller: IdPairMap<Id>,
     /// Call deadlines; entries of finished calls are skipped lazily.
@@ -227,9 +227,18 @@ impl Dealer {
         let inv = self.last_invocation;
         self.by_caller
             .insert((call.caller, call.caller_request), inv);
-        self.calls.insert(inv, call);
+        self.calls.insert(inv, (call, deadline));
         if let Some(d) = deadline {
             self.deadlines.push(Reverse((d, inv)));
+            // Finished calls leave their deadline behind until it passes; rebuild the heap from
+            // the calls in flight when those leftovers dominate, so memory follows live calls.
+            if self.deadlines.len() > 2 * self.calls.len() + 1024 {
+                self.deadlines = self
+                    .calls
+                    .iter()
+                    .filter_map(|(i, (_, d))| d.map(|d| Reverse((d, *i))))
+                    .collect();
+            }
         }
         inv
     }
@@ -240,11 +249,11 @@ impl Dealer {
     }
 
     pub fn call(&self, inv: Id) -> Option<&PendingCall> {
-        self.calls.get(&inv)
+        self.calls.get(&inv).map(|(c, _)| c)
     }
 
     pub fn call_mut(&mut self, inv: Id) -> Option<&mut PendingCall> {
-        self.calls.get_mut(&inv)
+        self.calls.get_mut(&inv).map(|(c, _)| c)
     }
 
     /// Invocation id of the caller's call, if still in flight.
@@ -254,7 +263,7 @@ impl Dealer {
 
     /// Removes a finished call.
     pub fn finish(&mut self, inv: Id) -> Option<PendingCall> {
-        let c = self.calls.remove(&inv)?;
+        let (c, _) = self.calls.remove(&inv)?;
         self.by_caller.remove(&(c.caller, c.caller_request));
         Some(c)
     }
@@ -278,7 +287,7 @@ impl Dealer {
     pub fn calls_involving(&self, session: Id) -> Vec<Id> {
         self.calls
             .iter()
-            .filter(|(_, c)| c.caller == session || c.callee == session)
+            .filter(|(_, (c, _))| c.caller == session || c.callee == session)
             .map(|(i, _)| *i)
             .collect()
     }

@@ -742,7 +742,8 @@ impl<P: Peer> Realm<P> {
                 receive_progress,
                 killing: false,
             },
-            timeout.map(|t| now + t),
+            // A timeout too large to represent is no deadline at all (never a panic on input).
+            timeout.and_then(|t| now.checked_add(t)),
         );
         self.send(
             callee,

@@ -688,3 +688,33 @@ fn router_only_messages_from_a_client_abort_the_session() {
     );
     assert!(matches!(r, Err(Message::Goodbye { reason, .. }) if reason == errors::GOODBYE_AND_OUT));
 }
+
+#[test]
+fn huge_call_timeouts_do_not_panic_and_finished_calls_do_not_accumulate() {
+    let mut w = World::new();
+    let (callee, ie) = w.join("admin");
+    let (caller, ic) = w.join("admin");
+    register(&mut w, callee, &ie, "com.acme.p", dict! {});
+    for r in 1..=3000u64 {
+        w.send(
+            caller,
+            call(r, "com.acme.p", dict! {"timeout" => u64::MAX >> 1}),
+        )
+        .unwrap();
+        let inv = match ie.take().pop() {
+            Some(Message::Invocation { request, .. }) => request,
+            other => panic!("{other:?}"),
+        };
+        w.send(
+            callee,
+            Message::Yield {
+                request: inv,
+                options: dict! {},
+                payload: Payload::default(),
+            },
+        )
+        .unwrap();
+    }
+    assert_eq!(ic.take().len(), 3000);
+    assert_eq!(w.realm.stats().2, 0, "no call left in flight");
+}

@@ -110,9 +110,11 @@ pub fn encode_spliced(msg: &Message, out: &mut Vec<u8>) -> bool {
     };
     let n = head.iter().flatten().count() + raw.elements;
     // `n` is at most 8: a fixarray header.
+    let start = out.len();
     out.push(0x90 | n as u8);
     for e in head.iter().flatten() {
         if rmp_serde::encode::write(out, e).is_err() {
+            out.truncate(start);
             return false;
         }
     }
