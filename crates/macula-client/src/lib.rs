@@ -210,6 +210,16 @@ struct State {
     invocations: HashMap<Id, tokio::task::JoinHandle<()>>,
     session: Option<Id>,
     dropped_events: u64,
+    /// SUBSCRIBE/REGISTER requests in flight → the local subscription/registration they serve,
+    /// so the driver records the router's id *before* it dispatches the next frame (an EVENT or
+    /// INVOCATION may follow SUBSCRIBED/REGISTERED in the same read).
+    binds: HashMap<Id, Bind>,
+}
+
+#[derive(Clone, Copy)]
+enum Bind {
+    Sub(u64),
+    Reg(u64),
 }
 
 impl State {
@@ -221,6 +231,7 @@ impl State {
 
 struct Inner {
     state: Mutex<State>,
+    subscription_buffer: usize,
     out: mpsc::UnboundedSender<Message>,
     /// Connection generation: bumps on every (re)connect; `None` while disconnected.
     connected: watch::Receiver<Option<u64>>,
@@ -265,7 +276,14 @@ impl Drop for Subscription {
         let mut st = self.client.inner.lock();
         if let Some(sub) = st.subs.remove(&self.local) {
             if let Some(sid) = sub.server_id {
-                let still_used = st.subs.values().any(|s| s.server_id == Some(sid));
+                // Another local subscription shares the router's subscription, or is about to (its
+                // SUBSCRIBED for the same topic and options has not arrived yet).
+                let still_used = st.subs.values().any(|s| {
+                    s.server_id == Some(sid)
+                        || (s.server_id.is_none()
+                            && s.topic == sub.topic
+                            && s.options == sub.options)
+                });
                 if !still_used {
                     let request = st.request_id();
                     let _ = self.client.inner.out.send(Message::Unsubscribe {
@@ -389,6 +407,7 @@ impl Client {
         let (closed_tx, closed_rx) = watch::channel(false);
         let inner = Arc::new(Inner {
             state: Mutex::new(State::default()),
+            subscription_buffer: opts.subscription_buffer.max(1),
             out: out_tx,
             connected: conn_rx,
             closed: closed_tx,
@@ -499,8 +518,7 @@ impl Client {
 
     /// Subscribes with options, e.g. `dict!{"match" => "prefix"}`.
     pub async fn subscribe_with(&self, topic: &str, options: Dict) -> Result<Subscription, Error> {
-        let cap = 65_536;
-        let (tx, rx) = mpsc::channel(cap);
+        let (tx, rx) = mpsc::channel(self.inner.subscription_buffer);
         let local = {
             let mut st = self.inner.lock();
             st.next_local += 1;
@@ -517,6 +535,7 @@ impl Client {
             l
         };
         let (request, wrx) = self.waiter();
+        self.inner.lock().binds.insert(request, Bind::Sub(local));
         self.send(Message::Subscribe {
             request,
             options,
@@ -646,6 +665,7 @@ impl Client {
             l
         };
         let (request, rx) = self.waiter();
+        self.inner.lock().binds.insert(request, Bind::Reg(local));
         self.send(Message::Register {
             request,
             options,
@@ -792,6 +812,25 @@ async fn drive(
     inner: std::sync::Weak<Inner>,
     opts: ConnectOptions,
     first: Established,
+    out_rx: mpsc::UnboundedReceiver<Message>,
+    conn_tx: watch::Sender<Option<u64>>,
+    closed_rx: watch::Receiver<bool>,
+) {
+    connections(inner.clone(), opts, first, out_rx, conn_tx, closed_rx).await;
+    // The client is done (closed, refused on reconnect, or reconnection off): end every
+    // subscription stream and fail whatever still waits, instead of leaving them pending forever.
+    if let Some(inner) = inner.upgrade() {
+        fail_pending(&inner);
+        let mut st = inner.lock();
+        st.subs.clear();
+        st.regs.clear();
+    }
+}
+
+async fn connections(
+    inner: std::sync::Weak<Inner>,
+    opts: ConnectOptions,
+    first: Established,
     mut out_rx: mpsc::UnboundedReceiver<Message>,
     conn_tx: watch::Sender<Option<u64>>,
     mut closed_rx: watch::Receiver<bool>,
@@ -812,6 +851,7 @@ async fn drive(
             let Some(inner) = inner.upgrade() else { return };
             inner.lock().session = Some(session);
             if generation > 1 {
+                drain_stale(&inner, &mut out_rx);
                 restore(&inner);
             }
         }
@@ -896,6 +936,7 @@ async fn drive(
 fn fail_pending(inner: &Inner) {
     let mut st = inner.lock();
     st.session = None;
+    st.binds.clear();
     for (_, w) in st.pending.drain() {
         match w {
             Waiter::Once(tx) => {
@@ -917,7 +958,8 @@ fn fail_pending(inner: &Inner) {
     }
 }
 
-/// After a reconnect: subscribe and register again, recording the new ids when they arrive.
+/// After a reconnect: subscribe and register again. The driver records the new ids when
+/// SUBSCRIBED/REGISTERED arrive (see `State::binds`).
 fn restore(inner: &Arc<Inner>) {
     let mut st = inner.lock();
     let subs: Vec<(u64, String, Dict)> = st
@@ -931,47 +973,50 @@ fn restore(inner: &Arc<Inner>) {
         .map(|(l, r)| (*l, r.procedure.clone(), r.options.clone()))
         .collect();
     for (local, topic, options) in subs {
-        let (tx, rx) = oneshot::channel();
         let request = st.request_id();
-        st.pending.insert(request, Waiter::Once(tx));
+        st.binds.insert(request, Bind::Sub(local));
         let _ = inner.out.send(Message::Subscribe {
             request,
             options,
             topic,
         });
-        let weak = Arc::downgrade(inner);
-        tokio::spawn(async move {
-            if let Ok(Ok(Message::Subscribed { subscription, .. })) = rx.await {
-                if let Some(inner) = weak.upgrade() {
-                    if let Some(s) = inner.lock().subs.get_mut(&local) {
-                        s.server_id = Some(subscription);
-                    }
-                }
-            }
-        });
     }
     for (local, procedure, options) in regs {
-        let (tx, rx) = oneshot::channel();
         let request = st.request_id();
-        st.pending.insert(request, Waiter::Once(tx));
+        st.binds.insert(request, Bind::Reg(local));
         let _ = inner.out.send(Message::Register {
             request,
             options,
             procedure,
         });
-        let weak = Arc::downgrade(inner);
-        tokio::spawn(async move {
-            match rx.await {
-                Ok(Ok(Message::Registered { registration, .. })) => {
-                    if let Some(inner) = weak.upgrade() {
-                        if let Some(r) = inner.lock().regs.get_mut(&local) {
-                            r.server_id = Some(registration);
-                        }
-                    }
-                }
-                other => tracing::warn!("re-registration after reconnect failed: {other:?}"),
+    }
+}
+
+/// Drops messages queued for a connection that no longer exists (YIELDs of aborted invocations,
+/// requests made while disconnected) and fails the requests among them, so nothing stale reaches
+/// the new session and nobody waits for an answer that cannot come.
+fn drain_stale(inner: &Inner, out_rx: &mut mpsc::UnboundedReceiver<Message>) {
+    while let Ok(m) = out_rx.try_recv() {
+        let request = match &m {
+            Message::Call { request, .. }
+            | Message::Publish { request, .. }
+            | Message::Subscribe { request, .. }
+            | Message::Unsubscribe { request, .. }
+            | Message::Register { request, .. }
+            | Message::Unregister { request, .. } => *request,
+            _ => continue,
+        };
+        let mut st = inner.lock();
+        st.binds.remove(&request);
+        match st.pending.remove(&request) {
+            Some(Waiter::Once(tx)) => {
+                let _ = tx.send(Err(Error::ConnectionLost));
             }
-        });
+            Some(Waiter::Stream(tx)) => {
+                let _ = tx.send(Err(Error::ConnectionLost));
+            }
+            None => {}
+        }
     }
 }
 
@@ -1049,15 +1094,51 @@ fn dispatch(inner: &Arc<Inner>, m: Message) -> bool {
             }
             false
         }
+        Message::Subscribed {
+            request,
+            subscription,
+        } => {
+            let mut st = inner.lock();
+            if let Some(Bind::Sub(local)) = st.binds.remove(&request) {
+                if let Some(s) = st.subs.get_mut(&local) {
+                    s.server_id = Some(subscription);
+                }
+            }
+            drop(st);
+            reply_to(request, m);
+            false
+        }
+        Message::Registered {
+            request,
+            registration,
+        } => {
+            let mut st = inner.lock();
+            if let Some(Bind::Reg(local)) = st.binds.remove(&request) {
+                if let Some(r) = st.regs.get_mut(&local) {
+                    r.server_id = Some(registration);
+                }
+            }
+            drop(st);
+            reply_to(request, m);
+            false
+        }
         Message::Published { request, .. }
-        | Message::Subscribed { request, .. }
         | Message::Unsubscribed { request }
-        | Message::Registered { request, .. }
         | Message::Unregistered { request } => {
             reply_to(request, m);
             false
         }
-        Message::Error { request, .. } => {
+        Message::Error {
+            request,
+            request_type,
+            ref error,
+            ..
+        } => {
+            if inner.lock().binds.remove(&request).is_some() {
+                tracing::warn!(
+                    "re-subscribe/register (message type {request_type}) refused: {error}"
+                );
+            }
             reply_to(request, m);
             false
         }

@@ -217,18 +217,29 @@ impl Node {
         for r in self.realm_handles() {
             let policy = self.policy_for(&r.name);
             let mut core = r.lock();
-            if let Some(p) = policy {
-                core.set_policy(p);
-            }
-            let orphaned = core.sessions_without_role();
+            // Who may no longer be here: everyone if the realm lost its policy; otherwise sessions
+            // whose role is gone, or (in a subrealm governed by its parent) no longer extends here.
+            let (closing, why) = match &policy {
+                None => (
+                    core.sessions_where(|_| true),
+                    "the realm no longer exists on this node",
+                ),
+                Some(p) => {
+                    core.set_policy(p.clone());
+                    let subrealm = p.realm() != r.name;
+                    let out = core.sessions_where(|i| {
+                        !p.has_role(&i.authrole)
+                            || (subrealm && !p.role_covers_subrealms(&i.authrole))
+                    });
+                    (out, "the session's role was removed from the realm policy")
+                }
+            };
             drop(core);
             let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-            for id in orphaned {
+            for id in closing {
                 if let Some(s) = sessions.get(&id) {
-                    s.outbox.close_with(goodbye(
-                        errors::AUTHORIZATION_FAILED,
-                        "the session's role was removed from the realm policy",
-                    ));
+                    s.outbox
+                        .close_with(goodbye(errors::AUTHORIZATION_FAILED, why));
                 }
             }
         }

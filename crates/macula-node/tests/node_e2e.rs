@@ -735,3 +735,28 @@ async fn a_revoked_session_that_stops_reading_is_still_removed_at_once() {
     assert_eq!(after.uri(), Some(errors::NO_SUCH_PROCEDURE));
     drop(s);
 }
+
+#[tokio::test]
+async fn a_client_whose_key_is_revoked_gives_up_and_ends_its_streams() {
+    let t = TestNode::start().await;
+    let (kid, key) = t.key("admin");
+    let c = Client::connect(&t.running.ws_url(), REALM, &key)
+        .await
+        .unwrap();
+    let mut events = c.subscribe("com.example.test.g").await.unwrap();
+    t.dir.revoke_key(&kid).unwrap();
+    // The router says GOODBYE; the client tries to come back, is refused, and gives up: the
+    // stream ends instead of waiting forever, and new requests fail at once.
+    assert!(within("stream ends", events.next()).await.is_none());
+    let err = c
+        .call("com.example.test.x", Payload::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            macula_client::Error::Closed | macula_client::Error::ConnectionLost
+        ),
+        "{err}"
+    );
+}

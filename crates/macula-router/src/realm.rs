@@ -178,9 +178,14 @@ impl<P: Peer> Realm<P> {
 
     /// Sessions whose role is no longer defined by the current policy.
     pub fn sessions_without_role(&self) -> Vec<Id> {
+        self.sessions_where(|info| !self.policy.has_role(&info.authrole))
+    }
+
+    /// Ids of the sessions for which `f` holds.
+    pub fn sessions_where(&self, f: impl Fn(&SessionInfo) -> bool) -> Vec<Id> {
         self.sessions
             .values()
-            .filter(|m| !self.policy.has_role(&m.info.authrole))
+            .filter(|m| f(&m.info))
             .map(|m| m.info.id)
             .collect()
     }
