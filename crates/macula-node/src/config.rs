@@ -48,6 +48,10 @@ pub struct Limits {
     pub max_sessions: usize,
     /// Largest HTTP bridge request body, in bytes.
     pub max_http_body: usize,
+    /// Subscriptions one session may hold.
+    pub max_subscriptions_per_session: usize,
+    /// Registrations one session may hold.
+    pub max_registrations_per_session: usize,
 }
 
 impl Default for Limits {
@@ -62,6 +66,8 @@ impl Default for Limits {
             handshake_timeout_ms: 10_000,
             max_sessions: 100_000,
             max_http_body: 1024 * 1024,
+            max_subscriptions_per_session: 10_000,
+            max_registrations_per_session: 10_000,
         }
     }
 }

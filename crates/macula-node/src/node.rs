@@ -147,6 +147,8 @@ impl Node {
             .or_insert_with(|| {
                 let config = RealmConfig {
                     default_call_timeout: self.config.limits.call_timeout(),
+                    max_subscriptions_per_session: self.config.limits.max_subscriptions_per_session,
+                    max_registrations_per_session: self.config.limits.max_registrations_per_session,
                 };
                 Arc::new(RealmHandle {
                     name: identity.realm.clone(),
@@ -177,8 +179,17 @@ impl Node {
     }
 
     /// Removes a session from its realm and the live table.
-    pub fn session_left(&self, id: Id, realm: &RealmHandle) {
+    pub fn session_left(&self, id: Id, realm: &Arc<RealmHandle>) {
         realm.lock().leave(id);
+        // Forget the realm's state once nobody is in it, so that joining many (sub)realms does
+        // not grow the node without bound. Only when no one else holds the handle: a connection
+        // being admitted to it right now keeps it alive (the map and `realm` are two references).
+        {
+            let mut realms = self.realms.lock().unwrap_or_else(|p| p.into_inner());
+            if Arc::strong_count(realm) <= 2 && realm.lock().session_count() == 0 {
+                realms.remove(&realm.name);
+            }
+        }
         let removed = self
             .sessions
             .lock()

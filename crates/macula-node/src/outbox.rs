@@ -13,7 +13,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use macula_router::Peer;
@@ -51,6 +51,8 @@ pub struct Outbox {
     notify: Notify,
     /// Wakes the connection's reader when the outbox closes (revocation, limits, shutdown).
     closed_notify: Notify,
+    /// Mirror of `Inner::closed` for the reader's per-frame check without taking the lock.
+    closed_flag: AtomicBool,
     capacity: usize,
     policy: SlowConsumerPolicy,
     metrics: Arc<Metrics>,
@@ -65,6 +67,7 @@ impl Outbox {
             }),
             notify: Notify::new(),
             closed_notify: Notify::new(),
+            closed_flag: AtomicBool::new(false),
             capacity: capacity.max(1),
             policy,
             metrics,
@@ -121,6 +124,7 @@ impl Outbox {
                         format!("the session's outgoing queue exceeded {} messages; read faster or raise limits.outbox_capacity", self.capacity),
                     ))));
                     g.closed = true;
+                    self.closed_flag.store(true, Ordering::Release);
                     self.metrics
                         .slow_consumer_disconnects
                         .fetch_add(1, Ordering::Relaxed);
@@ -146,6 +150,7 @@ impl Outbox {
         if let Ok(mut g) = self.inner.lock() {
             g.closed = true;
         }
+        self.closed_flag.store(true, Ordering::Release);
         self.notify.notify_one();
         self.closed_notify.notify_waiters();
     }
@@ -163,7 +168,7 @@ impl Outbox {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.inner.lock().map(|g| g.closed).unwrap_or(true)
+        self.closed_flag.load(Ordering::Acquire)
     }
 
     /// Waits for queued items and moves them all into `batch`. Returns `false` when the outbox is

@@ -760,3 +760,25 @@ async fn a_client_whose_key_is_revoked_gives_up_and_ends_its_streams() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn realm_state_is_forgotten_when_its_last_session_leaves() {
+    let t = TestNode::start().await;
+    let c = Client::connect(&t.running.ws_url(), "com.example.test.tmp", &t.admin_key)
+        .await
+        .unwrap();
+    assert!(t
+        .node()
+        .realm_handles()
+        .iter()
+        .any(|r| r.name == "com.example.test.tmp"));
+    c.close().await;
+    let node = t.node().clone();
+    eventually("realm forgotten", || {
+        !node
+            .realm_handles()
+            .iter()
+            .any(|r| r.name == "com.example.test.tmp")
+    })
+    .await;
+}

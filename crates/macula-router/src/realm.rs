@@ -42,12 +42,18 @@ pub struct SessionInfo {
 pub struct RealmConfig {
     /// Applied to calls that set no `timeout` option; `None` lets calls wait forever.
     pub default_call_timeout: Option<Duration>,
+    /// Subscriptions one session may hold (every publish scans pattern subscriptions).
+    pub max_subscriptions_per_session: usize,
+    /// Registrations one session may hold.
+    pub max_registrations_per_session: usize,
 }
 
 impl Default for RealmConfig {
     fn default() -> Self {
         RealmConfig {
             default_call_timeout: Some(Duration::from_secs(60)),
+            max_subscriptions_per_session: 10_000,
+            max_registrations_per_session: 10_000,
         }
     }
 }
@@ -563,10 +569,19 @@ impl<P: Peer> Realm<P> {
                 error(code::SUBSCRIBE, request, errors::INVALID_URI, e.to_string()),
             );
         }
-        let role = match self.sessions.get(&from) {
-            Some(m) => m.info.authrole.clone(),
+        let (role, held) = match self.sessions.get(&from) {
+            Some(m) => (m.info.authrole.clone(), m.subscriptions.len()),
             None => return,
         };
+        if held >= self.config.max_subscriptions_per_session {
+            let msg = format!(
+                "this session already holds {held} subscriptions (limits.max_subscriptions_per_session); unsubscribe or use a pattern"
+            );
+            return self.send(
+                from,
+                error(code::SUBSCRIBE, request, errors::LIMIT_EXCEEDED, msg),
+            );
+        }
         if !self
             .policy
             .allows_pattern(&role, Action::Subscribe, &topic, policy)
@@ -626,10 +641,16 @@ impl<P: Peer> Realm<P> {
                 ),
             );
         }
-        let role = match self.sessions.get(&from) {
-            Some(m) => m.info.authrole.clone(),
+        let (role, held) = match self.sessions.get(&from) {
+            Some(m) => (m.info.authrole.clone(), m.registrations.len()),
             None => return,
         };
+        if held >= self.config.max_registrations_per_session {
+            let msg = format!(
+                "this session already holds {held} registrations (limits.max_registrations_per_session)"
+            );
+            return self.send(from, err(errors::LIMIT_EXCEEDED, msg));
+        }
         if !self
             .policy
             .allows_pattern(&role, Action::Register, &procedure, policy)

@@ -718,3 +718,45 @@ fn huge_call_timeouts_do_not_panic_and_finished_calls_do_not_accumulate() {
     assert_eq!(ic.take().len(), 3000);
     assert_eq!(w.realm.stats().2, 0, "no call left in flight");
 }
+
+#[test]
+fn per_session_subscription_and_registration_limits_answer_limit_exceeded() {
+    let policy = Arc::new(Policy::from_yaml(POLICY).unwrap());
+    let config = RealmConfig {
+        max_subscriptions_per_session: 2,
+        max_registrations_per_session: 1,
+        ..RealmConfig::default()
+    };
+    let mut w = World {
+        realm: Realm::new("com.acme", policy, config, 7),
+        now: Instant::now(),
+    };
+    let (s, inbox) = w.join("admin");
+    subscribe(&mut w, s, &inbox, "com.acme.a", dict! {});
+    subscribe(&mut w, s, &inbox, "com.acme.b", dict! {});
+    w.send(
+        s,
+        Message::Subscribe {
+            request: 3,
+            options: dict! {},
+            topic: "com.acme.c".into(),
+        },
+    )
+    .unwrap();
+    assert!(
+        matches!(inbox.take().as_slice(), [Message::Error { error, .. }] if error == errors::LIMIT_EXCEEDED)
+    );
+    register(&mut w, s, &inbox, "com.acme.p", dict! {});
+    w.send(
+        s,
+        Message::Register {
+            request: 4,
+            options: dict! {},
+            procedure: "com.acme.q".into(),
+        },
+    )
+    .unwrap();
+    assert!(
+        matches!(inbox.take().as_slice(), [Message::Error { error, .. }] if error == errors::LIMIT_EXCEEDED)
+    );
+}
