@@ -238,6 +238,55 @@ fn median(runs: Vec<Figure>) -> Vec<Figure> {
     out
 }
 
+/// Publishes `messages` copies of the pre-encoded `frame` as fast as the socket takes them (64 KiB
+/// writes), then collects what the subscriber tasks counted. Shared by both servers so that they
+/// are driven and measured identically.
+#[allow(clippy::too_many_arguments)]
+pub async fn measure_pubsub<W: tokio::io::AsyncWrite + Unpin>(
+    server: &'static str,
+    w: &mut W,
+    frame: &[u8],
+    messages: u64,
+    subscribers: usize,
+    size: usize,
+    start: std::time::Instant,
+    tasks: Vec<tokio::task::JoinHandle<(u64, std::time::Instant)>>,
+) -> Result<Vec<Figure>> {
+    use tokio::io::AsyncWriteExt;
+    let per_chunk = (64 * 1024 / frame.len()).max(1);
+    let chunk: Vec<u8> = frame
+        .iter()
+        .copied()
+        .cycle()
+        .take(frame.len() * per_chunk)
+        .collect();
+    let mut sent = 0u64;
+    while sent < messages {
+        let k = (messages - sent).min(per_chunk as u64) as usize;
+        w.write_all(&chunk[..k * frame.len()]).await?;
+        sent += k as u64;
+    }
+    w.flush().await?;
+    let mut total = 0;
+    let mut end = start;
+    for t in tasks {
+        let (n, last) = t.await?;
+        total += n;
+        end = end.max(last);
+    }
+    let secs = end.duration_since(start).as_secs_f64().max(1e-9);
+    Ok(vec![Figure {
+        scenario: format!("pubsub 1:{subscribers} {size}B events/s"),
+        server,
+        value: total as f64 / secs,
+        unit: "events/s",
+        note: format!(
+            "{total}/{} delivered in {secs:.2}s",
+            messages * subscribers as u64
+        ),
+    }])
+}
+
 /// Percentile of a sorted list of durations in microseconds.
 pub fn percentile(sorted_us: &[f64], p: f64) -> f64 {
     if sorted_us.is_empty() {

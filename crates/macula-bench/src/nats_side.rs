@@ -150,38 +150,17 @@ async fn pubsub(s: &Server, messages: u64, size: usize, subscribers: usize) -> R
             async move { count_msgs(&mut c, messages).await },
         ));
     }
-    let per_chunk = (64 * 1024 / frame.len()).max(1);
-    let chunk: Vec<u8> = frame
-        .iter()
-        .copied()
-        .cycle()
-        .take(frame.len() * per_chunk)
-        .collect();
-    let mut sent = 0u64;
-    while sent < messages {
-        let k = (messages - sent).min(per_chunk as u64) as usize;
-        publ.w.write_all(&chunk[..k * frame.len()]).await?;
-        sent += k as u64;
-    }
-    publ.w.flush().await?;
-    let mut total = 0;
-    let mut end = start;
-    for t in tasks {
-        let (n, last) = t.await?;
-        total += n;
-        end = end.max(last);
-    }
-    let secs = end.duration_since(start).as_secs_f64().max(1e-9);
-    Ok(vec![Figure {
-        scenario: format!("pubsub 1:{subscribers} {size}B events/s"),
-        server: "nats",
-        value: total as f64 / secs,
-        unit: "events/s",
-        note: format!(
-            "{total}/{} delivered in {secs:.2}s",
-            messages * subscribers as u64
-        ),
-    }])
+    crate::measure_pubsub(
+        "nats",
+        &mut publ.w,
+        &frame,
+        messages,
+        subscribers,
+        size,
+        start,
+        tasks,
+    )
+    .await
 }
 
 /// Counts MSG deliveries in large reads (one timeout and one clock read per read call), answering
