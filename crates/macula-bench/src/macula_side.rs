@@ -16,7 +16,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
-use crate::{percentile, Figure, Scenario};
+use crate::{latency_figures, throughput_figure, Figure, Scenario};
 
 const REALM: &str = "com.bench";
 const SER: Serializer = Serializer::MsgPack;
@@ -332,19 +332,23 @@ async fn callee(s: &Server) -> Result<tokio::task::JoinHandle<Result<()>>> {
     }))
 }
 
+/// The CALL every RPC scenario makes: 64 bytes to the echo callee.
+fn echo_call(request: u64) -> Message {
+    Message::Call {
+        request,
+        options: Dict::new(),
+        procedure: "com.bench.echo".into(),
+        payload: payload(64),
+    }
+}
+
 async fn rpc_latency(s: &Server, calls: u64) -> Result<Vec<Figure>> {
     let callee = callee(s).await?;
     let mut c = Raw::join(&s.raw, &s.key).await?;
     let mut lat = Vec::with_capacity(calls as usize);
     for i in 1..=calls + 1000 {
         let t = Instant::now();
-        c.send(&Message::Call {
-            request: i,
-            options: Dict::new(),
-            procedure: "com.bench.echo".into(),
-            payload: payload(64),
-        })
-        .await?;
+        c.send(&echo_call(i)).await?;
         c.w.flush().await?;
         c.expect(|m| matches!(m, Message::Result { .. })).await?;
         if i > 1000 {
@@ -352,23 +356,11 @@ async fn rpc_latency(s: &Server, calls: u64) -> Result<Vec<Figure>> {
         }
     }
     callee.abort();
-    lat.sort_by(|a, b| a.total_cmp(b));
-    Ok(vec![
-        Figure {
-            scenario: "rpc latency p50".into(),
-            server: "macula",
-            value: percentile(&lat, 0.5),
-            unit: "µs",
-            note: format!("{calls} sequential calls"),
-        },
-        Figure {
-            scenario: "rpc latency p99".into(),
-            server: "macula",
-            value: percentile(&lat, 0.99),
-            unit: "µs",
-            note: String::new(),
-        },
-    ])
+    Ok(latency_figures(
+        "macula",
+        lat,
+        format!("{calls} sequential calls"),
+    ))
 }
 
 async fn rpc_throughput(s: &Server, callers: usize, seconds: u64) -> Result<Vec<Figure>> {
@@ -383,13 +375,7 @@ async fn rpc_throughput(s: &Server, callers: usize, seconds: u64) -> Result<Vec<
             let mut i = 0;
             while Instant::now() < deadline {
                 i += 1;
-                c.send(&Message::Call {
-                    request: i,
-                    options: Dict::new(),
-                    procedure: "com.bench.echo".into(),
-                    payload: payload(64),
-                })
-                .await?;
+                c.send(&echo_call(i)).await?;
                 c.w.flush().await?;
                 c.expect(|m| matches!(m, Message::Result { .. })).await?;
                 done.fetch_add(1, Ordering::Relaxed);
@@ -397,19 +383,9 @@ async fn rpc_throughput(s: &Server, callers: usize, seconds: u64) -> Result<Vec<
             Ok::<_, anyhow::Error>(())
         }));
     }
-    let start = Instant::now();
-    for t in tasks {
-        t.await??;
-    }
+    let figure = throughput_figure("macula", callers, tasks, &done).await;
     callee.abort();
-    let n = done.load(Ordering::Relaxed);
-    Ok(vec![Figure {
-        scenario: format!("rpc throughput {callers} callers"),
-        server: "macula",
-        value: n as f64 / start.elapsed().as_secs_f64(),
-        unit: "calls/s",
-        note: format!("{n} calls"),
-    }])
+    Ok(vec![figure?])
 }
 
 async fn idle(s: &Server, sessions: usize) -> Result<Vec<Figure>> {

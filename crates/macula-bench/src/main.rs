@@ -287,6 +287,48 @@ pub async fn measure_pubsub<W: tokio::io::AsyncWrite + Unpin>(
     }])
 }
 
+/// p50/p99 figures from round-trip times in microseconds.
+pub fn latency_figures(server: &'static str, mut lat: Vec<f64>, note: String) -> Vec<Figure> {
+    lat.sort_by(|a, b| a.total_cmp(b));
+    vec![
+        Figure {
+            scenario: "rpc latency p50".into(),
+            server,
+            value: percentile(&lat, 0.5),
+            unit: "µs",
+            note,
+        },
+        Figure {
+            scenario: "rpc latency p99".into(),
+            server,
+            value: percentile(&lat, 0.99),
+            unit: "µs",
+            note: String::new(),
+        },
+    ]
+}
+
+/// Waits for the caller tasks of a throughput run and turns their count into calls per second.
+pub async fn throughput_figure(
+    server: &'static str,
+    callers: usize,
+    tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
+    done: &std::sync::atomic::AtomicU64,
+) -> Result<Figure> {
+    let start = std::time::Instant::now();
+    for t in tasks {
+        t.await??;
+    }
+    let n = done.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(Figure {
+        scenario: format!("rpc throughput {callers} callers"),
+        server,
+        value: n as f64 / start.elapsed().as_secs_f64(),
+        unit: "calls/s",
+        note: format!("{n} calls"),
+    })
+}
+
 /// Percentile of a sorted list of durations in microseconds.
 pub fn percentile(sorted_us: &[f64], p: f64) -> f64 {
     if sorted_us.is_empty() {

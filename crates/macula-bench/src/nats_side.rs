@@ -11,7 +11,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
-use crate::{percentile, Figure, Scenario};
+use crate::{latency_figures, throughput_figure, Figure, Scenario};
 
 pub struct Server {
     child: Child,
@@ -257,23 +257,11 @@ async fn rpc_latency(s: &Server, calls: u64) -> Result<Vec<Figure>> {
         }
     }
     resp.abort();
-    lat.sort_by(|a, b| a.total_cmp(b));
-    Ok(vec![
-        Figure {
-            scenario: "rpc latency p50".into(),
-            server: "nats",
-            value: percentile(&lat, 0.5),
-            unit: "µs",
-            note: format!("{calls} sequential requests"),
-        },
-        Figure {
-            scenario: "rpc latency p99".into(),
-            server: "nats",
-            value: percentile(&lat, 0.99),
-            unit: "µs",
-            note: String::new(),
-        },
-    ])
+    Ok(latency_figures(
+        "nats",
+        lat,
+        format!("{calls} sequential requests"),
+    ))
 }
 
 async fn rpc_throughput(s: &Server, callers: usize, seconds: u64) -> Result<Vec<Figure>> {
@@ -296,17 +284,7 @@ async fn rpc_throughput(s: &Server, callers: usize, seconds: u64) -> Result<Vec<
             Ok::<_, anyhow::Error>(())
         }));
     }
-    let start = Instant::now();
-    for t in tasks {
-        t.await??;
-    }
+    let figure = throughput_figure("nats", callers, tasks, &done).await;
     resp.abort();
-    let n = done.load(Ordering::Relaxed);
-    Ok(vec![Figure {
-        scenario: format!("rpc throughput {callers} callers"),
-        server: "nats",
-        value: n as f64 / start.elapsed().as_secs_f64(),
-        unit: "calls/s",
-        note: format!("{n} requests"),
-    }])
+    Ok(vec![figure?])
 }

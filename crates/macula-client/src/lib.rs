@@ -223,6 +223,11 @@ enum Bind {
 }
 
 impl State {
+    fn next_local(&mut self) -> u64 {
+        self.next_local += 1;
+        self.next_local
+    }
+
     fn request_id(&mut self) -> Id {
         self.next_request = (self.next_request % macula_wamp::MAX_ID) + 1;
         self.next_request
@@ -521,48 +526,64 @@ impl Client {
         let (tx, rx) = mpsc::channel(self.inner.subscription_buffer);
         let local = {
             let mut st = self.inner.lock();
-            st.next_local += 1;
-            let l = st.next_local;
-            st.subs.insert(
-                l,
-                LocalSub {
-                    topic: topic.into(),
-                    options: options.clone(),
-                    tx,
-                    server_id: None,
-                },
-            );
+            let l = st.next_local();
+            let sub = LocalSub {
+                topic: topic.into(),
+                options: options.clone(),
+                tx,
+                server_id: None,
+            };
+            st.subs.insert(l, sub);
             l
         };
-        let (request, wrx) = self.waiter();
-        self.inner.lock().binds.insert(request, Bind::Sub(local));
-        self.send(Message::Subscribe {
+        let topic = topic.to_owned();
+        self.bound_request(Bind::Sub(local), |request| Message::Subscribe {
             request,
             options,
-            topic: topic.into(),
-        })?;
-        match self.await_reply(wrx).await {
-            Ok(Message::Subscribed { subscription, .. }) => {
-                if let Some(s) = self.inner.lock().subs.get_mut(&local) {
-                    s.server_id = Some(subscription);
-                }
-                Ok(Subscription {
-                    rx,
-                    local,
-                    client: self.clone(),
-                })
-            }
-            Ok(other) => {
-                self.inner.lock().subs.remove(&local);
-                Err(Error::Protocol(format!(
-                    "unexpected {} for a subscribe",
-                    other.kind()
-                )))
-            }
-            Err(e) => {
-                self.inner.lock().subs.remove(&local);
-                Err(e)
-            }
+            topic,
+        })
+        .await?;
+        Ok(Subscription {
+            rx,
+            local,
+            client: self.clone(),
+        })
+    }
+
+    /// Sends the SUBSCRIBE or REGISTER of local entry `bind` and waits for the router's answer.
+    /// The driver records the router's id when the answer arrives (see `State::binds`); on any
+    /// failure the local entry is removed.
+    async fn bound_request(
+        &self,
+        bind: Bind,
+        message: impl FnOnce(Id) -> Message,
+    ) -> Result<(), Error> {
+        let (request, rx) = self.waiter();
+        self.inner.lock().binds.insert(request, bind);
+        let result = match self.send(message(request)) {
+            Ok(()) => self.await_reply(rx).await,
+            Err(e) => Err(e),
+        };
+        let answered = matches!(
+            (&result, bind),
+            (Ok(Message::Subscribed { .. }), Bind::Sub(_))
+                | (Ok(Message::Registered { .. }), Bind::Reg(_))
+        );
+        if answered {
+            return Ok(());
+        }
+        let mut st = self.inner.lock();
+        st.binds.remove(&request);
+        match bind {
+            Bind::Sub(l) => st.subs.remove(&l).map(|_| ()),
+            Bind::Reg(l) => st.regs.remove(&l).map(|_| ()),
+        };
+        match result {
+            Err(e) => Err(e),
+            Ok(other) => Err(Error::Protocol(format!(
+                "unexpected {} in answer to a subscribe or register",
+                other.kind()
+            ))),
         }
     }
 
@@ -651,48 +672,27 @@ impl Client {
         let handler: Handler = Arc::new(move |inv| Box::pin(handler(inv)));
         let local = {
             let mut st = self.inner.lock();
-            st.next_local += 1;
-            let l = st.next_local;
-            st.regs.insert(
-                l,
-                LocalReg {
-                    procedure: procedure.into(),
-                    options: options.clone(),
-                    handler,
-                    server_id: None,
-                },
-            );
+            let l = st.next_local();
+            let reg = LocalReg {
+                procedure: procedure.into(),
+                options: options.clone(),
+                handler,
+                server_id: None,
+            };
+            st.regs.insert(l, reg);
             l
         };
-        let (request, rx) = self.waiter();
-        self.inner.lock().binds.insert(request, Bind::Reg(local));
-        self.send(Message::Register {
+        let procedure = procedure.to_owned();
+        self.bound_request(Bind::Reg(local), |request| Message::Register {
             request,
             options,
-            procedure: procedure.into(),
-        })?;
-        match self.await_reply(rx).await {
-            Ok(Message::Registered { registration, .. }) => {
-                if let Some(r) = self.inner.lock().regs.get_mut(&local) {
-                    r.server_id = Some(registration);
-                }
-                Ok(Registration {
-                    local,
-                    client: self.clone(),
-                })
-            }
-            Ok(other) => {
-                self.inner.lock().regs.remove(&local);
-                Err(Error::Protocol(format!(
-                    "unexpected {} for a register",
-                    other.kind()
-                )))
-            }
-            Err(e) => {
-                self.inner.lock().regs.remove(&local);
-                Err(e)
-            }
-        }
+            procedure,
+        })
+        .await?;
+        Ok(Registration {
+            local,
+            client: self.clone(),
+        })
     }
 
     /// Says GOODBYE and closes; no reconnection afterwards.

@@ -212,8 +212,12 @@ struct BridgeSession {
 impl BridgeSession {
     fn open(node: &Arc<Node>, realm: &str, headers: &HeaderMap) -> Result<BridgeSession, Response> {
         node.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = Node::check_realm_name(realm) {
-            return Err(http_error(StatusCode::BAD_REQUEST, errors::INVALID_URI, e));
+        if let Err(e) = macula_wamp::uri::validate_realm(realm) {
+            return Err(http_error(
+                StatusCode::BAD_REQUEST,
+                errors::INVALID_URI,
+                e.to_string(),
+            ));
         }
         let key = headers
             .get(header::AUTHORIZATION)
@@ -303,7 +307,8 @@ impl BridgeSession {
         })
     }
 
-    fn send(&self, msg: Message) -> Result<(), Response> {
+    /// Handles the one request of this session and waits up to `within` for its answer.
+    async fn request(&self, msg: Message, within: Duration) -> Result<Option<Message>, Response> {
         self.realm
             .lock()
             .handle(self.id, msg, Instant::now())
@@ -313,21 +318,30 @@ impl BridgeSession {
                     errors::PROTOCOL_VIOLATION,
                     "the bridge session was closed",
                 )
-            })
-    }
-
-    /// Waits for the reply to the one request this session made.
-    async fn reply(&self, within: Duration) -> Option<Message> {
+            })?;
         let mut batch = vec![];
         let got = tokio::time::timeout(within, self.outbox.next_batch(&mut batch)).await;
-        match got {
+        Ok(match got {
             Ok(true) => batch.into_iter().find_map(|o| match o {
                 crate::outbox::Out::Msg(m) => Some((*m).clone()),
                 _ => None,
             }),
             _ => None,
-        }
+        })
     }
+}
+
+/// Authenticates a bridge request and parses its JSON body (an empty body reads as `{}`).
+fn begin<T: serde::de::DeserializeOwned>(
+    node: &Arc<Node>,
+    realm: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+    hint: &str,
+) -> Result<(BridgeSession, T), Response> {
+    let session = BridgeSession::open(node, realm, headers)?;
+    let body = if body.is_empty() { &b"{}"[..] } else { body };
+    Ok((session, parse_json(body, hint)?))
 }
 
 impl Drop for BridgeSession {
@@ -362,38 +376,31 @@ async fn publish(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let s = match BridgeSession::open(&node, &realm, &headers) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    let b: PublishBody =
-        match parse_json(&body, r#"{"topic": "...", "args": [...], "kwargs": {...}}"#) {
-            Ok(b) => b,
-            Err(r) => return r,
+    let hint = r#"{"topic": "...", "args": [...], "kwargs": {...}}"#;
+    let answer = async {
+        let (s, b): (_, PublishBody) = begin(&node, &realm, &headers, &body, hint)?;
+        let msg = Message::Publish {
+            request: 1,
+            options: dict! {"acknowledge" => true},
+            topic: b.topic,
+            payload: Payload::from_json(b.args, b.kwargs),
         };
-    let msg = Message::Publish {
-        request: 1,
-        options: dict! {"acknowledge" => true},
-        topic: b.topic,
-        payload: Payload::from_json(b.args, b.kwargs),
+        Ok(match s.request(msg, Duration::from_secs(5)).await? {
+            Some(Message::Published { publication, .. }) => {
+                (StatusCode::OK, Json(json!({"publication": publication}))).into_response()
+            }
+            Some(Message::Error { error, payload, .. }) => wamp_error_response(&error, &payload),
+            _ => http_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                errors::NETWORK_FAILURE,
+                "no acknowledgement from the router",
+            ),
+        })
     };
-    if let Err(r) = s.send(msg) {
-        return r;
-    }
-    match s.reply(Duration::from_secs(5)).await {
-        Some(Message::Published { publication, .. }) => {
-            (StatusCode::OK, Json(json!({"publication": publication}))).into_response()
-        }
-        Some(Message::Error { error, payload, .. }) => wamp_error_response(&error, &payload),
-        _ => http_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            errors::NETWORK_FAILURE,
-            "no acknowledgement from the router",
-        ),
-    }
+    answer.await.unwrap_or_else(|r: Response| r)
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CallBody {
     #[serde(default)]
@@ -414,45 +421,44 @@ async fn call(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let s = match BridgeSession::open(&node, &realm, &headers) {
-        Ok(s) => s,
-        Err(r) => return r,
+    let answer = async {
+        let (s, b): (_, CallBody) = begin(
+            &node,
+            &realm,
+            &headers,
+            &body,
+            r#"{"args": [...], "kwargs": {...}}"#,
+        )?;
+        // An HTTP request always ends: `timeout_ms` (or the node's call timeout) clamped to 1 ms–1 h.
+        const BRIDGE_MAX_MS: u64 = 3_600_000;
+        let timeout_ms = match q.timeout_ms.unwrap_or(node.config.limits.call_timeout_ms) {
+            0 => BRIDGE_MAX_MS,
+            t => t.min(BRIDGE_MAX_MS),
+        };
+        let msg = Message::Call {
+            request: 1,
+            options: dict! {"timeout" => timeout_ms},
+            procedure,
+            payload: Payload::from_json(b.args, b.kwargs),
+        };
+        Ok(
+            match s
+                .request(msg, Duration::from_millis(timeout_ms.saturating_add(1000)))
+                .await?
+            {
+                Some(Message::Result { payload, .. }) => {
+                    (StatusCode::OK, Json(payload.to_json())).into_response()
+                }
+                Some(Message::Error { error, payload, .. }) => {
+                    wamp_error_response(&error, &payload)
+                }
+                _ => http_error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    errors::CANCELED,
+                    "the call did not complete in time",
+                ),
+            },
+        )
     };
-    let b: CallBody = if body.is_empty() {
-        CallBody::default()
-    } else {
-        match parse_json(&body, r#"{"args": [...], "kwargs": {...}}"#) {
-            Ok(b) => b,
-            Err(r) => return r,
-        }
-    };
-    // An HTTP request always ends: `timeout_ms` (or the node's call timeout) clamped to 1 ms–1 h.
-    const BRIDGE_MAX_MS: u64 = 3_600_000;
-    let timeout_ms = match q.timeout_ms.unwrap_or(node.config.limits.call_timeout_ms) {
-        0 => BRIDGE_MAX_MS,
-        t => t.min(BRIDGE_MAX_MS),
-    };
-    let msg = Message::Call {
-        request: 1,
-        options: dict! {"timeout" => timeout_ms},
-        procedure,
-        payload: Payload::from_json(b.args, b.kwargs),
-    };
-    if let Err(r) = s.send(msg) {
-        return r;
-    }
-    match s
-        .reply(Duration::from_millis(timeout_ms.saturating_add(1000)))
-        .await
-    {
-        Some(Message::Result { payload, .. }) => {
-            (StatusCode::OK, Json(payload.to_json())).into_response()
-        }
-        Some(Message::Error { error, payload, .. }) => wamp_error_response(&error, &payload),
-        _ => http_error(
-            StatusCode::GATEWAY_TIMEOUT,
-            errors::CANCELED,
-            "the call did not complete in time",
-        ),
-    }
+    answer.await.unwrap_or_else(|r: Response| r)
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use macula_router::auth::{abort, goodbye, Authenticator, Identity};
 use macula_router::policy::Policy;
 use macula_router::{Realm, RealmConfig};
-use macula_wamp::{errors, uri, Id, Message};
+use macula_wamp::{errors, Id, Message};
 
 use crate::confdir::{ConfDir, Loaded};
 use crate::config::NodeConfig;
@@ -273,14 +273,6 @@ impl Node {
         }
     }
 
-    /// Number of joined sessions.
-    pub fn session_count(&self) -> usize {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
-    }
-
     /// Re-reads the config directory; errors leave the running configuration in place.
     pub fn reload(&self) -> anyhow::Result<()> {
         let Some(dir) = &self.confdir else {
@@ -289,10 +281,5 @@ impl Node {
         let loaded = dir.load()?;
         self.apply(loaded);
         Ok(())
-    }
-
-    /// Validates a realm name for the HTTP bridge.
-    pub fn check_realm_name(realm: &str) -> Result<(), String> {
-        uri::validate_realm(realm).map_err(|e| e.to_string())
     }
 }

@@ -304,6 +304,10 @@ struct RawClient {
 
 impl RawClient {
     async fn join(t: &TestNode) -> RawClient {
+        Self::join_as(t, &t.admin_key).await
+    }
+
+    async fn join_as(t: &TestNode, key: &str) -> RawClient {
         let mut s = tokio::net::TcpStream::connect(t.running.rawsocket_addr)
             .await
             .unwrap();
@@ -318,7 +322,7 @@ impl RawClient {
         ))
         .await;
         assert!(c.recv().await.unwrap().starts_with("[4,"));
-        c.send(&format!(r#"[5,"{}",{{}}]"#, t.admin_key)).await;
+        c.send(&format!(r#"[5,"{key}",{{}}]"#)).await;
         assert!(c.recv().await.unwrap().starts_with("[2,"));
         c
     }
@@ -657,34 +661,10 @@ async fn a_parent_key_does_not_enter_a_subrealm_with_its_own_policy_through_a_sa
 async fn a_revoked_session_that_stops_reading_is_still_removed_at_once() {
     let t = TestNode::start().await;
     let (kid, key) = t.key("admin");
-    // A raw client that joins, registers, and then never reads nor writes again.
-    let mut s = tokio::net::TcpStream::connect(t.running.rawsocket_addr)
-        .await
-        .unwrap();
-    s.write_all(&Handshake::encode(1 << 24, macula_wamp::Serializer::Json))
-        .await
-        .unwrap();
-    let mut r = [0u8; 4];
-    s.read_exact(&mut r).await.unwrap();
-    let frame = |text: String| {
-        let mut f = FrameHeader::encode(FrameKind::Message, text.len()).to_vec();
-        f.extend_from_slice(text.as_bytes());
-        f
-    };
-    s.write_all(&frame(format!(
-        r#"[1,"{REALM}",{{"authmethods":["ticket"],"roles":{{"callee":{{}}}}}}]"#
-    )))
-    .await
-    .unwrap();
-    s.write_all(&frame(format!(r#"[5,"{key}",{{}}]"#)))
-        .await
-        .unwrap();
-    s.write_all(&frame(r#"[64,1,{},"com.example.test.zombie"]"#.to_string()))
-        .await
-        .unwrap();
-    s.write_all(&frame(r#"[32,2,{},"com.example.test.flood"]"#.to_string()))
-        .await
-        .unwrap();
+    // A raw client that joins, registers and subscribes, then never reads nor writes again.
+    let mut zombie = RawClient::join_as(&t, &key).await;
+    zombie.send(r#"[64,1,{},"com.example.test.zombie"]"#).await;
+    zombie.send(r#"[32,2,{},"com.example.test.flood"]"#).await;
     let caller = t.client().await;
     // The registration and the subscription exist once the realm counts them.
     let node = t.node().clone();
@@ -733,7 +713,7 @@ async fn a_revoked_session_that_stops_reading_is_still_removed_at_once() {
         .await
         .unwrap_err();
     assert_eq!(after.uri(), Some(errors::NO_SUCH_PROCEDURE));
-    drop(s);
+    drop(zombie);
 }
 
 #[tokio::test]

@@ -112,10 +112,6 @@ impl Broker {
         }
     }
 
-    pub fn get(&self, id: Id) -> Option<&Subscription> {
-        self.subs.get(&id)
-    }
-
     pub fn len(&self) -> usize {
         self.subs.len()
     }

@@ -217,10 +217,6 @@ impl Dealer {
         })
     }
 
-    pub fn registration(&self, id: Id) -> Option<&Registration> {
-        self.regs.get(&id)
-    }
-
     /// Records a new call and returns its invocation id.
     pub fn start_call(&mut self, call: PendingCall, deadline: Option<Instant>) -> Id {
         self.last_invocation += 1;

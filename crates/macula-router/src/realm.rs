@@ -173,20 +173,6 @@ impl<P: Peer> Realm<P> {
         self.sessions.len()
     }
 
-    /// Ids of sessions authenticated with key `kid`.
-    pub fn sessions_with_key(&self, kid: &str) -> Vec<Id> {
-        self.sessions
-            .values()
-            .filter(|m| m.info.authid == kid)
-            .map(|m| m.info.id)
-            .collect()
-    }
-
-    /// Sessions whose role is no longer defined by the current policy.
-    pub fn sessions_without_role(&self) -> Vec<Id> {
-        self.sessions_where(|info| !self.policy.has_role(&info.authrole))
-    }
-
     /// Ids of the sessions for which `f` holds.
     pub fn sessions_where(&self, f: impl Fn(&SessionInfo) -> bool) -> Vec<Id> {
         self.sessions

@@ -63,6 +63,7 @@ pub enum KeysCmd {
     Revoke {
         #[command(flatten)]
         dir: DirArg,
+        /// The key id (key_…), as `macula keys list` shows it.
         key_id: String,
     },
 }
