@@ -295,6 +295,7 @@ impl BridgeSession {
                 authmethod: "ticket",
                 transport: dict! {"type" => "http"},
                 callee_cancel: false,
+                link: false,
             };
             // The WELCOME is not needed by an HTTP client.
             let _welcome = core.join(info, crate::outbox::SessionPeer(outbox.clone()));

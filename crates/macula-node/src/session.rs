@@ -237,6 +237,7 @@ impl Connection {
                                 authmethod: identity.method,
                                 transport: self.transport.clone(),
                                 callee_cancel,
+                                link: false,
                             };
                             let welcome = core.join(info, SessionPeer(self.outbox.clone()));
                             self.outbox_send(welcome);

@@ -105,7 +105,16 @@ impl Broker {
         }
     }
 
-    fn find(&self, policy: MatchPolicy, uri: &str) -> Option<Id> {
+    pub fn get(&self, id: Id) -> Option<&Subscription> {
+        self.subs.get(&id)
+    }
+
+    /// Every subscription (for interest snapshots).
+    pub fn iter(&self) -> impl Iterator<Item = &Subscription> {
+        self.subs.values()
+    }
+
+    pub fn find(&self, policy: MatchPolicy, uri: &str) -> Option<Id> {
         match policy {
             MatchPolicy::Exact => self.exact.get(uri).copied(),
             _ => self.by_pattern.get(&(policy, uri.to_owned())).copied(),

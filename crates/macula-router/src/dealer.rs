@@ -198,23 +198,60 @@ impl Dealer {
         best
     }
 
-    /// Picks the callee for a call to registration `id`, advancing round-robin state.
-    pub fn pick_callee(&mut self, id: Id, random: u64) -> Option<Id> {
+    /// Picks the callee for a call to registration `id` among the callees for which `eligible`
+    /// holds, advancing round-robin state.
+    pub fn pick_callee(
+        &mut self,
+        id: Id,
+        random: u64,
+        eligible: impl Fn(Id) -> bool,
+    ) -> Option<Id> {
         let r = self.regs.get_mut(&id)?;
         let n = r.callees.len();
-        if n == 0 {
-            return None;
-        }
-        Some(match r.invoke {
-            InvokePolicy::Single | InvokePolicy::First => r.callees[0],
-            InvokePolicy::Last => r.callees[n - 1],
-            InvokePolicy::Random => r.callees[(random % n as u64) as usize],
-            InvokePolicy::RoundRobin => {
-                let c = r.callees[r.next % n];
-                r.next = (r.next + 1) % n;
-                c
+        match r.invoke {
+            InvokePolicy::Single | InvokePolicy::First => {
+                r.callees.iter().copied().find(|c| eligible(*c))
             }
-        })
+            InvokePolicy::Last => r.callees.iter().rev().copied().find(|c| eligible(*c)),
+            InvokePolicy::Random => {
+                let ok = r.callees.iter().filter(|c| eligible(**c)).count();
+                if ok == 0 {
+                    return None;
+                }
+                r.callees
+                    .iter()
+                    .copied()
+                    .filter(|c| eligible(*c))
+                    .nth((random % ok as u64) as usize)
+            }
+            InvokePolicy::RoundRobin => {
+                for k in 0..n {
+                    let c = r.callees[(r.next + k) % n];
+                    if eligible(c) {
+                        r.next = (r.next + k + 1) % n;
+                        return Some(c);
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    pub fn get(&self, id: Id) -> Option<&Registration> {
+        self.regs.get(&id)
+    }
+
+    /// Every registration (for advertisement snapshots).
+    pub fn iter(&self) -> impl Iterator<Item = &Registration> {
+        self.regs.values()
+    }
+
+    /// The registration for exactly (`uri`, `policy`).
+    pub fn find(&self, policy: MatchPolicy, uri: &str) -> Option<Id> {
+        match policy {
+            MatchPolicy::Exact => self.exact.get(uri).copied(),
+            _ => self.by_pattern.get(&(policy, uri.to_owned())).copied(),
+        }
     }
 
     /// Records a new call and returns its invocation id.

@@ -15,4 +15,6 @@ pub mod ids;
 pub mod policy;
 mod realm;
 
-pub use realm::{error, Peer, Realm, RealmConfig, SessionInfo};
+pub use realm::{
+    error, Announce, Announcer, Forwarded, LinkError, Origin, Peer, Realm, RealmConfig, SessionInfo,
+};

@@ -15,12 +15,69 @@ use crate::policy::{Action, Policy};
 /// Where a session's outgoing messages go (a bounded queue in the node, a `Vec` in tests).
 pub trait Peer: Send + Sync {
     fn send(&self, msg: Arc<Message>);
+    /// For link members (another node's end of the mesh): a publication or call to forward with
+    /// its origin. Sessions never receive these.
+    fn forward(&self, _f: Forwarded<'_>) {}
 }
 
 impl<T: Peer + ?Sized> Peer for Arc<T> {
     fn send(&self, msg: Arc<Message>) {
         (**self).send(msg)
     }
+    fn forward(&self, f: Forwarded<'_>) {
+        (**self).forward(f)
+    }
+}
+
+/// What a link member forwards to its node.
+#[derive(Debug)]
+pub enum Forwarded<'a> {
+    /// A publication of a local session; the remote node delivers it to its own subscribers.
+    Publication {
+        publication: Id,
+        topic: &'a str,
+        options: &'a Dict,
+        payload: &'a Payload,
+        origin: &'a SessionInfo,
+    },
+    /// A call routed to a callee on the remote node. `invocation` identifies it in replies.
+    Call {
+        invocation: Id,
+        procedure: &'a str,
+        options: Dict,
+        payload: Payload,
+        origin: &'a SessionInfo,
+    },
+}
+
+/// A change in what this node's own sessions subscribe to or register, for the mesh to announce.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Announce {
+    Interest {
+        uri: String,
+        policy: MatchPolicy,
+        add: bool,
+    },
+    Registration {
+        uri: String,
+        policy: MatchPolicy,
+        invoke: InvokePolicy,
+        role: String,
+        add: bool,
+    },
+}
+
+/// Receives [`Announce`]s with the realm name; called under the realm's lock, so it must only
+/// enqueue.
+pub type Announcer = Arc<dyn Fn(&str, Announce) + Send + Sync>;
+
+/// Why a forwarded message was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LinkError {
+    #[error("not authorized: {0}")]
+    NotAuthorized(String),
+    #[error("invalid: {0}")]
+    Invalid(String),
 }
 
 /// What the realm knows about a joined session.
@@ -35,6 +92,9 @@ pub struct SessionInfo {
     pub transport: Dict,
     /// The callee announced `call_canceling`, so it may receive INTERRUPT.
     pub callee_cancel: bool,
+    /// A link member: another node's end of the mesh, not a client session. Links are invisible
+    /// to the session meta API and to policy checks on sessions.
+    pub link: bool,
 }
 
 /// Limits that apply inside a realm.
@@ -99,6 +159,8 @@ pub struct Realm<P: Peer> {
     broker: Broker,
     dealer: Dealer,
     ids: IdGen,
+    announcer: Option<Announcer>,
+    links: usize,
 }
 
 /// Features announced in WELCOME.
@@ -153,7 +215,115 @@ impl<P: Peer> Realm<P> {
             broker: Broker::default(),
             dealer: Dealer::default(),
             ids: IdGen(seed | 1),
+            announcer: None,
+            links: 0,
         }
+    }
+
+    /// Where changes of local interest and registrations are reported (the mesh).
+    pub fn set_announcer(&mut self, a: Announcer) {
+        self.announcer = Some(a);
+    }
+
+    fn announce(&self, a: Announce) {
+        if let Some(f) = &self.announcer {
+            f(&self.name, a);
+        }
+    }
+
+    fn is_link(&self, id: Id) -> bool {
+        self.sessions.get(&id).is_some_and(|m| m.info.link)
+    }
+
+    fn local_subscribers(&self, sub: Id) -> usize {
+        self.broker.get(sub).map_or(0, |s| {
+            s.subscribers.iter().filter(|x| !self.is_link(**x)).count()
+        })
+    }
+
+    fn local_callees(&self, reg: Id) -> Vec<Id> {
+        self.dealer.get(reg).map_or(vec![], |r| {
+            r.callees
+                .iter()
+                .copied()
+                .filter(|x| !self.is_link(*x))
+                .collect()
+        })
+    }
+
+    /// What this node's own sessions subscribe to and register, as announcements (sent to a
+    /// peer that just connected).
+    pub fn local_interest(&self) -> Vec<Announce> {
+        let mut out = vec![];
+        for s in self.broker.iter() {
+            if self.local_subscribers(s.id) > 0 {
+                out.push(Announce::Interest {
+                    uri: s.uri.clone(),
+                    policy: s.policy,
+                    add: true,
+                });
+            }
+        }
+        for r in self.dealer.iter() {
+            if let Some(c) = self.local_callees(r.id).first() {
+                out.push(Announce::Registration {
+                    uri: r.uri.clone(),
+                    policy: r.policy,
+                    invoke: r.invoke,
+                    role: self.role_of(*c),
+                    add: true,
+                });
+            }
+        }
+        out
+    }
+
+    fn role_of(&self, id: Id) -> String {
+        self.sessions
+            .get(&id)
+            .map(|m| m.info.authrole.clone())
+            .unwrap_or_default()
+    }
+
+    /// Removes `session` from subscription `sub`, announcing when the node's own interest in it
+    /// ends. `None` if the session was not subscribed.
+    fn drop_subscription(&mut self, session: Id, sub: Id) -> Option<()> {
+        let (uri, policy) = self.broker.get(sub).map(|s| (s.uri.clone(), s.policy))?;
+        self.broker.unsubscribe(session, sub)?;
+        if let Some(m) = self.sessions.get_mut(&session) {
+            m.subscriptions.retain(|s| *s != sub);
+        }
+        if !self.is_link(session) && self.local_subscribers(sub) == 0 {
+            self.announce(Announce::Interest {
+                uri,
+                policy,
+                add: false,
+            });
+        }
+        Some(())
+    }
+
+    /// Removes `session` as a callee of `reg`, announcing when no local callee is left.
+    fn drop_registration(&mut self, session: Id, reg: Id) -> Option<()> {
+        let (uri, policy, invoke) = self
+            .dealer
+            .get(reg)
+            .map(|r| (r.uri.clone(), r.policy, r.invoke))?;
+        let role = self.role_of(session);
+        self.dealer.unregister(session, reg)?;
+        if let Some(m) = self.sessions.get_mut(&session) {
+            m.registrations.retain(|r| *r != reg);
+        }
+        if !self.is_link(session) && self.local_callees(reg).is_empty() {
+            self.announce(Announce::Registration {
+                uri,
+                policy,
+                invoke,
+                role,
+                add: false,
+            });
+        }
+        Some(())
     }
 
     pub fn name(&self) -> &str {
@@ -169,15 +339,21 @@ impl<P: Peer> Realm<P> {
         self.policy = policy;
     }
 
+    /// Client sessions (links not counted).
     pub fn session_count(&self) -> usize {
-        self.sessions.len()
+        self.sessions.len() - self.links
     }
 
-    /// Ids of the sessions for which `f` holds.
+    /// Link members (one per peer node with interest or registrations here).
+    pub fn link_count(&self) -> usize {
+        self.links
+    }
+
+    /// Ids of the client sessions for which `f` holds.
     pub fn sessions_where(&self, f: impl Fn(&SessionInfo) -> bool) -> Vec<Id> {
         self.sessions
             .values()
-            .filter(|m| f(&m.info))
+            .filter(|m| !m.info.link && f(&m.info))
             .map(|m| m.info.id)
             .collect()
     }
@@ -212,6 +388,7 @@ impl<P: Peer> Realm<P> {
             "authprovider" => "macula",
             "roles" => router_roles(),
         };
+        let link = info.link;
         let info = Arc::new(info);
         let meta = session_details(&info);
         self.sessions.insert(
@@ -223,7 +400,11 @@ impl<P: Peer> Realm<P> {
                 registrations: vec![],
             },
         );
-        self.publish_meta("wamp.session.on_join", vec![Value::Dict(meta)]);
+        if link {
+            self.links += 1;
+        } else {
+            self.publish_meta("wamp.session.on_join", vec![Value::Dict(meta)]);
+        }
         Message::Welcome {
             session: id,
             details,
@@ -233,15 +414,28 @@ impl<P: Peer> Realm<P> {
     /// Removes a session: its subscriptions and registrations go, calls it made are interrupted,
     /// calls made to it fail with `wamp.error.canceled`.
     pub fn leave(&mut self, id: Id) {
+        let Some(m) = self.sessions.get(&id) else {
+            return;
+        };
+        let (subs, regs, link) = (
+            m.subscriptions.clone(),
+            m.registrations.clone(),
+            m.info.link,
+        );
+        for s in subs {
+            self.drop_subscription(id, s);
+        }
+        for r in regs {
+            self.drop_registration(id, r);
+        }
         let Some(m) = self.sessions.remove(&id) else {
             return;
         };
-        for s in &m.subscriptions {
-            self.broker.unsubscribe(id, *s);
-        }
-        for r in &m.registrations {
-            self.dealer.unregister(id, *r);
-        }
+        let why = if link {
+            "the callee's node left the mesh before answering; retry the call"
+        } else {
+            "the callee left before answering; retry the call"
+        };
         for inv in self.dealer.calls_involving(id) {
             let Some(c) = self.dealer.finish(inv) else {
                 continue;
@@ -249,16 +443,15 @@ impl<P: Peer> Realm<P> {
             if c.callee == id {
                 self.send(
                     c.caller,
-                    error(
-                        code::CALL,
-                        c.caller_request,
-                        errors::CANCELED,
-                        "the callee left before answering; retry the call",
-                    ),
+                    error(code::CALL, c.caller_request, errors::CANCELED, why),
                 );
             } else {
                 self.interrupt(c.callee, inv);
             }
+        }
+        if link {
+            self.links -= 1;
+            return;
         }
         self.publish_meta(
             "wamp.session.on_leave",
@@ -301,11 +494,8 @@ impl<P: Peer> Realm<P> {
                 request,
                 subscription,
             } => {
-                match self.broker.unsubscribe(from, subscription) {
-                    Some(_) => {
-                        if let Some(m) = self.sessions.get_mut(&from) {
-                            m.subscriptions.retain(|s| *s != subscription);
-                        }
+                match self.drop_subscription(from, subscription) {
+                    Some(()) => {
                         self.send(from, Message::Unsubscribed { request });
                     }
                     None => self.send(
@@ -332,11 +522,8 @@ impl<P: Peer> Realm<P> {
                 request,
                 registration,
             } => {
-                match self.dealer.unregister(from, registration) {
+                match self.drop_registration(from, registration) {
                     Some(()) => {
-                        if let Some(m) = self.sessions.get_mut(&from) {
-                            m.registrations.retain(|r| *r != registration);
-                        }
                         self.send(from, Message::Unregistered { request });
                     }
                     None => self.send(
@@ -479,7 +666,14 @@ impl<P: Peer> Realm<P> {
                 Value::Str(info.authrole.clone()),
             );
         }
-        self.deliver(&topic, publication, base, payload, &filter);
+        self.deliver(
+            &topic,
+            publication,
+            base,
+            payload,
+            &filter,
+            Some((&info, &options)),
+        );
         if ack {
             self.send(
                 from,
@@ -492,13 +686,45 @@ impl<P: Peer> Realm<P> {
     }
 
     /// Sends an EVENT to every eligible subscriber of every subscription matching `topic`.
-    /// The event is built once per subscription and shared by its subscribers.
-    fn deliver(&self, topic: &str, publication: Id, base: Dict, payload: Payload, filter: &Filter) {
+    /// The event is built once per subscription and shared by its subscribers. A publication of a
+    /// local session (`origin`) is also forwarded once to every link member with matching
+    /// interest; deliveries without an origin (meta events, publications from other nodes) stay
+    /// on this node.
+    fn deliver(
+        &self,
+        topic: &str,
+        publication: Id,
+        base: Dict,
+        payload: Payload,
+        filter: &Filter,
+        origin: Option<(&SessionInfo, &Dict)>,
+    ) {
         let mut payload = Some(payload);
         let mut matches: Vec<(Id, bool, &[Id])> = Vec::new();
         self.broker.for_each_match(topic, |s| {
             matches.push((s.id, s.policy != MatchPolicy::Exact, &s.subscribers))
         });
+        if let (Some((info, options)), true) = (origin, self.links > 0) {
+            let mut links: Vec<Id> = vec![];
+            for (_, _, subscribers) in &matches {
+                for s in subscribers.iter() {
+                    if self.is_link(*s) && !links.contains(s) {
+                        links.push(*s);
+                    }
+                }
+            }
+            for l in links {
+                if let (Some(m), Some(p)) = (self.sessions.get(&l), payload.as_ref()) {
+                    m.peer.forward(Forwarded::Publication {
+                        publication,
+                        topic,
+                        options,
+                        payload: p,
+                        origin: info,
+                    });
+                }
+            }
+        }
         let n = matches.len();
         for (i, (sub, pattern, subscribers)) in matches.into_iter().enumerate() {
             let mut details = base.clone();
@@ -518,7 +744,7 @@ impl<P: Peer> Realm<P> {
             });
             for s in subscribers {
                 if let Some(m) = self.sessions.get(s) {
-                    if filter.admits(&m.info) {
+                    if !m.info.link && filter.admits(&m.info) {
                         m.peer.send(event.clone());
                     }
                 }
@@ -534,6 +760,7 @@ impl<P: Peer> Realm<P> {
             Dict::new(),
             Payload::args(args),
             &Filter::default(),
+            None,
         );
     }
 
@@ -580,10 +807,19 @@ impl<P: Peer> Realm<P> {
         }
         let ids = &mut self.ids;
         let (id, _) = self.broker.subscribe(from, &topic, policy, || ids.next());
+        let mut newly = false;
         if let Some(m) = self.sessions.get_mut(&from) {
             if !m.subscriptions.contains(&id) {
                 m.subscriptions.push(id);
+                newly = true;
             }
+        }
+        if newly && self.local_subscribers(id) == 1 {
+            self.announce(Announce::Interest {
+                uri: topic,
+                policy,
+                add: true,
+            });
         }
         self.send(
             from,
@@ -651,6 +887,9 @@ impl<P: Peer> Realm<P> {
                     m.registrations.push(id);
                 }
                 self.send(from, Message::Registered { request, registration: id });
+                if self.local_callees(id).len() == 1 {
+                    self.announce(Announce::Registration { uri: procedure, policy, invoke, role, add: true });
+                }
             }
             Err(RegisterError::AlreadyExists) => self.send(
                 from,
@@ -695,6 +934,27 @@ impl<P: Peer> Realm<P> {
             let reply = self.meta_call(request, &procedure, &payload);
             return self.send(from, reply);
         }
+        self.dispatch_call(
+            from, &info, request, options, procedure, payload, now, false,
+        );
+    }
+
+    /// Routes an authorized call from `from` (a session, or a link for a call forwarded by another
+    /// node, which may only reach local callees) to a callee: an INVOCATION to a local session,
+    /// or a forwarded call through a link member.
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch_call(
+        &mut self,
+        from: Id,
+        info: &SessionInfo,
+        request: Id,
+        options: Dict,
+        procedure: String,
+        payload: Payload,
+        now: Instant,
+        local_only: bool,
+    ) {
+        let err = |uri: &str, msg: String| error(code::CALL, request, uri, msg);
         let Some((reg_id, reg_uri, reg_policy)) = self
             .dealer
             .lookup(&procedure)
@@ -709,7 +969,10 @@ impl<P: Peer> Realm<P> {
             );
         };
         let random = self.ids.next();
-        let Some(callee) = self.dealer.pick_callee(reg_id, random) else {
+        let sessions = &self.sessions;
+        let Some(callee) = self.dealer.pick_callee(reg_id, random, |c| {
+            !local_only || sessions.get(&c).is_some_and(|m| !m.info.link)
+        }) else {
             return self.send(
                 from,
                 err(
@@ -723,18 +986,7 @@ impl<P: Peer> Realm<P> {
             Some(ms) if ms > 0 => Some(Duration::from_millis(ms)),
             _ => self.config.default_call_timeout,
         };
-        let mut details = Dict::new();
-        if reg_policy != MatchPolicy::Exact || reg_uri != procedure {
-            details.insert("procedure".into(), Value::Str(procedure));
-        }
-        if receive_progress {
-            details.insert("receive_progress".into(), Value::Bool(true));
-        }
-        if opt_bool(&options, "disclose_me").unwrap_or(false) {
-            details.insert("caller".into(), Value::from(from));
-            details.insert("caller_authid".into(), Value::Str(info.authid.clone()));
-            details.insert("caller_authrole".into(), Value::Str(info.authrole.clone()));
-        }
+        let disclose = opt_bool(&options, "disclose_me").unwrap_or(false);
         if self.dealer.by_caller(from, request).is_some() {
             // A client reusing a request id of a call still in flight is a protocol violation in
             // spirit; answering with an error keeps both calls unambiguous.
@@ -757,15 +1009,47 @@ impl<P: Peer> Realm<P> {
             // A timeout too large to represent is no deadline at all (never a panic on input).
             timeout.and_then(|t| now.checked_add(t)),
         );
-        self.send(
-            callee,
-            Message::Invocation {
-                request: inv,
-                registration: reg_id,
-                details,
+        let Some(m) = self.sessions.get(&callee) else {
+            return;
+        };
+        if m.info.link {
+            let mut fwd = Dict::new();
+            if let Some(t) = timeout {
+                fwd.insert("timeout".into(), Value::from(t.as_millis() as u64));
+            }
+            if receive_progress {
+                fwd.insert("receive_progress".into(), Value::Bool(true));
+            }
+            if disclose {
+                fwd.insert("disclose_me".into(), Value::Bool(true));
+            }
+            m.peer.forward(Forwarded::Call {
+                invocation: inv,
+                procedure: &procedure,
+                options: fwd,
                 payload,
-            },
-        );
+                origin: info,
+            });
+            return;
+        }
+        let mut details = Dict::new();
+        if reg_policy != MatchPolicy::Exact || reg_uri != procedure {
+            details.insert("procedure".into(), Value::Str(procedure));
+        }
+        if receive_progress {
+            details.insert("receive_progress".into(), Value::Bool(true));
+        }
+        if disclose {
+            details.insert("caller".into(), Value::from(info.id));
+            details.insert("caller_authid".into(), Value::Str(info.authid.clone()));
+            details.insert("caller_authrole".into(), Value::Str(info.authrole.clone()));
+        }
+        m.peer.send(Arc::new(Message::Invocation {
+            request: inv,
+            registration: reg_id,
+            details,
+            payload,
+        }));
     }
 
     fn on_cancel(&mut self, from: Id, request: Id, options: Dict) {
@@ -948,9 +1232,10 @@ impl<P: Peer> Realm<P> {
             });
         let selected = || {
             self.sessions.values().filter(|m| {
-                roles_filter
-                    .as_ref()
-                    .is_none_or(|f| f.contains(&m.info.authrole))
+                !m.info.link
+                    && roles_filter
+                        .as_ref()
+                        .is_none_or(|f| f.contains(&m.info.authrole))
             })
         };
         let result = |args: List| Message::Result {
@@ -976,7 +1261,7 @@ impl<P: Peer> Realm<P> {
                         "wamp.session.get takes a session id",
                     );
                 };
-                match self.sessions.get(&id) {
+                match self.sessions.get(&id).filter(|m| !m.info.link) {
                     Some(m) => result(vec![Value::Dict(session_details(&m.info))]),
                     None => error(
                         code::CALL,
@@ -993,6 +1278,246 @@ impl<P: Peer> Realm<P> {
                 format!("no router procedure {procedure:?}"),
             ),
         }
+    }
+}
+
+/// The session on another node that a forwarded publication or call came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Origin {
+    pub session: Id,
+    pub authid: String,
+    pub authrole: String,
+}
+
+/// The mesh's side of a realm: link members stand for other nodes. A link subscribes for the
+/// interest of its node's sessions, registers for its node's callees, and carries publications,
+/// calls and their replies. Everything arriving through a link is checked against this node's
+/// policy for the originating session's role.
+impl<P: Peer> Realm<P> {
+    /// Adds the link member for another node.
+    pub fn join_link(&mut self, node: &str, peer: P) -> Id {
+        let id = self.new_session_id();
+        let info = SessionInfo {
+            id,
+            authid: node.to_owned(),
+            authrole: "macula.link".into(),
+            authmethod: "mesh",
+            transport: Dict::new(),
+            callee_cancel: true,
+            link: true,
+        };
+        self.join(info, peer);
+        id
+    }
+
+    /// The linked node's sessions subscribed to (`uri`, `policy`).
+    pub fn link_subscribe(
+        &mut self,
+        link: Id,
+        uri: &str,
+        policy: MatchPolicy,
+    ) -> Result<(), LinkError> {
+        uri::validate_pattern(uri, policy).map_err(|e| LinkError::Invalid(e.to_string()))?;
+        if !self.is_link(link) {
+            return Err(LinkError::Invalid("not a link".into()));
+        }
+        let ids = &mut self.ids;
+        let (id, _) = self.broker.subscribe(link, uri, policy, || ids.next());
+        if let Some(m) = self.sessions.get_mut(&link) {
+            if !m.subscriptions.contains(&id) {
+                m.subscriptions.push(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// The linked node no longer has sessions subscribed to (`uri`, `policy`).
+    pub fn link_unsubscribe(&mut self, link: Id, uri: &str, policy: MatchPolicy) {
+        if let Some(id) = self.broker.find(policy, uri) {
+            self.drop_subscription(link, id);
+        }
+    }
+
+    /// The linked node has a callee for (`uri`, `policy`) registered by a session of `role`.
+    pub fn link_register(
+        &mut self,
+        link: Id,
+        uri: &str,
+        policy: MatchPolicy,
+        invoke: InvokePolicy,
+        role: &str,
+    ) -> Result<(), LinkError> {
+        uri::validate_pattern(uri, policy).map_err(|e| LinkError::Invalid(e.to_string()))?;
+        if !self.is_link(link) {
+            return Err(LinkError::Invalid("not a link".into()));
+        }
+        if !self
+            .policy
+            .allows_pattern(role, Action::Register, uri, policy)
+        {
+            return Err(LinkError::NotAuthorized(self.denied(
+                role,
+                Action::Register,
+                uri,
+            )));
+        }
+        let ids = &mut self.ids;
+        match self
+            .dealer
+            .register(link, uri, policy, invoke, || ids.next())
+        {
+            Ok(id) => {
+                if let Some(m) = self.sessions.get_mut(&link) {
+                    m.registrations.push(id);
+                }
+                Ok(())
+            }
+            Err(_)
+                if self
+                    .dealer
+                    .find(policy, uri)
+                    .and_then(|id| self.dealer.get(id))
+                    .is_some_and(|r| r.callees.contains(&link)) =>
+            {
+                Ok(())
+            }
+            Err(_) => Err(LinkError::Invalid(format!(
+                "procedure {uri:?} is registered here with another invocation policy"
+            ))),
+        }
+    }
+
+    /// The linked node no longer has a callee for (`uri`, `policy`).
+    pub fn link_unregister(&mut self, link: Id, uri: &str, policy: MatchPolicy) {
+        if let Some(id) = self.dealer.find(policy, uri) {
+            self.drop_registration(link, id);
+        }
+    }
+
+    /// A publication from a session of the linked node: delivered to this node's subscribers.
+    pub fn link_publish(
+        &mut self,
+        origin: &Origin,
+        publication: Id,
+        options: &Dict,
+        topic: &str,
+        payload: Payload,
+    ) -> Result<(), LinkError> {
+        uri::validate(topic).map_err(|e| LinkError::Invalid(e.to_string()))?;
+        if topic.starts_with("wamp.") {
+            return Err(LinkError::Invalid(format!("topic {topic:?} is reserved")));
+        }
+        if !self.policy.allows(&origin.authrole, Action::Publish, topic) {
+            return Err(LinkError::NotAuthorized(self.denied(
+                &origin.authrole,
+                Action::Publish,
+                topic,
+            )));
+        }
+        let filter = Filter::from_options(options, origin.session);
+        let mut base = Dict::new();
+        if opt_bool(options, "disclose_me").unwrap_or(false) {
+            base.insert("publisher".into(), Value::from(origin.session));
+            base.insert("publisher_authid".into(), Value::Str(origin.authid.clone()));
+            base.insert(
+                "publisher_authrole".into(),
+                Value::Str(origin.authrole.clone()),
+            );
+        }
+        self.deliver(topic, publication, base, payload, &filter, None);
+        Ok(())
+    }
+
+    /// A call from a session of the linked node for a callee on this node. Refusals are also
+    /// answered to the link (the remote caller gets the error).
+    #[allow(clippy::too_many_arguments)]
+    pub fn link_call(
+        &mut self,
+        link: Id,
+        origin: &Origin,
+        invocation: Id,
+        options: Dict,
+        procedure: String,
+        payload: Payload,
+        now: Instant,
+    ) -> Result<(), LinkError> {
+        let refuse = |realm: &Self, uri: &str, msg: String| {
+            realm.send(link, error(code::CALL, invocation, uri, msg.clone()));
+            msg
+        };
+        if !self.is_link(link) {
+            return Err(LinkError::Invalid("not a link".into()));
+        }
+        if let Err(e) = uri::validate(&procedure) {
+            return Err(LinkError::Invalid(refuse(
+                self,
+                errors::INVALID_URI,
+                e.to_string(),
+            )));
+        }
+        if procedure.starts_with("wamp.")
+            || !self
+                .policy
+                .allows(&origin.authrole, Action::Call, &procedure)
+        {
+            let msg = self.denied(&origin.authrole, Action::Call, &procedure);
+            return Err(LinkError::NotAuthorized(refuse(
+                self,
+                errors::NOT_AUTHORIZED,
+                msg,
+            )));
+        }
+        let info = SessionInfo {
+            id: origin.session,
+            authid: origin.authid.clone(),
+            authrole: origin.authrole.clone(),
+            authmethod: "mesh",
+            transport: Dict::new(),
+            callee_cancel: false,
+            link: false,
+        };
+        self.dispatch_call(
+            link, &info, invocation, options, procedure, payload, now, true,
+        );
+        Ok(())
+    }
+
+    /// A RESULT, ERROR or INTERRUPT from the linked node about a forwarded call.
+    pub fn link_reply(&mut self, link: Id, msg: Message) -> Result<(), LinkError> {
+        if !self.is_link(link) {
+            return Err(LinkError::Invalid("not a link".into()));
+        }
+        let r = match msg {
+            Message::Result {
+                request,
+                details,
+                payload,
+            } => {
+                let mut options = Dict::new();
+                if opt_bool(&details, "progress").unwrap_or(false) {
+                    options.insert("progress".into(), Value::Bool(true));
+                }
+                self.on_yield(link, request, options, payload)
+            }
+            Message::Error {
+                request_type: code::CALL,
+                request,
+                details,
+                error: uri,
+                payload,
+            } => self.on_invocation_error(link, request, details, uri, payload),
+            Message::Interrupt { request, options } => {
+                self.on_cancel(link, request, options);
+                Ok(())
+            }
+            other => {
+                return Err(LinkError::Invalid(format!(
+                    "unexpected {} from a link",
+                    other.kind()
+                )))
+            }
+        };
+        r.map_err(|_| LinkError::Invalid("reply for an unknown call".into()))
     }
 }
 

@@ -57,6 +57,7 @@ impl World {
             authmethod: "ticket",
             transport: Dict::new(),
             callee_cancel: true,
+            link: false,
         };
         let welcome = self.realm.join(info, inbox.clone());
         assert!(matches!(welcome, Message::Welcome { session, .. } if session == id));

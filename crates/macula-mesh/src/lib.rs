@@ -1,0 +1,778 @@
+//! # macula-mesh
+//!
+//! The node-to-node layer: a rust-libp2p swarm over QUIC (encrypted, authenticated by peer id)
+//! with Kademlia (peer discovery, realm discovery through provider records, application records),
+//! identify and ping. The hot path does not use gossip: each pair of nodes keeps one long-lived
+//! stream per direction (`/macula/mesh/1`) carrying length-prefixed [`Frame`]s, written in
+//! batches.
+//!
+//! Admission: the first frame on every stream is [`Frame::Hello`] with the operator's certificate
+//! for the sender's peer id ([`cert`]). A peer without a valid certificate is disconnected; no
+//! frame of it reaches the node. Malformed frames are dropped and counted; an oversized length
+//! prefix ends the connection (the stream cannot be resynchronised).
+//!
+//! This crate knows nothing about WAMP or realms beyond the frame types: the node
+//! (`macula-node::mesh`) decides what frames mean.
+
+pub mod cert;
+pub mod frame;
+pub mod record;
+
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use futures_util::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use futures_util::StreamExt;
+use libp2p::identity::Keypair;
+use libp2p::kad::{self, store::MemoryStore, GetRecordOk, QueryResult, Quorum};
+use libp2p::swarm::{dial_opts::DialOpts, NetworkBehaviour, SwarmEvent};
+use libp2p::{identify, ping, Multiaddr, PeerId, StreamProtocol, Swarm};
+use parking_lot::RwLock;
+use tokio::sync::{mpsc, oneshot};
+
+pub use frame::{Frame, Origin};
+pub use libp2p::identity;
+pub use libp2p::{Multiaddr as Addr, PeerId as Peer};
+
+const MESH_PROTOCOL: StreamProtocol = StreamProtocol::new("/macula/mesh/1");
+const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/macula/kad/1");
+
+/// Mesh settings (the node's `mesh:` section).
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// QUIC listen addresses, e.g. `/ip4/0.0.0.0/udp/7600/quic-v1` (port 0 picks one).
+    pub listen: Vec<Multiaddr>,
+    /// Addresses other nodes should dial (when the listen address is not reachable as is).
+    pub announce: Vec<Multiaddr>,
+    /// Nodes to join through. Empty: a mesh of one, until someone joins us.
+    pub bootstrap: Vec<Multiaddr>,
+    /// A peer silent this long is considered gone (QUIC idle timeout; keep-alives every third).
+    pub peer_timeout: Duration,
+    /// How often realm providers are looked up and lost peers redialled.
+    pub discovery_interval: Duration,
+    /// Largest accepted frame; a larger length prefix ends the connection.
+    pub max_frame: usize,
+    /// Frames queued per peer before new ones are dropped (and counted).
+    pub peer_queue: usize,
+    /// Kademlia lookup parallelism (alpha).
+    pub dht_parallelism: usize,
+    /// Kademlia query timeout.
+    pub dht_timeout: Duration,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            listen: vec!["/ip4/0.0.0.0/udp/0/quic-v1"
+                .parse()
+                .expect("valid multiaddr")],
+            announce: vec![],
+            bootstrap: vec![],
+            peer_timeout: Duration::from_secs(3),
+            discovery_interval: Duration::from_secs(2),
+            max_frame: 16 << 20,
+            peer_queue: 65_536,
+            dht_parallelism: 3,
+            dht_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the mesh tells the node.
+#[derive(Debug)]
+pub enum MeshEvent {
+    /// A certified peer is connected; frames to it are delivered in order.
+    PeerUp(PeerId),
+    /// The peer is gone (connection closed or timed out).
+    PeerDown(PeerId),
+    /// A frame from a certified peer.
+    Frame(PeerId, Frame),
+}
+
+/// Counters exported as `/metrics` series.
+#[derive(Debug, Default)]
+pub struct MeshStats {
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    /// Frames dropped because a peer's queue was full.
+    pub frames_dropped: AtomicU64,
+    /// Frames that did not decode, or streams that broke the framing.
+    pub frames_malformed: AtomicU64,
+    /// Peers refused for lacking a valid operator certificate.
+    pub peers_rejected: AtomicU64,
+    pub dht_lookups: AtomicU64,
+}
+
+/// One connected peer, for `macula mesh peers`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PeerStatus {
+    pub peer_id: String,
+    pub address: String,
+    /// Round-trip time of the last ping, in microseconds.
+    pub rtt_us: Option<u64>,
+    /// Whether the peer presented a valid certificate (only those exchange traffic).
+    pub certified: bool,
+}
+
+/// Outcome of a DHT lookup.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    /// Raw values found (the first one, when any).
+    pub value: Option<Vec<u8>>,
+    /// Requests sent until the value was found (or the query ended).
+    pub requests: u32,
+    pub elapsed: Duration,
+}
+
+enum Cmd {
+    Provide(String),
+    Unprovide(String),
+    Dial(Multiaddr),
+    Disconnect(PeerId),
+    Put(
+        Vec<u8>,
+        Vec<u8>,
+        Duration,
+        oneshot::Sender<Result<usize, String>>,
+    ),
+    Get(Vec<u8>, oneshot::Sender<Result<Lookup, String>>),
+    Listen(oneshot::Sender<Vec<Multiaddr>>),
+}
+
+struct Shared {
+    local: PeerId,
+    keypair: Keypair,
+    cert: Bytes,
+    operator: ed25519_dalek::VerifyingKey,
+    config: MeshConfig,
+    stats: MeshStats,
+    /// Outgoing frame queues of connected peers.
+    writers: RwLock<HashMap<PeerId, mpsc::Sender<Bytes>>>,
+    /// Certified peers and the generation of their current inbound stream.
+    up: RwLock<HashMap<PeerId, u64>>,
+    /// Remote address and last ping of each connected peer.
+    conns: RwLock<HashMap<PeerId, (Multiaddr, Option<Duration>)>>,
+    generation: AtomicU64,
+    events: mpsc::UnboundedSender<MeshEvent>,
+}
+
+/// A running mesh. Cheap to clone.
+#[derive(Clone)]
+pub struct MeshHandle {
+    shared: Arc<Shared>,
+    cmd: mpsc::UnboundedSender<Cmd>,
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    kad: kad::Behaviour<MemoryStore>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    stream: libp2p_stream::Behaviour,
+}
+
+/// Starts the mesh: binds the listen addresses, dials the bootstrap nodes and returns the handle
+/// and the event stream. `cert` is the operator's certificate for this node's peer id.
+pub async fn start(
+    config: MeshConfig,
+    keypair: Keypair,
+    cert: Vec<u8>,
+    operator: ed25519_dalek::VerifyingKey,
+) -> anyhow::Result<(MeshHandle, mpsc::UnboundedReceiver<MeshEvent>)> {
+    let local = keypair.public().to_peer_id();
+    let timeout = config.peer_timeout.max(Duration::from_millis(300));
+    let mut kcfg = kad::Config::new(KAD_PROTOCOL);
+    kcfg.set_parallelism(
+        NonZeroUsize::new(config.dht_parallelism.max(1)).unwrap_or(NonZeroUsize::MIN),
+    )
+    .set_query_timeout(config.dht_timeout)
+    .set_provider_record_ttl(Some(Duration::from_secs(300)))
+    .set_provider_publication_interval(Some(Duration::from_secs(60)))
+    .set_record_ttl(Some(Duration::from_secs(86_400)))
+    .set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
+        .with_tokio()
+        .with_quic_config(|mut q| {
+            q.max_idle_timeout = timeout.as_millis() as u32;
+            q.keep_alive_interval = timeout / 3;
+            q
+        })
+        .with_behaviour(|key| Behaviour {
+            kad: kad::Behaviour::with_config(local, MemoryStore::new(local), kcfg),
+            identify: identify::Behaviour::new(identify::Config::new(
+                "/macula/1".into(),
+                key.public(),
+            )),
+            ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(2))),
+            stream: libp2p_stream::Behaviour::new(),
+        })
+        .map_err(|e| anyhow::anyhow!("building the mesh: {e}"))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Server));
+    for a in &config.listen {
+        swarm
+            .listen_on(a.clone())
+            .with_context(|| format!("cannot listen on {a} (mesh.listen)"))?;
+    }
+    for a in &config.announce {
+        swarm.add_external_address(a.clone());
+    }
+    // Wait until every listener has its address, so callers can print and share it.
+    let mut bound = 0;
+    while bound < config.listen.len() {
+        match tokio::time::timeout(Duration::from_secs(5), swarm.select_next_some()).await {
+            Ok(SwarmEvent::NewListenAddr { .. }) => bound += 1,
+            Ok(SwarmEvent::ListenerError { error, .. }) => {
+                anyhow::bail!("mesh listener failed: {error}")
+            }
+            Ok(SwarmEvent::ListenerClosed { reason, .. }) => {
+                anyhow::bail!("mesh listener closed: {reason:?}")
+            }
+            Ok(_) => {}
+            Err(_) => anyhow::bail!("mesh listeners did not come up within 5 s"),
+        }
+    }
+    let (events, rx) = mpsc::unbounded_channel();
+    let (cmd, cmd_rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        local,
+        keypair,
+        cert: Bytes::from(cert),
+        operator,
+        config: config.clone(),
+        stats: MeshStats::default(),
+        writers: RwLock::new(HashMap::new()),
+        up: RwLock::new(HashMap::new()),
+        conns: RwLock::new(HashMap::new()),
+        generation: AtomicU64::new(1),
+        events,
+    });
+    let mut control = swarm.behaviour().stream.new_control();
+    let incoming = control
+        .accept(MESH_PROTOCOL)
+        .map_err(|e| anyhow::anyhow!("mesh protocol: {e}"))?;
+    let handle = MeshHandle {
+        shared: shared.clone(),
+        cmd: cmd.clone(),
+    };
+    tokio::spawn(accept_loop(incoming, shared.clone(), cmd.clone()));
+    for b in &config.bootstrap {
+        if let Err(e) = swarm.dial(b.clone()) {
+            tracing::warn!("cannot dial bootstrap node {b}: {e}");
+        }
+    }
+    tokio::spawn(run(swarm, shared, cmd_rx, cmd));
+    Ok((handle, rx))
+}
+
+impl MeshHandle {
+    pub fn peer_id(&self) -> PeerId {
+        self.shared.local
+    }
+
+    pub fn keypair(&self) -> &Keypair {
+        &self.shared.keypair
+    }
+
+    /// This node's operator certificate.
+    pub fn cert(&self) -> &[u8] {
+        &self.shared.cert
+    }
+
+    pub fn operator(&self) -> &ed25519_dalek::VerifyingKey {
+        &self.shared.operator
+    }
+
+    pub fn stats(&self) -> &MeshStats {
+        &self.shared.stats
+    }
+
+    pub fn config(&self) -> &MeshConfig {
+        &self.shared.config
+    }
+
+    /// Certified peers.
+    pub fn peers(&self) -> Vec<PeerId> {
+        self.shared.up.read().keys().copied().collect()
+    }
+
+    /// Every connected peer with its address and latency.
+    pub fn peer_status(&self) -> Vec<PeerStatus> {
+        let up = self.shared.up.read();
+        let mut out: Vec<PeerStatus> = self
+            .shared
+            .conns
+            .read()
+            .iter()
+            .map(|(p, (addr, rtt))| PeerStatus {
+                peer_id: p.to_string(),
+                address: addr.to_string(),
+                rtt_us: rtt.map(|d| d.as_micros() as u64),
+                certified: up.contains_key(p),
+            })
+            .collect();
+        out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        out
+    }
+
+    /// Queues an encoded frame for `peer`; `false` if the peer is not connected or its queue is
+    /// full (counted as dropped).
+    pub fn send_encoded(&self, peer: &PeerId, frame: Bytes) -> bool {
+        let writers = self.shared.writers.read();
+        let Some(w) = writers.get(peer) else {
+            return false;
+        };
+        match w.try_send(frame) {
+            Ok(()) => {
+                self.shared.stats.frames_out.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(_) => {
+                self.shared
+                    .stats
+                    .frames_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    pub fn send(&self, peer: &PeerId, frame: &Frame) -> bool {
+        self.send_encoded(peer, frame.encode())
+    }
+
+    /// Sends `frame` to every certified peer except `except`.
+    pub fn broadcast(&self, frame: &Frame, except: Option<&PeerId>) {
+        let bytes = frame.encode();
+        for p in self.peers() {
+            if Some(&p) != except {
+                self.send_encoded(&p, bytes.clone());
+            }
+        }
+    }
+
+    /// Announces this node as serving `realm` (a DHT provider record), so that other nodes of the
+    /// realm find and connect to it.
+    pub fn provide(&self, realm: &str) {
+        let _ = self.cmd.send(Cmd::Provide(realm.to_owned()));
+    }
+
+    pub fn unprovide(&self, realm: &str) {
+        let _ = self.cmd.send(Cmd::Unprovide(realm.to_owned()));
+    }
+
+    pub fn dial(&self, addr: Multiaddr) {
+        let _ = self.cmd.send(Cmd::Dial(addr));
+    }
+
+    /// Stores a record in the DHT; returns on how many other nodes it was stored.
+    pub async fn put(&self, key: Vec<u8>, value: Vec<u8>, ttl: Duration) -> Result<usize, String> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.cmd.send(Cmd::Put(key, value, ttl, tx));
+        rx.await.map_err(|_| "the mesh stopped".to_string())?
+    }
+
+    /// Looks a record up in the DHT.
+    pub async fn get(&self, key: Vec<u8>) -> Result<Lookup, String> {
+        self.shared
+            .stats
+            .dht_lookups
+            .fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let _ = self.cmd.send(Cmd::Get(key, tx));
+        rx.await.map_err(|_| "the mesh stopped".to_string())?
+    }
+
+    /// The addresses this node listens on (with its peer id appended, ready to share).
+    pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.cmd.send(Cmd::Listen(tx));
+        let local = self.shared.local;
+        rx.await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|a| a.with_p2p(local).unwrap_or_else(|a| a))
+            .collect()
+    }
+}
+
+fn realm_key(realm: &str) -> kad::RecordKey {
+    kad::RecordKey::new(&format!("/macula/realm/{realm}"))
+}
+
+enum Pending {
+    Put(oneshot::Sender<Result<usize, String>>),
+    Get(oneshot::Sender<Result<Lookup, String>>, Instant),
+}
+
+/// The swarm's event loop.
+async fn run(
+    mut swarm: Swarm<Behaviour>,
+    shared: Arc<Shared>,
+    mut cmds: mpsc::UnboundedReceiver<Cmd>,
+    cmd_tx: mpsc::UnboundedSender<Cmd>,
+) {
+    let control = swarm.behaviour().stream.new_control();
+    let mut provided: HashSet<String> = HashSet::new();
+    let mut pending: HashMap<kad::QueryId, Pending> = HashMap::new();
+    // Peers we were connected to: redialled (with backoff) after they drop, so that a partition
+    // heals by itself. Forgotten after ten minutes without success.
+    let mut known: HashMap<PeerId, (Instant, Duration, Instant)> = HashMap::new();
+    let bootstrap = shared.config.bootstrap.clone();
+    let mut tick = tokio::time::interval(shared.config.discovery_interval);
+    loop {
+        tokio::select! {
+            cmd = cmds.recv() => {
+                let Some(cmd) = cmd else { return };
+                let kad = &mut swarm.behaviour_mut().kad;
+                match cmd {
+                    Cmd::Provide(realm) => {
+                        if provided.insert(realm.clone()) {
+                            let _ = kad.start_providing(realm_key(&realm));
+                            kad.get_providers(realm_key(&realm));
+                        }
+                    }
+                    Cmd::Unprovide(realm) => {
+                        if provided.remove(&realm) {
+                            kad.stop_providing(&realm_key(&realm));
+                        }
+                    }
+                    Cmd::Dial(a) => {
+                        if let Err(e) = swarm.dial(a.clone()) {
+                            tracing::debug!("dial {a}: {e}");
+                        }
+                    }
+                    Cmd::Disconnect(p) => {
+                        let _ = swarm.disconnect_peer_id(p);
+                    }
+                    Cmd::Put(key, value, ttl, reply) => {
+                        let mut r = kad::Record::new(key, value);
+                        r.publisher = Some(shared.local);
+                        r.expires = Some(Instant::now() + ttl);
+                        match kad.put_record(r, Quorum::One) {
+                            Ok(id) => {
+                                pending.insert(id, Pending::Put(reply));
+                            }
+                            Err(e) => {
+                                let _ = reply.send(Err(format!("cannot store the record: {e:?}")));
+                            }
+                        }
+                    }
+                    Cmd::Get(key, reply) => {
+                        let id = kad.get_record(kad::RecordKey::new(&key));
+                        pending.insert(id, Pending::Get(reply, Instant::now()));
+                    }
+                    Cmd::Listen(reply) => {
+                        let _ = reply.send(swarm.listeners().cloned().collect());
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                let kad = &mut swarm.behaviour_mut().kad;
+                for realm in &provided {
+                    kad.get_providers(realm_key(realm));
+                }
+                let now = Instant::now();
+                let mut redial = vec![];
+                known.retain(|p, (next, backoff, since)| {
+                    if now.duration_since(*since) > Duration::from_secs(600) {
+                        return false;
+                    }
+                    if *next <= now {
+                        redial.push(*p);
+                        *backoff = (*backoff * 2).min(Duration::from_secs(30));
+                        *next = now + *backoff;
+                    }
+                    true
+                });
+                for p in redial {
+                    if !swarm.is_connected(&p) {
+                        let _ = swarm.dial(p);
+                    }
+                }
+                if swarm.connected_peers().next().is_none() {
+                    for b in &bootstrap {
+                        let _ = swarm.dial(b.clone());
+                    }
+                }
+            }
+            ev = swarm.select_next_some() => {
+                handle_event(&mut swarm, ev, &shared, &control, &mut pending, &mut known, &cmd_tx);
+            }
+        }
+    }
+}
+
+fn handle_event(
+    swarm: &mut Swarm<Behaviour>,
+    ev: SwarmEvent<BehaviourEvent>,
+    shared: &Arc<Shared>,
+    control: &libp2p_stream::Control,
+    pending: &mut HashMap<kad::QueryId, Pending>,
+    known: &mut HashMap<PeerId, (Instant, Duration, Instant)>,
+    cmd: &mpsc::UnboundedSender<Cmd>,
+) {
+    match ev {
+        SwarmEvent::ConnectionEstablished {
+            peer_id,
+            endpoint,
+            num_established,
+            ..
+        } => {
+            known.remove(&peer_id);
+            let addr = endpoint.get_remote_address().clone();
+            if endpoint.is_dialer() {
+                swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer_id, addr.clone());
+            }
+            shared.conns.write().insert(peer_id, (addr, None));
+            if num_established.get() == 1 {
+                let (tx, rx) = mpsc::channel(shared.config.peer_queue.max(16));
+                shared.writers.write().insert(peer_id, tx);
+                tokio::spawn(writer(
+                    control.clone(),
+                    peer_id,
+                    rx,
+                    shared.clone(),
+                    cmd.clone(),
+                ));
+            }
+        }
+        SwarmEvent::ConnectionClosed {
+            peer_id,
+            num_established,
+            ..
+        } => {
+            if num_established == 0 {
+                shared.writers.write().remove(&peer_id);
+                shared.conns.write().remove(&peer_id);
+                let mut up = shared.up.write();
+                if up.remove(&peer_id).is_some() {
+                    let _ = shared.events.send(MeshEvent::PeerDown(peer_id));
+                    let now = Instant::now();
+                    known.insert(peer_id, (now, Duration::from_millis(250), now));
+                }
+            }
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+            peer_id,
+            info,
+            ..
+        })) => {
+            for a in info.listen_addrs {
+                swarm.behaviour_mut().kad.add_address(&peer_id, a);
+            }
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+            peer,
+            result: Ok(rtt),
+            ..
+        })) => {
+            if let Some(c) = shared.conns.write().get_mut(&peer) {
+                c.1 = Some(rtt);
+            }
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+            id,
+            result,
+            stats,
+            step,
+        })) => match result {
+            QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
+                providers,
+                ..
+            })) => {
+                for p in providers {
+                    if p != shared.local && !swarm.is_connected(&p) {
+                        let _ = swarm.dial(DialOpts::peer_id(p).build());
+                    }
+                }
+            }
+            QueryResult::GetRecord(Ok(GetRecordOk::FoundRecord(r))) => {
+                if let Some(Pending::Get(reply, started)) = pending.remove(&id) {
+                    let _ = reply.send(Ok(Lookup {
+                        value: Some(r.record.value),
+                        requests: stats.num_requests(),
+                        elapsed: started.elapsed(),
+                    }));
+                    if let Some(mut q) = swarm.behaviour_mut().kad.query_mut(&id) {
+                        q.finish();
+                    }
+                }
+            }
+            QueryResult::GetRecord(_) if step.last => {
+                if let Some(Pending::Get(reply, started)) = pending.remove(&id) {
+                    let _ = reply.send(Ok(Lookup {
+                        value: None,
+                        requests: stats.num_requests(),
+                        elapsed: started.elapsed(),
+                    }));
+                }
+            }
+            QueryResult::PutRecord(res) if step.last => {
+                if let Some(Pending::Put(reply)) = pending.remove(&id) {
+                    // A record that reached no other node is still stored here (a mesh of one).
+                    let stored = match res {
+                        Ok(_) => Ok(stats.num_successes() as usize),
+                        Err(kad::PutRecordError::QuorumFailed { success, .. }) => Ok(success.len()),
+                        Err(e) => Err(format!("cannot store the record: {e}")),
+                    };
+                    let _ = reply.send(stored);
+                }
+            }
+            _ => {}
+        },
+        _ => {}
+    }
+}
+
+/// Opens the outbound stream to `peer`, introduces this node and writes queued frames in batches.
+async fn writer(
+    mut control: libp2p_stream::Control,
+    peer: PeerId,
+    mut rx: mpsc::Receiver<Bytes>,
+    shared: Arc<Shared>,
+    cmd: mpsc::UnboundedSender<Cmd>,
+) {
+    let mut stream = match control.open_stream(peer, MESH_PROTOCOL).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(%peer, "no mesh stream: {e}");
+            return;
+        }
+    };
+    let hello = Frame::Hello {
+        version: frame::PROTOCOL_VERSION,
+        cert: shared.cert.clone(),
+    }
+    .encode();
+    if stream.write_all(&hello).await.is_err() {
+        let _ = cmd.send(Cmd::Disconnect(peer));
+        return;
+    }
+    let mut buf: Vec<u8> = Vec::with_capacity(64 << 10);
+    while let Some(first) = rx.recv().await {
+        buf.clear();
+        buf.extend_from_slice(&first);
+        while buf.len() < (256 << 10) {
+            match rx.try_recv() {
+                Ok(b) => buf.extend_from_slice(&b),
+                Err(_) => break,
+            }
+        }
+        if stream.write_all(&buf).await.is_err() || stream.flush().await.is_err() {
+            let _ = cmd.send(Cmd::Disconnect(peer));
+            return;
+        }
+        shared
+            .stats
+            .bytes_out
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+    }
+    let _ = stream.close().await;
+}
+
+async fn accept_loop(
+    mut incoming: libp2p_stream::IncomingStreams,
+    shared: Arc<Shared>,
+    cmd: mpsc::UnboundedSender<Cmd>,
+) {
+    while let Some((peer, stream)) = incoming.next().await {
+        tokio::spawn(reader(peer, stream, shared.clone(), cmd.clone()));
+    }
+}
+
+enum ReadError {
+    Closed,
+    Oversized(usize),
+}
+
+async fn read_frame<R: futures_util::io::AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Result<(), ReadError> {
+    let mut len = [0u8; 4];
+    rd.read_exact(&mut len)
+        .await
+        .map_err(|_| ReadError::Closed)?;
+    let n = u32::from_be_bytes(len) as usize;
+    if n > max {
+        return Err(ReadError::Oversized(n));
+    }
+    buf.resize(n, 0);
+    rd.read_exact(buf).await.map_err(|_| ReadError::Closed)
+}
+
+/// Reads one peer's inbound stream: the certificate first, then frames for the node.
+async fn reader(
+    peer: PeerId,
+    stream: libp2p::Stream,
+    shared: Arc<Shared>,
+    cmd: mpsc::UnboundedSender<Cmd>,
+) {
+    let stats = &shared.stats;
+    let mut rd = BufReader::with_capacity(64 << 10, stream);
+    let mut buf = Vec::new();
+    let max = shared.config.max_frame;
+    let certified = match read_frame(&mut rd, &mut buf, 4096).await {
+        Ok(()) => matches!(Frame::decode(&buf), Ok(Frame::Hello { cert, .. })
+            if cert::verify(&shared.operator, &peer, &cert)),
+        Err(_) => false,
+    };
+    if !certified {
+        stats.peers_rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%peer, "peer refused: no valid operator certificate for its peer id");
+        let _ = cmd.send(Cmd::Disconnect(peer));
+        return;
+    }
+    let generation = shared.generation.fetch_add(1, Ordering::Relaxed);
+    {
+        let mut up = shared.up.write();
+        up.insert(peer, generation);
+        let _ = shared.events.send(MeshEvent::PeerUp(peer));
+    }
+    loop {
+        match read_frame(&mut rd, &mut buf, max).await {
+            Ok(()) => {
+                stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .bytes_in
+                    .fetch_add(buf.len() as u64 + 4, Ordering::Relaxed);
+                match Frame::decode(&buf) {
+                    Ok(Frame::Hello { .. }) => {}
+                    Ok(f) => {
+                        // Checked under the lock that PeerDown is sent under: no frame of a
+                        // stream is delivered after the peer was reported gone.
+                        let up = shared.up.read();
+                        if up.get(&peer) != Some(&generation) {
+                            return;
+                        }
+                        let _ = shared.events.send(MeshEvent::Frame(peer, f));
+                    }
+                    Err(e) => {
+                        stats.frames_malformed.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%peer, "malformed mesh frame dropped: {e}");
+                    }
+                }
+            }
+            Err(ReadError::Oversized(n)) => {
+                stats.frames_malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, "mesh frame of {n} bytes exceeds mesh.max_frame; disconnecting");
+                let _ = cmd.send(Cmd::Disconnect(peer));
+                return;
+            }
+            Err(ReadError::Closed) => return,
+        }
+    }
+}
