@@ -40,6 +40,9 @@ pub struct Loaded {
     pub operator: VerifyingKey,
     pub policies: HashMap<String, Arc<Policy>>,
     pub revoked: HashSet<String>,
+    /// Sequence number of each realm's policy (its file's modification time in milliseconds):
+    /// the version this node signs and floods over the mesh.
+    pub seqs: HashMap<String, u64>,
 }
 
 /// A config directory.
@@ -48,7 +51,7 @@ pub struct ConfDir {
     pub root: PathBuf,
 }
 
-fn write_secret(path: &Path, text: &str) -> Result<()> {
+pub fn write_secret(path: &Path, text: &str) -> Result<()> {
     fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     #[cfg(unix)]
     {
@@ -109,7 +112,7 @@ impl ConfDir {
         Ok(())
     }
 
-    fn operator_key(&self) -> Result<SigningKey> {
+    pub fn operator_key(&self) -> Result<SigningKey> {
         read_signing_key(&self.root.join("trust/operator.key"))
             .context("this directory holds no trust root secret (trust/operator.key); realms are created where it is")
     }
@@ -150,6 +153,10 @@ impl ConfDir {
         fs::write(&tmp, p.to_yaml())?;
         fs::rename(&tmp, &path)?;
         Ok(())
+    }
+
+    pub fn policy_path(&self, realm: &str) -> PathBuf {
+        self.realm_dir(realm).join("policy.yaml")
     }
 
     pub fn read_policy(&self, realm: &str) -> Result<PolicyDoc> {
@@ -227,7 +234,7 @@ impl ConfDir {
     }
 
     /// The realm (itself or the nearest parent) whose authority can sign keys for `realm`.
-    fn authority_for(&self, realm: &str) -> Result<(String, SigningKey, SignedCert)> {
+    pub fn authority_for(&self, realm: &str) -> Result<(String, SigningKey, SignedCert)> {
         let mut r = realm.to_owned();
         loop {
             let dir = self.realm_dir(&r);
@@ -310,6 +317,7 @@ impl ConfDir {
         };
         let mut policies = HashMap::new();
         let mut revoked = HashSet::new();
+        let mut seqs = HashMap::new();
         for r in self.realms()? {
             let path = self.realm_dir(&r).join("policy.yaml");
             let text = fs::read_to_string(&path)?;
@@ -322,6 +330,12 @@ impl ConfDir {
                 );
             }
             revoked.extend(p.doc.revoked_keys.iter().cloned());
+            let seq = fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis() as u64);
+            seqs.insert(r.clone(), seq);
             policies.insert(r, Arc::new(p));
         }
         Ok(Loaded {
@@ -329,6 +343,7 @@ impl ConfDir {
             operator,
             policies,
             revoked,
+            seqs,
         })
     }
 }
@@ -351,6 +366,7 @@ pub fn default_policy(realm: &str) -> PolicyDoc {
                     "realm:read".into(),
                     format!("pubsub:*:{realm}.*"),
                     format!("rpc:*:{realm}.*"),
+                    "rpc:call:macula.dht.*".into(),
                 ],
                 subrealms: false,
             },

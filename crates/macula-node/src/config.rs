@@ -2,6 +2,7 @@
 //! default that suits a single machine; see `docs` in the README for the full list.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -78,12 +79,66 @@ impl Limits {
     }
 }
 
+/// How the node joins the mesh (`mesh:` in node.yaml).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshSection {
+    /// Join a mesh at all. Off: the node serves only its own clients.
+    pub enabled: bool,
+    /// QUIC listen addresses (multiaddr), e.g. `/ip4/0.0.0.0/udp/7600/quic-v1`.
+    pub listen: Vec<String>,
+    /// Addresses other nodes should dial, when the listen address is not reachable as is.
+    pub announce: Vec<String>,
+    /// Nodes to join through (multiaddr, optionally ending in `/p2p/<peer id>`).
+    pub bootstrap: Vec<String>,
+    /// Node identity key (created on first start); relative to the config directory.
+    pub identity: PathBuf,
+    /// The operator's certificate for this node (from `macula mesh certify`); not needed where
+    /// `trust/operator.key` is present. Relative to the config directory.
+    pub cert: PathBuf,
+    /// A silent peer is considered gone after this long (ms).
+    pub peer_timeout_ms: u64,
+    /// How often realm peers are looked up and lost peers redialled (ms).
+    pub discovery_interval_ms: u64,
+    /// Largest inter-node frame, in bytes.
+    pub max_frame: usize,
+    /// Frames queued per peer before new ones are dropped and counted.
+    pub peer_queue: usize,
+    /// Kademlia lookup parallelism.
+    pub dht_parallelism: usize,
+    /// Largest value `macula.dht.put` accepts, in bytes.
+    pub dht_max_value: usize,
+    /// Longest TTL `macula.dht.put` accepts, in seconds (also the default).
+    pub dht_max_ttl_s: u64,
+}
+
+impl Default for MeshSection {
+    fn default() -> Self {
+        MeshSection {
+            enabled: true,
+            listen: vec!["/ip4/127.0.0.1/udp/7600/quic-v1".into()],
+            announce: vec![],
+            bootstrap: vec![],
+            identity: PathBuf::from("node/identity.key"),
+            cert: PathBuf::from("node/node.cert"),
+            peer_timeout_ms: 3000,
+            discovery_interval_ms: 2000,
+            max_frame: 16 << 20,
+            peer_queue: 65_536,
+            dht_parallelism: 3,
+            dht_max_value: 64 << 10,
+            dht_max_ttl_s: 86_400,
+        }
+    }
+}
+
 /// The whole node configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
     pub listen: Listen,
     pub limits: Limits,
+    pub mesh: MeshSection,
     /// How often the config directory is re-read for policy and revocation changes, in ms.
     pub reload_interval_ms: u64,
 }

@@ -34,6 +34,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ready\n" }))
         .route("/metrics", get(metrics))
+        .route("/v1/mesh", get(mesh_status))
         .route("/v1/realms/{realm}/publish", post(publish))
         .route("/v1/realms/{realm}/call/{procedure}", post(call))
         .layer(DefaultBodyLimit::max(body_limit))
@@ -50,10 +51,55 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
             (r.name.clone(), core.session_count(), subs, regs, calls)
         })
         .collect();
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        node.metrics.render(&realms),
-    )
+    let mut text = node.metrics.render(&realms);
+    if let Some(m) = node.mesh.get() {
+        crate::metrics::render_mesh(&mut text, m, &node.metrics);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+/// `GET /v1/mesh`: this node's peer id, addresses, peers (address, latency), and per-realm
+/// interest tables (what `macula mesh status` prints).
+async fn mesh_status(State(node): State<Arc<Node>>) -> Response {
+    let Some(m) = node.mesh.get() else {
+        return (
+            axum::http::StatusCode::NOT_FOUND,
+            axum::Json(serde_json::json!({"error": {"code": "mesh_off", "message": "the mesh is off on this node (mesh.enabled: false)"}})),
+        )
+            .into_response();
+    };
+    let realms: Vec<serde_json::Value> = node
+        .realm_handles()
+        .iter()
+        .map(|r| {
+            let core = r.lock();
+            let (subs, regs, calls) = core.stats();
+            serde_json::json!({
+                "realm": r.name,
+                "sessions": core.session_count(),
+                "links": core.link_count() - usize::from(r.service.is_some()),
+                "subscriptions": subs,
+                "registrations": regs,
+                "calls_in_flight": calls,
+            })
+        })
+        .collect();
+    let stats = m.handle.stats();
+    let g = |v: &std::sync::atomic::AtomicU64| v.load(std::sync::atomic::Ordering::Relaxed);
+    let body = serde_json::json!({
+        "peer_id": m.handle.peer_id().to_string(),
+        "listen": m.handle.listen_addrs().await.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "peers": m.handle.peer_status(),
+        "realms": realms,
+        "realm_states": m.states.lock().len(),
+        "frames": {
+            "in": g(&stats.frames_in), "out": g(&stats.frames_out),
+            "dropped": g(&stats.frames_dropped), "malformed": g(&stats.frames_malformed),
+            "rejected": g(&m.counters.rejected), "unknown_realm": g(&m.counters.unknown_realm),
+        },
+        "peers_rejected": g(&stats.peers_rejected),
+    });
+    axum::Json(body).into_response()
 }
 
 async fn ws_upgrade(
@@ -298,7 +344,10 @@ impl BridgeSession {
                 link: false,
             };
             // The WELCOME is not needed by an HTTP client.
-            let _welcome = core.join(info, crate::outbox::SessionPeer(outbox.clone()));
+            let _welcome = core.join(
+                info,
+                crate::mesh::NodePeer::Session(crate::outbox::SessionPeer(outbox.clone())),
+            );
             id
         };
         Ok(BridgeSession {

@@ -11,6 +11,7 @@
 pub mod confdir;
 pub mod config;
 pub mod http;
+pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod outbox;
@@ -34,6 +35,8 @@ pub struct Running {
     pub node: Arc<Node>,
     pub http_addr: SocketAddr,
     pub rawsocket_addr: SocketAddr,
+    /// Mesh addresses other nodes can bootstrap from (empty when the mesh is off).
+    pub mesh_addrs: Vec<String>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -109,13 +112,114 @@ pub async fn start(node: Arc<Node>) -> anyhow::Result<Running> {
             }
         }));
     }
+    let mut mesh_addrs = vec![];
+    if node.config.mesh.enabled {
+        let (mesh, rx) = start_mesh(&node).await?;
+        mesh_addrs = mesh
+            .handle
+            .listen_addrs()
+            .await
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        let _ = node.mesh.set(mesh.clone());
+        mesh::publish_local_states(&node, &mesh);
+        node.rebuild_auth();
+        tasks.push(tokio::spawn(mesh::run(node.clone(), mesh, rx)));
+        tracing::info!(peer_id = %node.mesh.get().map(|m| m.handle.peer_id().to_string()).unwrap_or_default(), addrs = ?mesh_addrs, "mesh listening");
+    }
     tracing::info!(http = %http_addr, rawsocket = %rawsocket_addr, "node listening");
     Ok(Running {
         node,
         http_addr,
         rawsocket_addr,
+        mesh_addrs,
         tasks,
     })
+}
+
+/// Loads (or creates) the node identity, obtains its operator certificate and starts the mesh.
+async fn start_mesh(
+    node: &Arc<Node>,
+) -> anyhow::Result<(
+    Arc<mesh::MeshState>,
+    tokio::sync::mpsc::UnboundedReceiver<macula_mesh::MeshEvent>,
+)> {
+    use macula_mesh::identity::Keypair;
+    let cfg = &node.config.mesh;
+    let root = node.confdir.as_ref().map(|d| d.root.clone());
+    let resolve = |p: &std::path::Path| match &root {
+        Some(r) if p.is_relative() => r.join(p),
+        _ => p.to_path_buf(),
+    };
+    let keypair = match &root {
+        None => Keypair::generate_ed25519(),
+        Some(_) => {
+            let path = resolve(&cfg.identity);
+            match std::fs::read_to_string(&path) {
+                Ok(t) => {
+                    let mut bytes = macula_router::auth::credential::parse_hex32(&t)
+                        .with_context(|| format!("{} is not a 64-hex-digit key", path.display()))?;
+                    Keypair::ed25519_from_bytes(&mut bytes)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+                }
+                Err(_) => {
+                    let secret: [u8; 32] = rand::random();
+                    if let Some(parent) = path.parent() {
+                        std::fs::create_dir_all(parent)?;
+                    }
+                    confdir::write_secret(&path, &hex::encode(secret))?;
+                    let mut s = secret;
+                    Keypair::ed25519_from_bytes(&mut s)
+                        .map_err(|e| anyhow::anyhow!("node identity: {e}"))?
+                }
+            }
+        }
+    };
+    let peer = keypair.public().to_peer_id();
+    let operator = *node.auth().authenticator.operator();
+    let cert = match node.confdir.as_ref().and_then(|d| d.operator_key().ok()) {
+        Some(op) => macula_mesh::cert::issue(&op, &peer),
+        None => {
+            let path = resolve(&cfg.cert);
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!(
+                    "this node ({peer}) has no operator certificate: run `macula mesh certify {peer}` where trust/operator.key lives and save the output as {} (or set mesh.enabled: false)",
+                    path.display()
+                )
+            })?;
+            hex::decode(text.trim()).with_context(|| format!("{} is not hex", path.display()))?
+        }
+    };
+    if !macula_mesh::cert::verify(&operator, &peer, &cert) {
+        anyhow::bail!(
+            "the mesh certificate is not the operator's signature over this node's peer id {peer}"
+        );
+    }
+    let parse = |v: &[String], what: &str| -> anyhow::Result<Vec<macula_mesh::Addr>> {
+        v.iter()
+            .map(|a| {
+                a.parse().with_context(|| {
+                    format!(
+                        "{what}: {a:?} is not a multiaddr (like /ip4/10.0.0.1/udp/7600/quic-v1)"
+                    )
+                })
+            })
+            .collect()
+    };
+    let mcfg = macula_mesh::MeshConfig {
+        listen: parse(&cfg.listen, "mesh.listen")?,
+        announce: parse(&cfg.announce, "mesh.announce")?,
+        bootstrap: parse(&cfg.bootstrap, "mesh.bootstrap")?,
+        peer_timeout: Duration::from_millis(cfg.peer_timeout_ms.max(300)),
+        discovery_interval: Duration::from_millis(cfg.discovery_interval_ms.max(100)),
+        max_frame: cfg.max_frame,
+        peer_queue: cfg.peer_queue,
+        dht_parallelism: cfg.dht_parallelism,
+        dht_timeout: Duration::from_secs(10),
+    };
+    let (handle, rx) = macula_mesh::start(mcfg, keypair, cert, operator).await?;
+    Ok((mesh::MeshState::new(handle), rx))
 }
 
 /// A cheap fingerprint of the config directory: modification times and sizes of the policy files.

@@ -22,6 +22,10 @@ pub struct Metrics {
     pub rate_limited: AtomicU64,
     pub auth_failures: AtomicU64,
     pub http_requests: AtomicU64,
+    /// Publications received from other nodes.
+    pub mesh_events_in: AtomicU64,
+    /// `macula.dht.get` lookups served.
+    pub dht_lookups: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -39,6 +43,8 @@ impl Default for Metrics {
             rate_limited: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
             http_requests: AtomicU64::new(0),
+            mesh_events_in: AtomicU64::new(0),
+            dht_lookups: AtomicU64::new(0),
         }
     }
 }
@@ -119,4 +125,42 @@ impl Metrics {
         }
         s
     }
+}
+
+/// The mesh series: peers, frames by outcome, interest table sizes and DHT lookups.
+pub fn render_mesh(s: &mut String, m: &crate::mesh::MeshState, node: &Metrics) {
+    let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
+    let st = m.handle.stats();
+    let peers = m.handle.peer_status();
+    let certified = peers.iter().filter(|p| p.certified).count();
+    let _ = writeln!(s, "# HELP macula_mesh_peers Connected mesh peers (certified ones exchange traffic).\n# TYPE macula_mesh_peers gauge\nmacula_mesh_peers{{certified=\"true\"}} {certified}\nmacula_mesh_peers{{certified=\"false\"}} {}", peers.len() - certified);
+    let _ = writeln!(s, "# HELP macula_mesh_peer_rtt_seconds Last ping round trip per peer.\n# TYPE macula_mesh_peer_rtt_seconds gauge");
+    for p in &peers {
+        if let Some(us) = p.rtt_us {
+            let _ = writeln!(
+                s,
+                "macula_mesh_peer_rtt_seconds{{peer=\"{}\"}} {}",
+                p.peer_id,
+                us as f64 / 1e6
+            );
+        }
+    }
+    let _ = writeln!(s, "# HELP macula_mesh_frames_total Inter-node frames by outcome.\n# TYPE macula_mesh_frames_total counter");
+    for (k, v) in [
+        ("in", g(&st.frames_in)),
+        ("out", g(&st.frames_out)),
+        ("dropped", g(&st.frames_dropped)),
+        ("malformed", g(&st.frames_malformed)),
+        ("rejected", g(&m.counters.rejected)),
+        ("unknown_realm", g(&m.counters.unknown_realm)),
+    ] {
+        let _ = writeln!(s, "macula_mesh_frames_total{{outcome=\"{k}\"}} {v}");
+    }
+    let _ = writeln!(s, "# HELP macula_mesh_bytes_total Inter-node bytes.\n# TYPE macula_mesh_bytes_total counter\nmacula_mesh_bytes_total{{dir=\"in\"}} {}\nmacula_mesh_bytes_total{{dir=\"out\"}} {}", g(&st.bytes_in), g(&st.bytes_out));
+    let _ = writeln!(s, "# HELP macula_mesh_peers_rejected_total Peers refused for lacking an operator certificate.\n# TYPE macula_mesh_peers_rejected_total counter\nmacula_mesh_peers_rejected_total {}", g(&st.peers_rejected));
+    let _ = writeln!(s, "# HELP macula_mesh_links Remote nodes with interest or registrations in a local realm.\n# TYPE macula_mesh_links gauge\nmacula_mesh_links {}", m.link_count());
+    let _ = writeln!(s, "# HELP macula_mesh_realm_states Signed realm states known.\n# TYPE macula_mesh_realm_states gauge\nmacula_mesh_realm_states {}", m.states.lock().len());
+    let _ = writeln!(s, "# HELP macula_mesh_states_total Realm states received, by outcome.\n# TYPE macula_mesh_states_total counter\nmacula_mesh_states_total{{outcome=\"applied\"}} {}\nmacula_mesh_states_total{{outcome=\"rejected\"}} {}", g(&m.counters.states_applied), g(&m.counters.states_rejected));
+    let _ = writeln!(s, "# HELP macula_mesh_events_in_total Publications received from other nodes.\n# TYPE macula_mesh_events_in_total counter\nmacula_mesh_events_in_total {}", g(&node.mesh_events_in));
+    let _ = writeln!(s, "# HELP macula_dht_lookups_total DHT lookups (macula.dht.get).\n# TYPE macula_dht_lookups_total counter\nmacula_dht_lookups_total {}", g(&node.dht_lookups));
 }

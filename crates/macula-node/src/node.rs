@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
 use macula_router::auth::{abort, goodbye, Authenticator, Identity};
@@ -13,18 +13,21 @@ use macula_wamp::{errors, Id, Message};
 
 use crate::confdir::{ConfDir, Loaded};
 use crate::config::NodeConfig;
+use crate::mesh::{MeshState, NodePeer};
 use crate::metrics::Metrics;
-use crate::outbox::{Outbox, SessionPeer};
+use crate::outbox::Outbox;
 
 /// A realm and the lock around its router core.
 pub struct RealmHandle {
     pub name: String,
-    pub core: Mutex<Realm<SessionPeer>>,
+    pub core: Mutex<Realm<NodePeer>>,
+    /// The member answering the node's own procedures (`macula.dht.*`), when the mesh is on.
+    pub service: Option<Id>,
 }
 
 impl RealmHandle {
     /// Locks the realm's core; a poisoned lock (a panic elsewhere) is recovered, not propagated.
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, Realm<SessionPeer>> {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Realm<NodePeer>> {
         match self.core.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -52,21 +55,29 @@ pub struct Node {
     auth: RwLock<Arc<AuthState>>,
     realms: Mutex<HashMap<String, Arc<RealmHandle>>>,
     sessions: Mutex<HashMap<Id, LiveSession>>,
+    /// What the config directory holds (merged with realm states learned from the mesh).
+    local: Mutex<Loaded>,
+    /// The mesh, once started.
+    pub mesh: OnceLock<Arc<MeshState>>,
+    me: std::sync::Weak<Node>,
 }
 
 impl Node {
     pub fn new(loaded: Loaded, confdir: Option<ConfDir>) -> Arc<Node> {
         let auth = AuthState {
-            authenticator: Authenticator::new(loaded.operator, loaded.revoked),
-            policies: loaded.policies,
+            authenticator: Authenticator::new(loaded.operator, loaded.revoked.clone()),
+            policies: loaded.policies.clone(),
         };
-        Arc::new(Node {
-            config: loaded.config,
+        Arc::new_cyclic(|me| Node {
+            config: loaded.config.clone(),
             metrics: Arc::new(Metrics::default()),
             confdir,
             auth: RwLock::new(Arc::new(auth)),
             realms: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
+            local: Mutex::new(loaded),
+            mesh: OnceLock::new(),
+            me: me.clone(),
         })
     }
 
@@ -141,27 +152,73 @@ impl Node {
                 "this node is at its session limit (limits.max_sessions); try another node",
             ));
         }
+        Ok(self.realm_handle_or_create(&identity.realm, policy))
+    }
+
+    fn realm_handle_or_create(&self, name: &str, policy: Arc<Policy>) -> Arc<RealmHandle> {
         let mut realms = self.realms.lock().unwrap_or_else(|p| p.into_inner());
-        let handle = realms
-            .entry(identity.realm.clone())
+        realms
+            .entry(name.to_owned())
             .or_insert_with(|| {
                 let config = RealmConfig {
                     default_call_timeout: self.config.limits.call_timeout(),
                     max_subscriptions_per_session: self.config.limits.max_subscriptions_per_session,
                     max_registrations_per_session: self.config.limits.max_registrations_per_session,
                 };
+                let mut core = Realm::new(name, policy, config, rand::random());
+                let mut service = None;
+                if let Some(m) = self.mesh.get() {
+                    core.set_announcer(m.announcer());
+                    m.handle.provide(name);
+                    let peer = NodePeer::Service(crate::mesh::ServicePeer {
+                        node: self.me.clone(),
+                        realm: Arc::from(name),
+                    });
+                    let id = core.join_link("macula.service", peer);
+                    for p in crate::mesh::SERVICE_PROCEDURES {
+                        core.service_register(id, p);
+                    }
+                    service = Some(id);
+                }
                 Arc::new(RealmHandle {
-                    name: identity.realm.clone(),
-                    core: Mutex::new(Realm::new(
-                        &identity.realm,
-                        policy.clone(),
-                        config,
-                        rand::random(),
-                    )),
+                    name: name.to_owned(),
+                    core: Mutex::new(core),
+                    service,
                 })
             })
-            .clone();
-        Ok(handle)
+            .clone()
+    }
+
+    /// The live state of `realm`, if any.
+    pub fn realm_handle(&self, realm: &str) -> Option<Arc<RealmHandle>> {
+        self.realms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(realm)
+            .cloned()
+    }
+
+    /// The realm a frame from another node refers to, created if this node knows its policy.
+    pub fn realm_for_mesh(&self, realm: &str) -> Option<Arc<RealmHandle>> {
+        if let Some(r) = self.realm_handle(realm) {
+            return Some(r);
+        }
+        let policy = self.policy_for(realm)?;
+        Some(self.realm_handle_or_create(realm, policy))
+    }
+
+    /// Forgets a realm's state once it has neither sessions nor links, so that joining many
+    /// (sub)realms does not grow the node without bound. Only when no one else holds the handle:
+    /// a connection being admitted to it right now keeps it alive.
+    pub fn drop_realm_if_idle(&self, realm: &Arc<RealmHandle>) {
+        let mut realms = self.realms.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = {
+            let core = realm.lock();
+            core.session_count() == 0 && core.link_count() == usize::from(realm.service.is_some())
+        };
+        if Arc::strong_count(realm) <= 2 && idle {
+            realms.remove(&realm.name);
+        }
     }
 
     /// Records a joined session.
@@ -181,15 +238,7 @@ impl Node {
     /// Removes a session from its realm and the live table.
     pub fn session_left(&self, id: Id, realm: &Arc<RealmHandle>) {
         realm.lock().leave(id);
-        // Forget the realm's state once nobody is in it, so that joining many (sub)realms does
-        // not grow the node without bound. Only when no one else holds the handle: a connection
-        // being admitted to it right now keeps it alive (the map and `realm` are two references).
-        {
-            let mut realms = self.realms.lock().unwrap_or_else(|p| p.into_inner());
-            if Arc::strong_count(realm) <= 2 && realm.lock().session_count() == 0 {
-                realms.remove(&realm.name);
-            }
-        }
+        self.drop_realm_if_idle(realm);
         let removed = self
             .sessions
             .lock()
@@ -220,9 +269,51 @@ impl Node {
     /// Applies a freshly loaded configuration: new policies and revocations take effect for new
     /// operations at once; sessions whose key was revoked or whose role disappeared are closed.
     pub fn apply(&self, loaded: Loaded) {
+        *self.local.lock().unwrap_or_else(|p| p.into_inner()) = loaded;
+        if let Some(m) = self.mesh.get() {
+            crate::mesh::publish_local_states(self, m);
+        }
+        self.rebuild_auth();
+    }
+
+    /// Policy file sequence numbers of the config directory's realms.
+    pub fn local_seqs(&self) -> Vec<(String, u64)> {
+        let local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        local.seqs.iter().map(|(r, s)| (r.clone(), *s)).collect()
+    }
+
+    /// Recomputes policies and revocations from the config directory and the realm states
+    /// learned from the mesh (a newer signed state wins over an older local file), then applies
+    /// them.
+    pub fn rebuild_auth(&self) {
+        let local = self.local.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut policies = local.policies;
+        if let Some(m) = self.mesh.get() {
+            for (realm, st) in m.states.lock().iter() {
+                let local_seq = local.seqs.get(realm).copied().unwrap_or(0);
+                if st.seq > local_seq || !policies.contains_key(realm) {
+                    if let Ok(p) = Policy::from_yaml(&st.policy) {
+                        policies.insert(realm.clone(), Arc::new(p));
+                    }
+                }
+            }
+        }
+        let revoked = policies
+            .values()
+            .flat_map(|p| p.doc.revoked_keys.iter().cloned())
+            .collect();
+        self.install(local.operator, policies, revoked);
+    }
+
+    fn install(
+        &self,
+        operator: ed25519_dalek::VerifyingKey,
+        policies: HashMap<String, Arc<Policy>>,
+        revoked: std::collections::HashSet<String>,
+    ) {
         let auth = Arc::new(AuthState {
-            authenticator: Authenticator::new(loaded.operator, loaded.revoked),
-            policies: loaded.policies,
+            authenticator: Authenticator::new(operator, revoked),
+            policies,
         });
         *self.auth.write().unwrap_or_else(|p| p.into_inner()) = auth.clone();
         for r in self.realm_handles() {

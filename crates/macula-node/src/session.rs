@@ -239,7 +239,10 @@ impl Connection {
                                 callee_cancel,
                                 link: false,
                             };
-                            let welcome = core.join(info, SessionPeer(self.outbox.clone()));
+                            let welcome = core.join(
+                                info,
+                                crate::mesh::NodePeer::Session(SessionPeer(self.outbox.clone())),
+                            );
                             self.outbox_send(welcome);
                             id
                         };

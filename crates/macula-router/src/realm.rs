@@ -1387,6 +1387,22 @@ impl<P: Peer> Realm<P> {
         }
     }
 
+    /// Registers an in-process service of the node (a link member that answers calls itself),
+    /// outside the realm's policy: callers still need `rpc:call` permission for `uri`.
+    pub fn service_register(&mut self, link: Id, uri: &str) {
+        let ids = &mut self.ids;
+        if let Ok(id) =
+            self.dealer
+                .register(link, uri, MatchPolicy::Exact, InvokePolicy::Single, || {
+                    ids.next()
+                })
+        {
+            if let Some(m) = self.sessions.get_mut(&link) {
+                m.registrations.push(id);
+            }
+        }
+    }
+
     /// The linked node no longer has a callee for (`uri`, `policy`).
     pub fn link_unregister(&mut self, link: Id, uri: &str, policy: MatchPolicy) {
         if let Some(id) = self.dealer.find(policy, uri) {

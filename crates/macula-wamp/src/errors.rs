@@ -34,3 +34,4 @@ pub const SLOW_CONSUMER: &str = "macula.error.slow_consumer";
 pub const CREDENTIAL_REVOKED: &str = "macula.error.credential_revoked";
 /// A configured per-session limit (subscriptions, registrations) was reached.
 pub const LIMIT_EXCEEDED: &str = "macula.error.limit_exceeded";
+pub const NOT_FOUND: &str = "macula.error.not_found";

@@ -39,7 +39,7 @@ impl Conn {
         Ok((realm, key))
     }
 
-    async fn connect(&self, reconnect: bool) -> Result<Client> {
+    pub async fn connect(&self, reconnect: bool) -> Result<Client> {
         let (realm, key) = self.resolve()?;
         let mut o = ConnectOptions::new(&self.url, &realm, &key);
         o.reconnect = reconnect;

@@ -2,6 +2,7 @@
 
 mod client_cmds;
 mod local;
+mod mesh_cmds;
 mod run;
 
 /// mimalloc: messages are allocated on a reader's thread and freed on a writer's; glibc's
@@ -67,6 +68,12 @@ enum Command {
     /// Manage realms in a local config directory.
     #[command(subcommand)]
     Realms(local::RealmsCmd),
+    /// Inspect the mesh (peers, latency, interest tables) and certify nodes.
+    #[command(subcommand)]
+    Mesh(mesh_cmds::MeshCmd),
+    /// Realm-scoped records in the mesh's DHT (signed, with a TTL).
+    #[command(subcommand)]
+    Dht(mesh_cmds::DhtCmd),
 }
 
 fn main() {
@@ -99,6 +106,8 @@ fn main() {
             Command::Serve(a) => client_cmds::serve(a, json).await,
             Command::Keys(c) => local::keys(c, json),
             Command::Realms(c) => local::realms(c, json),
+            Command::Mesh(c) => mesh_cmds::mesh(c, json).await,
+            Command::Dht(c) => mesh_cmds::dht(c, json).await,
         }
     });
     if let Err(e) = result {

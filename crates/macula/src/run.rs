@@ -23,6 +23,13 @@ pub struct UpArgs {
     /// RawSocket address.
     #[arg(long, default_value = "127.0.0.1:8081")]
     pub rawsocket: SocketAddr,
+    /// Start a local mesh of this many nodes (node i listens on the HTTP and RawSocket ports
+    /// plus 2i and on mesh port --mesh-port plus i; all join the first).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub nodes: u16,
+    /// UDP port of the first node's mesh (QUIC) listener.
+    #[arg(long, default_value_t = 7600)]
+    pub mesh_port: u16,
 }
 
 #[derive(Args)]
@@ -36,6 +43,23 @@ pub struct NodeArgs {
     /// Override listen.rawsocket from node.yaml.
     #[arg(long)]
     pub rawsocket: Option<SocketAddr>,
+    /// Join the mesh through this node (multiaddr, e.g. /ip4/10.0.0.1/udp/7600/quic-v1);
+    /// repeatable. Without any, the node is a mesh of one until others join it.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub bootstrap: Vec<String>,
+    /// Override mesh.listen (QUIC multiaddr, e.g. /ip4/0.0.0.0/udp/7600/quic-v1); repeatable.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub mesh_listen: Vec<String>,
+    /// Override mesh.announce: the address other nodes should dial; repeatable.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub announce: Vec<String>,
+    /// Directory for this node's identity key and mesh certificate [default: <config>/node].
+    /// Give each node its own when several share one config directory.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Serve only this node's clients: do not join a mesh.
+    #[arg(long)]
+    pub no_mesh: bool,
 }
 
 pub async fn up(a: UpArgs, json: bool) -> Result<()> {
@@ -54,16 +78,29 @@ pub async fn up(a: UpArgs, json: bool) -> Result<()> {
         std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
     }
     std::fs::write(a.home.join("up-realm"), format!("{}\n", a.realm))?;
-    let mut loaded = dir.load()?;
-    loaded.config.listen.http = a.http;
-    loaded.config.listen.rawsocket = a.rawsocket;
-    let node = Node::new(loaded, Some(dir));
-    let running = macula_node::start(node).await?;
+    let loaded = dir.load()?;
+    let mut nodes = vec![];
+    let mut first_mesh: Vec<String> = vec![];
+    for i in 0..a.nodes {
+        let mut l = loaded.clone();
+        l.config.listen.http = SocketAddr::new(a.http.ip(), a.http.port() + 2 * i);
+        l.config.listen.rawsocket = SocketAddr::new(a.rawsocket.ip(), a.rawsocket.port() + 2 * i);
+        l.config.mesh.listen = vec![format!("/ip4/127.0.0.1/udp/{}/quic-v1", a.mesh_port + i)];
+        l.config.mesh.identity = PathBuf::from(format!("nodes/{}/identity.key", i + 1));
+        l.config.mesh.bootstrap = first_mesh.clone();
+        let running = macula_node::start(Node::new(l, Some(dir.clone()))).await?;
+        if i == 0 {
+            first_mesh = running.mesh_addrs.clone();
+        }
+        nodes.push(running);
+    }
+    let running = &nodes[0];
     let realm = &a.realm;
     if json {
         println!(
             "{}",
-            serde_json::json!({"realm": realm, "key_id": kid, "key": key, "ws": running.ws_url(), "rawsocket": running.rawsocket_url(), "http": format!("http://{}", running.http_addr), "home": a.home})
+            serde_json::json!({"realm": realm, "key_id": kid, "key": key, "ws": running.ws_url(), "rawsocket": running.rawsocket_url(), "http": format!("http://{}", running.http_addr), "home": a.home,
+                "nodes": nodes.iter().map(|n| serde_json::json!({"ws": n.ws_url(), "rawsocket": n.rawsocket_url(), "http": format!("http://{}", n.http_addr), "mesh": n.mesh_addrs})).collect::<Vec<_>>()})
         );
     } else {
         let http = format!("http://{}", running.http_addr);
@@ -90,7 +127,9 @@ Try it in other terminals (the CLI picks up this realm and key by itself):
        -H 'content-type: application/json' -d '{{"topic": "{realm}.hello", "args": ["from curl"]}}'
 
 Python (Autobahn): connect to {ws} realm {realm} with authmethods=["ticket"] and the key as ticket.
+{mesh}
 Press Ctrl-C to stop."#,
+            mesh = mesh_table(&nodes),
             ws = running.ws_url(),
             rs = running.rawsocket_url(),
             home = a.home.display(),
@@ -101,9 +140,52 @@ Press Ctrl-C to stop."#,
     Ok(())
 }
 
+/// The nodes of `macula up --nodes N`, for the banner.
+fn mesh_table(nodes: &[macula_node::Running]) -> String {
+    if nodes.len() < 2 {
+        return format!(
+            "Mesh: this node listens on {} — start more with `macula node --bootstrap <that address>`, or use `macula up --nodes 3`.\n",
+            nodes[0].mesh_addrs.first().map_or("(off)", |s| s.as_str())
+        );
+    }
+    let mut s = format!(
+        "A local mesh of {} nodes (clients may use any of them):\n\n",
+        nodes.len()
+    );
+    for (i, n) in nodes.iter().enumerate() {
+        s.push_str(&format!(
+            "  node {}  {}  {}  http://{}\n",
+            i + 1,
+            n.ws_url(),
+            n.rawsocket_url(),
+            n.http_addr
+        ));
+    }
+    s.push_str("\nInspect it with `macula mesh status` (add --http 127.0.0.1:8082 for node 2).\n");
+    s
+}
+
 pub async fn node(a: NodeArgs) -> Result<()> {
     let dir = ConfDir::new(&a.config);
     let mut loaded = dir.load()?;
+    if a.no_mesh {
+        loaded.config.mesh.enabled = false;
+    }
+    if !a.bootstrap.is_empty() {
+        loaded.config.mesh.bootstrap = a.bootstrap.clone();
+    }
+    if !a.mesh_listen.is_empty() {
+        loaded.config.mesh.listen = a.mesh_listen.clone();
+    }
+    if !a.announce.is_empty() {
+        loaded.config.mesh.announce = a.announce.clone();
+    }
+    if let Some(d) = &a.data_dir {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        let d = std::path::absolute(d)?;
+        loaded.config.mesh.identity = d.join("identity.key");
+        loaded.config.mesh.cert = d.join("node.cert");
+    }
     if let Some(h) = a.http {
         loaded.config.listen.http = h;
     }
@@ -119,6 +201,9 @@ pub async fn node(a: NodeArgs) -> Result<()> {
         running.rawsocket_url(),
         running.http_addr
     );
+    for m in &running.mesh_addrs {
+        eprintln!("macula node: mesh {m}  (other nodes join with --bootstrap {m})");
+    }
     wait_for_shutdown().await;
     Ok(())
 }

@@ -35,6 +35,7 @@ impl TestNode {
         loaded.config.listen.http = "127.0.0.1:0".parse().unwrap();
         loaded.config.listen.rawsocket = "127.0.0.1:0".parse().unwrap();
         loaded.config.reload_interval_ms = 100;
+        loaded.config.mesh.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".into()];
         tune(&mut loaded.config);
         let node = Node::new(loaded, Some(dir.clone()));
         let running = macula_node::start(node).await.unwrap();

@@ -1,0 +1,708 @@
+//! The node's side of the mesh: what inter-node frames mean for realms.
+//!
+//! - Every realm this node hosts gets an announcer: when the first local session subscribes to a
+//!   (URI, match) or registers a procedure, an `Interest`/`Registration` frame goes to every peer;
+//!   the last one leaving withdraws it. A peer that connects receives the whole table.
+//! - On the receiving node, a *link member* per (realm, peer) holds that interest in the broker
+//!   and those registrations in the dealer ([`macula_router::Realm::join_link`]). A local
+//!   publication is therefore forwarded once to each node with matching interest and nowhere
+//!   else; a call goes to a node that has a callee, in one hop.
+//! - Realm states (policy, roles, revoked keys) are signed by the realm's authority and flooded:
+//!   a node accepts a state only if the authority's certificate chains to its operator key, and
+//!   the highest sequence number wins. This is how a revocation made at one node reaches all.
+//! - A peer that goes away takes its links with it: its interest and registrations vanish and
+//!   calls in flight to it fail with `wamp.error.canceled` at once.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use bytes::Bytes;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier};
+use macula_mesh::{Frame, MeshEvent, MeshHandle, Peer as PeerId};
+use macula_router::auth::credential::SignedCert;
+use macula_router::dealer::InvokePolicy;
+use macula_router::policy::Policy;
+use macula_router::{Announce, Forwarded, Origin, Peer};
+use macula_wamp::uri::MatchPolicy;
+use macula_wamp::{Id, Message, Serializer};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::node::{Node, RealmHandle};
+use crate::outbox::{SessionPeer, Staging};
+
+/// Who a realm member is: a client session (its outbox) or another node (a mesh link).
+#[derive(Clone)]
+pub enum NodePeer {
+    Session(SessionPeer),
+    Link(LinkPeer),
+    /// The node's own services (`macula.dht.*`), registered in every realm like a link so that
+    /// calls reach them through the dealer with the usual ACL check.
+    Service(ServicePeer),
+}
+
+impl Peer for NodePeer {
+    fn send(&self, msg: Arc<Message>) {
+        match self {
+            NodePeer::Session(s) => s.send(msg),
+            NodePeer::Link(l) => l.reply(&msg),
+            NodePeer::Service(_) => {}
+        }
+    }
+
+    fn forward(&self, f: Forwarded<'_>) {
+        match self {
+            NodePeer::Link(l) => l.forward(f),
+            NodePeer::Service(s) => s.invoke(f),
+            NodePeer::Session(_) => {}
+        }
+    }
+}
+
+/// A realm's end of the link to one peer node.
+#[derive(Clone)]
+pub struct LinkPeer {
+    peer: PeerId,
+    realm: Arc<str>,
+    mesh: MeshHandle,
+}
+
+fn origin(i: &macula_router::SessionInfo) -> macula_mesh::Origin {
+    macula_mesh::Origin {
+        session: i.id,
+        authid: i.authid.clone(),
+        authrole: i.authrole.clone(),
+    }
+}
+
+impl LinkPeer {
+    fn encode(msg: &Message) -> Bytes {
+        Bytes::from(Serializer::MsgPack.encode(msg))
+    }
+
+    fn reply(&self, msg: &Message) {
+        let frame = Frame::Reply {
+            realm: self.realm.to_string(),
+            msg: Self::encode(msg),
+        };
+        self.mesh.send(&self.peer, &frame);
+    }
+
+    fn forward(&self, f: Forwarded<'_>) {
+        let frame = match f {
+            Forwarded::Publication {
+                publication,
+                topic,
+                options,
+                payload,
+                origin: o,
+            } => Frame::Publish {
+                realm: self.realm.to_string(),
+                origin: origin(o),
+                msg: Self::encode(&Message::Publish {
+                    request: publication,
+                    options: options.clone(),
+                    topic: topic.to_owned(),
+                    payload: payload.clone(),
+                }),
+            },
+            Forwarded::Call {
+                invocation,
+                procedure,
+                options,
+                payload,
+                origin: o,
+            } => Frame::Call {
+                realm: self.realm.to_string(),
+                origin: origin(o),
+                msg: Self::encode(&Message::Call {
+                    request: invocation,
+                    options,
+                    procedure: procedure.to_owned(),
+                    payload,
+                }),
+            },
+        };
+        self.mesh.send(&self.peer, &frame);
+    }
+}
+
+/// A realm's policy as signed by its authority: what nodes flood to each other.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RealmState {
+    pub realm: String,
+    /// Higher wins: the policy file's modification time in milliseconds where it was signed.
+    pub seq: u64,
+    pub policy: String,
+    /// The operator's certificate of the signing authority (the realm's or a parent's).
+    pub cert: String,
+    pub sig: Vec<u8>,
+}
+
+impl RealmState {
+    fn signed_part(&self) -> Vec<u8> {
+        let mut out = b"macula-realm-state/v1:".to_vec();
+        let _ =
+            rmp_serde::encode::write(&mut out, &(&self.realm, self.seq, &self.policy, &self.cert));
+        out
+    }
+
+    pub fn sign(
+        realm: &str,
+        seq: u64,
+        policy: String,
+        cert: &SignedCert,
+        key: &SigningKey,
+    ) -> RealmState {
+        let mut s = RealmState {
+            realm: realm.into(),
+            seq,
+            policy,
+            cert: cert.to_text(),
+            sig: vec![],
+        };
+        s.sig = key.sign(&s.signed_part()).to_bytes().to_vec();
+        s
+    }
+
+    /// Checks the chain operator → authority → state and parses the policy.
+    pub fn verify(&self, operator: &ed25519_dalek::VerifyingKey) -> Result<Policy, String> {
+        let cert = SignedCert::from_text(&self.cert).map_err(|e| e.to_string())?;
+        let auth = cert
+            .verify(operator, crate::confdir::now_secs())
+            .map_err(|e| e.to_string())?;
+        let covers =
+            self.realm == auth.realm || self.realm.starts_with(&format!("{}.", auth.realm));
+        if !covers {
+            return Err(format!(
+                "authority of {} cannot sign the policy of {}",
+                auth.realm, self.realm
+            ));
+        }
+        let vk =
+            ed25519_dalek::VerifyingKey::from_bytes(&auth.authority).map_err(|e| e.to_string())?;
+        let sig = Signature::from_slice(&self.sig).map_err(|e| e.to_string())?;
+        vk.verify(&self.signed_part(), &sig)
+            .map_err(|_| "bad signature".to_string())?;
+        let p = Policy::from_yaml(&self.policy).map_err(|e| e.to_string())?;
+        if p.realm() != self.realm {
+            return Err(format!("policy declares realm {}", p.realm()));
+        }
+        Ok(p)
+    }
+
+    pub fn encode(&self) -> Bytes {
+        Bytes::from(rmp_serde::to_vec(self).unwrap_or_default())
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct MeshCounters {
+    /// Forwarded messages refused by this node's ACL or validation.
+    pub rejected: AtomicU64,
+    /// Frames for realms this node has no policy for.
+    pub unknown_realm: AtomicU64,
+    /// Realm states refused (bad signature or chain).
+    pub states_rejected: AtomicU64,
+    pub states_applied: AtomicU64,
+}
+
+/// The mesh as the node sees it.
+pub struct MeshState {
+    pub handle: MeshHandle,
+    pub counters: MeshCounters,
+    links: Mutex<HashMap<(String, PeerId), Id>>,
+    /// Signed realm states known to this node (its own and learned), by realm.
+    pub states: Mutex<HashMap<String, RealmState>>,
+}
+
+impl MeshState {
+    pub fn new(handle: MeshHandle) -> Arc<MeshState> {
+        Arc::new(MeshState {
+            handle,
+            counters: MeshCounters::default(),
+            links: Mutex::new(HashMap::new()),
+            states: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The announcer installed in every realm: local interest changes go to every peer.
+    pub fn announcer(self: &Arc<Self>) -> macula_router::Announcer {
+        let weak: Weak<MeshState> = Arc::downgrade(self);
+        Arc::new(move |realm, a| {
+            if let Some(m) = weak.upgrade() {
+                m.handle.broadcast(&announce_frame(realm, a), None);
+            }
+        })
+    }
+
+    /// Number of link members (remote nodes with interest or registrations in a realm here).
+    pub fn link_count(&self) -> usize {
+        self.links.lock().len()
+    }
+
+    /// Records `state` if it is newer than what this node has; returns whether it was.
+    pub fn offer_state(&self, state: RealmState) -> bool {
+        let mut states = self.states.lock();
+        match states.get(&state.realm) {
+            Some(s) if s.seq >= state.seq => false,
+            _ => {
+                states.insert(state.realm.clone(), state);
+                true
+            }
+        }
+    }
+}
+
+fn announce_frame(realm: &str, a: Announce) -> Frame {
+    match a {
+        Announce::Interest { uri, policy, add } => Frame::Interest {
+            realm: realm.into(),
+            uri,
+            policy: policy.as_str().into(),
+            add,
+        },
+        Announce::Registration {
+            uri,
+            policy,
+            invoke,
+            role,
+            add,
+        } => Frame::Registration {
+            realm: realm.into(),
+            uri,
+            policy: policy.as_str().into(),
+            invoke: invoke.as_str().into(),
+            role,
+            add,
+        },
+    }
+}
+
+/// Processes mesh events until the mesh stops. Deliveries of a burst of frames are staged and
+/// flushed together, as for a client connection.
+pub async fn run(
+    node: Arc<Node>,
+    mesh: Arc<MeshState>,
+    mut rx: mpsc::UnboundedReceiver<MeshEvent>,
+) {
+    let mut staging = Staging::default();
+    while let Some(ev) = rx.recv().await {
+        staging.capture(|| handle(&node, &mesh, ev));
+        while staging.len() < Staging::LIMIT {
+            match rx.try_recv() {
+                Ok(ev) => staging.capture(|| handle(&node, &mesh, ev)),
+                Err(_) => break,
+            }
+        }
+        staging.flush();
+    }
+}
+
+fn link_for(node: &Node, mesh: &MeshState, realm: &Arc<RealmHandle>, peer: PeerId) -> Id {
+    let key = (realm.name.clone(), peer);
+    if let Some(id) = mesh.links.lock().get(&key) {
+        return *id;
+    }
+    let link = NodePeer::Link(LinkPeer {
+        peer,
+        realm: Arc::from(realm.name.as_str()),
+        mesh: mesh.handle.clone(),
+    });
+    let id = realm.lock().join_link(&peer.to_string(), link);
+    mesh.links.lock().insert(key, id);
+    let _ = node;
+    id
+}
+
+fn handle(node: &Arc<Node>, mesh: &Arc<MeshState>, ev: MeshEvent) {
+    match ev {
+        MeshEvent::PeerUp(peer) => {
+            tracing::info!(%peer, "mesh peer up");
+            let states: Vec<RealmState> = mesh.states.lock().values().cloned().collect();
+            for s in states {
+                mesh.handle.send(
+                    &peer,
+                    &Frame::State {
+                        realm: s.realm.clone(),
+                        state: s.encode(),
+                    },
+                );
+            }
+            for r in node.realm_handles() {
+                for a in r.lock().local_interest() {
+                    mesh.handle.send(&peer, &announce_frame(&r.name, a));
+                }
+            }
+        }
+        MeshEvent::PeerDown(peer) => {
+            tracing::info!(%peer, "mesh peer down");
+            let gone: Vec<(String, Id)> = {
+                let mut links = mesh.links.lock();
+                let keys: Vec<(String, PeerId)> =
+                    links.keys().filter(|(_, p)| *p == peer).cloned().collect();
+                keys.into_iter()
+                    .filter_map(|k| links.remove(&k).map(|id| (k.0, id)))
+                    .collect()
+            };
+            for (realm, id) in gone {
+                if let Some(r) = node.realm_handle(&realm) {
+                    r.lock().leave(id);
+                    node.drop_realm_if_idle(&r);
+                }
+            }
+        }
+        MeshEvent::Frame(peer, frame) => on_frame(node, mesh, peer, frame),
+    }
+}
+
+fn realm_or_count(node: &Node, mesh: &MeshState, realm: &str) -> Option<Arc<RealmHandle>> {
+    let r = node.realm_for_mesh(realm);
+    if r.is_none() {
+        mesh.counters.unknown_realm.fetch_add(1, Ordering::Relaxed);
+    }
+    r
+}
+
+fn rejected(mesh: &MeshState, peer: &PeerId, what: &str, why: impl std::fmt::Display) {
+    mesh.counters.rejected.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(%peer, "forwarded {what} refused: {why}");
+}
+
+fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame) {
+    match frame {
+        Frame::Hello { .. } => {}
+        Frame::State { realm, state } => {
+            let Ok(s) = rmp_serde::from_slice::<RealmState>(&state) else {
+                mesh.counters
+                    .states_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            if s.realm != realm {
+                mesh.counters
+                    .states_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if let Err(e) = s.verify(&node.auth().authenticator.operator()) {
+                mesh.counters
+                    .states_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, realm, "realm state refused: {e}");
+                return;
+            }
+            if mesh.offer_state(s.clone()) {
+                mesh.counters.states_applied.fetch_add(1, Ordering::Relaxed);
+                node.rebuild_auth();
+                mesh.handle.broadcast(
+                    &Frame::State {
+                        realm,
+                        state: s.encode(),
+                    },
+                    Some(&peer),
+                );
+            }
+        }
+        Frame::Interest {
+            realm,
+            uri,
+            policy,
+            add,
+        } => {
+            let Some(policy) = MatchPolicy::parse(Some(&policy)) else {
+                return rejected(mesh, &peer, "interest", "bad match policy");
+            };
+            let Some(r) = realm_or_count(node, mesh, &realm) else {
+                return;
+            };
+            let link = link_for(node, mesh, &r, peer);
+            let mut core = r.lock();
+            if add {
+                if let Err(e) = core.link_subscribe(link, &uri, policy) {
+                    rejected(mesh, &peer, "interest", e);
+                }
+            } else {
+                core.link_unsubscribe(link, &uri, policy);
+            }
+        }
+        Frame::Registration {
+            realm,
+            uri,
+            policy,
+            invoke,
+            role,
+            add,
+        } => {
+            let (Some(policy), Some(invoke)) = (
+                MatchPolicy::parse(Some(&policy)),
+                InvokePolicy::parse(Some(&invoke)),
+            ) else {
+                return rejected(mesh, &peer, "registration", "bad policy");
+            };
+            let Some(r) = realm_or_count(node, mesh, &realm) else {
+                return;
+            };
+            let link = link_for(node, mesh, &r, peer);
+            let mut core = r.lock();
+            if add {
+                if let Err(e) = core.link_register(link, &uri, policy, invoke, &role) {
+                    rejected(mesh, &peer, "registration", e);
+                }
+            } else {
+                core.link_unregister(link, &uri, policy);
+            }
+        }
+        Frame::Publish { realm, origin, msg } => {
+            let Ok(Message::Publish {
+                request,
+                options,
+                topic,
+                payload,
+            }) = Serializer::MsgPack.decode_fast(&msg)
+            else {
+                return rejected(mesh, &peer, "publication", "not a PUBLISH");
+            };
+            let Some(r) = realm_or_count(node, mesh, &realm) else {
+                return;
+            };
+            let o = to_origin(origin);
+            node.metrics.mesh_events_in.fetch_add(1, Ordering::Relaxed);
+            let res = r
+                .lock()
+                .link_publish(&o, request, &options, &topic, payload);
+            if let Err(e) = res {
+                rejected(mesh, &peer, "publication", e);
+            }
+        }
+        Frame::Call { realm, origin, msg } => {
+            let Ok(Message::Call {
+                request,
+                options,
+                procedure,
+                payload,
+            }) = Serializer::MsgPack.decode(&msg)
+            else {
+                return rejected(mesh, &peer, "call", "not a CALL");
+            };
+            let Some(r) = realm_or_count(node, mesh, &realm) else {
+                return;
+            };
+            let link = link_for(node, mesh, &r, peer);
+            let o = to_origin(origin);
+            let res = r.lock().link_call(
+                link,
+                &o,
+                request,
+                options,
+                procedure,
+                payload,
+                Instant::now(),
+            );
+            if let Err(e) = res {
+                rejected(mesh, &peer, "call", e);
+            }
+        }
+        Frame::Reply { realm, msg } => {
+            let Ok(m) = Serializer::MsgPack.decode(&msg) else {
+                return rejected(mesh, &peer, "reply", "undecodable");
+            };
+            let Some(r) = realm_or_count(node, mesh, &realm) else {
+                return;
+            };
+            let link = link_for(node, mesh, &r, peer);
+            let res = r.lock().link_reply(link, m);
+            if let Err(e) = res {
+                rejected(mesh, &peer, "reply", e);
+            }
+        }
+    }
+}
+
+fn to_origin(o: macula_mesh::Origin) -> Origin {
+    Origin {
+        session: o.session,
+        authid: o.authid,
+        authrole: o.authrole,
+    }
+}
+
+/// Signs the states of the realms whose authority key this node holds and floods those that
+/// changed. Called at start and after every config reload.
+pub fn publish_local_states(node: &Node, mesh: &MeshState) {
+    let Some(dir) = &node.confdir else {
+        return;
+    };
+    for (realm, seq) in node.local_seqs() {
+        let Ok((_, key, cert)) = dir.authority_for(&realm) else {
+            continue;
+        };
+        let Ok(policy) = std::fs::read_to_string(dir.policy_path(&realm)) else {
+            continue;
+        };
+        let state = RealmState::sign(&realm, seq, policy, &cert, &key);
+        if mesh.offer_state(state.clone()) {
+            mesh.handle.broadcast(
+                &Frame::State {
+                    realm,
+                    state: state.encode(),
+                },
+                None,
+            );
+        }
+    }
+}
+
+/// Procedures the node answers itself in every realm.
+pub const SERVICE_PROCEDURES: [&str; 2] = ["macula.dht.put", "macula.dht.get"];
+
+/// The node's service member of one realm: runs `macula.dht.put` / `macula.dht.get` against the
+/// DHT and answers through the dealer.
+#[derive(Clone)]
+pub struct ServicePeer {
+    pub node: Weak<Node>,
+    pub realm: Arc<str>,
+}
+
+impl ServicePeer {
+    fn invoke(&self, f: Forwarded<'_>) {
+        let Forwarded::Call {
+            invocation,
+            procedure,
+            payload,
+            origin,
+            ..
+        } = f
+        else {
+            return;
+        };
+        let (Some(node), Ok(rt)) = (self.node.upgrade(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let realm = self.realm.clone();
+        let procedure = procedure.to_owned();
+        let writer = origin.authid.clone();
+        let payload = payload.materialized().into_owned();
+        rt.spawn(async move {
+            let reply = match dht_call(&node, &realm, &procedure, &writer, payload).await {
+                Ok(p) => Message::Result {
+                    request: invocation,
+                    details: macula_wamp::Dict::new(),
+                    payload: p,
+                },
+                Err((uri, msg)) => {
+                    macula_router::error(macula_wamp::code::CALL, invocation, uri, msg)
+                }
+            };
+            if let Some(r) = node.realm_handle(&realm) {
+                if let Some(id) = r.service {
+                    let _ = r.lock().link_reply(id, reply);
+                }
+            }
+        });
+    }
+}
+
+type CallError = (&'static str, String);
+
+async fn dht_call(
+    node: &Node,
+    realm: &str,
+    procedure: &str,
+    writer: &str,
+    payload: macula_wamp::Payload,
+) -> Result<macula_wamp::Payload, CallError> {
+    use macula_wamp::{errors, Value};
+    let mesh = node.mesh.get().ok_or((
+        errors::NO_SUCH_PROCEDURE,
+        "the mesh is off on this node".to_string(),
+    ))?;
+    let key = payload
+        .args
+        .first()
+        .and_then(Value::as_str)
+        .filter(|k| !k.is_empty() && k.len() <= 512)
+        .ok_or((
+            errors::INVALID_ARGUMENT,
+            format!("{procedure} takes a key (a string of 1 to 512 bytes) as first argument"),
+        ))?
+        .to_owned();
+    let cfg = &node.config.mesh;
+    let dkey = macula_mesh::record::dht_key(realm, &key);
+    let now = crate::confdir::now_secs();
+    if procedure == "macula.dht.put" {
+        let value = payload.args.get(1).cloned().ok_or((
+            errors::INVALID_ARGUMENT,
+            "macula.dht.put takes a key and a value: [key, value]".to_string(),
+        ))?;
+        let ttl = payload
+            .kwargs
+            .get("ttl")
+            .and_then(Value::as_u64)
+            .unwrap_or(cfg.dht_max_ttl_s);
+        if ttl == 0 || ttl > cfg.dht_max_ttl_s {
+            return Err((
+                errors::INVALID_ARGUMENT,
+                format!(
+                    "ttl must be 1..={} seconds (mesh.dht_max_ttl_s)",
+                    cfg.dht_max_ttl_s
+                ),
+            ));
+        }
+        let bytes = rmp_serde::to_vec(&value).unwrap_or_default();
+        if bytes.len() > cfg.dht_max_value {
+            return Err((
+                errors::LIMIT_EXCEEDED,
+                format!(
+                    "the value is {} bytes; the limit is {} (mesh.dht_max_value)",
+                    bytes.len(),
+                    cfg.dht_max_value
+                ),
+            ));
+        }
+        let h = &mesh.handle;
+        let rec = macula_mesh::record::AppRecord::sign(
+            h.keypair(),
+            h.cert(),
+            realm,
+            &key,
+            Bytes::from(bytes),
+            writer,
+            now,
+            now + ttl,
+        );
+        let replicas = h
+            .put(dkey, rec.encode(), std::time::Duration::from_secs(ttl))
+            .await
+            .map_err(|e| (errors::CANCELED, e))?;
+        return Ok(macula_wamp::Payload::new(
+            vec![],
+            macula_wamp::dict! {"replicas" => replicas as u64, "expires_at" => now + ttl},
+        ));
+    }
+    node.metrics.dht_lookups.fetch_add(1, Ordering::Relaxed);
+    let found = mesh
+        .handle
+        .get(dkey)
+        .await
+        .map_err(|e| (errors::CANCELED, e))?;
+    let Some(raw) = found.value else {
+        return Err((
+            errors::NOT_FOUND,
+            format!("no record {key:?} in realm {realm}"),
+        ));
+    };
+    let rec =
+        macula_mesh::record::AppRecord::verify(&raw, mesh.handle.operator(), realm, &key, now)
+            .map_err(|e| (errors::NOT_FOUND, format!("no valid record {key:?}: {e}")))?;
+    let value: Value = rmp_serde::from_slice(&rec.value).unwrap_or(Value::Null);
+    Ok(macula_wamp::Payload::new(
+        vec![value],
+        macula_wamp::dict! {"writer" => rec.writer, "written_at" => rec.written_at, "expires_at" => rec.expires_at},
+    ))
+}
