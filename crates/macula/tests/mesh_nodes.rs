@@ -1,0 +1,345 @@
+//! Real `macula node` processes on loopback forming a mesh of three: pub/sub and RPC across
+//! nodes, failover when a node is killed with SIGKILL, rejoin, and a revocation made at one node
+//! enforced by the others. Nodes 2 and 3 start with only the trust root: they learn the realm's
+//! policy from the mesh; node 3 is admitted with a certificate from `macula mesh certify`.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use macula_client::{CallError, CallOptions, Client, ConnectOptions};
+use macula_node::ConfDir;
+use macula_wamp::{dict, Payload, Value};
+
+const REALM: &str = "com.example.mesh";
+const BIN: &str = env!("CARGO_BIN_EXE_macula");
+
+struct NodeProc {
+    child: Child,
+    ws: String,
+    http: String,
+    mesh: String,
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `macula node` and waits for the lines announcing its addresses.
+fn start_node(config: &Path, bootstrap: Option<&str>) -> NodeProc {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["node", "--config"])
+        .arg(config)
+        .args(["--http", "127.0.0.1:0", "--rawsocket", "127.0.0.1:0"])
+        .args(["--mesh-listen", "/ip4/127.0.0.1/udp/0/quic-v1"])
+        .env("MACULA_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(b) = bootstrap {
+        cmd.args(["--bootstrap", b]);
+    }
+    let mut child = cmd.spawn().expect("macula node starts");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let (mut ws, mut http, mut mesh) = (None, None, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mesh.is_none() {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("node prints its addresses");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let Some(i) = words.iter().position(|w| *w == "WebSocket") {
+            ws = Some(words[i + 1].to_string());
+            http = Some(
+                words
+                    .last()
+                    .unwrap()
+                    .trim_start_matches("http://")
+                    .to_string(),
+            );
+        }
+        if let Some(i) = words.iter().position(|w| *w == "mesh") {
+            mesh = Some(words[i + 1].to_string());
+        }
+    }
+    NodeProc {
+        child,
+        ws: ws.unwrap(),
+        http: http.unwrap(),
+        mesh: mesh.unwrap(),
+    }
+}
+
+fn cli(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "macula {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+async fn mesh_status(http: &str) -> serde_json::Value {
+    let out = tokio::process::Command::new(BIN)
+        .args(["--json", "mesh", "status", "--http", http])
+        .output()
+        .await
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    within: Duration,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn opts(url: &str, key: &str) -> ConnectOptions {
+    let mut o = ConnectOptions::new(url, REALM, key);
+    o.reconnect = false;
+    o
+}
+
+/// Waits until `http`'s node shows, for the realm, at least `subs` subscriptions and `regs`
+/// registrations (its own, its services' and those of linked nodes).
+async fn wait_tables(http: &str, subs: u64, regs: u64) {
+    eventually("interest to propagate", Duration::from_secs(15), || async {
+        let v = mesh_status(http).await;
+        let r = v["realms"]
+            .as_array()?
+            .iter()
+            .find(|r| r["realm"] == REALM)?
+            .clone();
+        (r["subscriptions"].as_u64()? >= subs && r["registrations"].as_u64()? >= regs).then_some(())
+    })
+    .await
+}
+
+fn answer(name: &'static str) -> Result<Payload, CallError> {
+    Ok(Payload::args(vec![Value::from(name)]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_route_pubsub_and_rpc_fail_over_and_spread_revocations() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (d1, d2, d3) = (
+        tmp.path().join("n1"),
+        tmp.path().join("n2"),
+        tmp.path().join("n3"),
+    );
+    let c1 = ConfDir::new(&d1);
+    c1.init().unwrap();
+    c1.create_realm(REALM, None).unwrap();
+    let (_, admin) = c1.issue_key(REALM, "admin", "test", 3600, None).unwrap();
+    // Nodes 2 and 3: the trust root only. Node 2 may certify itself (it has the operator key);
+    // node 3 gets its certificate from the operator's machine.
+    for d in [&d2, &d3] {
+        std::fs::create_dir_all(d.join("trust")).unwrap();
+        std::fs::copy(d1.join("trust/operator.pub"), d.join("trust/operator.pub")).unwrap();
+    }
+    std::fs::copy(d1.join("trust/operator.key"), d2.join("trust/operator.key")).unwrap();
+    let secret = [7u8; 32];
+    std::fs::create_dir_all(d3.join("node")).unwrap();
+    std::fs::write(d3.join("node/identity.key"), hex::encode(secret)).unwrap();
+    let peer3 = macula_mesh::identity::Keypair::ed25519_from_bytes(secret)
+        .unwrap()
+        .public()
+        .to_peer_id()
+        .to_string();
+    let cert = cli(&["mesh", "certify", &peer3, "--home", d1.to_str().unwrap()]);
+    std::fs::write(d3.join("node/node.cert"), cert.trim()).unwrap();
+
+    let n1 = start_node(&d1, None);
+    let mut n2 = start_node(&d2, Some(&n1.mesh));
+    let n3 = start_node(&d3, Some(&n1.mesh));
+
+    // A key issued once is accepted by every node (2 and 3 learned the realm over the mesh).
+    let sub_client = Client::connect_with(opts(&n1.ws, &admin)).await.unwrap();
+    let pub_client = eventually(
+        "node 3 to learn the realm",
+        Duration::from_secs(15),
+        || async { Client::connect_with(opts(&n3.ws, &admin)).await.ok() },
+    )
+    .await;
+
+    // Pub/sub across nodes: every event once, in order.
+    let mut events = sub_client
+        .subscribe_with(&format!("{REALM}.sensors"), dict! {"match" => "prefix"})
+        .await
+        .unwrap();
+    wait_tables(&n3.http, 1, 0).await;
+    for i in 0..200u64 {
+        pub_client
+            .publish(
+                &format!("{REALM}.sensors.t{}", i % 3),
+                Payload::args(vec![Value::from(i)]),
+            )
+            .await
+            .unwrap();
+    }
+    for i in 0..200u64 {
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("event arrives")
+            .expect("stream open");
+        assert_eq!(ev.payload.args, vec![Value::from(i)], "per-publisher order");
+    }
+    pub_client
+        .publish(&format!("{REALM}.sensors.end"), Payload::default())
+        .await
+        .unwrap();
+    let last = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        last.payload.args.is_empty(),
+        "no duplicate before the end marker"
+    );
+
+    // RPC across nodes: a shared registration on nodes 2 and 3, a slow procedure on node 2.
+    let callee2 = Client::connect_with(opts(&n2.ws, &admin)).await.unwrap();
+    let callee3 = Client::connect_with(opts(&n3.ws, &admin)).await.unwrap();
+    let shared = format!("{REALM}.whoami");
+    let rr = dict! {"invoke" => "roundrobin"};
+    let _r2 = callee2
+        .register_with(&shared, rr.clone(), |_| async { answer("node2") })
+        .await
+        .unwrap();
+    let _r3 = callee3
+        .register_with(&shared, rr.clone(), |_| async { answer("node3") })
+        .await
+        .unwrap();
+    let _slow = callee2
+        .register(&format!("{REALM}.slow"), |_| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            answer("late")
+        })
+        .await
+        .unwrap();
+    // Node 1 sees the shared procedure and the slow one (plus its two DHT services).
+    wait_tables(&n1.http, 1, 4).await;
+    let caller = sub_client;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..4 {
+        let r = caller.call(&shared, Payload::default()).await.unwrap();
+        seen.insert(r.args[0].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "shared registration balances across nodes: {seen:?}"
+    );
+
+    // Kill node 2 mid-call: the caller gets a clear error within the peer timeout, not a hang.
+    let slow = {
+        let c = caller.clone();
+        tokio::spawn(async move {
+            let opts = CallOptions {
+                timeout: Some(Duration::from_secs(30)),
+                ..Default::default()
+            };
+            c.call_with(&format!("{REALM}.slow"), Payload::default(), opts)
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed = Instant::now();
+    n2.child.kill().unwrap(); // SIGKILL
+    let _ = n2.child.wait();
+    let err = tokio::time::timeout(Duration::from_secs(15), slow)
+        .await
+        .expect("the call ends well within its timeout")
+        .unwrap()
+        .expect_err("the callee's node died");
+    let waited = killed.elapsed();
+    assert!(err.to_string().contains("wamp.error.canceled"), "{err}");
+    assert!(
+        waited < Duration::from_secs(10),
+        "detected after {waited:?}"
+    );
+    // The next calls go to the surviving callee.
+    for _ in 0..3 {
+        let r = caller.call(&shared, Payload::default()).await.unwrap();
+        assert_eq!(r.args[0], Value::from("node3"));
+    }
+
+    // Node 2 rejoins with the same identity and serves again.
+    let n2b = start_node(&d2, Some(&n1.mesh));
+    let callee2b = eventually("node 2 to rejoin", Duration::from_secs(15), || async {
+        Client::connect_with(opts(&n2b.ws, &admin)).await.ok()
+    })
+    .await;
+    let _r2b = callee2b
+        .register_with(&shared, rr, |_| async { answer("node2") })
+        .await
+        .unwrap();
+    eventually(
+        "calls to reach node 2 again",
+        Duration::from_secs(15),
+        || async {
+            let r = caller.call(&shared, Payload::default()).await.ok()?;
+            (r.args[0] == Value::from("node2")).then_some(())
+        },
+    )
+    .await;
+
+    // Revocation at node 1 is enforced by node 3 within 5 s: the live session is closed and a
+    // new one refused.
+    let home = d1.to_str().unwrap();
+    let out = cli(&[
+        "--json",
+        "keys",
+        "create",
+        "--config",
+        home,
+        "--realm",
+        REALM,
+        "--role",
+        "developer",
+    ]);
+    let created: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let kid = created["id"].as_str().unwrap().to_owned();
+    let key = created["key"].as_str().unwrap().to_owned();
+    let victim = eventually(
+        "node 3 to accept the new key",
+        Duration::from_secs(15),
+        || async { Client::connect_with(opts(&n3.ws, &key)).await.ok() },
+    )
+    .await;
+    let mut victim_events = victim.subscribe(&format!("{REALM}.x")).await.unwrap();
+    cli(&["keys", "revoke", &kid, "--config", home]);
+    let revoked_at = Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(5), victim_events.next()).await;
+    assert!(
+        matches!(end, Ok(None)),
+        "the revoked session is closed within 5 s"
+    );
+    assert!(revoked_at.elapsed() < Duration::from_secs(5));
+    let refused = Client::connect_with(opts(&n3.ws, &key)).await;
+    assert!(
+        refused.is_err(),
+        "a revoked key is refused on a new session"
+    );
+}
