@@ -22,7 +22,7 @@ const REALM: &str = "com.bench";
 const SER: Serializer = Serializer::MsgPack;
 
 /// The hidden `node` subcommand: a node tuned for measurement (no rate limit, deep queues).
-pub fn run_node(config: &Path) -> Result<()> {
+pub fn run_node(config: &Path, mesh: Option<u32>, bootstrap: Option<String>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -34,9 +34,18 @@ pub fn run_node(config: &Path) -> Result<()> {
         loaded.config.limits.rate_limit_per_second = 0;
         loaded.config.limits.outbox_capacity = 1 << 22;
         loaded.config.limits.max_sessions = 1_000_000;
-        let node = Node::new(loaded, None);
+        loaded.config.mesh.enabled = mesh.is_some();
+        loaded.config.mesh.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".into()];
+        loaded.config.mesh.identity = format!("node/{}.key", mesh.unwrap_or(0)).into();
+        loaded.config.mesh.bootstrap = bootstrap.into_iter().collect();
+        let node = Node::new(loaded, Some(dir));
         let running = macula_node::start(node).await?;
-        println!("{} {}", running.http_addr, running.rawsocket_addr);
+        println!(
+            "{} {} {}",
+            running.http_addr,
+            running.rawsocket_addr,
+            running.mesh_addrs.first().map_or("-", |s| s.as_str())
+        );
         std::future::pending::<()>().await;
         Ok(())
     })
@@ -47,7 +56,8 @@ pub struct Server {
     pub http: String,
     pub raw: String,
     pub key: String,
-    _tmp: TempDir,
+    pub mesh: String,
+    _tmp: Option<TempDir>,
 }
 
 /// A temporary directory removed on drop (no extra dependency for one use).
@@ -61,6 +71,25 @@ impl Drop for TempDir {
 
 impl Server {
     pub async fn start() -> Result<Server> {
+        Self::start_in(None, None).await
+    }
+
+    /// Two meshed nodes sharing one trust root: (A, B), B joined through A.
+    pub async fn start_pair() -> Result<(Server, Server)> {
+        let a = Self::start_in(Some(1), None).await?;
+        let dir = a._tmp.as_ref().map(|t| t.0.clone());
+        let mut b = Self::start_in(Some(2), Some((a.mesh.clone(), dir, a.key.clone()))).await?;
+        b._tmp = None;
+        Ok((a, b))
+    }
+
+    async fn start_in(
+        mesh: Option<u32>,
+        join: Option<(String, Option<std::path::PathBuf>, String)>,
+    ) -> Result<Server> {
+        if let Some((bootstrap, Some(dir), key)) = join {
+            return Self::spawn(TempDir(dir), key, mesh, Some(bootstrap)).await;
+        }
         let tmp = TempDir(std::env::temp_dir().join(format!(
             "macula-bench-{}-{}",
             std::process::id(),
@@ -70,13 +99,25 @@ impl Server {
         dir.init()?;
         dir.create_realm(REALM, None)?;
         let (_, key) = dir.issue_key(REALM, "admin", "bench", 86_400, None)?;
+        Self::spawn(tmp, key, mesh, None).await
+    }
+
+    async fn spawn(
+        tmp: TempDir,
+        key: String,
+        mesh: Option<u32>,
+        bootstrap: Option<String>,
+    ) -> Result<Server> {
         let exe = std::env::current_exe()?;
-        let mut child = Command::new(exe)
-            .arg("node")
-            .arg(&tmp.0)
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("node").arg(&tmp.0);
+        if let Some(m) = mesh {
+            cmd.arg("--mesh").arg(m.to_string());
+        }
+        if let Some(b) = bootstrap {
+            cmd.arg("--bootstrap").arg(b);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).kill_on_drop(true).spawn()?;
         let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
         let mut line = String::new();
         tokio::time::timeout(
@@ -94,13 +135,42 @@ impl Server {
             .next()
             .ok_or_else(|| anyhow!("node did not print its addresses"))?
             .to_owned();
+        let mesh = parts.next().unwrap_or("-").to_owned();
         Ok(Server {
             child,
             http,
             raw,
             key,
-            _tmp: tmp,
+            mesh,
+            _tmp: Some(tmp),
         })
+    }
+
+    /// Waits until this node's table for the bench realm holds at least `subs` subscriptions and
+    /// `regs` registrations (so that interest from the other node has arrived).
+    pub async fn wait_tables(&self, subs: u64, regs: u64) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut s = tokio::net::TcpStream::connect(&self.http).await?;
+            let req = format!("GET /v1/mesh HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n");
+            tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes()).await?;
+            let mut buf = String::new();
+            tokio::io::AsyncReadExt::read_to_string(&mut s, &mut buf).await?;
+            let body = buf.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+            let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+            let ok = v["realms"].as_array().into_iter().flatten().any(|r| {
+                r["realm"] == REALM
+                    && r["subscriptions"].as_u64().unwrap_or(0) >= subs
+                    && r["registrations"].as_u64().unwrap_or(0) >= regs
+            });
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("interest did not propagate between the bench nodes within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub async fn stop(mut self) {
@@ -245,19 +315,41 @@ pub async fn run(s: &Server, sc: &Scenario) -> Result<Vec<Figure>> {
             messages,
             size,
             subscribers,
-        } => pubsub(s, *messages, *size, *subscribers).await,
-        Scenario::RpcLatency { calls } => rpc_latency(s, *calls).await,
+        } => pubsub(s, s, "macula", *messages, *size, *subscribers).await,
+        Scenario::RpcLatency { calls } => rpc_latency(s, s, "macula", *calls).await,
+        Scenario::CrossPubsub { messages, size } => {
+            let (a, b) = Server::start_pair().await?;
+            let r = pubsub(&a, &b, "mesh", *messages, *size, 1).await;
+            a.stop().await;
+            b.stop().await;
+            r
+        }
+        Scenario::CrossRpc { calls } => {
+            let (a, b) = Server::start_pair().await?;
+            let r = rpc_latency(&a, &b, "mesh", *calls).await;
+            a.stop().await;
+            b.stop().await;
+            r
+        }
         Scenario::RpcThroughput { callers, seconds } => rpc_throughput(s, *callers, *seconds).await,
         Scenario::Idle { sessions } => idle(s, *sessions).await,
         _ => Ok(vec![]),
     }
 }
 
-async fn pubsub(s: &Server, messages: u64, size: usize, subscribers: usize) -> Result<Vec<Figure>> {
+/// Publisher on `s`, subscribers on `sub_node` (the same node, or another node of the mesh).
+async fn pubsub(
+    s: &Server,
+    sub_node: &Server,
+    label: &'static str,
+    messages: u64,
+    size: usize,
+    subscribers: usize,
+) -> Result<Vec<Figure>> {
     let topic = "com.bench.t";
     let mut subs = vec![];
     for _ in 0..subscribers {
-        let mut c = Raw::join(&s.raw, &s.key).await?;
+        let mut c = Raw::join(&sub_node.raw, &sub_node.key).await?;
         c.send(&Message::Subscribe {
             request: 1,
             options: Dict::new(),
@@ -268,6 +360,9 @@ async fn pubsub(s: &Server, messages: u64, size: usize, subscribers: usize) -> R
         c.expect(|m| matches!(m, Message::Subscribed { .. }))
             .await?;
         subs.push(c);
+    }
+    if !std::ptr::eq(s, sub_node) {
+        s.wait_tables(1, 0).await?;
     }
     let mut publ = Raw::join(&s.raw, &s.key).await?;
     let frame = {
@@ -289,7 +384,7 @@ async fn pubsub(s: &Server, messages: u64, size: usize, subscribers: usize) -> R
         ));
     }
     crate::measure_pubsub(
-        "macula",
+        label,
         &mut publ.w,
         &frame,
         messages,
@@ -342,8 +437,17 @@ fn echo_call(request: u64) -> Message {
     }
 }
 
-async fn rpc_latency(s: &Server, calls: u64) -> Result<Vec<Figure>> {
-    let callee = callee(s).await?;
+/// Caller on `s`, callee on `callee_node` (the same node, or another node of the mesh).
+async fn rpc_latency(
+    s: &Server,
+    callee_node: &Server,
+    label: &'static str,
+    calls: u64,
+) -> Result<Vec<Figure>> {
+    let callee = callee(callee_node).await?;
+    if !std::ptr::eq(s, callee_node) {
+        s.wait_tables(0, 3).await?;
+    }
     let mut c = Raw::join(&s.raw, &s.key).await?;
     let mut lat = Vec::with_capacity(calls as usize);
     for i in 1..=calls + 1000 {
@@ -357,7 +461,7 @@ async fn rpc_latency(s: &Server, calls: u64) -> Result<Vec<Figure>> {
     }
     callee.abort();
     Ok(latency_figures(
-        "macula",
+        label,
         lat,
         format!("{calls} sequential calls"),
     ))

@@ -14,6 +14,7 @@
 mod baseline;
 mod macula_side;
 mod nats_side;
+mod sim;
 
 /// mimalloc: messages are allocated on a reader's thread and freed on a writer's; glibc's
 /// allocator serialises that on an arena lock (measured: ~10% of pub/sub time in futex wake-ups).
@@ -82,6 +83,35 @@ enum Cmd {
         #[arg(long, default_value_t = 20_000)]
         calls: u64,
     },
+    /// Cross-node pub/sub: publisher on node A, subscriber on node B of a two-node mesh,
+    /// side by side with the same figure on one node.
+    CrossPubsub {
+        #[arg(long, default_value_t = 2_000_000)]
+        messages: u64,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
+    /// Cross-node RPC latency: caller on node A, callee on node B.
+    CrossRpc {
+        #[arg(long, default_value_t = 20_000)]
+        calls: u64,
+    },
+    /// In-process mesh of many nodes: DHT lookup success, requests and latency; event delivery.
+    MeshSim {
+        #[arg(long, default_value_t = 200)]
+        nodes: usize,
+        #[arg(long, default_value_t = 200)]
+        lookups: usize,
+        /// Nodes with a subscriber.
+        #[arg(long, default_value_t = 20)]
+        subscribers: usize,
+        /// Nodes with a publisher.
+        #[arg(long, default_value_t = 5)]
+        publishers: usize,
+        /// Events per publisher.
+        #[arg(long, default_value_t = 50)]
+        events: u64,
+    },
     /// Every scenario with default sizes.
     All,
     /// (internal) a TCP echo server for the baseline.
@@ -89,7 +119,14 @@ enum Cmd {
     Echo,
     /// (internal) run a Macula node for the benchmark.
     #[command(hide = true)]
-    Node { config: std::path::PathBuf },
+    Node {
+        config: std::path::PathBuf,
+        /// Join a mesh, with this node number (its identity file).
+        #[arg(long)]
+        mesh: Option<u32>,
+        #[arg(long)]
+        bootstrap: Option<String>,
+    },
 }
 
 /// One measured figure.
@@ -136,8 +173,13 @@ fn print(figs: &[Figure], json: bool) {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    if let Cmd::Node { config } = &cli.cmd {
-        return macula_side::run_node(config);
+    if let Cmd::Node {
+        config,
+        mesh,
+        bootstrap,
+    } = &cli.cmd
+    {
+        return macula_side::run_node(config, *mesh, bootstrap.clone());
     }
     if let Cmd::Echo = &cli.cmd {
         return baseline::run_echo();
@@ -145,6 +187,25 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if let Cmd::MeshSim {
+        nodes,
+        lookups,
+        subscribers,
+        publishers,
+        events,
+    } = cli.cmd
+    {
+        let a = sim::SimArgs {
+            nodes: nodes.max(publishers + subscribers + 2),
+            lookups,
+            subscribers,
+            publishers,
+            events,
+        };
+        let figs = rt.block_on(sim::run(&a))?;
+        print(&figs, cli.json);
+        return Ok(());
+    }
     rt.block_on(async move {
         let scenarios: Vec<Cmd> = match cli.cmd {
             Cmd::All => vec![
@@ -165,6 +226,11 @@ fn main() -> Result<()> {
                     seconds: 5,
                 },
                 Cmd::Idle { sessions: 10_000 },
+                Cmd::CrossPubsub {
+                    messages: 2_000_000,
+                    size: 64,
+                },
+                Cmd::CrossRpc { calls: 20_000 },
             ],
             other => vec![other],
         };
@@ -182,7 +248,11 @@ fn main() -> Result<()> {
                     runs.extend(macula_side::run(&server, &s).await?);
                     server.stop().await;
                 }
-                if cli.target != Target::Macula && !matches!(s, Cmd::Idle { .. }) {
+                let macula_only = matches!(
+                    s,
+                    Cmd::Idle { .. } | Cmd::CrossPubsub { .. } | Cmd::CrossRpc { .. }
+                );
+                if cli.target != Target::Macula && !macula_only {
                     match nats_side::Server::start().await {
                         Ok(server) => {
                             runs.extend(nats_side::run(&server, &s).await?);

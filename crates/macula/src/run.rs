@@ -83,8 +83,10 @@ pub async fn up(a: UpArgs, json: bool) -> Result<()> {
     let mut first_mesh: Vec<String> = vec![];
     for i in 0..a.nodes {
         let mut l = loaded.clone();
-        l.config.listen.http = SocketAddr::new(a.http.ip(), a.http.port() + 2 * i);
-        l.config.listen.rawsocket = SocketAddr::new(a.rawsocket.ip(), a.rawsocket.port() + 2 * i);
+        // Port 0 (any free port) stays 0 for every node.
+        let shift = |p: u16| if p == 0 { 0 } else { p + 2 * i };
+        l.config.listen.http = SocketAddr::new(a.http.ip(), shift(a.http.port()));
+        l.config.listen.rawsocket = SocketAddr::new(a.rawsocket.ip(), shift(a.rawsocket.port()));
         l.config.mesh.listen = vec![format!("/ip4/127.0.0.1/udp/{}/quic-v1", a.mesh_port + i)];
         l.config.mesh.identity = PathBuf::from(format!("nodes/{}/identity.key", i + 1));
         l.config.mesh.bootstrap = first_mesh.clone();
