@@ -152,7 +152,7 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let mut s = tokio::net::TcpStream::connect(&self.http).await?;
-            let req = format!("GET /v1/mesh HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n");
+            let req = "GET /v1/mesh HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n";
             tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes()).await?;
             let mut buf = String::new();
             tokio::io::AsyncReadExt::read_to_string(&mut s, &mut buf).await?;

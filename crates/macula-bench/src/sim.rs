@@ -114,8 +114,8 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
     let topic = format!("{REALM}.events");
     let mut streams = vec![];
     let mut clients = vec![];
-    for i in 1..=a.subscribers {
-        let mut o = macula_client::ConnectOptions::new(&nodes[i].ws_url(), REALM, &key);
+    for n in nodes.iter().skip(1).take(a.subscribers) {
+        let mut o = macula_client::ConnectOptions::new(&n.ws_url(), REALM, &key);
         o.reconnect = false;
         let c = macula_client::Client::connect_with(o).await?;
         streams.push(c.subscribe(&topic).await?);

@@ -550,18 +550,16 @@ fn handle_event(
         }
         SwarmEvent::ConnectionClosed {
             peer_id,
-            num_established,
+            num_established: 0,
             ..
         } => {
-            if num_established == 0 {
-                shared.writers.write().remove(&peer_id);
-                shared.conns.write().remove(&peer_id);
-                let mut up = shared.up.write();
-                if up.remove(&peer_id).is_some() {
-                    let _ = shared.events.send(MeshEvent::PeerDown(peer_id));
-                    let now = Instant::now();
-                    known.insert(peer_id, (now, Duration::from_millis(250), now));
-                }
+            shared.writers.write().remove(&peer_id);
+            shared.conns.write().remove(&peer_id);
+            let mut up = shared.up.write();
+            if up.remove(&peer_id).is_some() {
+                let _ = shared.events.send(MeshEvent::PeerDown(peer_id));
+                let now = Instant::now();
+                known.insert(peer_id, (now, Duration::from_millis(250), now));
             }
         }
         SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {

@@ -303,7 +303,7 @@ pub async fn run(
     }
 }
 
-fn link_for(node: &Node, mesh: &MeshState, realm: &Arc<RealmHandle>, peer: PeerId) -> Id {
+fn link_for(mesh: &MeshState, realm: &Arc<RealmHandle>, peer: PeerId) -> Id {
     let key = (realm.name.clone(), peer);
     if let Some(id) = mesh.links.lock().get(&key) {
         return *id;
@@ -315,7 +315,6 @@ fn link_for(node: &Node, mesh: &MeshState, realm: &Arc<RealmHandle>, peer: PeerI
     });
     let id = realm.lock().join_link(&peer.to_string(), link);
     mesh.links.lock().insert(key, id);
-    let _ = node;
     id
 }
 
@@ -389,7 +388,7 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
                     .fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            if let Err(e) = s.verify(&node.auth().authenticator.operator()) {
+            if let Err(e) = s.verify(node.auth().authenticator.operator()) {
                 mesh.counters
                     .states_rejected
                     .fetch_add(1, Ordering::Relaxed);
@@ -420,7 +419,7 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
             let Some(r) = realm_or_count(node, mesh, &realm) else {
                 return;
             };
-            let link = link_for(node, mesh, &r, peer);
+            let link = link_for(mesh, &r, peer);
             let mut core = r.lock();
             if add {
                 if let Err(e) = core.link_subscribe(link, &uri, policy) {
@@ -447,7 +446,7 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
             let Some(r) = realm_or_count(node, mesh, &realm) else {
                 return;
             };
-            let link = link_for(node, mesh, &r, peer);
+            let link = link_for(mesh, &r, peer);
             let mut core = r.lock();
             if add {
                 if let Err(e) = core.link_register(link, &uri, policy, invoke, &role) {
@@ -492,7 +491,7 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
             let Some(r) = realm_or_count(node, mesh, &realm) else {
                 return;
             };
-            let link = link_for(node, mesh, &r, peer);
+            let link = link_for(mesh, &r, peer);
             let o = to_origin(origin);
             let res = r.lock().link_call(
                 link,
@@ -514,7 +513,7 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
             let Some(r) = realm_or_count(node, mesh, &realm) else {
                 return;
             };
-            let link = link_for(node, mesh, &r, peer);
+            let link = link_for(mesh, &r, peer);
             let res = r.lock().link_reply(link, m);
             if let Err(e) = res {
                 rejected(mesh, &peer, "reply", e);

@@ -126,10 +126,7 @@ pub async fn mesh(cmd: MeshCmd, json: bool) -> Result<()> {
 }
 
 fn print_peers(v: &serde_json::Value) {
-    println!(
-        "{:<54} {:<34} {:>10} {}",
-        "PEER", "ADDRESS", "RTT", "CERTIFIED"
-    );
+    println!("{:<54} {:<34} {:>10} CERTIFIED", "PEER", "ADDRESS", "RTT");
     for p in v["peers"].as_array().into_iter().flatten() {
         let rtt = p["rtt_us"].as_u64().map_or("-".to_string(), |us| {
             format!("{:.2} ms", us as f64 / 1000.0)
