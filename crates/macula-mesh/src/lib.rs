@@ -622,7 +622,10 @@ fn handle_event(
                     // A record that reached no other node is still stored here (a mesh of one).
                     let stored = match res {
                         Ok(_) => Ok(stats.num_successes() as usize),
-                        Err(kad::PutRecordError::QuorumFailed { success, .. }) => Ok(success.len()),
+                        Err(
+                            kad::PutRecordError::QuorumFailed { success, .. }
+                            | kad::PutRecordError::Timeout { success, .. },
+                        ) => Ok(success.len()),
                         Err(e) => Err(format!("cannot store the record: {e}")),
                     };
                     let _ = reply.send(stored);
