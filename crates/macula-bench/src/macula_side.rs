@@ -317,6 +317,15 @@ pub async fn run(s: &Server, sc: &Scenario) -> Result<Vec<Figure>> {
             subscribers,
         } => pubsub(s, s, "macula", *messages, *size, *subscribers).await,
         Scenario::RpcLatency { calls } => rpc_latency(s, s, "macula", *calls).await,
+        Scenario::RpcThroughput { callers, seconds } => rpc_throughput(s, *callers, *seconds).await,
+        Scenario::Idle { sessions } => idle(s, *sessions).await,
+        _ => Ok(vec![]),
+    }
+}
+
+/// The cross-node scenarios: each starts a pair of meshed nodes (A, B).
+pub async fn run_cross(sc: &Scenario) -> Result<Vec<Figure>> {
+    match sc {
         Scenario::CrossPubsub { messages, size } => {
             let (a, b) = Server::start_pair().await?;
             let r = pubsub(&a, &b, "mesh", *messages, *size, 1).await;
@@ -331,8 +340,6 @@ pub async fn run(s: &Server, sc: &Scenario) -> Result<Vec<Figure>> {
             b.stop().await;
             r
         }
-        Scenario::RpcThroughput { callers, seconds } => rpc_throughput(s, *callers, *seconds).await,
-        Scenario::Idle { sessions } => idle(s, *sessions).await,
         _ => Ok(vec![]),
     }
 }

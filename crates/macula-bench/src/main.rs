@@ -243,15 +243,18 @@ fn main() -> Result<()> {
                     runs.extend(baseline::round_trips(calls).await?);
                     continue;
                 }
-                if cli.target != Target::Nats {
-                    let server = macula_side::Server::start().await?;
-                    runs.extend(macula_side::run(&server, &s).await?);
-                    server.stop().await;
-                }
                 let macula_only = matches!(
                     s,
                     Cmd::Idle { .. } | Cmd::CrossPubsub { .. } | Cmd::CrossRpc { .. }
                 );
+                if matches!(s, Cmd::CrossPubsub { .. } | Cmd::CrossRpc { .. }) {
+                    // These start their own pair of meshed nodes.
+                    runs.extend(macula_side::run_cross(&s).await?);
+                } else if cli.target != Target::Nats {
+                    let server = macula_side::Server::start().await?;
+                    runs.extend(macula_side::run(&server, &s).await?);
+                    server.stop().await;
+                }
                 if cli.target != Target::Macula && !macula_only {
                     match nats_side::Server::start().await {
                         Ok(server) => {

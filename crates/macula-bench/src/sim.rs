@@ -65,8 +65,17 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
     let boot = started.elapsed();
     eprintln!("mesh-sim: {} nodes up in {boot:.1?}", a.nodes);
     let mesh = |i: usize| nodes[i].node.mesh.get().map(|m| m.handle.clone());
-    // Let Kademlia fill the routing tables (each node bootstraps through node 0).
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Every node has joined (each bootstraps through node 0) before lookups start.
+    for i in 0..a.nodes {
+        let m = mesh(i).context("mesh off")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while m.peers().is_empty() {
+            if Instant::now() > deadline {
+                bail!("node {i} did not join the mesh within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 
     // DHT lookups between random pairs of nodes.
     let mut rng = 0x9E37_79B9_7F4A_7C15u64;

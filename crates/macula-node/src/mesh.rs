@@ -619,7 +619,7 @@ async fn dht_call(
     use macula_wamp::{errors, Value};
     let mesh = node.mesh.get().ok_or((
         errors::NO_SUCH_PROCEDURE,
-        "the mesh is off on this node".to_string(),
+        "the mesh is off on this node (mesh.enabled: false): enable it, or connect to a node that runs one".to_string(),
     ))?;
     let key = payload
         .args

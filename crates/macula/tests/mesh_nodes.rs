@@ -231,10 +231,14 @@ async fn three_nodes_route_pubsub_and_rpc_fail_over_and_spread_revocations() {
         .register_with(&shared, rr.clone(), |_| async { answer("node3") })
         .await
         .unwrap();
+    let (reached_tx, mut reached) = tokio::sync::mpsc::unbounded_channel::<()>();
     let _slow = callee2
-        .register(&format!("{REALM}.slow"), |_| async {
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            answer("late")
+        .register(&format!("{REALM}.slow"), move |_| {
+            let _ = reached_tx.send(());
+            async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                answer("late")
+            }
         })
         .await
         .unwrap();
@@ -264,7 +268,10 @@ async fn three_nodes_route_pubsub_and_rpc_fail_over_and_spread_revocations() {
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Kill only once the invocation has reached the callee on node 2.
+    tokio::time::timeout(Duration::from_secs(10), reached.recv())
+        .await
+        .expect("the slow call reaches node 2");
     let killed = Instant::now();
     n2.child.kill().unwrap(); // SIGKILL
     let _ = n2.child.wait();
