@@ -151,13 +151,7 @@ impl Server {
     pub async fn wait_tables(&self, subs: u64, regs: u64) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let mut s = tokio::net::TcpStream::connect(&self.http).await?;
-            let req = "GET /v1/mesh HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n";
-            tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes()).await?;
-            let mut buf = String::new();
-            tokio::io::AsyncReadExt::read_to_string(&mut s, &mut buf).await?;
-            let body = buf.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-            let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+            let v = self.mesh_status().await?;
             let ok = v["realms"].as_array().into_iter().flatten().any(|r| {
                 r["realm"] == REALM
                     && r["subscriptions"].as_u64().unwrap_or(0) >= subs
@@ -171,6 +165,17 @@ impl Server {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The node's `GET /v1/mesh`.
+    pub async fn mesh_status(&self) -> Result<serde_json::Value> {
+        let mut s = tokio::net::TcpStream::connect(&self.http).await?;
+        let req = "GET /v1/mesh HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n";
+        tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes()).await?;
+        let mut buf = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut s, &mut buf).await?;
+        let body = buf.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        Ok(serde_json::from_str(body).unwrap_or_default())
     }
 
     pub async fn stop(mut self) {
@@ -327,18 +332,37 @@ pub async fn run(s: &Server, sc: &Scenario) -> Result<Vec<Figure>> {
 pub async fn run_cross(sc: &Scenario) -> Result<Vec<Figure>> {
     match sc {
         Scenario::CrossPubsub { messages, size } => {
+            // The same workload on one node first, for the side-by-side ratio.
+            let one = Server::start().await?;
+            let mut figs = pubsub(&one, &one, "1 node", *messages, *size, 1).await?;
+            one.stop().await;
             let (a, b) = Server::start_pair().await?;
             let r = pubsub(&a, &b, "mesh", *messages, *size, 1).await;
+            // How often node A paused its publisher for the link, and whether it lost anything.
+            let v = a.mesh_status().await.unwrap_or_default();
             a.stop().await;
             b.stop().await;
-            r
+            let mut r = r?;
+            for f in &mut r {
+                f.note.push_str(&format!(
+                    "; link congested {}×, {} frames dropped",
+                    v["congestion_events"].as_u64().unwrap_or(0),
+                    v["frames"]["dropped"].as_u64().unwrap_or(0)
+                ));
+            }
+            figs.extend(r);
+            Ok(figs)
         }
         Scenario::CrossRpc { calls } => {
+            let one = Server::start().await?;
+            let mut figs = rpc_latency(&one, &one, "1 node", *calls).await?;
+            one.stop().await;
             let (a, b) = Server::start_pair().await?;
             let r = rpc_latency(&a, &b, "mesh", *calls).await;
             a.stop().await;
             b.stop().await;
-            r
+            figs.extend(r?);
+            Ok(figs)
         }
         _ => Ok(vec![]),
     }

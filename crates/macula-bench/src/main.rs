@@ -152,20 +152,25 @@ fn print(figs: &[Figure], json: bool) {
             );
         }
     }
-    // Ratios where both servers were measured.
+    // Ratios where both servers were measured, and cross-node against one node.
     if !json {
-        for m in figs.iter().filter(|f| f.server == "macula") {
-            if let Some(n) = figs
-                .iter()
-                .find(|f| f.server == "nats" && f.scenario == m.scenario && f.unit == m.unit)
-            {
-                if n.value > 0.0 {
-                    println!(
-                        "{:<34} ratio   {:>14.2} macula/nats",
-                        m.scenario,
-                        m.value / n.value
-                    );
-                }
+        print_ratios(figs, "macula", "nats");
+        print_ratios(figs, "mesh", "1 node");
+    }
+}
+
+fn print_ratios(figs: &[Figure], num: &str, den: &str) {
+    for m in figs.iter().filter(|f| f.server == num) {
+        if let Some(n) = figs
+            .iter()
+            .find(|f| f.server == den && f.scenario == m.scenario && f.unit == m.unit)
+        {
+            if n.value > 0.0 {
+                println!(
+                    "{:<34} ratio   {:>14.2} {num}/{den}",
+                    m.scenario,
+                    m.value / n.value
+                );
             }
         }
     }

@@ -18,14 +18,15 @@ pub mod cert;
 pub mod frame;
 pub mod record;
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use futures_util::StreamExt;
 use libp2p::identity::Keypair;
@@ -33,9 +34,9 @@ use libp2p::kad::{self, store::MemoryStore, GetRecordOk, QueryResult, Quorum};
 use libp2p::swarm::{dial_opts::DialOpts, NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, ping, Multiaddr, PeerId, StreamProtocol, Swarm};
 use parking_lot::RwLock;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
-pub use frame::{Frame, Origin};
+pub use frame::{encode_routed, Frame, FrameError, Origin, Routed};
 pub use libp2p::identity;
 pub use libp2p::{Multiaddr as Addr, PeerId as Peer};
 
@@ -57,8 +58,15 @@ pub struct MeshConfig {
     pub discovery_interval: Duration,
     /// Largest accepted frame; a larger length prefix ends the connection.
     pub max_frame: usize,
-    /// Frames queued per peer before new ones are dropped (and counted).
-    pub peer_queue: usize,
+    /// Bytes queued for one peer above which the peer is *congested*: senders that fed it are
+    /// asked to pause (see [`MeshHandle::writable`]) until it drains below half of this.
+    pub peer_queue_bytes: usize,
+    /// Bytes queued for one peer above which new frames are dropped (and counted): the bound for
+    /// a peer that stopped reading but is not yet timed out.
+    pub peer_queue_max_bytes: usize,
+    /// Bytes of received frames the node has not processed yet; above this the mesh stops reading
+    /// from peers, so QUIC flow control pushes back on their senders.
+    pub inbound_queue_bytes: usize,
     /// Kademlia lookup parallelism (alpha).
     pub dht_parallelism: usize,
     /// Kademlia query timeout.
@@ -76,7 +84,9 @@ impl Default for MeshConfig {
             peer_timeout: Duration::from_secs(3),
             discovery_interval: Duration::from_secs(2),
             max_frame: 16 << 20,
-            peer_queue: 65_536,
+            peer_queue_bytes: 4 << 20,
+            peer_queue_max_bytes: 64 << 20,
+            inbound_queue_bytes: 8 << 20,
             dht_parallelism: 3,
             dht_timeout: Duration::from_secs(10),
         }
@@ -101,8 +111,10 @@ pub struct MeshStats {
     pub frames_out: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
-    /// Frames dropped because a peer's queue was full.
+    /// Frames dropped because a peer's queue was over `peer_queue_max_bytes`.
     pub frames_dropped: AtomicU64,
+    /// Times a peer's queue went over `peer_queue_bytes` (senders were paused).
+    pub congestion_events: AtomicU64,
     /// Frames that did not decode, or streams that broke the framing.
     pub frames_malformed: AtomicU64,
     /// Peers refused for lacking a valid operator certificate.
@@ -154,13 +166,79 @@ struct Shared {
     config: MeshConfig,
     stats: MeshStats,
     /// Outgoing frame queues of connected peers.
-    writers: RwLock<HashMap<PeerId, mpsc::Sender<Bytes>>>,
+    writers: RwLock<HashMap<PeerId, Arc<PeerQueue>>>,
+    /// How many peers are congested now, and the signal that one drained.
+    congested: AtomicUsize,
+    drained: Notify,
+    /// Budget of received-but-unprocessed frame bytes (permits are returned by [`MeshEvents`]).
+    inbound: Arc<Semaphore>,
     /// Certified peers and the generation of their current inbound stream.
     up: RwLock<HashMap<PeerId, u64>>,
     /// Remote address and last ping of each connected peer.
     conns: RwLock<HashMap<PeerId, (Multiaddr, Option<Duration>)>>,
     generation: AtomicU64,
-    events: mpsc::UnboundedSender<MeshEvent>,
+    events: mpsc::UnboundedSender<(MeshEvent, u32)>,
+}
+
+/// Outcome of queueing a frame for a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    Queued,
+    /// Queued, but the peer's queue is over `peer_queue_bytes`: the sender should pause.
+    Congested,
+    /// The queue is over `peer_queue_max_bytes`; the frame was dropped (and counted).
+    Dropped,
+    NotConnected,
+}
+
+thread_local! {
+    /// Set when a frame queued on this thread found its peer congested; read and cleared by
+    /// [`take_pressure`]. Client read loops are synchronous between two reads, so this tells a
+    /// session that what it just did fed a congested peer.
+    static PRESSURE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether a frame queued on this thread since the last call found its peer congested.
+pub fn take_pressure() -> bool {
+    PRESSURE.with(|p| p.replace(false))
+}
+
+/// One peer's outgoing frames, in order, with their size for backpressure.
+struct PeerQueue {
+    tx: mpsc::UnboundedSender<Bytes>,
+    queued: AtomicUsize,
+    congested: AtomicBool,
+}
+
+impl PeerQueue {
+    /// Marks the queue drained (if it was congested) and wakes paused senders.
+    fn relieve(&self, shared: &Shared) {
+        if self.congested.swap(false, Ordering::AcqRel) {
+            shared.congested.fetch_sub(1, Ordering::AcqRel);
+            shared.drained.notify_waiters();
+        }
+    }
+}
+
+/// The mesh's events, in order. Receiving a frame returns its share of the inbound budget.
+pub struct MeshEvents {
+    rx: mpsc::UnboundedReceiver<(MeshEvent, u32)>,
+    inbound: Arc<Semaphore>,
+}
+
+impl MeshEvents {
+    pub async fn recv(&mut self) -> Option<MeshEvent> {
+        let (ev, permits) = self.rx.recv().await?;
+        self.inbound.add_permits(permits as usize);
+        Some(ev)
+    }
+
+    /// The next event if one is waiting.
+    pub fn try_recv(&mut self) -> Option<MeshEvent> {
+        let (ev, permits) = self.rx.try_recv().ok()?;
+        self.inbound.add_permits(permits as usize);
+        Some(ev)
+    }
 }
 
 /// A running mesh. Cheap to clone.
@@ -185,7 +263,7 @@ pub async fn start(
     keypair: Keypair,
     cert: Vec<u8>,
     operator: ed25519_dalek::VerifyingKey,
-) -> anyhow::Result<(MeshHandle, mpsc::UnboundedReceiver<MeshEvent>)> {
+) -> anyhow::Result<(MeshHandle, MeshEvents)> {
     let local = keypair.public().to_peer_id();
     let timeout = config.peer_timeout.max(Duration::from_millis(300));
     let mut kcfg = kad::Config::new(KAD_PROTOCOL);
@@ -241,6 +319,15 @@ pub async fn start(
         }
     }
     let (events, rx) = mpsc::unbounded_channel();
+    let inbound = Arc::new(Semaphore::new(
+        config
+            .inbound_queue_bytes
+            .clamp(64 << 10, Semaphore::MAX_PERMITS),
+    ));
+    let rx = MeshEvents {
+        rx,
+        inbound: inbound.clone(),
+    };
     let (cmd, cmd_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         local,
@@ -250,6 +337,9 @@ pub async fn start(
         config: config.clone(),
         stats: MeshStats::default(),
         writers: RwLock::new(HashMap::new()),
+        congested: AtomicUsize::new(0),
+        drained: Notify::new(),
+        inbound: inbound.clone(),
         up: RwLock::new(HashMap::new()),
         conns: RwLock::new(HashMap::new()),
         generation: AtomicU64::new(1),
@@ -323,30 +413,60 @@ impl MeshHandle {
         out
     }
 
-    /// Queues an encoded frame for `peer`; `false` if the peer is not connected or its queue is
-    /// full (counted as dropped).
-    pub fn send_encoded(&self, peer: &PeerId, frame: Bytes) -> bool {
-        let writers = self.shared.writers.read();
-        let Some(w) = writers.get(peer) else {
-            return false;
+    /// Queues an encoded frame for `peer`. Never waits: a congested peer is reported (and noted
+    /// for [`take_pressure`]) so that the sender can pause before producing more.
+    pub fn send_encoded(&self, peer: &PeerId, frame: Bytes) -> Sent {
+        let shared = &*self.shared;
+        let writers = shared.writers.read();
+        let Some(q) = writers.get(peer) else {
+            return Sent::NotConnected;
         };
-        match w.try_send(frame) {
-            Ok(()) => {
-                self.shared.stats.frames_out.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Err(_) => {
-                self.shared
-                    .stats
-                    .frames_dropped
-                    .fetch_add(1, Ordering::Relaxed);
-                false
-            }
+        let len = frame.len();
+        let queued = q.queued.load(Ordering::Acquire);
+        if queued + len > shared.config.peer_queue_max_bytes.max(len) {
+            shared.stats.frames_dropped.fetch_add(1, Ordering::Relaxed);
+            return Sent::Dropped;
         }
+        q.queued.fetch_add(len, Ordering::AcqRel);
+        if q.tx.send(frame).is_err() {
+            return Sent::NotConnected;
+        }
+        shared.stats.frames_out.fetch_add(1, Ordering::Relaxed);
+        if queued + len <= shared.config.peer_queue_bytes {
+            return Sent::Queued;
+        }
+        if !q.congested.swap(true, Ordering::AcqRel) {
+            shared.congested.fetch_add(1, Ordering::AcqRel);
+            shared
+                .stats
+                .congestion_events
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        PRESSURE.with(|p| p.set(true));
+        Sent::Congested
     }
 
-    pub fn send(&self, peer: &PeerId, frame: &Frame) -> bool {
+    pub fn send(&self, peer: &PeerId, frame: &Frame) -> Sent {
         self.send_encoded(peer, frame.encode())
+    }
+
+    /// Whether some peer's queue is over `peer_queue_bytes` now.
+    pub fn is_congested(&self) -> bool {
+        self.shared.congested.load(Ordering::Acquire) > 0
+    }
+
+    /// Resolves once no peer is congested (at once if none is). A peer stays congested until its
+    /// queue drains to half of `peer_queue_bytes` or it disconnects (at most `peer_timeout`).
+    pub async fn writable(&self) {
+        loop {
+            let drained = self.shared.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if !self.is_congested() {
+                return;
+            }
+            drained.await;
+        }
     }
 
     /// Sends `frame` to every certified peer except `except`.
@@ -537,12 +657,20 @@ fn handle_event(
             }
             shared.conns.write().insert(peer_id, (addr, None));
             if num_established.get() == 1 {
-                let (tx, rx) = mpsc::channel(shared.config.peer_queue.max(16));
-                shared.writers.write().insert(peer_id, tx);
+                let (tx, rx) = mpsc::unbounded_channel();
+                let q = Arc::new(PeerQueue {
+                    tx,
+                    queued: AtomicUsize::new(0),
+                    congested: AtomicBool::new(false),
+                });
+                if let Some(old) = shared.writers.write().insert(peer_id, q.clone()) {
+                    old.relieve(shared);
+                }
                 tokio::spawn(writer(
                     control.clone(),
                     peer_id,
                     rx,
+                    q,
                     shared.clone(),
                     cmd.clone(),
                 ));
@@ -553,11 +681,13 @@ fn handle_event(
             num_established: 0,
             ..
         } => {
-            shared.writers.write().remove(&peer_id);
+            if let Some(q) = shared.writers.write().remove(&peer_id) {
+                q.relieve(shared);
+            }
             shared.conns.write().remove(&peer_id);
             let mut up = shared.up.write();
             if up.remove(&peer_id).is_some() {
-                let _ = shared.events.send(MeshEvent::PeerDown(peer_id));
+                let _ = shared.events.send((MeshEvent::PeerDown(peer_id), 0));
                 let now = Instant::now();
                 known.insert(peer_id, (now, Duration::from_millis(250), now));
             }
@@ -641,9 +771,23 @@ fn handle_event(
 async fn writer(
     mut control: libp2p_stream::Control,
     peer: PeerId,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    queue: Arc<PeerQueue>,
     shared: Arc<Shared>,
     cmd: mpsc::UnboundedSender<Cmd>,
+) {
+    write_frames(&mut control, peer, &mut rx, &queue, &shared, &cmd).await;
+    // Whatever ends the stream, nobody waits on this queue any more.
+    queue.relieve(&shared);
+}
+
+async fn write_frames(
+    control: &mut libp2p_stream::Control,
+    peer: PeerId,
+    rx: &mut mpsc::UnboundedReceiver<Bytes>,
+    queue: &PeerQueue,
+    shared: &Shared,
+    cmd: &mpsc::UnboundedSender<Cmd>,
 ) {
     let mut stream = match control.open_stream(peer, MESH_PROTOCOL).await {
         Ok(s) => s,
@@ -679,6 +823,10 @@ async fn writer(
             .stats
             .bytes_out
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        let left = queue.queued.fetch_sub(buf.len(), Ordering::AcqRel) - buf.len();
+        if left <= shared.config.peer_queue_bytes / 2 {
+            queue.relieve(shared);
+        }
     }
     let _ = stream.close().await;
 }
@@ -698,11 +846,13 @@ enum ReadError {
     Oversized(usize),
 }
 
+/// Reads one length-prefixed frame body. Bodies are cut from a shared buffer, so a burst of
+/// small frames costs one allocation, and the node keeps the WAMP messages without copying.
 async fn read_frame<R: futures_util::io::AsyncRead + Unpin>(
     rd: &mut R,
-    buf: &mut Vec<u8>,
+    buf: &mut BytesMut,
     max: usize,
-) -> Result<(), ReadError> {
+) -> Result<Bytes, ReadError> {
     let mut len = [0u8; 4];
     rd.read_exact(&mut len)
         .await
@@ -711,8 +861,14 @@ async fn read_frame<R: futures_util::io::AsyncRead + Unpin>(
     if n > max {
         return Err(ReadError::Oversized(n));
     }
+    if buf.capacity() < n {
+        buf.reserve(n.max(256 << 10));
+    }
     buf.resize(n, 0);
-    rd.read_exact(buf).await.map_err(|_| ReadError::Closed)
+    rd.read_exact(&mut buf[..])
+        .await
+        .map_err(|_| ReadError::Closed)?;
+    Ok(buf.split().freeze())
 }
 
 /// Reads one peer's inbound stream: the certificate first, then frames for the node.
@@ -724,10 +880,15 @@ async fn reader(
 ) {
     let stats = &shared.stats;
     let mut rd = BufReader::with_capacity(64 << 10, stream);
-    let mut buf = Vec::new();
+    let mut buf = BytesMut::new();
     let max = shared.config.max_frame;
+    let budget = shared
+        .config
+        .inbound_queue_bytes
+        .clamp(64 << 10, Semaphore::MAX_PERMITS)
+        .min(u32::MAX as usize) as u32;
     let certified = match read_frame(&mut rd, &mut buf, 4096).await {
-        Ok(()) => matches!(Frame::decode(&buf), Ok(Frame::Hello { cert, .. })
+        Ok(body) => matches!(Frame::decode(body), Ok(Frame::Hello { cert, .. })
             if cert::verify(&shared.operator, &peer, &cert)),
         Err(_) => false,
     };
@@ -741,25 +902,32 @@ async fn reader(
     {
         let mut up = shared.up.write();
         up.insert(peer, generation);
-        let _ = shared.events.send(MeshEvent::PeerUp(peer));
+        let _ = shared.events.send((MeshEvent::PeerUp(peer), 0));
     }
     loop {
         match read_frame(&mut rd, &mut buf, max).await {
-            Ok(()) => {
+            Ok(body) => {
                 stats.frames_in.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .bytes_in
-                    .fetch_add(buf.len() as u64 + 4, Ordering::Relaxed);
-                match Frame::decode(&buf) {
+                let len = body.len();
+                stats.bytes_in.fetch_add(len as u64 + 4, Ordering::Relaxed);
+                match Frame::decode(body) {
                     Ok(Frame::Hello { .. }) => {}
                     Ok(f) => {
+                        // Wait for room in the node's inbound budget: while the node is behind,
+                        // this stream is not read and QUIC flow control stops the sender.
+                        let permits = (len as u32).clamp(1, budget);
+                        let Ok(p) = shared.inbound.acquire_many(permits).await else {
+                            return;
+                        };
+                        p.forget();
                         // Checked under the lock that PeerDown is sent under: no frame of a
                         // stream is delivered after the peer was reported gone.
                         let up = shared.up.read();
                         if up.get(&peer) != Some(&generation) {
+                            shared.inbound.add_permits(permits as usize);
                             return;
                         }
-                        let _ = shared.events.send(MeshEvent::Frame(peer, f));
+                        let _ = shared.events.send((MeshEvent::Frame(peer, f), permits));
                     }
                     Err(e) => {
                         stats.frames_malformed.fetch_add(1, Ordering::Relaxed);

@@ -102,8 +102,15 @@ pub struct MeshSection {
     pub discovery_interval_ms: u64,
     /// Largest inter-node frame, in bytes.
     pub max_frame: usize,
-    /// Frames queued per peer before new ones are dropped and counted.
-    pub peer_queue: usize,
+    /// Bytes queued for one peer above which the sessions feeding it pause reading until it
+    /// drains (backpressure instead of loss).
+    pub peer_queue_bytes: usize,
+    /// Bytes queued for one peer above which frames are dropped and counted (a peer that stopped
+    /// reading but has not timed out yet).
+    pub peer_queue_max_bytes: usize,
+    /// Received inter-node bytes not yet processed above which the node stops reading from its
+    /// peers (QUIC flow control then holds their senders).
+    pub inbound_queue_bytes: usize,
     /// Kademlia lookup parallelism.
     pub dht_parallelism: usize,
     /// Largest value `macula.dht.put` accepts, in bytes.
@@ -124,7 +131,9 @@ impl Default for MeshSection {
             peer_timeout_ms: 3000,
             discovery_interval_ms: 2000,
             max_frame: 16 << 20,
-            peer_queue: 65_536,
+            peer_queue_bytes: 4 << 20,
+            peer_queue_max_bytes: 64 << 20,
+            inbound_queue_bytes: 8 << 20,
             dht_parallelism: 3,
             dht_max_value: 64 << 10,
             dht_max_ttl_s: 86_400,

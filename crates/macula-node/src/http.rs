@@ -98,6 +98,7 @@ async fn mesh_status(State(node): State<Arc<Node>>) -> Response {
             "rejected": g(&m.counters.rejected), "unknown_realm": g(&m.counters.unknown_realm),
         },
         "peers_rejected": g(&stats.peers_rejected),
+        "congestion_events": g(&stats.congestion_events),
     });
     axum::Json(body).into_response()
 }
@@ -199,6 +200,7 @@ async fn run_ws(socket: WebSocket, node: Arc<Node>, serializer: Serializer, peer
         if conn.should_flush() {
             conn.flush();
         }
+        conn.mesh_backpressure().await;
     }
     conn.finish();
     // Give the writer a moment to deliver the final GOODBYE/ABORT; a client that does not read

@@ -141,10 +141,7 @@ pub async fn start(node: Arc<Node>) -> anyhow::Result<Running> {
 /// Loads (or creates) the node identity, obtains its operator certificate and starts the mesh.
 async fn start_mesh(
     node: &Arc<Node>,
-) -> anyhow::Result<(
-    Arc<mesh::MeshState>,
-    tokio::sync::mpsc::UnboundedReceiver<macula_mesh::MeshEvent>,
-)> {
+) -> anyhow::Result<(Arc<mesh::MeshState>, macula_mesh::MeshEvents)> {
     use macula_mesh::identity::Keypair;
     let cfg = &node.config.mesh;
     let root = node.confdir.as_ref().map(|d| d.root.clone());
@@ -214,7 +211,9 @@ async fn start_mesh(
         peer_timeout: Duration::from_millis(cfg.peer_timeout_ms.max(300)),
         discovery_interval: Duration::from_millis(cfg.discovery_interval_ms.max(100)),
         max_frame: cfg.max_frame,
-        peer_queue: cfg.peer_queue,
+        peer_queue_bytes: cfg.peer_queue_bytes,
+        peer_queue_max_bytes: cfg.peer_queue_max_bytes,
+        inbound_queue_bytes: cfg.inbound_queue_bytes,
         dht_parallelism: cfg.dht_parallelism,
         dht_timeout: Duration::from_secs(10),
     };

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier};
-use macula_mesh::{Frame, MeshEvent, MeshHandle, Peer as PeerId};
+use macula_mesh::{encode_routed, Frame, MeshEvent, MeshHandle, Peer as PeerId, Routed};
 use macula_router::auth::credential::SignedCert;
 use macula_router::dealer::InvokePolicy;
 use macula_router::policy::Policy;
@@ -29,7 +29,6 @@ use macula_wamp::uri::MatchPolicy;
 use macula_wamp::{Id, Message, Serializer};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
 use crate::node::{Node, RealmHandle};
 use crate::outbox::{SessionPeer, Staging};
@@ -70,63 +69,60 @@ pub struct LinkPeer {
     mesh: MeshHandle,
 }
 
-fn origin(i: &macula_router::SessionInfo) -> macula_mesh::Origin {
-    macula_mesh::Origin {
-        session: i.id,
-        authid: i.authid.clone(),
-        authrole: i.authrole.clone(),
-    }
+/// The originating session as the frame header carries it.
+fn origin(i: &macula_router::SessionInfo) -> (u64, &str, &str) {
+    (i.id, i.authid.as_str(), i.authrole.as_str())
 }
 
 impl LinkPeer {
-    fn encode(msg: &Message) -> Bytes {
-        Bytes::from(Serializer::MsgPack.encode(msg))
+    /// Writes the frame straight into one buffer: header, then the MessagePack WAMP message.
+    fn send_routed(&self, kind: Routed, origin: (u64, &str, &str), msg: &Message) {
+        let mut out = Vec::with_capacity(128);
+        encode_routed(&mut out, kind, &self.realm, origin, |out| {
+            Serializer::MsgPack.encode_into(msg, out)
+        });
+        self.mesh.send_encoded(&self.peer, Bytes::from(out));
     }
 
     fn reply(&self, msg: &Message) {
-        let frame = Frame::Reply {
-            realm: self.realm.to_string(),
-            msg: Self::encode(msg),
-        };
-        self.mesh.send(&self.peer, &frame);
+        self.send_routed(Routed::Reply, (0, "", ""), msg);
     }
 
     fn forward(&self, f: Forwarded<'_>) {
-        let frame = match f {
+        match f {
             Forwarded::Publication {
                 publication,
                 topic,
                 options,
                 payload,
                 origin: o,
-            } => Frame::Publish {
-                realm: self.realm.to_string(),
-                origin: origin(o),
-                msg: Self::encode(&Message::Publish {
+            } => self.send_routed(
+                Routed::Publish,
+                origin(o),
+                &Message::Publish {
                     request: publication,
                     options: options.clone(),
                     topic: topic.to_owned(),
                     payload: payload.clone(),
-                }),
-            },
+                },
+            ),
             Forwarded::Call {
                 invocation,
                 procedure,
                 options,
                 payload,
                 origin: o,
-            } => Frame::Call {
-                realm: self.realm.to_string(),
-                origin: origin(o),
-                msg: Self::encode(&Message::Call {
+            } => self.send_routed(
+                Routed::Call,
+                origin(o),
+                &Message::Call {
                     request: invocation,
                     options,
                     procedure: procedure.to_owned(),
                     payload,
-                }),
-            },
-        };
-        self.mesh.send(&self.peer, &frame);
+                },
+            ),
+        }
     }
 }
 
@@ -285,18 +281,14 @@ fn announce_frame(realm: &str, a: Announce) -> Frame {
 
 /// Processes mesh events until the mesh stops. Deliveries of a burst of frames are staged and
 /// flushed together, as for a client connection.
-pub async fn run(
-    node: Arc<Node>,
-    mesh: Arc<MeshState>,
-    mut rx: mpsc::UnboundedReceiver<MeshEvent>,
-) {
+pub async fn run(node: Arc<Node>, mesh: Arc<MeshState>, mut rx: macula_mesh::MeshEvents) {
     let mut staging = Staging::default();
     while let Some(ev) = rx.recv().await {
         staging.capture(|| handle(&node, &mesh, ev));
         while staging.len() < Staging::LIMIT {
             match rx.try_recv() {
-                Ok(ev) => staging.capture(|| handle(&node, &mesh, ev)),
-                Err(_) => break,
+                Some(ev) => staging.capture(|| handle(&node, &mesh, ev)),
+                None => break,
             }
         }
         staging.flush();

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub messages_out: [AtomicU64; KINDS],
     pub queue_dropped: AtomicU64,
     pub slow_consumer_disconnects: AtomicU64,
+    /// Times a session stopped reading because the mesh peer it fed was congested.
+    pub mesh_pauses: AtomicU64,
     pub decode_errors: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub oversized: AtomicU64,
@@ -37,6 +39,7 @@ impl Default for Metrics {
             messages_out: std::array::from_fn(|_| AtomicU64::new(0)),
             queue_dropped: AtomicU64::new(0),
             slow_consumer_disconnects: AtomicU64::new(0),
+            mesh_pauses: AtomicU64::new(0),
             decode_errors: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
             oversized: AtomicU64::new(0),
@@ -157,6 +160,8 @@ pub fn render_mesh(s: &mut String, m: &crate::mesh::MeshState, node: &Metrics) {
         let _ = writeln!(s, "macula_mesh_frames_total{{outcome=\"{k}\"}} {v}");
     }
     let _ = writeln!(s, "# HELP macula_mesh_bytes_total Inter-node bytes.\n# TYPE macula_mesh_bytes_total counter\nmacula_mesh_bytes_total{{dir=\"in\"}} {}\nmacula_mesh_bytes_total{{dir=\"out\"}} {}", g(&st.bytes_in), g(&st.bytes_out));
+    let _ = writeln!(s, "# HELP macula_mesh_session_pauses_total Times a client session stopped reading until a congested peer drained.\n# TYPE macula_mesh_session_pauses_total counter\nmacula_mesh_session_pauses_total {}", g(&node.mesh_pauses));
+    let _ = writeln!(s, "# HELP macula_mesh_congestion_total Times a peer's queue went over mesh.peer_queue_bytes and its senders paused.\n# TYPE macula_mesh_congestion_total counter\nmacula_mesh_congestion_total {}", g(&st.congestion_events));
     let _ = writeln!(s, "# HELP macula_mesh_peers_rejected_total Peers refused for lacking an operator certificate.\n# TYPE macula_mesh_peers_rejected_total counter\nmacula_mesh_peers_rejected_total {}", g(&st.peers_rejected));
     let _ = writeln!(s, "# HELP macula_mesh_links Remote nodes with interest or registrations in a local realm.\n# TYPE macula_mesh_links gauge\nmacula_mesh_links {}", m.link_count());
     let _ = writeln!(s, "# HELP macula_mesh_realm_states Signed realm states known.\n# TYPE macula_mesh_realm_states gauge\nmacula_mesh_realm_states {}", m.states.lock().len());

@@ -165,6 +165,7 @@ async fn read_loop(
         if conn.should_flush() || !full_frame_buffered(r.buffer()) {
             conn.flush();
         }
+        conn.mesh_backpressure().await;
     }
 }
 

@@ -125,6 +125,28 @@ impl Connection {
         self.now = None;
     }
 
+    /// Waits while what this session sent fed a congested mesh peer (see
+    /// `macula_mesh::take_pressure`): the transport stops reading, so the client's own socket
+    /// pushes back instead of the mesh dropping frames. Ends early if the session is closed.
+    /// Called after every frame; staged deliveries are flushed before waiting.
+    pub async fn mesh_backpressure(&mut self) {
+        if !macula_mesh::take_pressure() {
+            return;
+        }
+        let Some(mesh) = self.node.mesh.get().cloned() else {
+            return;
+        };
+        self.flush();
+        self.node
+            .metrics
+            .mesh_pauses
+            .fetch_add(1, Ordering::Relaxed);
+        tokio::select! {
+            _ = mesh.handle.writable() => {}
+            _ = self.outbox.closed() => {}
+        }
+    }
+
     /// Whether enough deliveries are staged that they should go out now.
     pub fn should_flush(&self) -> bool {
         self.staging.len() >= Staging::LIMIT
