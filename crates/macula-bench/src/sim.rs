@@ -52,7 +52,6 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
         l.config.mesh.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".into()];
         l.config.mesh.identity = format!("sim/{i}.key").into();
         l.config.mesh.bootstrap = first.clone();
-        l.config.mesh.discovery_interval_ms = 500;
         l.config.mesh.peer_timeout_ms = 10_000;
         let r = macula_node::start(Node::new(l, Some(dir.clone())))
             .await
@@ -77,6 +76,13 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
         }
     }
 
+    let peers: usize = (0..a.nodes).filter_map(mesh).map(|m| m.peers().len()).sum();
+    eprintln!(
+        "mesh-sim: all joined after {:.1?}; {:.1} peers per node",
+        started.elapsed(),
+        peers as f64 / a.nodes as f64
+    );
+    let t_dht = Instant::now();
     // DHT lookups between random pairs of nodes.
     let mut rng = 0x9E37_79B9_7F4A_7C15u64;
     let mut next = |n: usize| {
@@ -86,6 +92,7 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
         (rng % n as u64) as usize
     };
     let (mut ok, mut lat, mut reqs) = (0usize, vec![], vec![]);
+    let (mut put_lat, mut replicas) = (vec![], vec![]);
     for k in 0..a.lookups {
         let (w, r) = (next(a.nodes), next(a.nodes));
         let (Some(wm), Some(rm)) = (mesh(w), mesh(r)) else {
@@ -104,9 +111,13 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
             now + 600,
         );
         let dkey = macula_mesh::record::dht_key(REALM, &name);
-        wm.put(dkey.clone(), rec.encode(), Duration::from_secs(600))
+        let tp = Instant::now();
+        let stored = wm
+            .put(dkey.clone(), rec.encode(), Duration::from_secs(600))
             .await
             .map_err(anyhow::Error::msg)?;
+        put_lat.push(tp.elapsed().as_secs_f64() * 1e3);
+        replicas.push(stored as f64);
         let found = rm.get(dkey).await.map_err(anyhow::Error::msg)?;
         let valid = found.value.as_deref().is_some_and(|v| {
             macula_mesh::record::AppRecord::verify(v, rm.operator(), REALM, &name, now).is_ok()
@@ -118,6 +129,15 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
         reqs.push(found.requests as f64);
     }
     let success = ok as f64 / a.lookups.max(1) as f64 * 100.0;
+    eprintln!(
+        "mesh-sim: {} puts and lookups in {:.1?}; put p50 {:.1} ms p99 {:.1} ms, replicas p50 {:.0} min {:.0}",
+        a.lookups,
+        t_dht.elapsed(),
+        pct(&mut put_lat, 0.5),
+        pct(&mut put_lat, 0.99),
+        pct(&mut replicas, 0.5),
+        pct(&mut replicas, 0.0)
+    );
 
     // Events: subscribers on the first nodes after 0, publishers on the last ones.
     let topic = format!("{REALM}.events");
@@ -130,7 +150,15 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
         streams.push(c.subscribe(&topic).await?);
         clients.push(c);
     }
+    // Publishers join first: a node starts serving the realm (and finds its other nodes) when
+    // its first client joins, so the interest tables are complete only after that.
     let pub_nodes: Vec<usize> = (a.nodes - a.publishers..a.nodes).collect();
+    let mut pubs = vec![];
+    for &p in &pub_nodes {
+        let mut o = macula_client::ConnectOptions::new(&nodes[p].ws_url(), REALM, &key);
+        o.reconnect = false;
+        pubs.push((p, macula_client::Client::connect_with(o).await?));
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     for &p in &pub_nodes {
         // Interest of every subscriber node has arrived (links plus the node's own service).
@@ -152,18 +180,14 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    eprintln!("mesh-sim: interest tables complete after {:.1?}", started.elapsed());
     let t0 = Instant::now();
-    let mut pubs = vec![];
-    for &p in &pub_nodes {
-        let mut o = macula_client::ConnectOptions::new(&nodes[p].ws_url(), REALM, &key);
-        o.reconnect = false;
-        let c = macula_client::Client::connect_with(o).await?;
+    for (p, c) in &pubs {
         for e in 0..a.events {
-            let v = macula_wamp::Value::from(p as u64 * 1_000_000 + e);
+            let v = macula_wamp::Value::from(*p as u64 * 1_000_000 + e);
             c.publish(&topic, macula_wamp::Payload::args(vec![v]))
                 .await?;
         }
-        pubs.push(c);
     }
     let expected = a.events * a.publishers as u64;
     let mut delivered = 0u64;

@@ -147,6 +147,8 @@ enum Cmd {
     Provide(String),
     Unprovide(String),
     Dial(Multiaddr),
+    /// Exchange frames with this peer (it opened a mesh stream to us).
+    Want(PeerId),
     Disconnect(PeerId),
     Put(
         Vec<u8>,
@@ -160,6 +162,8 @@ enum Cmd {
 
 struct Shared {
     local: PeerId,
+    /// Opens mesh streams (shared with the swarm's stream behaviour).
+    control: libp2p_stream::Control,
     keypair: Keypair,
     cert: Bytes,
     operator: ed25519_dalek::VerifyingKey,
@@ -288,7 +292,7 @@ pub async fn start(
                 "/macula/1".into(),
                 key.public(),
             )),
-            ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(2))),
+            ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),
             stream: libp2p_stream::Behaviour::new(),
         })
         .map_err(|e| anyhow::anyhow!("building the mesh: {e}"))?
@@ -331,6 +335,7 @@ pub async fn start(
     let (cmd, cmd_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         local,
+        control: swarm.behaviour().stream.new_control(),
         keypair,
         cert: Bytes::from(cert),
         operator,
@@ -354,12 +359,13 @@ pub async fn start(
         cmd: cmd.clone(),
     };
     tokio::spawn(accept_loop(incoming, shared.clone(), cmd.clone()));
+    let mut links = Links::default();
     for b in &config.bootstrap {
-        if let Err(e) = swarm.dial(b.clone()) {
+        if let Err(e) = links.dial(&mut swarm, DialOpts::from(b.clone())) {
             tracing::warn!("cannot dial bootstrap node {b}: {e}");
         }
     }
-    tokio::spawn(run(swarm, shared, cmd_rx, cmd));
+    tokio::spawn(run(swarm, shared, cmd_rx, cmd, links));
     Ok((handle, rx))
 }
 
@@ -533,19 +539,132 @@ enum Pending {
     Get(oneshot::Sender<Result<Lookup, String>>, Instant),
 }
 
+/// Which peers this node exchanges frames with. A connection alone (Kademlia's, for a lookup)
+/// carries no mesh stream and closes when idle; a *wanted* peer gets a mesh stream and is
+/// redialled when lost. Wanted: bootstrap nodes, the other providers of realms this node serves,
+/// and peers that opened a mesh stream to us. So a node is linked to its bootstrap nodes (over
+/// which realm states flood) and to its realms' nodes, not to every node its lookups touched.
+#[derive(Default)]
+struct Links {
+    wanted: HashSet<PeerId>,
+    /// Dials whose connection should become a link (bootstrap addresses, without a peer id yet).
+    dialing: HashSet<libp2p::swarm::ConnectionId>,
+    /// Lost wanted peers: next attempt, backoff, lost since. Forgotten after ten minutes.
+    lost: HashMap<PeerId, (Instant, Duration, Instant)>,
+}
+
+impl Links {
+    fn dial(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        opts: DialOpts,
+    ) -> Result<(), libp2p::swarm::DialError> {
+        let id = opts.connection_id();
+        swarm.dial(opts)?;
+        self.dialing.insert(id);
+        Ok(())
+    }
+
+    fn want(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        shared: &Arc<Shared>,
+        cmd: &mpsc::UnboundedSender<Cmd>,
+    ) {
+        self.wanted.insert(peer);
+        if swarm.is_connected(&peer) {
+            start_writer(peer, shared, cmd);
+        } else {
+            let _ = swarm.dial(DialOpts::peer_id(peer).build());
+        }
+    }
+
+    fn established(
+        &mut self,
+        peer: PeerId,
+        conn: libp2p::swarm::ConnectionId,
+        shared: &Arc<Shared>,
+        cmd: &mpsc::UnboundedSender<Cmd>,
+    ) {
+        self.lost.remove(&peer);
+        if self.dialing.remove(&conn) {
+            self.wanted.insert(peer);
+        }
+        if self.wanted.contains(&peer) {
+            start_writer(peer, shared, cmd);
+        }
+    }
+
+    fn lost(&mut self, peer: PeerId) {
+        if self.wanted.contains(&peer) {
+            let now = Instant::now();
+            self.lost
+                .insert(peer, (now, Duration::from_millis(250), now));
+        }
+    }
+
+    /// Redials lost wanted peers whose backoff has passed (so that a partition heals by itself).
+    fn redial(&mut self, swarm: &mut Swarm<Behaviour>) {
+        let now = Instant::now();
+        let mut redial = vec![];
+        let mut forget = vec![];
+        self.lost.retain(|p, (next, backoff, since)| {
+            if now.duration_since(*since) > Duration::from_secs(600) {
+                forget.push(*p);
+                return false;
+            }
+            if *next <= now {
+                redial.push(*p);
+                *backoff = (*backoff * 2).min(Duration::from_secs(30));
+                *next = now + *backoff;
+            }
+            true
+        });
+        for p in forget {
+            self.wanted.remove(&p);
+        }
+        for p in redial {
+            if !swarm.is_connected(&p) {
+                let _ = swarm.dial(p);
+            }
+        }
+    }
+}
+
+/// Starts the outgoing mesh stream to a connected peer, unless it has one.
+fn start_writer(peer: PeerId, shared: &Arc<Shared>, cmd: &mpsc::UnboundedSender<Cmd>) {
+    let mut writers = shared.writers.write();
+    if writers.contains_key(&peer) {
+        return;
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let q = Arc::new(PeerQueue {
+        tx,
+        queued: AtomicUsize::new(0),
+        congested: AtomicBool::new(false),
+    });
+    writers.insert(peer, q.clone());
+    tokio::spawn(writer(
+        shared.control.clone(),
+        peer,
+        rx,
+        q,
+        shared.clone(),
+        cmd.clone(),
+    ));
+}
+
 /// The swarm's event loop.
 async fn run(
     mut swarm: Swarm<Behaviour>,
     shared: Arc<Shared>,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
     cmd_tx: mpsc::UnboundedSender<Cmd>,
+    mut links: Links,
 ) {
-    let control = swarm.behaviour().stream.new_control();
     let mut provided: HashSet<String> = HashSet::new();
     let mut pending: HashMap<kad::QueryId, Pending> = HashMap::new();
-    // Peers we were connected to: redialled (with backoff) after they drop, so that a partition
-    // heals by itself. Forgotten after ten minutes without success.
-    let mut known: HashMap<PeerId, (Instant, Duration, Instant)> = HashMap::new();
     let bootstrap = shared.config.bootstrap.clone();
     let mut tick = tokio::time::interval(shared.config.discovery_interval);
     loop {
@@ -566,10 +685,11 @@ async fn run(
                         }
                     }
                     Cmd::Dial(a) => {
-                        if let Err(e) = swarm.dial(a.clone()) {
+                        if let Err(e) = links.dial(&mut swarm, DialOpts::from(a.clone())) {
                             tracing::debug!("dial {a}: {e}");
                         }
                     }
+                    Cmd::Want(p) => links.want(&mut swarm, p, &shared, &cmd_tx),
                     Cmd::Disconnect(p) => {
                         let _ = swarm.disconnect_peer_id(p);
                     }
@@ -577,7 +697,9 @@ async fn run(
                         let mut r = kad::Record::new(key, value);
                         r.publisher = Some(shared.local);
                         r.expires = Some(Instant::now() + ttl);
-                        match kad.put_record(r, Quorum::One) {
+                        // Every one of the k closest nodes, as Kademlia intends: a lookup from
+                        // anywhere then meets a replica on its way to the key.
+                        match kad.put_record(r, Quorum::All) {
                             Ok(id) => {
                                 pending.insert(id, Pending::Put(reply));
                             }
@@ -600,32 +722,15 @@ async fn run(
                 for realm in &provided {
                     kad.get_providers(realm_key(realm));
                 }
-                let now = Instant::now();
-                let mut redial = vec![];
-                known.retain(|p, (next, backoff, since)| {
-                    if now.duration_since(*since) > Duration::from_secs(600) {
-                        return false;
-                    }
-                    if *next <= now {
-                        redial.push(*p);
-                        *backoff = (*backoff * 2).min(Duration::from_secs(30));
-                        *next = now + *backoff;
-                    }
-                    true
-                });
-                for p in redial {
-                    if !swarm.is_connected(&p) {
-                        let _ = swarm.dial(p);
-                    }
-                }
+                links.redial(&mut swarm);
                 if swarm.connected_peers().next().is_none() {
                     for b in &bootstrap {
-                        let _ = swarm.dial(b.clone());
+                        let _ = links.dial(&mut swarm, DialOpts::from(b.clone()));
                     }
                 }
             }
             ev = swarm.select_next_some() => {
-                handle_event(&mut swarm, ev, &shared, &control, &mut pending, &mut known, &cmd_tx);
+                handle_event(&mut swarm, ev, &shared, &mut pending, &mut links, &cmd_tx);
             }
         }
     }
@@ -635,19 +740,17 @@ fn handle_event(
     swarm: &mut Swarm<Behaviour>,
     ev: SwarmEvent<BehaviourEvent>,
     shared: &Arc<Shared>,
-    control: &libp2p_stream::Control,
     pending: &mut HashMap<kad::QueryId, Pending>,
-    known: &mut HashMap<PeerId, (Instant, Duration, Instant)>,
+    links: &mut Links,
     cmd: &mpsc::UnboundedSender<Cmd>,
 ) {
     match ev {
         SwarmEvent::ConnectionEstablished {
             peer_id,
             endpoint,
-            num_established,
+            connection_id,
             ..
         } => {
-            known.remove(&peer_id);
             let addr = endpoint.get_remote_address().clone();
             if endpoint.is_dialer() {
                 swarm
@@ -656,25 +759,10 @@ fn handle_event(
                     .add_address(&peer_id, addr.clone());
             }
             shared.conns.write().insert(peer_id, (addr, None));
-            if num_established.get() == 1 {
-                let (tx, rx) = mpsc::unbounded_channel();
-                let q = Arc::new(PeerQueue {
-                    tx,
-                    queued: AtomicUsize::new(0),
-                    congested: AtomicBool::new(false),
-                });
-                if let Some(old) = shared.writers.write().insert(peer_id, q.clone()) {
-                    old.relieve(shared);
-                }
-                tokio::spawn(writer(
-                    control.clone(),
-                    peer_id,
-                    rx,
-                    q,
-                    shared.clone(),
-                    cmd.clone(),
-                ));
-            }
+            links.established(peer_id, connection_id, shared, cmd);
+        }
+        SwarmEvent::OutgoingConnectionError { connection_id, .. } => {
+            links.dialing.remove(&connection_id);
         }
         SwarmEvent::ConnectionClosed {
             peer_id,
@@ -688,9 +776,8 @@ fn handle_event(
             let mut up = shared.up.write();
             if up.remove(&peer_id).is_some() {
                 let _ = shared.events.send((MeshEvent::PeerDown(peer_id), 0));
-                let now = Instant::now();
-                known.insert(peer_id, (now, Duration::from_millis(250), now));
             }
+            links.lost(peer_id);
         }
         SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
             peer_id,
@@ -721,8 +808,8 @@ fn handle_event(
                 ..
             })) => {
                 for p in providers {
-                    if p != shared.local && !swarm.is_connected(&p) {
-                        let _ = swarm.dial(DialOpts::peer_id(p).build());
+                    if p != shared.local {
+                        links.want(swarm, p, shared, cmd);
                     }
                 }
             }
@@ -752,7 +839,8 @@ fn handle_event(
                     // The record is stored here first; a put that reached fewer nodes than asked
                     // (a mesh of one) or timed out reports how many others stored it.
                     let stored = match res {
-                        Ok(_) => stats.num_successes() as usize,
+                        // Quorum::All met: the replication factor.
+                        Ok(_) => kad::K_VALUE.get(),
                         Err(
                             kad::PutRecordError::QuorumFailed { success, .. }
                             | kad::PutRecordError::Timeout { success, .. },
@@ -777,8 +865,13 @@ async fn writer(
     cmd: mpsc::UnboundedSender<Cmd>,
 ) {
     write_frames(&mut control, peer, &mut rx, &queue, &shared, &cmd).await;
-    // Whatever ends the stream, nobody waits on this queue any more.
+    // Whatever ends the stream, nobody waits on this queue any more, and a later link to the
+    // peer starts a fresh one.
     queue.relieve(&shared);
+    let mut writers = shared.writers.write();
+    if writers.get(&peer).is_some_and(|q| Arc::ptr_eq(q, &queue)) {
+        writers.remove(&peer);
+    }
 }
 
 async fn write_frames(
@@ -805,9 +898,12 @@ async fn write_frames(
         let _ = cmd.send(Cmd::Disconnect(peer));
         return;
     }
-    let mut buf: Vec<u8> = Vec::with_capacity(64 << 10);
+    let mut buf: Vec<u8> = Vec::new();
     while let Some(first) = rx.recv().await {
         buf.clear();
+        if buf.capacity() > 1 << 20 {
+            buf.shrink_to(64 << 10);
+        }
         buf.extend_from_slice(&first);
         while buf.len() < (256 << 10) {
             match rx.try_recv() {
@@ -851,6 +947,7 @@ enum ReadError {
 async fn read_frame<R: futures_util::io::AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
+    chunk: &mut usize,
     max: usize,
 ) -> Result<Bytes, ReadError> {
     let mut len = [0u8; 4];
@@ -862,7 +959,9 @@ async fn read_frame<R: futures_util::io::AsyncRead + Unpin>(
         return Err(ReadError::Oversized(n));
     }
     if buf.capacity() < n {
-        buf.reserve(n.max(256 << 10));
+        // Chunks grow with traffic (4 KiB → 64 KiB), so an idle stream holds little memory.
+        *chunk = (*chunk * 2).clamp(4 << 10, 64 << 10);
+        buf.reserve(n.max(*chunk));
     }
     buf.resize(n, 0);
     rd.read_exact(&mut buf[..])
@@ -879,15 +978,16 @@ async fn reader(
     cmd: mpsc::UnboundedSender<Cmd>,
 ) {
     let stats = &shared.stats;
-    let mut rd = BufReader::with_capacity(64 << 10, stream);
+    let mut rd = BufReader::with_capacity(16 << 10, stream);
     let mut buf = BytesMut::new();
+    let mut chunk = 0;
     let max = shared.config.max_frame;
     let budget = shared
         .config
         .inbound_queue_bytes
         .clamp(64 << 10, Semaphore::MAX_PERMITS)
         .min(u32::MAX as usize) as u32;
-    let certified = match read_frame(&mut rd, &mut buf, 4096).await {
+    let certified = match read_frame(&mut rd, &mut buf, &mut chunk, 4096).await {
         Ok(body) => matches!(Frame::decode(body), Ok(Frame::Hello { cert, .. })
             if cert::verify(&shared.operator, &peer, &cert)),
         Err(_) => false,
@@ -898,6 +998,10 @@ async fn reader(
         let _ = cmd.send(Cmd::Disconnect(peer));
         return;
     }
+    // Reciprocate: frames flow both ways between linked peers. The stream is started here, before
+    // the node hears of the peer, so that what it sends on PeerUp has a queue to go to.
+    start_writer(peer, &shared, &cmd);
+    let _ = cmd.send(Cmd::Want(peer));
     let generation = shared.generation.fetch_add(1, Ordering::Relaxed);
     {
         let mut up = shared.up.write();
@@ -905,7 +1009,7 @@ async fn reader(
         let _ = shared.events.send((MeshEvent::PeerUp(peer), 0));
     }
     loop {
-        match read_frame(&mut rd, &mut buf, max).await {
+        match read_frame(&mut rd, &mut buf, &mut chunk, max).await {
             Ok(body) => {
                 stats.frames_in.fetch_add(1, Ordering::Relaxed);
                 let len = body.len();

@@ -23,6 +23,10 @@ pub struct RealmHandle {
     pub core: Mutex<Realm<NodePeer>>,
     /// The member answering the node's own procedures (`macula.dht.*`), when the mesh is on.
     pub service: Option<Id>,
+    /// Whether this node announced itself as serving the realm (a DHT provider record, which
+    /// makes the realm's other serving nodes connect to it). Only nodes with sessions of their
+    /// own do: a node that merely holds a peer's interest does not pull the whole realm in.
+    provided: std::sync::atomic::AtomicBool,
 }
 
 impl RealmHandle {
@@ -152,7 +156,13 @@ impl Node {
                 "this node is at its session limit (limits.max_sessions); try another node",
             ));
         }
-        Ok(self.realm_handle_or_create(&identity.realm, policy))
+        let realm = self.realm_handle_or_create(&identity.realm, policy);
+        if let Some(m) = self.mesh.get() {
+            if !realm.provided.swap(true, Ordering::AcqRel) {
+                m.handle.provide(&realm.name);
+            }
+        }
+        Ok(realm)
     }
 
     fn realm_handle_or_create(&self, name: &str, policy: Arc<Policy>) -> Arc<RealmHandle> {
@@ -169,7 +179,6 @@ impl Node {
                 let mut service = None;
                 if let Some(m) = self.mesh.get() {
                     core.set_announcer(m.announcer());
-                    m.handle.provide(name);
                     let peer = NodePeer::Service(crate::mesh::ServicePeer {
                         node: self.me.clone(),
                         realm: Arc::from(name),
@@ -184,6 +193,7 @@ impl Node {
                     name: name.to_owned(),
                     core: Mutex::new(core),
                     service,
+                    provided: std::sync::atomic::AtomicBool::new(false),
                 })
             })
             .clone()
@@ -218,6 +228,11 @@ impl Node {
         };
         if Arc::strong_count(realm) <= 2 && idle {
             realms.remove(&realm.name);
+            if realm.provided.load(Ordering::Acquire) {
+                if let Some(m) = self.mesh.get() {
+                    m.handle.unprovide(&realm.name);
+                }
+            }
         }
     }
 
