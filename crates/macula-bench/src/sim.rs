@@ -43,7 +43,13 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
     let base = dir.load()?;
     let started = Instant::now();
     let mut nodes: Vec<Running> = Vec::with_capacity(a.nodes);
-    let mut first: Vec<String> = vec![];
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move |n: usize| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % n.max(1) as u64) as usize
+    };
     for i in 0..a.nodes {
         let mut l = base.clone();
         l.config.listen.http = "127.0.0.1:0".parse()?;
@@ -51,20 +57,23 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
         l.config.reload_interval_ms = 60_000;
         l.config.mesh.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".into()];
         l.config.mesh.identity = format!("sim/{i}.key").into();
-        l.config.mesh.bootstrap = first.clone();
+        // Each node joins through a random earlier one, as nodes of a real mesh would through
+        // whichever peer they were given.
+        l.config.mesh.bootstrap = if i == 0 {
+            vec![]
+        } else {
+            nodes[next(i)].mesh_addrs.clone()
+        };
         l.config.mesh.peer_timeout_ms = 10_000;
         let r = macula_node::start(Node::new(l, Some(dir.clone())))
             .await
             .with_context(|| format!("starting node {i}"))?;
-        if i == 0 {
-            first = r.mesh_addrs.clone();
-        }
         nodes.push(r);
     }
     let boot = started.elapsed();
     eprintln!("mesh-sim: {} nodes up in {boot:.1?}", a.nodes);
     let mesh = |i: usize| nodes[i].node.mesh.get().map(|m| m.handle.clone());
-    // Every node has joined (each bootstraps through node 0) before lookups start.
+    // Every node has joined (through its random bootstrap node) before lookups start.
     for i in 0..a.nodes {
         let m = mesh(i).context("mesh off")?;
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -84,13 +93,6 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
     );
     let t_dht = Instant::now();
     // DHT lookups between random pairs of nodes.
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = |n: usize| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng % n as u64) as usize
-    };
     let (mut ok, mut lat, mut reqs) = (0usize, vec![], vec![]);
     let (mut put_lat, mut replicas) = (vec![], vec![]);
     for k in 0..a.lookups {
@@ -180,7 +182,10 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    eprintln!("mesh-sim: interest tables complete after {:.1?}", started.elapsed());
+    eprintln!(
+        "mesh-sim: interest tables complete after {:.1?}",
+        started.elapsed()
+    );
     let t0 = Instant::now();
     for (p, c) in &pubs {
         for e in 0..a.events {

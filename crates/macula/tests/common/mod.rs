@@ -1,0 +1,151 @@
+//! Helpers shared by the multi-node tests: real `macula node` processes and waiting on them.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use macula_client::ConnectOptions;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_macula");
+
+pub struct NodeProc {
+    pub child: Child,
+    pub ws: String,
+    pub http: String,
+    pub mesh: String,
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `macula node` on loopback and waits for the lines announcing its addresses.
+pub fn start_node(config: &Path, bootstrap: Option<&str>) -> NodeProc {
+    start_node_in(&[], "127.0.0.1", "127.0.0.1", config, bootstrap)
+}
+
+/// Starts `macula node` behind `prefix` (e.g. `ip netns exec NS`), serving clients on `client_ip`
+/// and the mesh on `mesh_ip`.
+pub fn start_node_in(
+    prefix: &[&str],
+    client_ip: &str,
+    mesh_ip: &str,
+    config: &Path,
+    bootstrap: Option<&str>,
+) -> NodeProc {
+    let mut cmd = match prefix.split_first() {
+        Some((p, rest)) => {
+            let mut c = Command::new(p);
+            c.args(rest).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    cmd.args(["node", "--config"])
+        .arg(config)
+        .args(["--http", &format!("{client_ip}:0")])
+        .args(["--rawsocket", &format!("{client_ip}:0")])
+        .args(["--mesh-listen", &format!("/ip4/{mesh_ip}/udp/0/quic-v1")])
+        .env("MACULA_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(b) = bootstrap {
+        cmd.args(["--bootstrap", b]);
+    }
+    let mut child = cmd.spawn().expect("macula node starts");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let (mut ws, mut http, mut mesh) = (None, None, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mesh.is_none() {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("node prints its addresses");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let Some(i) = words.iter().position(|w| *w == "WebSocket") {
+            ws = Some(words[i + 1].to_string());
+            http = Some(
+                words
+                    .last()
+                    .unwrap()
+                    .trim_start_matches("http://")
+                    .to_string(),
+            );
+        }
+        if let Some(i) = words.iter().position(|w| *w == "mesh") {
+            mesh = Some(words[i + 1].to_string());
+        }
+    }
+    NodeProc {
+        child,
+        ws: ws.unwrap(),
+        http: http.unwrap(),
+        mesh: mesh.unwrap(),
+    }
+}
+
+pub fn cli(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "macula {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub async fn mesh_status(http: &str) -> serde_json::Value {
+    let out = tokio::process::Command::new(BIN)
+        .args(["--json", "mesh", "status", "--http", http])
+        .output()
+        .await
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    within: Duration,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn opts(url: &str, key: &str) -> ConnectOptions {
+    let mut o = ConnectOptions::new(url, super::REALM, key);
+    o.reconnect = false;
+    o
+}
+
+/// Waits until `http`'s node shows, for the realm, at least `subs` subscriptions and `regs`
+/// registrations (its own, its services' and those of linked nodes).
+pub async fn wait_tables(http: &str, subs: u64, regs: u64) {
+    eventually("interest to propagate", Duration::from_secs(15), || async {
+        let v = mesh_status(http).await;
+        let r = v["realms"]
+            .as_array()?
+            .iter()
+            .find(|r| r["realm"] == super::REALM)?
+            .clone();
+        (r["subscriptions"].as_u64()? >= subs && r["registrations"].as_u64()? >= regs).then_some(())
+    })
+    .await
+}
