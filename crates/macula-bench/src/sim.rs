@@ -94,7 +94,7 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
     let t_dht = Instant::now();
     // DHT lookups between random pairs of nodes.
     let (mut ok, mut lat, mut reqs) = (0usize, vec![], vec![]);
-    let (mut put_lat, mut replicas) = (vec![], vec![]);
+    let (mut put_lat, mut replicas, mut retried) = (vec![], vec![], 0usize);
     for k in 0..a.lookups {
         let (w, r) = (next(a.nodes), next(a.nodes));
         let (Some(wm), Some(rm)) = (mesh(w), mesh(r)) else {
@@ -113,12 +113,23 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
             now + 600,
         );
         let dkey = macula_mesh::record::dht_key(REALM, &name);
-        let tp = Instant::now();
-        let stored = wm
-            .put(dkey.clone(), rec.encode(), Duration::from_secs(600))
-            .await
-            .map_err(anyhow::Error::msg)?;
-        put_lat.push(tp.elapsed().as_secs_f64() * 1e3);
+        // A put that reached no other node (its lookup found nobody to store at, e.g. while
+        // routing tables are still filling) is an error to the writer, who tries again.
+        let mut stored = 0;
+        for attempt in 0..3 {
+            let tp = Instant::now();
+            stored = wm
+                .put(dkey.clone(), rec.encode(), Duration::from_secs(600))
+                .await
+                .map_err(anyhow::Error::msg)?;
+            put_lat.push(tp.elapsed().as_secs_f64() * 1e3);
+            if stored > 0 {
+                break;
+            }
+            if attempt < 2 {
+                retried += 1;
+            }
+        }
         replicas.push(stored as f64);
         let found = rm.get(dkey).await.map_err(anyhow::Error::msg)?;
         let valid = found.value.as_deref().is_some_and(|v| {
@@ -132,7 +143,7 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
     }
     let success = ok as f64 / a.lookups.max(1) as f64 * 100.0;
     eprintln!(
-        "mesh-sim: {} puts and lookups in {:.1?}; put p50 {:.1} ms p99 {:.1} ms, replicas p50 {:.0} min {:.0}",
+        "mesh-sim: {} puts ({retried} retried) and lookups in {:.1?}; put p50 {:.1} ms p99 {:.1} ms, replicas p50 {:.0} min {:.0}",
         a.lookups,
         t_dht.elapsed(),
         pct(&mut put_lat, 0.5),
