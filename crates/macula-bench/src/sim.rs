@@ -142,6 +142,7 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
         reqs.push(found.requests as f64);
     }
     let success = ok as f64 / a.lookups.max(1) as f64 * 100.0;
+    eprintln!("mesh-sim: {ok}/{} lookups found a valid record", a.lookups);
     eprintln!(
         "mesh-sim: {} puts ({retried} retried) and lookups in {:.1?}; put p50 {:.1} ms p99 {:.1} ms, replicas p50 {:.0} min {:.0}",
         a.lookups,
@@ -172,7 +173,8 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
         o.reconnect = false;
         pubs.push((p, macula_client::Client::connect_with(o).await?));
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Provider records that missed their nodes are republished every 15 s: allow a few rounds.
+    let deadline = Instant::now() + Duration::from_secs(120);
     for &p in &pub_nodes {
         // Interest of every subscriber node has arrived (links plus the node's own service).
         loop {

@@ -276,7 +276,7 @@ pub async fn start(
     )
     .set_query_timeout(config.dht_timeout)
     .set_provider_record_ttl(Some(Duration::from_secs(300)))
-    .set_provider_publication_interval(Some(Duration::from_secs(60)))
+    .set_provider_publication_interval(Some(Duration::from_secs(15)))
     .set_record_ttl(Some(Duration::from_secs(86_400)))
     .set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
