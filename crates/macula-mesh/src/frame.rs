@@ -246,22 +246,14 @@ impl Frame {
                     f => Ok(f),
                 }
             }
-            TAG_PUBLISH => {
+            TAG_PUBLISH | TAG_CALL => {
                 let realm = rd.string()?;
                 let origin = rd.origin()?;
-                Ok(Frame::Publish {
-                    realm,
-                    origin,
-                    msg: rd.rest(),
-                })
-            }
-            TAG_CALL => {
-                let realm = rd.string()?;
-                let origin = rd.origin()?;
-                Ok(Frame::Call {
-                    realm,
-                    origin,
-                    msg: rd.rest(),
+                let msg = rd.rest();
+                Ok(if tag == TAG_PUBLISH {
+                    Frame::Publish { realm, origin, msg }
+                } else {
+                    Frame::Call { realm, origin, msg }
                 })
             }
             TAG_REPLY => {
