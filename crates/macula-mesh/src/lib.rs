@@ -217,8 +217,8 @@ struct PeerQueue {
 impl PeerQueue {
     /// Marks the queue drained (if it was congested) and wakes paused senders.
     fn relieve(&self, shared: &Shared) {
-        if self.congested.swap(false, Ordering::AcqRel) {
-            shared.congested.fetch_sub(1, Ordering::AcqRel);
+        if self.congested.swap(false, Ordering::SeqCst) {
+            shared.congested.fetch_sub(1, Ordering::SeqCst);
             shared.drained.notify_waiters();
         }
     }
@@ -428,25 +428,30 @@ impl MeshHandle {
             return Sent::NotConnected;
         };
         let len = frame.len();
-        let queued = q.queued.load(Ordering::Acquire);
-        if queued + len > shared.config.peer_queue_max_bytes.max(len) {
+        if q.queued.load(Ordering::Acquire) + len > shared.config.peer_queue_max_bytes.max(len) {
             shared.stats.frames_dropped.fetch_add(1, Ordering::Relaxed);
             return Sent::Dropped;
         }
-        q.queued.fetch_add(len, Ordering::AcqRel);
+        let queued = q.queued.fetch_add(len, Ordering::SeqCst) + len;
         if q.tx.send(frame).is_err() {
             return Sent::NotConnected;
         }
         shared.stats.frames_out.fetch_add(1, Ordering::Relaxed);
-        if queued + len <= shared.config.peer_queue_bytes {
+        if queued <= shared.config.peer_queue_bytes {
             return Sent::Queued;
         }
-        if !q.congested.swap(true, Ordering::AcqRel) {
-            shared.congested.fetch_add(1, Ordering::AcqRel);
+        if !q.congested.swap(true, Ordering::SeqCst) {
+            shared.congested.fetch_add(1, Ordering::SeqCst);
             shared
                 .stats
                 .congestion_events
                 .fetch_add(1, Ordering::Relaxed);
+            // The writer may have drained the queue between our count and the flag: it then saw
+            // no flag to clear, so whoever sets the flag checks once more (both sides SeqCst).
+            if q.queued.load(Ordering::SeqCst) <= shared.config.peer_queue_bytes / 2 {
+                q.relieve(shared);
+                return Sent::Queued;
+            }
         }
         PRESSURE.with(|p| p.set(true));
         Sent::Congested
@@ -919,7 +924,7 @@ async fn write_frames(
             .stats
             .bytes_out
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        let left = queue.queued.fetch_sub(buf.len(), Ordering::AcqRel) - buf.len();
+        let left = queue.queued.fetch_sub(buf.len(), Ordering::SeqCst) - buf.len();
         if left <= shared.config.peer_queue_bytes / 2 {
             queue.relieve(shared);
         }
