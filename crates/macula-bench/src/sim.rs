@@ -140,6 +140,19 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
         }
         lat.push(found.elapsed.as_secs_f64() * 1e3);
         reqs.push(found.requests as f64);
+        if (k + 1) % 25 == 0 && k + 1 < a.lookups {
+            let conns: usize = (0..a.nodes)
+                .filter_map(mesh)
+                .map(|m| m.peer_status().len())
+                .sum();
+            eprintln!(
+                "mesh-sim: {} of {} puts and lookups after {:.1?} ({:.1} connections per node)",
+                k + 1,
+                a.lookups,
+                t_dht.elapsed(),
+                conns as f64 / a.nodes as f64
+            );
+        }
     }
     let success = ok as f64 / a.lookups.max(1) as f64 * 100.0;
     eprintln!("mesh-sim: {ok}/{} lookups found a valid record", a.lookups);

@@ -71,6 +71,10 @@ pub struct MeshConfig {
     pub dht_parallelism: usize,
     /// Kademlia query timeout.
     pub dht_timeout: Duration,
+    /// How often the routing table is refreshed by a bootstrap lookup. Each refresh is a burst of
+    /// lookups (new connections and handshakes) on every node; Kademlia also refreshes when its
+    /// table changes, so this only has to catch slow drift.
+    pub dht_refresh: Duration,
 }
 
 impl Default for MeshConfig {
@@ -89,6 +93,7 @@ impl Default for MeshConfig {
             inbound_queue_bytes: 8 << 20,
             dht_parallelism: 3,
             dht_timeout: Duration::from_secs(10),
+            dht_refresh: Duration::from_secs(300),
         }
     }
 }
@@ -278,7 +283,7 @@ pub async fn start(
     .set_provider_record_ttl(Some(Duration::from_secs(300)))
     .set_provider_publication_interval(Some(Duration::from_secs(15)))
     .set_record_ttl(Some(Duration::from_secs(86_400)))
-    .set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
+    .set_periodic_bootstrap_interval(Some(config.dht_refresh.max(Duration::from_secs(1))));
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
         .with_tokio()
         .with_quic_config(|mut q| {

@@ -113,6 +113,8 @@ pub struct MeshSection {
     pub inbound_queue_bytes: usize,
     /// Kademlia lookup parallelism.
     pub dht_parallelism: usize,
+    /// How often the DHT routing table is refreshed by bootstrap lookups, in seconds.
+    pub dht_refresh_s: u64,
     /// Largest value `macula.dht.put` accepts, in bytes.
     pub dht_max_value: usize,
     /// Longest TTL `macula.dht.put` accepts, in seconds (also the default).
@@ -135,6 +137,7 @@ impl Default for MeshSection {
             peer_queue_max_bytes: 64 << 20,
             inbound_queue_bytes: 8 << 20,
             dht_parallelism: 3,
+            dht_refresh_s: 300,
             dht_max_value: 64 << 10,
             dht_max_ttl_s: 86_400,
         }

@@ -216,6 +216,7 @@ async fn start_mesh(
         inbound_queue_bytes: cfg.inbound_queue_bytes,
         dht_parallelism: cfg.dht_parallelism,
         dht_timeout: Duration::from_secs(10),
+        dht_refresh: Duration::from_secs(cfg.dht_refresh_s),
     };
     let (handle, rx) = macula_mesh::start(mcfg, keypair, cert, operator).await?;
     Ok((mesh::MeshState::new(handle), rx))
