@@ -144,6 +144,57 @@ impl Default for MeshSection {
     }
 }
 
+/// The control plane this node may host (`registry:` in node.yaml). It needs the trust root's
+/// secret (`trust/operator.key`) in the config directory, since it certifies realm authorities.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySection {
+    /// Serve the registry's REST API (`/v1/accounts`, `/v1/realms`, ...) on this node.
+    pub enabled: bool,
+    /// `sqlite://PATH` or `postgres://USER:PASSWORD@HOST/DB`; empty: `registry.db` in the config
+    /// directory.
+    pub database: String,
+    /// Emails of platform operators (disputes, freeze, suspension).
+    pub operators: Vec<String>,
+    /// Lifetime of a login session, in days.
+    pub session_ttl_days: u64,
+    /// Failed logins in a row that lock an account.
+    pub max_failed_logins: u32,
+    /// How long a locked account stays locked, in minutes.
+    pub lockout_minutes: u64,
+    /// Login attempts per minute from one address.
+    pub login_attempts_per_minute: u32,
+    /// Days a registration or renewal buys.
+    pub term_days: u64,
+    /// Days an expired realm keeps working before it is disabled and its name is free.
+    pub grace_days: u64,
+    /// Fee recorded for a transfer, in cents.
+    pub transfer_fee_cents: u64,
+    /// How long a transfer code is valid, in hours.
+    pub transfer_code_ttl_hours: u64,
+    /// Largest request body, in bytes.
+    pub max_body: usize,
+}
+
+impl Default for RegistrySection {
+    fn default() -> Self {
+        RegistrySection {
+            enabled: false,
+            database: String::new(),
+            operators: vec![],
+            session_ttl_days: 30,
+            max_failed_logins: 5,
+            lockout_minutes: 15,
+            login_attempts_per_minute: 30,
+            term_days: 365,
+            grace_days: 30,
+            transfer_fee_cents: 2000,
+            transfer_code_ttl_hours: 168,
+            max_body: 64 << 10,
+        }
+    }
+}
+
 /// The whole node configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -151,6 +202,7 @@ pub struct NodeConfig {
     pub listen: Listen,
     pub limits: Limits,
     pub mesh: MeshSection,
+    pub registry: RegistrySection,
     /// How often the config directory is re-read for policy and revocation changes, in ms.
     pub reload_interval_ms: u64,
 }

@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 pub use confdir::{ConfDir, Loaded};
-pub use config::NodeConfig;
+pub use config::{NodeConfig, RegistrySection};
 pub use node::Node;
 
 /// A started node: its bound addresses and background tasks.
@@ -67,6 +67,11 @@ impl Drop for Running {
 
 /// Binds the listeners and starts serving. Port 0 in the config picks free ports.
 pub async fn start(node: Arc<Node>) -> anyhow::Result<Running> {
+    start_with(node, None).await
+}
+
+/// [`start`], serving `extra` routes (e.g. the registry's REST API) on the HTTP listener too.
+pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow::Result<Running> {
     let listen = node.config.listen.clone();
     let http = TcpListener::bind(listen.http)
         .await
@@ -77,7 +82,11 @@ pub async fn start(node: Arc<Node>) -> anyhow::Result<Running> {
     let http_addr = http.local_addr()?;
     let rawsocket_addr = raw.local_addr()?;
     let mut tasks = vec![];
-    let app = http::router(node.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let mut app = http::router(node.clone());
+    if let Some(extra) = extra {
+        app = app.merge(extra);
+    }
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     tasks.push(tokio::spawn(async move {
         if let Err(e) = axum::serve(http, app).await {
             tracing::error!("HTTP server stopped: {e}");

@@ -117,6 +117,12 @@ impl Node {
                 format!("realm {} does not exist on this node (create it with `macula realms create {}`)", identity.realm, identity.realm),
             ));
         };
+        if let Some(why) = &policy.doc.disabled {
+            return Err(abort(
+                errors::REALM_DISABLED,
+                format!("realm {} is disabled: {why}", policy.realm()),
+            ));
+        }
         if !policy.has_role(&identity.role) {
             return Err(abort(
                 errors::NO_SUCH_ROLE,
@@ -336,11 +342,20 @@ impl Node {
             let mut core = r.lock();
             // Who may no longer be here: everyone if the realm lost its policy; otherwise sessions
             // whose role is gone, or (in a subrealm governed by its parent) no longer extends here.
-            let (closing, why) = match &policy {
+            let (closing, uri, why) = match &policy {
                 None => (
                     core.sessions_where(|_| true),
+                    errors::AUTHORIZATION_FAILED,
                     "the realm no longer exists on this node",
                 ),
+                Some(p) if p.doc.disabled.is_some() => {
+                    core.set_policy(p.clone());
+                    (
+                        core.sessions_where(|_| true),
+                        errors::REALM_DISABLED,
+                        "the realm was disabled (suspended or expired)",
+                    )
+                }
                 Some(p) => {
                     core.set_policy(p.clone());
                     let subrealm = p.realm() != r.name;
@@ -348,15 +363,18 @@ impl Node {
                         !p.has_role(&i.authrole)
                             || (subrealm && !p.role_covers_subrealms(&i.authrole))
                     });
-                    (out, "the session's role was removed from the realm policy")
+                    (
+                        out,
+                        errors::AUTHORIZATION_FAILED,
+                        "the session's role was removed from the realm policy",
+                    )
                 }
             };
             drop(core);
             let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
             for id in closing {
                 if let Some(s) = sessions.get(&id) {
-                    s.outbox
-                        .close_with(goodbye(errors::AUTHORIZATION_FAILED, why));
+                    s.outbox.close_with(goodbye(uri, why));
                 }
             }
         }

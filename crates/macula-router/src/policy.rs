@@ -65,6 +65,10 @@ pub struct PolicyDoc {
     /// Key ids that are refused even though their signature and expiry are valid.
     #[serde(default)]
     pub revoked_keys: Vec<String>,
+    /// Set (to the reason) while the realm may not be used: suspended by the operator (abuse
+    /// takedown) or expired past its grace period. Nodes refuse new sessions and close live ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -35,3 +35,5 @@ pub const CREDENTIAL_REVOKED: &str = "macula.error.credential_revoked";
 /// A configured per-session limit (subscriptions, registrations) was reached.
 pub const LIMIT_EXCEEDED: &str = "macula.error.limit_exceeded";
 pub const NOT_FOUND: &str = "macula.error.not_found";
+/// The realm is suspended by the operator or expired past its grace period.
+pub const REALM_DISABLED: &str = "macula.error.realm_disabled";

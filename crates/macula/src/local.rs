@@ -22,23 +22,45 @@ pub fn up_key_path(home: &std::path::Path) -> PathBuf {
     home.join("up-admin.key")
 }
 
+/// Where a keys/realms command acts: the registry you logged in to (`macula login`), or a
+/// node's config directory (`--config`, the operator's offline mode, and the default until you
+/// log in).
 #[derive(Args)]
 pub struct DirArg {
-    /// Config directory [default: the one `macula up` uses].
-    #[arg(long, env = "MACULA_HOME", default_value_os_t = default_home())]
-    pub config: PathBuf,
+    /// Act on this config directory instead of the registry [default: the one `macula up`
+    /// uses, when not logged in].
+    #[arg(long, env = "MACULA_HOME")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub server: crate::registry_cmds::Server,
+}
+
+impl DirArg {
+    /// The registry to use, or `None` for the config directory.
+    fn registry(&self) -> Option<crate::registry_cmds::Api> {
+        if self.config.is_some() {
+            return None;
+        }
+        (self.server.server.is_some() || crate::registry_cmds::stored_credential().is_some())
+            .then(|| crate::registry_cmds::Api::new(&self.server))
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.config.clone().unwrap_or_else(default_home)
+    }
 }
 
 #[derive(Subcommand)]
 pub enum KeysCmd {
-    /// Issue a key. It is printed once and never stored; only its id is recorded.
+    /// Issue a key. It is printed once and never stored (the registry keeps only its hash).
     ///
     /// Example: macula keys create --realm com.example.demo --role service_account --name "home bots" --expires 90d
     Create {
         #[command(flatten)]
         dir: DirArg,
+        /// The realm [default: your only realm, when you have one].
         #[arg(long)]
-        realm: String,
+        realm: Option<String>,
         #[arg(long, default_value = "service_account")]
         role: String,
         /// A name to recognise the key by in listings.
@@ -58,8 +80,8 @@ pub enum KeysCmd {
         #[arg(long)]
         realm: Option<String>,
     },
-    /// Revoke a key by id. Running nodes reading this directory refuse it within a second and
-    /// close sessions that use it.
+    /// Revoke a key by id. Every node refuses it and closes the sessions using it within
+    /// seconds.
     Revoke {
         #[command(flatten)]
         dir: DirArg,
@@ -70,16 +92,69 @@ pub enum KeysCmd {
 
 #[derive(Subcommand)]
 pub enum RealmsCmd {
-    /// List realms in the config directory.
+    /// List your realms (or those of the config directory).
     List {
         #[command(flatten)]
         dir: DirArg,
     },
-    /// Create a realm with the default roles (admin, developer, service_account).
+    /// Register a realm (reverse-DNS, first come first served) with the roles admin, developer
+    /// and service_account. A subrealm (com.acme.shop) only by the owner of its parent.
+    ///
+    /// Example: macula realms create com.myapp
     Create {
         #[command(flatten)]
         dir: DirArg,
         name: String,
+        /// Delegate a subrealm to this account.
+        #[arg(long)]
+        owner: Option<String>,
+        /// hobby, starter, professional or enterprise.
+        #[arg(long)]
+        tier: Option<String>,
+    },
+    /// Show a realm: status, owner, expiry, keys, members.
+    Show {
+        #[command(flatten)]
+        dir: DirArg,
+        name: String,
+    },
+    /// Delete a realm you own (its keys stop working everywhere).
+    Delete {
+        #[command(flatten)]
+        dir: DirArg,
+        name: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Renew a realm you own.
+    Renew {
+        #[command(flatten)]
+        dir: DirArg,
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        years: u64,
+    },
+    /// Transfer a realm. The owner runs it without --code to get an authorization code; the new
+    /// owner runs it with --code to take the realm over (a transfer fee is recorded).
+    Transfer {
+        #[command(flatten)]
+        dir: DirArg,
+        name: String,
+        #[arg(long)]
+        code: Option<String>,
+    },
+    /// Members and roles: `macula realms acl com.myapp --add-user dev@example.com --role developer`.
+    Acl {
+        #[command(flatten)]
+        dir: DirArg,
+        name: String,
+        #[arg(long, requires = "role", conflicts_with = "remove_user")]
+        add_user: Option<String>,
+        #[arg(long)]
+        role: Option<String>,
+        #[arg(long)]
+        remove_user: Option<String>,
     },
 }
 
@@ -102,17 +177,29 @@ pub fn parse_duration_secs(s: &str) -> Result<u64> {
 }
 
 fn open(dir: &DirArg) -> Result<ConfDir> {
-    let d = ConfDir::new(&dir.config);
+    let d = ConfDir::new(dir.dir());
     if !d.exists() {
         bail!(
-            "{} is not a Macula config directory; run `macula up` once or pass --config",
-            dir.config.display()
+            "{} is not a Macula config directory; run `macula up` once, pass --config, or log in to a registry (macula login)",
+            d.root.display()
         );
     }
     Ok(d)
 }
 
+fn registry_only(what: &str) -> anyhow::Error {
+    anyhow::anyhow!("`macula realms {what}` works on the registry: log in first (macula login), or pass --server")
+}
+
 pub fn keys(cmd: KeysCmd, json: bool) -> Result<()> {
+    let target = match &cmd {
+        KeysCmd::Create { dir, .. } | KeysCmd::List { dir, .. } | KeysCmd::Revoke { dir, .. } => {
+            dir
+        }
+    };
+    if let Some(api) = target.registry() {
+        return crate::registry_cmds::keys(&api, cmd, json);
+    }
     match cmd {
         KeysCmd::Create {
             dir,
@@ -123,6 +210,8 @@ pub fn keys(cmd: KeysCmd, json: bool) -> Result<()> {
             pubkey,
         } => {
             let d = open(&dir)?;
+            let realm = realm
+                .ok_or_else(|| anyhow::anyhow!("--realm is required with a config directory"))?;
             let ttl = parse_duration_secs(&expires)?;
             let pk = match pubkey {
                 Some(p) => Some(
@@ -175,7 +264,7 @@ pub fn keys(cmd: KeysCmd, json: bool) -> Result<()> {
             if json {
                 println!("{}", serde_json::json!({"revoked": key_id, "realm": realm}));
             } else {
-                println!("Revoked {key_id} in realm {realm}. Nodes using {} refuse it from their next reload (≤ 1 s).", dir.config.display());
+                println!("Revoked {key_id} in realm {realm}. Nodes using {} refuse it from their next reload (≤ 1 s).", d.root.display());
             }
         }
     }
@@ -183,6 +272,18 @@ pub fn keys(cmd: KeysCmd, json: bool) -> Result<()> {
 }
 
 pub fn realms(cmd: RealmsCmd, json: bool) -> Result<()> {
+    let target = match &cmd {
+        RealmsCmd::List { dir }
+        | RealmsCmd::Create { dir, .. }
+        | RealmsCmd::Show { dir, .. }
+        | RealmsCmd::Delete { dir, .. }
+        | RealmsCmd::Renew { dir, .. }
+        | RealmsCmd::Transfer { dir, .. }
+        | RealmsCmd::Acl { dir, .. } => dir,
+    };
+    if let Some(api) = target.registry() {
+        return crate::registry_cmds::realms(&api, cmd, json);
+    }
     match cmd {
         RealmsCmd::List { dir } => {
             let d = open(&dir)?;
@@ -218,8 +319,13 @@ pub fn realms(cmd: RealmsCmd, json: bool) -> Result<()> {
                 }
             }
         }
-        RealmsCmd::Create { dir, name } => {
-            let d = ConfDir::new(&dir.config);
+        RealmsCmd::Create {
+            dir, name, owner, ..
+        } => {
+            if owner.is_some() {
+                bail!("--owner delegates through the registry: log in first (macula login)");
+            }
+            let d = ConfDir::new(dir.dir());
             d.init()?;
             d.create_realm(&name, None)?;
             if json {
@@ -228,6 +334,11 @@ pub fn realms(cmd: RealmsCmd, json: bool) -> Result<()> {
                 println!("Created realm {name} with roles admin, developer, service_account.\nIssue a key: macula keys create --realm {name} --role admin");
             }
         }
+        RealmsCmd::Show { .. } => return Err(registry_only("show")),
+        RealmsCmd::Delete { .. } => return Err(registry_only("delete")),
+        RealmsCmd::Renew { .. } => return Err(registry_only("renew")),
+        RealmsCmd::Transfer { .. } => return Err(registry_only("transfer")),
+        RealmsCmd::Acl { .. } => return Err(registry_only("acl")),
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 mod client_cmds;
 mod local;
 mod mesh_cmds;
+mod registry_cmds;
 mod run;
 
 /// mimalloc: messages are allocated on a reader's thread and freed on a writer's; glibc's
@@ -62,12 +63,20 @@ enum Command {
     /// Register a procedure answered by running a command:
     /// `macula serve com.example.demo.date -- date -u`.
     Serve(client_cmds::ServeArgs),
-    /// Manage API keys in a local config directory.
+    /// Create an account on a registry: `macula signup --email you@example.com`.
+    Signup(registry_cmds::AccountArgs),
+    /// Log in to a registry; the credential is kept under ~/.config/macula for later commands.
+    Login(registry_cmds::AccountArgs),
+    /// Log out (ends the session and forgets the credential).
+    Logout(registry_cmds::Server),
+    /// API keys: create, list, revoke (in the registry once logged in, else in a config directory).
     #[command(subcommand)]
     Keys(local::KeysCmd),
-    /// Manage realms in a local config directory.
+    /// Realms: list, create, show, delete, renew, transfer, acl (registry once logged in).
     #[command(subcommand)]
     Realms(local::RealmsCmd),
+    /// A realm's status: owner, expiry, keys, members, live sessions.
+    Status(registry_cmds::StatusArgs),
     /// Inspect the mesh (peers, latency, interest tables) and certify nodes.
     #[command(subcommand)]
     Mesh(mesh_cmds::MeshCmd),
@@ -104,6 +113,10 @@ fn main() {
             Command::Sub(a) => client_cmds::subscribe(a, json).await,
             Command::Call(a) => client_cmds::call(a, json).await,
             Command::Serve(a) => client_cmds::serve(a, json).await,
+            Command::Signup(a) => registry_cmds::signup(a, json),
+            Command::Login(a) => registry_cmds::login(a, json),
+            Command::Logout(s) => registry_cmds::logout(s, json),
+            Command::Status(a) => registry_cmds::status(a, json),
             Command::Keys(c) => local::keys(c, json),
             Command::Realms(c) => local::realms(c, json),
             Command::Mesh(c) => mesh_cmds::mesh(c, json).await,

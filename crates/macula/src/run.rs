@@ -30,6 +30,10 @@ pub struct UpArgs {
     /// UDP port of the first node's mesh (QUIC) listener.
     #[arg(long, default_value_t = 7600)]
     pub mesh_port: u16,
+    /// Registry database: sqlite://PATH or postgres://USER:PASSWORD@HOST/DB
+    /// [default: registry.db in the config directory].
+    #[arg(long, env = "MACULA_DATABASE", hide_env_values = true)]
+    pub database: Option<String>,
 }
 
 #[derive(Args)]
@@ -60,6 +64,13 @@ pub struct NodeArgs {
     /// Serve only this node's clients: do not join a mesh.
     #[arg(long)]
     pub no_mesh: bool,
+    /// Host the registry (accounts, realms, keys; REST under /v1) on this node. Needs
+    /// trust/operator.key in the config directory. Same as registry.enabled: true.
+    #[arg(long)]
+    pub registry: bool,
+    /// Registry database: sqlite://PATH or postgres://USER:PASSWORD@HOST/DB (registry.database).
+    #[arg(long, env = "MACULA_DATABASE", hide_env_values = true)]
+    pub database: Option<String>,
 }
 
 pub async fn up(a: UpArgs, json: bool) -> Result<()> {
@@ -78,7 +89,8 @@ pub async fn up(a: UpArgs, json: bool) -> Result<()> {
         std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
     }
     std::fs::write(a.home.join("up-realm"), format!("{}\n", a.realm))?;
-    let loaded = dir.load()?;
+    let mut loaded = dir.load()?;
+    loaded.config.registry.enabled = true;
     let mut nodes = vec![];
     let mut first_mesh: Vec<String> = vec![];
     for i in 0..a.nodes {
@@ -90,7 +102,9 @@ pub async fn up(a: UpArgs, json: bool) -> Result<()> {
         l.config.mesh.listen = vec![format!("/ip4/127.0.0.1/udp/{}/quic-v1", a.mesh_port + i)];
         l.config.mesh.identity = PathBuf::from(format!("nodes/{}/identity.key", i + 1));
         l.config.mesh.bootstrap = first_mesh.clone();
-        let running = macula_node::start(Node::new(l, Some(dir.clone()))).await?;
+        // The first node hosts the registry.
+        l.config.registry.enabled = i == 0;
+        let running = start(l, &dir, a.database.as_deref()).await?;
         if i == 0 {
             first_mesh = running.mesh_addrs.clone();
         }
@@ -113,6 +127,7 @@ pub async fn up(a: UpArgs, json: bool) -> Result<()> {
   WebSocket   {ws}        (subprotocols wamp.2.json, wamp.2.msgpack, wamp.2.cbor)
   RawSocket   {rs}
   HTTP        {http}     (/v1/realms/{realm}/publish, /metrics, /healthz)
+  registry    {http}/v1  (accounts, realms, keys; {db})
   config      {home}
 
 Admin key {kid} for {realm} (valid 30 days, saved to {keyfile}):
@@ -129,6 +144,13 @@ Try it in other terminals (the CLI picks up this realm and key by itself):
        -H 'content-type: application/json' -d '{{"topic": "{realm}.hello", "args": ["from curl"]}}'
 
 Python (Autobahn): connect to {ws} realm {realm} with authmethods=["ticket"] and the key as ticket.
+
+Your own realm, through the registry:
+
+  macula signup --email you@example.com
+  macula login --email you@example.com
+  macula realms create com.you.app
+  macula keys create --realm com.you.app --role admin --name first
 {mesh}
 Press Ctrl-C to stop."#,
             mesh = mesh_table(&nodes),
@@ -136,6 +158,11 @@ Press Ctrl-C to stop."#,
             rs = running.rawsocket_url(),
             home = a.home.display(),
             keyfile = key_path.display(),
+            db = macula_registry::db::redact(&macula_registry::database_url(
+                &dir,
+                &nodes[0].node.config.registry,
+                a.database.as_deref()
+            )),
         );
     }
     wait_for_shutdown().await;
@@ -194,9 +221,18 @@ pub async fn node(a: NodeArgs) -> Result<()> {
     if let Some(r) = a.rawsocket {
         loaded.config.listen.rawsocket = r;
     }
+    if a.registry || a.database.is_some() {
+        loaded.config.registry.enabled = true;
+    }
     let realms = loaded.policies.len();
-    let node = Node::new(loaded, Some(dir));
-    let running = macula_node::start(node).await?;
+    let registry = loaded.config.registry.enabled;
+    let running = start(loaded, &dir, a.database.as_deref()).await?;
+    if registry {
+        eprintln!(
+            "macula node: registry at http://{}/v1 (OpenAPI: /v1/openapi.json)",
+            running.http_addr
+        );
+    }
     eprintln!(
         "macula node: {realms} realm(s); WebSocket {}  RawSocket {}  HTTP http://{}",
         running.ws_url(),
@@ -208,6 +244,31 @@ pub async fn node(a: NodeArgs) -> Result<()> {
     }
     wait_for_shutdown().await;
     Ok(())
+}
+
+/// Starts a node, with the registry's routes when `registry.enabled`.
+async fn start(
+    loaded: macula_node::Loaded,
+    dir: &ConfDir,
+    database: Option<&str>,
+) -> Result<macula_node::Running> {
+    let enabled = loaded.config.registry.enabled;
+    let url = macula_registry::database_url(dir, &loaded.config.registry, database);
+    let node = Node::new(loaded, Some(dir.clone()));
+    let extra = if enabled {
+        let (_, routes) = macula_registry::host(&node, dir, &url)
+            .await
+            .with_context(|| {
+                format!(
+                    "starting the registry (database {})",
+                    macula_registry::db::redact(&url)
+                )
+            })?;
+        Some(routes)
+    } else {
+        None
+    };
+    macula_node::start_with(node, extra).await
 }
 
 async fn wait_for_shutdown() {

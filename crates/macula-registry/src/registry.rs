@@ -1,0 +1,2155 @@
+//! The registry's rules, over the repository: accounts and sessions, realm registration,
+//! renewal, expiry, transfer, delegation, disputes, members, policy versions, API keys, audit.
+//!
+//! Every change is one database transaction that also appends its audit entry, so a crash
+//! leaves either all of it or none. After the commit the realm's newest policy version is
+//! written to the node's config directory (`materialize`), from where the node applies it and
+//! floods it, signed by the realm authority, to the mesh. A crash between the two is repaired on
+//! start (`sync_all`): the database is the source of truth, the directory a copy.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use axum::http::StatusCode;
+use ed25519_dalek::SigningKey;
+use macula_node::confdir::{now_secs, rfc3339, ConfDir};
+use macula_node::Node;
+use macula_router::auth::credential::{self, AuthorityCert, KeyClaims, SignedCert};
+use macula_router::policy::{Policy, PolicyDoc, RoleDoc, TopicAclDoc, UserDoc};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
+
+use crate::db::Db;
+use crate::error::{is_unique_violation, ApiError, ApiResult};
+
+/// Registry settings (the node's `registry:` section).
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// Accounts allowed to resolve disputes, freeze, suspend and force transfers.
+    pub operators: Vec<String>,
+    pub session_ttl: Duration,
+    /// Failed logins in a row after which an account is locked for `lockout`.
+    pub max_failed_logins: i64,
+    pub lockout: Duration,
+    /// Login attempts per minute from one address.
+    pub login_attempts_per_minute: u32,
+    /// A registration or renewal buys this many days.
+    pub term_days: u64,
+    /// After expiry the realm keeps working this many days; then it is disabled, and its name
+    /// may be registered by someone else.
+    pub grace_days: u64,
+    pub transfer_fee_cents: i64,
+    pub transfer_code_ttl: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            operators: vec![],
+            session_ttl: Duration::from_secs(30 * 86_400),
+            max_failed_logins: 5,
+            lockout: Duration::from_secs(15 * 60),
+            login_attempts_per_minute: 30,
+            term_days: 365,
+            grace_days: 30,
+            transfer_fee_cents: 2000,
+            transfer_code_ttl: Duration::from_secs(7 * 86_400),
+        }
+    }
+}
+
+/// Who is asking, and from where.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub account_id: String,
+    pub email: String,
+    pub operator: bool,
+    pub remote: String,
+}
+
+/// What an actor may do in one realm.
+#[derive(Debug, Clone, PartialEq)]
+enum Access {
+    Owner,
+    Member(String),
+    Operator,
+    Stranger,
+}
+
+/// Control-plane permissions, named like the seed's `realm:` actions (`realm:*` grants all).
+const ADMIN: &str = "admin";
+const READ: &str = "read";
+
+pub struct Registry {
+    pub db: Db,
+    pub config: RegistryConfig,
+    confdir: ConfDir,
+    operator_key: SigningKey,
+    node: Option<Arc<Node>>,
+    logins: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    /// A hash to verify against when the email is unknown, so that timing does not tell.
+    dummy_hash: String,
+}
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+fn random_token(prefix: &str, bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    rand::Rng::fill(&mut rand::thread_rng(), b.as_mut_slice());
+    format!("{prefix}{}", hex::encode(b))
+}
+
+fn hash_password(password: &str) -> anyhow::Result<String> {
+    let salt = SaltString::generate(&mut rand::rngs::OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| anyhow::anyhow!("hashing a password: {e}"))
+}
+
+fn password_matches(password: &str, hash: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|h| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok()
+    })
+}
+
+/// A loose but safe email check: one `@`, a dot in the domain, no spaces or control characters.
+pub fn validate_email(email: &str) -> ApiResult<String> {
+    let e = email.trim().to_ascii_lowercase();
+    let ok = e.len() <= 254
+        && e.split('@').count() == 2
+        && e.split('@').all(|p| !p.is_empty())
+        && e.rsplit('@')
+            .next()
+            .is_some_and(|d| d.contains('.') && !d.starts_with('.') && !d.ends_with('.'))
+        && !e.chars().any(|c| {
+            c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | '"' | '\'' | '\\')
+        });
+    if !ok {
+        return Err(ApiError::invalid(
+            "invalid_email",
+            format!("{email:?} is not an email address"),
+        ));
+    }
+    Ok(e)
+}
+
+fn validate_password(p: &str) -> ApiResult<()> {
+    if p.chars().count() < 10 {
+        return Err(ApiError::invalid(
+            "weak_password",
+            "a password needs at least 10 characters",
+        ));
+    }
+    if p.len() > 1024 {
+        return Err(ApiError::invalid(
+            "invalid_password",
+            "a password may be at most 1024 bytes",
+        ));
+    }
+    Ok(())
+}
+
+pub fn validate_realm_name(name: &str) -> ApiResult<()> {
+    macula_wamp::uri::validate_realm(name)
+        .map_err(|e| ApiError::invalid("invalid_realm_name", format!("{name:?}: {e}")))?;
+    if name.len() > 200 {
+        return Err(ApiError::invalid(
+            "invalid_realm_name",
+            "a realm name may be at most 200 characters",
+        ));
+    }
+    if !name.contains('.') {
+        return Err(ApiError::invalid(
+            "invalid_realm_name",
+            format!("{name:?} is not reverse-DNS: a realm has at least two labels, like com.acme"),
+        ));
+    }
+    Ok(())
+}
+
+/// One realm row.
+#[derive(Debug, Clone)]
+struct RealmRow {
+    name: String,
+    owner_id: String,
+    owner_email: String,
+    parent: Option<String>,
+    tier: String,
+    suspended: String,
+    frozen: String,
+    created_at: i64,
+    expires_at: i64,
+    authority_key: String,
+    authority_cert: String,
+    policy_version: i64,
+}
+
+impl RealmRow {
+    fn from_row(r: &AnyRow) -> Result<RealmRow, sqlx::Error> {
+        Ok(RealmRow {
+            name: r.try_get("name")?,
+            owner_id: r.try_get("owner_id")?,
+            owner_email: r.try_get("owner_email")?,
+            parent: r.try_get("parent")?,
+            tier: r.try_get("tier")?,
+            suspended: r.try_get("suspended")?,
+            frozen: r.try_get("frozen")?,
+            created_at: r.try_get("created_at")?,
+            expires_at: r.try_get("expires_at")?,
+            authority_key: r.try_get("authority_key")?,
+            authority_cert: r.try_get("authority_cert")?,
+            policy_version: r.try_get("policy_version")?,
+        })
+    }
+}
+
+const REALM_COLUMNS: &str = "r.name, r.owner_id, a.email AS owner_email, r.parent, r.tier, \
+    r.suspended, r.frozen, r.created_at, r.expires_at, r.authority_key, r.authority_cert, \
+    r.policy_version";
+
+/// The request to register a realm.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewRealm {
+    pub name: String,
+    /// Delegate a subrealm to another account (only the parent's owner may).
+    #[serde(default)]
+    pub owner_email: Option<String>,
+    #[serde(default)]
+    pub tier: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default = "default_key_role")]
+    pub role: String,
+    /// Lifetime in days; 0 for a key that never expires.
+    #[serde(default = "default_key_days")]
+    pub expires_in_days: u64,
+    /// Bind the key to an Ed25519 public key (64 hex) for WAMP-Cryptosign.
+    #[serde(default)]
+    pub pubkey: Option<String>,
+}
+
+fn default_key_role() -> String {
+    "service_account".into()
+}
+fn default_key_days() -> u64 {
+    365
+}
+
+/// A page of a list: `limit` items after `cursor`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Page {
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+impl Page {
+    fn limit(&self) -> i64 {
+        self.limit.unwrap_or(50).clamp(1, 500)
+    }
+    /// The cursor is the hex of the last sort key of the previous page.
+    fn after(&self) -> ApiResult<String> {
+        match &self.cursor {
+            None => Ok(String::new()),
+            Some(c) => hex::decode(c)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_cursor",
+                        "the cursor is not one this API returned",
+                    )
+                }),
+        }
+    }
+}
+
+fn page_of(mut items: Vec<Value>, limit: i64, key: impl Fn(&Value) -> String) -> Value {
+    let more = items.len() as i64 > limit;
+    items.truncate(limit as usize);
+    let next = if more {
+        items.last().map(|v| hex::encode(key(v)))
+    } else {
+        None
+    };
+    json!({"items": items, "next_cursor": next})
+}
+
+/// An idempotent request's identity: the client's key and a hash of what it asked.
+pub struct Idempotency {
+    pub key: String,
+    pub request_hash: String,
+}
+
+impl Idempotency {
+    pub fn new(key: &str, request: &impl Serialize) -> ApiResult<Idempotency> {
+        if key.is_empty() || key.len() > 200 {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1 to 200 characters",
+            ));
+        }
+        let body = serde_json::to_string(request).map_err(ApiError::internal)?;
+        Ok(Idempotency {
+            key: key.to_owned(),
+            request_hash: sha256_hex(&body),
+        })
+    }
+}
+
+type Tx = Transaction<'static, Any>;
+
+impl Registry {
+    pub async fn new(
+        db: Db,
+        config: RegistryConfig,
+        confdir: ConfDir,
+        node: Option<Arc<Node>>,
+    ) -> anyhow::Result<Arc<Registry>> {
+        let operator_key = confdir.operator_key()?;
+        let reg = Arc::new(Registry {
+            db,
+            config: RegistryConfig {
+                operators: config
+                    .operators
+                    .iter()
+                    .map(|e| e.trim().to_ascii_lowercase())
+                    .collect(),
+                ..config
+            },
+            confdir,
+            operator_key,
+            node,
+            logins: Mutex::new(HashMap::new()),
+            dummy_hash: hash_password("not a real password, only for timing")?,
+        });
+        reg.sync_all().await?;
+        Ok(reg)
+    }
+
+    // ---------------------------------------------------------------- accounts and sessions
+
+    pub async fn signup(&self, email: &str, password: &str, remote: &str) -> ApiResult<Value> {
+        let email = validate_email(email)?;
+        validate_password(password)?;
+        let hash = hash_password(password)?;
+        let id = random_token("acct_", 8);
+        let now = now_secs() as i64;
+        let mut tx = self.db.pool.begin().await?;
+        let res = sqlx::query(
+            "INSERT INTO accounts (id, email, password_hash, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&id)
+        .bind(&email)
+        .bind(&hash)
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        match res {
+            Err(e) if is_unique_violation(&e) => {
+                return Err(ApiError::conflict(
+                    "account_exists",
+                    format!("an account for {email} exists; log in instead"),
+                ))
+            }
+            r => r?,
+        };
+        audit(&mut tx, None, &email, "account.create", json!({}), remote).await?;
+        tx.commit().await?;
+        Ok(json!({"id": id, "email": email, "created_at": rfc3339(now as u64)}))
+    }
+
+    /// Logs in: a session token (shown once, stored hashed). Failed attempts lock the account
+    /// after `max_failed_logins` in a row; one address is limited per minute.
+    pub async fn login(
+        &self,
+        email: &str,
+        password: &str,
+        client: &str,
+        ip: Option<IpAddr>,
+        remote: &str,
+    ) -> ApiResult<Value> {
+        if let Some(ip) = ip {
+            self.login_rate(ip)?;
+        }
+        let email = email.trim().to_ascii_lowercase();
+        let now = now_secs() as i64;
+        let row = sqlx::query(
+            "SELECT id, password_hash, failed_logins, locked_until FROM accounts WHERE email = $1",
+        )
+        .bind(&email)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        let Some(row) = row else {
+            password_matches(password, &self.dummy_hash);
+            return Err(invalid_credentials());
+        };
+        let id: String = row.try_get("id")?;
+        let hash: String = row.try_get("password_hash")?;
+        let locked_until: i64 = row.try_get("locked_until")?;
+        if locked_until > now {
+            return Err(locked(locked_until - now));
+        }
+        if !password_matches(password, &hash) {
+            let mut tx = self.db.pool.begin().await?;
+            let failed: i64 = sqlx::query_scalar(
+                "UPDATE accounts SET failed_logins = failed_logins + 1 WHERE id = $1 RETURNING failed_logins",
+            )
+            .bind(&id)
+            .fetch_one(&mut *tx)
+            .await?;
+            let lock = failed >= self.config.max_failed_logins;
+            if lock {
+                let until = now + self.config.lockout.as_secs() as i64;
+                sqlx::query(
+                    "UPDATE accounts SET failed_logins = 0, locked_until = $1 WHERE id = $2",
+                )
+                .bind(until)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            audit(
+                &mut tx,
+                None,
+                &email,
+                if lock {
+                    "account.locked"
+                } else {
+                    "session.login_failed"
+                },
+                json!({"failed_logins": failed}),
+                remote,
+            )
+            .await?;
+            tx.commit().await?;
+            return Err(if lock {
+                locked(self.config.lockout.as_secs() as i64)
+            } else {
+                invalid_credentials()
+            });
+        }
+        let token = random_token("mcs_", 32);
+        let expires = now + self.config.session_ttl.as_secs() as i64;
+        let mut tx = self.db.pool.begin().await?;
+        sqlx::query("UPDATE accounts SET failed_logins = 0 WHERE id = $1")
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO sessions (token_hash, account_id, client, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(sha256_hex(&token))
+        .bind(&id)
+        .bind(client.chars().take(100).collect::<String>())
+        .bind(now)
+        .bind(expires)
+        .execute(&mut *tx)
+        .await?;
+        audit(
+            &mut tx,
+            None,
+            &email,
+            "session.login",
+            json!({"client": client}),
+            remote,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(json!({"token": token, "email": email, "expires_at": rfc3339(expires as u64)}))
+    }
+
+    fn login_rate(&self, ip: IpAddr) -> ApiResult<()> {
+        let mut m = self.logins.lock();
+        let now = Instant::now();
+        if m.len() > 10_000 {
+            m.retain(|_, (t, _)| now.duration_since(*t) < Duration::from_secs(60));
+        }
+        let e = m.entry(ip).or_insert((now, 0));
+        if now.duration_since(e.0) >= Duration::from_secs(60) {
+            *e = (now, 0);
+        }
+        e.1 += 1;
+        if e.1 > self.config.login_attempts_per_minute {
+            let wait = 60 - now.duration_since(e.0).as_secs().min(59);
+            return Err(ApiError::too_many(
+                "rate_limited",
+                format!("too many login attempts from {ip}; try again in {wait} s"),
+                wait,
+            ));
+        }
+        Ok(())
+    }
+
+    /// The account behind a session token, if the session is live.
+    pub async fn authenticate(&self, token: &str, remote: String) -> ApiResult<Actor> {
+        let row = sqlx::query(
+            "SELECT a.id, a.email FROM sessions s JOIN accounts a ON a.id = s.account_id \
+             WHERE s.token_hash = $1 AND s.expires_at > $2",
+        )
+        .bind(sha256_hex(token))
+        .bind(now_secs() as i64)
+        .fetch_optional(&self.db.pool)
+        .await?
+        .ok_or_else(|| {
+            ApiError::unauthorized("the session is unknown or expired; log in again (macula login)")
+        })?;
+        let email: String = row.try_get("email")?;
+        Ok(Actor {
+            account_id: row.try_get("id")?,
+            operator: self.config.operators.contains(&email),
+            email,
+            remote,
+        })
+    }
+
+    pub async fn logout(&self, token: &str, actor: &Actor) -> ApiResult<()> {
+        let mut tx = self.db.pool.begin().await?;
+        sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
+            .bind(sha256_hex(token))
+            .execute(&mut *tx)
+            .await?;
+        audit(
+            &mut tx,
+            None,
+            &actor.email,
+            "session.logout",
+            json!({}),
+            &actor.remote,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub fn whoami(&self, actor: &Actor) -> Value {
+        json!({"id": actor.account_id, "email": actor.email, "operator": actor.operator})
+    }
+
+    // ---------------------------------------------------------------- realms
+
+    async fn realm(&self, tx: &mut Tx, name: &str) -> ApiResult<RealmRow> {
+        let row = sqlx::query(&format!(
+            "SELECT {REALM_COLUMNS} FROM realms r JOIN accounts a ON a.id = r.owner_id WHERE r.name = $1"
+        ))
+        .bind(name)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no realm {name} in the registry")))?;
+        Ok(RealmRow::from_row(&row)?)
+    }
+
+    async fn access(&self, tx: &mut Tx, realm: &RealmRow, actor: &Actor) -> ApiResult<Access> {
+        if realm.owner_id == actor.account_id {
+            return Ok(Access::Owner);
+        }
+        let role: Option<String> =
+            sqlx::query_scalar("SELECT role FROM members WHERE realm = $1 AND email = $2")
+                .bind(&realm.name)
+                .bind(&actor.email)
+                .fetch_optional(&mut **tx)
+                .await?;
+        Ok(match role {
+            Some(r) => Access::Member(r),
+            None if actor.operator => Access::Operator,
+            None => Access::Stranger,
+        })
+    }
+
+    /// The realm, after checking that `actor` may do `action` in it.
+    async fn authorize(
+        &self,
+        tx: &mut Tx,
+        name: &str,
+        actor: &Actor,
+        action: &str,
+    ) -> ApiResult<(RealmRow, Access, PolicyDoc)> {
+        let realm = self.realm(tx, name).await?;
+        let access = self.access(tx, &realm, actor).await?;
+        let doc = self.policy_doc(tx, &realm).await?;
+        let allowed = match &access {
+            Access::Owner => true,
+            // Operators see everything; they change realms only through the /v1/admin routes.
+            Access::Operator => action == READ,
+            Access::Member(role) => Policy::from_doc(doc.clone())
+                .map(|p| {
+                    p.allows_realm_action(role, action)
+                        || (action == READ && p.allows_realm_action(role, ADMIN))
+                })
+                .unwrap_or(false),
+            Access::Stranger => false,
+        };
+        if !allowed {
+            return Err(ApiError::forbidden(
+                "forbidden",
+                match access {
+                    Access::Member(role) => {
+                        format!("your role {role:?} in {name} does not grant realm:{action}")
+                    }
+                    _ => format!("you are not a member of {name}"),
+                },
+            ));
+        }
+        Ok((realm, access, doc))
+    }
+
+    async fn policy_doc(&self, tx: &mut Tx, realm: &RealmRow) -> ApiResult<PolicyDoc> {
+        let text: String =
+            sqlx::query_scalar("SELECT doc FROM policy_versions WHERE realm = $1 AND version = $2")
+                .bind(&realm.name)
+                .bind(realm.policy_version)
+                .fetch_one(&mut **tx)
+                .await?;
+        Ok(Policy::from_yaml(&text)
+            .map_err(|e| ApiError::internal(format!("stored policy of {}: {e}", realm.name)))?
+            .doc)
+    }
+
+    /// Stores `doc` as the realm's next policy version.
+    async fn put_policy(
+        &self,
+        tx: &mut Tx,
+        realm: &str,
+        mut doc: PolicyDoc,
+        author: &str,
+    ) -> ApiResult<PolicyDoc> {
+        let current: Option<i64> =
+            sqlx::query_scalar("SELECT policy_version FROM realms WHERE name = $1")
+                .bind(realm)
+                .fetch_optional(&mut **tx)
+                .await?;
+        doc.realm = realm.to_owned();
+        doc.version = current.unwrap_or(0) as u64 + 1;
+        let policy = Policy::from_doc(doc)
+            .map_err(|e| ApiError::invalid("invalid_policy", e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO policy_versions (realm, version, doc, author, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(realm)
+        .bind(policy.doc.version as i64)
+        .bind(policy.to_yaml())
+        .bind(author)
+        .bind(now_secs() as i64)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query("UPDATE realms SET policy_version = $1 WHERE name = $2")
+            .bind(policy.doc.version as i64)
+            .bind(realm)
+            .execute(&mut **tx)
+            .await?;
+        Ok(policy.doc)
+    }
+
+    fn realm_json(&self, r: &RealmRow, access: Option<&Access>) -> Value {
+        let now = now_secs() as i64;
+        let status = if !r.suspended.is_empty() {
+            "suspended"
+        } else if now > r.expires_at {
+            "expired"
+        } else {
+            "active"
+        };
+        let mut v = json!({
+            "name": r.name,
+            "owner": r.owner_email,
+            "parent": r.parent,
+            "tier": r.tier,
+            "status": status,
+            "frozen": !r.frozen.is_empty(),
+            "created_at": rfc3339(r.created_at as u64),
+            "expires_at": rfc3339(r.expires_at as u64),
+            "grace_ends_at": rfc3339(self.grace_end(r) as u64),
+            "policy_version": r.policy_version,
+        });
+        if !r.suspended.is_empty() {
+            v["suspended_reason"] = json!(r.suspended);
+        }
+        if !r.frozen.is_empty() {
+            v["frozen_reason"] = json!(r.frozen);
+        }
+        if let Some(a) = access {
+            v["access"] = json!(match a {
+                Access::Owner => "owner".to_owned(),
+                Access::Member(role) => format!("member:{role}"),
+                Access::Operator => "operator".to_owned(),
+                Access::Stranger => "none".to_owned(),
+            });
+        }
+        v
+    }
+
+    fn grace_end(&self, r: &RealmRow) -> i64 {
+        r.expires_at + (self.config.grace_days * 86_400) as i64
+    }
+
+    /// Registers a realm: first come, first served; a subrealm only by the owner of its nearest
+    /// registered parent, who may delegate it to another account.
+    pub async fn register(
+        &self,
+        actor: &Actor,
+        req: NewRealm,
+        idem: Option<Idempotency>,
+    ) -> ApiResult<(StatusCode, Value)> {
+        validate_realm_name(&req.name)?;
+        let tier = req.tier.clone().unwrap_or_else(|| "hobby".into());
+        if !["hobby", "starter", "professional", "enterprise"].contains(&tier.as_str()) {
+            return Err(ApiError::invalid(
+                "invalid_tier",
+                format!("tier {tier:?}: choose hobby, starter, professional or enterprise"),
+            ));
+        }
+        let mut tx = self.db.pool.begin().await?;
+        if let Some(i) = &idem {
+            if let Some(replay) = self.replay(&mut tx, actor, i).await? {
+                return Ok(replay);
+            }
+        }
+        let name = req.name.as_str();
+        if (name == "io.macula" || name.starts_with("io.macula.")) && !actor.operator {
+            return Err(ApiError::forbidden(
+                "reserved",
+                format!("{name} is reserved for the platform"),
+            ));
+        }
+        let now = now_secs() as i64;
+        // A name whose registration expired past its grace period is free again.
+        if let Ok(old) = self.realm(&mut tx, name).await {
+            if now <= self.grace_end(&old) {
+                return Err(ApiError::conflict(
+                    "realm_taken",
+                    if old.owner_id == actor.account_id {
+                        format!("you already own {name}")
+                    } else {
+                        format!("{name} is registered to another account")
+                    },
+                ));
+            }
+            sqlx::query("DELETE FROM realms WHERE name = $1")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            audit(
+                &mut tx,
+                Some(name),
+                &actor.email,
+                "realm.released",
+                json!({"expired_at": rfc3339(old.expires_at as u64)}),
+                &actor.remote,
+            )
+            .await?;
+        }
+        // A realm the operator configured by hand on this node (`macula realms create`).
+        if self.confdir.policy_path(name).exists() {
+            return Err(ApiError::conflict(
+                "realm_taken",
+                format!("{name} is configured on this node outside the registry"),
+            ));
+        }
+        // The nearest registered ancestor decides who may create a subrealm.
+        let mut parent = None;
+        let mut p = name;
+        while let Some(i) = p.rfind('.') {
+            p = &p[..i];
+            if let Ok(row) = self.realm(&mut tx, p).await {
+                parent = Some(row);
+                break;
+            }
+        }
+        let mut owner_id = actor.account_id.clone();
+        let mut owner_email = actor.email.clone();
+        if let Some(par) = &parent {
+            if par.owner_id != actor.account_id && !actor.operator {
+                return Err(ApiError::forbidden(
+                    "not_parent_owner",
+                    format!(
+                        "only the owner of {} may create or delegate {name}",
+                        par.name
+                    ),
+                ));
+            }
+        }
+        if let Some(to) = &req.owner_email {
+            let to = validate_email(to)?;
+            if parent.is_none() && !actor.operator {
+                return Err(ApiError::invalid(
+                    "invalid_delegation",
+                    "owner_email delegates a subrealm; register a top realm for yourself",
+                ));
+            }
+            let id: Option<String> = sqlx::query_scalar("SELECT id FROM accounts WHERE email = $1")
+                .bind(&to)
+                .fetch_optional(&mut *tx)
+                .await?;
+            owner_id = id.ok_or_else(|| {
+                ApiError::invalid(
+                    "unknown_account",
+                    format!("no account for {to}; they sign up first"),
+                )
+            })?;
+            owner_email = to;
+        }
+        let authority = SigningKey::generate(&mut rand::rngs::OsRng);
+        let cert = SignedCert::issue(
+            &self.operator_key,
+            &AuthorityCert {
+                realm: name.to_owned(),
+                authority: authority.verifying_key().to_bytes(),
+                expires_at: 0,
+            },
+        );
+        let expires = now + (self.config.term_days * 86_400) as i64;
+        let res = sqlx::query(
+            "INSERT INTO realms (name, owner_id, parent, tier, created_at, expires_at, authority_key, authority_cert, policy_version) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0)",
+        )
+        .bind(name)
+        .bind(&owner_id)
+        .bind(parent.as_ref().map(|p| p.name.clone()))
+        .bind(&tier)
+        .bind(now)
+        .bind(expires)
+        .bind(hex::encode(authority.to_bytes()))
+        .bind(cert.to_text())
+        .execute(&mut *tx)
+        .await;
+        match res {
+            Err(e) if is_unique_violation(&e) => {
+                return Err(ApiError::conflict(
+                    "realm_taken",
+                    format!("{name} was registered by another account a moment ago"),
+                ))
+            }
+            r => r?,
+        };
+        let mut doc = macula_node::confdir::default_policy(name);
+        doc.users.push(UserDoc {
+            email: owner_email.clone(),
+            role: "admin".into(),
+        });
+        self.put_policy(&mut tx, name, doc, &actor.email).await?;
+        audit(
+            &mut tx,
+            Some(name),
+            &actor.email,
+            "realm.register",
+            json!({"owner": owner_email, "tier": tier, "parent": parent.as_ref().map(|p| &p.name)}),
+            &actor.remote,
+        )
+        .await?;
+        let row = self.realm(&mut tx, name).await?;
+        let body = self.realm_json(&row, None);
+        if let Some(i) = &idem {
+            self.remember(&mut tx, actor, i, StatusCode::CREATED, &body)
+                .await?;
+        }
+        commit_unique(
+            tx,
+            "realm_taken",
+            &format!("{name} was registered by another account a moment ago"),
+        )
+        .await?;
+        self.materialize(name).await?;
+        Ok((StatusCode::CREATED, body))
+    }
+
+    pub async fn list_realms(&self, actor: &Actor, page: &Page) -> ApiResult<Value> {
+        let limit = page.limit();
+        let rows = sqlx::query(&format!(
+            "SELECT {REALM_COLUMNS} FROM realms r JOIN accounts a ON a.id = r.owner_id \
+             WHERE (r.owner_id = $1 OR r.name IN (SELECT realm FROM members WHERE email = $2)) AND r.name > $3 \
+             ORDER BY r.name LIMIT $4"
+        ))
+        .bind(&actor.account_id)
+        .bind(&actor.email)
+        .bind(page.after()?)
+        .bind(limit + 1)
+        .fetch_all(&self.db.pool)
+        .await?;
+        let mut items = vec![];
+        for r in &rows {
+            let row = RealmRow::from_row(r)?;
+            let access = if row.owner_id == actor.account_id {
+                Access::Owner
+            } else {
+                Access::Member(String::new())
+            };
+            let mut v = self.realm_json(&row, Some(&access));
+            if access != Access::Owner {
+                v["access"] = json!("member");
+            }
+            items.push(v);
+        }
+        Ok(page_of(items, limit, |v| {
+            v["name"].as_str().unwrap_or("").to_owned()
+        }))
+    }
+
+    pub async fn show_realm(&self, actor: &Actor, name: &str) -> ApiResult<Value> {
+        let mut tx = self.db.pool.begin().await?;
+        let (row, access, doc) = self.authorize(&mut tx, name, actor, READ).await?;
+        let keys: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM api_keys WHERE realm = $1 AND revoked_at = 0 AND (expires_at = 0 OR expires_at > $2)",
+        )
+        .bind(name)
+        .bind(now_secs() as i64)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut v = self.realm_json(&row, Some(&access));
+        v["active_keys"] = json!(keys);
+        v["members"] = json!(doc.users.len());
+        v["roles"] = json!(doc.roles.iter().map(|r| &r.name).collect::<Vec<_>>());
+        if let Some(node) = &self.node {
+            let live = node.realm_handle(name).map(|h| h.lock().session_count());
+            v["live"] = json!({"sessions_on_this_node": live.unwrap_or(0)});
+        }
+        Ok(v)
+    }
+
+    pub async fn delete_realm(&self, actor: &Actor, name: &str) -> ApiResult<()> {
+        let mut tx = self.db.pool.begin().await?;
+        let (row, access, _) = self.authorize(&mut tx, name, actor, ADMIN).await?;
+        if access != Access::Owner {
+            return Err(ApiError::forbidden(
+                "owner_only",
+                format!("only the owner of {name} may delete it"),
+            ));
+        }
+        if !row.frozen.is_empty() {
+            return Err(frozen(&row));
+        }
+        let children: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM realms WHERE parent = $1")
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await?;
+        if children > 0 {
+            return Err(ApiError::conflict(
+                "has_subrealms",
+                format!("{name} has {children} subrealm(s); delete them first"),
+            ));
+        }
+        sqlx::query("DELETE FROM realms WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        audit(
+            &mut tx,
+            Some(name),
+            &actor.email,
+            "realm.delete",
+            json!({}),
+            &actor.remote,
+        )
+        .await?;
+        tx.commit().await?;
+        self.unmaterialize(name);
+        Ok(())
+    }
+
+    pub async fn renew(&self, actor: &Actor, name: &str, years: u64) -> ApiResult<Value> {
+        if !(1..=10).contains(&years) {
+            return Err(ApiError::invalid(
+                "invalid_years",
+                "renew for 1 to 10 years",
+            ));
+        }
+        let mut tx = self.db.pool.begin().await?;
+        let (row, access, doc) = self.authorize(&mut tx, name, actor, ADMIN).await?;
+        if access != Access::Owner {
+            return Err(ApiError::forbidden(
+                "owner_only",
+                format!("only the owner of {name} may renew it"),
+            ));
+        }
+        let now = now_secs() as i64;
+        let expires = row.expires_at.max(now) + (years * self.config.term_days * 86_400) as i64;
+        sqlx::query("UPDATE realms SET expires_at = $1 WHERE name = $2")
+            .bind(expires)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        // Renewal restores a realm that expiry had disabled (a suspension stays).
+        if doc.disabled.is_some() && row.suspended.is_empty() {
+            let mut d = doc;
+            d.disabled = None;
+            self.put_policy(&mut tx, name, d, &actor.email).await?;
+        }
+        audit(
+            &mut tx,
+            Some(name),
+            &actor.email,
+            "realm.renew",
+            json!({"years": years, "expires_at": rfc3339(expires as u64)}),
+            &actor.remote,
+        )
+        .await?;
+        let row = self.realm(&mut tx, name).await?;
+        tx.commit().await?;
+        self.materialize(name).await?;
+        Ok(self.realm_json(&row, Some(&Access::Owner)))
+    }
+
+    /// The owner's authorization code for a transfer, shown once.
+    pub async fn transfer_code(&self, actor: &Actor, name: &str) -> ApiResult<Value> {
+        let mut tx = self.db.pool.begin().await?;
+        let (row, access, _) = self.authorize(&mut tx, name, actor, ADMIN).await?;
+        if access != Access::Owner {
+            return Err(ApiError::forbidden(
+                "owner_only",
+                format!("only the owner of {name} may transfer it"),
+            ));
+        }
+        if !row.frozen.is_empty() {
+            return Err(frozen(&row));
+        }
+        let code = random_token("tc_", 16);
+        let expires = now_secs() as i64 + self.config.transfer_code_ttl.as_secs() as i64;
+        sqlx::query("DELETE FROM transfer_codes WHERE realm = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO transfer_codes (realm, code_hash, created_by, expires_at) VALUES ($1, $2, $3, $4)")
+            .bind(name)
+            .bind(sha256_hex(&code))
+            .bind(&actor.email)
+            .bind(expires)
+            .execute(&mut *tx)
+            .await?;
+        audit(
+            &mut tx,
+            Some(name),
+            &actor.email,
+            "realm.transfer_code",
+            json!({"expires_at": rfc3339(expires as u64)}),
+            &actor.remote,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(
+            json!({"realm": name, "code": code, "expires_at": rfc3339(expires as u64), "fee_cents": self.config.transfer_fee_cents}),
+        )
+    }
+
+    /// Accepts a transfer with the owner's code: the caller becomes the owner and is charged the
+    /// transfer fee (recorded for billing).
+    pub async fn transfer(&self, actor: &Actor, name: &str, code: &str) -> ApiResult<Value> {
+        let mut tx = self.db.pool.begin().await?;
+        let row = self.realm(&mut tx, name).await?;
+        if row.owner_id == actor.account_id {
+            return Err(ApiError::conflict(
+                "already_owner",
+                format!("you already own {name}"),
+            ));
+        }
+        if !row.frozen.is_empty() {
+            return Err(frozen(&row));
+        }
+        let stored =
+            sqlx::query("SELECT code_hash, expires_at FROM transfer_codes WHERE realm = $1")
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(stored) = stored else {
+            return Err(ApiError::forbidden(
+                "invalid_transfer_code",
+                format!("the code does not authorize a transfer of {name}"),
+            ));
+        };
+        let hash: String = stored.try_get("code_hash")?;
+        let expires: i64 = stored.try_get("expires_at")?;
+        if hash != sha256_hex(code) {
+            return Err(ApiError::forbidden(
+                "invalid_transfer_code",
+                format!("the code does not authorize a transfer of {name}"),
+            ));
+        }
+        if expires <= now_secs() as i64 {
+            return Err(ApiError::forbidden(
+                "transfer_code_expired",
+                format!(
+                    "the transfer code for {name} expired at {}; ask the owner for a new one",
+                    rfc3339(expires as u64)
+                ),
+            ));
+        }
+        let fee = self.config.transfer_fee_cents;
+        self.change_owner(&mut tx, &row, actor, &actor.account_id, &actor.email)
+            .await?;
+        sqlx::query("INSERT INTO fees (account_id, realm, kind, amount_cents, created_at) VALUES ($1, $2, 'transfer', $3, $4)")
+            .bind(&actor.account_id)
+            .bind(name)
+            .bind(fee)
+            .bind(now_secs() as i64)
+            .execute(&mut *tx)
+            .await?;
+        audit(
+            &mut tx,
+            Some(name),
+            &actor.email,
+            "realm.transfer",
+            json!({"from": row.owner_email, "to": actor.email, "fee_cents": fee}),
+            &actor.remote,
+        )
+        .await?;
+        let row = self.realm(&mut tx, name).await?;
+        tx.commit().await?;
+        self.materialize(name).await?;
+        let mut v = self.realm_json(&row, Some(&Access::Owner));
+        v["fee_cents"] = json!(fee);
+        Ok(v)
+    }
+
+    async fn change_owner(
+        &self,
+        tx: &mut Tx,
+        row: &RealmRow,
+        actor: &Actor,
+        to_id: &str,
+        to_email: &str,
+    ) -> ApiResult<()> {
+        sqlx::query("UPDATE realms SET owner_id = $1 WHERE name = $2")
+            .bind(to_id)
+            .bind(&row.name)
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query("DELETE FROM transfer_codes WHERE realm = $1")
+            .bind(&row.name)
+            .execute(&mut **tx)
+            .await?;
+        // The old owner's admin entry goes, the new owner's comes.
+        sqlx::query("DELETE FROM members WHERE realm = $1 AND (email = $2 OR email = $3)")
+            .bind(&row.name)
+            .bind(&row.owner_email)
+            .bind(to_email)
+            .execute(&mut **tx)
+            .await?;
+        let mut doc = self.policy_doc(tx, row).await?;
+        doc.users
+            .retain(|u| u.email != row.owner_email && u.email != to_email);
+        doc.users.push(UserDoc {
+            email: to_email.to_owned(),
+            role: "admin".into(),
+        });
+        self.put_policy(tx, &row.name, doc, &actor.email).await?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- members and policy
+
+    pub async fn members(&self, actor: &Actor, name: &str) -> ApiResult<Value> {
+        let mut tx = self.db.pool.begin().await?;
+        let (row, _, _) = self.authorize(&mut tx, name, actor, READ).await?;
+        let rows = sqlx::query(
+            "SELECT email, role, added_by, added_at FROM members WHERE realm = $1 ORDER BY email",
+        )
+        .bind(name)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut items = vec![json!({"email": row.owner_email, "role": "owner"})];
+        for r in rows {
+            items.push(json!({
+                "email": r.try_get::<String, _>("email")?,
+                "role": r.try_get::<String, _>("role")?,
+                "added_by": r.try_get::<String, _>("added_by")?,
+                "added_at": rfc3339(r.try_get::<i64, _>("added_at")? as u64),
+            }));
+        }
+        Ok(json!({"items": items, "next_cursor": null}))
+    }
+
+    /// Adds a member (an invitation: it applies when that email has an account) or changes a
+    /// member's role. Nobody changes their own role.
+    pub async fn set_member(
+        &self,
+        actor: &Actor,
+        name: &str,
+        email: &str,
+        role: &str,
+    ) -> ApiResult<Value> {
+        let email = validate_email(email)?;
+        let mut tx = self.db.pool.begin().await?;
+        let (row, _, mut doc) = self.authorize(&mut tx, name, actor, ADMIN).await?;
+        if email == actor.email {
+            return Err(ApiError::forbidden(
+                "own_role",
+                "nobody may change their own role; ask another admin or the owner",
+            ));
+        }
+        if email == row.owner_email {
+            return Err(ApiError::conflict(
+                "is_owner",
+                format!("{email} owns {name}; transfer the realm to change that"),
+            ));
+        }
+        if !doc.roles.iter().any(|r| r.name == role) {
+            let roles: Vec<&str> = doc.roles.iter().map(|r| r.name.as_str()).collect();
+            return Err(ApiError::invalid(
+                "unknown_role",
+                format!("{name} has no role {role:?}; roles: {}", roles.join(", ")),
+            ));
+        }
+        let now = now_secs() as i64;
+        sqlx::query("DELETE FROM members WHERE realm = $1 AND email = $2")
+            .bind(name)
+            .bind(&email)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO members (realm, email, role, added_by, added_at) VALUES ($1, $2, $3, $4, $5)")
+            .bind(name)
+            .bind(&email)
+            .bind(role)
+            .bind(&actor.email)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        doc.users.retain(|u| u.email != email);
+        doc.users.push(UserDoc {
+            email: email.clone(),
+            role: role.to_owned(),
+        });
+        let doc = self.put_policy(&mut tx, name, doc, &actor.email).await?;
+        audit(
+            &mut tx,
+            Some(name),
+            &actor.email,
+            "member.set",
+            json!({"email": email, "role": role}),
+            &actor.remote,
+        )
+        .await?;
+        tx.commit().await?;
+        self.materialize(name).await?;
+        Ok(json!({"realm": name, "email": email, "role": role, "policy_version": doc.version}))
+    }
+
+    pub async fn remove_member(&self, actor: &Actor, name: &str, email: &str) -> ApiResult<()> {
+        let email = email.trim().to_ascii_lowercase();
+        let mut tx = self.db.pool.begin().await?;
+        let (_, _, mut doc) = self.authorize(&mut tx, name, actor, ADMIN).await?;
+        let n = sqlx::query("DELETE FROM members WHERE realm = $1 AND email = $2")
+            .bind(name)
+            .bind(&email)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(ApiError::not_found(format!(
+                "{email} is not a member of {name}"
+            )));
+        }
+        doc.users.retain(|u| u.email != email);
+        self.put_policy(&mut tx, name, doc, &actor.email).await?;
+        audit(
+            &mut tx,
+            Some(name),
+            &actor.email,
+            "member.remove",
+            json!({"email": email}),
+            &actor.remote,
+        )
+        .await?;
+        tx.commit().await?;
+        self.materialize(name).await
+    }
+
+    pub async fn policy(
+        &self,
+        actor: &Actor,
+        name: &str,
+        version: Option<i64>,
+    ) -> ApiResult<Value> {
+        let mut tx = self.db.pool.begin().await?;
+        let (row, _, doc) = self.authorize(&mut tx, name, actor, READ).await?;
+        let doc = match version {
+            Some(v) if v != row.policy_version => {
+                let text: Option<String> = sqlx::query_scalar(
+                    "SELECT doc FROM policy_versions WHERE realm = $1 AND version = $2",
+                )
+                .bind(name)
+                .bind(v)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let text = text.ok_or_else(|| {
+                    ApiError::not_found(format!("{name} has no policy version {v}"))
+                })?;
+                Policy::from_yaml(&text).map_err(ApiError::internal)?.doc
+            }
+            _ => doc,
+        };
+        tx.commit().await?;
+        serde_json::to_value(&doc).map_err(ApiError::internal)
+    }
+
+    pub async fn policy_versions(
+        &self,
+        actor: &Actor,
+        name: &str,
+        page: &Page,
+    ) -> ApiResult<Value> {
+        let mut tx = self.db.pool.begin().await?;
+        self.authorize(&mut tx, name, actor, READ).await?;
+        let limit = page.limit();
+        let after: i64 = match page.after()?.as_str() {
+            "" => i64::MAX,
+            s => s.parse().map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_cursor",
+                    "the cursor is not one this API returned",
+                )
+            })?,
+        };
+        let rows = sqlx::query("SELECT version, author, created_at FROM policy_versions WHERE realm = $1 AND version < $2 ORDER BY version DESC LIMIT $3")
+            .bind(name)
+            .bind(after)
+            .bind(limit + 1)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let mut items = vec![];
+        for r in rows {
+            items.push(json!({
+                "version": r.try_get::<i64, _>("version")?,
+                "author": r.try_get::<String, _>("author")?,
+                "created_at": rfc3339(r.try_get::<i64, _>("created_at")? as u64),
+            }));
+        }
+        Ok(page_of(items, limit, |v| v["version"].to_string()))
+    }
+
+    /// Replaces the realm's roles and topic ACLs (users, keys, revocations and status are the
+    /// registry's to manage). `expected_version` makes the change conditional (409 if stale).
+    pub async fn set_policy(
+        &self,
+        actor: &Actor,
+        name: &str,
+        req: PolicyUpdate,
+    ) -> ApiResult<Value> {
+        let mut tx = self.db.pool.begin().await?;
+        let (row, access, mut doc) = self.authorize(&mut tx, name, actor, ADMIN).await?;
+        if let Some(v) = req.expected_version {
+            if v != row.policy_version {
+                return Err(ApiError::conflict(
+                    "stale_policy",
+                    format!(
+                        "the policy of {name} is at version {}, not {v}; reload and retry",
+                        row.policy_version
+                    ),
+                ));
+            }
+        }
+        // A member may not remove or weaken the role they act through (self-escalation by
+        // rewriting one's own role is the same: the role must stay as it is).
+        if let Access::Member(role) = &access {
+            let before = doc.roles.iter().find(|r| &r.name == role);
+            let after = req.roles.iter().find(|r| &r.name == role);
+            if before != after {
+                return Err(ApiError::forbidden(
+                    "own_role",
+                    format!(
+                        "you act through role {role:?}; another admin or the owner must change it"
+                    ),
+                ));
+            }
+        }
+        let used: Vec<String> = doc.users.iter().map(|u| u.role.clone()).collect();
+        for r in used {
+            if !req.roles.iter().any(|x| x.name == r) {
+                return Err(ApiError::conflict(
+                    "role_in_use",
+                    format!("role {r:?} is held by members; change their role first"),
+                ));
+            }
+        }
+        doc.roles = req.roles;
+        doc.topic_acls = req.topic_acls;
+        let doc = self.put_policy(&mut tx, name, doc, &actor.email).await?;
+        audit(
+            &mut tx,
+            Some(name),
+            &actor.email,
+            "policy.update",
+            json!({"version": doc.version}),
+            &actor.remote,
+        )
+        .await?;
+        tx.commit().await?;
+        self.materialize(name).await?;
+        serde_json::to_value(&doc).map_err(ApiError::internal)
+    }
+
+    // ---------------------------------------------------------------- keys
+
+    pub async fn create_key(
+        &self,
+        actor: &Actor,
+        name: &str,
+        req: NewKey,
+        idem: Option<Idempotency>,
+    ) -> ApiResult<(StatusCode, Value)> {
+        let mut tx = self.db.pool.begin().await?;
+        if let Some(i) = &idem {
+            if let Some((status, body)) = self.replay(&mut tx, actor, i).await? {
+                // The secret is never stored: the same key is signed again from its claims
+                // (Ed25519 signatures are deterministic).
+                let kid = body["id"].as_str().unwrap_or_default().to_owned();
+                let mut body = body;
+                body["key"] = json!(self.reissue(&mut tx, &kid).await?);
+                return Ok((status, body));
+            }
+        }
+        let (row, access, doc) = self.authorize(&mut tx, name, actor, ADMIN).await?;
+        if !row.frozen.is_empty() && access != Access::Owner {
+            return Err(frozen(&row));
+        }
+        if !doc.roles.iter().any(|r| r.name == req.role) {
+            let roles: Vec<&str> = doc.roles.iter().map(|r| r.name.as_str()).collect();
+            return Err(ApiError::invalid(
+                "unknown_role",
+                format!(
+                    "{name} has no role {:?}; roles: {}",
+                    req.role,
+                    roles.join(", ")
+                ),
+            ));
+        }
+        if req.name.len() > 200 {
+            return Err(ApiError::invalid(
+                "invalid_name",
+                "a key name may be at most 200 characters",
+            ));
+        }
+        if req.expires_in_days > 3650 {
+            return Err(ApiError::invalid(
+                "invalid_expiry",
+                "a key lives at most 3650 days (0: never expires)",
+            ));
+        }
+        let pubkey = match &req.pubkey {
+            None => None,
+            Some(h) => Some(credential::parse_hex32(h).ok_or_else(|| {
+                ApiError::invalid(
+                    "invalid_pubkey",
+                    "pubkey must be 64 hex digits (an Ed25519 public key)",
+                )
+            })?),
+        };
+        let now = now_secs();
+        let claims = KeyClaims {
+            realm: name.to_owned(),
+            role: req.role.clone(),
+            kid: random_token("key_", 8),
+            name: req.name.clone(),
+            issued_at: now,
+            expires_at: if req.expires_in_days == 0 {
+                0
+            } else {
+                now + req.expires_in_days * 86_400
+            },
+            pubkey,
+        };
+        let key = self.sign_key(&row, &claims)?;
+        sqlx::query(
+            "INSERT INTO api_keys (id, realm, role, name, key_hash, pubkey, created_by, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&claims.kid)
+        .bind(name)
+        .bind(&claims.role)
+        .bind(&claims.name)
+        .bind(sha256_hex(&key))
+        .bind(pubkey.map(hex::encode).unwrap_or_default())
+        .bind(&actor.email)
+        .bind(now as i64)
+        .bind(claims.expires_at as i64)
+        .execute(&mut *tx)
+        .await?;
+        audit(
+            &mut tx,
+            Some(name),
+            &actor.email,
+            "key.create",
+            json!({"key_id": claims.kid, "role": claims.role, "name": claims.name}),
+            &actor.remote,
+        )
+        .await?;
+        let body = key_json(&claims, 0);
+        if let Some(i) = &idem {
+            self.remember(&mut tx, actor, i, StatusCode::CREATED, &body)
+                .await?;
+        }
+        commit_unique(
+            tx,
+            "idempotency_conflict",
+            "a request with this Idempotency-Key is in progress; retry",
+        )
+        .await?;
+        let mut body = body;
+        body["key"] = json!(key);
+        Ok((StatusCode::CREATED, body))
+    }
+
+    fn sign_key(&self, row: &RealmRow, claims: &KeyClaims) -> ApiResult<String> {
+        let secret = credential::parse_hex32(&row.authority_key).ok_or_else(|| {
+            ApiError::internal(format!("authority key of {} is damaged", row.name))
+        })?;
+        let cert = SignedCert::from_text(&row.authority_cert).map_err(ApiError::internal)?;
+        Ok(credential::issue_key(
+            &SigningKey::from_bytes(&secret),
+            &cert,
+            claims,
+        ))
+    }
+
+    async fn reissue(&self, tx: &mut Tx, kid: &str) -> ApiResult<String> {
+        let k = sqlx::query(
+            "SELECT realm, role, name, pubkey, created_at, expires_at FROM api_keys WHERE id = $1",
+        )
+        .bind(kid)
+        .fetch_one(&mut **tx)
+        .await?;
+        let realm: String = k.try_get("realm")?;
+        let row = self.realm(tx, &realm).await?;
+        let pubkey: String = k.try_get("pubkey")?;
+        let claims = KeyClaims {
+            realm,
+            role: k.try_get("role")?,
+            kid: kid.to_owned(),
+            name: k.try_get("name")?,
+            issued_at: k.try_get::<i64, _>("created_at")? as u64,
+            expires_at: k.try_get::<i64, _>("expires_at")? as u64,
+            pubkey: credential::parse_hex32(&pubkey),
+        };
+        self.sign_key(&row, &claims)
+    }
+
+    pub async fn list_keys(
+        &self,
+        actor: &Actor,
+        realm: Option<&str>,
+        page: &Page,
+    ) -> ApiResult<Value> {
+        let limit = page.limit();
+        let after = page.after()?;
+        let rows = match realm {
+            Some(name) => {
+                let mut tx = self.db.pool.begin().await?;
+                self.authorize(&mut tx, name, actor, READ).await?;
+                let rows = sqlx::query("SELECT id, realm, role, name, created_by, created_at, expires_at, revoked_at FROM api_keys WHERE realm = $1 AND id > $2 ORDER BY id LIMIT $3")
+                    .bind(name)
+                    .bind(&after)
+                    .bind(limit + 1)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                rows
+            }
+            // Every realm the caller owns or administers.
+            None => sqlx::query(
+                "SELECT k.id, k.realm, k.role, k.name, k.created_by, k.created_at, k.expires_at, k.revoked_at FROM api_keys k JOIN realms r ON r.name = k.realm \
+                 WHERE (r.owner_id = $1 OR k.realm IN (SELECT realm FROM members WHERE email = $2 AND role = 'admin')) AND k.id > $3 ORDER BY k.id LIMIT $4",
+            )
+            .bind(&actor.account_id)
+            .bind(&actor.email)
+            .bind(&after)
+            .bind(limit + 1)
+            .fetch_all(&self.db.pool)
+            .await?,
+        };
+        let now = now_secs() as i64;
+        let mut items = vec![];
+        for r in rows {
+            let revoked: i64 = r.try_get("revoked_at")?;
+            let expires: i64 = r.try_get("expires_at")?;
+            items.push(json!({
+                "id": r.try_get::<String, _>("id")?,
+                "realm": r.try_get::<String, _>("realm")?,
+                "role": r.try_get::<String, _>("role")?,
+                "name": r.try_get::<String, _>("name")?,
+                "created_by": r.try_get::<String, _>("created_by")?,
+                "created_at": rfc3339(r.try_get::<i64, _>("created_at")? as u64),
+                "expires_at": (expires != 0).then(|| rfc3339(expires as u64)),
+                "revoked_at": (revoked != 0).then(|| rfc3339(revoked as u64)),
+                "status": if revoked != 0 { "revoked" } else if expires != 0 && expires <= now { "expired" } else { "active" },
+            }));
+        }
+        Ok(page_of(items, limit, |v| {
+            v["id"].as_str().unwrap_or("").to_owned()
+        }))
+    }
+
+    /// Revokes a key: a new policy version lists it, which every node applies (and closes the
+    /// key's live sessions) within seconds.
+    pub async fn revoke_key(&self, actor: &Actor, name: &str, kid: &str) -> ApiResult<Value> {
+        let mut tx = self.db.pool.begin().await?;
+        let (_, _, mut doc) = self.authorize(&mut tx, name, actor, ADMIN).await?;
+        let revoked: Option<i64> =
+            sqlx::query_scalar("SELECT revoked_at FROM api_keys WHERE id = $1 AND realm = $2")
+                .bind(kid)
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(revoked) = revoked else {
+            return Err(ApiError::not_found(format!("{name} has no key {kid}")));
+        };
+        let now = now_secs() as i64;
+        let at = if revoked != 0 {
+            revoked
+        } else {
+            sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2")
+                .bind(now)
+                .bind(kid)
+                .execute(&mut *tx)
+                .await?;
+            if !doc.revoked_keys.iter().any(|k| k == kid) {
+                doc.revoked_keys.push(kid.to_owned());
+            }
+            self.put_policy(&mut tx, name, doc, &actor.email).await?;
+            audit(
+                &mut tx,
+                Some(name),
+                &actor.email,
+                "key.revoke",
+                json!({"key_id": kid}),
+                &actor.remote,
+            )
+            .await?;
+            now
+        };
+        tx.commit().await?;
+        if revoked == 0 {
+            self.materialize(name).await?;
+        }
+        Ok(json!({"id": kid, "realm": name, "revoked_at": rfc3339(at as u64)}))
+    }
+
+    /// The realm a key belongs to (404 if there is no such key).
+    pub async fn realm_of_key(&self, kid: &str) -> ApiResult<String> {
+        let realm: Option<String> = sqlx::query_scalar("SELECT realm FROM api_keys WHERE id = $1")
+            .bind(kid)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        realm.ok_or_else(|| ApiError::not_found(format!("no key {kid} in the registry")))
+    }
+
+    // ---------------------------------------------------------------- audit
+
+    pub async fn audit_log(
+        &self,
+        actor: &Actor,
+        realm: Option<&str>,
+        page: &Page,
+    ) -> ApiResult<Value> {
+        let limit = page.limit();
+        let before: i64 = match page.after()?.as_str() {
+            "" => i64::MAX,
+            s => s.parse().map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_cursor",
+                    "the cursor is not one this API returned",
+                )
+            })?,
+        };
+        let rows = match realm {
+            Some(name) => {
+                let mut tx = self.db.pool.begin().await?;
+                self.authorize(&mut tx, name, actor, READ).await?;
+                let rows = sqlx::query("SELECT id, realm, actor, action, detail, remote, at FROM audit WHERE realm = $1 AND id < $2 ORDER BY id DESC LIMIT $3")
+                    .bind(name)
+                    .bind(before)
+                    .bind(limit + 1)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                rows
+            }
+            None if actor.operator => sqlx::query("SELECT id, realm, actor, action, detail, remote, at FROM audit WHERE id < $1 ORDER BY id DESC LIMIT $2")
+                .bind(before)
+                .bind(limit + 1)
+                .fetch_all(&self.db.pool)
+                .await?,
+            None => sqlx::query("SELECT id, realm, actor, action, detail, remote, at FROM audit WHERE actor = $1 AND id < $2 ORDER BY id DESC LIMIT $3")
+                .bind(&actor.email)
+                .bind(before)
+                .bind(limit + 1)
+                .fetch_all(&self.db.pool)
+                .await?,
+        };
+        let mut items = vec![];
+        for r in rows {
+            let detail: String = r.try_get("detail")?;
+            items.push(json!({
+                "id": r.try_get::<i64, _>("id")?,
+                "realm": r.try_get::<Option<String>, _>("realm")?,
+                "actor": r.try_get::<String, _>("actor")?,
+                "action": r.try_get::<String, _>("action")?,
+                "detail": serde_json::from_str::<Value>(&detail).unwrap_or(Value::Null),
+                "remote": r.try_get::<String, _>("remote")?,
+                "at": rfc3339(r.try_get::<i64, _>("at")? as u64),
+            }));
+        }
+        Ok(page_of(items, limit, |v| v["id"].to_string()))
+    }
+
+    // ---------------------------------------------------------------- operator: disputes
+
+    fn operator_only(actor: &Actor) -> ApiResult<()> {
+        if actor.operator {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(
+                "operator_only",
+                "only a platform operator (registry.operators) may do this",
+            ))
+        }
+    }
+
+    pub async fn add_claim(
+        &self,
+        actor: &Actor,
+        name: &str,
+        claimant: &str,
+        note: &str,
+    ) -> ApiResult<Value> {
+        Self::operator_only(actor)?;
+        let claimant = validate_email(claimant)?;
+        let mut tx = self.db.pool.begin().await?;
+        self.realm(&mut tx, name).await?;
+        let id = random_token("claim_", 6);
+        let now = now_secs() as i64;
+        sqlx::query("INSERT INTO claims (id, realm, claimant, note, status, created_by, created_at) VALUES ($1, $2, $3, $4, 'open', $5, $6)")
+            .bind(&id)
+            .bind(name)
+            .bind(&claimant)
+            .bind(note)
+            .bind(&actor.email)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        audit(
+            &mut tx,
+            Some(name),
+            &actor.email,
+            "dispute.claim",
+            json!({"claim": id, "claimant": claimant, "note": note}),
+            &actor.remote,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(
+            json!({"id": id, "realm": name, "claimant": claimant, "note": note, "status": "open", "created_at": rfc3339(now as u64)}),
+        )
+    }
+
+    pub async fn claims(&self, actor: &Actor, name: &str) -> ApiResult<Value> {
+        Self::operator_only(actor)?;
+        let rows = sqlx::query("SELECT id, claimant, note, status, created_by, created_at FROM claims WHERE realm = $1 ORDER BY created_at, id")
+            .bind(name)
+            .fetch_all(&self.db.pool)
+            .await?;
+        let mut items = vec![];
+        for r in rows {
+            items.push(json!({
+                "id": r.try_get::<String, _>("id")?,
+                "claimant": r.try_get::<String, _>("claimant")?,
+                "note": r.try_get::<String, _>("note")?,
+                "status": r.try_get::<String, _>("status")?,
+                "created_by": r.try_get::<String, _>("created_by")?,
+                "created_at": rfc3339(r.try_get::<i64, _>("created_at")? as u64),
+            }));
+        }
+        Ok(json!({"items": items, "next_cursor": null}))
+    }
+
+    /// Freezes (no transfer, delete or owner change while a dispute is open) or unfreezes.
+    pub async fn set_frozen(
+        &self,
+        actor: &Actor,
+        name: &str,
+        reason: Option<&str>,
+    ) -> ApiResult<Value> {
+        Self::operator_only(actor)?;
+        let mut tx = self.db.pool.begin().await?;
+        self.realm(&mut tx, name).await?;
+        let reason = reason
+            .map(|r| {
+                if r.is_empty() {
+                    "frozen by the operator"
+                } else {
+                    r
+                }
+            })
+            .unwrap_or("");
+        sqlx::query("UPDATE realms SET frozen = $1 WHERE name = $2")
+            .bind(reason)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        audit(
+            &mut tx,
+            Some(name),
+            &actor.email,
+            if reason.is_empty() {
+                "dispute.unfreeze"
+            } else {
+                "dispute.freeze"
+            },
+            json!({"reason": reason}),
+            &actor.remote,
+        )
+        .await?;
+        let row = self.realm(&mut tx, name).await?;
+        tx.commit().await?;
+        Ok(self.realm_json(&row, None))
+    }
+
+    /// Suspends (abuse takedown: every node refuses the realm's sessions and closes live ones)
+    /// or lifts a suspension.
+    pub async fn set_suspended(
+        &self,
+        actor: &Actor,
+        name: &str,
+        reason: Option<&str>,
+    ) -> ApiResult<Value> {
+        Self::operator_only(actor)?;
+        let mut tx = self.db.pool.begin().await?;
+        let row = self.realm(&mut tx, name).await?;
+        let reason = reason
+            .map(|r| {
+                if r.is_empty() {
+                    "suspended by the operator"
+                } else {
+                    r
+                }
+            })
+            .unwrap_or("");
+        sqlx::query("UPDATE realms SET suspended = $1 WHERE name = $2")
+            .bind(reason)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        let mut doc = self.policy_doc(&mut tx, &row).await?;
+        doc.disabled = if !reason.is_empty() {
+            Some(format!("suspended: {reason}"))
+        } else if now_secs() as i64 > self.grace_end(&row) {
+            doc.disabled
+        } else {
+            None
+        };
+        self.put_policy(&mut tx, name, doc, &actor.email).await?;
+        audit(
+            &mut tx,
+            Some(name),
+            &actor.email,
+            if reason.is_empty() {
+                "realm.unsuspend"
+            } else {
+                "realm.suspend"
+            },
+            json!({"reason": reason}),
+            &actor.remote,
+        )
+        .await?;
+        let row = self.realm(&mut tx, name).await?;
+        tx.commit().await?;
+        self.materialize(name).await?;
+        Ok(self.realm_json(&row, None))
+    }
+
+    /// Resolves a dispute by moving the realm to `to` (no fee).
+    pub async fn force_transfer(&self, actor: &Actor, name: &str, to: &str) -> ApiResult<Value> {
+        Self::operator_only(actor)?;
+        let to = validate_email(to)?;
+        let mut tx = self.db.pool.begin().await?;
+        let row = self.realm(&mut tx, name).await?;
+        let id: Option<String> = sqlx::query_scalar("SELECT id FROM accounts WHERE email = $1")
+            .bind(&to)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let id =
+            id.ok_or_else(|| ApiError::invalid("unknown_account", format!("no account for {to}")))?;
+        self.change_owner(&mut tx, &row, actor, &id, &to).await?;
+        sqlx::query("UPDATE claims SET status = 'resolved' WHERE realm = $1 AND status = 'open'")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        audit(
+            &mut tx,
+            Some(name),
+            &actor.email,
+            "dispute.transfer",
+            json!({"from": row.owner_email, "to": to}),
+            &actor.remote,
+        )
+        .await?;
+        let row = self.realm(&mut tx, name).await?;
+        tx.commit().await?;
+        self.materialize(name).await?;
+        Ok(self.realm_json(&row, None))
+    }
+
+    // ---------------------------------------------------------------- expiry
+
+    /// Disables realms past expiry and grace (nodes then refuse them). Run periodically.
+    pub async fn expire(&self) -> ApiResult<usize> {
+        let cutoff = now_secs() as i64 - (self.config.grace_days * 86_400) as i64;
+        let names: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM realms WHERE expires_at < $1")
+                .bind(cutoff)
+                .fetch_all(&self.db.pool)
+                .await?;
+        let mut n = 0;
+        for name in names {
+            let mut tx = self.db.pool.begin().await?;
+            let row = self.realm(&mut tx, &name).await?;
+            let mut doc = self.policy_doc(&mut tx, &row).await?;
+            if doc.disabled.is_some() {
+                continue;
+            }
+            doc.disabled = Some(format!(
+                "expired on {}; the owner can renew it",
+                rfc3339(row.expires_at as u64)
+            ));
+            self.put_policy(&mut tx, &name, doc, "registry").await?;
+            audit(
+                &mut tx,
+                Some(&name),
+                "registry",
+                "realm.expire",
+                json!({}),
+                "",
+            )
+            .await?;
+            tx.commit().await?;
+            self.materialize(&name).await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    // ---------------------------------------------------------------- idempotency
+
+    async fn replay(
+        &self,
+        tx: &mut Tx,
+        actor: &Actor,
+        i: &Idempotency,
+    ) -> ApiResult<Option<(StatusCode, Value)>> {
+        let row = sqlx::query(
+            "SELECT request_hash, status, body FROM idempotency WHERE account_id = $1 AND key = $2",
+        )
+        .bind(&actor.account_id)
+        .bind(&i.key)
+        .fetch_optional(&mut **tx)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let hash: String = row.try_get("request_hash")?;
+        if hash != i.request_hash {
+            return Err(ApiError::conflict(
+                "idempotency_key_reused",
+                "this Idempotency-Key was used for a different request",
+            ));
+        }
+        let status: i64 = row.try_get("status")?;
+        let body: String = row.try_get("body")?;
+        Ok(Some((
+            StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK),
+            serde_json::from_str(&body).map_err(ApiError::internal)?,
+        )))
+    }
+
+    async fn remember(
+        &self,
+        tx: &mut Tx,
+        actor: &Actor,
+        i: &Idempotency,
+        status: StatusCode,
+        body: &Value,
+    ) -> ApiResult<()> {
+        sqlx::query("DELETE FROM idempotency WHERE created_at < $1")
+            .bind(now_secs() as i64 - 86_400)
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query("INSERT INTO idempotency (account_id, key, request_hash, status, body, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(&actor.account_id)
+            .bind(&i.key)
+            .bind(&i.request_hash)
+            .bind(status.as_u16() as i64)
+            .bind(body.to_string())
+            .bind(now_secs() as i64)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- the node's copy
+
+    /// Writes the realm's authority and newest policy into the node's config directory and
+    /// applies it at once (the node floods the signed state to the mesh).
+    pub async fn materialize(&self, name: &str) -> ApiResult<()> {
+        let mut tx = self.db.pool.begin().await?;
+        let row = self.realm(&mut tx, name).await?;
+        let doc = self.policy_doc(&mut tx, &row).await?;
+        tx.commit().await?;
+        self.write_realm(&row, &doc).map_err(ApiError::from)?;
+        if let Some(node) = &self.node {
+            node.reload().map_err(ApiError::from)?;
+        }
+        Ok(())
+    }
+
+    fn write_realm(&self, row: &RealmRow, doc: &PolicyDoc) -> anyhow::Result<()> {
+        let dir = self.confdir.root.join("realms").join(&row.name);
+        std::fs::create_dir_all(&dir)?;
+        let key_path = dir.join("authority.key");
+        if std::fs::read_to_string(&key_path).ok().as_deref() != Some(row.authority_key.as_str()) {
+            macula_node::confdir::write_secret(&key_path, &row.authority_key)?;
+            std::fs::write(dir.join("authority.cert"), &row.authority_cert)?;
+        }
+        let current = self.confdir.read_policy(&row.name).ok();
+        if current.as_ref() != Some(doc) {
+            self.confdir.write_policy(doc)?;
+        }
+        Ok(())
+    }
+
+    fn unmaterialize(&self, name: &str) {
+        let dir = self.confdir.root.join("realms").join(name);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!("removing {}: {e}", dir.display());
+        }
+        if let Some(node) = &self.node {
+            if let Err(e) = node.reload() {
+                tracing::error!("reloading after deleting {name}: {e:#}");
+            }
+        }
+    }
+
+    /// Brings the config directory in line with the database (after a crash between a commit
+    /// and its copy, or a restore).
+    pub async fn sync_all(&self) -> anyhow::Result<()> {
+        let names: Vec<String> = sqlx::query_scalar("SELECT name FROM realms ORDER BY name")
+            .fetch_all(&self.db.pool)
+            .await?;
+        for name in &names {
+            let mut tx = self.db.pool.begin().await?;
+            let row = self
+                .realm(&mut tx, name)
+                .await
+                .map_err(|e| anyhow::anyhow!(e.message))?;
+            let doc = self
+                .policy_doc(&mut tx, &row)
+                .await
+                .map_err(|e| anyhow::anyhow!(e.message))?;
+            tx.commit().await?;
+            self.write_realm(&row, &doc)?;
+        }
+        if let Some(node) = &self.node {
+            node.reload()?;
+        }
+        Ok(())
+    }
+}
+
+/// Roles and topic ACLs for `PUT /v1/realms/{realm}/policy`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyUpdate {
+    pub roles: Vec<RoleDoc>,
+    #[serde(default)]
+    pub topic_acls: Vec<TopicAclDoc>,
+    #[serde(default)]
+    pub expected_version: Option<i64>,
+}
+
+fn key_json(c: &KeyClaims, revoked_at: i64) -> Value {
+    json!({
+        "id": c.kid,
+        "realm": c.realm,
+        "role": c.role,
+        "name": c.name,
+        "created_at": rfc3339(c.issued_at),
+        "expires_at": (c.expires_at != 0).then(|| rfc3339(c.expires_at)),
+        "revoked_at": (revoked_at != 0).then(|| rfc3339(revoked_at as u64)),
+    })
+}
+
+fn invalid_credentials() -> ApiError {
+    ApiError::unauthorized("wrong email or password").with_code("invalid_credentials")
+}
+
+fn locked(secs: i64) -> ApiError {
+    let mins = (secs.max(1) as u64).div_ceil(60);
+    ApiError::too_many(
+        "account_locked",
+        format!("too many failed logins: the account is locked; try again in {mins} minute(s)"),
+        secs.max(1) as u64,
+    )
+}
+
+fn frozen(row: &RealmRow) -> ApiError {
+    ApiError::conflict(
+        "realm_frozen",
+        format!(
+            "{} is frozen by the operator ({}); ownership changes wait for the dispute to close",
+            row.name, row.frozen
+        ),
+    )
+}
+
+async fn audit(
+    tx: &mut Tx,
+    realm: Option<&str>,
+    actor: &str,
+    action: &str,
+    detail: Value,
+    remote: &str,
+) -> ApiResult<()> {
+    sqlx::query("INSERT INTO audit (realm, actor, action, detail, remote, at) VALUES ($1, $2, $3, $4, $5, $6)")
+        .bind(realm)
+        .bind(actor)
+        .bind(action)
+        .bind(detail.to_string())
+        .bind(remote)
+        .bind(now_secs() as i64)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Commits; a unique violation at commit (a racing writer won) is the conflict `code`.
+async fn commit_unique(tx: Tx, code: &'static str, message: &str) -> ApiResult<()> {
+    match tx.commit().await {
+        Err(e) if is_unique_violation(&e) => Err(ApiError::conflict(code, message)),
+        r => Ok(r?),
+    }
+}
+
+impl ApiError {
+    pub fn with_code(mut self, code: &'static str) -> ApiError {
+        self.code = code;
+        self
+    }
+}

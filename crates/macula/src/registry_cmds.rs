@@ -1,0 +1,633 @@
+//! Commands that talk to a registry over its REST API: signup, login, logout, realms, keys,
+//! status. The login is kept in `$XDG_CONFIG_HOME/macula/credentials.json` (mode 0600).
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
+
+/// `$XDG_CONFIG_HOME/macula`, else `~/.config/macula`.
+pub fn config_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CONFIG_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("macula");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(h).join(".config/macula");
+    }
+    PathBuf::from(".macula-config")
+}
+
+fn credentials_path() -> PathBuf {
+    config_dir().join("credentials.json")
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+pub struct Credential {
+    pub server: String,
+    pub email: String,
+    pub token: String,
+}
+
+pub fn stored_credential() -> Option<Credential> {
+    let text = std::fs::read_to_string(credentials_path()).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+#[derive(Args, Clone)]
+pub struct Server {
+    /// Registry URL [default: the one you logged in to, else http://127.0.0.1:8080].
+    #[arg(long, env = "MACULA_SERVER")]
+    pub server: Option<String>,
+}
+
+#[derive(Args)]
+pub struct AccountArgs {
+    #[command(flatten)]
+    pub server: Server,
+    /// Your email address.
+    #[arg(long)]
+    pub email: String,
+    /// Read the password from the first line of stdin (for scripts) instead of prompting.
+    #[arg(long)]
+    pub password_stdin: bool,
+}
+
+/// An HTTP client for one registry, with the stored session token if it is for that registry.
+pub struct Api {
+    pub base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Api {
+    pub fn new(server: &Server) -> Api {
+        let cred = stored_credential();
+        let base = server
+            .server
+            .clone()
+            .or_else(|| cred.as_ref().map(|c| c.server.clone()))
+            .unwrap_or_else(|| DEFAULT_SERVER.into())
+            .trim_end_matches('/')
+            .to_owned();
+        let token = cred.filter(|c| c.server == base).map(|c| c.token);
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(30)))
+            .build()
+            .into();
+        Api { base, token, agent }
+    }
+
+    fn need_login(&self) -> Result<&str> {
+        self.token.as_deref().ok_or_else(|| {
+            anyhow!(
+                "not logged in to {}: run `macula login --email you@example.com`",
+                self.base
+            )
+        })
+    }
+
+    /// Sends a request; a non-2xx answer becomes an error with the API's message.
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        auth: bool,
+    ) -> Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let token = if auth {
+            Some(self.need_login()?.to_owned())
+        } else {
+            None
+        };
+        let with_auth = |r: ureq::RequestBuilder<ureq::typestate::WithoutBody>| match &token {
+            Some(t) => r.header("Authorization", &format!("Bearer {t}")),
+            None => r,
+        };
+        let with_auth_body = |r: ureq::RequestBuilder<ureq::typestate::WithBody>| match &token {
+            Some(t) => r.header("Authorization", &format!("Bearer {t}")),
+            None => r,
+        };
+        let res =
+            match method {
+                "GET" => with_auth(self.agent.get(&url)).call(),
+                "DELETE" => with_auth(self.agent.delete(&url)).call(),
+                "POST" => with_auth_body(self.agent.post(&url))
+                    .send_json(body.cloned().unwrap_or(json!({}))),
+                "PUT" => with_auth_body(self.agent.put(&url))
+                    .send_json(body.cloned().unwrap_or(json!({}))),
+                _ => bail!("unsupported method {method}"),
+            };
+        let mut res =
+            res.map_err(|e| anyhow!("cannot reach the registry at {}: {e}", self.base))?;
+        let status = res.status().as_u16();
+        let text = res.body_mut().read_to_string().unwrap_or_default();
+        let v: Value = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text.clone()))
+        };
+        if (200..300).contains(&status) {
+            return Ok(v);
+        }
+        let msg = v["error"]["message"]
+            .as_str()
+            .unwrap_or(text.trim())
+            .to_owned();
+        let code = v["error"]["code"].as_str().unwrap_or("error").to_owned();
+        let hint = match status {
+            401 => "\n  (log in again: macula login)",
+            404 if path == "/v1/openapi.json" || v["error"].is_null() => "\n  (is the registry enabled on that node? `macula up` enables it; `macula node` needs registry.enabled: true)",
+            _ => "",
+        };
+        bail!("{msg} [{status} {code}]{hint}")
+    }
+
+    /// Every item of a paged list.
+    pub fn all(&self, path: &str) -> Result<Vec<Value>> {
+        let mut out = vec![];
+        let mut cursor: Option<String> = None;
+        loop {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let p = match &cursor {
+                Some(c) => format!("{path}{sep}limit=500&cursor={c}"),
+                None => format!("{path}{sep}limit=500"),
+            };
+            let v = self.send("GET", &p, None, true)?;
+            if let Some(items) = v["items"].as_array() {
+                out.extend(items.iter().cloned());
+            }
+            match v["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => return Ok(out),
+            }
+        }
+    }
+}
+
+fn read_password(stdin: bool, confirm: bool) -> Result<String> {
+    if let Ok(p) = std::env::var("MACULA_PASSWORD") {
+        return Ok(p);
+    }
+    if stdin {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        return Ok(line.trim_end_matches(['\r', '\n']).to_owned());
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("no terminal to ask for the password: pass --password-stdin or set MACULA_PASSWORD");
+    }
+    let p = rpassword::prompt_password("Password: ")?;
+    if confirm && rpassword::prompt_password("Again: ")? != p {
+        bail!("the passwords differ");
+    }
+    Ok(p)
+}
+
+pub fn signup(a: AccountArgs, json: bool) -> Result<()> {
+    let api = Api::new(&a.server);
+    let password = read_password(a.password_stdin, true)?;
+    let v = api.send(
+        "POST",
+        "/v1/accounts",
+        Some(&json!({"email": a.email, "password": password})),
+        false,
+    )?;
+    if json {
+        println!("{v}");
+    } else {
+        println!(
+            "Created account {} on {}. Log in with: macula login --email {}",
+            v["email"].as_str().unwrap_or(""),
+            api.base,
+            a.email
+        );
+    }
+    Ok(())
+}
+
+pub fn login(a: AccountArgs, json: bool) -> Result<()> {
+    let api = Api::new(&a.server);
+    let password = read_password(a.password_stdin, false)?;
+    let v = api.send(
+        "POST",
+        "/v1/sessions",
+        Some(&json!({"email": a.email, "password": password, "client": "macula-cli"})),
+        false,
+    )?;
+    let cred = Credential {
+        server: api.base.clone(),
+        email: v["email"].as_str().unwrap_or(&a.email).to_owned(),
+        token: v["token"]
+            .as_str()
+            .ok_or_else(|| anyhow!("the registry answered without a token"))?
+            .to_owned(),
+    };
+    let path = credentials_path();
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    macula_node::confdir::write_secret(&path, &serde_json::to_string_pretty(&cred)?)?;
+    if json {
+        println!(
+            "{}",
+            json!({"server": cred.server, "email": cred.email, "expires_at": v["expires_at"]})
+        );
+    } else {
+        println!(
+            "Logged in to {} as {} (until {}). Credential saved to {}.",
+            cred.server,
+            cred.email,
+            v["expires_at"].as_str().unwrap_or("?"),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn logout(server: Server, json: bool) -> Result<()> {
+    let api = Api::new(&server);
+    let path = credentials_path();
+    if api.token.is_none() {
+        if json {
+            println!("{}", json!({"logged_out": false}));
+        } else {
+            println!("Not logged in to {}.", api.base);
+        }
+        return Ok(());
+    }
+    // End the session on the server too; a registry that is gone must not keep us logged in.
+    if let Err(e) = api.send("DELETE", "/v1/sessions/current", None, true) {
+        eprintln!("warning: the registry did not confirm the logout ({e}); the local credential is removed anyway");
+    }
+    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    if json {
+        println!("{}", json!({"logged_out": true}));
+    } else {
+        println!("Logged out of {}.", api.base);
+    }
+    Ok(())
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or("-")
+}
+
+pub fn print_realms(realms: &[Value]) {
+    if realms.is_empty() {
+        println!("No realms. Register one with `macula realms create com.example.app`.");
+        return;
+    }
+    println!(
+        "{:<32} {:<10} {:<9} {:<13} {:<22} OWNER",
+        "REALM", "STATUS", "ACCESS", "TIER", "EXPIRES"
+    );
+    for r in realms {
+        println!(
+            "{:<32} {:<10} {:<9} {:<13} {:<22} {}",
+            s(&r["name"]),
+            s(&r["status"]),
+            s(&r["access"]),
+            s(&r["tier"]),
+            s(&r["expires_at"]),
+            s(&r["owner"])
+        );
+    }
+}
+
+pub fn print_keys(keys: &[Value]) {
+    if keys.is_empty() {
+        println!("No keys. Create one with `macula keys create --realm <realm> --name <name>`.");
+        return;
+    }
+    println!(
+        "{:<22} {:<24} {:<16} {:<22} {:<22} {:<8} NAME",
+        "ID", "REALM", "ROLE", "CREATED", "EXPIRES", "STATUS"
+    );
+    for k in keys {
+        println!(
+            "{:<22} {:<24} {:<16} {:<22} {:<22} {:<8} {}",
+            s(&k["id"]),
+            s(&k["realm"]),
+            s(&k["role"]),
+            s(&k["created_at"]),
+            k["expires_at"].as_str().unwrap_or("never"),
+            s(&k["status"]),
+            s(&k["name"])
+        );
+    }
+}
+
+pub fn print_realm(r: &Value) {
+    for (label, key) in [
+        ("realm", "name"),
+        ("status", "status"),
+        ("owner", "owner"),
+        ("your access", "access"),
+        ("tier", "tier"),
+        ("created", "created_at"),
+        ("expires", "expires_at"),
+        ("grace ends", "grace_ends_at"),
+        ("policy version", "policy_version"),
+        ("active keys", "active_keys"),
+        ("members", "members"),
+    ] {
+        let v = &r[key];
+        if !v.is_null() {
+            println!(
+                "  {label:<15} {}",
+                v.as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| v.to_string())
+            );
+        }
+    }
+    if let Some(why) = r["suspended_reason"].as_str() {
+        println!("  {:<15} {why}", "suspended for");
+    }
+    if r["frozen"].as_bool() == Some(true) {
+        println!("  {:<15} {}", "frozen", s(&r["frozen_reason"]));
+    }
+    if let Some(n) = r["live"]["sessions_on_this_node"].as_u64() {
+        println!("  {:<15} {n}", "live sessions");
+    }
+}
+
+/// Percent-encodes a path segment (emails carry `@` and `+`).
+pub fn seg(x: &str) -> String {
+    x.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The realm to act on: the one given, else the caller's only realm.
+fn pick_realm(api: &Api, realm: Option<String>) -> Result<String> {
+    if let Some(r) = realm {
+        return Ok(r);
+    }
+    let realms = api.all("/v1/realms")?;
+    match realms.as_slice() {
+        [one] => Ok(s(&one["name"]).to_owned()),
+        [] => bail!("you have no realm yet: macula realms create com.example.app"),
+        _ => bail!(
+            "you have {} realms; say which with --realm ({})",
+            realms.len(),
+            realms
+                .iter()
+                .map(|r| s(&r["name"]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+pub fn keys(api: &Api, cmd: crate::local::KeysCmd, json: bool) -> Result<()> {
+    use crate::local::KeysCmd;
+    match cmd {
+        KeysCmd::Create {
+            realm,
+            role,
+            name,
+            expires,
+            pubkey,
+            ..
+        } => {
+            let realm = pick_realm(api, realm)?;
+            let secs = crate::local::parse_duration_secs(&expires)?;
+            let days = if secs == 0 { 0 } else { secs.div_ceil(86_400) };
+            let v = api.send(
+                "POST",
+                &format!("/v1/realms/{}/keys", seg(&realm)),
+                Some(
+                    &json!({"name": name, "role": role, "expires_in_days": days, "pubkey": pubkey}),
+                ),
+                true,
+            )?;
+            if json {
+                println!("{v}");
+            } else {
+                println!(
+                    "Created key {} (realm {}, role {}, expires {}). It is shown only once:\n\n{}\n",
+                    s(&v["id"]),
+                    s(&v["realm"]),
+                    s(&v["role"]),
+                    v["expires_at"].as_str().unwrap_or("never"),
+                    s(&v["key"])
+                );
+            }
+        }
+        KeysCmd::List { realm, .. } => {
+            let keys = match realm {
+                Some(r) => api.all(&format!("/v1/realms/{}/keys", seg(&r)))?,
+                None => api.all("/v1/keys")?,
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+            } else {
+                print_keys(&keys);
+            }
+        }
+        KeysCmd::Revoke { key_id, .. } => {
+            let v = api.send("DELETE", &format!("/v1/keys/{}", seg(&key_id)), None, true)?;
+            if json {
+                println!("{v}");
+            } else {
+                println!(
+                    "Revoked {key_id} in realm {} at {}. Every node refuses it within seconds and closes its sessions.",
+                    s(&v["realm"]),
+                    s(&v["revoked_at"])
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn realms(api: &Api, cmd: crate::local::RealmsCmd, json: bool) -> Result<()> {
+    use crate::local::RealmsCmd;
+    let out = |v: &Value, human: &dyn Fn(&Value)| {
+        if json {
+            println!("{v}");
+        } else {
+            human(v);
+        }
+    };
+    match cmd {
+        RealmsCmd::List { .. } => {
+            let realms = api.all("/v1/realms")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&realms)?);
+            } else {
+                print_realms(&realms);
+            }
+        }
+        RealmsCmd::Create {
+            name, owner, tier, ..
+        } => {
+            let v = api.send(
+                "POST",
+                "/v1/realms",
+                Some(&json!({"name": name, "owner_email": owner, "tier": tier})),
+                true,
+            )?;
+            out(&v, &|v| {
+                println!(
+                    "Registered {} (owner {}, tier {}, expires {}).\nGet a key: macula keys create --realm {} --role admin --name first",
+                    s(&v["name"]), s(&v["owner"]), s(&v["tier"]), s(&v["expires_at"]), s(&v["name"])
+                )
+            });
+        }
+        RealmsCmd::Show { name, .. } => {
+            let v = api.send("GET", &format!("/v1/realms/{}", seg(&name)), None, true)?;
+            out(&v, &print_realm);
+        }
+        RealmsCmd::Delete { name, yes, .. } => {
+            if !yes {
+                if !std::io::stdin().is_terminal() {
+                    bail!("deleting {name} needs --yes when there is no terminal to confirm on");
+                }
+                eprint!("Delete realm {name}? Its keys stop working on every node. Type the name to confirm: ");
+                let mut line = String::new();
+                std::io::stdin().lock().read_line(&mut line)?;
+                if line.trim() != name {
+                    bail!("not confirmed; nothing was deleted");
+                }
+            }
+            api.send("DELETE", &format!("/v1/realms/{}", seg(&name)), None, true)?;
+            out(&json!({"deleted": name}), &|_| println!("Deleted {name}."));
+        }
+        RealmsCmd::Renew { name, years, .. } => {
+            let v = api.send(
+                "POST",
+                &format!("/v1/realms/{}/renew", seg(&name)),
+                Some(&json!({"years": years})),
+                true,
+            )?;
+            out(&v, &|v| {
+                println!("Renewed {} until {}.", s(&v["name"]), s(&v["expires_at"]))
+            });
+        }
+        RealmsCmd::Transfer {
+            name, code: None, ..
+        } => {
+            let v = api.send(
+                "POST",
+                &format!("/v1/realms/{}/transfer-code", seg(&name)),
+                None,
+                true,
+            )?;
+            out(&v, &|v| {
+                println!(
+                    "Transfer code for {name} (valid until {}; shown once):\n\n  {}\n\nThe new owner runs: macula realms transfer {name} --code {}\n(a transfer fee of ${}.{:02} is recorded against their account)",
+                    s(&v["expires_at"]),
+                    s(&v["code"]),
+                    s(&v["code"]),
+                    v["fee_cents"].as_i64().unwrap_or(0) / 100,
+                    v["fee_cents"].as_i64().unwrap_or(0) % 100
+                )
+            });
+        }
+        RealmsCmd::Transfer {
+            name,
+            code: Some(code),
+            ..
+        } => {
+            let v = api.send(
+                "POST",
+                &format!("/v1/realms/{}/transfer", seg(&name)),
+                Some(&json!({"code": code})),
+                true,
+            )?;
+            out(&v, &|v| {
+                println!(
+                    "You now own {} (fee {} cents recorded).",
+                    s(&v["name"]),
+                    v["fee_cents"]
+                )
+            });
+        }
+        RealmsCmd::Acl {
+            name,
+            add_user,
+            role,
+            remove_user,
+            ..
+        } => {
+            if let (Some(email), Some(role)) = (&add_user, &role) {
+                let v = api.send(
+                    "POST",
+                    &format!("/v1/realms/{}/members", seg(&name)),
+                    Some(&json!({"email": email, "role": role})),
+                    true,
+                )?;
+                out(&v, &|v| {
+                    println!(
+                        "{} is {} in {} (policy version {}).",
+                        s(&v["email"]),
+                        s(&v["role"]),
+                        name,
+                        v["policy_version"]
+                    )
+                });
+            } else if let Some(email) = &remove_user {
+                api.send(
+                    "DELETE",
+                    &format!("/v1/realms/{}/members/{}", seg(&name), seg(email)),
+                    None,
+                    true,
+                )?;
+                out(&json!({"removed": email}), &|_| {
+                    println!("Removed {email} from {name}.")
+                });
+            } else {
+                let v = api.send(
+                    "GET",
+                    &format!("/v1/realms/{}/members", seg(&name)),
+                    None,
+                    true,
+                )?;
+                out(&v, &|v| {
+                    println!("{:<40} ROLE", "MEMBER");
+                    for m in v["items"].as_array().into_iter().flatten() {
+                        println!("{:<40} {}", s(&m["email"]), s(&m["role"]));
+                    }
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub server: Server,
+    /// The realm [default: your only realm].
+    #[arg(long)]
+    pub realm: Option<String>,
+}
+
+/// `macula status --realm R`: the realm's registry record and its live sessions on the node.
+pub fn status(a: StatusArgs, json: bool) -> Result<()> {
+    let api = Api::new(&a.server);
+    let realm = pick_realm(&api, a.realm)?;
+    let v = api.send("GET", &format!("/v1/realms/{}", seg(&realm)), None, true)?;
+    if json {
+        println!("{v}");
+    } else {
+        print_realm(&v);
+    }
+    Ok(())
+}
