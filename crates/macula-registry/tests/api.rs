@@ -1,0 +1,809 @@
+//! The registry's REST API over real HTTP, the same suite against embedded SQLite and against a
+//! throwaway PostgreSQL (skipped, with a message, where PostgreSQL is not installed).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{account, req, req_raw, serve, Postgres};
+use macula_registry::RegistryConfig;
+use serde_json::json;
+
+fn sqlite_url(dir: &std::path::Path) -> String {
+    format!("sqlite://{}?mode=rwc", dir.join("registry.db").display())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_on_sqlite() {
+    let tmp = tempfile::tempdir().unwrap();
+    suite(&sqlite_url(tmp.path()), tmp.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_on_postgres() {
+    let Some(pg) = Postgres::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    suite(&pg.url, tmp.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_registrations_yield_one_owner_on_sqlite() {
+    let tmp = tempfile::tempdir().unwrap();
+    race(&sqlite_url(tmp.path()), tmp.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_registrations_yield_one_owner_on_postgres() {
+    let Some(pg) = Postgres::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    race(&pg.url, tmp.path()).await;
+}
+
+async fn race(url: &str, dir: &std::path::Path) {
+    let srv = serve(url, dir, RegistryConfig::default()).await;
+    let mut tokens = vec![];
+    for i in 0..8 {
+        tokens.push(account(&srv.base, &format!("racer{i}@example.com")).await);
+    }
+    let mut tasks = vec![];
+    for t in tokens {
+        let base = srv.base.clone();
+        tasks.push(tokio::spawn(async move {
+            req(
+                &base,
+                "POST",
+                "/v1/realms",
+                Some(&t),
+                Some(json!({"name": "com.contested"})),
+            )
+            .await
+        }));
+    }
+    let mut created = 0;
+    for t in tasks {
+        let (s, v) = t.await.unwrap();
+        match s {
+            201 => created += 1,
+            409 => assert_eq!(v["error"]["code"], "realm_taken", "{v}"),
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    assert_eq!(created, 1, "exactly one registration wins");
+    let owners: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM realms WHERE name = 'com.contested'")
+            .fetch_one(&srv.reg.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(owners, 1);
+}
+
+async fn suite(url: &str, dir: &std::path::Path) {
+    let config = RegistryConfig {
+        operators: vec!["ops@macula.example".into()],
+        ..RegistryConfig::default()
+    };
+    let srv = serve(url, dir, config).await;
+    let b = srv.base.as_str();
+
+    // --- accounts and sessions
+    let (s, v) = req(b, "GET", "/v1/realms", None, None).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (401, Some("unauthenticated"))
+    );
+    let alice = account(b, "alice@example.com").await;
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/accounts",
+        None,
+        Some(json!({"email": "Alice@Example.com", "password": "another long one"})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("account_exists"))
+    );
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/accounts",
+        None,
+        Some(json!({"email": "x@example.com", "password": "short"})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (422, Some("weak_password"))
+    );
+    let (s, _) = req(
+        b,
+        "POST",
+        "/v1/accounts",
+        None,
+        Some(json!({"email": "not an email", "password": "long enough pass"})),
+    )
+    .await;
+    assert_eq!(s, 422);
+    let (s, v) = req(b, "GET", "/v1/account", Some(&alice), None).await;
+    assert_eq!((s, v["email"].as_str()), (200, Some("alice@example.com")));
+    let bob = account(b, "bob@example.com").await;
+    let ops = account(b, "ops@macula.example").await;
+
+    // --- realm names
+    for bad in [
+        "nodots",
+        "Com.Acme",
+        "com..acme",
+        "com.acme'; DROP TABLE accounts;--",
+        "",
+    ] {
+        let (s, v) = req(
+            b,
+            "POST",
+            "/v1/realms",
+            Some(&alice),
+            Some(json!({"name": bad})),
+        )
+        .await;
+        assert_eq!(s, 422, "{bad:?}: {v}");
+        assert_eq!(v["error"]["code"], "invalid_realm_name");
+    }
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/realms",
+        Some(&alice),
+        Some(json!({"name": "com.acme"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["status"], "active");
+    assert_eq!(v["owner"], "alice@example.com");
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/realms",
+        Some(&bob),
+        Some(json!({"name": "com.acme"})),
+    )
+    .await;
+    assert_eq!((s, v["error"]["code"].as_str()), (409, Some("realm_taken")));
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/realms",
+        Some(&alice),
+        Some(json!({"name": "io.macula.mine"})),
+    )
+    .await;
+    assert_eq!((s, v["error"]["code"].as_str()), (403, Some("reserved")));
+    // The policy reached the node's directory.
+    assert_eq!(srv.dir.read_policy("com.acme").unwrap().version, 1);
+
+    // --- subrealms: only the parent's owner creates or delegates them
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/realms",
+        Some(&bob),
+        Some(json!({"name": "com.acme.shop"})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (403, Some("not_parent_owner"))
+    );
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/realms",
+        Some(&alice),
+        Some(json!({"name": "com.acme.shop", "owner_email": "bob@example.com"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(
+        (v["owner"].as_str(), v["parent"].as_str()),
+        (Some("bob@example.com"), Some("com.acme"))
+    );
+    let (s, v) = req(b, "DELETE", "/v1/realms/com.acme", Some(&alice), None).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("has_subrealms"))
+    );
+
+    // --- 403 vs 404
+    let (s, _) = req(b, "GET", "/v1/realms/com.acme", Some(&bob), None).await;
+    assert_eq!(s, 403);
+    let (s, _) = req(b, "GET", "/v1/realms/com.nothing", Some(&bob), None).await;
+    assert_eq!(s, 404);
+    let (s, v) = req(b, "GET", "/v1/realms/com.acme", Some(&ops), None).await;
+    assert_eq!((s, v["access"].as_str()), (200, Some("operator")));
+
+    // --- keys: shown once, stored as a hash, idempotent create
+    let key_req = json!({"name": "bots", "role": "service_account", "expires_in_days": 30});
+    let (s, k1) = req_raw(
+        b,
+        "POST",
+        "/v1/realms/com.acme/keys",
+        Some(&alice),
+        Some(key_req.to_string()),
+        &[("Idempotency-Key", "k-1")],
+    )
+    .await;
+    assert_eq!(s, 201, "{k1}");
+    let secret = k1["key"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("sk_live_"));
+    let (s, k2) = req_raw(
+        b,
+        "POST",
+        "/v1/realms/com.acme/keys",
+        Some(&alice),
+        Some(key_req.to_string()),
+        &[("Idempotency-Key", "k-1")],
+    )
+    .await;
+    assert_eq!(s, 201);
+    assert_eq!(
+        (k2["id"].clone(), k2["key"].clone()),
+        (k1["id"].clone(), k1["key"].clone()),
+        "a retry returns the same key"
+    );
+    let (s, v) = req_raw(
+        b,
+        "POST",
+        "/v1/realms/com.acme/keys",
+        Some(&alice),
+        Some(json!({"name": "other"}).to_string()),
+        &[("Idempotency-Key", "k-1")],
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("idempotency_key_reused"))
+    );
+    let stored: Vec<String> = sqlx::query_scalar("SELECT key_hash FROM api_keys")
+        .fetch_all(&srv.reg.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1, "the retry created nothing");
+    assert!(!stored[0].contains(&secret[8..20]), "only a hash is stored");
+    // The key verifies offline against the trust root, for the realm and role asked.
+    let op = srv.dir.load().unwrap().operator;
+    let verified =
+        macula_router::auth::credential::verify_key(&secret, &op, macula_node::confdir::now_secs())
+            .unwrap();
+    assert_eq!(
+        (
+            verified.claims.realm.as_str(),
+            verified.claims.role.as_str()
+        ),
+        ("com.acme", "service_account")
+    );
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/realms/com.acme/keys",
+        Some(&alice),
+        Some(json!({"role": "root"})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (422, Some("unknown_role"))
+    );
+    let (s, _) = req(
+        b,
+        "POST",
+        "/v1/realms/com.acme/keys",
+        Some(&bob),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 403, "a stranger cannot create keys");
+    for i in 0..4 {
+        let (s, _) = req(
+            b,
+            "POST",
+            "/v1/realms/com.acme/keys",
+            Some(&alice),
+            Some(json!({"name": format!("k{i}")})),
+        )
+        .await;
+        assert_eq!(s, 201);
+    }
+    // Pagination: 5 keys, pages of 2.
+    let mut seen = vec![];
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/realms/com.acme/keys?limit=2&cursor={c}"),
+            None => "/v1/realms/com.acme/keys?limit=2".into(),
+        };
+        let (s, v) = req(b, "GET", &path, Some(&alice), None).await;
+        assert_eq!(s, 200);
+        let items = v["items"].as_array().unwrap();
+        assert!(items.len() <= 2);
+        assert!(
+            items.iter().all(|k| k.get("key").is_none()),
+            "lists never carry secrets"
+        );
+        seen.extend(items.iter().map(|k| k["id"].as_str().unwrap().to_owned()));
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    let mut dedup = seen.clone();
+    dedup.sort();
+    dedup.dedup();
+    assert_eq!((seen.len(), dedup.len()), (5, 5));
+    let (s, v) = req(
+        b,
+        "GET",
+        "/v1/realms/com.acme/keys?cursor=zz",
+        Some(&alice),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (400, Some("invalid_cursor"))
+    );
+
+    // --- revocation: a new policy version lists the key
+    let kid = k1["id"].as_str().unwrap();
+    let (s, v) = req(b, "DELETE", &format!("/v1/keys/{kid}"), Some(&alice), None).await;
+    assert_eq!(s, 200, "{v}");
+    let doc = srv.dir.read_policy("com.acme").unwrap();
+    assert!(doc.revoked_keys.iter().any(|k| k == kid));
+    let (s, _) = req(b, "DELETE", &format!("/v1/keys/{kid}"), Some(&alice), None).await;
+    assert_eq!(s, 200, "revoking twice is harmless");
+
+    // --- members and roles; nobody escalates their own role
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/realms/com.acme/members",
+        Some(&alice),
+        Some(json!({"email": "bob@example.com", "role": "developer"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, _) = req(b, "GET", "/v1/realms/com.acme", Some(&bob), None).await;
+    assert_eq!(s, 200, "a developer may read (realm:read)");
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/realms/com.acme/members",
+        Some(&bob),
+        Some(json!({"email": "bob@example.com", "role": "admin"})),
+    )
+    .await;
+    assert_eq!(s, 403, "{v}");
+    let (s, _) = req(
+        b,
+        "POST",
+        "/v1/realms/com.acme/keys",
+        Some(&bob),
+        Some(json!({"role": "admin"})),
+    )
+    .await;
+    assert_eq!(s, 403, "a developer may not mint admin keys");
+    let (s, _) = req(
+        b,
+        "POST",
+        "/v1/realms/com.acme/members",
+        Some(&alice),
+        Some(json!({"email": "bob@example.com", "role": "admin"})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/realms/com.acme/members",
+        Some(&bob),
+        Some(json!({"email": "bob@example.com", "role": "developer"})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (403, Some("own_role")),
+        "even an admin cannot change their own role"
+    );
+    // Custom roles through the policy; the member's own role cannot be rewritten by them.
+    let (_, pol) = req(b, "GET", "/v1/realms/com.acme/policy", Some(&alice), None).await;
+    let mut roles = pol["roles"].as_array().unwrap().clone();
+    roles.push(json!({"name": "auditor", "permissions": ["realm:read"]}));
+    let (s, v) = req(
+        b,
+        "PUT",
+        "/v1/realms/com.acme/policy",
+        Some(&alice),
+        Some(json!({"roles": roles, "expected_version": 1})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("stale_policy"))
+    );
+    let version = pol["version"].as_i64().unwrap();
+    let (s, v) = req(
+        b,
+        "PUT",
+        "/v1/realms/com.acme/policy",
+        Some(&alice),
+        Some(json!({"roles": roles, "expected_version": version})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["version"].as_i64(), Some(version + 1));
+    let mut escalated = roles.clone();
+    for r in escalated.iter_mut() {
+        if r["name"] == "admin" {
+            r["permissions"] = json!(["realm:*", "pubsub:*:*"]);
+        }
+    }
+    let (s, _) = req(
+        b,
+        "PUT",
+        "/v1/realms/com.acme/policy",
+        Some(&bob),
+        Some(json!({"roles": escalated})),
+    )
+    .await;
+    assert_eq!(s, 403, "bob acts through admin and may not rewrite it");
+    let (s, v) = req(
+        b,
+        "GET",
+        "/v1/realms/com.acme/policy/versions?limit=2",
+        Some(&alice),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["items"][0]["version"].as_i64(), Some(version + 1));
+    assert!(v["next_cursor"].is_string());
+
+    // --- transfer with an authorization code
+    let (s, _) = req(
+        b,
+        "POST",
+        "/v1/realms/com.acme/transfer-code",
+        Some(&bob),
+        None,
+    )
+    .await;
+    assert_eq!(s, 403, "only the owner issues transfer codes");
+    let (s, tc) = req(
+        b,
+        "POST",
+        "/v1/realms/com.acme/transfer-code",
+        Some(&alice),
+        None,
+    )
+    .await;
+    assert_eq!(s, 201);
+    let carol = account(b, "carol@example.com").await;
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/realms/com.acme/transfer",
+        Some(&carol),
+        Some(json!({"code": "tc_wrong"})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (403, Some("invalid_transfer_code"))
+    );
+    // Disputes freeze ownership.
+    let (s, _) = req(
+        b,
+        "POST",
+        "/v1/admin/realms/com.acme/freeze",
+        Some(&alice),
+        Some(json!({"reason": "x"})),
+    )
+    .await;
+    assert_eq!(s, 403, "only operators freeze");
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/admin/realms/com.acme/claims",
+        Some(&ops),
+        Some(json!({"claimant": "carol@example.com", "note": "trademark"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/admin/realms/com.acme/freeze",
+        Some(&ops),
+        Some(json!({"reason": "dispute claim"})),
+    )
+    .await;
+    assert_eq!((s, v["frozen"].as_bool()), (200, Some(true)));
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/realms/com.acme/transfer",
+        Some(&carol),
+        Some(json!({"code": tc["code"]})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("realm_frozen"))
+    );
+    let (s, _) = req(
+        b,
+        "POST",
+        "/v1/admin/realms/com.acme/unfreeze",
+        Some(&ops),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/realms/com.acme/transfer",
+        Some(&carol),
+        Some(json!({"code": tc["code"]})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (v["owner"].as_str(), v["fee_cents"].as_i64()),
+        (Some("carol@example.com"), Some(2000))
+    );
+    let fee: i64 = sqlx::query_scalar(
+        "SELECT amount_cents FROM fees WHERE kind = 'transfer' AND realm = 'com.acme'",
+    )
+    .fetch_one(&srv.reg.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(fee, 2000);
+    let (s, _) = req(
+        b,
+        "POST",
+        "/v1/realms/com.acme/transfer",
+        Some(&carol),
+        Some(json!({"code": tc["code"]})),
+    )
+    .await;
+    assert_eq!(s, 409, "a code works once");
+    let (s, _) = req(b, "DELETE", "/v1/realms/com.acme.shop", Some(&alice), None).await;
+    assert_eq!(s, 403, "alice no longer owns anything here");
+    // Operator transfer resolves the dispute.
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/admin/realms/com.acme/transfer",
+        Some(&ops),
+        Some(json!({"to": "alice@example.com"})),
+    )
+    .await;
+    assert_eq!((s, v["owner"].as_str()), (200, Some("alice@example.com")));
+
+    // --- suspension disables the realm on the node
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/admin/realms/com.acme/suspend",
+        Some(&ops),
+        Some(json!({"reason": "abuse report 42"})),
+    )
+    .await;
+    assert_eq!((s, v["status"].as_str()), (200, Some("suspended")));
+    assert!(srv
+        .dir
+        .read_policy("com.acme")
+        .unwrap()
+        .disabled
+        .unwrap()
+        .contains("abuse report 42"));
+    let (s, _) = req(
+        b,
+        "POST",
+        "/v1/admin/realms/com.acme/unsuspend",
+        Some(&ops),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert!(srv.dir.read_policy("com.acme").unwrap().disabled.is_none());
+
+    // --- renew
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/realms/com.acme/renew",
+        Some(&alice),
+        Some(json!({"years": 2})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, _) = req(
+        b,
+        "POST",
+        "/v1/realms/com.acme/renew",
+        Some(&alice),
+        Some(json!({"years": 99})),
+    )
+    .await;
+    assert_eq!(s, 422);
+
+    // --- bad input changes nothing
+    let (s, v) = req_raw(
+        b,
+        "POST",
+        "/v1/realms",
+        Some(&alice),
+        Some("{not json".into()),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (400, Some("invalid_json"))
+    );
+    let big = format!("{{\"name\": \"{}\"}}", "a".repeat(100_000));
+    let (s, v) = req_raw(b, "POST", "/v1/realms", Some(&alice), Some(big), &[]).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (413, Some("body_too_large"))
+    );
+    let (s, _) = req(
+        b,
+        "POST",
+        "/v1/sessions",
+        None,
+        Some(json!({"email": "alice@example.com' OR '1'='1", "password": "x' OR '1'='1"})),
+    )
+    .await;
+    assert_eq!(s, 401);
+    let accounts: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM accounts")
+        .fetch_one(&srv.reg.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(accounts, 4);
+    // A refused request leaves no trace but its refusal.
+    let before: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit")
+        .fetch_one(&srv.reg.db.pool)
+        .await
+        .unwrap();
+    let (s, _) = req(
+        b,
+        "POST",
+        "/v1/realms/com.acme/keys",
+        Some(&alice),
+        Some(json!({"role": "nope"})),
+    )
+    .await;
+    assert_eq!(s, 422);
+    let after: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit")
+        .fetch_one(&srv.reg.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(before, after);
+
+    // --- audit: who, what, when, from where; no secrets
+    let (s, v) = req(
+        b,
+        "GET",
+        "/v1/realms/com.acme/audit?limit=100",
+        Some(&alice),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let actions: Vec<&str> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    for a in [
+        "realm.register",
+        "key.create",
+        "key.revoke",
+        "member.set",
+        "policy.update",
+        "realm.transfer",
+        "dispute.freeze",
+        "realm.suspend",
+        "realm.renew",
+    ] {
+        assert!(actions.contains(&a), "{a} missing from {actions:?}");
+    }
+    assert_eq!(v["items"][0]["remote"], "127.0.0.1");
+    assert!(
+        !v.to_string().contains(&secret),
+        "a key never reaches the audit log"
+    );
+    assert!(!v.to_string().contains("correct horse"));
+
+    // --- brute force: locked after 5 failures, even for the right password
+    for _ in 0..4 {
+        let (s, v) = req(
+            b,
+            "POST",
+            "/v1/sessions",
+            None,
+            Some(json!({"email": "bob@example.com", "password": "wrong password!"})),
+        )
+        .await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (401, Some("invalid_credentials"))
+        );
+    }
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/sessions",
+        None,
+        Some(json!({"email": "bob@example.com", "password": "wrong password!"})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (429, Some("account_locked"))
+    );
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/sessions",
+        None,
+        Some(json!({"email": "bob@example.com", "password": "correct horse battery"})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (429, Some("account_locked"))
+    );
+    assert!(v["error"]["message"].as_str().unwrap().contains("minute"));
+
+    // --- logout ends the session
+    let (s, _) = req(b, "DELETE", "/v1/sessions/current", Some(&carol), None).await;
+    assert_eq!(s, 204);
+    let (s, _) = req(b, "GET", "/v1/account", Some(&carol), None).await;
+    assert_eq!(s, 401);
+
+    // --- delete
+    let (s, _) = req(b, "DELETE", "/v1/realms/com.acme.shop", Some(&bob), None).await;
+    assert_eq!(s, 204);
+    assert!(!srv.dir.policy_path("com.acme.shop").exists());
+
+    // --- a restart keeps everything and migrates nothing twice
+    let url = url.to_owned();
+    drop(srv);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let srv = serve(&url, dir, RegistryConfig::default()).await;
+    assert_eq!(srv.reg.db.schema_version().await.unwrap(), 1);
+    let (s, v) = req(&srv.base, "GET", "/v1/realms/com.acme", Some(&alice), None).await;
+    assert_eq!((s, v["owner"].as_str()), (200, Some("alice@example.com")));
+}
+
+#[tokio::test]
+async fn openapi_documents_every_route_and_nothing_else() {
+    let doc: serde_json::Value = serde_json::from_str(macula_registry::http::OPENAPI).unwrap();
+    let mut documented = vec![];
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for m in ops.as_object().unwrap().keys() {
+            documented.push((m.clone(), path.clone()));
+        }
+    }
+    let mut routes: Vec<(String, String)> = macula_registry::http::ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    documented.sort();
+    routes.sort();
+    assert_eq!(documented, routes);
+}
