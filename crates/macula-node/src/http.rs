@@ -164,6 +164,8 @@ async fn run_ws(socket: WebSocket, node: Arc<Node>, serializer: Serializer, peer
     let timeout = Duration::from_millis(node.config.limits.handshake_timeout_ms);
     let deadline = tokio::time::Instant::now() + timeout;
     let closed = conn.outbox();
+    // A finished JoinHandle must not be polled again.
+    let mut writer_done = false;
     loop {
         // Take what is already received without waiting; before waiting, flush staged deliveries.
         let next = match stream.next().now_or_never() {
@@ -172,7 +174,10 @@ async fn run_ws(socket: WebSocket, node: Arc<Node>, serializer: Serializer, peer
                 conn.flush();
                 tokio::select! {
                     m = stream.next() => m,
-                    _ = &mut writer => break,
+                    _ = &mut writer => {
+                        writer_done = true;
+                        break;
+                    }
                     _ = closed.closed() => break,
                     _ = tokio::time::sleep_until(deadline), if !conn.is_joined() => {
                         conn.outbox().close_with(macula_router::auth::abort(errors::PROTOCOL_VIOLATION, "no WELCOME within the handshake timeout"));
@@ -205,9 +210,10 @@ async fn run_ws(socket: WebSocket, node: Arc<Node>, serializer: Serializer, peer
     conn.finish();
     // Give the writer a moment to deliver the final GOODBYE/ABORT; a client that does not read
     // must not keep the task (and its memory) alive.
-    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
-        .await
-        .is_err()
+    if !writer_done
+        && tokio::time::timeout(Duration::from_secs(5), &mut writer)
+            .await
+            .is_err()
     {
         writer.abort();
     }

@@ -94,13 +94,23 @@ async fn handle(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) -> std::io
         w.shutdown().await
     });
 
-    let result = read_loop(&mut r, &mut conn, ours, timeout, &mut writer).await;
+    let mut writer_done = false;
+    let result = read_loop(
+        &mut r,
+        &mut conn,
+        ours,
+        timeout,
+        &mut writer,
+        &mut writer_done,
+    )
+    .await;
     conn.finish();
     // Give the writer a moment to deliver the final GOODBYE/ABORT; a client that does not read
-    // must not keep the task (and its memory) alive.
-    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
-        .await
-        .is_err()
+    // must not keep the task (and its memory) alive. (A finished JoinHandle is not polled again.)
+    if !writer_done
+        && tokio::time::timeout(Duration::from_secs(5), &mut writer)
+            .await
+            .is_err()
     {
         writer.abort();
     }
@@ -113,6 +123,7 @@ async fn read_loop(
     max_len: usize,
     handshake_timeout: Duration,
     writer: &mut tokio::task::JoinHandle<std::io::Result<()>>,
+    writer_done: &mut bool,
 ) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let started = tokio::time::Instant::now();
@@ -144,7 +155,10 @@ async fn read_loop(
                     return Ok(());
                 }
             },
-            _ = &mut *writer => return Ok(()),
+            _ = &mut *writer => {
+                *writer_done = true;
+                return Ok(());
+            }
             _ = outbox.closed() => return Ok(()),
             _ = tokio::time::sleep_until(started + handshake_timeout), if !conn.is_joined() => {
                 outbox.close_with(macula_router::auth::abort(macula_wamp::errors::PROTOCOL_VIOLATION, "no WELCOME within the handshake timeout"));

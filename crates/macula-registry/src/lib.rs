@@ -13,6 +13,7 @@ pub mod db;
 pub mod error;
 pub mod http;
 pub mod registry;
+pub mod testpg;
 
 pub use db::{Backend, Db};
 pub use error::{ApiError, ApiResult};

@@ -1,0 +1,203 @@
+//! The seed's onboarding flow from the CLI against `macula up`: sign up, log in, create a realm,
+//! get a key, publish with it; then revoke the key: a new session is refused and the live one is
+//! closed within seconds. Once on the embedded SQLite, once on PostgreSQL (`--database`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use macula_client::{Client, ConnectOptions};
+use macula_wamp::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_macula");
+
+struct Up(Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `macula --json up` on free ports; returns the process and its HTTP and WebSocket URLs.
+fn up(home: &Path, database: Option<&str>) -> (Up, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--json", "up", "--home"])
+        .arg(home)
+        .args([
+            "--http",
+            "127.0.0.1:0",
+            "--rawsocket",
+            "127.0.0.1:0",
+            "--mesh-port",
+            "0",
+        ])
+        .env("MACULA_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(d) = database {
+        cmd.args(["--database", d]);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("macula up printed its addresses");
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    (
+        Up(child),
+        v["http"].as_str().unwrap().to_owned(),
+        v["ws"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Runs the CLI against `server` with its own config home; panics with stderr on failure.
+fn cli(cfg: &Path, server: &str, args: &[&str], stdin: Option<&str>) -> String {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("XDG_CONFIG_HOME", cfg)
+        .env("MACULA_SERVER", server)
+        .env_remove("MACULA_HOME")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(s) = stdin {
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "macula {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+async fn onboarding(database: Option<&str>) {
+    let home = tempfile::tempdir().unwrap();
+    let cfg = tempfile::tempdir().unwrap();
+    let (_up, http, ws) = up(home.path(), database);
+    let c = cfg.path();
+    let pw = "correct horse battery\n";
+    cli(
+        c,
+        &http,
+        &["signup", "--email", "dev@example.com", "--password-stdin"],
+        Some(pw),
+    );
+    cli(
+        c,
+        &http,
+        &["login", "--email", "dev@example.com", "--password-stdin"],
+        Some(pw),
+    );
+    assert!(c.join("macula/credentials.json").exists());
+    cli(c, &http, &["realms", "create", "com.onboard.app"], None);
+    let listed = cli(c, &http, &["realms", "list"], None);
+    assert!(
+        listed.contains("com.onboard.app") && listed.contains("owner"),
+        "{listed}"
+    );
+    let key: serde_json::Value = serde_json::from_str(&cli(
+        c,
+        &http,
+        &[
+            "--json",
+            "keys",
+            "create",
+            "--realm",
+            "com.onboard.app",
+            "--role",
+            "service_account",
+            "--name",
+            "bots",
+        ],
+        None,
+    ))
+    .unwrap();
+    let (kid, secret) = (key["id"].as_str().unwrap(), key["key"].as_str().unwrap());
+
+    // The key works on the node at once: a subscriber gets what the CLI publishes with it.
+    let opts = |k: &str| {
+        let mut o = ConnectOptions::new(&ws, "com.onboard.app", k);
+        o.reconnect = false;
+        o
+    };
+    let sub = Client::connect_with(opts(secret))
+        .await
+        .expect("the new key is accepted");
+    let mut events = sub.subscribe("com.onboard.app.hello").await.unwrap();
+    cli(
+        c,
+        &http,
+        &[
+            "pub",
+            "--url",
+            &ws,
+            "--realm",
+            "com.onboard.app",
+            "--key",
+            secret,
+            "com.onboard.app.hello",
+            "[\"hi\"]",
+        ],
+        None,
+    );
+    let ev = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.payload.args, vec![Value::from("hi")]);
+
+    let status = cli(c, &http, &["status", "--realm", "com.onboard.app"], None);
+    assert!(
+        status.contains("active") && status.contains("live sessions"),
+        "{status}"
+    );
+
+    // Revoke: the live session is closed within seconds, a new one refused.
+    cli(c, &http, &["keys", "revoke", kid], None);
+    let revoked = Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(5), events.next()).await;
+    assert!(
+        matches!(end, Ok(None)),
+        "the live session is closed within 5 s"
+    );
+    assert!(revoked.elapsed() < Duration::from_secs(5));
+    let refused = Client::connect_with(opts(secret)).await;
+    assert!(
+        refused.is_err(),
+        "a revoked key is refused on a new session"
+    );
+    let keys = cli(c, &http, &["keys", "list"], None);
+    assert!(keys.contains(kid) && keys.contains("revoked"), "{keys}");
+
+    cli(c, &http, &["logout"], None);
+    assert!(!c.join("macula/credentials.json").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_on_sqlite() {
+    onboarding(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_on_postgres() {
+    let Some(pg) = macula_registry::testpg::Postgres::start() else {
+        return;
+    };
+    onboarding(Some(&pg.url)).await;
+}
