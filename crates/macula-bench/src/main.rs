@@ -14,6 +14,7 @@
 mod baseline;
 mod macula_side;
 mod nats_side;
+mod registry;
 mod sim;
 
 /// mimalloc: messages are allocated on a reader's thread and freed on a writer's; glibc's
@@ -112,6 +113,13 @@ enum Cmd {
         #[arg(long, default_value_t = 50)]
         events: u64,
     },
+    /// The registry: REST create/list throughput on SQLite and API-key verification cost.
+    Registry {
+        #[arg(long, default_value_t = 20_000)]
+        requests: u64,
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+    },
     /// Every scenario with default sizes.
     All,
     /// (internal) a TCP echo server for the baseline.
@@ -208,6 +216,11 @@ fn main() -> Result<()> {
             events,
         };
         let figs = rt.block_on(sim::run(&a))?;
+        print(&figs, cli.json);
+        return Ok(());
+    }
+    if let Cmd::Registry { requests, clients } = cli.cmd {
+        let figs = rt.block_on(registry::run(requests, clients))?;
         print(&figs, cli.json);
         return Ok(());
     }
