@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sqlx::any::AnyRow;
-use sqlx::{Any, Row, Transaction};
+use sqlx::{AnyConnection, Row};
 
 use crate::db::Db;
 use crate::error::{is_unique_violation, ApiError, ApiResult};
@@ -95,6 +95,8 @@ pub struct Registry {
     operator_key: SigningKey,
     node: Option<Arc<Node>>,
     logins: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    /// Parsed newest policy per realm, with its version.
+    policies: Mutex<HashMap<String, (i64, PolicyDoc)>>,
     /// A hash to verify against when the email is unknown, so that timing does not tell.
     dummy_hash: String,
 }
@@ -195,6 +197,8 @@ struct RealmRow {
     authority_key: String,
     authority_cert: String,
     policy_version: i64,
+    /// The newest policy version's YAML.
+    policy: String,
 }
 
 impl RealmRow {
@@ -212,13 +216,18 @@ impl RealmRow {
             authority_key: r.try_get("authority_key")?,
             authority_cert: r.try_get("authority_cert")?,
             policy_version: r.try_get("policy_version")?,
+            policy: r.try_get("doc")?,
         })
     }
 }
 
 const REALM_COLUMNS: &str = "r.name, r.owner_id, a.email AS owner_email, r.parent, r.tier, \
     r.suspended, r.frozen, r.created_at, r.expires_at, r.authority_key, r.authority_cert, \
-    r.policy_version";
+    r.policy_version, p.doc";
+
+/// Realms with their owner's email and newest policy, in one query.
+const REALM_FROM: &str = "realms r JOIN accounts a ON a.id = r.owner_id \
+    JOIN policy_versions p ON p.realm = r.name AND p.version = r.policy_version";
 
 /// The request to register a realm.
 #[derive(Debug, Deserialize, Serialize)]
@@ -317,8 +326,6 @@ impl Idempotency {
     }
 }
 
-type Tx = Transaction<'static, Any>;
-
 impl Registry {
     pub async fn new(
         db: Db,
@@ -341,6 +348,7 @@ impl Registry {
             operator_key,
             node,
             logins: Mutex::new(HashMap::new()),
+            policies: Mutex::new(HashMap::new()),
             dummy_hash: hash_password("not a real password, only for timing")?,
         });
         reg.sync_all().await?;
@@ -355,7 +363,7 @@ impl Registry {
         let hash = hash_password(password)?;
         let id = random_token("acct_", 8);
         let now = now_secs() as i64;
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         let res = sqlx::query(
             "INSERT INTO accounts (id, email, password_hash, created_at) VALUES ($1, $2, $3, $4)",
         )
@@ -411,7 +419,7 @@ impl Registry {
             return Err(locked(locked_until - now));
         }
         if !password_matches(password, &hash) {
-            let mut tx = self.db.pool.begin().await?;
+            let mut tx = self.db.begin().await?;
             let failed: i64 = sqlx::query_scalar(
                 "UPDATE accounts SET failed_logins = failed_logins + 1 WHERE id = $1 RETURNING failed_logins",
             )
@@ -451,7 +459,7 @@ impl Registry {
         }
         let token = random_token("mcs_", 32);
         let expires = now + self.config.session_ttl.as_secs() as i64;
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         sqlx::query("UPDATE accounts SET failed_logins = 0 WHERE id = $1")
             .bind(&id)
             .execute(&mut *tx)
@@ -524,7 +532,7 @@ impl Registry {
     }
 
     pub async fn logout(&self, token: &str, actor: &Actor) -> ApiResult<()> {
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
             .bind(sha256_hex(token))
             .execute(&mut *tx)
@@ -548,18 +556,23 @@ impl Registry {
 
     // ---------------------------------------------------------------- realms
 
-    async fn realm(&self, tx: &mut Tx, name: &str) -> ApiResult<RealmRow> {
+    async fn realm(&self, c: &mut AnyConnection, name: &str) -> ApiResult<RealmRow> {
         let row = sqlx::query(&format!(
-            "SELECT {REALM_COLUMNS} FROM realms r JOIN accounts a ON a.id = r.owner_id WHERE r.name = $1"
+            "SELECT {REALM_COLUMNS} FROM {REALM_FROM} WHERE r.name = $1"
         ))
         .bind(name)
-        .fetch_optional(&mut **tx)
+        .fetch_optional(&mut *c)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no realm {name} in the registry")))?;
         Ok(RealmRow::from_row(&row)?)
     }
 
-    async fn access(&self, tx: &mut Tx, realm: &RealmRow, actor: &Actor) -> ApiResult<Access> {
+    async fn access(
+        &self,
+        c: &mut AnyConnection,
+        realm: &RealmRow,
+        actor: &Actor,
+    ) -> ApiResult<Access> {
         if realm.owner_id == actor.account_id {
             return Ok(Access::Owner);
         }
@@ -567,7 +580,7 @@ impl Registry {
             sqlx::query_scalar("SELECT role FROM members WHERE realm = $1 AND email = $2")
                 .bind(&realm.name)
                 .bind(&actor.email)
-                .fetch_optional(&mut **tx)
+                .fetch_optional(&mut *c)
                 .await?;
         Ok(match role {
             Some(r) => Access::Member(r),
@@ -579,14 +592,14 @@ impl Registry {
     /// The realm, after checking that `actor` may do `action` in it.
     async fn authorize(
         &self,
-        tx: &mut Tx,
+        c: &mut AnyConnection,
         name: &str,
         actor: &Actor,
         action: &str,
     ) -> ApiResult<(RealmRow, Access, PolicyDoc)> {
-        let realm = self.realm(tx, name).await?;
-        let access = self.access(tx, &realm, actor).await?;
-        let doc = self.policy_doc(tx, &realm).await?;
+        let realm = self.realm(c, name).await?;
+        let access = self.access(c, &realm, actor).await?;
+        let doc = self.policy_doc(&realm)?;
         let allowed = match &access {
             Access::Owner => true,
             // Operators see everything; they change realms only through the /v1/admin routes.
@@ -613,22 +626,28 @@ impl Registry {
         Ok((realm, access, doc))
     }
 
-    async fn policy_doc(&self, tx: &mut Tx, realm: &RealmRow) -> ApiResult<PolicyDoc> {
-        let text: String =
-            sqlx::query_scalar("SELECT doc FROM policy_versions WHERE realm = $1 AND version = $2")
-                .bind(&realm.name)
-                .bind(realm.policy_version)
-                .fetch_one(&mut **tx)
-                .await?;
-        Ok(Policy::from_yaml(&text)
+    /// The realm's newest policy (parsed once per version).
+    fn policy_doc(&self, realm: &RealmRow) -> ApiResult<PolicyDoc> {
+        let mut cache = self.policies.lock();
+        if let Some((v, doc)) = cache.get(&realm.name) {
+            if *v == realm.policy_version {
+                return Ok(doc.clone());
+            }
+        }
+        let doc = Policy::from_yaml(&realm.policy)
             .map_err(|e| ApiError::internal(format!("stored policy of {}: {e}", realm.name)))?
-            .doc)
+            .doc;
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(realm.name.clone(), (realm.policy_version, doc.clone()));
+        Ok(doc)
     }
 
     /// Stores `doc` as the realm's next policy version.
     async fn put_policy(
         &self,
-        tx: &mut Tx,
+        c: &mut AnyConnection,
         realm: &str,
         mut doc: PolicyDoc,
         author: &str,
@@ -636,7 +655,7 @@ impl Registry {
         let current: Option<i64> =
             sqlx::query_scalar("SELECT policy_version FROM realms WHERE name = $1")
                 .bind(realm)
-                .fetch_optional(&mut **tx)
+                .fetch_optional(&mut *c)
                 .await?;
         doc.realm = realm.to_owned();
         doc.version = current.unwrap_or(0) as u64 + 1;
@@ -650,12 +669,12 @@ impl Registry {
         .bind(policy.to_yaml())
         .bind(author)
         .bind(now_secs() as i64)
-        .execute(&mut **tx)
+        .execute(&mut *c)
         .await?;
         sqlx::query("UPDATE realms SET policy_version = $1 WHERE name = $2")
             .bind(policy.doc.version as i64)
             .bind(realm)
-            .execute(&mut **tx)
+            .execute(&mut *c)
             .await?;
         Ok(policy.doc)
     }
@@ -718,7 +737,7 @@ impl Registry {
                 format!("tier {tier:?}: choose hobby, starter, professional or enterprise"),
             ));
         }
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         if let Some(i) = &idem {
             if let Some(replay) = self.replay(&mut tx, actor, i).await? {
                 return Ok(replay);
@@ -875,7 +894,7 @@ impl Registry {
     pub async fn list_realms(&self, actor: &Actor, page: &Page) -> ApiResult<Value> {
         let limit = page.limit();
         let rows = sqlx::query(&format!(
-            "SELECT {REALM_COLUMNS} FROM realms r JOIN accounts a ON a.id = r.owner_id \
+            "SELECT {REALM_COLUMNS} FROM {REALM_FROM} \
              WHERE (r.owner_id = $1 OR r.name IN (SELECT realm FROM members WHERE email = $2)) AND r.name > $3 \
              ORDER BY r.name LIMIT $4"
         ))
@@ -905,7 +924,7 @@ impl Registry {
     }
 
     pub async fn show_realm(&self, actor: &Actor, name: &str) -> ApiResult<Value> {
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.pool.acquire().await?;
         let (row, access, doc) = self.authorize(&mut tx, name, actor, READ).await?;
         let keys: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM api_keys WHERE realm = $1 AND revoked_at = 0 AND (expires_at = 0 OR expires_at > $2)",
@@ -914,7 +933,6 @@ impl Registry {
         .bind(now_secs() as i64)
         .fetch_one(&mut *tx)
         .await?;
-        tx.commit().await?;
         let mut v = self.realm_json(&row, Some(&access));
         v["active_keys"] = json!(keys);
         v["members"] = json!(doc.users.len());
@@ -927,7 +945,7 @@ impl Registry {
     }
 
     pub async fn delete_realm(&self, actor: &Actor, name: &str) -> ApiResult<()> {
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         let (row, access, _) = self.authorize(&mut tx, name, actor, ADMIN).await?;
         if access != Access::Owner {
             return Err(ApiError::forbidden(
@@ -973,7 +991,7 @@ impl Registry {
                 "renew for 1 to 10 years",
             ));
         }
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         let (row, access, doc) = self.authorize(&mut tx, name, actor, ADMIN).await?;
         if access != Access::Owner {
             return Err(ApiError::forbidden(
@@ -1011,7 +1029,7 @@ impl Registry {
 
     /// The owner's authorization code for a transfer, shown once.
     pub async fn transfer_code(&self, actor: &Actor, name: &str) -> ApiResult<Value> {
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         let (row, access, _) = self.authorize(&mut tx, name, actor, ADMIN).await?;
         if access != Access::Owner {
             return Err(ApiError::forbidden(
@@ -1053,7 +1071,7 @@ impl Registry {
     /// Accepts a transfer with the owner's code: the caller becomes the owner and is charged the
     /// transfer fee (recorded for billing).
     pub async fn transfer(&self, actor: &Actor, name: &str, code: &str) -> ApiResult<Value> {
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         let row = self.realm(&mut tx, name).await?;
         if row.owner_id == actor.account_id {
             return Err(ApiError::conflict(
@@ -1121,7 +1139,7 @@ impl Registry {
 
     async fn change_owner(
         &self,
-        tx: &mut Tx,
+        c: &mut AnyConnection,
         row: &RealmRow,
         actor: &Actor,
         to_id: &str,
@@ -1130,34 +1148,34 @@ impl Registry {
         sqlx::query("UPDATE realms SET owner_id = $1 WHERE name = $2")
             .bind(to_id)
             .bind(&row.name)
-            .execute(&mut **tx)
+            .execute(&mut *c)
             .await?;
         sqlx::query("DELETE FROM transfer_codes WHERE realm = $1")
             .bind(&row.name)
-            .execute(&mut **tx)
+            .execute(&mut *c)
             .await?;
         // The old owner's admin entry goes, the new owner's comes.
         sqlx::query("DELETE FROM members WHERE realm = $1 AND (email = $2 OR email = $3)")
             .bind(&row.name)
             .bind(&row.owner_email)
             .bind(to_email)
-            .execute(&mut **tx)
+            .execute(&mut *c)
             .await?;
-        let mut doc = self.policy_doc(tx, row).await?;
+        let mut doc = self.policy_doc(row)?;
         doc.users
             .retain(|u| u.email != row.owner_email && u.email != to_email);
         doc.users.push(UserDoc {
             email: to_email.to_owned(),
             role: "admin".into(),
         });
-        self.put_policy(tx, &row.name, doc, &actor.email).await?;
+        self.put_policy(c, &row.name, doc, &actor.email).await?;
         Ok(())
     }
 
     // ---------------------------------------------------------------- members and policy
 
     pub async fn members(&self, actor: &Actor, name: &str) -> ApiResult<Value> {
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.pool.acquire().await?;
         let (row, _, _) = self.authorize(&mut tx, name, actor, READ).await?;
         let rows = sqlx::query(
             "SELECT email, role, added_by, added_at FROM members WHERE realm = $1 ORDER BY email",
@@ -1165,7 +1183,6 @@ impl Registry {
         .bind(name)
         .fetch_all(&mut *tx)
         .await?;
-        tx.commit().await?;
         let mut items = vec![json!({"email": row.owner_email, "role": "owner"})];
         for r in rows {
             items.push(json!({
@@ -1188,7 +1205,7 @@ impl Registry {
         role: &str,
     ) -> ApiResult<Value> {
         let email = validate_email(email)?;
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         let (row, _, mut doc) = self.authorize(&mut tx, name, actor, ADMIN).await?;
         if email == actor.email {
             return Err(ApiError::forbidden(
@@ -1245,7 +1262,7 @@ impl Registry {
 
     pub async fn remove_member(&self, actor: &Actor, name: &str, email: &str) -> ApiResult<()> {
         let email = email.trim().to_ascii_lowercase();
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         let (_, _, mut doc) = self.authorize(&mut tx, name, actor, ADMIN).await?;
         let n = sqlx::query("DELETE FROM members WHERE realm = $1 AND email = $2")
             .bind(name)
@@ -1279,7 +1296,7 @@ impl Registry {
         name: &str,
         version: Option<i64>,
     ) -> ApiResult<Value> {
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.pool.acquire().await?;
         let (row, _, doc) = self.authorize(&mut tx, name, actor, READ).await?;
         let doc = match version {
             Some(v) if v != row.policy_version => {
@@ -1297,7 +1314,6 @@ impl Registry {
             }
             _ => doc,
         };
-        tx.commit().await?;
         serde_json::to_value(&doc).map_err(ApiError::internal)
     }
 
@@ -1307,7 +1323,7 @@ impl Registry {
         name: &str,
         page: &Page,
     ) -> ApiResult<Value> {
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.pool.acquire().await?;
         self.authorize(&mut tx, name, actor, READ).await?;
         let limit = page.limit();
         let after: i64 = match page.after()?.as_str() {
@@ -1326,7 +1342,6 @@ impl Registry {
             .bind(limit + 1)
             .fetch_all(&mut *tx)
             .await?;
-        tx.commit().await?;
         let mut items = vec![];
         for r in rows {
             items.push(json!({
@@ -1346,7 +1361,7 @@ impl Registry {
         name: &str,
         req: PolicyUpdate,
     ) -> ApiResult<Value> {
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         let (row, access, mut doc) = self.authorize(&mut tx, name, actor, ADMIN).await?;
         if let Some(v) = req.expected_version {
             if v != row.policy_version {
@@ -1408,7 +1423,7 @@ impl Registry {
         req: NewKey,
         idem: Option<Idempotency>,
     ) -> ApiResult<(StatusCode, Value)> {
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         if let Some(i) = &idem {
             if let Some((status, body)) = self.replay(&mut tx, actor, i).await? {
                 // The secret is never stored: the same key is signed again from its claims
@@ -1522,15 +1537,15 @@ impl Registry {
         ))
     }
 
-    async fn reissue(&self, tx: &mut Tx, kid: &str) -> ApiResult<String> {
+    async fn reissue(&self, c: &mut AnyConnection, kid: &str) -> ApiResult<String> {
         let k = sqlx::query(
             "SELECT realm, role, name, pubkey, created_at, expires_at FROM api_keys WHERE id = $1",
         )
         .bind(kid)
-        .fetch_one(&mut **tx)
+        .fetch_one(&mut *c)
         .await?;
         let realm: String = k.try_get("realm")?;
-        let row = self.realm(tx, &realm).await?;
+        let row = self.realm(c, &realm).await?;
         let pubkey: String = k.try_get("pubkey")?;
         let claims = KeyClaims {
             realm,
@@ -1552,48 +1567,54 @@ impl Registry {
     ) -> ApiResult<Value> {
         let limit = page.limit();
         let after = page.after()?;
-        let rows = match realm {
+        let cols =
+            "k.id, k.realm, k.role, k.name, k.created_by, k.created_at, k.expires_at, k.revoked_at";
+        let text: String = match realm {
             Some(name) => {
-                let mut tx = self.db.pool.begin().await?;
-                self.authorize(&mut tx, name, actor, READ).await?;
-                let rows = sqlx::query("SELECT id, realm, role, name, created_by, created_at, expires_at, revoked_at FROM api_keys WHERE realm = $1 AND id > $2 ORDER BY id LIMIT $3")
-                    .bind(name)
-                    .bind(&after)
-                    .bind(limit + 1)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                rows
+                let mut c = self.db.pool.acquire().await?;
+                self.authorize(&mut c, name, actor, READ).await?;
+                sqlx::query_scalar(&self.db.json_rows(&format!(
+                    "SELECT {cols} FROM api_keys k WHERE k.realm = $1 AND k.id > $2 ORDER BY k.id LIMIT $3"
+                ), KEY_FIELDS, "id"))
+                .bind(name)
+                .bind(&after)
+                .bind(limit + 1)
+                .fetch_one(&mut *c)
+                .await?
             }
             // Every realm the caller owns or administers.
-            None => sqlx::query(
-                "SELECT k.id, k.realm, k.role, k.name, k.created_by, k.created_at, k.expires_at, k.revoked_at FROM api_keys k JOIN realms r ON r.name = k.realm \
-                 WHERE (r.owner_id = $1 OR k.realm IN (SELECT realm FROM members WHERE email = $2 AND role = 'admin')) AND k.id > $3 ORDER BY k.id LIMIT $4",
-            )
+            None => sqlx::query_scalar(&self.db.json_rows(&format!(
+                "SELECT {cols} FROM api_keys k JOIN realms r ON r.name = k.realm \
+                 WHERE (r.owner_id = $1 OR k.realm IN (SELECT realm FROM members WHERE email = $2 AND role = 'admin')) \
+                 AND k.id > $3 ORDER BY k.id LIMIT $4"
+            ), KEY_FIELDS, "id"))
             .bind(&actor.account_id)
             .bind(&actor.email)
             .bind(&after)
             .bind(limit + 1)
-            .fetch_all(&self.db.pool)
+            .fetch_one(&self.db.pool)
             .await?,
         };
+        let mut rows: Vec<KeyRow> = serde_json::from_str(&text).map_err(ApiError::internal)?;
+        // SQLite keeps the subquery's order in practice, but does not promise it.
+        rows.sort_by(|a, b| a.id.cmp(&b.id));
         let now = now_secs() as i64;
-        let mut items = vec![];
-        for r in rows {
-            let revoked: i64 = r.try_get("revoked_at")?;
-            let expires: i64 = r.try_get("expires_at")?;
-            items.push(json!({
-                "id": r.try_get::<String, _>("id")?,
-                "realm": r.try_get::<String, _>("realm")?,
-                "role": r.try_get::<String, _>("role")?,
-                "name": r.try_get::<String, _>("name")?,
-                "created_by": r.try_get::<String, _>("created_by")?,
-                "created_at": rfc3339(r.try_get::<i64, _>("created_at")? as u64),
-                "expires_at": (expires != 0).then(|| rfc3339(expires as u64)),
-                "revoked_at": (revoked != 0).then(|| rfc3339(revoked as u64)),
-                "status": if revoked != 0 { "revoked" } else if expires != 0 && expires <= now { "expired" } else { "active" },
-            }));
-        }
+        let items = rows
+            .into_iter()
+            .map(|r| {
+                json!({
+                    "id": r.id,
+                    "realm": r.realm,
+                    "role": r.role,
+                    "name": r.name,
+                    "created_by": r.created_by,
+                    "created_at": rfc3339(r.created_at as u64),
+                    "expires_at": (r.expires_at != 0).then(|| rfc3339(r.expires_at as u64)),
+                    "revoked_at": (r.revoked_at != 0).then(|| rfc3339(r.revoked_at as u64)),
+                    "status": if r.revoked_at != 0 { "revoked" } else if r.expires_at != 0 && r.expires_at <= now { "expired" } else { "active" },
+                })
+            })
+            .collect();
         Ok(page_of(items, limit, |v| {
             v["id"].as_str().unwrap_or("").to_owned()
         }))
@@ -1602,7 +1623,7 @@ impl Registry {
     /// Revokes a key: a new policy version lists it, which every node applies (and closes the
     /// key's live sessions) within seconds.
     pub async fn revoke_key(&self, actor: &Actor, name: &str, kid: &str) -> ApiResult<Value> {
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         let (_, _, mut doc) = self.authorize(&mut tx, name, actor, ADMIN).await?;
         let revoked: Option<i64> =
             sqlx::query_scalar("SELECT revoked_at FROM api_keys WHERE id = $1 AND realm = $2")
@@ -1674,7 +1695,7 @@ impl Registry {
         };
         let rows = match realm {
             Some(name) => {
-                let mut tx = self.db.pool.begin().await?;
+                let mut tx = self.db.pool.acquire().await?;
                 self.authorize(&mut tx, name, actor, READ).await?;
                 let rows = sqlx::query("SELECT id, realm, actor, action, detail, remote, at FROM audit WHERE realm = $1 AND id < $2 ORDER BY id DESC LIMIT $3")
                     .bind(name)
@@ -1682,7 +1703,6 @@ impl Registry {
                     .bind(limit + 1)
                     .fetch_all(&mut *tx)
                     .await?;
-                tx.commit().await?;
                 rows
             }
             None if actor.operator => sqlx::query("SELECT id, realm, actor, action, detail, remote, at FROM audit WHERE id < $1 ORDER BY id DESC LIMIT $2")
@@ -1735,7 +1755,7 @@ impl Registry {
     ) -> ApiResult<Value> {
         Self::operator_only(actor)?;
         let claimant = validate_email(claimant)?;
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         self.realm(&mut tx, name).await?;
         let id = random_token("claim_", 6);
         let now = now_secs() as i64;
@@ -1791,7 +1811,7 @@ impl Registry {
         reason: Option<&str>,
     ) -> ApiResult<Value> {
         Self::operator_only(actor)?;
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         self.realm(&mut tx, name).await?;
         let reason = reason
             .map(|r| {
@@ -1834,7 +1854,7 @@ impl Registry {
         reason: Option<&str>,
     ) -> ApiResult<Value> {
         Self::operator_only(actor)?;
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         let row = self.realm(&mut tx, name).await?;
         let reason = reason
             .map(|r| {
@@ -1850,7 +1870,7 @@ impl Registry {
             .bind(name)
             .execute(&mut *tx)
             .await?;
-        let mut doc = self.policy_doc(&mut tx, &row).await?;
+        let mut doc = self.policy_doc(&row)?;
         doc.disabled = if !reason.is_empty() {
             Some(format!("suspended: {reason}"))
         } else if now_secs() as i64 > self.grace_end(&row) {
@@ -1882,7 +1902,7 @@ impl Registry {
     pub async fn force_transfer(&self, actor: &Actor, name: &str, to: &str) -> ApiResult<Value> {
         Self::operator_only(actor)?;
         let to = validate_email(to)?;
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         let row = self.realm(&mut tx, name).await?;
         let id: Option<String> = sqlx::query_scalar("SELECT id FROM accounts WHERE email = $1")
             .bind(&to)
@@ -1922,9 +1942,9 @@ impl Registry {
                 .await?;
         let mut n = 0;
         for name in names {
-            let mut tx = self.db.pool.begin().await?;
+            let mut tx = self.db.begin().await?;
             let row = self.realm(&mut tx, &name).await?;
-            let mut doc = self.policy_doc(&mut tx, &row).await?;
+            let mut doc = self.policy_doc(&row)?;
             if doc.disabled.is_some() {
                 continue;
             }
@@ -1953,7 +1973,7 @@ impl Registry {
 
     async fn replay(
         &self,
-        tx: &mut Tx,
+        c: &mut AnyConnection,
         actor: &Actor,
         i: &Idempotency,
     ) -> ApiResult<Option<(StatusCode, Value)>> {
@@ -1962,7 +1982,7 @@ impl Registry {
         )
         .bind(&actor.account_id)
         .bind(&i.key)
-        .fetch_optional(&mut **tx)
+        .fetch_optional(&mut *c)
         .await?;
         let Some(row) = row else { return Ok(None) };
         let hash: String = row.try_get("request_hash")?;
@@ -1982,7 +2002,7 @@ impl Registry {
 
     async fn remember(
         &self,
-        tx: &mut Tx,
+        c: &mut AnyConnection,
         actor: &Actor,
         i: &Idempotency,
         status: StatusCode,
@@ -1990,7 +2010,7 @@ impl Registry {
     ) -> ApiResult<()> {
         sqlx::query("DELETE FROM idempotency WHERE created_at < $1")
             .bind(now_secs() as i64 - 86_400)
-            .execute(&mut **tx)
+            .execute(&mut *c)
             .await?;
         sqlx::query("INSERT INTO idempotency (account_id, key, request_hash, status, body, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(&actor.account_id)
@@ -1999,7 +2019,7 @@ impl Registry {
             .bind(status.as_u16() as i64)
             .bind(body.to_string())
             .bind(now_secs() as i64)
-            .execute(&mut **tx)
+            .execute(&mut *c)
             .await?;
         Ok(())
     }
@@ -2009,10 +2029,9 @@ impl Registry {
     /// Writes the realm's authority and newest policy into the node's config directory and
     /// applies it at once (the node floods the signed state to the mesh).
     pub async fn materialize(&self, name: &str) -> ApiResult<()> {
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.pool.acquire().await?;
         let row = self.realm(&mut tx, name).await?;
-        let doc = self.policy_doc(&mut tx, &row).await?;
-        tx.commit().await?;
+        let doc = self.policy_doc(&row)?;
         self.write_realm(&row, &doc).map_err(ApiError::from)?;
         if let Some(node) = &self.node {
             node.reload().map_err(ApiError::from)?;
@@ -2054,14 +2073,13 @@ impl Registry {
             .fetch_all(&self.db.pool)
             .await?;
         for name in &names {
-            let mut tx = self.db.pool.begin().await?;
+            let mut tx = self.db.begin().await?;
             let row = self
                 .realm(&mut tx, name)
                 .await
                 .map_err(|e| anyhow::anyhow!(e.message))?;
             let doc = self
-                .policy_doc(&mut tx, &row)
-                .await
+                .policy_doc(&row)
                 .map_err(|e| anyhow::anyhow!(e.message))?;
             tx.commit().await?;
             self.write_realm(&row, &doc)?;
@@ -2071,6 +2089,30 @@ impl Registry {
         }
         Ok(())
     }
+}
+
+/// The columns of a key listing, as aggregated by [`Db::json_rows`].
+const KEY_FIELDS: &[&str] = &[
+    "id",
+    "realm",
+    "role",
+    "name",
+    "created_by",
+    "created_at",
+    "expires_at",
+    "revoked_at",
+];
+
+#[derive(Deserialize)]
+struct KeyRow {
+    id: String,
+    realm: String,
+    role: String,
+    name: String,
+    created_by: String,
+    created_at: i64,
+    expires_at: i64,
+    revoked_at: i64,
 }
 
 /// Roles and topic ACLs for `PUT /v1/realms/{realm}/policy`.
@@ -2120,7 +2162,7 @@ fn frozen(row: &RealmRow) -> ApiError {
 }
 
 async fn audit(
-    tx: &mut Tx,
+    c: &mut AnyConnection,
     realm: Option<&str>,
     actor: &str,
     action: &str,
@@ -2134,13 +2176,13 @@ async fn audit(
         .bind(detail.to_string())
         .bind(remote)
         .bind(now_secs() as i64)
-        .execute(&mut **tx)
+        .execute(&mut *c)
         .await?;
     Ok(())
 }
 
 /// Commits; a unique violation at commit (a racing writer won) is the conflict `code`.
-async fn commit_unique(tx: Tx, code: &'static str, message: &str) -> ApiResult<()> {
+async fn commit_unique(tx: crate::db::WriteTx, code: &'static str, message: &str) -> ApiResult<()> {
     match tx.commit().await {
         Err(e) if is_unique_violation(&e) => Err(ApiError::conflict(code, message)),
         r => Ok(r?),
