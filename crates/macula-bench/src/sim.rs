@@ -199,10 +199,28 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
                 break;
             }
             if Instant::now() > deadline {
+                // Which subscriber nodes are missing, and how far each got with node p.
+                let pm = mesh(p).context("mesh off")?;
+                let mut missing = vec![];
+                for (j, n) in nodes.iter().enumerate().skip(1).take(a.subscribers) {
+                    let Some(jm) = mesh(j) else { continue };
+                    let (pid, jid) = (pm.peer_id(), jm.peer_id());
+                    let conn = pm
+                        .peer_status()
+                        .iter()
+                        .any(|s| s.peer_id == jid.to_string());
+                    let up_here = pm.peers().contains(&jid);
+                    let up_there = jm.peers().contains(&pid);
+                    let _ = n;
+                    missing.push(format!(
+                        "node {j}: connected {conn}, linked here {up_here}, there {up_there}"
+                    ));
+                }
                 bail!(
-                    "node {p} learned the interest of only {} of {} subscriber nodes",
+                    "node {p} learned the interest of only {} of {} subscriber nodes ({})",
                     links.saturating_sub(1),
-                    a.subscribers
+                    a.subscribers,
+                    missing.join("; ")
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -42,6 +42,8 @@ pub use libp2p::{Multiaddr as Addr, PeerId as Peer};
 
 const MESH_PROTOCOL: StreamProtocol = StreamProtocol::new("/macula/mesh/1");
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/macula/kad/1");
+/// Nodes serving one realm that the DHT keeps provider records for (and so can find).
+pub const MAX_REALM_NODES: usize = 1024;
 
 /// Mesh settings (the node's `mesh:` section).
 #[derive(Debug, Clone)]
@@ -283,6 +285,8 @@ pub async fn start(
     .set_provider_record_ttl(Some(Duration::from_secs(300)))
     .set_provider_publication_interval(Some(Duration::from_secs(15)))
     .set_record_ttl(Some(Duration::from_secs(86_400)))
+    // A provider answer lists up to MAX_REALM_NODES peers with their addresses.
+    .set_max_packet_size(256 << 10)
     .set_periodic_bootstrap_interval(Some(config.dht_refresh.max(Duration::from_secs(1))));
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
         .with_tokio()
@@ -292,7 +296,19 @@ pub async fn start(
             q
         })
         .with_behaviour(|key| Behaviour {
-            kad: kad::Behaviour::with_config(local, MemoryStore::new(local), kcfg),
+            // Kademlia's store keeps only the 20 providers closest to a key by default: the
+            // 21st node serving a realm was never found (and two such nodes never linked).
+            kad: kad::Behaviour::with_config(
+                local,
+                MemoryStore::with_config(
+                    local,
+                    kad::store::MemoryStoreConfig {
+                        max_providers_per_key: MAX_REALM_NODES,
+                        ..Default::default()
+                    },
+                ),
+                kcfg,
+            ),
             identify: identify::Behaviour::new(identify::Config::new(
                 "/macula/1".into(),
                 key.public(),
@@ -585,8 +601,12 @@ impl Links {
         self.wanted.insert(peer);
         if swarm.is_connected(&peer) {
             start_writer(peer, shared, cmd);
-        } else {
-            let _ = swarm.dial(DialOpts::peer_id(peer).build());
+        } else if let Err(libp2p::swarm::DialError::NoAddresses) =
+            swarm.dial(DialOpts::peer_id(peer).build())
+        {
+            // A provider record names a peer, not its address; one outside our routing table
+            // is found by looking it up, which connects to it (and then links, being wanted).
+            swarm.behaviour_mut().kad.get_closest_peers(peer);
         }
     }
 

@@ -807,3 +807,54 @@ async fn openapi_documents_every_route_and_nothing_else() {
     routes.sort();
     assert_eq!(documented, routes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_transfer_code_is_refused_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = RegistryConfig {
+        transfer_code_ttl: Duration::ZERO,
+        ..RegistryConfig::default()
+    };
+    let srv = serve(&sqlite_url(tmp.path()), tmp.path(), config).await;
+    let b = srv.base.as_str();
+    let owner = account(b, "owner@example.com").await;
+    let buyer = account(b, "buyer@example.com").await;
+    let (s, _) = req(
+        b,
+        "POST",
+        "/v1/realms",
+        Some(&owner),
+        Some(json!({"name": "com.expiring"})),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (s, tc) = req(
+        b,
+        "POST",
+        "/v1/realms/com.expiring/transfer-code",
+        Some(&owner),
+        None,
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/realms/com.expiring/transfer",
+        Some(&buyer),
+        Some(json!({"code": tc["code"]})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (403, Some("transfer_code_expired")),
+        "{v}"
+    );
+    let (_, v) = req(b, "GET", "/v1/realms/com.expiring", Some(&owner), None).await;
+    assert_eq!(v["owner"], "owner@example.com");
+    let fees: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM fees")
+        .fetch_one(&srv.reg.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(fees, 0);
+}
