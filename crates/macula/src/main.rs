@@ -88,7 +88,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("MACULA_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("warn,macula=info,macula_node=info")
+        tracing_subscriber::EnvFilter::new("warn,libp2p_kad=error,macula=info,macula_node=info")
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)

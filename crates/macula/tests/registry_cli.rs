@@ -89,6 +89,11 @@ fn cli(cfg: &Path, server: &str, args: &[&str], stdin: Option<&str>) -> String {
 async fn onboarding(database: Option<&str>) {
     let home = tempfile::tempdir().unwrap();
     let cfg = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join("node.yaml"),
+        "registry:\n  operators: [ops@example.com]\n",
+    )
+    .unwrap();
     let (_up, http, ws) = up(home.path(), database);
     let c = cfg.path();
     let pw = "correct horse battery\n";
@@ -184,6 +189,78 @@ async fn onboarding(database: Option<&str>) {
     );
     let keys = cli(c, &http, &["keys", "list"], None);
     assert!(keys.contains(kid) && keys.contains("revoked"), "{keys}");
+
+    // An operator suspends the realm (abuse takedown): the node closes its live sessions and
+    // refuses new ones until the suspension is lifted.
+    let key: serde_json::Value = serde_json::from_str(&cli(
+        c,
+        &http,
+        &[
+            "--json",
+            "keys",
+            "create",
+            "--realm",
+            "com.onboard.app",
+            "--name",
+            "second",
+        ],
+        None,
+    ))
+    .unwrap();
+    let secret = key["key"].as_str().unwrap().to_owned();
+    let live = Client::connect_with(opts(&secret)).await.unwrap();
+    let mut events = live.subscribe("com.onboard.app.hello").await.unwrap();
+    let ops_cfg = tempfile::tempdir().unwrap();
+    let o = ops_cfg.path();
+    cli(
+        o,
+        &http,
+        &["signup", "--email", "ops@example.com", "--password-stdin"],
+        Some(pw),
+    );
+    cli(
+        o,
+        &http,
+        &["login", "--email", "ops@example.com", "--password-stdin"],
+        Some(pw),
+    );
+    let cred: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(o.join("macula/credentials.json")).unwrap())
+            .unwrap();
+    let token = cred["token"].as_str().unwrap().to_owned();
+    let admin = |action: &str| {
+        let url = format!("{http}/v1/admin/realms/com.onboard.app/{action}");
+        let token = token.clone();
+        std::thread::spawn(move || {
+            ureq::post(&url)
+                .header("Authorization", &format!("Bearer {token}"))
+                .send_json(serde_json::json!({"reason": "abuse report 7"}))
+                .map(|r| r.status().as_u16())
+        })
+        .join()
+        .unwrap()
+        .unwrap()
+    };
+    assert_eq!(admin("suspend"), 200);
+    let end = tokio::time::timeout(Duration::from_secs(5), events.next()).await;
+    assert!(
+        matches!(end, Ok(None)),
+        "a suspended realm's live session is closed within 5 s"
+    );
+    let refused = Client::connect_with(opts(&secret))
+        .await
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        refused
+            .as_deref()
+            .is_some_and(|e| e.contains("realm_disabled") && e.contains("abuse report 7")),
+        "{refused:?}"
+    );
+    assert_eq!(admin("unsuspend"), 200);
+    Client::connect_with(opts(&secret))
+        .await
+        .expect("the realm works again");
 
     cli(c, &http, &["logout"], None);
     assert!(!c.join("macula/credentials.json").exists());
