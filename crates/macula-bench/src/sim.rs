@@ -201,6 +201,7 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
             if Instant::now() > deadline {
                 // Which subscriber nodes are missing, and how far each got with node p.
                 let pm = mesh(p).context("mesh off")?;
+                let found_by_p = pm.providers(REALM).await;
                 let mut missing = vec![];
                 for (j, n) in nodes.iter().enumerate().skip(1).take(a.subscribers) {
                     let Some(jm) = mesh(j) else { continue };
@@ -212,8 +213,17 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
                     let up_here = pm.peers().contains(&jid);
                     let up_there = jm.peers().contains(&pid);
                     let _ = n;
+                    if up_here {
+                        continue;
+                    }
+                    let found_by_j = jm.providers(REALM).await;
                     missing.push(format!(
-                        "node {j}: connected {conn}, linked here {up_here}, there {up_there}"
+                        "node {j}: connected {conn}, linked here {up_here}, there {up_there}; \
+                         {p} finds it as provider {}, it finds {p} {} ({} and {} providers found)",
+                        found_by_p.contains(&jid),
+                        found_by_j.contains(&pid),
+                        found_by_p.len(),
+                        found_by_j.len()
                     ));
                 }
                 bail!(

@@ -164,6 +164,7 @@ enum Cmd {
         oneshot::Sender<Result<usize, String>>,
     ),
     Get(Vec<u8>, oneshot::Sender<Result<Lookup, String>>),
+    Providers(String, oneshot::Sender<Vec<PeerId>>),
     Listen(oneshot::Sender<Vec<Multiaddr>>),
 }
 
@@ -543,6 +544,14 @@ impl MeshHandle {
         rx.await.map_err(|_| "the mesh stopped".to_string())?
     }
 
+    /// The nodes the DHT names as serving `realm` (one provider lookup; this node included if it
+    /// serves it).
+    pub async fn providers(&self, realm: &str) -> Vec<PeerId> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.cmd.send(Cmd::Providers(realm.to_owned(), tx));
+        rx.await.unwrap_or_default()
+    }
+
     /// The addresses this node listens on (with its peer id appended, ready to share).
     pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
         let (tx, rx) = oneshot::channel();
@@ -563,6 +572,7 @@ fn realm_key(realm: &str) -> kad::RecordKey {
 enum Pending {
     Put(oneshot::Sender<Result<usize, String>>),
     Get(oneshot::Sender<Result<Lookup, String>>, Instant),
+    Providers(oneshot::Sender<Vec<PeerId>>, HashSet<PeerId>),
 }
 
 /// Which peers this node exchanges frames with. A connection alone (Kademlia's, for a lookup)
@@ -742,6 +752,10 @@ async fn run(
                         let id = kad.get_record(kad::RecordKey::new(&key));
                         pending.insert(id, Pending::Get(reply, Instant::now()));
                     }
+                    Cmd::Providers(realm, reply) => {
+                        let id = kad.get_providers(realm_key(&realm));
+                        pending.insert(id, Pending::Providers(reply, HashSet::new()));
+                    }
                     Cmd::Listen(reply) => {
                         let _ = reply.send(swarm.listeners().cloned().collect());
                     }
@@ -833,13 +847,22 @@ fn handle_event(
             stats,
             step,
         })) => match result {
-            QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
-                providers,
-                ..
-            })) => {
-                for p in providers {
+            QueryResult::GetProviders(res) => {
+                let found = match res {
+                    Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => providers,
+                    _ => HashSet::new(),
+                };
+                if let Some(Pending::Providers(_, all)) = pending.get_mut(&id) {
+                    all.extend(found.iter().copied());
+                }
+                for p in found {
                     if p != shared.local {
                         links.want(swarm, p, shared, cmd);
+                    }
+                }
+                if step.last {
+                    if let Some(Pending::Providers(reply, all)) = pending.remove(&id) {
+                        let _ = reply.send(all.into_iter().collect());
                     }
                 }
             }
