@@ -203,7 +203,7 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
                 let pm = mesh(p).context("mesh off")?;
                 let found_by_p = pm.providers(REALM).await;
                 let mut missing = vec![];
-                for (j, n) in nodes.iter().enumerate().skip(1).take(a.subscribers) {
+                for j in (1..nodes.len()).take(a.subscribers) {
                     let Some(jm) = mesh(j) else { continue };
                     let (pid, jid) = (pm.peer_id(), jm.peer_id());
                     let conn = pm
@@ -212,7 +212,6 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
                         .any(|s| s.peer_id == jid.to_string());
                     let up_here = pm.peers().contains(&jid);
                     let up_there = jm.peers().contains(&pid);
-                    let _ = n;
                     if up_here {
                         continue;
                     }

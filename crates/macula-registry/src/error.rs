@@ -48,6 +48,10 @@ impl ApiError {
             ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message)
         }
     }
+    pub fn with_code(mut self, code: &'static str) -> ApiError {
+        self.code = code;
+        self
+    }
     pub fn internal(what: impl std::fmt::Display) -> ApiError {
         // The detail goes to the log (never a secret: queries bind values, they do not embed
         // them); the client gets a stable message.

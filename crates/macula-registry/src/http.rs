@@ -535,8 +535,3 @@ async fn force_transfer(
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
-
-/// A JSON 404 for unknown `/v1` paths, in the API's error shape.
-pub async fn not_found() -> ApiError {
-    ApiError::not_found("no such endpoint; see /v1/openapi.json")
-}

@@ -281,15 +281,25 @@ impl Page {
             Some(c) => hex::decode(c)
                 .ok()
                 .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_cursor",
-                        "the cursor is not one this API returned",
-                    )
-                }),
+                .ok_or_else(bad_cursor),
         }
     }
+
+    /// For lists newest first by a numeric id: the id to stay below (all when no cursor).
+    fn below(&self) -> ApiResult<i64> {
+        match self.after()?.as_str() {
+            "" => Ok(i64::MAX),
+            s => s.parse().map_err(|_| bad_cursor()),
+        }
+    }
+}
+
+fn bad_cursor() -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_cursor",
+        "the cursor is not one this API returned; start again without it",
+    )
 }
 
 fn page_of(mut items: Vec<Value>, limit: i64, key: impl Fn(&Value) -> String) -> Value {
@@ -907,15 +917,12 @@ impl Registry {
         let mut items = vec![];
         for r in &rows {
             let row = RealmRow::from_row(r)?;
-            let access = if row.owner_id == actor.account_id {
-                Access::Owner
+            let mut v = self.realm_json(&row, None);
+            v["access"] = json!(if row.owner_id == actor.account_id {
+                "owner"
             } else {
-                Access::Member(String::new())
-            };
-            let mut v = self.realm_json(&row, Some(&access));
-            if access != Access::Owner {
-                v["access"] = json!("member");
-            }
+                "member"
+            });
             items.push(v);
         }
         Ok(page_of(items, limit, |v| {
@@ -1219,13 +1226,7 @@ impl Registry {
                 format!("{email} owns {name}; transfer the realm to change that"),
             ));
         }
-        if !doc.roles.iter().any(|r| r.name == role) {
-            let roles: Vec<&str> = doc.roles.iter().map(|r| r.name.as_str()).collect();
-            return Err(ApiError::invalid(
-                "unknown_role",
-                format!("{name} has no role {role:?}; roles: {}", roles.join(", ")),
-            ));
-        }
+        require_role(&doc, name, role)?;
         let now = now_secs() as i64;
         sqlx::query("DELETE FROM members WHERE realm = $1 AND email = $2")
             .bind(name)
@@ -1326,16 +1327,7 @@ impl Registry {
         let mut tx = self.db.pool.acquire().await?;
         self.authorize(&mut tx, name, actor, READ).await?;
         let limit = page.limit();
-        let after: i64 = match page.after()?.as_str() {
-            "" => i64::MAX,
-            s => s.parse().map_err(|_| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_cursor",
-                    "the cursor is not one this API returned",
-                )
-            })?,
-        };
+        let after = page.below()?;
         let rows = sqlx::query("SELECT version, author, created_at FROM policy_versions WHERE realm = $1 AND version < $2 ORDER BY version DESC LIMIT $3")
             .bind(name)
             .bind(after)
@@ -1438,17 +1430,7 @@ impl Registry {
         if !row.frozen.is_empty() && access != Access::Owner {
             return Err(frozen(&row));
         }
-        if !doc.roles.iter().any(|r| r.name == req.role) {
-            let roles: Vec<&str> = doc.roles.iter().map(|r| r.name.as_str()).collect();
-            return Err(ApiError::invalid(
-                "unknown_role",
-                format!(
-                    "{name} has no role {:?}; roles: {}",
-                    req.role,
-                    roles.join(", ")
-                ),
-            ));
-        }
+        require_role(&doc, name, &req.role)?;
         if req.name.len() > 200 {
             return Err(ApiError::invalid(
                 "invalid_name",
@@ -1683,16 +1665,7 @@ impl Registry {
         page: &Page,
     ) -> ApiResult<Value> {
         let limit = page.limit();
-        let before: i64 = match page.after()?.as_str() {
-            "" => i64::MAX,
-            s => s.parse().map_err(|_| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_cursor",
-                    "the cursor is not one this API returned",
-                )
-            })?,
-        };
+        let before = page.below()?;
         let rows = match realm {
             Some(name) => {
                 let mut tx = self.db.pool.acquire().await?;
@@ -2138,6 +2111,18 @@ fn key_json(c: &KeyClaims, revoked_at: i64) -> Value {
     })
 }
 
+/// The role must exist in the realm's policy (422 naming the roles there are).
+fn require_role(doc: &PolicyDoc, realm: &str, role: &str) -> ApiResult<()> {
+    if doc.roles.iter().any(|r| r.name == role) {
+        return Ok(());
+    }
+    let roles: Vec<&str> = doc.roles.iter().map(|r| r.name.as_str()).collect();
+    Err(ApiError::invalid(
+        "unknown_role",
+        format!("{realm} has no role {role:?}; roles: {}", roles.join(", ")),
+    ))
+}
+
 fn invalid_credentials() -> ApiError {
     ApiError::unauthorized("wrong email or password").with_code("invalid_credentials")
 }
@@ -2186,12 +2171,5 @@ async fn commit_unique(tx: crate::db::WriteTx, code: &'static str, message: &str
     match tx.commit().await {
         Err(e) if is_unique_violation(&e) => Err(ApiError::conflict(code, message)),
         r => Ok(r?),
-    }
-}
-
-impl ApiError {
-    pub fn with_code(mut self, code: &'static str) -> ApiError {
-        self.code = code;
-        self
     }
 }

@@ -783,7 +783,6 @@ async fn suite(url: &str, dir: &std::path::Path) {
     // --- a restart keeps everything and migrates nothing twice
     let url = url.to_owned();
     drop(srv);
-    tokio::time::sleep(Duration::from_millis(10)).await;
     let srv = serve(&url, dir, RegistryConfig::default()).await;
     assert_eq!(srv.reg.db.schema_version().await.unwrap(), 1);
     let (s, v) = req(&srv.base, "GET", "/v1/realms/com.acme", Some(&alice), None).await;

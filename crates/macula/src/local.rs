@@ -6,15 +6,20 @@ use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use macula_node::ConfDir;
 
-/// `$MACULA_HOME`, else `$XDG_DATA_HOME/macula`, else `~/.local/share/macula`.
-pub fn default_home() -> PathBuf {
-    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+/// `$<var>/macula`, else `~/<under_home>/macula`, else `./<last_resort>` (XDG base directories).
+pub fn xdg_dir(var: &str, under_home: &str, last_resort: &str) -> PathBuf {
+    if let Some(x) = std::env::var_os(var).filter(|x| !x.is_empty()) {
         return PathBuf::from(x).join("macula");
     }
     if let Some(h) = std::env::var_os("HOME").filter(|x| !x.is_empty()) {
-        return PathBuf::from(h).join(".local/share/macula");
+        return PathBuf::from(h).join(under_home).join("macula");
     }
-    PathBuf::from(".macula")
+    PathBuf::from(last_resort)
+}
+
+/// `$MACULA_HOME`, else `$XDG_DATA_HOME/macula`, else `~/.local/share/macula`.
+pub fn default_home() -> PathBuf {
+    xdg_dir("XDG_DATA_HOME", ".local/share", ".macula")
 }
 
 /// The file where `macula up` leaves the admin key it printed, and the realm it belongs to.

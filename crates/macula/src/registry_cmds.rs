@@ -13,13 +13,7 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
 
 /// `$XDG_CONFIG_HOME/macula`, else `~/.config/macula`.
 pub fn config_dir() -> PathBuf {
-    if let Some(x) = std::env::var_os("XDG_CONFIG_HOME").filter(|x| !x.is_empty()) {
-        return PathBuf::from(x).join("macula");
-    }
-    if let Some(h) = std::env::var_os("HOME").filter(|x| !x.is_empty()) {
-        return PathBuf::from(h).join(".config/macula");
-    }
-    PathBuf::from(".macula-config")
+    crate::local::xdg_dir("XDG_CONFIG_HOME", ".config", ".macula-config")
 }
 
 fn credentials_path() -> PathBuf {
