@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use sqlx::any::AnyPoolOptions;
+use sqlx::pool::PoolConnection;
 use sqlx::{AnyPool, Executor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,32 +25,283 @@ pub enum Backend {
 pub struct Db {
     pub pool: AnyPool,
     pub backend: Backend,
-    /// SQLite's writers, one at a time.
-    writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// SQLite: the one connection that writes, its own pool of one, so that writers queue
+    /// (fairly, in this process, never sleeping in SQLite's busy handler) and never wait
+    /// behind readers for a connection. PostgreSQL: `pool`.
+    writes: AnyPool,
+    /// SQLite: the group committer's queue (see [`group_commit`]).
+    batches: tokio::sync::mpsc::UnboundedSender<Batch>,
 }
 
-/// A write transaction (see [`Db::begin`]); derefs to its connection.
+/// A write transaction (see [`Db::begin`]); derefs to its connection. Dropped without
+/// [`WriteTx::commit`], it rolls back.
 pub struct WriteTx {
-    tx: sqlx::Transaction<'static, sqlx::Any>,
-    _writer: Option<tokio::sync::OwnedMutexGuard<()>>,
+    inner: Inner,
+    /// Writes queued by [`WriteTx::defer`], sent with the COMMIT.
+    deferred: Vec<(&'static str, Vec<Arg>)>,
+}
+
+/// A value bound to a deferred statement.
+#[derive(Debug, Clone)]
+pub enum Arg {
+    Text(String),
+    Int(i64),
+    Null,
+}
+
+impl From<&str> for Arg {
+    fn from(s: &str) -> Arg {
+        Arg::Text(s.to_owned())
+    }
+}
+
+impl From<String> for Arg {
+    fn from(s: String) -> Arg {
+        Arg::Text(s)
+    }
+}
+
+impl From<&String> for Arg {
+    fn from(s: &String) -> Arg {
+        Arg::Text(s.clone())
+    }
+}
+
+impl From<i64> for Arg {
+    fn from(v: i64) -> Arg {
+        Arg::Int(v)
+    }
+}
+
+impl<T: Into<Arg>> From<Option<T>> for Arg {
+    fn from(v: Option<T>) -> Arg {
+        v.map_or(Arg::Null, Into::into)
+    }
+}
+
+fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    args: Vec<Arg>,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    for a in args {
+        q = match a {
+            Arg::Text(s) => q.bind(s),
+            Arg::Int(v) => q.bind(v),
+            Arg::Null => q.bind(None::<String>),
+        };
+    }
+    q
+}
+
+/// The schema version this build migrates to.
+pub fn newest_schema() -> i64 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+/// `sql` with each placeholder `$n` renumbered to `$(n + offset)`.
+fn shift_placeholders(sql: &str, offset: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c != '$' {
+            continue;
+        }
+        let mut n = String::new();
+        while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+            n.push(*d);
+            chars.next();
+        }
+        match n.parse::<usize>() {
+            Ok(n) => out.push_str(&(n + offset).to_string()),
+            Err(_) => out.push_str(&n),
+        }
+    }
+    out
+}
+
+enum Inner {
+    /// PostgreSQL: sqlx's transaction.
+    Pool(sqlx::Transaction<'static, sqlx::Any>),
+    /// SQLite: `BEGIN IMMEDIATE` and `COMMIT` sent as plain statements on a pooled connection,
+    /// while this process's writer lock is held. sqlx's own transactions hand BEGIN and COMMIT
+    /// to the SQLite thread as rendezvous messages (two thread wake-ups each); this way each is
+    /// one, which is most of what a small write costs (see ARCHITECTURE.md, "registry").
+    Sqlite {
+        conn: Option<PoolConnection<sqlx::Any>>,
+    },
+    /// SQLite, from [`Db::begin_batch`]: queued statements only, handed to the group committer.
+    Batch(tokio::sync::mpsc::UnboundedSender<Batch>),
+}
+
+/// A batch transaction's statements, and where its outcome goes.
+struct Batch {
+    stmts: Vec<(&'static str, Vec<Arg>)>,
+    done: tokio::sync::oneshot::Sender<sqlx::Result<()>>,
+}
+
+/// (`BEGIN IMMEDIATE` if `begin`), the statements of `batches`, `COMMIT`: one SQL text and
+/// its arguments.
+fn batch_sql(begin: bool, batches: &[&[(&'static str, Vec<Arg>)]]) -> (String, Vec<Arg>) {
+    let mut sql = String::from(if begin { "BEGIN IMMEDIATE;\n" } else { "" });
+    let mut all = vec![];
+    for stmts in batches {
+        for (stmt, args) in stmts.iter() {
+            sql.push_str(&shift_placeholders(stmt, all.len()));
+            sql.push_str(";\n");
+            all.extend(args.iter().cloned());
+        }
+    }
+    sql.push_str("COMMIT");
+    (sql, all)
+}
+
+/// SQLite's group committer: batch transactions that queue while one is being written are
+/// written together, as one SQLite transaction, in one round trip to the database thread. If
+/// that fails (a guard statement of one of them, say), each is written again on its own, so
+/// every batch gets its own outcome.
+async fn group_commit(writes: AnyPool, mut rx: tokio::sync::mpsc::UnboundedReceiver<Batch>) {
+    while let Some(first) = rx.recv().await {
+        let mut group = vec![first];
+        while group.len() < 64 {
+            match rx.try_recv() {
+                Ok(b) => group.push(b),
+                Err(_) => break,
+            }
+        }
+        let mut conn = match writes.acquire().await {
+            Ok(c) => c,
+            Err(e) => {
+                let msg = e.to_string();
+                for b in group {
+                    let _ = b.done.send(Err(sqlx::Error::Protocol(msg.clone())));
+                }
+                continue;
+            }
+        };
+        if group.len() > 1 {
+            let all: Vec<&[(&'static str, Vec<Arg>)]> =
+                group.iter().map(|b| b.stmts.as_slice()).collect();
+            let (sql, args) = batch_sql(true, &all);
+            match bind_all(sqlx::query(&sql), args).execute(&mut *conn).await {
+                Ok(_) => {
+                    for b in group {
+                        let _ = b.done.send(Ok(()));
+                    }
+                    continue;
+                }
+                // Nothing of the group was written; each on its own, below.
+                Err(_) => {
+                    let _ = conn.execute("ROLLBACK").await;
+                }
+            }
+        }
+        for b in group {
+            let (sql, args) = batch_sql(true, &[&b.stmts]);
+            let r = bind_all(sqlx::query(&sql), args).execute(&mut *conn).await;
+            if r.is_err() {
+                // Fails harmlessly when the error was the BEGIN's own.
+                let _ = conn.execute("ROLLBACK").await;
+            }
+            let _ = b.done.send(r.map(|_| ()));
+        }
+    }
 }
 
 impl WriteTx {
-    pub async fn commit(self) -> sqlx::Result<()> {
-        self.tx.commit().await
+    /// Queues a write (`sql` with placeholders `$1`..) whose outcome the transaction does not
+    /// need before it commits; an audit row, say. It is part of the transaction all the same:
+    /// if it fails, [`WriteTx::commit`] returns its error and nothing is written. On SQLite the
+    /// queued writes travel to the database thread in one batch with the COMMIT.
+    pub fn defer(&mut self, sql: &'static str, args: Vec<Arg>) {
+        self.deferred.push((sql, args));
+    }
+
+    pub async fn commit(mut self) -> sqlx::Result<()> {
+        let deferred = std::mem::take(&mut self.deferred);
+        match std::mem::replace(&mut self.inner, Inner::Sqlite { conn: None }) {
+            Inner::Batch(committer) => {
+                let (done, outcome) = tokio::sync::oneshot::channel();
+                let gone = || sqlx::Error::Protocol("the registry's writer stopped".into());
+                committer
+                    .send(Batch {
+                        stmts: deferred,
+                        done,
+                    })
+                    .map_err(|_| gone())?;
+                outcome.await.map_err(|_| gone())?
+            }
+            Inner::Sqlite { conn } => {
+                // Put back for Drop to roll back should this fail.
+                self.inner = Inner::Sqlite { conn };
+                let Inner::Sqlite { conn: Some(c) } = &mut self.inner else {
+                    return Ok(());
+                };
+                let (sql, args) = batch_sql(false, &[&deferred]);
+                bind_all(sqlx::query(&sql), args).execute(&mut **c).await?;
+                // Committed: nothing left for Drop to roll back.
+                self.inner = Inner::Sqlite { conn: None };
+                Ok(())
+            }
+            Inner::Pool(mut tx) => {
+                for (stmt, args) in deferred {
+                    bind_all(sqlx::query(stmt), args).execute(&mut *tx).await?;
+                }
+                tx.commit().await
+            }
+        }
+    }
+}
+
+impl Drop for WriteTx {
+    fn drop(&mut self) {
+        let Inner::Sqlite { conn } = &mut self.inner else {
+            return;
+        };
+        let Some(mut c) = conn.take() else {
+            return;
+        };
+        // Not committed (an error, or the request was cancelled): roll back before the
+        // connection returns to the pool (so the next writer waits for it). Without a runtime
+        // the connection is closed instead, which makes SQLite roll back.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    // It fails where the transaction never began (its BEGIN failed):
+                    // then a fresh connection replaces this one, in doubt.
+                    if let Err(e) = c.execute("ROLLBACK").await {
+                        tracing::debug!(error = %e, "registry rollback failed; closing the connection");
+                        drop(c.detach());
+                    }
+                });
+            }
+            Err(_) => drop(c.detach()),
+        }
     }
 }
 
 impl std::ops::Deref for WriteTx {
     type Target = sqlx::AnyConnection;
     fn deref(&self) -> &sqlx::AnyConnection {
-        &self.tx
+        match &self.inner {
+            Inner::Batch(_) => panic!("a write batch only queues statements (WriteTx::defer)"),
+            Inner::Pool(tx) => tx,
+            Inner::Sqlite { conn, .. } => conn
+                .as_ref()
+                .expect("a live transaction has its connection"),
+        }
     }
 }
 
 impl std::ops::DerefMut for WriteTx {
     fn deref_mut(&mut self) -> &mut sqlx::AnyConnection {
-        &mut self.tx
+        match &mut self.inner {
+            Inner::Batch(_) => panic!("a write batch only queues statements (WriteTx::defer)"),
+            Inner::Pool(tx) => tx,
+            Inner::Sqlite { conn, .. } => conn
+                .as_mut()
+                .expect("a live transaction has its connection"),
+        }
     }
 }
 
@@ -60,10 +312,11 @@ struct Migration {
     sql: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "accounts, realms, policy versions, members, keys, transfers, fees, claims, audit",
-    sql: r#"
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "accounts, realms, policy versions, members, keys, transfers, fees, claims, audit",
+        sql: r#"
 CREATE TABLE accounts (
     id TEXT PRIMARY KEY,
     email TEXT NOT NULL UNIQUE,
@@ -166,7 +419,15 @@ CREATE TABLE idempotency (
     PRIMARY KEY (account_id, key)
 );
 "#,
-}];
+    },
+    Migration {
+        version: 2,
+        name: "write guard (optimistic writes)",
+        sql: r#"
+CREATE TABLE write_guard (ok BIGINT NOT NULL CHECK (ok = 1));
+"#,
+    },
+];
 
 impl Db {
     /// Opens `url` (`sqlite://PATH`, `postgres://...`) and brings its schema up to date.
@@ -180,29 +441,50 @@ impl Db {
             bail!("unsupported database URL {url:?}: use sqlite://PATH or postgres://USER@HOST/DB")
         };
         let opts = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
-        let opts = match backend {
-            // Readers run in parallel (WAL); writers take the write lock when they begin
-            // (`Db::begin`), so no transaction deadlocks upgrading a read to a write.
-            Backend::Sqlite => opts.max_connections(4).after_connect(|conn, _| {
-                Box::pin(async move {
-                    conn.execute(
-                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                         PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
-                    )
-                    .await?;
-                    Ok(())
-                })
-            }),
-            Backend::Postgres => opts.max_connections(8),
+        let ctx = || format!("cannot open the registry database {}", redact(url));
+        let (pool, writes) = match backend {
+            // Readers run in parallel (WAL); the writer is one connection of its own. The
+            // embedded database has no network link to go stale: no ping per acquire.
+            Backend::Sqlite => {
+                let sqlite = |opts: AnyPoolOptions, n| {
+                    opts.max_connections(n)
+                        .test_before_acquire(false)
+                        .after_connect(|conn, _| {
+                            Box::pin(async move {
+                                conn.execute(
+                                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                                     PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000; \
+                                     PRAGMA mmap_size = 268435456;",
+                                )
+                                .await?;
+                                Ok(())
+                            })
+                        })
+                };
+                let pool = sqlite(opts.clone(), 4)
+                    .connect(url)
+                    .await
+                    .with_context(ctx)?;
+                (pool, sqlite(opts, 1).connect(url).await.with_context(ctx)?)
+            }
+            Backend::Postgres => {
+                let pool = opts
+                    .max_connections(8)
+                    .connect(url)
+                    .await
+                    .with_context(ctx)?;
+                (pool.clone(), pool)
+            }
         };
-        let pool = opts
-            .connect(url)
-            .await
-            .with_context(|| format!("cannot open the registry database {}", redact(url)))?;
+        let (batches, queue) = tokio::sync::mpsc::unbounded_channel();
+        if backend == Backend::Sqlite {
+            tokio::spawn(group_commit(writes.clone(), queue));
+        }
         let db = Db {
             pool,
+            writes,
+            batches,
             backend,
-            writer: Default::default(),
         };
         db.migrate().await?;
         Ok(db)
@@ -214,17 +496,32 @@ impl Db {
     pub async fn begin(&self) -> sqlx::Result<WriteTx> {
         match self.backend {
             Backend::Sqlite => {
-                let guard = self.writer.clone().lock_owned().await;
-                let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+                let mut conn = self.writes.acquire().await?;
+                conn.execute("BEGIN IMMEDIATE").await?;
                 Ok(WriteTx {
-                    tx,
-                    _writer: Some(guard),
+                    inner: Inner::Sqlite { conn: Some(conn) },
+                    deferred: vec![],
                 })
             }
             Backend::Postgres => Ok(WriteTx {
-                tx: self.pool.begin().await?,
-                _writer: None,
+                inner: Inner::Pool(self.writes.begin().await?),
+                deferred: vec![],
             }),
+        }
+    }
+
+    /// A write transaction of queued statements only ([`WriteTx::defer`]): on SQLite the BEGIN
+    /// travels with them and the COMMIT, so the whole transaction is one round trip to the
+    /// database thread, shared with the batches queued meanwhile ([`group_commit`]). For
+    /// writes whose reads were made before, and are checked by a guard statement in the batch
+    /// (see `write_guard` in the migrations).
+    pub async fn begin_batch(&self) -> sqlx::Result<WriteTx> {
+        match self.backend {
+            Backend::Sqlite => Ok(WriteTx {
+                inner: Inner::Batch(self.batches.clone()),
+                deferred: vec![],
+            }),
+            Backend::Postgres => self.begin().await,
         }
     }
 
@@ -261,7 +558,7 @@ impl Db {
         let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations")
             .fetch_all(&self.pool)
             .await?;
-        let newest = MIGRATIONS.last().map_or(0, |m| m.version);
+        let newest = newest_schema();
         if let Some(v) = applied.iter().max().filter(|v| **v > newest) {
             bail!("the registry database has schema version {v}, newer than this macula knows ({newest}); upgrade macula");
         }
@@ -315,6 +612,15 @@ pub fn redact(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn placeholders_shift_for_batching() {
+        assert_eq!(
+            super::shift_placeholders("INSERT INTO t VALUES ($1, $2, '$', $10)", 3),
+            "INSERT INTO t VALUES ($4, $5, '$', $13)"
+        );
+        assert_eq!(super::shift_placeholders("SELECT 1", 5), "SELECT 1");
+    }
+
     #[test]
     fn passwords_are_redacted_from_urls() {
         assert_eq!(

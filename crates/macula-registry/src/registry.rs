@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use crate::db::Db;
+use crate::db::{Db, WriteTx};
 use crate::error::{is_unique_violation, ApiError, ApiResult};
 
 /// Registry settings (the node's `registry:` section).
@@ -97,6 +97,10 @@ pub struct Registry {
     logins: Mutex<HashMap<IpAddr, (Instant, u32)>>,
     /// Parsed newest policy per realm, with its version.
     policies: Mutex<HashMap<String, (i64, PolicyDoc)>>,
+    /// Sessions seen in the last [`SESSION_CACHE_TTL`]: token hash → (when, account id, email).
+    sessions: Mutex<HashMap<String, (Instant, String, String)>>,
+    /// Parsed signing authority per realm, with the certificate text it was parsed from.
+    signers: Mutex<HashMap<String, Arc<Signer>>>,
     /// A hash to verify against when the email is unknown, so that timing does not tell.
     dummy_hash: String,
 }
@@ -359,6 +363,8 @@ impl Registry {
             node,
             logins: Mutex::new(HashMap::new()),
             policies: Mutex::new(HashMap::new()),
+            signers: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
             dummy_hash: hash_password("not a real password, only for timing")?,
         });
         reg.sync_all().await?;
@@ -392,7 +398,7 @@ impl Registry {
             }
             r => r?,
         };
-        audit(&mut tx, None, &email, "account.create", json!({}), remote).await?;
+        audit(&mut tx, None, &email, "account.create", json!({}), remote);
         tx.commit().await?;
         Ok(json!({"id": id, "email": email, "created_at": rfc3339(now as u64)}))
     }
@@ -458,8 +464,7 @@ impl Registry {
                 },
                 json!({"failed_logins": failed}),
                 remote,
-            )
-            .await?;
+            );
             tx.commit().await?;
             return Err(if lock {
                 locked(self.config.lockout.as_secs() as i64)
@@ -491,8 +496,7 @@ impl Registry {
             "session.login",
             json!({"client": client}),
             remote,
-        )
-        .await?;
+        );
         tx.commit().await?;
         Ok(json!({"token": token, "email": email, "expires_at": rfc3339(expires as u64)}))
     }
@@ -521,20 +525,36 @@ impl Registry {
 
     /// The account behind a session token, if the session is live.
     pub async fn authenticate(&self, token: &str, remote: String) -> ApiResult<Actor> {
-        let row = sqlx::query(
-            "SELECT a.id, a.email FROM sessions s JOIN accounts a ON a.id = s.account_id \
-             WHERE s.token_hash = $1 AND s.expires_at > $2",
-        )
-        .bind(sha256_hex(token))
-        .bind(now_secs() as i64)
-        .fetch_optional(&self.db.pool)
-        .await?
-        .ok_or_else(|| {
-            ApiError::unauthorized("the session is unknown or expired; log in again (macula login)")
-        })?;
-        let email: String = row.try_get("email")?;
+        let hash = sha256_hex(token);
+        let now = Instant::now();
+        let cached = self.sessions.lock().get(&hash).cloned();
+        let (account_id, email) = match cached {
+            Some((at, id, email)) if now.duration_since(at) < SESSION_CACHE_TTL => (id, email),
+            _ => {
+                let row = sqlx::query(
+                    "SELECT a.id, a.email FROM sessions s JOIN accounts a ON a.id = s.account_id \
+                     WHERE s.token_hash = $1 AND s.expires_at > $2",
+                )
+                .bind(&hash)
+                .bind(now_secs() as i64)
+                .fetch_optional(&self.db.pool)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::unauthorized(
+                        "the session is unknown or expired; log in again (macula login)",
+                    )
+                })?;
+                let (id, email): (String, String) = (row.try_get("id")?, row.try_get("email")?);
+                let mut cache = self.sessions.lock();
+                if cache.len() > 100_000 {
+                    cache.retain(|_, (at, _, _)| now.duration_since(*at) < SESSION_CACHE_TTL);
+                }
+                cache.insert(hash, (now, id.clone(), email.clone()));
+                (id, email)
+            }
+        };
         Ok(Actor {
-            account_id: row.try_get("id")?,
+            account_id,
             operator: self.config.operators.contains(&email),
             email,
             remote,
@@ -542,6 +562,7 @@ impl Registry {
     }
 
     pub async fn logout(&self, token: &str, actor: &Actor) -> ApiResult<()> {
+        self.sessions.lock().remove(&sha256_hex(token));
         let mut tx = self.db.begin().await?;
         sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
             .bind(sha256_hex(token))
@@ -554,8 +575,7 @@ impl Registry {
             "session.logout",
             json!({}),
             &actor.remote,
-        )
-        .await?;
+        );
         tx.commit().await?;
         Ok(())
     }
@@ -567,14 +587,11 @@ impl Registry {
     // ---------------------------------------------------------------- realms
 
     async fn realm(&self, c: &mut AnyConnection, name: &str) -> ApiResult<RealmRow> {
-        let row = sqlx::query(&format!(
-            "SELECT {REALM_COLUMNS} FROM {REALM_FROM} WHERE r.name = $1"
-        ))
-        .bind(name)
-        .fetch_optional(&mut *c)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no realm {name} in the registry")))?;
-        Ok(RealmRow::from_row(&row)?)
+        let row = sqlx::query(&realm_query())
+            .bind(name)
+            .fetch_optional(&mut *c)
+            .await?;
+        realm_found(name, row)
     }
 
     async fn access(
@@ -608,6 +625,18 @@ impl Registry {
         action: &str,
     ) -> ApiResult<(RealmRow, Access, PolicyDoc)> {
         let realm = self.realm(c, name).await?;
+        self.authorize_row(c, realm, actor, action).await
+    }
+
+    /// As [`Registry::authorize`], with the realm's row already read.
+    async fn authorize_row(
+        &self,
+        c: &mut AnyConnection,
+        realm: RealmRow,
+        actor: &Actor,
+        action: &str,
+    ) -> ApiResult<(RealmRow, Access, PolicyDoc)> {
+        let name = realm.name.clone();
         let access = self.access(c, &realm, actor).await?;
         let doc = self.policy_doc(&realm)?;
         let allowed = match &access {
@@ -784,8 +813,7 @@ impl Registry {
                 "realm.released",
                 json!({"expired_at": rfc3339(old.expires_at as u64)}),
                 &actor.remote,
-            )
-            .await?;
+            );
         }
         // A realm the operator configured by hand on this node (`macula realms create`).
         if self.confdir.policy_path(name).exists() {
@@ -883,13 +911,11 @@ impl Registry {
             "realm.register",
             json!({"owner": owner_email, "tier": tier, "parent": parent.as_ref().map(|p| &p.name)}),
             &actor.remote,
-        )
-        .await?;
+        );
         let row = self.realm(&mut tx, name).await?;
         let body = self.realm_json(&row, None);
         if let Some(i) = &idem {
-            self.remember(&mut tx, actor, i, StatusCode::CREATED, &body)
-                .await?;
+            self.remember(&mut tx, actor, i, StatusCode::CREATED, &body);
         }
         commit_unique(
             tx,
@@ -984,8 +1010,7 @@ impl Registry {
             "realm.delete",
             json!({}),
             &actor.remote,
-        )
-        .await?;
+        );
         tx.commit().await?;
         self.unmaterialize(name);
         Ok(())
@@ -1026,8 +1051,7 @@ impl Registry {
             "realm.renew",
             json!({"years": years, "expires_at": rfc3339(expires as u64)}),
             &actor.remote,
-        )
-        .await?;
+        );
         let row = self.realm(&mut tx, name).await?;
         tx.commit().await?;
         self.materialize(name).await?;
@@ -1067,8 +1091,7 @@ impl Registry {
             "realm.transfer_code",
             json!({"expires_at": rfc3339(expires as u64)}),
             &actor.remote,
-        )
-        .await?;
+        );
         tx.commit().await?;
         Ok(
             json!({"realm": name, "code": code, "expires_at": rfc3339(expires as u64), "fee_cents": self.config.transfer_fee_cents}),
@@ -1134,8 +1157,7 @@ impl Registry {
             "realm.transfer",
             json!({"from": row.owner_email, "to": actor.email, "fee_cents": fee}),
             &actor.remote,
-        )
-        .await?;
+        );
         let row = self.realm(&mut tx, name).await?;
         tx.commit().await?;
         self.materialize(name).await?;
@@ -1254,8 +1276,7 @@ impl Registry {
             "member.set",
             json!({"email": email, "role": role}),
             &actor.remote,
-        )
-        .await?;
+        );
         tx.commit().await?;
         self.materialize(name).await?;
         Ok(json!({"realm": name, "email": email, "role": role, "policy_version": doc.version}))
@@ -1285,8 +1306,7 @@ impl Registry {
             "member.remove",
             json!({"email": email}),
             &actor.remote,
-        )
-        .await?;
+        );
         tx.commit().await?;
         self.materialize(name).await
     }
@@ -1399,8 +1419,7 @@ impl Registry {
             "policy.update",
             json!({"version": doc.version}),
             &actor.remote,
-        )
-        .await?;
+        );
         tx.commit().await?;
         self.materialize(name).await?;
         serde_json::to_value(&doc).map_err(ApiError::internal)
@@ -1408,6 +1427,11 @@ impl Registry {
 
     // ---------------------------------------------------------------- keys
 
+    /// Creates an API key. The realm is read, the request authorized and the key signed
+    /// before the write lock; the write (key, audit entry, idempotency record) then commits only
+    /// if the realm and the actor's role are still as read, checked by a guard statement in the
+    /// same batch, and is retried from the start otherwise. Under the lock that is one round
+    /// trip to SQLite's thread (see ARCHITECTURE.md, "Registry").
     pub async fn create_key(
         &self,
         actor: &Actor,
@@ -1415,22 +1439,107 @@ impl Registry {
         req: NewKey,
         idem: Option<Idempotency>,
     ) -> ApiResult<(StatusCode, Value)> {
-        let mut tx = self.db.begin().await?;
-        if let Some(i) = &idem {
-            if let Some((status, body)) = self.replay(&mut tx, actor, i).await? {
-                // The secret is never stored: the same key is signed again from its claims
-                // (Ed25519 signatures are deterministic).
-                let kid = body["id"].as_str().unwrap_or_default().to_owned();
-                let mut body = body;
-                body["key"] = json!(self.reissue(&mut tx, &kid).await?);
-                return Ok((status, body));
+        for _ in 0..5 {
+            let mut c = self.db.pool.acquire().await?;
+            if let Some(i) = &idem {
+                if let Some((status, body)) = self.replay(&mut c, actor, i).await? {
+                    // The secret is never stored: the same key is signed again from its claims
+                    // (Ed25519 signatures are deterministic).
+                    let kid = body["id"].as_str().unwrap_or_default().to_owned();
+                    let mut body = body;
+                    body["key"] = json!(self.reissue(&mut c, &kid).await?);
+                    return Ok((status, body));
+                }
             }
+            let (row, access, doc) = self.authorize(&mut c, name, actor, ADMIN).await?;
+            drop(c);
+            let (claims, key) = self.new_key(&row, &access, &doc, &req)?;
+            let mut tx = self.db.begin_batch().await?;
+            tx.defer(
+                "INSERT INTO write_guard (ok) SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM realms \
+                 WHERE name = $1 AND owner_id = $2 AND policy_version = $3 AND frozen = $4 \
+                 AND suspended = $5 AND authority_cert = $6 AND expires_at = $7 \
+                 AND ($8 = '' OR EXISTS (SELECT 1 FROM members WHERE realm = $1 AND email = $8 AND role = $9)))",
+                vec![
+                    name.into(),
+                    (&row.owner_id).into(),
+                    row.policy_version.into(),
+                    (&row.frozen).into(),
+                    (&row.suspended).into(),
+                    (&row.authority_cert).into(),
+                    row.expires_at.into(),
+                    match &access {
+                        Access::Member(_) => (&actor.email).into(),
+                        _ => "".into(),
+                    },
+                    match &access {
+                        Access::Member(role) => role.into(),
+                        _ => "".into(),
+                    },
+                ],
+            );
+            tx.defer(
+                "INSERT INTO api_keys (id, realm, role, name, key_hash, pubkey, created_by, created_at, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                vec![
+                    (&claims.kid).into(),
+                    name.into(),
+                    (&claims.role).into(),
+                    (&claims.name).into(),
+                    sha256_hex(&key).into(),
+                    claims.pubkey.map(hex::encode).unwrap_or_default().into(),
+                    (&actor.email).into(),
+                    (claims.issued_at as i64).into(),
+                    (claims.expires_at as i64).into(),
+                ],
+            );
+            audit(
+                &mut tx,
+                Some(name),
+                &actor.email,
+                "key.create",
+                json!({"key_id": claims.kid, "role": claims.role, "name": claims.name}),
+                &actor.remote,
+            );
+            let body = key_json(&claims, 0);
+            if let Some(i) = &idem {
+                self.remember(&mut tx, actor, i, StatusCode::CREATED, &body);
+            }
+            match tx.commit().await {
+                Err(sqlx::Error::Database(d)) if d.is_check_violation() => {
+                    // The realm or the actor's role changed since it was read: again.
+                    continue;
+                }
+                Err(e) if is_unique_violation(&e) => {
+                    return Err(ApiError::conflict(
+                        "idempotency_conflict",
+                        "a request with this Idempotency-Key is in progress; retry",
+                    ))
+                }
+                r => r?,
+            }
+            let mut body = body;
+            body["key"] = json!(key);
+            return Ok((StatusCode::CREATED, body));
         }
-        let (row, access, doc) = self.authorize(&mut tx, name, actor, ADMIN).await?;
-        if !row.frozen.is_empty() && access != Access::Owner {
-            return Err(frozen(&row));
+        Err(ApiError::conflict(
+            "realm_busy",
+            "the realm changed during each of five attempts to create the key; retry",
+        ))
+    }
+
+    /// Checks a key request against the realm as read, and signs the key.
+    fn new_key(
+        &self,
+        row: &RealmRow,
+        access: &Access,
+        doc: &PolicyDoc,
+        req: &NewKey,
+    ) -> ApiResult<(KeyClaims, String)> {
+        if !row.frozen.is_empty() && *access != Access::Owner {
+            return Err(frozen(row));
         }
-        require_role(&doc, name, &req.role)?;
+        require_role(doc, &row.name, &req.role)?;
         if req.name.len() > 200 {
             return Err(ApiError::invalid(
                 "invalid_name",
@@ -1454,7 +1563,7 @@ impl Registry {
         };
         let now = now_secs();
         let claims = KeyClaims {
-            realm: name.to_owned(),
+            realm: row.name.clone(),
             role: req.role.clone(),
             kid: random_token("key_", 8),
             name: req.name.clone(),
@@ -1466,57 +1575,33 @@ impl Registry {
             },
             pubkey,
         };
-        let key = self.sign_key(&row, &claims)?;
-        sqlx::query(
-            "INSERT INTO api_keys (id, realm, role, name, key_hash, pubkey, created_by, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(&claims.kid)
-        .bind(name)
-        .bind(&claims.role)
-        .bind(&claims.name)
-        .bind(sha256_hex(&key))
-        .bind(pubkey.map(hex::encode).unwrap_or_default())
-        .bind(&actor.email)
-        .bind(now as i64)
-        .bind(claims.expires_at as i64)
-        .execute(&mut *tx)
-        .await?;
-        audit(
-            &mut tx,
-            Some(name),
-            &actor.email,
-            "key.create",
-            json!({"key_id": claims.kid, "role": claims.role, "name": claims.name}),
-            &actor.remote,
-        )
-        .await?;
-        let body = key_json(&claims, 0);
-        if let Some(i) = &idem {
-            self.remember(&mut tx, actor, i, StatusCode::CREATED, &body)
-                .await?;
-        }
-        commit_unique(
-            tx,
-            "idempotency_conflict",
-            "a request with this Idempotency-Key is in progress; retry",
-        )
-        .await?;
-        let mut body = body;
-        body["key"] = json!(key);
-        Ok((StatusCode::CREATED, body))
+        let key = self.sign_key(row, &claims)?;
+        Ok((claims, key))
     }
 
     fn sign_key(&self, row: &RealmRow, claims: &KeyClaims) -> ApiResult<String> {
-        let secret = credential::parse_hex32(&row.authority_key).ok_or_else(|| {
-            ApiError::internal(format!("authority key of {} is damaged", row.name))
-        })?;
-        let cert = SignedCert::from_text(&row.authority_cert).map_err(ApiError::internal)?;
-        Ok(credential::issue_key(
-            &SigningKey::from_bytes(&secret),
-            &cert,
-            claims,
-        ))
+        let cached = self.signers.lock().get(&row.name).cloned();
+        let signer = match cached {
+            Some(s) if s.cert_text == row.authority_cert && s.key_text == row.authority_key => s,
+            _ => {
+                let secret = credential::parse_hex32(&row.authority_key).ok_or_else(|| {
+                    ApiError::internal(format!("authority key of {} is damaged", row.name))
+                })?;
+                let s = Arc::new(Signer {
+                    key_text: row.authority_key.clone(),
+                    cert_text: row.authority_cert.clone(),
+                    cert: SignedCert::from_text(&row.authority_cert).map_err(ApiError::internal)?,
+                    key: SigningKey::from_bytes(&secret),
+                });
+                let mut cache = self.signers.lock();
+                if cache.len() > 10_000 {
+                    cache.clear();
+                }
+                cache.insert(row.name.clone(), s.clone());
+                s
+            }
+        };
+        Ok(credential::issue_key(&signer.key, &signer.cert, claims))
     }
 
     async fn reissue(&self, c: &mut AnyConnection, kid: &str) -> ApiResult<String> {
@@ -1636,8 +1721,7 @@ impl Registry {
                 "key.revoke",
                 json!({"key_id": kid}),
                 &actor.remote,
-            )
-            .await?;
+            );
             now
         };
         tx.commit().await?;
@@ -1748,8 +1832,7 @@ impl Registry {
             "dispute.claim",
             json!({"claim": id, "claimant": claimant, "note": note}),
             &actor.remote,
-        )
-        .await?;
+        );
         tx.commit().await?;
         Ok(
             json!({"id": id, "realm": name, "claimant": claimant, "note": note, "status": "open", "created_at": rfc3339(now as u64)}),
@@ -1811,8 +1894,7 @@ impl Registry {
             },
             json!({"reason": reason}),
             &actor.remote,
-        )
-        .await?;
+        );
         let row = self.realm(&mut tx, name).await?;
         tx.commit().await?;
         Ok(self.realm_json(&row, None))
@@ -1863,8 +1945,7 @@ impl Registry {
             },
             json!({"reason": reason}),
             &actor.remote,
-        )
-        .await?;
+        );
         let row = self.realm(&mut tx, name).await?;
         tx.commit().await?;
         self.materialize(name).await?;
@@ -1895,8 +1976,7 @@ impl Registry {
             "dispute.transfer",
             json!({"from": row.owner_email, "to": to}),
             &actor.remote,
-        )
-        .await?;
+        );
         let row = self.realm(&mut tx, name).await?;
         tx.commit().await?;
         self.materialize(name).await?;
@@ -1933,8 +2013,7 @@ impl Registry {
                 "realm.expire",
                 json!({}),
                 "",
-            )
-            .await?;
+            );
             tx.commit().await?;
             self.materialize(&name).await?;
             n += 1;
@@ -1973,28 +2052,32 @@ impl Registry {
         )))
     }
 
-    async fn remember(
+    /// Stores the response to an idempotent request, in the request's transaction (a racing
+    /// twin fails at commit on the primary key).
+    fn remember(
         &self,
-        c: &mut AnyConnection,
+        tx: &mut WriteTx,
         actor: &Actor,
         i: &Idempotency,
         status: StatusCode,
         body: &Value,
-    ) -> ApiResult<()> {
-        sqlx::query("DELETE FROM idempotency WHERE created_at < $1")
-            .bind(now_secs() as i64 - 86_400)
-            .execute(&mut *c)
-            .await?;
-        sqlx::query("INSERT INTO idempotency (account_id, key, request_hash, status, body, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
-            .bind(&actor.account_id)
-            .bind(&i.key)
-            .bind(&i.request_hash)
-            .bind(status.as_u16() as i64)
-            .bind(body.to_string())
-            .bind(now_secs() as i64)
-            .execute(&mut *c)
-            .await?;
-        Ok(())
+    ) {
+        let now = now_secs() as i64;
+        tx.defer(
+            "DELETE FROM idempotency WHERE created_at < $1",
+            vec![(now - 86_400).into()],
+        );
+        tx.defer(
+            "INSERT INTO idempotency (account_id, key, request_hash, status, body, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            vec![
+                (&actor.account_id).into(),
+                (&i.key).into(),
+                (&i.request_hash).into(),
+                (status.as_u16() as i64).into(),
+                body.to_string().into(),
+                now.into(),
+            ],
+        );
     }
 
     // ---------------------------------------------------------------- the node's copy
@@ -2146,28 +2229,53 @@ fn frozen(row: &RealmRow) -> ApiError {
     )
 }
 
-async fn audit(
-    c: &mut AnyConnection,
+/// How long a looked-up session is trusted without asking the database again. A logout
+/// through this process takes effect at once; one through another registry host sharing the
+/// database (PostgreSQL), within this time. It saves a database round trip per request.
+const SESSION_CACHE_TTL: Duration = Duration::from_secs(5);
+
+/// A realm's authority, parsed from its stored text (kept to tell when it changed).
+struct Signer {
+    key_text: String,
+    cert_text: String,
+    key: SigningKey,
+    cert: SignedCert,
+}
+
+/// The query for one realm's row (`$1`: its name).
+fn realm_query() -> String {
+    format!("SELECT {REALM_COLUMNS} FROM {REALM_FROM} WHERE r.name = $1")
+}
+
+fn realm_found(name: &str, row: Option<sqlx::any::AnyRow>) -> ApiResult<RealmRow> {
+    let row = row.ok_or_else(|| ApiError::not_found(format!("no realm {name} in the registry")))?;
+    Ok(RealmRow::from_row(&row)?)
+}
+
+/// Records a change in the audit log, in the change's own transaction.
+fn audit(
+    tx: &mut WriteTx,
     realm: Option<&str>,
     actor: &str,
     action: &str,
     detail: Value,
     remote: &str,
-) -> ApiResult<()> {
-    sqlx::query("INSERT INTO audit (realm, actor, action, detail, remote, at) VALUES ($1, $2, $3, $4, $5, $6)")
-        .bind(realm)
-        .bind(actor)
-        .bind(action)
-        .bind(detail.to_string())
-        .bind(remote)
-        .bind(now_secs() as i64)
-        .execute(&mut *c)
-        .await?;
-    Ok(())
+) {
+    tx.defer(
+        "INSERT INTO audit (realm, actor, action, detail, remote, at) VALUES ($1, $2, $3, $4, $5, $6)",
+        vec![
+            realm.into(),
+            actor.into(),
+            action.into(),
+            detail.to_string().into(),
+            remote.into(),
+            (now_secs() as i64).into(),
+        ],
+    );
 }
 
 /// Commits; a unique violation at commit (a racing writer won) is the conflict `code`.
-async fn commit_unique(tx: crate::db::WriteTx, code: &'static str, message: &str) -> ApiResult<()> {
+async fn commit_unique(tx: WriteTx, code: &'static str, message: &str) -> ApiResult<()> {
     match tx.commit().await {
         Err(e) if is_unique_violation(&e) => Err(ApiError::conflict(code, message)),
         r => Ok(r?),

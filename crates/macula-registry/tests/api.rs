@@ -784,7 +784,10 @@ async fn suite(url: &str, dir: &std::path::Path) {
     let url = url.to_owned();
     drop(srv);
     let srv = serve(&url, dir, RegistryConfig::default()).await;
-    assert_eq!(srv.reg.db.schema_version().await.unwrap(), 1);
+    assert_eq!(
+        srv.reg.db.schema_version().await.unwrap(),
+        macula_registry::db::newest_schema()
+    );
     let (s, v) = req(&srv.base, "GET", "/v1/realms/com.acme", Some(&alice), None).await;
     assert_eq!((s, v["owner"].as_str()), (200, Some("alice@example.com")));
 }
