@@ -102,9 +102,13 @@ pub fn newest_schema() -> i64 {
 fn shift_placeholders(sql: &str, offset: usize) -> String {
     let mut out = String::with_capacity(sql.len() + 8);
     let mut chars = sql.chars().peekable();
+    let mut quoted = false;
     while let Some(c) = chars.next() {
         out.push(c);
-        if c != '$' {
+        if c == '\'' {
+            quoted = !quoted;
+        }
+        if c != '$' || quoted {
             continue;
         }
         let mut n = String::new();
@@ -496,12 +500,16 @@ impl Db {
     pub async fn begin(&self) -> sqlx::Result<WriteTx> {
         match self.backend {
             Backend::Sqlite => {
-                let mut conn = self.writes.acquire().await?;
-                conn.execute("BEGIN IMMEDIATE").await?;
-                Ok(WriteTx {
-                    inner: Inner::Sqlite { conn: Some(conn) },
+                // The transaction exists before its BEGIN is sent, so that a request cancelled
+                // meanwhile still rolls back (Drop) rather than pooling an open transaction.
+                let mut tx = WriteTx {
+                    inner: Inner::Sqlite {
+                        conn: Some(self.writes.acquire().await?),
+                    },
                     deferred: vec![],
-                })
+                };
+                tx.execute("BEGIN IMMEDIATE").await?;
+                Ok(tx)
             }
             Backend::Postgres => Ok(WriteTx {
                 inner: Inner::Pool(self.writes.begin().await?),
@@ -617,6 +625,10 @@ mod tests {
         assert_eq!(
             super::shift_placeholders("INSERT INTO t VALUES ($1, $2, '$', $10)", 3),
             "INSERT INTO t VALUES ($4, $5, '$', $13)"
+        );
+        assert_eq!(
+            super::shift_placeholders("SELECT '$1 it''s', $2", 1),
+            "SELECT '$1 it''s', $3"
         );
         assert_eq!(super::shift_placeholders("SELECT 1", 5), "SELECT 1");
     }

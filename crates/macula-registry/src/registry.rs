@@ -97,8 +97,8 @@ pub struct Registry {
     logins: Mutex<HashMap<IpAddr, (Instant, u32)>>,
     /// Parsed newest policy per realm, with its version.
     policies: Mutex<HashMap<String, (i64, PolicyDoc)>>,
-    /// Sessions seen in the last [`SESSION_CACHE_TTL`]: token hash → (when, account id, email).
-    sessions: Mutex<HashMap<String, (Instant, String, String)>>,
+    /// Sessions seen (or logged out) in the last [`SESSION_CACHE_TTL`], by token hash.
+    sessions: Mutex<HashMap<String, CachedSession>>,
     /// Parsed signing authority per realm, with the certificate text it was parsed from.
     signers: Mutex<HashMap<String, Arc<Signer>>>,
     /// A hash to verify against when the email is unknown, so that timing does not tell.
@@ -527,29 +527,48 @@ impl Registry {
     pub async fn authenticate(&self, token: &str, remote: String) -> ApiResult<Actor> {
         let hash = sha256_hex(token);
         let now = Instant::now();
+        let unknown = || {
+            ApiError::unauthorized("the session is unknown or expired; log in again (macula login)")
+        };
         let cached = self.sessions.lock().get(&hash).cloned();
         let (account_id, email) = match cached {
-            Some((at, id, email)) if now.duration_since(at) < SESSION_CACHE_TTL => (id, email),
+            Some(c) if now.duration_since(c.at) < SESSION_CACHE_TTL => match c.session {
+                Some((expires, id, email)) if expires > now_secs() as i64 => (id, email),
+                Some(_) | None => return Err(unknown()),
+            },
             _ => {
                 let row = sqlx::query(
-                    "SELECT a.id, a.email FROM sessions s JOIN accounts a ON a.id = s.account_id \
+                    "SELECT a.id, a.email, s.expires_at FROM sessions s JOIN accounts a ON a.id = s.account_id \
                      WHERE s.token_hash = $1 AND s.expires_at > $2",
                 )
                 .bind(&hash)
                 .bind(now_secs() as i64)
                 .fetch_optional(&self.db.pool)
                 .await?
-                .ok_or_else(|| {
-                    ApiError::unauthorized(
-                        "the session is unknown or expired; log in again (macula login)",
-                    )
-                })?;
+                .ok_or_else(unknown)?;
                 let (id, email): (String, String) = (row.try_get("id")?, row.try_get("email")?);
+                let expires: i64 = row.try_get("expires_at")?;
                 let mut cache = self.sessions.lock();
                 if cache.len() > 100_000 {
-                    cache.retain(|_, (at, _, _)| now.duration_since(*at) < SESSION_CACHE_TTL);
+                    cache.retain(|_, c| now.duration_since(c.at) < SESSION_CACHE_TTL);
                 }
-                cache.insert(hash, (now, id.clone(), email.clone()));
+                match cache.get(&hash) {
+                    // Logged out while this lookup ran.
+                    Some(c)
+                        if c.session.is_none() && now.duration_since(c.at) < SESSION_CACHE_TTL =>
+                    {
+                        return Err(unknown())
+                    }
+                    _ => {
+                        cache.insert(
+                            hash,
+                            CachedSession {
+                                at: now,
+                                session: Some((expires, id.clone(), email.clone())),
+                            },
+                        );
+                    }
+                }
                 (id, email)
             }
         };
@@ -562,7 +581,6 @@ impl Registry {
     }
 
     pub async fn logout(&self, token: &str, actor: &Actor) -> ApiResult<()> {
-        self.sessions.lock().remove(&sha256_hex(token));
         let mut tx = self.db.begin().await?;
         sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
             .bind(sha256_hex(token))
@@ -577,6 +595,14 @@ impl Registry {
             &actor.remote,
         );
         tx.commit().await?;
+        // Remembered as logged out, so that a lookup racing the logout cannot cache it again.
+        self.sessions.lock().insert(
+            sha256_hex(token),
+            CachedSession {
+                at: Instant::now(),
+                session: None,
+            },
+        );
         Ok(())
     }
 
@@ -2233,6 +2259,13 @@ fn frozen(row: &RealmRow) -> ApiError {
 /// through this process takes effect at once; one through another registry host sharing the
 /// database (PostgreSQL), within this time. It saves a database round trip per request.
 const SESSION_CACHE_TTL: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+struct CachedSession {
+    at: Instant,
+    /// (session expiry, account id, email); `None`: logged out.
+    session: Option<(i64, String, String)>,
+}
 
 /// A realm's authority, parsed from its stored text (kept to tell when it changed).
 struct Signer {
