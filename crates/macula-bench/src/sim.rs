@@ -187,7 +187,8 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
         pubs.push((p, macula_client::Client::connect_with(o).await?));
     }
     // Provider records that missed their nodes are republished every 15 s: allow a few rounds.
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let t_interest = Instant::now();
+    let deadline = t_interest + Duration::from_secs(120);
     for &p in &pub_nodes {
         // Interest of every subscriber node has arrived (links plus the node's own service).
         loop {
@@ -225,6 +226,11 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
                         found_by_j.len()
                     ));
                 }
+                if missing.is_empty() {
+                    missing.push(
+                        "every subscriber node is linked, but one's interest never arrived".into(),
+                    );
+                }
                 bail!(
                     "node {p} learned the interest of only {} of {} subscriber nodes ({})",
                     links.saturating_sub(1),
@@ -236,7 +242,8 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
         }
     }
     eprintln!(
-        "mesh-sim: interest tables complete after {:.1?}",
+        "mesh-sim: interest tables complete {:.1?} after the publishers joined ({:.1?} into the run)",
+        t_interest.elapsed(),
         started.elapsed()
     );
     let t0 = Instant::now();
