@@ -935,11 +935,26 @@ async fn write_frames(
     shared: &Shared,
     cmd: &mpsc::UnboundedSender<Cmd>,
 ) {
-    let mut stream = match control.open_stream(peer, MESH_PROTOCOL).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::debug!(%peer, "no mesh stream: {e}");
-            return;
+    // A stream that cannot be opened must not leave the connection up without a link: the peer
+    // would never hear our Hello, never link back, and nothing would retry (a node that never
+    // joins; interest that never arrives over a "live" link). A transient failure is retried;
+    // then the connection is dropped, and redialling starts over.
+    let mut attempt = 0u32;
+    let mut stream = loop {
+        match control.open_stream(peer, MESH_PROTOCOL).await {
+            Ok(s) => break s,
+            Err(e) => {
+                attempt += 1;
+                let unsupported =
+                    matches!(e, libp2p_stream::OpenStreamError::UnsupportedProtocol(_));
+                if unsupported || attempt >= 3 {
+                    tracing::debug!(%peer, attempt, "no mesh stream, disconnecting: {e}");
+                    let _ = cmd.send(Cmd::Disconnect(peer));
+                    return;
+                }
+                tracing::debug!(%peer, attempt, "no mesh stream yet: {e}");
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+            }
         }
     };
     let hello = Frame::Hello {
