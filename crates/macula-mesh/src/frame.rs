@@ -174,6 +174,9 @@ pub enum Frame {
     },
     /// RESULT, ERROR or INTERRUPT between the two nodes' ends of a forwarded call.
     Reply { realm: String, msg: Bytes },
+    /// Nodes the sender is linked with in `realm` (peer ids), so that realm nodes find each
+    /// other through any one of them, not through the DHT alone.
+    Peers { realm: String, peers: Vec<String> },
 }
 
 impl Frame {
@@ -187,6 +190,7 @@ impl Frame {
             Frame::Publish { .. } => "publish",
             Frame::Call { .. } => "call",
             Frame::Reply { .. } => "reply",
+            Frame::Peers { .. } => "peers",
         }
     }
 
@@ -303,6 +307,11 @@ mod tests {
             msg: Bytes::from_static(&[0x93, 0x32, 0x01, 0x80]),
         };
         assert_eq!(Frame::decode(r.encode().slice(4..)).unwrap(), r);
+        let p = Frame::Peers {
+            realm: "com.acme".into(),
+            peers: vec!["12D3KooWExample".into()],
+        };
+        assert_eq!(Frame::decode(p.encode().slice(4..)).unwrap(), p);
     }
 
     #[test]

@@ -526,6 +526,14 @@ impl MeshHandle {
         let _ = self.cmd.send(Cmd::Dial(addr));
     }
 
+    /// Links to `peer` (a node serving a realm this node serves): connects, looking its address
+    /// up in the DHT if need be, and keeps the link (redialled when lost).
+    pub fn want(&self, peer: PeerId) {
+        if peer != self.shared.local && !self.shared.up.read().contains_key(&peer) {
+            let _ = self.cmd.send(Cmd::Want(peer));
+        }
+    }
+
     /// Stores a record in the DHT; returns on how many other nodes it was stored.
     pub async fn put(&self, key: Vec<u8>, value: Vec<u8>, ttl: Duration) -> Result<usize, String> {
         let (tx, rx) = oneshot::channel();

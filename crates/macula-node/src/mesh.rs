@@ -241,6 +241,17 @@ impl MeshState {
         self.links.lock().len()
     }
 
+    /// The nodes linked with this one in `realm`.
+    fn realm_peers(&self, realm: &str) -> Vec<String> {
+        self.links
+            .lock()
+            .keys()
+            .filter(|(r, _)| r == realm)
+            .map(|(_, p)| p.to_string())
+            .take(macula_mesh::MAX_REALM_NODES)
+            .collect()
+    }
+
     /// Records `state` if it is newer than what this node has; returns whether it was.
     pub fn offer_state(&self, state: RealmState) -> bool {
         let mut states = self.states.lock();
@@ -307,6 +318,14 @@ fn link_for(mesh: &MeshState, realm: &Arc<RealmHandle>, peer: PeerId) -> Id {
     });
     let id = realm.lock().join_link(&peer.to_string(), link);
     mesh.links.lock().insert(key, id);
+    // Tell the realm's other nodes: any of them that has not found `peer` links to it now.
+    mesh.handle.broadcast(
+        &Frame::Peers {
+            realm: realm.name.clone(),
+            peers: vec![peer.to_string()],
+        },
+        Some(&peer),
+    );
     id
 }
 
@@ -327,6 +346,16 @@ fn handle(node: &Arc<Node>, mesh: &Arc<MeshState>, ev: MeshEvent) {
             for r in node.realm_handles() {
                 for a in r.lock().local_interest() {
                     mesh.handle.send(&peer, &announce_frame(&r.name, a));
+                }
+                let peers = mesh.realm_peers(&r.name);
+                if !peers.is_empty() {
+                    mesh.handle.send(
+                        &peer,
+                        &Frame::Peers {
+                            realm: r.name.clone(),
+                            peers,
+                        },
+                    );
                 }
             }
         }
@@ -367,6 +396,25 @@ fn rejected(mesh: &MeshState, peer: &PeerId, what: &str, why: impl std::fmt::Dis
 fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame) {
     match frame {
         Frame::Hello { .. } => {}
+        Frame::Peers { realm, peers } => {
+            // Only for a realm this node serves with sessions of its own (as the DHT's provider
+            // records): a node that merely holds a peer's interest does not pull the realm in.
+            if !node
+                .realm_handle(&realm)
+                .is_some_and(|r| r.serves_sessions())
+            {
+                return;
+            }
+            if peers.len() > macula_mesh::MAX_REALM_NODES {
+                return rejected(mesh, &peer, "peers", "too many peers");
+            }
+            for p in peers {
+                match p.parse::<PeerId>() {
+                    Ok(p) => mesh.handle.want(p),
+                    Err(e) => return rejected(mesh, &peer, "peers", e),
+                }
+            }
+        }
         Frame::State { realm, state } => {
             let Ok(s) = rmp_serde::from_slice::<RealmState>(&state) else {
                 mesh.counters

@@ -30,6 +30,11 @@ pub struct RealmHandle {
 }
 
 impl RealmHandle {
+    /// Whether sessions of this node joined the realm (it is then a provider of it).
+    pub fn serves_sessions(&self) -> bool {
+        self.provided.load(Ordering::Acquire)
+    }
+
     /// Locks the realm's core; a poisoned lock (a panic elsewhere) is recovered, not propagated.
     pub fn lock(&self) -> std::sync::MutexGuard<'_, Realm<NodePeer>> {
         match self.core.lock() {
