@@ -613,11 +613,14 @@ impl Registry {
     // ---------------------------------------------------------------- realms
 
     async fn realm(&self, c: &mut AnyConnection, name: &str) -> ApiResult<RealmRow> {
-        let row = sqlx::query(&realm_query())
-            .bind(name)
-            .fetch_optional(&mut *c)
-            .await?;
-        realm_found(name, row)
+        let row = sqlx::query(&format!(
+            "SELECT {REALM_COLUMNS} FROM {REALM_FROM} WHERE r.name = $1"
+        ))
+        .bind(name)
+        .fetch_optional(&mut *c)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no realm {name} in the registry")))?;
+        Ok(RealmRow::from_row(&row)?)
     }
 
     async fn access(
@@ -651,18 +654,6 @@ impl Registry {
         action: &str,
     ) -> ApiResult<(RealmRow, Access, PolicyDoc)> {
         let realm = self.realm(c, name).await?;
-        self.authorize_row(c, realm, actor, action).await
-    }
-
-    /// As [`Registry::authorize`], with the realm's row already read.
-    async fn authorize_row(
-        &self,
-        c: &mut AnyConnection,
-        realm: RealmRow,
-        actor: &Actor,
-        action: &str,
-    ) -> ApiResult<(RealmRow, Access, PolicyDoc)> {
-        let name = realm.name.clone();
         let access = self.access(c, &realm, actor).await?;
         let doc = self.policy_doc(&realm)?;
         let allowed = match &access {
@@ -2273,16 +2264,6 @@ struct Signer {
     cert_text: String,
     key: SigningKey,
     cert: SignedCert,
-}
-
-/// The query for one realm's row (`$1`: its name).
-fn realm_query() -> String {
-    format!("SELECT {REALM_COLUMNS} FROM {REALM_FROM} WHERE r.name = $1")
-}
-
-fn realm_found(name: &str, row: Option<sqlx::any::AnyRow>) -> ApiResult<RealmRow> {
-    let row = row.ok_or_else(|| ApiError::not_found(format!("no realm {name} in the registry")))?;
-    Ok(RealmRow::from_row(&row)?)
 }
 
 /// Records a change in the audit log, in the change's own transaction.

@@ -62,6 +62,13 @@ fn up(home: &Path, database: Option<&str>) -> (Up, String, String) {
 }
 
 /// Runs the CLI against `server` with its own config home; panics with stderr on failure.
+/// `macula --json keys create --realm com.onboard.app ARGS...`, its JSON answer.
+fn create_key(cfg: &Path, server: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json", "keys", "create", "--realm", "com.onboard.app"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&cli(cfg, server, &all, None)).unwrap()
+}
+
 fn cli(cfg: &Path, server: &str, args: &[&str], stdin: Option<&str>) -> String {
     let mut child = Command::new(BIN)
         .args(args)
@@ -116,23 +123,7 @@ async fn onboarding(database: Option<&str>) {
         listed.contains("com.onboard.app") && listed.contains("owner"),
         "{listed}"
     );
-    let key: serde_json::Value = serde_json::from_str(&cli(
-        c,
-        &http,
-        &[
-            "--json",
-            "keys",
-            "create",
-            "--realm",
-            "com.onboard.app",
-            "--role",
-            "service_account",
-            "--name",
-            "bots",
-        ],
-        None,
-    ))
-    .unwrap();
+    let key = create_key(c, &http, &["--role", "service_account", "--name", "bots"]);
     let (kid, secret) = (key["id"].as_str().unwrap(), key["key"].as_str().unwrap());
 
     // The key works on the node at once: a subscriber gets what the CLI publishes with it.
@@ -192,21 +183,7 @@ async fn onboarding(database: Option<&str>) {
 
     // An operator suspends the realm (abuse takedown): the node closes its live sessions and
     // refuses new ones until the suspension is lifted.
-    let key: serde_json::Value = serde_json::from_str(&cli(
-        c,
-        &http,
-        &[
-            "--json",
-            "keys",
-            "create",
-            "--realm",
-            "com.onboard.app",
-            "--name",
-            "second",
-        ],
-        None,
-    ))
-    .unwrap();
+    let key = create_key(c, &http, &["--name", "second"]);
     let secret = key["key"].as_str().unwrap().to_owned();
     let live = Client::connect_with(opts(&secret)).await.unwrap();
     let mut events = live.subscribe("com.onboard.app.hello").await.unwrap();
