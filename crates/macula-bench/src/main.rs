@@ -186,6 +186,13 @@ fn print_ratios(figs: &[Figure], num: &str, den: &str) {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Logs only when asked for (`MACULA_LOG=macula_mesh=debug`): figures stay readable.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("MACULA_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     if let Cmd::Node {
         config,
         mesh,

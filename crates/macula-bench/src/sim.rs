@@ -43,6 +43,7 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
     let base = dir.load()?;
     let started = Instant::now();
     let mut nodes: Vec<Running> = Vec::with_capacity(a.nodes);
+    let mut boot_of = vec![0usize; a.nodes];
     let mut rng = 0x9E37_79B9_7F4A_7C15u64;
     let mut next = move |n: usize| {
         rng ^= rng << 13;
@@ -62,7 +63,8 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
         l.config.mesh.bootstrap = if i == 0 {
             vec![]
         } else {
-            nodes[next(i)].mesh_addrs.clone()
+            boot_of[i] = next(i);
+            nodes[boot_of[i]].mesh_addrs.clone()
         };
         l.config.mesh.peer_timeout_ms = 10_000;
         let r = macula_node::start(Node::new(l, Some(dir.clone())))
@@ -79,7 +81,17 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
         let deadline = Instant::now() + Duration::from_secs(60);
         while m.peers().is_empty() {
             if Instant::now() > deadline {
-                bail!("node {i} did not join the mesh within 60 s");
+                // What each side sees of the other, for the next person chasing this.
+                let b = mesh(boot_of[i]).context("mesh off")?;
+                let me = m.peer_id().to_string();
+                let seen = b.peer_status().into_iter().find(|s| s.peer_id == me);
+                bail!(
+                    "node {i} ({me}) did not join the mesh within 60 s; its connections: {:?}; \
+                     its bootstrap node {} ({}) sees it as {seen:?}",
+                    m.peer_status(),
+                    boot_of[i],
+                    b.peer_id()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -177,6 +177,10 @@ pub enum Frame {
     /// Nodes the sender is linked with in `realm` (peer ids), so that realm nodes find each
     /// other through any one of them, not through the DHT alone.
     Peers { realm: String, peers: Vec<String> },
+    /// A usage report (MessagePack, the node's format) for the billing aggregator's node.
+    Usage { id: u64, report: Bytes },
+    /// The aggregator's answer to [`Frame::Usage`] `id`: stored, or why not.
+    UsageAck { id: u64, error: Option<String> },
 }
 
 impl Frame {
@@ -191,6 +195,8 @@ impl Frame {
             Frame::Call { .. } => "call",
             Frame::Reply { .. } => "reply",
             Frame::Peers { .. } => "peers",
+            Frame::Usage { .. } => "usage",
+            Frame::UsageAck { .. } => "usage_ack",
         }
     }
 

@@ -775,7 +775,9 @@ async fn run(
                     kad.get_providers(realm_key(realm));
                 }
                 links.redial(&mut swarm);
-                if swarm.connected_peers().next().is_none() {
+                // Not joined (no certified peer, though connections may be up, e.g. ones that
+                // others' lookups opened): dial the bootstrap nodes again.
+                if shared.up.read().is_empty() {
                     for b in &bootstrap {
                         let _ = links.dial(&mut swarm, DialOpts::from(b.clone()));
                     }
@@ -804,6 +806,7 @@ fn handle_event(
             ..
         } => {
             let addr = endpoint.get_remote_address().clone();
+            tracing::debug!(local = %shared.local, peer = %peer_id, dialer = endpoint.is_dialer(), "connection up");
             if endpoint.is_dialer() {
                 swarm
                     .behaviour_mut()
@@ -813,14 +816,21 @@ fn handle_event(
             shared.conns.write().insert(peer_id, (addr, None));
             links.established(peer_id, connection_id, shared, cmd);
         }
-        SwarmEvent::OutgoingConnectionError { connection_id, .. } => {
+        SwarmEvent::OutgoingConnectionError {
+            connection_id,
+            peer_id,
+            error,
+        } => {
+            tracing::debug!(local = %shared.local, peer = ?peer_id, "dial failed: {error}");
             links.dialing.remove(&connection_id);
         }
         SwarmEvent::ConnectionClosed {
             peer_id,
             num_established: 0,
+            cause,
             ..
         } => {
+            tracing::debug!(local = %shared.local, peer = %peer_id, "connection closed: {cause:?}");
             if let Some(q) = shared.writers.write().remove(&peer_id) {
                 q.relieve(shared);
             }
@@ -956,11 +966,15 @@ async fn write_frames(
                 let unsupported =
                     matches!(e, libp2p_stream::OpenStreamError::UnsupportedProtocol(_));
                 if unsupported || attempt >= 3 {
-                    tracing::debug!(%peer, attempt, "no mesh stream, disconnecting: {e}");
-                    let _ = cmd.send(Cmd::Disconnect(peer));
+                    tracing::debug!(local = %shared.local, %peer, attempt, "no mesh stream, disconnecting: {e}");
+                    // Only the peer's current writer may drop the connection: a writer left
+                    // over from a closed connection must not take the new one down with it.
+                    if is_current(shared, peer, queue) {
+                        let _ = cmd.send(Cmd::Disconnect(peer));
+                    }
                     return;
                 }
-                tracing::debug!(%peer, attempt, "no mesh stream yet: {e}");
+                tracing::debug!(local = %shared.local, %peer, attempt, "no mesh stream yet: {e}");
                 tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
             }
         }
@@ -971,7 +985,9 @@ async fn write_frames(
     }
     .encode();
     if stream.write_all(&hello).await.is_err() {
-        let _ = cmd.send(Cmd::Disconnect(peer));
+        if is_current(shared, peer, queue) {
+            let _ = cmd.send(Cmd::Disconnect(peer));
+        }
         return;
     }
     let mut buf: Vec<u8> = Vec::new();
@@ -988,7 +1004,9 @@ async fn write_frames(
             }
         }
         if stream.write_all(&buf).await.is_err() || stream.flush().await.is_err() {
-            let _ = cmd.send(Cmd::Disconnect(peer));
+            if is_current(shared, peer, queue) {
+                let _ = cmd.send(Cmd::Disconnect(peer));
+            }
             return;
         }
         shared
@@ -1001,6 +1019,15 @@ async fn write_frames(
         }
     }
     let _ = stream.close().await;
+}
+
+/// Whether `queue` is (still) the writer queue of `peer`.
+fn is_current(shared: &Shared, peer: PeerId, queue: &PeerQueue) -> bool {
+    shared
+        .writers
+        .read()
+        .get(&peer)
+        .is_some_and(|q| std::ptr::eq(&**q, queue))
 }
 
 async fn accept_loop(

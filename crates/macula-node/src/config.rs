@@ -195,6 +195,35 @@ impl Default for RegistrySection {
     }
 }
 
+/// Metering of every billed operation (see `meter.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeteringSection {
+    /// Count usage per realm and API key. Off, nothing is counted or billed on this node.
+    pub enabled: bool,
+    /// Where the counters file lives (relative to the config directory). One node per directory.
+    pub dir: PathBuf,
+    /// Distinct (realm, API key) pairs this node can count (1 KiB of counters file each).
+    pub slots: usize,
+    /// How often usage is delivered to the billing aggregator, in ms.
+    pub flush_ms: u64,
+    /// How often the counters file is written to disk (against power loss), in ms. A process
+    /// crash loses nothing either way.
+    pub sync_ms: u64,
+}
+
+impl Default for MeteringSection {
+    fn default() -> Self {
+        MeteringSection {
+            enabled: true,
+            dir: PathBuf::from("meter"),
+            slots: 16_384,
+            flush_ms: 1000,
+            sync_ms: 5000,
+        }
+    }
+}
+
 /// The whole node configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -203,6 +232,7 @@ pub struct NodeConfig {
     pub limits: Limits,
     pub mesh: MeshSection,
     pub registry: RegistrySection,
+    pub metering: MeteringSection,
     /// How often the config directory is re-read for policy and revocation changes, in ms.
     pub reload_interval_ms: u64,
 }

@@ -141,7 +141,7 @@ async fn run_ws(socket: WebSocket, node: Arc<Node>, serializer: Serializer, peer
         while outbox.next_batch(&mut batch).await {
             for item in batch.drain(..) {
                 let mut buf = Vec::with_capacity(128);
-                if encode_out(&item, serializer, &writer_node, &mut buf) {
+                if encode_out(&item, serializer, &writer_node, outbox.meter(), &mut buf) {
                     let frame = if serializer.is_text() {
                         match String::from_utf8(buf) {
                             Ok(s) => WsMessage::Text(s.into()),
@@ -239,6 +239,7 @@ fn status_for(uri: &str) -> StatusCode {
         errors::CANCELED | errors::TIMEOUT => StatusCode::GATEWAY_TIMEOUT,
         errors::AUTHENTICATION_FAILED | errors::NO_AUTH_METHOD => StatusCode::UNAUTHORIZED,
         errors::NO_SUCH_ROLE | errors::AUTHORIZATION_FAILED => StatusCode::FORBIDDEN,
+        errors::QUOTA_EXCEEDED | errors::RATE_LIMITED => StatusCode::TOO_MANY_REQUESTS,
         _ => StatusCode::UNPROCESSABLE_ENTITY,
     }
 }

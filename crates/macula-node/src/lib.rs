@@ -12,6 +12,7 @@ pub mod confdir;
 pub mod config;
 pub mod http;
 pub mod mesh;
+pub mod meter;
 pub mod metrics;
 pub mod node;
 pub mod outbox;
@@ -132,10 +133,22 @@ pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow:
             .map(|a| a.to_string())
             .collect();
         let _ = node.mesh.set(mesh.clone());
+        // Usage goes to the node hosting the billing aggregator: this one (its sink is set by
+        // the registry), or one found through the mesh.
+        if node.config.registry.enabled {
+            mesh.handle.provide(mesh::BILLING);
+        } else {
+            let _ = node
+                .usage_sink
+                .set(Arc::new(mesh::MeshSink(Arc::downgrade(&node))));
+        }
         mesh::publish_local_states(&node, &mesh);
         node.rebuild_auth();
         tasks.push(tokio::spawn(mesh::run(node.clone(), mesh, rx)));
         tracing::info!(peer_id = %node.mesh.get().map(|m| m.handle.peer_id().to_string()).unwrap_or_default(), addrs = ?mesh_addrs, "mesh listening");
+    }
+    if let Some(meter) = node.meter.clone() {
+        tasks.push(tokio::spawn(ship_usage(node.clone(), meter)));
     }
     tracing::info!(http = %http_addr, rawsocket = %rawsocket_addr, "node listening");
     Ok(Running {
@@ -145,6 +158,49 @@ pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow:
         mesh_addrs,
         tasks,
     })
+}
+
+/// Delivers usage to the billing aggregator every `metering.flush_ms` (once one is known) and
+/// syncs the counters file every `metering.sync_ms`.
+async fn ship_usage(node: Arc<Node>, meter: Arc<meter::Meter>) {
+    let m = &node.config.metering;
+    let mut shipper: Option<meter::Shipper> = None;
+    let mut iv = tokio::time::interval(Duration::from_millis(m.flush_ms.max(10)));
+    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let sync_every = Duration::from_millis(m.sync_ms.max(100));
+    let mut synced = Instant::now();
+    let mut failing = false;
+    loop {
+        iv.tick().await;
+        if synced.elapsed() >= sync_every {
+            let meter = meter.clone();
+            let _ = tokio::task::spawn_blocking(move || meter.sync()).await;
+            synced = Instant::now();
+        }
+        let Some(sink) = node.usage_sink.get() else {
+            continue;
+        };
+        let s = shipper.get_or_insert_with(|| {
+            let id = node
+                .mesh
+                .get()
+                .map(|m| m.handle.peer_id().to_string())
+                .unwrap_or_else(|| "standalone".into());
+            meter::Shipper::new(meter.clone(), id)
+        });
+        match s.ship(&**sink, confdir::now_secs()).await {
+            Ok(_) if failing => {
+                failing = false;
+                tracing::info!("metering: usage delivered again");
+            }
+            Ok(_) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!("metering: usage not delivered (kept, will retry): {e}");
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// Loads (or creates) the node identity, obtains its operator certificate and starts the mesh.

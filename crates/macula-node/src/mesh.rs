@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier};
@@ -214,6 +214,10 @@ pub struct MeshState {
     links: Mutex<HashMap<(String, PeerId), Id>>,
     /// Signed realm states known to this node (its own and learned), by realm.
     pub states: Mutex<HashMap<String, RealmState>>,
+    /// Usage reports sent to the billing node, awaiting its acknowledgement.
+    usage_acks: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Option<String>>>>,
+    /// The node hosting the billing aggregator, once found.
+    billing_peer: Mutex<Option<PeerId>>,
 }
 
 impl MeshState {
@@ -223,6 +227,8 @@ impl MeshState {
             counters: MeshCounters::default(),
             links: Mutex::new(HashMap::new()),
             states: Mutex::new(HashMap::new()),
+            usage_acks: Mutex::new(HashMap::new()),
+            billing_peer: Mutex::new(None),
         })
     }
 
@@ -396,6 +402,12 @@ fn rejected(mesh: &MeshState, peer: &PeerId, what: &str, why: impl std::fmt::Dis
 fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame) {
     match frame {
         Frame::Hello { .. } => {}
+        Frame::Usage { id, report } => on_usage(node, mesh, peer, id, report),
+        Frame::UsageAck { id, error } => {
+            if let Some(tx) = mesh.usage_acks.lock().remove(&id) {
+                let _ = tx.send(error);
+            }
+        }
         Frame::Peers { realm, peers } => {
             // Only for a realm this node serves with sessions of its own (as the DHT's provider
             // records): a node that merely holds a peer's interest does not pull the realm in.
@@ -744,4 +756,90 @@ async fn dht_call(
         vec![value],
         macula_wamp::dict! {"writer" => rec.writer, "written_at" => rec.written_at, "expires_at" => rec.expires_at},
     ))
+}
+
+/// The name under which the node hosting the billing aggregator announces itself in the DHT
+/// (a provider record, like a realm's; no realm name starts with `_`).
+pub const BILLING: &str = "_billing";
+
+/// A usage report from another node: stored by this node's aggregator, then acknowledged. A
+/// node reports only its own usage (the report's node must be the sending peer).
+fn on_usage(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, id: u64, report: Bytes) {
+    let reply = |error: Option<String>| {
+        mesh.handle.send(&peer, &Frame::UsageAck { id, error });
+    };
+    let report = match rmp_serde::from_slice::<crate::meter::UsageReport>(&report) {
+        Ok(r) if r.node == peer.to_string() => r,
+        Ok(_) => return reply(Some("a node reports only its own usage".into())),
+        Err(e) => return reply(Some(format!("malformed usage report: {e}"))),
+    };
+    let sink = match node.usage_sink.get() {
+        Some(s) if node.config.registry.enabled => s.clone(),
+        _ => return reply(Some("this node does not host the billing aggregator".into())),
+    };
+    let mesh = mesh.clone();
+    tokio::spawn(async move {
+        let error = sink.deliver(report).await.err();
+        mesh.handle.send(&peer, &Frame::UsageAck { id, error });
+    });
+}
+
+/// Delivers a node's usage to the billing node across the mesh (found through its DHT provider
+/// record), waiting for its acknowledgement.
+pub struct MeshSink(pub Weak<Node>);
+
+impl crate::meter::UsageSink for MeshSink {
+    fn deliver(
+        &self,
+        report: crate::meter::UsageReport,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), String>> {
+        let node = self.0.clone();
+        Box::pin(async move {
+            let mesh = node
+                .upgrade()
+                .and_then(|n| n.mesh.get().cloned())
+                .ok_or("the mesh is off")?;
+            let h = &mesh.handle;
+            let known = *mesh.billing_peer.lock();
+            let peer = match known.filter(|p| h.peers().contains(p)) {
+                Some(p) => p,
+                None => {
+                    let found = h.providers(BILLING).await;
+                    let p = found
+                        .into_iter()
+                        .find(|p| *p != h.peer_id())
+                        .ok_or("no node hosting the registry (billing aggregator) was found in the mesh")?;
+                    h.want(p);
+                    *mesh.billing_peer.lock() = Some(p);
+                    p
+                }
+            };
+            // Linked (the DHT lookup connects; the link follows within a round trip or two).
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !h.peers().contains(&peer) {
+                if Instant::now() > deadline {
+                    return Err(format!("the billing node {peer} is not reachable"));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let body = rmp_serde::to_vec_named(&report).map_err(|e| e.to_string())?;
+            let id: u64 = rand::random();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            mesh.usage_acks.lock().insert(id, tx);
+            h.send(
+                &peer,
+                &Frame::Usage {
+                    id,
+                    report: body.into(),
+                },
+            );
+            let answer = tokio::time::timeout(Duration::from_secs(10), rx).await;
+            mesh.usage_acks.lock().remove(&id);
+            match answer {
+                Ok(Ok(None)) => Ok(()),
+                Ok(Ok(Some(e))) => Err(format!("the billing node refused the report: {e}")),
+                _ => Err(format!("no acknowledgement from the billing node {peer}")),
+            }
+        })
+    }
 }

@@ -68,6 +68,10 @@ pub struct Node {
     local: Mutex<Loaded>,
     /// The mesh, once started.
     pub mesh: OnceLock<Arc<MeshState>>,
+    /// Usage counters (`metering.enabled`).
+    pub meter: Option<Arc<crate::meter::Meter>>,
+    /// Where usage reports go: the billing aggregator (set by whoever hosts or reaches it).
+    pub usage_sink: OnceLock<Arc<dyn crate::meter::UsageSink>>,
     me: std::sync::Weak<Node>,
 }
 
@@ -77,6 +81,17 @@ impl Node {
             authenticator: Authenticator::new(loaded.operator, loaded.revoked.clone()),
             policies: loaded.policies.clone(),
         };
+        let m = &loaded.config.metering;
+        let meter = m
+            .enabled
+            .then(|| {
+                let dir = confdir.as_ref().map(|c| c.root.join(&m.dir));
+                crate::meter::Meter::open(dir.as_deref(), m.slots).or_else(|e| {
+                    tracing::error!("metering: {e:#}; counting in memory only (usage is lost if the node crashes)");
+                    crate::meter::Meter::open(None, m.slots)
+                })
+            })
+            .and_then(Result::ok);
         Arc::new_cyclic(|me| Node {
             config: loaded.config.clone(),
             metrics: Arc::new(Metrics::default()),
@@ -86,6 +101,8 @@ impl Node {
             sessions: Mutex::new(HashMap::new()),
             local: Mutex::new(loaded),
             mesh: OnceLock::new(),
+            meter,
+            usage_sink: OnceLock::new(),
             me: me.clone(),
         })
     }
@@ -127,6 +144,9 @@ impl Node {
                 errors::REALM_DISABLED,
                 format!("realm {} is disabled: {why}", policy.realm()),
             ));
+        }
+        if let Some(why) = &policy.doc.quota_exceeded {
+            return Err(abort(errors::QUOTA_EXCEEDED, why.clone()));
         }
         if !policy.has_role(&identity.role) {
             return Err(abort(

@@ -56,6 +56,8 @@ pub struct Outbox {
     capacity: usize,
     policy: SlowConsumerPolicy,
     metrics: Arc<Metrics>,
+    /// The session's metering, once it joined (its writer counts egress and call latency).
+    meter: std::sync::OnceLock<Arc<crate::meter::SessionMeter>>,
 }
 
 impl Outbox {
@@ -71,7 +73,16 @@ impl Outbox {
             capacity: capacity.max(1),
             policy,
             metrics,
+            meter: std::sync::OnceLock::new(),
         })
+    }
+
+    pub fn set_meter(&self, m: Arc<crate::meter::SessionMeter>) {
+        let _ = self.meter.set(m);
+    }
+
+    pub fn meter(&self) -> Option<&crate::meter::SessionMeter> {
+        self.meter.get().map(|m| &**m)
     }
 
     fn push(&self, item: Out) {

@@ -74,7 +74,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) -> std::io
         while outbox.next_batch(&mut batch).await {
             for item in batch.drain(..) {
                 buf.clear();
-                if encode_out(&item, serializer, &writer_node, &mut buf) {
+                if encode_out(&item, serializer, &writer_node, outbox.meter(), &mut buf) {
                     if buf.len() > client_max {
                         tracing::warn!("dropping a {}-byte message above the client's RawSocket limit of {client_max}", buf.len());
                         continue;

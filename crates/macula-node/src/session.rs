@@ -11,6 +11,7 @@ use macula_wamp::{dict, errors, Dict, Id, Message, Serializer, Value};
 
 use crate::confdir::now_secs;
 use crate::node::{Node, RealmHandle};
+use crate::meter::{Op, SessionMeter};
 use crate::outbox::{Out, Outbox, SessionPeer, Staging};
 
 /// Whether the connection goes on after a frame.
@@ -65,6 +66,9 @@ pub struct Connection {
     staging: Staging,
     /// The time of the current burst of input (read once per burst, reset on flush).
     now: Option<Instant>,
+    /// Size of the frame being handled (metered as the operation's bytes in).
+    frame_len: usize,
+    meter: Option<Arc<SessionMeter>>,
 }
 
 impl Connection {
@@ -97,6 +101,8 @@ impl Connection {
             bucket,
             staging: Staging::default(),
             now: None,
+            frame_len: 0,
+            meter: None,
         }
     }
 
@@ -180,6 +186,7 @@ impl Connection {
             }
         };
         metrics.count_in(msg.code());
+        self.frame_len = bytes.len();
         self.on_message(msg)
     }
 
@@ -200,7 +207,30 @@ impl Connection {
                     ));
                 }
                 let (id, realm) = (*id, realm.clone());
-                let result = self.staging.capture(|| realm.lock().handle(id, msg, now));
+                // Counted once the router took it (a refusal for quota is not an operation).
+                let kind = self.meter.as_ref().and_then(|_| op_kind(&msg));
+                let call = match (&self.meter, &msg) {
+                    (Some(m), Message::Call { request, .. }) => {
+                        m.call_started(*request, now);
+                        Some(*request)
+                    }
+                    _ => None,
+                };
+                let mut over_quota = false;
+                let result = self.staging.capture(|| {
+                    let mut core = realm.lock();
+                    over_quota = core.policy().doc.quota_exceeded.is_some();
+                    core.handle(id, msg, now)
+                });
+                if let (Some(m), Some(kind)) = (&self.meter, kind) {
+                    if over_quota {
+                        if let Some(r) = call {
+                            m.call_forget(r);
+                        }
+                    } else {
+                        m.counter.op(kind, self.frame_len);
+                    }
+                }
                 match result {
                     Ok(()) => Flow::Continue,
                     Err(last) => {
@@ -268,6 +298,13 @@ impl Connection {
                             self.outbox_send(welcome);
                             id
                         };
+                        if let Some(meter) = &self.node.meter {
+                            let m = Arc::new(SessionMeter::new(
+                                meter.counter(&identity.realm, &identity.kid),
+                            ));
+                            self.outbox.set_meter(m.clone());
+                            self.meter = Some(m);
+                        }
                         self.node
                             .session_joined(id, &identity.kid, self.outbox.clone());
                         self.state = State::Joined { id, realm };
@@ -293,14 +330,62 @@ impl Connection {
     }
 }
 
-/// Encodes one outgoing item, counting it. `None` for items the transport handles itself.
-pub fn encode_out(item: &Out, serializer: Serializer, node: &Node, buf: &mut Vec<u8>) -> bool {
+/// Encodes one outgoing item, counting it (and metering its bytes as the realm's egress).
+/// `false` for items the transport handles itself.
+pub fn encode_out(
+    item: &Out,
+    serializer: Serializer,
+    node: &Node,
+    meter: Option<&SessionMeter>,
+    buf: &mut Vec<u8>,
+) -> bool {
     match item {
         Out::Msg(m) => {
             node.metrics.count_out(m.code());
+            let start = buf.len();
             serializer.encode_into(m, buf);
+            if let Some(meter) = meter {
+                meter.counter.egress(buf.len() - start);
+                if let Some(request) = final_call_answer(m) {
+                    meter.call_done(request);
+                }
+            }
             true
         }
         Out::Pong(_) => false,
     }
+}
+
+/// The CALL request a message finally answers (a RESULT that is not progressive, or an ERROR
+/// for a CALL).
+pub fn final_call_answer(m: &Message) -> Option<Id> {
+    match m {
+        Message::Result {
+            request, details, ..
+        } if !details
+            .get("progress")
+            .and_then(Value::as_bool)
+            .unwrap_or(false) =>
+        {
+            Some(*request)
+        }
+        Message::Error {
+            request_type: macula_wamp::code::CALL,
+            request,
+            ..
+        } => Some(*request),
+        _ => None,
+    }
+}
+
+/// The billed kind of a client's message (`None` for what is not an operation).
+pub fn op_kind(m: &Message) -> Option<Op> {
+    Some(match m {
+        Message::Publish { .. } => Op::Publish,
+        Message::Subscribe { .. } => Op::Subscribe,
+        Message::Call { procedure, .. } if procedure.starts_with("macula.dht.") => Op::Dht,
+        Message::Call { .. } => Op::Call,
+        Message::Register { .. } => Op::Register,
+        _ => return None,
+    })
 }

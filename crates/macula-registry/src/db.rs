@@ -431,6 +431,102 @@ CREATE TABLE idempotency (
 CREATE TABLE write_guard (ok BIGINT NOT NULL CHECK (ok = 1));
 "#,
     },
+    Migration {
+        version: 3,
+        name: "metering, plans, notices, invoices, payments, ledger",
+        sql: r#"
+CREATE TABLE usage_reports (
+    node TEXT NOT NULL,
+    epoch TEXT NOT NULL,
+    realm TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    hour BIGINT NOT NULL,
+    ops_publish BIGINT NOT NULL,
+    ops_subscribe BIGINT NOT NULL,
+    ops_call BIGINT NOT NULL,
+    ops_register BIGINT NOT NULL,
+    ops_dht BIGINT NOT NULL,
+    bytes_in BIGINT NOT NULL,
+    bytes_out BIGINT NOT NULL,
+    latency TEXT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (node, epoch, realm, key_id, hour)
+);
+CREATE INDEX usage_reports_realm ON usage_reports(realm, hour);
+CREATE TABLE usage_rollups (
+    realm TEXT NOT NULL,
+    period TEXT NOT NULL,
+    start BIGINT NOT NULL,
+    ops_publish BIGINT NOT NULL,
+    ops_subscribe BIGINT NOT NULL,
+    ops_call BIGINT NOT NULL,
+    ops_register BIGINT NOT NULL,
+    ops_dht BIGINT NOT NULL,
+    bytes_in BIGINT NOT NULL,
+    bytes_out BIGINT NOT NULL,
+    PRIMARY KEY (realm, period, start)
+);
+CREATE INDEX usage_rollups_period ON usage_rollups(period, start);
+ALTER TABLE realms ADD COLUMN quota_blocked BIGINT NOT NULL DEFAULT 0;
+CREATE TABLE plan_history (
+    realm TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    effective_at BIGINT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (realm, effective_at)
+);
+CREATE TABLE addons (
+    realm TEXT NOT NULL,
+    feature TEXT NOT NULL,
+    started_at BIGINT NOT NULL,
+    ended_at BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (realm, feature, started_at)
+);
+CREATE TABLE notices (
+    realm TEXT NOT NULL,
+    period BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (realm, period, kind)
+);
+CREATE TABLE invoices (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    month BIGINT NOT NULL,
+    status TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    subtotal_cents BIGINT NOT NULL,
+    total_cents BIGINT NOT NULL,
+    lines TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    finalized_at BIGINT NOT NULL DEFAULT 0,
+    paid_at BIGINT NOT NULL DEFAULT 0,
+    voided_at BIGINT NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX invoices_account_month ON invoices(account_id, month) WHERE status <> 'void';
+CREATE TABLE payments (
+    id TEXT PRIMARY KEY,
+    invoice_id TEXT NOT NULL REFERENCES invoices(id),
+    provider TEXT NOT NULL,
+    reference TEXT NOT NULL,
+    amount_cents BIGINT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE ledger (
+    id {serial},
+    txn TEXT NOT NULL,
+    account TEXT NOT NULL,
+    amount_cents BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX ledger_txn ON ledger(txn);
+CREATE INDEX ledger_account ON ledger(account, id);
+"#,
+    },
 ];
 
 impl Db {

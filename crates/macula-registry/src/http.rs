@@ -60,6 +60,16 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/admin/realms/{realm}/suspend"),
     ("post", "/v1/admin/realms/{realm}/unsuspend"),
     ("post", "/v1/admin/realms/{realm}/transfer"),
+    ("get", "/v1/plans"),
+    ("get", "/v1/realms/{realm}/usage"),
+    ("get", "/v1/realms/{realm}/usage/{month}"),
+    ("post", "/v1/realms/{realm}/plan"),
+    ("post", "/v1/realms/{realm}/addons"),
+    ("get", "/v1/invoices"),
+    ("get", "/v1/invoices/{invoice}"),
+    ("post", "/v1/invoices/{invoice}/pay"),
+    ("post", "/v1/admin/invoices/run"),
+    ("post", "/v1/admin/invoices/{invoice}/void"),
     ("get", "/v1/openapi.json"),
 ];
 
@@ -102,6 +112,16 @@ pub fn router(reg: Arc<Registry>, body_limit: usize) -> Router {
         .route("/v1/admin/realms/{realm}/suspend", post(suspend))
         .route("/v1/admin/realms/{realm}/unsuspend", post(unsuspend))
         .route("/v1/admin/realms/{realm}/transfer", post(force_transfer))
+        .route("/v1/plans", get(plans))
+        .route("/v1/realms/{realm}/usage", get(usage))
+        .route("/v1/realms/{realm}/usage/{month}", get(usage_month))
+        .route("/v1/realms/{realm}/plan", post(set_plan))
+        .route("/v1/realms/{realm}/addons", post(set_addon))
+        .route("/v1/invoices", get(invoices))
+        .route("/v1/invoices/{invoice}", get(invoice))
+        .route("/v1/invoices/{invoice}/pay", post(pay_invoice))
+        .route("/v1/admin/invoices/run", post(run_invoices))
+        .route("/v1/admin/invoices/{invoice}/void", post(void_invoice))
         .route("/v1/openapi.json", get(openapi))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(reg)
@@ -534,4 +554,200 @@ async fn force_transfer(
 
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+// ---- billing ----
+
+async fn plans() -> Json<Value> {
+    Json(serde_json::json!({
+        "tiers": crate::billing::TIERS,
+        "addons": crate::billing::ADDONS.iter().map(|(id, title, cents)| serde_json::json!({"id": id, "title": title, "monthly_cents": cents})).collect::<Vec<_>>(),
+        "rules": {
+            "rounding": "each line is computed exactly and rounded half up to the cent; the total is the sum of the lines",
+            "gib": "1 GiB = 2^30 bytes of egress (bytes written to the realm's clients)",
+            "plan_changes": "upgrades apply at once and the whole month is billed at the new plan; downgrades apply on the first of next month",
+            "hard_quota": "the Hobby plan refuses operations past its allowance until the month ends; paid plans bill overage",
+            "addons": "an add-on is billed in full for every month in which it was active",
+        },
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    #[serde(default)]
+    period: Option<String>,
+    #[serde(default)]
+    from: Option<String>,
+    #[serde(default)]
+    to: Option<String>,
+    #[serde(default)]
+    format: Option<String>,
+}
+
+/// A time given as Unix seconds, `YYYY-MM` (that month's start) or `YYYY-MM-DD`.
+fn parse_time(s: &str) -> ApiResult<i64> {
+    if let Ok(v) = s.parse::<i64>() {
+        return Ok(v);
+    }
+    if s.len() == 10 {
+        let month = crate::billing::parse_month(&s[..7])?;
+        let day: i64 = s[8..]
+            .parse()
+            .map_err(|_| ApiError::invalid("invalid_time", format!("{s:?}: write YYYY-MM-DD, YYYY-MM or Unix seconds")))?;
+        return Ok(month + (day - 1) * 86_400);
+    }
+    crate::billing::parse_month(s)
+}
+
+async fn usage(
+    State(reg): Reg,
+    actor: Actor,
+    Path(realm): Path<String>,
+    Q(q): Q<UsageQuery>,
+) -> ApiResult<Response> {
+    let period = q.period.as_deref().unwrap_or("day");
+    let now = macula_node::confdir::now_secs() as i64;
+    let to = q.to.as_deref().map(parse_time).transpose()?.unwrap_or(now + 1);
+    let from = match q.from.as_deref() {
+        Some(f) => parse_time(f)?,
+        None => crate::billing::month_start(now),
+    };
+    let rows = reg.usage(&actor, &realm, period, from, to).await?;
+    if q.format.as_deref() == Some("csv") {
+        let mut out = String::from("realm,period,start,publish,subscribe,call,register,dht,ops_total,bytes_in,egress_bytes,latency_p50_ms,latency_p95_ms\n");
+        let ms = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_default();
+        for r in &rows {
+            out.push_str(&format!(
+                "{realm},{period},{},{},{},{},{},{},{},{},{},{},{}\n",
+                r.start,
+                r.ops.get("publish").unwrap_or(&0),
+                r.ops.get("subscribe").unwrap_or(&0),
+                r.ops.get("call").unwrap_or(&0),
+                r.ops.get("register").unwrap_or(&0),
+                r.ops.get("dht").unwrap_or(&0),
+                r.ops_total,
+                r.bytes_in,
+                r.egress_bytes,
+                ms(r.latency_p50_ms),
+                ms(r.latency_p95_ms),
+            ));
+        }
+        return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response());
+    }
+    Ok(Json(serde_json::json!({"realm": realm, "period": period, "items": rows})).into_response())
+}
+
+async fn usage_month(
+    State(reg): Reg,
+    actor: Actor,
+    Path((realm, month)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let month = crate::billing::parse_month(&month)?;
+    Ok(Json(reg.usage_month(&actor, &realm, month).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanReq {
+    tier: String,
+}
+
+async fn set_plan(
+    State(reg): Reg,
+    actor: Actor,
+    Path(realm): Path<String>,
+    Body(b): Body<PlanReq>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(reg.set_plan(&actor, &realm, &b.tier).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddonReq {
+    feature: String,
+    #[serde(default = "yes")]
+    active: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn set_addon(
+    State(reg): Reg,
+    actor: Actor,
+    Path(realm): Path<String>,
+    Body(b): Body<AddonReq>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(reg.set_addon(&actor, &realm, &b.feature, b.active).await?))
+}
+
+async fn invoices(State(reg): Reg, actor: Actor) -> ApiResult<Json<Value>> {
+    Ok(Json(reg.list_invoices(&actor).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvoiceQuery {
+    #[serde(default)]
+    format: Option<String>,
+}
+
+async fn invoice(
+    State(reg): Reg,
+    actor: Actor,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Q(q): Q<InvoiceQuery>,
+) -> ApiResult<Response> {
+    let inv = reg.show_invoice(&actor, &id).await?;
+    let html = q.format.as_deref() == Some("html")
+        || (q.format.is_none()
+            && headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|a| a.starts_with("text/html")));
+    if html {
+        return Ok((
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            crate::billing::invoice_html(&inv),
+        )
+            .into_response());
+    }
+    Ok(Json(inv).into_response())
+}
+
+async fn pay_invoice(
+    State(reg): Reg,
+    actor: Actor,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(reg.pay_invoice(&actor, &id).await?))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RunReq {
+    #[serde(default)]
+    month: Option<String>,
+}
+
+async fn run_invoices(
+    State(reg): Reg,
+    actor: Actor,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Value>> {
+    Registry::operator_only(&actor)?;
+    let r = optional_body::<RunReq>(&body)?.unwrap_or_default();
+    let month = crate::billing::parse_month(r.month.as_deref().unwrap_or("previous"))?;
+    Ok(Json(reg.run_invoices(month, None).await?))
+}
+
+async fn void_invoice(
+    State(reg): Reg,
+    actor: Actor,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(reg.void_invoice(&actor, &id).await?))
 }

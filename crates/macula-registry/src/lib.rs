@@ -9,6 +9,7 @@
 //! registry writes every realm's newest policy into the hosting node's config directory, and the
 //! node floods it to the mesh. No database is on the data plane's path.
 
+pub mod billing;
 pub mod db;
 pub mod error;
 pub mod http;
@@ -70,6 +71,10 @@ pub async fn host(
         Some(node.clone()),
     )
     .await?;
+    // The hosting node's usage goes straight to the aggregator.
+    let _ = node
+        .usage_sink
+        .set(Arc::new(billing::LocalSink(Arc::downgrade(&reg))));
     let sweeper = Arc::downgrade(&reg);
     tokio::spawn(async move {
         let mut iv = tokio::time::interval(Duration::from_secs(60));
@@ -78,6 +83,9 @@ pub async fn host(
             let Some(reg) = sweeper.upgrade() else { return };
             if let Err(e) = reg.expire().await {
                 tracing::error!("registry expiry sweep: {}", e.message);
+            }
+            if let Err(e) = reg.billing_tick().await {
+                tracing::error!("billing: {}", e.message);
             }
         }
     });

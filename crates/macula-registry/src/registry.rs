@@ -77,7 +77,7 @@ pub struct Actor {
 
 /// What an actor may do in one realm.
 #[derive(Debug, Clone, PartialEq)]
-enum Access {
+pub(crate) enum Access {
     Owner,
     Member(String),
     Operator,
@@ -85,8 +85,8 @@ enum Access {
 }
 
 /// Control-plane permissions, named like the seed's `realm:` actions (`realm:*` grants all).
-const ADMIN: &str = "admin";
-const READ: &str = "read";
+pub(crate) const ADMIN: &str = "admin";
+pub(crate) const READ: &str = "read";
 
 pub struct Registry {
     pub db: Db,
@@ -103,6 +103,8 @@ pub struct Registry {
     signers: Mutex<HashMap<String, Arc<Signer>>>,
     /// A hash to verify against when the email is unknown, so that timing does not tell.
     dummy_hash: String,
+    /// Takes payment for invoices.
+    pub payments: Box<dyn crate::billing::PaymentProvider>,
 }
 
 fn sha256_hex(s: &str) -> String {
@@ -188,21 +190,21 @@ pub fn validate_realm_name(name: &str) -> ApiResult<()> {
 
 /// One realm row.
 #[derive(Debug, Clone)]
-struct RealmRow {
-    name: String,
-    owner_id: String,
-    owner_email: String,
-    parent: Option<String>,
-    tier: String,
-    suspended: String,
-    frozen: String,
-    created_at: i64,
-    expires_at: i64,
-    authority_key: String,
-    authority_cert: String,
-    policy_version: i64,
+pub(crate) struct RealmRow {
+    pub(crate) name: String,
+    pub(crate) owner_id: String,
+    pub(crate) owner_email: String,
+    pub(crate) parent: Option<String>,
+    pub(crate) tier: String,
+    pub(crate) suspended: String,
+    pub(crate) frozen: String,
+    pub(crate) created_at: i64,
+    pub(crate) expires_at: i64,
+    pub(crate) authority_key: String,
+    pub(crate) authority_cert: String,
+    pub(crate) policy_version: i64,
     /// The newest policy version's YAML.
-    policy: String,
+    pub(crate) policy: String,
 }
 
 impl RealmRow {
@@ -366,6 +368,7 @@ impl Registry {
             signers: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             dummy_hash: hash_password("not a real password, only for timing")?,
+            payments: Box::new(crate::billing::RecordingProvider),
         });
         reg.sync_all().await?;
         Ok(reg)
@@ -612,7 +615,7 @@ impl Registry {
 
     // ---------------------------------------------------------------- realms
 
-    async fn realm(&self, c: &mut AnyConnection, name: &str) -> ApiResult<RealmRow> {
+    pub(crate) async fn realm(&self, c: &mut AnyConnection, name: &str) -> ApiResult<RealmRow> {
         let row = sqlx::query(&format!(
             "SELECT {REALM_COLUMNS} FROM {REALM_FROM} WHERE r.name = $1"
         ))
@@ -646,7 +649,7 @@ impl Registry {
     }
 
     /// The realm, after checking that `actor` may do `action` in it.
-    async fn authorize(
+    pub(crate) async fn authorize(
         &self,
         c: &mut AnyConnection,
         name: &str,
@@ -683,7 +686,7 @@ impl Registry {
     }
 
     /// The realm's newest policy (parsed once per version).
-    fn policy_doc(&self, realm: &RealmRow) -> ApiResult<PolicyDoc> {
+    pub(crate) fn policy_doc(&self, realm: &RealmRow) -> ApiResult<PolicyDoc> {
         let mut cache = self.policies.lock();
         if let Some((v, doc)) = cache.get(&realm.name) {
             if *v == realm.policy_version {
@@ -701,7 +704,7 @@ impl Registry {
     }
 
     /// Stores `doc` as the realm's next policy version.
-    async fn put_policy(
+    pub(crate) async fn put_policy(
         &self,
         c: &mut AnyConnection,
         realm: &str,
@@ -1809,7 +1812,7 @@ impl Registry {
 
     // ---------------------------------------------------------------- operator: disputes
 
-    fn operator_only(actor: &Actor) -> ApiResult<()> {
+    pub(crate) fn operator_only(actor: &Actor) -> ApiResult<()> {
         if actor.operator {
             Ok(())
         } else {
@@ -2267,7 +2270,7 @@ struct Signer {
 }
 
 /// Records a change in the audit log, in the change's own transaction.
-fn audit(
+pub(crate) fn audit(
     tx: &mut WriteTx,
     realm: Option<&str>,
     actor: &str,

@@ -69,6 +69,10 @@ pub struct PolicyDoc {
     /// takedown) or expired past its grace period. Nodes refuse new sessions and close live ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disabled: Option<String>,
+    /// Set (to the reason) while the realm is past its plan's hard quota (the free tier): nodes
+    /// refuse new sessions and answer every operation with `macula.error.quota_exceeded`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_exceeded: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

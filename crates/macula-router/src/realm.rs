@@ -140,6 +140,31 @@ impl IdGen {
 }
 
 /// Builds an ERROR reply whose first argument is a human message.
+/// What a realm past its quota answers to an operation: an ERROR, or (for a publication that
+/// asked for no acknowledgement, which cannot be answered) the session's GOODBYE. `None` for
+/// messages that are not billed operations (answers, unsubscriptions, GOODBYE).
+fn quota_refusal(msg: &Message, why: &str) -> Option<Result<Message, Message>> {
+    let (kind, request) = match msg {
+        Message::Publish {
+            request, options, ..
+        } => {
+            if !options
+                .get("acknowledge")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+            {
+                return Some(Err(crate::auth::goodbye(errors::QUOTA_EXCEEDED, why)));
+            }
+            (code::PUBLISH, *request)
+        }
+        Message::Subscribe { request, .. } => (code::SUBSCRIBE, *request),
+        Message::Call { request, .. } => (code::CALL, *request),
+        Message::Register { request, .. } => (code::REGISTER, *request),
+        _ => return None,
+    };
+    Some(Ok(error(kind, request, errors::QUOTA_EXCEEDED, why)))
+}
+
 pub fn error(request_type: u64, request: Id, uri: &str, message: impl Into<String>) -> Message {
     Message::Error {
         request_type,
@@ -471,6 +496,17 @@ impl<P: Peer> Realm<P> {
                 errors::NO_SUCH_SESSION,
                 "session is not joined",
             ));
+        }
+        if let Some(why) = &self.policy.doc.quota_exceeded {
+            if let Some(refusal) = quota_refusal(&msg, why) {
+                return match refusal {
+                    Ok(err) => {
+                        self.send(from, err);
+                        Ok(())
+                    }
+                    Err(bye) => Err(bye),
+                };
+            }
         }
         match msg {
             Message::Publish {

@@ -37,3 +37,6 @@ pub const LIMIT_EXCEEDED: &str = "macula.error.limit_exceeded";
 pub const NOT_FOUND: &str = "macula.error.not_found";
 /// The realm is suspended by the operator or expired past its grace period.
 pub const REALM_DISABLED: &str = "macula.error.realm_disabled";
+/// The realm used its plan's monthly quota (free tier): operations are refused until the next
+/// month or an upgrade.
+pub const QUOTA_EXCEEDED: &str = "macula.error.quota_exceeded";

@@ -1,0 +1,555 @@
+//! Metering: what every realm used on this node, per API key, for billing.
+//!
+//! **Counting** is a handful of relaxed atomic adds per operation into a *slot* per (realm, API
+//! key): operations by kind (PUBLISH, SUBSCRIBE, CALL, REGISTER, DHT lookup), bytes in, bytes out
+//! (egress: everything written to the realm's clients) and a latency histogram of calls.
+//!
+//! **Durability.** The slots live in a memory-mapped file (`meter/counters.bin` in the config
+//! directory, `MAP_SHARED`): an add is a store into the kernel's page cache, so a process crash
+//! (`kill -9`) loses nothing that was counted, and nothing on the message path waits for a
+//! syscall. The file is `msync`ed every `metering.sync_ms`, which bounds what a power loss can
+//! take. Which slot is which (realm, key) is an append-only `meter/slots` file, written and
+//! synced before the slot is first used.
+//!
+//! **Delivery is idempotent by construction.** Counters only grow. Each slot remembers a *base*
+//! (its counters at the start of the hour being reported) in the same file; a report row says
+//! "in hour H, (realm, key) on node N reached these cumulative values". The aggregator keeps the
+//! largest value it has seen per (node, file epoch, realm, key, hour), so a row delivered twice,
+//! or re-sent after a crash, counts once. At an hour boundary the final row of the old hour is
+//! delivered before the base moves; a crash in between re-sends the old hour, which may then
+//! include a few operations of the new one (attribution at the boundary is exact to one flush
+//! interval; totals are exact).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+/// The kinds of operations that are billed (the seed's "what counts as an operation").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Publish = 0,
+    Subscribe = 1,
+    Call = 2,
+    Register = 3,
+    Dht = 4,
+}
+
+impl Op {
+    pub const ALL: [Op; OPS] = [Op::Publish, Op::Subscribe, Op::Call, Op::Register, Op::Dht];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Publish => "publish",
+            Op::Subscribe => "subscribe",
+            Op::Call => "call",
+            Op::Register => "register",
+            Op::Dht => "dht",
+        }
+    }
+}
+
+pub const OPS: usize = 5;
+/// Latency histogram buckets: two per power of two of microseconds, from 1 µs to ~16 s (the
+/// last bucket holds everything slower).
+pub const BUCKETS: usize = 48;
+const IN: usize = OPS;
+const OUT: usize = OPS + 1;
+const HIST: usize = OPS + 2;
+/// Counters per slot: operations by kind, bytes in, bytes out, histogram.
+pub const COUNTERS: usize = OPS + 2 + BUCKETS;
+
+const SLOT_WORDS: usize = 128;
+/// Word 0 of a slot: the hour its base belongs to. Then the counters, then the base.
+const HOUR: usize = 0;
+const CUR: usize = 8;
+const BASE: usize = 64;
+const MAGIC: u64 = u64::from_le_bytes(*b"MACMETR1");
+
+/// The histogram bucket of a latency.
+pub fn bucket(d: Duration) -> usize {
+    let us = (d.as_micros() as u64).max(1);
+    let octave = 63 - us.leading_zeros() as usize;
+    let half = if octave == 0 {
+        0
+    } else {
+        ((us >> (octave - 1)) & 1) as usize
+    };
+    (octave * 2 + half).min(BUCKETS - 1)
+}
+
+/// A representative latency (µs) for a bucket: the middle of its range.
+pub fn bucket_mid_us(b: usize) -> f64 {
+    let octave = b / 2;
+    let lo = (1u64 << octave) as f64 * if b % 2 == 1 { 1.5 } else { 1.0 };
+    let width = (1u64 << octave) as f64 / if octave == 0 { 1.0 } else { 2.0 };
+    lo + width / 2.0
+}
+
+/// The `p` quantile (0..=1) of a histogram, in milliseconds; `None` when it is empty.
+pub fn quantile_ms(hist: &[u64], p: f64) -> Option<f64> {
+    let total: u64 = hist.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((total as f64) * p).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (b, &n) in hist.iter().enumerate() {
+        seen += n;
+        if seen >= rank {
+            return Some(bucket_mid_us(b) / 1000.0);
+        }
+    }
+    Some(bucket_mid_us(hist.len() - 1) / 1000.0)
+}
+
+/// Hours since the Unix epoch.
+pub fn hour_of(unix_secs: u64) -> u32 {
+    (unix_secs / 3600) as u32
+}
+
+/// One row of a usage report: cumulative usage of (realm, key) on the reporting node in `hour`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRow {
+    pub realm: String,
+    pub key_id: String,
+    /// Hours since the Unix epoch.
+    pub hour: u32,
+    /// Operations by kind, in [`Op`] order.
+    pub ops: [u64; OPS],
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Call latency histogram ([`BUCKETS`] entries, see [`bucket`]).
+    pub latency: Vec<u64>,
+}
+
+/// What a node delivers to the aggregator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageReport {
+    /// The node (its mesh peer id, or `standalone`).
+    pub node: String,
+    /// Identifies the counters file: a node whose file was lost starts a new epoch.
+    pub epoch: u64,
+    pub rows: Vec<UsageRow>,
+}
+
+/// Where reports go (the billing aggregator, in process or across the mesh).
+pub trait UsageSink: Send + Sync + 'static {
+    fn deliver(
+        &self,
+        report: UsageReport,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), String>>;
+}
+
+/// The slot file.
+pub struct Meter {
+    map: memmap2::MmapMut,
+    slots: usize,
+    epoch: u64,
+    index: RwLock<HashMap<(String, String), u32>>,
+    names: Mutex<(Vec<(String, String)>, Option<File>)>,
+    dir: Option<PathBuf>,
+    full_warned: AtomicBool,
+    /// The counters file, held open for its lock.
+    _file: Option<File>,
+}
+
+impl Meter {
+    /// Opens (or creates) the slot file in `dir`, or an in-memory one when `dir` is `None`
+    /// (usage then lives as long as the process).
+    pub fn open(dir: Option<&Path>, slots: usize) -> anyhow::Result<Arc<Meter>> {
+        use anyhow::Context;
+        let slots = slots.max(16);
+        // Whether a file of unknown content must be cleared before use (a new one is zeros).
+        let mut stale = false;
+        let len = (slots + 1) * SLOT_WORDS * 8;
+        let (map, names, file, counters) = match dir {
+            None => (memmap2::MmapMut::map_anon(len)?, vec![], None, None),
+            Some(d) => {
+                std::fs::create_dir_all(d)
+                    .with_context(|| format!("cannot create {}", d.display()))?;
+                let path = d.join("counters.bin");
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                    .with_context(|| format!("cannot open {}", path.display()))?;
+                // One node per counters file: a second one would double-count.
+                if f.try_lock().is_err() {
+                    anyhow::bail!(
+                        "{} is in use by another node (give each node its own metering.dir)",
+                        path.display()
+                    );
+                }
+                let have = f.metadata()?.len() as usize;
+                stale = have > 0;
+                if have < len {
+                    f.set_len(len as u64)?;
+                }
+                // SAFETY: the file is this node's own; nothing else maps or truncates it while
+                // the node runs (the config directory is single-node).
+                let map = unsafe { memmap2::MmapMut::map_mut(&f) }
+                    .with_context(|| format!("cannot map {}", path.display()))?;
+                let names_path = d.join("slots");
+                let names = match File::open(&names_path) {
+                    Ok(f) => BufReader::new(f)
+                        .lines()
+                        .map_while(Result::ok)
+                        .filter_map(|l| {
+                            let (r, k) = l.split_once('\t')?;
+                            Some((r.to_owned(), k.to_owned()))
+                        })
+                        .collect(),
+                    Err(_) => vec![],
+                };
+                let file = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&names_path)
+                    .with_context(|| format!("cannot open {}", names_path.display()))?;
+                (map, names, Some(file), Some(f))
+            }
+        };
+        let mut meter = Meter {
+            map,
+            slots,
+            epoch: 0,
+            index: RwLock::new(HashMap::new()),
+            names: Mutex::new((vec![], file)),
+            dir: dir.map(Path::to_path_buf),
+            full_warned: AtomicBool::new(false),
+            _file: counters,
+        };
+        let w = meter.words();
+        let names = if w[0].load(Ordering::Relaxed) == MAGIC && w[1].load(Ordering::Relaxed) != 0 {
+            meter.epoch = w[1].load(Ordering::Relaxed);
+            names
+        } else {
+            // A new file (or one of an unknown format): a new epoch, empty slots, and the slot
+            // names of an older file mean nothing.
+            if stale {
+                for x in w.iter() {
+                    x.store(0, Ordering::Relaxed);
+                }
+            }
+            let e = rand::random::<u64>().max(1);
+            w[0].store(MAGIC, Ordering::Relaxed);
+            w[1].store(e, Ordering::Relaxed);
+            meter.epoch = e;
+            if let Some(d) = dir {
+                std::fs::write(d.join("slots"), b"")?;
+            }
+            vec![]
+        };
+        let names: Vec<_> = names.into_iter().take(slots - 1).collect();
+        {
+            let mut idx = meter.index.write();
+            for (i, n) in names.iter().enumerate() {
+                idx.insert(n.clone(), i as u32 + 1);
+            }
+        }
+        meter.names.lock().0 = names;
+        meter.sync();
+        Ok(Arc::new(meter))
+    }
+
+    fn words(&self) -> &[AtomicU64] {
+        // SAFETY: the map is page-aligned, `len` bytes long and lives as long as `self`;
+        // `AtomicU64` has the layout of `u64`, and every access to the mapped words goes
+        // through these atomics.
+        unsafe {
+            std::slice::from_raw_parts(self.map.as_ptr() as *const AtomicU64, self.map.len() / 8)
+        }
+    }
+
+    fn slot(&self, i: u32) -> &[AtomicU64] {
+        let start = i as usize * SLOT_WORDS;
+        &self.words()[start..start + SLOT_WORDS]
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The counter of (realm, key), creating its slot on first use. When every slot is taken,
+    /// the usage goes to a shared overflow slot (named realm `""`) and a warning is logged once.
+    pub fn counter(self: &Arc<Self>, realm: &str, key_id: &str) -> Counter {
+        let k = (realm.to_owned(), key_id.to_owned());
+        if let Some(&slot) = self.index.read().get(&k) {
+            return Counter {
+                meter: self.clone(),
+                slot,
+            };
+        }
+        let mut names = self.names.lock();
+        if let Some(&slot) = self.index.read().get(&k) {
+            return Counter {
+                meter: self.clone(),
+                slot,
+            };
+        }
+        let (k, slot) = if names.0.len() < self.slots - 1 {
+            (k, names.0.len() as u32 + 1)
+        } else {
+            if !self.full_warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    slots = self.slots,
+                    "metering: every slot is in use (metering.slots); further usage is counted unattributed"
+                );
+            }
+            let overflow = (String::new(), String::new());
+            if let Some(&slot) = self.index.read().get(&overflow) {
+                return Counter {
+                    meter: self.clone(),
+                    slot,
+                };
+            }
+            (overflow, names.0.len() as u32 + 1)
+        };
+        // The name is on disk before the slot counts anything.
+        if let Some(f) = names.1.as_mut() {
+            let line = format!("{}\t{}\n", k.0, k.1);
+            if f.write_all(line.as_bytes()).and_then(|_| f.sync_data()).is_err() {
+                tracing::error!("metering: cannot record a slot name; usage may be unattributed after a restart");
+            }
+        }
+        let s = self.slot(slot);
+        s[HOUR].store(
+            u64::from(hour_of(crate::confdir::now_secs())),
+            Ordering::Relaxed,
+        );
+        names.0.push(k.clone());
+        self.index.write().insert(k, slot);
+        Counter {
+            meter: self.clone(),
+            slot,
+        }
+    }
+
+    /// Writes the counters to disk (against power loss; a process crash loses nothing anyway).
+    pub fn sync(&self) {
+        if self.dir.is_some() {
+            if let Err(e) = self.map.flush() {
+                tracing::warn!("metering: cannot sync the counters file: {e}");
+            }
+        }
+    }
+
+    /// Current cumulative counters of every slot, for the metrics endpoint: (realm, key, totals).
+    pub fn totals(&self) -> Vec<(String, String, [u64; COUNTERS])> {
+        let names = self.names.lock().0.clone();
+        names
+            .into_iter()
+            .enumerate()
+            .map(|(i, (r, k))| {
+                let s = self.slot(i as u32 + 1);
+                let mut c = [0u64; COUNTERS];
+                for (j, v) in c.iter_mut().enumerate() {
+                    *v = s[CUR + j].load(Ordering::Relaxed);
+                }
+                (r, k, c)
+            })
+            .collect()
+    }
+}
+
+/// The counters of one (realm, key). Cheap to clone; every method is a few relaxed adds.
+#[derive(Clone)]
+pub struct Counter {
+    meter: Arc<Meter>,
+    slot: u32,
+}
+
+impl Counter {
+    #[inline]
+    fn add(&self, i: usize, n: u64) {
+        self.meter.slot(self.slot)[CUR + i].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// One operation of `kind` whose request was `bytes_in` bytes.
+    #[inline]
+    pub fn op(&self, kind: Op, bytes_in: usize) {
+        let s = self.meter.slot(self.slot);
+        s[CUR + kind as usize].fetch_add(1, Ordering::Relaxed);
+        s[CUR + IN].fetch_add(bytes_in as u64, Ordering::Relaxed);
+    }
+
+    /// Bytes written to a client of the realm.
+    #[inline]
+    pub fn egress(&self, bytes: usize) {
+        self.add(OUT, bytes as u64);
+    }
+
+    /// A call's latency, from its CALL to its final RESULT or ERROR.
+    #[inline]
+    pub fn latency(&self, d: Duration) {
+        self.add(HIST + bucket(d), 1);
+    }
+}
+
+/// A session's metering: its counter and the start times of its calls in flight.
+pub struct SessionMeter {
+    pub counter: Counter,
+    calls: Mutex<HashMap<u64, Instant>>,
+}
+
+/// Calls tracked per session for latency; beyond that, calls go unmeasured (still counted).
+const MAX_TRACKED_CALLS: usize = 65_536;
+
+impl SessionMeter {
+    pub fn new(counter: Counter) -> SessionMeter {
+        SessionMeter {
+            counter,
+            calls: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn call_started(&self, request: u64, at: Instant) {
+        let mut c = self.calls.lock();
+        if c.len() < MAX_TRACKED_CALLS {
+            c.insert(request, at);
+        }
+    }
+
+    /// A call that was refused before it started.
+    pub fn call_forget(&self, request: u64) {
+        self.calls.lock().remove(&request);
+    }
+
+    /// The final answer to a call went out.
+    pub fn call_done(&self, request: u64) {
+        if let Some(t) = self.calls.lock().remove(&request) {
+            self.counter.latency(t.elapsed());
+        }
+    }
+}
+
+/// Builds reports from the slot file and moves bases once the aggregator has a report.
+pub struct Shipper {
+    meter: Arc<Meter>,
+    node: String,
+    /// What was last delivered per slot (skips unchanged rows).
+    sent: HashMap<u32, (u32, [u64; COUNTERS])>,
+}
+
+impl Shipper {
+    pub fn new(meter: Arc<Meter>, node: String) -> Shipper {
+        Shipper {
+            meter,
+            node,
+            sent: HashMap::new(),
+        }
+    }
+
+    /// Delivers what changed since the last delivery to `sink`; `now_secs` decides the hour.
+    /// Returns the number of rows delivered.
+    pub async fn ship(&mut self, sink: &dyn UsageSink, now_secs: u64) -> Result<usize, String> {
+        let now_hour = hour_of(now_secs);
+        let names = self.meter.names.lock().0.clone();
+        let mut rows = vec![];
+        // Slots whose hour ended: (slot, counters the final row was built from).
+        let mut rebase = vec![];
+        let mut sent = vec![];
+        for (i, (realm, key)) in names.into_iter().enumerate() {
+            let idx = i as u32 + 1;
+            let s = self.meter.slot(idx);
+            let hour = s[HOUR].load(Ordering::Relaxed) as u32;
+            let mut cur = [0u64; COUNTERS];
+            let mut val = [0u64; COUNTERS];
+            for j in 0..COUNTERS {
+                cur[j] = s[CUR + j].load(Ordering::Relaxed);
+                val[j] = cur[j].saturating_sub(s[BASE + j].load(Ordering::Relaxed));
+            }
+            let ended = hour < now_hour;
+            if ended {
+                rebase.push((idx, cur));
+            }
+            if self.sent.get(&idx) == Some(&(hour, val)) {
+                continue;
+            }
+            if val.iter().all(|&v| v == 0) && !ended {
+                continue;
+            }
+            sent.push((idx, (hour, val)));
+            if val.iter().all(|&v| v == 0) {
+                continue;
+            }
+            let mut ops = [0u64; OPS];
+            ops.copy_from_slice(&val[..OPS]);
+            rows.push(UsageRow {
+                realm,
+                key_id: key,
+                hour,
+                ops,
+                bytes_in: val[IN],
+                bytes_out: val[OUT],
+                latency: val[HIST..].to_vec(),
+            });
+        }
+        let n = rows.len();
+        if n > 0 {
+            sink.deliver(UsageReport {
+                node: self.node.clone(),
+                epoch: self.meter.epoch,
+                rows,
+            })
+            .await?;
+        }
+        self.sent.extend(sent);
+        // The old hour is delivered: its final counters become the new hour's base.
+        for (idx, cur) in rebase {
+            let s = self.meter.slot(idx);
+            for (j, v) in cur.iter().enumerate() {
+                s[BASE + j].store(*v, Ordering::Relaxed);
+            }
+            s[HOUR].store(u64::from(now_hour), Ordering::Relaxed);
+            self.sent.remove(&idx);
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_monotonic_and_bounded() {
+        let mut last = 0;
+        for us in [1u64, 2, 3, 4, 5, 6, 7, 8, 12, 100, 1000, 10_000, 1 << 30] {
+            let b = bucket(Duration::from_micros(us));
+            assert!(b >= last, "{us} µs went to bucket {b} after {last}");
+            last = b;
+        }
+        assert_eq!(bucket(Duration::from_secs(100_000)), BUCKETS - 1);
+        // A bucket's middle falls in the bucket.
+        for b in 0..BUCKETS - 1 {
+            let mid = bucket_mid_us(b);
+            assert_eq!(
+                bucket(Duration::from_micros(mid as u64)),
+                b,
+                "mid {mid} of {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn quantiles_of_a_histogram() {
+        let mut h = vec![0u64; BUCKETS];
+        h[bucket(Duration::from_micros(100))] = 90;
+        h[bucket(Duration::from_millis(10))] = 10;
+        let p50 = quantile_ms(&h, 0.5).unwrap();
+        let p95 = quantile_ms(&h, 0.95).unwrap();
+        assert!((0.08..0.13).contains(&p50), "{p50}");
+        assert!((8.0..12.5).contains(&p95), "{p95}");
+        assert_eq!(quantile_ms(&[0; BUCKETS], 0.5), None);
+    }
+}
