@@ -58,6 +58,7 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
         l.config.reload_interval_ms = 60_000;
         l.config.mesh.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".into()];
         l.config.mesh.identity = format!("sim/{i}.key").into();
+        l.config.metering.dir = format!("sim/meter-{i}").into();
         // Each node joins through a random earlier one, as nodes of a real mesh would through
         // whichever peer they were given.
         l.config.mesh.bootstrap = if i == 0 {
@@ -76,20 +77,20 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
     eprintln!("mesh-sim: {} nodes up in {boot:.1?}", a.nodes);
     let mesh = |i: usize| nodes[i].node.mesh.get().map(|m| m.handle.clone());
     // Every node has joined (through its random bootstrap node) before lookups start.
-    for i in 0..a.nodes {
+    for (i, &boot) in boot_of.iter().enumerate() {
         let m = mesh(i).context("mesh off")?;
         let deadline = Instant::now() + Duration::from_secs(60);
         while m.peers().is_empty() {
             if Instant::now() > deadline {
                 // What each side sees of the other, for the next person chasing this.
-                let b = mesh(boot_of[i]).context("mesh off")?;
+                let b = mesh(boot).context("mesh off")?;
                 let me = m.peer_id().to_string();
                 let seen = b.peer_status().into_iter().find(|s| s.peer_id == me);
                 bail!(
                     "node {i} ({me}) did not join the mesh within 60 s; its connections: {:?}; \
                      its bootstrap node {} ({}) sees it as {seen:?}",
                     m.peer_status(),
-                    boot_of[i],
+                    boot,
                     b.peer_id()
                 );
             }

@@ -218,6 +218,9 @@ pub struct MeshState {
     usage_acks: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Option<String>>>>,
     /// The node hosting the billing aggregator, once found.
     billing_peer: Mutex<Option<PeerId>>,
+    /// When no billing node was found: when to look again, and the backoff (a mesh without a
+    /// registry must not look it up every flush).
+    billing_miss: Mutex<Option<(Instant, Duration)>>,
 }
 
 impl MeshState {
@@ -229,6 +232,7 @@ impl MeshState {
             states: Mutex::new(HashMap::new()),
             usage_acks: Mutex::new(HashMap::new()),
             billing_peer: Mutex::new(None),
+            billing_miss: Mutex::new(None),
         })
     }
 
@@ -775,7 +779,11 @@ fn on_usage(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, id: u64, repo
     };
     let sink = match node.usage_sink.get() {
         Some(s) if node.config.registry.enabled => s.clone(),
-        _ => return reply(Some("this node does not host the billing aggregator".into())),
+        _ => {
+            return reply(Some(
+                "this node does not host the billing aggregator".into(),
+            ))
+        }
     };
     let mesh = mesh.clone();
     tokio::spawn(async move {
@@ -804,11 +812,21 @@ impl crate::meter::UsageSink for MeshSink {
             let peer = match known.filter(|p| h.peers().contains(p)) {
                 Some(p) => p,
                 None => {
+                    if let Some((next, _)) = *mesh.billing_miss.lock() {
+                        if Instant::now() < next {
+                            return Err("no node hosting the registry (billing aggregator) in the mesh yet; usage is kept".into());
+                        }
+                    }
                     let found = h.providers(BILLING).await;
-                    let p = found
-                        .into_iter()
-                        .find(|p| *p != h.peer_id())
-                        .ok_or("no node hosting the registry (billing aggregator) was found in the mesh")?;
+                    let Some(p) = found.into_iter().find(|p| *p != h.peer_id()) else {
+                        let mut miss = mesh.billing_miss.lock();
+                        let backoff = miss.map_or(Duration::from_secs(5), |(_, b)| {
+                            (b * 2).min(Duration::from_secs(300))
+                        });
+                        *miss = Some((Instant::now() + backoff, backoff));
+                        return Err("no node hosting the registry (billing aggregator) was found in the mesh; usage is kept".into());
+                    };
+                    *mesh.billing_miss.lock() = None;
                     h.want(p);
                     *mesh.billing_peer.lock() = Some(p);
                     p

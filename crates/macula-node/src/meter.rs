@@ -147,13 +147,16 @@ pub trait UsageSink: Send + Sync + 'static {
     ) -> futures_util::future::BoxFuture<'static, Result<(), String>>;
 }
 
+/// Slot names in slot order (slot `i + 1` is `names[i]`), and the file they are appended to.
+type Names = (Vec<(String, String)>, Option<File>);
+
 /// The slot file.
 pub struct Meter {
     map: memmap2::MmapMut,
     slots: usize,
     epoch: u64,
     index: RwLock<HashMap<(String, String), u32>>,
-    names: Mutex<(Vec<(String, String)>, Option<File>)>,
+    names: Mutex<Names>,
     dir: Option<PathBuf>,
     full_warned: AtomicBool,
     /// The counters file, held open for its lock.
@@ -317,7 +320,10 @@ impl Meter {
         // The name is on disk before the slot counts anything.
         if let Some(f) = names.1.as_mut() {
             let line = format!("{}\t{}\n", k.0, k.1);
-            if f.write_all(line.as_bytes()).and_then(|_| f.sync_data()).is_err() {
+            if f.write_all(line.as_bytes())
+                .and_then(|_| f.sync_data())
+                .is_err()
+            {
                 tracing::error!("metering: cannot record a slot name; usage may be unattributed after a restart");
             }
         }

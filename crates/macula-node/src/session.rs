@@ -10,8 +10,8 @@ use macula_router::SessionInfo;
 use macula_wamp::{dict, errors, Dict, Id, Message, Serializer, Value};
 
 use crate::confdir::now_secs;
-use crate::node::{Node, RealmHandle};
 use crate::meter::{Op, SessionMeter};
+use crate::node::{Node, RealmHandle};
 use crate::outbox::{Out, Outbox, SessionPeer, Staging};
 
 /// Whether the connection goes on after a frame.

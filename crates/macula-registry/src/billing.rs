@@ -225,7 +225,11 @@ pub struct Line {
 /// An account's invoice lines for a month: per realm its plan's base fee, operations and
 /// egress beyond the allowance (paid plans only: the Hobby plan refuses instead), its add-ons;
 /// then the account's fees (realm transfers).
-pub fn invoice_lines(month: i64, realms: &[RealmMonth], fees: &[(String, String, i64)]) -> Vec<Line> {
+pub fn invoice_lines(
+    month: i64,
+    realms: &[RealmMonth],
+    fees: &[(String, String, i64)],
+) -> Vec<Line> {
     let name = month_name(month);
     let mut lines = vec![];
     for r in realms {
@@ -417,6 +421,9 @@ const COUNTER_COLS: [&str; 7] = [
     "bytes_out",
 ];
 
+/// (realm, key id, hour) of a node's report row.
+type ReportKey = (String, String, i64);
+
 fn parse_hist(s: &str) -> Vec<u64> {
     let mut h: Vec<u64> = s.split(',').map(|x| x.parse().unwrap_or(0)).collect();
     h.resize(BUCKETS, 0);
@@ -425,6 +432,12 @@ fn parse_hist(s: &str) -> Vec<u64> {
 
 fn hist_text(h: &[u64]) -> String {
     h.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// Who reads usage (see [`Registry::viewer`]).
+pub enum Viewer {
+    Account(Actor),
+    Key { realm: String },
 }
 
 /// One period of a realm's usage.
@@ -475,7 +488,7 @@ impl Registry {
         .bind(min_hour)
         .fetch_all(&mut *tx)
         .await?;
-        let mut old: HashMap<(String, String, i64), ([u64; 7], Vec<u64>)> = HashMap::new();
+        let mut old: HashMap<ReportKey, ([u64; 7], Vec<u64>)> = HashMap::new();
         for r in rows {
             let mut c = [0u64; 7];
             for (i, col) in COUNTER_COLS.iter().enumerate() {
@@ -483,7 +496,11 @@ impl Registry {
             }
             let latency: String = r.try_get("latency")?;
             old.insert(
-                (r.try_get("realm")?, r.try_get("key_id")?, r.try_get("hour")?),
+                (
+                    r.try_get("realm")?,
+                    r.try_get("key_id")?,
+                    r.try_get("hour")?,
+                ),
                 (c, parse_hist(&latency)),
             );
         }
@@ -503,10 +520,7 @@ impl Registry {
             new[5] = row.bytes_in;
             new[6] = row.bytes_out;
             let key = (row.realm.clone(), row.key_id.clone(), row.hour as i64);
-            let (prev, prev_hist) = old
-                .get(&key)
-                .cloned()
-                .unwrap_or(([0; 7], vec![0; BUCKETS]));
+            let (prev, prev_hist) = old.get(&key).cloned().unwrap_or(([0; 7], vec![0; BUCKETS]));
             let mut hist = parse_hist(&hist_text(&row.latency));
             for (h, p) in hist.iter_mut().zip(&prev_hist) {
                 *h = (*h).max(*p);
@@ -648,7 +662,8 @@ impl Registry {
             let t = tier(&tier_name).unwrap_or(&TIERS[0]);
             let (ops, bytes) = self.month_totals(&mut c, name, month).await?;
             drop(c);
-            let used = (ops as f64 / t.included_ops as f64).max(bytes as f64 / t.included_bytes as f64);
+            let used =
+                (ops as f64 / t.included_ops as f64).max(bytes as f64 / t.included_bytes as f64);
             let what = format!(
                 "{} of {} operations and {:.3} of {} GiB egress this month ({})",
                 ops,
@@ -662,10 +677,7 @@ impl Registry {
                     name,
                     month,
                     "quota_80",
-                    format!(
-                        "realm {name} has used 80% of its {} plan: {what}",
-                        t.title
-                    ),
+                    format!("realm {name} has used 80% of its {} plan: {what}", t.title),
                 )
                 .await?;
             }
@@ -714,7 +726,14 @@ impl Registry {
         .rows_affected();
         if inserted > 0 {
             tracing::info!(realm, kind, "{message}");
-            audit(&mut tx, Some(realm), "billing", &format!("quota.{kind}"), json!({"message": message}), "");
+            audit(
+                &mut tx,
+                Some(realm),
+                "billing",
+                &format!("quota.{kind}"),
+                json!({"message": message}),
+                "",
+            );
         }
         tx.commit().await?;
         Ok(())
@@ -740,7 +759,11 @@ impl Registry {
             &mut tx,
             Some(name),
             "billing",
-            if why.is_some() { "quota.block" } else { "quota.unblock" },
+            if why.is_some() {
+                "quota.block"
+            } else {
+                "quota.unblock"
+            },
             json!({"reason": why}),
             "",
         );
@@ -777,7 +800,14 @@ impl Registry {
                 .bind(&realm)
                 .execute(&mut *tx)
                 .await?;
-            audit(&mut tx, Some(&realm), "billing", "plan.applied", json!({"tier": t}), "");
+            audit(
+                &mut tx,
+                Some(&realm),
+                "billing",
+                "plan.applied",
+                json!({"tier": t}),
+                "",
+            );
             tx.commit().await?;
             // A downgrade to Hobby can put the realm over its quota at once.
             self.check_quotas(std::slice::from_ref(&realm)).await?;
@@ -802,16 +832,61 @@ impl Registry {
         Ok(())
     }
 
-    async fn usage_access(&self, actor: &Actor, realm: &str) -> ApiResult<()> {
-        let mut c = self.db.pool.acquire().await?;
-        self.authorize(&mut c, realm, actor, READ).await?;
-        Ok(())
+    /// Who is reading usage: an account (session token), or the holder of a realm's admin API
+    /// key (so that `macula usage` works with the key `macula up` printed, for realms that live
+    /// only in a config directory too).
+    pub async fn viewer(&self, bearer: &str, remote: String) -> ApiResult<Viewer> {
+        if !bearer.starts_with("sk_") {
+            return Ok(Viewer::Account(self.authenticate(bearer, remote).await?));
+        }
+        let node = self.node.as_ref().ok_or_else(|| {
+            ApiError::unauthorized("API keys are accepted only by a registry hosted on a node")
+        })?;
+        let v = node
+            .auth()
+            .authenticator
+            .verify(bearer, now_secs())
+            .map_err(|e| ApiError::unauthorized(format!("API key refused: {e}")))?;
+        if v.claims.role != "admin" {
+            return Err(ApiError::forbidden(
+                "admin_key_required",
+                format!(
+                    "usage is shown to the realm's admin keys; this key has role {:?}",
+                    v.claims.role
+                ),
+            ));
+        }
+        Ok(Viewer::Key {
+            realm: v.claims.realm,
+        })
+    }
+
+    async fn usage_access(&self, viewer: &Viewer, realm: &str) -> ApiResult<()> {
+        match viewer {
+            Viewer::Account(actor) => {
+                let mut c = self.db.pool.acquire().await?;
+                self.authorize(&mut c, realm, actor, READ).await?;
+                Ok(())
+            }
+            Viewer::Key { realm: kr }
+                if realm == kr
+                    || realm
+                        .strip_prefix(kr.as_str())
+                        .is_some_and(|r| r.starts_with('.')) =>
+            {
+                Ok(())
+            }
+            Viewer::Key { realm: kr } => Err(ApiError::forbidden(
+                "not_your_realm",
+                format!("this API key is for realm {kr}, not {realm}"),
+            )),
+        }
     }
 
     /// A realm's usage per `period` (hour, day, month) from `from` to `to` (Unix seconds).
     pub async fn usage(
         &self,
-        actor: &Actor,
+        actor: &Viewer,
         realm: &str,
         period: &str,
         from: i64,
@@ -885,7 +960,7 @@ impl Registry {
     }
 
     /// A realm's month: usage, plan, allowance used, the charges so far, notices.
-    pub async fn usage_month(&self, actor: &Actor, realm: &str, month: i64) -> ApiResult<Value> {
+    pub async fn usage_month(&self, actor: &Viewer, realm: &str, month: i64) -> ApiResult<Value> {
         let periods = self
             .usage(actor, realm, "month", month, next_month(month))
             .await?;
@@ -894,11 +969,20 @@ impl Registry {
             ..Default::default()
         });
         let mut c = self.db.pool.acquire().await?;
-        let row = self.realm(&mut c, realm).await?;
-        let tier_name = self.tier_at(&mut c, realm, next_month(month) - 1, &row.tier).await?;
+        // A realm that lives only in a config directory has no plan: it shows as Hobby and is
+        // neither billed nor held to a quota.
+        let row = self.realm(&mut c, realm).await.ok();
+        let current = row.as_ref().map_or("hobby", |r| r.tier.as_str());
+        let tier_name = self
+            .tier_at(&mut c, realm, next_month(month) - 1, current)
+            .await?;
         let t = tier(&tier_name).unwrap_or(&TIERS[0]);
+        let quota_exceeded = match &row {
+            Some(r) => self.policy_doc(r)?.quota_exceeded,
+            None => None,
+        };
         let notices: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT kind, message, created_at FROM notices WHERE realm = $1 AND period = $2 ORDER BY created_at",
+            "SELECT kind, message, created_at FROM notices WHERE realm = $1 AND period = $2 ORDER BY created_at, LENGTH(kind), kind",
         )
         .bind(realm)
         .bind(month)
@@ -929,7 +1013,8 @@ impl Registry {
                 "ops_percent": usage.ops_total as f64 * 100.0 / t.included_ops as f64,
                 "egress_percent": usage.egress_bytes as f64 * 100.0 / t.included_bytes as f64,
             },
-            "quota_exceeded": self.policy_doc(&row)?.quota_exceeded,
+            "registered": row.is_some(),
+            "quota_exceeded": quota_exceeded,
             "charges": {"lines": lines, "total_cents": total},
             "days": daily,
             "notices": notices.iter().map(|(k, m, at)| json!({"kind": k, "message": m, "at": rfc3339(*at as u64)})).collect::<Vec<_>>(),
@@ -982,7 +1067,9 @@ impl Registry {
         })?;
         let now = now_secs() as i64;
         let mut tx = self.db.begin().await?;
-        let (row, access, _) = self.authorize(&mut tx, realm, actor, crate::registry::ADMIN).await?;
+        let (row, access, _) = self
+            .authorize(&mut tx, realm, actor, crate::registry::ADMIN)
+            .await?;
         if access != Access::Owner {
             return Err(ApiError::forbidden(
                 "owner_only",
@@ -1052,7 +1139,13 @@ impl Registry {
     }
 
     /// Turns a premium add-on on or off for a realm (owner only).
-    pub async fn set_addon(&self, actor: &Actor, realm: &str, feature: &str, on: bool) -> ApiResult<Value> {
+    pub async fn set_addon(
+        &self,
+        actor: &Actor,
+        realm: &str,
+        feature: &str,
+        on: bool,
+    ) -> ApiResult<Value> {
         let (id, title, cents) = addon(feature).ok_or_else(|| {
             ApiError::invalid(
                 "invalid_addon",
@@ -1064,7 +1157,9 @@ impl Registry {
         })?;
         let now = now_secs() as i64;
         let mut tx = self.db.begin().await?;
-        let (_, access, _) = self.authorize(&mut tx, realm, actor, crate::registry::ADMIN).await?;
+        let (_, access, _) = self
+            .authorize(&mut tx, realm, actor, crate::registry::ADMIN)
+            .await?;
         if access != Access::Owner {
             return Err(ApiError::forbidden(
                 "owner_only",
@@ -1102,8 +1197,10 @@ impl Registry {
             &actor.remote,
         );
         tx.commit().await?;
-        Ok(json!({"realm": realm, "feature": id, "title": title, "active": on, "monthly_cents": cents,
-                  "rule": "an add-on is billed in full for every month in which it was active"}))
+        Ok(
+            json!({"realm": realm, "feature": id, "title": title, "active": on, "monthly_cents": cents,
+                  "rule": "an add-on is billed in full for every month in which it was active"}),
+        )
     }
 
     /// Builds the invoices of `month` for every account (or one): drafts while the month runs,
@@ -1115,15 +1212,19 @@ impl Registry {
         let final_ = now_secs() as i64 >= end;
         let mut c = self.db.pool.acquire().await?;
         let realms: Vec<(String, String, String)> = match account {
-            Some(a) => sqlx::query_as("SELECT name, owner_id, tier FROM realms WHERE owner_id = $1 AND created_at < $2")
-                .bind(a)
-                .bind(end)
-                .fetch_all(&mut *c)
-                .await?,
-            None => sqlx::query_as("SELECT name, owner_id, tier FROM realms WHERE created_at < $1")
-                .bind(end)
-                .fetch_all(&mut *c)
-                .await?,
+            Some(a) => sqlx::query_as(
+                "SELECT name, owner_id, tier FROM realms WHERE owner_id = $1 AND created_at < $2",
+            )
+            .bind(a)
+            .bind(end)
+            .fetch_all(&mut *c)
+            .await?,
+            None => {
+                sqlx::query_as("SELECT name, owner_id, tier FROM realms WHERE created_at < $1")
+                    .bind(end)
+                    .fetch_all(&mut *c)
+                    .await?
+            }
         };
         let mut tiers: HashMap<String, (i64, String)> = HashMap::new();
         for (realm, t, at) in sqlx::query_as::<_, (String, String, i64)>(
@@ -1170,15 +1271,16 @@ impl Registry {
         {
             fees.entry(acct).or_default().push((realm, kind, cents));
         }
-        let existing: HashMap<String, (String, String)> = sqlx::query_as::<_, (String, String, String)>(
-            "SELECT account_id, id, status FROM invoices WHERE month = $1 AND status <> 'void'",
-        )
-        .bind(month)
-        .fetch_all(&mut *c)
-        .await?
-        .into_iter()
-        .map(|(a, id, s)| (a, (id, s)))
-        .collect();
+        let existing: HashMap<String, (String, String)> =
+            sqlx::query_as::<_, (String, String, String)>(
+                "SELECT account_id, id, status FROM invoices WHERE month = $1 AND status <> 'void'",
+            )
+            .bind(month)
+            .fetch_all(&mut *c)
+            .await?
+            .into_iter()
+            .map(|(a, id, s)| (a, (id, s)))
+            .collect();
         drop(c);
         let mut per_account: HashMap<String, Vec<RealmMonth>> = HashMap::new();
         for (name, owner, current) in realms {
@@ -1234,7 +1336,10 @@ impl Registry {
                     &format!("invoice:{id}"),
                     "invoice",
                     &id,
-                    &[(format!("receivable:{acct}"), total), ("revenue:platform".into(), -total)],
+                    &[
+                        (format!("receivable:{acct}"), total),
+                        ("revenue:platform".into(), -total),
+                    ],
                 )?);
             }
             let lines = serde_json::to_string(&lines).map_err(ApiError::internal)?;
@@ -1256,7 +1361,10 @@ impl Registry {
         let mut tx = self.db.begin().await?;
         for chunk in replaced.chunks(500) {
             let ph: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-            let sql = format!("DELETE FROM invoices WHERE status = 'draft' AND id IN ({})", ph.join(", "));
+            let sql = format!(
+                "DELETE FROM invoices WHERE status = 'draft' AND id IN ({})",
+                ph.join(", ")
+            );
             let mut q = sqlx::query(&sql);
             for id in chunk {
                 q = q.bind(id);
@@ -1291,7 +1399,8 @@ impl Registry {
     }
 
     fn invoice_json(r: &sqlx::any::AnyRow, email: Option<&str>) -> ApiResult<Value> {
-        let lines: Value = serde_json::from_str(&r.try_get::<String, _>("lines")?).map_err(ApiError::internal)?;
+        let lines: Value =
+            serde_json::from_str(&r.try_get::<String, _>("lines")?).map_err(ApiError::internal)?;
         let at = |c: &str| -> ApiResult<Option<String>> {
             let v: i64 = r.try_get(c)?;
             Ok((v > 0).then(|| rfc3339(v as u64)))
@@ -1381,20 +1490,28 @@ impl Registry {
                 format!("invoice {id} is {status}; only an open invoice can be paid"),
             ));
         }
-        let reference = self
-            .payments
-            .charge(id, total)
-            .map_err(|e| ApiError::new(axum::http::StatusCode::PAYMENT_REQUIRED, "payment_failed", e))?;
+        let reference = self.payments.charge(id, total).map_err(|e| {
+            ApiError::new(
+                axum::http::StatusCode::PAYMENT_REQUIRED,
+                "payment_failed",
+                e,
+            )
+        })?;
         let now = now_secs() as i64;
         let mut tx = self.db.begin().await?;
-        let n = sqlx::query("UPDATE invoices SET status = 'paid', paid_at = $1 WHERE id = $2 AND status = 'open'")
-            .bind(now)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let n = sqlx::query(
+            "UPDATE invoices SET status = 'paid', paid_at = $1 WHERE id = $2 AND status = 'open'",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         if n == 0 {
-            return Err(ApiError::conflict("invoice_not_open", format!("invoice {id} was paid or voided meanwhile")));
+            return Err(ApiError::conflict(
+                "invoice_not_open",
+                format!("invoice {id} was paid or voided meanwhile"),
+            ));
         }
         let pid = format!("pay_{}", hex::encode(rand::random::<[u8; 8]>()));
         sqlx::query("INSERT INTO payments (id, invoice_id, provider, reference, amount_cents, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
@@ -1410,12 +1527,24 @@ impl Registry {
             &format!("payment:{pid}"),
             "payment",
             id,
-            &[(format!("cash:{}", self.payments.name()), total), (format!("receivable:{acct}"), -total)],
+            &[
+                (format!("cash:{}", self.payments.name()), total),
+                (format!("receivable:{acct}"), -total),
+            ],
         )?;
         insert_rows(&mut tx, LEDGER_INSERT, 6, entries).await?;
-        audit(&mut tx, None, &actor.email, "invoice.pay", json!({"invoice": id, "payment": pid, "amount_cents": total}), &actor.remote);
+        audit(
+            &mut tx,
+            None,
+            &actor.email,
+            "invoice.pay",
+            json!({"invoice": id, "payment": pid, "amount_cents": total}),
+            &actor.remote,
+        );
         tx.commit().await?;
-        Ok(json!({"invoice": id, "payment": pid, "provider": self.payments.name(), "reference": reference, "amount_cents": total, "status": "paid"}))
+        Ok(
+            json!({"invoice": id, "payment": pid, "provider": self.payments.name(), "reference": reference, "amount_cents": total, "status": "paid"}),
+        )
     }
 
     /// Voids an open invoice (operators), reversing its ledger entries.
@@ -1442,18 +1571,34 @@ impl Registry {
                 &format!("void:{id}"),
                 "void",
                 id,
-                &[(format!("receivable:{acct}"), -total), ("revenue:platform".into(), total)],
+                &[
+                    (format!("receivable:{acct}"), -total),
+                    ("revenue:platform".into(), total),
+                ],
             )?;
             insert_rows(&mut tx, LEDGER_INSERT, 6, entries).await?;
         }
-        audit(&mut tx, None, &actor.email, "invoice.void", json!({"invoice": id}), &actor.remote);
+        audit(
+            &mut tx,
+            None,
+            &actor.email,
+            "invoice.void",
+            json!({"invoice": id}),
+            &actor.remote,
+        );
         tx.commit().await?;
         Ok(json!({"invoice": id, "status": "void"}))
     }
 
     /// Posts a marketplace sale: the buyer's receivable against the author's 70 % and the
     /// platform's 30 % ([`revenue_share`]). For the marketplace to call.
-    pub async fn post_sale(&self, buyer: &str, author: &str, sale_cents: i64, reference: &str) -> ApiResult<(i64, i64)> {
+    pub async fn post_sale(
+        &self,
+        buyer: &str,
+        author: &str,
+        sale_cents: i64,
+        reference: &str,
+    ) -> ApiResult<(i64, i64)> {
         let (to_author, to_platform) = revenue_share(sale_cents);
         let entries = ledger_entries(
             &format!("sale:{reference}"),
@@ -1473,10 +1618,12 @@ impl Registry {
 
     /// The balance of a ledger account (sum of its entries).
     pub async fn ledger_balance(&self, account: &str) -> ApiResult<i64> {
-        Ok(sqlx::query_scalar("SELECT COALESCE(SUM(amount_cents), 0) FROM ledger WHERE account = $1")
-            .bind(account)
-            .fetch_one(&self.db.pool)
-            .await?)
+        Ok(sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(amount_cents), 0) AS BIGINT) FROM ledger WHERE account = $1",
+        )
+        .bind(account)
+        .fetch_one(&self.db.pool)
+        .await?)
     }
 }
 
@@ -1549,7 +1696,10 @@ mod tests {
         let nov = parse_month("2026-11").unwrap();
         assert_eq!(rfc3339(nov as u64), "2026-11-01T00:00:00Z");
         assert_eq!(rfc3339(next_month(nov) as u64), "2026-12-01T00:00:00Z");
-        assert_eq!(rfc3339(next_month(next_month(nov)) as u64), "2027-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(next_month(next_month(nov)) as u64),
+            "2027-01-01T00:00:00Z"
+        );
         assert_eq!(month_start(nov + 20 * 86_400 + 5), nov);
         assert_eq!(month_name(parse_month("2024-02").unwrap()), "2024-02");
         assert!(parse_month("2026-13").is_err());

@@ -592,27 +592,53 @@ fn parse_time(s: &str) -> ApiResult<i64> {
     }
     if s.len() == 10 {
         let month = crate::billing::parse_month(&s[..7])?;
-        let day: i64 = s[8..]
-            .parse()
-            .map_err(|_| ApiError::invalid("invalid_time", format!("{s:?}: write YYYY-MM-DD, YYYY-MM or Unix seconds")))?;
+        let day: i64 = s[8..].parse().map_err(|_| {
+            ApiError::invalid(
+                "invalid_time",
+                format!("{s:?}: write YYYY-MM-DD, YYYY-MM or Unix seconds"),
+            )
+        })?;
         return Ok(month + (day - 1) * 86_400);
     }
     crate::billing::parse_month(s)
 }
 
+/// A usage reader: `Authorization: Bearer mcs_...` (a session) or `Bearer sk_live_...` (the
+/// realm's admin API key).
+async fn viewer(
+    reg: &Registry,
+    parts_headers: &HeaderMap,
+    remote: String,
+) -> ApiResult<crate::billing::Viewer> {
+    let v = parts_headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| t.starts_with("mcs_") || t.starts_with("sk_"))
+        .ok_or_else(|| ApiError::unauthorized("send Authorization: Bearer <session token> (macula login) or Bearer <the realm's admin API key>"))?;
+    reg.viewer(v, remote).await
+}
+
 async fn usage(
     State(reg): Reg,
-    actor: Actor,
+    Remote(remote, _): Remote,
+    headers: HeaderMap,
     Path(realm): Path<String>,
     Q(q): Q<UsageQuery>,
 ) -> ApiResult<Response> {
     let period = q.period.as_deref().unwrap_or("day");
     let now = macula_node::confdir::now_secs() as i64;
-    let to = q.to.as_deref().map(parse_time).transpose()?.unwrap_or(now + 1);
+    let to =
+        q.to.as_deref()
+            .map(parse_time)
+            .transpose()?
+            .unwrap_or(now + 1);
     let from = match q.from.as_deref() {
         Some(f) => parse_time(f)?,
         None => crate::billing::month_start(now),
     };
+    let actor = viewer(&reg, &headers, remote).await?;
     let rows = reg.usage(&actor, &realm, period, from, to).await?;
     if q.format.as_deref() == Some("csv") {
         let mut out = String::from("realm,period,start,publish,subscribe,call,register,dht,ops_total,bytes_in,egress_bytes,latency_p50_ms,latency_p95_ms\n");
@@ -640,10 +666,12 @@ async fn usage(
 
 async fn usage_month(
     State(reg): Reg,
-    actor: Actor,
+    Remote(remote, _): Remote,
+    headers: HeaderMap,
     Path((realm, month)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let month = crate::billing::parse_month(&month)?;
+    let actor = viewer(&reg, &headers, remote).await?;
     Ok(Json(reg.usage_month(&actor, &realm, month).await?))
 }
 
@@ -680,7 +708,9 @@ async fn set_addon(
     Path(realm): Path<String>,
     Body(b): Body<AddonReq>,
 ) -> ApiResult<Json<Value>> {
-    Ok(Json(reg.set_addon(&actor, &realm, &b.feature, b.active).await?))
+    Ok(Json(
+        reg.set_addon(&actor, &realm, &b.feature, b.active).await?,
+    ))
 }
 
 async fn invoices(State(reg): Reg, actor: Actor) -> ApiResult<Json<Value>> {

@@ -93,7 +93,7 @@ pub struct Registry {
     pub config: RegistryConfig,
     confdir: ConfDir,
     operator_key: SigningKey,
-    node: Option<Arc<Node>>,
+    pub(crate) node: Option<Arc<Node>>,
     logins: Mutex<HashMap<IpAddr, (Instant, u32)>>,
     /// Parsed newest policy per realm, with its version.
     policies: Mutex<HashMap<String, (i64, PolicyDoc)>>,

@@ -161,6 +161,26 @@ pub enum RealmsCmd {
         #[arg(long)]
         remove_user: Option<String>,
     },
+    /// Change a realm's plan: hobby, starter ($29), professional ($99) or enterprise. Upgrades
+    /// apply at once (the month is billed at the new plan); downgrades on the first of next month.
+    ///
+    /// Example: macula realms plan com.myapp starter
+    Plan {
+        #[command(flatten)]
+        dir: DirArg,
+        name: String,
+        tier: String,
+    },
+    /// Turn a premium add-on on (or --off): analytics, multi_region, priority_support,
+    /// custom_domains, dedicated_nodes, sso. Billed for every month in which it was on.
+    Addon {
+        #[command(flatten)]
+        dir: DirArg,
+        name: String,
+        feature: String,
+        #[arg(long)]
+        off: bool,
+    },
 }
 
 /// Parses `30d`, `12h`, `90m`, `45s`, `500ms` or `never` (0).
@@ -284,7 +304,9 @@ pub fn realms(cmd: RealmsCmd, json: bool) -> Result<()> {
         | RealmsCmd::Delete { dir, .. }
         | RealmsCmd::Renew { dir, .. }
         | RealmsCmd::Transfer { dir, .. }
-        | RealmsCmd::Acl { dir, .. } => dir,
+        | RealmsCmd::Acl { dir, .. }
+        | RealmsCmd::Plan { dir, .. }
+        | RealmsCmd::Addon { dir, .. } => dir,
     };
     if let Some(api) = target.registry() {
         return crate::registry_cmds::realms(&api, cmd, json);
@@ -344,6 +366,8 @@ pub fn realms(cmd: RealmsCmd, json: bool) -> Result<()> {
         RealmsCmd::Renew { .. } => return Err(registry_only("renew")),
         RealmsCmd::Transfer { .. } => return Err(registry_only("transfer")),
         RealmsCmd::Acl { .. } => return Err(registry_only("acl")),
+        RealmsCmd::Plan { .. } => return Err(registry_only("plan")),
+        RealmsCmd::Addon { .. } => return Err(registry_only("addon")),
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The `macula` command.
 
+mod billing_cmds;
 mod client_cmds;
 mod local;
 mod mesh_cmds;
@@ -83,9 +84,25 @@ enum Command {
     /// Realm-scoped records in the mesh's DHT (signed, with a TTL).
     #[command(subcommand)]
     Dht(mesh_cmds::DhtCmd),
+    /// A realm's usage this month (or --month): operations by kind, egress, latency, allowance
+    /// used, charges so far, quota notices; --csv for the rows.
+    Usage(billing_cmds::UsageArgs),
+    /// A realm's usage hour by hour (last 24 hours by default).
+    Metrics(billing_cmds::MetricsArgs),
+    /// Invoices: list, show (text or --html), pay; run and void for operators.
+    #[command(subcommand)]
+    Invoices(billing_cmds::InvoicesCmd),
+    /// The plans (Hobby, Starter, Professional, Enterprise), add-ons and billing rules.
+    Plans(registry_cmds::Server),
 }
 
 fn main() {
+    // Output piped into `head` ends quietly, as for any Unix tool, instead of panicking on EPIPE.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("MACULA_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("warn,libp2p_kad=error,macula=info,macula_node=info")
@@ -121,6 +138,10 @@ fn main() {
             Command::Realms(c) => local::realms(c, json),
             Command::Mesh(c) => mesh_cmds::mesh(c, json).await,
             Command::Dht(c) => mesh_cmds::dht(c, json).await,
+            Command::Usage(a) => billing_cmds::usage(a, json),
+            Command::Metrics(a) => billing_cmds::metrics(a, json),
+            Command::Invoices(c) => billing_cmds::invoices(c, json),
+            Command::Plans(s) => billing_cmds::plans(s, json),
         }
     });
     if let Err(e) = result {

@@ -77,6 +77,16 @@ impl Api {
         Api { base, token, agent }
     }
 
+    /// Whether a session token (or a key set with [`Api::use_key`]) will be sent.
+    pub fn has_credential(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// Authenticates with a realm's admin API key instead of a session (usage only).
+    pub fn use_key(&mut self, key: String) {
+        self.token = Some(key);
+    }
+
     fn need_login(&self) -> Result<&str> {
         self.token.as_deref().ok_or_else(|| {
             anyhow!(
@@ -270,7 +280,7 @@ pub fn logout(server: Server, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn s(v: &Value) -> &str {
+pub fn s(v: &Value) -> &str {
     v.as_str().unwrap_or("-")
 }
 
@@ -367,7 +377,7 @@ pub fn seg(x: &str) -> String {
 }
 
 /// The realm to act on: the one given, else the caller's only realm.
-fn pick_realm(api: &Api, realm: Option<String>) -> Result<String> {
+pub fn pick_realm(api: &Api, realm: Option<String>) -> Result<String> {
     if let Some(r) = realm {
         return Ok(r);
     }
@@ -549,6 +559,41 @@ pub fn realms(api: &Api, cmd: crate::local::RealmsCmd, json: bool) -> Result<()>
                     "You now own {} (fee {} cents recorded).",
                     s(&v["name"]),
                     v["fee_cents"]
+                )
+            });
+        }
+        RealmsCmd::Plan { name, tier, .. } => {
+            let v = api.send(
+                "POST",
+                &format!("/v1/realms/{}/plan", seg(&name)),
+                Some(&json!({"tier": tier})),
+                true,
+            )?;
+            out(&v, &|v| match v["scheduled"].as_object() {
+                Some(sch) => println!(
+                    "{name} stays on {} until {}, then moves to {}",
+                    s(&v["tier"]),
+                    sch["effective_at"].as_str().unwrap_or(""),
+                    sch["tier"].as_str().unwrap_or("")
+                ),
+                None => println!("{name} is now on the {} plan", s(&v["tier"])),
+            });
+        }
+        RealmsCmd::Addon {
+            name, feature, off, ..
+        } => {
+            let v = api.send(
+                "POST",
+                &format!("/v1/realms/{}/addons", seg(&name)),
+                Some(&json!({"feature": feature, "active": !off})),
+                true,
+            )?;
+            out(&v, &|v| {
+                println!(
+                    "{} is {} for {name} (${:.2}/month)",
+                    s(&v["title"]),
+                    if off { "off" } else { "on" },
+                    v["monthly_cents"].as_i64().unwrap_or(0) as f64 / 100.0
                 )
             });
         }

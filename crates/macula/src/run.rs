@@ -101,6 +101,10 @@ pub async fn up(a: UpArgs, json: bool) -> Result<()> {
         l.config.listen.rawsocket = SocketAddr::new(a.rawsocket.ip(), shift(a.rawsocket.port()));
         l.config.mesh.listen = vec![format!("/ip4/127.0.0.1/udp/{}/quic-v1", a.mesh_port + i)];
         l.config.mesh.identity = PathBuf::from(format!("nodes/{}/identity.key", i + 1));
+        if i > 0 {
+            // One counters file per node.
+            l.config.metering.dir = PathBuf::from(format!("nodes/{}/meter", i + 1));
+        }
         l.config.mesh.bootstrap = first_mesh.clone();
         // The first node hosts the registry.
         l.config.registry.enabled = i == 0;

@@ -106,3 +106,24 @@ pub async fn account(base: &str, email: &str) -> String {
 }
 
 pub use macula_registry::testpg::Postgres;
+
+/// A GET whose answer is text (CSV, HTML), with a bearer token.
+pub async fn req_text(base: &str, path: &str, token: &str) -> String {
+    let url = format!("{base}{path}");
+    let token = token.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut res = agent
+            .get(&url)
+            .header("Authorization", &format!("Bearer {token}"))
+            .call()
+            .unwrap();
+        assert_eq!(res.status().as_u16(), 200);
+        res.body_mut().read_to_string().unwrap()
+    })
+    .await
+    .unwrap()
+}

@@ -1,0 +1,635 @@
+//! Billing: usage aggregation (exact, idempotent), invoices to the cent (tier boundaries,
+//! overage, add-ons, fees, rounding), payments and the ledger, and the Hobby plan's hard quota.
+//! Each suite runs on SQLite and on a throwaway PostgreSQL (skipped, with a message, where
+//! PostgreSQL is not installed).
+
+mod common;
+
+use common::{account, req, serve, Postgres};
+use macula_node::confdir::now_secs;
+use macula_node::meter::{hour_of, UsageReport, UsageRow, UsageSink, BUCKETS};
+use macula_registry::billing::{self, month_start, LocalSink};
+use macula_registry::RegistryConfig;
+use serde_json::{json, Value};
+
+fn sqlite_url(dir: &std::path::Path) -> String {
+    format!("sqlite://{}?mode=rwc", dir.join("registry.db").display())
+}
+
+const GIB: u64 = 1 << 30;
+
+fn row(
+    realm: &str,
+    key: &str,
+    hour: u32,
+    ops: [u64; 5],
+    bytes_in: u64,
+    bytes_out: u64,
+) -> UsageRow {
+    UsageRow {
+        realm: realm.into(),
+        key_id: key.into(),
+        hour,
+        ops,
+        bytes_in,
+        bytes_out,
+        latency: vec![0; BUCKETS],
+    }
+}
+
+fn report(node: &str, epoch: u64, rows: Vec<UsageRow>) -> UsageReport {
+    UsageReport {
+        node: node.into(),
+        epoch,
+        rows,
+    }
+}
+
+fn config() -> RegistryConfig {
+    RegistryConfig {
+        operators: vec!["ops@example.com".into()],
+        ..RegistryConfig::default()
+    }
+}
+
+async fn create_realm(base: &str, token: &str, body: Value) {
+    let (s, v) = req(base, "POST", "/v1/realms", Some(token), Some(body)).await;
+    assert_eq!(s, 201, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregation_on_sqlite() {
+    let tmp = tempfile::tempdir().unwrap();
+    aggregation(&sqlite_url(tmp.path()), tmp.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregation_on_postgres() {
+    let Some(pg) = Postgres::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    aggregation(&pg.url, tmp.path()).await;
+}
+
+/// Reports from three nodes (one restarted with a new counters file), delivered twice, out of
+/// order and stale, roll up to exactly the sum of what each node counted.
+async fn aggregation(url: &str, dir: &std::path::Path) {
+    let srv = serve(url, dir, config()).await;
+    let base = &srv.base;
+    let t = account(base, "owner@example.com").await;
+    create_realm(base, &t, json!({"name": "com.bill"})).await;
+    let h = hour_of(now_secs());
+    let mut a1 = row("com.bill", "key_a", h, [10, 1, 5, 1, 2], 1000, 5000);
+    a1.latency[macula_node::meter::bucket(std::time::Duration::from_micros(1500))] = 4;
+    let a1 = report("node-a", 1, vec![a1]);
+    assert_eq!(srv.reg.ingest(&a1).await.unwrap(), vec!["com.bill"]);
+    assert!(
+        srv.reg.ingest(&a1).await.unwrap().is_empty(),
+        "a report delivered twice counts once"
+    );
+    // Node B: one row for the realm, one for an unregistered subrealm (billed to the parent).
+    let b = report(
+        "node-b",
+        7,
+        vec![
+            row("com.bill", "key_b", h, [20, 0, 0, 0, 0], 2000, 100),
+            row("com.bill.shop", "key_c", h, [3, 0, 0, 0, 0], 30, 300),
+        ],
+    );
+    srv.reg.ingest(&b).await.unwrap();
+    // Node A's counters grew; then its older report arrives late.
+    let a2 = report(
+        "node-a",
+        1,
+        vec![row("com.bill", "key_a", h, [15, 1, 5, 1, 2], 1500, 5000)],
+    );
+    srv.reg.ingest(&a2).await.unwrap();
+    assert!(
+        srv.reg.ingest(&a1).await.unwrap().is_empty(),
+        "stale report"
+    );
+    // Node A lost its counters file: a new epoch counts from zero again.
+    let a3 = report(
+        "node-a",
+        2,
+        vec![row("com.bill", "key_a", h, [1, 0, 0, 0, 0], 10, 20)],
+    );
+    srv.reg.ingest(&a3).await.unwrap();
+
+    let (s, v) = req(
+        base,
+        "GET",
+        "/v1/realms/com.bill/usage/current",
+        Some(&t),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let u = &v["usage"];
+    assert_eq!(u["ops"]["publish"], 15 + 20 + 3 + 1);
+    assert_eq!(u["ops"]["subscribe"], 1);
+    assert_eq!(u["ops"]["call"], 5);
+    assert_eq!(u["ops"]["register"], 1);
+    assert_eq!(u["ops"]["dht"], 2);
+    assert_eq!(u["ops_total"], 39 + 1 + 5 + 1 + 2);
+    assert_eq!(u["bytes_in"], 1500 + 2000 + 30 + 10);
+    assert_eq!(u["egress_bytes"], 5000 + 100 + 300 + 20);
+    let p50 = u["latency_p50_ms"].as_f64().unwrap();
+    assert!((1.0..2.0).contains(&p50), "p50 {p50}");
+    assert_eq!(v["plan"]["name"], "hobby");
+    // Hourly and daily rollups agree; CSV has the same numbers.
+    for period in ["hour", "day"] {
+        let (s, v) = req(
+            base,
+            "GET",
+            &format!("/v1/realms/com.bill/usage?period={period}"),
+            Some(&t),
+            None,
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["items"][0]["ops_total"], 48, "{period}: {v}");
+    }
+    let csv = common::req_text(base, "/v1/realms/com.bill/usage?period=hour&format=csv", &t).await;
+    let mut lines = csv.lines();
+    assert!(lines
+        .next()
+        .unwrap()
+        .starts_with("realm,period,start,publish"));
+    let data: Vec<&str> = lines.next().unwrap().split(',').collect();
+    assert_eq!(&data[..2], &["com.bill", "hour"]);
+    assert_eq!(data[3..9], ["39", "1", "5", "1", "2", "48"]);
+    assert_eq!(data[10], "5420");
+    // Somebody else's realm: no.
+    let other = account(base, "other@example.com").await;
+    let (s, _) = req(
+        base,
+        "GET",
+        "/v1/realms/com.bill/usage/current",
+        Some(&other),
+        None,
+    )
+    .await;
+    assert_eq!(s, 403);
+    let (s, v) = req(
+        base,
+        "GET",
+        "/v1/realms/com.bill/usage?period=week",
+        Some(&t),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (422, Some("invalid_period"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invoices_on_sqlite() {
+    let tmp = tempfile::tempdir().unwrap();
+    invoices(&sqlite_url(tmp.path()), tmp.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invoices_on_postgres() {
+    let Some(pg) = Postgres::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    invoices(&pg.url, tmp.path()).await;
+}
+
+fn lines_of(inv: &Value) -> Vec<(String, String, i64)> {
+    inv["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["realm"].as_str().unwrap_or("").to_owned(),
+                l["kind"].as_str().unwrap().to_owned(),
+                l["amount_cents"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+async fn invoices(url: &str, dir: &std::path::Path) {
+    let srv = serve(url, dir, config()).await;
+    let base = &srv.base;
+    let t = account(base, "owner@example.com").await;
+    let ops = account(base, "ops@example.com").await;
+    create_realm(base, &t, json!({"name": "com.free"})).await;
+    create_realm(base, &t, json!({"name": "com.inv"})).await;
+    create_realm(base, &t, json!({"name": "com.pro", "tier": "professional"})).await;
+    let now = now_secs() as i64;
+    let this_month = month_start(now);
+    let last_month = month_start(this_month - 1);
+    // The realms have existed since last month (the upgrade below records com.inv's plan so far).
+    sqlx::query("UPDATE realms SET created_at = $1")
+        .bind(last_month)
+        .execute(&srv.reg.db.pool)
+        .await
+        .unwrap();
+    let (s, v) = req(
+        base,
+        "POST",
+        "/v1/realms/com.inv/plan",
+        Some(&t),
+        Some(json!({"tier": "starter"})),
+    )
+    .await;
+    assert_eq!((s, v["tier"].as_str()), (200, Some("starter")), "{v}");
+    let (s, v) = req(
+        base,
+        "POST",
+        "/v1/realms/com.inv/addons",
+        Some(&t),
+        Some(json!({"feature": "analytics"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = req(
+        base,
+        "POST",
+        "/v1/realms/com.inv/addons",
+        Some(&t),
+        Some(json!({"feature": "teleport"})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (422, Some("invalid_addon"))
+    );
+
+    // This month: com.inv is 1,250 operations and half a GiB over Starter's allowance; com.pro
+    // is exactly at Professional's.
+    let h = hour_of(now as u64);
+    srv.reg
+        .ingest(&report(
+            "node-a",
+            1,
+            vec![
+                row(
+                    "com.inv",
+                    "k1",
+                    h,
+                    [10_001_250, 0, 0, 0, 0],
+                    0,
+                    100 * GIB + GIB / 2,
+                ),
+                row(
+                    "com.pro",
+                    "k2",
+                    h,
+                    [60_000_000, 20_000_000, 10_000_000, 5_000_000, 5_000_000],
+                    0,
+                    1024 * GIB,
+                ),
+            ],
+        ))
+        .await
+        .unwrap();
+    let (s, inv) = req(base, "GET", "/v1/invoices/current", Some(&t), None).await;
+    assert_eq!(s, 200, "{inv}");
+    assert_eq!(inv["status"], "draft");
+    assert_eq!(
+        lines_of(&inv),
+        vec![
+            ("com.free".into(), "base".into(), 0),
+            ("com.inv".into(), "base".into(), 2900),
+            // 1,250 × $0.008/1K = 1.0 cent; half a GiB × $0.08 = 4 cents.
+            ("com.inv".into(), "overage_ops".into(), 1),
+            ("com.inv".into(), "overage_egress".into(), 4),
+            ("com.inv".into(), "addon".into(), 1900),
+            ("com.pro".into(), "base".into(), 9900),
+        ]
+    );
+    assert_eq!(inv["total_cents"], 14_705);
+    let html = billing::invoice_html(&inv);
+    assert!(
+        html.contains("$147.05") && html.contains("com.inv"),
+        "{html}"
+    );
+    // The draft is brought up to date, not duplicated.
+    srv.reg
+        .ingest(&report(
+            "node-a",
+            1,
+            vec![row(
+                "com.inv",
+                "k1",
+                h,
+                [10_001_875, 0, 0, 0, 0],
+                0,
+                100 * GIB + GIB / 2,
+            )],
+        ))
+        .await
+        .unwrap();
+    let (_, inv2) = req(base, "GET", "/v1/invoices/current", Some(&t), None).await;
+    assert_eq!(inv2["id"], inv["id"]);
+    // 1,875 × 0.8 millicents = 1.5 cents, rounded half up to 2.
+    assert_eq!(inv2["total_cents"], 14_706);
+
+    // Last month: com.inv was still on Hobby (the upgrade applies from now); a transfer fee.
+    let lh = hour_of(last_month as u64 + 3600);
+    srv.reg
+        .ingest(&report(
+            "node-a",
+            1,
+            vec![row("com.inv", "k1", lh, [500, 0, 0, 0, 0], 0, 0)],
+        ))
+        .await
+        .unwrap();
+    let owner_id: String =
+        sqlx::query_scalar("SELECT id FROM accounts WHERE email = 'owner@example.com'")
+            .fetch_one(&srv.reg.db.pool)
+            .await
+            .unwrap();
+    sqlx::query("INSERT INTO fees (account_id, realm, kind, amount_cents, created_at) VALUES ($1, 'com.free', 'transfer', 2000, $2)")
+        .bind(&owner_id)
+        .bind(last_month + 10)
+        .execute(&srv.reg.db.pool)
+        .await
+        .unwrap();
+    let (s, _) = req(
+        base,
+        "POST",
+        "/v1/admin/invoices/run",
+        Some(&t),
+        Some(json!({"month": "previous"})),
+    )
+    .await;
+    assert_eq!(s, 403, "only operators run invoices");
+    let (s, run) = req(
+        base,
+        "POST",
+        "/v1/admin/invoices/run",
+        Some(&ops),
+        Some(json!({"month": "previous"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{run}");
+    assert_eq!(
+        (run["final"].as_bool(), run["invoices"].as_u64()),
+        (Some(true), Some(1))
+    );
+    let (_, again) = req(
+        base,
+        "POST",
+        "/v1/admin/invoices/run",
+        Some(&ops),
+        Some(json!({"month": "previous"})),
+    )
+    .await;
+    assert_eq!(
+        again["invoices"], 0,
+        "a finalized month is not billed twice"
+    );
+    let (s, prev) = req(base, "GET", "/v1/invoices/previous", Some(&t), None).await;
+    assert_eq!(s, 200, "{prev}");
+    assert_eq!(prev["status"], "open");
+    assert_eq!(
+        lines_of(&prev),
+        vec![
+            ("com.free".into(), "base".into(), 0),
+            ("com.inv".into(), "base".into(), 0),
+            ("com.pro".into(), "base".into(), 9900),
+            ("com.free".into(), "transfer_fee".into(), 2000),
+        ]
+    );
+    assert_eq!(prev["total_cents"], 11_900);
+    let id = prev["id"].as_str().unwrap().to_owned();
+    let (s, _) = req(
+        base,
+        "GET",
+        &format!("/v1/invoices/{id}"),
+        Some(&other(base).await),
+        None,
+    )
+    .await;
+    assert_eq!(s, 404, "another account's invoice is not shown");
+    assert_eq!(
+        srv.reg
+            .ledger_balance(&format!("receivable:{owner_id}"))
+            .await
+            .unwrap(),
+        11_900
+    );
+    let (s, paid) = req(
+        base,
+        "POST",
+        &format!("/v1/invoices/{id}/pay"),
+        Some(&t),
+        None,
+    )
+    .await;
+    assert_eq!((s, paid["status"].as_str()), (200, Some("paid")), "{paid}");
+    let (s, v) = req(
+        base,
+        "POST",
+        &format!("/v1/invoices/{id}/pay"),
+        Some(&t),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("invoice_not_open"))
+    );
+    let (s, _) = req(
+        base,
+        "POST",
+        &format!("/v1/admin/invoices/{id}/void"),
+        Some(&ops),
+        None,
+    )
+    .await;
+    assert_eq!(s, 409, "a paid invoice is not voided");
+    assert_eq!(
+        srv.reg
+            .ledger_balance(&format!("receivable:{owner_id}"))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        srv.reg.ledger_balance("cash:recorded").await.unwrap(),
+        11_900
+    );
+    assert_eq!(
+        srv.reg.ledger_balance("revenue:platform").await.unwrap(),
+        -11_900
+    );
+    // The whole ledger balances.
+    let sum: i64 =
+        sqlx::query_scalar("SELECT CAST(COALESCE(SUM(amount_cents), 0) AS BIGINT) FROM ledger")
+            .fetch_one(&srv.reg.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(sum, 0);
+    // A marketplace sale splits 70/30 to the cent.
+    assert_eq!(
+        srv.reg
+            .post_sale(&owner_id, "author-1", 999, "sale-1")
+            .await
+            .unwrap(),
+        (699, 300)
+    );
+    assert_eq!(
+        srv.reg
+            .ledger_balance("payable:author:author-1")
+            .await
+            .unwrap(),
+        -699
+    );
+    let (s, list) = req(base, "GET", "/v1/invoices", Some(&t), None).await;
+    assert_eq!(s, 200);
+    assert_eq!(list["items"].as_array().unwrap().len(), 2, "{list}");
+}
+
+async fn other(base: &str) -> String {
+    account(base, "stranger@example.com").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hobby_quota_on_sqlite() {
+    let tmp = tempfile::tempdir().unwrap();
+    hobby_quota(&sqlite_url(tmp.path()), tmp.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hobby_quota_on_postgres() {
+    let Some(pg) = Postgres::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    hobby_quota(&pg.url, tmp.path()).await;
+}
+
+/// The owner is told at 80 % and 100 %; at 100 % the realm's policy (which every node
+/// enforces) refuses operations; an upgrade lifts it; a downgrade waits for next month.
+async fn hobby_quota(url: &str, dir: &std::path::Path) {
+    let srv = serve(url, dir, config()).await;
+    let base = &srv.base;
+    let t = account(base, "owner@example.com").await;
+    create_realm(base, &t, json!({"name": "com.q"})).await;
+    let sink = LocalSink(std::sync::Arc::downgrade(&srv.reg));
+    let h = hour_of(now_secs());
+    let deliver = |ops: u64| {
+        sink.deliver(report(
+            "n",
+            1,
+            vec![row("com.q", "k", h, [ops, 0, 0, 0, 0], 0, 0)],
+        ))
+    };
+    deliver(79_999).await.unwrap();
+    let month = |v: &Value| {
+        v["notices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["kind"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let (_, v) = req(
+        base,
+        "GET",
+        "/v1/realms/com.q/usage/current",
+        Some(&t),
+        None,
+    )
+    .await;
+    assert!(month(&v).is_empty(), "{v}");
+    deliver(80_000).await.unwrap();
+    let (_, v) = req(
+        base,
+        "GET",
+        "/v1/realms/com.q/usage/current",
+        Some(&t),
+        None,
+    )
+    .await;
+    assert_eq!(month(&v), ["quota_80"]);
+    assert!(v["quota_exceeded"].is_null());
+    assert!(srv
+        .dir
+        .read_policy("com.q")
+        .unwrap()
+        .quota_exceeded
+        .is_none());
+    deliver(100_000).await.unwrap();
+    let (_, v) = req(
+        base,
+        "GET",
+        "/v1/realms/com.q/usage/current",
+        Some(&t),
+        None,
+    )
+    .await;
+    assert_eq!(month(&v), ["quota_80", "quota_100"]);
+    let why = v["quota_exceeded"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        why.contains("Hobby") && why.contains("macula realms plan com.q starter"),
+        "{why}"
+    );
+    // The node-facing policy carries it (nodes refuse with macula.error.quota_exceeded).
+    assert_eq!(
+        srv.dir
+            .read_policy("com.q")
+            .unwrap()
+            .quota_exceeded
+            .as_deref(),
+        Some(why.as_str())
+    );
+    // No overage on Hobby: the invoice shows the $0 base only.
+    let (_, inv) = req(base, "GET", "/v1/invoices/current", Some(&t), None).await;
+    assert_eq!(inv["total_cents"], 0);
+    // Upgrading lifts the block at once.
+    let (s, _) = req(
+        base,
+        "POST",
+        "/v1/realms/com.q/plan",
+        Some(&t),
+        Some(json!({"tier": "starter"})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert!(srv
+        .dir
+        .read_policy("com.q")
+        .unwrap()
+        .quota_exceeded
+        .is_none());
+    deliver(150_000).await.unwrap();
+    assert!(
+        srv.dir
+            .read_policy("com.q")
+            .unwrap()
+            .quota_exceeded
+            .is_none(),
+        "paid plans are not blocked"
+    );
+    // A downgrade is scheduled for the first of next month.
+    let (s, v) = req(
+        base,
+        "POST",
+        "/v1/realms/com.q/plan",
+        Some(&t),
+        Some(json!({"tier": "hobby"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["tier"], "starter");
+    assert_eq!(v["scheduled"]["tier"], "hobby");
+    assert!(v["scheduled"]["effective_at"]
+        .as_str()
+        .unwrap()
+        .ends_with("-01T00:00:00Z"));
+    let (s, v) = req(
+        base,
+        "POST",
+        "/v1/realms/com.q/plan",
+        Some(&other(base).await),
+        Some(json!({"tier": "starter"})),
+    )
+    .await;
+    assert!(s == 403 || s == 404, "{s} {v}");
+}
