@@ -22,7 +22,12 @@ const REALM: &str = "com.bench";
 const SER: Serializer = Serializer::MsgPack;
 
 /// The hidden `node` subcommand: a node tuned for measurement (no rate limit, deep queues).
-pub fn run_node(config: &Path, mesh: Option<u32>, bootstrap: Option<String>) -> Result<()> {
+pub fn run_node(
+    config: &Path,
+    mesh: Option<u32>,
+    bootstrap: Option<String>,
+    metering: bool,
+) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -38,6 +43,8 @@ pub fn run_node(config: &Path, mesh: Option<u32>, bootstrap: Option<String>) -> 
         loaded.config.mesh.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".into()];
         loaded.config.mesh.identity = format!("node/{}.key", mesh.unwrap_or(0)).into();
         loaded.config.mesh.bootstrap = bootstrap.into_iter().collect();
+        loaded.config.metering.enabled = metering;
+        loaded.config.metering.dir = format!("node/{}-meter", mesh.unwrap_or(0)).into();
         let node = Node::new(loaded, Some(dir));
         let running = macula_node::start(node).await?;
         println!(
@@ -71,14 +78,20 @@ impl Drop for TempDir {
 
 impl Server {
     pub async fn start() -> Result<Server> {
-        Self::start_in(None, None).await
+        Self::start_in(None, None, true).await
+    }
+
+    /// One node with metering on or off.
+    pub async fn start_metered(metering: bool) -> Result<Server> {
+        Self::start_in(None, None, metering).await
     }
 
     /// Two meshed nodes sharing one trust root: (A, B), B joined through A.
     pub async fn start_pair() -> Result<(Server, Server)> {
-        let a = Self::start_in(Some(1), None).await?;
+        let a = Self::start_in(Some(1), None, true).await?;
         let dir = a._tmp.as_ref().map(|t| t.0.clone());
-        let mut b = Self::start_in(Some(2), Some((a.mesh.clone(), dir, a.key.clone()))).await?;
+        let mut b =
+            Self::start_in(Some(2), Some((a.mesh.clone(), dir, a.key.clone())), true).await?;
         b._tmp = None;
         Ok((a, b))
     }
@@ -86,9 +99,10 @@ impl Server {
     async fn start_in(
         mesh: Option<u32>,
         join: Option<(String, Option<std::path::PathBuf>, String)>,
+        metering: bool,
     ) -> Result<Server> {
         if let Some((bootstrap, Some(dir), key)) = join {
-            return Self::spawn(TempDir(dir), key, mesh, Some(bootstrap)).await;
+            return Self::spawn(TempDir(dir), key, mesh, Some(bootstrap), metering).await;
         }
         let tmp = TempDir(std::env::temp_dir().join(format!(
             "macula-bench-{}-{}",
@@ -99,7 +113,7 @@ impl Server {
         dir.init()?;
         dir.create_realm(REALM, None)?;
         let (_, key) = dir.issue_key(REALM, "admin", "bench", 86_400, None)?;
-        Self::spawn(tmp, key, mesh, None).await
+        Self::spawn(tmp, key, mesh, None, metering).await
     }
 
     async fn spawn(
@@ -107,10 +121,14 @@ impl Server {
         key: String,
         mesh: Option<u32>,
         bootstrap: Option<String>,
+        metering: bool,
     ) -> Result<Server> {
         let exe = std::env::current_exe()?;
         let mut cmd = Command::new(exe);
         cmd.arg("node").arg(&tmp.0);
+        if !metering {
+            cmd.arg("--no-metering");
+        }
         if let Some(m) = mesh {
             cmd.arg("--mesh").arg(m.to_string());
         }

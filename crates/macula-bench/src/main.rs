@@ -12,6 +12,7 @@
 //! ```
 
 mod baseline;
+mod invoices;
 mod macula_side;
 mod nats_side;
 mod registry;
@@ -42,6 +43,17 @@ struct Cli {
     /// a shared 2-core machine vary by ±30% from run to run).
     #[arg(long, global = true, default_value_t = 3)]
     runs: usize,
+    /// Metering on the Macula node: on (the default, as shipped), off, or both side by side
+    /// (figures of the unmetered node are labelled `unmetered`).
+    #[arg(long, global = true, default_value = "on")]
+    metering: Metering,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Metering {
+    On,
+    Off,
+    Both,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -120,6 +132,11 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         clients: usize,
     },
+    /// The monthly invoice run on SQLite (target: 10,000 realms in under 10 s).
+    Invoices {
+        #[arg(long, default_value_t = 10_000)]
+        realms: usize,
+    },
     /// Every scenario with default sizes.
     All,
     /// (internal) a TCP echo server for the baseline.
@@ -134,6 +151,9 @@ enum Cmd {
         mesh: Option<u32>,
         #[arg(long)]
         bootstrap: Option<String>,
+        /// Run without metering (for `--metering off|both`).
+        #[arg(long)]
+        no_metering: bool,
     },
 }
 
@@ -164,6 +184,7 @@ fn print(figs: &[Figure], json: bool) {
     if !json {
         print_ratios(figs, "macula", "nats");
         print_ratios(figs, "mesh", "1 node");
+        print_ratios(figs, "macula", "unmetered");
     }
 }
 
@@ -197,9 +218,10 @@ fn main() -> Result<()> {
         config,
         mesh,
         bootstrap,
+        no_metering,
     } = &cli.cmd
     {
-        return macula_side::run_node(config, *mesh, bootstrap.clone());
+        return macula_side::run_node(config, *mesh, bootstrap.clone(), !no_metering);
     }
     if let Cmd::Echo = &cli.cmd {
         return baseline::run_echo();
@@ -223,6 +245,11 @@ fn main() -> Result<()> {
             events,
         };
         let figs = rt.block_on(sim::run(&a))?;
+        print(&figs, cli.json);
+        return Ok(());
+    }
+    if let Cmd::Invoices { realms } = cli.cmd {
+        let figs = rt.block_on(invoices::run(realms))?;
         print(&figs, cli.json);
         return Ok(());
     }
@@ -276,9 +303,22 @@ fn main() -> Result<()> {
                     // These start their own pair of meshed nodes.
                     runs.extend(macula_side::run_cross(&s).await?);
                 } else if cli.target != Target::Nats {
-                    let server = macula_side::Server::start().await?;
-                    runs.extend(macula_side::run(&server, &s).await?);
-                    server.stop().await;
+                    let variants: &[bool] = match cli.metering {
+                        Metering::On => &[true],
+                        Metering::Off => &[false],
+                        Metering::Both => &[false, true],
+                    };
+                    for &metered in variants {
+                        let server = macula_side::Server::start_metered(metered).await?;
+                        let mut figs = macula_side::run(&server, &s).await?;
+                        if !metered && cli.metering == Metering::Both {
+                            for f in &mut figs {
+                                f.server = "unmetered";
+                            }
+                        }
+                        runs.extend(figs);
+                        server.stop().await;
+                    }
                 }
                 if cli.target != Target::Macula && !macula_only {
                     match nats_side::Server::start().await {

@@ -536,8 +536,9 @@ mod tests {
             last = b;
         }
         assert_eq!(bucket(Duration::from_secs(100_000)), BUCKETS - 1);
-        // A bucket's middle falls in the bucket.
-        for b in 0..BUCKETS - 1 {
+        // A bucket's middle falls in the bucket (bucket 1 is never used: below 2 µs there is
+        // one bucket).
+        for b in (0..BUCKETS - 1).filter(|b| *b != 1) {
             let mid = bucket_mid_us(b);
             assert_eq!(
                 bucket(Duration::from_micros(mid as u64)),
