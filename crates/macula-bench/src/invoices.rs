@@ -13,7 +13,7 @@ use crate::Figure;
 
 /// Multi-row INSERT of `rows` (each `cols` values), a few hundred rows per statement.
 async fn insert(db: &Db, head: &str, cols: usize, rows: Vec<Vec<String>>) -> Result<()> {
-    for chunk in rows.chunks(30_000 / cols) {
+    for chunk in rows.chunks(200) {
         let mut sql = String::from(head);
         let mut n = 0;
         for (i, _) in chunk.iter().enumerate() {
@@ -41,15 +41,36 @@ pub async fn run(realms: usize) -> Result<Vec<Figure>> {
     let _ = std::fs::remove_dir_all(&tmp);
     let dir = ConfDir::new(&tmp);
     dir.init()?;
-    let db = Db::sqlite(&tmp.join("registry.db")).await?;
+    // The registry first (its start-up sync reads every realm), then the data, straight in.
+    let reg = Registry::new(
+        Db::sqlite(&tmp.join("registry.db")).await?,
+        RegistryConfig::default(),
+        dir,
+        None,
+    )
+    .await?;
+    let db = &reg.db;
     let now = macula_node::confdir::now_secs() as i64;
     let month = month_start(month_start(now) - 1);
     let accounts = (realms / 4).max(1);
     let t0 = Instant::now();
     let acct_rows = (0..accounts)
-        .map(|a| vec![format!("acct{a}"), format!("user{a}@example.com"), "x".into(), "1".into()])
+        .map(|a| {
+            vec![
+                format!("acct{a}"),
+                format!("user{a}@example.com"),
+                "x".into(),
+                "1".into(),
+            ]
+        })
         .collect();
-    insert(&db, "INSERT INTO accounts (id, email, password_hash, created_at) VALUES ", 4, acct_rows).await?;
+    insert(
+        db,
+        "INSERT INTO accounts (id, email, password_hash, created_at) VALUES ",
+        4,
+        acct_rows,
+    )
+    .await?;
     let (mut realm_rows, mut usage, mut addons, mut fees) = (vec![], vec![], vec![], vec![]);
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
     let mut next = move || {
@@ -87,7 +108,11 @@ pub async fn run(realms: usize) -> Result<Vec<Figure>> {
             bytes.to_string(),
         ]);
         if r % 7 == 0 {
-            addons.push(vec![name.clone(), "analytics".into(), (month + 3600).to_string()]);
+            addons.push(vec![
+                name.clone(),
+                "analytics".into(),
+                (month + 3600).to_string(),
+            ]);
         }
         if r % 50 == 0 {
             fees.push(vec![
@@ -99,18 +124,41 @@ pub async fn run(realms: usize) -> Result<Vec<Figure>> {
             ]);
         }
     }
-    insert(&db, "INSERT INTO realms (name, owner_id, tier, created_at, expires_at, authority_key, authority_cert, policy_version) VALUES ", 8, realm_rows).await?;
-    insert(&db, "INSERT INTO usage_rollups (realm, period, start, ops_publish, ops_subscribe, ops_call, ops_register, ops_dht, bytes_in, bytes_out) VALUES ", 10, usage).await?;
-    insert(&db, "INSERT INTO addons (realm, feature, started_at) VALUES ", 3, addons).await?;
-    insert(&db, "INSERT INTO fees (account_id, realm, kind, amount_cents, created_at) VALUES ", 5, fees).await?;
-    eprintln!("invoices: seeded {realms} realms over {accounts} accounts in {:.1?}", t0.elapsed());
-    let reg = Registry::new(db, RegistryConfig::default(), dir, None).await?;
+    insert(db, "INSERT INTO realms (name, owner_id, tier, created_at, expires_at, authority_key, authority_cert, policy_version) VALUES ", 8, realm_rows).await?;
+    insert(db, "INSERT INTO usage_rollups (realm, period, start, ops_publish, ops_subscribe, ops_call, ops_register, ops_dht, bytes_in, bytes_out) VALUES ", 10, usage).await?;
+    insert(
+        db,
+        "INSERT INTO addons (realm, feature, started_at) VALUES ",
+        3,
+        addons,
+    )
+    .await?;
+    insert(
+        db,
+        "INSERT INTO fees (account_id, realm, kind, amount_cents, created_at) VALUES ",
+        5,
+        fees,
+    )
+    .await?;
+    eprintln!(
+        "invoices: seeded {realms} realms over {accounts} accounts in {:.1?}",
+        t0.elapsed()
+    );
     let t = Instant::now();
-    let s = reg.run_invoices(month, None).await.map_err(|e| anyhow::anyhow!(e.message))?;
+    let s = reg
+        .run_invoices(month, None)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
     let secs = t.elapsed().as_secs_f64();
     let n = s["invoices"].as_u64().unwrap_or(0);
-    anyhow::ensure!(n as usize == accounts, "{n} invoices for {accounts} accounts");
-    let again = reg.run_invoices(month, None).await.map_err(|e| anyhow::anyhow!(e.message))?;
+    anyhow::ensure!(
+        n as usize == accounts,
+        "{n} invoices for {accounts} accounts"
+    );
+    let again = reg
+        .run_invoices(month, None)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
     anyhow::ensure!(again["invoices"] == 0, "a second run billed again: {again}");
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(vec![Figure {
