@@ -210,6 +210,11 @@ pub struct MeteringSection {
     /// How often the counters file is written to disk (against power loss), in ms. A process
     /// crash loses nothing either way.
     pub sync_ms: u64,
+    /// Raw per-operation events for analytics (the seed's metering event, one JSON object per
+    /// line): 0 = off, N = one operation in N. Not used for billing.
+    pub events_sample: u64,
+    /// Where raw events are appended (relative to the config directory).
+    pub events_file: PathBuf,
 }
 
 impl Default for MeteringSection {
@@ -220,6 +225,8 @@ impl Default for MeteringSection {
             slots: 16_384,
             flush_ms: 1000,
             sync_ms: 5000,
+            events_sample: 0,
+            events_file: PathBuf::from("meter/events.jsonl"),
         }
     }
 }

@@ -150,6 +150,14 @@ pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow:
     if let Some(meter) = node.meter.clone() {
         tasks.push(tokio::spawn(ship_usage(node.clone(), meter)));
     }
+    if let Some(rx) = node.events_rx.lock().take() {
+        let file = &node.config.metering.events_file;
+        let path = match &node.confdir {
+            Some(d) if file.is_relative() => d.root.join(file),
+            _ => file.clone(),
+        };
+        tasks.push(tokio::spawn(meter::write_events(path, rx)));
+    }
     tracing::info!(http = %http_addr, rawsocket = %rawsocket_addr, "node listening");
     Ok(Running {
         node,

@@ -169,3 +169,59 @@ pub fn render_mesh(s: &mut String, m: &crate::mesh::MeshState, node: &Metrics) {
     let _ = writeln!(s, "# HELP macula_mesh_events_in_total Publications received from other nodes.\n# TYPE macula_mesh_events_in_total counter\nmacula_mesh_events_in_total {}", g(&node.mesh_events_in));
     let _ = writeln!(s, "# HELP macula_dht_lookups_total DHT lookups (macula.dht.get).\n# TYPE macula_dht_lookups_total counter\nmacula_dht_lookups_total {}", g(&node.dht_lookups));
 }
+
+/// Per-realm usage series from the node's metering counters (cumulative since the counters file
+/// was created, so they survive restarts), and the share of its plan's allowance each realm has
+/// used this month (on the node hosting the billing aggregator).
+pub fn render_usage(
+    s: &mut String,
+    meter: &crate::meter::Meter,
+    quota: &std::collections::HashMap<String, f64>,
+) {
+    use crate::meter::{Op, OPS};
+    let mut per: std::collections::BTreeMap<String, [u64; OPS + 2]> = Default::default();
+    for (realm, _key, c) in meter.totals() {
+        let e = per.entry(realm).or_default();
+        for (i, v) in e.iter_mut().enumerate() {
+            *v += c[i];
+        }
+    }
+    let _ = writeln!(s, "# HELP macula_realm_ops_total Billed operations on this node, by realm and kind.\n# TYPE macula_realm_ops_total counter");
+    for (realm, c) in &per {
+        for op in Op::ALL {
+            let _ = writeln!(
+                s,
+                "macula_realm_ops_total{{realm=\"{realm}\",kind=\"{}\"}} {}",
+                op.name(),
+                c[op as usize]
+            );
+        }
+    }
+    let _ = writeln!(s, "# HELP macula_realm_bytes_in_total Bytes of billed operations received, by realm.\n# TYPE macula_realm_bytes_in_total counter");
+    for (realm, c) in &per {
+        let _ = writeln!(
+            s,
+            "macula_realm_bytes_in_total{{realm=\"{realm}\"}} {}",
+            c[OPS]
+        );
+    }
+    let _ = writeln!(s, "# HELP macula_realm_egress_bytes_total Bytes written to the realm's clients (egress).\n# TYPE macula_realm_egress_bytes_total counter");
+    for (realm, c) in &per {
+        let _ = writeln!(
+            s,
+            "macula_realm_egress_bytes_total{{realm=\"{realm}\"}} {}",
+            c[OPS + 1]
+        );
+    }
+    if !quota.is_empty() {
+        let _ = writeln!(s, "# HELP macula_realm_quota_used_ratio Share of the plan's monthly allowance used (1 = all), by realm.\n# TYPE macula_realm_quota_used_ratio gauge");
+        let mut q: Vec<_> = quota.iter().collect();
+        q.sort_by(|a, b| a.0.cmp(b.0));
+        for (realm, r) in q {
+            let _ = writeln!(
+                s,
+                "macula_realm_quota_used_ratio{{realm=\"{realm}\"}} {r:.6}"
+            );
+        }
+    }
+}

@@ -72,6 +72,13 @@ pub struct Node {
     pub meter: Option<Arc<crate::meter::Meter>>,
     /// Where usage reports go: the billing aggregator (set by whoever hosts or reaches it).
     pub usage_sink: OnceLock<Arc<dyn crate::meter::UsageSink>>,
+    /// Share of its plan's allowance each realm used this month (kept by the aggregator hosted
+    /// here, for `/metrics`).
+    pub quota_used: parking_lot::Mutex<HashMap<String, f64>>,
+    /// The sampled raw-event stream (`metering.events_sample`), and its receiver until the
+    /// writer task takes it.
+    pub events: Option<crate::meter::EventTap>,
+    pub events_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<crate::meter::OpEvent>>>,
     me: std::sync::Weak<Node>,
 }
 
@@ -92,6 +99,13 @@ impl Node {
                 })
             })
             .and_then(Result::ok);
+        let (events, events_rx) = match (m.events_sample, &meter) {
+            (0, _) | (_, None) => (None, None),
+            (n, Some(_)) => {
+                let (tap, rx) = crate::meter::EventTap::new(n);
+                (Some(tap), Some(rx))
+            }
+        };
         Arc::new_cyclic(|me| Node {
             config: loaded.config.clone(),
             metrics: Arc::new(Metrics::default()),
@@ -103,6 +117,9 @@ impl Node {
             mesh: OnceLock::new(),
             meter,
             usage_sink: OnceLock::new(),
+            quota_used: parking_lot::Mutex::new(HashMap::new()),
+            events,
+            events_rx: parking_lot::Mutex::new(events_rx),
             me: me.clone(),
         })
     }

@@ -69,6 +69,8 @@ pub struct Connection {
     /// Size of the frame being handled (metered as the operation's bytes in).
     frame_len: usize,
     meter: Option<Arc<SessionMeter>>,
+    /// The key id the session joined with (for raw metering events).
+    kid: String,
 }
 
 impl Connection {
@@ -103,6 +105,7 @@ impl Connection {
             now: None,
             frame_len: 0,
             meter: None,
+            kid: String::new(),
         }
     }
 
@@ -209,6 +212,10 @@ impl Connection {
                 let (id, realm) = (*id, realm.clone());
                 // Counted once the router took it (a refusal for quota is not an operation).
                 let kind = self.meter.as_ref().and_then(|_| op_kind(&msg));
+                let sampled = match (&self.node.events, kind) {
+                    (Some(tap), Some(k)) if tap.sample() => Some((k, op_target(&msg))),
+                    _ => None,
+                };
                 let call = match (&self.meter, &msg) {
                     (Some(m), Message::Call { request, .. }) => {
                         m.call_started(*request, now);
@@ -229,6 +236,9 @@ impl Connection {
                         }
                     } else {
                         m.counter.op(kind, self.frame_len);
+                        if let (Some((k, target)), Some(tap)) = (sampled, &self.node.events) {
+                            tap.offer(self.op_event(k, target, &realm.name));
+                        }
                     }
                 }
                 match result {
@@ -298,6 +308,7 @@ impl Connection {
                             self.outbox_send(welcome);
                             id
                         };
+                        self.kid = identity.kid.clone();
                         if let Some(meter) = &self.node.meter {
                             let m = Arc::new(SessionMeter::new(
                                 meter.counter(&identity.realm, &identity.kid),
@@ -312,6 +323,25 @@ impl Connection {
                     }
                 }
             }
+        }
+    }
+
+    fn op_event(&self, kind: Op, target: String, realm: &str) -> crate::meter::OpEvent {
+        crate::meter::OpEvent {
+            timestamp: crate::confdir::rfc3339(now_secs()),
+            realm: realm.to_owned(),
+            node_id: self
+                .node
+                .mesh
+                .get()
+                .map(|m| m.handle.peer_id().to_string())
+                .unwrap_or_else(|| "standalone".into()),
+            operation: kind.name(),
+            topic: target,
+            bytes_in: self.frame_len as u64,
+            bytes_out: 0,
+            latency_ms: None,
+            api_key: self.kid.clone(),
         }
     }
 
@@ -375,6 +405,15 @@ pub fn final_call_answer(m: &Message) -> Option<Id> {
             ..
         } => Some(*request),
         _ => None,
+    }
+}
+
+/// The topic or procedure an operation names.
+fn op_target(m: &Message) -> String {
+    match m {
+        Message::Publish { topic, .. } | Message::Subscribe { topic, .. } => topic.clone(),
+        Message::Call { procedure, .. } | Message::Register { procedure, .. } => procedure.clone(),
+        _ => String::new(),
     }
 }
 

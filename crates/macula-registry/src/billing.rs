@@ -664,6 +664,9 @@ impl Registry {
             drop(c);
             let used =
                 (ops as f64 / t.included_ops as f64).max(bytes as f64 / t.included_bytes as f64);
+            if let Some(node) = &self.node {
+                node.quota_used.lock().insert(name.clone(), used);
+            }
             let what = format!(
                 "{} of {} operations and {:.3} of {} GiB egress this month ({})",
                 ops,

@@ -178,6 +178,22 @@ async fn usage_is_exact_and_the_hobby_quota_is_enforced_at_the_edge() {
     );
     assert!(u["egress_bytes"].as_u64().unwrap() > 0, "{v}");
     assert!(u["latency_p50_ms"].as_f64().is_some(), "{v}");
+    // The node's Prometheus series per realm.
+    let metrics = ureq::get(&format!("{http}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "macula_realm_ops_total{{realm=\"{realm}\",kind=\"publish\"}} 37"
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains(&format!(
+        "macula_realm_egress_bytes_total{{realm=\"{realm}\"}}"
+    )));
     // Nothing more is counted while idle.
     std::thread::sleep(Duration::from_millis(2500));
     let again = usage_until(cfg.path(), home.path(), http, realm, |_| true);
@@ -280,6 +296,16 @@ async fn usage_is_exact_and_the_hobby_quota_is_enforced_at_the_edge() {
         v["notices"].as_array().is_some_and(|n| n.len() == 2)
     });
     assert!(v["quota_exceeded"].as_str().is_some(), "{v}");
+    let metrics = ureq::get(&format!("{http}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("macula_realm_quota_used_ratio{realm=\"com.quota.app\"} 1."),
+        "{metrics}"
+    );
     // An upgrade lifts it for the live session within seconds.
     cli(
         c_,
@@ -396,4 +422,51 @@ async fn three_nodes_roll_up_to_one_realm_total() {
     std::thread::sleep(Duration::from_millis(2500));
     let v2 = usage_until(cfg.path(), home.path(), http, realm, |_| true);
     assert_eq!(v2["usage"]["ops"]["publish"], 21, "{v} {v2}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_events_are_an_opt_in_sample_in_the_seeds_shape() {
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join("node.yaml"),
+        "metering:\n  events_sample: 2\n",
+    )
+    .unwrap();
+    let (_up, banner) = up(home.path(), &[]);
+    let (ws, realm, key) = (
+        banner["ws"].as_str().unwrap(),
+        banner["realm"].as_str().unwrap(),
+        banner["key"].as_str().unwrap(),
+    );
+    let c = Client::connect_with(opts(ws, realm, key)).await.unwrap();
+    for _ in 0..10 {
+        c.publish_with(&format!("{realm}.raw"), Payload::default(), ack())
+            .await
+            .unwrap();
+    }
+    let path = home.path().join("meter/events.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let lines = loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.len() >= 5 {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "{} events written", lines.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(lines.len(), 5, "one publication in two");
+    let e = &lines[0];
+    assert_eq!(e["realm"], realm);
+    assert_eq!(e["operation"], "publish");
+    assert_eq!(e["topic"], format!("{realm}.raw"));
+    assert!(e["bytes_in"].as_u64().unwrap() > 0);
+    assert!(e["timestamp"].as_str().unwrap().ends_with('Z'));
+    assert!(e["node_id"].as_str().unwrap().starts_with("12D3"));
+    // The key's id, never the key.
+    let kid = e["api_key"].as_str().unwrap();
+    assert!(kid.starts_with("key_") && !key.is_empty() && !kid.contains(key));
 }
