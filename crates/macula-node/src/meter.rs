@@ -603,7 +603,9 @@ impl EventTap {
     /// Whether this operation is sampled (cheap: one relaxed add).
     #[inline]
     pub fn sample(&self) -> bool {
-        self.seq.fetch_add(1, Ordering::Relaxed) % self.every == 0
+        self.seq
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(self.every)
     }
 
     pub fn offer(&self, e: OpEvent) {
