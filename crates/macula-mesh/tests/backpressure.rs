@@ -71,7 +71,7 @@ async fn a_stalled_receiver_congests_the_sender_without_loss() {
             other => panic!("frame {sent} not queued: {other:?}"),
         }
         sent += 1;
-        if congested && sent % 64 == 0 {
+        if congested && sent.is_multiple_of(64) {
             // Give the writer a chance to prove it is really stuck, not just behind.
             tokio::time::sleep(Duration::from_millis(1)).await;
             if a.is_congested() && sent > 2_000 {

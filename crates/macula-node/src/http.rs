@@ -265,6 +265,8 @@ struct BridgeSession {
     realm: Arc<crate::node::RealmHandle>,
     id: u64,
     outbox: Arc<Outbox>,
+    /// The key's usage counter: bridge operations are billed like any others.
+    meter: Option<crate::meter::Counter>,
 }
 
 impl BridgeSession {
@@ -362,34 +364,62 @@ impl BridgeSession {
             );
             id
         };
+        let meter = node
+            .meter
+            .as_ref()
+            .map(|m| m.counter(&identity.realm, &identity.kid));
         Ok(BridgeSession {
             realm: handle,
             id,
             outbox,
+            meter,
         })
     }
 
     /// Handles the one request of this session and waits up to `within` for its answer.
-    async fn request(&self, msg: Message, within: Duration) -> Result<Option<Message>, Response> {
-        self.realm
-            .lock()
-            .handle(self.id, msg, Instant::now())
-            .map_err(|_| {
-                http_error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    errors::PROTOCOL_VIOLATION,
-                    "the bridge session was closed",
-                )
-            })?;
+    /// `body_len` (the HTTP body) is metered as the operation's bytes in, the answer's JSON as
+    /// egress.
+    async fn request(
+        &self,
+        msg: Message,
+        body_len: usize,
+        within: Duration,
+    ) -> Result<Option<Message>, Response> {
+        let started = Instant::now();
+        let kind = crate::session::op_kind(&msg);
+        let over_quota = {
+            let mut core = self.realm.lock();
+            let over = core.policy().doc.quota_exceeded.is_some();
+            core.handle(self.id, msg, started).map(|_| over)
+        }
+        .map_err(|_| {
+            http_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                errors::PROTOCOL_VIOLATION,
+                "the bridge session was closed",
+            )
+        })?;
         let mut batch = vec![];
         let got = tokio::time::timeout(within, self.outbox.next_batch(&mut batch)).await;
-        Ok(match got {
+        let answer = match got {
             Ok(true) => batch.into_iter().find_map(|o| match o {
                 crate::outbox::Out::Msg(m) => Some((*m).clone()),
                 _ => None,
             }),
             _ => None,
-        })
+        };
+        if let (Some(c), Some(kind), false) = (&self.meter, kind, over_quota) {
+            c.op(kind, body_len);
+            if let Some(a) = &answer {
+                let mut buf = vec![];
+                Serializer::Json.encode_into(a, &mut buf);
+                c.egress(buf.len());
+                if matches!(kind, crate::meter::Op::Call | crate::meter::Op::Dht) {
+                    c.latency(started.elapsed());
+                }
+            }
+        }
+        Ok(answer)
     }
 }
 
@@ -447,17 +477,21 @@ async fn publish(
             topic: b.topic,
             payload: Payload::from_json(b.args, b.kwargs),
         };
-        Ok(match s.request(msg, Duration::from_secs(5)).await? {
-            Some(Message::Published { publication, .. }) => {
-                (StatusCode::OK, Json(json!({"publication": publication}))).into_response()
-            }
-            Some(Message::Error { error, payload, .. }) => wamp_error_response(&error, &payload),
-            _ => http_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                errors::NETWORK_FAILURE,
-                "no acknowledgement from the router",
-            ),
-        })
+        Ok(
+            match s.request(msg, body.len(), Duration::from_secs(5)).await? {
+                Some(Message::Published { publication, .. }) => {
+                    (StatusCode::OK, Json(json!({"publication": publication}))).into_response()
+                }
+                Some(Message::Error { error, payload, .. }) => {
+                    wamp_error_response(&error, &payload)
+                }
+                _ => http_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    errors::NETWORK_FAILURE,
+                    "no acknowledgement from the router",
+                ),
+            },
+        )
     };
     answer.await.unwrap_or_else(|r: Response| r)
 }
@@ -505,7 +539,11 @@ async fn call(
         };
         Ok(
             match s
-                .request(msg, Duration::from_millis(timeout_ms.saturating_add(1000)))
+                .request(
+                    msg,
+                    body.len(),
+                    Duration::from_millis(timeout_ms.saturating_add(1000)),
+                )
                 .await?
             {
                 Some(Message::Result { payload, .. }) => {

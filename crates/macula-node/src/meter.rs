@@ -20,7 +20,7 @@
 //! include a few operations of the new one (attribution at the boundary is exact to one flush
 //! interval; totals are exact).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -70,7 +70,7 @@ const SLOT_WORDS: usize = 128;
 const HOUR: usize = 0;
 const CUR: usize = 8;
 const BASE: usize = 64;
-const MAGIC: u64 = u64::from_le_bytes(*b"MACMETR1");
+const MAGIC: u64 = u64::from_le_bytes(*b"MACMETR2");
 
 /// The histogram bucket of a latency.
 pub fn bucket(d: Duration) -> usize {
@@ -147,8 +147,11 @@ pub trait UsageSink: Send + Sync + 'static {
     ) -> futures_util::future::BoxFuture<'static, Result<(), String>>;
 }
 
-/// Slot names in slot order (slot `i + 1` is `names[i]`), and the file they are appended to.
-type Names = (Vec<(String, String)>, Option<File>);
+/// Slot names by slot number, and the file they are appended to (`slot<TAB>realm<TAB>key`).
+/// Slot 0 is the file header; slot 1 counts what no slot was left for (unattributed).
+type Names = (BTreeMap<u32, (String, String)>, Option<File>);
+
+const OVERFLOW: u32 = 1;
 
 /// The slot file.
 pub struct Meter {
@@ -163,6 +166,25 @@ pub struct Meter {
     _file: Option<File>,
 }
 
+/// Reserves the file's blocks, so that a full disk is an error now rather than a SIGBUS when
+/// a counter first touches a page.
+#[cfg(unix)]
+fn reserve(f: &File, len: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on a file descriptor this function borrows.
+    match unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len as libc::off_t) } {
+        0 => Ok(()),
+        // File systems without fallocate: a sparse file, as before.
+        libc::EOPNOTSUPP | libc::EINVAL => f.set_len(len as u64),
+        e => Err(std::io::Error::from_raw_os_error(e)),
+    }
+}
+
+#[cfg(not(unix))]
+fn reserve(f: &File, len: usize) -> std::io::Result<()> {
+    f.set_len(len as u64)
+}
+
 impl Meter {
     /// Opens (or creates) the slot file in `dir`, or an in-memory one when `dir` is `None`
     /// (usage then lives as long as the process).
@@ -173,7 +195,12 @@ impl Meter {
         let mut stale = false;
         let len = (slots + 1) * SLOT_WORDS * 8;
         let (map, names, file, counters) = match dir {
-            None => (memmap2::MmapMut::map_anon(len)?, vec![], None, None),
+            None => (
+                memmap2::MmapMut::map_anon(len)?,
+                BTreeMap::new(),
+                None,
+                None,
+            ),
             Some(d) => {
                 std::fs::create_dir_all(d)
                     .with_context(|| format!("cannot create {}", d.display()))?;
@@ -195,10 +222,12 @@ impl Meter {
                 let have = f.metadata()?.len() as usize;
                 stale = have > 0;
                 if have < len {
-                    f.set_len(len as u64)?;
+                    reserve(&f, len).with_context(|| {
+                        format!("cannot reserve {len} bytes for {}", path.display())
+                    })?;
                 }
-                // SAFETY: the file is this node's own; nothing else maps or truncates it while
-                // the node runs (the config directory is single-node).
+                // SAFETY: the file is this node's own (locked above); nothing else maps or
+                // truncates it while the node runs.
                 let map = unsafe { memmap2::MmapMut::map_mut(&f) }
                     .with_context(|| format!("cannot map {}", path.display()))?;
                 let names_path = d.join("slots");
@@ -207,11 +236,16 @@ impl Meter {
                         .lines()
                         .map_while(Result::ok)
                         .filter_map(|l| {
-                            let (r, k) = l.split_once('\t')?;
-                            Some((r.to_owned(), k.to_owned()))
+                            // A torn last line (a crash mid-write) has no key and is skipped:
+                            // its slot was never handed out.
+                            let mut it = l.splitn(3, '\t');
+                            let slot: u32 = it.next()?.parse().ok()?;
+                            let realm = it.next()?.to_owned();
+                            let key = it.next()?.to_owned();
+                            Some((slot, (realm, key)))
                         })
                         .collect(),
-                    Err(_) => vec![],
+                    Err(_) => BTreeMap::new(),
                 };
                 let file = OpenOptions::new()
                     .create(true)
@@ -226,37 +260,39 @@ impl Meter {
             slots,
             epoch: 0,
             index: RwLock::new(HashMap::new()),
-            names: Mutex::new((vec![], file)),
+            names: Mutex::new((BTreeMap::new(), file)),
             dir: dir.map(Path::to_path_buf),
             full_warned: AtomicBool::new(false),
             _file: counters,
         };
         let w = meter.words();
-        let names = if w[0].load(Ordering::Relaxed) == MAGIC && w[1].load(Ordering::Relaxed) != 0 {
-            meter.epoch = w[1].load(Ordering::Relaxed);
-            names
-        } else {
-            // A new file (or one of an unknown format): a new epoch, empty slots, and the slot
-            // names of an older file mean nothing.
-            if stale {
-                for x in w.iter() {
-                    x.store(0, Ordering::Relaxed);
+        let mut names =
+            if w[0].load(Ordering::Relaxed) == MAGIC && w[1].load(Ordering::Relaxed) != 0 {
+                meter.epoch = w[1].load(Ordering::Relaxed);
+                names
+            } else {
+                // A new file (or one of an unknown format): a new epoch, empty slots, and the slot
+                // names of an older file mean nothing.
+                if stale {
+                    for x in w.iter() {
+                        x.store(0, Ordering::Relaxed);
+                    }
                 }
-            }
-            let e = rand::random::<u64>().max(1);
-            w[0].store(MAGIC, Ordering::Relaxed);
-            w[1].store(e, Ordering::Relaxed);
-            meter.epoch = e;
-            if let Some(d) = dir {
-                std::fs::write(d.join("slots"), b"")?;
-            }
-            vec![]
-        };
-        let names: Vec<_> = names.into_iter().take(slots - 1).collect();
+                let e = rand::random::<u64>().max(1);
+                w[0].store(MAGIC, Ordering::Relaxed);
+                w[1].store(e, Ordering::Relaxed);
+                meter.epoch = e;
+                if let Some(d) = dir {
+                    std::fs::write(d.join("slots"), b"")?;
+                }
+                BTreeMap::new()
+            };
+        // Slots beyond a (since reduced) `metering.slots` are not used.
+        names.retain(|slot, _| *slot > OVERFLOW && (*slot as usize) <= slots);
         {
             let mut idx = meter.index.write();
-            for (i, n) in names.iter().enumerate() {
-                idx.insert(n.clone(), i as u32 + 1);
+            for (slot, n) in &names {
+                idx.insert(n.clone(), *slot);
             }
         }
         meter.names.lock().0 = names;
@@ -282,8 +318,19 @@ impl Meter {
         self.epoch
     }
 
-    /// The counter of (realm, key), creating its slot on first use. When every slot is taken,
-    /// the usage goes to a shared overflow slot (named realm `""`) and a warning is logged once.
+    fn overflow(self: &Arc<Self>, why: &str) -> Counter {
+        if !self.full_warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(slots = self.slots, "metering: {why}; further usage of new realm/key pairs is counted unattributed (not billed)");
+        }
+        Counter {
+            meter: self.clone(),
+            slot: OVERFLOW,
+        }
+    }
+
+    /// The counter of (realm, key), creating its slot on first use. A slot is handed out only
+    /// once its name is on disk; without one (every slot taken, or the name not written) the
+    /// usage goes to the overflow slot, which is not billed, and a warning is logged once.
     pub fn counter(self: &Arc<Self>, realm: &str, key_id: &str) -> Counter {
         let k = (realm.to_owned(), key_id.to_owned());
         if let Some(&slot) = self.index.read().get(&k) {
@@ -299,40 +346,30 @@ impl Meter {
                 slot,
             };
         }
-        let (k, slot) = if names.0.len() < self.slots - 1 {
-            (k, names.0.len() as u32 + 1)
-        } else {
-            if !self.full_warned.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    slots = self.slots,
-                    "metering: every slot is in use (metering.slots); further usage is counted unattributed"
-                );
-            }
-            let overflow = (String::new(), String::new());
-            if let Some(&slot) = self.index.read().get(&overflow) {
-                return Counter {
-                    meter: self.clone(),
-                    slot,
-                };
-            }
-            (overflow, names.0.len() as u32 + 1)
-        };
-        // The name is on disk before the slot counts anything.
+        let slot = names.0.keys().next_back().map_or(OVERFLOW + 1, |s| s + 1);
+        if slot as usize > self.slots {
+            return self.overflow("every slot is in use (metering.slots)");
+        }
         if let Some(f) = names.1.as_mut() {
-            let line = format!("{}\t{}\n", k.0, k.1);
+            let line = format!("{slot}\t{}\t{}\n", k.0, k.1);
             if f.write_all(line.as_bytes())
                 .and_then(|_| f.sync_data())
                 .is_err()
             {
-                tracing::error!("metering: cannot record a slot name; usage may be unattributed after a restart");
+                drop(names);
+                return self.overflow("cannot record a slot name (disk full?)");
             }
         }
+        // Whatever an earlier life of the file left in the slot is not this pair's usage.
         let s = self.slot(slot);
+        for j in 0..COUNTERS {
+            s[BASE + j].store(s[CUR + j].load(Ordering::Relaxed), Ordering::Relaxed);
+        }
         s[HOUR].store(
             u64::from(hour_of(crate::confdir::now_secs())),
             Ordering::Relaxed,
         );
-        names.0.push(k.clone());
+        names.0.insert(slot, k.clone());
         self.index.write().insert(k, slot);
         Counter {
             meter: self.clone(),
@@ -354,9 +391,8 @@ impl Meter {
         let names = self.names.lock().0.clone();
         names
             .into_iter()
-            .enumerate()
-            .map(|(i, (r, k))| {
-                let s = self.slot(i as u32 + 1);
+            .map(|(slot, (r, k))| {
+                let s = self.slot(slot);
                 let mut c = [0u64; COUNTERS];
                 for (j, v) in c.iter_mut().enumerate() {
                     *v = s[CUR + j].load(Ordering::Relaxed);
@@ -464,8 +500,7 @@ impl Shipper {
         // Slots whose hour ended: (slot, counters the final row was built from).
         let mut rebase = vec![];
         let mut sent = vec![];
-        for (i, (realm, key)) in names.into_iter().enumerate() {
-            let idx = i as u32 + 1;
+        for (idx, (realm, key)) in names {
             let s = self.meter.slot(idx);
             let hour = s[HOUR].load(Ordering::Relaxed) as u32;
             let mut cur = [0u64; COUNTERS];
@@ -546,6 +581,105 @@ mod tests {
                 "mid {mid} of {b}"
             );
         }
+    }
+
+    struct Rec(Mutex<Vec<UsageReport>>);
+
+    impl UsageSink for Rec {
+        fn deliver(
+            &self,
+            report: UsageReport,
+        ) -> futures_util::future::BoxFuture<'static, Result<(), String>> {
+            self.0.lock().push(report);
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[test]
+    fn slots_survive_a_restart() {
+        let d = tempfile::tempdir().unwrap();
+        let m = Meter::open(Some(d.path()), 16).unwrap();
+        let a = m.counter("com.a", "key_1");
+        a.op(Op::Publish, 10);
+        a.op(Op::Publish, 10);
+        a.egress(5);
+        m.counter("com.b", "key_2").op(Op::Call, 3);
+        let epoch = m.epoch();
+        assert!(
+            Meter::open(Some(d.path()), 16).is_err(),
+            "one node per file"
+        );
+        drop(a);
+        drop(m);
+        // A crash while a name was being written leaves a torn line: skipped.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(d.path().join("slots"))
+            .unwrap();
+        f.write_all(b"9\tcom.torn").unwrap();
+        let m = Meter::open(Some(d.path()), 16).unwrap();
+        assert_eq!(m.epoch(), epoch);
+        let mut t = m.totals();
+        t.sort();
+        assert_eq!(t.len(), 2);
+        assert_eq!(
+            (
+                t[0].0.as_str(),
+                t[0].2[Op::Publish as usize],
+                t[0].2[IN],
+                t[0].2[OUT]
+            ),
+            ("com.a", 2, 20, 5)
+        );
+        assert_eq!((t[1].0.as_str(), t[1].2[Op::Call as usize]), ("com.b", 1));
+        // The same pair counts on in its slot; a new pair gets a new one.
+        m.counter("com.a", "key_1").op(Op::Publish, 1);
+        m.counter("com.c", "key_3").op(Op::Dht, 1);
+        let t = m.totals();
+        assert_eq!(
+            t.iter().find(|x| x.0 == "com.a").unwrap().2[Op::Publish as usize],
+            3
+        );
+        assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn every_slot_taken_goes_to_the_unbilled_overflow() {
+        let m = Meter::open(None, 16).unwrap();
+        for i in 0..15 {
+            m.counter("com.a", &format!("key_{i}")).op(Op::Publish, 1);
+        }
+        // Slots 2..=16 are named; the 16th pair overflows.
+        m.counter("com.a", "key_extra").op(Op::Publish, 1);
+        assert_eq!(m.totals().len(), 15);
+    }
+
+    #[tokio::test]
+    async fn reports_are_cumulative_per_hour_and_skip_what_did_not_change() {
+        let m = Meter::open(None, 16).unwrap();
+        let rec = Rec(Mutex::new(vec![]));
+        let mut sh = Shipper::new(m.clone(), "n1".into());
+        let now = crate::confdir::now_secs();
+        let c = m.counter("com.a", "key_1");
+        c.op(Op::Publish, 7);
+        c.latency(Duration::from_millis(2));
+        assert_eq!(sh.ship(&rec, now).await.unwrap(), 1);
+        assert_eq!(sh.ship(&rec, now).await.unwrap(), 0, "nothing changed");
+        c.op(Op::Publish, 7);
+        sh.ship(&rec, now).await.unwrap();
+        let r = rec.0.lock().last().unwrap().rows[0].clone();
+        assert_eq!((r.ops[0], r.bytes_in, r.hour), (2, 14, hour_of(now)));
+        assert_eq!(r.latency.iter().sum::<u64>(), 1);
+        // The hour ends: its final row goes out, then the next hour starts from zero.
+        c.op(Op::Publish, 7);
+        let next = now + 3600;
+        sh.ship(&rec, next).await.unwrap();
+        let r = rec.0.lock().last().unwrap().rows[0].clone();
+        assert_eq!((r.ops[0], r.hour), (3, hour_of(now)));
+        c.op(Op::Subscribe, 1);
+        sh.ship(&rec, next).await.unwrap();
+        let r = rec.0.lock().last().unwrap().rows[0].clone();
+        assert_eq!((r.ops[0], r.ops[1], r.hour), (0, 1, hour_of(next)));
     }
 
     #[test]

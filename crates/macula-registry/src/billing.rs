@@ -109,6 +109,9 @@ pub const ADDONS: [(&str, &str, i64); 6] = [
     ("sso", "SSO Integration", 4_900),
 ];
 
+/// How long after a month ends its invoices are finalized (late usage reports still count).
+pub const FINALIZE_AFTER_SECS: i64 = 3600;
+
 fn addon(name: &str) -> Option<(&'static str, &'static str, i64)> {
     ADDONS.iter().copied().find(|a| a.0 == name)
 }
@@ -474,7 +477,14 @@ impl Registry {
         let epoch = format!("{:016x}", report.epoch);
         let min_hour = report.rows.iter().map(|r| r.hour).min().unwrap_or(0) as i64;
         let mut tx = self.db.begin().await?;
+        // Deliveries from one node are taken one at a time: on PostgreSQL two overlapping ones
+        // (a re-send after a timeout) would both read a row that does not exist yet and both
+        // add its growth. SQLite serializes writers already (`BEGIN IMMEDIATE`).
         let lock = if self.db.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                .bind(format!("usage:{}:{epoch}", report.node))
+                .execute(&mut *tx)
+                .await?;
             " FOR UPDATE"
         } else {
             ""
@@ -519,9 +529,17 @@ impl Registry {
             new[..OPS].copy_from_slice(&row.ops);
             new[5] = row.bytes_in;
             new[6] = row.bytes_out;
+            // Stored as BIGINT: a value beyond it (only a broken or hostile node sends one)
+            // is held at the maximum rather than wrapping negative.
+            for v in new.iter_mut() {
+                *v = (*v).min(i64::MAX as u64 / 4);
+            }
             let key = (row.realm.clone(), row.key_id.clone(), row.hour as i64);
             let (prev, prev_hist) = old.get(&key).cloned().unwrap_or(([0; 7], vec![0; BUCKETS]));
             let mut hist = parse_hist(&hist_text(&row.latency));
+            for h in hist.iter_mut() {
+                *h = (*h).min(i64::MAX as u64 / 4);
+            }
             for (h, p) in hist.iter_mut().zip(&prev_hist) {
                 *h = (*h).max(*p);
             }
@@ -747,6 +765,8 @@ impl Registry {
     async fn set_quota_block(&self, name: &str, month: i64, why: Option<String>) -> ApiResult<()> {
         let mut tx = self.db.begin().await?;
         let row = self.realm(&mut tx, name).await?;
+        // Read under the write lock: an upgrade that landed since the quota check wins.
+        let why = why.filter(|_| tier(&row.tier).is_none_or(|t| t.hard_quota));
         let mut doc = self.policy_doc(&row)?;
         if doc.quota_exceeded == why {
             return Ok(());
@@ -815,7 +835,12 @@ impl Registry {
             // A downgrade to Hobby can put the realm over its quota at once.
             self.check_quotas(std::slice::from_ref(&realm)).await?;
         }
+        // The month that ended is finalized an hour later: the last flushes of every node (and
+        // nodes that were briefly cut off) have reported by then.
         let previous = month_start(month - 1);
+        if now < month + FINALIZE_AFTER_SECS {
+            return Ok(());
+        }
         let done: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM invoices WHERE month = $1 AND status <> 'draft'",
         )
@@ -871,14 +896,7 @@ impl Registry {
                 self.authorize(&mut c, realm, actor, READ).await?;
                 Ok(())
             }
-            Viewer::Key { realm: kr }
-                if realm == kr
-                    || realm
-                        .strip_prefix(kr.as_str())
-                        .is_some_and(|r| r.starts_with('.')) =>
-            {
-                Ok(())
-            }
+            Viewer::Key { realm: kr } if realm == kr => Ok(()),
             Viewer::Key { realm: kr } => Err(ApiError::forbidden(
                 "not_your_realm",
                 format!("this API key is for realm {kr}, not {realm}"),
@@ -1374,16 +1392,20 @@ impl Registry {
             }
             q.execute(&mut *tx).await?;
         }
-        insert_rows(
-            &mut tx,
-            "INSERT INTO invoices (id, account_id, month, status, currency, subtotal_cents, total_cents, lines, \
-             created_at, finalized_at, paid_at) VALUES ",
-            11,
-            inserts,
-        )
-        .await?;
-        insert_rows(&mut tx, LEDGER_INSERT, 6, ledger).await?;
-        match tx.commit().await {
+        let written = async {
+            insert_rows(
+                &mut tx,
+                "INSERT INTO invoices (id, account_id, month, status, currency, subtotal_cents, total_cents, lines, \
+                 created_at, finalized_at, paid_at) VALUES ",
+                11,
+                inserts,
+            )
+            .await?;
+            insert_rows(&mut tx, LEDGER_INSERT, 6, ledger).await?;
+            tx.commit().await
+        }
+        .await;
+        match written {
             Err(e) if is_unique_violation(&e) => {
                 return Err(ApiError::conflict(
                     "invoice_run_busy",
@@ -1493,29 +1515,45 @@ impl Registry {
                 format!("invoice {id} is {status}; only an open invoice can be paid"),
             ));
         }
-        let reference = self.payments.charge(id, total).map_err(|e| {
-            ApiError::new(
-                axum::http::StatusCode::PAYMENT_REQUIRED,
-                "payment_failed",
-                e,
-            )
-        })?;
+        // The invoice is claimed before the provider is asked, so that two payments racing
+        // cannot both charge.
+        let claimed =
+            sqlx::query("UPDATE invoices SET status = 'paying' WHERE id = $1 AND status = 'open'")
+                .bind(id)
+                .execute(&self.db.pool)
+                .await?
+                .rows_affected();
+        if claimed == 0 {
+            return Err(ApiError::conflict(
+                "invoice_not_open",
+                format!("invoice {id} is being paid, was paid or was voided meanwhile"),
+            ));
+        }
+        let reference = match self.payments.charge(id, total) {
+            Ok(r) => r,
+            Err(e) => {
+                sqlx::query(
+                    "UPDATE invoices SET status = 'open' WHERE id = $1 AND status = 'paying'",
+                )
+                .bind(id)
+                .execute(&self.db.pool)
+                .await?;
+                return Err(ApiError::new(
+                    axum::http::StatusCode::PAYMENT_REQUIRED,
+                    "payment_failed",
+                    e,
+                ));
+            }
+        };
         let now = now_secs() as i64;
         let mut tx = self.db.begin().await?;
-        let n = sqlx::query(
-            "UPDATE invoices SET status = 'paid', paid_at = $1 WHERE id = $2 AND status = 'open'",
+        sqlx::query(
+            "UPDATE invoices SET status = 'paid', paid_at = $1 WHERE id = $2 AND status = 'paying'",
         )
         .bind(now)
         .bind(id)
         .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n == 0 {
-            return Err(ApiError::conflict(
-                "invoice_not_open",
-                format!("invoice {id} was paid or voided meanwhile"),
-            ));
-        }
+        .await?;
         let pid = format!("pay_{}", hex::encode(rand::random::<[u8; 8]>()));
         sqlx::query("INSERT INTO payments (id, invoice_id, provider, reference, amount_cents, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(&pid)
@@ -1564,11 +1602,21 @@ impl Registry {
         let total: i64 = row.try_get("total_cents")?;
         let acct: String = row.try_get("account_id")?;
         let mut tx = self.db.begin().await?;
-        sqlx::query("UPDATE invoices SET status = 'void', voided_at = $1 WHERE id = $2")
-            .bind(now_secs() as i64)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        let n = sqlx::query(
+            "UPDATE invoices SET status = 'void', voided_at = $1 WHERE id = $2 AND status = $3",
+        )
+        .bind(now_secs() as i64)
+        .bind(id)
+        .bind(&status)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(ApiError::conflict(
+                "invoice_not_open",
+                format!("invoice {id} changed meanwhile (paid?); not voided"),
+            ));
+        }
         if status == "open" && total > 0 {
             let entries = ledger_entries(
                 &format!("void:{id}"),

@@ -590,14 +590,20 @@ fn parse_time(s: &str) -> ApiResult<i64> {
     if let Ok(v) = s.parse::<i64>() {
         return Ok(v);
     }
-    if s.len() == 10 {
-        let month = crate::billing::parse_month(&s[..7])?;
-        let day: i64 = s[8..].parse().map_err(|_| {
+    if let (10, Some(m), Some(d)) = (s.len(), s.get(..7), s.get(8..)) {
+        let month = crate::billing::parse_month(m)?;
+        let day: i64 = d.parse().map_err(|_| {
             ApiError::invalid(
                 "invalid_time",
                 format!("{s:?}: write YYYY-MM-DD, YYYY-MM or Unix seconds"),
             )
         })?;
+        if !(1..=31).contains(&day) {
+            return Err(ApiError::invalid(
+                "invalid_time",
+                format!("{s:?}: no such day"),
+            ));
+        }
         return Ok(month + (day - 1) * 86_400);
     }
     crate::billing::parse_month(s)

@@ -632,4 +632,47 @@ async fn hobby_quota(url: &str, dir: &std::path::Path) {
     )
     .await;
     assert!(s == 403 || s == 404, "{s} {v}");
+
+    // The downgrade comes due (moved into the past here): the periodic tick applies it, and
+    // with 150,000 operations this month the realm is over Hobby's quota at once.
+    let n = now_secs() as i64;
+    sqlx::query("DELETE FROM plan_history WHERE realm = 'com.q'")
+        .execute(&srv.reg.db.pool)
+        .await
+        .unwrap();
+    for (tier, at) in [("hobby", n - 300), ("starter", n - 200), ("hobby", n - 10)] {
+        sqlx::query("INSERT INTO plan_history (realm, tier, effective_at, created_by, created_at) VALUES ('com.q', $1, $2, 'test', $2)")
+            .bind(tier)
+            .bind(at)
+            .execute(&srv.reg.db.pool)
+            .await
+            .unwrap();
+    }
+    srv.reg.billing_tick().await.unwrap();
+    let tier: String = sqlx::query_scalar("SELECT tier FROM realms WHERE name = 'com.q'")
+        .fetch_one(&srv.reg.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(tier, "hobby");
+    assert!(srv
+        .dir
+        .read_policy("com.q")
+        .unwrap()
+        .quota_exceeded
+        .is_some());
+    // A new month lifts the block (the block is moved into last month here).
+    sqlx::query("UPDATE realms SET quota_blocked = $1 WHERE name = 'com.q'")
+        .bind(month_start(month_start(now_secs() as i64) - 1))
+        .execute(&srv.reg.db.pool)
+        .await
+        .unwrap();
+    srv.reg.billing_tick().await.unwrap();
+    assert!(
+        srv.dir
+            .read_policy("com.q")
+            .unwrap()
+            .quota_exceeded
+            .is_none(),
+        "a new month starts unblocked"
+    );
 }

@@ -161,8 +161,14 @@ async fn usage_is_exact_and_the_hobby_quota_is_enforced_at_the_edge() {
             .await
             .unwrap();
     }
+    // And one publication through the HTTP bridge (billed like any other).
+    let res = ureq::post(&format!("{http}/v1/realms/{realm}/publish"))
+        .header("Authorization", &format!("Bearer {key}"))
+        .send_json(serde_json::json!({"topic": format!("{realm}.a"), "args": [1]}))
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
     let v = usage_until(cfg.path(), home.path(), http, realm, |v| {
-        v["usage"]["ops_total"] == 51
+        v["usage"]["ops_total"] == 52
     });
     let u = &v["usage"];
     assert_eq!(
@@ -173,7 +179,7 @@ async fn usage_is_exact_and_the_hobby_quota_is_enforced_at_the_edge() {
             &u["ops"]["call"],
             &u["ops"]["dht"]
         ),
-        (&37.into(), &2.into(), &1.into(), &11.into(), &0.into()),
+        (&38.into(), &2.into(), &1.into(), &11.into(), &0.into()),
         "{v}"
     );
     assert!(u["egress_bytes"].as_u64().unwrap() > 0, "{v}");
@@ -187,7 +193,7 @@ async fn usage_is_exact_and_the_hobby_quota_is_enforced_at_the_edge() {
         .unwrap();
     assert!(
         metrics.contains(&format!(
-            "macula_realm_ops_total{{realm=\"{realm}\",kind=\"publish\"}} 37"
+            "macula_realm_ops_total{{realm=\"{realm}\",kind=\"publish\"}} 38"
         )),
         "{metrics}"
     );
@@ -197,7 +203,7 @@ async fn usage_is_exact_and_the_hobby_quota_is_enforced_at_the_edge() {
     // Nothing more is counted while idle.
     std::thread::sleep(Duration::from_millis(2500));
     let again = usage_until(cfg.path(), home.path(), http, realm, |_| true);
-    assert_eq!(again["usage"]["ops_total"], 51);
+    assert_eq!(again["usage"]["ops_total"], 52);
     let h = home.path().to_string_lossy().to_string();
     let human = cli(
         cfg.path(),
@@ -220,7 +226,7 @@ async fn usage_is_exact_and_the_hobby_quota_is_enforced_at_the_edge() {
     assert!(
         csv.lines()
             .nth(1)
-            .is_some_and(|l| l.contains(",37,2,11,1,0,51,")),
+            .is_some_and(|l| l.contains(",38,2,11,1,0,52,")),
         "{csv}"
     );
 
