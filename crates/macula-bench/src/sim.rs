@@ -59,6 +59,8 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
         l.config.mesh.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".into()];
         l.config.mesh.identity = format!("sim/{i}.key").into();
         l.config.metering.dir = format!("sim/meter-{i}").into();
+        // A handful of (realm, key) pairs per node: small counters files.
+        l.config.metering.slots = 64;
         // Each node joins through a random earlier one, as nodes of a real mesh would through
         // whichever peer they were given.
         l.config.mesh.bootstrap = if i == 0 {
