@@ -144,6 +144,7 @@ Try it in other terminals (the CLI picks up this realm and key by itself):
   macula pub {realm}.hello '"hi there"'
   macula serve {realm}.date -- date -u
   macula call {realm}.date
+  macula usage                       # what the realm used this month (every operation is metered)
   curl -X POST {http}/v1/realms/{realm}/publish -H "Authorization: Bearer $(cat {keyfile})" \
        -H 'content-type: application/json' -d '{{"topic": "{realm}.hello", "args": ["from curl"]}}'
 

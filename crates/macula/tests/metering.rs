@@ -122,10 +122,23 @@ fn ack() -> macula_wamp::Dict {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn usage_is_exact_and_the_hobby_quota_is_enforced_at_the_edge() {
+async fn usage_is_exact_and_the_hobby_quota_is_enforced_at_the_edge_on_sqlite() {
+    exact_usage_and_quota(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_is_exact_and_the_hobby_quota_is_enforced_at_the_edge_on_postgres() {
+    let Some(pg) = macula_registry::testpg::Postgres::start() else {
+        return;
+    };
+    exact_usage_and_quota(Some(&pg.url)).await;
+}
+
+async fn exact_usage_and_quota(database: Option<&str>) {
     let home = tempfile::tempdir().unwrap();
     let cfg = tempfile::tempdir().unwrap();
-    let (_up, banner) = up(home.path(), &[]);
+    let db_args: Vec<&str> = database.map(|d| vec!["--database", d]).unwrap_or_default();
+    let (_up, banner) = up(home.path(), &db_args);
     let (http, ws) = (
         banner["http"].as_str().unwrap(),
         banner["ws"].as_str().unwrap(),
