@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use macula_node::ConfDir;
-use macula_registry::billing::{month_start, TIERS};
+use macula_registry::billing::{month_start, Prices};
 use macula_registry::{Db, Registry, RegistryConfig};
 
 use crate::Figure;
@@ -79,13 +79,14 @@ pub async fn run(realms: usize) -> Result<Vec<Figure>> {
         rng ^= rng << 17;
         rng
     };
+    let tiers = Prices::default().tiers;
     for r in 0..realms {
-        let t = &TIERS[r % TIERS.len()];
+        let t = &tiers[r % tiers.len()];
         let name = format!("com.bench{r}.app");
         realm_rows.push(vec![
             name.clone(),
             format!("acct{}", r % accounts),
-            t.name.into(),
+            t.name.clone(),
             (month - 86_400).to_string(),
             (now + 365 * 86_400).to_string(),
             "k".into(),

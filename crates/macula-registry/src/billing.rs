@@ -28,93 +28,14 @@ use crate::db::{Arg, Backend};
 use crate::error::{is_unique_violation, ApiError, ApiResult};
 use crate::registry::{audit, Access, Actor, Registry, READ};
 
-/// A plan (the seed's "Pricing Tiers").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Tier {
-    pub name: &'static str,
-    pub title: &'static str,
-    pub base_cents: i64,
-    pub included_ops: u64,
-    pub included_bytes: u64,
-    /// Overage per thousand operations, in thousandths of a cent.
-    pub ops_millicents_per_1k: u64,
-    /// Overage per GiB of egress, in cents.
-    pub egress_cents_per_gib: u64,
-    /// Past the allowance, operations are refused (rather than billed).
-    pub hard_quota: bool,
-}
+/// A plan: the price list is configuration (`registry.prices`, default the seed's tiers).
+pub type Tier = macula_node::config::TierPrice;
+pub use macula_node::config::Prices;
 
 const GIB: u64 = 1 << 30;
 
-/// The seed's tiers. Enterprise is "custom": these are its list terms (the seed's floor of
-/// $499, 1B operations and 10 TB) with Professional's overage rates.
-pub const TIERS: [Tier; 4] = [
-    Tier {
-        name: "hobby",
-        title: "Hobby",
-        base_cents: 0,
-        included_ops: 100_000,
-        included_bytes: GIB,
-        ops_millicents_per_1k: 1_000,
-        egress_cents_per_gib: 10,
-        hard_quota: true,
-    },
-    Tier {
-        name: "starter",
-        title: "Starter",
-        base_cents: 2_900,
-        included_ops: 10_000_000,
-        included_bytes: 100 * GIB,
-        ops_millicents_per_1k: 800,
-        egress_cents_per_gib: 8,
-        hard_quota: false,
-    },
-    Tier {
-        name: "professional",
-        title: "Professional",
-        base_cents: 9_900,
-        included_ops: 100_000_000,
-        included_bytes: 1024 * GIB,
-        ops_millicents_per_1k: 500,
-        egress_cents_per_gib: 5,
-        hard_quota: false,
-    },
-    Tier {
-        name: "enterprise",
-        title: "Enterprise",
-        base_cents: 49_900,
-        included_ops: 1_000_000_000,
-        included_bytes: 10 * 1024 * GIB,
-        ops_millicents_per_1k: 500,
-        egress_cents_per_gib: 5,
-        hard_quota: false,
-    },
-];
-
-pub fn tier(name: &str) -> Option<&'static Tier> {
-    TIERS.iter().find(|t| t.name == name)
-}
-
-fn rank(name: &str) -> usize {
-    TIERS.iter().position(|t| t.name == name).unwrap_or(0)
-}
-
-/// The seed's premium features, billed per month in which they were active.
-pub const ADDONS: [(&str, &str, i64); 6] = [
-    ("analytics", "Advanced Analytics", 1_900),
-    ("multi_region", "Multi-Region", 2_900),
-    ("priority_support", "Priority Support", 9_900),
-    ("custom_domains", "Custom Domains", 500),
-    ("dedicated_nodes", "Dedicated Nodes", 29_900),
-    ("sso", "SSO Integration", 4_900),
-];
-
 /// How long after a month ends its invoices are finalized (late usage reports still count).
 pub const FINALIZE_AFTER_SECS: i64 = 3600;
-
-fn addon(name: &str) -> Option<(&'static str, &'static str, i64)> {
-    ADDONS.iter().copied().find(|a| a.0 == name)
-}
 
 // ---- calendar (UTC) ----
 
@@ -229,6 +150,7 @@ pub struct Line {
 /// egress beyond the allowance (paid plans only: the Hobby plan refuses instead), its add-ons;
 /// then the account's fees (realm transfers).
 pub fn invoice_lines(
+    prices: &Prices,
     month: i64,
     realms: &[RealmMonth],
     fees: &[(String, String, i64)],
@@ -236,7 +158,7 @@ pub fn invoice_lines(
     let name = month_name(month);
     let mut lines = vec![];
     for r in realms {
-        let t = tier(&r.tier).unwrap_or(&TIERS[0]);
+        let t = prices.tier_or_first(&r.tier);
         lines.push(Line {
             kind: "base".into(),
             realm: r.realm.clone(),
@@ -278,14 +200,14 @@ pub fn invoice_lines(
             }
         }
         for a in &r.addons {
-            if let Some((id, title, cents)) = addon(a) {
+            if let Some(ad) = prices.addon(a) {
                 lines.push(Line {
                     kind: "addon".into(),
                     realm: r.realm.clone(),
-                    description: format!("{title} ({id}), {name}"),
+                    description: format!("{} ({}), {name}", ad.title, ad.id),
                     quantity: 1,
                     unit: "month".into(),
-                    amount_cents: cents,
+                    amount_cents: ad.monthly_cents,
                 });
             }
         }
@@ -677,7 +599,7 @@ impl Registry {
             else {
                 continue;
             };
-            let t = tier(&tier_name).unwrap_or(&TIERS[0]);
+            let t = self.config.prices.tier_or_first(&tier_name);
             let (ops, bytes) = self.month_totals(&mut c, name, month).await?;
             drop(c);
             let used =
@@ -719,8 +641,13 @@ impl Registry {
                 )
                 .await?;
                 if t.hard_quota && blocked != month {
+                    let prices = &self.config.prices;
+                    let next = prices
+                        .tiers
+                        .get(prices.rank(&t.name) + 1)
+                        .map_or("a paid plan", |n| n.name.as_str());
                     let why = format!(
-                        "realm {name} used its {} plan's monthly quota ({what}); operations are refused until {} or an upgrade (`macula realms plan {name} starter`)",
+                        "realm {name} used its {} plan's monthly quota ({what}); operations are refused until {} or an upgrade (`macula realms plan {name} {next}`)",
                         t.title,
                         rfc3339(next_month(month) as u64)
                     );
@@ -766,7 +693,7 @@ impl Registry {
         let mut tx = self.db.begin().await?;
         let row = self.realm(&mut tx, name).await?;
         // Read under the write lock: an upgrade that landed since the quota check wins.
-        let why = why.filter(|_| tier(&row.tier).is_none_or(|t| t.hard_quota));
+        let why = why.filter(|_| self.config.prices.tier_or_first(&row.tier).hard_quota);
         let mut doc = self.policy_doc(&row)?;
         if doc.quota_exceeded == why {
             return Ok(());
@@ -993,11 +920,15 @@ impl Registry {
         // A realm that lives only in a config directory has no plan: it shows as Hobby and is
         // neither billed nor held to a quota.
         let row = self.realm(&mut c, realm).await.ok();
-        let current = row.as_ref().map_or("hobby", |r| r.tier.as_str());
+        let current = row
+            .as_ref()
+            .map_or(self.config.prices.tiers[0].name.as_str(), |r| {
+                r.tier.as_str()
+            });
         let tier_name = self
             .tier_at(&mut c, realm, next_month(month) - 1, current)
             .await?;
-        let t = tier(&tier_name).unwrap_or(&TIERS[0]);
+        let t = self.config.prices.tier_or_first(&tier_name);
         let quota_exceeded = match &row {
             Some(r) => self.policy_doc(r)?.quota_exceeded,
             None => None,
@@ -1011,10 +942,11 @@ impl Registry {
         .await?;
         let addons = self.addons_in(&mut c, realm, month).await?;
         let lines = invoice_lines(
+            &self.config.prices,
             month,
             &[RealmMonth {
                 realm: realm.to_owned(),
-                tier: t.name.to_owned(),
+                tier: t.name.clone(),
                 ops: usage.ops_total,
                 egress_bytes: usage.egress_bytes,
                 addons,
@@ -1080,10 +1012,19 @@ impl Registry {
     /// Changes a realm's plan (owner only). Upgrades apply now (the month is billed at the new
     /// plan); downgrades apply on the first of next month.
     pub async fn set_plan(&self, actor: &Actor, realm: &str, new: &str) -> ApiResult<Value> {
-        let t = tier(new).ok_or_else(|| {
+        let prices = &self.config.prices;
+        let t = prices.tier(new).ok_or_else(|| {
             ApiError::invalid(
                 "invalid_tier",
-                format!("tier {new:?}: choose hobby, starter, professional or enterprise"),
+                format!(
+                    "tier {new:?}: choose one of {}",
+                    prices
+                        .tiers
+                        .iter()
+                        .map(|t| t.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             )
         })?;
         let now = now_secs() as i64;
@@ -1097,7 +1038,7 @@ impl Registry {
                 format!("only the owner of {realm} may change its plan"),
             ));
         }
-        let upgrade = rank(t.name) > rank(&row.tier);
+        let upgrade = prices.rank(&t.name) > prices.rank(&row.tier);
         // The plan so far, for the months before this change.
         sqlx::query(
             "INSERT INTO plan_history (realm, tier, effective_at, created_by, created_at) \
@@ -1126,7 +1067,7 @@ impl Registry {
              ON CONFLICT (realm, effective_at) DO UPDATE SET tier = excluded.tier",
         )
         .bind(realm)
-        .bind(t.name)
+        .bind(&t.name)
         .bind(effective)
         .bind(&actor.email)
         .bind(now)
@@ -1134,7 +1075,7 @@ impl Registry {
         .await?;
         if effective == now {
             sqlx::query("UPDATE realms SET tier = $1 WHERE name = $2")
-                .bind(t.name)
+                .bind(&t.name)
                 .bind(realm)
                 .execute(&mut *tx)
                 .await?;
@@ -1153,7 +1094,7 @@ impl Registry {
         }
         Ok(json!({
             "realm": realm,
-            "tier": if effective == now { t.name } else { row.tier.as_str() },
+            "tier": if effective == now { t.name.as_str() } else { row.tier.as_str() },
             "scheduled": (effective != now).then(|| json!({"tier": t.name, "effective_at": rfc3339(effective as u64)})),
             "rule": "upgrades apply at once and the month is billed at the new plan; downgrades apply on the first of next month",
         }))
@@ -1167,15 +1108,22 @@ impl Registry {
         feature: &str,
         on: bool,
     ) -> ApiResult<Value> {
-        let (id, title, cents) = addon(feature).ok_or_else(|| {
+        let prices = &self.config.prices;
+        let ad = prices.addon(feature).ok_or_else(|| {
             ApiError::invalid(
                 "invalid_addon",
                 format!(
                     "add-on {feature:?}: choose one of {}",
-                    ADDONS.iter().map(|a| a.0).collect::<Vec<_>>().join(", ")
+                    prices
+                        .addons
+                        .iter()
+                        .map(|a| a.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             )
         })?;
+        let (id, title, cents) = (ad.id.as_str(), ad.title.as_str(), ad.monthly_cents);
         let now = now_secs() as i64;
         let mut tx = self.db.begin().await?;
         let (_, access, _) = self
@@ -1333,7 +1281,12 @@ impl Registry {
                 continue;
             }
             realms.sort_by(|a, b| a.realm.cmp(&b.realm));
-            let lines = invoice_lines(month, &realms, fees.get(&acct).map_or(&[][..], |v| v));
+            let lines = invoice_lines(
+                &self.config.prices,
+                month,
+                &realms,
+                fees.get(&acct).map_or(&[][..], |v| v),
+            );
             let total: i64 = lines.iter().map(|l| l.amount_cents).sum();
             total_cents += total;
             let id = match prior {
@@ -1759,7 +1712,8 @@ mod tests {
 
     #[test]
     fn rounding_is_half_up_per_line() {
-        let starter = tier("starter").unwrap();
+        let prices = Prices::default();
+        let starter = prices.tier("starter").unwrap();
         // 0.8 cents per 1K: 1 op is 0.0008 cents → 0; 625 ops = 0.5 cents → 1.
         assert_eq!(ops_overage_cents(starter, 1), 0);
         assert_eq!(ops_overage_cents(starter, 624), 0);

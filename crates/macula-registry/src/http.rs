@@ -558,10 +558,10 @@ async fn openapi() -> Response {
 
 // ---- billing ----
 
-async fn plans() -> Json<Value> {
+async fn plans(State(reg): Reg) -> Json<Value> {
     Json(serde_json::json!({
-        "tiers": crate::billing::TIERS,
-        "addons": crate::billing::ADDONS.iter().map(|(id, title, cents)| serde_json::json!({"id": id, "title": title, "monthly_cents": cents})).collect::<Vec<_>>(),
+        "tiers": reg.config.prices.tiers,
+        "addons": reg.config.prices.addons,
         "rules": {
             "rounding": "each line is computed exactly and rounded half up to the cent; the total is the sum of the lines",
             "gib": "1 GiB = 2^30 bytes of egress (bytes written to the realm's clients)",

@@ -38,6 +38,7 @@ impl RegistryConfig {
             grace_days: s.grace_days,
             transfer_fee_cents: s.transfer_fee_cents as i64,
             transfer_code_ttl: Duration::from_secs(s.transfer_code_ttl_hours.max(1) * 3600),
+            prices: s.prices.clone(),
         }
     }
 }

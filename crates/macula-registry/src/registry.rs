@@ -48,6 +48,8 @@ pub struct RegistryConfig {
     pub grace_days: u64,
     pub transfer_fee_cents: i64,
     pub transfer_code_ttl: Duration,
+    /// Plans and add-ons.
+    pub prices: crate::billing::Prices,
 }
 
 impl Default for RegistryConfig {
@@ -62,6 +64,7 @@ impl Default for RegistryConfig {
             grace_days: 30,
             transfer_fee_cents: 2000,
             transfer_code_ttl: Duration::from_secs(7 * 86_400),
+            prices: crate::billing::Prices::default(),
         }
     }
 }
@@ -349,6 +352,7 @@ impl Registry {
         confdir: ConfDir,
         node: Option<Arc<Node>>,
     ) -> anyhow::Result<Arc<Registry>> {
+        config.prices.validate().map_err(anyhow::Error::msg)?;
         let operator_key = confdir.operator_key()?;
         let reg = Arc::new(Registry {
             db,
@@ -789,11 +793,23 @@ impl Registry {
         idem: Option<Idempotency>,
     ) -> ApiResult<(StatusCode, Value)> {
         validate_realm_name(&req.name)?;
-        let tier = req.tier.clone().unwrap_or_else(|| "hobby".into());
-        if !["hobby", "starter", "professional", "enterprise"].contains(&tier.as_str()) {
+        let prices = &self.config.prices;
+        let tier = req
+            .tier
+            .clone()
+            .unwrap_or_else(|| prices.tiers[0].name.clone());
+        if prices.tier(&tier).is_none() {
             return Err(ApiError::invalid(
                 "invalid_tier",
-                format!("tier {tier:?}: choose hobby, starter, professional or enterprise"),
+                format!(
+                    "tier {tier:?}: choose one of {}",
+                    prices
+                        .tiers
+                        .iter()
+                        .map(|t| t.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             ));
         }
         let mut tx = self.db.begin().await?;

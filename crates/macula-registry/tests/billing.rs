@@ -676,3 +676,107 @@ async fn hobby_quota(url: &str, dir: &std::path::Path) {
         "a new month starts unblocked"
     );
 }
+
+/// An operator's own price list (`registry.prices`) drives plans, upgrades and invoices; one
+/// that cannot bill is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_price_list_is_used() {
+    use macula_node::config::{Prices, TierPrice};
+    let tmp = tempfile::tempdir().unwrap();
+    let tier = |name: &str, base, ops, mc, hard| TierPrice {
+        name: name.into(),
+        title: name.to_uppercase(),
+        base_cents: base,
+        included_ops: ops,
+        included_bytes: GIB,
+        ops_millicents_per_1k: mc,
+        egress_cents_per_gib: 20,
+        hard_quota: hard,
+    };
+    let prices = Prices {
+        tiers: vec![
+            tier("free", 0, 1000, 0, true),
+            tier("team", 1000, 1000, 2000, false),
+        ],
+        addons: vec![],
+    };
+    let bad = RegistryConfig {
+        prices: Prices {
+            tiers: vec![],
+            addons: vec![],
+        },
+        ..config()
+    };
+    let db = macula_registry::Db::open(&sqlite_url(tmp.path()))
+        .await
+        .unwrap();
+    let dir = macula_node::ConfDir::new(tmp.path());
+    dir.init().unwrap();
+    let refused = macula_registry::Registry::new(db, bad, dir, None).await;
+    assert!(refused
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("registry.prices.tiers is empty"));
+    let srv = serve(
+        &sqlite_url(tmp.path()),
+        tmp.path(),
+        RegistryConfig { prices, ..config() },
+    )
+    .await;
+    let base = &srv.base;
+    let t = account(base, "owner@example.com").await;
+    create_realm(base, &t, json!({"name": "com.custom"})).await;
+    let (_, plans) = req(base, "GET", "/v1/plans", None, None).await;
+    assert_eq!(plans["tiers"].as_array().unwrap().len(), 2);
+    let (s, v) = req(
+        base,
+        "POST",
+        "/v1/realms/com.custom/plan",
+        Some(&t),
+        Some(json!({"tier": "starter"})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (422, Some("invalid_tier")),
+        "{v}"
+    );
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("free, team"));
+    let (s, v) = req(
+        base,
+        "POST",
+        "/v1/realms/com.custom/plan",
+        Some(&t),
+        Some(json!({"tier": "team"})),
+    )
+    .await;
+    assert_eq!((s, v["tier"].as_str()), (200, Some("team")), "{v}");
+    srv.reg
+        .ingest(&report(
+            "n",
+            1,
+            vec![row(
+                "com.custom",
+                "k",
+                hour_of(now_secs()),
+                [1500, 0, 0, 0, 0],
+                0,
+                0,
+            )],
+        ))
+        .await
+        .unwrap();
+    let (_, inv) = req(base, "GET", "/v1/invoices/current", Some(&t), None).await;
+    // $10 base; 500 operations over at 2 millicents each = 1 cent.
+    assert_eq!(
+        lines_of(&inv),
+        vec![
+            ("com.custom".into(), "base".into(), 1000),
+            ("com.custom".into(), "overage_ops".into(), 1),
+        ]
+    );
+}
