@@ -34,6 +34,17 @@ pub use macula_node::config::Prices;
 
 const GIB: u64 = 1 << 30;
 
+/// The plan called `name`, or the API's error naming the plans there are.
+pub(crate) fn tier_of<'a>(prices: &'a Prices, name: &str) -> ApiResult<&'a Tier> {
+    prices.tier(name).ok_or_else(|| {
+        let names: Vec<&str> = prices.tiers.iter().map(|t| t.name.as_str()).collect();
+        ApiError::invalid(
+            "invalid_tier",
+            format!("tier {name:?}: choose one of {}", names.join(", ")),
+        )
+    })
+}
+
 /// How long after a month ends its invoices are finalized (late usage reports still count).
 pub const FINALIZE_AFTER_SECS: i64 = 3600;
 
@@ -1013,20 +1024,7 @@ impl Registry {
     /// plan); downgrades apply on the first of next month.
     pub async fn set_plan(&self, actor: &Actor, realm: &str, new: &str) -> ApiResult<Value> {
         let prices = &self.config.prices;
-        let t = prices.tier(new).ok_or_else(|| {
-            ApiError::invalid(
-                "invalid_tier",
-                format!(
-                    "tier {new:?}: choose one of {}",
-                    prices
-                        .tiers
-                        .iter()
-                        .map(|t| t.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            )
-        })?;
+        let t = tier_of(prices, new)?;
         let now = now_secs() as i64;
         let mut tx = self.db.begin().await?;
         let (row, access, _) = self
@@ -1110,17 +1108,10 @@ impl Registry {
     ) -> ApiResult<Value> {
         let prices = &self.config.prices;
         let ad = prices.addon(feature).ok_or_else(|| {
+            let ids: Vec<&str> = prices.addons.iter().map(|a| a.id.as_str()).collect();
             ApiError::invalid(
                 "invalid_addon",
-                format!(
-                    "add-on {feature:?}: choose one of {}",
-                    prices
-                        .addons
-                        .iter()
-                        .map(|a| a.id.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+                format!("add-on {feature:?}: choose one of {}", ids.join(", ")),
             )
         })?;
         let (id, title, cents) = (ad.id.as_str(), ad.title.as_str(), ad.monthly_cents);

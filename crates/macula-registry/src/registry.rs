@@ -798,20 +798,7 @@ impl Registry {
             .tier
             .clone()
             .unwrap_or_else(|| prices.tiers[0].name.clone());
-        if prices.tier(&tier).is_none() {
-            return Err(ApiError::invalid(
-                "invalid_tier",
-                format!(
-                    "tier {tier:?}: choose one of {}",
-                    prices
-                        .tiers
-                        .iter()
-                        .map(|t| t.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ));
-        }
+        crate::billing::tier_of(prices, &tier)?;
         let mut tx = self.db.begin().await?;
         if let Some(i) = &idem {
             if let Some(replay) = self.replay(&mut tx, actor, i).await? {
