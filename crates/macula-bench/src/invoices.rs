@@ -7,32 +7,26 @@ use std::time::Instant;
 use anyhow::Result;
 use macula_node::ConfDir;
 use macula_registry::billing::{month_start, Prices};
+use macula_registry::db::Arg;
 use macula_registry::{Db, Registry, RegistryConfig};
 
 use crate::Figure;
 
-/// Multi-row INSERT of `rows` (each `cols` values), a few hundred rows per statement.
+/// Inserts `rows` (texts; numbers bind as integers) with the registry's multi-row INSERTs.
 async fn insert(db: &Db, head: &str, cols: usize, rows: Vec<Vec<String>>) -> Result<()> {
-    for chunk in rows.chunks(200) {
-        let mut sql = String::from(head);
-        let mut n = 0;
-        for (i, _) in chunk.iter().enumerate() {
-            sql.push_str(if i == 0 { "(" } else { ", (" });
-            for c in 0..cols {
-                n += 1;
-                sql.push_str(&format!("{}${n}", if c == 0 { "" } else { ", " }));
-            }
-            sql.push(')');
-        }
-        let mut q = sqlx::query(&sql);
-        for v in chunk.iter().flatten() {
-            q = match v.parse::<i64>() {
-                Ok(i) => q.bind(i),
-                Err(_) => q.bind(v.clone()),
-            };
-        }
-        q.execute(&db.pool).await?;
-    }
+    let rows = rows
+        .into_iter()
+        .map(|r| {
+            r.into_iter()
+                .map(|v| match v.parse::<i64>() {
+                    Ok(i) => Arg::Int(i),
+                    Err(_) => Arg::Text(v),
+                })
+                .collect()
+        })
+        .collect();
+    let mut conn = db.pool.acquire().await?;
+    macula_registry::billing::insert_rows(&mut conn, head, cols, rows).await?;
     Ok(())
 }
 

@@ -377,8 +377,8 @@ impl BridgeSession {
     }
 
     /// Handles the one request of this session and waits up to `within` for its answer.
-    /// `body_len` (the HTTP body) is metered as the operation's bytes in, the answer's JSON as
-    /// egress.
+    /// `body_len` (the HTTP body) is metered as the operation's bytes in (the answer's body as
+    /// egress, by [`BridgeSession::metered`]).
     async fn request(
         &self,
         msg: Message,
@@ -410,16 +410,20 @@ impl BridgeSession {
         };
         if let (Some(c), Some(kind), false) = (&self.meter, kind, over_quota) {
             c.op(kind, body_len);
-            if let Some(a) = &answer {
-                let mut buf = vec![];
-                Serializer::Json.encode_into(a, &mut buf);
-                c.egress(buf.len());
-                if matches!(kind, crate::meter::Op::Call | crate::meter::Op::Dht) {
-                    c.latency(started.elapsed());
-                }
+            if answer.is_some() && matches!(kind, crate::meter::Op::Call | crate::meter::Op::Dht) {
+                c.latency(started.elapsed());
             }
         }
         Ok(answer)
+    }
+
+    /// The HTTP answer, its body metered as the realm's egress.
+    fn metered(&self, resp: Response) -> Response {
+        use axum::body::HttpBody;
+        if let (Some(c), Some(n)) = (&self.meter, resp.body().size_hint().exact()) {
+            c.egress(n as usize);
+        }
+        resp
     }
 }
 
@@ -477,7 +481,7 @@ async fn publish(
             topic: b.topic,
             payload: Payload::from_json(b.args, b.kwargs),
         };
-        Ok(
+        Ok(s.metered(
             match s.request(msg, body.len(), Duration::from_secs(5)).await? {
                 Some(Message::Published { publication, .. }) => {
                     (StatusCode::OK, Json(json!({"publication": publication}))).into_response()
@@ -491,7 +495,7 @@ async fn publish(
                     "no acknowledgement from the router",
                 ),
             },
-        )
+        ))
     };
     answer.await.unwrap_or_else(|r: Response| r)
 }
@@ -537,7 +541,7 @@ async fn call(
             procedure,
             payload: Payload::from_json(b.args, b.kwargs),
         };
-        Ok(
+        Ok(s.metered(
             match s
                 .request(
                     msg,
@@ -558,7 +562,7 @@ async fn call(
                     "the call did not complete in time",
                 ),
             },
-        )
+        ))
     };
     answer.await.unwrap_or_else(|r: Response| r)
 }

@@ -221,6 +221,8 @@ pub struct MeshState {
     /// When no billing node was found: when to look again, and the backoff (a mesh without a
     /// registry must not look it up every flush).
     billing_miss: Mutex<Option<(Instant, Duration)>>,
+    /// Woken whenever a peer comes up (for waiting on a link).
+    peer_up: tokio::sync::Notify,
 }
 
 impl MeshState {
@@ -233,6 +235,7 @@ impl MeshState {
             usage_acks: Mutex::new(HashMap::new()),
             billing_peer: Mutex::new(None),
             billing_miss: Mutex::new(None),
+            peer_up: tokio::sync::Notify::new(),
         })
     }
 
@@ -343,6 +346,7 @@ fn handle(node: &Arc<Node>, mesh: &Arc<MeshState>, ev: MeshEvent) {
     match ev {
         MeshEvent::PeerUp(peer) => {
             tracing::info!(%peer, "mesh peer up");
+            mesh.peer_up.notify_waiters();
             let states: Vec<RealmState> = mesh.states.lock().values().cloned().collect();
             for s in states {
                 mesh.handle.send(
@@ -833,12 +837,22 @@ impl crate::meter::UsageSink for MeshSink {
                 }
             };
             // Linked (the DHT lookup connects; the link follows within a round trip or two).
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while !h.peers().contains(&peer) {
-                if Instant::now() > deadline {
-                    return Err(format!("the billing node {peer} is not reachable"));
+            let linked = async {
+                loop {
+                    let up = mesh.peer_up.notified();
+                    tokio::pin!(up);
+                    up.as_mut().enable();
+                    if h.peers().contains(&peer) {
+                        return;
+                    }
+                    up.await;
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            if tokio::time::timeout(Duration::from_secs(5), linked)
+                .await
+                .is_err()
+            {
+                return Err(format!("the billing node {peer} is not reachable"));
             }
             let body = rmp_serde::to_vec_named(&report).map_err(|e| e.to_string())?;
             let id: u64 = rand::random();

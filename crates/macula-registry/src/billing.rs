@@ -26,7 +26,7 @@ use sqlx::Row;
 
 use crate::db::{Arg, Backend};
 use crate::error::{is_unique_violation, ApiError, ApiResult};
-use crate::registry::{audit, Access, Actor, Registry, READ};
+use crate::registry::{audit, Actor, Registry, READ};
 
 /// A plan: the price list is configuration (`registry.prices`, default the seed's tiers).
 pub type Tier = macula_node::config::TierPrice;
@@ -312,22 +312,8 @@ fn values_sql(head: &str, rows: usize, cols: usize) -> String {
     s
 }
 
-fn bind_args<'q>(
-    mut q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
-    args: Vec<Arg>,
-) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
-    for a in args {
-        q = match a {
-            Arg::Text(s) => q.bind(s),
-            Arg::Int(v) => q.bind(v),
-            Arg::Null => q.bind(None::<String>),
-        };
-    }
-    q
-}
-
 /// Inserts many rows with multi-row INSERTs (a few hundred rows per statement).
-async fn insert_rows(
+pub async fn insert_rows(
     c: &mut sqlx::AnyConnection,
     head: &str,
     cols: usize,
@@ -338,7 +324,7 @@ async fn insert_rows(
     while rows.peek().is_some() {
         let chunk: Vec<Vec<Arg>> = rows.by_ref().take(per).collect();
         let sql = values_sql(head, chunk.len(), cols);
-        bind_args(sqlx::query(&sql), chunk.into_iter().flatten().collect())
+        crate::db::bind_all(sqlx::query(&sql), chunk.into_iter().flatten().collect())
             .execute(&mut *c)
             .await?;
     }
@@ -393,17 +379,6 @@ impl Registry {
     /// Takes a node's usage report (see the module doc). Idempotent: the same report, or an
     /// older one, changes nothing. Returns the billing realms whose totals grew.
     pub async fn ingest(&self, report: &UsageReport) -> ApiResult<Vec<String>> {
-        for attempt in 0..3 {
-            match self.ingest_once(report).await {
-                // Two deliveries raced to create the same row: the loser reads it and retries.
-                Err(e) if attempt < 2 && e.code == "conflict" => continue,
-                r => return r,
-            }
-        }
-        Err(ApiError::internal("usage ingest kept conflicting"))
-    }
-
-    async fn ingest_once(&self, report: &UsageReport) -> ApiResult<Vec<String>> {
         if report.rows.is_empty() {
             return Ok(vec![]);
         }
@@ -538,14 +513,8 @@ impl Registry {
                 );
             }
         }
-        match tx.commit().await {
-            Err(e) if is_unique_violation(&e) => {
-                return Err(ApiError::conflict("conflict", "a racing usage delivery"))
-            }
-            r => r?,
-        }
-        let grew: Vec<String> = grew.into_iter().collect();
-        Ok(grew)
+        tx.commit().await?;
+        Ok(grew.into_iter().collect())
     }
 
     async fn billing_realm(&self, c: &mut sqlx::AnyConnection, realm: &str) -> ApiResult<String> {
@@ -1027,15 +996,9 @@ impl Registry {
         let t = tier_of(prices, new)?;
         let now = now_secs() as i64;
         let mut tx = self.db.begin().await?;
-        let (row, access, _) = self
-            .authorize(&mut tx, realm, actor, crate::registry::ADMIN)
+        let (row, _) = self
+            .authorize_owner(&mut tx, realm, actor, "change its plan")
             .await?;
-        if access != Access::Owner {
-            return Err(ApiError::forbidden(
-                "owner_only",
-                format!("only the owner of {realm} may change its plan"),
-            ));
-        }
         let upgrade = prices.rank(&t.name) > prices.rank(&row.tier);
         // The plan so far, for the months before this change.
         sqlx::query(
@@ -1117,15 +1080,8 @@ impl Registry {
         let (id, title, cents) = (ad.id.as_str(), ad.title.as_str(), ad.monthly_cents);
         let now = now_secs() as i64;
         let mut tx = self.db.begin().await?;
-        let (_, access, _) = self
-            .authorize(&mut tx, realm, actor, crate::registry::ADMIN)
+        self.authorize_owner(&mut tx, realm, actor, "change its add-ons")
             .await?;
-        if access != Access::Owner {
-            return Err(ApiError::forbidden(
-                "owner_only",
-                format!("only the owner of {realm} may change its add-ons"),
-            ));
-        }
         let active: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM addons WHERE realm = $1 AND feature = $2 AND ended_at = 0",
         )

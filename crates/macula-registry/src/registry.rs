@@ -690,6 +690,25 @@ impl Registry {
     }
 
     /// The realm's newest policy (parsed once per version).
+    /// [`Registry::authorize`] for what only the realm's owner may do (`what`: "delete it",
+    /// "change its plan"...).
+    pub(crate) async fn authorize_owner(
+        &self,
+        c: &mut AnyConnection,
+        name: &str,
+        actor: &Actor,
+        what: &str,
+    ) -> ApiResult<(RealmRow, PolicyDoc)> {
+        let (row, access, doc) = self.authorize(c, name, actor, ADMIN).await?;
+        if access != Access::Owner {
+            return Err(ApiError::forbidden(
+                "owner_only",
+                format!("only the owner of {name} may {what}"),
+            ));
+        }
+        Ok((row, doc))
+    }
+
     pub(crate) fn policy_doc(&self, realm: &RealmRow) -> ApiResult<PolicyDoc> {
         let mut cache = self.policies.lock();
         if let Some((v, doc)) = cache.get(&realm.name) {
@@ -1002,13 +1021,9 @@ impl Registry {
 
     pub async fn delete_realm(&self, actor: &Actor, name: &str) -> ApiResult<()> {
         let mut tx = self.db.begin().await?;
-        let (row, access, _) = self.authorize(&mut tx, name, actor, ADMIN).await?;
-        if access != Access::Owner {
-            return Err(ApiError::forbidden(
-                "owner_only",
-                format!("only the owner of {name} may delete it"),
-            ));
-        }
+        let (row, _) = self
+            .authorize_owner(&mut tx, name, actor, "delete it")
+            .await?;
         if !row.frozen.is_empty() {
             return Err(frozen(&row));
         }
@@ -1047,13 +1062,9 @@ impl Registry {
             ));
         }
         let mut tx = self.db.begin().await?;
-        let (row, access, doc) = self.authorize(&mut tx, name, actor, ADMIN).await?;
-        if access != Access::Owner {
-            return Err(ApiError::forbidden(
-                "owner_only",
-                format!("only the owner of {name} may renew it"),
-            ));
-        }
+        let (row, doc) = self
+            .authorize_owner(&mut tx, name, actor, "renew it")
+            .await?;
         let now = now_secs() as i64;
         let expires = row.expires_at.max(now) + (years * self.config.term_days * 86_400) as i64;
         sqlx::query("UPDATE realms SET expires_at = $1 WHERE name = $2")
@@ -1084,13 +1095,9 @@ impl Registry {
     /// The owner's authorization code for a transfer, shown once.
     pub async fn transfer_code(&self, actor: &Actor, name: &str) -> ApiResult<Value> {
         let mut tx = self.db.begin().await?;
-        let (row, access, _) = self.authorize(&mut tx, name, actor, ADMIN).await?;
-        if access != Access::Owner {
-            return Err(ApiError::forbidden(
-                "owner_only",
-                format!("only the owner of {name} may transfer it"),
-            ));
-        }
+        let (row, _) = self
+            .authorize_owner(&mut tx, name, actor, "transfer it")
+            .await?;
         if !row.frozen.is_empty() {
             return Err(frozen(&row));
         }

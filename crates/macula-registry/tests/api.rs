@@ -5,39 +5,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::{account, req, req_raw, serve, Postgres};
+use common::{account, req, req_raw, serve, sqlite_url};
 use macula_registry::RegistryConfig;
 use serde_json::json;
 
-fn sqlite_url(dir: &std::path::Path) -> String {
-    format!("sqlite://{}?mode=rwc", dir.join("registry.db").display())
-}
+on_both_backends!(suite);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn api_on_sqlite() {
-    let tmp = tempfile::tempdir().unwrap();
-    suite(&sqlite_url(tmp.path()), tmp.path()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn api_on_postgres() {
-    let Some(pg) = Postgres::start() else { return };
-    let tmp = tempfile::tempdir().unwrap();
-    suite(&pg.url, tmp.path()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_registrations_yield_one_owner_on_sqlite() {
-    let tmp = tempfile::tempdir().unwrap();
-    race(&sqlite_url(tmp.path()), tmp.path()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_registrations_yield_one_owner_on_postgres() {
-    let Some(pg) = Postgres::start() else { return };
-    let tmp = tempfile::tempdir().unwrap();
-    race(&pg.url, tmp.path()).await;
-}
+on_both_backends!(race);
 
 async fn race(url: &str, dir: &std::path::Path) {
     let srv = serve(url, dir, RegistryConfig::default()).await;

@@ -5,16 +5,12 @@
 
 mod common;
 
-use common::{account, req, serve, Postgres};
+use common::{account, req, serve, sqlite_url};
 use macula_node::confdir::now_secs;
 use macula_node::meter::{hour_of, UsageReport, UsageRow, UsageSink, BUCKETS};
 use macula_registry::billing::{self, month_start, LocalSink};
 use macula_registry::RegistryConfig;
 use serde_json::{json, Value};
-
-fn sqlite_url(dir: &std::path::Path) -> String {
-    format!("sqlite://{}?mode=rwc", dir.join("registry.db").display())
-}
 
 const GIB: u64 = 1 << 30;
 
@@ -57,18 +53,7 @@ async fn create_realm(base: &str, token: &str, body: Value) {
     assert_eq!(s, 201, "{v}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn aggregation_on_sqlite() {
-    let tmp = tempfile::tempdir().unwrap();
-    aggregation(&sqlite_url(tmp.path()), tmp.path()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn aggregation_on_postgres() {
-    let Some(pg) = Postgres::start() else { return };
-    let tmp = tempfile::tempdir().unwrap();
-    aggregation(&pg.url, tmp.path()).await;
-}
+on_both_backends!(aggregation);
 
 /// Reports from three nodes (one restarted with a new counters file), delivered twice, out of
 /// order and stale, roll up to exactly the sum of what each node counted.
@@ -184,18 +169,7 @@ async fn aggregation(url: &str, dir: &std::path::Path) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invoices_on_sqlite() {
-    let tmp = tempfile::tempdir().unwrap();
-    invoices(&sqlite_url(tmp.path()), tmp.path()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invoices_on_postgres() {
-    let Some(pg) = Postgres::start() else { return };
-    let tmp = tempfile::tempdir().unwrap();
-    invoices(&pg.url, tmp.path()).await;
-}
+on_both_backends!(invoices);
 
 fn lines_of(inv: &Value) -> Vec<(String, String, i64)> {
     inv["lines"]
@@ -491,18 +465,7 @@ async fn other(base: &str) -> String {
     account(base, "stranger@example.com").await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hobby_quota_on_sqlite() {
-    let tmp = tempfile::tempdir().unwrap();
-    hobby_quota(&sqlite_url(tmp.path()), tmp.path()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hobby_quota_on_postgres() {
-    let Some(pg) = Postgres::start() else { return };
-    let tmp = tempfile::tempdir().unwrap();
-    hobby_quota(&pg.url, tmp.path()).await;
-}
+on_both_backends!(hobby_quota);
 
 /// The owner is told at 80 % and 100 %; at 100 % the realm's policy (which every node
 /// enforces) refuses operations; an upgrade lifts it; a downgrade waits for next month.

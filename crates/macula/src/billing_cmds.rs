@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
-use crate::registry_cmds::{pick_realm, s, seg, Api, Server};
+use crate::registry_cmds::{emit, pick_realm, s, seg, Api, Server};
 
 /// Without a login, usage is read with a realm's admin API key: the one given, or the one
 /// `macula up` printed (with its realm), so that `macula usage` works right after `macula up`.
@@ -179,16 +179,11 @@ pub fn usage(a: UsageArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `YYYY-MM` of the month after `m` (the registry's calendar).
 fn next_month_name(m: &str) -> Result<String> {
-    let (y, mo) = m
-        .split_once('-')
-        .and_then(|(y, mo)| Some((y.parse::<i32>().ok()?, mo.parse::<u32>().ok()?)))
-        .ok_or_else(|| anyhow::anyhow!("unexpected month {m:?}"))?;
-    Ok(if mo == 12 {
-        format!("{}-01", y + 1)
-    } else {
-        format!("{y}-{:02}", mo + 1)
-    })
+    use macula_registry::billing::{month_name, next_month, parse_month};
+    let start = parse_month(m).map_err(|e| anyhow::anyhow!(e.message))?;
+    Ok(month_name(next_month(start)))
 }
 
 #[derive(Args)]
@@ -208,10 +203,7 @@ pub struct MetricsArgs {
 /// `macula metrics --realm R`: the last hours, hour by hour.
 pub fn metrics(a: MetricsArgs, json: bool) -> Result<()> {
     let (api, realm) = usage_api(&a.server, a.realm, &a.key)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = macula_node::confdir::now_secs();
     let from = now - now % 3600 - a.hours.saturating_sub(1) * 3600;
     let v = api.send(
         "GET",
@@ -280,7 +272,7 @@ pub enum InvoicesCmd {
         invoice: String,
     },
     /// Build a month's invoices for every account (platform operators). Past months are
-    /// finalized (open); this happens by itself on the first of each month.
+    /// finalized (open); the registry does this by itself an hour after each month ends.
     Run {
         #[command(flatten)]
         server: Server,
@@ -376,11 +368,7 @@ pub fn invoices(cmd: InvoicesCmd, json: bool) -> Result<()> {
                 std::fs::write(&path, text)?;
                 eprintln!("wrote {}", path.display());
             }
-            if json {
-                println!("{v}");
-            } else {
-                print_invoice(&v);
-            }
+            emit(json, &v, print_invoice);
         }
         InvoicesCmd::Pay { server, invoice } => {
             let api = Api::new(&server);
@@ -390,17 +378,15 @@ pub fn invoices(cmd: InvoicesCmd, json: bool) -> Result<()> {
                 None,
                 true,
             )?;
-            if json {
-                println!("{v}");
-            } else {
+            emit(json, &v, |v| {
                 println!(
                     "paid {} of {} ({} reference {})",
                     money(v["amount_cents"].as_i64().unwrap_or(0)),
                     s(&v["invoice"]),
                     s(&v["provider"]),
                     s(&v["reference"])
-                );
-            }
+                )
+            });
         }
         InvoicesCmd::Run { server, month } => {
             let api = Api::new(&server);
@@ -410,9 +396,7 @@ pub fn invoices(cmd: InvoicesCmd, json: bool) -> Result<()> {
                 Some(&json!({"month": month})),
                 true,
             )?;
-            if json {
-                println!("{v}");
-            } else {
+            emit(json, &v, |v| {
                 println!(
                     "{}: {} invoices ({}), {} in total, in {} ms",
                     s(&v["month"]),
@@ -424,8 +408,8 @@ pub fn invoices(cmd: InvoicesCmd, json: bool) -> Result<()> {
                     },
                     money(v["total_cents"].as_i64().unwrap_or(0)),
                     num(&v["elapsed_ms"])
-                );
-            }
+                )
+            });
         }
         InvoicesCmd::Void { server, invoice } => {
             let api = Api::new(&server);
@@ -435,11 +419,7 @@ pub fn invoices(cmd: InvoicesCmd, json: bool) -> Result<()> {
                 None,
                 true,
             )?;
-            if json {
-                println!("{v}");
-            } else {
-                println!("{} is void", s(&v["invoice"]));
-            }
+            emit(json, &v, |v| println!("{} is void", s(&v["invoice"])));
         }
     }
     Ok(())

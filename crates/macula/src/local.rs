@@ -161,8 +161,9 @@ pub enum RealmsCmd {
         #[arg(long)]
         remove_user: Option<String>,
     },
-    /// Change a realm's plan: hobby, starter ($29), professional ($99) or enterprise. Upgrades
-    /// apply at once (the month is billed at the new plan); downgrades on the first of next month.
+    /// Change a realm's plan (by default hobby, starter $29, professional $99, enterprise; `macula
+    /// plans` lists those in force). Upgrades apply at once (the month is billed at the new plan);
+    /// downgrades on the first of next month.
     ///
     /// Example: macula realms plan com.myapp starter
     Plan {

@@ -280,6 +280,15 @@ pub fn logout(server: Server, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Prints an API answer: as JSON with `--json`, else for people.
+pub fn emit(json: bool, v: &Value, human: impl FnOnce(&Value)) {
+    if json {
+        println!("{v}");
+    } else {
+        human(v);
+    }
+}
+
 pub fn s(v: &Value) -> &str {
     v.as_str().unwrap_or("-")
 }
@@ -461,13 +470,7 @@ pub fn keys(api: &Api, cmd: crate::local::KeysCmd, json: bool) -> Result<()> {
 
 pub fn realms(api: &Api, cmd: crate::local::RealmsCmd, json: bool) -> Result<()> {
     use crate::local::RealmsCmd;
-    let out = |v: &Value, human: &dyn Fn(&Value)| {
-        if json {
-            println!("{v}");
-        } else {
-            human(v);
-        }
-    };
+    let out = |v: &Value, human: &dyn Fn(&Value)| emit(json, v, human);
     match cmd {
         RealmsCmd::List { .. } => {
             let realms = api.all("/v1/realms")?;

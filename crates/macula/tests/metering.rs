@@ -2,82 +2,16 @@
 //! the Hobby plan's quota enforced at the edge; `kill -9` mid-traffic loses no acknowledged
 //! operation and counts none twice; three nodes roll up to one realm total.
 
-use std::io::{BufRead, BufReader, Write};
+mod macula_up;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use macula_up::{cli_as as cli, up};
 
 use macula_client::{Client, ConnectOptions, Error};
 use macula_wamp::{dict, Payload, Value};
-
-const BIN: &str = env!("CARGO_BIN_EXE_macula");
-
-struct Up(Child);
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `macula --json up` on free ports (`extra` arguments appended); its process and JSON banner.
-fn up(home: &Path, extra: &[&str]) -> (Up, serde_json::Value) {
-    let mut child = Command::new(BIN)
-        .args(["--json", "up", "--home"])
-        .arg(home)
-        .args([
-            "--http",
-            "127.0.0.1:0",
-            "--rawsocket",
-            "127.0.0.1:0",
-            "--mesh-port",
-            "0",
-        ])
-        .args(extra)
-        .env("MACULA_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("macula up printed its addresses");
-    let v = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-    (Up(child), v)
-}
-
-/// Runs the CLI with its own config home; panics with stderr on failure.
-fn cli(cfg: &Path, server: &str, args: &[&str], stdin: Option<&str>) -> String {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("XDG_CONFIG_HOME", cfg)
-        .env("MACULA_SERVER", server)
-        .env_remove("MACULA_HOME")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(s) = stdin {
-        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "macula {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// `macula --json usage` (with `macula up`'s key unless logged in) until `done` holds (60 s).
 fn usage_until(
@@ -109,6 +43,16 @@ fn usage_until(
         assert!(Instant::now() < deadline, "usage never got there: {v}");
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// The node's Prometheus text.
+fn metrics_text(http: &str) -> String {
+    ureq::get(&format!("{http}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap()
 }
 
 fn opts(ws: &str, realm: &str, key: &str) -> ConnectOptions {
@@ -198,12 +142,7 @@ async fn exact_usage_and_quota(database: Option<&str>) {
     assert!(u["egress_bytes"].as_u64().unwrap() > 0, "{v}");
     assert!(u["latency_p50_ms"].as_f64().is_some(), "{v}");
     // The node's Prometheus series per realm.
-    let metrics = ureq::get(&format!("{http}/metrics"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = metrics_text(http);
     assert!(
         metrics.contains(&format!(
             "macula_realm_ops_total{{realm=\"{realm}\",kind=\"publish\"}} 38"
@@ -315,12 +254,7 @@ async fn exact_usage_and_quota(database: Option<&str>) {
         v["notices"].as_array().is_some_and(|n| n.len() == 2)
     });
     assert!(v["quota_exceeded"].as_str().is_some(), "{v}");
-    let metrics = ureq::get(&format!("{http}/metrics"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = metrics_text(http);
     assert!(
         metrics.contains("macula_realm_quota_used_ratio{realm=\"com.quota.app\"} 1."),
         "{metrics}"

@@ -2,95 +2,34 @@
 //! get a key, publish with it; then revoke the key: a new session is refused and the live one is
 //! closed within seconds. Once on the embedded SQLite, once on PostgreSQL (`--database`).
 
-use std::io::{BufRead, BufReader, Write};
+mod macula_up;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use macula_up::{cli_as as cli, Up};
 
 use futures_util::StreamExt;
 use macula_client::{Client, ConnectOptions};
 use macula_wamp::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_macula");
-
-struct Up(Child);
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `macula --json up` on free ports; returns the process and its HTTP and WebSocket URLs.
+/// `macula --json up` on free ports (`--database` when given); the process, its HTTP and
+/// WebSocket URLs.
 fn up(home: &Path, database: Option<&str>) -> (Up, String, String) {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["--json", "up", "--home"])
-        .arg(home)
-        .args([
-            "--http",
-            "127.0.0.1:0",
-            "--rawsocket",
-            "127.0.0.1:0",
-            "--mesh-port",
-            "0",
-        ])
-        .env("MACULA_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    if let Some(d) = database {
-        cmd.args(["--database", d]);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("macula up printed its addresses");
-    let v: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let extra: Vec<&str> = database.map(|d| vec!["--database", d]).unwrap_or_default();
+    let (up, v) = macula_up::up(home, &extra);
     (
-        Up(child),
+        up,
         v["http"].as_str().unwrap().to_owned(),
         v["ws"].as_str().unwrap().to_owned(),
     )
 }
 
-/// Runs the CLI against `server` with its own config home; panics with stderr on failure.
 /// `macula --json keys create --realm com.onboard.app ARGS...`, its JSON answer.
 fn create_key(cfg: &Path, server: &str, args: &[&str]) -> serde_json::Value {
     let mut all = vec!["--json", "keys", "create", "--realm", "com.onboard.app"];
     all.extend_from_slice(args);
     serde_json::from_str(&cli(cfg, server, &all, None)).unwrap()
-}
-
-fn cli(cfg: &Path, server: &str, args: &[&str], stdin: Option<&str>) -> String {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("XDG_CONFIG_HOME", cfg)
-        .env("MACULA_SERVER", server)
-        .env_remove("MACULA_HOME")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(s) = stdin {
-        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "macula {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 async fn onboarding(database: Option<&str>) {

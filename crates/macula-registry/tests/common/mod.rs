@@ -127,3 +127,32 @@ pub async fn req_text(base: &str, path: &str, token: &str) -> String {
     .await
     .unwrap()
 }
+
+/// An embedded SQLite database in `dir`.
+pub fn sqlite_url(dir: &Path) -> String {
+    format!("sqlite://{}?mode=rwc", dir.join("registry.db").display())
+}
+
+/// Two tests in a module named after the suite, `on_sqlite` and `on_postgres`, each running
+/// `suite(database_url, temp_dir)`; the PostgreSQL one skips, saying so, without the binaries.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($suite:ident) => {
+        mod $suite {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_sqlite() {
+                let tmp = tempfile::tempdir().unwrap();
+                super::$suite(&$crate::common::sqlite_url(tmp.path()), tmp.path()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_postgres() {
+                let Some(pg) = $crate::common::Postgres::start() else {
+                    return;
+                };
+                let tmp = tempfile::tempdir().unwrap();
+                super::$suite(&pg.url, tmp.path()).await;
+            }
+        }
+    };
+}
