@@ -99,7 +99,13 @@ async fn three_nodes_route_pubsub_and_rpc_fail_over_and_spread_revocations() {
     );
 
     // RPC across nodes: a shared registration on nodes 2 and 3, a slow procedure on node 2.
-    let callee2 = Client::connect_with(opts(&n2.ws, &admin)).await.unwrap();
+    // Node 2 learns the realm over the mesh as node 3 did (nothing above waited for it).
+    let callee2 = eventually(
+        "node 2 to learn the realm",
+        Duration::from_secs(15),
+        || async { Client::connect_with(opts(&n2.ws, &admin)).await.ok() },
+    )
+    .await;
     let callee3 = Client::connect_with(opts(&n3.ws, &admin)).await.unwrap();
     let shared = format!("{REALM}.whoami");
     let rr = dict! {"invoke" => "roundrobin"};
