@@ -40,9 +40,11 @@ pub struct Loaded {
     pub operator: VerifyingKey,
     pub policies: HashMap<String, Arc<Policy>>,
     pub revoked: HashSet<String>,
-    /// Sequence number of each realm's policy (its file's modification time in milliseconds):
-    /// the version this node signs and floods over the mesh.
+    /// Sequence number of each realm's policy ([`Policy::seq`]: generation and version, both
+    /// counters): the version this node signs and floods over the mesh.
     pub seqs: HashMap<String, u64>,
+    /// Each realm's own authority (the public key its `authority.cert` certifies).
+    pub authorities: HashMap<String, [u8; 32]>,
 }
 
 /// A config directory.
@@ -141,7 +143,20 @@ impl ConfDir {
             &hex::encode(authority.to_bytes()),
         )?;
         fs::write(dir.join("authority.cert"), cert.to_text())?;
-        let doc = policy.unwrap_or_else(|| default_policy(realm));
+        let mut doc = policy.unwrap_or_else(|| default_policy(realm));
+        // Realms of one config directory have one owner (its operator): the parent's keys keep
+        // reaching a subrealm created here, as they did before it had a policy of its own.
+        if let Some((parent, _, cert)) = realm
+            .rfind('.')
+            .and_then(|i| self.authority_for(&realm[..i]).ok())
+        {
+            if let Ok(c) = cert.verify(&op.verifying_key(), now_secs()) {
+                doc.authorities.push(hex::encode(c.authority));
+                if let Ok(p) = self.read_policy(&parent) {
+                    doc.authorities.extend(p.authorities);
+                }
+            }
+        }
         let policy = Policy::from_doc(doc).map_err(|e| anyhow!("{e}"))?;
         self.write_policy(&policy.doc)
     }
@@ -318,6 +333,7 @@ impl ConfDir {
         let mut policies = HashMap::new();
         let mut revoked = HashSet::new();
         let mut seqs = HashMap::new();
+        let mut authorities = HashMap::new();
         for r in self.realms()? {
             let path = self.realm_dir(&r).join("policy.yaml");
             let text = fs::read_to_string(&path)?;
@@ -330,12 +346,21 @@ impl ConfDir {
                 );
             }
             revoked.extend(p.doc.revoked_keys.iter().cloned());
-            let seq = fs::metadata(&path)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_millis() as u64);
-            seqs.insert(r.clone(), seq);
+            seqs.insert(r.clone(), p.seq());
+            let cert_path = self.realm_dir(&r).join("authority.cert");
+            if let Ok(text) = fs::read_to_string(&cert_path) {
+                let cert = SignedCert::from_text(&text)
+                    .and_then(|c| c.verify(&operator, now_secs()))
+                    .map_err(|e| anyhow!("{}: {e}", cert_path.display()))?;
+                if cert.realm != r {
+                    bail!(
+                        "{} certifies the authority of {}, not of {r}",
+                        cert_path.display(),
+                        cert.realm
+                    );
+                }
+                authorities.insert(r.clone(), cert.authority);
+            }
             policies.insert(r, Arc::new(p));
         }
         Ok(Loaded {
@@ -344,6 +369,7 @@ impl ConfDir {
             policies,
             revoked,
             seqs,
+            authorities,
         })
     }
 }

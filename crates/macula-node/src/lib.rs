@@ -102,6 +102,14 @@ pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow:
             ticker.tick(Instant::now());
         }
     }));
+    let expiry = node.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut iv = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            iv.tick().await;
+            expiry.close_expired_sessions(confdir::now_secs());
+        }
+    }));
     if node.confdir.is_some() {
         let reloader = node.clone();
         tasks.push(tokio::spawn(async move {

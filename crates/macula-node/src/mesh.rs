@@ -130,10 +130,12 @@ impl LinkPeer {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RealmState {
     pub realm: String,
-    /// Higher wins: the policy file's modification time in milliseconds where it was signed.
+    /// Higher wins: the policy's (generation, version) ([`Policy::seq`]), counters, not clocks.
     pub seq: u64,
     pub policy: String,
-    /// The operator's certificate of the signing authority (the realm's or a parent's).
+    /// The operator's certificate of the realm's own authority, which signs the state. A
+    /// parent's authority cannot: whoever registers `com.acme` must not be able to rewrite the
+    /// state of `com.acme.shop`, owned by someone else.
     pub cert: String,
     pub sig: Vec<u8>,
 }
@@ -170,11 +172,9 @@ impl RealmState {
         let auth = cert
             .verify(operator, crate::confdir::now_secs())
             .map_err(|e| e.to_string())?;
-        let covers =
-            self.realm == auth.realm || self.realm.starts_with(&format!("{}.", auth.realm));
-        if !covers {
+        if self.realm != auth.realm {
             return Err(format!(
-                "authority of {} cannot sign the policy of {}",
+                "the authority of {} cannot sign the state of {}: only the realm's own authority can",
                 auth.realm, self.realm
             ));
         }
@@ -187,7 +187,20 @@ impl RealmState {
         if p.realm() != self.realm {
             return Err(format!("policy declares realm {}", p.realm()));
         }
+        if p.seq() != self.seq {
+            return Err(format!(
+                "the state's sequence {} is not its policy's (generation {}, version {})",
+                self.seq, p.doc.generation, p.doc.version
+            ));
+        }
         Ok(p)
+    }
+
+    /// The public key of the authority that signed the state (the realm's own).
+    pub fn authority(&self) -> Option<[u8; 32]> {
+        let cert = SignedCert::from_text(&self.cert).ok()?;
+        let c: macula_router::auth::AuthorityCert = rmp_serde::from_slice(&cert.cert).ok()?;
+        Some(c.authority)
     }
 
     pub fn encode(&self) -> Bytes {
@@ -597,9 +610,12 @@ pub fn publish_local_states(node: &Node, mesh: &MeshState) {
         return;
     };
     for (realm, seq) in node.local_seqs() {
-        let Ok((_, key, cert)) = dir.authority_for(&realm) else {
+        let Ok((authority_realm, key, cert)) = dir.authority_for(&realm) else {
             continue;
         };
+        if authority_realm != realm {
+            continue;
+        }
         let Ok(policy) = std::fs::read_to_string(dir.policy_path(&realm)) else {
             continue;
         };
@@ -873,5 +889,66 @@ impl crate::meter::UsageSink for MeshSink {
                 _ => Err(format!("no acknowledgement from the billing node {peer}")),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use macula_router::auth::AuthorityCert;
+
+    fn authority(op: &SigningKey, realm: &str, seed: u8) -> (SigningKey, SignedCert) {
+        let key = SigningKey::from_bytes(&[seed; 32]);
+        let cert = SignedCert::issue(
+            op,
+            &AuthorityCert {
+                realm: realm.into(),
+                authority: key.verifying_key().to_bytes(),
+                expires_at: 0,
+            },
+        );
+        (key, cert)
+    }
+
+    fn policy(realm: &str, generation: u64, version: u64) -> (u64, String) {
+        let mut doc = crate::confdir::default_policy(realm);
+        doc.generation = generation;
+        doc.version = version;
+        let p = Policy::from_doc(doc).unwrap();
+        (p.seq(), p.to_yaml())
+    }
+
+    #[test]
+    fn only_the_realms_own_authority_signs_its_state() {
+        let op = SigningKey::from_bytes(&[1; 32]);
+        let (own, own_cert) = authority(&op, "com.acme.shop", 2);
+        let (parent, parent_cert) = authority(&op, "com.acme", 3);
+        let (seq, text) = policy("com.acme.shop", 1, 7);
+        let good = RealmState::sign("com.acme.shop", seq, text.clone(), &own_cert, &own);
+        assert!(good.verify(&op.verifying_key()).is_ok());
+        assert_eq!(good.authority(), Some(own.verifying_key().to_bytes()));
+        // Whoever holds the parent's authority cannot write the subrealm's state.
+        let forged = RealmState::sign("com.acme.shop", seq + 1, text, &parent_cert, &parent);
+        let err = forged.verify(&op.verifying_key()).unwrap_err();
+        assert!(err.contains("only the realm's own authority"), "{err}");
+    }
+
+    #[test]
+    fn state_order_is_the_policys_counters_and_a_new_registration_outranks_the_old() {
+        let op = SigningKey::from_bytes(&[1; 32]);
+        let (old, old_cert) = authority(&op, "com.acme.shop", 2);
+        let (new, new_cert) = authority(&op, "com.acme.shop", 4);
+        let (seq, text) = policy("com.acme.shop", 1, 50);
+        // A sequence that is not the policy's own is refused (no claiming a higher one).
+        let lying = RealmState::sign("com.acme.shop", seq + 10, text.clone(), &old_cert, &old);
+        assert!(lying.verify(&op.verifying_key()).is_err());
+        let old_state = RealmState::sign("com.acme.shop", seq, text, &old_cert, &old);
+        let (seq2, text2) = policy("com.acme.shop", 2, 1);
+        let new_state = RealmState::sign("com.acme.shop", seq2, text2, &new_cert, &new);
+        assert!(new_state.verify(&op.verifying_key()).is_ok());
+        assert!(
+            new_state.seq > old_state.seq,
+            "generation 2, version 1 outranks generation 1, version 50"
+        );
     }
 }

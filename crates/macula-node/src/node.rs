@@ -44,9 +44,14 @@ impl RealmHandle {
     }
 }
 
-/// A live session, for revocation and policy changes.
+/// A live session, for revocation, expiry and policy changes.
 struct LiveSession {
     kid: String,
+    realm: String,
+    /// The authority that signed the session's key.
+    authority: [u8; 32],
+    /// When the session's key expires (Unix seconds; 0: never).
+    expires_at: u64,
     outbox: Arc<Outbox>,
 }
 
@@ -54,6 +59,38 @@ struct LiveSession {
 pub struct AuthState {
     pub authenticator: Authenticator,
     pub policies: HashMap<String, Arc<Policy>>,
+    /// Each known realm's own authority (from its certificate).
+    pub authorities: HashMap<String, [u8; 32]>,
+}
+
+impl AuthState {
+    /// The registered realm that governs `realm`: itself if this node knows its policy, else
+    /// its nearest known ancestor.
+    pub fn registration_of<'a>(&self, realm: &'a str) -> Option<&'a str> {
+        let mut r = realm;
+        loop {
+            if self.policies.contains_key(r) {
+                return Some(r);
+            }
+            r = &r[..r.rfind('.')?];
+        }
+    }
+
+    /// Whether a key signed by `authority` may enter `realm`: only if it is the authority of
+    /// the registration governing the realm, or one that registration lists (a parent held by
+    /// the same owner). This is what binds a key to one registration of one realm: a parent
+    /// registered by another account, an earlier registration of the name, or the seller of a
+    /// transferred realm all hold other authorities.
+    pub fn accepts(&self, realm: &str, authority: &[u8; 32]) -> bool {
+        let Some(gov) = self.registration_of(realm) else {
+            return false;
+        };
+        self.authorities.get(gov) == Some(authority)
+            || self
+                .policies
+                .get(gov)
+                .is_some_and(|p| p.lists_authority(authority))
+    }
 }
 
 /// The node.
@@ -87,6 +124,7 @@ impl Node {
         let auth = AuthState {
             authenticator: Authenticator::new(loaded.operator, loaded.revoked.clone()),
             policies: loaded.policies.clone(),
+            authorities: loaded.authorities.clone(),
         };
         let m = &loaded.config.metering;
         let meter = m
@@ -150,12 +188,29 @@ impl Node {
 
     /// Decides whether `identity` may join its realm; returns the realm to join or the ABORT.
     pub fn admit(&self, identity: &Identity) -> Result<Arc<RealmHandle>, Message> {
+        if !self.auth().accepts(&identity.realm, &identity.authority) {
+            return Err(abort(
+                errors::AUTHENTICATION_FAILED,
+                format!(
+                    "this key was not issued by the authority of realm {}'s current registration \
+                     (the realm, or the parent the key is for, belongs to another owner, was \
+                     registered anew or transferred): create a new key for {}",
+                    identity.realm, identity.realm
+                ),
+            ));
+        }
         let Some(policy) = self.policy_for(&identity.realm) else {
             return Err(abort(
                 errors::NO_SUCH_REALM,
                 format!("realm {} does not exist on this node (create it with `macula realms create {}`)", identity.realm, identity.realm),
             ));
         };
+        if policy.doc.deleted {
+            return Err(abort(
+                errors::NO_SUCH_REALM,
+                format!("realm {} was deleted", policy.realm()),
+            ));
+        }
         if let Some(why) = &policy.doc.disabled {
             return Err(abort(
                 errors::REALM_DISABLED,
@@ -285,14 +340,17 @@ impl Node {
     }
 
     /// Records a joined session.
-    pub fn session_joined(&self, id: Id, kid: &str, outbox: Arc<Outbox>) {
+    pub fn session_joined(&self, id: Id, identity: &Identity, outbox: Arc<Outbox>) {
         self.metrics.sessions.fetch_add(1, Ordering::Relaxed);
         self.metrics.sessions_total.fetch_add(1, Ordering::Relaxed);
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         s.insert(
             id,
             LiveSession {
-                kid: kid.to_owned(),
+                kid: identity.kid.clone(),
+                realm: identity.realm.clone(),
+                authority: identity.authority,
+                expires_at: identity.expires_at,
                 outbox,
             },
         );
@@ -329,6 +387,27 @@ impl Node {
         }
     }
 
+    /// Closes the sessions whose key has expired (a key's expiry holds for live sessions, not
+    /// only at join). Called once a second; returns how many were closed.
+    pub fn close_expired_sessions(&self, now_secs: u64) -> usize {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut closed = 0;
+        for s in sessions.values() {
+            if s.expires_at != 0 && s.expires_at <= now_secs && !s.outbox.is_closed() {
+                s.outbox.close_with(goodbye(
+                    errors::CREDENTIAL_EXPIRED,
+                    format!(
+                        "key {} expired at {}: create a new key",
+                        s.kid,
+                        crate::confdir::rfc3339(s.expires_at)
+                    ),
+                ));
+                closed += 1;
+            }
+        }
+        closed
+    }
+
     /// Applies a freshly loaded configuration: new policies and revocations take effect for new
     /// operations at once; sessions whose key was revoked or whose role disappeared are closed.
     pub fn apply(&self, loaded: Loaded) {
@@ -351,12 +430,14 @@ impl Node {
     pub fn rebuild_auth(&self) {
         let local = self.local.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut policies = local.policies;
+        let mut authorities = local.authorities;
         if let Some(m) = self.mesh.get() {
             for (realm, st) in m.states.lock().iter() {
                 let local_seq = local.seqs.get(realm).copied().unwrap_or(0);
                 if st.seq > local_seq || !policies.contains_key(realm) {
-                    if let Ok(p) = Policy::from_yaml(&st.policy) {
+                    if let (Ok(p), Some(a)) = (Policy::from_yaml(&st.policy), st.authority()) {
                         policies.insert(realm.clone(), Arc::new(p));
+                        authorities.insert(realm.clone(), a);
                     }
                 }
             }
@@ -365,18 +446,20 @@ impl Node {
             .values()
             .flat_map(|p| p.doc.revoked_keys.iter().cloned())
             .collect();
-        self.install(local.operator, policies, revoked);
+        self.install(local.operator, policies, authorities, revoked);
     }
 
     fn install(
         &self,
         operator: ed25519_dalek::VerifyingKey,
         policies: HashMap<String, Arc<Policy>>,
+        authorities: HashMap<String, [u8; 32]>,
         revoked: std::collections::HashSet<String>,
     ) {
         let auth = Arc::new(AuthState {
             authenticator: Authenticator::new(operator, revoked),
             policies,
+            authorities,
         });
         *self.auth.write().unwrap_or_else(|p| p.into_inner()) = auth.clone();
         for r in self.realm_handles() {
@@ -389,6 +472,11 @@ impl Node {
                     core.sessions_where(|_| true),
                     errors::AUTHORIZATION_FAILED,
                     "the realm no longer exists on this node",
+                ),
+                Some(p) if p.doc.deleted => (
+                    core.sessions_where(|_| true),
+                    errors::NO_SUCH_REALM,
+                    "the realm was deleted",
                 ),
                 Some(p) if p.doc.disabled.is_some() => {
                     core.set_policy(p.clone());
@@ -426,6 +514,15 @@ impl Node {
                 s.outbox.close_with(goodbye(
                     errors::CREDENTIAL_REVOKED,
                     format!("key {} was revoked", s.kid),
+                ));
+            } else if !auth.accepts(&s.realm, &s.authority) {
+                s.outbox.close_with(goodbye(
+                    errors::CREDENTIAL_REVOKED,
+                    format!(
+                        "key {} no longer belongs to realm {} (the realm was deleted, registered \
+                         anew or transferred)",
+                        s.kid, s.realm
+                    ),
                 ));
             }
         }

@@ -317,7 +317,7 @@ impl Connection {
                             self.meter = Some(m);
                         }
                         self.node
-                            .session_joined(id, &identity.kid, self.outbox.clone());
+                            .session_joined(id, &identity, self.outbox.clone());
                         self.state = State::Joined { id, realm };
                         Flow::Continue
                     }

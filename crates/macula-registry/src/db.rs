@@ -527,6 +527,26 @@ CREATE INDEX ledger_txn ON ledger(txn);
 CREATE INDEX ledger_account ON ledger(account, id);
 "#,
     },
+    Migration {
+        version: 4,
+        name: "registrations: a generation per realm name; login failures per (account, source)",
+        sql: r#"
+CREATE TABLE realm_generations (
+    name TEXT PRIMARY KEY,
+    generation BIGINT NOT NULL
+);
+INSERT INTO realm_generations (name, generation) SELECT name, 1 FROM realms;
+ALTER TABLE realms ADD COLUMN generation BIGINT NOT NULL DEFAULT 1;
+CREATE TABLE login_failures (
+    account_id TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    source TEXT NOT NULL,
+    failed BIGINT NOT NULL,
+    locked_until BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (account_id, source)
+);
+"#,
+    },
 ];
 
 impl Db {

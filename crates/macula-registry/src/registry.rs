@@ -206,6 +206,8 @@ pub(crate) struct RealmRow {
     pub(crate) authority_key: String,
     pub(crate) authority_cert: String,
     pub(crate) policy_version: i64,
+    /// Which registration of the name this is (1 for the first; see `realm_generations`).
+    pub(crate) generation: i64,
     /// The newest policy version's YAML.
     pub(crate) policy: String,
 }
@@ -225,6 +227,7 @@ impl RealmRow {
             authority_key: r.try_get("authority_key")?,
             authority_cert: r.try_get("authority_cert")?,
             policy_version: r.try_get("policy_version")?,
+            generation: r.try_get("generation")?,
             policy: r.try_get("doc")?,
         })
     }
@@ -232,7 +235,7 @@ impl RealmRow {
 
 const REALM_COLUMNS: &str = "r.name, r.owner_id, a.email AS owner_email, r.parent, r.tier, \
     r.suspended, r.frozen, r.created_at, r.expires_at, r.authority_key, r.authority_cert, \
-    r.policy_version, p.doc";
+    r.policy_version, r.generation, p.doc";
 
 /// Realms with their owner's email and newest policy, in one query.
 const REALM_FROM: &str = "realms r JOIN accounts a ON a.id = r.owner_id \
@@ -410,8 +413,10 @@ impl Registry {
         Ok(json!({"id": id, "email": email, "created_at": rfc3339(now as u64)}))
     }
 
-    /// Logs in: a session token (shown once, stored hashed). Failed attempts lock the account
-    /// after `max_failed_logins` in a row; one address is limited per minute.
+    /// Logs in: a session token (shown once, stored hashed). Failed attempts are counted per
+    /// (account, source address): after `max_failed_logins` in a row that source is locked out
+    /// of the account for `lockout_minutes`, and other sources, the owner's among them, are not
+    /// (a stranger can lock out only themselves). One address is also limited per minute.
     pub async fn login(
         &self,
         email: &str,
@@ -423,12 +428,16 @@ impl Registry {
         if let Some(ip) = ip {
             self.login_rate(ip)?;
         }
+        let source = ip.map(login_source).unwrap_or_default();
         let email = email.trim().to_ascii_lowercase();
         let now = now_secs() as i64;
         let row = sqlx::query(
-            "SELECT id, password_hash, failed_logins, locked_until FROM accounts WHERE email = $1",
+            "SELECT a.id, a.password_hash, COALESCE(f.locked_until, 0) AS locked_until \
+             FROM accounts a LEFT JOIN login_failures f ON f.account_id = a.id AND f.source = $2 \
+             WHERE a.email = $1",
         )
         .bind(&email)
+        .bind(&source)
         .fetch_optional(&self.db.pool)
         .await?;
         let Some(row) = row else {
@@ -443,20 +452,32 @@ impl Registry {
         }
         if !password_matches(password, &hash) {
             let mut tx = self.db.begin().await?;
+            // Forget old failures (bounds the table: rows live a day past their last failure).
+            sqlx::query("DELETE FROM login_failures WHERE updated_at < $1 AND locked_until < $2")
+                .bind(now - 86_400)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
             let failed: i64 = sqlx::query_scalar(
-                "UPDATE accounts SET failed_logins = failed_logins + 1 WHERE id = $1 RETURNING failed_logins",
+                "INSERT INTO login_failures (account_id, source, failed, locked_until, updated_at) \
+                 VALUES ($1, $2, 1, 0, $3) ON CONFLICT (account_id, source) DO UPDATE SET \
+                 failed = login_failures.failed + 1, updated_at = excluded.updated_at \
+                 RETURNING failed",
             )
             .bind(&id)
+            .bind(&source)
+            .bind(now)
             .fetch_one(&mut *tx)
             .await?;
             let lock = failed >= self.config.max_failed_logins;
             if lock {
                 let until = now + self.config.lockout.as_secs() as i64;
                 sqlx::query(
-                    "UPDATE accounts SET failed_logins = 0, locked_until = $1 WHERE id = $2",
+                    "UPDATE login_failures SET failed = 0, locked_until = $1 WHERE account_id = $2 AND source = $3",
                 )
                 .bind(until)
                 .bind(&id)
+                .bind(&source)
                 .execute(&mut *tx)
                 .await?;
             }
@@ -469,7 +490,7 @@ impl Registry {
                 } else {
                     "session.login_failed"
                 },
-                json!({"failed_logins": failed}),
+                json!({"failed_logins": failed, "source": source}),
                 remote,
             );
             tx.commit().await?;
@@ -482,8 +503,9 @@ impl Registry {
         let token = random_token("mcs_", 32);
         let expires = now + self.config.session_ttl.as_secs() as i64;
         let mut tx = self.db.begin().await?;
-        sqlx::query("UPDATE accounts SET failed_logins = 0 WHERE id = $1")
+        sqlx::query("DELETE FROM login_failures WHERE account_id = $1 AND source = $2")
             .bind(&id)
+            .bind(&source)
             .execute(&mut *tx)
             .await?;
         sqlx::query(
@@ -712,13 +734,17 @@ impl Registry {
     pub(crate) fn policy_doc(&self, realm: &RealmRow) -> ApiResult<PolicyDoc> {
         let mut cache = self.policies.lock();
         if let Some((v, doc)) = cache.get(&realm.name) {
-            if *v == realm.policy_version {
+            // A version number alone does not name a document: the next registration of the
+            // name counts its versions from 1 again.
+            if *v == realm.policy_version && doc.generation == realm.generation as u64 {
                 return Ok(doc.clone());
             }
         }
-        let doc = Policy::from_yaml(&realm.policy)
+        let mut doc = Policy::from_yaml(&realm.policy)
             .map_err(|e| ApiError::internal(format!("stored policy of {}: {e}", realm.name)))?
             .doc;
+        // Documents stored before registrations had generations carry none.
+        doc.generation = realm.generation as u64;
         if cache.len() > 10_000 {
             cache.clear();
         }
@@ -734,13 +760,21 @@ impl Registry {
         mut doc: PolicyDoc,
         author: &str,
     ) -> ApiResult<PolicyDoc> {
-        let current: Option<i64> =
-            sqlx::query_scalar("SELECT policy_version FROM realms WHERE name = $1")
-                .bind(realm)
-                .fetch_optional(&mut *c)
-                .await?;
+        let current = sqlx::query(
+            "SELECT policy_version, generation, owner_id FROM realms WHERE name = $1",
+        )
+        .bind(realm)
+        .fetch_one(&mut *c)
+        .await?;
+        let version: i64 = current.try_get("policy_version")?;
+        let generation: i64 = current.try_get("generation")?;
+        let owner: String = current.try_get("owner_id")?;
         doc.realm = realm.to_owned();
-        doc.version = current.unwrap_or(0) as u64 + 1;
+        doc.version = version as u64 + 1;
+        doc.generation = generation as u64;
+        doc.deleted = false;
+        doc.authorities =
+            owner_authorities(c, &self.operator_key.verifying_key(), realm, &owner).await?;
         let policy = Policy::from_doc(doc)
             .map_err(|e| ApiError::invalid("invalid_policy", e.to_string()))?;
         sqlx::query(
@@ -844,21 +878,23 @@ impl Registry {
                     },
                 ));
             }
-            sqlx::query("DELETE FROM realms WHERE name = $1")
-                .bind(name)
-                .execute(&mut *tx)
-                .await?;
-            audit(
+            release(
                 &mut tx,
-                Some(name),
+                &old,
                 &actor.email,
                 "realm.released",
                 json!({"expired_at": rfc3339(old.expires_at as u64)}),
                 &actor.remote,
-            );
+            )
+            .await?;
         }
-        // A realm the operator configured by hand on this node (`macula realms create`).
-        if self.confdir.policy_path(name).exists() {
+        // A realm the operator configured by hand on this node (`macula realms create`); the
+        // tombstone of a deleted registration does not count.
+        let hand_made = match self.confdir.read_policy(name) {
+            Ok(p) => p.generation == 0,
+            Err(_) => self.confdir.policy_path(name).exists(),
+        };
+        if hand_made {
             return Err(ApiError::conflict(
                 "realm_taken",
                 format!("{name} is configured on this node outside the registry"),
@@ -907,19 +943,29 @@ impl Registry {
             })?;
             owner_email = to;
         }
-        let authority = SigningKey::generate(&mut rand::rngs::OsRng);
-        let cert = SignedCert::issue(
-            &self.operator_key,
-            &AuthorityCert {
-                realm: name.to_owned(),
-                authority: authority.verifying_key().to_bytes(),
-                expires_at: 0,
-            },
-        );
+        let (authority, cert) = self.new_authority(name);
+        // Every registration of a name is a new generation, with a new authority: nothing of an
+        // earlier registration (keys, states, usage, audit) carries over to it.
+        let generation = sqlx::query_scalar::<_, i64>(
+            "SELECT generation FROM realm_generations WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?
+        .unwrap_or(0)
+            + 1;
+        sqlx::query(
+            "INSERT INTO realm_generations (name, generation) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET generation = excluded.generation",
+        )
+        .bind(name)
+        .bind(generation)
+        .execute(&mut *tx)
+        .await?;
         let expires = now + (self.config.term_days * 86_400) as i64;
         let res = sqlx::query(
-            "INSERT INTO realms (name, owner_id, parent, tier, created_at, expires_at, authority_key, authority_cert, policy_version) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0)",
+            "INSERT INTO realms (name, owner_id, parent, tier, created_at, expires_at, authority_key, authority_cert, policy_version, generation) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9)",
         )
         .bind(name)
         .bind(&owner_id)
@@ -929,6 +975,7 @@ impl Registry {
         .bind(expires)
         .bind(hex::encode(authority.to_bytes()))
         .bind(cert.to_text())
+        .bind(generation)
         .execute(&mut *tx)
         .await;
         match res {
@@ -1037,21 +1084,32 @@ impl Registry {
                 format!("{name} has {children} subrealm(s); delete them first"),
             ));
         }
-        sqlx::query("DELETE FROM realms WHERE name = $1")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
-        audit(
+        release(
             &mut tx,
-            Some(name),
+            &row,
             &actor.email,
             "realm.delete",
             json!({}),
             &actor.remote,
-        );
+        )
+        .await?;
         tx.commit().await?;
-        self.unmaterialize(name);
+        self.bury(&row);
         Ok(())
+    }
+
+    /// A new authority for `name`, certified by the operator.
+    fn new_authority(&self, name: &str) -> (SigningKey, SignedCert) {
+        let authority = SigningKey::generate(&mut rand::rngs::OsRng);
+        let cert = SignedCert::issue(
+            &self.operator_key,
+            &AuthorityCert {
+                realm: name.to_owned(),
+                authority: authority.verifying_key().to_bytes(),
+                expires_at: 0,
+            },
+        );
+        (authority, cert)
     }
 
     pub async fn renew(&self, actor: &Actor, name: &str, years: u64) -> ApiResult<Value> {
@@ -1204,8 +1262,20 @@ impl Registry {
         to_id: &str,
         to_email: &str,
     ) -> ApiResult<()> {
-        sqlx::query("UPDATE realms SET owner_id = $1 WHERE name = $2")
-            .bind(to_id)
+        // The buyer gets the realm with a new authority: every key the seller's side issued
+        // (which the buyer never saw) stops working on every node, live sessions included.
+        let (authority, cert) = self.new_authority(&row.name);
+        sqlx::query(
+            "UPDATE realms SET owner_id = $1, authority_key = $2, authority_cert = $3 WHERE name = $4",
+        )
+        .bind(to_id)
+        .bind(hex::encode(authority.to_bytes()))
+        .bind(cert.to_text())
+        .bind(&row.name)
+        .execute(&mut *c)
+        .await?;
+        sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE realm = $2 AND revoked_at = 0")
+            .bind(now_secs() as i64)
             .bind(&row.name)
             .execute(&mut *c)
             .await?;
@@ -1636,11 +1706,23 @@ impl Registry {
 
     async fn reissue(&self, c: &mut AnyConnection, kid: &str) -> ApiResult<String> {
         let k = sqlx::query(
-            "SELECT realm, role, name, pubkey, created_at, expires_at FROM api_keys WHERE id = $1",
+            "SELECT realm, role, name, pubkey, created_at, expires_at, revoked_at FROM api_keys WHERE id = $1",
         )
         .bind(kid)
-        .fetch_one(&mut *c)
+        .fetch_optional(&mut *c)
         .await?;
+        // A replayed creation never brings back a key that was revoked (by its owner, or by a
+        // transfer) or that went with its realm: it would be signed by today's authority.
+        let gone = || {
+            ApiError::conflict(
+                "key_gone",
+                format!("the key created with this Idempotency-Key ({kid}) was revoked or deleted; create a new one"),
+            )
+        };
+        let Some(k) = k else { return Err(gone()) };
+        if k.try_get::<i64, _>("revoked_at")? != 0 {
+            return Err(gone());
+        }
         let realm: String = k.try_get("realm")?;
         let row = self.realm(c, &realm).await?;
         let pubkey: String = k.try_get("pubkey")?;
@@ -2140,10 +2222,21 @@ impl Registry {
         Ok(())
     }
 
-    fn unmaterialize(&self, name: &str) {
-        let dir = self.confdir.root.join("realms").join(name);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            tracing::warn!("removing {}: {e}", dir.display());
+    /// Replaces a deleted realm's policy in the node's config directory with a tombstone (the
+    /// next version of the same registration, signed by its authority as every state is): the
+    /// node floods it, every node closes the realm's sessions and refuses its keys, and no older
+    /// state of it can win again, also after restarts.
+    fn bury(&self, row: &RealmRow) {
+        let name = &row.name;
+        let tombstone = PolicyDoc {
+            realm: name.clone(),
+            version: row.policy_version as u64 + 1,
+            generation: row.generation as u64,
+            deleted: true,
+            ..PolicyDoc::default()
+        };
+        if let Err(e) = self.write_realm(row, &tombstone) {
+            tracing::error!("writing the tombstone of {name}: {e:#}");
         }
         if let Some(node) = &self.node {
             if let Err(e) = node.reload() {
@@ -2236,6 +2329,21 @@ fn require_role(doc: &PolicyDoc, realm: &str, role: &str) -> ApiResult<()> {
     ))
 }
 
+/// The source a login failure is counted against: the address, or its /64 for IPv6 (one host
+/// commonly holds a whole /64, so its addresses are one source).
+fn login_source(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+    }
+}
+
 fn invalid_credentials() -> ApiError {
     ApiError::unauthorized("wrong email or password").with_code("invalid_credentials")
 }
@@ -2244,7 +2352,7 @@ fn locked(secs: i64) -> ApiError {
     let mins = (secs.max(1) as u64).div_ceil(60);
     ApiError::too_many(
         "account_locked",
-        format!("too many failed logins: the account is locked; try again in {mins} minute(s)"),
+        format!("too many failed logins from this address: it is locked out of the account; try again in {mins} minute(s) (other addresses are not affected)"),
         secs.max(1) as u64,
     )
 }
@@ -2277,6 +2385,72 @@ struct Signer {
     cert_text: String,
     key: SigningKey,
     cert: SignedCert,
+}
+
+/// The key under which a released registration's rows (audit, usage, notices, plan history,
+/// add-ons) are kept: never a valid realm name, so nothing addressed by name reaches them and
+/// the next registrant of the name starts with none of them.
+fn archived(name: &str, generation: i64) -> String {
+    format!("{name}#{generation}")
+}
+
+/// Ends a registration in `tx`: removes the realm row (its keys, members and policies go with
+/// it) and moves what is keyed by the name to the registration's archive key; the closing audit
+/// row goes there too, so the previous owner's trail stays theirs.
+async fn release(
+    tx: &mut WriteTx,
+    row: &RealmRow,
+    actor: &str,
+    action: &str,
+    detail: Value,
+    remote: &str,
+) -> ApiResult<()> {
+    let name = row.name.as_str();
+    sqlx::query("DELETE FROM realms WHERE name = $1")
+        .bind(name)
+        .execute(&mut **tx)
+        .await?;
+    let archive = archived(name, row.generation);
+    for sql in [
+        "UPDATE audit SET realm = $1 WHERE realm = $2",
+        "UPDATE usage_rollups SET realm = $1 WHERE realm = $2",
+        "UPDATE notices SET realm = $1 WHERE realm = $2",
+        "UPDATE plan_history SET realm = $1 WHERE realm = $2",
+        "UPDATE addons SET realm = $1 WHERE realm = $2",
+    ] {
+        tx.defer(sql, vec![archive.as_str().into(), name.into()]);
+    }
+    audit(tx, Some(&archive), actor, action, detail, remote);
+    Ok(())
+}
+
+/// The authorities, besides a realm's own, whose keys may enter it: those of its registered
+/// ancestors held by the same owner, up to the first one that is not (see
+/// `PolicyDoc::authorities`).
+async fn owner_authorities(
+    c: &mut AnyConnection,
+    operator: &ed25519_dalek::VerifyingKey,
+    realm: &str,
+    owner: &str,
+) -> ApiResult<Vec<String>> {
+    let mut out = vec![];
+    let mut r = realm;
+    while let Some(i) = r.rfind('.') {
+        r = &r[..i];
+        let row = sqlx::query("SELECT owner_id, authority_cert FROM realms WHERE name = $1")
+            .bind(r)
+            .fetch_optional(&mut *c)
+            .await?;
+        let Some(row) = row else { continue };
+        if row.try_get::<String, _>("owner_id")? != owner {
+            break;
+        }
+        let cert = SignedCert::from_text(&row.try_get::<String, _>("authority_cert")?)
+            .and_then(|c| c.verify(operator, now_secs()))
+            .map_err(ApiError::internal)?;
+        out.push(hex::encode(cert.authority));
+    }
+    Ok(out)
 }
 
 /// Records a change in the audit log, in the change's own transaction.

@@ -742,6 +742,25 @@ async fn suite(url: &str, dir: &std::path::Path) {
         (429, Some("account_locked"))
     );
     assert!(v["error"]["message"].as_str().unwrap().contains("minute"));
+    // The lock-out holds for the source that failed, not for the owner elsewhere: from another
+    // address the right password logs in, and the wrong one counts separately.
+    let (s, v) = login_from(
+        b,
+        "127.0.0.2",
+        json!({"email": "bob@example.com", "password": "correct horse battery"}),
+    )
+    .await;
+    assert_eq!(s, 201, "another source is not locked out: {v}");
+    let (s, v) = login_from(
+        b,
+        "127.0.0.2",
+        json!({"email": "bob@example.com", "password": "wrong password!"}),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (401, Some("invalid_credentials"))
+    );
 
     // --- logout ends the session
     let (s, _) = req(b, "DELETE", "/v1/sessions/current", Some(&carol), None).await;
@@ -752,7 +771,9 @@ async fn suite(url: &str, dir: &std::path::Path) {
     // --- delete
     let (s, _) = req(b, "DELETE", "/v1/realms/com.acme.shop", Some(&bob), None).await;
     assert_eq!(s, 204);
-    assert!(!srv.dir.policy_path("com.acme.shop").exists());
+    // What stays on the node is a tombstone (so no older state can come back), not the realm.
+    let tomb = srv.dir.read_policy("com.acme.shop").unwrap();
+    assert!(tomb.deleted && tomb.roles.is_empty() && tomb.users.is_empty());
 
     // --- a restart keeps everything and migrates nothing twice
     let url = url.to_owned();
@@ -833,4 +854,30 @@ async fn an_expired_transfer_code_is_refused_and_changes_nothing() {
         .await
         .unwrap();
     assert_eq!(fees, 0);
+}
+
+/// POST /v1/sessions from the source address `src` (a loopback address other than 127.0.0.1),
+/// over a raw HTTP/1.1 connection: (status, JSON body).
+async fn login_from(base: &str, src: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    let mut s = sock.connect(addr).await.unwrap();
+    let body = body.to_string();
+    let req = format!(
+        "POST /v1/sessions HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or_default())
 }

@@ -46,6 +46,14 @@ impl Action {
     }
 }
 
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
+}
+
 /// The policy document as written in YAML.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,6 +62,17 @@ pub struct PolicyDoc {
     /// Incremented on every change; nodes apply the newest version they have seen.
     #[serde(default)]
     pub version: u64,
+    /// Which registration of the name this document belongs to: a name registered anew (after
+    /// deletion or expiry) gets the next generation, so its states outrank every state of the
+    /// previous registration ([`Policy::seq`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u64,
+    /// Public keys (64 hex digits) of authorities other than the realm's own whose keys may
+    /// enter the realm: its parents' authorities, where the same owner holds them. A key signed
+    /// by any other authority (a parent registered by someone else, an earlier registration of
+    /// the name, the seller's before a transfer) is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authorities: Vec<String>,
     #[serde(default)]
     pub roles: Vec<RoleDoc>,
     #[serde(default)]
@@ -69,6 +88,10 @@ pub struct PolicyDoc {
     /// takedown) or expired past its grace period. Nodes refuse new sessions and close live ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disabled: Option<String>,
+    /// A tombstone: the realm was deleted. Kept (and flooded, with the next version) so that no
+    /// node brings back an older state of the deleted registration, before or after a restart.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub deleted: bool,
     /// Set (to the reason) while the realm is past its plan's hard quota (the free tier): nodes
     /// refuse new sessions and answer every operation with `macula.error.quota_exceeded`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -288,6 +311,15 @@ impl Policy {
 
     pub fn from_doc(doc: PolicyDoc) -> Result<Policy, PolicyError> {
         uri::validate_realm(&doc.realm).map_err(|e| PolicyError::Invalid(e.to_string()))?;
+        if let Some(a) = doc
+            .authorities
+            .iter()
+            .find(|a| crate::auth::credential::parse_hex32(a).is_none())
+        {
+            return Err(PolicyError::Invalid(format!(
+                "authorities: {a:?} is not an Ed25519 public key (64 hex digits)"
+            )));
+        }
         let mut roles: HashMap<String, Role> = HashMap::new();
         for r in &doc.roles {
             if r.name.is_empty() {
@@ -346,6 +378,19 @@ impl Policy {
             }
         }
         Ok(Policy { doc, roles })
+    }
+
+    /// The document's place in the order of the realm's states, across registrations:
+    /// (generation, version). A counter, never a clock: a stepped clock or two changes in one
+    /// millisecond cannot reorder them.
+    pub fn seq(&self) -> u64 {
+        (self.doc.generation << 32) | self.doc.version.min(u64::from(u32::MAX))
+    }
+
+    /// Whether keys signed by `authority` (besides the realm's own) may enter the realm.
+    pub fn lists_authority(&self, authority: &[u8; 32]) -> bool {
+        let hex = hex::encode(authority);
+        self.doc.authorities.iter().any(|a| a.eq_ignore_ascii_case(&hex))
     }
 
     pub fn realm(&self) -> &str {

@@ -32,6 +32,8 @@ pub const RATE_LIMITED: &str = "macula.error.rate_limited";
 pub const SLOW_CONSUMER: &str = "macula.error.slow_consumer";
 /// The session's credential was revoked while it was connected.
 pub const CREDENTIAL_REVOKED: &str = "macula.error.credential_revoked";
+/// The session's API key expired while the session was open.
+pub const CREDENTIAL_EXPIRED: &str = "macula.error.credential_expired";
 /// A configured per-session limit (subscriptions, registrations) was reached.
 pub const LIMIT_EXCEEDED: &str = "macula.error.limit_exceeded";
 pub const NOT_FOUND: &str = "macula.error.not_found";

@@ -158,8 +158,18 @@ pub fn verify_key(key: &str, operator: &VerifyingKey, now: u64) -> Result<Verifi
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(body)
         .map_err(|_| AuthError::Malformed("API key"))?;
-    let Envelope(version, cert, cert_sig, claims_bytes, claims_sig) =
+    let env: Envelope =
         rmp_serde::from_slice(&bytes).map_err(|_| AuthError::Malformed("API key"))?;
+    // Strict decoding: the key must be exactly the canonical encoding of what it carries, so any
+    // change to the string (a character appended, trailing bytes, a non-canonical encoding) is
+    // refused rather than read as the same key.
+    let canonical = rmp_serde::to_vec(&env).map_err(|_| AuthError::Malformed("API key"))?;
+    if canonical != bytes
+        || base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&canonical) != body
+    {
+        return Err(AuthError::Malformed("API key (not in its canonical form)"));
+    }
+    let Envelope(version, cert, cert_sig, claims_bytes, claims_sig) = env;
     if version != VERSION {
         return Err(AuthError::Malformed("API key (unsupported version)"));
     }
@@ -175,6 +185,9 @@ pub fn verify_key(key: &str, operator: &VerifyingKey, now: u64) -> Result<Verifi
     }
     let claims: KeyClaims =
         rmp_serde::from_slice(&claims_bytes).map_err(|_| AuthError::Malformed("API key claims"))?;
+    if rmp_serde::to_vec(&claims).ok().as_deref() != Some(&claims_bytes[..]) {
+        return Err(AuthError::Malformed("API key claims (not in their canonical form)"));
+    }
     if !macula_wamp::uri::is_same_or_subrealm(&claims.realm, &authority.realm) {
         return Err(AuthError::RealmOutsideAuthority {
             realm: claims.realm,
@@ -310,6 +323,35 @@ mod tests {
             Err(AuthError::RealmOutsideAuthority { .. })
         ));
         assert!(verify_key("sk_live_!!!", &op.verifying_key(), 10).is_err());
+        assert!(verify_key("nope", &op.verifying_key(), 10).is_err());
+    }
+
+    #[test]
+    fn any_change_to_a_key_string_is_refused() {
+        let (op, auth, cert) = setup();
+        let key = issue_key(&auth, &cert, &claims("com.acme", 0));
+        assert!(verify_key(&key, &op.verifying_key(), 10).is_ok());
+        for c in ['A', 'B', 'Q', 'g', '0', '_', '-'] {
+            let appended = format!("{key}{c}");
+            assert!(
+                verify_key(&appended, &op.verifying_key(), 10).is_err(),
+                "{c:?} appended is refused"
+            );
+        }
+        for extra in ["AA", "AAA", "AAAA", "QUJD"] {
+            let appended = format!("{key}{extra}");
+            assert!(verify_key(&appended, &op.verifying_key(), 10).is_err());
+        }
+        // Every single-character change anywhere in the key is refused.
+        let chars: Vec<char> = key.chars().collect();
+        for i in KEY_PREFIX.len()..chars.len() {
+            let mut c = chars.clone();
+            c[i] = if c[i] == 'A' { 'B' } else { 'A' };
+            let changed: String = c.into_iter().collect();
+            assert!(verify_key(&changed, &op.verifying_key(), 10).is_err(), "position {i}");
+        }
+        // Dropping the last character is refused too.
+        assert!(verify_key(&key[..key.len() - 1], &op.verifying_key(), 10).is_err());
         assert!(verify_key("nope", &op.verifying_key(), 10).is_err());
     }
 }

@@ -48,6 +48,10 @@ pub struct Identity {
     /// `ticket` or `cryptosign`.
     pub method: &'static str,
     pub expires_at: u64,
+    /// The Ed25519 public key of the realm authority that signed the key. A node admits the
+    /// session only if this is an authority of the realm's current registration (see
+    /// `Policy::accepts_authority`), which binds every key to one registration of one realm.
+    pub authority: [u8; 32],
 }
 
 /// Verifies API keys: trust root, revocations and a cache of verified keys so that a returning
@@ -128,6 +132,7 @@ impl Authenticator {
             name: v.claims.name,
             method,
             expires_at: v.claims.expires_at,
+            authority: v.authority.authority,
         })
     }
 }

@@ -1,0 +1,130 @@
+//! Tenant isolation at the node, over real sockets: what a key is bound to (one registration of
+//! one realm), strict key decoding, and expiry of live sessions.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use macula_client::{Client, ConnectOptions};
+use macula_wamp::errors;
+
+fn opts(url: &str, realm: &str, key: &str) -> ConnectOptions {
+    let mut o = ConnectOptions::new(url, realm, key);
+    o.reconnect = false;
+    o
+}
+
+/// A parent registered after (and apart from) a realm does not reach it: its admin key, whose
+/// role extends to subrealms, is refused there over WAMP and over the HTTP bridge, and cannot
+/// even subscribe by prefix to the realm's events.
+#[tokio::test]
+async fn a_parent_authority_does_not_reach_a_realm_registered_apart() {
+    let t = TestNode::start().await;
+    let url = t.running.ws_url();
+    // `com.example` appears after `com.example.test` (which has its own authority): another
+    // registration, as if another account had registered the free parent.
+    t.dir.create_realm("com.example", None).unwrap();
+    let (_, intruder) = t
+        .dir
+        .issue_key("com.example", "admin", "intruder", 3600, None)
+        .unwrap();
+    t.node().reload().unwrap();
+    // The parent's key works in the parent and in its own unregistered subrealms...
+    Client::connect_with(opts(&url, "com.example", &intruder))
+        .await
+        .expect("the parent's key works in the parent");
+    Client::connect_with(opts(&url, "com.example.free", &intruder))
+        .await
+        .expect("and in the parent's unregistered subrealms");
+    // ...but not in the realm registered apart.
+    let err = Client::connect_with(opts(&url, REALM, &intruder))
+        .await
+        .err()
+        .expect("the parent's key is refused in a realm registered apart");
+    assert_eq!(err.uri(), Some(errors::AUTHENTICATION_FAILED), "{err}");
+    assert!(err.to_string().contains("current registration"), "{err}");
+    // Nor in that realm's subrealms.
+    assert!(Client::connect_with(opts(&url, "com.example.test.sub", &intruder))
+        .await
+        .is_err());
+    // The HTTP bridge applies the same rule.
+    let body = r#"{"topic": "com.example.test.orders", "args": ["forged"]}"#;
+    let (status, text) = t
+        .http(
+            "POST",
+            "/v1/realms/com.example.test/publish",
+            Some(&intruder),
+            body,
+        )
+        .await;
+    assert_eq!(status, 401, "{text}");
+    // The owner's own key still works, and a subrealm the owner creates later keeps taking it.
+    Client::connect_with(opts(&url, REALM, &t.admin_key))
+        .await
+        .expect("the owner's key works");
+    t.dir.create_realm("com.example.test.eu", None).unwrap();
+    t.node().reload().unwrap();
+    Client::connect_with(opts(&url, "com.example.test.eu", &t.admin_key))
+        .await
+        .expect("the same owner's subrealm lists the parent's authority");
+}
+
+/// Any change to a key's string is refused: a character appended, removed or changed.
+#[tokio::test]
+async fn a_key_with_a_character_appended_is_refused() {
+    let t = TestNode::start().await;
+    let url = t.running.ws_url();
+    for changed in [
+        format!("{}A", t.admin_key),
+        format!("{}AAAA", t.admin_key),
+        format!("{}Q", t.admin_key),
+        t.admin_key[..t.admin_key.len() - 1].to_owned(),
+    ] {
+        let err = Client::connect_with(opts(&url, REALM, &changed))
+            .await
+            .err()
+            .expect("a changed key is refused");
+        assert_eq!(err.uri(), Some(errors::AUTHENTICATION_FAILED), "{err}");
+        let (status, _) = t
+            .http(
+                "POST",
+                &format!("/v1/realms/{REALM}/publish"),
+                Some(&changed),
+                r#"{"topic": "com.example.test.t"}"#,
+            )
+            .await;
+        assert_eq!(status, 401);
+    }
+    // The key itself still works (the refusals above are about the change, not the key).
+    Client::connect_with(opts(&url, REALM, &t.admin_key))
+        .await
+        .unwrap();
+}
+
+/// A live session ends when its key expires, with GOODBYE naming the reason, as revocation does.
+#[tokio::test]
+async fn a_session_is_closed_when_its_key_expires() {
+    let t = TestNode::start().await;
+    let url = t.running.ws_url();
+    let (_, key) = t
+        .dir
+        .issue_key(REALM, "service_account", "short", 2, None)
+        .unwrap();
+    let issued = Instant::now();
+    let c = Client::connect_with(opts(&url, REALM, &key)).await.unwrap();
+    let mut events = c.subscribe("com.example.test.t").await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(6), events.next()).await;
+    assert!(
+        matches!(end, Ok(None)),
+        "the session is closed when its key expires"
+    );
+    assert!(issued.elapsed() >= Duration::from_secs(1));
+    assert!(c.session_id().is_none());
+    let err = Client::connect_with(opts(&url, REALM, &key))
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("expired"), "{err}");
+}

@@ -1,0 +1,360 @@
+//! Tenant isolation against `macula up` (a real process: registry REST, WebSocket, HTTP bridge),
+//! each test an attack from the isolation issue that must be refused:
+//! - a parent realm registered by another account does not reach a realm below it;
+//! - keys die with their registration: after deletion and re-registration by someone else, the
+//!   old keys are refused, and the new owner inherits no keys, audit rows or usage;
+//! - a transfer cuts the seller off: live sessions closed, keys refused, no key replayable.
+
+mod macula_up;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use macula_client::{Client, ConnectOptions, Payload, Value};
+use serde_json::{json, Value as Json};
+
+struct Api {
+    http: String,
+    ws: String,
+}
+
+impl Api {
+    fn start(home: &Path) -> (macula_up::Up, Api, Json) {
+        let (up, v) = macula_up::up(home, &[]);
+        let api = Api {
+            http: v["http"].as_str().unwrap().to_owned(),
+            ws: v["ws"].as_str().unwrap().to_owned(),
+        };
+        (up, api, v)
+    }
+
+    /// One REST request: (status, JSON body or Null).
+    async fn req(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Option<Json>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Json) {
+        let url = format!("{}{path}", self.http);
+        let method = method.to_owned();
+        let bearer = bearer.map(str::to_owned);
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .into();
+            let mut r = ureq::http::Request::builder()
+                .method(method.as_str())
+                .uri(&url);
+            if let Some(t) = &bearer {
+                r = r.header("Authorization", format!("Bearer {t}"));
+            }
+            for (k, v) in &headers {
+                r = r.header(k, v);
+            }
+            let body = body.map(|b| b.to_string()).unwrap_or_default();
+            let mut res = agent
+                .run(r.header("content-type", "application/json").body(body).unwrap())
+                .unwrap();
+            let status = res.status().as_u16();
+            let text = res.body_mut().read_to_string().unwrap_or_default();
+            (status, serde_json::from_str(&text).unwrap_or(Json::Null))
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Signs up and logs in; the session token.
+    async fn account(&self, email: &str) -> String {
+        let body = json!({"email": email, "password": "correct horse battery"});
+        let (s, v) = self
+            .req("POST", "/v1/accounts", None, Some(body.clone()), &[])
+            .await;
+        assert_eq!(s, 201, "{v}");
+        let (s, v) = self.req("POST", "/v1/sessions", None, Some(body), &[]).await;
+        assert_eq!(s, 201, "{v}");
+        v["token"].as_str().unwrap().to_owned()
+    }
+
+    async fn register(&self, token: &str, realm: &str) {
+        let (s, v) = self
+            .req("POST", "/v1/realms", Some(token), Some(json!({"name": realm})), &[])
+            .await;
+        assert_eq!(s, 201, "registering {realm}: {v}");
+    }
+
+    /// A new admin key for `realm` that never expires: (id, key).
+    async fn admin_key(&self, token: &str, realm: &str) -> (String, String) {
+        let (s, v) = self
+            .req(
+                "POST",
+                &format!("/v1/realms/{realm}/keys"),
+                Some(token),
+                Some(json!({"role": "admin", "name": "admin", "expires_in_days": 0})),
+                &[],
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+        (
+            v["id"].as_str().unwrap().to_owned(),
+            v["key"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    async fn connect(&self, realm: &str, key: &str) -> Result<Client, macula_client::Error> {
+        let mut o = ConnectOptions::new(&self.ws, realm, key);
+        o.reconnect = false;
+        Client::connect_with(o).await
+    }
+
+    /// Publishes through the HTTP bridge; the status.
+    async fn bridge_publish(&self, realm: &str, key: &str, topic: &str) -> u16 {
+        self.req(
+            "POST",
+            &format!("/v1/realms/{realm}/publish"),
+            Some(key),
+            Some(json!({"topic": topic, "args": ["forged"]})),
+            &[],
+        )
+        .await
+        .0
+    }
+}
+
+/// The operations of a usage answer (`GET /v1/realms/{realm}/usage`), over its rows.
+fn ops_total(usage: &Json) -> u64 {
+    usage["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["ops_total"].as_u64())
+        .sum()
+}
+
+/// Waits until `sub` ends (its session closed); panics after `within`.
+async fn closed_within(sub: &mut macula_client::Subscription, within: Duration, what: &str) {
+    let end = tokio::time::timeout(within, sub.next()).await;
+    assert!(matches!(end, Ok(None)), "{what}: {end:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_registered_by_another_account_does_not_reach_below() {
+    let home = tempfile::tempdir().unwrap();
+    let (_up, api, up) = Api::start(home.path());
+    let alice = api.account("alice@shop.example").await;
+    let mallory = api.account("mallory@evil.example").await;
+
+    api.register(&alice, "com.acme.shop").await;
+    let (_, alice_key) = api.admin_key(&alice, "com.acme.shop").await;
+    let owner = api.connect("com.acme.shop", &alice_key).await.unwrap();
+    let mut orders = owner.subscribe("com.acme.shop.orders").await.unwrap();
+
+    // Mallory registers the free parent and makes an admin key for it (its role extends to
+    // subrealms).
+    api.register(&mallory, "com.acme").await;
+    let (_, evil) = api.admin_key(&mallory, "com.acme").await;
+    api.connect("com.acme", &evil)
+        .await
+        .expect("the key works in Mallory's own realm");
+    let err = api
+        .connect("com.acme.shop", &evil)
+        .await
+        .err()
+        .expect("the parent's key is refused in Alice's realm");
+    assert!(err.to_string().contains("current registration"), "{err}");
+    assert!(api.connect("com.acme.shop.internal", &evil).await.is_err());
+    // Not through the HTTP bridge either, and nothing reaches Alice's subscriber.
+    assert_eq!(
+        api.bridge_publish("com.acme.shop", &evil, "com.acme.shop.orders")
+            .await,
+        401
+    );
+    let publisher = api.connect("com.acme.shop", &alice_key).await.unwrap();
+    publisher
+        .publish("com.acme.shop.orders", Payload::args(vec![Value::from("real")]))
+        .await
+        .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), orders.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ev.payload.args,
+        vec![Value::from("real")],
+        "the first event is the owner's"
+    );
+
+    // The same against `macula up`'s demo realm, configured on the node: registering
+    // `com.example` grants nothing below it, and the demo name itself is reserved.
+    api.register(&mallory, "com.example").await;
+    let (_, evil2) = api.admin_key(&mallory, "com.example").await;
+    let demo = up["realm"].as_str().unwrap();
+    assert!(api.connect(demo, &evil2).await.is_err());
+    assert_eq!(
+        api.bridge_publish(demo, &evil2, "com.example.demo.hello")
+            .await,
+        401
+    );
+    let (s, v) = api
+        .req("POST", "/v1/realms", Some(&mallory), Some(json!({"name": demo})), &[])
+        .await;
+    assert_eq!(s, 409, "{v}");
+    api.connect(demo, up["key"].as_str().unwrap())
+        .await
+        .expect("the demo realm's own key still works");
+
+    // Alice's own subrealm takes her parent key (same owner).
+    api.register(&alice, "com.acme.shop.eu").await;
+    api.connect("com.acme.shop.eu", &alice_key)
+        .await
+        .expect("the owner's parent key reaches the owner's own subrealm");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_usage_and_audit_do_not_outlive_a_registration() {
+    let home = tempfile::tempdir().unwrap();
+    let (_up, api, _) = Api::start(home.path());
+    let alice = api.account("alice@first.example").await;
+    let bob = api.account("bob@second.example").await;
+    let realm = "com.reuse.app";
+
+    api.register(&alice, realm).await;
+    let (old_kid, old_key) = api.admin_key(&alice, realm).await;
+    let live = api.connect(realm, &old_key).await.unwrap();
+    let mut sub = live.subscribe("com.reuse.app.t").await.unwrap();
+    for _ in 0..5 {
+        live.publish("com.reuse.app.t", Payload::default())
+            .await
+            .unwrap();
+    }
+    // Alice's usage reaches the registry (flushed within about a second).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (s, v) = api
+            .req("GET", &format!("/v1/realms/{realm}/usage"), Some(&alice), None, &[])
+            .await;
+        assert_eq!(s, 200, "{v}");
+        if ops_total(&v) >= 5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "alice's usage never arrived: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Deletion is final at once: the live session closes, the key is refused.
+    let (s, v) = api
+        .req("DELETE", &format!("/v1/realms/{realm}"), Some(&alice), None, &[])
+        .await;
+    assert_eq!(s, 204, "{v}");
+    closed_within(&mut sub, Duration::from_secs(5), "the deleted realm's session").await;
+    assert!(api.connect(realm, &old_key).await.is_err());
+
+    // Bob registers the freed name. Alice's key stays refused, everywhere.
+    api.register(&bob, realm).await;
+    let err = api
+        .connect(realm, &old_key)
+        .await
+        .err()
+        .expect("the previous registration's key is refused");
+    assert!(err.to_string().contains("current registration"), "{err}");
+    assert_eq!(api.bridge_publish(realm, &old_key, "com.reuse.app.t").await, 401);
+    // Bob sees none of Alice's keys, audit rows or usage.
+    let (s, keys) = api
+        .req("GET", &format!("/v1/realms/{realm}/keys"), Some(&bob), None, &[])
+        .await;
+    assert_eq!(s, 200, "{keys}");
+    assert!(!keys.to_string().contains(&old_kid), "{keys}");
+    let (s, audit) = api
+        .req("GET", &format!("/v1/realms/{realm}/audit"), Some(&bob), None, &[])
+        .await;
+    assert_eq!(s, 200, "{audit}");
+    let audit = audit.to_string();
+    assert!(!audit.contains("alice@first.example"), "{audit}");
+    assert!(audit.contains("realm.register"), "{audit}");
+    let (s, usage) = api
+        .req("GET", &format!("/v1/realms/{realm}/usage"), Some(&bob), None, &[])
+        .await;
+    assert_eq!(s, 200, "{usage}");
+    assert_eq!(ops_total(&usage), 0, "{usage}");
+    // Bob's own key works.
+    let (_, bob_key) = api.admin_key(&bob, realm).await;
+    api.connect(realm, &bob_key).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_cuts_the_seller_off() {
+    let home = tempfile::tempdir().unwrap();
+    let (_up, api, _) = Api::start(home.path());
+    let seller = api.account("seller@a.example").await;
+    let buyer = api.account("buyer@b.example").await;
+    let realm = "com.sold.app";
+    api.register(&seller, realm).await;
+    let idem = [("Idempotency-Key", "seller-key-1")];
+    let (s, v) = api
+        .req(
+            "POST",
+            &format!("/v1/realms/{realm}/keys"),
+            Some(&seller),
+            Some(json!({"role": "admin", "name": "forever", "expires_in_days": 0})),
+            &idem,
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let seller_key = v["key"].as_str().unwrap().to_owned();
+    let live = api.connect(realm, &seller_key).await.unwrap();
+    let mut sub = live.subscribe("com.sold.app.t").await.unwrap();
+
+    let (s, code) = api
+        .req(
+            "POST",
+            &format!("/v1/realms/{realm}/transfer-code"),
+            Some(&seller),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(s, 201, "{code}");
+    let (s, v) = api
+        .req(
+            "POST",
+            &format!("/v1/realms/{realm}/transfer"),
+            Some(&buyer),
+            Some(json!({"code": code["code"]})),
+            &[],
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+
+    closed_within(&mut sub, Duration::from_secs(5), "the seller's live session").await;
+    assert!(api.connect(realm, &seller_key).await.is_err());
+    assert_eq!(api.bridge_publish(realm, &seller_key, "com.sold.app.t").await, 401);
+    // Replaying the key's creation brings no key back.
+    let (s, v) = api
+        .req(
+            "POST",
+            &format!("/v1/realms/{realm}/keys"),
+            Some(&seller),
+            Some(json!({"role": "admin", "name": "forever", "expires_in_days": 0})),
+            &idem,
+        )
+        .await;
+    assert_ne!(s, 201, "{v}");
+    assert!(v.get("key").is_none(), "{v}");
+    // The buyer holds no key they did not make.
+    let (s, keys) = api
+        .req("GET", &format!("/v1/realms/{realm}/keys"), Some(&buyer), None, &[])
+        .await;
+    assert_eq!(s, 200, "{keys}");
+    for k in keys["items"].as_array().into_iter().flatten() {
+        assert_ne!(k["revoked_at"], Json::Null, "an active key came with the realm: {k}");
+    }
+    let (_, buyer_key) = api.admin_key(&buyer, realm).await;
+    api.connect(realm, &buyer_key).await.unwrap();
+}
