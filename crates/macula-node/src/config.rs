@@ -53,6 +53,13 @@ pub struct Limits {
     pub max_subscriptions_per_session: usize,
     /// Registrations one session may hold.
     pub max_registrations_per_session: usize,
+    /// Calls one session may have waiting for an answer; more get `macula.error.limit_exceeded`.
+    pub max_calls_per_session: usize,
+    /// Connections the HTTP listener holds at once (WebSockets included); more are closed as
+    /// they arrive.
+    pub max_http_connections: usize,
+    /// Time a client has to send a request's complete headers, in milliseconds.
+    pub http_header_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -69,6 +76,9 @@ impl Default for Limits {
             max_http_body: 1024 * 1024,
             max_subscriptions_per_session: 10_000,
             max_registrations_per_session: 10_000,
+            max_calls_per_session: 1_000,
+            max_http_connections: 20_000,
+            http_header_timeout_ms: 10_000,
         }
     }
 }

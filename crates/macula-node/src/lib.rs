@@ -11,6 +11,7 @@
 pub mod confdir;
 pub mod config;
 pub mod http;
+pub mod http_server;
 pub mod mesh;
 pub mod meter;
 pub mod metrics;
@@ -87,12 +88,7 @@ pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow:
     if let Some(extra) = extra {
         app = app.merge(extra);
     }
-    let app = app.into_make_service_with_connect_info::<SocketAddr>();
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(http, app).await {
-            tracing::error!("HTTP server stopped: {e}");
-        }
-    }));
+    tasks.push(tokio::spawn(http_server::serve(http, app, node.clone())));
     tasks.push(tokio::spawn(rawsocket::serve(raw, node.clone())));
     let ticker = node.clone();
     tasks.push(tokio::spawn(async move {

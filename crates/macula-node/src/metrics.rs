@@ -24,6 +24,8 @@ pub struct Metrics {
     pub rate_limited: AtomicU64,
     pub auth_failures: AtomicU64,
     pub http_requests: AtomicU64,
+    /// HTTP connections closed on arrival because the listener was at `max_http_connections`.
+    pub http_refused_connections: AtomicU64,
     /// Publications received from other nodes.
     pub mesh_events_in: AtomicU64,
     /// `macula.dht.get` lookups served.
@@ -46,6 +48,7 @@ impl Default for Metrics {
             rate_limited: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
             http_requests: AtomicU64::new(0),
+            http_refused_connections: AtomicU64::new(0),
             mesh_events_in: AtomicU64::new(0),
             dht_lookups: AtomicU64::new(0),
         }
@@ -107,6 +110,7 @@ impl Metrics {
         let _ = writeln!(s, "# HELP macula_queue_dropped_total Events dropped from full session queues (drop_oldest policy).\n# TYPE macula_queue_dropped_total counter\nmacula_queue_dropped_total {}", g(&self.queue_dropped));
         let _ = writeln!(s, "# HELP macula_slow_consumer_disconnects_total Sessions closed because their queue overflowed.\n# TYPE macula_slow_consumer_disconnects_total counter\nmacula_slow_consumer_disconnects_total {}", g(&self.slow_consumer_disconnects));
         let _ = writeln!(s, "# HELP macula_http_requests_total HTTP bridge requests.\n# TYPE macula_http_requests_total counter\nmacula_http_requests_total {}", g(&self.http_requests));
+        let _ = writeln!(s, "# HELP macula_http_refused_connections_total HTTP connections closed on arrival at limits.max_http_connections.\n# TYPE macula_http_refused_connections_total counter\nmacula_http_refused_connections_total {}", g(&self.http_refused_connections));
         let _ = writeln!(
             s,
             "# HELP macula_realm_sessions Sessions per realm.\n# TYPE macula_realm_sessions gauge"

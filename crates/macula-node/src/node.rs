@@ -277,6 +277,7 @@ impl Node {
                     default_call_timeout: self.config.limits.call_timeout(),
                     max_subscriptions_per_session: self.config.limits.max_subscriptions_per_session,
                     max_registrations_per_session: self.config.limits.max_registrations_per_session,
+                    max_calls_per_session: self.config.limits.max_calls_per_session,
                 };
                 let mut core = Realm::new(name, policy, config, rand::random());
                 let mut service = None;

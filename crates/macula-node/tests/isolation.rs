@@ -128,3 +128,108 @@ async fn a_session_is_closed_when_its_key_expires() {
         .unwrap();
     assert!(err.to_string().contains("expired"), "{err}");
 }
+
+/// A session cannot pile up calls without bound (each holds router memory until answered):
+/// past `limits.max_calls_per_session` it gets `macula.error.limit_exceeded`, and once answers
+/// come it may call again.
+#[tokio::test]
+async fn calls_in_flight_per_session_are_capped() {
+    let t = TestNode::start_with(|c| c.limits.max_calls_per_session = 3).await;
+    let url = t.running.ws_url();
+    let callee = Client::connect_with(opts(&url, REALM, &t.admin_key))
+        .await
+        .unwrap();
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let _reg = callee
+        .register("com.example.test.slow", move |_| {
+            let mut rx = release_rx.clone();
+            async move {
+                let _ = rx.wait_for(|go| *go).await;
+                Ok(macula_client::Payload::default())
+            }
+        })
+        .await
+        .unwrap();
+    let caller = std::sync::Arc::new(
+        Client::connect_with(opts(&url, REALM, &t.admin_key))
+            .await
+            .unwrap(),
+    );
+    let mut pending = vec![];
+    for _ in 0..3 {
+        let c = caller.clone();
+        pending.push(tokio::spawn(async move {
+            c.call("com.example.test.slow", macula_client::Payload::default())
+                .await
+        }));
+    }
+    // The three reach the callee's node before the fourth is refused.
+    eventually("three calls in flight", || {
+        t.node()
+            .realm_handle(REALM)
+            .is_some_and(|r| r.lock().stats().2 == 3)
+    })
+    .await;
+    let err = caller
+        .call("com.example.test.slow", macula_client::Payload::default())
+        .await
+        .err()
+        .expect("the fourth call is refused");
+    assert_eq!(err.uri(), Some(errors::LIMIT_EXCEEDED), "{err}");
+    assert!(err.to_string().contains("max_calls_per_session"), "{err}");
+    release_tx.send(true).unwrap();
+    for p in pending {
+        within("answer", p).await.unwrap().unwrap();
+    }
+    within(
+        "a call after the answers",
+        caller.call("com.example.test.slow", macula_client::Payload::default()),
+    )
+    .await
+    .expect("calls again once answers came");
+}
+
+/// Slow HTTP clients hold nothing for long: one that never finishes its headers is disconnected
+/// after `limits.http_header_timeout_ms`, and connections over `limits.max_http_connections` are
+/// closed on arrival, while a well-behaved request is served once a slot is free.
+#[tokio::test]
+async fn slow_http_clients_are_cut_off_and_connections_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = TestNode::start_with(|c| {
+        c.limits.http_header_timeout_ms = 1_000;
+        c.limits.max_http_connections = 20;
+    })
+    .await;
+    let addr = t.running.http_addr;
+    let mut slow = vec![];
+    for _ in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        slow.push(s);
+    }
+    // Over the cap: closed at once (read ends, without a response).
+    let started = std::time::Instant::now();
+    let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let mut buf = vec![];
+    let n = within("the connection over the cap is closed", extra.read_to_end(&mut buf)).await;
+    assert!(n.map_or(true, |n| n == 0), "no answer over the cap: {buf:?}");
+    // The slow ones are cut off after the header timeout, one header line in.
+    for s in &mut slow {
+        let mut buf = vec![];
+        let _ = within("a slow client is cut off", s.read_to_end(&mut buf)).await;
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "slow clients were cut off after {waited:?}"
+    );
+    // Slots are free again: a normal request is answered.
+    let (status, _) = t.http("GET", "/healthz", None, "").await;
+    assert_eq!(status, 200);
+    let (_, metrics) = t.http("GET", "/metrics", None, "").await;
+    assert!(
+        metrics.contains("macula_http_refused_connections_total 1"),
+        "{metrics}"
+    );
+}

@@ -96,6 +96,8 @@ pub struct Dealer {
     calls: IdMap<(PendingCall, Option<Instant>)>,
     /// (caller session, CALL request id) → invocation id.
     by_caller: IdPairMap<Id>,
+    /// Calls in flight per caller (for the per-session limit).
+    per_caller: IdMap<usize>,
     /// Call deadlines; entries of finished calls are skipped lazily.
     deadlines: BinaryHeap<Reverse<(Instant, Id)>>,
     last_invocation: Id,
@@ -260,6 +262,7 @@ impl Dealer {
         let inv = self.last_invocation;
         self.by_caller
             .insert((call.caller, call.caller_request), inv);
+        *self.per_caller.entry(call.caller).or_default() += 1;
         self.calls.insert(inv, (call, deadline));
         if let Some(d) = deadline {
             self.deadlines.push(Reverse((d, inv)));
@@ -298,7 +301,18 @@ impl Dealer {
     pub fn finish(&mut self, inv: Id) -> Option<PendingCall> {
         let (c, _) = self.calls.remove(&inv)?;
         self.by_caller.remove(&(c.caller, c.caller_request));
+        if let Some(n) = self.per_caller.get_mut(&c.caller) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_caller.remove(&c.caller);
+            }
+        }
         Some(c)
+    }
+
+    /// Calls `caller` has in flight.
+    pub fn calls_of(&self, caller: Id) -> usize {
+        self.per_caller.get(&caller).copied().unwrap_or(0)
     }
 
     /// Removes and returns calls whose deadline is at or before `now`.

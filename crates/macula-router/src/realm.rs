@@ -106,6 +106,9 @@ pub struct RealmConfig {
     pub max_subscriptions_per_session: usize,
     /// Registrations one session may hold.
     pub max_registrations_per_session: usize,
+    /// Calls one session may have in flight (waiting for their answer); more get
+    /// `macula.error.limit_exceeded`. Each holds router memory until answered or timed out.
+    pub max_calls_per_session: usize,
 }
 
 impl Default for RealmConfig {
@@ -114,6 +117,7 @@ impl Default for RealmConfig {
             default_call_timeout: Some(Duration::from_secs(60)),
             max_subscriptions_per_session: 10_000,
             max_registrations_per_session: 10_000,
+            max_calls_per_session: 1_000,
         }
     }
 }
@@ -969,6 +973,19 @@ impl<P: Peer> Realm<P> {
         if procedure.starts_with("wamp.") {
             let reply = self.meta_call(request, &procedure, &payload);
             return self.send(from, reply);
+        }
+        let in_flight = self.dealer.calls_of(from);
+        if in_flight >= self.config.max_calls_per_session {
+            return self.send(
+                from,
+                err(
+                    errors::LIMIT_EXCEEDED,
+                    format!(
+                        "this session has {in_flight} calls in flight, the most allowed \
+                         (limits.max_calls_per_session); wait for answers before calling again"
+                    ),
+                ),
+            );
         }
         self.dispatch_call(
             from, &info, request, options, procedure, payload, now, false,

@@ -1,0 +1,71 @@
+//! The HTTP listener (WebSocket upgrades, the HTTP bridge, the registry's REST API, metrics):
+//! its own accept loop, so that what one client holds is bounded.
+//!
+//! - **Connection cap** (`limits.max_http_connections`): a connection over the cap is closed as
+//!   soon as it is accepted (and counted), so a flood of idle sockets cannot exhaust the node's
+//!   file descriptors or memory; those already served keep working.
+//! - **Header-read timeout** (`limits.http_header_timeout_ms`): a client that does not send a
+//!   request's complete headers in time is disconnected (a "slowloris" holds nothing for long).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+
+use crate::node::Node;
+
+/// Serves `app` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, app: Router, node: Arc<Node>) {
+    let limits = &node.config.limits;
+    let permits = Arc::new(Semaphore::new(limits.max_http_connections.max(1)));
+    let header_timeout = Duration::from_millis(limits.http_header_timeout_ms.max(1));
+    loop {
+        let (stream, addr) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors, typically: back off instead of spinning.
+                tracing::warn!("HTTP accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            node.metrics
+                .http_refused_connections
+                .fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let mut req = req.map(axum::body::Body::new);
+                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(addr));
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(app.oneshot(req).await.unwrap_or_else(|e| match e {})) }
+            });
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%addr, "HTTP connection ended: {e}");
+            }
+        });
+    }
+}
