@@ -49,12 +49,15 @@ pub async fn serve(listener: TcpListener, app: Router, node: Arc<Node>) {
         let app = app.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let mut req = req.map(axum::body::Body::new);
-                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(addr));
-                let app = app.clone();
-                async move { Ok::<_, Infallible>(app.oneshot(req).await.unwrap_or_else(|e| match e {})) }
-            });
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let mut req = req.map(axum::body::Body::new);
+                    req.extensions_mut().insert(ConnectInfo::<SocketAddr>(addr));
+                    let app = app.clone();
+                    async move {
+                        Ok::<_, Infallible>(app.oneshot(req).await.unwrap_or_else(|e| match e {}))
+                    }
+                });
             let mut builder = Builder::new(TokioExecutor::new());
             builder
                 .http1()

@@ -74,6 +74,9 @@ pub async fn start(node: Arc<Node>) -> anyhow::Result<Running> {
 
 /// [`start`], serving `extra` routes (e.g. the registry's REST API) on the HTTP listener too.
 pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow::Result<Running> {
+    if let Some(e) = &node.meter_error {
+        anyhow::bail!("{e}");
+    }
     let listen = node.config.listen.clone();
     let http = TcpListener::bind(listen.http)
         .await

@@ -215,7 +215,8 @@ impl Meter {
                 // One node per counters file: a second one would double-count.
                 if f.try_lock().is_err() {
                     anyhow::bail!(
-                        "{} is in use by another node (give each node its own metering.dir)",
+                        "{} is in use by another node: give each node its own --data-dir \
+                         (or metering.dir in node.yaml), or turn metering off (metering.enabled: false)",
                         path.display()
                     );
                 }

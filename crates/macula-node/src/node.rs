@@ -107,6 +107,9 @@ pub struct Node {
     pub mesh: OnceLock<Arc<MeshState>>,
     /// Usage counters (`metering.enabled`).
     pub meter: Option<Arc<crate::meter::Meter>>,
+    /// Why the counters file could not be opened: the node refuses to start rather than count
+    /// in memory and lose usage on a crash ([`crate::start`] reports it).
+    pub meter_error: Option<String>,
     /// Where usage reports go: the billing aggregator (set by whoever hosts or reaches it).
     pub usage_sink: OnceLock<Arc<dyn crate::meter::UsageSink>>,
     /// Share of its plan's allowance each realm used this month (kept by the aggregator hosted
@@ -127,16 +130,16 @@ impl Node {
             authorities: loaded.authorities.clone(),
         };
         let m = &loaded.config.metering;
+        let mut meter_error = None;
         let meter = m
             .enabled
             .then(|| {
                 let dir = confdir.as_ref().map(|c| c.root.join(&m.dir));
-                crate::meter::Meter::open(dir.as_deref(), m.slots).or_else(|e| {
-                    tracing::error!("metering: {e:#}; counting in memory only (usage is lost if the node crashes)");
-                    crate::meter::Meter::open(None, m.slots)
-                })
+                crate::meter::Meter::open(dir.as_deref(), m.slots)
+                    .map_err(|e| meter_error = Some(format!("metering: {e:#}")))
+                    .ok()
             })
-            .and_then(Result::ok);
+            .flatten();
         let (events, events_rx) = match (m.events_sample, &meter) {
             (0, _) | (_, None) => (None, None),
             (n, Some(_)) => {
@@ -154,6 +157,7 @@ impl Node {
             local: Mutex::new(loaded),
             mesh: OnceLock::new(),
             meter,
+            meter_error,
             usage_sink: OnceLock::new(),
             quota_used: parking_lot::Mutex::new(HashMap::new()),
             events,

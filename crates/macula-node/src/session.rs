@@ -316,8 +316,7 @@ impl Connection {
                             self.outbox.set_meter(m.clone());
                             self.meter = Some(m);
                         }
-                        self.node
-                            .session_joined(id, &identity, self.outbox.clone());
+                        self.node.session_joined(id, &identity, self.outbox.clone());
                         self.state = State::Joined { id, realm };
                         Flow::Continue
                     }

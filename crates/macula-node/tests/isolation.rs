@@ -46,9 +46,11 @@ async fn a_parent_authority_does_not_reach_a_realm_registered_apart() {
     assert_eq!(err.uri(), Some(errors::AUTHENTICATION_FAILED), "{err}");
     assert!(err.to_string().contains("current registration"), "{err}");
     // Nor in that realm's subrealms.
-    assert!(Client::connect_with(opts(&url, "com.example.test.sub", &intruder))
-        .await
-        .is_err());
+    assert!(
+        Client::connect_with(opts(&url, "com.example.test.sub", &intruder))
+            .await
+            .is_err()
+    );
     // The HTTP bridge applies the same rule.
     let body = r#"{"topic": "com.example.test.orders", "args": ["forged"]}"#;
     let (status, text) = t
@@ -204,16 +206,27 @@ async fn slow_http_clients_are_cut_off_and_connections_capped() {
     let mut slow = vec![];
     for _ in 0..20 {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
         slow.push(s);
     }
     // Over the cap: closed at once (read ends, without a response).
     let started = std::time::Instant::now();
     let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let _ = extra
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
     let mut buf = vec![];
-    let n = within("the connection over the cap is closed", extra.read_to_end(&mut buf)).await;
-    assert!(n.map_or(true, |n| n == 0), "no answer over the cap: {buf:?}");
+    let n = within(
+        "the connection over the cap is closed",
+        extra.read_to_end(&mut buf),
+    )
+    .await;
+    assert!(
+        n.map_or(true, |n| n == 0),
+        "no answer over the cap: {buf:?}"
+    );
     // The slow ones are cut off after the header timeout, one header line in.
     for s in &mut slow {
         let mut buf = vec![];

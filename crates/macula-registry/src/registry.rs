@@ -760,12 +760,11 @@ impl Registry {
         mut doc: PolicyDoc,
         author: &str,
     ) -> ApiResult<PolicyDoc> {
-        let current = sqlx::query(
-            "SELECT policy_version, generation, owner_id FROM realms WHERE name = $1",
-        )
-        .bind(realm)
-        .fetch_one(&mut *c)
-        .await?;
+        let current =
+            sqlx::query("SELECT policy_version, generation, owner_id FROM realms WHERE name = $1")
+                .bind(realm)
+                .fetch_one(&mut *c)
+                .await?;
         let version: i64 = current.try_get("policy_version")?;
         let generation: i64 = current.try_get("generation")?;
         let owner: String = current.try_get("owner_id")?;

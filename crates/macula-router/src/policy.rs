@@ -390,7 +390,10 @@ impl Policy {
     /// Whether keys signed by `authority` (besides the realm's own) may enter the realm.
     pub fn lists_authority(&self, authority: &[u8; 32]) -> bool {
         let hex = hex::encode(authority);
-        self.doc.authorities.iter().any(|a| a.eq_ignore_ascii_case(&hex))
+        self.doc
+            .authorities
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(&hex))
     }
 
     pub fn realm(&self) -> &str {

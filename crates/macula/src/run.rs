@@ -57,7 +57,8 @@ pub struct NodeArgs {
     /// Override mesh.announce: the address other nodes should dial; repeatable.
     #[arg(long, value_name = "MULTIADDR")]
     pub announce: Vec<String>,
-    /// Directory for this node's identity key and mesh certificate [default: <config>/node].
+    /// Directory for this node's identity key, mesh certificate and usage counters (meter/)
+    /// [default: <config>/node, counters in <config>/meter].
     /// Give each node its own when several share one config directory.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -219,6 +220,8 @@ pub async fn node(a: NodeArgs) -> Result<()> {
         let d = std::path::absolute(d)?;
         loaded.config.mesh.identity = d.join("identity.key");
         loaded.config.mesh.cert = d.join("node.cert");
+        // Usage counters are per node too (one node per counters file).
+        loaded.config.metering.dir = d.join("meter");
     }
     if let Some(h) = a.http {
         loaded.config.listen.http = h;

@@ -61,7 +61,11 @@ impl Api {
             }
             let body = body.map(|b| b.to_string()).unwrap_or_default();
             let mut res = agent
-                .run(r.header("content-type", "application/json").body(body).unwrap())
+                .run(
+                    r.header("content-type", "application/json")
+                        .body(body)
+                        .unwrap(),
+                )
                 .unwrap();
             let status = res.status().as_u16();
             let text = res.body_mut().read_to_string().unwrap_or_default();
@@ -78,14 +82,22 @@ impl Api {
             .req("POST", "/v1/accounts", None, Some(body.clone()), &[])
             .await;
         assert_eq!(s, 201, "{v}");
-        let (s, v) = self.req("POST", "/v1/sessions", None, Some(body), &[]).await;
+        let (s, v) = self
+            .req("POST", "/v1/sessions", None, Some(body), &[])
+            .await;
         assert_eq!(s, 201, "{v}");
         v["token"].as_str().unwrap().to_owned()
     }
 
     async fn register(&self, token: &str, realm: &str) {
         let (s, v) = self
-            .req("POST", "/v1/realms", Some(token), Some(json!({"name": realm})), &[])
+            .req(
+                "POST",
+                "/v1/realms",
+                Some(token),
+                Some(json!({"name": realm})),
+                &[],
+            )
             .await;
         assert_eq!(s, 201, "registering {realm}: {v}");
     }
@@ -178,7 +190,10 @@ async fn a_parent_registered_by_another_account_does_not_reach_below() {
     );
     let publisher = api.connect("com.acme.shop", &alice_key).await.unwrap();
     publisher
-        .publish("com.acme.shop.orders", Payload::args(vec![Value::from("real")]))
+        .publish(
+            "com.acme.shop.orders",
+            Payload::args(vec![Value::from("real")]),
+        )
         .await
         .unwrap();
     let ev = tokio::time::timeout(Duration::from_secs(5), orders.next())
@@ -203,7 +218,13 @@ async fn a_parent_registered_by_another_account_does_not_reach_below() {
         401
     );
     let (s, v) = api
-        .req("POST", "/v1/realms", Some(&mallory), Some(json!({"name": demo})), &[])
+        .req(
+            "POST",
+            "/v1/realms",
+            Some(&mallory),
+            Some(json!({"name": demo})),
+            &[],
+        )
         .await;
     assert_eq!(s, 409, "{v}");
     api.connect(demo, up["key"].as_str().unwrap())
@@ -238,22 +259,42 @@ async fn keys_usage_and_audit_do_not_outlive_a_registration() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (s, v) = api
-            .req("GET", &format!("/v1/realms/{realm}/usage"), Some(&alice), None, &[])
+            .req(
+                "GET",
+                &format!("/v1/realms/{realm}/usage"),
+                Some(&alice),
+                None,
+                &[],
+            )
             .await;
         assert_eq!(s, 200, "{v}");
         if ops_total(&v) >= 5 {
             break;
         }
-        assert!(Instant::now() < deadline, "alice's usage never arrived: {v}");
+        assert!(
+            Instant::now() < deadline,
+            "alice's usage never arrived: {v}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     // Deletion is final at once: the live session closes, the key is refused.
     let (s, v) = api
-        .req("DELETE", &format!("/v1/realms/{realm}"), Some(&alice), None, &[])
+        .req(
+            "DELETE",
+            &format!("/v1/realms/{realm}"),
+            Some(&alice),
+            None,
+            &[],
+        )
         .await;
     assert_eq!(s, 204, "{v}");
-    closed_within(&mut sub, Duration::from_secs(5), "the deleted realm's session").await;
+    closed_within(
+        &mut sub,
+        Duration::from_secs(5),
+        "the deleted realm's session",
+    )
+    .await;
     assert!(api.connect(realm, &old_key).await.is_err());
 
     // Bob registers the freed name. Alice's key stays refused, everywhere.
@@ -264,22 +305,43 @@ async fn keys_usage_and_audit_do_not_outlive_a_registration() {
         .err()
         .expect("the previous registration's key is refused");
     assert!(err.to_string().contains("current registration"), "{err}");
-    assert_eq!(api.bridge_publish(realm, &old_key, "com.reuse.app.t").await, 401);
+    assert_eq!(
+        api.bridge_publish(realm, &old_key, "com.reuse.app.t").await,
+        401
+    );
     // Bob sees none of Alice's keys, audit rows or usage.
     let (s, keys) = api
-        .req("GET", &format!("/v1/realms/{realm}/keys"), Some(&bob), None, &[])
+        .req(
+            "GET",
+            &format!("/v1/realms/{realm}/keys"),
+            Some(&bob),
+            None,
+            &[],
+        )
         .await;
     assert_eq!(s, 200, "{keys}");
     assert!(!keys.to_string().contains(&old_kid), "{keys}");
     let (s, audit) = api
-        .req("GET", &format!("/v1/realms/{realm}/audit"), Some(&bob), None, &[])
+        .req(
+            "GET",
+            &format!("/v1/realms/{realm}/audit"),
+            Some(&bob),
+            None,
+            &[],
+        )
         .await;
     assert_eq!(s, 200, "{audit}");
     let audit = audit.to_string();
     assert!(!audit.contains("alice@first.example"), "{audit}");
     assert!(audit.contains("realm.register"), "{audit}");
     let (s, usage) = api
-        .req("GET", &format!("/v1/realms/{realm}/usage"), Some(&bob), None, &[])
+        .req(
+            "GET",
+            &format!("/v1/realms/{realm}/usage"),
+            Some(&bob),
+            None,
+            &[],
+        )
         .await;
     assert_eq!(s, 200, "{usage}");
     assert_eq!(ops_total(&usage), 0, "{usage}");
@@ -332,9 +394,18 @@ async fn a_transfer_cuts_the_seller_off() {
         .await;
     assert_eq!(s, 200, "{v}");
 
-    closed_within(&mut sub, Duration::from_secs(5), "the seller's live session").await;
+    closed_within(
+        &mut sub,
+        Duration::from_secs(5),
+        "the seller's live session",
+    )
+    .await;
     assert!(api.connect(realm, &seller_key).await.is_err());
-    assert_eq!(api.bridge_publish(realm, &seller_key, "com.sold.app.t").await, 401);
+    assert_eq!(
+        api.bridge_publish(realm, &seller_key, "com.sold.app.t")
+            .await,
+        401
+    );
     // Replaying the key's creation brings no key back.
     let (s, v) = api
         .req(
@@ -349,11 +420,21 @@ async fn a_transfer_cuts_the_seller_off() {
     assert!(v.get("key").is_none(), "{v}");
     // The buyer holds no key they did not make.
     let (s, keys) = api
-        .req("GET", &format!("/v1/realms/{realm}/keys"), Some(&buyer), None, &[])
+        .req(
+            "GET",
+            &format!("/v1/realms/{realm}/keys"),
+            Some(&buyer),
+            None,
+            &[],
+        )
         .await;
     assert_eq!(s, 200, "{keys}");
     for k in keys["items"].as_array().into_iter().flatten() {
-        assert_ne!(k["revoked_at"], Json::Null, "an active key came with the realm: {k}");
+        assert_ne!(
+            k["revoked_at"],
+            Json::Null,
+            "an active key came with the realm: {k}"
+        );
     }
     let (_, buyer_key) = api.admin_key(&buyer, realm).await;
     api.connect(realm, &buyer_key).await.unwrap();

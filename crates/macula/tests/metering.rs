@@ -423,3 +423,78 @@ async fn raw_events_are_an_opt_in_sample_in_the_seeds_shape() {
     let kid = e["api_key"].as_str().unwrap();
     assert!(kid.starts_with("key_") && !key.is_empty() && !kid.contains(key));
 }
+
+/// Two nodes on one config directory (the README's "by hand" set-up): without their own
+/// `--data-dir` the second would share the first's counters file, so it refuses to start and
+/// says what to do; with one each, both start and each counts in its own file.
+#[test]
+fn nodes_sharing_a_config_directory_count_in_their_own_data_dir() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let run = |extra: &[&str]| {
+        let mut c = Command::new(macula_up::BIN);
+        c.args(["node", "--config"])
+            .arg(h)
+            .args([
+                "--http",
+                "127.0.0.1:0",
+                "--rawsocket",
+                "127.0.0.1:0",
+                "--no-mesh",
+            ])
+            .args(extra)
+            .env("MACULA_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        c
+    };
+    let out = Command::new(macula_up::BIN)
+        .args(["realms", "create", "com.shared.dir", "--config"])
+        .arg(h)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut first = run(&[]).spawn().unwrap();
+    // The first node holds <config>/meter/counters.bin once it has started.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !h.join("meter/counters.bin").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the first node never opened its counters"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let second = run(&[]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success(),
+        "the second node must not start: {stderr}"
+    );
+    assert!(
+        stderr.contains("in use by another node") && stderr.contains("--data-dir"),
+        "{stderr}"
+    );
+    let d2 = h.join("n2");
+    let mut second = run(&["--data-dir", &d2.to_string_lossy()]).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !d2.join("meter/counters.bin").exists() {
+        assert!(
+            second.try_wait().unwrap().is_none(),
+            "the node with its own --data-dir exited"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the second node never opened its counters"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(second.try_wait().unwrap().is_none());
+    for c in [&mut first, &mut second] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}

@@ -186,7 +186,9 @@ pub fn verify_key(key: &str, operator: &VerifyingKey, now: u64) -> Result<Verifi
     let claims: KeyClaims =
         rmp_serde::from_slice(&claims_bytes).map_err(|_| AuthError::Malformed("API key claims"))?;
     if rmp_serde::to_vec(&claims).ok().as_deref() != Some(&claims_bytes[..]) {
-        return Err(AuthError::Malformed("API key claims (not in their canonical form)"));
+        return Err(AuthError::Malformed(
+            "API key claims (not in their canonical form)",
+        ));
     }
     if !macula_wamp::uri::is_same_or_subrealm(&claims.realm, &authority.realm) {
         return Err(AuthError::RealmOutsideAuthority {
@@ -348,7 +350,10 @@ mod tests {
             let mut c = chars.clone();
             c[i] = if c[i] == 'A' { 'B' } else { 'A' };
             let changed: String = c.into_iter().collect();
-            assert!(verify_key(&changed, &op.verifying_key(), 10).is_err(), "position {i}");
+            assert!(
+                verify_key(&changed, &op.verifying_key(), 10).is_err(),
+                "position {i}"
+            );
         }
         // Dropping the last character is refused too.
         assert!(verify_key(&key[..key.len() - 1], &op.verifying_key(), 10).is_err());
