@@ -41,6 +41,9 @@ pub enum Out {
 
 struct Inner {
     queue: VecDeque<Out>,
+    /// The PONG owed to the newest RawSocket PING, if not yet written. One at most: a client
+    /// that sends PINGs and never reads holds one payload here, not one per PING.
+    pong: Option<Vec<u8>>,
     /// No more messages are accepted; the writer flushes what is queued and closes.
     closed: bool,
 }
@@ -65,6 +68,7 @@ impl Outbox {
         Arc::new(Outbox {
             inner: Mutex::new(Inner {
                 queue: VecDeque::with_capacity(capacity.min(64)),
+                pong: None,
                 closed: false,
             }),
             notify: Notify::new(),
@@ -146,8 +150,22 @@ impl Outbox {
         g.queue.push_back(item);
     }
 
+    /// Owes the client a PONG with `payload`, replacing one not yet written (a PONG answers the
+    /// newest PING; memory stays bounded whatever the client sends).
     pub fn pong(&self, payload: Vec<u8>) {
-        self.push(Out::Pong(payload));
+        let mut g = match self.inner.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if g.closed {
+            return;
+        }
+        let wake = g.queue.is_empty() && g.pong.is_none();
+        g.pong = Some(payload);
+        drop(g);
+        if wake {
+            self.notify.notify_one();
+        }
     }
 
     /// Queues `last` (a GOODBYE or ABORT) and closes: nothing after it is sent.
@@ -192,8 +210,9 @@ impl Outbox {
                     Ok(g) => g,
                     Err(p) => p.into_inner(),
                 };
-                if !g.queue.is_empty() {
+                if !g.queue.is_empty() || g.pong.is_some() {
                     batch.extend(g.queue.drain(..));
+                    batch.extend(g.pong.take().map(Out::Pong));
                     return true;
                 }
                 if g.closed {

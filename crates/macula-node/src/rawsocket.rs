@@ -171,7 +171,11 @@ async fn read_loop(
                     return Ok(());
                 }
             }
-            FrameKind::Ping => conn.outbox().pong(buf.clone()),
+            FrameKind::Ping => {
+                if conn.on_ping(&buf) == Flow::Close {
+                    return Ok(());
+                }
+            }
             FrameKind::Pong => {}
         }
         // Deliveries are staged while complete frames are already buffered; they go out before

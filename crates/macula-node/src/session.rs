@@ -171,6 +171,36 @@ impl Connection {
         ))
     }
 
+    /// Handles a RawSocket PING: answered with a PONG (at most one owed at a time), and counted
+    /// against the session's rate limit like any message, before WELCOME too.
+    pub fn on_ping(&mut self, payload: &[u8]) -> Flow {
+        if self.outbox.is_closed() {
+            return Flow::Close;
+        }
+        let now = *self.now.get_or_insert_with(Instant::now);
+        if !self.bucket.take(now) {
+            return self.rate_limited();
+        }
+        self.outbox.pong(payload.to_vec());
+        Flow::Continue
+    }
+
+    fn rate_limited(&mut self) -> Flow {
+        self.node
+            .metrics
+            .rate_limited
+            .fetch_add(1, Ordering::Relaxed);
+        let rate = self.node.config.limits.rate_limit_per_second;
+        let reason = format!(
+            "the session sent more than {rate} messages per second (limits.rate_limit_per_second)"
+        );
+        self.fail(if self.is_joined() {
+            goodbye(errors::RATE_LIMITED, reason)
+        } else {
+            abort(errors::RATE_LIMITED, reason)
+        })
+    }
+
     /// Handles one received frame.
     pub fn on_frame(&mut self, bytes: &[u8]) -> Flow {
         // A closed session (revoked, over a limit, shut down) serves nothing more.
@@ -199,15 +229,7 @@ impl Connection {
             State::Closed => Flow::Close,
             State::Joined { id, realm } => {
                 if !self.bucket.take(now) {
-                    self.node
-                        .metrics
-                        .rate_limited
-                        .fetch_add(1, Ordering::Relaxed);
-                    let rate = self.node.config.limits.rate_limit_per_second;
-                    return self.fail(goodbye(
-                        errors::RATE_LIMITED,
-                        format!("the session sent more than {rate} messages per second (limits.rate_limit_per_second)"),
-                    ));
+                    return self.rate_limited();
                 }
                 let (id, realm) = (*id, realm.clone());
                 // Counted once the router took it (a refusal for quota is not an operation).

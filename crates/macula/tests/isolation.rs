@@ -439,3 +439,94 @@ async fn a_transfer_cuts_the_seller_off() {
     let (_, buyer_key) = api.admin_key(&buyer, realm).await;
     api.connect(realm, &buyer_key).await.unwrap();
 }
+
+/// The resident memory of process `pid`, in bytes (Linux).
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// RawSocket clients that send large PINGs and never read their PONGs do not grow the node: a
+/// PONG not yet written is replaced by the next (one owed at a time), and PINGs count against
+/// the rate limit. A client that reads gets its PONG.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_never_read_do_not_grow_the_node() {
+    use macula_wamp::rawsocket::{FrameHeader, FrameKind, Handshake};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let home = tempfile::tempdir().unwrap();
+    let (up, _api, v) = Api::start(home.path());
+    let pid = up.0.id();
+    let addr = v["rawsocket"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("rs://")
+        .to_owned();
+    let connect = || async {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(&Handshake::encode(1 << 24, macula_wamp::Serializer::Json))
+            .await
+            .unwrap();
+        let mut reply = [0u8; 4];
+        s.read_exact(&mut reply).await.unwrap();
+        Handshake::parse_reply(reply).unwrap();
+        s
+    };
+    // A client that reads gets the PONG with its PING's payload.
+    let mut reader = connect().await;
+    reader
+        .write_all(&FrameHeader::encode(FrameKind::Ping, 5))
+        .await
+        .unwrap();
+    reader.write_all(b"hello").await.unwrap();
+    let mut h = [0u8; 4];
+    reader.read_exact(&mut h).await.unwrap();
+    let h = FrameHeader::parse(h).unwrap();
+    assert_eq!((h.kind, h.len), (FrameKind::Pong, 5));
+    let mut p = [0u8; 5];
+    reader.read_exact(&mut p).await.unwrap();
+    assert_eq!(&p, b"hello");
+
+    let before = rss(pid);
+    let payload = vec![7u8; 1_000_000];
+    let mut tasks = vec![];
+    for _ in 0..3 {
+        let mut s = connect().await;
+        let payload = payload.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut sent_all = 0;
+            for _ in 0..300 {
+                let sent = tokio::time::timeout(Duration::from_secs(10), async {
+                    s.write_all(&FrameHeader::encode(FrameKind::Ping, payload.len()))
+                        .await?;
+                    s.write_all(&payload).await
+                })
+                .await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    break;
+                }
+                sent_all += 1;
+            }
+            (s, sent_all)
+        }));
+    }
+    let mut held = vec![];
+    for t in tasks {
+        let (s, n) = t.await.unwrap();
+        assert_eq!(n, 300, "the node kept reading PINGs");
+        held.push(s);
+    }
+    let after = rss(pid);
+    let grown = after.saturating_sub(before);
+    assert!(
+        grown < 150 << 20,
+        "900 MB of PINGs never read grew the node by {} MiB",
+        grown >> 20
+    );
+    drop(held);
+}
