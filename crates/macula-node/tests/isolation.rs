@@ -175,8 +175,7 @@ async fn calls_in_flight_per_session_are_capped() {
     let err = caller
         .call("com.example.test.slow", macula_client::Payload::default())
         .await
-        .err()
-        .expect("the fourth call is refused");
+        .expect_err("the fourth call is refused");
     assert_eq!(err.uri(), Some(errors::LIMIT_EXCEEDED), "{err}");
     assert!(err.to_string().contains("max_calls_per_session"), "{err}");
     release_tx.send(true).unwrap();
