@@ -150,11 +150,15 @@ impl ConfDir {
             .rfind('.')
             .and_then(|i| self.authority_for(&realm[..i]).ok())
         {
-            if let Ok(c) = cert.verify(&op.verifying_key(), now_secs()) {
+            // Only a parent made here too: one the registry materialized (generation ≥ 1)
+            // belongs to a tenant, whose keys must not reach the operator's realm.
+            let parent_doc = self.read_policy(&parent).ok();
+            if let (Ok(c), Some(p)) = (
+                cert.verify(&op.verifying_key(), now_secs()),
+                parent_doc.filter(|p| p.generation == 0),
+            ) {
                 doc.authorities.push(hex::encode(c.authority));
-                if let Ok(p) = self.read_policy(&parent) {
-                    doc.authorities.extend(p.authorities);
-                }
+                doc.authorities.extend(p.authorities);
             }
         }
         let policy = Policy::from_doc(doc).map_err(|e| anyhow!("{e}"))?;

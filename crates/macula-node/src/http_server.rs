@@ -3,9 +3,13 @@
 //!
 //! - **Connection cap** (`limits.max_http_connections`): a connection over the cap is closed as
 //!   soon as it is accepted (and counted), so a flood of idle sockets cannot exhaust the node's
-//!   file descriptors or memory; those already served keep working.
+//!   file descriptors or memory; those already served keep working. The cap counts HTTP
+//!   connections; a connection upgraded to a WebSocket leaves it (sessions are capped by
+//!   `limits.max_sessions`).
 //! - **Header-read timeout** (`limits.http_header_timeout_ms`): a client that does not send a
-//!   request's complete headers in time is disconnected (a "slowloris" holds nothing for long).
+//!   request's complete headers in time, from its first byte or from none, is disconnected (a
+//!   "slowloris" holds nothing for long). HTTP/1.1 only, served by hyper's own HTTP/1 connection
+//!   (no protocol sniffing, which would wait without a deadline).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,8 +19,7 @@ use std::time::Duration;
 
 use axum::extract::ConnectInfo;
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
@@ -58,15 +61,12 @@ pub async fn serve(listener: TcpListener, app: Router, node: Arc<Node>) {
                         Ok::<_, Infallible>(app.oneshot(req).await.unwrap_or_else(|e| match e {}))
                     }
                 });
-            let mut builder = Builder::new(TokioExecutor::new());
-            builder
-                .http1()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout);
-            if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await
-            {
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            if let Err(e) = conn.await {
                 tracing::debug!(%addr, "HTTP connection ended: {e}");
             }
         });

@@ -349,6 +349,21 @@ impl Node {
         self.metrics.sessions.fetch_add(1, Ordering::Relaxed);
         self.metrics.sessions_total.fetch_add(1, Ordering::Relaxed);
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        // A reload may have installed new credentials between admission and now (a transfer,
+        // a revocation); its sweep did not see this session yet, so check again under the lock
+        // that sweep takes.
+        let auth = self.auth();
+        if auth.authenticator.is_revoked(&identity.kid)
+            || !auth.accepts(&identity.realm, &identity.authority)
+        {
+            outbox.close_with(goodbye(
+                errors::CREDENTIAL_REVOKED,
+                format!(
+                    "key {} was revoked or no longer belongs to realm {}",
+                    identity.kid, identity.realm
+                ),
+            ));
+        }
         s.insert(
             id,
             LiveSession {

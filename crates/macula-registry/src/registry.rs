@@ -945,21 +945,13 @@ impl Registry {
         let (authority, cert) = self.new_authority(name);
         // Every registration of a name is a new generation, with a new authority: nothing of an
         // earlier registration (keys, states, usage, audit) carries over to it.
-        let generation = sqlx::query_scalar::<_, i64>(
-            "SELECT generation FROM realm_generations WHERE name = $1",
+        let generation: i64 = sqlx::query_scalar(
+            "INSERT INTO realm_generations (name, generation) VALUES ($1, 1) \
+             ON CONFLICT (name) DO UPDATE SET generation = realm_generations.generation + 1 \
+             RETURNING generation",
         )
         .bind(name)
-        .fetch_optional(&mut *tx)
-        .await?
-        .unwrap_or(0)
-            + 1;
-        sqlx::query(
-            "INSERT INTO realm_generations (name, generation) VALUES ($1, $2) \
-             ON CONFLICT (name) DO UPDATE SET generation = excluded.generation",
-        )
-        .bind(name)
-        .bind(generation)
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
         let expires = now + (self.config.term_days * 86_400) as i64;
         let res = sqlx::query(
@@ -1282,16 +1274,14 @@ impl Registry {
             .bind(&row.name)
             .execute(&mut *c)
             .await?;
-        // The old owner's admin entry goes, the new owner's comes.
-        sqlx::query("DELETE FROM members WHERE realm = $1 AND (email = $2 OR email = $3)")
+        // The buyer gets the realm with no one else in it: members the seller added (their own
+        // other accounts among them) could otherwise make keys under the new authority.
+        sqlx::query("DELETE FROM members WHERE realm = $1")
             .bind(&row.name)
-            .bind(&row.owner_email)
-            .bind(to_email)
             .execute(&mut *c)
             .await?;
         let mut doc = self.policy_doc(row)?;
-        doc.users
-            .retain(|u| u.email != row.owner_email && u.email != to_email);
+        doc.users.clear();
         doc.users.push(UserDoc {
             email: to_email.to_owned(),
             role: "admin".into(),

@@ -355,9 +355,21 @@ async fn a_transfer_cuts_the_seller_off() {
     let home = tempfile::tempdir().unwrap();
     let (_up, api, _) = Api::start(home.path());
     let seller = api.account("seller@a.example").await;
+    let accomplice = api.account("seller2@a.example").await;
     let buyer = api.account("buyer@b.example").await;
     let realm = "com.sold.app";
     api.register(&seller, realm).await;
+    // The seller's second account, an admin member before the sale.
+    let (s, v) = api
+        .req(
+            "POST",
+            &format!("/v1/realms/{realm}/members"),
+            Some(&seller),
+            Some(json!({"email": "seller2@a.example", "role": "admin"})),
+            &[],
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
     let idem = [("Idempotency-Key", "seller-key-1")];
     let (s, v) = api
         .req(
@@ -436,6 +448,17 @@ async fn a_transfer_cuts_the_seller_off() {
             "an active key came with the realm: {k}"
         );
     }
+    // Members the seller added leave with the sale: no key can be made under the new authority.
+    let (s, v) = api
+        .req(
+            "POST",
+            &format!("/v1/realms/{realm}/keys"),
+            Some(&accomplice),
+            Some(json!({"role": "admin", "name": "backdoor"})),
+            &[],
+        )
+        .await;
+    assert!(s == 403 || s == 404, "{s} {v}");
     let (_, buyer_key) = api.admin_key(&buyer, realm).await;
     api.connect(realm, &buyer_key).await.unwrap();
 }
