@@ -75,6 +75,11 @@ impl Api {
         .unwrap()
     }
 
+    /// A GET with a session token: (status, JSON body).
+    async fn get(&self, path: &str, token: &str) -> (u16, Json) {
+        self.req("GET", path, Some(token), None, &[]).await
+    }
+
     /// Signs up and logs in; the session token.
     async fn account(&self, email: &str) -> String {
         let body = json!({"email": email, "password": "correct horse battery"});
@@ -258,15 +263,7 @@ async fn keys_usage_and_audit_do_not_outlive_a_registration() {
     // Alice's usage reaches the registry (flushed within about a second).
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (s, v) = api
-            .req(
-                "GET",
-                &format!("/v1/realms/{realm}/usage"),
-                Some(&alice),
-                None,
-                &[],
-            )
-            .await;
+        let (s, v) = api.get(&format!("/v1/realms/{realm}/usage"), &alice).await;
         assert_eq!(s, 200, "{v}");
         if ops_total(&v) >= 5 {
             break;
@@ -310,39 +307,15 @@ async fn keys_usage_and_audit_do_not_outlive_a_registration() {
         401
     );
     // Bob sees none of Alice's keys, audit rows or usage.
-    let (s, keys) = api
-        .req(
-            "GET",
-            &format!("/v1/realms/{realm}/keys"),
-            Some(&bob),
-            None,
-            &[],
-        )
-        .await;
+    let (s, keys) = api.get(&format!("/v1/realms/{realm}/keys"), &bob).await;
     assert_eq!(s, 200, "{keys}");
     assert!(!keys.to_string().contains(&old_kid), "{keys}");
-    let (s, audit) = api
-        .req(
-            "GET",
-            &format!("/v1/realms/{realm}/audit"),
-            Some(&bob),
-            None,
-            &[],
-        )
-        .await;
+    let (s, audit) = api.get(&format!("/v1/realms/{realm}/audit"), &bob).await;
     assert_eq!(s, 200, "{audit}");
     let audit = audit.to_string();
     assert!(!audit.contains("alice@first.example"), "{audit}");
     assert!(audit.contains("realm.register"), "{audit}");
-    let (s, usage) = api
-        .req(
-            "GET",
-            &format!("/v1/realms/{realm}/usage"),
-            Some(&bob),
-            None,
-            &[],
-        )
-        .await;
+    let (s, usage) = api.get(&format!("/v1/realms/{realm}/usage"), &bob).await;
     assert_eq!(s, 200, "{usage}");
     assert_eq!(ops_total(&usage), 0, "{usage}");
     // Bob's own key works.
@@ -431,15 +404,7 @@ async fn a_transfer_cuts_the_seller_off() {
     assert_ne!(s, 201, "{v}");
     assert!(v.get("key").is_none(), "{v}");
     // The buyer holds no key they did not make.
-    let (s, keys) = api
-        .req(
-            "GET",
-            &format!("/v1/realms/{realm}/keys"),
-            Some(&buyer),
-            None,
-            &[],
-        )
-        .await;
+    let (s, keys) = api.get(&format!("/v1/realms/{realm}/keys"), &buyer).await;
     assert_eq!(s, 200, "{keys}");
     for k in keys["items"].as_array().into_iter().flatten() {
         assert_ne!(
