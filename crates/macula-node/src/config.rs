@@ -186,6 +186,11 @@ pub struct RegistrySection {
     pub max_body: usize,
     /// Plans and add-ons (default: the seed's).
     pub prices: Prices,
+    /// The key-encryption key that seals realm authorities' secrets in the database (64 hex
+    /// digits; relative paths are in the config directory). Created with mode 0600 when
+    /// missing. The environment variable `MACULA_REGISTRY_KEK`, when set, is used instead.
+    /// Keep it apart from database backups: the two together mint keys for every realm.
+    pub kek_file: PathBuf,
 }
 
 impl Default for RegistrySection {
@@ -204,6 +209,7 @@ impl Default for RegistrySection {
             transfer_code_ttl_hours: 168,
             max_body: 64 << 10,
             prices: Prices::default(),
+            kek_file: PathBuf::from("registry.kek"),
         }
     }
 }

@@ -549,6 +549,51 @@ CREATE TABLE login_failures (
     },
 ];
 
+/// The file of a `sqlite:` URL, if it names one (not `:memory:`).
+fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && !path.starts_with(":memory:")).then(|| path.into())
+}
+
+/// The database holds password hashes, sessions and (sealed) realm secrets: it and its WAL and
+/// shared-memory files are readable by this user only. SQLite creates `-wal` and `-shm` with the
+/// database file's mode, so the file is created 0600 before SQLite opens it, and files left
+/// readable by an older version are made 0600.
+fn make_private(url: &str) -> Result<()> {
+    let Some(path) = sqlite_file(url) else {
+        return Ok(());
+    };
+    if !path.exists() && !url.contains("mode=rwc") {
+        // SQLite will say the file is missing.
+        return Ok(());
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let f = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+            if f.exists() {
+                std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("making {} private", f.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Db {
     /// Opens `url` (`sqlite://PATH`, `postgres://...`) and brings its schema up to date.
     pub async fn open(url: &str) -> Result<Db> {
@@ -566,6 +611,7 @@ impl Db {
             // Readers run in parallel (WAL); the writer is one connection of its own. The
             // embedded database has no network link to go stale: no ping per acquire.
             Backend::Sqlite => {
+                make_private(url)?;
                 let sqlite = |opts: AnyPoolOptions, n| {
                     opts.max_connections(n)
                         .test_before_acquire(false)

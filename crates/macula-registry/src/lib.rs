@@ -13,6 +13,7 @@ pub mod billing;
 pub mod db;
 pub mod error;
 pub mod http;
+pub mod kek;
 pub mod registry;
 pub mod testpg;
 
@@ -39,6 +40,10 @@ impl RegistryConfig {
             transfer_fee_cents: s.transfer_fee_cents as i64,
             transfer_code_ttl: Duration::from_secs(s.transfer_code_ttl_hours.max(1) * 3600),
             prices: s.prices.clone(),
+            kek: match std::env::var(kek::KEK_ENV) {
+                Ok(hex) if !hex.trim().is_empty() => kek::KekSource::Hex(hex),
+                _ => kek::KekSource::File(s.kek_file.clone()),
+            },
         }
     }
 }

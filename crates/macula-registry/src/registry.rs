@@ -50,6 +50,8 @@ pub struct RegistryConfig {
     pub transfer_code_ttl: Duration,
     /// Plans and add-ons.
     pub prices: crate::billing::Prices,
+    /// Where the key that seals authority secrets in the database comes from (see [`crate::kek`]).
+    pub kek: crate::kek::KekSource,
 }
 
 impl Default for RegistryConfig {
@@ -65,6 +67,7 @@ impl Default for RegistryConfig {
             transfer_fee_cents: 2000,
             transfer_code_ttl: Duration::from_secs(7 * 86_400),
             prices: crate::billing::Prices::default(),
+            kek: crate::kek::KekSource::default(),
         }
     }
 }
@@ -108,6 +111,8 @@ pub struct Registry {
     dummy_hash: String,
     /// Takes payment for invoices.
     pub payments: Box<dyn crate::billing::PaymentProvider>,
+    /// Seals the realm authorities' secrets in the database.
+    kek: crate::kek::Kek,
 }
 
 fn sha256_hex(s: &str) -> String {
@@ -357,6 +362,7 @@ impl Registry {
     ) -> anyhow::Result<Arc<Registry>> {
         config.prices.validate().map_err(anyhow::Error::msg)?;
         let operator_key = confdir.operator_key()?;
+        let kek = crate::kek::Kek::load(&config.kek, &confdir.root)?;
         let reg = Arc::new(Registry {
             db,
             config: RegistryConfig {
@@ -376,7 +382,9 @@ impl Registry {
             sessions: Mutex::new(HashMap::new()),
             dummy_hash: hash_password("not a real password, only for timing")?,
             payments: Box::new(crate::billing::RecordingProvider),
+            kek,
         });
+        reg.seal_secrets().await?;
         reg.sync_all().await?;
         Ok(reg)
     }
@@ -964,7 +972,7 @@ impl Registry {
         .bind(&tier)
         .bind(now)
         .bind(expires)
-        .bind(hex::encode(authority.to_bytes()))
+        .bind(self.kek.seal(name, &hex::encode(authority.to_bytes())))
         .bind(cert.to_text())
         .bind(generation)
         .execute(&mut *tx)
@@ -1260,7 +1268,7 @@ impl Registry {
             "UPDATE realms SET owner_id = $1, authority_key = $2, authority_cert = $3 WHERE name = $4",
         )
         .bind(to_id)
-        .bind(hex::encode(authority.to_bytes()))
+        .bind(self.kek.seal(&row.name, &hex::encode(authority.to_bytes())))
         .bind(cert.to_text())
         .bind(&row.name)
         .execute(&mut *c)
@@ -1673,9 +1681,10 @@ impl Registry {
         let signer = match cached {
             Some(s) if s.cert_text == row.authority_cert && s.key_text == row.authority_key => s,
             _ => {
-                let secret = credential::parse_hex32(&row.authority_key).ok_or_else(|| {
-                    ApiError::internal(format!("authority key of {} is damaged", row.name))
-                })?;
+                let secret =
+                    credential::parse_hex32(&self.authority_secret(row)?).ok_or_else(|| {
+                        ApiError::internal(format!("authority key of {} is damaged", row.name))
+                    })?;
                 let s = Arc::new(Signer {
                     key_text: row.authority_key.clone(),
                     cert_text: row.authority_cert.clone(),
@@ -2183,6 +2192,52 @@ impl Registry {
 
     // ---------------------------------------------------------------- the node's copy
 
+    /// The realm's authority secret (hex), opened with the KEK.
+    fn authority_secret(&self, row: &RealmRow) -> ApiResult<String> {
+        self.kek
+            .open(&row.name, &row.authority_key)
+            .map_err(ApiError::internal)
+    }
+
+    /// Seals every authority secret still stored in the clear (written before sealing), and
+    /// checks that the KEK opens the others: a registry started with the wrong KEK refuses to
+    /// start, saying so, rather than failing on each key it issues.
+    async fn seal_secrets(&self) -> anyhow::Result<()> {
+        let rows = sqlx::query("SELECT name, authority_key FROM realms")
+            .fetch_all(&self.db.pool)
+            .await?;
+        let mut plain = vec![];
+        for r in &rows {
+            let name: String = r.try_get("name")?;
+            let stored: String = r.try_get("authority_key")?;
+            if crate::kek::Kek::is_plain(&stored) {
+                plain.push((name, stored));
+            } else {
+                self.kek.open(&name, &stored)?;
+            }
+        }
+        if plain.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.db.begin().await?;
+        for (name, secret) in &plain {
+            sqlx::query(
+                "UPDATE realms SET authority_key = $1 WHERE name = $2 AND authority_key = $3",
+            )
+            .bind(self.kek.seal(name, secret))
+            .bind(name)
+            .bind(secret)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        tracing::info!(
+            "sealed {} realm authority secrets under the registry's KEK",
+            plain.len()
+        );
+        Ok(())
+    }
+
     /// Writes the realm's authority and newest policy into the node's config directory and
     /// applies it at once (the node floods the signed state to the mesh).
     pub async fn materialize(&self, name: &str) -> ApiResult<()> {
@@ -2200,8 +2255,9 @@ impl Registry {
         let dir = self.confdir.root.join("realms").join(&row.name);
         std::fs::create_dir_all(&dir)?;
         let key_path = dir.join("authority.key");
-        if std::fs::read_to_string(&key_path).ok().as_deref() != Some(row.authority_key.as_str()) {
-            macula_node::confdir::write_secret(&key_path, &row.authority_key)?;
+        let secret = self.kek.open(&row.name, &row.authority_key)?;
+        if std::fs::read_to_string(&key_path).ok().as_deref() != Some(secret.as_str()) {
+            macula_node::confdir::write_secret(&key_path, &secret)?;
             std::fs::write(dir.join("authority.cert"), &row.authority_cert)?;
         }
         let current = self.confdir.read_policy(&row.name).ok();

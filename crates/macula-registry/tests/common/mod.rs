@@ -105,6 +105,14 @@ pub async fn account(base: &str, email: &str) -> String {
     v["token"].as_str().unwrap().to_owned()
 }
 
+/// Logs in an account made by [`account`]; returns the session token.
+pub async fn login(base: &str, email: &str) -> String {
+    let body = serde_json::json!({"email": email, "password": "correct horse battery"});
+    let (s, v) = req(base, "POST", "/v1/sessions", None, Some(body)).await;
+    assert_eq!(s, 201, "{v}");
+    v["token"].as_str().unwrap().to_owned()
+}
+
 pub use macula_registry::testpg::Postgres;
 
 /// A GET whose answer is text (CSV, HTML), with a bearer token.
