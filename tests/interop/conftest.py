@@ -37,6 +37,9 @@ class Node:
     rawsocket: str
     http: str
     home: str
+    wss: str
+    rss: str
+    ca: str
     binary: Path
     proc: subprocess.Popen = field(repr=False)
     log_path: Path = field(repr=False)
@@ -137,6 +140,9 @@ def node(tmp_path_factory) -> Node:
             rawsocket=info["rawsocket"],
             http=info["http"],
             home=info["home"],
+            wss=info["wss"],
+            rss=info["rss"],
+            ca=info["ca"],
             binary=binary,
             proc=proc,
             log_path=log_path,

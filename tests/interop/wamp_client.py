@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import ssl
 import uuid
 
 import txaio
@@ -222,21 +223,27 @@ async def open_client(
     realm: str = REALM,
     authid: str = "interop-test",
     authmethods=("ticket",),
+    ca: str | None = None,
 ) -> Client:
-    """Opens a transport to ``url`` (``ws://`` or ``rs://``) and starts the WAMP handshake."""
+    """Opens a transport to ``url`` (``ws://``, ``rs://``, or over TLS ``wss://``, ``rss://``)
+    and starts the WAMP handshake. TLS verifies the certificate and host name against ``ca``
+    (a PEM file) or, without it, the system's roots."""
     loop = asyncio.get_running_loop()
     client = Client(realm, ticket, authid, authmethods)
     ser = SERIALIZERS[serializer]()
-    if url.startswith("rs://"):
-        _, host, port = parse_rs_url(url)
+    if url.startswith(("rs://", "rss://")):
+        secure, host, port = parse_rs_url(url)
         factory = WampRawSocketClientFactory(lambda: client, serializer=ser)
     else:
-        _, host, port, _, _, _ = parse_ws_url(url)
+        secure, host, port, _, _, _ = parse_ws_url(url)
         factory = WampWebSocketClientFactory(
             lambda: client, url=url, serializers=[ser], loop=loop
         )
+    tls = None
+    if secure:
+        tls = ssl.create_default_context(cafile=ca)
     transport, _ = await asyncio.wait_for(
-        loop.create_connection(factory, host, port), STEP_TIMEOUT
+        loop.create_connection(factory, host, port, ssl=tls), STEP_TIMEOUT
     )
     client.raw_transport = transport
     with contextlib.suppress(LookupError):

@@ -21,6 +21,7 @@
 //! See `examples/` for RPC, progressive results and Cryptosign.
 
 mod transport;
+pub use transport::tls_config;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -108,6 +109,9 @@ pub struct ConnectOptions {
     pub max_backoff: Duration,
     /// Events buffered per subscription; when full, further events for it are dropped and counted.
     pub subscription_buffer: usize,
+    /// For `wss://` and `rss://`: trust only these CA certificates (PEM) instead of the public
+    /// roots — a private CA, or `macula up`'s self-signed certificate.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl ConnectOptions {
@@ -120,7 +124,14 @@ impl ConnectOptions {
             reconnect: true,
             max_backoff: Duration::from_secs(5),
             subscription_buffer: 65_536,
+            ca_pem: None,
         }
+    }
+
+    /// Trusts only the CA certificates in the PEM file at `path` for TLS.
+    pub fn with_ca_file(mut self, path: impl AsRef<std::path::Path>) -> std::io::Result<Self> {
+        self.ca_pem = Some(std::fs::read(path)?);
+        Ok(self)
     }
 }
 
@@ -734,7 +745,8 @@ fn hello(opts: &ConnectOptions) -> Message {
 
 /// Opens a connection and runs HELLO … WELCOME.
 async fn establish(opts: &ConnectOptions) -> Result<Established, Error> {
-    let (mut reader, mut writer) = transport::connect(&opts.url, opts.serializer).await?;
+    let (mut reader, mut writer) =
+        transport::connect(&opts.url, opts.serializer, opts.ca_pem.as_deref()).await?;
     let ser = opts.serializer;
     let io = |e: std::io::Error| Error::Connect(e.to_string());
     writer.feed(ser.encode(&hello(opts))).await.map_err(io)?;

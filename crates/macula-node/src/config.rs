@@ -416,6 +416,8 @@ pub struct NodeConfig {
     pub mesh: MeshSection,
     pub registry: RegistrySection,
     pub metering: MeteringSection,
+    /// TLS on the client listeners (see `tls.rs`).
+    pub tls: crate::tls::TlsSection,
     /// How often the config directory is re-read for policy and revocation changes, in ms.
     pub reload_interval_ms: u64,
 }

@@ -19,6 +19,7 @@ pub mod node;
 pub mod outbox;
 pub mod rawsocket;
 pub mod session;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +38,8 @@ pub struct Running {
     pub node: Arc<Node>,
     pub http_addr: SocketAddr,
     pub rawsocket_addr: SocketAddr,
+    /// Whether the listeners accept TLS (`wss://`, `https://`, `rss://`).
+    pub tls: bool,
     /// Mesh addresses other nodes can bootstrap from (empty when the mesh is off).
     pub mesh_addrs: Vec<String>,
     tasks: Vec<JoinHandle<()>>,
@@ -51,6 +54,16 @@ impl Running {
     /// The RawSocket URL (`rs://host:port`) the Rust SDK and CLI accept.
     pub fn rawsocket_url(&self) -> String {
         format!("rs://{}", self.rawsocket_addr)
+    }
+
+    /// The WebSocket-over-TLS URL (`wss://`), when the node has a certificate.
+    pub fn wss_url(&self) -> Option<String> {
+        self.tls.then(|| format!("wss://{}/ws", self.http_addr))
+    }
+
+    /// The RawSocket-over-TLS URL (`rss://host:port`), when the node has a certificate.
+    pub fn rss_url(&self) -> Option<String> {
+        self.tls.then(|| format!("rss://{}", self.rawsocket_addr))
     }
 
     /// Stops accepting connections and background work.
@@ -78,6 +91,10 @@ pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow:
         anyhow::bail!("{e}");
     }
     let listen = node.config.listen.clone();
+    let tls_section = &node.config.tls;
+    tls_section.check_listener("listen.http", listen.http)?;
+    tls_section.check_listener("listen.rawsocket", listen.rawsocket)?;
+    let tls = tls::Tls::load(tls_section, node.confdir.as_ref().map(|d| d.root.as_path()))?;
     let http = TcpListener::bind(listen.http)
         .await
         .with_context(|| format!("cannot listen on {} (listen.http)", listen.http))?;
@@ -91,8 +108,20 @@ pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow:
     if let Some(extra) = extra {
         app = app.merge(extra);
     }
-    tasks.push(tokio::spawn(http_server::serve(http, app, node.clone())));
-    tasks.push(tokio::spawn(rawsocket::serve(raw, node.clone())));
+    tasks.push(tokio::spawn(http_server::serve(
+        http,
+        app,
+        node.clone(),
+        tls.clone(),
+    )));
+    tasks.push(tokio::spawn(rawsocket::serve(
+        raw,
+        node.clone(),
+        tls.clone(),
+    )));
+    if let Some(tls) = &tls {
+        tasks.push(tokio::spawn(tls.clone().watch()));
+    }
     let ticker = node.clone();
     tasks.push(tokio::spawn(async move {
         let mut iv = tokio::time::interval(Duration::from_millis(50));
@@ -170,6 +199,7 @@ pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow:
         node,
         http_addr,
         rawsocket_addr,
+        tls: tls.is_some(),
         mesh_addrs,
         tasks,
     })

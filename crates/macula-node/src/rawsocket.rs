@@ -1,4 +1,4 @@
-//! WAMP RawSocket over TCP.
+//! WAMP RawSocket over TCP, and over TLS when the node has a certificate (see [`crate::tls`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,21 +8,40 @@ use macula_wamp::rawsocket::{
     FrameHeader, FrameKind, Handshake, HandshakeError, HEADER_LEN, MAX_FRAME_LEN,
 };
 use macula_wamp::Serializer;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::node::Node;
 use crate::outbox::Out;
 use crate::session::{encode_out, Connection, Flow};
+use crate::tls::{Stream, Tls};
 
-/// Accepts RawSocket connections until the listener fails.
-pub async fn serve(listener: TcpListener, node: Arc<Node>) {
+/// Accepts RawSocket connections until the listener fails; with `tls`, RawSocket over TLS and
+/// (where its policy allows) plain RawSocket on the one port.
+pub async fn serve(listener: TcpListener, node: Arc<Node>, tls: Option<Arc<Tls>>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let node = node.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, peer, node).await {
+                    let _ = stream.set_nodelay(true);
+                    let res = match tls {
+                        None => plain(stream, peer, node).await,
+                        Some(tls) => {
+                            let timeout =
+                                Duration::from_millis(node.config.limits.handshake_timeout_ms);
+                            match tls.accept(stream, peer, timeout, &[]).await {
+                                Some(Stream::Plain(s)) => plain(s, peer, node).await,
+                                Some(Stream::Tls(s)) => {
+                                    let (r, w) = tokio::io::split(*s);
+                                    handle(r, w, peer, node).await
+                                }
+                                None => Ok(()),
+                            }
+                        }
+                    };
+                    if let Err(e) = res {
                         tracing::debug!(%peer, "rawsocket connection ended: {e}");
                     }
                 });
@@ -35,9 +54,16 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>) {
     }
 }
 
-async fn handle(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) -> std::io::Result<()> {
-    let _ = stream.set_nodelay(true);
+async fn plain(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) -> std::io::Result<()> {
     let (r, w) = stream.into_split();
+    handle(r, w, peer, node).await
+}
+
+async fn handle<R, W>(r: R, w: W, peer: SocketAddr, node: Arc<Node>) -> std::io::Result<()>
+where
+    R: AsyncRead + Send + Unpin + 'static,
+    W: AsyncWrite + Send + Unpin + 'static,
+{
     let mut r = BufReader::with_capacity(64 * 1024, r);
     let mut w = BufWriter::with_capacity(64 * 1024, w);
     let timeout = Duration::from_millis(node.config.limits.handshake_timeout_ms);
@@ -117,8 +143,8 @@ async fn handle(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) -> std::io
     result
 }
 
-async fn read_loop(
-    r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+async fn read_loop<R: AsyncRead + Unpin>(
+    r: &mut BufReader<R>,
     conn: &mut Connection,
     max_len: usize,
     handshake_timeout: Duration,

@@ -23,7 +23,7 @@ pub struct KeyFallback {
 
 /// The API client and the realm for a usage command.
 fn usage_api(server: &Server, realm: Option<String>, k: &KeyFallback) -> Result<(Api, String)> {
-    let mut api = Api::new(server);
+    let mut api = Api::new(server)?;
     if api.has_credential() {
         let realm = pick_realm(&api, realm)?;
         return Ok((api, realm));
@@ -323,7 +323,7 @@ pub fn print_invoice(v: &Value) {
 pub fn invoices(cmd: InvoicesCmd, json: bool) -> Result<()> {
     match cmd {
         InvoicesCmd::List { server } => {
-            let api = Api::new(&server);
+            let api = Api::new(&server)?;
             let v = api.send("GET", "/v1/invoices", None, true)?;
             if json {
                 println!("{v}");
@@ -348,7 +348,7 @@ pub fn invoices(cmd: InvoicesCmd, json: bool) -> Result<()> {
             invoice,
             html,
         } => {
-            let api = Api::new(&server);
+            let api = Api::new(&server)?;
             let v = api.send(
                 "GET",
                 &format!("/v1/invoices/{}", seg(&invoice)),
@@ -371,7 +371,7 @@ pub fn invoices(cmd: InvoicesCmd, json: bool) -> Result<()> {
             emit(json, &v, print_invoice);
         }
         InvoicesCmd::Pay { server, invoice } => {
-            let api = Api::new(&server);
+            let api = Api::new(&server)?;
             let v = api.send(
                 "POST",
                 &format!("/v1/invoices/{}/pay", seg(&invoice)),
@@ -389,7 +389,7 @@ pub fn invoices(cmd: InvoicesCmd, json: bool) -> Result<()> {
             });
         }
         InvoicesCmd::Run { server, month } => {
-            let api = Api::new(&server);
+            let api = Api::new(&server)?;
             let v = api.send(
                 "POST",
                 "/v1/admin/invoices/run",
@@ -412,7 +412,7 @@ pub fn invoices(cmd: InvoicesCmd, json: bool) -> Result<()> {
             });
         }
         InvoicesCmd::Void { server, invoice } => {
-            let api = Api::new(&server);
+            let api = Api::new(&server)?;
             let v = api.send(
                 "POST",
                 &format!("/v1/admin/invoices/{}/void", seg(&invoice)),
@@ -427,7 +427,7 @@ pub fn invoices(cmd: InvoicesCmd, json: bool) -> Result<()> {
 
 /// `macula plans`: the tiers and add-ons.
 pub fn plans(server: Server, json: bool) -> Result<()> {
-    let api = Api::new(&server);
+    let api = Api::new(&server)?;
     let v = api.send("GET", "/v1/plans", None, false)?;
     if json {
         println!("{v}");

@@ -43,9 +43,15 @@ impl Conn {
         let (realm, key) = self.resolve()?;
         let mut o = ConnectOptions::new(&self.url, &realm, &key);
         o.reconnect = reconnect;
-        Client::connect_with(o)
-            .await
-            .with_context(|| format!("connecting to {} realm {realm}", self.url))
+        if let Some(ca) = &self.ca {
+            o = o
+                .with_ca_file(ca)
+                .with_context(|| format!("reading the CA file {}", ca.display()))?;
+        }
+        Client::connect_with(o).await.map_err(|e| {
+            let hint = crate::registry_cmds::tls_hint(&e.to_string());
+            anyhow::Error::new(e).context(format!("connecting to {} realm {realm}{hint}", self.url))
+        })
     }
 }
 

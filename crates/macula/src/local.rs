@@ -42,12 +42,13 @@ pub struct DirArg {
 
 impl DirArg {
     /// The registry to use, or `None` for the config directory.
-    fn registry(&self) -> Option<crate::registry_cmds::Api> {
+    fn registry(&self) -> Result<Option<crate::registry_cmds::Api>> {
         if self.config.is_some() {
-            return None;
+            return Ok(None);
         }
         (self.server.server.is_some() || crate::registry_cmds::stored_credential().is_some())
             .then(|| crate::registry_cmds::Api::new(&self.server))
+            .transpose()
     }
 
     fn dir(&self) -> PathBuf {
@@ -223,7 +224,7 @@ pub fn keys(cmd: KeysCmd, json: bool) -> Result<()> {
             dir
         }
     };
-    if let Some(api) = target.registry() {
+    if let Some(api) = target.registry()? {
         return crate::registry_cmds::keys(&api, cmd, json);
     }
     match cmd {
@@ -309,7 +310,7 @@ pub fn realms(cmd: RealmsCmd, json: bool) -> Result<()> {
         | RealmsCmd::Plan { dir, .. }
         | RealmsCmd::Addon { dir, .. } => dir,
     };
-    if let Some(api) = target.registry() {
+    if let Some(api) = target.registry()? {
         return crate::registry_cmds::realms(&api, cmd, json);
     }
     match cmd {

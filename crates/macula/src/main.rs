@@ -34,9 +34,14 @@ struct Cli {
 /// right after `macula up` with no flags.
 #[derive(Args, Clone)]
 pub struct Conn {
-    /// Node URL: ws://host:port/ws (WebSocket) or rs://host:port (RawSocket).
+    /// Node URL: ws://host:port/ws (WebSocket), rs://host:port (RawSocket), or over TLS
+    /// wss://host:port/ws and rss://host:port.
     #[arg(long, env = "MACULA_URL", default_value = "ws://127.0.0.1:8080/ws")]
     pub url: String,
+    /// For wss:// and rss://: trust only the CA certificates in this PEM file (a private CA,
+    /// or the certificate `macula up` prints) instead of the public roots.
+    #[arg(long, env = "MACULA_CA", value_name = "PEM")]
+    pub ca: Option<PathBuf>,
     /// Realm to join [default: the realm created by `macula up`].
     #[arg(long, env = "MACULA_REALM")]
     pub realm: Option<String>,

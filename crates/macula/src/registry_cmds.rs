@@ -25,6 +25,9 @@ pub struct Credential {
     pub server: String,
     pub email: String,
     pub token: String,
+    /// The CA file given at login (`--ca`), used again for this server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
 }
 
 pub fn stored_credential() -> Option<Credential> {
@@ -35,8 +38,17 @@ pub fn stored_credential() -> Option<Credential> {
 #[derive(Args, Clone)]
 pub struct Server {
     /// Registry URL [default: the one you logged in to, else http://127.0.0.1:8080].
+    /// Use https:// for any registry not on this machine.
     #[arg(long, env = "MACULA_SERVER")]
     pub server: Option<String>,
+    /// For https://: trust only the CA certificates in this PEM file (a private CA, or the
+    /// certificate `macula up` prints) instead of the public roots. Remembered at login.
+    #[arg(long, env = "MACULA_CA", value_name = "PEM")]
+    pub ca: Option<PathBuf>,
+    /// Allow plain http:// to a registry that is not on this machine (passwords, session
+    /// tokens and keys then cross the network unencrypted).
+    #[arg(long)]
+    pub allow_http: bool,
 }
 
 #[derive(Args)]
@@ -56,10 +68,36 @@ pub struct Api {
     pub base: String,
     token: Option<String>,
     agent: ureq::Agent,
+    /// The CA file in use, if any (kept with the credential at login).
+    pub ca: Option<PathBuf>,
+}
+
+/// What to do about a certificate that was not verified, if `error` says so.
+pub fn tls_hint(error: &str) -> &'static str {
+    if error.contains("UnknownIssuer") || error.contains("invalid peer certificate") {
+        "\n  (a private or self-signed certificate? pass its CA with --ca FILE.pem; `macula up` prints its own)"
+    } else {
+        ""
+    }
+}
+
+/// Whether `base` (`http://host[:port]...`) names this machine.
+fn is_local(base: &str) -> bool {
+    let rest = base.split_once("://").map_or(base, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 impl Api {
-    pub fn new(server: &Server) -> Api {
+    pub fn new(server: &Server) -> Result<Api> {
         let cred = stored_credential();
         let base = server
             .server
@@ -68,13 +106,56 @@ impl Api {
             .unwrap_or_else(|| DEFAULT_SERVER.into())
             .trim_end_matches('/')
             .to_owned();
-        let token = cred.filter(|c| c.server == base).map(|c| c.token);
+        let cred = cred.filter(|c| c.server == base);
+        if let Some(scheme) = base.split_once("://").map(|(s, _)| s) {
+            if scheme != "http" && scheme != "https" {
+                bail!("registry URL {base}: use https://host:port (or http:// on this machine)");
+            }
+        }
+        if base.starts_with("http://") && !is_local(&base) && !server.allow_http {
+            bail!(
+                "refusing plain http:// to {base}: passwords, session tokens and keys would cross the network unencrypted. \
+                 Use https:// (with --ca for a private certificate), or --allow-http if you mean it"
+            );
+        }
+        let ca = server
+            .ca
+            .clone()
+            .or_else(|| cred.as_ref().and_then(|c| c.ca.clone()));
+        let token = cred.map(|c| c.token);
+        let mut tls = ureq::tls::TlsConfig::builder()
+            .provider(ureq::tls::TlsProvider::Rustls)
+            .unversioned_rustls_crypto_provider(std::sync::Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ));
+        if let Some(path) = &ca {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("reading the CA file {}", path.display()))?;
+            let certs = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow!("{}: not a PEM certificate file ({e})", path.display()))?;
+            if certs.is_empty() {
+                bail!("{} holds no certificate", path.display());
+            }
+            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
+        }
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(std::time::Duration::from_secs(30)))
+            .tls_config(tls.build())
             .build()
             .into();
-        Api { base, token, agent }
+        Ok(Api {
+            base,
+            token,
+            agent,
+            ca,
+        })
     }
 
     /// Whether a session token (or a key set with [`Api::use_key`]) will be sent.
@@ -128,8 +209,13 @@ impl Api {
                     .send_json(body.cloned().unwrap_or(json!({}))),
                 _ => bail!("unsupported method {method}"),
             };
-        let mut res =
-            res.map_err(|e| anyhow!("cannot reach the registry at {}: {e}", self.base))?;
+        let mut res = res.map_err(|e| {
+            anyhow!(
+                "cannot reach the registry at {}: {e}{}",
+                self.base,
+                tls_hint(&e.to_string())
+            )
+        })?;
         let status = res.status().as_u16();
         let text = res.body_mut().read_to_string().unwrap_or_default();
         let v: Value = if text.trim().is_empty() {
@@ -195,7 +281,7 @@ fn read_password(stdin: bool, confirm: bool) -> Result<String> {
 }
 
 pub fn signup(a: AccountArgs, json: bool) -> Result<()> {
-    let api = Api::new(&a.server);
+    let api = Api::new(&a.server)?;
     let password = read_password(a.password_stdin, true)?;
     let v = api.send(
         "POST",
@@ -217,7 +303,7 @@ pub fn signup(a: AccountArgs, json: bool) -> Result<()> {
 }
 
 pub fn login(a: AccountArgs, json: bool) -> Result<()> {
-    let api = Api::new(&a.server);
+    let api = Api::new(&a.server)?;
     let password = read_password(a.password_stdin, false)?;
     let v = api.send(
         "POST",
@@ -232,6 +318,10 @@ pub fn login(a: AccountArgs, json: bool) -> Result<()> {
             .as_str()
             .ok_or_else(|| anyhow!("the registry answered without a token"))?
             .to_owned(),
+        ca: api
+            .ca
+            .as_ref()
+            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())),
     };
     let path = credentials_path();
     if let Some(parent) = path.parent() {
@@ -257,7 +347,7 @@ pub fn login(a: AccountArgs, json: bool) -> Result<()> {
 }
 
 pub fn logout(server: Server, json: bool) -> Result<()> {
-    let api = Api::new(&server);
+    let api = Api::new(&server)?;
     let path = credentials_path();
     if api.token.is_none() {
         if json {
@@ -663,7 +753,7 @@ pub struct StatusArgs {
 
 /// `macula status --realm R`: the realm's registry record and its live sessions on the node.
 pub fn status(a: StatusArgs, json: bool) -> Result<()> {
-    let api = Api::new(&a.server);
+    let api = Api::new(&a.server)?;
     let realm = pick_realm(&api, a.realm)?;
     let v = api.send("GET", &format!("/v1/realms/{}", seg(&realm)), None, true)?;
     if json {

@@ -90,8 +90,11 @@ pub async fn up(a: UpArgs, json: bool) -> Result<()> {
         std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
     }
     std::fs::write(a.home.join("up-realm"), format!("{}\n", a.realm))?;
+    let tls = up_certificate(&a.home)?;
     let mut loaded = dir.load()?;
     loaded.config.registry.enabled = true;
+    loaded.config.tls.cert = PathBuf::from(UP_CERT);
+    loaded.config.tls.key = PathBuf::from(UP_CERT_KEY);
     let mut nodes = vec![];
     let mut first_mesh: Vec<String> = vec![];
     for i in 0..a.nodes {
@@ -121,10 +124,13 @@ pub async fn up(a: UpArgs, json: bool) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({"realm": realm, "key_id": kid, "key": key, "ws": running.ws_url(), "rawsocket": running.rawsocket_url(), "http": format!("http://{}", running.http_addr), "home": a.home,
+                "wss": running.wss_url(), "rss": running.rss_url(), "https": format!("https://{}", running.http_addr),
+                "ca": tls.cert, "fingerprint": tls.fingerprint,
                 "nodes": nodes.iter().map(|n| serde_json::json!({"ws": n.ws_url(), "rawsocket": n.rawsocket_url(), "http": format!("http://{}", n.http_addr), "mesh": n.mesh_addrs})).collect::<Vec<_>>()})
         );
     } else {
         let http = format!("http://{}", running.http_addr);
+        let https_url = format!("https://{}", running.http_addr);
         println!(
             r#"Macula is running.
 
@@ -134,6 +140,12 @@ pub async fn up(a: UpArgs, json: bool) -> Result<()> {
   HTTP        {http}     (/v1/realms/{realm}/publish, /metrics, /healthz)
   registry    {http}/v1  (accounts, realms, keys; {db})
   config      {home}
+
+TLS on the same ports: {wss}  {rss}  {https}
+  certificate {cert} (self-signed, for this machine)
+  SHA-256     {fingerprint}
+  e.g.        macula pub --url {wss} --ca {cert} {realm}.hello '"over TLS"'
+  Plain ws://, rs:// and http:// are served to this machine only.
 
 Admin key {kid} for {realm} (valid 30 days, saved to {keyfile}):
 
@@ -160,6 +172,11 @@ Your own realm, through the registry:
 {mesh}
 Press Ctrl-C to stop."#,
             mesh = mesh_table(&nodes),
+            wss = running.wss_url().unwrap_or_default(),
+            rss = running.rss_url().unwrap_or_default(),
+            https = https_url,
+            cert = tls.cert.display(),
+            fingerprint = tls.fingerprint,
             ws = running.ws_url(),
             rs = running.rawsocket_url(),
             home = a.home.display(),
@@ -173,6 +190,64 @@ Press Ctrl-C to stop."#,
     }
     wait_for_shutdown().await;
     Ok(())
+}
+
+/// Where `macula up` keeps its self-signed certificate (in its config directory).
+const UP_CERT: &str = "tls/cert.pem";
+const UP_CERT_KEY: &str = "tls/key.pem";
+
+/// `macula up`'s certificate: its file and SHA-256 fingerprint.
+struct UpCert {
+    cert: PathBuf,
+    fingerprint: String,
+}
+
+/// Reuses `macula up`'s self-signed certificate for localhost, 127.0.0.1 and ::1, or makes one
+/// (again when it is near its end: it is valid for a year).
+fn up_certificate(home: &std::path::Path) -> Result<UpCert> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let cert = home.join(UP_CERT);
+    let key = home.join(UP_CERT_KEY);
+    let fresh = std::fs::metadata(&cert)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < std::time::Duration::from_secs(300 * 86_400));
+    if !fresh || !key.exists() {
+        let mut params = rcgen::CertificateParams::new(vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ])
+        .context("certificate names")?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "macula up (this machine)");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let year = 1970 + (now / 31_556_952) as i32;
+        params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
+        params.not_after = rcgen::date_time_ymd(year + 2, 1, 1);
+        let pair = rcgen::KeyPair::generate().context("generating a TLS key")?;
+        let made = params
+            .self_signed(&pair)
+            .context("making the self-signed certificate")?;
+        std::fs::create_dir_all(home.join("tls"))?;
+        macula_node::confdir::write_secret(&key, &pair.serialize_pem())?;
+        std::fs::write(&cert, made.pem()).with_context(|| format!("writing {}", cert.display()))?;
+    }
+    let der = CertificateDer::from_pem_file(&cert)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?;
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(der.as_ref());
+    let fingerprint = digest
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    Ok(UpCert { cert, fingerprint })
 }
 
 /// The nodes of `macula up --nodes N`, for the banner.

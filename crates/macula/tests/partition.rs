@@ -150,6 +150,10 @@ async fn both_sides_serve_through_a_partition_and_converge_after_it() {
     for f in ["trust/operator.pub", "trust/operator.key"] {
         std::fs::copy(d1.join(f), d2.join(f)).unwrap();
     }
+    // Clients reach the nodes across the test's virtual network, in clear text on purpose.
+    for d in [&d1, &d2] {
+        std::fs::write(d.join("node.yaml"), "tls:\n  plaintext: any\n").unwrap();
+    }
     let ns_a = ["ip", "netns", "exec", net.a.as_str()];
     let ns_b = ["ip", "netns", "exec", net.b.as_str()];
     let n1 = start_node_in(&ns_a, "10.213.1.2", "10.213.0.1", &d1, None);

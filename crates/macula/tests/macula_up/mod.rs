@@ -54,6 +54,18 @@ pub fn up(home: &Path, extra: &[&str]) -> (Up, serde_json::Value) {
 /// Runs the CLI against the registry at `server` with its own config home (`XDG_CONFIG_HOME`);
 /// panics with stderr on failure.
 pub fn cli_as(cfg: &Path, server: &str, args: &[&str], stdin: Option<&str>) -> String {
+    let (ok, out, err) = cli_run(cfg, server, args, stdin);
+    assert!(ok, "macula {args:?} failed: {err}");
+    out
+}
+
+/// [`cli_as`] that returns (success, stdout, stderr) instead of panicking.
+pub fn cli_run(
+    cfg: &Path,
+    server: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> (bool, String, String) {
     let mut child = Command::new(BIN)
         .args(args)
         .env("XDG_CONFIG_HOME", cfg)
@@ -69,10 +81,9 @@ pub fn cli_as(cfg: &Path, server: &str, args: &[&str], stdin: Option<&str>) -> S
     }
     drop(child.stdin.take());
     let out = child.wait_with_output().unwrap();
-    assert!(
+    (
         out.status.success(),
-        "macula {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
