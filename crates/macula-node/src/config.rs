@@ -222,8 +222,14 @@ pub struct MeteringSection {
     pub enabled: bool,
     /// Where the counters file lives (relative to the config directory). One node per directory.
     pub dir: PathBuf,
-    /// Distinct (realm, API key) pairs this node can count (1 KiB of counters file each).
+    /// Distinct (realm, API key) pairs this node can count at once (1 KiB of counters file
+    /// each). A pair's slot is released once its usage is delivered and it was idle for the
+    /// rest of its hour; a new pair that finds no slot is refused, never counted unbilled.
     pub slots: usize,
+    /// Pairs the keys of one realm registration may have metered on this node at once (its
+    /// subrealms times its keys): past it, new sessions and bridge requests of that
+    /// registration get `macula.error.limit_exceeded`, and no one else is affected. 0: no limit.
+    pub max_pairs_per_registration: usize,
     /// How often usage is delivered to the billing aggregator, in ms.
     pub flush_ms: u64,
     /// How often the counters file is written to disk (against power loss), in ms. A process
@@ -242,6 +248,7 @@ impl Default for MeteringSection {
             enabled: true,
             dir: PathBuf::from("meter"),
             slots: 16_384,
+            max_pairs_per_registration: 1_024,
             flush_ms: 1000,
             sync_ms: 5000,
             events_sample: 0,

@@ -242,7 +242,9 @@ fn status_for(uri: &str) -> StatusCode {
         errors::CANCELED | errors::TIMEOUT => StatusCode::GATEWAY_TIMEOUT,
         errors::AUTHENTICATION_FAILED | errors::NO_AUTH_METHOD => StatusCode::UNAUTHORIZED,
         errors::NO_SUCH_ROLE | errors::AUTHORIZATION_FAILED => StatusCode::FORBIDDEN,
-        errors::QUOTA_EXCEEDED | errors::RATE_LIMITED => StatusCode::TOO_MANY_REQUESTS,
+        errors::QUOTA_EXCEEDED | errors::RATE_LIMITED | errors::LIMIT_EXCEEDED => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
         _ => StatusCode::UNPROCESSABLE_ENTITY,
     }
 }
@@ -262,6 +264,7 @@ fn wamp_error_response(uri: &str, payload: &Payload) -> Response {
 
 /// A bridge request's temporary session: authenticated like any other, joined for one operation.
 struct BridgeSession {
+    node: Arc<Node>,
     realm: Arc<crate::node::RealmHandle>,
     id: u64,
     outbox: Arc<Outbox>,
@@ -325,7 +328,7 @@ impl BridgeSession {
                 ))
             }
         };
-        let handle = node.admit(&identity).map_err(|m| match m {
+        let refused = |m: Message| match m {
             Message::Abort { details, reason } => {
                 let msg = details
                     .get("message")
@@ -339,7 +342,15 @@ impl BridgeSession {
                 errors::AUTHORIZATION_FAILED,
                 "refused",
             ),
-        })?;
+        };
+        let handle = node.admit(&identity).map_err(refused)?;
+        let meter = match node.counter_for(&identity) {
+            Ok(m) => m,
+            Err(a) => {
+                node.drop_realm_if_idle(&handle);
+                return Err(refused(a));
+            }
+        };
         let outbox = Outbox::new(
             64,
             crate::outbox::SlowConsumerPolicy::DropOldest,
@@ -364,11 +375,8 @@ impl BridgeSession {
             );
             id
         };
-        let meter = node
-            .meter
-            .as_ref()
-            .map(|m| m.counter(&identity.realm, &identity.kid));
         Ok(BridgeSession {
+            node: node.clone(),
             realm: handle,
             id,
             outbox,
@@ -443,6 +451,8 @@ fn begin<T: serde::de::DeserializeOwned>(
 impl Drop for BridgeSession {
     fn drop(&mut self) {
         self.realm.lock().leave(self.id);
+        // A request to a realm (or subrealm) no one else uses leaves nothing behind.
+        self.node.drop_realm_if_idle(&self.realm);
     }
 }
 

@@ -147,21 +147,96 @@ pub trait UsageSink: Send + Sync + 'static {
     ) -> futures_util::future::BoxFuture<'static, Result<(), String>>;
 }
 
-/// Slot names by slot number, and the file they are appended to (`slot<TAB>realm<TAB>key`).
-/// Slot 0 is the file header; slot 1 counts what no slot was left for (unattributed).
-type Names = (BTreeMap<u32, (String, String)>, Option<File>);
+/// Slot names by slot number, and the file they are appended to
+/// (`slot<TAB>realm<TAB>key<TAB>owner`; the last line for a slot wins). Slot 0 is the file
+/// header; slot 1 is reserved (it counted unattributed usage in older versions: nothing is ever
+/// counted unattributed now — a pair that cannot get a slot is refused).
+struct Names {
+    by_slot: BTreeMap<u32, SlotName>,
+    file: Option<File>,
+    /// Slots reclaimed after their usage was delivered, to hand out again.
+    free: Vec<u32>,
+    /// Named slots per owner (the registration a key belongs to).
+    per_owner: HashMap<String, usize>,
+    /// Lines in the names file (it is rewritten when mostly superseded).
+    lines: usize,
+}
 
-const OVERFLOW: u32 = 1;
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SlotName {
+    realm: String,
+    key: String,
+    owner: String,
+}
+
+impl Names {
+    fn name(&mut self, slot: u32, n: SlotName) {
+        *self.per_owner.entry(n.owner.clone()).or_default() += 1;
+        if let Some(old) = self.by_slot.insert(slot, n) {
+            self.forget_owner(&old.owner);
+        }
+    }
+
+    fn forget_owner(&mut self, owner: &str) {
+        if let Some(c) = self.per_owner.get_mut(owner) {
+            *c -= 1;
+            if *c == 0 {
+                self.per_owner.remove(owner);
+            }
+        }
+    }
+}
+
+const RESERVED: u32 = 1;
+
+/// A named pair's slot and the token its counters hold.
+type SlotRef = (u32, Arc<()>);
+
+/// Why a (realm, key) pair got no counter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoSlot {
+    /// Every slot holds usage not yet delivered, or a live session's counter.
+    Full(usize),
+    /// The owner already has this many pairs metered on this node.
+    OwnerLimit(usize),
+    /// The slot's name could not be written (disk full?).
+    Disk,
+}
+
+impl std::fmt::Display for NoSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoSlot::Full(n) => write!(
+                f,
+                "this node meters {n} (realm, key) pairs already (metering.slots); try again later or another node"
+            ),
+            NoSlot::OwnerLimit(n) => write!(
+                f,
+                "this realm's registration has {n} (realm, key) pairs metered on this node \
+                 (metering.max_pairs_per_registration): use fewer subrealms or keys at once; \
+                 pairs idle since the last hour are released"
+            ),
+            NoSlot::Disk => write!(f, "this node cannot record usage (disk full?)"),
+        }
+    }
+}
 
 /// The slot file.
 pub struct Meter {
     map: memmap2::MmapMut,
     slots: usize,
     epoch: u64,
-    index: RwLock<HashMap<(String, String), u32>>,
+    /// Slot of each named pair, with the token every [`Counter`] of it holds (a slot whose
+    /// token is held only here has no live counter and may be reclaimed).
+    index: RwLock<HashMap<(String, String), SlotRef>>,
     names: Mutex<Names>,
     dir: Option<PathBuf>,
     full_warned: AtomicBool,
+    /// Pairs one owner may have metered at once (0: no limit).
+    owner_limit: AtomicU64,
+    /// The newest hour the shipper closed slots into: a slot named later starts no earlier, so
+    /// a pair whose slot was released never reports into an hour already closed for it.
+    hour_floor: AtomicU64,
     /// The counters file, held open for its lock.
     _file: Option<File>,
 }
@@ -195,12 +270,7 @@ impl Meter {
         let mut stale = false;
         let len = (slots + 1) * SLOT_WORDS * 8;
         let (map, names, file, counters) = match dir {
-            None => (
-                memmap2::MmapMut::map_anon(len)?,
-                BTreeMap::new(),
-                None,
-                None,
-            ),
+            None => (memmap2::MmapMut::map_anon(len)?, vec![], None, None),
             Some(d) => {
                 std::fs::create_dir_all(d)
                     .with_context(|| format!("cannot create {}", d.display()))?;
@@ -239,14 +309,15 @@ impl Meter {
                         .filter_map(|l| {
                             // A torn last line (a crash mid-write) has no key and is skipped:
                             // its slot was never handed out.
-                            let mut it = l.splitn(3, '\t');
+                            let mut it = l.splitn(4, '\t');
                             let slot: u32 = it.next()?.parse().ok()?;
                             let realm = it.next()?.to_owned();
                             let key = it.next()?.to_owned();
-                            Some((slot, (realm, key)))
+                            let owner = it.next().unwrap_or_default().to_owned();
+                            Some((slot, SlotName { realm, key, owner }))
                         })
-                        .collect(),
-                    Err(_) => BTreeMap::new(),
+                        .collect::<Vec<_>>(),
+                    Err(_) => vec![],
                 };
                 let file = OpenOptions::new()
                     .create(true)
@@ -261,44 +332,74 @@ impl Meter {
             slots,
             epoch: 0,
             index: RwLock::new(HashMap::new()),
-            names: Mutex::new((BTreeMap::new(), file)),
+            names: Mutex::new(Names {
+                by_slot: BTreeMap::new(),
+                file,
+                free: vec![],
+                per_owner: HashMap::new(),
+                lines: 0,
+            }),
             dir: dir.map(Path::to_path_buf),
             full_warned: AtomicBool::new(false),
+            owner_limit: AtomicU64::new(0),
+            hour_floor: AtomicU64::new(0),
             _file: counters,
         };
         let w = meter.words();
-        let mut names =
-            if w[0].load(Ordering::Relaxed) == MAGIC && w[1].load(Ordering::Relaxed) != 0 {
-                meter.epoch = w[1].load(Ordering::Relaxed);
-                names
-            } else {
-                // A new file (or one of an unknown format): a new epoch, empty slots, and the slot
-                // names of an older file mean nothing.
-                if stale {
-                    for x in w.iter() {
-                        x.store(0, Ordering::Relaxed);
-                    }
+        let lines = names.len();
+        let names = if w[0].load(Ordering::Relaxed) == MAGIC && w[1].load(Ordering::Relaxed) != 0 {
+            meter.epoch = w[1].load(Ordering::Relaxed);
+            names
+        } else {
+            // A new file (or one of an unknown format): a new epoch, empty slots, and the slot
+            // names of an older file mean nothing.
+            if stale {
+                for x in w.iter() {
+                    x.store(0, Ordering::Relaxed);
                 }
-                let e = rand::random::<u64>().max(1);
-                w[0].store(MAGIC, Ordering::Relaxed);
-                w[1].store(e, Ordering::Relaxed);
-                meter.epoch = e;
-                if let Some(d) = dir {
-                    std::fs::write(d.join("slots"), b"")?;
-                }
-                BTreeMap::new()
-            };
-        // Slots beyond a (since reduced) `metering.slots` are not used.
-        names.retain(|slot, _| *slot > OVERFLOW && (*slot as usize) <= slots);
+            }
+            let e = rand::random::<u64>().max(1);
+            w[0].store(MAGIC, Ordering::Relaxed);
+            w[1].store(e, Ordering::Relaxed);
+            meter.epoch = e;
+            if let Some(d) = dir {
+                std::fs::write(d.join("slots"), b"")?;
+            }
+            vec![]
+        };
         {
+            let mut n = meter.names.lock();
+            n.lines = lines;
+            for (slot, name) in names {
+                // Slots beyond a (since reduced) `metering.slots` are not used.
+                if slot > RESERVED && (slot as usize) <= slots {
+                    n.name(slot, name);
+                }
+            }
             let mut idx = meter.index.write();
-            for (slot, n) in &names {
-                idx.insert(n.clone(), *slot);
+            for (slot, name) in &n.by_slot {
+                idx.insert(
+                    (name.realm.clone(), name.key.clone()),
+                    (*slot, Arc::new(())),
+                );
             }
         }
-        meter.names.lock().0 = names;
         meter.sync();
         Ok(Arc::new(meter))
+    }
+
+    /// Limits the pairs one owner may have metered on this node at once (0: none).
+    pub fn set_owner_limit(&self, n: usize) {
+        self.owner_limit.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Named slots (pairs being metered), and those of `owner`.
+    pub fn named(&self, owner: &str) -> (usize, usize) {
+        let n = self.names.lock();
+        (
+            n.by_slot.len(),
+            n.per_owner.get(owner).copied().unwrap_or(0),
+        )
     }
 
     fn words(&self) -> &[AtomicU64] {
@@ -319,63 +420,151 @@ impl Meter {
         self.epoch
     }
 
-    fn overflow(self: &Arc<Self>, why: &str) -> Counter {
+    fn refuse(&self, why: NoSlot) -> NoSlot {
         if !self.full_warned.swap(true, Ordering::Relaxed) {
-            tracing::warn!(slots = self.slots, "metering: {why}; further usage of new realm/key pairs is counted unattributed (not billed)");
+            tracing::warn!(
+                slots = self.slots,
+                "metering: {why}; new (realm, key) pairs are refused until slots are released"
+            );
         }
-        Counter {
-            meter: self.clone(),
-            slot: OVERFLOW,
-        }
+        why
     }
 
-    /// The counter of (realm, key), creating its slot on first use. A slot is handed out only
-    /// once its name is on disk; without one (every slot taken, or the name not written) the
-    /// usage goes to the overflow slot, which is not billed, and a warning is logged once.
-    pub fn counter(self: &Arc<Self>, realm: &str, key_id: &str) -> Counter {
+    /// The counter of (realm, key), whose key belongs to `owner` (the realm registration's
+    /// authority), creating its slot on first use. A slot is handed out only once its name is on
+    /// disk. Without one (every slot holds undelivered usage or a live counter, the owner is at
+    /// its limit, or the name cannot be written) the pair is refused: usage is never counted
+    /// where it would not be billed.
+    pub fn counter_for(
+        self: &Arc<Self>,
+        realm: &str,
+        key_id: &str,
+        owner: &str,
+    ) -> Result<Counter, NoSlot> {
         let k = (realm.to_owned(), key_id.to_owned());
-        if let Some(&slot) = self.index.read().get(&k) {
-            return Counter {
+        if let Some((slot, hold)) = self.index.read().get(&k) {
+            return Ok(Counter {
                 meter: self.clone(),
-                slot,
-            };
+                slot: *slot,
+                _hold: hold.clone(),
+            });
         }
         let mut names = self.names.lock();
-        if let Some(&slot) = self.index.read().get(&k) {
-            return Counter {
+        if let Some((slot, hold)) = self.index.read().get(&k) {
+            return Ok(Counter {
                 meter: self.clone(),
-                slot,
-            };
+                slot: *slot,
+                _hold: hold.clone(),
+            });
         }
-        let slot = names.0.keys().next_back().map_or(OVERFLOW + 1, |s| s + 1);
+        let limit = self.owner_limit.load(Ordering::Relaxed) as usize;
+        let owned = names.per_owner.get(owner).copied().unwrap_or(0);
+        if limit > 0 && owned >= limit {
+            return Err(NoSlot::OwnerLimit(limit));
+        }
+        let slot = match names.free.pop() {
+            Some(s) => s,
+            None => names
+                .by_slot
+                .keys()
+                .next_back()
+                .map_or(RESERVED + 1, |s| s + 1),
+        };
         if slot as usize > self.slots {
-            return self.overflow("every slot is in use (metering.slots)");
+            return Err(self.refuse(NoSlot::Full(self.slots)));
         }
-        if let Some(f) = names.1.as_mut() {
-            let line = format!("{slot}\t{}\t{}\n", k.0, k.1);
+        if let Some(f) = names.file.as_mut() {
+            let line = format!("{slot}\t{}\t{}\t{owner}\n", k.0, k.1);
             if f.write_all(line.as_bytes())
                 .and_then(|_| f.sync_data())
                 .is_err()
             {
-                drop(names);
-                return self.overflow("cannot record a slot name (disk full?)");
+                names.free.push(slot);
+                return Err(self.refuse(NoSlot::Disk));
             }
         }
-        // Whatever an earlier life of the file left in the slot is not this pair's usage.
+        names.lines += 1;
+        // Whatever an earlier life of the slot left in it is not this pair's usage.
         let s = self.slot(slot);
         for j in 0..COUNTERS {
             s[BASE + j].store(s[CUR + j].load(Ordering::Relaxed), Ordering::Relaxed);
         }
-        s[HOUR].store(
-            u64::from(hour_of(crate::confdir::now_secs())),
-            Ordering::Relaxed,
+        let hour = u64::from(hour_of(crate::confdir::now_secs()))
+            .max(self.hour_floor.load(Ordering::Relaxed));
+        s[HOUR].store(hour, Ordering::Relaxed);
+        names.name(
+            slot,
+            SlotName {
+                realm: k.0.clone(),
+                key: k.1.clone(),
+                owner: owner.to_owned(),
+            },
         );
-        names.0.insert(slot, k.clone());
-        self.index.write().insert(k, slot);
-        Counter {
+        let hold = Arc::new(());
+        self.index.write().insert(k, (slot, hold.clone()));
+        Ok(Counter {
             meter: self.clone(),
             slot,
+            _hold: hold,
+        })
+    }
+
+    /// [`Meter::counter_for`] with no owner, for tests.
+    #[cfg(test)]
+    pub fn counter(self: &Arc<Self>, realm: &str, key_id: &str) -> Counter {
+        self.counter_for(realm, key_id, "").expect("a free slot")
+    }
+
+    /// Releases `slot` for another pair if nothing counts into it any more and everything it
+    /// counted was delivered: no live [`Counter`] holds it, and its counters are still those of
+    /// the final report of its last hour (`delivered`). Usage of its pair later is counted in a
+    /// new hour, so the aggregator's rows stay exact.
+    fn reclaim(&self, slot: u32, delivered: &[u64; COUNTERS]) -> bool {
+        let mut names = self.names.lock();
+        let Some(name) = names.by_slot.get(&slot).cloned() else {
+            return false;
+        };
+        let k = (name.realm, name.key);
+        {
+            let mut index = self.index.write();
+            match index.get(&k) {
+                Some((s, hold)) if *s == slot && Arc::strong_count(hold) == 1 => {}
+                _ => return false,
+            }
+            let cur = self.slot(slot);
+            if (0..COUNTERS).any(|j| cur[CUR + j].load(Ordering::Relaxed) != delivered[j]) {
+                return false;
+            }
+            index.remove(&k);
         }
+        names.by_slot.remove(&slot);
+        names.forget_owner(&name.owner);
+        names.free.push(slot);
+        // The names file keeps every assignment; rewrite it when it is mostly superseded.
+        if names.lines > 2 * names.by_slot.len() + 1024 {
+            if let Err(e) = self.rewrite_names(&mut names) {
+                tracing::warn!("metering: cannot compact the slot names file: {e}");
+            }
+        }
+        self.full_warned.store(false, Ordering::Relaxed);
+        true
+    }
+
+    /// Rewrites the names file with the current names only (write, sync, rename).
+    fn rewrite_names(&self, names: &mut Names) -> std::io::Result<()> {
+        let Some(d) = &self.dir else { return Ok(()) };
+        let tmp = d.join("slots.tmp");
+        let mut f = File::create(&tmp)?;
+        let mut text = String::new();
+        for (slot, n) in &names.by_slot {
+            text.push_str(&format!("{slot}\t{}\t{}\t{}\n", n.realm, n.key, n.owner));
+        }
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, d.join("slots"))?;
+        names.file = Some(OpenOptions::new().append(true).open(d.join("slots"))?);
+        names.lines = names.by_slot.len();
+        Ok(())
     }
 
     /// Writes the counters to disk (against power loss; a process crash loses nothing anyway).
@@ -389,17 +578,24 @@ impl Meter {
 
     /// Current cumulative counters of every slot, for the metrics endpoint: (realm, key, totals).
     pub fn totals(&self) -> Vec<(String, String, [u64; COUNTERS])> {
-        let names = self.names.lock().0.clone();
+        let names = self.names.lock().by_slot.clone();
         names
             .into_iter()
-            .map(|(slot, (r, k))| {
-                let s = self.slot(slot);
-                let mut c = [0u64; COUNTERS];
-                for (j, v) in c.iter_mut().enumerate() {
-                    *v = s[CUR + j].load(Ordering::Relaxed);
-                }
-                (r, k, c)
-            })
+            .map(
+                |(
+                    slot,
+                    SlotName {
+                        realm: r, key: k, ..
+                    },
+                )| {
+                    let s = self.slot(slot);
+                    let mut c = [0u64; COUNTERS];
+                    for (j, v) in c.iter_mut().enumerate() {
+                        *v = s[CUR + j].load(Ordering::Relaxed);
+                    }
+                    (r, k, c)
+                },
+            )
             .collect()
     }
 }
@@ -409,6 +605,8 @@ impl Meter {
 pub struct Counter {
     meter: Arc<Meter>,
     slot: u32,
+    /// Keeps the slot from being reclaimed while this counter lives.
+    _hold: Arc<()>,
 }
 
 impl Counter {
@@ -475,6 +673,9 @@ impl SessionMeter {
     }
 }
 
+/// Rows per usage report a node sends.
+pub const SHIP_CHUNK: usize = 1024;
+
 /// Builds reports from the slot file and moves bases once the aggregator has a report.
 pub struct Shipper {
     meter: Arc<Meter>,
@@ -496,12 +697,15 @@ impl Shipper {
     /// Returns the number of rows delivered.
     pub async fn ship(&mut self, sink: &dyn UsageSink, now_secs: u64) -> Result<usize, String> {
         let now_hour = hour_of(now_secs);
-        let names = self.meter.names.lock().0.clone();
+        self.meter
+            .hour_floor
+            .fetch_max(u64::from(now_hour), Ordering::Relaxed);
+        let names = self.meter.names.lock().by_slot.clone();
         let mut rows = vec![];
         // Slots whose hour ended: (slot, counters the final row was built from).
         let mut rebase = vec![];
         let mut sent = vec![];
-        for (idx, (realm, key)) in names {
+        for (idx, SlotName { realm, key, .. }) in names {
             let s = self.meter.slot(idx);
             let hour = s[HOUR].load(Ordering::Relaxed) as u32;
             let mut cur = [0u64; COUNTERS];
@@ -537,11 +741,15 @@ impl Shipper {
             });
         }
         let n = rows.len();
-        if n > 0 {
+        // In reports of bounded size: a backlog (after an outage, or many pairs in one hour)
+        // never becomes one huge frame or transaction. A failure part-way re-sends all of it
+        // next time, which changes nothing of what was taken (rows are cumulative).
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
             sink.deliver(UsageReport {
                 node: self.node.clone(),
                 epoch: self.meter.epoch,
-                rows,
+                rows: rows.by_ref().take(SHIP_CHUNK).collect(),
             })
             .await?;
         }
@@ -554,6 +762,8 @@ impl Shipper {
             }
             s[HOUR].store(u64::from(now_hour), Ordering::Relaxed);
             self.sent.remove(&idx);
+            // Delivered, and idle since: the slot can serve another pair.
+            self.meter.reclaim(idx, &cur);
         }
         Ok(n)
     }
@@ -645,14 +855,99 @@ mod tests {
     }
 
     #[test]
-    fn every_slot_taken_goes_to_the_unbilled_overflow() {
+    fn a_pair_without_a_slot_is_refused_never_counted_unbilled() {
         let m = Meter::open(None, 16).unwrap();
-        for i in 0..15 {
-            m.counter("com.a", &format!("key_{i}")).op(Op::Publish, 1);
-        }
-        // Slots 2..=16 are named; the 16th pair overflows.
-        m.counter("com.a", "key_extra").op(Op::Publish, 1);
+        let held: Vec<Counter> = (0..15)
+            .map(|i| m.counter_for("com.a", &format!("key_{i}"), "a").unwrap())
+            .collect();
+        // Slots 2..=16 are named; the 16th pair is refused, and nothing counts anywhere else.
+        assert_eq!(
+            m.counter_for("com.b", "key_x", "b").err(),
+            Some(NoSlot::Full(16))
+        );
         assert_eq!(m.totals().len(), 15);
+        drop(held);
+    }
+
+    #[test]
+    fn one_owner_is_limited_and_the_others_are_not() {
+        let m = Meter::open(None, 64).unwrap();
+        m.set_owner_limit(3);
+        let _a: Vec<Counter> = (0..3)
+            .map(|i| m.counter_for(&format!("com.a.s{i}"), "key_a", "a").unwrap())
+            .collect();
+        assert_eq!(
+            m.counter_for("com.a.s9", "key_a", "a").err(),
+            Some(NoSlot::OwnerLimit(3))
+        );
+        // A pair already metered is not a new one.
+        assert!(m.counter_for("com.a.s0", "key_a", "a").is_ok());
+        assert!(m.counter_for("com.b", "key_b", "b").is_ok());
+        assert_eq!(m.named("a"), (4, 3));
+    }
+
+    #[tokio::test]
+    async fn slots_are_released_once_delivered_and_idle_and_usage_stays_exact() {
+        let d = tempfile::tempdir().unwrap();
+        let m = Meter::open(Some(d.path()), 16).unwrap();
+        m.set_owner_limit(2);
+        let rec = Rec(Mutex::new(vec![]));
+        let mut sh = Shipper::new(m.clone(), "n1".into());
+        let now = crate::confdir::now_secs();
+        m.counter_for("com.a", "k1", "a")
+            .unwrap()
+            .op(Op::Publish, 1);
+        m.counter_for("com.a", "k2", "a")
+            .unwrap()
+            .op(Op::Publish, 1);
+        let live = m.counter_for("com.b", "k3", "b").unwrap();
+        live.op(Op::Call, 1);
+        assert!(
+            m.counter_for("com.a", "k4", "a").is_err(),
+            "owner a is full"
+        );
+        sh.ship(&rec, now).await.unwrap();
+        // Within the hour nothing is released (a pair used again this hour must keep its row).
+        assert_eq!(m.named("a"), (3, 2));
+        // The hour ends: the final rows go out, then idle pairs without a live counter are
+        // released; the live one keeps its slot.
+        let next = now + 3600;
+        sh.ship(&rec, next).await.unwrap();
+        assert_eq!(m.named("a"), (1, 0));
+        assert_eq!(m.named("b"), (1, 1));
+        // Owner a gets slots again; k1 counts from zero in the new hour.
+        m.counter_for("com.a", "k4", "a")
+            .unwrap()
+            .op(Op::Publish, 1);
+        m.counter_for("com.a", "k1", "a")
+            .unwrap()
+            .op(Op::Publish, 5);
+        sh.ship(&rec, next).await.unwrap();
+        let reports = rec.0.lock().clone();
+        let rows: Vec<&UsageRow> = reports
+            .iter()
+            .flat_map(|r| &r.rows)
+            .filter(|r| r.key_id == "k1")
+            .collect();
+        let first: u64 = rows
+            .iter()
+            .filter(|r| r.hour == hour_of(now))
+            .map(|r| r.ops[0])
+            .max()
+            .unwrap();
+        let second: u64 = rows
+            .iter()
+            .filter(|r| r.hour == hour_of(next))
+            .map(|r| r.ops[0])
+            .max()
+            .unwrap();
+        assert_eq!((first, second), (1, 1));
+        // A restart reads the last name of each slot.
+        drop((live, sh, m));
+        let m = Meter::open(Some(d.path()), 16).unwrap();
+        let mut names: Vec<String> = m.totals().into_iter().map(|t| t.1).collect();
+        names.sort();
+        assert_eq!(names, ["k1", "k3", "k4"]);
     }
 
     #[tokio::test]

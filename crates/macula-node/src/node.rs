@@ -20,7 +20,12 @@ use crate::outbox::Outbox;
 /// A realm and the lock around its router core.
 pub struct RealmHandle {
     pub name: String,
-    pub core: Mutex<Realm<NodePeer>>,
+    core: Mutex<Realm<NodePeer>>,
+    /// This handle, for the list of realms to tick.
+    me: std::sync::Weak<RealmHandle>,
+    /// Whether the handle is in `ticking` (its dealer has call deadlines).
+    in_ticking: std::sync::atomic::AtomicBool,
+    ticking: Arc<Ticking>,
     /// The member answering the node's own procedures (`macula.dht.*`), when the mesh is on.
     pub service: Option<Id>,
     /// Whether this node announced itself as serving the realm (a DHT provider record, which
@@ -36,10 +41,55 @@ impl RealmHandle {
     }
 
     /// Locks the realm's core; a poisoned lock (a panic elsewhere) is recovered, not propagated.
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, Realm<NodePeer>> {
-        match self.core.lock() {
+    /// When the guard is dropped, a realm that now has call deadlines joins the node's list of
+    /// realms to tick (one atomic load otherwise).
+    pub fn lock(&self) -> RealmGuard<'_> {
+        let guard = match self.core.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
+        };
+        RealmGuard {
+            guard,
+            handle: self,
+        }
+    }
+}
+
+/// The realms whose dealers have call deadlines: the only ones the node's timer visits, so
+/// that idle realms cost no periodic work.
+#[derive(Default)]
+pub struct Ticking(Mutex<Vec<std::sync::Weak<RealmHandle>>>);
+
+/// A locked realm (see [`RealmHandle::lock`]).
+pub struct RealmGuard<'a> {
+    guard: std::sync::MutexGuard<'a, Realm<NodePeer>>,
+    handle: &'a RealmHandle,
+}
+
+impl std::ops::Deref for RealmGuard<'_> {
+    type Target = Realm<NodePeer>;
+    fn deref(&self) -> &Realm<NodePeer> {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for RealmGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Realm<NodePeer> {
+        &mut self.guard
+    }
+}
+
+impl Drop for RealmGuard<'_> {
+    fn drop(&mut self) {
+        // Under the realm's lock, so the timer's removal (also under it) cannot race this.
+        if !self.handle.in_ticking.load(Ordering::Relaxed) && self.guard.has_deadlines() {
+            self.handle.in_ticking.store(true, Ordering::Relaxed);
+            self.handle
+                .ticking
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(self.handle.me.clone());
         }
     }
 }
@@ -100,6 +150,7 @@ pub struct Node {
     pub confdir: Option<ConfDir>,
     auth: RwLock<Arc<AuthState>>,
     realms: Mutex<HashMap<String, Arc<RealmHandle>>>,
+    ticking: Arc<Ticking>,
     sessions: Mutex<HashMap<Id, LiveSession>>,
     /// What the config directory holds (merged with realm states learned from the mesh).
     local: Mutex<Loaded>,
@@ -138,6 +189,7 @@ impl Node {
                 crate::meter::Meter::open(dir.as_deref(), m.slots)
                     .map_err(|e| meter_error = Some(format!("metering: {e:#}")))
                     .ok()
+                    .inspect(|meter| meter.set_owner_limit(m.max_pairs_per_registration))
             })
             .flatten();
         let (events, events_rx) = match (m.events_sample, &meter) {
@@ -153,6 +205,7 @@ impl Node {
             confdir,
             auth: RwLock::new(Arc::new(auth)),
             realms: Mutex::new(HashMap::new()),
+            ticking: Arc::new(Ticking::default()),
             sessions: Mutex::new(HashMap::new()),
             local: Mutex::new(loaded),
             mesh: OnceLock::new(),
@@ -297,9 +350,12 @@ impl Node {
                     }
                     service = Some(id);
                 }
-                Arc::new(RealmHandle {
+                Arc::new_cyclic(|me| RealmHandle {
                     name: name.to_owned(),
                     core: Mutex::new(core),
+                    me: me.clone(),
+                    in_ticking: std::sync::atomic::AtomicBool::new(false),
+                    ticking: self.ticking.clone(),
                     service,
                     provided: std::sync::atomic::AtomicBool::new(false),
                 })
@@ -342,6 +398,29 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// The usage counter for a session (or bridge request) of `identity`, when metering is on.
+    /// Refused with ABORT `macula.error.limit_exceeded` when the node cannot meter one more
+    /// pair for it: usage is never counted where it would not be billed.
+    pub fn counter_for(
+        &self,
+        identity: &Identity,
+    ) -> Result<Option<crate::meter::Counter>, Message> {
+        let Some(meter) = &self.meter else {
+            return Ok(None);
+        };
+        meter
+            .counter_for(
+                &identity.realm,
+                &identity.kid,
+                &hex::encode(identity.authority),
+            )
+            .map(Some)
+            .map_err(|why| {
+                self.metrics.meter_refused.fetch_add(1, Ordering::Relaxed);
+                abort(errors::LIMIT_EXCEEDED, why.to_string())
+            })
     }
 
     /// Records a joined session.
@@ -401,10 +480,36 @@ impl Node {
     }
 
     /// Expires call timeouts in every realm.
+    /// Expires the calls whose deadline passed, visiting only realms with deadlines.
     pub fn tick(&self, now: Instant) {
-        for r in self.realm_handles() {
-            r.lock().tick(now);
+        let list = std::mem::take(&mut *self.ticking.0.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut keep = Vec::with_capacity(list.len());
+        for weak in list {
+            let Some(r) = weak.upgrade() else { continue };
+            let mut core = r.core.lock().unwrap_or_else(|p| p.into_inner());
+            core.tick(now);
+            if core.has_deadlines() {
+                keep.push(weak);
+            } else {
+                r.in_ticking.store(false, Ordering::Relaxed);
+            }
         }
+        if !keep.is_empty() {
+            self.ticking
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(keep);
+        }
+    }
+
+    /// Realms the timer visits (for tests and metrics).
+    pub fn ticking_realms(&self) -> usize {
+        self.ticking
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     /// Closes the sessions whose key has expired (a key's expiry holds for live sessions, not

@@ -311,6 +311,13 @@ impl Connection {
                             .and_then(|f| f.get("call_canceling"))
                             .and_then(Value::as_bool)
                             .unwrap_or(false);
+                        let counter = match self.node.counter_for(&identity) {
+                            Ok(c) => c,
+                            Err(a) => {
+                                self.node.drop_realm_if_idle(&realm);
+                                return self.fail(a);
+                            }
+                        };
                         let id = {
                             let mut core = realm.lock();
                             let id = core.new_session_id();
@@ -331,10 +338,8 @@ impl Connection {
                             id
                         };
                         self.kid = identity.kid.clone();
-                        if let Some(meter) = &self.node.meter {
-                            let m = Arc::new(SessionMeter::new(
-                                meter.counter(&identity.realm, &identity.kid),
-                            ));
+                        if let Some(counter) = counter {
+                            let m = Arc::new(SessionMeter::new(counter));
                             self.outbox.set_meter(m.clone());
                             self.meter = Some(m);
                         }

@@ -248,3 +248,133 @@ async fn slow_http_clients_are_cut_off_and_connections_capped() {
         "{metrics}"
     );
 }
+
+/// Bounded cost (finding 13): requests through the HTTP bridge to thousands of distinct
+/// subrealms leave no realm state behind, and realms without call deadlines cost the node's
+/// timer nothing.
+#[tokio::test]
+async fn requests_to_many_subrealms_leave_nothing_behind() {
+    let t = TestNode::start_with(|c| c.metering.max_pairs_per_registration = 0).await;
+    let before = t.node().realm_handles().len();
+    for i in 0..2000 {
+        let realm = format!("{REALM}.s{i}");
+        let body = format!(r#"{{"topic": "{realm}.t", "args": [1]}}"#);
+        let (status, text) = t
+            .http(
+                "POST",
+                &format!("/v1/realms/{realm}/publish"),
+                Some(&t.admin_key),
+                &body,
+            )
+            .await;
+        assert_eq!(status, 200, "{text}");
+    }
+    assert_eq!(t.node().realm_handles().len(), before);
+    assert_eq!(t.node().ticking_realms(), 0);
+
+    // A call waiting for its answer puts its realm on the timer; the answer takes it off.
+    let callee = t.client().await;
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel();
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let gate = release.clone();
+    let _reg = callee
+        .register("com.example.test.slow", move |_inv| {
+            let (arrived_tx, gate) = (arrived_tx.clone(), gate.clone());
+            async move {
+                let _ = arrived_tx.send(());
+                gate.notified().await;
+                Ok(macula_client::Payload::default())
+            }
+        })
+        .await
+        .unwrap();
+    let caller = t.client().await;
+    let call = tokio::spawn(async move {
+        caller
+            .call("com.example.test.slow", macula_client::Payload::default())
+            .await
+    });
+    tokio::time::timeout(Duration::from_secs(5), arrived.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(t.node().ticking_realms(), 1);
+    release.notify_one();
+    call.await.unwrap().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while t.node().ticking_realms() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a realm with no calls stayed on the timer"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Bounded cost (finding 12): one registration that touches many subrealms runs into its own
+/// metering limit (bridge: 429, WAMP: ABORT `macula.error.limit_exceeded`) while every other
+/// registration keeps being metered and served; no usage is ever counted unbilled.
+#[tokio::test]
+async fn one_registration_cannot_exhaust_the_meter_for_others() {
+    let t = TestNode::start_with(|c| {
+        c.metering.max_pairs_per_registration = 20;
+    })
+    .await;
+    t.dir.create_realm("com.other", None).unwrap();
+    let (_, other_key) = t
+        .dir
+        .issue_key("com.other", "admin", "other", 3600, None)
+        .unwrap();
+    t.node().reload().unwrap();
+    let publish = |realm: String, key: String| {
+        let t = &t;
+        async move {
+            let body = format!(r#"{{"topic": "{realm}.t", "args": [1]}}"#);
+            t.http(
+                "POST",
+                &format!("/v1/realms/{realm}/publish"),
+                Some(&key),
+                &body,
+            )
+            .await
+        }
+    };
+    let mut refused = None;
+    for i in 0..40 {
+        let (status, text) = publish(format!("{REALM}.s{i}"), t.admin_key.clone()).await;
+        if status != 200 {
+            refused = Some((i, status, text));
+            break;
+        }
+    }
+    let (at, status, text) = refused.expect("the registration met its limit");
+    assert_eq!((at, status), (20, 429), "{text}");
+    assert!(
+        text.contains(errors::LIMIT_EXCEEDED) && text.contains("max_pairs_per_registration"),
+        "{text}"
+    );
+    // Over WAMP too, for a pair not yet metered.
+    let err = Client::connect_with(opts(
+        &t.running.ws_url(),
+        &format!("{REALM}.s99"),
+        &t.admin_key,
+    ))
+    .await
+    .err()
+    .expect("refused");
+    assert_eq!(err.uri(), Some(errors::LIMIT_EXCEEDED), "{err}");
+    // Pairs already metered keep working, and another registration is untouched.
+    let (status, text) = publish(format!("{REALM}.s3"), t.admin_key.clone()).await;
+    assert_eq!(status, 200, "{text}");
+    for i in 0..20 {
+        let (status, text) = publish(format!("com.other.s{i}"), other_key.clone()).await;
+        assert_eq!(status, 200, "{text}");
+    }
+    assert_eq!(
+        t.node()
+            .metrics
+            .meter_refused
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+}

@@ -19,7 +19,7 @@
 use std::collections::{HashMap, HashSet};
 
 use macula_node::confdir::{now_secs, rfc3339};
-use macula_node::meter::{quantile_ms, UsageReport, BUCKETS, OPS};
+use macula_node::meter::{quantile_ms, UsageReport, UsageRow, BUCKETS, OPS};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::Row;
@@ -375,15 +375,38 @@ pub struct UsagePeriod {
     pub latency_p95_ms: Option<f64>,
 }
 
+/// Rows of a usage report taken per transaction (see [`Registry::ingest`]).
+pub const INGEST_CHUNK: usize = 256;
+
 impl Registry {
     /// Takes a node's usage report (see the module doc). Idempotent: the same report, or an
     /// older one, changes nothing. Returns the billing realms whose totals grew.
+    ///
+    /// A report is taken [`INGEST_CHUNK`] rows per transaction: a node that re-sends a large
+    /// backlog holds the database's writer for one short transaction at a time, and signups,
+    /// logins and revocations queue between them. Rows are independent (each is merged by its
+    /// own key), so a failure part-way leaves the earlier chunks taken and the re-sent report
+    /// changes nothing of them.
     pub async fn ingest(&self, report: &UsageReport) -> ApiResult<Vec<String>> {
-        if report.rows.is_empty() {
-            return Ok(vec![]);
+        let mut grew = HashSet::new();
+        for chunk in report.rows.chunks(INGEST_CHUNK) {
+            grew.extend(self.ingest_chunk(report, chunk).await?);
+            // Let queued control-plane writes go first.
+            tokio::task::yield_now().await;
+        }
+        Ok(grew.into_iter().collect())
+    }
+
+    async fn ingest_chunk(
+        &self,
+        report: &UsageReport,
+        chunk: &[UsageRow],
+    ) -> ApiResult<HashSet<String>> {
+        if chunk.is_empty() {
+            return Ok(HashSet::new());
         }
         let epoch = format!("{:016x}", report.epoch);
-        let min_hour = report.rows.iter().map(|r| r.hour).min().unwrap_or(0) as i64;
+        let min_hour = chunk.iter().map(|r| r.hour).min().unwrap_or(0) as i64;
         let mut tx = self.db.begin().await?;
         // Deliveries from one node are taken one at a time: on PostgreSQL two overlapping ones
         // (a re-send after a timeout) would both read a row that does not exist yet and both
@@ -397,15 +420,40 @@ impl Registry {
         } else {
             ""
         };
-        let rows = sqlx::query(&format!(
+        // The stored rows of this chunk's realms and keys only.
+        let realms: Vec<&str> = chunk
+            .iter()
+            .map(|r| r.realm.as_str())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let keys: Vec<&str> = chunk
+            .iter()
+            .map(|r| r.key_id.as_str())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let list = |from: usize, n: usize| {
+            (from..from + n)
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let sql = format!(
             "SELECT realm, key_id, hour, ops_publish, ops_subscribe, ops_call, ops_register, ops_dht, \
-             bytes_in, bytes_out, latency FROM usage_reports WHERE node = $1 AND epoch = $2 AND hour >= $3{lock}"
-        ))
-        .bind(&report.node)
-        .bind(&epoch)
-        .bind(min_hour)
-        .fetch_all(&mut *tx)
-        .await?;
+             bytes_in, bytes_out, latency FROM usage_reports WHERE node = $1 AND epoch = $2 AND hour >= $3 \
+             AND realm IN ({}) AND key_id IN ({}){lock}",
+            list(4, realms.len()),
+            list(4 + realms.len(), keys.len())
+        );
+        let mut q = sqlx::query(&sql)
+            .bind(&report.node)
+            .bind(&epoch)
+            .bind(min_hour);
+        for v in realms.iter().chain(&keys) {
+            q = q.bind(*v);
+        }
+        let rows = q.fetch_all(&mut *tx).await?;
         let mut old: HashMap<ReportKey, ([u64; 7], Vec<u64>)> = HashMap::new();
         for r in rows {
             let mut c = [0u64; 7];
@@ -424,7 +472,7 @@ impl Registry {
         }
         // Billing realm of each reported realm: the nearest registered one.
         let mut billing: HashMap<String, String> = HashMap::new();
-        for row in &report.rows {
+        for row in chunk {
             if !billing.contains_key(&row.realm) {
                 let b = self.billing_realm(&mut tx, &row.realm).await?;
                 billing.insert(row.realm.clone(), b);
@@ -432,7 +480,7 @@ impl Registry {
         }
         let now = now_secs() as i64;
         let mut grew: HashSet<String> = HashSet::new();
-        for row in &report.rows {
+        for row in chunk {
             let mut new = [0u64; 7];
             new[..OPS].copy_from_slice(&row.ops);
             new[5] = row.bytes_in;
@@ -514,7 +562,7 @@ impl Registry {
             }
         }
         tx.commit().await?;
-        Ok(grew.into_iter().collect())
+        Ok(grew)
     }
 
     async fn billing_realm(&self, c: &mut sqlx::AnyConnection, realm: &str) -> ApiResult<String> {

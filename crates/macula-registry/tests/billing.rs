@@ -743,3 +743,64 @@ async fn a_configured_price_list_is_used() {
         ]
     );
 }
+
+/// Bounded cost (isolation finding 14): a node re-sending a large backlog of usage does not
+/// hold the embedded database's writer for the whole of it. A signup and a login made while the
+/// backlog is being taken complete before it is done, and every row of it is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_backlog_does_not_starve_control_plane_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let srv = serve(&common::sqlite_url(tmp.path()), tmp.path(), config()).await;
+    let token = account(&srv.base, "own@example.com").await;
+    create_realm(&srv.base, &token, json!({"name": "com.backlog"})).await;
+    let hour = hour_of(now_secs());
+    const ROWS: usize = 20_000;
+    let rows: Vec<UsageRow> = (0..ROWS)
+        .map(|i| {
+            row(
+                &format!("com.backlog.s{i}"),
+                "key_1",
+                hour,
+                [1, 0, 0, 0, 0],
+                10,
+                0,
+            )
+        })
+        .collect();
+    let backlog = report("n1", 7, rows);
+    let reg = srv.reg.clone();
+    let ingest = tokio::spawn(async move { reg.ingest(&backlog).await });
+    let stored = |reg: std::sync::Arc<macula_registry::Registry>| async move {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM usage_reports")
+            .fetch_one(&reg.db.pool)
+            .await
+            .unwrap() as usize
+    };
+    // Once the backlog is being taken...
+    while stored(srv.reg.clone()).await == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // ...control-plane writes go through between its chunks.
+    account(&srv.base, "newcomer@example.com").await;
+    let taken = stored(srv.reg.clone()).await;
+    assert!(
+        taken < ROWS && !ingest.is_finished(),
+        "the signup waited for the whole backlog ({taken} of {ROWS} rows were in)"
+    );
+    assert_eq!(ingest.await.unwrap().unwrap(), vec!["com.backlog"]);
+    assert_eq!(stored(srv.reg.clone()).await, ROWS);
+    let (s, v) = req(
+        &srv.base,
+        "GET",
+        "/v1/realms/com.backlog/usage",
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["items"][0]["ops_total"].as_u64(),
+        Some(ROWS as u64),
+        "{v}"
+    );
+}

@@ -316,6 +316,15 @@ impl Dealer {
     }
 
     /// Removes and returns calls whose deadline is at or before `now`.
+    /// Whether any call has a deadline still to be checked (the caller must tick this dealer).
+    /// With no call in flight, the deadlines of finished calls are dropped at once.
+    pub fn has_deadlines(&mut self) -> bool {
+        if self.calls.is_empty() {
+            self.deadlines.clear();
+        }
+        !self.deadlines.is_empty()
+    }
+
     pub fn expired(&mut self, now: Instant) -> Vec<(Id, PendingCall)> {
         let mut out = vec![];
         while let Some(Reverse((d, inv))) = self.deadlines.peek().copied() {

@@ -619,6 +619,12 @@ impl<P: Peer> Realm<P> {
 
     /// Expires calls whose timeout has passed: the caller gets `wamp.error.canceled`, the callee
     /// an INTERRUPT.
+    /// Whether [`Realm::tick`] has anything to do now or later (calls with deadlines). A host
+    /// ticks only the realms for which this is true.
+    pub fn has_deadlines(&mut self) -> bool {
+        self.dealer.has_deadlines()
+    }
+
     pub fn tick(&mut self, now: Instant) {
         for (inv, c) in self.dealer.expired(now) {
             self.send(
