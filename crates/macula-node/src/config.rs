@@ -191,6 +191,22 @@ pub struct RegistrySection {
     /// missing. The environment variable `MACULA_REGISTRY_KEK`, when set, is used instead.
     /// Keep it apart from database backups: the two together mint keys for every realm.
     pub kek_file: PathBuf,
+    /// How mail (email verification codes) is sent.
+    pub mail: MailSection,
+    /// How long an email verification code is valid, in hours.
+    pub verification_ttl_hours: u64,
+}
+
+/// `registry.mail` in node.yaml.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailSection {
+    /// Empty: write mail to the log. `smtps://user:pass@host:465` (SMTP over TLS),
+    /// `smtp://user:pass@host:587?tls=required` (STARTTLS), `smtp://localhost:25` (a local
+    /// relay, unencrypted), or `dir:PATH` (one .eml file per message).
+    pub url: String,
+    /// The sender (`Macula <noreply@example.com>`); default `Macula <noreply@localhost>`.
+    pub from: String,
 }
 
 impl Default for RegistrySection {
@@ -210,6 +226,8 @@ impl Default for RegistrySection {
             max_body: 64 << 10,
             prices: Prices::default(),
             kek_file: PathBuf::from("registry.kek"),
+            mail: MailSection::default(),
+            verification_ttl_hours: 24,
         }
     }
 }

@@ -547,6 +547,21 @@ CREATE TABLE login_failures (
 );
 "#,
     },
+    Migration {
+        version: 5,
+        name: "email verification",
+        sql: r#"
+ALTER TABLE accounts ADD COLUMN email_verified_at BIGINT NOT NULL DEFAULT 0;
+CREATE TABLE email_tokens (
+    token_hash TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    email TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+CREATE INDEX email_tokens_account ON email_tokens(account_id, created_at);
+"#,
+    },
 ];
 
 /// The file of a `sqlite:` URL, if it names one (not `:memory:`).

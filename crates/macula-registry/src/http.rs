@@ -31,6 +31,9 @@ pub const OPENAPI: &str = include_str!("../openapi.json");
 pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/accounts"),
     ("get", "/v1/account"),
+    ("post", "/v1/account/verify"),
+    ("post", "/v1/account/verification"),
+    ("put", "/v1/account/email"),
     ("post", "/v1/sessions"),
     ("delete", "/v1/sessions/current"),
     ("get", "/v1/realms"),
@@ -80,6 +83,9 @@ pub fn router(reg: Arc<Registry>, body_limit: usize) -> Router {
     Router::new()
         .route("/v1/accounts", post(signup))
         .route("/v1/account", get(whoami))
+        .route("/v1/account/verify", post(verify_email))
+        .route("/v1/account/verification", post(resend_verification))
+        .route("/v1/account/email", axum::routing::put(change_email))
         .route("/v1/sessions", post(login))
         .route("/v1/sessions/current", axum::routing::delete(logout))
         .route("/v1/realms", get(list_realms).post(register))
@@ -256,6 +262,41 @@ async fn login(
 async fn logout(State(reg): Reg, headers: HeaderMap, actor: Actor) -> ApiResult<StatusCode> {
     reg.logout(bearer(&headers)?, &actor).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyBody {
+    code: String,
+}
+
+async fn verify_email(
+    State(reg): Reg,
+    Remote(remote, _): Remote,
+    Body(b): Body<VerifyBody>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(reg.verify_email(&b.code, &remote).await?))
+}
+
+async fn resend_verification(State(reg): Reg, actor: Actor) -> ApiResult<Response> {
+    let v = reg.resend_verification(&actor).await?;
+    Ok((StatusCode::ACCEPTED, Json(v)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmailChange {
+    email: String,
+    password: String,
+}
+
+async fn change_email(
+    State(reg): Reg,
+    actor: Actor,
+    Body(b): Body<EmailChange>,
+) -> ApiResult<Response> {
+    let v = reg.change_email(&actor, &b.email, &b.password).await?;
+    Ok((StatusCode::ACCEPTED, Json(v)).into_response())
 }
 
 async fn whoami(State(reg): Reg, actor: Actor) -> Json<Value> {

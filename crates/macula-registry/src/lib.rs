@@ -14,6 +14,7 @@ pub mod db;
 pub mod error;
 pub mod http;
 pub mod kek;
+pub mod mail;
 pub mod registry;
 pub mod testpg;
 
@@ -40,6 +41,11 @@ impl RegistryConfig {
             transfer_fee_cents: s.transfer_fee_cents as i64,
             transfer_code_ttl: Duration::from_secs(s.transfer_code_ttl_hours.max(1) * 3600),
             prices: s.prices.clone(),
+            verification_ttl: Duration::from_secs(s.verification_ttl_hours.max(1) * 3600),
+            mail: mail::MailConfig {
+                url: s.mail.url.clone(),
+                from: s.mail.from.clone(),
+            },
             kek: match std::env::var(kek::KEK_ENV) {
                 Ok(hex) if !hex.trim().is_empty() => kek::KekSource::Hex(hex),
                 _ => kek::KekSource::File(s.kek_file.clone()),

@@ -52,6 +52,10 @@ pub struct RegistryConfig {
     pub prices: crate::billing::Prices,
     /// Where the key that seals authority secrets in the database comes from (see [`crate::kek`]).
     pub kek: crate::kek::KekSource,
+    /// How mail (email verification) is sent (see [`crate::mail`]).
+    pub mail: crate::mail::MailConfig,
+    /// How long an email verification code is valid.
+    pub verification_ttl: Duration,
 }
 
 impl Default for RegistryConfig {
@@ -68,6 +72,8 @@ impl Default for RegistryConfig {
             transfer_code_ttl: Duration::from_secs(7 * 86_400),
             prices: crate::billing::Prices::default(),
             kek: crate::kek::KekSource::default(),
+            mail: crate::mail::MailConfig::default(),
+            verification_ttl: Duration::from_secs(86_400),
         }
     }
 }
@@ -77,6 +83,9 @@ impl Default for RegistryConfig {
 pub struct Actor {
     pub account_id: String,
     pub email: String,
+    /// Whether the account proved it receives mail at `email` (see `verify_email`). Only then
+    /// do invitations to that address and operator status configured for it apply.
+    pub verified: bool,
     pub operator: bool,
     pub remote: String,
 }
@@ -113,6 +122,8 @@ pub struct Registry {
     pub payments: Box<dyn crate::billing::PaymentProvider>,
     /// Seals the realm authorities' secrets in the database.
     kek: crate::kek::Kek,
+    /// Sends verification mail.
+    mailer: Box<dyn crate::mail::Mailer>,
 }
 
 fn sha256_hex(s: &str) -> String {
@@ -363,6 +374,7 @@ impl Registry {
         config.prices.validate().map_err(anyhow::Error::msg)?;
         let operator_key = confdir.operator_key()?;
         let kek = crate::kek::Kek::load(&config.kek, &confdir.root)?;
+        let mailer = crate::mail::from_config(&config.mail)?;
         let reg = Arc::new(Registry {
             db,
             config: RegistryConfig {
@@ -383,6 +395,7 @@ impl Registry {
             dummy_hash: hash_password("not a real password, only for timing")?,
             payments: Box::new(crate::billing::RecordingProvider),
             kek,
+            mailer,
         });
         reg.seal_secrets().await?;
         reg.sync_all().await?;
@@ -398,6 +411,16 @@ impl Registry {
         let id = random_token("acct_", 8);
         let now = now_secs() as i64;
         let mut tx = self.db.begin().await?;
+        // An address held by an account that never verified it, past the time a code lives,
+        // and that owns no realm, is free again: a squatter cannot keep its owner out.
+        sqlx::query(
+            "DELETE FROM accounts WHERE email = $1 AND email_verified_at = 0 AND created_at < $2 \
+             AND NOT EXISTS (SELECT 1 FROM realms WHERE realms.owner_id = accounts.id)",
+        )
+        .bind(&email)
+        .bind(now - self.config.verification_ttl.as_secs() as i64)
+        .execute(&mut *tx)
+        .await?;
         let res = sqlx::query(
             "INSERT INTO accounts (id, email, password_hash, created_at) VALUES ($1, $2, $3, $4)",
         )
@@ -418,7 +441,173 @@ impl Registry {
         };
         audit(&mut tx, None, &email, "account.create", json!({}), remote);
         tx.commit().await?;
-        Ok(json!({"id": id, "email": email, "created_at": rfc3339(now as u64)}))
+        let sent = self.send_verification(&id, &email).await;
+        Ok(
+            json!({"id": id, "email": email, "created_at": rfc3339(now as u64),
+                  "email_verified": false, "verification": sent}),
+        )
+    }
+
+    // ---------------------------------------------------------------- email ownership
+
+    /// Mails a verification code for `email` to it; what to tell the user (`sent`, or why not).
+    async fn send_verification(&self, account_id: &str, email: &str) -> Value {
+        let code = random_token("ev_", 16);
+        let now = now_secs() as i64;
+        let stored = sqlx::query(
+            "INSERT INTO email_tokens (token_hash, account_id, email, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(sha256_hex(&code))
+        .bind(account_id)
+        .bind(email)
+        .bind(now)
+        .bind(now + self.config.verification_ttl.as_secs() as i64)
+        .execute(&self.db.pool)
+        .await;
+        if let Err(e) = stored {
+            tracing::error!("storing a verification code: {e}");
+            return json!({"sent": false, "error": "the code could not be stored; ask again later"});
+        }
+        let hours = self.config.verification_ttl.as_secs().div_ceil(3600);
+        let mail = crate::mail::Mail {
+            to: email.to_owned(),
+            subject: "Verify your email address for Macula".into(),
+            body: format!(
+                "Your verification code is:\n\n    {code}\n\n\
+                 Verify with `macula account verify {code}`, or POST {{\"code\": \"{code}\"}} to /v1/account/verify.\n\
+                 The code is valid for {hours} hours. If you did not ask for it, ignore this message.\n"
+            ),
+        };
+        match self.mailer.send(mail).await {
+            Ok(()) => json!({"sent": true, "to": email}),
+            Err(e) => {
+                tracing::error!("verification mail to {email}: {e}");
+                json!({"sent": false, "to": email, "error": "the mail could not be sent; ask for another code later (macula account resend)"})
+            }
+        }
+    }
+
+    /// Proves ownership of an address with the code mailed to it: the account's email becomes
+    /// (or, after a change of address, is changed to) that address, verified.
+    pub async fn verify_email(&self, code: &str, remote: &str) -> ApiResult<Value> {
+        let now = now_secs() as i64;
+        let row = sqlx::query(
+            "SELECT account_id, email FROM email_tokens WHERE token_hash = $1 AND expires_at > $2",
+        )
+        .bind(sha256_hex(code.trim()))
+        .bind(now)
+        .fetch_optional(&self.db.pool)
+        .await?
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "invalid_code",
+                "the code is unknown, used or expired; ask for another (macula account resend)",
+            )
+        })?;
+        let (account_id, email): (String, String) =
+            (row.try_get("account_id")?, row.try_get("email")?);
+        let mut tx = self.db.begin().await?;
+        let res =
+            sqlx::query("UPDATE accounts SET email = $1, email_verified_at = $2 WHERE id = $3")
+                .bind(&email)
+                .bind(now)
+                .bind(&account_id)
+                .execute(&mut *tx)
+                .await;
+        match res {
+            Err(e) if is_unique_violation(&e) => {
+                return Err(ApiError::conflict(
+                    "email_taken",
+                    format!("another account has {email} now"),
+                ))
+            }
+            r => r?,
+        };
+        sqlx::query("DELETE FROM email_tokens WHERE account_id = $1")
+            .bind(&account_id)
+            .execute(&mut *tx)
+            .await?;
+        audit(&mut tx, None, &email, "account.verify", json!({}), remote);
+        tx.commit().await?;
+        // Sessions looked up before now carry the old address or state.
+        self.sessions.lock().clear();
+        Ok(json!({"id": account_id, "email": email, "email_verified": true}))
+    }
+
+    /// Mails a new verification code for the account's address.
+    pub async fn resend_verification(&self, actor: &Actor) -> ApiResult<Value> {
+        if actor.verified {
+            return Err(ApiError::conflict(
+                "already_verified",
+                format!("{} is verified already", actor.email),
+            ));
+        }
+        self.verification_allowed(&actor.account_id).await?;
+        Ok(self
+            .send_verification(&actor.account_id, &actor.email)
+            .await)
+    }
+
+    /// Starts a change of address: a code goes to the new one, and the change happens when it
+    /// is verified (until then the account keeps its address). Needs the password.
+    pub async fn change_email(
+        &self,
+        actor: &Actor,
+        new_email: &str,
+        password: &str,
+    ) -> ApiResult<Value> {
+        let email = validate_email(new_email)?;
+        let hash: String = sqlx::query_scalar("SELECT password_hash FROM accounts WHERE id = $1")
+            .bind(&actor.account_id)
+            .fetch_one(&self.db.pool)
+            .await?;
+        if !password_matches(password, &hash) {
+            return Err(ApiError::unauthorized("the password is wrong"));
+        }
+        let taken: Option<String> = sqlx::query_scalar("SELECT id FROM accounts WHERE email = $1")
+            .bind(&email)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        if taken.is_some_and(|id| id != actor.account_id) {
+            return Err(ApiError::conflict(
+                "email_taken",
+                format!("another account has {email}"),
+            ));
+        }
+        self.verification_allowed(&actor.account_id).await?;
+        let mut tx = self.db.begin().await?;
+        audit(
+            &mut tx,
+            None,
+            &actor.email,
+            "account.email_change",
+            json!({"to": email}),
+            &actor.remote,
+        );
+        tx.commit().await?;
+        let sent = self.send_verification(&actor.account_id, &email).await;
+        Ok(json!({"email": actor.email, "pending_email": email, "verification": sent}))
+    }
+
+    /// One code per account per minute, at most ten alive: mail cannot be used to flood an inbox.
+    async fn verification_allowed(&self, account_id: &str) -> ApiResult<()> {
+        let now = now_secs() as i64;
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n, COALESCE(MAX(created_at), 0) AS newest FROM email_tokens WHERE account_id = $1 AND expires_at > $2",
+        )
+        .bind(account_id)
+        .bind(now)
+        .fetch_one(&self.db.pool)
+        .await?;
+        let (n, newest): (i64, i64) = (row.try_get("n")?, row.try_get("newest")?);
+        if newest > now - 60 || n >= 10 {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_soon",
+                "a code was sent less than a minute ago (or ten are waiting): check your mail, or try again later",
+            ));
+        }
+        Ok(())
     }
 
     /// Logs in: a session token (shown once, stored hashed). Failed attempts are counted per
@@ -568,14 +757,16 @@ impl Registry {
             ApiError::unauthorized("the session is unknown or expired; log in again (macula login)")
         };
         let cached = self.sessions.lock().get(&hash).cloned();
-        let (account_id, email) = match cached {
+        let (account_id, email, verified) = match cached {
             Some(c) if now.duration_since(c.at) < SESSION_CACHE_TTL => match c.session {
-                Some((expires, id, email)) if expires > now_secs() as i64 => (id, email),
+                Some((expires, id, email, verified)) if expires > now_secs() as i64 => {
+                    (id, email, verified)
+                }
                 Some(_) | None => return Err(unknown()),
             },
             _ => {
                 let row = sqlx::query(
-                    "SELECT a.id, a.email, s.expires_at FROM sessions s JOIN accounts a ON a.id = s.account_id \
+                    "SELECT a.id, a.email, a.email_verified_at, s.expires_at FROM sessions s JOIN accounts a ON a.id = s.account_id \
                      WHERE s.token_hash = $1 AND s.expires_at > $2",
                 )
                 .bind(&hash)
@@ -585,6 +776,7 @@ impl Registry {
                 .ok_or_else(unknown)?;
                 let (id, email): (String, String) = (row.try_get("id")?, row.try_get("email")?);
                 let expires: i64 = row.try_get("expires_at")?;
+                let verified = row.try_get::<i64, _>("email_verified_at")? > 0;
                 let mut cache = self.sessions.lock();
                 if cache.len() > 100_000 {
                     cache.retain(|_, c| now.duration_since(c.at) < SESSION_CACHE_TTL);
@@ -601,18 +793,20 @@ impl Registry {
                             hash,
                             CachedSession {
                                 at: now,
-                                session: Some((expires, id.clone(), email.clone())),
+                                session: Some((expires, id.clone(), email.clone(), verified)),
                             },
                         );
                     }
                 }
-                (id, email)
+                (id, email, verified)
             }
         };
         Ok(Actor {
             account_id,
-            operator: self.config.operators.contains(&email),
+            // Operator status configured for an address goes only to whoever proved they own it.
+            operator: verified && self.config.operators.contains(&email),
             email,
+            verified,
             remote,
         })
     }
@@ -644,7 +838,7 @@ impl Registry {
     }
 
     pub fn whoami(&self, actor: &Actor) -> Value {
-        json!({"id": actor.account_id, "email": actor.email, "operator": actor.operator})
+        json!({"id": actor.account_id, "email": actor.email, "email_verified": actor.verified, "operator": actor.operator})
     }
 
     // ---------------------------------------------------------------- realms
@@ -668,6 +862,15 @@ impl Registry {
     ) -> ApiResult<Access> {
         if realm.owner_id == actor.account_id {
             return Ok(Access::Owner);
+        }
+        // A membership (an invitation to an address) applies only to whoever proved they
+        // receive mail there.
+        if !actor.verified {
+            return Ok(if actor.operator {
+                Access::Operator
+            } else {
+                Access::Stranger
+            });
         }
         let role: Option<String> =
             sqlx::query_scalar("SELECT role FROM members WHERE realm = $1 AND email = $2")
@@ -938,16 +1141,7 @@ impl Registry {
                     "owner_email delegates a subrealm; register a top realm for yourself",
                 ));
             }
-            let id: Option<String> = sqlx::query_scalar("SELECT id FROM accounts WHERE email = $1")
-                .bind(&to)
-                .fetch_optional(&mut *tx)
-                .await?;
-            owner_id = id.ok_or_else(|| {
-                ApiError::invalid(
-                    "unknown_account",
-                    format!("no account for {to}; they sign up first"),
-                )
-            })?;
+            owner_id = verified_account(&mut tx, &to).await?;
             owner_email = to;
         }
         let (authority, cert) = self.new_authority(name);
@@ -1023,7 +1217,7 @@ impl Registry {
              ORDER BY r.name LIMIT $4"
         ))
         .bind(&actor.account_id)
-        .bind(&actor.email)
+        .bind(member_email(actor))
         .bind(page.after()?)
         .bind(limit + 1)
         .fetch_all(&self.db.pool)
@@ -1766,7 +1960,7 @@ impl Registry {
                  AND k.id > $3 ORDER BY k.id LIMIT $4"
             ), KEY_FIELDS, "id"))
             .bind(&actor.account_id)
-            .bind(&actor.email)
+            .bind(member_email(actor))
             .bind(&after)
             .bind(limit + 1)
             .fetch_one(&self.db.pool)
@@ -2068,12 +2262,7 @@ impl Registry {
         let to = validate_email(to)?;
         let mut tx = self.db.begin().await?;
         let row = self.realm(&mut tx, name).await?;
-        let id: Option<String> = sqlx::query_scalar("SELECT id FROM accounts WHERE email = $1")
-            .bind(&to)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let id =
-            id.ok_or_else(|| ApiError::invalid("unknown_account", format!("no account for {to}")))?;
+        let id = verified_account(&mut tx, &to).await?;
         self.change_owner(&mut tx, &row, actor, &id, &to).await?;
         sqlx::query("UPDATE claims SET status = 'resolved' WHERE realm = $1 AND status = 'open'")
             .bind(name)
@@ -2412,6 +2601,38 @@ fn frozen(row: &RealmRow) -> ApiError {
     )
 }
 
+/// The address whose memberships apply to `actor`: none ("", which no member row has) until the
+/// address is verified.
+fn member_email(actor: &Actor) -> &str {
+    if actor.verified {
+        &actor.email
+    } else {
+        ""
+    }
+}
+
+/// The account that owns (and verified) `email`: a realm is given only to an address's proven
+/// owner, never to whoever signed up with it first.
+async fn verified_account(c: &mut AnyConnection, email: &str) -> ApiResult<String> {
+    let row = sqlx::query("SELECT id, email_verified_at FROM accounts WHERE email = $1")
+        .bind(email)
+        .fetch_optional(&mut *c)
+        .await?
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "unknown_account",
+                format!("no account for {email}; they sign up first"),
+            )
+        })?;
+    if row.try_get::<i64, _>("email_verified_at")? == 0 {
+        return Err(ApiError::conflict(
+            "email_unverified",
+            format!("the account for {email} has not verified that address yet"),
+        ));
+    }
+    Ok(row.try_get("id")?)
+}
+
 /// How long a looked-up session is trusted without asking the database again. A logout
 /// through this process takes effect at once; one through another registry host sharing the
 /// database (PostgreSQL), within this time. It saves a database round trip per request.
@@ -2420,8 +2641,8 @@ const SESSION_CACHE_TTL: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 struct CachedSession {
     at: Instant,
-    /// (session expiry, account id, email); `None`: logged out.
-    session: Option<(i64, String, String)>,
+    /// (session expiry, account id, email, email verified); `None`: logged out.
+    session: Option<(i64, String, String, bool)>,
 }
 
 /// A realm's authority, parsed from its stored text (kept to tell when it changed).

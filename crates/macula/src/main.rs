@@ -75,6 +75,9 @@ enum Command {
     Login(registry_cmds::AccountArgs),
     /// Log out (ends the session and forgets the credential).
     Logout(registry_cmds::Server),
+    /// Your account: show it, verify its email address, change the address.
+    #[command(subcommand)]
+    Account(registry_cmds::AccountCmd),
     /// API keys: create, list, revoke (in the registry once logged in, else in a config directory).
     #[command(subcommand)]
     Keys(local::KeysCmd),
@@ -138,6 +141,7 @@ fn main() {
             Command::Signup(a) => registry_cmds::signup(a, json),
             Command::Login(a) => registry_cmds::login(a, json),
             Command::Logout(s) => registry_cmds::logout(s, json),
+            Command::Account(c) => registry_cmds::account(c, json),
             Command::Status(a) => registry_cmds::status(a, json),
             Command::Keys(c) => local::keys(c, json),
             Command::Realms(c) => local::realms(c, json),

@@ -280,6 +280,97 @@ fn read_password(stdin: bool, confirm: bool) -> Result<String> {
     Ok(p)
 }
 
+/// `macula account ...`: the logged-in account and its email address.
+#[derive(clap::Subcommand)]
+pub enum AccountCmd {
+    /// Show the account you are logged in as (email, whether it is verified, operator).
+    Show(Server),
+    /// Verify your email address with the code mailed to it: `macula account verify ev_…`.
+    Verify {
+        /// The code from the mail.
+        code: String,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Mail a new verification code to your address (one a minute).
+    Resend(Server),
+    /// Change your address: a code goes to the new one; the change happens when you verify it.
+    Email {
+        /// The new address.
+        new_email: String,
+        /// Read the password from the first line of stdin instead of prompting.
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        server: Server,
+    },
+}
+
+pub fn account(cmd: AccountCmd, json: bool) -> Result<()> {
+    let (v, human) = match cmd {
+        AccountCmd::Show(server) => {
+            let v = Api::new(&server)?.send("GET", "/v1/account", None, true)?;
+            let h = format!(
+                "{} ({}){}",
+                v["email"].as_str().unwrap_or("?"),
+                if v["email_verified"] == true {
+                    "verified"
+                } else {
+                    "not verified: macula account verify CODE"
+                },
+                if v["operator"] == true {
+                    ", operator"
+                } else {
+                    ""
+                }
+            );
+            (v, h)
+        }
+        AccountCmd::Verify { code, server } => {
+            let v = Api::new(&server)?.send(
+                "POST",
+                "/v1/account/verify",
+                Some(&json!({"code": code})),
+                false,
+            )?;
+            let h = format!("{} is verified.", v["email"].as_str().unwrap_or("?"));
+            (v, h)
+        }
+        AccountCmd::Resend(server) => {
+            let v = Api::new(&server)?.send("POST", "/v1/account/verification", None, true)?;
+            let h = format!(
+                "A new code was mailed to {}.",
+                v["to"].as_str().unwrap_or("your address")
+            );
+            (v, h)
+        }
+        AccountCmd::Email {
+            new_email,
+            password_stdin,
+            server,
+        } => {
+            let api = Api::new(&server)?;
+            let password = read_password(password_stdin, false)?;
+            let v = api.send(
+                "PUT",
+                "/v1/account/email",
+                Some(&json!({"email": new_email, "password": password})),
+                true,
+            )?;
+            let h = format!(
+                "A code was mailed to {new_email}; your address changes when you run `macula account verify CODE`."
+            );
+            (v, h)
+        }
+    };
+    if json {
+        println!("{v}");
+    } else {
+        println!("{human}");
+    }
+    Ok(())
+}
+
 pub fn signup(a: AccountArgs, json: bool) -> Result<()> {
     let api = Api::new(&a.server)?;
     let password = read_password(a.password_stdin, true)?;
@@ -298,6 +389,17 @@ pub fn signup(a: AccountArgs, json: bool) -> Result<()> {
             api.base,
             a.email
         );
+        if v["verification"]["sent"] == true {
+            println!(
+                "A verification code was mailed to {}: verify with `macula account verify CODE`\n\
+                 (until then, invitations to that address and operator rights for it do not apply).",
+                a.email
+            );
+        } else {
+            println!(
+                "The verification mail could not be sent; once logged in, ask again with `macula account resend`."
+            );
+        }
     }
     Ok(())
 }

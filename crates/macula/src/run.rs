@@ -166,6 +166,7 @@ Python (Autobahn): connect to {ws} realm {realm} with authmethods=["ticket"] and
 Your own realm, through the registry:
 
   macula signup --email you@example.com
+  macula account verify ev_…         # the code is mailed; here, printed in this window's log
   macula login --email you@example.com
   macula realms create com.you.app
   macula keys create --realm com.you.app --role admin --name first

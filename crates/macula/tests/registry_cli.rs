@@ -25,6 +25,24 @@ fn up(home: &Path, database: Option<&str>) -> (Up, String, String) {
     )
 }
 
+/// The verification code in the newest mail to `to` in the registry's mail directory.
+fn mailed_code(dir: &Path, to: &str) -> String {
+    let mut mails: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(&format!("-{to}.eml")))
+        .collect();
+    mails.sort();
+    let text = std::fs::read_to_string(mails.last().expect("a mail")).unwrap();
+    let text = text.replace("=\r\n", "");
+    let at = text.find("ev_").expect("a code");
+    text[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect()
+}
+
 /// `macula --json keys create --realm com.onboard.app ARGS...`, its JSON answer.
 fn create_key(cfg: &Path, server: &str, args: &[&str]) -> serde_json::Value {
     let mut all = vec!["--json", "keys", "create", "--realm", "com.onboard.app"];
@@ -35,9 +53,13 @@ fn create_key(cfg: &Path, server: &str, args: &[&str]) -> serde_json::Value {
 async fn onboarding(database: Option<&str>) {
     let home = tempfile::tempdir().unwrap();
     let cfg = tempfile::tempdir().unwrap();
+    let mail = home.path().join("mail");
     std::fs::write(
         home.path().join("node.yaml"),
-        "registry:\n  operators: [ops@example.com]\n",
+        format!(
+            "registry:\n  operators: [ops@example.com]\n  mail:\n    url: dir:{}\n",
+            mail.display()
+        ),
     )
     .unwrap();
     let (_up, http, ws) = up(home.path(), database);
@@ -140,6 +162,13 @@ async fn onboarding(database: Option<&str>) {
         &["login", "--email", "ops@example.com", "--password-stdin"],
         Some(pw),
     );
+    // Operator rights need the address proven: the code mailed to it, verified with the CLI.
+    let shown = cli(o, &http, &["account", "show"], None);
+    assert!(shown.contains("not verified"), "{shown}");
+    let code = mailed_code(&mail, "ops@example.com");
+    cli(o, &http, &["account", "verify", &code], None);
+    let shown = cli(o, &http, &["account", "show"], None);
+    assert!(shown.contains("(verified), operator"), "{shown}");
     let cred: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(o.join("macula/credentials.json")).unwrap())
             .unwrap();

@@ -18,15 +18,69 @@ pub struct Server {
     _task: tokio::task::JoinHandle<()>,
 }
 
-pub async fn serve(db_url: &str, confdir: &Path, config: RegistryConfig) -> Server {
+/// Where each test registry (by base URL) writes its mail, for [`account`] to verify addresses.
+static MAIL_DIRS: std::sync::Mutex<Vec<(String, std::path::PathBuf)>> =
+    std::sync::Mutex::new(Vec::new());
+
+pub fn mail_dir(base: &str) -> Option<std::path::PathBuf> {
+    MAIL_DIRS
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|(b, _)| b == base)
+        .map(|(_, d)| d.clone())
+}
+
+/// The newest verification code mailed to `email` by the registry at `base`.
+pub fn mailed_code(base: &str, email: &str) -> Option<String> {
+    let dir = mail_dir(base)?;
+    let mut mails: Vec<_> = std::fs::read_dir(&dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(&format!("-{email}.eml")))
+        })
+        .collect();
+    mails.sort();
+    let text = std::fs::read_to_string(mails.last()?).ok()?;
+    code_in(&text)
+}
+
+/// The `ev_…` code in a mail's text.
+pub fn code_in(text: &str) -> Option<String> {
+    let i = text.find("ev_")?;
+    Some(
+        text[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect(),
+    )
+}
+
+pub async fn serve(db_url: &str, confdir: &Path, mut config: RegistryConfig) -> Server {
     let dir = ConfDir::new(confdir);
     dir.init().unwrap();
+    if config.mail.url.is_empty() {
+        config.mail.url = format!("dir:{}", confdir.join("mail").display());
+    }
+    let mail = config
+        .mail
+        .url
+        .strip_prefix("dir:")
+        .map(std::path::PathBuf::from);
     let db = Db::open(db_url).await.unwrap();
     let reg = Registry::new(db, config, dir.clone(), None).await.unwrap();
     let app = macula_registry::http::router(reg.clone(), 64 << 10)
         .into_make_service_with_connect_info::<SocketAddr>();
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", l.local_addr().unwrap());
+    if let Some(m) = mail {
+        MAIL_DIRS.lock().unwrap().push((base.clone(), m));
+    }
     let task = tokio::spawn(async move {
         axum::serve(l, app).await.unwrap();
     });
@@ -95,8 +149,25 @@ pub async fn req_raw(
     .unwrap()
 }
 
-/// Signs up and logs in; returns the session token.
+/// Signs up, verifies the address with the code mailed to it, and logs in; returns the session
+/// token.
 pub async fn account(base: &str, email: &str) -> String {
+    let token = unverified_account(base, email).await;
+    let code = mailed_code(base, email).expect("a verification code was mailed");
+    let (s, v) = req(
+        base,
+        "POST",
+        "/v1/account/verify",
+        None,
+        Some(serde_json::json!({"code": code})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    token
+}
+
+/// Signs up and logs in without verifying the address; returns the session token.
+pub async fn unverified_account(base: &str, email: &str) -> String {
     let body = serde_json::json!({"email": email, "password": "correct horse battery"});
     let (s, v) = req(base, "POST", "/v1/accounts", None, Some(body.clone())).await;
     assert_eq!(s, 201, "{v}");
@@ -113,6 +184,7 @@ pub async fn login(base: &str, email: &str) -> String {
     v["token"].as_str().unwrap().to_owned()
 }
 
+#[allow(unused_imports)]
 pub use macula_registry::testpg::Postgres;
 
 /// A GET whose answer is text (CSV, HTML), with a bearer token.
