@@ -36,6 +36,9 @@ pub struct Limits {
     pub max_message_size: usize,
     /// Messages queued for one session before the slow-consumer policy applies.
     pub outbox_capacity: usize,
+    /// Bytes queued for one session (roughly, as held in memory) before the slow-consumer
+    /// policy applies: with large messages, the count alone would allow gigabytes.
+    pub outbox_max_bytes: usize,
     pub slow_consumer: SlowConsumerPolicy,
     /// Messages per second one session may send (token bucket); 0 disables the limit.
     pub rate_limit_per_second: u64,
@@ -67,6 +70,7 @@ impl Default for Limits {
         Limits {
             max_message_size: 1024 * 1024,
             outbox_capacity: 8192,
+            outbox_max_bytes: 64 << 20,
             slow_consumer: SlowConsumerPolicy::DropOldest,
             rate_limit_per_second: 100_000,
             rate_limit_burst: 200_000,

@@ -353,6 +353,7 @@ impl BridgeSession {
         };
         let outbox = Outbox::new(
             64,
+            node.config.limits.outbox_max_bytes,
             crate::outbox::SlowConsumerPolicy::DropOldest,
             node.metrics.clone(),
         );

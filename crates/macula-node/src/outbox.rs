@@ -1,7 +1,10 @@
 //! The bounded queue between the router and one connection's writer.
 //!
-//! Slow consumers must not stall publishers: the router only ever pushes here, never waits. When a
-//! session's queue is full the configured [`SlowConsumerPolicy`] applies:
+//! Slow consumers must not stall publishers: the router only ever pushes here, never waits. A
+//! queue is bounded twice, in messages (`limits.outbox_capacity`) and in bytes
+//! (`limits.outbox_max_bytes`, by [`Message::approx_size`]: a client that reads nothing while
+//! large events arrive holds at most that much). When a session's queue is full either way the
+//! configured [`SlowConsumerPolicy`] applies:
 //! - `drop_oldest` (default): the oldest queued EVENT is dropped and counted
 //!   (`macula_queue_dropped_total`); if the queue holds no event at all (a session not reading its
 //!   RPC traffic), the session is disconnected instead, because dropping a RESULT or INVOCATION
@@ -41,6 +44,8 @@ pub enum Out {
 
 struct Inner {
     queue: VecDeque<Out>,
+    /// What `queue` holds, by [`Message::approx_size`].
+    bytes: usize,
     /// The PONG owed to the newest RawSocket PING, if not yet written. One at most: a client
     /// that sends PINGs and never reads holds one payload here, not one per PING.
     pong: Option<Vec<u8>>,
@@ -57,6 +62,7 @@ pub struct Outbox {
     /// Mirror of `Inner::closed` for the reader's per-frame check without taking the lock.
     closed_flag: AtomicBool,
     capacity: usize,
+    max_bytes: usize,
     policy: SlowConsumerPolicy,
     metrics: Arc<Metrics>,
     /// The session's metering, once it joined (its writer counts egress and call latency).
@@ -64,10 +70,16 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    pub fn new(capacity: usize, policy: SlowConsumerPolicy, metrics: Arc<Metrics>) -> Arc<Outbox> {
+    pub fn new(
+        capacity: usize,
+        max_bytes: usize,
+        policy: SlowConsumerPolicy,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Outbox> {
         Arc::new(Outbox {
             inner: Mutex::new(Inner {
                 queue: VecDeque::with_capacity(capacity.min(64)),
+                bytes: 0,
                 pong: None,
                 closed: false,
             }),
@@ -75,6 +87,7 @@ impl Outbox {
             closed_notify: Notify::new(),
             closed_flag: AtomicBool::new(false),
             capacity: capacity.max(1),
+            max_bytes: max_bytes.max(1),
             policy,
             metrics,
             meter: std::sync::OnceLock::new(),
@@ -118,7 +131,12 @@ impl Outbox {
     }
 
     fn push_locked(&self, g: &mut Inner, item: Out) {
-        if g.queue.len() >= self.capacity {
+        let size = out_size(&item);
+        // Full in messages, or in bytes (a message alone in the queue always fits: its size is
+        // bounded by limits.max_message_size).
+        while g.queue.len() >= self.capacity
+            || (!g.queue.is_empty() && g.bytes + size > self.max_bytes)
+        {
             let victim = match self.policy {
                 SlowConsumerPolicy::DropOldest => g
                     .queue
@@ -128,15 +146,21 @@ impl Outbox {
             };
             match victim {
                 Some(i) => {
-                    g.queue.remove(i);
+                    if let Some(dropped) = g.queue.remove(i) {
+                        g.bytes -= out_size(&dropped);
+                    }
                     self.metrics.queue_dropped.fetch_add(1, Ordering::Relaxed);
                 }
                 None => {
                     // Disconnect: replace the backlog with the reason and close.
                     g.queue.clear();
+                    g.bytes = 0;
                     g.queue.push_back(Out::Msg(Arc::new(macula_router::auth::goodbye(
                         errors::SLOW_CONSUMER,
-                        format!("the session's outgoing queue exceeded {} messages; read faster or raise limits.outbox_capacity", self.capacity),
+                        format!(
+                            "the session's outgoing queue exceeded {} messages or {} bytes; read faster or raise limits.outbox_capacity / limits.outbox_max_bytes",
+                            self.capacity, self.max_bytes
+                        ),
                     ))));
                     g.closed = true;
                     self.closed_flag.store(true, Ordering::Release);
@@ -147,6 +171,7 @@ impl Outbox {
                 }
             }
         }
+        g.bytes += size;
         g.queue.push_back(item);
     }
 
@@ -212,6 +237,7 @@ impl Outbox {
                 };
                 if !g.queue.is_empty() || g.pong.is_some() {
                     batch.extend(g.queue.drain(..));
+                    g.bytes = 0;
                     batch.extend(g.pong.take().map(Out::Pong));
                     return true;
                 }
@@ -221,6 +247,14 @@ impl Outbox {
             }
             notified.await;
         }
+    }
+}
+
+/// What an item holds, for the byte bound.
+fn out_size(o: &Out) -> usize {
+    match o {
+        Out::Msg(m) => m.approx_size(),
+        Out::Pong(p) => p.len(),
     }
 }
 
@@ -335,7 +369,7 @@ mod tests {
     #[tokio::test]
     async fn full_queue_drops_the_oldest_event_and_counts_it() {
         let m = Arc::new(Metrics::default());
-        let o = Outbox::new(2, SlowConsumerPolicy::DropOldest, m.clone());
+        let o = Outbox::new(2, usize::MAX, SlowConsumerPolicy::DropOldest, m.clone());
         for n in 1..=3 {
             o.send(event(n));
         }
@@ -355,10 +389,51 @@ mod tests {
         assert_eq!(m.queue_dropped.load(Ordering::Relaxed), 1);
     }
 
+    fn big_event(n: u64, bytes: usize) -> Arc<Message> {
+        Arc::new(Message::Event {
+            subscription: 1,
+            publication: n,
+            details: Dict::new(),
+            payload: Payload::args(vec![macula_wamp::Value::Bin(vec![0; bytes])]),
+        })
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_bytes_too() {
+        let m = Arc::new(Metrics::default());
+        // Room for 1000 messages but only ~2.5 of these.
+        let o = Outbox::new(1000, 25_000, SlowConsumerPolicy::DropOldest, m.clone());
+        for n in 1..=10 {
+            o.send(big_event(n, 10_000));
+        }
+        assert_eq!(m.queue_dropped.load(Ordering::Relaxed), 8);
+        let mut b = vec![];
+        assert!(o.next_batch(&mut b).await);
+        assert_eq!(b.len(), 2);
+        // Drained: the bound applies to what is queued now, not to what went before.
+        o.send(big_event(11, 10_000));
+        o.send(big_event(12, 10_000));
+        assert_eq!(m.queue_dropped.load(Ordering::Relaxed), 8);
+        // A message larger than the bound on its own still goes (its size is capped by
+        // limits.max_message_size), into an empty queue.
+        let mut b = vec![];
+        assert!(o.next_batch(&mut b).await);
+        o.send(big_event(13, 50_000));
+        let mut b = vec![];
+        assert!(o.next_batch(&mut b).await);
+        assert_eq!(b.len(), 1);
+        // With the disconnect policy, the session is closed instead.
+        let o = Outbox::new(1000, 25_000, SlowConsumerPolicy::Disconnect, m.clone());
+        for n in 1..=3 {
+            o.send(big_event(n, 10_000));
+        }
+        assert!(o.is_closed());
+    }
+
     #[tokio::test]
     async fn disconnect_policy_closes_with_slow_consumer_goodbye() {
         let m = Arc::new(Metrics::default());
-        let o = Outbox::new(1, SlowConsumerPolicy::Disconnect, m.clone());
+        let o = Outbox::new(1, usize::MAX, SlowConsumerPolicy::Disconnect, m.clone());
         o.send(event(1));
         o.send(event(2));
         o.send(event(3));

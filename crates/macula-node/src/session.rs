@@ -83,6 +83,7 @@ impl Connection {
         let limits = &node.config.limits;
         let outbox = Outbox::new(
             limits.outbox_capacity,
+            limits.outbox_max_bytes,
             limits.slow_consumer,
             node.metrics.clone(),
         );

@@ -26,6 +26,17 @@ pub struct Payload {
 }
 
 impl Payload {
+    /// Roughly the memory the payload holds (its shared bytes, or its decoded values).
+    pub fn approx_size(&self) -> usize {
+        match &self.raw {
+            Some(r) => r.bytes.len(),
+            None => {
+                self.args.iter().map(Value::approx_size).sum::<usize>()
+                    + crate::value::dict_size(&self.kwargs)
+            }
+        }
+    }
+
     pub fn new(args: List, kwargs: Dict) -> Self {
         Payload {
             args,
@@ -244,6 +255,66 @@ impl Message {
             Message::Invocation { .. } => INVOCATION,
             Message::Interrupt { .. } => INTERRUPT,
             Message::Yield { .. } => YIELD,
+        }
+    }
+
+    /// Roughly the memory the message holds, in bytes: its payload, its options or details,
+    /// its URI, and a fixed amount for the rest.
+    pub fn approx_size(&self) -> usize {
+        use crate::value::dict_size;
+        64 + match self {
+            Message::Event {
+                details, payload, ..
+            }
+            | Message::Result {
+                details, payload, ..
+            }
+            | Message::Invocation {
+                details, payload, ..
+            } => dict_size(details) + payload.approx_size(),
+            Message::Error {
+                details,
+                error,
+                payload,
+                ..
+            } => dict_size(details) + error.len() + payload.approx_size(),
+            Message::Publish {
+                options,
+                topic: uri,
+                payload,
+                ..
+            }
+            | Message::Call {
+                options,
+                procedure: uri,
+                payload,
+                ..
+            } => dict_size(options) + uri.len() + payload.approx_size(),
+            Message::Yield {
+                options, payload, ..
+            } => dict_size(options) + payload.approx_size(),
+            Message::Hello { details, realm } => dict_size(details) + realm.len(),
+            Message::Welcome { details, .. } | Message::Challenge { extra: details, .. } => {
+                dict_size(details)
+            }
+            Message::Abort { details, reason } | Message::Goodbye { details, reason } => {
+                dict_size(details) + reason.len()
+            }
+            Message::Authenticate { signature, extra } => signature.len() + dict_size(extra),
+            Message::Subscribe { options, topic, .. } => dict_size(options) + topic.len(),
+            Message::Register {
+                options, procedure, ..
+            } => dict_size(options) + procedure.len(),
+            Message::Cancel { options, .. } | Message::Interrupt { options, .. } => {
+                dict_size(options)
+            }
+            Message::Published { .. }
+            | Message::Subscribed { .. }
+            | Message::Unsubscribe { .. }
+            | Message::Unsubscribed { .. }
+            | Message::Registered { .. }
+            | Message::Unregister { .. }
+            | Message::Unregistered { .. } => 0,
         }
     }
 

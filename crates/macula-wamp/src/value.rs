@@ -34,7 +34,25 @@ pub enum Value {
     Dict(Dict),
 }
 
+/// Roughly the memory a dictionary holds (see [`Value::approx_size`]).
+pub fn dict_size(d: &Dict) -> usize {
+    d.iter().map(|(k, v)| 16 + k.len() + v.approx_size()).sum()
+}
+
 impl Value {
+    /// Roughly the memory this value holds, in bytes (about what it takes on the wire, plus a
+    /// little per element): what a queue of messages is bounded by.
+    pub fn approx_size(&self) -> usize {
+        match self {
+            Value::Null | Value::Bool(_) => 1,
+            Value::Int(_) | Value::UInt(_) | Value::Float(_) => 9,
+            Value::Str(s) => 8 + s.len(),
+            Value::Bin(b) => 8 + b.len(),
+            Value::List(l) => 8 + l.iter().map(Value::approx_size).sum::<usize>(),
+            Value::Dict(d) => 8 + dict_size(d),
+        }
+    }
+
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::Str(s) => Some(s),

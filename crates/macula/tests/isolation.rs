@@ -518,3 +518,112 @@ async fn pings_never_read_do_not_grow_the_node() {
     );
     drop(held);
 }
+
+/// A subscriber that never reads while large events arrive does not grow the node without
+/// bound: its queue is bounded in bytes (`limits.outbox_max_bytes`), not only in messages (8192
+/// messages of 1 MB would be 8 GB). Older events are dropped and counted instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_never_read_do_not_grow_the_node() {
+    use macula_wamp::rawsocket::{FrameHeader, FrameKind, Handshake};
+    use macula_wamp::{Message, Serializer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let home = tempfile::tempdir().unwrap();
+    let (up, api, v) = Api::start(home.path());
+    let pid = up.0.id();
+    let realm = v["realm"].as_str().unwrap().to_owned();
+    let key = v["key"].as_str().unwrap().to_owned();
+    let topic = format!("{realm}.big");
+    let addr = v["rawsocket"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("rs://")
+        .to_owned();
+    // A RawSocket subscriber (JSON) that joins, subscribes, and then never reads again.
+    let ser = Serializer::Json;
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&Handshake::encode(1 << 24, ser)).await.unwrap();
+    let mut reply = [0u8; 4];
+    s.read_exact(&mut reply).await.unwrap();
+    Handshake::parse_reply(reply).unwrap();
+    async fn send(s: &mut tokio::net::TcpStream, m: Message) {
+        let bytes = Serializer::Json.encode(&m);
+        s.write_all(&FrameHeader::encode(FrameKind::Message, bytes.len()))
+            .await
+            .unwrap();
+        s.write_all(&bytes).await.unwrap();
+    }
+    async fn recv(s: &mut tokio::net::TcpStream) -> Message {
+        let mut h = [0u8; 4];
+        s.read_exact(&mut h).await.unwrap();
+        let h = FrameHeader::parse(h).unwrap();
+        let mut b = vec![0u8; h.len];
+        s.read_exact(&mut b).await.unwrap();
+        Serializer::Json.decode(&b).unwrap()
+    }
+    let mut hello = macula_wamp::Dict::new();
+    hello.insert(
+        "authmethods".into(),
+        Value::List(vec![Value::from("ticket")]),
+    );
+    send(
+        &mut s,
+        Message::Hello {
+            realm: realm.clone(),
+            details: hello,
+        },
+    )
+    .await;
+    assert!(matches!(recv(&mut s).await, Message::Challenge { .. }));
+    send(
+        &mut s,
+        Message::Authenticate {
+            signature: key.clone(),
+            extra: Default::default(),
+        },
+    )
+    .await;
+    assert!(matches!(recv(&mut s).await, Message::Welcome { .. }));
+    send(
+        &mut s,
+        Message::Subscribe {
+            request: 1,
+            options: Default::default(),
+            topic: topic.clone(),
+        },
+    )
+    .await;
+    assert!(matches!(recv(&mut s).await, Message::Subscribed { .. }));
+
+    // 800 events of 1 MB, each acknowledged by the router.
+    let before = rss(pid);
+    let publisher = api.connect(&realm, &key).await.unwrap();
+    let big = Payload::args(vec![Value::Bin(vec![7u8; 1_000_000])]);
+    let mut ack = macula_wamp::Dict::new();
+    ack.insert("acknowledge".into(), Value::Bool(true));
+    for _ in 0..800 {
+        publisher
+            .publish_with(&topic, big.clone(), ack.clone())
+            .await
+            .unwrap();
+    }
+    let grown = rss(pid).saturating_sub(before);
+    assert!(
+        grown < 300 << 20,
+        "800 MB of events a subscriber never read grew the node by {} MiB",
+        grown >> 20
+    );
+    // The node still serves: the metrics say events were dropped for the slow subscriber.
+    let metrics = ureq::get(&format!("{}/metrics", api.http))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("macula_queue_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(dropped > 0, "{metrics}");
+    drop(s);
+}
