@@ -63,6 +63,11 @@ pub struct Limits {
     pub max_http_connections: usize,
     /// Time a client has to send a request's complete headers, in milliseconds.
     pub http_header_timeout_ms: u64,
+    /// RawSocket connections this node holds at once; more are closed as they arrive.
+    pub max_rawsocket_connections: usize,
+    /// How long the state of a realm used only by HTTP bridge requests is kept after the last
+    /// one, in milliseconds (then freed, and its DHT announcement withdrawn).
+    pub bridge_realm_linger_ms: u64,
 }
 
 impl Default for Limits {
@@ -83,6 +88,8 @@ impl Default for Limits {
             max_calls_per_session: 1_000,
             max_http_connections: 20_000,
             http_header_timeout_ms: 10_000,
+            max_rawsocket_connections: 20_000,
+            bridge_realm_linger_ms: 10_000,
         }
     }
 }
@@ -199,6 +206,8 @@ pub struct RegistrySection {
     pub mail: MailSection,
     /// How long an email verification code is valid, in hours.
     pub verification_ttl_hours: u64,
+    /// Realms (subrealms included) one account may hold; 0: no limit. Operators are exempt.
+    pub max_realms_per_account: u64,
 }
 
 /// `registry.mail` in node.yaml.
@@ -232,6 +241,7 @@ impl Default for RegistrySection {
             kek_file: PathBuf::from("registry.kek"),
             mail: MailSection::default(),
             verification_ttl_hours: 24,
+            max_realms_per_account: 100,
         }
     }
 }

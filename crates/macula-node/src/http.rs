@@ -452,8 +452,19 @@ fn begin<T: serde::de::DeserializeOwned>(
 impl Drop for BridgeSession {
     fn drop(&mut self) {
         self.realm.lock().leave(self.id);
-        // A request to a realm (or subrealm) no one else uses leaves nothing behind.
-        self.node.drop_realm_if_idle(&self.realm);
+        // A request to a realm (or subrealm) no one else uses leaves nothing behind — after a
+        // while, so that a client making requests in a row does not make the node announce
+        // and withdraw the realm (DHT provider records) for each one.
+        let node = Arc::downgrade(&self.node);
+        let realm = Arc::downgrade(&self.realm);
+        let linger =
+            std::time::Duration::from_millis(self.node.config.limits.bridge_realm_linger_ms);
+        tokio::spawn(async move {
+            tokio::time::sleep(linger).await;
+            if let (Some(node), Some(realm)) = (node.upgrade(), realm.upgrade()) {
+                node.drop_realm_if_idle(&realm);
+            }
+        });
     }
 }
 

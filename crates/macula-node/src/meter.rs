@@ -370,12 +370,41 @@ impl Meter {
         {
             let mut n = meter.names.lock();
             n.lines = lines;
+            // The last line for a slot names it, and a pair named again in another slot (after
+            // its first slot was released) is only in the newest one.
+            let mut slot_of: HashMap<(String, String), u32> = HashMap::new();
             for (slot, name) in names {
                 // Slots beyond a (since reduced) `metering.slots` are not used.
-                if slot > RESERVED && (slot as usize) <= slots {
-                    n.name(slot, name);
+                if slot <= RESERVED || (slot as usize) > slots {
+                    continue;
                 }
+                // A release (`slot` with an empty name): the slot is free.
+                if name.realm.is_empty() {
+                    if let Some(gone) = n.by_slot.remove(&slot) {
+                        n.forget_owner(&gone.owner);
+                        slot_of.remove(&(gone.realm, gone.key));
+                    }
+                    continue;
+                }
+                let pair = (name.realm.clone(), name.key.clone());
+                if let Some(old) = slot_of.insert(pair, slot) {
+                    if old != slot {
+                        if let Some(gone) = n.by_slot.remove(&old) {
+                            n.forget_owner(&gone.owner);
+                        }
+                    }
+                }
+                if let Some(prev) = n.by_slot.get(&slot) {
+                    slot_of.remove(&(prev.realm.clone(), prev.key.clone()));
+                }
+                n.name(slot, name);
             }
+            // Every slot without a name is free (released ones included), smallest first.
+            let named: std::collections::HashSet<u32> = n.by_slot.keys().copied().collect();
+            n.free = (RESERVED + 1..=slots as u32)
+                .rev()
+                .filter(|s| !named.contains(s))
+                .collect();
             let mut idx = meter.index.write();
             for (slot, name) in &n.by_slot {
                 idx.insert(
@@ -462,17 +491,9 @@ impl Meter {
         if limit > 0 && owned >= limit {
             return Err(NoSlot::OwnerLimit(limit));
         }
-        let slot = match names.free.pop() {
-            Some(s) => s,
-            None => names
-                .by_slot
-                .keys()
-                .next_back()
-                .map_or(RESERVED + 1, |s| s + 1),
-        };
-        if slot as usize > self.slots {
+        let Some(slot) = names.free.pop() else {
             return Err(self.refuse(NoSlot::Full(self.slots)));
-        }
+        };
         if let Some(f) = names.file.as_mut() {
             let line = format!("{slot}\t{}\t{}\t{owner}\n", k.0, k.1);
             if f.write_all(line.as_bytes())
@@ -531,6 +552,8 @@ impl Meter {
                 Some((s, hold)) if *s == slot && Arc::strong_count(hold) == 1 => {}
                 _ => return false,
             }
+            // The last counter's adds happen before its drop; see them before comparing.
+            std::sync::atomic::fence(Ordering::Acquire);
             let cur = self.slot(slot);
             if (0..COUNTERS).any(|j| cur[CUR + j].load(Ordering::Relaxed) != delivered[j]) {
                 return false;
@@ -540,6 +563,13 @@ impl Meter {
         names.by_slot.remove(&slot);
         names.forget_owner(&name.owner);
         names.free.push(slot);
+        // Recorded, so that a restart finds the slot free (losing this line only delays that
+        // to the next release).
+        if let Some(f) = names.file.as_mut() {
+            if f.write_all(format!("{slot}\t\t\t\n").as_bytes()).is_ok() {
+                names.lines += 1;
+            }
+        }
         // The names file keeps every assignment; rewrite it when it is mostly superseded.
         if names.lines > 2 * names.by_slot.len() + 1024 {
             if let Err(e) = self.rewrite_names(&mut names) {
@@ -942,12 +972,21 @@ mod tests {
             .max()
             .unwrap();
         assert_eq!((first, second), (1, 1));
-        // A restart reads the last name of each slot.
+        // A restart reads the last name of each slot; released ones are free.
         drop((live, sh, m));
         let m = Meter::open(Some(d.path()), 16).unwrap();
         let mut names: Vec<String> = m.totals().into_iter().map(|t| t.1).collect();
         names.sort();
         assert_eq!(names, ["k1", "k3", "k4"]);
+        assert_eq!(m.named("a"), (3, 2));
+        let fill: Vec<Counter> = (0..12)
+            .map(|i| m.counter_for("com.c", &format!("c{i}"), "c").unwrap())
+            .collect();
+        assert!(
+            m.counter_for("com.c", "one-more", "c").is_err(),
+            "15 usable slots"
+        );
+        drop(fill);
     }
 
     #[tokio::test]

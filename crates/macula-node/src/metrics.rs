@@ -26,6 +26,8 @@ pub struct Metrics {
     pub http_requests: AtomicU64,
     /// HTTP connections closed on arrival because the listener was at `max_http_connections`.
     pub http_refused_connections: AtomicU64,
+    /// RawSocket connections closed on arrival at limits.max_rawsocket_connections.
+    pub rawsocket_refused_connections: AtomicU64,
     /// Sessions and bridge requests refused because their usage could not be metered.
     pub meter_refused: AtomicU64,
     /// Publications received from other nodes.
@@ -52,6 +54,7 @@ impl Default for Metrics {
             http_requests: AtomicU64::new(0),
             http_refused_connections: AtomicU64::new(0),
             meter_refused: AtomicU64::new(0),
+            rawsocket_refused_connections: AtomicU64::new(0),
             mesh_events_in: AtomicU64::new(0),
             dht_lookups: AtomicU64::new(0),
         }
@@ -114,6 +117,7 @@ impl Metrics {
         let _ = writeln!(s, "# HELP macula_slow_consumer_disconnects_total Sessions closed because their queue overflowed.\n# TYPE macula_slow_consumer_disconnects_total counter\nmacula_slow_consumer_disconnects_total {}", g(&self.slow_consumer_disconnects));
         let _ = writeln!(s, "# HELP macula_http_requests_total HTTP bridge requests.\n# TYPE macula_http_requests_total counter\nmacula_http_requests_total {}", g(&self.http_requests));
         let _ = writeln!(s, "# HELP macula_http_refused_connections_total HTTP connections closed on arrival at limits.max_http_connections.\n# TYPE macula_http_refused_connections_total counter\nmacula_http_refused_connections_total {}", g(&self.http_refused_connections));
+        let _ = writeln!(s, "# HELP macula_rawsocket_refused_connections_total RawSocket connections closed on arrival at limits.max_rawsocket_connections.\n# TYPE macula_rawsocket_refused_connections_total counter\nmacula_rawsocket_refused_connections_total {}", g(&self.rawsocket_refused_connections));
         let _ = writeln!(s, "# HELP macula_meter_refused_total Sessions and bridge requests refused because no metering slot was left for them (metering.slots, metering.max_pairs_per_registration).\n# TYPE macula_meter_refused_total counter\nmacula_meter_refused_total {}", g(&self.meter_refused));
         let _ = writeln!(
             s,

@@ -131,6 +131,17 @@ impl AuthState {
     /// the same owner). This is what binds a key to one registration of one realm: a parent
     /// registered by another account, an earlier registration of the name, or the seller of a
     /// transferred realm all hold other authorities.
+    /// The owner group of `realm` for per-owner limits: the authority at the top of the chain of
+    /// registrations one owner holds above (and including) its governing registration, so that
+    /// an owner's subrealm registrations share one budget.
+    pub fn owner_group(&self, realm: &str) -> Option<String> {
+        let gov = self.registration_of(realm)?;
+        if let Some(top) = self.policies.get(gov).and_then(|p| p.top_authority()) {
+            return Some(top.to_ascii_lowercase());
+        }
+        self.authorities.get(gov).map(hex::encode)
+    }
+
     pub fn accepts(&self, realm: &str, authority: &[u8; 32]) -> bool {
         let Some(gov) = self.registration_of(realm) else {
             return false;
@@ -410,12 +421,12 @@ impl Node {
         let Some(meter) = &self.meter else {
             return Ok(None);
         };
+        let owner = self
+            .auth()
+            .owner_group(&identity.realm)
+            .unwrap_or_else(|| hex::encode(identity.authority));
         meter
-            .counter_for(
-                &identity.realm,
-                &identity.kid,
-                &hex::encode(identity.authority),
-            )
+            .counter_for(&identity.realm, &identity.kid, &owner)
             .map(Some)
             .map_err(|why| {
                 self.metrics.meter_refused.fetch_add(1, Ordering::Relaxed);

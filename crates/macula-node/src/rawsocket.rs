@@ -19,12 +19,24 @@ use crate::tls::{Stream, Tls};
 /// Accepts RawSocket connections until the listener fails; with `tls`, RawSocket over TLS and
 /// (where its policy allows) plain RawSocket on the one port.
 pub async fn serve(listener: TcpListener, node: Arc<Node>, tls: Option<Arc<Tls>>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(
+        node.config.limits.max_rawsocket_connections.max(1),
+    ));
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // Over the cap: closed on arrival (and counted), before any handshake work.
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    node.metrics
+                        .rawsocket_refused_connections
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    drop(stream);
+                    continue;
+                };
                 let node = node.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let _ = stream.set_nodelay(true);
                     let res = match tls {
                         None => plain(stream, peer, node).await,

@@ -388,8 +388,33 @@ impl Registry {
     /// own key), so a failure part-way leaves the earlier chunks taken and the re-sent report
     /// changes nothing of them.
     pub async fn ingest(&self, report: &UsageReport) -> ApiResult<Vec<String>> {
+        // Rows are cumulative: two rows for one (realm, key, hour) in a report (a node that
+        // lost track of a slot, or a hostile one) merge into their maximum, never add up.
+        let mut merged: HashMap<ReportKey, UsageRow> = HashMap::new();
+        for row in &report.rows {
+            let k = (row.realm.clone(), row.key_id.clone(), row.hour as i64);
+            match merged.get_mut(&k) {
+                None => {
+                    merged.insert(k, row.clone());
+                }
+                Some(m) => {
+                    for (a, b) in m.ops.iter_mut().zip(&row.ops) {
+                        *a = (*a).max(*b);
+                    }
+                    m.bytes_in = m.bytes_in.max(row.bytes_in);
+                    m.bytes_out = m.bytes_out.max(row.bytes_out);
+                    if m.latency.len() < row.latency.len() {
+                        m.latency.resize(row.latency.len(), 0);
+                    }
+                    for (a, b) in m.latency.iter_mut().zip(&row.latency) {
+                        *a = (*a).max(*b);
+                    }
+                }
+            }
+        }
+        let rows: Vec<UsageRow> = merged.into_values().collect();
         let mut grew = HashSet::new();
-        for chunk in report.rows.chunks(INGEST_CHUNK) {
+        for chunk in rows.chunks(INGEST_CHUNK) {
             grew.extend(self.ingest_chunk(report, chunk).await?);
             // Let queued control-plane writes go first.
             tokio::task::yield_now().await;

@@ -552,6 +552,8 @@ CREATE TABLE login_failures (
         name: "email verification",
         sql: r#"
 ALTER TABLE accounts ADD COLUMN email_verified_at BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE accounts ADD COLUMN email_since BIGINT NOT NULL DEFAULT 0;
+UPDATE accounts SET email_verified_at = created_at, email_since = created_at;
 CREATE TABLE email_tokens (
     token_hash TEXT PRIMARY KEY,
     account_id TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,

@@ -240,10 +240,10 @@ struct Credentials {
 
 async fn signup(
     State(reg): Reg,
-    Remote(remote, _): Remote,
+    Remote(remote, ip): Remote,
     Body(c): Body<Credentials>,
 ) -> ApiResult<Response> {
-    let v = reg.signup(&c.email, &c.password, &remote).await?;
+    let v = reg.signup(&c.email, &c.password, &remote, ip).await?;
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 

@@ -1,7 +1,8 @@
 //! Secrets at rest: the realm authorities' signing keys are stored in the database sealed
 //! (ChaCha20-Poly1305) under a key-encryption key (KEK) that lives outside it, so that a copy
-//! of the database (a backup, a replica, a dump, a stolen disk image of the database host)
-//! mints no API keys.
+//! of the database made apart from the KEK (a backup, a replica, a PostgreSQL dump) mints no
+//! API keys. It does not protect the registry host itself, whose config directory holds the KEK
+//! by default (and the node's authority files): that directory is the operator's secret.
 //!
 //! The KEK is 32 random bytes, written as 64 hex digits. It comes from the environment variable
 //! `MACULA_REGISTRY_KEK` when set (for a secret manager or a KMS-style hook that injects it),
@@ -76,9 +77,26 @@ impl Kek {
                     SystemRandom::new()
                         .fill(&mut bytes)
                         .map_err(|_| anyhow!("the system's random source failed"))?;
-                    macula_node::confdir::write_secret(&path, &hex::encode(bytes)).with_context(
-                        || format!("creating the registry's KEK {}", path.display()),
-                    )?;
+                    // `create_new`: of two registries starting at once, one writes the key and
+                    // the other reads it; neither overwrites a key rows were sealed with.
+                    let mut f = std::fs::OpenOptions::new();
+                    f.write(true).create_new(true);
+                    #[cfg(unix)]
+                    std::os::unix::fs::OpenOptionsExt::mode(&mut f, 0o600);
+                    match f.open(&path) {
+                        Ok(mut file) => {
+                            std::io::Write::write_all(&mut file, hex::encode(bytes).as_bytes())
+                                .with_context(|| {
+                                    format!("writing the registry's KEK {}", path.display())
+                                })?
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                        Err(e) => {
+                            return Err(e).with_context(|| {
+                                format!("creating the registry's KEK {}", path.display())
+                            })
+                        }
+                    }
                     tracing::info!(
                         "created {}: the key that encrypts realm secrets in the database; back it up apart from the database",
                         path.display()

@@ -42,6 +42,7 @@ impl RegistryConfig {
             transfer_code_ttl: Duration::from_secs(s.transfer_code_ttl_hours.max(1) * 3600),
             prices: s.prices.clone(),
             verification_ttl: Duration::from_secs(s.verification_ttl_hours.max(1) * 3600),
+            max_realms_per_account: s.max_realms_per_account,
             mail: mail::MailConfig {
                 url: s.mail.url.clone(),
                 from: s.mail.from.clone(),
@@ -83,6 +84,13 @@ pub async fn host(
         Some(node.clone()),
     )
     .await?;
+    if reg.mail_kind() == "log" && !node.config.listen.http.ip().to_canonical().is_loopback() {
+        tracing::warn!(
+            "registry.mail.url is not set: verification codes are written to this log, not mailed. \
+             Anyone who reads the log can prove any address. Set registry.mail.url (smtps://…) before \
+             serving the registry to a network"
+        );
+    }
     // The hosting node's usage goes straight to the aggregator.
     let _ = node
         .usage_sink

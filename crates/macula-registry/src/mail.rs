@@ -26,6 +26,8 @@ pub struct Mail {
 /// Sends mail. A failure is reported to the caller, which decides whether the request fails.
 pub trait Mailer: Send + Sync {
     fn send(&self, mail: Mail) -> BoxFuture<'static, Result<(), String>>;
+    /// How mail goes out (`log`, `smtp`, `dir`), for answers and warnings.
+    fn kind(&self) -> &'static str;
 }
 
 /// `registry.mail` settings.
@@ -91,6 +93,10 @@ impl Mailer for LogMailer {
         tracing::info!(target: "macula::mail", "mail to {} — {}\n{}", mail.to, mail.subject, mail.body);
         Box::pin(async { Ok(()) })
     }
+
+    fn kind(&self) -> &'static str {
+        "log"
+    }
 }
 
 /// Sends through an SMTP server.
@@ -110,6 +116,10 @@ impl Mailer for SmtpMailer {
                 .map(|_| ())
                 .map_err(|e| format!("sending mail to {}: {e}", mail.to))
         })
+    }
+
+    fn kind(&self) -> &'static str {
+        "smtp"
     }
 }
 
@@ -139,9 +149,18 @@ impl Mailer for DirMailer {
             .collect();
         let path = self.dir.join(format!("{nanos}-{safe}.eml"));
         Box::pin(async move {
-            tokio::fs::write(&path, msg?.formatted())
-                .await
-                .map_err(|e| format!("writing {}: {e}", path.display()))
+            // Mail holds codes that prove an address: readable by this user only.
+            let bytes = msg?.formatted();
+            tokio::task::spawn_blocking(move || {
+                macula_node::confdir::write_secret(&path, &String::from_utf8_lossy(&bytes))
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .await
+            .map_err(|e| e.to_string())?
         })
+    }
+
+    fn kind(&self) -> &'static str {
+        "dir"
     }
 }

@@ -56,6 +56,8 @@ pub struct RegistryConfig {
     pub mail: crate::mail::MailConfig,
     /// How long an email verification code is valid.
     pub verification_ttl: Duration,
+    /// Realms (subrealms included) one account may hold; 0: no limit. Operators are exempt.
+    pub max_realms_per_account: u64,
 }
 
 impl Default for RegistryConfig {
@@ -74,6 +76,7 @@ impl Default for RegistryConfig {
             kek: crate::kek::KekSource::default(),
             mail: crate::mail::MailConfig::default(),
             verification_ttl: Duration::from_secs(86_400),
+            max_realms_per_account: 100,
         }
     }
 }
@@ -404,25 +407,41 @@ impl Registry {
 
     // ---------------------------------------------------------------- accounts and sessions
 
-    pub async fn signup(&self, email: &str, password: &str, remote: &str) -> ApiResult<Value> {
+    pub async fn signup(
+        &self,
+        email: &str,
+        password: &str,
+        remote: &str,
+        ip: Option<IpAddr>,
+    ) -> ApiResult<Value> {
+        // Signups share the per-address attempt budget with logins (each one mails a code).
+        if let Some(ip) = ip {
+            self.login_rate(ip)?;
+        }
         let email = validate_email(email)?;
         validate_password(password)?;
         let hash = hash_password(password)?;
         let id = random_token("acct_", 8);
         let now = now_secs() as i64;
         let mut tx = self.db.begin().await?;
-        // An address held by an account that never verified it, past the time a code lives,
-        // and that owns no realm, is free again: a squatter cannot keep its owner out.
+        // An address held by an account that never verified it, past the time a code lives, is
+        // free again: a squatter cannot keep its owner out. The squatter's account keeps
+        // everything else; only the address is taken back (it becomes an unreachable one).
         sqlx::query(
-            "DELETE FROM accounts WHERE email = $1 AND email_verified_at = 0 AND created_at < $2 \
-             AND NOT EXISTS (SELECT 1 FROM realms WHERE realms.owner_id = accounts.id)",
+            "UPDATE accounts SET email = 'released+' || id || '@invalid' \
+             WHERE email = $1 AND email_verified_at = 0 AND email_since < $2",
         )
         .bind(&email)
         .bind(now - self.config.verification_ttl.as_secs() as i64)
         .execute(&mut *tx)
         .await?;
+        // Codes still out for the address were asked for by an account that no longer holds it.
+        sqlx::query("DELETE FROM email_tokens WHERE email = $1")
+            .bind(&email)
+            .execute(&mut *tx)
+            .await?;
         let res = sqlx::query(
-            "INSERT INTO accounts (id, email, password_hash, created_at) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO accounts (id, email, password_hash, created_at, email_since) VALUES ($1, $2, $3, $4, $4)",
         )
         .bind(&id)
         .bind(&email)
@@ -450,23 +469,56 @@ impl Registry {
 
     // ---------------------------------------------------------------- email ownership
 
+    /// How verification mail goes out (`log`, `smtp`, `dir`).
+    pub fn mail_kind(&self) -> &'static str {
+        self.mailer.kind()
+    }
+
     /// Mails a verification code for `email` to it; what to tell the user (`sent`, or why not).
     async fn send_verification(&self, account_id: &str, email: &str) -> Value {
         let code = random_token("ev_", 16);
         let now = now_secs() as i64;
-        let stored = sqlx::query(
-            "INSERT INTO email_tokens (token_hash, account_id, email, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(sha256_hex(&code))
-        .bind(account_id)
-        .bind(email)
-        .bind(now)
-        .bind(now + self.config.verification_ttl.as_secs() as i64)
-        .execute(&self.db.pool)
+        // In one transaction: expired codes go, and an address gets at most three codes an
+        // hour whoever asks (signups under many accounts cannot flood an inbox).
+        let stored = async {
+            let mut tx = self.db.begin().await?;
+            sqlx::query("DELETE FROM email_tokens WHERE expires_at < $1")
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            let recent: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM email_tokens WHERE email = $1 AND created_at > $2",
+            )
+            .bind(email)
+            .bind(now - 3600)
+            .fetch_one(&mut *tx)
+            .await?;
+            if recent >= 3 {
+                return Ok::<bool, sqlx::Error>(false);
+            }
+            sqlx::query(
+                "INSERT INTO email_tokens (token_hash, account_id, email, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(sha256_hex(&code))
+            .bind(account_id)
+            .bind(email)
+            .bind(now)
+            .bind(now + self.config.verification_ttl.as_secs() as i64)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(true)
+        }
         .await;
-        if let Err(e) = stored {
-            tracing::error!("storing a verification code: {e}");
-            return json!({"sent": false, "error": "the code could not be stored; ask again later"});
+        match stored {
+            Ok(true) => {}
+            Ok(false) => {
+                return json!({"sent": false, "to": email, "error": "three codes went to this address in the last hour; use one of them or wait"})
+            }
+            Err(e) => {
+                tracing::error!("storing a verification code: {e}");
+                return json!({"sent": false, "error": "the code could not be stored; ask again later"});
+            }
         }
         let hours = self.config.verification_ttl.as_secs().div_ceil(3600);
         let mail = crate::mail::Mail {
@@ -479,7 +531,7 @@ impl Registry {
             ),
         };
         match self.mailer.send(mail).await {
-            Ok(()) => json!({"sent": true, "to": email}),
+            Ok(()) => json!({"sent": true, "to": email, "via": self.mailer.kind()}),
             Err(e) => {
                 tracing::error!("verification mail to {email}: {e}");
                 json!({"sent": false, "to": email, "error": "the mail could not be sent; ask for another code later (macula account resend)"})
@@ -508,7 +560,7 @@ impl Registry {
             (row.try_get("account_id")?, row.try_get("email")?);
         let mut tx = self.db.begin().await?;
         let res =
-            sqlx::query("UPDATE accounts SET email = $1, email_verified_at = $2 WHERE id = $3")
+            sqlx::query("UPDATE accounts SET email = $1, email_verified_at = $2, email_since = CASE WHEN email = $1 THEN email_since ELSE $2 END WHERE id = $3")
                 .bind(&email)
                 .bind(now)
                 .bind(&account_id)
@@ -557,12 +609,26 @@ impl Registry {
         password: &str,
     ) -> ApiResult<Value> {
         let email = validate_email(new_email)?;
-        let hash: String = sqlx::query_scalar("SELECT password_hash FROM accounts WHERE id = $1")
-            .bind(&actor.account_id)
-            .fetch_one(&self.db.pool)
-            .await?;
-        if !password_matches(password, &hash) {
-            return Err(ApiError::unauthorized("the password is wrong"));
+        // The password check is throttled like a login (per account, for this purpose), so a
+        // session token is not a way around the lock-out.
+        let source = "email-change";
+        let row = sqlx::query(
+            "SELECT a.password_hash, COALESCE(f.locked_until, 0) AS locked_until FROM accounts a \
+             LEFT JOIN login_failures f ON f.account_id = a.id AND f.source = $2 WHERE a.id = $1",
+        )
+        .bind(&actor.account_id)
+        .bind(source)
+        .fetch_one(&self.db.pool)
+        .await?;
+        let locked_until: i64 = row.try_get("locked_until")?;
+        let now = now_secs() as i64;
+        if locked_until > now {
+            return Err(locked(locked_until - now));
+        }
+        if !password_matches(password, &row.try_get::<String, _>("password_hash")?) {
+            return Err(self
+                .password_failed(&actor.account_id, &actor.email, source, &actor.remote)
+                .await?);
         }
         let taken: Option<String> = sqlx::query_scalar("SELECT id FROM accounts WHERE email = $1")
             .bind(&email)
@@ -610,6 +676,68 @@ impl Registry {
         Ok(())
     }
 
+    /// Counts a wrong password for (account, source) and locks that pair out after
+    /// `max_failed_logins` in a row; the error to answer with.
+    async fn password_failed(
+        &self,
+        id: &str,
+        email: &str,
+        source: &str,
+        remote: &str,
+    ) -> ApiResult<ApiError> {
+        let now = now_secs() as i64;
+        {
+            let mut tx = self.db.begin().await?;
+            // Forget old failures (bounds the table: rows live a day past their last failure).
+            sqlx::query("DELETE FROM login_failures WHERE updated_at < $1 AND locked_until < $2")
+                .bind(now - 86_400)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            let failed: i64 = sqlx::query_scalar(
+                "INSERT INTO login_failures (account_id, source, failed, locked_until, updated_at) \
+                 VALUES ($1, $2, 1, 0, $3) ON CONFLICT (account_id, source) DO UPDATE SET \
+                 failed = login_failures.failed + 1, updated_at = excluded.updated_at \
+                 RETURNING failed",
+            )
+            .bind(id)
+            .bind(source)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            let lock = failed >= self.config.max_failed_logins;
+            if lock {
+                let until = now + self.config.lockout.as_secs() as i64;
+                sqlx::query(
+                    "UPDATE login_failures SET failed = 0, locked_until = $1 WHERE account_id = $2 AND source = $3",
+                )
+                .bind(until)
+                .bind(id)
+                .bind(source)
+                .execute(&mut *tx)
+                .await?;
+            }
+            audit(
+                &mut tx,
+                None,
+                email,
+                if lock {
+                    "account.locked"
+                } else {
+                    "session.login_failed"
+                },
+                json!({"failed_logins": failed, "source": source}),
+                remote,
+            );
+            tx.commit().await?;
+            Ok(if lock {
+                locked(self.config.lockout.as_secs() as i64)
+            } else {
+                invalid_credentials()
+            })
+        }
+    }
+
     /// Logs in: a session token (shown once, stored hashed). Failed attempts are counted per
     /// (account, source address): after `max_failed_logins` in a row that source is locked out
     /// of the account for `lockout_minutes`, and other sources, the owner's among them, are not
@@ -648,54 +776,7 @@ impl Registry {
             return Err(locked(locked_until - now));
         }
         if !password_matches(password, &hash) {
-            let mut tx = self.db.begin().await?;
-            // Forget old failures (bounds the table: rows live a day past their last failure).
-            sqlx::query("DELETE FROM login_failures WHERE updated_at < $1 AND locked_until < $2")
-                .bind(now - 86_400)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            let failed: i64 = sqlx::query_scalar(
-                "INSERT INTO login_failures (account_id, source, failed, locked_until, updated_at) \
-                 VALUES ($1, $2, 1, 0, $3) ON CONFLICT (account_id, source) DO UPDATE SET \
-                 failed = login_failures.failed + 1, updated_at = excluded.updated_at \
-                 RETURNING failed",
-            )
-            .bind(&id)
-            .bind(&source)
-            .bind(now)
-            .fetch_one(&mut *tx)
-            .await?;
-            let lock = failed >= self.config.max_failed_logins;
-            if lock {
-                let until = now + self.config.lockout.as_secs() as i64;
-                sqlx::query(
-                    "UPDATE login_failures SET failed = 0, locked_until = $1 WHERE account_id = $2 AND source = $3",
-                )
-                .bind(until)
-                .bind(&id)
-                .bind(&source)
-                .execute(&mut *tx)
-                .await?;
-            }
-            audit(
-                &mut tx,
-                None,
-                &email,
-                if lock {
-                    "account.locked"
-                } else {
-                    "session.login_failed"
-                },
-                json!({"failed_logins": failed, "source": source}),
-                remote,
-            );
-            tx.commit().await?;
-            return Err(if lock {
-                locked(self.config.lockout.as_secs() as i64)
-            } else {
-                invalid_credentials()
-            });
+            return Err(self.password_failed(&id, &email, &source, remote).await?);
         }
         let token = random_token("mcs_", 32);
         let expires = now + self.config.session_ttl.as_secs() as i64;
@@ -1074,6 +1155,22 @@ impl Registry {
                 "reserved",
                 format!("{name} is reserved for the platform"),
             ));
+        }
+        // Each registration is a budget on every node (metering, realm state): one account holds
+        // a bounded number of them.
+        if !actor.operator && self.config.max_realms_per_account > 0 {
+            let held: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM realms WHERE owner_id = $1")
+                .bind(&actor.account_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            if held >= self.config.max_realms_per_account as i64 {
+                return Err(ApiError::conflict(
+                    "realm_limit",
+                    format!(
+                        "this account holds {held} realms, the most one account may (registry.max_realms_per_account); delete one or ask the operator"
+                    ),
+                ));
+            }
         }
         let now = now_secs() as i64;
         // A name whose registration expired past its grace period is free again.
@@ -2071,10 +2168,14 @@ impl Registry {
                 .bind(limit + 1)
                 .fetch_all(&self.db.pool)
                 .await?,
-            None => sqlx::query("SELECT id, realm, actor, action, detail, remote, at FROM audit WHERE actor = $1 AND id < $2 ORDER BY id DESC LIMIT $3")
+            // The caller's own actions: rows under its address since it has held the address
+            // (an address can pass to another account; its earlier rows are not theirs).
+            None => sqlx::query("SELECT id, realm, actor, action, detail, remote, at FROM audit WHERE actor = $1 AND id < $2 \
+                 AND at >= (SELECT email_since FROM accounts WHERE id = $4) ORDER BY id DESC LIMIT $3")
                 .bind(&actor.email)
                 .bind(before)
                 .bind(limit + 1)
+                .bind(&actor.account_id)
                 .fetch_all(&self.db.pool)
                 .await?,
         };
@@ -2420,8 +2521,15 @@ impl Registry {
             .await?;
         }
         tx.commit().await?;
-        tracing::info!(
-            "sealed {} realm authority secrets under the registry's KEK",
+        // The clear text must not linger in free pages or the WAL of the embedded database.
+        if self.db.backend == crate::Backend::Sqlite {
+            sqlx::raw_sql("PRAGMA secure_delete = ON; VACUUM; PRAGMA wal_checkpoint(TRUNCATE);")
+                .execute(&self.db.pool)
+                .await?;
+        }
+        tracing::warn!(
+            "sealed {} realm authority secrets under the registry's KEK; backups made before hold them \
+             in the clear: rotate those realms' authorities (transfer or re-register) if they may leak",
             plain.len()
         );
         Ok(())

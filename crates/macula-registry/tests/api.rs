@@ -881,3 +881,52 @@ async fn login_from(base: &str, src: &str, body: serde_json::Value) -> (u16, ser
     let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     (status, serde_json::from_str(body).unwrap_or_default())
 }
+
+/// Bounded cost (isolation finding 12): every registration is a budget on every node, so one
+/// account holds a bounded number of realms (subrealms included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_holds_a_bounded_number_of_realms() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = macula_registry::RegistryConfig {
+        max_realms_per_account: 2,
+        ..Default::default()
+    };
+    let srv = common::serve(&common::sqlite_url(tmp.path()), tmp.path(), config).await;
+    let b = srv.base.as_str();
+    let me = common::account(b, "many@example.com").await;
+    for name in ["com.many", "com.many.sub"] {
+        let (s, v) = common::req(
+            b,
+            "POST",
+            "/v1/realms",
+            Some(&me),
+            Some(json!({"name": name})),
+        )
+        .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let (s, v) = common::req(
+        b,
+        "POST",
+        "/v1/realms",
+        Some(&me),
+        Some(json!({"name": "com.many2"})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("realm_limit")),
+        "{v}"
+    );
+    // Another account is not affected.
+    let other = common::account(b, "other@example.com").await;
+    let (s, v) = common::req(
+        b,
+        "POST",
+        "/v1/realms",
+        Some(&other),
+        Some(json!({"name": "com.other"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+}

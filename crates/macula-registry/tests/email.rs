@@ -201,16 +201,16 @@ async fn only_a_proven_address_receives_what_is_sent_to_it() {
     // An unverified squatter past the code's lifetime, owning nothing, loses the address to a
     // new signup (here its age is set back rather than waited for).
     sqlx::query(
-        "UPDATE accounts SET created_at = created_at - 2 * 86400 WHERE email = 'dev@x.example'",
+        "UPDATE accounts SET email_since = email_since - 2 * 86400 WHERE email = 'dev@x.example'",
     )
     .execute(&srv.reg.db.pool)
     .await
     .unwrap();
     let dev = unverified_account(b, "dev@x.example").await;
-    assert_eq!(
-        status(b, &squatter, "/v1/account").await,
-        401,
-        "the squatter's sessions end"
+    let (_, who) = req(b, "GET", "/v1/account", Some(&squatter), None).await;
+    assert!(
+        who["email"].as_str().unwrap().starts_with("released+"),
+        "the squatter's account no longer holds the address: {who}"
     );
     assert_eq!(
         verify(b, &dev_code).await.0,
@@ -270,4 +270,27 @@ async fn only_a_proven_address_receives_what_is_sent_to_it() {
         (Some("dev@y.example"), Some(true))
     );
     assert_eq!(status(b, &dev, "/v1/realms/com.acme").await, 403);
+
+    // The password check of a change of address is throttled like a login: a stolen session
+    // token is no way to guess the password without limit.
+    let change = |password: &'static str| {
+        let alice = alice.clone();
+        async move {
+            req(
+                b,
+                "PUT",
+                "/v1/account/email",
+                Some(&alice),
+                Some(json!({"email": "alice@z.example", "password": password})),
+            )
+            .await
+        }
+    };
+    for _ in 0..4 {
+        assert_eq!(change("not the password").await.0, 401);
+    }
+    let (s, v) = change("not the password").await;
+    assert_eq!(s, 429, "{v}");
+    let (s, v) = change("correct horse battery").await;
+    assert_eq!(s, 429, "locked, even with the right password: {v}");
 }

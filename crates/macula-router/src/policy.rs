@@ -387,6 +387,12 @@ impl Policy {
         (self.doc.generation << 32) | self.doc.version.min(u64::from(u32::MAX))
     }
 
+    /// The farthest ancestor authority the realm lists (the top of the registrations one owner
+    /// holds above it), if any: what groups one owner's realms for per-owner limits.
+    pub fn top_authority(&self) -> Option<&str> {
+        self.doc.authorities.last().map(String::as_str)
+    }
+
     /// Whether keys signed by `authority` (besides the realm's own) may enter the realm.
     pub fn lists_authority(&self, authority: &[u8; 32]) -> bool {
         let hex = hex::encode(authority);

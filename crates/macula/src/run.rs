@@ -83,12 +83,7 @@ pub async fn up(a: UpArgs, json: bool) -> Result<()> {
     }
     let (kid, key) = dir.issue_key(&a.realm, "admin", "macula up", 30 * 86_400, None)?;
     let key_path = up_key_path(&a.home);
-    std::fs::write(&key_path, format!("{key}\n"))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
-    }
+    macula_node::confdir::write_secret(&key_path, &format!("{key}\n"))?;
     std::fs::write(a.home.join("up-realm"), format!("{}\n", a.realm))?;
     let tls = up_certificate(&a.home)?;
     let mut loaded = dir.load()?;
