@@ -503,6 +503,40 @@ impl Registry {
                 billing.insert(row.realm.clone(), b);
             }
         }
+        // Usage by a key the registry no longer has, in a realm registered more than once: a
+        // key of the previous registration, reported late. It is that registration's usage,
+        // never the current registrant's (keys die with their registration).
+        let known: HashSet<String> = {
+            let sql = format!(
+                "SELECT id FROM api_keys WHERE id IN ({})",
+                list(1, keys.len())
+            );
+            let mut q = sqlx::query_scalar::<_, String>(&sql);
+            for k in &keys {
+                q = q.bind(*k);
+            }
+            q.fetch_all(&mut *tx).await?.into_iter().collect()
+        };
+        let mut generation: HashMap<String, i64> = HashMap::new();
+        for b in billing.values() {
+            if !generation.contains_key(b) {
+                let g: Option<i64> =
+                    sqlx::query_scalar("SELECT generation FROM realms WHERE name = $1")
+                        .bind(b)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                generation.insert(b.clone(), g.unwrap_or(0));
+            }
+        }
+        let bill_to = |row: &UsageRow| -> String {
+            let b = &billing[&row.realm];
+            match generation.get(b) {
+                Some(&g) if g > 1 && !known.contains(&row.key_id) => {
+                    crate::registry::archived(b, g - 1)
+                }
+                _ => b.clone(),
+            }
+        };
         let now = now_secs() as i64;
         let mut grew: HashSet<String> = HashSet::new();
         for row in chunk {
@@ -561,7 +595,7 @@ impl Registry {
             if delta.iter().all(|d| *d == 0) {
                 continue;
             }
-            let realm = &billing[&row.realm];
+            let realm = &bill_to(row);
             grew.insert(realm.clone());
             let hour = row.hour as i64 * 3600;
             for (period, start) in [

@@ -1252,6 +1252,32 @@ impl Registry {
         .bind(name)
         .fetch_one(&mut *tx)
         .await?;
+        if generation > 1 {
+            // Usage that arrived for the name after its last registration ended (a node
+            // delivering late) belongs to that registration, not to this one.
+            sqlx::query(
+                "INSERT INTO usage_rollups (realm, period, start, ops_publish, ops_subscribe, ops_call, \
+                 ops_register, ops_dht, bytes_in, bytes_out) \
+                 SELECT $1, period, start, ops_publish, ops_subscribe, ops_call, ops_register, ops_dht, \
+                 bytes_in, bytes_out FROM usage_rollups WHERE realm = $2 \
+                 ON CONFLICT (realm, period, start) DO UPDATE SET \
+                 ops_publish = usage_rollups.ops_publish + excluded.ops_publish, \
+                 ops_subscribe = usage_rollups.ops_subscribe + excluded.ops_subscribe, \
+                 ops_call = usage_rollups.ops_call + excluded.ops_call, \
+                 ops_register = usage_rollups.ops_register + excluded.ops_register, \
+                 ops_dht = usage_rollups.ops_dht + excluded.ops_dht, \
+                 bytes_in = usage_rollups.bytes_in + excluded.bytes_in, \
+                 bytes_out = usage_rollups.bytes_out + excluded.bytes_out",
+            )
+            .bind(archived(name, generation - 1))
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM usage_rollups WHERE realm = $1")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
         let expires = now + (self.config.term_days * 86_400) as i64;
         let res = sqlx::query(
             "INSERT INTO realms (name, owner_id, parent, tier, created_at, expires_at, authority_key, authority_cert, policy_version, generation) \
@@ -2764,7 +2790,7 @@ struct Signer {
 /// The key under which a released registration's rows (audit, usage, notices, plan history,
 /// add-ons) are kept: never a valid realm name, so nothing addressed by name reaches them and
 /// the next registrant of the name starts with none of them.
-fn archived(name: &str, generation: i64) -> String {
+pub(crate) fn archived(name: &str, generation: i64) -> String {
     format!("{name}#{generation}")
 }
 

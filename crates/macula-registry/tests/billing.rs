@@ -804,3 +804,61 @@ async fn a_usage_backlog_does_not_starve_control_plane_writes() {
         "{v}"
     );
 }
+
+/// Data of a registration stays with it (isolation finding 4, late usage): usage a node reports
+/// for a key of a realm's previous registration — before or after someone registers the name
+/// again — is kept under that registration's archive, never counted against the new registrant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_usage_of_a_released_registration_is_not_the_next_registrants() {
+    let tmp = tempfile::tempdir().unwrap();
+    let srv = serve(&sqlite_url(tmp.path()), tmp.path(), config()).await;
+    let b = srv.base.as_str();
+    let first = account(b, "first@example.com").await;
+    create_realm(b, &first, json!({"name": "com.late"})).await;
+    let (s, k) = req(
+        b,
+        "POST",
+        "/v1/realms/com.late/keys",
+        Some(&first),
+        Some(json!({"name": "k", "role": "admin"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{k}");
+    let old_key = k["id"].as_str().unwrap().to_owned();
+    let hour = hour_of(now_secs());
+    let usage = |n: u64| {
+        report(
+            "n1",
+            9,
+            vec![row("com.late", &old_key, hour, [n, 0, 0, 0, 0], 1, 0)],
+        )
+    };
+    srv.reg.ingest(&usage(5)).await.unwrap();
+    let (s, _) = req(b, "DELETE", "/v1/realms/com.late", Some(&first), None).await;
+    assert_eq!(s, 204);
+    // Late, before anyone registers the name again...
+    srv.reg.ingest(&usage(7)).await.unwrap();
+    let second = account(b, "second@example.com").await;
+    create_realm(b, &second, json!({"name": "com.late"})).await;
+    // ...and after.
+    srv.reg.ingest(&usage(9)).await.unwrap();
+    let (s, v) = req(b, "GET", "/v1/realms/com.late/usage", Some(&second), None).await;
+    assert_eq!(s, 200, "{v}");
+    let total = v["items"].as_array().map_or(0, |items| {
+        items
+            .iter()
+            .map(|i| i["ops_total"].as_u64().unwrap_or(0))
+            .sum()
+    });
+    assert_eq!(total, 0, "the new registrant inherited usage: {v}");
+    let archived: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(SUM(ops_publish), 0) FROM usage_rollups WHERE realm = 'com.late#1' AND period = 'month'",
+    )
+    .fetch_one(&srv.reg.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        archived, 9,
+        "all of the first registration's usage is in its archive"
+    );
+}
