@@ -2625,8 +2625,28 @@ impl Registry {
                 .realm(&mut tx, name)
                 .await
                 .map_err(|e| anyhow::anyhow!(e.message))?;
-            let doc = self
+            let mut doc = self
                 .policy_doc(&row)
+                .map_err(|e| anyhow::anyhow!(e.message))?;
+            // A policy written before `authorities` existed (or before an ancestor changed
+            // hands) gets the list it should have, as a new version.
+            let authorities = owner_authorities(
+                &mut tx,
+                &self.operator_key.verifying_key(),
+                name,
+                &row.owner_id,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+            if authorities != doc.authorities {
+                doc = self
+                    .put_policy(&mut tx, name, doc, "registry")
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e.message))?;
+            }
+            let row = self
+                .realm(&mut tx, name)
+                .await
                 .map_err(|e| anyhow::anyhow!(e.message))?;
             tx.commit().await?;
             self.write_realm(&row, &doc)?;

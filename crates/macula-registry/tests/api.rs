@@ -930,3 +930,49 @@ async fn an_account_holds_a_bounded_number_of_realms() {
     .await;
     assert_eq!(s, 201, "{v}");
 }
+
+/// A subrealm whose policy was written before policies listed the owner's ancestor
+/// authorities gets the list on the registry's next start (otherwise the owner's parent keys
+/// would not reach it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_from_before_authorities_are_completed_on_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = common::sqlite_url(tmp.path());
+    let srv = common::serve(&url, tmp.path(), Default::default()).await;
+    let b = srv.base.as_str();
+    let me = common::account(b, "old@example.com").await;
+    for name in ["com.old", "com.old.child"] {
+        let (s, v) = common::req(
+            b,
+            "POST",
+            "/v1/realms",
+            Some(&me),
+            Some(json!({"name": name})),
+        )
+        .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let listed = srv.dir.read_policy("com.old.child").unwrap();
+    assert_eq!(listed.authorities.len(), 1);
+    // As an older version wrote it: no list.
+    let latest: i64 =
+        sqlx::query_scalar("SELECT policy_version FROM realms WHERE name = 'com.old.child'")
+            .fetch_one(&srv.reg.db.pool)
+            .await
+            .unwrap();
+    let mut doc = listed.clone();
+    doc.authorities.clear();
+    sqlx::query(
+        "UPDATE policy_versions SET doc = $1 WHERE realm = 'com.old.child' AND version = $2",
+    )
+    .bind(serde_yaml_ng::to_string(&doc).unwrap())
+    .bind(latest)
+    .execute(&srv.reg.db.pool)
+    .await
+    .unwrap();
+    drop(srv);
+    let srv = common::serve(&url, tmp.path(), Default::default()).await;
+    let now = srv.dir.read_policy("com.old.child").unwrap();
+    assert_eq!(now.authorities, listed.authorities);
+    assert_eq!(now.version, listed.version + 1);
+}
