@@ -181,6 +181,8 @@ pub enum Frame {
     Usage { id: u64, report: Bytes },
     /// The aggregator's answer to [`Frame::Usage`] `id`: stored, or why not.
     UsageAck { id: u64, error: Option<String> },
+    /// Every realm state the sender had when the stream opened was sent before this.
+    StatesDone,
 }
 
 impl Frame {
@@ -197,6 +199,7 @@ impl Frame {
             Frame::Peers { .. } => "peers",
             Frame::Usage { .. } => "usage",
             Frame::UsageAck { .. } => "usage_ack",
+            Frame::StatesDone => "states_done",
         }
     }
 

@@ -140,6 +140,11 @@ pub struct MeshSection {
     pub dht_max_value: usize,
     /// Longest TTL `macula.dht.put` accepts, in seconds (also the default).
     pub dht_max_ttl_s: u64,
+    /// A node with bootstrap peers admits sessions to a realm it knows only through an
+    /// ancestor's registration once a peer has sent it every realm state it holds, or after
+    /// this long (ms), so that a subrealm registered apart is never governed by its parent
+    /// for want of its own state.
+    pub state_sync_timeout_ms: u64,
 }
 
 impl Default for MeshSection {
@@ -160,6 +165,7 @@ impl Default for MeshSection {
             dht_parallelism: 3,
             dht_refresh_s: 300,
             dht_max_value: 64 << 10,
+            state_sync_timeout_ms: 30_000,
             dht_max_ttl_s: 86_400,
         }
     }

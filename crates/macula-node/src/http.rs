@@ -240,6 +240,7 @@ fn status_for(uri: &str) -> StatusCode {
         errors::NO_SUCH_PROCEDURE | errors::NO_SUCH_REALM => StatusCode::NOT_FOUND,
         errors::INVALID_URI | errors::INVALID_ARGUMENT => StatusCode::BAD_REQUEST,
         errors::CANCELED | errors::TIMEOUT => StatusCode::GATEWAY_TIMEOUT,
+        errors::NOT_READY => StatusCode::SERVICE_UNAVAILABLE,
         errors::AUTHENTICATION_FAILED | errors::NO_AUTH_METHOD => StatusCode::UNAUTHORIZED,
         errors::NO_SUCH_ROLE | errors::AUTHORIZATION_FAILED => StatusCode::FORBIDDEN,
         errors::QUOTA_EXCEEDED | errors::RATE_LIMITED | errors::LIMIT_EXCEEDED => {

@@ -370,6 +370,8 @@ fn handle(node: &Arc<Node>, mesh: &Arc<MeshState>, ev: MeshEvent) {
                     },
                 );
             }
+            // Frames to a peer arrive in order: after this, the peer knows every state we knew.
+            mesh.handle.send(&peer, &Frame::StatesDone);
             for r in node.realm_handles() {
                 for a in r.lock().local_interest() {
                     mesh.handle.send(&peer, &announce_frame(&r.name, a));
@@ -423,6 +425,12 @@ fn rejected(mesh: &MeshState, peer: &PeerId, what: &str, why: impl std::fmt::Dis
 fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame) {
     match frame {
         Frame::Hello { .. } => {}
+        Frame::StatesDone => {
+            if !node.states_synced() {
+                tracing::info!(%peer, "realm states synced from a peer");
+            }
+            node.mark_states_synced();
+        }
         Frame::Usage { id, report } => on_usage(node, mesh, peer, id, report),
         Frame::UsageAck { id, error } => {
             if let Some(tx) = mesh.usage_acks.lock().remove(&id) {

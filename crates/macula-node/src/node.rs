@@ -162,6 +162,9 @@ pub struct Node {
     auth: RwLock<Arc<AuthState>>,
     realms: Mutex<HashMap<String, Arc<RealmHandle>>>,
     ticking: Arc<Ticking>,
+    /// Realm states from the mesh are in (see [`Node::states_synced`]).
+    synced: std::sync::atomic::AtomicBool,
+    started: Instant,
     sessions: Mutex<HashMap<Id, LiveSession>>,
     /// What the config directory holds (merged with realm states learned from the mesh).
     local: Mutex<Loaded>,
@@ -217,6 +220,10 @@ impl Node {
             auth: RwLock::new(Arc::new(auth)),
             realms: Mutex::new(HashMap::new()),
             ticking: Arc::new(Ticking::default()),
+            synced: std::sync::atomic::AtomicBool::new(
+                !(loaded.config.mesh.enabled && !loaded.config.mesh.bootstrap.is_empty()),
+            ),
+            started: Instant::now(),
             sessions: Mutex::new(HashMap::new()),
             local: Mutex::new(loaded),
             mesh: OnceLock::new(),
@@ -256,6 +263,21 @@ impl Node {
 
     /// Decides whether `identity` may join its realm; returns the realm to join or the ABORT.
     pub fn admit(&self, identity: &Identity) -> Result<Arc<RealmHandle>, Message> {
+        // Until the mesh's realm states are in, a realm known only through an ancestor may be a
+        // registration of its own whose state has not arrived: refuse rather than let the
+        // ancestor's keys govern it.
+        if !self.states_synced() {
+            let auth = self.auth();
+            if auth.registration_of(&identity.realm) != Some(identity.realm.as_str()) {
+                return Err(abort(
+                    errors::NOT_READY,
+                    format!(
+                        "this node is still learning realm states from the mesh; retry {} in a moment",
+                        identity.realm
+                    ),
+                ));
+            }
+        }
         if !self.auth().accepts(&identity.realm, &identity.authority) {
             return Err(abort(
                 errors::AUTHENTICATION_FAILED,
@@ -432,6 +454,25 @@ impl Node {
                 self.metrics.meter_refused.fetch_add(1, Ordering::Relaxed);
                 abort(errors::LIMIT_EXCEEDED, why.to_string())
             })
+    }
+
+    /// Whether realm states from the mesh are in (see `mesh.state_sync_timeout_ms`): always for
+    /// a node without bootstrap peers or without a mesh.
+    pub fn states_synced(&self) -> bool {
+        if self.synced.load(Ordering::Relaxed) {
+            return true;
+        }
+        let timeout = std::time::Duration::from_millis(self.config.mesh.state_sync_timeout_ms);
+        if self.started.elapsed() >= timeout {
+            self.synced.store(true, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// A peer sent every realm state it holds.
+    pub fn mark_states_synced(&self) {
+        self.synced.store(true, Ordering::Relaxed);
     }
 
     /// Records a joined session.

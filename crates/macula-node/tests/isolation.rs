@@ -387,3 +387,41 @@ async fn one_registration_cannot_exhaust_the_meter_for_others() {
         2
     );
 }
+
+/// Until a node has the mesh's realm states (a peer sent all it holds, or the sync timeout
+/// passed), a realm it knows only through an ancestor may be a registration of its own whose
+/// state is on the way: the ancestor's keys are not let in meanwhile (`macula.error.not_ready`),
+/// while realms the node knows themselves are served at once.
+#[tokio::test]
+async fn subrealms_wait_for_the_mesh_states() {
+    let t = TestNode::start_with(|c| {
+        // A bootstrap peer that never answers: no states arrive, only the timeout ends the wait.
+        c.mesh.bootstrap = vec!["/ip4/127.0.0.1/udp/9/quic-v1".into()];
+        c.mesh.state_sync_timeout_ms = 1500;
+    })
+    .await;
+    let url = t.running.ws_url();
+    Client::connect_with(opts(&url, REALM, &t.admin_key))
+        .await
+        .expect("a realm the node knows itself is served at once");
+    let sub = format!("{REALM}.sub");
+    let err = Client::connect_with(opts(&url, &sub, &t.admin_key))
+        .await
+        .err()
+        .expect("a realm known only through its parent waits for the states");
+    assert_eq!(err.uri(), Some(errors::NOT_READY), "{err}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Client::connect_with(opts(&url, &sub, &t.admin_key)).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e.uri(), Some(errors::NOT_READY), "{e}");
+                assert!(
+                    Instant::now() < deadline,
+                    "the sync timeout never ended the wait"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

@@ -34,6 +34,8 @@ pub const SLOW_CONSUMER: &str = "macula.error.slow_consumer";
 pub const CREDENTIAL_REVOKED: &str = "macula.error.credential_revoked";
 /// The session's API key expired while the session was open.
 pub const CREDENTIAL_EXPIRED: &str = "macula.error.credential_expired";
+/// The node cannot serve this yet (it is still learning realm states from the mesh): retry.
+pub const NOT_READY: &str = "macula.error.not_ready";
 /// A configured per-session limit (subscriptions, registrations) was reached.
 pub const LIMIT_EXCEEDED: &str = "macula.error.limit_exceeded";
 pub const NOT_FOUND: &str = "macula.error.not_found";
