@@ -221,7 +221,7 @@ impl Node {
             realms: Mutex::new(HashMap::new()),
             ticking: Arc::new(Ticking::default()),
             synced: std::sync::atomic::AtomicBool::new(
-                !(loaded.config.mesh.enabled && !loaded.config.mesh.bootstrap.is_empty()),
+                !loaded.config.mesh.enabled || loaded.config.mesh.bootstrap.is_empty(),
             ),
             started: Instant::now(),
             sessions: Mutex::new(HashMap::new()),
