@@ -611,6 +611,13 @@ impl Node {
         if let Some(m) = self.mesh.get() {
             for (realm, st) in m.states.lock().iter() {
                 let local_seq = local.seqs.get(realm).copied().unwrap_or(0);
+                // A realm this node's operator made by hand (generation 0) is this node's own:
+                // a registration of the same name elsewhere under the trust root (another
+                // authority) does not take it over here, however high its sequence.
+                let hand_made = policies.contains_key(realm) && local_seq >> 32 == 0;
+                if hand_made && authorities.get(realm) != st.authority().as_ref() {
+                    continue;
+                }
                 if st.seq > local_seq || !policies.contains_key(realm) {
                     if let (Ok(p), Some(a)) = (Policy::from_yaml(&st.policy), st.authority()) {
                         policies.insert(realm.clone(), Arc::new(p));

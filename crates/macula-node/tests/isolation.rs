@@ -425,3 +425,55 @@ async fn subrealms_wait_for_the_mesh_states() {
         }
     }
 }
+
+/// A realm this node's operator made by hand is this node's own: a registration of the same
+/// name elsewhere under the trust root (another authority, a higher generation) arriving over the
+/// mesh does not take it over here — its keys are refused and the owner's keep working.
+#[tokio::test]
+async fn a_registration_elsewhere_does_not_take_over_a_hand_made_realm() {
+    use ed25519_dalek::SigningKey;
+    use macula_router::auth::{credential, AuthorityCert, SignedCert};
+    let t = TestNode::start().await;
+    let op = t.dir.operator_key().unwrap();
+    let other = SigningKey::from_bytes(&[9; 32]);
+    let cert = SignedCert::issue(
+        &op,
+        &AuthorityCert {
+            realm: REALM.into(),
+            authority: other.verifying_key().to_bytes(),
+            expires_at: 0,
+        },
+    );
+    let mut doc = t.dir.read_policy(REALM).unwrap();
+    doc.generation = 1;
+    doc.version = 5;
+    let policy = macula_router::policy::Policy::from_doc(doc).unwrap();
+    let state =
+        macula_node::mesh::RealmState::sign(REALM, policy.seq(), policy.to_yaml(), &cert, &other);
+    let mesh = t.node().mesh.get().expect("the mesh is on");
+    assert!(mesh.offer_state(state), "a newer state by sequence");
+    t.node().rebuild_auth();
+    let now = macula_node::confdir::now_secs();
+    let foreign = credential::issue_key(
+        &other,
+        &cert,
+        &credential::KeyClaims {
+            realm: REALM.into(),
+            role: "admin".into(),
+            kid: "key_foreign".into(),
+            name: "foreign".into(),
+            issued_at: now,
+            expires_at: 0,
+            pubkey: None,
+        },
+    );
+    let url = t.running.ws_url();
+    let err = Client::connect_with(opts(&url, REALM, &foreign))
+        .await
+        .err()
+        .expect("the other registration's key is refused here");
+    assert_eq!(err.uri(), Some(errors::AUTHENTICATION_FAILED), "{err}");
+    Client::connect_with(opts(&url, REALM, &t.admin_key))
+        .await
+        .expect("the node's own realm keeps working");
+}
