@@ -1252,9 +1252,32 @@ impl Registry {
         .bind(name)
         .fetch_one(&mut *tx)
         .await?;
-        if generation > 1 {
-            // Usage that arrived for the name after its last registration ended (a node
-            // delivering late) belongs to that registration, not to this one.
+        {
+            // Whatever is keyed by the bare name now is not this registration's: usage that a
+            // node delivered after the last registration ended, or rows of a registration
+            // released before generations were kept (migration 4; archived as `name#0`). It
+            // goes to the previous registration's archive.
+            let archive = archived(name, generation - 1);
+            // Tables keyed by (realm, …) move whole only into a fresh archive (`name#0`): a
+            // release already moved its own rows into `name#g`, and nothing makes them for a
+            // name that is not registered.
+            let tables: &[&str] = if generation == 1 {
+                &[
+                    "UPDATE audit SET realm = $1 WHERE realm = $2",
+                    "UPDATE notices SET realm = $1 WHERE realm = $2",
+                    "UPDATE plan_history SET realm = $1 WHERE realm = $2",
+                    "UPDATE addons SET realm = $1 WHERE realm = $2",
+                ]
+            } else {
+                &["UPDATE audit SET realm = $1 WHERE realm = $2"]
+            };
+            for sql in tables {
+                sqlx::query(sql)
+                    .bind(&archive)
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             sqlx::query(
                 "INSERT INTO usage_rollups (realm, period, start, ops_publish, ops_subscribe, ops_call, \
                  ops_register, ops_dht, bytes_in, bytes_out) \

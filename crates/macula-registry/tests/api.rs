@@ -976,3 +976,50 @@ async fn policies_from_before_authorities_are_completed_on_start() {
     assert_eq!(now.authorities, listed.authorities);
     assert_eq!(now.version, listed.version + 1);
 }
+
+/// Rows a name kept from a registration released before generations existed (migration 4) are
+/// not the next registrant's: registering the name archives them as `name#0`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leftovers_of_an_unarchived_registration_are_not_inherited() {
+    let tmp = tempfile::tempdir().unwrap();
+    let srv = common::serve(
+        &common::sqlite_url(tmp.path()),
+        tmp.path(),
+        Default::default(),
+    )
+    .await;
+    let b = srv.base.as_str();
+    // As an old version left them: audit rows and usage under the bare name, no generation.
+    sqlx::query("INSERT INTO audit (realm, actor, action, detail, remote, at) VALUES ('com.left', 'gone@example.com', 'key.create', '{\"secret\": \"old owner trail\"}', '203.0.113.9', 1)")
+        .execute(&srv.reg.db.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO usage_rollups (realm, period, start, ops_publish, ops_subscribe, ops_call, ops_register, ops_dht, bytes_in, bytes_out) VALUES ('com.left', 'month', 0, 99, 0, 0, 0, 0, 0, 0)")
+        .execute(&srv.reg.db.pool)
+        .await
+        .unwrap();
+    let me = common::account(b, "new@example.com").await;
+    let (s, v) = common::req(
+        b,
+        "POST",
+        "/v1/realms",
+        Some(&me),
+        Some(json!({"name": "com.left"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = common::req(b, "GET", "/v1/realms/com.left/audit", Some(&me), None).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(!v.to_string().contains("old owner trail"), "{v}");
+    let left: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM usage_rollups WHERE realm = 'com.left'")
+            .fetch_one(&srv.reg.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, 0);
+    let archived: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit WHERE realm = 'com.left#0'")
+        .fetch_one(&srv.reg.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(archived, 1);
+}
