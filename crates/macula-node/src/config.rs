@@ -214,6 +214,11 @@ pub struct RegistrySection {
     pub verification_ttl_hours: u64,
     /// Realms (subrealms included) one account may hold; 0: no limit. Operators are exempt.
     pub max_realms_per_account: u64,
+    /// Reverse proxies in front of the registry whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Failed logins to one account per hour (all sources) past which only sources that logged
+    /// in to it before may try; 0: no such limit.
+    pub max_failed_logins_per_hour: u32,
 }
 
 /// `registry.mail` in node.yaml.
@@ -248,6 +253,8 @@ impl Default for RegistrySection {
             mail: MailSection::default(),
             verification_ttl_hours: 24,
             max_realms_per_account: 100,
+            trusted_proxies: vec![],
+            max_failed_logins_per_hour: 50,
         }
     }
 }

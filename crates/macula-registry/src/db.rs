@@ -564,6 +564,20 @@ CREATE TABLE email_tokens (
 CREATE INDEX email_tokens_account ON email_tokens(account_id, created_at);
 "#,
     },
+    Migration {
+        version: 6,
+        name: "login: failures per account and hour; sources that logged in",
+        sql: r#"
+ALTER TABLE accounts ADD COLUMN failed_window_start BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE accounts ADD COLUMN failed_in_window BIGINT NOT NULL DEFAULT 0;
+CREATE TABLE login_sources (
+    account_id TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    source TEXT NOT NULL,
+    last_ok BIGINT NOT NULL,
+    PRIMARY KEY (account_id, source)
+);
+"#,
+    },
 ];
 
 /// The file of a `sqlite:` URL, if it names one (not `:memory:`).

@@ -153,25 +153,51 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Q<T> {
     }
 }
 
-fn remote_of(parts: &Parts) -> String {
-    parts
+/// The client's address: the connection's peer, or, when that peer is one of
+/// `registry.trusted_proxies`, the last address a trusted proxy added to `X-Forwarded-For`
+/// (addresses a client wrote into the header itself are never believed).
+fn client_ip(parts: &Parts, trusted: &[std::net::IpAddr]) -> Option<std::net::IpAddr> {
+    let peer = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
+        .map(|c| c.0.ip().to_canonical())?;
+    if !trusted.contains(&peer) {
+        return Some(peer);
+    }
+    let forwarded: Vec<std::net::IpAddr> = parts
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
+        .map(|ip| ip.to_canonical())
+        .collect();
+    // From the right: skip our own proxies; the first other address is the client.
+    Some(
+        forwarded
+            .iter()
+            .rev()
+            .find(|ip| !trusted.contains(ip))
+            .copied()
+            .unwrap_or(peer),
+    )
+}
+
+fn remote_of(parts: &Parts, reg: &Registry) -> String {
+    client_ip(parts, &reg.config.trusted_proxies)
+        .map(|ip| ip.to_string())
         .unwrap_or_default()
 }
 
 /// Where the request came from (for the audit log and login rate limits).
 pub struct Remote(pub String, pub Option<std::net::IpAddr>);
 
-impl<S: Send + Sync> FromRequestParts<S> for Remote {
+impl FromRequestParts<Arc<Registry>> for Remote {
     type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        let ip = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip());
-        Ok(Remote(remote_of(parts), ip))
+    async fn from_request_parts(parts: &mut Parts, reg: &Arc<Registry>) -> Result<Self, ApiError> {
+        let ip = client_ip(parts, &reg.config.trusted_proxies);
+        Ok(Remote(ip.map(|i| i.to_string()).unwrap_or_default(), ip))
     }
 }
 
@@ -206,7 +232,7 @@ impl FromRequestParts<Arc<Registry>> for Actor {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, reg: &Arc<Registry>) -> Result<Self, ApiError> {
         let token = bearer(&parts.headers)?;
-        reg.authenticate(token, remote_of(parts)).await
+        reg.authenticate(token, remote_of(parts, reg)).await
     }
 }
 
@@ -827,4 +853,52 @@ async fn void_invoice(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     Ok(Json(reg.void_invoice(&actor, &id).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(peer: &str, forwarded: &[&str]) -> Parts {
+        let mut b = axum::http::Request::builder()
+            .extension(ConnectInfo::<SocketAddr>(peer.parse().unwrap()));
+        for f in forwarded {
+            b = b.header("x-forwarded-for", *f);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn forwarded_addresses_count_only_through_trusted_proxies() {
+        let proxy: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+        // No trusted proxy: the header is the client's own word, ignored.
+        assert_eq!(
+            client_ip(&parts("10.0.0.1:5", &["198.51.100.7"]), &[]),
+            ip("10.0.0.1")
+        );
+        // From a trusted proxy: the last address it added; what the client wrote before is not
+        // believed, and a chain of our own proxies is skipped.
+        assert_eq!(
+            client_ip(&parts("10.0.0.1:5", &["6.6.6.6, 198.51.100.7"]), &[proxy]),
+            ip("198.51.100.7")
+        );
+        assert_eq!(
+            client_ip(
+                &parts("10.0.0.1:5", &["198.51.100.7", "10.0.0.1"]),
+                &[proxy]
+            ),
+            ip("198.51.100.7")
+        );
+        // A peer that is not a trusted proxy cannot pose as one.
+        assert_eq!(
+            client_ip(&parts("203.0.113.1:5", &["198.51.100.7"]), &[proxy]),
+            ip("203.0.113.1")
+        );
+        // IPv4-mapped peers are the same address.
+        assert_eq!(
+            client_ip(&parts("[::ffff:10.0.0.1]:5", &["198.51.100.7"]), &[proxy]),
+            ip("198.51.100.7")
+        );
+    }
 }

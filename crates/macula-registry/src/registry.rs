@@ -58,6 +58,13 @@ pub struct RegistryConfig {
     pub verification_ttl: Duration,
     /// Realms (subrealms included) one account may hold; 0: no limit. Operators are exempt.
     pub max_realms_per_account: u64,
+    /// Reverse proxies whose `X-Forwarded-For` is believed (their own address otherwise stands
+    /// for every client behind them, and lock-outs would hit them all).
+    pub trusted_proxies: Vec<IpAddr>,
+    /// Failed logins to one account, from all sources, in an hour, past which only sources that
+    /// logged in to it before may try (an owner's usual addresses keep working while many
+    /// addresses guess). 0: no such limit.
+    pub max_failed_logins_per_hour: i64,
 }
 
 impl Default for RegistryConfig {
@@ -77,6 +84,8 @@ impl Default for RegistryConfig {
             mail: crate::mail::MailConfig::default(),
             verification_ttl: Duration::from_secs(86_400),
             max_realms_per_account: 100,
+            trusted_proxies: vec![],
+            max_failed_logins_per_hour: 50,
         }
     }
 }
@@ -757,7 +766,9 @@ impl Registry {
         let email = email.trim().to_ascii_lowercase();
         let now = now_secs() as i64;
         let row = sqlx::query(
-            "SELECT a.id, a.password_hash, COALESCE(f.locked_until, 0) AS locked_until \
+            "SELECT a.id, a.password_hash, COALESCE(f.locked_until, 0) AS locked_until, \
+             a.failed_window_start, a.failed_in_window, \
+             (SELECT COUNT(*) FROM login_sources s WHERE s.account_id = a.id AND s.source = $2) AS known \
              FROM accounts a LEFT JOIN login_failures f ON f.account_id = a.id AND f.source = $2 \
              WHERE a.email = $1",
         )
@@ -775,7 +786,35 @@ impl Registry {
         if locked_until > now {
             return Err(locked(locked_until - now));
         }
+        // Many sources guessing one account: past the hourly budget, only sources that logged
+        // in to it before may try (its owner's usual addresses) until the hour is over.
+        let window: i64 = row.try_get("failed_window_start")?;
+        let failed: i64 = row.try_get("failed_in_window")?;
+        let known = row.try_get::<i64, _>("known")? > 0;
+        let budget = self.config.max_failed_logins_per_hour;
+        if budget > 0 && now - window < 3600 && failed >= budget && !known {
+            return Err(ApiError::too_many(
+                "account_under_attack",
+                format!(
+                    "too many failed logins to this account from many addresses: for now only addresses \
+                     that logged in to it before may try; this one may again in {} s",
+                    3600 - (now - window)
+                ),
+                (3600 - (now - window)).max(1) as u64,
+            ));
+        }
         if !password_matches(password, &hash) {
+            sqlx::query(
+                "UPDATE accounts SET \
+                 failed_in_window = CASE WHEN failed_window_start < $1 THEN 1 ELSE failed_in_window + 1 END, \
+                 failed_window_start = CASE WHEN failed_window_start < $1 THEN $2 ELSE failed_window_start END \
+                 WHERE id = $3",
+            )
+            .bind(now - 3600)
+            .bind(now)
+            .bind(&id)
+            .execute(&self.db.pool)
+            .await?;
             return Err(self.password_failed(&id, &email, &source, remote).await?);
         }
         let token = random_token("mcs_", 32);
@@ -786,6 +825,15 @@ impl Registry {
             .bind(&source)
             .execute(&mut *tx)
             .await?;
+        sqlx::query(
+            "INSERT INTO login_sources (account_id, source, last_ok) VALUES ($1, $2, $3) \
+             ON CONFLICT (account_id, source) DO UPDATE SET last_ok = excluded.last_ok",
+        )
+        .bind(&id)
+        .bind(&source)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "INSERT INTO sessions (token_hash, account_id, client, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
         )

@@ -1023,3 +1023,61 @@ async fn leftovers_of_an_unarchived_registration_are_not_inherited() {
         .unwrap();
     assert_eq!(archived, 1);
 }
+
+/// Login lock-out (isolation finding 7, the rest): many sources guessing one account each get a
+/// few tries, but past the account's hourly budget only sources that logged in to it before may
+/// try — its owner keeps working, newcomers wait. Behind a trusted proxy, sources are the
+/// forwarded client addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_sources_cannot_guess_without_end_and_the_owner_keeps_access() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = RegistryConfig {
+        trusted_proxies: vec!["127.0.0.1".parse().unwrap()],
+        max_failed_logins_per_hour: 6,
+        ..Default::default()
+    };
+    let srv = serve(&sqlite_url(tmp.path()), tmp.path(), config).await;
+    let b = srv.base.as_str();
+    let login = |from: &'static str, password: &'static str| async move {
+        let body = json!({"email": "target@example.com", "password": password}).to_string();
+        req_raw(
+            b,
+            "POST",
+            "/v1/sessions",
+            None,
+            Some(body),
+            &[("X-Forwarded-For", from)],
+        )
+        .await
+    };
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/accounts",
+        None,
+        Some(json!({"email": "target@example.com", "password": "correct horse battery"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(
+        login("203.0.113.5", "correct horse battery").await.0,
+        201,
+        "the owner's usual address"
+    );
+    for from in ["198.51.100.1", "198.51.100.2", "198.51.100.3"] {
+        for _ in 0..2 {
+            assert_eq!(login(from, "a wrong password").await.0, 401);
+        }
+    }
+    let (s, v) = login("198.51.100.9", "correct horse battery").await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (429, Some("account_under_attack")),
+        "{v}"
+    );
+    assert_eq!(
+        login("203.0.113.5", "correct horse battery").await.0,
+        201,
+        "the owner still gets in"
+    );
+}
