@@ -423,6 +423,30 @@ fn rejected(mesh: &MeshState, peer: &PeerId, what: &str, why: impl std::fmt::Dis
 }
 
 fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame) {
+    // A realm served only by dedicated nodes takes forwarded traffic only from them.
+    let realm = match &frame {
+        Frame::Interest { realm, .. }
+        | Frame::Registration { realm, .. }
+        | Frame::Publish { realm, .. }
+        | Frame::Call { realm, .. }
+        | Frame::Reply { realm, .. }
+        | Frame::Peers { realm, .. } => Some(realm.as_str()),
+        _ => None,
+    };
+    if let Some(realm) = realm {
+        let sender = peer.to_string();
+        if node
+            .policy_for(realm)
+            .is_some_and(|p| !p.may_serve(&sender))
+        {
+            return rejected(
+                mesh,
+                &peer,
+                frame.kind(),
+                "not a dedicated node of the realm",
+            );
+        }
+    }
     match frame {
         Frame::Hello { .. } => {}
         Frame::StatesDone => {

@@ -310,6 +310,17 @@ impl Node {
         if let Some(why) = &policy.doc.quota_exceeded {
             return Err(abort(errors::QUOTA_EXCEEDED, why.clone()));
         }
+        if let Some(me) = self.mesh.get().map(|m| m.handle.peer_id().to_string()) {
+            if !policy.may_serve(&me) {
+                return Err(abort(
+                    errors::AUTHORIZATION_FAILED,
+                    format!(
+                        "realm {} is served only by its dedicated nodes, and this node ({me}) is not one: connect to one of them",
+                        policy.realm()
+                    ),
+                ));
+            }
+        }
         if !policy.has_role(&identity.role) {
             return Err(abort(
                 errors::NO_SUCH_ROLE,

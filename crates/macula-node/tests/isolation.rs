@@ -477,3 +477,88 @@ async fn a_registration_elsewhere_does_not_take_over_a_hand_made_realm() {
         .await
         .expect("the node's own realm keeps working");
 }
+
+/// Dedicated nodes against a node that lies: a certified node of the same trust root that the
+/// realm does not list sends it a publication over the mesh. The same frame is delivered while
+/// the realm takes any node, and refused (counted, never delivered) once the realm lists only
+/// its dedicated nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unlisted_node_cannot_inject_into_a_dedicated_realm() {
+    use macula_mesh::{Frame, MeshConfig, MeshEvent, Origin};
+    use macula_wamp::{Message, Payload, Serializer, Value};
+    let t = TestNode::start().await;
+    let me = t.node().mesh.get().unwrap().handle.peer_id().to_string();
+    let sub = t.client().await;
+    let topic = "com.example.test.injected";
+    let mut events = sub.subscribe(topic).await.unwrap();
+
+    // A rogue participant, certified by the same operator.
+    let op = t.dir.operator_key().unwrap();
+    let kp = macula_mesh::identity::Keypair::generate_ed25519();
+    let cert = macula_mesh::cert::issue(&op, &kp.public().to_peer_id());
+    let cfg = MeshConfig {
+        listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
+        bootstrap: vec![t.running.mesh_addrs[0].parse().unwrap()],
+        ..MeshConfig::default()
+    };
+    let (rogue, mut ev) = macula_mesh::start(cfg, kp, cert, op.verifying_key())
+        .await
+        .unwrap();
+    let target = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ev.recv()).await {
+            Ok(Some(MeshEvent::PeerUp(p))) => break p,
+            Ok(Some(_)) => {}
+            other => panic!("the rogue never connected: {other:?}"),
+        }
+    };
+    let inject = |n: u64| {
+        let msg = Serializer::MsgPack.encode(&Message::Publish {
+            request: n,
+            options: Default::default(),
+            topic: topic.into(),
+            payload: Payload::args(vec![Value::from(n)]),
+        });
+        Frame::Publish {
+            realm: REALM.into(),
+            origin: Origin {
+                session: 1,
+                authid: "rogue".into(),
+                authrole: "admin".into(),
+            },
+            msg: msg.into(),
+        }
+    };
+    // Open realm: the frame is delivered (the path works).
+    rogue.send(&target, &inject(1));
+    let ev1 = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .expect("delivered while the realm takes any node")
+        .unwrap();
+    assert_eq!(ev1.payload.args, vec![Value::from(1u64)]);
+
+    // Dedicated to this node only: the same frame is refused.
+    let mut doc = t.dir.read_policy(REALM).unwrap();
+    doc.version += 1;
+    doc.nodes = vec![me];
+    t.dir.write_policy(&doc).unwrap();
+    t.node().reload().unwrap();
+    let counters = &t.node().mesh.get().unwrap().counters;
+    let before = counters.rejected.load(std::sync::atomic::Ordering::Relaxed);
+    rogue.send(&target, &inject(2));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counters.rejected.load(std::sync::atomic::Ordering::Relaxed) == before {
+        assert!(
+            Instant::now() < deadline,
+            "the frame was neither refused nor counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Refused before delivery: nothing is waiting for the subscriber (frames from one peer are
+    // handled in order, and the refusal was counted).
+    let next = tokio::time::timeout(Duration::from_millis(200), events.next()).await;
+    assert!(next.is_err(), "the rogue's event was delivered: {next:?}");
+    // The subscriber's own node still serves it.
+    Client::connect_with(opts(&t.running.ws_url(), REALM, &t.admin_key))
+        .await
+        .expect("the dedicated node serves the realm");
+}

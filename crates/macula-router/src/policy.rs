@@ -96,6 +96,11 @@ pub struct PolicyDoc {
     /// refuse new sessions and answer every operation with `macula.error.quota_exceeded`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota_exceeded: Option<String>,
+    /// The nodes (mesh peer ids) that may serve the realm — the seed's "Dedicated Nodes": only
+    /// they accept its sessions, and nodes take its forwarded traffic only from them. Empty: any
+    /// node of the trust root.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -391,6 +396,11 @@ impl Policy {
     /// holds above it), if any: what groups one owner's realms for per-owner limits.
     pub fn top_authority(&self) -> Option<&str> {
         self.doc.authorities.last().map(String::as_str)
+    }
+
+    /// Whether the node with mesh peer id `node` may serve the realm (see `PolicyDoc::nodes`).
+    pub fn may_serve(&self, node: &str) -> bool {
+        self.doc.nodes.is_empty() || self.doc.nodes.iter().any(|n| n == node)
     }
 
     /// Whether keys signed by `authority` (besides the realm's own) may enter the realm.

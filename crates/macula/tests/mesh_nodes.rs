@@ -236,3 +236,87 @@ async fn three_nodes_route_pubsub_and_rpc_fail_over_and_spread_revocations() {
         "a revoked key is refused on a new session"
     );
 }
+
+/// A node's fixed identity (its key file written before it starts) and the peer id it gives.
+fn identity(dir: &std::path::Path, seed: u8) -> String {
+    let secret = [seed; 32];
+    std::fs::create_dir_all(dir.join("node")).unwrap();
+    std::fs::write(dir.join("node/identity.key"), hex::encode(secret)).unwrap();
+    macula_mesh::identity::Keypair::ed25519_from_bytes(secret)
+        .unwrap()
+        .public()
+        .to_peer_id()
+        .to_string()
+}
+
+/// Dedicated nodes (isolation finding 19, first part): a realm whose policy lists the nodes that
+/// may serve it is served by them only. A certified node of the same trust root that is not
+/// listed learns the realm but refuses its sessions, saying why; the listed nodes route as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_realm_restricted_to_dedicated_nodes_is_served_only_by_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (d1, d2, d3) = (
+        tmp.path().join("n1"),
+        tmp.path().join("n2"),
+        tmp.path().join("n3"),
+    );
+    let c1 = ConfDir::new(&d1);
+    c1.init().unwrap();
+    c1.create_realm(REALM, None).unwrap();
+    let (_, admin) = c1.issue_key(REALM, "admin", "test", 3600, None).unwrap();
+    for d in [&d2, &d3] {
+        std::fs::create_dir_all(d.join("trust")).unwrap();
+        for f in ["trust/operator.pub", "trust/operator.key"] {
+            std::fs::copy(d1.join(f), d.join(f)).unwrap();
+        }
+    }
+    let (p1, p2, _p3) = (identity(&d1, 11), identity(&d2, 12), identity(&d3, 13));
+    let mut doc = c1.read_policy(REALM).unwrap();
+    doc.version += 1;
+    doc.nodes = vec![p1, p2];
+    c1.write_policy(&doc).unwrap();
+
+    let n1 = start_node(&d1, None);
+    let n2 = start_node(&d2, Some(&n1.mesh));
+    let n3 = start_node(&d3, Some(&n1.mesh));
+
+    // Node 3 learns the realm from the mesh, and then refuses its sessions.
+    let refused = eventually(
+        "node 3 to learn the realm and refuse it",
+        Duration::from_secs(15),
+        || async {
+            match Client::connect_with(opts(&n3.ws, &admin)).await {
+                Err(e) if e.to_string().contains("dedicated nodes") => Some(e),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        refused.uri(),
+        Some(macula_wamp::errors::AUTHORIZATION_FAILED),
+        "{refused}"
+    );
+    // The dedicated nodes serve it, across the mesh.
+    let sub = Client::connect_with(opts(&n1.ws, &admin)).await.unwrap();
+    let mut events = sub.subscribe(&format!("{REALM}.d")).await.unwrap();
+    let publisher = eventually(
+        "node 2 to learn the realm",
+        Duration::from_secs(15),
+        || async { Client::connect_with(opts(&n2.ws, &admin)).await.ok() },
+    )
+    .await;
+    wait_tables(&n2.http, 1, 0).await;
+    publisher
+        .publish(
+            &format!("{REALM}.d"),
+            Payload::args(vec![Value::from(1u64)]),
+        )
+        .await
+        .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .expect("an event from a dedicated node")
+        .unwrap();
+    assert_eq!(ev.payload.args, vec![Value::from(1u64)]);
+}
