@@ -1896,6 +1896,31 @@ impl Registry {
         }
         doc.roles = req.roles;
         doc.topic_acls = req.topic_acls;
+        if let Some(nodes) = req.nodes {
+            for n in &nodes {
+                if n.parse::<macula_mesh::Peer>().is_err() {
+                    return Err(ApiError::invalid(
+                        "invalid_node",
+                        format!("{n:?} is not a node's peer id (see `macula mesh status`)"),
+                    ));
+                }
+            }
+            if !nodes.is_empty() {
+                let active: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM addons WHERE realm = $1 AND feature = 'dedicated_nodes' AND ended_at = 0",
+                )
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+                if active == 0 {
+                    return Err(ApiError::conflict(
+                        "addon_required",
+                        format!("restricting {name} to dedicated nodes needs the dedicated_nodes add-on (macula realms addon)"),
+                    ));
+                }
+            }
+            doc.nodes = nodes;
+        }
         let doc = self.put_policy(&mut tx, name, doc, &actor.email).await?;
         audit(
             &mut tx,
@@ -2760,6 +2785,10 @@ pub struct PolicyUpdate {
     pub roles: Vec<RoleDoc>,
     #[serde(default)]
     pub topic_acls: Vec<TopicAclDoc>,
+    /// Dedicated Nodes: the mesh peer ids that alone may serve the realm (needs the
+    /// `dedicated_nodes` add-on; an empty list lifts the restriction). Absent: unchanged.
+    #[serde(default)]
+    pub nodes: Option<Vec<String>>,
     #[serde(default)]
     pub expected_version: Option<i64>,
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{account, req, req_raw, serve, sqlite_url};
 use macula_registry::RegistryConfig;
-use serde_json::json;
+use serde_json::{json, Value};
 
 on_both_backends!(suite);
 
@@ -1079,5 +1079,72 @@ async fn many_sources_cannot_guess_without_end_and_the_owner_keeps_access() {
         login("203.0.113.5", "correct horse battery").await.0,
         201,
         "the owner still gets in"
+    );
+}
+
+/// Dedicated Nodes through the registry: the list needs the add-on, takes peer ids only, and
+/// reaches the node's copy of the policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedicated_nodes_need_the_addon_and_valid_peer_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let srv = serve(
+        &sqlite_url(tmp.path()),
+        tmp.path(),
+        RegistryConfig::default(),
+    )
+    .await;
+    let b = srv.base.as_str();
+    let me = account(b, "ded@example.com").await;
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/realms",
+        Some(&me),
+        Some(json!({"name": "com.ded"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let peer = "12D3KooWGzCzcHjdCKC7fWG7c3NcDjBsSKyHz4BYqrKGxuY2qRBd";
+    let roles = srv.dir.read_policy("com.ded").unwrap().roles;
+    let me2 = me.clone();
+    let set = move |nodes: Value| {
+        let (roles, me) = (roles.clone(), me2.clone());
+        async move {
+            req(
+                b,
+                "PUT",
+                "/v1/realms/com.ded/policy",
+                Some(&me),
+                Some(json!({"roles": roles, "nodes": nodes})),
+            )
+            .await
+        }
+    };
+    let (s, v) = set(json!([peer])).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("addon_required")),
+        "{v}"
+    );
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/realms/com.ded/addons",
+        Some(&me),
+        Some(json!({"feature": "dedicated_nodes"})),
+    )
+    .await;
+    assert!(s == 200 || s == 201, "{s} {v}");
+    let (s, v) = set(json!(["not-a-peer"])).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (422, Some("invalid_node")),
+        "{v}"
+    );
+    let (s, v) = set(json!([peer])).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        srv.dir.read_policy("com.ded").unwrap().nodes,
+        vec![peer.to_owned()]
     );
 }
