@@ -433,12 +433,8 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
         | Frame::Peers { realm, .. } => Some(realm.as_str()),
         _ => None,
     };
-    if let Some(realm) = realm {
-        let sender = peer.to_string();
-        if node
-            .policy_for(realm)
-            .is_some_and(|p| !p.may_serve(&sender))
-        {
+    if let Some(realm) = realm.filter(|_| node.any_dedicated()) {
+        if !node.peer_may_serve(realm, &peer.to_string()) {
             return rejected(
                 mesh,
                 &peer,

@@ -164,6 +164,8 @@ pub struct Node {
     ticking: Arc<Ticking>,
     /// Realm states from the mesh are in (see [`Node::states_synced`]).
     synced: std::sync::atomic::AtomicBool,
+    /// Whether any known realm lists dedicated nodes (frames skip the check otherwise).
+    any_dedicated: std::sync::atomic::AtomicBool,
     started: Instant,
     sessions: Mutex<HashMap<Id, LiveSession>>,
     /// What the config directory holds (merged with realm states learned from the mesh).
@@ -224,6 +226,7 @@ impl Node {
                 !loaded.config.mesh.enabled || loaded.config.mesh.bootstrap.is_empty(),
             ),
             started: Instant::now(),
+            any_dedicated: std::sync::atomic::AtomicBool::new(false),
             sessions: Mutex::new(HashMap::new()),
             local: Mutex::new(loaded),
             mesh: OnceLock::new(),
@@ -310,7 +313,10 @@ impl Node {
         if let Some(why) = &policy.doc.quota_exceeded {
             return Err(abort(errors::QUOTA_EXCEEDED, why.clone()));
         }
-        if let Some(me) = self.mesh.get().map(|m| m.handle.peer_id().to_string()) {
+        let me = (!policy.doc.nodes.is_empty())
+            .then(|| self.mesh.get().map(|m| m.handle.peer_id().to_string()))
+            .flatten();
+        if let Some(me) = me {
             if !policy.may_serve(&me) {
                 return Err(abort(
                     errors::AUTHORIZATION_FAILED,
@@ -479,6 +485,17 @@ impl Node {
             return true;
         }
         false
+    }
+
+    /// Whether some realm this node knows lists dedicated nodes (one atomic load: the mesh path
+    /// checks senders only then).
+    pub fn any_dedicated(&self) -> bool {
+        self.any_dedicated.load(Ordering::Relaxed)
+    }
+
+    /// Whether `peer` may send this node traffic for `realm` (see `PolicyDoc::nodes`).
+    pub fn peer_may_serve(&self, realm: &str, peer: &str) -> bool {
+        self.policy_for(realm).is_none_or(|p| p.may_serve(peer))
     }
 
     /// A peer sent every realm state it holds.
@@ -651,6 +668,10 @@ impl Node {
         authorities: HashMap<String, [u8; 32]>,
         revoked: std::collections::HashSet<String>,
     ) {
+        self.any_dedicated.store(
+            policies.values().any(|p| !p.doc.nodes.is_empty()),
+            Ordering::Relaxed,
+        );
         let auth = Arc::new(AuthState {
             authenticator: Authenticator::new(operator, revoked),
             policies,
