@@ -13,6 +13,8 @@ from autobahn.wamp.exception import ApplicationError
 from conftest import REALM, STARTUP_TIMEOUT, _read_first_line, macula_bin
 from wamp_client import join, next_item, unique, wamp_test
 
+RUNS = int(os.environ.get("MESH_RUNS", "50"))
+
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
@@ -89,3 +91,39 @@ async def test_caller_on_node2_reaches_a_callee_on_node3(mesh):
     else:
         pytest.fail("the registration on node 3 never reached node 2")
     assert await caller.call(proc, 40, 2) == 42
+
+
+@wamp_test
+async def test_what_a_client_is_told_holds_across_the_mesh(mesh):
+    """SUBSCRIBED and REGISTERED are sent once the other nodes have the subscription or
+    registration: an event published on node 2 right after a subscriber on node 1 got SUBSCRIBED
+    is delivered, and a roundrobin callee on node 3 that got REGISTERED is among the very first
+    calls from node 2. Fifty runs in a row, no miss."""
+    n1, n2, n3 = mesh["nodes"]
+    key = mesh["key"]
+    sub_s = await join(n1["ws"], key)
+    pub_s = await join(n2["ws"], key)
+    callee2 = await join(n2["ws"], key)
+    callee3 = await join(n3["ws"], key)
+    from autobahn.wamp.types import PublishOptions, RegisterOptions
+
+    for run in range(RUNS):
+        topic = unique()
+        events: asyncio.Queue = asyncio.Queue()
+        sub = await sub_s.subscribe(lambda *a, **kw: events.put_nowait(a), topic)
+        await pub_s.publish(topic, run, options=PublishOptions(acknowledge=True))
+        got = await asyncio.wait_for(events.get(), 5.0)
+        assert got == (run,), (run, got)
+        await sub.unsubscribe()
+
+        proc = unique("com.example.demo.rr")
+        rr = RegisterOptions(invoke="roundrobin")
+        r2 = await callee2.register(lambda: "node2", proc, options=rr)
+        r3 = await callee3.register(lambda: "node3", proc, options=rr)
+        answers = {await pub_s.call(proc) for _ in range(4)}
+        assert answers == {"node2", "node3"}, (run, answers)
+        # UNREGISTERED too: once node 3 confirms, calls from node 2 no longer go there.
+        await r3.unregister()
+        answers = {await pub_s.call(proc) for _ in range(2)}
+        assert answers == {"node2"}, (run, answers)
+        await r2.unregister()

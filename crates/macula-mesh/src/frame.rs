@@ -183,6 +183,11 @@ pub enum Frame {
     UsageAck { id: u64, error: Option<String> },
     /// Every realm state the sender had when the stream opened was sent before this.
     StatesDone,
+    /// Answer [`Frame::BarrierAck`] once everything sent before this is applied (an interest
+    /// or registration the sender's client is about to be told about).
+    Barrier { id: u64 },
+    /// Everything the peer sent before its [`Frame::Barrier`] `id` is applied here.
+    BarrierAck { id: u64 },
 }
 
 impl Frame {
@@ -200,6 +205,8 @@ impl Frame {
             Frame::Usage { .. } => "usage",
             Frame::UsageAck { .. } => "usage_ack",
             Frame::StatesDone => "states_done",
+            Frame::Barrier { .. } => "barrier",
+            Frame::BarrierAck { .. } => "barrier_ack",
         }
     }
 

@@ -31,6 +31,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::node::{Node, RealmHandle};
+use crate::outbox::Gate;
 use crate::outbox::{SessionPeer, Staging};
 
 /// Who a realm member is: a client session (its outbox) or another node (a mesh link).
@@ -236,6 +237,26 @@ pub struct MeshState {
     billing_miss: Mutex<Option<(Instant, Duration)>>,
     /// Woken whenever a peer comes up (for waiting on a link).
     peer_up: tokio::sync::Notify,
+    /// Barriers sent after an announcement: the realm peers that have not acknowledged yet, and
+    /// the gate that opens when all have (or the wait ends).
+    barriers: Mutex<HashMap<u64, Barrier>>,
+    next_barrier: std::sync::atomic::AtomicU64,
+    /// Longest wait for the acknowledgements.
+    barrier_timeout: Duration,
+}
+
+/// The peers a barrier still waits for, and the gate it opens.
+type Barrier = (std::collections::HashSet<PeerId>, Arc<Gate>);
+
+thread_local! {
+    /// Gates of the announcements made while a session's message is handled (the session's
+    /// outbox holds its answer until they open); see [`take_gates`].
+    static GATES: std::cell::RefCell<Vec<Arc<Gate>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The gates of announcements made on this thread since the last call.
+pub fn take_gates() -> Vec<Arc<Gate>> {
+    GATES.with(|g| std::mem::take(&mut *g.borrow_mut()))
 }
 
 impl MeshState {
@@ -249,7 +270,64 @@ impl MeshState {
             billing_peer: Mutex::new(None),
             billing_miss: Mutex::new(None),
             peer_up: tokio::sync::Notify::new(),
+            barriers: Mutex::new(HashMap::new()),
+            next_barrier: std::sync::atomic::AtomicU64::new(1),
+            barrier_timeout: Duration::from_secs(2),
         })
+    }
+
+    /// After an announcement (broadcast to every certified peer, any of which may hold the
+    /// realm's publishers or callers): a barrier to each of them, and the gate that opens once
+    /// all have applied the announcement — or after `barrier_timeout`: a peer that does not
+    /// answer in time is treated as gone.
+    fn barrier(self: &Arc<Self>) -> Option<Arc<Gate>> {
+        let peers: std::collections::HashSet<PeerId> = self.handle.peers().into_iter().collect();
+        if peers.is_empty() {
+            return None;
+        }
+        let id = self.next_barrier.fetch_add(1, Ordering::Relaxed);
+        let gate = Arc::new(Gate::default());
+        // Recorded before anything is sent: an answer can come back at once.
+        self.barriers
+            .lock()
+            .insert(id, (peers.clone(), gate.clone()));
+        for p in &peers {
+            self.handle.send(p, &Frame::Barrier { id });
+        }
+        let weak = Arc::downgrade(self);
+        let timeout = self.barrier_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if let Some(m) = weak.upgrade() {
+                if let Some((_, g)) = m.barriers.lock().remove(&id) {
+                    g.open();
+                }
+            }
+        });
+        Some(gate)
+    }
+
+    /// `peer` acknowledged barrier `id` (or is gone: `id` None clears it from every barrier).
+    fn barrier_done(&self, peer: PeerId, id: Option<u64>) {
+        let mut b = self.barriers.lock();
+        let ids: Vec<u64> = match id {
+            Some(i) => vec![i],
+            None => b.keys().copied().collect(),
+        };
+        for i in ids {
+            let done = match b.get_mut(&i) {
+                Some((waiting, _)) => {
+                    waiting.remove(&peer);
+                    waiting.is_empty()
+                }
+                None => false,
+            };
+            if done {
+                if let Some((_, g)) = b.remove(&i) {
+                    g.open();
+                }
+            }
+        }
     }
 
     /// The announcer installed in every realm: local interest changes go to every peer.
@@ -258,6 +336,11 @@ impl MeshState {
         Arc::new(move |realm, a| {
             if let Some(m) = weak.upgrade() {
                 m.handle.broadcast(&announce_frame(realm, a), None);
+                // The client is told (SUBSCRIBED, REGISTERED, ...) once the realm's other nodes
+                // have applied this.
+                if let Some(gate) = m.barrier() {
+                    GATES.with(|g| g.borrow_mut().push(gate));
+                }
             }
         })
     }
@@ -390,6 +473,7 @@ fn handle(node: &Arc<Node>, mesh: &Arc<MeshState>, ev: MeshEvent) {
         }
         MeshEvent::PeerDown(peer) => {
             tracing::info!(%peer, "mesh peer down");
+            mesh.barrier_done(peer, None);
             let gone: Vec<(String, Id)> = {
                 let mut links = mesh.links.lock();
                 let keys: Vec<(String, PeerId)> =
@@ -445,6 +529,11 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
     }
     match frame {
         Frame::Hello { .. } => {}
+        Frame::Barrier { id } => {
+            // Frames from one peer are applied in order: everything before this is in.
+            mesh.handle.send(&peer, &Frame::BarrierAck { id });
+        }
+        Frame::BarrierAck { id } => mesh.barrier_done(peer, Some(id)),
         Frame::StatesDone => {
             if !node.states_synced() {
                 tracing::info!(%peer, "realm states synced from a peer");

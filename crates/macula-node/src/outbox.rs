@@ -35,6 +35,34 @@ pub enum SlowConsumerPolicy {
     Disconnect,
 }
 
+/// Opens once: what a held outbox waits for (see [`Outbox::hold`]).
+#[derive(Default)]
+pub struct Gate {
+    open: AtomicBool,
+    notify: Notify,
+}
+
+impl Gate {
+    pub fn open(&self) {
+        self.open.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    pub async fn wait(&self) {
+        loop {
+            let n = self.notify.notified();
+            if self.is_open() {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
 /// An item for the writer.
 pub enum Out {
     Msg(Arc<Message>),
@@ -51,6 +79,9 @@ struct Inner {
     pong: Option<Vec<u8>>,
     /// No more messages are accepted; the writer flushes what is queued and closes.
     closed: bool,
+    /// Nothing queued is written until these are open (a SUBSCRIBED or REGISTERED waits for
+    /// the mesh to have the interest; what follows it waits too, keeping the order).
+    holds: Vec<Arc<Gate>>,
 }
 
 /// One connection's outgoing queue.
@@ -80,6 +111,7 @@ impl Outbox {
             inner: Mutex::new(Inner {
                 queue: VecDeque::with_capacity(capacity.min(64)),
                 bytes: 0,
+                holds: Vec::new(),
                 pong: None,
                 closed: false,
             }),
@@ -175,6 +207,18 @@ impl Outbox {
         g.queue.push_back(item);
     }
 
+    /// Holds everything queued from now on (and what is queued already) until `gate` opens.
+    pub fn hold(&self, gate: Arc<Gate>) {
+        if gate.is_open() {
+            return;
+        }
+        let mut g = match self.inner.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        g.holds.push(gate);
+    }
+
     /// Owes the client a PONG with `payload`, replacing one not yet written (a PONG answers the
     /// newest PING; memory stays bounded whatever the client sends).
     pub fn pong(&self, payload: Vec<u8>) {
@@ -230,6 +274,25 @@ impl Outbox {
     pub async fn next_batch(&self, batch: &mut Vec<Out>) -> bool {
         loop {
             let notified = self.notify.notified();
+            let held = {
+                let mut g = match self.inner.lock() {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                g.holds.retain(|h| !h.is_open());
+                if g.closed {
+                    g.holds.clear();
+                }
+                g.holds.first().cloned()
+            };
+            if let Some(gate) = held {
+                // A close must not wait on the gate either.
+                tokio::select! {
+                    _ = gate.wait() => {}
+                    _ = self.closed() => {}
+                }
+                continue;
+            }
             {
                 let mut g = match self.inner.lock() {
                     Ok(g) => g,

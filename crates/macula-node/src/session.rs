@@ -247,11 +247,28 @@ impl Connection {
                     _ => None,
                 };
                 let mut over_quota = false;
+                let announces = matches!(
+                    msg,
+                    Message::Subscribe { .. }
+                        | Message::Unsubscribe { .. }
+                        | Message::Register { .. }
+                        | Message::Unregister { .. }
+                );
+                if announces {
+                    crate::mesh::take_gates();
+                }
                 let result = self.staging.capture(|| {
                     let mut core = realm.lock();
                     over_quota = core.policy().doc.quota_exceeded.is_some();
                     core.handle(id, msg, now)
                 });
+                // The answer (staged, not sent yet) waits until the realm's other nodes have
+                // the interest or registration it confirms.
+                if announces {
+                    for gate in crate::mesh::take_gates() {
+                        self.outbox.hold(gate);
+                    }
+                }
                 if let (Some(m), Some(kind)) = (&self.meter, kind) {
                     if over_quota {
                         if let Some(r) = call {

@@ -562,3 +562,58 @@ async fn an_unlisted_node_cannot_inject_into_a_dedicated_realm() {
         .await
         .expect("the dedicated node serves the realm");
 }
+
+/// What a client is told holds across the mesh (finding 20, first part): SUBSCRIBED is sent only
+/// once every connected node has applied the interest it confirms. A peer that has not answered
+/// the barrier holds the SUBSCRIBED back; its answer releases it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribed_waits_until_connected_nodes_have_the_interest() {
+    use macula_mesh::{Frame, MeshConfig, MeshEvent};
+    let t = TestNode::start().await;
+    let op = t.dir.operator_key().unwrap();
+    let kp = macula_mesh::identity::Keypair::generate_ed25519();
+    let cert = macula_mesh::cert::issue(&op, &kp.public().to_peer_id());
+    let cfg = MeshConfig {
+        listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
+        bootstrap: vec![t.running.mesh_addrs[0].parse().unwrap()],
+        ..MeshConfig::default()
+    };
+    let (peer, mut ev) = macula_mesh::start(cfg, kp, cert, op.verifying_key())
+        .await
+        .unwrap();
+    let node = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ev.recv()).await {
+            Ok(Some(MeshEvent::PeerUp(p))) => break p,
+            Ok(Some(_)) => {}
+            other => panic!("the peer never connected: {other:?}"),
+        }
+    };
+    let client = t.client().await;
+    let topic = "com.example.test.barrier";
+    let subscribing = tokio::spawn(async move { client.subscribe(topic).await.map(|_| client) });
+    // The peer gets the interest, then the barrier; until it answers, no SUBSCRIBED.
+    let mut saw_interest = false;
+    let id = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ev.recv()).await {
+            Ok(Some(MeshEvent::Frame(_, Frame::Interest { uri, .. }))) if uri == topic => {
+                saw_interest = true
+            }
+            Ok(Some(MeshEvent::Frame(_, Frame::Barrier { id }))) => break id,
+            Ok(Some(_)) => {}
+            other => panic!("no barrier came: {other:?}"),
+        }
+    };
+    assert!(saw_interest, "the interest comes before its barrier");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !subscribing.is_finished(),
+        "SUBSCRIBED went out before the peer had the interest"
+    );
+    peer.send(&node, &Frame::BarrierAck { id });
+    let client = tokio::time::timeout(Duration::from_secs(1), subscribing)
+        .await
+        .expect("the answer released SUBSCRIBED (well before the 2 s bound)")
+        .unwrap()
+        .unwrap();
+    drop(client);
+}
