@@ -274,41 +274,42 @@ impl Outbox {
     pub async fn next_batch(&self, batch: &mut Vec<Out>) -> bool {
         loop {
             let notified = self.notify.notified();
+            // One lock per batch: holds are checked in the same critical section as the drain.
             let held = {
                 let mut g = match self.inner.lock() {
                     Ok(g) => g,
                     Err(p) => p.into_inner(),
                 };
-                g.holds.retain(|h| !h.is_open());
-                if g.closed {
-                    g.holds.clear();
+                if !g.holds.is_empty() {
+                    g.holds.retain(|h| !h.is_open());
+                    if g.closed {
+                        g.holds.clear();
+                    }
                 }
-                g.holds.first().cloned()
+                match g.holds.first() {
+                    Some(h) => Some(h.clone()),
+                    None => {
+                        if !g.queue.is_empty() || g.pong.is_some() {
+                            batch.extend(g.queue.drain(..));
+                            g.bytes = 0;
+                            batch.extend(g.pong.take().map(Out::Pong));
+                            return true;
+                        }
+                        if g.closed {
+                            return false;
+                        }
+                        None
+                    }
+                }
             };
-            if let Some(gate) = held {
+            match held {
                 // A close must not wait on the gate either.
-                tokio::select! {
+                Some(gate) => tokio::select! {
                     _ = gate.wait() => {}
                     _ = self.closed() => {}
-                }
-                continue;
+                },
+                None => notified.await,
             }
-            {
-                let mut g = match self.inner.lock() {
-                    Ok(g) => g,
-                    Err(p) => p.into_inner(),
-                };
-                if !g.queue.is_empty() || g.pong.is_some() {
-                    batch.extend(g.queue.drain(..));
-                    g.bytes = 0;
-                    batch.extend(g.pong.take().map(Out::Pong));
-                    return true;
-                }
-                if g.closed {
-                    return false;
-                }
-            }
-            notified.await;
         }
     }
 }
