@@ -214,6 +214,9 @@ pub struct RegistrySection {
     pub verification_ttl_hours: u64,
     /// Realms (subrealms included) one account may hold; 0: no limit. Operators are exempt.
     pub max_realms_per_account: u64,
+    /// Registrations one account may make in 24 hours (each deleted one leaves a tombstone on
+    /// every node); 0: no limit. Operators are exempt.
+    pub max_registrations_per_day: u64,
     /// Reverse proxies in front of the registry whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// Failed logins to one account per hour (all sources) past which only sources that logged
@@ -253,6 +256,7 @@ impl Default for RegistrySection {
             mail: MailSection::default(),
             verification_ttl_hours: 24,
             max_realms_per_account: 100,
+            max_registrations_per_day: 20,
             trusted_proxies: vec![],
             max_failed_logins_per_hour: 50,
         }

@@ -578,6 +578,13 @@ CREATE TABLE login_sources (
 );
 "#,
     },
+    Migration {
+        version: 7,
+        name: "audit by actor (registrations per account and day)",
+        sql: r#"
+CREATE INDEX audit_actor ON audit(actor, action, at);
+"#,
+    },
 ];
 
 /// The file of a `sqlite:` URL, if it names one (not `:memory:`).

@@ -43,6 +43,7 @@ impl RegistryConfig {
             prices: s.prices.clone(),
             verification_ttl: Duration::from_secs(s.verification_ttl_hours.max(1) * 3600),
             max_realms_per_account: s.max_realms_per_account,
+            max_registrations_per_day: s.max_registrations_per_day,
             trusted_proxies: s.trusted_proxies.clone(),
             max_failed_logins_per_hour: s.max_failed_logins_per_hour as i64,
             mail: mail::MailConfig {

@@ -58,6 +58,8 @@ pub struct RegistryConfig {
     pub verification_ttl: Duration,
     /// Realms (subrealms included) one account may hold; 0: no limit. Operators are exempt.
     pub max_realms_per_account: u64,
+    /// Registrations one account may make in 24 hours; 0: no limit. Operators are exempt.
+    pub max_registrations_per_day: u64,
     /// Reverse proxies whose `X-Forwarded-For` is believed (their own address otherwise stands
     /// for every client behind them, and lock-outs would hit them all).
     pub trusted_proxies: Vec<IpAddr>,
@@ -84,6 +86,7 @@ impl Default for RegistryConfig {
             mail: crate::mail::MailConfig::default(),
             verification_ttl: Duration::from_secs(86_400),
             max_realms_per_account: 100,
+            max_registrations_per_day: 20,
             trusted_proxies: vec![],
             max_failed_logins_per_hour: 50,
         }
@@ -1211,6 +1214,27 @@ impl Registry {
                 .bind(&actor.account_id)
                 .fetch_one(&mut *tx)
                 .await?;
+            // Every registration that is deleted leaves a tombstone on every node (so no older
+            // state of it comes back): a register/delete loop must not grow them without end.
+            if self.config.max_registrations_per_day > 0 {
+                let recent: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM audit WHERE actor = $1 AND action = 'realm.register' AND at > $2",
+                )
+                .bind(&actor.email)
+                .bind(now_secs() as i64 - 86_400)
+                .fetch_one(&mut *tx)
+                .await?;
+                if recent >= self.config.max_registrations_per_day as i64 {
+                    return Err(ApiError::too_many(
+                        "too_many_registrations",
+                        format!(
+                            "this account registered {recent} realms in the last 24 hours, the most it may \
+                             (registry.max_registrations_per_day); try again tomorrow"
+                        ),
+                        3600,
+                    ));
+                }
+            }
             if held >= self.config.max_realms_per_account as i64 {
                 return Err(ApiError::conflict(
                     "realm_limit",

@@ -1148,3 +1148,43 @@ async fn dedicated_nodes_need_the_addon_and_valid_peer_ids() {
         vec![peer.to_owned()]
     );
 }
+
+/// Tombstones (isolation finding 5): each deleted registration leaves one on every node, so one
+/// account's register/delete loop is bounded per day.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_register_delete_loop_is_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = RegistryConfig {
+        max_registrations_per_day: 2,
+        ..Default::default()
+    };
+    let srv = serve(&sqlite_url(tmp.path()), tmp.path(), config).await;
+    let b = srv.base.as_str();
+    let me = account(b, "loop@example.com").await;
+    for name in ["com.loop1", "com.loop2"] {
+        let (s, v) = req(
+            b,
+            "POST",
+            "/v1/realms",
+            Some(&me),
+            Some(json!({"name": name})),
+        )
+        .await;
+        assert_eq!(s, 201, "{v}");
+        let (s, v) = req(b, "DELETE", &format!("/v1/realms/{name}"), Some(&me), None).await;
+        assert_eq!(s, 204, "{v}");
+    }
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/realms",
+        Some(&me),
+        Some(json!({"name": "com.loop3"})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (429, Some("too_many_registrations")),
+        "{v}"
+    );
+}
