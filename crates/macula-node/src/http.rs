@@ -452,7 +452,15 @@ fn begin<T: serde::de::DeserializeOwned>(
 
 impl Drop for BridgeSession {
     fn drop(&mut self) {
-        self.realm.lock().leave(self.id);
+        let idle = {
+            let mut core = self.realm.lock();
+            core.leave(self.id);
+            core.session_count() == 0
+        };
+        if !idle {
+            // Others use the realm: it stays, and their leaving frees it.
+            return;
+        }
         // A request to a realm (or subrealm) no one else uses leaves nothing behind — after a
         // while, so that a client making requests in a row does not make the node announce
         // and withdraw the realm (DHT provider records) for each one.

@@ -249,14 +249,19 @@ pub struct MeshState {
 type Barrier = (std::collections::HashSet<PeerId>, Arc<Gate>);
 
 thread_local! {
-    /// Gates of the announcements made while a session's message is handled (the session's
-    /// outbox holds its answer until they open); see [`take_gates`].
-    static GATES: std::cell::RefCell<Vec<Arc<Gate>>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// While a session's SUBSCRIBE, REGISTER (or their undoing) is handled: the gates of the
+    /// announcements it caused (the session's outbox holds its answer until they open). `None`
+    /// otherwise: announcements made elsewhere (a session leaving) need no barrier at all.
+    static GATES: std::cell::RefCell<Option<Vec<Arc<Gate>>>> = const { std::cell::RefCell::new(None) };
 }
 
-/// The gates of announcements made on this thread since the last call.
-pub fn take_gates() -> Vec<Arc<Gate>> {
-    GATES.with(|g| std::mem::take(&mut *g.borrow_mut()))
+/// Runs `f` (which handles a client's message under its realm's lock) and returns the gates of
+/// the announcements it made.
+pub fn collect_gates<T>(f: impl FnOnce() -> T) -> (T, Vec<Arc<Gate>>) {
+    GATES.with(|g| *g.borrow_mut() = Some(Vec::new()));
+    let out = f();
+    let gates = GATES.with(|g| g.borrow_mut().take()).unwrap_or_default();
+    (out, gates)
 }
 
 impl MeshState {
@@ -338,8 +343,15 @@ impl MeshState {
                 m.handle.broadcast(&announce_frame(realm, a), None);
                 // The client is told (SUBSCRIBED, REGISTERED, ...) once the realm's other nodes
                 // have applied this.
-                if let Some(gate) = m.barrier() {
-                    GATES.with(|g| g.borrow_mut().push(gate));
+                let collecting = GATES.with(|g| g.borrow().is_some());
+                if collecting {
+                    if let Some(gate) = m.barrier() {
+                        GATES.with(|g| {
+                            if let Some(v) = g.borrow_mut().as_mut() {
+                                v.push(gate)
+                            }
+                        });
+                    }
                 }
             }
         })

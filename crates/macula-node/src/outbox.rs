@@ -35,6 +35,9 @@ pub enum SlowConsumerPolicy {
     Disconnect,
 }
 
+/// Gates one outbox keeps at once (see [`Outbox::hold`]).
+pub const MAX_HOLDS: usize = 1024;
+
 /// Opens once: what a held outbox waits for (see [`Outbox::hold`]).
 #[derive(Default)]
 pub struct Gate {
@@ -208,6 +211,8 @@ impl Outbox {
     }
 
     /// Holds everything queued from now on (and what is queued already) until `gate` opens.
+    /// At most [`MAX_HOLDS`] are kept (each opens within the mesh's bounded wait anyway): past
+    /// that, a client's answers are no longer held back, rather than the node growing.
     pub fn hold(&self, gate: Arc<Gate>) {
         if gate.is_open() {
             return;
@@ -216,7 +221,10 @@ impl Outbox {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        g.holds.push(gate);
+        g.holds.retain(|h| !h.is_open());
+        if g.holds.len() < MAX_HOLDS {
+            g.holds.push(gate);
+        }
     }
 
     /// Owes the client a PONG with `payload`, replacing one not yet written (a PONG answers the

@@ -254,21 +254,24 @@ impl Connection {
                         | Message::Register { .. }
                         | Message::Unregister { .. }
                 );
-                if announces {
-                    crate::mesh::take_gates();
-                }
-                let result = self.staging.capture(|| {
-                    let mut core = realm.lock();
-                    over_quota = core.policy().doc.quota_exceeded.is_some();
-                    core.handle(id, msg, now)
-                });
-                // The answer (staged, not sent yet) waits until the realm's other nodes have
-                // the interest or registration it confirms.
-                if announces {
-                    for gate in crate::mesh::take_gates() {
+                let handle = || {
+                    self.staging.capture(|| {
+                        let mut core = realm.lock();
+                        over_quota = core.policy().doc.quota_exceeded.is_some();
+                        core.handle(id, msg, now)
+                    })
+                };
+                let result = if announces {
+                    // The answer (staged, not sent yet) waits until the realm's other nodes
+                    // have the interest or registration it confirms.
+                    let (result, gates) = crate::mesh::collect_gates(handle);
+                    for gate in gates {
                         self.outbox.hold(gate);
                     }
-                }
+                    result
+                } else {
+                    handle()
+                };
                 if let (Some(m), Some(kind)) = (&self.meter, kind) {
                     if over_quota {
                         if let Some(r) = call {

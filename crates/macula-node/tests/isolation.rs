@@ -484,7 +484,7 @@ async fn a_registration_elsewhere_does_not_take_over_a_hand_made_realm() {
 /// its dedicated nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unlisted_node_cannot_inject_into_a_dedicated_realm() {
-    use macula_mesh::{Frame, MeshConfig, MeshEvent, Origin};
+    use macula_mesh::{Frame, Origin};
     use macula_wamp::{Message, Payload, Serializer, Value};
     let t = TestNode::start().await;
     let me = t.node().mesh.get().unwrap().handle.peer_id().to_string();
@@ -493,24 +493,7 @@ async fn an_unlisted_node_cannot_inject_into_a_dedicated_realm() {
     let mut events = sub.subscribe(topic).await.unwrap();
 
     // A rogue participant, certified by the same operator.
-    let op = t.dir.operator_key().unwrap();
-    let kp = macula_mesh::identity::Keypair::generate_ed25519();
-    let cert = macula_mesh::cert::issue(&op, &kp.public().to_peer_id());
-    let cfg = MeshConfig {
-        listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
-        bootstrap: vec![t.running.mesh_addrs[0].parse().unwrap()],
-        ..MeshConfig::default()
-    };
-    let (rogue, mut ev) = macula_mesh::start(cfg, kp, cert, op.verifying_key())
-        .await
-        .unwrap();
-    let target = loop {
-        match tokio::time::timeout(Duration::from_secs(10), ev.recv()).await {
-            Ok(Some(MeshEvent::PeerUp(p))) => break p,
-            Ok(Some(_)) => {}
-            other => panic!("the rogue never connected: {other:?}"),
-        }
-    };
+    let (rogue, _ev, target) = certified_peer(&t).await;
     let inject = |n: u64| {
         let msg = Serializer::MsgPack.encode(&Message::Publish {
             request: n,
@@ -568,26 +551,9 @@ async fn an_unlisted_node_cannot_inject_into_a_dedicated_realm() {
 /// the barrier holds the SUBSCRIBED back; its answer releases it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribed_waits_until_connected_nodes_have_the_interest() {
-    use macula_mesh::{Frame, MeshConfig, MeshEvent};
+    use macula_mesh::{Frame, MeshEvent};
     let t = TestNode::start().await;
-    let op = t.dir.operator_key().unwrap();
-    let kp = macula_mesh::identity::Keypair::generate_ed25519();
-    let cert = macula_mesh::cert::issue(&op, &kp.public().to_peer_id());
-    let cfg = MeshConfig {
-        listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
-        bootstrap: vec![t.running.mesh_addrs[0].parse().unwrap()],
-        ..MeshConfig::default()
-    };
-    let (peer, mut ev) = macula_mesh::start(cfg, kp, cert, op.verifying_key())
-        .await
-        .unwrap();
-    let node = loop {
-        match tokio::time::timeout(Duration::from_secs(10), ev.recv()).await {
-            Ok(Some(MeshEvent::PeerUp(p))) => break p,
-            Ok(Some(_)) => {}
-            other => panic!("the peer never connected: {other:?}"),
-        }
-    };
+    let (peer, mut ev, node) = certified_peer(&t).await;
     let client = t.client().await;
     let topic = "com.example.test.barrier";
     let subscribing = tokio::spawn(async move { client.subscribe(topic).await.map(|_| client) });
@@ -616,4 +582,35 @@ async fn subscribed_waits_until_connected_nodes_have_the_interest() {
         .unwrap()
         .unwrap();
     drop(client);
+}
+
+/// A mesh participant certified by the node's operator, connected to the node: (its handle, its
+/// events, the node's peer id). What a compromised or lying node of the trust root would be.
+async fn certified_peer(
+    t: &TestNode,
+) -> (
+    macula_mesh::MeshHandle,
+    macula_mesh::MeshEvents,
+    macula_mesh::Peer,
+) {
+    use macula_mesh::{MeshConfig, MeshEvent};
+    let op = t.dir.operator_key().unwrap();
+    let kp = macula_mesh::identity::Keypair::generate_ed25519();
+    let cert = macula_mesh::cert::issue(&op, &kp.public().to_peer_id());
+    let cfg = MeshConfig {
+        listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
+        bootstrap: vec![t.running.mesh_addrs[0].parse().unwrap()],
+        ..MeshConfig::default()
+    };
+    let (handle, mut ev) = macula_mesh::start(cfg, kp, cert, op.verifying_key())
+        .await
+        .unwrap();
+    let node = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ev.recv()).await {
+            Ok(Some(MeshEvent::PeerUp(p))) => break p,
+            Ok(Some(_)) => {}
+            other => panic!("the certified peer never connected: {other:?}"),
+        }
+    };
+    (handle, ev, node)
 }

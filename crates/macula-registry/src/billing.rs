@@ -375,6 +375,25 @@ pub struct UsagePeriod {
     pub latency_p95_ms: Option<f64>,
 }
 
+/// An INSERT into `usage_rollups` that adds its counters to a row already there (the one
+/// statement that grows rollups: ingest, and moving a bare name's rollups to an archive).
+macro_rules! add_to_rollup {
+    ($insert:literal) => {
+        concat!(
+            $insert,
+            " ON CONFLICT (realm, period, start) DO UPDATE SET \
+             ops_publish = usage_rollups.ops_publish + excluded.ops_publish, \
+             ops_subscribe = usage_rollups.ops_subscribe + excluded.ops_subscribe, \
+             ops_call = usage_rollups.ops_call + excluded.ops_call, \
+             ops_register = usage_rollups.ops_register + excluded.ops_register, \
+             ops_dht = usage_rollups.ops_dht + excluded.ops_dht, \
+             bytes_in = usage_rollups.bytes_in + excluded.bytes_in, \
+             bytes_out = usage_rollups.bytes_out + excluded.bytes_out"
+        )
+    };
+}
+pub(crate) use add_to_rollup;
+
 /// Rows of a usage report taken per transaction (see [`Registry::ingest`]).
 pub const INGEST_CHUNK: usize = 256;
 
@@ -606,16 +625,10 @@ impl Registry {
                 let mut args: Vec<Arg> = vec![realm.as_str().into(), period.into(), start.into()];
                 args.extend(delta.iter().map(|v| Arg::Int(*v)));
                 tx.defer(
-                    "INSERT INTO usage_rollups (realm, period, start, ops_publish, ops_subscribe, ops_call, \
-                     ops_register, ops_dht, bytes_in, bytes_out) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                     ON CONFLICT (realm, period, start) DO UPDATE SET \
-                     ops_publish = usage_rollups.ops_publish + excluded.ops_publish, \
-                     ops_subscribe = usage_rollups.ops_subscribe + excluded.ops_subscribe, \
-                     ops_call = usage_rollups.ops_call + excluded.ops_call, \
-                     ops_register = usage_rollups.ops_register + excluded.ops_register, \
-                     ops_dht = usage_rollups.ops_dht + excluded.ops_dht, \
-                     bytes_in = usage_rollups.bytes_in + excluded.bytes_in, \
-                     bytes_out = usage_rollups.bytes_out + excluded.bytes_out",
+                    add_to_rollup!(
+                        "INSERT INTO usage_rollups (realm, period, start, ops_publish, ops_subscribe, ops_call, \
+                         ops_register, ops_dht, bytes_in, bytes_out) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                    ),
                     args,
                 );
             }

@@ -1350,20 +1350,12 @@ impl Registry {
                     .execute(&mut *tx)
                     .await?;
             }
-            sqlx::query(
+            sqlx::query(crate::billing::add_to_rollup!(
                 "INSERT INTO usage_rollups (realm, period, start, ops_publish, ops_subscribe, ops_call, \
                  ops_register, ops_dht, bytes_in, bytes_out) \
                  SELECT $1, period, start, ops_publish, ops_subscribe, ops_call, ops_register, ops_dht, \
-                 bytes_in, bytes_out FROM usage_rollups WHERE realm = $2 \
-                 ON CONFLICT (realm, period, start) DO UPDATE SET \
-                 ops_publish = usage_rollups.ops_publish + excluded.ops_publish, \
-                 ops_subscribe = usage_rollups.ops_subscribe + excluded.ops_subscribe, \
-                 ops_call = usage_rollups.ops_call + excluded.ops_call, \
-                 ops_register = usage_rollups.ops_register + excluded.ops_register, \
-                 ops_dht = usage_rollups.ops_dht + excluded.ops_dht, \
-                 bytes_in = usage_rollups.bytes_in + excluded.bytes_in, \
-                 bytes_out = usage_rollups.bytes_out + excluded.bytes_out",
-            )
+                 bytes_in, bytes_out FROM usage_rollups WHERE realm = $2"
+            ))
             .bind(archived(name, generation - 1))
             .bind(name)
             .execute(&mut *tx)

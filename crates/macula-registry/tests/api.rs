@@ -895,15 +895,7 @@ async fn an_account_holds_a_bounded_number_of_realms() {
     let b = srv.base.as_str();
     let me = common::account(b, "many@example.com").await;
     for name in ["com.many", "com.many.sub"] {
-        let (s, v) = common::req(
-            b,
-            "POST",
-            "/v1/realms",
-            Some(&me),
-            Some(json!({"name": name})),
-        )
-        .await;
-        assert_eq!(s, 201, "{v}");
+        common::register(b, &me, name).await;
     }
     let (s, v) = common::req(
         b,
@@ -920,15 +912,7 @@ async fn an_account_holds_a_bounded_number_of_realms() {
     );
     // Another account is not affected.
     let other = common::account(b, "other@example.com").await;
-    let (s, v) = common::req(
-        b,
-        "POST",
-        "/v1/realms",
-        Some(&other),
-        Some(json!({"name": "com.other"})),
-    )
-    .await;
-    assert_eq!(s, 201, "{v}");
+    common::register(b, &other, "com.other").await;
 }
 
 /// A subrealm whose policy was written before policies listed the owner's ancestor
@@ -942,15 +926,7 @@ async fn policies_from_before_authorities_are_completed_on_start() {
     let b = srv.base.as_str();
     let me = common::account(b, "old@example.com").await;
     for name in ["com.old", "com.old.child"] {
-        let (s, v) = common::req(
-            b,
-            "POST",
-            "/v1/realms",
-            Some(&me),
-            Some(json!({"name": name})),
-        )
-        .await;
-        assert_eq!(s, 201, "{v}");
+        common::register(b, &me, name).await;
     }
     let listed = srv.dir.read_policy("com.old.child").unwrap();
     assert_eq!(listed.authorities.len(), 1);
@@ -999,15 +975,7 @@ async fn leftovers_of_an_unarchived_registration_are_not_inherited() {
         .await
         .unwrap();
     let me = common::account(b, "new@example.com").await;
-    let (s, v) = common::req(
-        b,
-        "POST",
-        "/v1/realms",
-        Some(&me),
-        Some(json!({"name": "com.left"})),
-    )
-    .await;
-    assert_eq!(s, 201, "{v}");
+    common::register(b, &me, "com.left").await;
     let (s, v) = common::req(b, "GET", "/v1/realms/com.left/audit", Some(&me), None).await;
     assert_eq!(s, 200, "{v}");
     assert!(!v.to_string().contains("old owner trail"), "{v}");
@@ -1095,15 +1063,7 @@ async fn dedicated_nodes_need_the_addon_and_valid_peer_ids() {
     .await;
     let b = srv.base.as_str();
     let me = account(b, "ded@example.com").await;
-    let (s, v) = req(
-        b,
-        "POST",
-        "/v1/realms",
-        Some(&me),
-        Some(json!({"name": "com.ded"})),
-    )
-    .await;
-    assert_eq!(s, 201, "{v}");
+    common::register(b, &me, "com.ded").await;
     let peer = "12D3KooWGzCzcHjdCKC7fWG7c3NcDjBsSKyHz4BYqrKGxuY2qRBd";
     let roles = srv.dir.read_policy("com.ded").unwrap().roles;
     let me2 = me.clone();
@@ -1162,15 +1122,7 @@ async fn a_register_delete_loop_is_bounded() {
     let b = srv.base.as_str();
     let me = account(b, "loop@example.com").await;
     for name in ["com.loop1", "com.loop2"] {
-        let (s, v) = req(
-            b,
-            "POST",
-            "/v1/realms",
-            Some(&me),
-            Some(json!({"name": name})),
-        )
-        .await;
-        assert_eq!(s, 201, "{v}");
+        common::register(b, &me, name).await;
         let (s, v) = req(b, "DELETE", &format!("/v1/realms/{name}"), Some(&me), None).await;
         assert_eq!(s, 204, "{v}");
     }

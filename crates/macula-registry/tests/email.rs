@@ -134,15 +134,7 @@ async fn only_a_proven_address_receives_what_is_sent_to_it() {
     let alice = unverified_account(b, "alice@x.example").await;
     let code = code_for(&mut inbox, "alice@x.example").await;
     assert_eq!(verify(b, &code).await.0, 200);
-    let (s, v) = req(
-        b,
-        "POST",
-        "/v1/realms",
-        Some(&alice),
-        Some(json!({"name": "com.acme"})),
-    )
-    .await;
-    assert_eq!(s, 201, "{v}");
+    common::register(b, &alice, "com.acme").await;
     let (s, v) = req(
         b,
         "POST",

@@ -46,15 +46,7 @@ async fn issue_and_check(srv: &common::Server, token: &str, realm: &str) {
 async fn sealed_at_rest(url: &str, tmp: &std::path::Path) {
     let srv = serve(url, tmp, RegistryConfig::default()).await;
     let alice = account(&srv.base, "alice@example.com").await;
-    let (s, v) = req(
-        &srv.base,
-        "POST",
-        "/v1/realms",
-        Some(&alice),
-        Some(json!({"name": "com.acme"})),
-    )
-    .await;
-    assert_eq!(s, 201, "{v}");
+    common::register(&srv.base, &alice, "com.acme").await;
     issue_and_check(&srv, &alice, "com.acme").await;
 
     // The row holds a sealed secret: not the authority's secret, in any case.

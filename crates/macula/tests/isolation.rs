@@ -428,6 +428,20 @@ async fn a_transfer_cuts_the_seller_off() {
     api.connect(realm, &buyer_key).await.unwrap();
 }
 
+/// A RawSocket connection (JSON, 16 MiB frames) past its handshake.
+async fn raw_connect(addr: &str) -> tokio::net::TcpStream {
+    use macula_wamp::rawsocket::Handshake;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(&Handshake::encode(1 << 24, macula_wamp::Serializer::Json))
+        .await
+        .unwrap();
+    let mut reply = [0u8; 4];
+    s.read_exact(&mut reply).await.unwrap();
+    Handshake::parse_reply(reply).unwrap();
+    s
+}
+
 /// The resident memory of process `pid`, in bytes (Linux).
 fn rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -445,7 +459,7 @@ fn rss(pid: u32) -> u64 {
 /// the rate limit. A client that reads gets its PONG.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pings_never_read_do_not_grow_the_node() {
-    use macula_wamp::rawsocket::{FrameHeader, FrameKind, Handshake};
+    use macula_wamp::rawsocket::{FrameHeader, FrameKind};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let home = tempfile::tempdir().unwrap();
     let (up, _api, v) = Api::start(home.path());
@@ -455,16 +469,7 @@ async fn pings_never_read_do_not_grow_the_node() {
         .unwrap()
         .trim_start_matches("rs://")
         .to_owned();
-    let connect = || async {
-        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        s.write_all(&Handshake::encode(1 << 24, macula_wamp::Serializer::Json))
-            .await
-            .unwrap();
-        let mut reply = [0u8; 4];
-        s.read_exact(&mut reply).await.unwrap();
-        Handshake::parse_reply(reply).unwrap();
-        s
-    };
+    let connect = || raw_connect(&addr);
     // A client that reads gets the PONG with its PING's payload.
     let mut reader = connect().await;
     reader
@@ -524,7 +529,7 @@ async fn pings_never_read_do_not_grow_the_node() {
 /// messages of 1 MB would be 8 GB). Older events are dropped and counted instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_never_read_do_not_grow_the_node() {
-    use macula_wamp::rawsocket::{FrameHeader, FrameKind, Handshake};
+    use macula_wamp::rawsocket::{FrameHeader, FrameKind};
     use macula_wamp::{Message, Serializer};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let home = tempfile::tempdir().unwrap();
@@ -539,12 +544,7 @@ async fn events_never_read_do_not_grow_the_node() {
         .trim_start_matches("rs://")
         .to_owned();
     // A RawSocket subscriber (JSON) that joins, subscribes, and then never reads again.
-    let ser = Serializer::Json;
-    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    s.write_all(&Handshake::encode(1 << 24, ser)).await.unwrap();
-    let mut reply = [0u8; 4];
-    s.read_exact(&mut reply).await.unwrap();
-    Handshake::parse_reply(reply).unwrap();
+    let mut s = raw_connect(&addr).await;
     async fn send(s: &mut tokio::net::TcpStream, m: Message) {
         let bytes = Serializer::Json.encode(&m);
         s.write_all(&FrameHeader::encode(FrameKind::Message, bytes.len()))

@@ -39,14 +39,7 @@ async fn three_nodes_route_pubsub_and_rpc_fail_over_and_spread_revocations() {
         std::fs::copy(d1.join("trust/operator.pub"), d.join("trust/operator.pub")).unwrap();
     }
     std::fs::copy(d1.join("trust/operator.key"), d2.join("trust/operator.key")).unwrap();
-    let secret = [7u8; 32];
-    std::fs::create_dir_all(d3.join("node")).unwrap();
-    std::fs::write(d3.join("node/identity.key"), hex::encode(secret)).unwrap();
-    let peer3 = macula_mesh::identity::Keypair::ed25519_from_bytes(secret)
-        .unwrap()
-        .public()
-        .to_peer_id()
-        .to_string();
+    let peer3 = identity(&d3, 7);
     let cert = cli(&["mesh", "certify", &peer3, "--home", d1.to_str().unwrap()]);
     std::fs::write(d3.join("node/node.cert"), cert.trim()).unwrap();
 

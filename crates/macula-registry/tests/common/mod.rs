@@ -176,6 +176,19 @@ pub async fn unverified_account(base: &str, email: &str) -> String {
     v["token"].as_str().unwrap().to_owned()
 }
 
+/// Registers realm `name` for the session `token`, which must succeed.
+pub async fn register(base: &str, token: &str, name: &str) {
+    let (s, v) = req(
+        base,
+        "POST",
+        "/v1/realms",
+        Some(token),
+        Some(serde_json::json!({"name": name})),
+    )
+    .await;
+    assert_eq!(s, 201, "registering {name}: {v}");
+}
+
 /// Logs in an account made by [`account`]; returns the session token.
 pub async fn login(base: &str, email: &str) -> String {
     let body = serde_json::json!({"email": email, "password": "correct horse battery"});
