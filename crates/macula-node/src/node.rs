@@ -503,26 +503,32 @@ impl Node {
         self.synced.store(true, Ordering::Relaxed);
     }
 
-    /// Records a joined session.
-    pub fn session_joined(&self, id: Id, identity: &Identity, outbox: Arc<Outbox>) {
-        self.metrics.sessions.fetch_add(1, Ordering::Relaxed);
-        self.metrics.sessions_total.fetch_add(1, Ordering::Relaxed);
+    /// Joins a session: `welcome` joins it to its realm core and sends WELCOME; it runs under
+    /// the lock the reload sweep takes, after a last check of the credentials. A reload may have
+    /// installed new ones between admission and now (a transfer, a revocation): then the client
+    /// gets ABORT, never a WELCOME followed at once by GOODBYE.
+    pub fn join_session(
+        &self,
+        identity: &Identity,
+        outbox: Arc<Outbox>,
+        welcome: impl FnOnce() -> Id,
+    ) -> Result<Id, Message> {
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        // A reload may have installed new credentials between admission and now (a transfer,
-        // a revocation); its sweep did not see this session yet, so check again under the lock
-        // that sweep takes.
         let auth = self.auth();
         if auth.authenticator.is_revoked(&identity.kid)
             || !auth.accepts(&identity.realm, &identity.authority)
         {
-            outbox.close_with(goodbye(
-                errors::CREDENTIAL_REVOKED,
+            return Err(abort(
+                errors::AUTHENTICATION_FAILED,
                 format!(
                     "key {} was revoked or no longer belongs to realm {}",
                     identity.kid, identity.realm
                 ),
             ));
         }
+        let id = welcome();
+        self.metrics.sessions.fetch_add(1, Ordering::Relaxed);
+        self.metrics.sessions_total.fetch_add(1, Ordering::Relaxed);
         s.insert(
             id,
             LiveSession {
@@ -533,6 +539,7 @@ impl Node {
                 outbox,
             },
         );
+        Ok(id)
     }
 
     /// Removes a session from its realm and the live table.

@@ -339,7 +339,7 @@ impl Connection {
                                 return self.fail(a);
                             }
                         };
-                        let id = {
+                        let joined = self.node.join_session(&identity, self.outbox.clone(), || {
                             let mut core = realm.lock();
                             let id = core.new_session_id();
                             let info = SessionInfo {
@@ -357,6 +357,17 @@ impl Connection {
                             );
                             self.outbox_send(welcome);
                             id
+                        });
+                        let id = match joined {
+                            Ok(id) => id,
+                            Err(a) => {
+                                self.node
+                                    .metrics
+                                    .auth_failures
+                                    .fetch_add(1, Ordering::Relaxed);
+                                self.node.drop_realm_if_idle(&realm);
+                                return self.fail(a);
+                            }
                         };
                         self.kid = identity.kid.clone();
                         if let Some(counter) = counter {
@@ -364,7 +375,6 @@ impl Connection {
                             self.outbox.set_meter(m.clone());
                             self.meter = Some(m);
                         }
-                        self.node.session_joined(id, &identity, self.outbox.clone());
                         self.state = State::Joined { id, realm };
                         Flow::Continue
                     }

@@ -131,6 +131,52 @@ async fn a_session_is_closed_when_its_key_expires() {
     assert!(err.to_string().contains("expired"), "{err}");
 }
 
+/// A revocation (or re-registration) installed between a client's authentication and its
+/// WELCOME: the client gets ABORT and no WELCOME, so it never sees a session open and close in one
+/// breath (clients such as Autobahn take a GOODBYE that close to WELCOME as a protocol error).
+#[tokio::test]
+async fn credentials_changed_during_the_handshake_get_abort_not_welcome() {
+    let t = TestNode::start().await;
+    let (kid, _) = t.key("service_account");
+    let authority = *t.node().auth().authorities.get(REALM).unwrap();
+    let identity = |kid: &str, authority: [u8; 32]| macula_router::auth::Identity {
+        realm: REALM.into(),
+        key_realm: REALM.into(),
+        role: "service_account".into(),
+        kid: kid.into(),
+        name: "test".into(),
+        method: "ticket",
+        expires_at: 0,
+        authority,
+    };
+    let outbox = || {
+        macula_node::outbox::Outbox::new(16, 1 << 20, Default::default(), t.node().metrics.clone())
+    };
+    // Still valid: joined.
+    let id = t
+        .node()
+        .join_session(&identity(&kid, authority), outbox(), || 7)
+        .expect("a valid identity joins");
+    assert_eq!(id, 7);
+    // Revoked after admission: refused before anything is sent.
+    t.dir.revoke_key(&kid).unwrap();
+    t.node().reload().unwrap();
+    for (who, authority) in [(kid.as_str(), authority), (t.admin_kid.as_str(), [9; 32])] {
+        let err = t
+            .node()
+            .join_session(&identity(who, authority), outbox(), || {
+                panic!("no WELCOME for {who}")
+            })
+            .expect_err("refused");
+        match err {
+            macula_wamp::Message::Abort { reason, .. } => {
+                assert_eq!(reason, errors::AUTHENTICATION_FAILED)
+            }
+            other => panic!("expected ABORT, got {other:?}"),
+        }
+    }
+}
+
 /// A session cannot pile up calls without bound (each holds router memory until answered):
 /// past `limits.max_calls_per_session` it gets `macula.error.limit_exceeded`, and once answers
 /// come it may call again.
