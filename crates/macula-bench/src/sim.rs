@@ -119,7 +119,7 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
         let name = format!("k{k}");
         let rec = macula_mesh::record::AppRecord::sign(
             wm.keypair(),
-            wm.cert(),
+            &wm.cert(),
             REALM,
             &name,
             bytes::Bytes::from_static(b"\x01"),
@@ -148,7 +148,7 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
         replicas.push(stored as f64);
         let found = rm.get(dkey).await.map_err(anyhow::Error::msg)?;
         let valid = found.value.as_deref().is_some_and(|v| {
-            macula_mesh::record::AppRecord::verify(v, rm.operator(), REALM, &name, now).is_ok()
+            macula_mesh::record::AppRecord::verify(v, rm.trust(), REALM, &name, now).is_ok()
         });
         if valid {
             ok += 1;

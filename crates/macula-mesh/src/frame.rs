@@ -188,6 +188,14 @@ pub enum Frame {
     Barrier { id: u64 },
     /// Everything the peer sent before its [`Frame::Barrier`] `id` is applied here.
     BarrierAck { id: u64 },
+    /// An operator-signed revocation of a node ([`crate::cert::Revocation`]), flooded to every
+    /// node like a realm state.
+    NodeRevoked { revocation: Bytes },
+    /// The sender's certificate is due for renewal: a node holding the operator key answers
+    /// with [`Frame::CertIssued`].
+    CertRenew,
+    /// A fresh certificate for the receiver.
+    CertIssued { cert: Bytes },
 }
 
 impl Frame {
@@ -207,6 +215,9 @@ impl Frame {
             Frame::StatesDone => "states_done",
             Frame::Barrier { .. } => "barrier",
             Frame::BarrierAck { .. } => "barrier_ack",
+            Frame::NodeRevoked { .. } => "node_revoked",
+            Frame::CertRenew => "cert_renew",
+            Frame::CertIssued { .. } => "cert_issued",
         }
     }
 

@@ -8,7 +8,12 @@
 //!
 //! Admission: the first frame on every stream is [`Frame::Hello`] with the operator's certificate
 //! for the sender's peer id ([`cert`]). A peer without a valid certificate is disconnected; no
-//! frame of it reaches the node. Malformed frames are dropped and counted; an oversized length
+//! frame of it reaches the node. Certificates expire and can be revoked ([`cert::Trust`]): a
+//! sweep every second disconnects peers whose certificate stopped being valid, and a renewed
+//! certificate is sent as a new Hello on the open stream. Every connection, including the short
+//! ones Kademlia opens for lookups, starts with the same certificate on a `/macula/cert/1`
+//! stream: the routing table holds only certified peers, and records and provider records are
+//! stored only when a certified peer sent them. Malformed frames are dropped and counted; an oversized length
 //! prefix ends the connection (the stream cannot be resynchronised).
 //!
 //! This crate knows nothing about WAMP or realms beyond the frame types: the node
@@ -42,6 +47,11 @@ pub use libp2p::{Multiaddr as Addr, PeerId as Peer};
 
 const MESH_PROTOCOL: StreamProtocol = StreamProtocol::new("/macula/mesh/1");
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/macula/kad/1");
+const CERT_PROTOCOL: StreamProtocol = StreamProtocol::new("/macula/cert/1");
+/// Kademlia requests kept per peer while its certificate has not arrived yet, and for how long.
+const DEFERRED_PER_PEER: usize = 32;
+const DEFERRED_PEERS: usize = 4096;
+const DEFERRED_FOR: Duration = Duration::from_secs(10);
 /// Nodes serving one realm that the DHT keeps provider records for (and so can find).
 pub const MAX_REALM_NODES: usize = 1024;
 
@@ -126,6 +136,10 @@ pub struct MeshStats {
     pub frames_malformed: AtomicU64,
     /// Peers refused for lacking a valid operator certificate.
     pub peers_rejected: AtomicU64,
+    /// Peers disconnected because their certificate expired or was revoked.
+    pub peers_cut_off: AtomicU64,
+    /// Kademlia records and provider records refused (the sender was never certified).
+    pub dht_refused: AtomicU64,
     pub dht_lookups: AtomicU64,
 }
 
@@ -166,6 +180,10 @@ enum Cmd {
     Get(Vec<u8>, oneshot::Sender<Result<Lookup, String>>),
     Providers(String, oneshot::Sender<Vec<PeerId>>),
     Listen(oneshot::Sender<Vec<Multiaddr>>),
+    /// `peer` presented a valid certificate (on a cert or mesh stream).
+    Certified(PeerId),
+    /// Drop peers whose certificate is no longer valid (a revocation arrived).
+    Sweep,
 }
 
 struct Shared {
@@ -173,8 +191,9 @@ struct Shared {
     /// Opens mesh streams (shared with the swarm's stream behaviour).
     control: libp2p_stream::Control,
     keypair: Keypair,
-    cert: Bytes,
-    operator: ed25519_dalek::VerifyingKey,
+    /// This node's certificate (replaced on renewal).
+    cert: RwLock<Bytes>,
+    trust: Arc<cert::Trust>,
     config: MeshConfig,
     stats: MeshStats,
     /// Outgoing frame queues of connected peers.
@@ -186,6 +205,9 @@ struct Shared {
     inbound: Arc<Semaphore>,
     /// Certified peers and the generation of their current inbound stream.
     up: RwLock<HashMap<PeerId, u64>>,
+    /// Connected peers whose certificate was verified (on a cert or mesh stream), with its
+    /// validity: only these are in the routing table and may store DHT records here.
+    certified: RwLock<HashMap<PeerId, cert::NodeCert>>,
     /// Remote address and last ping of each connected peer.
     conns: RwLock<HashMap<PeerId, (Multiaddr, Option<Duration>)>>,
     generation: AtomicU64,
@@ -269,14 +291,18 @@ struct Behaviour {
 }
 
 /// Starts the mesh: binds the listen addresses, dials the bootstrap nodes and returns the handle
-/// and the event stream. `cert` is the operator's certificate for this node's peer id.
+/// and the event stream. `cert` is the operator's certificate for this node's peer id; `trust`
+/// holds the operator's key and the revocations known so far.
 pub async fn start(
     config: MeshConfig,
     keypair: Keypair,
     cert: Vec<u8>,
-    operator: ed25519_dalek::VerifyingKey,
+    trust: Arc<cert::Trust>,
 ) -> anyhow::Result<(MeshHandle, MeshEvents)> {
     let local = keypair.public().to_peer_id();
+    trust
+        .check(&local, &cert, cert::now_secs())
+        .map_err(|e| anyhow::anyhow!("this node's mesh certificate: {e}"))?;
     let timeout = config.peer_timeout.max(Duration::from_millis(300));
     let mut kcfg = kad::Config::new(KAD_PROTOCOL);
     kcfg.set_parallelism(
@@ -288,6 +314,10 @@ pub async fn start(
     .set_record_ttl(Some(Duration::from_secs(86_400)))
     // A provider answer lists up to MAX_REALM_NODES peers with their addresses.
     .set_max_packet_size(256 << 10)
+    // Only certified peers enter the routing table, and records are stored only when a certified
+    // peer sent them (see `Inbound`).
+    .set_kbucket_inserts(kad::BucketInserts::Manual)
+    .set_record_filtering(kad::StoreInserts::FilterBoth)
     .set_periodic_bootstrap_interval(Some(config.dht_refresh.max(Duration::from_secs(1))));
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
         .with_tokio()
@@ -359,8 +389,8 @@ pub async fn start(
         local,
         control: swarm.behaviour().stream.new_control(),
         keypair,
-        cert: Bytes::from(cert),
-        operator,
+        cert: RwLock::new(Bytes::from(cert)),
+        trust,
         config: config.clone(),
         stats: MeshStats::default(),
         writers: RwLock::new(HashMap::new()),
@@ -368,6 +398,7 @@ pub async fn start(
         drained: Notify::new(),
         inbound: inbound.clone(),
         up: RwLock::new(HashMap::new()),
+        certified: RwLock::new(HashMap::new()),
         conns: RwLock::new(HashMap::new()),
         generation: AtomicU64::new(1),
         events,
@@ -381,6 +412,10 @@ pub async fn start(
         cmd: cmd.clone(),
     };
     tokio::spawn(accept_loop(incoming, shared.clone(), cmd.clone()));
+    let certs = control
+        .accept(CERT_PROTOCOL)
+        .map_err(|e| anyhow::anyhow!("cert protocol: {e}"))?;
+    tokio::spawn(accept_certs(certs, shared.clone(), cmd.clone()));
     let mut links = Links::default();
     for b in &config.bootstrap {
         if let Err(e) = links.dial(&mut swarm, DialOpts::from(b.clone())) {
@@ -401,12 +436,59 @@ impl MeshHandle {
     }
 
     /// This node's operator certificate.
-    pub fn cert(&self) -> &[u8] {
-        &self.shared.cert
+    pub fn cert(&self) -> Bytes {
+        self.shared.cert.read().clone()
+    }
+
+    /// This node's certificate's validity window.
+    pub fn own_cert(&self) -> Option<cert::NodeCert> {
+        cert::verify_signature(
+            self.shared.trust.operator(),
+            &self.shared.local,
+            &self.cert(),
+        )
+        .ok()
+    }
+
+    /// Replaces this node's certificate (a renewal) and presents it to every linked peer.
+    pub fn set_cert(&self, new: Vec<u8>) -> Result<cert::NodeCert, cert::CertError> {
+        let c = self
+            .shared
+            .trust
+            .check(&self.shared.local, &new, cert::now_secs())?;
+        let bytes = Bytes::from(new);
+        *self.shared.cert.write() = bytes.clone();
+        self.broadcast(
+            &Frame::Hello {
+                version: frame::PROTOCOL_VERSION,
+                cert: bytes,
+            },
+            None,
+        );
+        Ok(c)
     }
 
     pub fn operator(&self) -> &ed25519_dalek::VerifyingKey {
-        &self.shared.operator
+        self.shared.trust.operator()
+    }
+
+    pub fn trust(&self) -> &Arc<cert::Trust> {
+        &self.shared.trust
+    }
+
+    /// Applies a verified revocation: peers it covers are disconnected at once. `true` if it
+    /// was news (the caller then spreads it).
+    pub fn revoke(&self, r: cert::Revocation) -> bool {
+        let news = self.shared.trust.revoke(r);
+        if news {
+            let _ = self.cmd.send(Cmd::Sweep);
+        }
+        news
+    }
+
+    /// The certificate a connected peer presented, if it was valid.
+    pub fn peer_cert(&self, peer: &PeerId) -> Option<cert::NodeCert> {
+        self.shared.certified.read().get(peer).copied()
     }
 
     pub fn stats(&self) -> &MeshStats {
@@ -703,6 +785,180 @@ fn start_writer(peer: PeerId, shared: &Arc<Shared>, cmd: &mpsc::UnboundedSender<
     ));
 }
 
+/// A Kademlia write that arrived before its sender's certificate.
+enum Inbound {
+    Record(kad::Record),
+    Provider(kad::ProviderRecord),
+}
+
+/// Admission to Kademlia: the routing table and the record store take only certified peers.
+#[derive(Default)]
+struct KadGate {
+    /// Writes from connected peers whose certificate has not arrived yet (bounded; dropped
+    /// after [`DEFERRED_FOR`]).
+    deferred: HashMap<PeerId, (Instant, Vec<Inbound>)>,
+    /// Addresses of connected peers (what they listen on, by identify, and the address of the
+    /// connection), added to the routing table once they are certified.
+    addrs: HashMap<PeerId, Vec<Multiaddr>>,
+}
+
+impl KadGate {
+    fn is_certified(shared: &Shared, peer: &PeerId) -> bool {
+        shared.certified.read().contains_key(peer)
+    }
+
+    fn inbound(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        shared: &Shared,
+        from: PeerId,
+        mut w: Inbound,
+    ) {
+        // A provider record that names no address (a node announces only its external
+        // addresses, and has none unless `mesh.announce` is set) is answered to lookups only if
+        // the provider happens to be in the answering node's routing table: with more nodes than
+        // a k-bucket holds, most lookups then missed most providers. Store the addresses the
+        // provider is known by here.
+        if let Inbound::Provider(r) = &mut w {
+            if r.addresses.is_empty() {
+                r.addresses = self.addrs.get(&from).cloned().unwrap_or_default();
+            }
+        }
+        if Self::is_certified(shared, &from) {
+            store(swarm, w);
+            return;
+        }
+        if !swarm.is_connected(&from)
+            || (self.deferred.len() >= DEFERRED_PEERS && !self.deferred.contains_key(&from))
+        {
+            shared.stats.dht_refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let (_, q) = self
+            .deferred
+            .entry(from)
+            .or_insert_with(|| (Instant::now(), Vec::new()));
+        if q.len() < DEFERRED_PER_PEER {
+            q.push(w);
+        } else {
+            shared.stats.dht_refused.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn addresses(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        shared: &Shared,
+        peer: PeerId,
+        a: Vec<Multiaddr>,
+    ) {
+        let certified = Self::is_certified(shared, &peer);
+        let known = self.addrs.entry(peer).or_default();
+        for a in a {
+            if known.len() < 16 && !known.contains(&a) {
+                known.push(a.clone());
+                if certified {
+                    swarm.behaviour_mut().kad.add_address(&peer, a);
+                }
+            }
+        }
+    }
+
+    fn certified(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) {
+        for a in self.addrs.get(&peer).cloned().unwrap_or_default() {
+            swarm.behaviour_mut().kad.add_address(&peer, a);
+        }
+        if let Some((_, q)) = self.deferred.remove(&peer) {
+            for w in q {
+                store(swarm, w);
+            }
+        }
+    }
+
+    fn gone(&mut self, peer: &PeerId) {
+        self.deferred.remove(peer);
+        self.addrs.remove(peer);
+    }
+
+    /// Drops what waited too long, and every peer whose certificate stopped being valid.
+    fn sweep(&mut self, swarm: &mut Swarm<Behaviour>, shared: &Shared, stale_writes: bool) {
+        let now = Instant::now();
+        if stale_writes {
+            let before = self.deferred.len();
+            self.deferred
+                .retain(|_, (since, _)| now.duration_since(*since) < DEFERRED_FOR);
+            if before != self.deferred.len() {
+                shared.stats.dht_refused.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let secs = cert::now_secs();
+        let bad: Vec<PeerId> = shared
+            .certified
+            .read()
+            .iter()
+            .filter(|(p, c)| shared.trust.check_valid(p, c, secs).is_err())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in bad {
+            tracing::warn!(peer = %p, "peer cut off: its mesh certificate expired or was revoked");
+            shared.stats.peers_cut_off.fetch_add(1, Ordering::Relaxed);
+            shared.certified.write().remove(&p);
+            swarm.behaviour_mut().kad.remove_peer(&p);
+            let _ = swarm.disconnect_peer_id(p);
+        }
+    }
+}
+
+fn store(swarm: &mut Swarm<Behaviour>, w: Inbound) {
+    let store = swarm.behaviour_mut().kad.store_mut();
+    let _ = match w {
+        Inbound::Record(r) => kad::store::RecordStore::put(store, r),
+        Inbound::Provider(r) => kad::store::RecordStore::add_provider(store, r),
+    };
+}
+
+/// Presents this node's certificate on a new connection (`/macula/cert/1`).
+async fn send_cert(mut control: libp2p_stream::Control, peer: PeerId, cert: Bytes) {
+    let send = async {
+        let mut s = control.open_stream(peer, CERT_PROTOCOL).await.ok()?;
+        s.write_all(&(cert.len() as u32).to_be_bytes()).await.ok()?;
+        s.write_all(&cert).await.ok()?;
+        s.close().await.ok()
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), send).await;
+}
+
+/// Reads the certificates peers present on new connections.
+async fn accept_certs(
+    mut incoming: libp2p_stream::IncomingStreams,
+    shared: Arc<Shared>,
+    cmd: mpsc::UnboundedSender<Cmd>,
+) {
+    while let Some((peer, mut stream)) = incoming.next().await {
+        let shared = shared.clone();
+        let cmd = cmd.clone();
+        tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            let mut chunk = 0;
+            let read = read_frame(&mut stream, &mut buf, &mut chunk, 256);
+            let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(10), read).await else {
+                return;
+            };
+            match shared.trust.check(&peer, &c, cert::now_secs()) {
+                Ok(c) => {
+                    shared.certified.write().insert(peer, c);
+                    let _ = cmd.send(Cmd::Certified(peer));
+                }
+                Err(e) => {
+                    shared.stats.peers_rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, "kademlia peer refused: {e}");
+                    let _ = cmd.send(Cmd::Disconnect(peer));
+                }
+            }
+        });
+    }
+}
+
 /// The swarm's event loop.
 async fn run(
     mut swarm: Swarm<Behaviour>,
@@ -715,6 +971,8 @@ async fn run(
     let mut pending: HashMap<kad::QueryId, Pending> = HashMap::new();
     let bootstrap = shared.config.bootstrap.clone();
     let mut tick = tokio::time::interval(shared.config.discovery_interval);
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    let mut gate = KadGate::default();
     loop {
         tokio::select! {
             cmd = cmds.recv() => {
@@ -767,8 +1025,11 @@ async fn run(
                     Cmd::Listen(reply) => {
                         let _ = reply.send(swarm.listeners().cloned().collect());
                     }
+                    Cmd::Certified(p) => gate.certified(&mut swarm, p),
+                    Cmd::Sweep => gate.sweep(&mut swarm, &shared, false),
                 }
             }
+            _ = sweep.tick() => gate.sweep(&mut swarm, &shared, true),
             _ = tick.tick() => {
                 let kad = &mut swarm.behaviour_mut().kad;
                 for realm in &provided {
@@ -784,7 +1045,7 @@ async fn run(
                 }
             }
             ev = swarm.select_next_some() => {
-                handle_event(&mut swarm, ev, &shared, &mut pending, &mut links, &cmd_tx);
+                handle_event(&mut swarm, ev, &shared, &mut pending, &mut links, &mut gate, &cmd_tx);
             }
         }
     }
@@ -796,6 +1057,7 @@ fn handle_event(
     shared: &Arc<Shared>,
     pending: &mut HashMap<kad::QueryId, Pending>,
     links: &mut Links,
+    gate: &mut KadGate,
     cmd: &mpsc::UnboundedSender<Cmd>,
 ) {
     match ev {
@@ -807,12 +1069,12 @@ fn handle_event(
         } => {
             let addr = endpoint.get_remote_address().clone();
             tracing::debug!(local = %shared.local, peer = %peer_id, dialer = endpoint.is_dialer(), "connection up");
-            if endpoint.is_dialer() {
-                swarm
-                    .behaviour_mut()
-                    .kad
-                    .add_address(&peer_id, addr.clone());
-            }
+            gate.addresses(swarm, shared, peer_id, vec![addr.clone()]);
+            tokio::spawn(send_cert(
+                shared.control.clone(),
+                peer_id,
+                shared.cert.read().clone(),
+            ));
             shared.conns.write().insert(peer_id, (addr, None));
             links.established(peer_id, connection_id, shared, cmd);
         }
@@ -835,6 +1097,8 @@ fn handle_event(
                 q.relieve(shared);
             }
             shared.conns.write().remove(&peer_id);
+            shared.certified.write().remove(&peer_id);
+            gate.gone(&peer_id);
             let mut up = shared.up.write();
             if up.remove(&peer_id).is_some() {
                 let _ = shared.events.send((MeshEvent::PeerDown(peer_id), 0));
@@ -845,9 +1109,18 @@ fn handle_event(
             peer_id,
             info,
             ..
-        })) => {
-            for a in info.listen_addrs {
-                swarm.behaviour_mut().kad.add_address(&peer_id, a);
+        })) => gate.addresses(swarm, shared, peer_id, info.listen_addrs),
+        SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::InboundRequest { request })) => {
+            match request {
+                kad::InboundRequest::PutRecord {
+                    source,
+                    record: Some(r),
+                    ..
+                } => gate.inbound(swarm, shared, source, Inbound::Record(r)),
+                kad::InboundRequest::AddProvider { record: Some(r) } => {
+                    gate.inbound(swarm, shared, r.provider, Inbound::Provider(r))
+                }
+                _ => {}
             }
         }
         SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
@@ -981,7 +1254,7 @@ async fn write_frames(
     };
     let hello = Frame::Hello {
         version: frame::PROTOCOL_VERSION,
-        cert: shared.cert.clone(),
+        cert: shared.cert.read().clone(),
     }
     .encode();
     if stream.write_all(&hello).await.is_err() {
@@ -1091,15 +1364,23 @@ async fn reader(
         .clamp(64 << 10, Semaphore::MAX_PERMITS)
         .min(u32::MAX as usize) as u32;
     let certified = match read_frame(&mut rd, &mut buf, &mut chunk, 4096).await {
-        Ok(body) => matches!(Frame::decode(body), Ok(Frame::Hello { cert, .. })
-            if cert::verify(&shared.operator, &peer, &cert)),
-        Err(_) => false,
+        Ok(body) => match Frame::decode(body) {
+            Ok(Frame::Hello { cert, .. }) => shared.trust.check(&peer, &cert, cert::now_secs()),
+            _ => Err(cert::CertError::Malformed),
+        },
+        Err(_) => Err(cert::CertError::Malformed),
     };
-    if !certified {
-        stats.peers_rejected.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%peer, "peer refused: no valid operator certificate for its peer id");
-        let _ = cmd.send(Cmd::Disconnect(peer));
-        return;
+    match certified {
+        Ok(c) => {
+            shared.certified.write().insert(peer, c);
+            let _ = cmd.send(Cmd::Certified(peer));
+        }
+        Err(e) => {
+            stats.peers_rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, "peer refused: {e}");
+            let _ = cmd.send(Cmd::Disconnect(peer));
+            return;
+        }
     }
     // Reciprocate: frames flow both ways between linked peers. The stream is started here, before
     // the node hears of the peer, so that what it sends on PeerUp has a queue to go to.
@@ -1118,7 +1399,20 @@ async fn reader(
                 let len = body.len();
                 stats.bytes_in.fetch_add(len as u64 + 4, Ordering::Relaxed);
                 match Frame::decode(body) {
-                    Ok(Frame::Hello { .. }) => {}
+                    // A renewed certificate, or one that is not good: then the peer is gone.
+                    Ok(Frame::Hello { cert, .. }) => {
+                        match shared.trust.check(&peer, &cert, cert::now_secs()) {
+                            Ok(c) => {
+                                shared.certified.write().insert(peer, c);
+                            }
+                            Err(e) => {
+                                stats.peers_rejected.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(%peer, "peer refused: {e}");
+                                let _ = cmd.send(Cmd::Disconnect(peer));
+                                return;
+                            }
+                        }
+                    }
                     Ok(f) => {
                         // Wait for room in the node's inbound budget: while the node is behind,
                         // this stream is not read and QUIC flow control stops the sender.

@@ -99,10 +99,11 @@ impl AppRecord {
         rmp_serde::to_vec(self).unwrap_or_default()
     }
 
-    /// Decodes and verifies a stored record for `realm`/`key` at time `now` (unix seconds).
+    /// Decodes and verifies a stored record for `realm`/`key` at time `now` (unix seconds): the
+    /// writer's certificate covered `written_at` and the writer has not been revoked since.
     pub fn verify(
         bytes: &[u8],
-        operator: &ed25519_dalek::VerifyingKey,
+        trust: &crate::cert::Trust,
         realm: &str,
         key: &str,
         now: u64,
@@ -116,7 +117,12 @@ impl AppRecord {
         }
         let pk = PublicKey::try_decode_protobuf(&r.node_key).map_err(|_| RecordError::Malformed)?;
         let node = PeerId::from_public_key(&pk);
-        if !crate::cert::verify(operator, &node, &r.node_cert)
+        // The writer's certificate was valid when it wrote, and the writer is not revoked since.
+        let cert = crate::cert::verify_signature(trust.operator(), &node, &r.node_cert)
+            .map_err(|_| RecordError::BadSignature)?;
+        if r.written_at < cert.issued_at.saturating_sub(crate::cert::CLOCK_SKEW_SECS)
+            || r.written_at >= cert.not_after
+            || trust.is_revoked(&node, &cert)
             || !pk.verify(&r.signed_part(), &r.sig)
         {
             return Err(RecordError::BadSignature);
@@ -134,7 +140,8 @@ mod tests {
     fn records_verify_and_tampering_is_detected() {
         let op = SigningKey::from_bytes(&[3; 32]);
         let kp = Keypair::generate_ed25519();
-        let cert = crate::cert::issue(&op, &kp.public().to_peer_id());
+        let peer = kp.public().to_peer_id();
+        let cert = crate::cert::issue(&op, &peer, 5, 1000);
         let r = AppRecord::sign(
             &kp,
             &cert,
@@ -146,7 +153,7 @@ mod tests {
             100,
         );
         let bytes = r.encode();
-        let vk = op.verifying_key();
+        let vk = crate::cert::Trust::new(op.verifying_key());
         assert_eq!(
             AppRecord::verify(&bytes, &vk, "com.acme", "k", 50).unwrap(),
             r
@@ -167,7 +174,33 @@ mod tests {
         );
         let rogue = SigningKey::from_bytes(&[4; 32]);
         assert_eq!(
-            AppRecord::verify(&bytes, &rogue.verifying_key(), "com.acme", "k", 50),
+            AppRecord::verify(
+                &bytes,
+                &crate::cert::Trust::new(rogue.verifying_key()),
+                "com.acme",
+                "k",
+                50
+            ),
+            Err(RecordError::BadSignature)
+        );
+        // Written outside the writer's certificate, or by a writer revoked since: refused.
+        let late = AppRecord::sign(
+            &kp,
+            &cert,
+            "com.acme",
+            "k",
+            Bytes::new(),
+            "key1",
+            1000,
+            2000,
+        );
+        assert_eq!(
+            AppRecord::verify(&late.encode(), &vk, "com.acme", "k", 1500),
+            Err(RecordError::BadSignature)
+        );
+        vk.revoke(crate::cert::Revocation::issue(&op, &peer, 20));
+        assert_eq!(
+            AppRecord::verify(&bytes, &vk, "com.acme", "k", 50),
             Err(RecordError::BadSignature)
         );
         assert_eq!(

@@ -14,7 +14,7 @@ async fn node(
     bootstrap: Vec<macula_mesh::Addr>,
 ) -> (MeshHandle, MeshEvents) {
     let kp = Keypair::generate_ed25519();
-    let c = cert::issue(operator, &kp.public().to_peer_id());
+    let c = cert::issue_for(operator, &kp.public().to_peer_id(), 3600);
     let cfg = MeshConfig {
         listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
         bootstrap,
@@ -23,9 +23,14 @@ async fn node(
         inbound_queue_bytes: 64 << 10,
         ..MeshConfig::default()
     };
-    macula_mesh::start(cfg, kp, c, operator.verifying_key())
-        .await
-        .unwrap()
+    macula_mesh::start(
+        cfg,
+        kp,
+        c,
+        std::sync::Arc::new(cert::Trust::new(operator.verifying_key())),
+    )
+    .await
+    .unwrap()
 }
 
 async fn next_up(ev: &mut MeshEvents) -> macula_mesh::Peer {

@@ -9,6 +9,8 @@
 //! <dir>/realms/<realm>/policy.yaml     roles, users, api_keys (ids only), topic_acls, revoked_keys
 //! <dir>/realms/<realm>/authority.key   the realm authority's secret (hex), to issue keys
 //! <dir>/realms/<realm>/authority.cert  the operator's certificate for that authority
+//! <dir>/trust/revoked-nodes/<peer>.rev  operator-signed node revocations (hex), from
+//!                                      `macula mesh revoke` or learned over the mesh
 //! ```
 //! Secrets are written with mode 0600. Keys themselves are never stored: only their ids.
 
@@ -122,6 +124,33 @@ impl ConfDir {
             hex::encode(op.verifying_key().to_bytes()),
         )?;
         Ok(())
+    }
+
+    /// The directory of node revocations (`trust/revoked-nodes`).
+    pub fn revocations_dir(&self) -> PathBuf {
+        self.root.join("trust/revoked-nodes")
+    }
+
+    /// Node revocations on disk: (file, contents). Unreadable files are skipped.
+    pub fn node_revocations(&self) -> Vec<(PathBuf, String)> {
+        let Ok(rd) = fs::read_dir(self.revocations_dir()) else {
+            return vec![];
+        };
+        rd.filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "rev"))
+            .filter_map(|p| fs::read_to_string(&p).ok().map(|t| (p, t)))
+            .collect()
+    }
+
+    /// Stores a node revocation (hex) as `trust/revoked-nodes/<peer>.rev`.
+    pub fn save_node_revocation(&self, peer: &str, bytes: &[u8]) -> Result<PathBuf> {
+        let dir = self.revocations_dir();
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(format!("{peer}.rev"));
+        fs::write(&path, hex::encode(bytes))
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
     }
 
     pub fn operator_key(&self) -> Result<SigningKey> {

@@ -115,8 +115,13 @@ pub struct MeshSection {
     /// Node identity key (created on first start); relative to the config directory.
     pub identity: PathBuf,
     /// The operator's certificate for this node (from `macula mesh certify`); not needed where
-    /// `trust/operator.key` is present. Relative to the config directory.
+    /// `trust/operator.key` is present. Relative to the config directory. Certificates expire:
+    /// when a third of its validity is left the node asks its peers for a new one (a node holding
+    /// the operator key issues it) and saves it here; a newer file put here is picked up too.
     pub cert: PathBuf,
+    /// Validity of the certificates this node issues (its own where it holds the operator key,
+    /// and renewals for its peers), in days. At most 400.
+    pub cert_validity_days: u64,
     /// A silent peer is considered gone after this long (ms).
     pub peer_timeout_ms: u64,
     /// How often realm peers are looked up and lost peers redialled (ms).
@@ -156,6 +161,7 @@ impl Default for MeshSection {
             bootstrap: vec![],
             identity: PathBuf::from("node/identity.key"),
             cert: PathBuf::from("node/node.cert"),
+            cert_validity_days: 90,
             peer_timeout_ms: 3000,
             discovery_interval_ms: 2000,
             max_frame: 16 << 20,

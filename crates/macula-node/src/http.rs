@@ -89,6 +89,14 @@ async fn mesh_status(State(node): State<Arc<Node>>) -> Response {
         .collect();
     let stats = m.handle.stats();
     let g = |v: &std::sync::atomic::AtomicU64| v.load(std::sync::atomic::Ordering::Relaxed);
+    let mut revoked: Vec<String> = m
+        .handle
+        .trust()
+        .revocations()
+        .iter()
+        .map(|r| r.peer.to_string())
+        .collect();
+    revoked.sort();
     let body = serde_json::json!({
         "peer_id": m.handle.peer_id().to_string(),
         "listen": m.handle.listen_addrs().await.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
@@ -101,7 +109,14 @@ async fn mesh_status(State(node): State<Arc<Node>>) -> Response {
             "rejected": g(&m.counters.rejected), "unknown_realm": g(&m.counters.unknown_realm),
         },
         "peers_rejected": g(&stats.peers_rejected),
+        "peers_cut_off": g(&stats.peers_cut_off),
+        "dht_refused": g(&stats.dht_refused),
         "congestion_events": g(&stats.congestion_events),
+        "cert": m.handle.own_cert().map(|c| serde_json::json!({
+            "issued_at": crate::confdir::rfc3339(c.issued_at),
+            "not_after": crate::confdir::rfc3339(c.not_after),
+        })),
+        "revoked_nodes": revoked,
     });
     axum::Json(body).into_response()
 }

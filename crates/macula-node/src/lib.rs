@@ -20,6 +20,7 @@ pub mod outbox;
 pub mod rawsocket;
 pub mod session;
 pub mod tls;
+pub mod trust;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -180,6 +181,7 @@ pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow:
         }
         mesh::publish_local_states(&node, &mesh);
         node.rebuild_auth();
+        tasks.push(tokio::spawn(trust::upkeep(node.clone(), mesh.clone())));
         tasks.push(tokio::spawn(mesh::run(node.clone(), mesh, rx)));
         tracing::info!(peer_id = %node.mesh.get().map(|m| m.handle.peer_id().to_string()).unwrap_or_default(), addrs = ?mesh_addrs, "mesh listening");
     }
@@ -284,25 +286,8 @@ async fn start_mesh(
         }
     };
     let peer = keypair.public().to_peer_id();
-    let operator = *node.auth().authenticator.operator();
-    let cert = match node.confdir.as_ref().and_then(|d| d.operator_key().ok()) {
-        Some(op) => macula_mesh::cert::issue(&op, &peer),
-        None => {
-            let path = resolve(&cfg.cert);
-            let text = std::fs::read_to_string(&path).with_context(|| {
-                format!(
-                    "this node ({peer}) has no operator certificate: run `macula mesh certify {peer}` where trust/operator.key lives and save the output as {} (or set mesh.enabled: false)",
-                    path.display()
-                )
-            })?;
-            hex::decode(text.trim()).with_context(|| format!("{} is not hex", path.display()))?
-        }
-    };
-    if !macula_mesh::cert::verify(&operator, &peer, &cert) {
-        anyhow::bail!(
-            "the mesh certificate is not the operator's signature over this node's peer id {peer}"
-        );
-    }
+    let trust = trust::load(node);
+    let cert = trust::own_cert(node, &peer, &trust)?;
     let parse = |v: &[String], what: &str| -> anyhow::Result<Vec<macula_mesh::Addr>> {
         v.iter()
             .map(|a| {
@@ -328,7 +313,7 @@ async fn start_mesh(
         dht_timeout: Duration::from_secs(10),
         dht_refresh: Duration::from_secs(cfg.dht_refresh_s),
     };
-    let (handle, rx) = macula_mesh::start(mcfg, keypair, cert, operator).await?;
+    let (handle, rx) = macula_mesh::start(mcfg, keypair, cert, trust).await?;
     Ok((mesh::MeshState::new(handle), rx))
 }
 

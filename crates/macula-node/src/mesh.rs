@@ -243,6 +243,8 @@ pub struct MeshState {
     next_barrier: std::sync::atomic::AtomicU64,
     /// Longest wait for the acknowledgements.
     barrier_timeout: Duration,
+    /// Certificate renewal and node revocations (see [`crate::trust`]).
+    pub trust_upkeep: crate::trust::Upkeep,
 }
 
 /// The peers a barrier still waits for, and the gate it opens.
@@ -278,6 +280,7 @@ impl MeshState {
             barriers: Mutex::new(HashMap::new()),
             next_barrier: std::sync::atomic::AtomicU64::new(1),
             barrier_timeout: Duration::from_secs(2),
+            trust_upkeep: Default::default(),
         })
     }
 
@@ -455,6 +458,8 @@ fn handle(node: &Arc<Node>, mesh: &Arc<MeshState>, ev: MeshEvent) {
         MeshEvent::PeerUp(peer) => {
             tracing::info!(%peer, "mesh peer up");
             mesh.peer_up.notify_waiters();
+            // Revocations first: the peer cuts off revoked nodes before anything else.
+            crate::trust::send_revocations(mesh, &peer);
             let states: Vec<RealmState> = mesh.states.lock().values().cloned().collect();
             for s in states {
                 mesh.handle.send(
@@ -546,6 +551,11 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
             mesh.handle.send(&peer, &Frame::BarrierAck { id });
         }
         Frame::BarrierAck { id } => mesh.barrier_done(peer, Some(id)),
+        Frame::NodeRevoked { revocation } => {
+            crate::trust::on_revocation(node, mesh, Some(peer), &revocation)
+        }
+        Frame::CertRenew => crate::trust::on_renew_request(node, mesh, peer),
+        Frame::CertIssued { cert } => crate::trust::on_cert_issued(node, mesh, &cert),
         Frame::StatesDone => {
             if !node.states_synced() {
                 tracing::info!(%peer, "realm states synced from a peer");
@@ -872,7 +882,7 @@ async fn dht_call(
         let h = &mesh.handle;
         let rec = macula_mesh::record::AppRecord::sign(
             h.keypair(),
-            h.cert(),
+            &h.cert(),
             realm,
             &key,
             Bytes::from(bytes),
@@ -901,9 +911,8 @@ async fn dht_call(
             format!("no record {key:?} in realm {realm}"),
         ));
     };
-    let rec =
-        macula_mesh::record::AppRecord::verify(&raw, mesh.handle.operator(), realm, &key, now)
-            .map_err(|e| (errors::NOT_FOUND, format!("no valid record {key:?}: {e}")))?;
+    let rec = macula_mesh::record::AppRecord::verify(&raw, mesh.handle.trust(), realm, &key, now)
+        .map_err(|e| (errors::NOT_FOUND, format!("no valid record {key:?}: {e}")))?;
     let value: Value = rmp_serde::from_slice(&rec.value).unwrap_or(Value::Null);
     Ok(macula_wamp::Payload::new(
         vec![value],
@@ -921,7 +930,7 @@ fn on_usage(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, id: u64, repo
     let reply = |error: Option<String>| {
         mesh.handle.send(&peer, &Frame::UsageAck { id, error });
     };
-    let report = match rmp_serde::from_slice::<crate::meter::UsageReport>(&report) {
+    let mut report = match rmp_serde::from_slice::<crate::meter::UsageReport>(&report) {
         Ok(r) if r.node == peer.to_string() => r,
         Ok(_) => return reply(Some("a node reports only its own usage".into())),
         Err(e) => return reply(Some(format!("malformed usage report: {e}"))),
@@ -934,6 +943,23 @@ fn on_usage(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, id: u64, repo
             ))
         }
     };
+    // Usage of a realm restricted to dedicated nodes counts only from them (a node outside the
+    // list cannot charge the realm's owner). The rest of the report is taken; the node is not
+    // asked to resend rows that will never be accepted.
+    let from = peer.to_string();
+    let before = report.rows.len();
+    report.rows.retain(|r| node.peer_may_serve(&r.realm, &from));
+    if report.rows.len() < before {
+        rejected(
+            mesh,
+            &peer,
+            "usage",
+            format_args!(
+                "{} rows for realms it may not serve",
+                before - report.rows.len()
+            ),
+        );
+    }
     let mesh = mesh.clone();
     tokio::spawn(async move {
         let error = sink.deliver(report).await.err();

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -642,15 +643,20 @@ async fn certified_peer(
     use macula_mesh::{MeshConfig, MeshEvent};
     let op = t.dir.operator_key().unwrap();
     let kp = macula_mesh::identity::Keypair::generate_ed25519();
-    let cert = macula_mesh::cert::issue(&op, &kp.public().to_peer_id());
+    let cert = macula_mesh::cert::issue_for(&op, &kp.public().to_peer_id(), 3600);
     let cfg = MeshConfig {
         listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
         bootstrap: vec![t.running.mesh_addrs[0].parse().unwrap()],
         ..MeshConfig::default()
     };
-    let (handle, mut ev) = macula_mesh::start(cfg, kp, cert, op.verifying_key())
-        .await
-        .unwrap();
+    let (handle, mut ev) = macula_mesh::start(
+        cfg,
+        kp,
+        cert,
+        std::sync::Arc::new(macula_mesh::cert::Trust::new(op.verifying_key())),
+    )
+    .await
+    .unwrap();
     let node = loop {
         match tokio::time::timeout(Duration::from_secs(10), ev.recv()).await {
             Ok(Some(MeshEvent::PeerUp(p))) => break p,
@@ -659,4 +665,75 @@ async fn certified_peer(
         }
     };
     (handle, ev, node)
+}
+
+/// Collects what the billing aggregator would be handed.
+struct Collect(Arc<std::sync::Mutex<Vec<macula_node::meter::UsageRow>>>);
+
+impl macula_node::meter::UsageSink for Collect {
+    fn deliver(
+        &self,
+        report: macula_node::meter::UsageReport,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), String>> {
+        self.0.lock().unwrap().extend(report.rows);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Usage from a node outside a realm's dedicated nodes is not billed to the realm (finding 19):
+/// the billing node drops those rows and takes the rest of the report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unlisted_node_cannot_report_usage_for_a_dedicated_realm() {
+    use macula_mesh::{Frame, MeshEvent};
+    use macula_node::meter::{UsageReport, UsageRow};
+    let t = TestNode::start_with(|c| c.registry.enabled = true).await;
+    let got = Arc::new(std::sync::Mutex::new(vec![]));
+    let _ = t.node().usage_sink.set(Arc::new(Collect(got.clone())));
+    t.dir.create_realm("com.example.open", None).unwrap();
+    let me = t.node().mesh.get().unwrap().handle.peer_id().to_string();
+    let mut doc = t.dir.read_policy(REALM).unwrap();
+    doc.version += 1;
+    doc.nodes = vec![me];
+    t.dir.write_policy(&doc).unwrap();
+    t.node().reload().unwrap();
+
+    let (rogue, mut ev, target) = certified_peer(&t).await;
+    let row = |realm: &str| UsageRow {
+        realm: realm.into(),
+        key_id: "key_x".into(),
+        hour: 1,
+        ops: Default::default(),
+        bytes_in: 1_000_000,
+        bytes_out: 0,
+        latency: vec![],
+    };
+    let report = UsageReport {
+        node: rogue.peer_id().to_string(),
+        epoch: 1,
+        rows: vec![row(REALM), row("com.example.open")],
+    };
+    rogue.send(
+        &target,
+        &Frame::Usage {
+            id: 9,
+            report: rmp_serde::to_vec(&report).unwrap().into(),
+        },
+    );
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ev.recv()).await {
+            Ok(Some(MeshEvent::Frame(_, Frame::UsageAck { id: 9, error }))) => {
+                assert_eq!(error, None);
+                break;
+            }
+            Ok(Some(_)) => {}
+            other => panic!("no acknowledgement: {other:?}"),
+        }
+    }
+    let realms: Vec<String> = got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.realm.clone())
+        .collect();
+    assert_eq!(realms, vec!["com.example.open".to_string()]);
 }

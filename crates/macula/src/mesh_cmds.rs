@@ -19,13 +19,51 @@ pub enum MeshCmd {
     /// Connected peers with their address and latency.
     Peers(HttpArg),
     /// Issue the operator's certificate for a node's peer id (run where trust/operator.key is);
-    /// save the output as the node's `node/node.cert` (mesh.cert).
+    /// save the output as the node's `node/node.cert` (mesh.cert). Certificates expire; a node
+    /// asks its peers for a new one when a third of the validity is left, and a node holding the
+    /// operator key issues it, so a connected node renews by itself.
     Certify {
         /// The node's peer id, as printed by `macula node` or `macula mesh status`.
+        peer_id: String,
+        /// How long the certificate is valid: a number with s, m, h or d (at most 400d).
+        #[arg(long, default_value = "90d", value_parser = parse_validity)]
+        valid_for: u64,
+        #[arg(long, env = "MACULA_HOME", default_value_os_t = default_home())]
+        home: PathBuf,
+    },
+    /// Revoke a node (run where trust/operator.key is): every certificate issued to it until now
+    /// stops being valid. A node running on this home picks the revocation up within a second and
+    /// sends it across the mesh; every node then disconnects the revoked one and refuses it.
+    /// The revocation is also printed (hex): drop it as `trust/revoked-nodes/<peer>.rev` on any
+    /// node to spread it from there.
+    Revoke {
+        /// The node's peer id.
         peer_id: String,
         #[arg(long, env = "MACULA_HOME", default_value_os_t = default_home())]
         home: PathBuf,
     },
+}
+
+/// `90d`, `12h`, `30m`, `45s` (or plain seconds) → seconds, at most 400 days.
+fn parse_validity(s: &str) -> Result<u64, String> {
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number with s, m, h or d (like 90d)"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d (like 90d)")),
+    };
+    if secs == 0 || secs > macula_mesh::cert::MAX_LIFETIME_SECS {
+        return Err(format!("{s:?}: must be between 1s and 400d"));
+    }
+    Ok(secs)
 }
 
 #[derive(Args)]
@@ -59,20 +97,57 @@ async fn http_get(addr: &str, path: &str) -> Result<serde_json::Value> {
     Ok(v)
 }
 
+/// The operator key in `home` and the peer id, for `certify` and `revoke`.
+fn operator_and_peer(
+    home: &std::path::Path,
+    peer_id: &str,
+    what: &str,
+) -> Result<(
+    macula_node::ConfDir,
+    ed25519_dalek::SigningKey,
+    macula_mesh::Peer,
+)> {
+    let dir = macula_node::ConfDir::new(home);
+    let op = dir.operator_key().with_context(|| {
+        format!(
+            "{} has no trust/operator.key; {what} on the operator's machine",
+            home.display()
+        )
+    })?;
+    let peer = peer_id
+        .parse()
+        .map_err(|e| anyhow!("{peer_id:?} is not a peer id: {e}"))?;
+    Ok((dir, op, peer))
+}
+
 pub async fn mesh(cmd: MeshCmd, json: bool) -> Result<()> {
     match cmd {
-        MeshCmd::Certify { peer_id, home } => {
-            let dir = macula_node::ConfDir::new(&home);
-            let op = dir.operator_key().with_context(|| {
-                format!(
-                    "{} has no trust/operator.key; certify on the operator's machine",
-                    home.display()
-                )
-            })?;
-            let peer: macula_mesh::Peer = peer_id
-                .parse()
-                .map_err(|e| anyhow!("{peer_id:?} is not a peer id: {e}"))?;
-            let cert = hex::encode(macula_mesh::cert::issue(&op, &peer));
+        MeshCmd::Revoke { peer_id, home } => {
+            let (dir, op, peer) = operator_and_peer(&home, &peer_id, "revoke")?;
+            let r = macula_mesh::cert::Revocation::issue(&op, &peer, macula_mesh::cert::now_secs());
+            let path = dir.save_node_revocation(&peer_id, &r.bytes)?;
+            let text = hex::encode(&r.bytes);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"peer_id": peer_id, "revocation": text, "file": path})
+                );
+            } else {
+                println!("{text}");
+                eprintln!(
+                    "revoked {peer_id} (saved as {}); a node running on this home spreads it across the mesh within seconds",
+                    path.display()
+                );
+            }
+            Ok(())
+        }
+        MeshCmd::Certify {
+            peer_id,
+            valid_for,
+            home,
+        } => {
+            let (_, op, peer) = operator_and_peer(&home, &peer_id, "certify")?;
+            let cert = hex::encode(macula_mesh::cert::issue_for(&op, &peer, valid_for));
             if json {
                 println!("{}", serde_json::json!({"peer_id": peer_id, "cert": cert}));
             } else {

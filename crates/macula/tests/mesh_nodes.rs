@@ -22,16 +22,7 @@ fn answer(name: &'static str) -> Result<Payload, CallError> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_route_pubsub_and_rpc_fail_over_and_spread_revocations() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (d1, d2, d3) = (
-        tmp.path().join("n1"),
-        tmp.path().join("n2"),
-        tmp.path().join("n3"),
-    );
-    let c1 = ConfDir::new(&d1);
-    c1.init().unwrap();
-    c1.create_realm(REALM, None).unwrap();
-    let (_, admin) = c1.issue_key(REALM, "admin", "test", 3600, None).unwrap();
+    let (_tmp, [d1, d2, d3], _, admin) = three_homes();
     // Nodes 2 and 3: the trust root only. Node 2 may certify itself (it has the operator key);
     // node 3 gets its certificate from the operator's machine.
     for d in [&d2, &d3] {
@@ -231,6 +222,17 @@ async fn three_nodes_route_pubsub_and_rpc_fail_over_and_spread_revocations() {
 }
 
 /// A node's fixed identity (its key file written before it starts) and the peer id it gives.
+/// Three node homes; the first holds the trust root and the realm, with an admin key for it.
+fn three_homes() -> (tempfile::TempDir, [std::path::PathBuf; 3], ConfDir, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let homes = ["n1", "n2", "n3"].map(|n| tmp.path().join(n));
+    let c1 = ConfDir::new(&homes[0]);
+    c1.init().unwrap();
+    c1.create_realm(REALM, None).unwrap();
+    let (_, admin) = c1.issue_key(REALM, "admin", "test", 3600, None).unwrap();
+    (tmp, homes, c1, admin)
+}
+
 fn identity(dir: &std::path::Path, seed: u8) -> String {
     let secret = [seed; 32];
     std::fs::create_dir_all(dir.join("node")).unwrap();
@@ -247,16 +249,7 @@ fn identity(dir: &std::path::Path, seed: u8) -> String {
 /// listed learns the realm but refuses its sessions, saying why; the listed nodes route as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_realm_restricted_to_dedicated_nodes_is_served_only_by_them() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (d1, d2, d3) = (
-        tmp.path().join("n1"),
-        tmp.path().join("n2"),
-        tmp.path().join("n3"),
-    );
-    let c1 = ConfDir::new(&d1);
-    c1.init().unwrap();
-    c1.create_realm(REALM, None).unwrap();
-    let (_, admin) = c1.issue_key(REALM, "admin", "test", 3600, None).unwrap();
+    let (_tmp, [d1, d2, d3], c1, admin) = three_homes();
     for d in [&d2, &d3] {
         std::fs::create_dir_all(d.join("trust")).unwrap();
         for f in ["trust/operator.pub", "trust/operator.key"] {
@@ -312,4 +305,104 @@ async fn a_realm_restricted_to_dedicated_nodes_is_served_only_by_them() {
         .expect("an event from a dedicated node")
         .unwrap();
     assert_eq!(ev.payload.args, vec![Value::from(1u64)]);
+}
+
+/// Whether `http`'s node has `peer` as a certified (linked) peer.
+async fn linked(http: &str, peer: &str) -> bool {
+    mesh_status(http).await["peers"]
+        .as_array()
+        .is_some_and(|ps| {
+            ps.iter()
+                .any(|p| p["peer_id"] == peer && p["certified"] == true)
+        })
+}
+
+/// Node certificates (isolation finding 19): they expire and are renewed by a node holding the
+/// operator key before they do; a node revoked with `macula mesh revoke` on the operator's
+/// machine is cut off by every node within 5 s, and a node that learned the revocation over the
+/// mesh keeps it across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_renew_and_a_revoked_node_is_cut_off_everywhere() {
+    let (_tmp, [d1, d2, d3], _, admin) = three_homes();
+    // Nodes 2 and 3 hold only the trust root's public key and a certificate from the operator:
+    // node 2's for 90 days, node 3's for 9 seconds (it must be renewed to stay).
+    let home1 = d1.to_str().unwrap();
+    let mut peers = vec![];
+    for (d, seed, valid) in [(&d2, 22u8, "90d"), (&d3, 23, "9s")] {
+        std::fs::create_dir_all(d.join("trust")).unwrap();
+        std::fs::copy(d1.join("trust/operator.pub"), d.join("trust/operator.pub")).unwrap();
+        let peer = identity(d, seed);
+        let cert = cli(&[
+            "mesh",
+            "certify",
+            &peer,
+            "--valid-for",
+            valid,
+            "--home",
+            home1,
+        ]);
+        std::fs::write(d.join("node/node.cert"), cert.trim()).unwrap();
+        peers.push(peer);
+    }
+    let (p2, p3) = (peers[0].clone(), peers[1].clone());
+    let first_cert = std::fs::read_to_string(d3.join("node/node.cert")).unwrap();
+    let started = Instant::now();
+    let n1 = start_node(&d1, None);
+    let n2 = start_node(&d2, Some(&n1.mesh));
+    let n3 = start_node(&d3, Some(&n1.mesh));
+    // Sessions on 2 and 3 make them link to each other (they serve the realm) as well as to 1.
+    let mut clients = vec![];
+    for n in [&n2, &n3] {
+        clients.push(
+            eventually(
+                "the realm on every node",
+                Duration::from_secs(15),
+                || async { Client::connect_with(opts(&n.ws, &admin)).await.ok() },
+            )
+            .await,
+        );
+    }
+    eventually("nodes 2 and 3 to link", Duration::from_secs(15), || async {
+        (linked(&n2.http, &p3).await && linked(&n1.http, &p3).await).then_some(())
+    })
+    .await;
+
+    // Renewal: node 3 outlives its first certificate, holding a new one it saved.
+    tokio::time::sleep(Duration::from_secs(12).saturating_sub(started.elapsed())).await;
+    assert!(
+        linked(&n1.http, &p3).await,
+        "node 3 renewed and stayed linked"
+    );
+    assert!(linked(&n2.http, &p3).await);
+    let renewed = std::fs::read_to_string(d3.join("node/node.cert")).unwrap();
+    assert_ne!(renewed, first_cert, "the renewed certificate was saved");
+
+    // Revocation on the operator's machine (node 1's home): every node cuts node 3 off.
+    let revoked = Instant::now();
+    cli(&["mesh", "revoke", &p3, "--home", home1]);
+    eventually(
+        "every node to cut node 3 off",
+        Duration::from_secs(5),
+        || async { (!linked(&n1.http, &p3).await && !linked(&n2.http, &p3).await).then_some(()) },
+    )
+    .await;
+    let took = revoked.elapsed();
+    // It stays cut off (node 3 keeps redialling) while 1 and 2 stay linked.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!linked(&n1.http, &p3).await && !linked(&n2.http, &p3).await);
+    assert!(linked(&n1.http, &p2).await, "the other nodes are untouched");
+    let status = mesh_status(&n2.http).await;
+    assert_eq!(status["revoked_nodes"], serde_json::json!([p3]));
+    assert!(status["peers_rejected"].as_u64().unwrap() >= 1, "{status}");
+    eprintln!("revoked node cut off by every node in {took:?}");
+
+    // Node 2 stored what it learned over the mesh: restarted alone, it still refuses node 3.
+    assert!(d2.join(format!("trust/revoked-nodes/{p3}.rev")).exists());
+    drop(n2);
+    let n2 = start_node(&d2, None);
+    assert_eq!(
+        mesh_status(&n2.http).await["revoked_nodes"],
+        serde_json::json!([p3])
+    );
+    drop(clients);
 }
