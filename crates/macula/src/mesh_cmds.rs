@@ -170,6 +170,16 @@ pub async fn mesh(cmd: MeshCmd, json: bool) -> Result<()> {
                 "frames    in {}  out {}  dropped {}  malformed {}  rejected {}",
                 f["in"], f["out"], f["dropped"], f["malformed"], f["rejected"]
             );
+            if let Some(c) = v["cert"].as_object() {
+                println!(
+                    "cert      issued {}, valid until {}",
+                    c["issued_at"].as_str().unwrap_or("?"),
+                    c["not_after"].as_str().unwrap_or("?")
+                );
+            }
+            for r in v["revoked_nodes"].as_array().into_iter().flatten() {
+                println!("revoked   {}", r.as_str().unwrap_or("?"));
+            }
             println!("peers     {}", v["peers"].as_array().map_or(0, |p| p.len()));
             print_peers(&v);
             println!(
