@@ -3,6 +3,7 @@ a subscriber on node 1 receives what a publisher on node 3 sends; a caller on no
 callee on node 3."""
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -14,11 +15,12 @@ from conftest import REALM, STARTUP_TIMEOUT, _read_first_line, macula_bin
 from wamp_client import join, next_item, unique, wamp_test
 
 RUNS = int(os.environ.get("MESH_RUNS", "50"))
+FRESH_RUNS = int(os.environ.get("MESH_FRESH_RUNS", "50"))
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
-    base = tmp_path_factory.mktemp("mesh")
+@contextlib.contextmanager
+def running_mesh(base, mesh_port: int):
+    """`macula up --nodes 3` in `base`, yielding what it printed; stopped afterwards."""
     log_path = base / "mesh.log"
     env = {k: v for k, v in os.environ.items() if k != "MACULA_HOME"}
     with open(log_path, "wb") as log:
@@ -27,7 +29,7 @@ def mesh(tmp_path_factory):
                 str(macula_bin()), "--json", "up", "--nodes", "3",
                 "--home", str(base / "home"),
                 "--http", "127.0.0.1:0", "--rawsocket", "127.0.0.1:0",
-                "--mesh-port", "17750", "--realm", REALM,
+                "--mesh-port", str(mesh_port), "--realm", REALM,
             ],
             stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, env=env,
         )
@@ -43,6 +45,12 @@ def mesh(tmp_path_factory):
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    with running_mesh(tmp_path_factory.mktemp("mesh"), 17750) as info:
+        yield info
 
 
 @wamp_test
@@ -127,3 +135,41 @@ async def test_what_a_client_is_told_holds_across_the_mesh(mesh):
         answers = {await pub_s.call(proc) for _ in range(2)}
         assert answers == {"node2"}, (run, answers)
         await r2.unregister()
+
+
+async def _told_holds(sub_s, pub_s, callee_a, callee_b, caller, run):
+    """One round of the checks below: an event published right after SUBSCRIBED arrives, and
+    both roundrobin callees that got REGISTERED are among the first calls."""
+    from autobahn.wamp.types import PublishOptions, RegisterOptions
+
+    topic = unique()
+    events: asyncio.Queue = asyncio.Queue()
+    sub = await sub_s.subscribe(lambda *a, **kw: events.put_nowait(a), topic)
+    await pub_s.publish(topic, run, options=PublishOptions(acknowledge=True))
+    got = await asyncio.wait_for(events.get(), 5.0)
+    assert got == (run,), (run, got)
+    await sub.unsubscribe()
+    proc = unique("com.example.demo.rr")
+    rr = RegisterOptions(invoke="roundrobin")
+    await callee_a.register(lambda: "a", proc, options=rr)
+    await callee_b.register(lambda: "b", proc, options=rr)
+    answers = {await caller.call(proc) for _ in range(4)}
+    assert answers == {"a", "b"}, (run, answers)
+
+
+@wamp_test
+async def test_what_a_client_is_told_holds_on_a_fresh_mesh(tmp_path_factory):
+    """The same promise on a mesh that has just started, where the nodes serving the realm have
+    not linked yet when the clients arrive: a fresh `macula up --nodes 3` for every run, the
+    subscriber and a callee on node 2, the publisher, the caller and the other callee on node 3
+    (nodes 2 and 3 only know node 1 at start). No miss in any run."""
+    for run in range(FRESH_RUNS):
+        base = tmp_path_factory.mktemp(f"fresh{run}")
+        with running_mesh(base, 17800 + 3 * (run % 50)) as info:
+            _, n2, n3 = info["nodes"]
+            key = info["key"]
+            sub_s, callee2 = await join(n2["ws"], key), await join(n2["ws"], key)
+            pub_s, callee3 = await join(n3["ws"], key), await join(n3["ws"], key)
+            await _told_holds(sub_s, pub_s, callee2, callee3, pub_s, run)
+            for s in (sub_s, callee2, pub_s, callee3):
+                await s.close()

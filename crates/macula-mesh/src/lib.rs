@@ -179,6 +179,8 @@ enum Cmd {
     ),
     Get(Vec<u8>, oneshot::Sender<Result<Lookup, String>>),
     Providers(String, oneshot::Sender<Vec<PeerId>>),
+    /// Provide `realm`, and once the provider record is stored, look its providers up.
+    Discover(String, oneshot::Sender<Vec<PeerId>>),
     Listen(oneshot::Sender<Vec<Multiaddr>>),
     /// `peer` presented a valid certificate (on a cert or mesh stream).
     Certified(PeerId),
@@ -634,6 +636,16 @@ impl MeshHandle {
         rx.await.map_err(|_| "the mesh stopped".to_string())?
     }
 
+    /// Starts serving `realm` ([`MeshHandle::provide`]) and returns the nodes serving it, looked
+    /// up once this node's own provider record is stored: of two nodes that start serving a realm
+    /// at the same time, at least one finds the other (the one whose lookup comes last), and
+    /// links to it.
+    pub async fn discover(&self, realm: &str) -> Vec<PeerId> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.cmd.send(Cmd::Discover(realm.to_owned(), tx));
+        rx.await.unwrap_or_default()
+    }
+
     /// The nodes the DHT names as serving `realm` (one provider lookup; this node included if it
     /// serves it).
     pub async fn providers(&self, realm: &str) -> Vec<PeerId> {
@@ -663,6 +675,8 @@ enum Pending {
     Put(oneshot::Sender<Result<usize, String>>),
     Get(oneshot::Sender<Result<Lookup, String>>, Instant),
     Providers(oneshot::Sender<Vec<PeerId>>, HashSet<PeerId>),
+    /// A provider record being stored, then a lookup for [`Cmd::Discover`].
+    Provided(String, oneshot::Sender<Vec<PeerId>>),
 }
 
 /// Which peers this node exchanges frames with. A connection alone (Kademlia's, for a lookup)
@@ -1022,6 +1036,21 @@ async fn run(
                         let id = kad.get_providers(realm_key(&realm));
                         pending.insert(id, Pending::Providers(reply, HashSet::new()));
                     }
+                    Cmd::Discover(realm, reply) => {
+                        let started = provided
+                            .insert(realm.clone())
+                            .then(|| kad.start_providing(realm_key(&realm)).ok())
+                            .flatten();
+                        match started {
+                            Some(id) => {
+                                pending.insert(id, Pending::Provided(realm, reply));
+                            }
+                            None => {
+                                let id = kad.get_providers(realm_key(&realm));
+                                pending.insert(id, Pending::Providers(reply, HashSet::new()));
+                            }
+                        }
+                    }
                     Cmd::Listen(reply) => {
                         let _ = reply.send(swarm.listeners().cloned().collect());
                     }
@@ -1155,6 +1184,12 @@ fn handle_event(
                     if let Some(Pending::Providers(reply, all)) = pending.remove(&id) {
                         let _ = reply.send(all.into_iter().collect());
                     }
+                }
+            }
+            QueryResult::StartProviding(_) => {
+                if let Some(Pending::Provided(realm, reply)) = pending.remove(&id) {
+                    let q = swarm.behaviour_mut().kad.get_providers(realm_key(&realm));
+                    pending.insert(q, Pending::Providers(reply, HashSet::new()));
                 }
             }
             QueryResult::GetRecord(Ok(GetRecordOk::FoundRecord(r))) => {

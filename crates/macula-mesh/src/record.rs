@@ -95,6 +95,13 @@ impl AppRecord {
         r
     }
 
+    /// The node that wrote the record.
+    pub fn writer_node(&self) -> Option<PeerId> {
+        PublicKey::try_decode_protobuf(&self.node_key)
+            .ok()
+            .map(|pk| PeerId::from_public_key(&pk))
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         rmp_serde::to_vec(self).unwrap_or_default()
     }

@@ -99,7 +99,7 @@ impl ConfDir {
         ConfDir { root: root.into() }
     }
 
-    fn realm_dir(&self, realm: &str) -> PathBuf {
+    pub fn realm_dir(&self, realm: &str) -> PathBuf {
         self.root.join("realms").join(realm)
     }
 

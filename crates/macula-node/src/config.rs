@@ -150,6 +150,11 @@ pub struct MeshSection {
     /// this long (ms), so that a subrealm registered apart is never governed by its parent
     /// for want of its own state.
     pub state_sync_timeout_ms: u64,
+    /// How long a deleted realm's tombstone is kept (and flooded), in seconds (30 days). After
+    /// it, nodes forget the tombstone; a node that was cut off from every peer for longer than
+    /// this forgets the states it learned from the mesh, so that it cannot bring back a state
+    /// of a registration deleted meanwhile.
+    pub tombstone_retention_s: u64,
 }
 
 impl Default for MeshSection {
@@ -173,6 +178,7 @@ impl Default for MeshSection {
             dht_max_value: 64 << 10,
             state_sync_timeout_ms: 30_000,
             dht_max_ttl_s: 86_400,
+            tombstone_retention_s: 30 * 86_400,
         }
     }
 }
@@ -281,6 +287,10 @@ pub struct MeteringSection {
     /// each). A pair's slot is released once its usage is delivered and it was idle for the
     /// rest of its hour; a new pair that finds no slot is refused, never counted unbilled.
     pub slots: usize,
+    /// What the counters file may grow to, in slots: when every slot is taken it grows by
+    /// `slots` at a time (1 KiB of disk per slot), so that many accounts at once do not lock new
+    /// ones out. Past this, new pairs are refused until slots are released.
+    pub max_slots: usize,
     /// Pairs the keys of one realm registration may have metered on this node at once (its
     /// subrealms times its keys): past it, new sessions and bridge requests of that
     /// registration get `macula.error.limit_exceeded`, and no one else is affected. 0: no limit.
@@ -303,6 +313,7 @@ impl Default for MeteringSection {
             enabled: true,
             dir: PathBuf::from("meter"),
             slots: 16_384,
+            max_slots: 262_144,
             max_pairs_per_registration: 1_024,
             flush_ms: 1000,
             sync_ms: 5000,

@@ -452,8 +452,10 @@ impl BridgeSession {
     }
 }
 
-/// Authenticates a bridge request and parses its JSON body (an empty body reads as `{}`).
-fn begin<T: serde::de::DeserializeOwned>(
+/// Authenticates a bridge request and parses its JSON body (an empty body reads as `{}`). In a
+/// realm this node has just started serving, the request waits (boundedly) until the node has
+/// linked the realm's other nodes, as a WAMP session's WELCOME does.
+async fn begin<T: serde::de::DeserializeOwned>(
     node: &Arc<Node>,
     realm: &str,
     headers: &HeaderMap,
@@ -461,6 +463,9 @@ fn begin<T: serde::de::DeserializeOwned>(
     hint: &str,
 ) -> Result<(BridgeSession, T), Response> {
     let session = BridgeSession::open(node, realm, headers)?;
+    if let Some(g) = node.mesh.get().and_then(|m| m.discovery_gate(realm)) {
+        g.wait().await;
+    }
     let body = if body.is_empty() { &b"{}"[..] } else { body };
     Ok((session, parse_json(body, hint)?))
 }
@@ -520,7 +525,7 @@ async fn publish(
 ) -> Response {
     let hint = r#"{"topic": "...", "args": [...], "kwargs": {...}}"#;
     let answer = async {
-        let (s, b): (_, PublishBody) = begin(&node, &realm, &headers, &body, hint)?;
+        let (s, b): (_, PublishBody) = begin(&node, &realm, &headers, &body, hint).await?;
         let msg = Message::Publish {
             request: 1,
             options: dict! {"acknowledge" => true},
@@ -574,7 +579,8 @@ async fn call(
             &headers,
             &body,
             r#"{"args": [...], "kwargs": {...}}"#,
-        )?;
+        )
+        .await?;
         // An HTTP request always ends: `timeout_ms` (or the node's call timeout) clamped to 1 ms–1 h.
         const BRIDGE_MAX_MS: u64 = 3_600_000;
         let timeout_ms = match q.timeout_ms.unwrap_or(node.config.limits.call_timeout_ms) {

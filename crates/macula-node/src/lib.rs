@@ -182,6 +182,7 @@ pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow:
         mesh::publish_local_states(&node, &mesh);
         node.rebuild_auth();
         tasks.push(tokio::spawn(trust::upkeep(node.clone(), mesh.clone())));
+        tasks.push(tokio::spawn(collect_tombstones(node.clone(), mesh.clone())));
         tasks.push(tokio::spawn(mesh::run(node.clone(), mesh, rx)));
         tracing::info!(peer_id = %node.mesh.get().map(|m| m.handle.peer_id().to_string()).unwrap_or_default(), addrs = ?mesh_addrs, "mesh listening");
     }
@@ -205,6 +206,25 @@ pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow:
         mesh_addrs,
         tasks,
     })
+}
+
+/// Forgets tombstones past `mesh.tombstone_retention_s` (checked every half of it, at most
+/// every minute).
+async fn collect_tombstones(node: Arc<Node>, mesh: Arc<mesh::MeshState>) {
+    let every = (node.config.mesh.tombstone_retention_s / 2).clamp(1, 60);
+    let mut iv = tokio::time::interval(Duration::from_secs(every));
+    loop {
+        iv.tick().await;
+        if mesh.collect_tombstones(&node, confdir::now_secs()) {
+            if node.confdir.is_some() {
+                if let Err(e) = node.reload() {
+                    tracing::warn!("reload after collecting tombstones: {e:#}");
+                }
+            } else {
+                node.rebuild_auth();
+            }
+        }
+    }
 }
 
 /// Delivers usage to the billing aggregator every `metering.flush_ms` (once one is known) and
@@ -314,7 +334,10 @@ async fn start_mesh(
         dht_refresh: Duration::from_secs(cfg.dht_refresh_s),
     };
     let (handle, rx) = macula_mesh::start(mcfg, keypair, cert, trust).await?;
-    Ok((mesh::MeshState::new(handle), rx))
+    Ok((
+        mesh::MeshState::new(handle, node.config.mesh.tombstone_retention_s),
+        rx,
+    ))
 }
 
 /// A cheap fingerprint of the config directory: modification times and sizes of the policy files.

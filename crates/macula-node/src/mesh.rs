@@ -245,6 +245,16 @@ pub struct MeshState {
     barrier_timeout: Duration,
     /// Certificate renewal and node revocations (see [`crate::trust`]).
     pub trust_upkeep: crate::trust::Upkeep,
+    /// Realms this node just started serving, until it has found and linked the realm's other
+    /// nodes (see [`MeshState::start_discovery`]).
+    discovery: Mutex<HashMap<String, Arc<Gate>>>,
+    /// Realms whose known state is a tombstone, and when it was made (see
+    /// [`MeshState::collect_tombstones`]).
+    tombstones: Mutex<HashMap<String, u64>>,
+    /// `mesh.tombstone_retention_s`.
+    tombstone_retention: u64,
+    /// When this node last had a certified peer.
+    last_linked: Mutex<Instant>,
 }
 
 /// The peers a barrier still waits for, and the gate it opens.
@@ -267,7 +277,7 @@ pub fn collect_gates<T>(f: impl FnOnce() -> T) -> (T, Vec<Arc<Gate>>) {
 }
 
 impl MeshState {
-    pub fn new(handle: MeshHandle) -> Arc<MeshState> {
+    pub fn new(handle: MeshHandle, tombstone_retention: u64) -> Arc<MeshState> {
         Arc::new(MeshState {
             handle,
             counters: MeshCounters::default(),
@@ -281,7 +291,135 @@ impl MeshState {
             next_barrier: std::sync::atomic::AtomicU64::new(1),
             barrier_timeout: Duration::from_secs(2),
             trust_upkeep: Default::default(),
+            discovery: Mutex::new(HashMap::new()),
+            tombstones: Mutex::new(HashMap::new()),
+            tombstone_retention,
+            last_linked: Mutex::new(Instant::now()),
         })
+    }
+
+    /// Forgets tombstones older than `mesh.tombstone_retention_s` (and, for realms of this
+    /// node's config directory, the realm's directory: the registry made it and no longer needs
+    /// it). A node that had no certified peer for longer than that forgets every state it
+    /// learned from the mesh: a registration may have been deleted and its tombstone collected
+    /// meanwhile, and its old state must not come back through this node. Returns whether
+    /// anything was forgotten (the caller then rebuilds the node's credentials).
+    pub fn collect_tombstones(&self, node: &Node, now: u64) -> bool {
+        let retention = self.tombstone_retention;
+        let old: Vec<String> = self
+            .tombstones
+            .lock()
+            .iter()
+            .filter(|(_, at)| at.saturating_add(retention) <= now)
+            .map(|(r, _)| r.clone())
+            .collect();
+        let mut changed = false;
+        for realm in old {
+            self.tombstones.lock().remove(&realm);
+            self.states.lock().remove(&realm);
+            changed = true;
+            if let Some(dir) = &node.confdir {
+                if dir.read_policy(&realm).is_ok_and(|d| d.deleted) {
+                    if let Err(e) = std::fs::remove_dir_all(dir.realm_dir(&realm)) {
+                        tracing::warn!(
+                            realm,
+                            "tombstone not removed from the config directory: {e}"
+                        );
+                    }
+                }
+            }
+            tracing::info!(realm, "tombstone collected");
+        }
+        if !self.handle.peers().is_empty() {
+            *self.last_linked.lock() = Instant::now();
+        } else if self.last_linked.lock().elapsed() > Duration::from_secs(retention) {
+            let local: std::collections::HashSet<String> = node
+                .confdir
+                .as_ref()
+                .and_then(|d| d.realms().ok())
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+            let mut states = self.states.lock();
+            let before = states.len();
+            states.retain(|r, _| local.contains(r));
+            if states.len() < before {
+                tracing::warn!(
+                    forgotten = before - states.len(),
+                    "no mesh peer for longer than mesh.tombstone_retention_s: realm states learned from the mesh are forgotten until peers send them again"
+                );
+                changed = true;
+            }
+            *self.last_linked.lock() = Instant::now();
+        }
+        changed
+    }
+
+    /// This node starts serving `realm`: it announces itself as a provider, looks the realm's
+    /// other nodes up once that is stored, links to each and waits until each has answered a
+    /// barrier (so it has sent what it held: interest, registrations). Until then, or for at
+    /// most `barrier_timeout`, [`MeshState::discovery_gate`] holds the realm's first sessions'
+    /// WELCOME and the answers to their subscriptions and registrations: what a client is
+    /// told then holds for nodes this one had not linked yet (a fresh mesh).
+    pub fn start_discovery(self: &Arc<Self>, realm: &str) {
+        let gate = Arc::new(Gate::default());
+        self.discovery.lock().insert(realm.to_owned(), gate.clone());
+        let me = self.clone();
+        let realm = realm.to_owned();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(me.barrier_timeout, me.discover(&realm)).await;
+            gate.open();
+            let mut d = me.discovery.lock();
+            if d.get(&realm).is_some_and(|g| Arc::ptr_eq(g, &gate)) {
+                d.remove(&realm);
+            }
+        });
+    }
+
+    async fn discover(self: &Arc<Self>, realm: &str) {
+        // A node that is still joining the mesh (bootstrap nodes configured, none linked yet)
+        // would find no one: first wait until it is linked to one.
+        if !self.handle.config().bootstrap.is_empty() {
+            loop {
+                let up = self.peer_up.notified();
+                if !self.handle.peers().is_empty() {
+                    break;
+                }
+                up.await;
+            }
+        }
+        let local = self.handle.peer_id();
+        let found: std::collections::HashSet<PeerId> = self
+            .handle
+            .discover(realm)
+            .await
+            .into_iter()
+            .filter(|p| *p != local)
+            .collect();
+        for p in &found {
+            self.handle.want(*p);
+        }
+        loop {
+            let up = self.peer_up.notified();
+            let linked: std::collections::HashSet<PeerId> =
+                self.handle.peers().into_iter().collect();
+            if found.is_subset(&linked) {
+                break;
+            }
+            up.await;
+        }
+        if let Some(g) = self.barrier_to(found) {
+            g.wait().await;
+        }
+    }
+
+    /// The gate of a realm whose discovery is under way, if any.
+    pub fn discovery_gate(&self, realm: &str) -> Option<Arc<Gate>> {
+        self.discovery
+            .lock()
+            .get(realm)
+            .filter(|g| !g.is_open())
+            .cloned()
     }
 
     /// After an announcement (broadcast to every certified peer, any of which may hold the
@@ -289,7 +427,11 @@ impl MeshState {
     /// all have applied the announcement — or after `barrier_timeout`: a peer that does not
     /// answer in time is treated as gone.
     fn barrier(self: &Arc<Self>) -> Option<Arc<Gate>> {
-        let peers: std::collections::HashSet<PeerId> = self.handle.peers().into_iter().collect();
+        self.barrier_to(self.handle.peers().into_iter().collect())
+    }
+
+    /// A barrier to `peers` (see [`MeshState::barrier`]).
+    fn barrier_to(self: &Arc<Self>, peers: std::collections::HashSet<PeerId>) -> Option<Arc<Gate>> {
         if peers.is_empty() {
             return None;
         }
@@ -348,13 +490,14 @@ impl MeshState {
                 // have applied this.
                 let collecting = GATES.with(|g| g.borrow().is_some());
                 if collecting {
-                    if let Some(gate) = m.barrier() {
-                        GATES.with(|g| {
-                            if let Some(v) = g.borrow_mut().as_mut() {
-                                v.push(gate)
-                            }
-                        });
-                    }
+                    // ...and, while this node is still finding the realm's other nodes, once
+                    // it has linked them (they get the interest when the link comes up).
+                    let gates = m.barrier().into_iter().chain(m.discovery_gate(realm));
+                    GATES.with(|g| {
+                        if let Some(v) = g.borrow_mut().as_mut() {
+                            v.extend(gates)
+                        }
+                    });
                 }
             }
         })
@@ -376,16 +519,34 @@ impl MeshState {
             .collect()
     }
 
-    /// Records `state` if it is newer than what this node has; returns whether it was.
+    /// Records `state` if it is newer than what this node has; returns whether it was. A
+    /// tombstone older than the retention is not taken (it was collected here or is about to be).
     pub fn offer_state(&self, state: RealmState) -> bool {
         let mut states = self.states.lock();
-        match states.get(&state.realm) {
-            Some(s) if s.seq >= state.seq => false,
-            _ => {
-                states.insert(state.realm.clone(), state);
-                true
+        if states.get(&state.realm).is_some_and(|s| s.seq >= state.seq) {
+            return false;
+        }
+        let deleted = Policy::from_yaml(&state.policy)
+            .ok()
+            .filter(|p| p.doc.deleted)
+            .map(|p| p.doc.deleted_at);
+        let mut tombstones = self.tombstones.lock();
+        match deleted {
+            Some(at) => {
+                let now = crate::confdir::now_secs();
+                // Tombstones from before `deleted_at` existed count from now.
+                let at = if at == 0 { now } else { at.min(now) };
+                if at.saturating_add(self.tombstone_retention) <= now {
+                    return false;
+                }
+                tombstones.insert(state.realm.clone(), at);
+            }
+            None => {
+                tombstones.remove(&state.realm);
             }
         }
+        states.insert(state.realm.clone(), state);
+        true
     }
 }
 
@@ -913,6 +1074,14 @@ async fn dht_call(
     };
     let rec = macula_mesh::record::AppRecord::verify(&raw, mesh.handle.trust(), realm, &key, now)
         .map_err(|e| (errors::NOT_FOUND, format!("no valid record {key:?}: {e}")))?;
+    // In a realm restricted to dedicated nodes, only their records count.
+    let by = rec.writer_node().map(|p| p.to_string()).unwrap_or_default();
+    if !node.peer_may_serve(realm, &by) {
+        return Err((
+            errors::NOT_FOUND,
+            format!("no valid record {key:?}: written by a node that does not serve {realm}"),
+        ));
+    }
     let value: Value = rmp_serde::from_slice(&rec.value).unwrap_or(Value::Null);
     Ok(macula_wamp::Payload::new(
         vec![value],

@@ -8,7 +8,8 @@
 //! directory, `MAP_SHARED`): an add is a store into the kernel's page cache, so a process crash
 //! (`kill -9`) loses nothing that was counted, and nothing on the message path waits for a
 //! syscall. The file is `msync`ed every `metering.sync_ms`, which bounds what a power loss can
-//! take. Which slot is which (realm, key) is an append-only `meter/slots` file, written and
+//! take. The file grows on demand, one segment of `metering.slots` slots at a time (each mapped
+//! on its own, so counters in earlier segments never move), up to `metering.max_slots`. Which slot is which (realm, key) is an append-only `meter/slots` file, written and
 //! synced before the slot is first used.
 //!
 //! **Delivery is idempotent by construction.** Counters only grow. Each slot remembers a *base*
@@ -221,10 +222,19 @@ impl std::fmt::Display for NoSlot {
     }
 }
 
+/// Segments the counters file may grow to (with `metering.max_slots`).
+const MAX_SEGMENTS: usize = 1024;
+
+/// A zeroed slot, read where a slot's segment is not mapped (never, for a slot handed out).
+static NO_SLOT: [AtomicU64; SLOT_WORDS] = [const { AtomicU64::new(0) }; SLOT_WORDS];
+
 /// The slot file.
 pub struct Meter {
-    map: memmap2::MmapMut,
-    slots: usize,
+    /// The mapped segments, `per_segment` slots each; segment 0 starts with the header slot.
+    segments: Vec<std::sync::OnceLock<memmap2::MmapMut>>,
+    per_segment: usize,
+    /// Slots usable now (numbers 2..=slots; the mapped segments hold them).
+    slots: std::sync::atomic::AtomicUsize,
     epoch: u64,
     /// Slot of each named pair, with the token every [`Counter`] of it holds (a slot whose
     /// token is held only here has no live counter and may be reclaimed).
@@ -237,8 +247,8 @@ pub struct Meter {
     /// The newest hour the shipper closed slots into: a slot named later starts no earlier, so
     /// a pair whose slot was released never reports into an hour already closed for it.
     hour_floor: AtomicU64,
-    /// The counters file, held open for its lock.
-    _file: Option<File>,
+    /// The counters file, held open for its lock (and to map new segments from).
+    file: Option<File>,
 }
 
 /// Reserves the file's blocks, so that a full disk is an error now rather than a SIGBUS when
@@ -260,17 +270,37 @@ fn reserve(f: &File, len: usize) -> std::io::Result<()> {
     f.set_len(len as u64)
 }
 
+/// Maps `len` bytes of the counters file from `offset` (a multiple of the page size).
+fn map_segment(f: &File, offset: usize, len: usize) -> std::io::Result<memmap2::MmapMut> {
+    // SAFETY: the file is this node's own (locked in `Meter::open`); nothing else maps or
+    // truncates it while the node runs, and it only grows.
+    unsafe {
+        memmap2::MmapOptions::new()
+            .offset(offset as u64)
+            .len(len)
+            .map_mut(f)
+    }
+}
+
 impl Meter {
     /// Opens (or creates) the slot file in `dir`, or an in-memory one when `dir` is `None`
     /// (usage then lives as long as the process).
-    pub fn open(dir: Option<&Path>, slots: usize) -> anyhow::Result<Arc<Meter>> {
+    /// It starts with `slots` slots and grows, a segment of that many at a time, up to
+    /// `max_slots`.
+    pub fn open(dir: Option<&Path>, slots: usize, max_slots: usize) -> anyhow::Result<Arc<Meter>> {
         use anyhow::Context;
-        let slots = slots.max(16);
+        // Segments are whole pages (four 1 KiB slots), so each can be mapped on its own.
+        let per_segment = (slots.max(16) + 1).next_multiple_of(4);
+        let seg_bytes = per_segment * SLOT_WORDS * 8;
+        let max_segments = max_slots
+            .max(slots)
+            .div_ceil(per_segment)
+            .clamp(1, MAX_SEGMENTS);
         // Whether a file of unknown content must be cleared before use (a new one is zeros).
         let mut stale = false;
-        let len = (slots + 1) * SLOT_WORDS * 8;
+        let mut mapped = 1;
         let (map, names, file, counters) = match dir {
-            None => (memmap2::MmapMut::map_anon(len)?, vec![], None, None),
+            None => (memmap2::MmapMut::map_anon(seg_bytes)?, vec![], None, None),
             Some(d) => {
                 std::fs::create_dir_all(d)
                     .with_context(|| format!("cannot create {}", d.display()))?;
@@ -292,14 +322,14 @@ impl Meter {
                 }
                 let have = f.metadata()?.len() as usize;
                 stale = have > 0;
-                if have < len {
-                    reserve(&f, len).with_context(|| {
-                        format!("cannot reserve {len} bytes for {}", path.display())
+                // Segments a grown file already has are mapped again (their slots are named).
+                mapped = (have / seg_bytes).clamp(1, max_segments);
+                if have < seg_bytes {
+                    reserve(&f, seg_bytes).with_context(|| {
+                        format!("cannot reserve {seg_bytes} bytes for {}", path.display())
                     })?;
                 }
-                // SAFETY: the file is this node's own (locked above); nothing else maps or
-                // truncates it while the node runs.
-                let map = unsafe { memmap2::MmapMut::map_mut(&f) }
+                let map = map_segment(&f, 0, seg_bytes)
                     .with_context(|| format!("cannot map {}", path.display()))?;
                 let names_path = d.join("slots");
                 let names = match File::open(&names_path) {
@@ -327,9 +357,14 @@ impl Meter {
                 (map, names, Some(file), Some(f))
             }
         };
+        let segments: Vec<std::sync::OnceLock<memmap2::MmapMut>> = (0..max_segments)
+            .map(|_| std::sync::OnceLock::new())
+            .collect();
+        let _ = segments[0].set(map);
         let mut meter = Meter {
-            map,
-            slots,
+            segments,
+            per_segment,
+            slots: std::sync::atomic::AtomicUsize::new(per_segment - 1),
             epoch: 0,
             index: RwLock::new(HashMap::new()),
             names: Mutex::new(Names {
@@ -343,8 +378,14 @@ impl Meter {
             full_warned: AtomicBool::new(false),
             owner_limit: AtomicU64::new(0),
             hour_floor: AtomicU64::new(0),
-            _file: counters,
+            file: counters,
         };
+        for _ in 1..mapped {
+            if !meter.map_next_segment() {
+                break;
+            }
+        }
+        let slots = meter.slots.load(Ordering::Relaxed);
         let w = meter.words();
         let lines = names.len();
         let names = if w[0].load(Ordering::Relaxed) == MAGIC && w[1].load(Ordering::Relaxed) != 0 {
@@ -431,18 +472,54 @@ impl Meter {
         )
     }
 
-    fn words(&self) -> &[AtomicU64] {
+    /// The words of segment `seg`, if it is mapped.
+    fn segment_words(&self, seg: usize) -> Option<&[AtomicU64]> {
+        let map = self.segments.get(seg)?.get()?;
         // SAFETY: the map is page-aligned, `len` bytes long and lives as long as `self`;
         // `AtomicU64` has the layout of `u64`, and every access to the mapped words goes
         // through these atomics.
-        unsafe {
-            std::slice::from_raw_parts(self.map.as_ptr() as *const AtomicU64, self.map.len() / 8)
-        }
+        Some(unsafe { std::slice::from_raw_parts(map.as_ptr() as *const AtomicU64, map.len() / 8) })
+    }
+
+    /// The header (slot 0 of segment 0, always mapped).
+    fn words(&self) -> &[AtomicU64] {
+        self.segment_words(0).unwrap_or(&NO_SLOT)
     }
 
     fn slot(&self, i: u32) -> &[AtomicU64] {
-        let start = i as usize * SLOT_WORDS;
-        &self.words()[start..start + SLOT_WORDS]
+        let (seg, at) = (i as usize / self.per_segment, i as usize % self.per_segment);
+        match self.segment_words(seg) {
+            Some(w) => &w[at * SLOT_WORDS..(at + 1) * SLOT_WORDS],
+            None => &NO_SLOT,
+        }
+    }
+
+    /// Maps the next segment (extending the file), making its slots usable; `false` when the
+    /// file is at `metering.max_slots` or cannot grow (disk full).
+    fn map_next_segment(&self) -> bool {
+        let seg = (self.slots.load(Ordering::Relaxed) + 1) / self.per_segment;
+        if seg >= self.segments.len() {
+            return false;
+        }
+        let bytes = self.per_segment * SLOT_WORDS * 8;
+        let map = match &self.file {
+            None => memmap2::MmapMut::map_anon(bytes),
+            Some(f) => {
+                reserve(f, (seg + 1) * bytes).and_then(|_| map_segment(f, seg * bytes, bytes))
+            }
+        };
+        match map {
+            Ok(m) => {
+                let _ = self.segments[seg].set(m);
+                self.slots
+                    .store((seg + 1) * self.per_segment - 1, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::warn!("metering: cannot grow the counters file: {e}");
+                false
+            }
+        }
     }
 
     pub fn epoch(&self) -> u64 {
@@ -452,7 +529,7 @@ impl Meter {
     fn refuse(&self, why: NoSlot) -> NoSlot {
         if !self.full_warned.swap(true, Ordering::Relaxed) {
             tracing::warn!(
-                slots = self.slots,
+                slots = self.slots.load(Ordering::Relaxed),
                 "metering: {why}; new (realm, key) pairs are refused until slots are released"
             );
         }
@@ -491,8 +568,17 @@ impl Meter {
         if limit > 0 && owned >= limit {
             return Err(NoSlot::OwnerLimit(limit));
         }
+        if names.free.is_empty() {
+            // Grow by a segment: its slots are new (zeros), smallest handed out first.
+            let before = self.slots.load(Ordering::Relaxed);
+            if self.map_next_segment() {
+                let after = self.slots.load(Ordering::Relaxed);
+                names.free.extend((before as u32 + 1..=after as u32).rev());
+                tracing::info!(slots = after, "metering: counters file grown");
+            }
+        }
         let Some(slot) = names.free.pop() else {
-            return Err(self.refuse(NoSlot::Full(self.slots)));
+            return Err(self.refuse(NoSlot::Full(self.slots.load(Ordering::Relaxed))));
         };
         if let Some(f) = names.file.as_mut() {
             let line = format!("{slot}\t{}\t{}\t{owner}\n", k.0, k.1);
@@ -600,8 +686,10 @@ impl Meter {
     /// Writes the counters to disk (against power loss; a process crash loses nothing anyway).
     pub fn sync(&self) {
         if self.dir.is_some() {
-            if let Err(e) = self.map.flush() {
-                tracing::warn!("metering: cannot sync the counters file: {e}");
+            for m in self.segments.iter().filter_map(|s| s.get()) {
+                if let Err(e) = m.flush() {
+                    tracing::warn!("metering: cannot sync the counters file: {e}");
+                }
             }
         }
     }
@@ -836,10 +924,58 @@ mod tests {
         }
     }
 
+    /// Many pairs at once (many accounts, each within its limits) do not lock new ones out: the
+    /// counters file grows a segment at a time up to `max_slots`, counters in the new segments
+    /// survive a restart like the first ones, and past `max_slots` new pairs are refused.
+    #[test]
+    fn the_counters_file_grows_on_demand_and_keeps_what_it_counted() {
+        let d = tempfile::tempdir().unwrap();
+        let m = Meter::open(Some(d.path()), 16, 64).unwrap();
+        let first = m.slots.load(Ordering::Relaxed);
+        let mut held = vec![];
+        let mut i = 0;
+        let refused = loop {
+            match m.counter_for("com.a", &format!("key_{i}"), "") {
+                Ok(c) => {
+                    c.op(Op::Publish, i);
+                    held.push(c);
+                    i += 1;
+                }
+                Err(e) => break e,
+            }
+        };
+        let grown = m.slots.load(Ordering::Relaxed);
+        assert!(grown > first && grown >= 64, "{first} → {grown}");
+        assert_eq!(
+            held.len(),
+            grown - 1,
+            "every slot but the reserved one is used"
+        );
+        assert_eq!(refused, NoSlot::Full(grown));
+        let len = std::fs::metadata(d.path().join("counters.bin"))
+            .unwrap()
+            .len() as usize;
+        assert_eq!(len, (grown + 1) * SLOT_WORDS * 8);
+        drop(held);
+        drop(m);
+        let m = Meter::open(Some(d.path()), 16, 64).unwrap();
+        assert_eq!(
+            m.slots.load(Ordering::Relaxed),
+            grown,
+            "the grown file is mapped again"
+        );
+        let t = m.totals();
+        assert_eq!(t.len(), grown - 1);
+        for (_, key, c) in t {
+            let n: usize = key.trim_start_matches("key_").parse().unwrap();
+            assert_eq!((c[Op::Publish as usize], c[IN]), (1, n as u64), "{key}");
+        }
+    }
+
     #[test]
     fn slots_survive_a_restart() {
         let d = tempfile::tempdir().unwrap();
-        let m = Meter::open(Some(d.path()), 16).unwrap();
+        let m = Meter::open(Some(d.path()), 16, 16).unwrap();
         let a = m.counter("com.a", "key_1");
         a.op(Op::Publish, 10);
         a.op(Op::Publish, 10);
@@ -847,7 +983,7 @@ mod tests {
         m.counter("com.b", "key_2").op(Op::Call, 3);
         let epoch = m.epoch();
         assert!(
-            Meter::open(Some(d.path()), 16).is_err(),
+            Meter::open(Some(d.path()), 16, 16).is_err(),
             "one node per file"
         );
         drop(a);
@@ -858,7 +994,7 @@ mod tests {
             .open(d.path().join("slots"))
             .unwrap();
         f.write_all(b"9\tcom.torn").unwrap();
-        let m = Meter::open(Some(d.path()), 16).unwrap();
+        let m = Meter::open(Some(d.path()), 16, 16).unwrap();
         assert_eq!(m.epoch(), epoch);
         let mut t = m.totals();
         t.sort();
@@ -886,22 +1022,23 @@ mod tests {
 
     #[test]
     fn a_pair_without_a_slot_is_refused_never_counted_unbilled() {
-        let m = Meter::open(None, 16).unwrap();
-        let held: Vec<Counter> = (0..15)
+        // 19 slots (a segment is whole pages: slot 0, the header, and 19 more).
+        let m = Meter::open(None, 19, 19).unwrap();
+        let held: Vec<Counter> = (0..18)
             .map(|i| m.counter_for("com.a", &format!("key_{i}"), "a").unwrap())
             .collect();
-        // Slots 2..=16 are named; the 16th pair is refused, and nothing counts anywhere else.
+        // Slots 2..=19 are named; the 19th pair is refused, and nothing counts anywhere else.
         assert_eq!(
             m.counter_for("com.b", "key_x", "b").err(),
-            Some(NoSlot::Full(16))
+            Some(NoSlot::Full(19))
         );
-        assert_eq!(m.totals().len(), 15);
+        assert_eq!(m.totals().len(), 18);
         drop(held);
     }
 
     #[test]
     fn one_owner_is_limited_and_the_others_are_not() {
-        let m = Meter::open(None, 64).unwrap();
+        let m = Meter::open(None, 64, 64).unwrap();
         m.set_owner_limit(3);
         let _a: Vec<Counter> = (0..3)
             .map(|i| m.counter_for(&format!("com.a.s{i}"), "key_a", "a").unwrap())
@@ -919,7 +1056,7 @@ mod tests {
     #[tokio::test]
     async fn slots_are_released_once_delivered_and_idle_and_usage_stays_exact() {
         let d = tempfile::tempdir().unwrap();
-        let m = Meter::open(Some(d.path()), 16).unwrap();
+        let m = Meter::open(Some(d.path()), 19, 19).unwrap();
         m.set_owner_limit(2);
         let rec = Rec(Mutex::new(vec![]));
         let mut sh = Shipper::new(m.clone(), "n1".into());
@@ -974,24 +1111,24 @@ mod tests {
         assert_eq!((first, second), (1, 1));
         // A restart reads the last name of each slot; released ones are free.
         drop((live, sh, m));
-        let m = Meter::open(Some(d.path()), 16).unwrap();
+        let m = Meter::open(Some(d.path()), 19, 19).unwrap();
         let mut names: Vec<String> = m.totals().into_iter().map(|t| t.1).collect();
         names.sort();
         assert_eq!(names, ["k1", "k3", "k4"]);
         assert_eq!(m.named("a"), (3, 2));
-        let fill: Vec<Counter> = (0..12)
+        let fill: Vec<Counter> = (0..15)
             .map(|i| m.counter_for("com.c", &format!("c{i}"), "c").unwrap())
             .collect();
         assert!(
             m.counter_for("com.c", "one-more", "c").is_err(),
-            "15 usable slots"
+            "18 usable slots"
         );
         drop(fill);
     }
 
     #[tokio::test]
     async fn reports_are_cumulative_per_hour_and_skip_what_did_not_change() {
-        let m = Meter::open(None, 16).unwrap();
+        let m = Meter::open(None, 16, 16).unwrap();
         let rec = Rec(Mutex::new(vec![]));
         let mut sh = Shipper::new(m.clone(), "n1".into());
         let now = crate::confdir::now_secs();

@@ -202,7 +202,7 @@ impl Node {
             .enabled
             .then(|| {
                 let dir = confdir.as_ref().map(|c| c.root.join(&m.dir));
-                crate::meter::Meter::open(dir.as_deref(), m.slots)
+                crate::meter::Meter::open(dir.as_deref(), m.slots, m.max_slots)
                     .map_err(|e| meter_error = Some(format!("metering: {e:#}")))
                     .ok()
                     .inspect(|meter| meter.set_owner_limit(m.max_pairs_per_registration))
@@ -369,7 +369,7 @@ impl Node {
         let realm = self.realm_handle_or_create(&identity.realm, policy);
         if let Some(m) = self.mesh.get() {
             if !realm.provided.swap(true, Ordering::AcqRel) {
-                m.handle.provide(&realm.name);
+                m.start_discovery(&realm.name);
             }
         }
         Ok(realm)

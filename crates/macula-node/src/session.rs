@@ -339,6 +339,16 @@ impl Connection {
                                 return self.fail(a);
                             }
                         };
+                        // In a realm this node has just started serving, WELCOME (and all
+                        // after it) waits until the realm's other nodes are linked.
+                        if let Some(g) = self
+                            .node
+                            .mesh
+                            .get()
+                            .and_then(|m| m.discovery_gate(&realm.name))
+                        {
+                            self.outbox.hold(g);
+                        }
                         let joined = self.node.join_session(&identity, self.outbox.clone(), || {
                             let mut core = realm.lock();
                             let id = core.new_session_id();

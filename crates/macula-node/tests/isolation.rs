@@ -444,7 +444,8 @@ async fn subrealms_wait_for_the_mesh_states() {
     let t = TestNode::start_with(|c| {
         // A bootstrap peer that never answers: no states arrive, only the timeout ends the wait.
         c.mesh.bootstrap = vec!["/ip4/127.0.0.1/udp/9/quic-v1".into()];
-        c.mesh.state_sync_timeout_ms = 1500;
+        // Longer than the first session's bounded wait for the mesh (2 s: no peer to link).
+        c.mesh.state_sync_timeout_ms = 5000;
     })
     .await;
     let url = t.running.ws_url();
@@ -736,4 +737,98 @@ async fn an_unlisted_node_cannot_report_usage_for_a_dedicated_realm() {
         .map(|r| r.realm.clone())
         .collect();
     assert_eq!(realms, vec!["com.example.open".to_string()]);
+}
+
+/// Tombstones are collected (finding 5): a deleted realm's tombstone is flooded to peers, and
+/// once `mesh.tombstone_retention_s` has passed the node forgets it — from its realm states and
+/// its config directory — and does not take it back when a peer sends it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_are_collected_after_the_retention() {
+    use macula_mesh::{Frame, MeshEvent};
+    let gone = "com.example.gone";
+    let t = TestNode::start_with(|c| c.mesh.tombstone_retention_s = 3).await;
+    t.dir.create_realm(gone, None).unwrap();
+    let mut doc = t.dir.read_policy(gone).unwrap();
+    doc.version += 1;
+    doc.deleted = true;
+    doc.deleted_at = macula_node::confdir::now_secs();
+    t.dir.write_policy(&doc).unwrap();
+    t.node().reload().unwrap();
+    let (peer, mut ev, node) = certified_peer(&t).await;
+    let tombstone = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ev.recv()).await {
+            Ok(Some(MeshEvent::Frame(_, Frame::State { realm, state }))) if realm == gone => {
+                break state
+            }
+            Ok(Some(_)) => {}
+            other => panic!("the tombstone was not sent to the peer: {other:?}"),
+        }
+    };
+    let mesh = t.node().mesh.get().unwrap();
+    assert!(mesh.states.lock().contains_key(gone));
+    eventually("the tombstone to be collected", || {
+        !mesh.states.lock().contains_key(gone) && !t.dir.realm_dir(gone).exists()
+    })
+    .await;
+    // Sent again by a peer: not taken back (a barrier after it proves it was handled).
+    peer.send(
+        &node,
+        &Frame::State {
+            realm: gone.into(),
+            state: tombstone,
+        },
+    );
+    peer.send(&node, &Frame::Barrier { id: 77 });
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ev.recv()).await {
+            Ok(Some(MeshEvent::Frame(_, Frame::BarrierAck { id: 77 }))) => break,
+            Ok(Some(_)) => {}
+            other => panic!("no barrier answer: {other:?}"),
+        }
+    }
+    assert!(!mesh.states.lock().contains_key(gone), "taken back");
+}
+
+/// DHT records of a realm restricted to dedicated nodes count only when one of them wrote them
+/// (finding 19): a record a certified outsider stores is not returned by `macula.dht.get`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unlisted_node_cannot_write_a_dedicated_realms_records() {
+    use macula_mesh::record::{dht_key, AppRecord};
+    use macula_wamp::{Payload, Value};
+    let t = TestNode::start().await;
+    let (rogue, _ev, _target) = certified_peer(&t).await;
+    let now = macula_node::confdir::now_secs();
+    let forged = AppRecord::sign(
+        rogue.keypair(),
+        &rogue.cert(),
+        REALM,
+        "config",
+        rmp_serde::to_vec(&Value::from("forged")).unwrap().into(),
+        "key_rogue",
+        now,
+        now + 600,
+    );
+    let stored = rogue
+        .put(
+            dht_key(REALM, "config"),
+            forged.encode(),
+            Duration::from_secs(600),
+        )
+        .await
+        .unwrap();
+    assert!(stored >= 1, "the node stored the certified peer's record");
+    let client = t.client().await;
+    let get = || client.call("macula.dht.get", Payload::args(vec![Value::from("config")]));
+    // While the realm takes any node of the trust root, the record is the realm's.
+    let got = get().await.expect("an open realm's record");
+    assert_eq!(got.args, vec![Value::from("forged")]);
+    // Dedicated to this node: the outsider's record no longer counts.
+    let me = t.node().mesh.get().unwrap().handle.peer_id().to_string();
+    let mut doc = t.dir.read_policy(REALM).unwrap();
+    doc.version += 1;
+    doc.nodes = vec![me];
+    t.dir.write_policy(&doc).unwrap();
+    t.node().reload().unwrap();
+    let err = get().await.expect_err("refused");
+    assert!(err.to_string().contains("does not serve"), "{err}");
 }

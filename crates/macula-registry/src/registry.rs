@@ -2713,6 +2713,7 @@ impl Registry {
             version: row.policy_version as u64 + 1,
             generation: row.generation as u64,
             deleted: true,
+            deleted_at: now_secs(),
             ..PolicyDoc::default()
         };
         if let Err(e) = self.write_realm(row, &tombstone) {

@@ -92,6 +92,11 @@ pub struct PolicyDoc {
     /// node brings back an older state of the deleted registration, before or after a restart.
     #[serde(default, skip_serializing_if = "is_false")]
     pub deleted: bool,
+    /// When the tombstone was made (unix seconds). Tombstones are collected once
+    /// `mesh.tombstone_retention_s` has passed (a name registered again outranks the old
+    /// registration's states by its generation anyway).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub deleted_at: u64,
     /// Set (to the reason) while the realm is past its plan's hard quota (the free tier): nodes
     /// refuse new sessions and answer every operation with `macula.error.quota_exceeded`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
