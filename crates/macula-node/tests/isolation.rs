@@ -535,7 +535,6 @@ async fn an_unlisted_node_cannot_inject_into_a_dedicated_realm() {
     use macula_mesh::{Frame, Origin};
     use macula_wamp::{Message, Payload, Serializer, Value};
     let t = TestNode::start().await;
-    let me = t.node().mesh.get().unwrap().handle.peer_id().to_string();
     let sub = t.client().await;
     let topic = "com.example.test.injected";
     let mut events = sub.subscribe(topic).await.unwrap();
@@ -568,11 +567,7 @@ async fn an_unlisted_node_cannot_inject_into_a_dedicated_realm() {
     assert_eq!(ev1.payload.args, vec![Value::from(1u64)]);
 
     // Dedicated to this node only: the same frame is refused.
-    let mut doc = t.dir.read_policy(REALM).unwrap();
-    doc.version += 1;
-    doc.nodes = vec![me];
-    t.dir.write_policy(&doc).unwrap();
-    t.node().reload().unwrap();
+    dedicate_to_this_node(&t);
     let counters = &t.node().mesh.get().unwrap().counters;
     let before = counters.rejected.load(std::sync::atomic::Ordering::Relaxed);
     rogue.send(&target, &inject(2));
@@ -691,12 +686,7 @@ async fn an_unlisted_node_cannot_report_usage_for_a_dedicated_realm() {
     let got = Arc::new(std::sync::Mutex::new(vec![]));
     let _ = t.node().usage_sink.set(Arc::new(Collect(got.clone())));
     t.dir.create_realm("com.example.open", None).unwrap();
-    let me = t.node().mesh.get().unwrap().handle.peer_id().to_string();
-    let mut doc = t.dir.read_policy(REALM).unwrap();
-    doc.version += 1;
-    doc.nodes = vec![me];
-    t.dir.write_policy(&doc).unwrap();
-    t.node().reload().unwrap();
+    dedicate_to_this_node(&t);
 
     let (rogue, mut ev, target) = certified_peer(&t).await;
     let row = |realm: &str| UsageRow {
@@ -823,12 +813,17 @@ async fn an_unlisted_node_cannot_write_a_dedicated_realms_records() {
     let got = get().await.expect("an open realm's record");
     assert_eq!(got.args, vec![Value::from("forged")]);
     // Dedicated to this node: the outsider's record no longer counts.
+    dedicate_to_this_node(&t);
+    let err = get().await.expect_err("refused");
+    assert!(err.to_string().contains("does not serve"), "{err}");
+}
+
+/// Restricts the test realm to the test node (its `nodes` list) and applies it.
+fn dedicate_to_this_node(t: &TestNode) {
     let me = t.node().mesh.get().unwrap().handle.peer_id().to_string();
     let mut doc = t.dir.read_policy(REALM).unwrap();
     doc.version += 1;
     doc.nodes = vec![me];
     t.dir.write_policy(&doc).unwrap();
     t.node().reload().unwrap();
-    let err = get().await.expect_err("refused");
-    assert!(err.to_string().contains("does not serve"), "{err}");
 }
