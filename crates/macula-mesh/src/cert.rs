@@ -3,10 +3,13 @@
 //! a valid, unexpired, unrevoked certificate signed by the trust root it was configured with.
 //!
 //! - A [`NodeCert`] binds a peer id to a validity window (`issued_at..not_after`, at most
-//!   [`MAX_LIFETIME_SECS`]). Wire form: `[2, issued_at u64, not_after u64, signature 64]`.
-//! - A [`Revocation`] (signed by the operator) revokes every certificate of a peer issued at or
-//!   before its `revoked_at`: a node cut off stays cut off whatever certificate it kept, and may be
-//!   certified again later with a new one. Revocations spread over the mesh like realm states and
+//!   [`MAX_LIFETIME_SECS`]) and to the time the operator first admitted the node (`admitted_at`:
+//!   a renewal keeps it). Wire form:
+//!   `[2, issued_at u64, not_after u64, admitted_at u64, signature 64]`.
+//! - A [`Revocation`] (signed by the operator) revokes every certificate of a peer admitted at
+//!   or before its `revoked_at`, renewals included: a node cut off stays cut off whatever
+//!   certificate it kept or got renewed by a node that had not heard of the revocation yet, and
+//!   may be admitted again only by a new certificate from the operator. Revocations spread over the mesh like realm states and
 //!   are kept until every certificate they cover has expired anyway ([`Trust::collect`]).
 //! - [`Trust`] is what a node checks peers against: the operator's key and the revocations.
 
@@ -52,6 +55,8 @@ pub enum CertError {
 pub struct NodeCert {
     pub issued_at: u64,
     pub not_after: u64,
+    /// When the operator admitted the node (the first certificate of its chain of renewals).
+    pub admitted_at: u64,
 }
 
 impl NodeCert {
@@ -66,23 +71,59 @@ impl NodeCert {
     }
 }
 
-fn cert_message(peer: &PeerId, issued_at: u64, not_after: u64) -> Vec<u8> {
+const CERT_LEN: usize = 1 + 24 + 64;
+
+fn cert_message(peer: &PeerId, c: &NodeCert) -> Vec<u8> {
     let mut m = CERT_DOMAIN.to_vec();
-    m.extend_from_slice(&issued_at.to_be_bytes());
-    m.extend_from_slice(&not_after.to_be_bytes());
+    m.extend_from_slice(&c.issued_at.to_be_bytes());
+    m.extend_from_slice(&c.not_after.to_be_bytes());
+    m.extend_from_slice(&c.admitted_at.to_be_bytes());
     m.extend_from_slice(&peer.to_bytes());
     m
 }
 
-/// The operator's certificate for `peer`, valid from `issued_at` until `not_after`.
-pub fn issue(operator: &SigningKey, peer: &PeerId, issued_at: u64, not_after: u64) -> Vec<u8> {
-    let sig = operator.sign(&cert_message(peer, issued_at, not_after));
-    let mut out = Vec::with_capacity(81);
+fn sign_cert(operator: &SigningKey, peer: &PeerId, c: &NodeCert) -> Vec<u8> {
+    let sig = operator.sign(&cert_message(peer, c));
+    let mut out = Vec::with_capacity(CERT_LEN);
     out.push(CERT_VERSION);
-    out.extend_from_slice(&issued_at.to_be_bytes());
-    out.extend_from_slice(&not_after.to_be_bytes());
+    out.extend_from_slice(&c.issued_at.to_be_bytes());
+    out.extend_from_slice(&c.not_after.to_be_bytes());
+    out.extend_from_slice(&c.admitted_at.to_be_bytes());
     out.extend_from_slice(&sig.to_bytes());
     out
+}
+
+/// The operator's certificate admitting `peer`, valid from `issued_at` until `not_after`.
+pub fn issue(operator: &SigningKey, peer: &PeerId, issued_at: u64, not_after: u64) -> Vec<u8> {
+    sign_cert(
+        operator,
+        peer,
+        &NodeCert {
+            issued_at,
+            not_after,
+            admitted_at: issued_at,
+        },
+    )
+}
+
+/// A renewal of `current` (the peer's valid certificate): `secs` more from `now`, the same
+/// admission time, so revocations of the node cover it too.
+pub fn renew(
+    operator: &SigningKey,
+    peer: &PeerId,
+    current: &NodeCert,
+    now: u64,
+    secs: u64,
+) -> Vec<u8> {
+    sign_cert(
+        operator,
+        peer,
+        &NodeCert {
+            issued_at: now,
+            not_after: now.saturating_add(secs.clamp(1, MAX_LIFETIME_SECS)),
+            admitted_at: current.admitted_at.min(now),
+        },
+    )
 }
 
 /// A certificate for `peer` valid for `secs` seconds from now.
@@ -108,21 +149,25 @@ pub fn verify_signature(
     peer: &PeerId,
     cert: &[u8],
 ) -> Result<NodeCert, CertError> {
-    if cert.len() != 81 || cert[0] != CERT_VERSION {
+    if cert.len() != CERT_LEN || cert[0] != CERT_VERSION {
         return Err(CertError::Malformed);
     }
-    let (issued_at, not_after) = (u64_at(cert, 1), u64_at(cert, 9));
-    let sig = Signature::from_slice(&cert[17..]).map_err(|_| CertError::Malformed)?;
+    let c = NodeCert {
+        issued_at: u64_at(cert, 1),
+        not_after: u64_at(cert, 9),
+        admitted_at: u64_at(cert, 17),
+    };
+    let sig = Signature::from_slice(&cert[25..]).map_err(|_| CertError::Malformed)?;
     operator
-        .verify(&cert_message(peer, issued_at, not_after), &sig)
+        .verify(&cert_message(peer, &c), &sig)
         .map_err(|_| CertError::Signature)?;
-    if not_after <= issued_at || not_after - issued_at > MAX_LIFETIME_SECS {
+    if c.not_after <= c.issued_at
+        || c.not_after - c.issued_at > MAX_LIFETIME_SECS
+        || c.admitted_at > c.issued_at
+    {
         return Err(CertError::TooLong);
     }
-    Ok(NodeCert {
-        issued_at,
-        not_after,
-    })
+    Ok(c)
 }
 
 /// The operator's statement "every certificate of `peer` issued at or before `revoked_at` is
@@ -221,7 +266,7 @@ impl Trust {
         self.revoked
             .read()
             .get(peer)
-            .is_some_and(|r| c.issued_at <= r.revoked_at)
+            .is_some_and(|r| c.admitted_at <= r.revoked_at)
     }
 
     /// Adds a verified revocation; `true` if it is news (not known, or later than the one known).
@@ -248,12 +293,14 @@ impl Trust {
         self.revoked.read().values().cloned().collect()
     }
 
-    /// Forgets revocations whose certificates have all expired (those issued before
-    /// `revoked_at` end by `revoked_at + MAX_LIFETIME_SECS`); returns the peers forgotten.
+    /// Forgets revocations whose certificates have all expired; returns the peers forgotten.
+    /// Certificates issued before `revoked_at` end by `revoked_at + MAX_LIFETIME_SECS`; a
+    /// renewal by a node that had not heard of the revocation yet (it spreads in seconds, and
+    /// no node renews a revoked peer) ends one lifetime later: kept for two lifetimes.
     pub fn collect(&self, now: u64) -> Vec<PeerId> {
         let mut gone = vec![];
         self.revoked.write().retain(|p, r| {
-            let keep = r.revoked_at.saturating_add(MAX_LIFETIME_SECS) > now;
+            let keep = r.revoked_at.saturating_add(2 * MAX_LIFETIME_SECS) > now;
             if !keep {
                 gone.push(*p);
             }
@@ -287,7 +334,8 @@ mod tests {
             trust.check(&a, &c, 1500),
             Ok(NodeCert {
                 issued_at: 1000,
-                not_after: 2000
+                not_after: 2000,
+                admitted_at: 1000,
             })
         );
         assert_eq!(trust.check(&b, &c, 1500), Err(CertError::Signature));
@@ -304,12 +352,13 @@ mod tests {
         longer[16] ^= 1;
         assert_eq!(trust.check(&a, &longer, 1500), Err(CertError::Signature));
         // The old format (a bare signature) is refused with a message saying what to do.
-        assert_eq!(trust.check(&a, &c[17..], 1500), Err(CertError::Malformed));
+        assert_eq!(trust.check(&a, &c[25..], 1500), Err(CertError::Malformed));
         let forever = issue(&op, &a, 0, u64::MAX);
         assert_eq!(trust.check(&a, &forever, 1500), Err(CertError::TooLong));
         let c = NodeCert {
             issued_at: 0,
             not_after: 90,
+            admitted_at: 0,
         };
         assert!(!c.due_for_renewal(59));
         assert!(c.due_for_renewal(61));
@@ -326,9 +375,18 @@ mod tests {
         assert!(trust.revoke(r.clone()));
         assert!(!trust.revoke(r.clone()), "known already");
         assert_eq!(trust.check(&a, &old, 2000), Err(CertError::Revoked));
-        // A certificate issued after the revocation is good (the operator certified it again).
+        // A renewal of the revoked certificate is void too, even one issued after the
+        // revocation (by a node that had not heard of it yet)...
+        let current = verify_signature(&op.verifying_key(), &a, &old).unwrap();
+        let renewed = renew(&op, &a, &current, 1700, 5000);
+        assert_eq!(trust.check(&a, &renewed, 2000), Err(CertError::Revoked));
+        // ...while a new admission by the operator after it is good.
         let new = issue(&op, &a, 1600, 9000);
         assert!(trust.check(&a, &new, 2000).is_ok());
+        // The admission time is signed: a renewal cannot claim a later one.
+        let mut moved = renewed.clone();
+        moved[24] ^= 1;
+        assert_eq!(trust.check(&a, &moved, 2000), Err(CertError::Signature));
         // Forged or altered revocations are refused.
         let rogue = SigningKey::from_bytes(&[9; 32]);
         let forged = Revocation::issue(&rogue, &a, 1500);
@@ -347,7 +405,7 @@ mod tests {
             Err(CertError::Malformed)
         );
         // Kept until every certificate it covers has expired.
-        assert!(trust.collect(1500 + MAX_LIFETIME_SECS - 1).is_empty());
-        assert_eq!(trust.collect(1500 + MAX_LIFETIME_SECS), vec![a]);
+        assert!(trust.collect(1500 + 2 * MAX_LIFETIME_SECS - 1).is_empty());
+        assert_eq!(trust.collect(1500 + 2 * MAX_LIFETIME_SECS), vec![a]);
     }
 }

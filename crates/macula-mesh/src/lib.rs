@@ -52,6 +52,8 @@ const CERT_PROTOCOL: StreamProtocol = StreamProtocol::new("/macula/cert/1");
 const DEFERRED_PER_PEER: usize = 32;
 const DEFERRED_PEERS: usize = 4096;
 const DEFERRED_FOR: Duration = Duration::from_secs(10);
+/// Peers this node keeps links to (or tries to), at most.
+const MAX_WANTED: usize = 4 * MAX_REALM_NODES;
 /// Nodes serving one realm that the DHT keeps provider records for (and so can find).
 pub const MAX_REALM_NODES: usize = 1024;
 
@@ -184,8 +186,8 @@ enum Cmd {
     Listen(oneshot::Sender<Vec<Multiaddr>>),
     /// `peer` presented a valid certificate (on a cert or mesh stream).
     Certified(PeerId),
-    /// Drop peers whose certificate is no longer valid (a revocation arrived).
-    Sweep,
+    /// A revocation of this peer arrived: drop it, connected or only in the routing table.
+    Revoked(PeerId),
 }
 
 struct Shared {
@@ -481,9 +483,10 @@ impl MeshHandle {
     /// Applies a verified revocation: peers it covers are disconnected at once. `true` if it
     /// was news (the caller then spreads it).
     pub fn revoke(&self, r: cert::Revocation) -> bool {
+        let peer = r.peer;
         let news = self.shared.trust.revoke(r);
         if news {
-            let _ = self.cmd.send(Cmd::Sweep);
+            let _ = self.cmd.send(Cmd::Revoked(peer));
         }
         news
     }
@@ -712,10 +715,23 @@ impl Links {
         shared: &Arc<Shared>,
         cmd: &mpsc::UnboundedSender<Cmd>,
     ) {
+        if !self.wanted.contains(&peer) && self.wanted.len() >= MAX_WANTED {
+            return;
+        }
         self.wanted.insert(peer);
         if swarm.is_connected(&peer) {
             start_writer(peer, shared, cmd);
-        } else if let Err(libp2p::swarm::DialError::NoAddresses) =
+            return;
+        }
+        // Until it connects it is retried like a lost peer, and forgotten after ten minutes if
+        // it never does (a provider record of a node long gone, or a name a peer made up).
+        let now = Instant::now();
+        self.lost.entry(peer).or_insert((
+            now + Duration::from_millis(250),
+            Duration::from_millis(250),
+            now,
+        ));
+        if let Err(libp2p::swarm::DialError::NoAddresses) =
             swarm.dial(DialOpts::peer_id(peer).build())
         {
             // A provider record names a peer, not its address; one outside our routing table
@@ -805,20 +821,51 @@ enum Inbound {
     Provider(kad::ProviderRecord),
 }
 
+impl Inbound {
+    fn size(&self) -> usize {
+        match self {
+            Inbound::Record(r) => r.key.as_ref().len() + r.value.len() + 64,
+            Inbound::Provider(r) => r.key.as_ref().len() + 64 * (r.addresses.len() + 1),
+        }
+    }
+}
+
+/// Bytes of writes held for certificates not arrived yet, over all peers.
+const DEFERRED_BYTES: usize = 16 << 20;
+/// A held write larger than this is refused at once (application values are at most
+/// `mesh.dht_max_value`, 64 KiB by default).
+const DEFERRED_MAX_WRITE: usize = 256 << 10;
+/// A connection that has not presented a valid certificate within this is closed.
+const CERT_WITHIN: Duration = Duration::from_secs(10);
+
 /// Admission to Kademlia: the routing table and the record store take only certified peers.
 #[derive(Default)]
 struct KadGate {
-    /// Writes from connected peers whose certificate has not arrived yet (bounded; dropped
-    /// after [`DEFERRED_FOR`]).
+    /// Writes from connected peers whose certificate has not arrived yet (bounded in count and
+    /// bytes; dropped after [`DEFERRED_FOR`]).
     deferred: HashMap<PeerId, (Instant, Vec<Inbound>)>,
+    deferred_bytes: usize,
     /// Addresses of connected peers (what they listen on, by identify, and the address of the
     /// connection), added to the routing table once they are certified.
     addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Connected peers and since when (a peer without a certificate by [`CERT_WITHIN`] is
+    /// disconnected).
+    since: HashMap<PeerId, Instant>,
+    /// The certificate of every peer put in the routing table: an entry whose certificate
+    /// expires or is revoked while the peer is not connected is removed too.
+    table: HashMap<PeerId, cert::NodeCert>,
+    last_prune: Option<Instant>,
 }
 
 impl KadGate {
-    fn is_certified(shared: &Shared, peer: &PeerId) -> bool {
-        shared.certified.read().contains_key(peer)
+    /// The peer's certificate, if it presented a valid one on this connection.
+    fn valid_cert(shared: &Shared, peer: &PeerId) -> Option<cert::NodeCert> {
+        let c = shared.certified.read().get(peer).copied()?;
+        shared
+            .trust
+            .check_valid(peer, &c, cert::now_secs())
+            .ok()
+            .map(|_| c)
     }
 
     fn inbound(
@@ -838,22 +885,28 @@ impl KadGate {
                 r.addresses = self.addrs.get(&from).cloned().unwrap_or_default();
             }
         }
-        if Self::is_certified(shared, &from) {
+        if Self::valid_cert(shared, &from).is_some() {
             store(swarm, w);
             return;
         }
-        if !swarm.is_connected(&from)
-            || (self.deferred.len() >= DEFERRED_PEERS && !self.deferred.contains_key(&from))
-        {
-            shared.stats.dht_refused.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let (_, q) = self
-            .deferred
-            .entry(from)
-            .or_insert_with(|| (Instant::now(), Vec::new()));
+        let size = w.size();
+        let room = swarm.is_connected(&from)
+            && size <= DEFERRED_MAX_WRITE
+            && self.deferred_bytes + size <= DEFERRED_BYTES
+            && (self.deferred.len() < DEFERRED_PEERS || self.deferred.contains_key(&from));
+        let (_, q) = match room {
+            true => self
+                .deferred
+                .entry(from)
+                .or_insert_with(|| (Instant::now(), Vec::new())),
+            false => {
+                shared.stats.dht_refused.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
         if q.len() < DEFERRED_PER_PEER {
             q.push(w);
+            self.deferred_bytes += size;
         } else {
             shared.stats.dht_refused.fetch_add(1, Ordering::Relaxed);
         }
@@ -866,46 +919,109 @@ impl KadGate {
         peer: PeerId,
         a: Vec<Multiaddr>,
     ) {
-        let certified = Self::is_certified(shared, &peer);
+        self.since.entry(peer).or_insert_with(Instant::now);
+        let certified = Self::valid_cert(shared, &peer);
         let known = self.addrs.entry(peer).or_default();
         for a in a {
             if known.len() < 16 && !known.contains(&a) {
                 known.push(a.clone());
-                if certified {
+                if let Some(c) = certified {
                     swarm.behaviour_mut().kad.add_address(&peer, a);
+                    self.table.insert(peer, c);
                 }
             }
         }
     }
 
-    fn certified(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) {
+    fn certified(&mut self, swarm: &mut Swarm<Behaviour>, shared: &Shared, peer: PeerId) {
+        // Checked again: a sweep may have cut the peer off since it was certified.
+        let Some(c) = Self::valid_cert(shared, &peer) else {
+            return;
+        };
         for a in self.addrs.get(&peer).cloned().unwrap_or_default() {
             swarm.behaviour_mut().kad.add_address(&peer, a);
+            self.table.insert(peer, c);
         }
         if let Some((_, q)) = self.deferred.remove(&peer) {
             for w in q {
+                self.deferred_bytes -= w.size();
                 store(swarm, w);
             }
         }
     }
 
-    fn gone(&mut self, peer: &PeerId) {
-        self.deferred.remove(peer);
+    fn gone(&mut self, peer: &PeerId, shared: &Shared) {
+        if let Some((_, q)) = self.deferred.remove(peer) {
+            self.deferred_bytes -= q.iter().map(Inbound::size).sum::<usize>();
+            shared.stats.dht_refused.fetch_add(1, Ordering::Relaxed);
+        }
         self.addrs.remove(peer);
+        self.since.remove(peer);
     }
 
-    /// Drops what waited too long, and every peer whose certificate stopped being valid.
-    fn sweep(&mut self, swarm: &mut Swarm<Behaviour>, shared: &Shared, stale_writes: bool) {
+    /// A revocation arrived: the peer leaves the routing table whether connected or not.
+    fn revoked(&mut self, swarm: &mut Swarm<Behaviour>, shared: &Shared, peer: PeerId) {
+        swarm.behaviour_mut().kad.remove_peer(&peer);
+        self.table.remove(&peer);
+        self.sweep(swarm, shared, false);
+    }
+
+    /// Drops what waited too long, connections that never presented a certificate, and every
+    /// peer (connected or only in the routing table) whose certificate stopped being valid.
+    fn sweep(&mut self, swarm: &mut Swarm<Behaviour>, shared: &Shared, periodic: bool) {
         let now = Instant::now();
-        if stale_writes {
-            let before = self.deferred.len();
-            self.deferred
-                .retain(|_, (since, _)| now.duration_since(*since) < DEFERRED_FOR);
-            if before != self.deferred.len() {
-                shared.stats.dht_refused.fetch_add(1, Ordering::Relaxed);
+        let secs = cert::now_secs();
+        if periodic {
+            let mut dropped = 0;
+            self.deferred.retain(|_, (since, q)| {
+                let keep = now.duration_since(*since) < DEFERRED_FOR;
+                if !keep {
+                    dropped += q.iter().map(Inbound::size).sum::<usize>();
+                    shared.stats.dht_refused.fetch_add(1, Ordering::Relaxed);
+                }
+                keep
+            });
+            self.deferred_bytes -= dropped;
+            let silent: Vec<PeerId> = self
+                .since
+                .iter()
+                .filter(|(p, t)| {
+                    now.duration_since(**t) > CERT_WITHIN
+                        && !shared.certified.read().contains_key(p)
+                })
+                .map(|(p, _)| *p)
+                .collect();
+            for p in silent {
+                shared.stats.peers_rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = %p, "connection closed: no certificate presented");
+                self.since.remove(&p);
+                let _ = swarm.disconnect_peer_id(p);
+            }
+            let stale: Vec<PeerId> = self
+                .table
+                .iter()
+                .filter(|(p, c)| shared.trust.check_valid(p, c, secs).is_err())
+                .map(|(p, _)| *p)
+                .collect();
+            for p in stale {
+                self.table.remove(&p);
+                swarm.behaviour_mut().kad.remove_peer(&p);
+            }
+            // Forget entries Kademlia itself evicted (bounded by the routing table's size).
+            if self
+                .last_prune
+                .is_none_or(|t| now.duration_since(t) > Duration::from_secs(60))
+            {
+                self.last_prune = Some(now);
+                let mut in_table = HashSet::new();
+                for b in swarm.behaviour_mut().kad.kbuckets() {
+                    for e in b.iter() {
+                        in_table.insert(*e.node.key.preimage());
+                    }
+                }
+                self.table.retain(|p, _| in_table.contains(p));
             }
         }
-        let secs = cert::now_secs();
         let bad: Vec<PeerId> = shared
             .certified
             .read()
@@ -917,6 +1033,7 @@ impl KadGate {
             tracing::warn!(peer = %p, "peer cut off: its mesh certificate expired or was revoked");
             shared.stats.peers_cut_off.fetch_add(1, Ordering::Relaxed);
             shared.certified.write().remove(&p);
+            self.table.remove(&p);
             swarm.behaviour_mut().kad.remove_peer(&p);
             let _ = swarm.disconnect_peer_id(p);
         }
@@ -1054,8 +1171,8 @@ async fn run(
                     Cmd::Listen(reply) => {
                         let _ = reply.send(swarm.listeners().cloned().collect());
                     }
-                    Cmd::Certified(p) => gate.certified(&mut swarm, p),
-                    Cmd::Sweep => gate.sweep(&mut swarm, &shared, false),
+                    Cmd::Certified(p) => gate.certified(&mut swarm, &shared, p),
+                    Cmd::Revoked(p) => gate.revoked(&mut swarm, &shared, p),
                 }
             }
             _ = sweep.tick() => gate.sweep(&mut swarm, &shared, true),
@@ -1127,7 +1244,7 @@ fn handle_event(
             }
             shared.conns.write().remove(&peer_id);
             shared.certified.write().remove(&peer_id);
-            gate.gone(&peer_id);
+            gate.gone(&peer_id, shared);
             let mut up = shared.up.write();
             if up.remove(&peer_id).is_some() {
                 let _ = shared.events.send((MeshEvent::PeerDown(peer_id), 0));
@@ -1173,9 +1290,9 @@ fn handle_event(
                     _ => HashSet::new(),
                 };
                 if let Some(Pending::Providers(_, all)) = pending.get_mut(&id) {
-                    all.extend(found.iter().copied());
+                    all.extend(found.iter().copied().take(MAX_REALM_NODES));
                 }
-                for p in found {
+                for p in found.into_iter().take(MAX_REALM_NODES) {
                     if p != shared.local {
                         links.want(swarm, p, shared, cmd);
                     }
@@ -1398,7 +1515,8 @@ async fn reader(
         .inbound_queue_bytes
         .clamp(64 << 10, Semaphore::MAX_PERMITS)
         .min(u32::MAX as usize) as u32;
-    let certified = match read_frame(&mut rd, &mut buf, &mut chunk, 4096).await {
+    let first = tokio::time::timeout(CERT_WITHIN, read_frame(&mut rd, &mut buf, &mut chunk, 4096));
+    let certified = match first.await.unwrap_or(Err(ReadError::Closed)) {
         Ok(body) => match Frame::decode(body) {
             Ok(Frame::Hello { cert, .. }) => shared.trust.check(&peer, &cert, cert::now_secs()),
             _ => Err(cert::CertError::Malformed),

@@ -127,8 +127,11 @@ impl AppRecord {
         // The writer's certificate was valid when it wrote, and the writer is not revoked since.
         let cert = crate::cert::verify_signature(trust.operator(), &node, &r.node_cert)
             .map_err(|_| RecordError::BadSignature)?;
+        // Nor does it outlive that certificate, nor claim to be written in the future.
         if r.written_at < cert.issued_at.saturating_sub(crate::cert::CLOCK_SKEW_SECS)
             || r.written_at >= cert.not_after
+            || r.expires_at > cert.not_after
+            || r.written_at > now.saturating_add(crate::cert::CLOCK_SKEW_SECS)
             || trust.is_revoked(&node, &cert)
             || !pk.verify(&r.signed_part(), &r.sig)
         {

@@ -146,7 +146,8 @@ async fn expired_or_revoked_peers_are_cut_off_and_a_renewed_one_stays() {
 }
 
 /// A bare Kademlia node speaking the mesh's DHT protocol without a certificate: it can connect,
-/// but what it announces (a provider record for a realm, a record) is never stored.
+/// but what it announces (a provider record for a realm, a record) is never stored, and its
+/// connection is closed after 10 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kademlia_takes_records_only_from_certified_peers() {
     let op = SigningKey::from_bytes(&[7; 32]);
@@ -242,5 +243,15 @@ async fn kademlia_takes_records_only_from_certified_peers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(observer.providers("com.rogue").await.is_empty());
+    // A connection that never presents a certificate does not stay: closed after 10 s.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while a
+        .peer_status()
+        .iter()
+        .any(|p| p.peer_id == rogue_id.to_string())
+    {
+        assert!(Instant::now() < deadline, "the uncertified connection stayed up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     rogue_task.abort();
 }

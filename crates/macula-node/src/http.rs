@@ -286,6 +286,9 @@ struct BridgeSession {
     outbox: Arc<Outbox>,
     /// The key's usage counter: bridge operations are billed like any others.
     meter: Option<crate::meter::Counter>,
+    /// The key and its authority, checked again after a wait.
+    kid: String,
+    authority: [u8; 32],
 }
 
 impl BridgeSession {
@@ -398,6 +401,8 @@ impl BridgeSession {
             id,
             outbox,
             meter,
+            kid: identity.kid,
+            authority: identity.authority,
         })
     }
 
@@ -465,6 +470,15 @@ async fn begin<T: serde::de::DeserializeOwned>(
     let session = BridgeSession::open(node, realm, headers)?;
     if let Some(g) = node.mesh.get().and_then(|m| m.discovery_gate(realm)) {
         g.wait().await;
+        // A reload during the wait may have revoked the key or replaced the realm's authority.
+        let auth = node.auth();
+        if auth.authenticator.is_revoked(&session.kid) || !auth.accepts(realm, &session.authority) {
+            return Err(http_error(
+                StatusCode::UNAUTHORIZED,
+                errors::AUTHENTICATION_FAILED,
+                "the key was revoked or no longer belongs to the realm",
+            ));
+        }
     }
     let body = if body.is_empty() { &b"{}"[..] } else { body };
     Ok((session, parse_json(body, hint)?))

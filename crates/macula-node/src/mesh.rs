@@ -298,48 +298,48 @@ impl MeshState {
         })
     }
 
-    /// Forgets tombstones older than `mesh.tombstone_retention_s` (and, for realms of this
-    /// node's config directory, the realm's directory: the registry made it and no longer needs
-    /// it). A node that had no certified peer for longer than that forgets every state it
-    /// learned from the mesh: a registration may have been deleted and its tombstone collected
-    /// meanwhile, and its old state must not come back through this node. Returns whether
-    /// anything was forgotten (the caller then rebuilds the node's credentials).
+    /// Forgets tombstones learned from the mesh once `mesh.tombstone_retention_s` has passed.
+    /// The tombstones of this node's own config directory (the registry's, where it runs) are
+    /// kept: they are the record that answers an old state of a deleted registration if one
+    /// ever comes back (a node sent an older state than it holds gets the newer one back).
+    /// A node that had no certified peer for longer than the retention forgets every state it
+    /// learned from the mesh. Returns whether anything was forgotten (the caller then rebuilds
+    /// the node's credentials).
     pub fn collect_tombstones(&self, node: &Node, now: u64) -> bool {
         let retention = self.tombstone_retention;
+        let local: std::collections::HashSet<String> = node
+            .confdir
+            .as_ref()
+            .and_then(|d| d.realms().ok())
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         let old: Vec<String> = self
             .tombstones
             .lock()
             .iter()
-            .filter(|(_, at)| at.saturating_add(retention) <= now)
+            .filter(|(r, at)| at.saturating_add(retention) <= now && !local.contains(*r))
             .map(|(r, _)| r.clone())
             .collect();
         let mut changed = false;
         for realm in old {
-            self.tombstones.lock().remove(&realm);
-            self.states.lock().remove(&realm);
-            changed = true;
-            if let Some(dir) = &node.confdir {
-                if dir.read_policy(&realm).is_ok_and(|d| d.deleted) {
-                    if let Err(e) = std::fs::remove_dir_all(dir.realm_dir(&realm)) {
-                        tracing::warn!(
-                            realm,
-                            "tombstone not removed from the config directory: {e}"
-                        );
-                    }
-                }
+            // Under both locks, and only if the state is still that tombstone (a registration
+            // of the name may have arrived since).
+            let mut states = self.states.lock();
+            let mut tombstones = self.tombstones.lock();
+            if tombstones
+                .get(&realm)
+                .is_some_and(|at| at.saturating_add(retention) <= now)
+            {
+                tombstones.remove(&realm);
+                states.remove(&realm);
+                changed = true;
+                tracing::info!(realm, "tombstone collected");
             }
-            tracing::info!(realm, "tombstone collected");
         }
         if !self.handle.peers().is_empty() {
             *self.last_linked.lock() = Instant::now();
         } else if self.last_linked.lock().elapsed() > Duration::from_secs(retention) {
-            let local: std::collections::HashSet<String> = node
-                .confdir
-                .as_ref()
-                .and_then(|d| d.realms().ok())
-                .unwrap_or_default()
-                .into_iter()
-                .collect();
             let mut states = self.states.lock();
             let before = states.len();
             states.retain(|r, _| local.contains(r));
@@ -520,10 +520,12 @@ impl MeshState {
     }
 
     /// Records `state` if it is newer than what this node has; returns whether it was. A
-    /// tombstone older than the retention is not taken (it was collected here or is about to be).
+    /// tombstone older than the retention is taken only to replace an older state of the realm
+    /// (an old state came back; the tombstone answers it), not to bring a collected one back.
     pub fn offer_state(&self, state: RealmState) -> bool {
         let mut states = self.states.lock();
-        if states.get(&state.realm).is_some_and(|s| s.seq >= state.seq) {
+        let held = states.get(&state.realm).map(|s| s.seq);
+        if held.is_some_and(|seq| seq >= state.seq) {
             return false;
         }
         let deleted = Policy::from_yaml(&state.policy)
@@ -536,7 +538,7 @@ impl MeshState {
                 let now = crate::confdir::now_secs();
                 // Tombstones from before `deleted_at` existed count from now.
                 let at = if at == 0 { now } else { at.min(now) };
-                if at.saturating_add(self.tombstone_retention) <= now {
+                if at.saturating_add(self.tombstone_retention) <= now && held.is_none() {
                     return false;
                 }
                 tombstones.insert(state.realm.clone(), at);
@@ -778,6 +780,18 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
                     },
                     Some(&peer),
                 );
+            } else {
+                // The peer is behind (an old state, perhaps of a deleted registration): send it
+                // what this node holds, which it takes and spreads.
+                let newer = mesh
+                    .states
+                    .lock()
+                    .get(&realm)
+                    .filter(|h| h.seq > s.seq)
+                    .map(RealmState::encode);
+                if let Some(state) = newer {
+                    mesh.handle.send(&peer, &Frame::State { realm, state });
+                }
             }
         }
         Frame::Interest {
@@ -1076,7 +1090,7 @@ async fn dht_call(
         .map_err(|e| (errors::NOT_FOUND, format!("no valid record {key:?}: {e}")))?;
     // In a realm restricted to dedicated nodes, only their records count.
     let by = rec.writer_node().map(|p| p.to_string()).unwrap_or_default();
-    if !node.peer_may_serve(realm, &by) {
+    if !node.peer_may_serve_governed(realm, &by) {
         return Err((
             errors::NOT_FOUND,
             format!("no valid record {key:?}: written by a node that does not serve {realm}"),
@@ -1113,11 +1127,14 @@ fn on_usage(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, id: u64, repo
         }
     };
     // Usage of a realm restricted to dedicated nodes counts only from them (a node outside the
-    // list cannot charge the realm's owner). The rest of the report is taken; the node is not
-    // asked to resend rows that will never be accepted.
+    // list cannot charge the realm's owner, under the realm's name or a subrealm's), and usage
+    // of realms no known registration governs is not billable. The rest of the report is
+    // taken; the node is not asked to resend rows that will never be accepted.
     let from = peer.to_string();
     let before = report.rows.len();
-    report.rows.retain(|r| node.peer_may_serve(&r.realm, &from));
+    report
+        .rows
+        .retain(|r| node.peer_may_serve_governed(&r.realm, &from));
     if report.rows.len() < before {
         rejected(
             mesh,

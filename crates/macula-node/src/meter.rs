@@ -259,15 +259,23 @@ fn reserve(f: &File, len: usize) -> std::io::Result<()> {
     // SAFETY: a plain syscall on a file descriptor this function borrows.
     match unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len as libc::off_t) } {
         0 => Ok(()),
-        // File systems without fallocate: a sparse file, as before.
-        libc::EOPNOTSUPP | libc::EINVAL => f.set_len(len as u64),
+        // File systems without fallocate: a sparse file, as before (never shorter).
+        libc::EOPNOTSUPP | libc::EINVAL => grow(f, len),
         e => Err(std::io::Error::from_raw_os_error(e)),
     }
 }
 
+/// Extends `f` to `len` bytes if it is shorter (never truncates).
+fn grow(f: &File, len: usize) -> std::io::Result<()> {
+    if (f.metadata()?.len() as usize) < len {
+        f.set_len(len as u64)?;
+    }
+    Ok(())
+}
+
 #[cfg(not(unix))]
 fn reserve(f: &File, len: usize) -> std::io::Result<()> {
-    f.set_len(len as u64)
+    grow(f, len)
 }
 
 /// Maps `len` bytes of the counters file from `offset` (a multiple of the page size).
@@ -395,8 +403,11 @@ impl Meter {
             // A new file (or one of an unknown format): a new epoch, empty slots, and the slot
             // names of an older file mean nothing.
             if stale {
-                for x in w.iter() {
-                    x.store(0, Ordering::Relaxed);
+                // Every segment of the old file: a slot handed out later must start empty.
+                for seg in 0..meter.segments.len() {
+                    for x in meter.segment_words(seg).unwrap_or(&[]) {
+                        x.store(0, Ordering::Relaxed);
+                    }
                 }
             }
             let e = rand::random::<u64>().max(1);

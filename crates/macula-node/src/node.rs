@@ -498,6 +498,16 @@ impl Node {
         self.policy_for(realm).is_none_or(|p| p.may_serve(peer))
     }
 
+    /// Whether `peer` may serve `realm` by the registration that governs it: the realm's own
+    /// policy, else its nearest known ancestor's (usage and records of `realm.anything` are the
+    /// registration's). A realm no known registration governs is served by no one.
+    pub fn peer_may_serve_governed(&self, realm: &str, peer: &str) -> bool {
+        let auth = self.auth();
+        auth.registration_of(realm)
+            .and_then(|r| auth.policies.get(r))
+            .is_some_and(|p| p.may_serve(peer))
+    }
+
     /// A peer sent every realm state it holds.
     pub fn mark_states_synced(&self) {
         self.synced.store(true, Ordering::Relaxed);

@@ -41,6 +41,8 @@ pub struct Upkeep {
     asked: Mutex<Option<Instant>>,
     /// The `mesh.cert` file as last read.
     cert_file: Mutex<Option<String>>,
+    /// When each peer was last renewed here (one renewal per peer every 5 s at most).
+    renewed: Mutex<std::collections::HashMap<PeerId, Instant>>,
 }
 
 fn validity_secs(node: &Node) -> u64 {
@@ -114,6 +116,10 @@ pub fn on_revocation(node: &Node, mesh: &MeshState, from: Option<PeerId>, bytes:
             return;
         }
     };
+    // Past what `Trust::collect` keeps: every certificate it covers has expired.
+    if r.revoked_at.saturating_add(2 * cert::MAX_LIFETIME_SECS) <= cert::now_secs() {
+        return;
+    }
     let (peer, bytes) = (r.peer, r.bytes.clone());
     if !mesh.handle.revoke(r) {
         return;
@@ -166,8 +172,21 @@ pub fn on_renew_request(node: &Node, mesh: &MeshState, peer: PeerId) {
     {
         return;
     }
+    {
+        let mut renewed = mesh.trust_upkeep.renewed.lock();
+        if renewed
+            .get(&peer)
+            .is_some_and(|t| t.elapsed() < RENEW_EVERY)
+        {
+            return;
+        }
+        if renewed.len() >= 4096 {
+            renewed.retain(|_, t| t.elapsed() < RENEW_EVERY);
+        }
+        renewed.insert(peer, Instant::now());
+    }
     let secs = current.lifetime().min(validity_secs(node)).max(1);
-    let new = cert::issue(&op, &peer, now, now + secs);
+    let new = cert::renew(&op, &peer, &current, now, secs);
     tracing::info!(%peer, "renewed a peer's mesh certificate");
     mesh.handle
         .send(&peer, &Frame::CertIssued { cert: new.into() });

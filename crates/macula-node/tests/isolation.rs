@@ -676,8 +676,9 @@ impl macula_node::meter::UsageSink for Collect {
     }
 }
 
-/// Usage from a node outside a realm's dedicated nodes is not billed to the realm (finding 19):
-/// the billing node drops those rows and takes the rest of the report.
+/// Usage from a node outside a realm's dedicated nodes is not billed to the realm (finding 19),
+/// under its name or a subrealm's: the billing node drops those rows, and rows of realms no
+/// registration governs, and takes the rest of the report.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unlisted_node_cannot_report_usage_for_a_dedicated_realm() {
     use macula_mesh::{Frame, MeshEvent};
@@ -701,7 +702,14 @@ async fn an_unlisted_node_cannot_report_usage_for_a_dedicated_realm() {
     let report = UsageReport {
         node: rogue.peer_id().to_string(),
         epoch: 1,
-        rows: vec![row(REALM), row("com.example.open")],
+        // The dedicated realm under its own name and a subrealm's (billed to it), and a realm
+        // no registration governs: only the open realm's row is taken.
+        rows: vec![
+            row(REALM),
+            row("com.example.open"),
+            row("com.example.test.anything"),
+            row("org.nowhere"),
+        ],
     };
     rogue.send(
         &target,
@@ -729,54 +737,83 @@ async fn an_unlisted_node_cannot_report_usage_for_a_dedicated_realm() {
     assert_eq!(realms, vec!["com.example.open".to_string()]);
 }
 
-/// Tombstones are collected (finding 5): a deleted realm's tombstone is flooded to peers, and
-/// once `mesh.tombstone_retention_s` has passed the node forgets it — from its realm states and
-/// its config directory — and does not take it back when a peer sends it again.
+/// Tombstones are collected (finding 5). A tombstone learned from the mesh is forgotten once
+/// `mesh.tombstone_retention_s` has passed and is not taken back when a peer sends it again; the
+/// node's own tombstones (its config directory: the registry's, where it runs) are kept, and
+/// answer a peer that sends an older state of the deleted realm with the tombstone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tombstones_are_collected_after_the_retention() {
-    use macula_mesh::{Frame, MeshEvent};
-    let gone = "com.example.gone";
+    use macula_mesh::Frame;
+    use macula_node::mesh::RealmState;
+    let (gone, mine) = ("com.example.gone", "com.example.mine");
     let t = TestNode::start_with(|c| c.mesh.tombstone_retention_s = 3).await;
-    t.dir.create_realm(gone, None).unwrap();
-    let mut doc = t.dir.read_policy(gone).unwrap();
+    // Another node's directory under the same trust root, where `gone` lives and is deleted.
+    let other = tempfile::tempdir().unwrap();
+    let od = macula_node::ConfDir::new(other.path());
+    std::fs::create_dir_all(other.path().join("trust")).unwrap();
+    for f in ["trust/operator.key", "trust/operator.pub"] {
+        std::fs::copy(t.dir.root.join(f), other.path().join(f)).unwrap();
+    }
+    std::fs::create_dir_all(other.path().join("realms")).unwrap();
+    od.create_realm(gone, None).unwrap();
+    let sign = |doc: &macula_router::policy::PolicyDoc| {
+        od.write_policy(doc).unwrap();
+        let (_, key, cert) = od.authority_for(gone).unwrap();
+        let text = std::fs::read_to_string(od.policy_path(gone)).unwrap();
+        let seq = macula_router::policy::Policy::from_yaml(&text)
+            .unwrap()
+            .seq();
+        RealmState::sign(gone, seq, text, &cert, &key).encode()
+    };
+    let mut doc = od.read_policy(gone).unwrap();
+    doc.version += 1;
+    let live = sign(&doc);
     doc.version += 1;
     doc.deleted = true;
     doc.deleted_at = macula_node::confdir::now_secs();
-    t.dir.write_policy(&doc).unwrap();
+    let tombstone = sign(&doc);
+    // This node's own realm, deleted here.
+    t.dir.create_realm(mine, None).unwrap();
+    let mut own = t.dir.read_policy(mine).unwrap();
+    own.version += 1;
+    own.deleted = true;
+    own.deleted_at = macula_node::confdir::now_secs();
+    t.dir.write_policy(&own).unwrap();
     t.node().reload().unwrap();
+
     let (peer, mut ev, node) = certified_peer(&t).await;
-    let tombstone = loop {
-        match tokio::time::timeout(Duration::from_secs(10), ev.recv()).await {
-            Ok(Some(MeshEvent::Frame(_, Frame::State { realm, state }))) if realm == gone => {
-                break state
-            }
-            Ok(Some(_)) => {}
-            other => panic!("the tombstone was not sent to the peer: {other:?}"),
-        }
+    let state = |state: &bytes::Bytes| Frame::State {
+        realm: gone.into(),
+        state: state.clone(),
     };
+    peer.send(&node, &state(&tombstone));
+    settle(&peer, &node, &mut ev).await;
     let mesh = t.node().mesh.get().unwrap();
-    assert!(mesh.states.lock().contains_key(gone));
-    eventually("the tombstone to be collected", || {
-        !mesh.states.lock().contains_key(gone) && !t.dir.realm_dir(gone).exists()
+    assert!(
+        mesh.states.lock().contains_key(gone),
+        "the tombstone is taken"
+    );
+    // An older state of the deleted realm is answered with the tombstone.
+    peer.send(&node, &state(&live));
+    let answers = settle(&peer, &node, &mut ev).await;
+    assert!(
+        answers
+            .iter()
+            .any(|f| matches!(f, Frame::State { realm, state }
+            if realm == gone && *state == tombstone)),
+        "the peer that sent an old state gets the tombstone back"
+    );
+    eventually("the learned tombstone to be collected", || {
+        !mesh.states.lock().contains_key(gone)
     })
     .await;
-    // Sent again by a peer: not taken back (a barrier after it proves it was handled).
-    peer.send(
-        &node,
-        &Frame::State {
-            realm: gone.into(),
-            state: tombstone,
-        },
-    );
-    peer.send(&node, &Frame::Barrier { id: 77 });
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), ev.recv()).await {
-            Ok(Some(MeshEvent::Frame(_, Frame::BarrierAck { id: 77 }))) => break,
-            Ok(Some(_)) => {}
-            other => panic!("no barrier answer: {other:?}"),
-        }
-    }
+    // Sent again by a peer: not taken back.
+    peer.send(&node, &state(&tombstone));
+    settle(&peer, &node, &mut ev).await;
     assert!(!mesh.states.lock().contains_key(gone), "taken back");
+    // The node's own tombstone stays, in its states and its directory.
+    assert!(mesh.states.lock().contains_key(mine));
+    assert!(t.dir.read_policy(mine).unwrap().deleted);
 }
 
 /// DHT records of a realm restricted to dedicated nodes count only when one of them wrote them
@@ -826,4 +863,25 @@ fn dedicate_to_this_node(t: &TestNode) {
     doc.nodes = vec![me];
     t.dir.write_policy(&doc).unwrap();
     t.node().reload().unwrap();
+}
+
+/// Sends a barrier from `peer` and returns the frames that came back before its answer: frames
+/// from one peer are handled in order, so everything `peer` sent before was handled.
+async fn settle(
+    peer: &macula_mesh::MeshHandle,
+    node: &macula_mesh::Peer,
+    ev: &mut macula_mesh::MeshEvents,
+) -> Vec<macula_mesh::Frame> {
+    use macula_mesh::{Frame, MeshEvent};
+    let id = rand::random::<u64>();
+    peer.send(node, &Frame::Barrier { id });
+    let mut got = vec![];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ev.recv()).await {
+            Ok(Some(MeshEvent::Frame(_, Frame::BarrierAck { id: i }))) if i == id => return got,
+            Ok(Some(MeshEvent::Frame(_, f))) => got.push(f),
+            Ok(Some(_)) => {}
+            other => panic!("no barrier answer: {other:?}"),
+        }
+    }
 }

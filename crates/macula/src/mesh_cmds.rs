@@ -31,8 +31,9 @@ pub enum MeshCmd {
         #[arg(long, env = "MACULA_HOME", default_value_os_t = default_home())]
         home: PathBuf,
     },
-    /// Revoke a node (run where trust/operator.key is): every certificate issued to it until now
-    /// stops being valid. A node running on this home picks the revocation up within a second and
+    /// Revoke a node (run where trust/operator.key is): every certificate that admitted it until
+    /// now (and five minutes ahead, for clock skew), renewals included, stops being valid; to admit
+    /// it again later, certify it anew. A node running on this home picks the revocation up within a second and
     /// sends it across the mesh; every node then disconnects the revoked one and refuses it.
     /// The revocation is also printed (hex): drop it as `trust/revoked-nodes/<peer>.rev` on any
     /// node to spread it from there.
@@ -124,7 +125,10 @@ pub async fn mesh(cmd: MeshCmd, json: bool) -> Result<()> {
     match cmd {
         MeshCmd::Revoke { peer_id, home } => {
             let (dir, op, peer) = operator_and_peer(&home, &peer_id, "revoke")?;
-            let r = macula_mesh::cert::Revocation::issue(&op, &peer, macula_mesh::cert::now_secs());
+            // Covering the clock skew between machines: certificates admitted up to five
+            // minutes from now (by this clock) are void too.
+            let at = macula_mesh::cert::now_secs() + macula_mesh::cert::CLOCK_SKEW_SECS;
+            let r = macula_mesh::cert::Revocation::issue(&op, &peer, at);
             let path = dir.save_node_revocation(&peer_id, &r.bytes)?;
             let text = hex::encode(&r.bytes);
             if json {
