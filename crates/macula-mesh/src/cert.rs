@@ -5,7 +5,7 @@
 //! - A [`NodeCert`] binds a peer id to a validity window (`issued_at..not_after`, at most
 //!   [`MAX_LIFETIME_SECS`]) and to the time the operator first admitted the node (`admitted_at`:
 //!   a renewal keeps it). Wire form:
-//!   `[2, issued_at u64, not_after u64, admitted_at u64, signature 64]`.
+//!   `[3, issued_at u64, not_after u64, admitted_at u64, signature 64]`.
 //! - A [`Revocation`] (signed by the operator) revokes every certificate of a peer admitted at
 //!   or before its `revoked_at`, renewals included: a node cut off stays cut off whatever
 //!   certificate it kept or got renewed by a node that had not heard of the revocation yet, and
@@ -20,9 +20,9 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use libp2p::PeerId;
 use parking_lot::RwLock;
 
-const CERT_DOMAIN: &[u8] = b"macula-node-cert/v2:";
+const CERT_DOMAIN: &[u8] = b"macula-node-cert/v3:";
 const REVOKE_DOMAIN: &[u8] = b"macula-node-revocation/v1:";
-const CERT_VERSION: u8 = 2;
+const CERT_VERSION: u8 = 3;
 const REVOKE_VERSION: u8 = 1;
 /// Longest validity a certificate may have (a certificate claiming more is refused), so that a
 /// revocation can be forgotten once this long has passed.
@@ -36,7 +36,7 @@ pub const MAX_REVOCATIONS: usize = 100_000;
 /// Why a certificate (or revocation) was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum CertError {
-    #[error("the certificate is malformed (or of the old format without an expiry: certify the node again)")]
+    #[error("the certificate is malformed (or of an older format: certify the node again)")]
     Malformed,
     #[error("the certificate is not the operator's signature over this peer id")]
     Signature,
@@ -170,8 +170,8 @@ pub fn verify_signature(
     Ok(c)
 }
 
-/// The operator's statement "every certificate of `peer` issued at or before `revoked_at` is
-/// void".
+/// The operator's statement "every certificate that admitted `peer` at or before `revoked_at`
+/// (renewals included) is void".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Revocation {
     pub peer: PeerId,

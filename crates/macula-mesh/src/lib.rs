@@ -919,7 +919,10 @@ impl KadGate {
         peer: PeerId,
         a: Vec<Multiaddr>,
     ) {
-        self.since.entry(peer).or_insert_with(Instant::now);
+        // Only for connected peers (an identify event can arrive after the connection closed).
+        if !swarm.is_connected(&peer) {
+            return;
+        }
         let certified = Self::valid_cert(shared, &peer);
         let known = self.addrs.entry(peer).or_default();
         for a in a {
@@ -961,8 +964,16 @@ impl KadGate {
 
     /// A revocation arrived: the peer leaves the routing table whether connected or not.
     fn revoked(&mut self, swarm: &mut Swarm<Behaviour>, shared: &Shared, peer: PeerId) {
-        swarm.behaviour_mut().kad.remove_peer(&peer);
-        self.table.remove(&peer);
+        // Only if the revocation covers the certificate it was added with (a node the operator
+        // admitted again after an old revocation stays).
+        let covered = self
+            .table
+            .get(&peer)
+            .is_none_or(|c| shared.trust.is_revoked(&peer, c));
+        if covered {
+            swarm.behaviour_mut().kad.remove_peer(&peer);
+            self.table.remove(&peer);
+        }
         self.sweep(swarm, shared, false);
     }
 
@@ -997,6 +1008,8 @@ impl KadGate {
                 self.since.remove(&p);
                 let _ = swarm.disconnect_peer_id(p);
             }
+            // An entry whose certificate is no longer good leaves, unless the connected peer
+            // has presented a good one since (a renewal).
             let stale: Vec<PeerId> = self
                 .table
                 .iter()
@@ -1004,8 +1017,15 @@ impl KadGate {
                 .map(|(p, _)| *p)
                 .collect();
             for p in stale {
-                self.table.remove(&p);
-                swarm.behaviour_mut().kad.remove_peer(&p);
+                match Self::valid_cert(shared, &p) {
+                    Some(c) => {
+                        self.table.insert(p, c);
+                    }
+                    None => {
+                        self.table.remove(&p);
+                        swarm.behaviour_mut().kad.remove_peer(&p);
+                    }
+                }
             }
             // Forget entries Kademlia itself evicted (bounded by the routing table's size).
             if self
@@ -1215,6 +1235,7 @@ fn handle_event(
         } => {
             let addr = endpoint.get_remote_address().clone();
             tracing::debug!(local = %shared.local, peer = %peer_id, dialer = endpoint.is_dialer(), "connection up");
+            gate.since.entry(peer_id).or_insert_with(Instant::now);
             gate.addresses(swarm, shared, peer_id, vec![addr.clone()]);
             tokio::spawn(send_cert(
                 shared.control.clone(),
@@ -1557,6 +1578,8 @@ async fn reader(
                         match shared.trust.check(&peer, &cert, cert::now_secs()) {
                             Ok(c) => {
                                 shared.certified.write().insert(peer, c);
+                                // The routing table follows the renewed certificate.
+                                let _ = cmd.send(Cmd::Certified(peer));
                             }
                             Err(e) => {
                                 stats.peers_rejected.fetch_add(1, Ordering::Relaxed);

@@ -250,7 +250,10 @@ async fn kademlia_takes_records_only_from_certified_peers() {
         .iter()
         .any(|p| p.peer_id == rogue_id.to_string())
     {
-        assert!(Instant::now() < deadline, "the uncertified connection stayed up");
+        assert!(
+            Instant::now() < deadline,
+            "the uncertified connection stayed up"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     rogue_task.abort();

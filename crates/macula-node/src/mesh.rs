@@ -537,9 +537,13 @@ impl MeshState {
             Some(at) => {
                 let now = crate::confdir::now_secs();
                 // Tombstones from before `deleted_at` existed count from now.
-                let at = if at == 0 { now } else { at.min(now) };
-                if at.saturating_add(self.tombstone_retention) <= now && held.is_none() {
-                    return false;
+                let mut at = if at == 0 { now } else { at.min(now) };
+                if at.saturating_add(self.tombstone_retention) <= now {
+                    if held.is_none() {
+                        return false;
+                    }
+                    // It answers an old state that came back: kept for a retention from now.
+                    at = now;
                 }
                 tombstones.insert(state.realm.clone(), at);
             }
@@ -1055,6 +1059,10 @@ async fn dht_call(
             ));
         }
         let h = &mesh.handle;
+        // A record is valid only while this node's certificate is (see `AppRecord::verify`).
+        let expires_at = h
+            .own_cert()
+            .map_or(now + ttl, |c| (now + ttl).min(c.not_after));
         let rec = macula_mesh::record::AppRecord::sign(
             h.keypair(),
             &h.cert(),
@@ -1063,15 +1071,19 @@ async fn dht_call(
             Bytes::from(bytes),
             writer,
             now,
-            now + ttl,
+            expires_at,
         );
         let replicas = h
-            .put(dkey, rec.encode(), std::time::Duration::from_secs(ttl))
+            .put(
+                dkey,
+                rec.encode(),
+                std::time::Duration::from_secs(expires_at.saturating_sub(now).max(1)),
+            )
             .await
             .map_err(|e| (errors::CANCELED, e))?;
         return Ok(macula_wamp::Payload::new(
             vec![],
-            macula_wamp::dict! {"replicas" => replicas as u64, "expires_at" => now + ttl},
+            macula_wamp::dict! {"replicas" => replicas as u64, "expires_at" => expires_at},
         ));
     }
     node.metrics.dht_lookups.fetch_add(1, Ordering::Relaxed);

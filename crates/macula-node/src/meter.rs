@@ -409,6 +409,13 @@ impl Meter {
                         x.store(0, Ordering::Relaxed);
                     }
                 }
+                // And nothing past the mapped segments: growth later extends with zeros.
+                if let Some(f) = &meter.file {
+                    let mapped = (meter.slots.load(Ordering::Relaxed) + 1) * SLOT_WORDS * 8;
+                    if let Err(e) = f.set_len(mapped as u64) {
+                        tracing::warn!("metering: cannot clear the old counters file's tail: {e}");
+                    }
+                }
             }
             let e = rand::random::<u64>().max(1);
             w[0].store(MAGIC, Ordering::Relaxed);

@@ -150,7 +150,22 @@ pub async fn mesh(cmd: MeshCmd, json: bool) -> Result<()> {
             valid_for,
             home,
         } => {
-            let (_, op, peer) = operator_and_peer(&home, &peer_id, "certify")?;
+            let (dir, op, peer) = operator_and_peer(&home, &peer_id, "certify")?;
+            // A revocation voids what it admitted until its time (five minutes after `revoke`,
+            // for clock skew): a certificate made before then would be void from the start.
+            let rev = dir.revocations_dir().join(format!("{peer_id}.rev"));
+            if let Ok(text) = std::fs::read_to_string(&rev) {
+                let r = hex::decode(text.trim()).ok().and_then(|b| {
+                    macula_mesh::cert::Revocation::verify(&op.verifying_key(), &b).ok()
+                });
+                if let Some(r) = r.filter(|r| r.revoked_at >= macula_mesh::cert::now_secs()) {
+                    bail!(
+                        "{peer_id} was revoked; certificates admitting it before {} are void. \
+                         Certify it after that time.",
+                        macula_node::confdir::rfc3339(r.revoked_at + 1)
+                    );
+                }
+            }
             let cert = hex::encode(macula_mesh::cert::issue_for(&op, &peer, valid_for));
             if json {
                 println!("{}", serde_json::json!({"peer_id": peer_id, "cert": cert}));

@@ -395,6 +395,17 @@ async fn certificates_renew_and_a_revoked_node_is_cut_off_everywhere() {
     assert_eq!(status["revoked_nodes"], serde_json::json!([p3]));
     assert!(status["peers_rejected"].as_u64().unwrap() >= 1, "{status}");
     eprintln!("revoked node cut off by every node in {took:?}");
+    // Certifying it again right away would give a certificate void from the start: refused.
+    let again = std::process::Command::new(BIN)
+        .args(["mesh", "certify", &p3, "--home", home1])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("was revoked"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
 
     // Node 2 stored what it learned over the mesh: restarted alone, it still refuses node 3.
     assert!(d2.join(format!("trust/revoked-nodes/{p3}.rev")).exists());
