@@ -277,6 +277,7 @@ impl ConfDir {
             issued_at: now,
             expires_at: if ttl_secs == 0 { 0 } else { now + ttl_secs },
             pubkey,
+            secret_hash: None,
         };
         let key = credential::issue_key(&authority, &cert, &claims);
         doc.api_keys.push(ApiKeyDoc {

@@ -513,6 +513,7 @@ async fn a_registration_elsewhere_does_not_take_over_a_hand_made_realm() {
             issued_at: now,
             expires_at: 0,
             pubkey: None,
+            secret_hash: None,
         },
     );
     let url = t.running.ws_url();

@@ -2100,6 +2100,7 @@ impl Registry {
                 now + req.expires_in_days * 86_400
             },
             pubkey,
+            secret_hash: None,
         };
         let key = self.sign_key(row, &claims)?;
         Ok((claims, key))
@@ -2161,6 +2162,7 @@ impl Registry {
             issued_at: k.try_get::<i64, _>("created_at")? as u64,
             expires_at: k.try_get::<i64, _>("expires_at")? as u64,
             pubkey: credential::parse_hex32(&pubkey),
+            secret_hash: None,
         };
         self.sign_key(&row, &claims)
     }

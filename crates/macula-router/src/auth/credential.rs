@@ -7,7 +7,13 @@
 //! database and no network to verify it. Revocation is by key id ([`Authenticator`](super::Authenticator)).
 //!
 //! Wire form: `sk_live_` + base64url (no padding) of a MessagePack array
-//! `[version, cert, cert_sig, claims, claims_sig]`.
+//! `[2, cert, cert_sig, claims, claims_sig, secret]`. The claims of a bearer key carry the
+//! SHA-256 of `secret`, so the signed part without the secret — the key's *public form*
+//! ([`public_form`], `pk_live_` + base64url of `[2, cert, cert_sig, claims, claims_sig]`) —
+//! proves the key's realm and role to a third party without letting it authenticate. Keys of
+//! version 1 (`[1, cert, cert_sig, claims, claims_sig]`, no secret) are still accepted; they have
+//! no public form (all of a version-1 bearer key is secret). A key bound to a public key
+//! (cryptosign) is not a bearer token: its public form is its signed part.
 
 use base64::Engine;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
@@ -17,7 +23,10 @@ use super::AuthError;
 
 /// Prefix of every API key.
 pub const KEY_PREFIX: &str = "sk_live_";
-const VERSION: u8 = 1;
+/// Prefix of a key's public form.
+pub const PUBLIC_PREFIX: &str = "pk_live_";
+const VERSION: u8 = 2;
+const SECRET_DOMAIN: &[u8] = b"macula/key-secret/v1\0";
 const CERT_DOMAIN: &[u8] = b"macula/authority-cert/v1\0";
 const CLAIMS_DOMAIN: &[u8] = b"macula/key-claims/v1\0";
 /// Keys longer than this are refused before any decoding.
@@ -50,8 +59,16 @@ pub struct KeyClaims {
     /// A key with a bound public key is not a bearer token and is refused as a WAMP ticket.
     #[serde(default, with = "serde_opt_bytes32")]
     pub pubkey: Option<[u8; 32]>,
+    /// SHA-256 of the key's secret (bearer keys of version 2; set by [`issue_key`]).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "serde_opt_bytes32"
+    )]
+    pub secret_hash: Option<[u8; 32]>,
 }
 
+/// The signed part of a key (version 1: all of it; also the public form's layout).
 #[derive(Serialize, Deserialize)]
 struct Envelope(
     u8,
@@ -60,6 +77,26 @@ struct Envelope(
     #[serde(with = "serde_bytes_vec")] Vec<u8>,
     #[serde(with = "serde_bytes_vec")] Vec<u8>,
 );
+
+/// A version-2 key: the signed part and the secret.
+#[derive(Serialize, Deserialize)]
+struct Envelope2(
+    u8,
+    #[serde(with = "serde_bytes_vec")] Vec<u8>,
+    #[serde(with = "serde_bytes_vec")] Vec<u8>,
+    #[serde(with = "serde_bytes_vec")] Vec<u8>,
+    #[serde(with = "serde_bytes_vec")] Vec<u8>,
+    #[serde(with = "serde_bytes_vec")] Vec<u8>,
+);
+
+fn sha256(parts: &[&[u8]]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().into()
+}
 
 /// A credential whose signatures and expiry have been checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,21 +166,61 @@ impl SignedCert {
     }
 }
 
-/// Issues an API key: the realm authority signs `claims`; the operator-signed certificate rides along.
+/// Issues an API key: the realm authority signs `claims`; the operator-signed certificate rides
+/// along. A bearer key gets a secret derived from the authority's key and the key id (so the same
+/// claims always give the same key: the registry re-signs keys rather than storing them) and its
+/// hash in the claims.
 pub fn issue_key(authority: &SigningKey, cert: &SignedCert, claims: &KeyClaims) -> String {
-    let claims_bytes = rmp_serde::to_vec(claims).unwrap_or_default();
+    let mut claims = claims.clone();
+    let secret = claims
+        .pubkey
+        .is_none()
+        .then(|| sha256(&[SECRET_DOMAIN, &authority.to_bytes(), claims.kid.as_bytes()]));
+    claims.secret_hash = secret.map(|s| sha256(&[&s]));
+    let claims_bytes = rmp_serde::to_vec(&claims).unwrap_or_default();
     let claims_sig = sign_doc(authority, CLAIMS_DOMAIN, &claims_bytes);
-    let env = Envelope(
-        VERSION,
-        cert.cert.clone(),
-        cert.sig.clone(),
-        claims_bytes,
-        claims_sig,
-    );
-    let bytes = rmp_serde::to_vec(&env).unwrap_or_default();
+    let bytes = match secret {
+        Some(secret) => rmp_serde::to_vec(&Envelope2(
+            VERSION,
+            cert.cert.clone(),
+            cert.sig.clone(),
+            claims_bytes,
+            claims_sig,
+            secret.to_vec(),
+        )),
+        // A cryptosign key's possession is proven by its private key: the signed part is all.
+        None => rmp_serde::to_vec(&Envelope(
+            1,
+            cert.cert.clone(),
+            cert.sig.clone(),
+            claims_bytes,
+            claims_sig,
+        )),
+    }
+    .unwrap_or_default();
     let mut s = String::from(KEY_PREFIX);
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(bytes, &mut s);
     s
+}
+
+/// Decodes `body` (base64url of a MessagePack value) strictly: the string must be exactly the
+/// canonical encoding of what it carries, so any change to it (a character appended, trailing
+/// bytes, a non-canonical encoding) is refused rather than read as the same credential.
+fn decode_strict<T: Serialize + serde::de::DeserializeOwned>(
+    body: &str,
+    what: &'static str,
+) -> Result<T, AuthError> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(body)
+        .map_err(|_| AuthError::Malformed(what))?;
+    let v: T = rmp_serde::from_slice(&bytes).map_err(|_| AuthError::Malformed(what))?;
+    let canonical = rmp_serde::to_vec(&v).map_err(|_| AuthError::Malformed(what))?;
+    if canonical != bytes
+        || base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&canonical) != body
+    {
+        return Err(AuthError::Malformed("API key (not in its canonical form)"));
+    }
+    Ok(v)
 }
 
 /// Verifies an API key against the operator's public key at time `now` (Unix seconds).
@@ -155,24 +232,94 @@ pub fn verify_key(key: &str, operator: &VerifyingKey, now: u64) -> Result<Verifi
     let body = key
         .strip_prefix(KEY_PREFIX)
         .ok_or(AuthError::Malformed("API key (expected sk_live_...)"))?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(body)
-        .map_err(|_| AuthError::Malformed("API key"))?;
-    let env: Envelope =
-        rmp_serde::from_slice(&bytes).map_err(|_| AuthError::Malformed("API key"))?;
-    // Strict decoding: the key must be exactly the canonical encoding of what it carries, so any
-    // change to the string (a character appended, trailing bytes, a non-canonical encoding) is
-    // refused rather than read as the same key.
-    let canonical = rmp_serde::to_vec(&env).map_err(|_| AuthError::Malformed("API key"))?;
-    if canonical != bytes
-        || base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&canonical) != body
-    {
-        return Err(AuthError::Malformed("API key (not in its canonical form)"));
+    match decode_strict::<Envelope2>(body, "API key") {
+        Ok(Envelope2(version, cert, cert_sig, claims_bytes, claims_sig, secret)) => {
+            if version != VERSION {
+                return Err(AuthError::Malformed("API key (unsupported version)"));
+            }
+            let v = verify_signed(operator, now, cert, cert_sig, &claims_bytes, &claims_sig)?;
+            if v.claims.pubkey.is_some() || v.claims.secret_hash != Some(sha256(&[&secret])) {
+                return Err(AuthError::BadSignature("API key"));
+            }
+            Ok(v)
+        }
+        Err(_) => {
+            let Envelope(version, cert, cert_sig, claims_bytes, claims_sig) =
+                decode_strict(body, "API key")?;
+            if version != 1 {
+                return Err(AuthError::Malformed("API key (unsupported version)"));
+            }
+            let v = verify_signed(operator, now, cert, cert_sig, &claims_bytes, &claims_sig)?;
+            // The signed part of a version-2 key without its secret (its public form) is not
+            // a key.
+            if v.claims.secret_hash.is_some() {
+                return Err(AuthError::BadSignature("API key"));
+            }
+            Ok(v)
+        }
     }
-    let Envelope(version, cert, cert_sig, claims_bytes, claims_sig) = env;
+}
+
+/// The public form of a key (`pk_live_...`): proves its realm, role and id to a third party, and
+/// cannot authenticate. `None` for a version-1 bearer key, all of which is secret.
+pub fn public_form(key: &str) -> Option<String> {
+    let body = key.strip_prefix(KEY_PREFIX)?;
+    let (cert, cert_sig, claims_bytes, claims_sig) =
+        match decode_strict::<Envelope2>(body, "API key") {
+            Ok(Envelope2(_, c, cs, cl, cls, _)) => (c, cs, cl, cls),
+            Err(_) => {
+                let Envelope(_, c, cs, cl, cls) = decode_strict(body, "API key").ok()?;
+                let claims: KeyClaims = rmp_serde::from_slice(&cl).ok()?;
+                claims.pubkey?;
+                (c, cs, cl, cls)
+            }
+        };
+    let bytes =
+        rmp_serde::to_vec(&Envelope(VERSION, cert, cert_sig, claims_bytes, claims_sig)).ok()?;
+    let mut s = String::from(PUBLIC_PREFIX);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(bytes, &mut s);
+    Some(s)
+}
+
+/// Verifies a key's public form: the operator's and the authority's signatures, the realm and
+/// the expiry (revocation is the caller's business). What it proves: a key with these claims
+/// exists; not that the presenter holds it.
+pub fn verify_public(
+    public: &str,
+    operator: &VerifyingKey,
+    now: u64,
+) -> Result<VerifiedKey, AuthError> {
+    if public.len() > MAX_KEY_LEN {
+        return Err(AuthError::Malformed("public key form (too long)"));
+    }
+    let body = public
+        .strip_prefix(PUBLIC_PREFIX)
+        .ok_or(AuthError::Malformed(
+            "public key form (expected pk_live_...)",
+        ))?;
+    let Envelope(version, cert, cert_sig, claims_bytes, claims_sig) =
+        decode_strict(body, "public key form")?;
     if version != VERSION {
-        return Err(AuthError::Malformed("API key (unsupported version)"));
+        return Err(AuthError::Malformed(
+            "public key form (unsupported version)",
+        ));
     }
+    let v = verify_signed(operator, now, cert, cert_sig, &claims_bytes, &claims_sig)?;
+    if v.claims.secret_hash.is_none() && v.claims.pubkey.is_none() {
+        return Err(AuthError::Malformed("public key form (of a version-1 key)"));
+    }
+    Ok(v)
+}
+
+/// Checks the chain operator → authority → claims and the claims' realm and expiry.
+fn verify_signed(
+    operator: &VerifyingKey,
+    now: u64,
+    cert: Vec<u8>,
+    cert_sig: Vec<u8>,
+    claims_bytes: &[u8],
+    claims_sig: &[u8],
+) -> Result<VerifiedKey, AuthError> {
     let authority = SignedCert {
         cert,
         sig: cert_sig,
@@ -180,12 +327,12 @@ pub fn verify_key(key: &str, operator: &VerifyingKey, now: u64) -> Result<Verifi
     .verify(operator, now)?;
     let authority_key = VerifyingKey::from_bytes(&authority.authority)
         .map_err(|_| AuthError::Malformed("authority key"))?;
-    if !verify_doc(&authority_key, CLAIMS_DOMAIN, &claims_bytes, &claims_sig) {
+    if !verify_doc(&authority_key, CLAIMS_DOMAIN, claims_bytes, claims_sig) {
         return Err(AuthError::BadSignature("API key"));
     }
     let claims: KeyClaims =
-        rmp_serde::from_slice(&claims_bytes).map_err(|_| AuthError::Malformed("API key claims"))?;
-    if rmp_serde::to_vec(&claims).ok().as_deref() != Some(&claims_bytes[..]) {
+        rmp_serde::from_slice(claims_bytes).map_err(|_| AuthError::Malformed("API key claims"))?;
+    if rmp_serde::to_vec(&claims).ok().as_deref() != Some(claims_bytes) {
         return Err(AuthError::Malformed(
             "API key claims (not in their canonical form)",
         ));
@@ -285,6 +432,7 @@ mod tests {
             issued_at: 1,
             expires_at,
             pubkey: None,
+            secret_hash: None,
         }
     }
 
@@ -358,5 +506,67 @@ mod tests {
         // Dropping the last character is refused too.
         assert!(verify_key(&key[..key.len() - 1], &op.verifying_key(), 10).is_err());
         assert!(verify_key("nope", &op.verifying_key(), 10).is_err());
+    }
+
+    /// A key's public form proves its claims to a third party and cannot authenticate; a
+    /// version-1 key (no secret) is still accepted and has no public form.
+    #[test]
+    fn the_public_form_proves_the_role_and_is_not_a_key() {
+        let (op, auth, cert) = setup();
+        let vk = op.verifying_key();
+        let key = issue_key(&auth, &cert, &claims("com.acme", 0));
+        assert_eq!(
+            key,
+            issue_key(&auth, &cert, &claims("com.acme", 0)),
+            "deterministic"
+        );
+        let public = public_form(&key).expect("a bearer key of version 2 has one");
+        assert!(public.starts_with(PUBLIC_PREFIX));
+        let v = verify_public(&public, &vk, 10).unwrap();
+        assert_eq!(
+            (v.claims.role.as_str(), v.claims.kid.as_str()),
+            ("admin", "key_1")
+        );
+        // Neither the public form nor the signed part under the key prefix authenticates.
+        assert!(verify_key(&public, &vk, 10).is_err());
+        let as_key = format!("{KEY_PREFIX}{}", &public[PUBLIC_PREFIX.len()..]);
+        assert!(verify_key(&as_key, &vk, 10).is_err());
+        // A key whose secret is changed is refused (the claims carry its hash).
+        let body = &key[KEY_PREFIX.len()..];
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(body)
+            .unwrap();
+        let Envelope2(v2, c, cs, cl, cls, mut secret) = rmp_serde::from_slice(&bytes).unwrap();
+        secret[0] ^= 1;
+        let forged = rmp_serde::to_vec(&Envelope2(v2, c, cs, cl, cls, secret)).unwrap();
+        let forged = format!(
+            "{KEY_PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(forged)
+        );
+        assert_eq!(
+            verify_key(&forged, &vk, 10),
+            Err(AuthError::BadSignature("API key"))
+        );
+        // A version-1 key (issued before secrets) still works and has no public form.
+        let c1 = claims("com.acme", 0);
+        let cl = rmp_serde::to_vec(&c1).unwrap();
+        let sig = sign_doc(&auth, CLAIMS_DOMAIN, &cl);
+        let v1 =
+            rmp_serde::to_vec(&Envelope(1, cert.cert.clone(), cert.sig.clone(), cl, sig)).unwrap();
+        let v1 = format!(
+            "{KEY_PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v1)
+        );
+        assert!(verify_key(&v1, &vk, 10).is_ok());
+        assert_eq!(public_form(&v1), None);
+        // A cryptosign key's public form is its signed part.
+        let mut cs_claims = claims("com.acme", 0);
+        cs_claims.pubkey = Some([5; 32]);
+        let cs_key = issue_key(&auth, &cert, &cs_claims);
+        let p = public_form(&cs_key).expect("a cryptosign key has one");
+        assert_eq!(
+            verify_public(&p, &vk, 10).unwrap().claims.pubkey,
+            Some([5; 32])
+        );
     }
 }
