@@ -286,7 +286,8 @@ fn renew(node: &Node, mesh: &MeshState) {
         }
     }
     let mut asked = mesh.trust_upkeep.asked.lock();
-    if asked.is_none_or(|t| t.elapsed() >= RENEW_EVERY) {
+    // Asked only when there is someone to ask (a node not linked yet asks once it is).
+    if asked.is_none_or(|t| t.elapsed() >= RENEW_EVERY) && !mesh.handle.peers().is_empty() {
         *asked = Some(Instant::now());
         mesh.handle.broadcast(&Frame::CertRenew, None);
     }
