@@ -196,6 +196,14 @@ pub enum Frame {
     CertRenew,
     /// A fresh certificate for the receiver.
     CertIssued { cert: Bytes },
+    /// The public form of the key of the sender's session `session` (see
+    /// `credential::public_form`), sent before that session's first forwarded frame: the
+    /// receiver takes the session's role from it, not from the frames' origin.
+    Session {
+        realm: String,
+        session: u64,
+        public: String,
+    },
 }
 
 impl Frame {
@@ -218,6 +226,7 @@ impl Frame {
             Frame::NodeRevoked { .. } => "node_revoked",
             Frame::CertRenew => "cert_renew",
             Frame::CertIssued { .. } => "cert_issued",
+            Frame::Session { .. } => "session",
         }
     }
 

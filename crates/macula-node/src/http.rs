@@ -387,6 +387,7 @@ impl BridgeSession {
                 transport: dict! {"type" => "http"},
                 callee_cancel: false,
                 link: false,
+                public: identity.public.as_deref().map(std::sync::Arc::from),
             };
             // The WELCOME is not needed by an HTTP client.
             let _welcome = core.join(

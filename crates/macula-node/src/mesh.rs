@@ -68,7 +68,15 @@ pub struct LinkPeer {
     peer: PeerId,
     realm: Arc<str>,
     mesh: MeshHandle,
+    /// Sessions whose key's public form this link has sent to the peer ([`Frame::Session`]).
+    announced: Arc<Mutex<std::collections::HashSet<u64>>>,
 }
+
+/// A peer session's key id and role, as the key's public form proved them.
+type ProvenRole = (String, String);
+
+/// Sessions per peer whose verified role a node keeps (and a link announces) at once.
+const MAX_SESSIONS_PER_PEER: usize = 65_536;
 
 /// The originating session as the frame header carries it.
 fn origin(i: &macula_router::SessionInfo) -> (u64, &str, &str) {
@@ -89,7 +97,32 @@ impl LinkPeer {
         self.send_routed(Routed::Reply, (0, "", ""), msg);
     }
 
+    /// Sends the public form of `o`'s key before its first forwarded frame to this peer.
+    fn announce(&self, o: &macula_router::SessionInfo) {
+        let Some(public) = &o.public else { return };
+        {
+            let mut a = self.announced.lock();
+            if a.contains(&o.id) {
+                return;
+            }
+            if a.len() >= MAX_SESSIONS_PER_PEER {
+                a.clear();
+            }
+            a.insert(o.id);
+        }
+        self.mesh.send(
+            &self.peer,
+            &Frame::Session {
+                realm: self.realm.to_string(),
+                session: o.id,
+                public: public.to_string(),
+            },
+        );
+    }
+
     fn forward(&self, f: Forwarded<'_>) {
+        let (Forwarded::Publication { origin: o, .. } | Forwarded::Call { origin: o, .. }) = &f;
+        self.announce(o);
         match f {
             Forwarded::Publication {
                 publication,
@@ -253,6 +286,8 @@ pub struct MeshState {
     tombstones: Mutex<HashMap<String, u64>>,
     /// `mesh.tombstone_retention_s`.
     tombstone_retention: u64,
+    /// Per peer, its sessions whose role it proved ([`Frame::Session`]): session → (key id, role).
+    verified: Mutex<HashMap<PeerId, HashMap<u64, ProvenRole>>>,
     /// When this node last had a certified peer.
     last_linked: Mutex<Instant>,
 }
@@ -294,6 +329,7 @@ impl MeshState {
             discovery: Mutex::new(HashMap::new()),
             tombstones: Mutex::new(HashMap::new()),
             tombstone_retention,
+            verified: Mutex::new(HashMap::new()),
             last_linked: Mutex::new(Instant::now()),
         })
     }
@@ -606,6 +642,7 @@ fn link_for(mesh: &MeshState, realm: &Arc<RealmHandle>, peer: PeerId) -> Id {
         peer,
         realm: Arc::from(realm.name.as_str()),
         mesh: mesh.handle.clone(),
+        announced: Default::default(),
     });
     let id = realm.lock().join_link(&peer.to_string(), link);
     mesh.links.lock().insert(key, id);
@@ -658,6 +695,7 @@ fn handle(node: &Arc<Node>, mesh: &Arc<MeshState>, ev: MeshEvent) {
         MeshEvent::PeerDown(peer) => {
             tracing::info!(%peer, "mesh peer down");
             mesh.barrier_done(peer, None);
+            mesh.verified.lock().remove(&peer);
             let gone: Vec<(String, Id)> = {
                 let mut links = mesh.links.lock();
                 let keys: Vec<(String, PeerId)> =
@@ -698,7 +736,8 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
         | Frame::Publish { realm, .. }
         | Frame::Call { realm, .. }
         | Frame::Reply { realm, .. }
-        | Frame::Peers { realm, .. } => Some(realm.as_str()),
+        | Frame::Peers { realm, .. }
+        | Frame::Session { realm, .. } => Some(realm.as_str()),
         _ => None,
     };
     if let Some(realm) = realm.filter(|_| node.any_dedicated()) {
@@ -723,6 +762,11 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
         }
         Frame::CertRenew => crate::trust::on_renew_request(node, mesh, peer),
         Frame::CertIssued { cert } => crate::trust::on_cert_issued(node, mesh, &cert),
+        Frame::Session {
+            realm,
+            session,
+            public,
+        } => on_session(node, mesh, peer, &realm, session, &public),
         Frame::StatesDone => {
             if !node.states_synced() {
                 tracing::info!(%peer, "realm states synced from a peer");
@@ -860,7 +904,9 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
             let Some(r) = realm_or_count(node, mesh, &realm) else {
                 return;
             };
-            let o = to_origin(origin);
+            let Some(o) = verified_origin(node, mesh, peer, &realm, origin) else {
+                return rejected(mesh, &peer, "publication", "no proven role for its session");
+            };
             node.metrics.mesh_events_in.fetch_add(1, Ordering::Relaxed);
             let res = r
                 .lock()
@@ -882,8 +928,10 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
             let Some(r) = realm_or_count(node, mesh, &realm) else {
                 return;
             };
+            let Some(o) = verified_origin(node, mesh, peer, &realm, origin) else {
+                return rejected(mesh, &peer, "call", "no proven role for its session");
+            };
             let link = link_for(mesh, &r, peer);
-            let o = to_origin(origin);
             let res = r.lock().link_call(
                 link,
                 &o,
@@ -910,6 +958,72 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
                 rejected(mesh, &peer, "reply", e);
             }
         }
+    }
+}
+
+/// A peer proves the role of one of its sessions with its key's public form: checked like a
+/// key at a session's join (signatures, expiry, revocation, the realm's current authorities,
+/// the realm), then kept until the peer goes (at most [`MAX_SESSIONS_PER_PEER`] per peer).
+fn on_session(
+    node: &Node,
+    mesh: &MeshState,
+    peer: PeerId,
+    realm: &str,
+    session: u64,
+    public: &str,
+) {
+    let auth = node.auth();
+    let now = crate::confdir::now_secs();
+    let v = match macula_router::auth::credential::verify_public(
+        public,
+        auth.authenticator.operator(),
+        now,
+    ) {
+        Ok(v) => v,
+        Err(e) => return rejected(mesh, &peer, "session", e),
+    };
+    if auth.authenticator.is_revoked(&v.claims.kid)
+        || !auth.accepts(realm, &v.authority.authority)
+        || !macula_wamp::uri::is_same_or_subrealm(realm, &v.claims.realm)
+    {
+        return rejected(
+            mesh,
+            &peer,
+            "session",
+            "the key does not belong to the realm",
+        );
+    }
+    let mut verified = mesh.verified.lock();
+    let sessions = verified.entry(peer).or_default();
+    if sessions.len() >= MAX_SESSIONS_PER_PEER && !sessions.contains_key(&session) {
+        sessions.clear();
+    }
+    sessions.insert(session, (v.claims.kid, v.claims.role));
+}
+
+/// The origin of a forwarded publication or call, with the role its node proved for the
+/// session (never the one the frame claims, when there is a proof). Without a proof: the claimed
+/// role, unless the realm requires proven roles (`verified_roles`), then `None`.
+fn verified_origin(
+    node: &Node,
+    mesh: &MeshState,
+    peer: PeerId,
+    realm: &str,
+    o: macula_mesh::Origin,
+) -> Option<Origin> {
+    let proven = mesh
+        .verified
+        .lock()
+        .get(&peer)
+        .and_then(|s| s.get(&o.session).cloned());
+    match proven {
+        Some((kid, role)) => Some(Origin {
+            session: o.session,
+            authid: kid,
+            authrole: role,
+        }),
+        None if node.policy_for(realm).is_some_and(|p| p.doc.verified_roles) => None,
+        None => Some(to_origin(o)),
     }
 }
 

@@ -360,6 +360,7 @@ impl Connection {
                                 transport: self.transport.clone(),
                                 callee_cancel,
                                 link: false,
+                                public: identity.public.as_deref().map(std::sync::Arc::from),
                             };
                             let welcome = core.join(
                                 info,

@@ -149,6 +149,7 @@ async fn credentials_changed_during_the_handshake_get_abort_not_welcome() {
         method: "ticket",
         expires_at: 0,
         authority,
+        public: None,
     };
     let outbox = || {
         macula_node::outbox::Outbox::new(16, 1 << 20, Default::default(), t.node().metrics.clone())
@@ -533,8 +534,7 @@ async fn a_registration_elsewhere_does_not_take_over_a_hand_made_realm() {
 /// its dedicated nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unlisted_node_cannot_inject_into_a_dedicated_realm() {
-    use macula_mesh::{Frame, Origin};
-    use macula_wamp::{Message, Payload, Serializer, Value};
+    use macula_wamp::Value;
     let t = TestNode::start().await;
     let sub = t.client().await;
     let topic = "com.example.test.injected";
@@ -542,23 +542,7 @@ async fn an_unlisted_node_cannot_inject_into_a_dedicated_realm() {
 
     // A rogue participant, certified by the same operator.
     let (rogue, _ev, target) = certified_peer(&t).await;
-    let inject = |n: u64| {
-        let msg = Serializer::MsgPack.encode(&Message::Publish {
-            request: n,
-            options: Default::default(),
-            topic: topic.into(),
-            payload: Payload::args(vec![Value::from(n)]),
-        });
-        Frame::Publish {
-            realm: REALM.into(),
-            origin: Origin {
-                session: 1,
-                authid: "rogue".into(),
-                authrole: "admin".into(),
-            },
-            msg: msg.into(),
-        }
-    };
+    let inject = |n: u64| forged_publish(topic, 1, n);
     // Open realm: the frame is delivered (the path works).
     rogue.send(&target, &inject(1));
     let ev1 = tokio::time::timeout(Duration::from_secs(10), events.next())
@@ -884,5 +868,105 @@ async fn settle(
             Ok(Some(_)) => {}
             other => panic!("no barrier answer: {other:?}"),
         }
+    }
+}
+
+/// Roles in forwarded traffic (finding 19): a node of the trust root that forwards a publication
+/// claiming `admin` is believed only as far as a key proves. With the realm's `verified_roles`
+/// on, a publication whose session's role no key's public form proved is refused; a proof of a
+/// `service_account` key limits the session to that role whatever the frames claim; a proof of
+/// an `admin` key lets it through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_acts_only_with_roles_its_keys_prove() {
+    use macula_mesh::Frame;
+    use macula_router::auth::credential::public_form;
+    use macula_wamp::Value;
+    let t = TestNode::start().await;
+    let sub = t.client().await;
+    // Outside the realm's prefix: only `admin` may publish there.
+    let topic = "org.elsewhere.news";
+    let mut events = sub.subscribe(topic).await.unwrap();
+    let (rogue, mut ev, node) = certified_peer(&t).await;
+    let publish = |session: u64, n: u64| forged_publish(topic, session, n);
+    // Before: a claimed role is believed.
+    rogue.send(&node, &publish(1, 1));
+    settle(&rogue, &node, &mut ev).await;
+    assert_eq!(next_args(&mut events).await, Some(vec![Value::from(1u64)]));
+
+    let mut doc = t.dir.read_policy(REALM).unwrap();
+    doc.version += 1;
+    doc.verified_roles = true;
+    t.dir.write_policy(&doc).unwrap();
+    t.node().reload().unwrap();
+    // No proof: refused.
+    rogue.send(&node, &publish(1, 2));
+    settle(&rogue, &node, &mut ev).await;
+    assert_eq!(
+        next_args(&mut events).await,
+        None,
+        "a claimed role is not believed"
+    );
+    // A service_account key's proof: the session is a service_account, whatever it claims.
+    let (_, sa) = t.key("service_account");
+    let session = |session: u64, key: &str| Frame::Session {
+        realm: REALM.into(),
+        session,
+        public: public_form(key).unwrap(),
+    };
+    rogue.send(&node, &session(2, &sa));
+    rogue.send(&node, &publish(2, 3));
+    settle(&rogue, &node, &mut ev).await;
+    assert_eq!(
+        next_args(&mut events).await,
+        None,
+        "held to the proven role"
+    );
+    // A forged proof (the key itself is not a public form) proves nothing.
+    rogue.send(
+        &node,
+        &Frame::Session {
+            realm: REALM.into(),
+            session: 3,
+            public: sa.clone(),
+        },
+    );
+    rogue.send(&node, &publish(3, 4));
+    settle(&rogue, &node, &mut ev).await;
+    assert_eq!(next_args(&mut events).await, None);
+    // An admin key's proof: through.
+    rogue.send(&node, &session(4, &t.admin_key));
+    rogue.send(&node, &publish(4, 5));
+    settle(&rogue, &node, &mut ev).await;
+    assert_eq!(next_args(&mut events).await, Some(vec![Value::from(5u64)]));
+}
+
+/// The next event's arguments, or `None` if none comes within 300 ms (after a barrier settled
+/// everything that could cause one).
+async fn next_args(events: &mut macula_client::Subscription) -> Option<Vec<macula_wamp::Value>> {
+    tokio::time::timeout(Duration::from_millis(300), events.next())
+        .await
+        .ok()
+        .flatten()
+        .map(|e| e.payload.args)
+}
+
+/// A publication of `n` to `topic` as a lying node forwards it: from its session `session`,
+/// claiming the `admin` role.
+fn forged_publish(topic: &str, session: u64, n: u64) -> macula_mesh::Frame {
+    use macula_wamp::{Message, Payload, Serializer, Value};
+    let msg = Serializer::MsgPack.encode(&Message::Publish {
+        request: n,
+        options: Default::default(),
+        topic: topic.into(),
+        payload: Payload::args(vec![Value::from(n)]),
+    });
+    macula_mesh::Frame::Publish {
+        realm: REALM.into(),
+        origin: macula_mesh::Origin {
+            session,
+            authid: "key_claimed".into(),
+            authrole: "admin".into(),
+        },
+        msg: msg.into(),
     }
 }

@@ -1937,6 +1937,9 @@ impl Registry {
             }
             doc.nodes = nodes;
         }
+        if let Some(v) = req.verified_roles {
+            doc.verified_roles = v;
+        }
         let doc = self.put_policy(&mut tx, name, doc, &actor.email).await?;
         audit(
             &mut tx,
@@ -2808,6 +2811,10 @@ pub struct PolicyUpdate {
     /// `dedicated_nodes` add-on; an empty list lifts the restriction). Absent: unchanged.
     #[serde(default)]
     pub nodes: Option<Vec<String>>,
+    /// Forwarded publications and calls only with roles that keys' public forms prove (see
+    /// `PolicyDoc::verified_roles`). Absent: unchanged.
+    #[serde(default)]
+    pub verified_roles: Option<bool>,
     #[serde(default)]
     pub expected_version: Option<i64>,
 }

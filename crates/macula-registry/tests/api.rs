@@ -1107,6 +1107,20 @@ async fn dedicated_nodes_need_the_addon_and_valid_peer_ids() {
         srv.dir.read_policy("com.ded").unwrap().nodes,
         vec![peer.to_owned()]
     );
+    // Proven roles in forwarded traffic: the owner turns them on; the node list stays.
+    let roles = srv.dir.read_policy("com.ded").unwrap().roles;
+    let (s, v) = req(
+        b,
+        "PUT",
+        "/v1/realms/com.ded/policy",
+        Some(&me),
+        Some(json!({"roles": roles, "verified_roles": true})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let doc = srv.dir.read_policy("com.ded").unwrap();
+    assert!(doc.verified_roles);
+    assert_eq!(doc.nodes, vec![peer.to_owned()]);
 }
 
 /// Tombstones (isolation finding 5): each deleted registration leaves one on every node, so one

@@ -106,6 +106,11 @@ pub struct PolicyDoc {
     /// node of the trust root.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<String>,
+    /// Forwarded publications and calls are accepted only from sessions whose role another node
+    /// proved with the key's public form (keys of version 2 or cryptosign keys): a node of the
+    /// trust root cannot act in the realm under a role no key of it holds.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub verified_roles: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -95,6 +95,9 @@ pub struct SessionInfo {
     /// A link member: another node's end of the mesh, not a client session. Links are invisible
     /// to the session meta API and to policy checks on sessions.
     pub link: bool,
+    /// The public form of the session's key, sent to the nodes its traffic is forwarded to so
+    /// they can verify its role (`None`: a version-1 key, or a link).
+    pub public: Option<std::sync::Arc<str>>,
 }
 
 /// Limits that apply inside a realm.
@@ -1364,6 +1367,7 @@ impl<P: Peer> Realm<P> {
             transport: Dict::new(),
             callee_cancel: true,
             link: true,
+            public: None,
         };
         self.join(info, peer);
         id
@@ -1550,6 +1554,7 @@ impl<P: Peer> Realm<P> {
             transport: Dict::new(),
             callee_cancel: false,
             link: false,
+            public: None,
         };
         self.dispatch_call(
             link, &info, invocation, options, procedure, payload, now, true,

@@ -117,6 +117,7 @@ fn join(r: &mut Realm<Inbox>, role: &str) -> (Id, Inbox) {
         transport: Dict::new(),
         callee_cancel: true,
         link: false,
+        public: None,
     };
     r.join(info, inbox.clone());
     inbox.take();

@@ -244,8 +244,9 @@ fn identity(dir: &std::path::Path, seed: u8) -> String {
         .to_string()
 }
 
-/// Dedicated nodes (isolation finding 19, first part): a realm whose policy lists the nodes that
-/// may serve it is served by them only. A certified node of the same trust root that is not
+/// Dedicated nodes (isolation finding 19): a realm whose policy lists the nodes that may serve
+/// it is served by them only (and, with `verified_roles`, takes forwarded traffic only with roles
+/// that keys prove). A certified node of the same trust root that is not
 /// listed learns the realm but refuses its sessions, saying why; the listed nodes route as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_realm_restricted_to_dedicated_nodes_is_served_only_by_them() {
@@ -260,6 +261,9 @@ async fn a_realm_restricted_to_dedicated_nodes_is_served_only_by_them() {
     let mut doc = c1.read_policy(REALM).unwrap();
     doc.version += 1;
     doc.nodes = vec![p1, p2];
+    // And roles in forwarded traffic must be proven by the keys' public forms: the dedicated
+    // nodes send them, so traffic across them flows as before.
+    doc.verified_roles = true;
     c1.write_policy(&doc).unwrap();
 
     let n1 = start_node(&d1, None);

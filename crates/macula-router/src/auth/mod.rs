@@ -52,6 +52,9 @@ pub struct Identity {
     /// session only if this is an authority of the realm's current registration (see
     /// `Policy::accepts_authority`), which binds every key to one registration of one realm.
     pub authority: [u8; 32],
+    /// The key's public form (`credential::public_form`), which proves the session's role to
+    /// other nodes; `None` for a version-1 bearer key.
+    pub public: Option<String>,
 }
 
 /// Verifies API keys: trust root, revocations and a cache of verified keys so that a returning
@@ -133,6 +136,7 @@ impl Authenticator {
             method,
             expires_at: v.claims.expires_at,
             authority: v.authority.authority,
+            public: None,
         })
     }
 }
@@ -284,7 +288,10 @@ impl Handshake {
                         if v.claims.pubkey.is_some() {
                             Err(AuthError::KeyPairRequired)
                         } else {
-                            auth.identity(&realm, v, "ticket")
+                            auth.identity(&realm, v, "ticket").map(|mut i| {
+                                i.public = credential::public_form(&signature);
+                                i
+                            })
                         }
                     }),
                     Pending::Cryptosign {
@@ -297,7 +304,10 @@ impl Handshake {
                             if v.claims.pubkey != Some(pubkey) {
                                 Err(AuthError::ChallengeFailed)
                             } else {
-                                auth.identity(&realm, v, "cryptosign")
+                                auth.identity(&realm, v, "cryptosign").map(|mut i| {
+                                    i.public = credential::public_form(&credential);
+                                    i
+                                })
                             }
                         }),
                 };
