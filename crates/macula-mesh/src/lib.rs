@@ -195,8 +195,8 @@ struct Shared {
     /// Opens mesh streams (shared with the swarm's stream behaviour).
     control: libp2p_stream::Control,
     keypair: Keypair,
-    /// This node's certificate (replaced on renewal).
-    cert: RwLock<Bytes>,
+    /// This node's certificate and its validity (replaced on renewal).
+    cert: RwLock<(Bytes, cert::NodeCert)>,
     trust: Arc<cert::Trust>,
     config: MeshConfig,
     stats: MeshStats,
@@ -304,7 +304,7 @@ pub async fn start(
     trust: Arc<cert::Trust>,
 ) -> anyhow::Result<(MeshHandle, MeshEvents)> {
     let local = keypair.public().to_peer_id();
-    trust
+    let own = trust
         .check(&local, &cert, cert::now_secs())
         .map_err(|e| anyhow::anyhow!("this node's mesh certificate: {e}"))?;
     let timeout = config.peer_timeout.max(Duration::from_millis(300));
@@ -393,7 +393,7 @@ pub async fn start(
         local,
         control: swarm.behaviour().stream.new_control(),
         keypair,
-        cert: RwLock::new(Bytes::from(cert)),
+        cert: RwLock::new((Bytes::from(cert), own)),
         trust,
         config: config.clone(),
         stats: MeshStats::default(),
@@ -441,17 +441,12 @@ impl MeshHandle {
 
     /// This node's operator certificate.
     pub fn cert(&self) -> Bytes {
-        self.shared.cert.read().clone()
+        self.shared.cert.read().0.clone()
     }
 
     /// This node's certificate's validity window.
-    pub fn own_cert(&self) -> Option<cert::NodeCert> {
-        cert::verify_signature(
-            self.shared.trust.operator(),
-            &self.shared.local,
-            &self.cert(),
-        )
-        .ok()
+    pub fn own_cert(&self) -> cert::NodeCert {
+        self.shared.cert.read().1
     }
 
     /// Replaces this node's certificate (a renewal) and presents it to every linked peer.
@@ -461,7 +456,7 @@ impl MeshHandle {
             .trust
             .check(&self.shared.local, &new, cert::now_secs())?;
         let bytes = Bytes::from(new);
-        *self.shared.cert.write() = bytes.clone();
+        *self.shared.cert.write() = (bytes.clone(), c);
         self.broadcast(
             &Frame::Hello {
                 version: frame::PROTOCOL_VERSION,
@@ -1092,19 +1087,9 @@ async fn accept_certs(
             let mut buf = BytesMut::new();
             let mut chunk = 0;
             let read = read_frame(&mut stream, &mut buf, &mut chunk, 256);
-            let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(10), read).await else {
-                return;
-            };
-            match shared.trust.check(&peer, &c, cert::now_secs()) {
-                Ok(c) => {
-                    shared.certified.write().insert(peer, c);
-                    let _ = cmd.send(Cmd::Certified(peer));
-                }
-                Err(e) => {
-                    shared.stats.peers_rejected.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%peer, "kademlia peer refused: {e}");
-                    let _ = cmd.send(Cmd::Disconnect(peer));
-                }
+            // Nothing within the time: the 10 s sweep closes a connection without a certificate.
+            if let Ok(Ok(c)) = tokio::time::timeout(CERT_WITHIN, read).await {
+                presented(&shared, &cmd, peer, Some(&c));
             }
         });
     }
@@ -1240,7 +1225,7 @@ fn handle_event(
             tokio::spawn(send_cert(
                 shared.control.clone(),
                 peer_id,
-                shared.cert.read().clone(),
+                shared.cert.read().0.clone(),
             ));
             shared.conns.write().insert(peer_id, (addr, None));
             links.established(peer_id, connection_id, shared, cmd);
@@ -1427,7 +1412,7 @@ async fn write_frames(
     };
     let hello = Frame::Hello {
         version: frame::PROTOCOL_VERSION,
-        cert: shared.cert.read().clone(),
+        cert: shared.cert.read().0.clone(),
     }
     .encode();
     if stream.write_all(&hello).await.is_err() {
@@ -1519,6 +1504,33 @@ async fn read_frame<R: futures_util::io::AsyncRead + Unpin>(
     Ok(buf.split().freeze())
 }
 
+/// `peer` presented `cert` (on a mesh or cert stream; `None`: something else came). A valid one
+/// is recorded and the routing table follows it; otherwise the peer is refused, disconnected
+/// and `false` returned.
+fn presented(
+    shared: &Shared,
+    cmd: &mpsc::UnboundedSender<Cmd>,
+    peer: PeerId,
+    cert: Option<&[u8]>,
+) -> bool {
+    let checked = cert
+        .ok_or(cert::CertError::Malformed)
+        .and_then(|c| shared.trust.check(&peer, c, cert::now_secs()));
+    match checked {
+        Ok(c) => {
+            shared.certified.write().insert(peer, c);
+            let _ = cmd.send(Cmd::Certified(peer));
+            true
+        }
+        Err(e) => {
+            shared.stats.peers_rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, "peer refused: {e}");
+            let _ = cmd.send(Cmd::Disconnect(peer));
+            false
+        }
+    }
+}
+
 /// Reads one peer's inbound stream: the certificate first, then frames for the node.
 async fn reader(
     peer: PeerId,
@@ -1537,24 +1549,15 @@ async fn reader(
         .clamp(64 << 10, Semaphore::MAX_PERMITS)
         .min(u32::MAX as usize) as u32;
     let first = tokio::time::timeout(CERT_WITHIN, read_frame(&mut rd, &mut buf, &mut chunk, 4096));
-    let certified = match first.await.unwrap_or(Err(ReadError::Closed)) {
+    let hello = match first.await.unwrap_or(Err(ReadError::Closed)) {
         Ok(body) => match Frame::decode(body) {
-            Ok(Frame::Hello { cert, .. }) => shared.trust.check(&peer, &cert, cert::now_secs()),
-            _ => Err(cert::CertError::Malformed),
+            Ok(Frame::Hello { cert, .. }) => Some(cert),
+            _ => None,
         },
-        Err(_) => Err(cert::CertError::Malformed),
+        Err(_) => None,
     };
-    match certified {
-        Ok(c) => {
-            shared.certified.write().insert(peer, c);
-            let _ = cmd.send(Cmd::Certified(peer));
-        }
-        Err(e) => {
-            stats.peers_rejected.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, "peer refused: {e}");
-            let _ = cmd.send(Cmd::Disconnect(peer));
-            return;
-        }
+    if !presented(&shared, &cmd, peer, hello.as_deref()) {
+        return;
     }
     // Reciprocate: frames flow both ways between linked peers. The stream is started here, before
     // the node hears of the peer, so that what it sends on PeerUp has a queue to go to.
@@ -1575,18 +1578,8 @@ async fn reader(
                 match Frame::decode(body) {
                     // A renewed certificate, or one that is not good: then the peer is gone.
                     Ok(Frame::Hello { cert, .. }) => {
-                        match shared.trust.check(&peer, &cert, cert::now_secs()) {
-                            Ok(c) => {
-                                shared.certified.write().insert(peer, c);
-                                // The routing table follows the renewed certificate.
-                                let _ = cmd.send(Cmd::Certified(peer));
-                            }
-                            Err(e) => {
-                                stats.peers_rejected.fetch_add(1, Ordering::Relaxed);
-                                tracing::warn!(%peer, "peer refused: {e}");
-                                let _ = cmd.send(Cmd::Disconnect(peer));
-                                return;
-                            }
+                        if !presented(&shared, &cmd, peer, Some(&cert)) {
+                            return;
                         }
                     }
                     Ok(f) => {

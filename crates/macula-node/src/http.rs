@@ -97,6 +97,7 @@ async fn mesh_status(State(node): State<Arc<Node>>) -> Response {
         .map(|r| r.peer.to_string())
         .collect();
     revoked.sort();
+    let own = m.handle.own_cert();
     let body = serde_json::json!({
         "peer_id": m.handle.peer_id().to_string(),
         "listen": m.handle.listen_addrs().await.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
@@ -112,10 +113,10 @@ async fn mesh_status(State(node): State<Arc<Node>>) -> Response {
         "peers_cut_off": g(&stats.peers_cut_off),
         "dht_refused": g(&stats.dht_refused),
         "congestion_events": g(&stats.congestion_events),
-        "cert": m.handle.own_cert().map(|c| serde_json::json!({
-            "issued_at": crate::confdir::rfc3339(c.issued_at),
-            "not_after": crate::confdir::rfc3339(c.not_after),
-        })),
+        "cert": {
+            "issued_at": crate::confdir::rfc3339(own.issued_at),
+            "not_after": crate::confdir::rfc3339(own.not_after),
+        },
         "revoked_nodes": revoked,
     });
     axum::Json(body).into_response()

@@ -68,15 +68,60 @@ pub struct LinkPeer {
     peer: PeerId,
     realm: Arc<str>,
     mesh: MeshHandle,
-    /// Sessions whose key's public form this link has sent to the peer ([`Frame::Session`]).
-    announced: Arc<Mutex<std::collections::HashSet<u64>>>,
+    /// Per peer, the (realm, session)s whose key's public form this node sent it
+    /// ([`Frame::Session`]); shared by the node's links.
+    announced: Arc<Mutex<HashMap<PeerId, Recent<()>>>>,
 }
 
 /// A peer session's key id and role, as the key's public form proved them.
 type ProvenRole = (String, String);
 
-/// Sessions per peer whose verified role a node keeps (and a link announces) at once.
+/// Sessions per peer whose proven role a node keeps (and announces) at once.
 const MAX_SESSIONS_PER_PEER: usize = 65_536;
+
+/// The newest [`MAX_SESSIONS_PER_PEER`] sessions of one peer, each with its realm, the oldest
+/// evicted first. A node's record of what it announced to a peer and the peer's record of the
+/// proofs see the same `Session` frames in the same order (the peer keeps only those it
+/// verified, so never more): the peer never forgets a proof the node still counts as sent.
+/// Keyed by session id alone (random 53-bit ids: two realms' sessions sharing one are not
+/// expected; if they did, the second would simply go unproven), so a lookup allocates nothing.
+pub struct Recent<V> {
+    map: HashMap<u64, (Arc<str>, V)>,
+    order: std::collections::VecDeque<u64>,
+}
+
+impl<V> Default for Recent<V> {
+    fn default() -> Self {
+        Recent {
+            map: HashMap::new(),
+            order: Default::default(),
+        }
+    }
+}
+
+impl<V> Recent<V> {
+    fn get(&self, realm: &str, session: u64) -> Option<&V> {
+        self.map
+            .get(&session)
+            .filter(|(r, _)| &**r == realm)
+            .map(|(_, v)| v)
+    }
+
+    /// Inserts (a known session keeps its place); `false` if it was there.
+    fn insert(&mut self, realm: Arc<str>, session: u64, v: V) -> bool {
+        if self.map.contains_key(&session) {
+            return false;
+        }
+        self.map.insert(session, (realm, v));
+        self.order.push_back(session);
+        if self.order.len() > MAX_SESSIONS_PER_PEER {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+        true
+    }
+}
 
 /// The originating session as the frame header carries it.
 fn origin(i: &macula_router::SessionInfo) -> (u64, &str, &str) {
@@ -97,27 +142,24 @@ impl LinkPeer {
         self.send_routed(Routed::Reply, (0, "", ""), msg);
     }
 
-    /// Sends the public form of `o`'s key before its first forwarded frame to this peer.
+    /// Sends the public form of `o`'s key before its first forwarded frame to this peer (under
+    /// the lock, so that the frames leave in the order they are recorded).
     fn announce(&self, o: &macula_router::SessionInfo) {
         let Some(public) = &o.public else { return };
+        let mut a = self.announced.lock();
+        if a.entry(self.peer)
+            .or_default()
+            .insert(self.realm.clone(), o.id, ())
         {
-            let mut a = self.announced.lock();
-            if a.contains(&o.id) {
-                return;
-            }
-            if a.len() >= MAX_SESSIONS_PER_PEER {
-                a.clear();
-            }
-            a.insert(o.id);
+            self.mesh.send(
+                &self.peer,
+                &Frame::Session {
+                    realm: self.realm.to_string(),
+                    session: o.id,
+                    public: public.to_string(),
+                },
+            );
         }
-        self.mesh.send(
-            &self.peer,
-            &Frame::Session {
-                realm: self.realm.to_string(),
-                session: o.id,
-                public: public.to_string(),
-            },
-        );
     }
 
     fn forward(&self, f: Forwarded<'_>) {
@@ -287,7 +329,9 @@ pub struct MeshState {
     /// `mesh.tombstone_retention_s`.
     tombstone_retention: u64,
     /// Per peer, its sessions whose role it proved ([`Frame::Session`]): session → (key id, role).
-    verified: Mutex<HashMap<PeerId, HashMap<u64, ProvenRole>>>,
+    verified: Mutex<HashMap<PeerId, Recent<ProvenRole>>>,
+    /// What this node announced to each peer (see [`LinkPeer`]).
+    announced: Arc<Mutex<HashMap<PeerId, Recent<()>>>>,
     /// When this node last had a certified peer.
     last_linked: Mutex<Instant>,
 }
@@ -330,6 +374,7 @@ impl MeshState {
             tombstones: Mutex::new(HashMap::new()),
             tombstone_retention,
             verified: Mutex::new(HashMap::new()),
+            announced: Default::default(),
             last_linked: Mutex::new(Instant::now()),
         })
     }
@@ -416,13 +461,7 @@ impl MeshState {
         // A node that is still joining the mesh (bootstrap nodes configured, none linked yet)
         // would find no one: first wait until it is linked to one.
         if !self.handle.config().bootstrap.is_empty() {
-            loop {
-                let up = self.peer_up.notified();
-                if !self.handle.peers().is_empty() {
-                    break;
-                }
-                up.await;
-            }
+            self.until_linked(|linked| !linked.is_empty()).await;
         }
         let local = self.handle.peer_id();
         let found: std::collections::HashSet<PeerId> = self
@@ -435,17 +474,20 @@ impl MeshState {
         for p in &found {
             self.handle.want(*p);
         }
-        loop {
-            let up = self.peer_up.notified();
-            let linked: std::collections::HashSet<PeerId> =
-                self.handle.peers().into_iter().collect();
-            if found.is_subset(&linked) {
-                break;
-            }
-            up.await;
-        }
+        self.until_linked(|linked| found.is_subset(linked)).await;
         if let Some(g) = self.barrier_to(found) {
             g.wait().await;
+        }
+    }
+
+    /// Resolves once the set of linked peers satisfies `done` (checked at each link-up).
+    async fn until_linked(&self, done: impl Fn(&std::collections::HashSet<PeerId>) -> bool) {
+        loop {
+            let up = self.peer_up.notified();
+            if done(&self.handle.peers().into_iter().collect()) {
+                return;
+            }
+            up.await;
         }
     }
 
@@ -642,7 +684,7 @@ fn link_for(mesh: &MeshState, realm: &Arc<RealmHandle>, peer: PeerId) -> Id {
         peer,
         realm: Arc::from(realm.name.as_str()),
         mesh: mesh.handle.clone(),
-        announced: Default::default(),
+        announced: mesh.announced.clone(),
     });
     let id = realm.lock().join_link(&peer.to_string(), link);
     mesh.links.lock().insert(key, id);
@@ -696,6 +738,7 @@ fn handle(node: &Arc<Node>, mesh: &Arc<MeshState>, ev: MeshEvent) {
             tracing::info!(%peer, "mesh peer down");
             mesh.barrier_done(peer, None);
             mesh.verified.lock().remove(&peer);
+            mesh.announced.lock().remove(&peer);
             let gone: Vec<(String, Id)> = {
                 let mut links = mesh.links.lock();
                 let keys: Vec<(String, PeerId)> =
@@ -741,7 +784,7 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
         _ => None,
     };
     if let Some(realm) = realm.filter(|_| node.any_dedicated()) {
-        if !node.peer_may_serve(realm, &peer.to_string()) {
+        if node.peer_may_serve(realm, &peer.to_string()) == Some(false) {
             return rejected(
                 mesh,
                 &peer,
@@ -758,7 +801,7 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
         }
         Frame::BarrierAck { id } => mesh.barrier_done(peer, Some(id)),
         Frame::NodeRevoked { revocation } => {
-            crate::trust::on_revocation(node, mesh, Some(peer), &revocation)
+            crate::trust::on_revocation(node, mesh, peer, &revocation)
         }
         Frame::CertRenew => crate::trust::on_renew_request(node, mesh, peer),
         Frame::CertIssued { cert } => crate::trust::on_cert_issued(node, mesh, &cert),
@@ -993,12 +1036,11 @@ fn on_session(
             "the key does not belong to the realm",
         );
     }
-    let mut verified = mesh.verified.lock();
-    let sessions = verified.entry(peer).or_default();
-    if sessions.len() >= MAX_SESSIONS_PER_PEER && !sessions.contains_key(&session) {
-        sessions.clear();
-    }
-    sessions.insert(session, (v.claims.kid, v.claims.role));
+    mesh.verified.lock().entry(peer).or_default().insert(
+        Arc::from(realm),
+        session,
+        (v.claims.kid, v.claims.role),
+    );
 }
 
 /// The origin of a forwarded publication or call, with the role its node proved for the
@@ -1015,7 +1057,7 @@ fn verified_origin(
         .verified
         .lock()
         .get(&peer)
-        .and_then(|s| s.get(&o.session).cloned());
+        .and_then(|s| s.get(realm, o.session).cloned());
     match proven {
         Some((kid, role)) => Some(Origin {
             session: o.session,
@@ -1174,9 +1216,7 @@ async fn dht_call(
         }
         let h = &mesh.handle;
         // A record is valid only while this node's certificate is (see `AppRecord::verify`).
-        let expires_at = h
-            .own_cert()
-            .map_or(now + ttl, |c| (now + ttl).min(c.not_after));
+        let expires_at = (now + ttl).min(h.own_cert().not_after);
         let rec = macula_mesh::record::AppRecord::sign(
             h.keypair(),
             &h.cert(),
@@ -1216,7 +1256,7 @@ async fn dht_call(
         .map_err(|e| (errors::NOT_FOUND, format!("no valid record {key:?}: {e}")))?;
     // In a realm restricted to dedicated nodes, only their records count.
     let by = rec.writer_node().map(|p| p.to_string()).unwrap_or_default();
-    if !node.peer_may_serve_governed(realm, &by) {
+    if node.peer_may_serve(realm, &by) != Some(true) {
         return Err((
             errors::NOT_FOUND,
             format!("no valid record {key:?}: written by a node that does not serve {realm}"),
@@ -1260,7 +1300,7 @@ fn on_usage(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, id: u64, repo
     let before = report.rows.len();
     report
         .rows
-        .retain(|r| node.peer_may_serve_governed(&r.realm, &from));
+        .retain(|r| node.peer_may_serve(&r.realm, &from) == Some(true));
     if report.rows.len() < before {
         rejected(
             mesh,

@@ -209,7 +209,7 @@ impl std::fmt::Display for NoSlot {
         match self {
             NoSlot::Full(n) => write!(
                 f,
-                "this node meters {n} (realm, key) pairs already (metering.slots); try again later or another node"
+                "this node meters {n} (realm, key) pairs already (metering.max_slots, or the disk is full); try again later or another node"
             ),
             NoSlot::OwnerLimit(n) => write!(
                 f,

@@ -177,9 +177,7 @@ pub fn render_mesh(s: &mut String, m: &crate::mesh::MeshState, node: &Metrics) {
     let _ = writeln!(s, "# HELP macula_mesh_peers_rejected_total Peers refused for lacking a valid operator certificate (missing, expired, revoked).\n# TYPE macula_mesh_peers_rejected_total counter\nmacula_mesh_peers_rejected_total {}", g(&st.peers_rejected));
     let _ = writeln!(s, "# HELP macula_mesh_peers_cut_off_total Linked peers disconnected because their certificate expired or was revoked.\n# TYPE macula_mesh_peers_cut_off_total counter\nmacula_mesh_peers_cut_off_total {}", g(&st.peers_cut_off));
     let _ = writeln!(s, "# HELP macula_mesh_dht_refused_total DHT records and provider records refused (the sender was not certified).\n# TYPE macula_mesh_dht_refused_total counter\nmacula_mesh_dht_refused_total {}", g(&st.dht_refused));
-    if let Some(c) = m.handle.own_cert() {
-        let _ = writeln!(s, "# HELP macula_mesh_cert_expiry_timestamp_seconds When this node's mesh certificate expires (renewed when a third of its validity is left).\n# TYPE macula_mesh_cert_expiry_timestamp_seconds gauge\nmacula_mesh_cert_expiry_timestamp_seconds {}", c.not_after);
-    }
+    let _ = writeln!(s, "# HELP macula_mesh_cert_expiry_timestamp_seconds When this node's mesh certificate expires (renewed when a third of its validity is left).\n# TYPE macula_mesh_cert_expiry_timestamp_seconds gauge\nmacula_mesh_cert_expiry_timestamp_seconds {}", m.handle.own_cert().not_after);
     let _ = writeln!(s, "# HELP macula_mesh_links Remote nodes with interest or registrations in a local realm.\n# TYPE macula_mesh_links gauge\nmacula_mesh_links {}", m.link_count());
     let _ = writeln!(s, "# HELP macula_mesh_realm_states Signed realm states known.\n# TYPE macula_mesh_realm_states gauge\nmacula_mesh_realm_states {}", m.states.lock().len());
     let _ = writeln!(s, "# HELP macula_mesh_states_total Realm states received, by outcome.\n# TYPE macula_mesh_states_total counter\nmacula_mesh_states_total{{outcome=\"applied\"}} {}\nmacula_mesh_states_total{{outcome=\"rejected\"}} {}", g(&m.counters.states_applied), g(&m.counters.states_rejected));

@@ -493,19 +493,15 @@ impl Node {
         self.any_dedicated.load(Ordering::Relaxed)
     }
 
-    /// Whether `peer` may send this node traffic for `realm` (see `PolicyDoc::nodes`).
-    pub fn peer_may_serve(&self, realm: &str, peer: &str) -> bool {
-        self.policy_for(realm).is_none_or(|p| p.may_serve(peer))
-    }
-
-    /// Whether `peer` may serve `realm` by the registration that governs it: the realm's own
-    /// policy, else its nearest known ancestor's (usage and records of `realm.anything` are the
-    /// registration's). A realm no known registration governs is served by no one.
-    pub fn peer_may_serve_governed(&self, realm: &str, peer: &str) -> bool {
+    /// Whether `peer` may serve `realm` (see `PolicyDoc::nodes`), by the registration that
+    /// governs it: the realm's own policy, else its nearest known ancestor's (usage and records
+    /// of `realm.anything` are that registration's). `None`: no known registration governs the
+    /// realm (its frames find no realm here; its usage and records are no one's).
+    pub fn peer_may_serve(&self, realm: &str, peer: &str) -> Option<bool> {
         let auth = self.auth();
         auth.registration_of(realm)
             .and_then(|r| auth.policies.get(r))
-            .is_some_and(|p| p.may_serve(peer))
+            .map(|p| p.may_serve(peer))
     }
 
     /// A peer sent every realm state it holds.

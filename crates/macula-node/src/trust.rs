@@ -106,16 +106,17 @@ pub fn own_cert(node: &Node, peer: &PeerId, trust: &Trust) -> anyhow::Result<Vec
     }
 }
 
-/// A revocation from the config directory (`from` = None) or from a peer: applied, stored and
-/// sent on if it is news.
-pub fn on_revocation(node: &Node, mesh: &MeshState, from: Option<PeerId>, bytes: &[u8]) {
-    let r = match Revocation::verify(mesh.handle.operator(), bytes) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::debug!(?from, "node revocation refused: {e}");
-            return;
-        }
-    };
+/// A revocation from a peer: verified, then [`apply_revocation`].
+pub fn on_revocation(node: &Node, mesh: &MeshState, from: PeerId, bytes: &[u8]) {
+    match Revocation::verify(mesh.handle.operator(), bytes) {
+        Ok(r) => apply_revocation(node, mesh, Some(from), r),
+        Err(e) => tracing::debug!(%from, "node revocation refused: {e}"),
+    }
+}
+
+/// A verified revocation from the config directory (`from` = None) or from a peer: applied,
+/// stored and sent on if it is news.
+fn apply_revocation(node: &Node, mesh: &MeshState, from: Option<PeerId>, r: Revocation) {
     // Past what `Trust::collect` keeps: every certificate it covers has expired.
     if r.revoked_at.saturating_add(2 * cert::MAX_LIFETIME_SECS) <= cert::now_secs() {
         return;
@@ -194,11 +195,7 @@ pub fn on_renew_request(node: &Node, mesh: &MeshState, peer: PeerId) {
 
 /// A peer sent this node a certificate: used (and saved) if valid and newer than the current one.
 pub fn on_cert_issued(node: &Node, mesh: &MeshState, cert: &[u8]) {
-    let newer = |c: &cert::NodeCert| {
-        mesh.handle
-            .own_cert()
-            .is_none_or(|own| c.not_after > own.not_after)
-    };
+    let newer = |c: &cert::NodeCert| c.not_after > mesh.handle.own_cert().not_after;
     let me = mesh.handle.peer_id();
     match mesh.handle.trust().check(&me, cert, cert::now_secs()) {
         Ok(c) if newer(&c) => {}
@@ -233,7 +230,7 @@ pub async fn upkeep(node: Arc<Node>, mesh: Arc<MeshState>) {
             for (path, text) in files {
                 if mesh.trust_upkeep.seen_files.lock().insert(path.clone()) {
                     match parse_revocation(mesh.handle.trust(), &text) {
-                        Ok(r) => on_revocation(&node, &mesh, None, &r.bytes),
+                        Ok(r) => apply_revocation(&node, &mesh, None, r),
                         Err(e) => tracing::warn!("{}: ignored: {e}", path.display()),
                     }
                 }
@@ -244,20 +241,13 @@ pub async fn upkeep(node: Arc<Node>, mesh: Arc<MeshState>) {
                 mesh.trust_upkeep.seen_files.lock().remove(&path);
             }
         }
-        let Some(own) = mesh.handle.own_cert() else {
-            continue;
-        };
+        let own = mesh.handle.own_cert();
         if !own.due_for_renewal(now) {
             warned = false;
             continue;
         }
         renew(&node, &mesh);
-        if !warned
-            && mesh
-                .handle
-                .own_cert()
-                .is_some_and(|c| c.due_for_renewal(now))
-        {
+        if !warned && mesh.handle.own_cert().due_for_renewal(now) {
             warned = true;
             tracing::warn!(
                 expires = %crate::confdir::rfc3339(own.not_after),

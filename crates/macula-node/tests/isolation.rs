@@ -933,6 +933,17 @@ async fn a_node_acts_only_with_roles_its_keys_prove() {
     rogue.send(&node, &publish(3, 4));
     settle(&rogue, &node, &mut ev).await;
     assert_eq!(next_args(&mut events).await, None);
+    // An admin key of another realm proves nothing here.
+    t.dir.create_realm("com.other", None).unwrap();
+    let (_, other_admin) = t
+        .dir
+        .issue_key("com.other", "admin", "other", 3600, None)
+        .unwrap();
+    t.node().reload().unwrap();
+    rogue.send(&node, &session(5, &other_admin));
+    rogue.send(&node, &publish(5, 6));
+    settle(&rogue, &node, &mut ev).await;
+    assert_eq!(next_args(&mut events).await, None, "another realm's key");
     // An admin key's proof: through.
     rogue.send(&node, &session(4, &t.admin_key));
     rogue.send(&node, &publish(4, 5));
