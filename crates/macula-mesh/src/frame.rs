@@ -143,19 +143,25 @@ pub enum Frame {
     Hello { version: u16, cert: Bytes },
     /// A signed realm state (policy, roles, revoked keys), flooded to every node.
     State { realm: String, state: Bytes },
-    /// The sender's own sessions hold (`add`) or no longer hold a subscription to `uri`.
+    /// The sender's own sessions hold (`add`) or no longer hold a subscription to `uri`;
+    /// `session` (of role `role`, proved by a [`Frame::Session`] sent before) is one that holds
+    /// it. An `add` for an interest already held names the session that holds it now.
     Interest {
         realm: String,
         uri: String,
         policy: String,
+        session: u64,
+        role: String,
         add: bool,
     },
-    /// The sender's own sessions registered (`add`) or no longer register `uri`.
+    /// The sender's own sessions registered (`add`) or no longer register `uri`; `session` and
+    /// `role` as for [`Frame::Interest`].
     Registration {
         realm: String,
         uri: String,
         policy: String,
         invoke: String,
+        session: u64,
         role: String,
         add: bool,
     },
@@ -335,6 +341,8 @@ mod tests {
             realm: "com.acme".into(),
             uri: "com.acme.t".into(),
             policy: "prefix".into(),
+            session: 9,
+            role: "developer".into(),
             add: true,
         };
         assert_eq!(Frame::decode(c.encode().slice(4..)).unwrap(), c);

@@ -155,6 +155,10 @@ pub struct MeshSection {
     /// this forgets the states it learned from the mesh, so that it cannot bring back a state
     /// of a registration deleted meanwhile.
     pub tombstone_retention_s: u64,
+    /// Interests and registrations one peer node may hold here at once (one per URI and match
+    /// policy, whatever the number of its sessions behind each); beyond, its announcements are
+    /// refused, so that a node that lies cannot grow this one's memory without bound.
+    pub max_holds_per_peer: usize,
 }
 
 impl Default for MeshSection {
@@ -179,6 +183,7 @@ impl Default for MeshSection {
             state_sync_timeout_ms: 30_000,
             dht_max_ttl_s: 86_400,
             tombstone_retention_s: 30 * 86_400,
+            max_holds_per_peer: 262_144,
         }
     }
 }

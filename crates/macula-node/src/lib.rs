@@ -17,6 +17,7 @@ pub mod meter;
 pub mod metrics;
 pub mod node;
 pub mod outbox;
+pub mod proven;
 pub mod rawsocket;
 pub mod session;
 pub mod tls;
@@ -136,7 +137,11 @@ pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow:
         let mut iv = tokio::time::interval(Duration::from_secs(1));
         loop {
             iv.tick().await;
-            expiry.close_expired_sessions(confdir::now_secs());
+            let now = confdir::now_secs();
+            expiry.close_expired_sessions(now);
+            if let Some(m) = expiry.mesh.get() {
+                m.proofs.expire(&expiry, m, now);
+            }
         }
     }));
     if node.confdir.is_some() {
@@ -334,10 +339,7 @@ async fn start_mesh(
         dht_refresh: Duration::from_secs(cfg.dht_refresh_s),
     };
     let (handle, rx) = macula_mesh::start(mcfg, keypair, cert, trust).await?;
-    Ok((
-        mesh::MeshState::new(handle, node.config.mesh.tombstone_retention_s),
-        rx,
-    ))
+    Ok((mesh::MeshState::new(handle, &node.config.mesh), rx))
 }
 
 /// A cheap fingerprint of the config directory: modification times and sizes of the policy files.

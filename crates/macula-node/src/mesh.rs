@@ -24,7 +24,7 @@ use macula_mesh::{encode_routed, Frame, MeshEvent, MeshHandle, Peer as PeerId, R
 use macula_router::auth::credential::SignedCert;
 use macula_router::dealer::InvokePolicy;
 use macula_router::policy::Policy;
-use macula_router::{Announce, Forwarded, Origin, Peer};
+use macula_router::{Announce, Forwarded, Holder, Peer};
 use macula_wamp::uri::MatchPolicy;
 use macula_wamp::{Id, Message, Serializer};
 use parking_lot::Mutex;
@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::node::{Node, RealmHandle};
 use crate::outbox::Gate;
 use crate::outbox::{SessionPeer, Staging};
+use crate::proven::{HoldKey, Kind};
 
 /// Who a realm member is: a client session (its outbox) or another node (a mesh link).
 #[derive(Clone)]
@@ -70,57 +71,7 @@ pub struct LinkPeer {
     mesh: MeshHandle,
     /// Per peer, the (realm, session)s whose key's public form this node sent it
     /// ([`Frame::Session`]); shared by the node's links.
-    announced: Arc<Mutex<HashMap<PeerId, Recent<()>>>>,
-}
-
-/// A peer session's key id and role, as the key's public form proved them.
-type ProvenRole = (String, String);
-
-/// Sessions per peer whose proven role a node keeps (and announces) at once.
-const MAX_SESSIONS_PER_PEER: usize = 65_536;
-
-/// The newest [`MAX_SESSIONS_PER_PEER`] sessions of one peer, each with its realm, the oldest
-/// evicted first. A node's record of what it announced to a peer and the peer's record of the
-/// proofs see the same `Session` frames in the same order (the peer keeps only those it
-/// verified, so never more): the peer never forgets a proof the node still counts as sent.
-/// Keyed by session id alone (random 53-bit ids: two realms' sessions sharing one are not
-/// expected; if they did, the second would simply go unproven), so a lookup allocates nothing.
-pub struct Recent<V> {
-    map: HashMap<u64, (Arc<str>, V)>,
-    order: std::collections::VecDeque<u64>,
-}
-
-impl<V> Default for Recent<V> {
-    fn default() -> Self {
-        Recent {
-            map: HashMap::new(),
-            order: Default::default(),
-        }
-    }
-}
-
-impl<V> Recent<V> {
-    fn get(&self, realm: &str, session: u64) -> Option<&V> {
-        self.map
-            .get(&session)
-            .filter(|(r, _)| &**r == realm)
-            .map(|(_, v)| v)
-    }
-
-    /// Inserts (a known session keeps its place); `false` if it was there.
-    fn insert(&mut self, realm: Arc<str>, session: u64, v: V) -> bool {
-        if self.map.contains_key(&session) {
-            return false;
-        }
-        self.map.insert(session, (realm, v));
-        self.order.push_back(session);
-        if self.order.len() > MAX_SESSIONS_PER_PEER {
-            if let Some(old) = self.order.pop_front() {
-                self.map.remove(&old);
-            }
-        }
-        true
-    }
+    announced: Arc<Mutex<HashMap<PeerId, crate::proven::Recent<()>>>>,
 }
 
 /// The originating session as the frame header carries it.
@@ -142,29 +93,16 @@ impl LinkPeer {
         self.send_routed(Routed::Reply, (0, "", ""), msg);
     }
 
-    /// Sends the public form of `o`'s key before its first forwarded frame to this peer (under
-    /// the lock, so that the frames leave in the order they are recorded).
-    fn announce(&self, o: &macula_router::SessionInfo) {
-        let Some(public) = &o.public else { return };
-        let mut a = self.announced.lock();
-        if a.entry(self.peer)
-            .or_default()
-            .insert(self.realm.clone(), o.id, ())
-        {
-            self.mesh.send(
-                &self.peer,
-                &Frame::Session {
-                    realm: self.realm.to_string(),
-                    session: o.id,
-                    public: public.to_string(),
-                },
-            );
-        }
-    }
-
     fn forward(&self, f: Forwarded<'_>) {
         let (Forwarded::Publication { origin: o, .. } | Forwarded::Call { origin: o, .. }) = &f;
-        self.announce(o);
+        crate::proven::send_proof(
+            &self.announced,
+            &self.mesh,
+            &self.peer,
+            &self.realm,
+            o.id,
+            o.public.as_ref(),
+        );
         match f {
             Forwarded::Publication {
                 publication,
@@ -328,10 +266,9 @@ pub struct MeshState {
     tombstones: Mutex<HashMap<String, u64>>,
     /// `mesh.tombstone_retention_s`.
     tombstone_retention: u64,
-    /// Per peer, its sessions whose role it proved ([`Frame::Session`]): session → (key id, role).
-    verified: Mutex<HashMap<PeerId, Recent<ProvenRole>>>,
-    /// What this node announced to each peer (see [`LinkPeer`]).
-    announced: Arc<Mutex<HashMap<PeerId, Recent<()>>>>,
+    /// Roles proved by peers and sent to them, and the interest and registrations peers hold
+    /// here (see [`crate::proven`]).
+    pub proofs: crate::proven::Proofs,
     /// When this node last had a certified peer.
     last_linked: Mutex<Instant>,
 }
@@ -356,7 +293,7 @@ pub fn collect_gates<T>(f: impl FnOnce() -> T) -> (T, Vec<Arc<Gate>>) {
 }
 
 impl MeshState {
-    pub fn new(handle: MeshHandle, tombstone_retention: u64) -> Arc<MeshState> {
+    pub fn new(handle: MeshHandle, cfg: &crate::config::MeshSection) -> Arc<MeshState> {
         Arc::new(MeshState {
             handle,
             counters: MeshCounters::default(),
@@ -372,9 +309,8 @@ impl MeshState {
             trust_upkeep: Default::default(),
             discovery: Mutex::new(HashMap::new()),
             tombstones: Mutex::new(HashMap::new()),
-            tombstone_retention,
-            verified: Mutex::new(HashMap::new()),
-            announced: Default::default(),
+            tombstone_retention: cfg.tombstone_retention_s,
+            proofs: crate::proven::Proofs::new(cfg.max_holds_per_peer),
             last_linked: Mutex::new(Instant::now()),
         })
     }
@@ -563,7 +499,7 @@ impl MeshState {
         let weak: Weak<MeshState> = Arc::downgrade(self);
         Arc::new(move |realm, a| {
             if let Some(m) = weak.upgrade() {
-                m.handle.broadcast(&announce_frame(realm, a), None);
+                m.send_announce(realm, a, &m.handle.peers());
                 // The client is told (SUBSCRIBED, REGISTERED, ...) once the realm's other nodes
                 // have applied this.
                 let collecting = GATES.with(|g| g.borrow().is_some());
@@ -634,28 +570,64 @@ impl MeshState {
     }
 }
 
-fn announce_frame(realm: &str, a: Announce) -> Frame {
+/// The frame for an announcement, and the session it names.
+fn announce_frame(realm: &str, a: Announce) -> (Frame, Option<Holder>) {
     match a {
-        Announce::Interest { uri, policy, add } => Frame::Interest {
-            realm: realm.into(),
-            uri,
-            policy: policy.as_str().into(),
-            add,
-        },
+        Announce::Interest { uri, policy, by } => (
+            Frame::Interest {
+                realm: realm.into(),
+                uri,
+                policy: policy.as_str().into(),
+                session: by.as_ref().map_or(0, |b| b.session),
+                role: by.as_ref().map(|b| b.role.clone()).unwrap_or_default(),
+                add: by.is_some(),
+            },
+            by,
+        ),
         Announce::Registration {
             uri,
             policy,
             invoke,
-            role,
-            add,
-        } => Frame::Registration {
-            realm: realm.into(),
-            uri,
-            policy: policy.as_str().into(),
-            invoke: invoke.as_str().into(),
-            role,
-            add,
-        },
+            by,
+        } => (
+            Frame::Registration {
+                realm: realm.into(),
+                uri,
+                policy: policy.as_str().into(),
+                invoke: invoke.as_str().into(),
+                session: by.as_ref().map_or(0, |b| b.session),
+                role: by.as_ref().map(|b| b.role.clone()).unwrap_or_default(),
+                add: by.is_some(),
+            },
+            by,
+        ),
+    }
+}
+
+impl MeshState {
+    /// Sends an announcement to `peers`, each time after the proof of the session it names.
+    fn send_announce(&self, realm: &str, a: Announce, peers: &[PeerId]) {
+        let (frame, by) = announce_frame(realm, a);
+        let bytes = frame.encode();
+        let realm: Arc<str> = Arc::from(realm);
+        for p in peers {
+            if let Some(h) = &by {
+                crate::proven::send_proof(
+                    &self.proofs.announced,
+                    &self.handle,
+                    p,
+                    &realm,
+                    h.session,
+                    h.public.as_ref(),
+                );
+            }
+            self.handle.send_encoded(p, bytes.clone());
+        }
+    }
+
+    /// The link member of `peer` in `realm`, if it has one.
+    pub fn link_id(&self, realm: &str, peer: PeerId) -> Option<Id> {
+        self.links.lock().get(&(realm.to_owned(), peer)).copied()
     }
 }
 
@@ -684,7 +656,7 @@ fn link_for(mesh: &MeshState, realm: &Arc<RealmHandle>, peer: PeerId) -> Id {
         peer,
         realm: Arc::from(realm.name.as_str()),
         mesh: mesh.handle.clone(),
-        announced: mesh.announced.clone(),
+        announced: mesh.proofs.announced.clone(),
     });
     let id = realm.lock().join_link(&peer.to_string(), link);
     mesh.links.lock().insert(key, id);
@@ -720,7 +692,7 @@ fn handle(node: &Arc<Node>, mesh: &Arc<MeshState>, ev: MeshEvent) {
             mesh.handle.send(&peer, &Frame::StatesDone);
             for r in node.realm_handles() {
                 for a in r.lock().local_interest() {
-                    mesh.handle.send(&peer, &announce_frame(&r.name, a));
+                    mesh.send_announce(&r.name, a, &[peer]);
                 }
                 let peers = mesh.realm_peers(&r.name);
                 if !peers.is_empty() {
@@ -737,8 +709,7 @@ fn handle(node: &Arc<Node>, mesh: &Arc<MeshState>, ev: MeshEvent) {
         MeshEvent::PeerDown(peer) => {
             tracing::info!(%peer, "mesh peer down");
             mesh.barrier_done(peer, None);
-            mesh.verified.lock().remove(&peer);
-            mesh.announced.lock().remove(&peer);
+            mesh.proofs.forget(&peer);
             let gone: Vec<(String, Id)> = {
                 let mut links = mesh.links.lock();
                 let keys: Vec<(String, PeerId)> =
@@ -766,7 +737,7 @@ fn realm_or_count(node: &Node, mesh: &MeshState, realm: &str) -> Option<Arc<Real
     r
 }
 
-fn rejected(mesh: &MeshState, peer: &PeerId, what: &str, why: impl std::fmt::Display) {
+pub(crate) fn rejected(mesh: &MeshState, peer: &PeerId, what: &str, why: impl std::fmt::Display) {
     mesh.counters.rejected.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(%peer, "forwarded {what} refused: {why}");
 }
@@ -809,7 +780,9 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
             realm,
             session,
             public,
-        } => on_session(node, mesh, peer, &realm, session, &public),
+        } => mesh
+            .proofs
+            .on_session(node, mesh, peer, &realm, session, &public),
         Frame::StatesDone => {
             if !node.states_synced() {
                 tracing::info!(%peer, "realm states synced from a peer");
@@ -885,54 +858,8 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
                 }
             }
         }
-        Frame::Interest {
-            realm,
-            uri,
-            policy,
-            add,
-        } => {
-            let Some(policy) = MatchPolicy::parse(Some(&policy)) else {
-                return rejected(mesh, &peer, "interest", "bad match policy");
-            };
-            let Some(r) = realm_or_count(node, mesh, &realm) else {
-                return;
-            };
-            let link = link_for(mesh, &r, peer);
-            let mut core = r.lock();
-            if add {
-                if let Err(e) = core.link_subscribe(link, &uri, policy) {
-                    rejected(mesh, &peer, "interest", e);
-                }
-            } else {
-                core.link_unsubscribe(link, &uri, policy);
-            }
-        }
-        Frame::Registration {
-            realm,
-            uri,
-            policy,
-            invoke,
-            role,
-            add,
-        } => {
-            let (Some(policy), Some(invoke)) = (
-                MatchPolicy::parse(Some(&policy)),
-                InvokePolicy::parse(Some(&invoke)),
-            ) else {
-                return rejected(mesh, &peer, "registration", "bad policy");
-            };
-            let Some(r) = realm_or_count(node, mesh, &realm) else {
-                return;
-            };
-            let link = link_for(mesh, &r, peer);
-            let mut core = r.lock();
-            if add {
-                if let Err(e) = core.link_register(link, &uri, policy, invoke, &role) {
-                    rejected(mesh, &peer, "registration", e);
-                }
-            } else {
-                core.link_unregister(link, &uri, policy);
-            }
+        f @ (Frame::Interest { .. } | Frame::Registration { .. }) => {
+            on_announce(node, mesh, peer, f)
         }
         Frame::Publish { realm, origin, msg } => {
             let Ok(Message::Publish {
@@ -947,8 +874,9 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
             let Some(r) = realm_or_count(node, mesh, &realm) else {
                 return;
             };
-            let Some(o) = verified_origin(node, mesh, peer, &realm, origin) else {
-                return rejected(mesh, &peer, "publication", "no proven role for its session");
+            let o = match mesh.proofs.origin(node, peer, &realm, origin) {
+                Ok(o) => o,
+                Err(why) => return rejected(mesh, &peer, "publication", why),
             };
             node.metrics.mesh_events_in.fetch_add(1, Ordering::Relaxed);
             let res = r
@@ -971,8 +899,9 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
             let Some(r) = realm_or_count(node, mesh, &realm) else {
                 return;
             };
-            let Some(o) = verified_origin(node, mesh, peer, &realm, origin) else {
-                return rejected(mesh, &peer, "call", "no proven role for its session");
+            let o = match mesh.proofs.origin(node, peer, &realm, origin) {
+                Ok(o) => o,
+                Err(why) => return rejected(mesh, &peer, "call", why),
             };
             let link = link_for(mesh, &r, peer);
             let res = r.lock().link_call(
@@ -1004,77 +933,62 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
     }
 }
 
-/// A peer proves the role of one of its sessions with its key's public form: checked like a
-/// key at a session's join (signatures, expiry, revocation, the realm's current authorities,
-/// the realm), then kept until the peer goes (at most [`MAX_SESSIONS_PER_PEER`] per peer).
-fn on_session(
-    node: &Node,
-    mesh: &MeshState,
-    peer: PeerId,
-    realm: &str,
-    session: u64,
-    public: &str,
-) {
-    let auth = node.auth();
-    let now = crate::confdir::now_secs();
-    let v = match macula_router::auth::credential::verify_public(
-        public,
-        auth.authenticator.operator(),
-        now,
-    ) {
-        Ok(v) => v,
-        Err(e) => return rejected(mesh, &peer, "session", e),
+/// A peer's interest or registration (added, naming the session that holds it; or
+/// withdrawn), held for the peer's link if the session's role justifies it.
+fn on_announce(node: &Node, mesh: &MeshState, peer: PeerId, frame: Frame) {
+    let (kind, realm, uri, policy, invoke, by) = match frame {
+        Frame::Interest {
+            realm,
+            uri,
+            policy,
+            session,
+            role,
+            add,
+        } => (
+            Kind::Interest,
+            realm,
+            uri,
+            policy,
+            None,
+            add.then_some((session, role)),
+        ),
+        Frame::Registration {
+            realm,
+            uri,
+            policy,
+            invoke,
+            session,
+            role,
+            add,
+        } => (
+            Kind::Registration,
+            realm,
+            uri,
+            policy,
+            Some(invoke),
+            add.then_some((session, role)),
+        ),
+        _ => return,
     };
-    if auth.authenticator.is_revoked(&v.claims.kid)
-        || !auth.accepts(realm, &v.authority.authority)
-        || !macula_wamp::uri::is_same_or_subrealm(realm, &v.claims.realm)
-    {
-        return rejected(
-            mesh,
-            &peer,
-            "session",
-            "the key does not belong to the realm",
-        );
-    }
-    mesh.verified.lock().entry(peer).or_default().insert(
-        Arc::from(realm),
-        session,
-        (v.claims.kid, v.claims.role),
-    );
-}
-
-/// The origin of a forwarded publication or call, with the role its node proved for the
-/// session (never the one the frame claims, when there is a proof). Without a proof: the claimed
-/// role, unless the realm requires proven roles (`verified_roles`), then `None`.
-fn verified_origin(
-    node: &Node,
-    mesh: &MeshState,
-    peer: PeerId,
-    realm: &str,
-    o: macula_mesh::Origin,
-) -> Option<Origin> {
-    let proven = mesh
-        .verified
-        .lock()
-        .get(&peer)
-        .and_then(|s| s.get(realm, o.session).cloned());
-    match proven {
-        Some((kid, role)) => Some(Origin {
-            session: o.session,
-            authid: kid,
-            authrole: role,
-        }),
-        None if node.policy_for(realm).is_some_and(|p| p.doc.verified_roles) => None,
-        None => Some(to_origin(o)),
-    }
-}
-
-fn to_origin(o: macula_mesh::Origin) -> Origin {
-    Origin {
-        session: o.session,
-        authid: o.authid,
-        authrole: o.authrole,
-    }
+    let invoke = match invoke {
+        None => Some(InvokePolicy::Single),
+        Some(i) => InvokePolicy::parse(Some(&i)),
+    };
+    let (Some(policy), Some(invoke)) = (MatchPolicy::parse(Some(&policy)), invoke) else {
+        return rejected(mesh, &peer, kind.as_str(), "bad match or invoke policy");
+    };
+    let Some(r) = realm_or_count(node, mesh, &realm) else {
+        return;
+    };
+    let link = link_for(mesh, &r, peer);
+    let key = HoldKey {
+        realm: Arc::from(realm),
+        kind,
+        uri,
+        policy,
+    };
+    mesh.proofs
+        .announce(node, mesh, peer, &r, link, key, invoke, by);
 }
 
 /// Signs the states of the realms whose authority key this node holds and floods those that

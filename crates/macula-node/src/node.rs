@@ -737,6 +737,10 @@ impl Node {
                 }
             }
         }
+        // Peers' interest and registrations held for sessions whose keys no longer stand.
+        if let Some(m) = self.mesh.get() {
+            m.proofs.recheck(self, m);
+        }
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         for s in sessions.values() {
             if auth.authenticator.is_revoked(&s.kid) {

@@ -981,3 +981,165 @@ fn forged_publish(topic: &str, session: u64, n: u64) -> macula_mesh::Frame {
         msg: msg.into(),
     }
 }
+
+/// Interest and registrations a node forwards are held only for roles its keys prove (finding
+/// 19): with `verified_roles` on, an interest in an admin-only topic is refused when it names no
+/// proven session or a `service_account` one, held when an `admin` key proves it, withdrawn when
+/// the peer names a session whose role may not hold it, and withdrawn when the proving key is
+/// revoked here. A registration is held to the proven role the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_holds_interest_and_registrations_only_for_proven_roles() {
+    use macula_mesh::Frame;
+    use macula_router::auth::credential::public_form;
+    use macula_wamp::Payload;
+    let t = TestNode::start().await;
+    let mut doc = t.dir.read_policy(REALM).unwrap();
+    doc.version += 1;
+    doc.verified_roles = true;
+    t.dir.write_policy(&doc).unwrap();
+    t.node().reload().unwrap();
+    let local = t.client().await;
+    let (rogue, mut ev, node) = certified_peer(&t).await;
+    // Outside the realm's prefix: only `admin` may subscribe or register there.
+    let topic = "org.elsewhere.news";
+    let (_, sa) = t.key("service_account");
+    let (admin_kid, admin) = t.key("admin");
+    let prove = |session: u64, key: &str| Frame::Session {
+        realm: REALM.into(),
+        session,
+        public: public_form(key).unwrap(),
+    };
+    let interest = |session: u64, add: bool| Frame::Interest {
+        realm: REALM.into(),
+        uri: topic.into(),
+        policy: "exact".into(),
+        session,
+        role: "admin".into(),
+        add,
+    };
+    macro_rules! forwarded {
+        () => {
+            reaches(&local, &rogue, &node, &mut ev, topic).await
+        };
+    }
+
+    // Claimed admin, nothing proved: refused.
+    rogue.send(&node, &interest(1, true));
+    settle(&rogue, &node, &mut ev).await;
+    assert!(!forwarded!(), "an unproven interest is refused");
+    // A service_account key's proof: that role may not subscribe there.
+    rogue.send(&node, &prove(2, &sa));
+    rogue.send(&node, &interest(2, true));
+    settle(&rogue, &node, &mut ev).await;
+    assert!(!forwarded!(), "held to the proven role");
+    // An admin key's proof: held.
+    rogue.send(&node, &prove(3, &admin));
+    rogue.send(&node, &interest(3, true));
+    settle(&rogue, &node, &mut ev).await;
+    assert!(forwarded!(), "an admin's interest is held");
+    // The peer says the service_account session holds it now: no longer justified.
+    rogue.send(&node, &interest(2, true));
+    settle(&rogue, &node, &mut ev).await;
+    assert!(!forwarded!(), "withdrawn when its holder may not hold it");
+    rogue.send(&node, &interest(3, true));
+    settle(&rogue, &node, &mut ev).await;
+    assert!(forwarded!());
+    // The admin key is revoked here: the peer never withdraws, the node does.
+    t.dir.revoke_key(&admin_kid).unwrap();
+    t.node().reload().unwrap();
+    assert!(!forwarded!(), "withdrawn when the proving key is revoked");
+    rogue.send(&node, &interest(3, true));
+    settle(&rogue, &node, &mut ev).await;
+    assert!(!forwarded!(), "the revoked key's proof is gone");
+
+    // Registrations: a service_account session claiming admin registers nothing here.
+    let registration = |session: u64| Frame::Registration {
+        realm: REALM.into(),
+        uri: "org.elsewhere.proc".into(),
+        policy: "exact".into(),
+        invoke: "single".into(),
+        session,
+        role: "admin".into(),
+        add: true,
+    };
+    rogue.send(&node, &registration(2));
+    settle(&rogue, &node, &mut ev).await;
+    let err = local
+        .call("org.elsewhere.proc", Payload::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no_such_procedure"), "{err}");
+    // An admin key's proof: registered (the call goes to the rogue).
+    let (_, admin2) = t.key("admin");
+    rogue.send(&node, &prove(4, &admin2));
+    rogue.send(&node, &registration(4));
+    settle(&rogue, &node, &mut ev).await;
+    let calling = tokio::spawn({
+        let local = local.clone();
+        async move { local.call("org.elsewhere.proc", Payload::default()).await }
+    });
+    let got_call = loop {
+        match tokio::time::timeout(Duration::from_secs(5), ev.recv()).await {
+            Ok(Some(macula_mesh::MeshEvent::Frame(_, Frame::Call { .. }))) => break true,
+            Ok(Some(_)) => {}
+            _ => break false,
+        }
+    };
+    assert!(got_call, "the admin-proven registration receives the call");
+    calling.abort();
+}
+
+/// A node that lies cannot grow this one's memory through announcements: beyond
+/// `mesh.max_holds_per_peer` distinct interests and registrations, its announcements are
+/// refused; a withdrawal makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_holds_at_most_its_share_of_interest() {
+    use macula_mesh::Frame;
+    let t = TestNode::start_with(|c| c.mesh.max_holds_per_peer = 2).await;
+    let local = t.client().await;
+    let (rogue, mut ev, node) = certified_peer(&t).await;
+    let topic = |i: u32| format!("{REALM}.t{i}");
+    let interest = |i: u32, add: bool| Frame::Interest {
+        realm: REALM.into(),
+        uri: topic(i),
+        policy: "exact".into(),
+        session: 1,
+        role: "admin".into(),
+        add,
+    };
+    for i in 0..3 {
+        rogue.send(&node, &interest(i, true));
+    }
+    settle(&rogue, &node, &mut ev).await;
+    macro_rules! reached {
+        ($i:expr) => {
+            reaches(&local, &rogue, &node, &mut ev, &topic($i)).await
+        };
+    }
+    assert!(reached!(0) && reached!(1));
+    assert!(!reached!(2), "the third interest is refused");
+    rogue.send(&node, &interest(0, false));
+    rogue.send(&node, &interest(2, true));
+    settle(&rogue, &node, &mut ev).await;
+    assert!(!reached!(0) && reached!(2), "room again after a withdrawal");
+}
+
+/// Publishes `topic` on the node with `local` (acknowledged, so forwarded before PUBLISHED) and
+/// reports whether `rogue` got the publication.
+async fn reaches(
+    local: &macula_client::Client,
+    rogue: &macula_mesh::MeshHandle,
+    node: &macula_mesh::Peer,
+    ev: &mut macula_mesh::MeshEvents,
+    topic: &str,
+) -> bool {
+    use macula_wamp::{dict, Payload};
+    local
+        .publish_with(topic, Payload::default(), dict! {"acknowledge" => true})
+        .await
+        .unwrap();
+    settle(rogue, node, ev)
+        .await
+        .iter()
+        .any(|f| matches!(f, macula_mesh::Frame::Publish { .. }))
+}

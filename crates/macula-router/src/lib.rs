@@ -16,5 +16,6 @@ pub mod policy;
 mod realm;
 
 pub use realm::{
-    error, Announce, Announcer, Forwarded, LinkError, Origin, Peer, Realm, RealmConfig, SessionInfo,
+    error, Announce, Announcer, Forwarded, Holder, LinkError, Origin, Peer, Realm, RealmConfig,
+    SessionInfo,
 };

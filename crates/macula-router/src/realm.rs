@@ -51,20 +51,32 @@ pub enum Forwarded<'a> {
 }
 
 /// A change in what this node's own sessions subscribe to or register, for the mesh to announce.
+/// `by` names the session that holds it (the first of the node's sessions that do), so that the
+/// receiving node can check that session's role; `None`: no session of this node holds it any
+/// more. When the session named leaves and others still hold it, it is announced again, naming
+/// one of them.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Announce {
     Interest {
         uri: String,
         policy: MatchPolicy,
-        add: bool,
+        by: Option<Holder>,
     },
     Registration {
         uri: String,
         policy: MatchPolicy,
         invoke: InvokePolicy,
-        role: String,
-        add: bool,
+        by: Option<Holder>,
     },
+}
+
+/// The session an [`Announce`] names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Holder {
+    pub session: Id,
+    pub role: String,
+    /// The public form of the session's key (see [`SessionInfo::public`]).
+    pub public: Option<Arc<str>>,
 }
 
 /// Receives [`Announce`]s with the realm name; called under the realm's lock, so it must only
@@ -267,19 +279,25 @@ impl<P: Peer> Realm<P> {
         self.sessions.get(&id).is_some_and(|m| m.info.link)
     }
 
-    fn local_subscribers(&self, sub: Id) -> usize {
-        self.broker.get(sub).map_or(0, |s| {
-            s.subscribers.iter().filter(|x| !self.is_link(**x)).count()
-        })
+    /// The first of this node's own sessions subscribed to `sub`.
+    fn first_local_subscriber(&self, sub: Id) -> Option<Id> {
+        self.broker
+            .get(sub)
+            .and_then(|s| s.subscribers.iter().copied().find(|x| !self.is_link(*x)))
     }
 
-    fn local_callees(&self, reg: Id) -> Vec<Id> {
-        self.dealer.get(reg).map_or(vec![], |r| {
-            r.callees
-                .iter()
-                .copied()
-                .filter(|x| !self.is_link(*x))
-                .collect()
+    /// The first of this node's own sessions registered as a callee of `reg`.
+    fn first_local_callee(&self, reg: Id) -> Option<Id> {
+        self.dealer
+            .get(reg)
+            .and_then(|r| r.callees.iter().copied().find(|x| !self.is_link(*x)))
+    }
+
+    fn holder(&self, id: Id) -> Option<Holder> {
+        self.sessions.get(&id).map(|m| Holder {
+            session: id,
+            role: m.info.authrole.clone(),
+            public: m.info.public.clone(),
         })
     }
 
@@ -288,71 +306,70 @@ impl<P: Peer> Realm<P> {
     pub fn local_interest(&self) -> Vec<Announce> {
         let mut out = vec![];
         for s in self.broker.iter() {
-            if self.local_subscribers(s.id) > 0 {
+            if let Some(by) = self
+                .first_local_subscriber(s.id)
+                .and_then(|c| self.holder(c))
+            {
                 out.push(Announce::Interest {
                     uri: s.uri.clone(),
                     policy: s.policy,
-                    add: true,
+                    by: Some(by),
                 });
             }
         }
         for r in self.dealer.iter() {
-            if let Some(c) = self.local_callees(r.id).first() {
+            if let Some(by) = self.first_local_callee(r.id).and_then(|c| self.holder(c)) {
                 out.push(Announce::Registration {
                     uri: r.uri.clone(),
                     policy: r.policy,
                     invoke: r.invoke,
-                    role: self.role_of(*c),
-                    add: true,
+                    by: Some(by),
                 });
             }
         }
         out
     }
 
-    fn role_of(&self, id: Id) -> String {
-        self.sessions
-            .get(&id)
-            .map(|m| m.info.authrole.clone())
-            .unwrap_or_default()
-    }
-
-    /// Removes `session` from subscription `sub`, announcing when the node's own interest in it
-    /// ends. `None` if the session was not subscribed.
+    /// Removes `session` from subscription `sub`, announcing when the session that justifies
+    /// the node's interest in it changes (or none is left). `None` if the session was not
+    /// subscribed.
     fn drop_subscription(&mut self, session: Id, sub: Id) -> Option<()> {
         let (uri, policy) = self.broker.get(sub).map(|s| (s.uri.clone(), s.policy))?;
+        let before = self.first_local_subscriber(sub);
         self.broker.unsubscribe(session, sub)?;
         if let Some(m) = self.sessions.get_mut(&session) {
             m.subscriptions.retain(|s| *s != sub);
         }
-        if !self.is_link(session) && self.local_subscribers(sub) == 0 {
+        let after = self.first_local_subscriber(sub);
+        if before != after {
             self.announce(Announce::Interest {
                 uri,
                 policy,
-                add: false,
+                by: after.and_then(|a| self.holder(a)),
             });
         }
         Some(())
     }
 
-    /// Removes `session` as a callee of `reg`, announcing when no local callee is left.
+    /// Removes `session` as a callee of `reg`, announcing when the session that justifies the
+    /// node's registration changes (or none is left).
     fn drop_registration(&mut self, session: Id, reg: Id) -> Option<()> {
         let (uri, policy, invoke) = self
             .dealer
             .get(reg)
             .map(|r| (r.uri.clone(), r.policy, r.invoke))?;
-        let role = self.role_of(session);
+        let before = self.first_local_callee(reg);
         self.dealer.unregister(session, reg)?;
         if let Some(m) = self.sessions.get_mut(&session) {
             m.registrations.retain(|r| *r != reg);
         }
-        if !self.is_link(session) && self.local_callees(reg).is_empty() {
+        let after = self.first_local_callee(reg);
+        if before != after {
             self.announce(Announce::Registration {
                 uri,
                 policy,
                 invoke,
-                role,
-                add: false,
+                by: after.and_then(|a| self.holder(a)),
             });
         }
         Some(())
@@ -863,11 +880,11 @@ impl<P: Peer> Realm<P> {
                 newly = true;
             }
         }
-        if newly && self.local_subscribers(id) == 1 {
+        if newly && self.first_local_subscriber(id) == Some(from) {
             self.announce(Announce::Interest {
                 uri: topic,
                 policy,
-                add: true,
+                by: self.holder(from),
             });
         }
         self.send(
@@ -936,8 +953,8 @@ impl<P: Peer> Realm<P> {
                     m.registrations.push(id);
                 }
                 self.send(from, Message::Registered { request, registration: id });
-                if self.local_callees(id).len() == 1 {
-                    self.announce(Announce::Registration { uri: procedure, policy, invoke, role, add: true });
+                if self.first_local_callee(id) == Some(from) {
+                    self.announce(Announce::Registration { uri: procedure, policy, invoke, by: self.holder(from) });
                 }
             }
             Err(RegisterError::AlreadyExists) => self.send(
@@ -1373,16 +1390,27 @@ impl<P: Peer> Realm<P> {
         id
     }
 
-    /// The linked node's sessions subscribed to (`uri`, `policy`).
+    /// The linked node's sessions subscribed to (`uri`, `policy`), the one it names with `role`.
     pub fn link_subscribe(
         &mut self,
         link: Id,
         uri: &str,
         policy: MatchPolicy,
+        role: &str,
     ) -> Result<(), LinkError> {
         uri::validate_pattern(uri, policy).map_err(|e| LinkError::Invalid(e.to_string()))?;
         if !self.is_link(link) {
             return Err(LinkError::Invalid("not a link".into()));
+        }
+        if !self
+            .policy
+            .allows_pattern(role, Action::Subscribe, uri, policy)
+        {
+            return Err(LinkError::NotAuthorized(self.denied(
+                role,
+                Action::Subscribe,
+                uri,
+            )));
         }
         let ids = &mut self.ids;
         let (id, _) = self.broker.subscribe(link, uri, policy, || ids.next());

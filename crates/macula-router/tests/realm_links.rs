@@ -5,7 +5,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use macula_router::policy::Policy;
-use macula_router::{Announce, Forwarded, Origin, Peer, Realm, RealmConfig, SessionInfo};
+use macula_router::{
+    Announce, Forwarded, LinkError, Origin, Peer, Realm, RealmConfig, SessionInfo,
+};
 use macula_wamp::uri::MatchPolicy;
 use macula_wamp::{code, dict, errors, Dict, Id, Message, Payload, Value};
 
@@ -156,10 +158,11 @@ fn interest_is_announced_once_and_a_publication_crosses_once() {
         if let Announce::Interest {
             uri,
             policy,
-            add: true,
+            by: Some(by),
         } = an
         {
-            a.link_subscribe(link, &uri, policy).unwrap();
+            assert_eq!(by.session, s1, "the first subscriber holds it");
+            a.link_subscribe(link, &uri, policy, &by.role).unwrap();
         }
     }
     assert_eq!(a.session_count(), 0, "links are not sessions");
@@ -229,18 +232,41 @@ fn interest_is_announced_once_and_a_publication_crosses_once() {
         )
         .is_err());
     assert!(s1_in.msgs().is_empty());
-    // The last local unsubscribe withdraws interest.
+    // The session that held the interest leaves: it is announced again, held by the other.
+    b_log.lock().unwrap().clear();
     b.leave(s1);
+    let moved: Vec<Announce> = b_log.lock().unwrap().drain(..).collect();
+    assert!(
+        moved
+            .iter()
+            .any(|a| matches!(a, Announce::Interest { uri, by: Some(by), .. }
+            if uri == "com.acme.home.t" && by.session == s2)),
+        "{moved:?}"
+    );
+    assert!(
+        moved.contains(&Announce::Interest {
+            uri: "com.acme.home".into(),
+            policy: MatchPolicy::Prefix,
+            by: None
+        }),
+        "s1 alone held the prefix subscription: {moved:?}"
+    );
+    // The last local unsubscribe withdraws interest.
     b.leave(s2);
     let gone: Vec<Announce> = b_log.lock().unwrap().drain(..).collect();
-    assert!(
-        gone.contains(&Announce::Interest {
+    assert_eq!(
+        gone,
+        vec![Announce::Interest {
             uri: "com.acme.home.t".into(),
             policy: MatchPolicy::Exact,
-            add: false
-        }),
-        "{gone:?}"
+            by: None
+        }]
     );
+    // A role that may not subscribe there is refused.
+    assert!(matches!(
+        a.link_subscribe(link, "org.other.secret", MatchPolicy::Exact, "sensor"),
+        Err(LinkError::NotAuthorized(_))
+    ));
 }
 
 #[test]
@@ -259,15 +285,15 @@ fn calls_cross_nodes_and_fail_cleanly_when_the_node_goes() {
         uri,
         policy,
         invoke,
-        role,
-        add: true,
+        by: Some(by),
     }) = b_log.lock().unwrap().pop()
     else {
         panic!()
     };
+    assert_eq!((by.session, by.role.as_str()), (callee, "admin"));
     let a_link_in = Inbox::default();
     let a_link = a.join_link("node-b", a_link_in.clone());
-    a.link_register(a_link, &uri, policy, invoke, &role)
+    a.link_register(a_link, &uri, policy, invoke, &by.role)
         .unwrap();
     // A role that may not register there is refused.
     assert!(a

@@ -173,6 +173,25 @@ pub enum RealmsCmd {
         name: String,
         tier: String,
     },
+    /// Show a realm's policy, or change how the mesh treats it: `--verified-roles on` makes
+    /// every node take forwarded publications, calls, subscriptions and registrations only with
+    /// roles that the keys' public forms prove (nodes of this version send the proofs; turn it
+    /// on once all do); `--nodes` restricts the realm to dedicated nodes (their peer ids from
+    /// `macula mesh status`, comma-separated; `any` lifts the restriction; needs the
+    /// dedicated_nodes add-on on a registry).
+    ///
+    /// Examples: macula realms policy com.myapp
+    ///           macula realms policy com.myapp --verified-roles on
+    ///           macula realms policy com.myapp --nodes 12D3KooW...,12D3KooW...
+    Policy {
+        #[command(flatten)]
+        dir: DirArg,
+        name: String,
+        #[arg(long, value_name = "on|off")]
+        verified_roles: Option<Switch>,
+        #[arg(long, value_name = "PEER,...|any")]
+        nodes: Option<String>,
+    },
     /// Turn a premium add-on on (or --off): analytics, multi_region, priority_support,
     /// custom_domains, dedicated_nodes, sso. Billed for every month in which it was on.
     Addon {
@@ -183,6 +202,60 @@ pub enum RealmsCmd {
         #[arg(long)]
         off: bool,
     },
+}
+
+/// `on` or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+/// Applies `macula realms policy` flags to `doc`; returns whether anything was asked to change.
+pub fn change_policy(
+    doc: &mut macula_router::policy::PolicyDoc,
+    verified_roles: Option<Switch>,
+    nodes: Option<&str>,
+) -> bool {
+    if let Some(v) = verified_roles {
+        doc.verified_roles = v == Switch::On;
+    }
+    if let Some(n) = nodes {
+        doc.nodes = match n.trim() {
+            "any" | "" => vec![],
+            list => list.split(',').map(|p| p.trim().to_owned()).collect(),
+        };
+    }
+    verified_roles.is_some() || nodes.is_some()
+}
+
+/// Prints a realm's policy for people.
+pub fn print_policy(doc: &macula_router::policy::PolicyDoc) {
+    println!("{} (policy version {})", doc.realm, doc.version);
+    println!("  roles:");
+    for r in &doc.roles {
+        let sub = if r.subrealms { " (and subrealms)" } else { "" };
+        println!("    {}{sub}: {}", r.name, r.permissions.join(", "));
+    }
+    for a in &doc.topic_acls {
+        println!("  topic ACL: {a:?}");
+    }
+    println!(
+        "  served by:      {}",
+        if doc.nodes.is_empty() {
+            "any node of the mesh".to_string()
+        } else {
+            doc.nodes.join(", ")
+        }
+    );
+    println!(
+        "  verified roles: {}",
+        if doc.verified_roles {
+            "on (forwarded traffic only with roles keys prove)"
+        } else {
+            "off (a claimed role is believed when no key proves one)"
+        }
+    );
 }
 
 /// Parses `30d`, `12h`, `90m`, `45s`, `500ms` or `never` (0).
@@ -308,7 +381,8 @@ pub fn realms(cmd: RealmsCmd, json: bool) -> Result<()> {
         | RealmsCmd::Transfer { dir, .. }
         | RealmsCmd::Acl { dir, .. }
         | RealmsCmd::Plan { dir, .. }
-        | RealmsCmd::Addon { dir, .. } => dir,
+        | RealmsCmd::Addon { dir, .. }
+        | RealmsCmd::Policy { dir, .. } => dir,
     };
     if let Some(api) = target.registry()? {
         return crate::registry_cmds::realms(&api, cmd, json);
@@ -370,6 +444,31 @@ pub fn realms(cmd: RealmsCmd, json: bool) -> Result<()> {
         RealmsCmd::Acl { .. } => return Err(registry_only("acl")),
         RealmsCmd::Plan { .. } => return Err(registry_only("plan")),
         RealmsCmd::Addon { .. } => return Err(registry_only("addon")),
+        RealmsCmd::Policy {
+            dir,
+            name,
+            verified_roles,
+            nodes,
+        } => {
+            let d = open(&dir)?;
+            let mut doc = d
+                .read_policy(&name)
+                .map_err(|e| anyhow::anyhow!("realm {name}: {e}"))?;
+            if change_policy(&mut doc, verified_roles, nodes.as_deref()) {
+                for n in &doc.nodes {
+                    if n.parse::<macula_mesh::Peer>().is_err() {
+                        bail!("{n:?} is not a node's peer id (see `macula mesh status`)");
+                    }
+                }
+                doc.version += 1;
+                d.write_policy(&doc)?;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                print_policy(&doc);
+            }
+        }
     }
     Ok(())
 }

@@ -792,6 +792,39 @@ pub fn realms(api: &Api, cmd: crate::local::RealmsCmd, json: bool) -> Result<()>
                 )
             });
         }
+        RealmsCmd::Policy {
+            name,
+            verified_roles,
+            nodes,
+            ..
+        } => {
+            let path = format!("/v1/realms/{}/policy", seg(&name));
+            let v = api.send("GET", &path, None, true)?;
+            let mut doc: macula_router::policy::PolicyDoc =
+                serde_json::from_value(v).map_err(|e| {
+                    anyhow::anyhow!("the registry sent a policy this CLI cannot read: {e}")
+                })?;
+            let v = if crate::local::change_policy(&mut doc, verified_roles, nodes.as_deref()) {
+                api.send(
+                    "PUT",
+                    &path,
+                    Some(&json!({
+                        "roles": doc.roles,
+                        "topic_acls": doc.topic_acls,
+                        "nodes": nodes.is_some().then_some(&doc.nodes),
+                        "verified_roles": verified_roles.map(|_| doc.verified_roles),
+                        "expected_version": doc.version,
+                    })),
+                    true,
+                )?
+            } else {
+                serde_json::to_value(&doc)?
+            };
+            out(&v, &|v| match serde_json::from_value(v.clone()) {
+                Ok(doc) => crate::local::print_policy(&doc),
+                Err(_) => println!("{v}"),
+            });
+        }
         RealmsCmd::Acl {
             name,
             add_user,

@@ -258,13 +258,26 @@ async fn a_realm_restricted_to_dedicated_nodes_is_served_only_by_them() {
         }
     }
     let (p1, p2, _p3) = (identity(&d1, 11), identity(&d2, 12), identity(&d3, 13));
-    let mut doc = c1.read_policy(REALM).unwrap();
-    doc.version += 1;
-    doc.nodes = vec![p1, p2];
     // And roles in forwarded traffic must be proven by the keys' public forms: the dedicated
     // nodes send them, so traffic across them flows as before.
-    doc.verified_roles = true;
-    c1.write_policy(&doc).unwrap();
+    let shown = cli(&[
+        "realms",
+        "policy",
+        REALM,
+        "--config",
+        &d1.to_string_lossy(),
+        "--verified-roles",
+        "on",
+        "--nodes",
+        &format!("{p1},{p2}"),
+    ]);
+    assert!(
+        shown.contains(&format!("served by:      {p1}, {p2}"))
+            && shown.contains("verified roles: on"),
+        "{shown}"
+    );
+    let doc = c1.read_policy(REALM).unwrap();
+    assert!(doc.verified_roles && doc.nodes == [p1, p2]);
 
     let n1 = start_node(&d1, None);
     let n2 = start_node(&d2, Some(&n1.mesh));
@@ -309,6 +322,36 @@ async fn a_realm_restricted_to_dedicated_nodes_is_served_only_by_them() {
         .expect("an event from a dedicated node")
         .unwrap();
     assert_eq!(ev.payload.args, vec![Value::from(1u64)]);
+
+    // The session that holds node 1's interest leaves while another still subscribes: node 1
+    // names the other (with its key's proof) and node 2 keeps forwarding.
+    let sub2 = Client::connect_with(opts(&n1.ws, &admin)).await.unwrap();
+    let mut events2 = sub2.subscribe(&format!("{REALM}.d")).await.unwrap();
+    sub.close().await;
+    // SUBSCRIBED comes once node 2 applied everything node 1 sent before: the handover too.
+    let _other = sub2.subscribe(&format!("{REALM}.other")).await.unwrap();
+    publisher
+        .publish(
+            &format!("{REALM}.d"),
+            Payload::args(vec![Value::from(2u64)]),
+        )
+        .await
+        .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(10), events2.next())
+        .await
+        .expect("the interest survives its first holder")
+        .unwrap();
+    assert_eq!(ev.payload.args, vec![Value::from(2u64)]);
+    // Registrations cross with proven roles too.
+    let _reg = sub2
+        .register(&format!("{REALM}.echo"), |_| async { answer("node1") })
+        .await
+        .unwrap();
+    let out = publisher
+        .call(&format!("{REALM}.echo"), Payload::default())
+        .await
+        .unwrap();
+    assert_eq!(out.args, vec![Value::from("node1")]);
 }
 
 /// Whether `http`'s node has `peer` as a certified (linked) peer.

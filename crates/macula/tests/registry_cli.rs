@@ -119,6 +119,37 @@ async fn onboarding(database: Option<&str>) {
         .unwrap();
     assert_eq!(ev.payload.args, vec![Value::from("hi")]);
 
+    // The realm's policy from the CLI: shown, and the mesh told to believe only proven roles.
+    let shown = cli(c, &http, &["realms", "policy", "com.onboard.app"], None);
+    assert!(
+        shown.contains("verified roles: off") && shown.contains("service_account"),
+        "{shown}"
+    );
+    let on = cli(
+        c,
+        &http,
+        &[
+            "realms",
+            "policy",
+            "com.onboard.app",
+            "--verified-roles",
+            "on",
+        ],
+        None,
+    );
+    assert!(on.contains("verified roles: on"), "{on}");
+    let peer = macula_mesh::identity::Keypair::generate_ed25519()
+        .public()
+        .to_peer_id()
+        .to_string();
+    let (ok, _, err) = macula_up::cli_run(
+        c,
+        &http,
+        &["realms", "policy", "com.onboard.app", "--nodes", &peer],
+        None,
+    );
+    assert!(!ok && err.contains("dedicated_nodes add-on"), "{err}");
+
     let status = cli(c, &http, &["status", "--realm", "com.onboard.app"], None);
     assert!(
         status.contains("active") && status.contains("live sessions"),
