@@ -10,8 +10,9 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-/// Version of the frame protocol, announced in [`Frame::Hello`].
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version of the frame protocol, announced in [`Frame::Hello`]; a peer speaking another one
+/// is refused. 3: interest and registrations name a session; session proofs.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 const TAG_CONTROL: u8 = 0;
 const TAG_PUBLISH: u8 = 1;
@@ -202,13 +203,16 @@ pub enum Frame {
     CertRenew,
     /// A fresh certificate for the receiver.
     CertIssued { cert: Bytes },
-    /// The public form of the key of the sender's session `session` (see
-    /// `credential::public_form`), sent before that session's first forwarded frame: the
-    /// receiver takes the session's role from it, not from the frames' origin.
+    /// The proof of the role of the sender's session `session`, sent before the first frame
+    /// that names it: the public form of its key (`credential::public_form`) and the key
+    /// holder's signature `sig` over `credential::session_digest(sender, realm, nonce)`. The
+    /// receiver takes the session's role from it, not from the frames.
     Session {
         realm: String,
         session: u64,
         public: String,
+        nonce: Bytes,
+        sig: Bytes,
     },
 }
 

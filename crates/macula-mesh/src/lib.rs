@@ -1551,7 +1551,16 @@ async fn reader(
     let first = tokio::time::timeout(CERT_WITHIN, read_frame(&mut rd, &mut buf, &mut chunk, 4096));
     let hello = match first.await.unwrap_or(Err(ReadError::Closed)) {
         Ok(body) => match Frame::decode(body) {
-            Ok(Frame::Hello { cert, .. }) => Some(cert),
+            Ok(Frame::Hello { version, cert }) if version == frame::PROTOCOL_VERSION => Some(cert),
+            Ok(Frame::Hello { version, .. }) => {
+                tracing::warn!(
+                    %peer,
+                    "peer speaks mesh protocol version {version} and this node {}: run the same \
+                     Macula release on every node",
+                    frame::PROTOCOL_VERSION
+                );
+                None
+            }
             _ => None,
         },
         Err(_) => None,

@@ -278,6 +278,7 @@ impl ConfDir {
             expires_at: if ttl_secs == 0 { 0 } else { now + ttl_secs },
             pubkey,
             secret_hash: None,
+            holder: None,
         };
         let key = credential::issue_key(&authority, &cert, &claims);
         doc.api_keys.push(ApiKeyDoc {

@@ -159,6 +159,9 @@ pub struct MeshSection {
     /// policy, whatever the number of its sessions behind each); beyond, its announcements are
     /// refused, so that a node that lies cannot grow this one's memory without bound.
     pub max_holds_per_peer: usize,
+    /// Realms in which one peer node may hold interest or registrations here at once (each
+    /// costs a realm's state); beyond, its announcements for new realms are refused.
+    pub max_realms_per_peer: usize,
 }
 
 impl Default for MeshSection {
@@ -184,6 +187,7 @@ impl Default for MeshSection {
             dht_max_ttl_s: 86_400,
             tombstone_retention_s: 30 * 86_400,
             max_holds_per_peer: 262_144,
+            max_realms_per_peer: 4096,
         }
     }
 }

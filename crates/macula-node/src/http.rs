@@ -328,6 +328,7 @@ impl BridgeSession {
             &auth.authenticator,
             now_secs(),
             [0; 32],
+            node.mesh_peer_bytes(),
         );
         let identity = match step {
             macula_router::auth::Step::Authenticated { identity, .. } => identity,
@@ -388,7 +389,7 @@ impl BridgeSession {
                 transport: dict! {"type" => "http"},
                 callee_cancel: false,
                 link: false,
-                public: identity.public.as_deref().map(std::sync::Arc::from),
+                proof: identity.proof.clone().map(std::sync::Arc::new),
             };
             // The WELCOME is not needed by an HTTP client.
             let _welcome = core.join(

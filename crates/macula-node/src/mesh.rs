@@ -101,7 +101,7 @@ impl LinkPeer {
             &self.peer,
             &self.realm,
             o.id,
-            o.public.as_ref(),
+            o.proof.as_ref(),
         );
         match f {
             Forwarded::Publication {
@@ -237,6 +237,8 @@ pub struct MeshCounters {
 /// The mesh as the node sees it.
 pub struct MeshState {
     pub handle: MeshHandle,
+    /// This node's peer id as bytes: what its sessions' proofs name.
+    pub peer_bytes: Vec<u8>,
     pub counters: MeshCounters,
     links: Mutex<HashMap<(String, PeerId), Id>>,
     /// Signed realm states known to this node (its own and learned), by realm.
@@ -295,6 +297,7 @@ pub fn collect_gates<T>(f: impl FnOnce() -> T) -> (T, Vec<Arc<Gate>>) {
 impl MeshState {
     pub fn new(handle: MeshHandle, cfg: &crate::config::MeshSection) -> Arc<MeshState> {
         Arc::new(MeshState {
+            peer_bytes: handle.peer_id().to_bytes(),
             handle,
             counters: MeshCounters::default(),
             links: Mutex::new(HashMap::new()),
@@ -310,7 +313,10 @@ impl MeshState {
             discovery: Mutex::new(HashMap::new()),
             tombstones: Mutex::new(HashMap::new()),
             tombstone_retention: cfg.tombstone_retention_s,
-            proofs: crate::proven::Proofs::new(cfg.max_holds_per_peer),
+            proofs: crate::proven::Proofs::new(crate::proven::HoldLimits {
+                holds: cfg.max_holds_per_peer,
+                realms: cfg.max_realms_per_peer,
+            }),
             last_linked: Mutex::new(Instant::now()),
         })
     }
@@ -618,7 +624,7 @@ impl MeshState {
                     p,
                     &realm,
                     h.session,
-                    h.public.as_ref(),
+                    h.proof.as_ref(),
                 );
             }
             self.handle.send_encoded(p, bytes.clone());
@@ -690,6 +696,7 @@ fn handle(node: &Arc<Node>, mesh: &Arc<MeshState>, ev: MeshEvent) {
             }
             // Frames to a peer arrive in order: after this, the peer knows every state we knew.
             mesh.handle.send(&peer, &Frame::StatesDone);
+            mesh.proofs.link_up(&peer);
             for r in node.realm_handles() {
                 for a in r.lock().local_interest() {
                     mesh.send_announce(&r.name, a, &[peer]);
@@ -729,8 +736,20 @@ fn handle(node: &Arc<Node>, mesh: &Arc<MeshState>, ev: MeshEvent) {
     }
 }
 
+/// The realm a peer's interest or registration is held in, made here if the node knows it.
 fn realm_or_count(node: &Node, mesh: &MeshState, realm: &str) -> Option<Arc<RealmHandle>> {
     let r = node.realm_for_mesh(realm);
+    if r.is_none() {
+        mesh.counters.unknown_realm.fetch_add(1, Ordering::Relaxed);
+    }
+    r
+}
+
+/// The realm a publication, call or reply is for, if it is active here: a publication for a
+/// realm with no state here has no subscriber here, and a call or reply belongs to a realm
+/// with a callee or caller here; so a peer cannot make the node build states for names.
+fn active_realm(node: &Node, mesh: &MeshState, realm: &str) -> Option<Arc<RealmHandle>> {
+    let r = node.realm_handle(realm);
     if r.is_none() {
         mesh.counters.unknown_realm.fetch_add(1, Ordering::Relaxed);
     }
@@ -780,9 +799,11 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
             realm,
             session,
             public,
+            nonce,
+            sig,
         } => mesh
             .proofs
-            .on_session(node, mesh, peer, &realm, session, &public),
+            .on_session(node, mesh, peer, &realm, session, &public, &nonce, &sig),
         Frame::StatesDone => {
             if !node.states_synced() {
                 tracing::info!(%peer, "realm states synced from a peer");
@@ -871,7 +892,7 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
             else {
                 return rejected(mesh, &peer, "publication", "not a PUBLISH");
             };
-            let Some(r) = realm_or_count(node, mesh, &realm) else {
+            let Some(r) = active_realm(node, mesh, &realm) else {
                 return;
             };
             let o = match mesh.proofs.origin(node, peer, &realm, origin) {
@@ -896,7 +917,7 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
             else {
                 return rejected(mesh, &peer, "call", "not a CALL");
             };
-            let Some(r) = realm_or_count(node, mesh, &realm) else {
+            let Some(r) = active_realm(node, mesh, &realm) else {
                 return;
             };
             let o = match mesh.proofs.origin(node, peer, &realm, origin) {
@@ -921,7 +942,7 @@ fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, frame: Frame)
             let Ok(m) = Serializer::MsgPack.decode(&msg) else {
                 return rejected(mesh, &peer, "reply", "undecodable");
             };
-            let Some(r) = realm_or_count(node, mesh, &realm) else {
+            let Some(r) = active_realm(node, mesh, &realm) else {
                 return;
             };
             let link = link_for(mesh, &r, peer);
@@ -977,18 +998,17 @@ fn on_announce(node: &Node, mesh: &MeshState, peer: PeerId, frame: Frame) {
     let (Some(policy), Some(invoke)) = (MatchPolicy::parse(Some(&policy)), invoke) else {
         return rejected(mesh, &peer, kind.as_str(), "bad match or invoke policy");
     };
-    let Some(r) = realm_or_count(node, mesh, &realm) else {
-        return;
-    };
-    let link = link_for(mesh, &r, peer);
     let key = HoldKey {
-        realm: Arc::from(realm),
+        realm: Arc::from(realm.as_str()),
         kind,
         uri,
         policy,
     };
-    mesh.proofs
-        .announce(node, mesh, peer, &r, link, key, invoke, by);
+    mesh.proofs.announce(node, mesh, peer, key, invoke, by, || {
+        let r = realm_or_count(node, mesh, &realm)?;
+        let link = link_for(mesh, &r, peer);
+        Some((r, link))
+    });
 }
 
 /// Signs the states of the realms whose authority key this node holds and floods those that

@@ -264,6 +264,70 @@ impl Node {
         None
     }
 
+    /// This node's mesh peer id as bytes (what session proofs name), when the mesh is on.
+    pub fn mesh_peer_bytes(&self) -> Option<&[u8]> {
+        self.mesh.get().map(|m| m.peer_bytes.as_slice())
+    }
+
+    /// Whether a key of `key_realm` with `role` may act in `realm` here now: the realm exists,
+    /// is neither deleted nor disabled, has the role, and — from a parent realm's key, or
+    /// under a parent's policy — the role extends to subrealms. The governing policy, or the
+    /// WAMP error and message. What a session's join checks, and what a peer's proof of one of
+    /// its sessions must pass too.
+    pub fn role_admitted(
+        &self,
+        realm: &str,
+        key_realm: &str,
+        role: &str,
+    ) -> Result<Arc<Policy>, (&'static str, String)> {
+        let Some(policy) = self.policy_for(realm) else {
+            return Err((
+                errors::NO_SUCH_REALM,
+                format!("realm {realm} does not exist on this node (create it with `macula realms create {realm}`)"),
+            ));
+        };
+        if policy.doc.deleted {
+            return Err((
+                errors::NO_SUCH_REALM,
+                format!("realm {} was deleted", policy.realm()),
+            ));
+        }
+        if let Some(why) = &policy.doc.disabled {
+            return Err((
+                errors::REALM_DISABLED,
+                format!("realm {} is disabled: {why}", policy.realm()),
+            ));
+        }
+        if !policy.has_role(role) {
+            return Err((
+                errors::NO_SUCH_ROLE,
+                format!("realm {} has no role {role:?}", policy.realm()),
+            ));
+        }
+        // A key issued for a parent realm enters a subrealm only through a role that the *key's*
+        // realm marks `subrealms: true`; a role of the same name in the subrealm's own policy
+        // is not enough.
+        if key_realm != realm {
+            let key_policy = self.policy_for(key_realm);
+            if !key_policy.is_some_and(|p| p.role_covers_subrealms(role)) {
+                return Err((
+                    errors::AUTHORIZATION_FAILED,
+                    format!("the key's role {role:?} of {key_realm} does not extend to subrealm {realm}"),
+                ));
+            }
+        }
+        if policy.realm() != realm && !policy.role_covers_subrealms(role) {
+            return Err((
+                errors::AUTHORIZATION_FAILED,
+                format!(
+                    "role {role:?} of {} does not extend to subrealm {realm}",
+                    policy.realm()
+                ),
+            ));
+        }
+        Ok(policy)
+    }
+
     /// Decides whether `identity` may join its realm; returns the realm to join or the ABORT.
     pub fn admit(&self, identity: &Identity) -> Result<Arc<RealmHandle>, Message> {
         // Until the mesh's realm states are in, a realm known only through an ancestor may be a
@@ -292,24 +356,9 @@ impl Node {
                 ),
             ));
         }
-        let Some(policy) = self.policy_for(&identity.realm) else {
-            return Err(abort(
-                errors::NO_SUCH_REALM,
-                format!("realm {} does not exist on this node (create it with `macula realms create {}`)", identity.realm, identity.realm),
-            ));
-        };
-        if policy.doc.deleted {
-            return Err(abort(
-                errors::NO_SUCH_REALM,
-                format!("realm {} was deleted", policy.realm()),
-            ));
-        }
-        if let Some(why) = &policy.doc.disabled {
-            return Err(abort(
-                errors::REALM_DISABLED,
-                format!("realm {} is disabled: {why}", policy.realm()),
-            ));
-        }
+        let policy = self
+            .role_admitted(&identity.realm, &identity.key_realm, &identity.role)
+            .map_err(|(uri, msg)| abort(uri, msg))?;
         if let Some(why) = &policy.doc.quota_exceeded {
             return Err(abort(errors::QUOTA_EXCEEDED, why.clone()));
         }
@@ -326,38 +375,6 @@ impl Node {
                     ),
                 ));
             }
-        }
-        if !policy.has_role(&identity.role) {
-            return Err(abort(
-                errors::NO_SUCH_ROLE,
-                format!("realm {} has no role {:?}", policy.realm(), identity.role),
-            ));
-        }
-        // A key issued for a parent realm enters a subrealm only through a role that the *key's*
-        // realm marks `subrealms: true`; a role of the same name in the subrealm's own policy
-        // is not enough.
-        if identity.key_realm != identity.realm {
-            let key_policy = self.policy_for(&identity.key_realm);
-            if !key_policy.is_some_and(|p| p.role_covers_subrealms(&identity.role)) {
-                return Err(abort(
-                    errors::AUTHORIZATION_FAILED,
-                    format!(
-                        "the key's role {:?} of {} does not extend to subrealm {}",
-                        identity.role, identity.key_realm, identity.realm
-                    ),
-                ));
-            }
-        }
-        if policy.realm() != identity.realm && !policy.role_covers_subrealms(&identity.role) {
-            return Err(abort(
-                errors::AUTHORIZATION_FAILED,
-                format!(
-                    "role {:?} of {} does not extend to subrealm {}",
-                    identity.role,
-                    policy.realm(),
-                    identity.realm
-                ),
-            ));
         }
         if self.metrics.sessions.load(Ordering::Relaxed) as usize >= self.config.limits.max_sessions
         {

@@ -299,7 +299,14 @@ impl Connection {
             }
             State::Handshake(h) => {
                 let auth = self.node.auth();
-                match h.on_message(msg, &auth.authenticator, now_secs(), rand::random()) {
+                let node_id = self.node.mesh_peer_bytes();
+                match h.on_message(
+                    msg,
+                    &auth.authenticator,
+                    now_secs(),
+                    rand::random(),
+                    node_id,
+                ) {
                     Step::Challenge(c) => {
                         self.outbox_send(c);
                         Flow::Continue
@@ -360,7 +367,7 @@ impl Connection {
                                 transport: self.transport.clone(),
                                 callee_cancel,
                                 link: false,
-                                public: identity.public.as_deref().map(std::sync::Arc::from),
+                                proof: identity.proof.clone().map(std::sync::Arc::new),
                             };
                             let welcome = core.join(
                                 info,

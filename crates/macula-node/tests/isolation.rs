@@ -149,7 +149,7 @@ async fn credentials_changed_during_the_handshake_get_abort_not_welcome() {
         method: "ticket",
         expires_at: 0,
         authority,
-        public: None,
+        proof: None,
     };
     let outbox = || {
         macula_node::outbox::Outbox::new(16, 1 << 20, Default::default(), t.node().metrics.clone())
@@ -515,6 +515,7 @@ async fn a_registration_elsewhere_does_not_take_over_a_hand_made_realm() {
             expires_at: 0,
             pubkey: None,
             secret_hash: None,
+            holder: None,
         },
     );
     let url = t.running.ws_url();
@@ -879,7 +880,6 @@ async fn settle(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_acts_only_with_roles_its_keys_prove() {
     use macula_mesh::Frame;
-    use macula_router::auth::credential::public_form;
     use macula_wamp::Value;
     let t = TestNode::start().await;
     let sub = t.client().await;
@@ -908,11 +908,8 @@ async fn a_node_acts_only_with_roles_its_keys_prove() {
     );
     // A service_account key's proof: the session is a service_account, whatever it claims.
     let (_, sa) = t.key("service_account");
-    let session = |session: u64, key: &str| Frame::Session {
-        realm: REALM.into(),
-        session,
-        public: public_form(key).unwrap(),
-    };
+    let me = rogue.peer_id();
+    let session = |session: u64, key: &str| session_proof(&me, session, key);
     rogue.send(&node, &session(2, &sa));
     rogue.send(&node, &publish(2, 3));
     settle(&rogue, &node, &mut ev).await;
@@ -922,12 +919,17 @@ async fn a_node_acts_only_with_roles_its_keys_prove() {
         "held to the proven role"
     );
     // A forged proof (the key itself is not a public form) proves nothing.
+    let Frame::Session { nonce, sig, .. } = session(3, &sa) else {
+        unreachable!()
+    };
     rogue.send(
         &node,
         &Frame::Session {
             realm: REALM.into(),
             session: 3,
             public: sa.clone(),
+            nonce,
+            sig,
         },
     );
     rogue.send(&node, &publish(3, 4));
@@ -944,6 +946,12 @@ async fn a_node_acts_only_with_roles_its_keys_prove() {
     rogue.send(&node, &publish(5, 6));
     settle(&rogue, &node, &mut ev).await;
     assert_eq!(next_args(&mut events).await, None, "another realm's key");
+    // An admin key's proof that another node made (an honest node's, seen on the mesh)
+    // proves nothing when the rogue replays it: it names the node that made it.
+    rogue.send(&node, &session_proof(&node, 6, &t.admin_key));
+    rogue.send(&node, &publish(6, 7));
+    settle(&rogue, &node, &mut ev).await;
+    assert_eq!(next_args(&mut events).await, None, "a replayed proof");
     // An admin key's proof: through.
     rogue.send(&node, &session(4, &t.admin_key));
     rogue.send(&node, &publish(4, 5));
@@ -990,7 +998,6 @@ fn forged_publish(topic: &str, session: u64, n: u64) -> macula_mesh::Frame {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_holds_interest_and_registrations_only_for_proven_roles() {
     use macula_mesh::Frame;
-    use macula_router::auth::credential::public_form;
     use macula_wamp::Payload;
     let t = TestNode::start().await;
     let mut doc = t.dir.read_policy(REALM).unwrap();
@@ -1004,11 +1011,8 @@ async fn a_node_holds_interest_and_registrations_only_for_proven_roles() {
     let topic = "org.elsewhere.news";
     let (_, sa) = t.key("service_account");
     let (admin_kid, admin) = t.key("admin");
-    let prove = |session: u64, key: &str| Frame::Session {
-        realm: REALM.into(),
-        session,
-        public: public_form(key).unwrap(),
-    };
+    let me = rogue.peer_id();
+    let prove = |session: u64, key: &str| session_proof(&me, session, key);
     let interest = |session: u64, add: bool| Frame::Interest {
         realm: REALM.into(),
         uri: topic.into(),
@@ -1087,6 +1091,34 @@ async fn a_node_holds_interest_and_registrations_only_for_proven_roles() {
     };
     assert!(got_call, "the admin-proven registration receives the call");
     calling.abort();
+
+    // A subrealm: a developer key of the realm reaches no subrealm (its role does not extend
+    // there), so its proof for one proves nothing; an admin key's (whose role does) holds.
+    let sub = format!("{REALM}.eu");
+    let sub_topic = format!("{sub}.news");
+    let (_, dev) = t.key("developer");
+    let sub_interest = |session: u64| Frame::Interest {
+        realm: sub.clone(),
+        uri: sub_topic.clone(),
+        policy: "exact".into(),
+        session,
+        role: "developer".into(),
+        add: true,
+    };
+    let in_sub = Client::connect_with(opts(&t.running.ws_url(), &sub, &t.admin_key))
+        .await
+        .unwrap();
+    rogue.send(&node, &session_proof_in(&me, &sub, 7, &dev));
+    rogue.send(&node, &sub_interest(7));
+    settle(&rogue, &node, &mut ev).await;
+    assert!(
+        !reaches(&in_sub, &rogue, &node, &mut ev, &sub_topic).await,
+        "a developer key's proof does not reach a subrealm"
+    );
+    rogue.send(&node, &session_proof_in(&me, &sub, 8, &admin2));
+    rogue.send(&node, &sub_interest(8));
+    settle(&rogue, &node, &mut ev).await;
+    assert!(reaches(&in_sub, &rogue, &node, &mut ev, &sub_topic).await);
 }
 
 /// A node that lies cannot grow this one's memory through announcements: beyond
@@ -1095,7 +1127,11 @@ async fn a_node_holds_interest_and_registrations_only_for_proven_roles() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_holds_at_most_its_share_of_interest() {
     use macula_mesh::Frame;
-    let t = TestNode::start_with(|c| c.mesh.max_holds_per_peer = 2).await;
+    let t = TestNode::start_with(|c| {
+        c.mesh.max_holds_per_peer = 2;
+        c.mesh.max_realms_per_peer = 1;
+    })
+    .await;
     let local = t.client().await;
     let (rogue, mut ev, node) = certified_peer(&t).await;
     let topic = |i: u32| format!("{REALM}.t{i}");
@@ -1122,6 +1158,50 @@ async fn a_peer_holds_at_most_its_share_of_interest() {
     rogue.send(&node, &interest(2, true));
     settle(&rogue, &node, &mut ev).await;
     assert!(!reached!(0) && reached!(2), "room again after a withdrawal");
+
+    // Realms: a second one is refused, and frames for names the node holds nothing for build
+    // no realm state here (a withdrawal, a publication).
+    let elsewhere = format!("{REALM}.x");
+    rogue.send(
+        &node,
+        &Frame::Interest {
+            realm: elsewhere.clone(),
+            uri: format!("{elsewhere}.t"),
+            policy: "exact".into(),
+            session: 1,
+            role: "admin".into(),
+            add: true,
+        },
+    );
+    rogue.send(
+        &node,
+        &Frame::Interest {
+            realm: format!("{REALM}.y"),
+            uri: format!("{REALM}.y.t"),
+            policy: "exact".into(),
+            session: 1,
+            role: "admin".into(),
+            add: false,
+        },
+    );
+    let Frame::Publish { origin, msg, .. } = forged_publish(&format!("{REALM}.z.t"), 1, 1) else {
+        unreachable!()
+    };
+    rogue.send(
+        &node,
+        &Frame::Publish {
+            realm: format!("{REALM}.z"),
+            origin,
+            msg,
+        },
+    );
+    settle(&rogue, &node, &mut ev).await;
+    for r in ["x", "y", "z"] {
+        assert!(
+            t.node().realm_handle(&format!("{REALM}.{r}")).is_none(),
+            "no state for {r}"
+        );
+    }
 }
 
 /// Publishes `topic` on the node with `local` (acknowledged, so forwarded before PUBLISHED) and
@@ -1142,4 +1222,29 @@ async fn reaches(
         .await
         .iter()
         .any(|f| matches!(f, macula_mesh::Frame::Publish { .. }))
+}
+
+/// The proof a node whose peer id is `node` sends for its session `session` of bearer key `key`
+/// in the test realm.
+fn session_proof(node: &macula_mesh::Peer, session: u64, key: &str) -> macula_mesh::Frame {
+    session_proof_in(node, REALM, session, key)
+}
+
+/// [`session_proof`] for a session in `realm`.
+fn session_proof_in(
+    node: &macula_mesh::Peer,
+    realm: &str,
+    session: u64,
+    key: &str,
+) -> macula_mesh::Frame {
+    use macula_router::auth::credential::{bearer_proof, public_form, session_digest};
+    let nonce: [u8; 32] = rand::random();
+    let sig = bearer_proof(key, &session_digest(&node.to_bytes(), realm, &nonce)).unwrap();
+    macula_mesh::Frame::Session {
+        realm: realm.into(),
+        session,
+        public: public_form(key).unwrap(),
+        nonce: nonce.to_vec().into(),
+        sig: sig.to_vec().into(),
+    }
 }

@@ -2104,6 +2104,7 @@ impl Registry {
             },
             pubkey,
             secret_hash: None,
+            holder: None,
         };
         let key = self.sign_key(row, &claims)?;
         Ok((claims, key))
@@ -2166,6 +2167,7 @@ impl Registry {
             expires_at: k.try_get::<i64, _>("expires_at")? as u64,
             pubkey: credential::parse_hex32(&pubkey),
             secret_hash: None,
+            holder: None,
         };
         self.sign_key(&row, &claims)
     }

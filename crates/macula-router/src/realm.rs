@@ -75,8 +75,8 @@ pub enum Announce {
 pub struct Holder {
     pub session: Id,
     pub role: String,
-    /// The public form of the session's key (see [`SessionInfo::public`]).
-    pub public: Option<Arc<str>>,
+    /// The proof of the session's role (see [`SessionInfo::proof`]).
+    pub proof: Option<Arc<crate::auth::SessionProof>>,
 }
 
 /// Receives [`Announce`]s with the realm name; called under the realm's lock, so it must only
@@ -107,9 +107,9 @@ pub struct SessionInfo {
     /// A link member: another node's end of the mesh, not a client session. Links are invisible
     /// to the session meta API and to policy checks on sessions.
     pub link: bool,
-    /// The public form of the session's key, sent to the nodes its traffic is forwarded to so
-    /// they can verify its role (`None`: a version-1 key, or a link).
-    pub public: Option<std::sync::Arc<str>>,
+    /// The proof of the session's role, sent to the nodes its traffic is forwarded to so they
+    /// can verify it (`None`: a key that cannot prove one, or a link).
+    pub proof: Option<Arc<crate::auth::SessionProof>>,
 }
 
 /// Limits that apply inside a realm.
@@ -279,25 +279,35 @@ impl<P: Peer> Realm<P> {
         self.sessions.get(&id).is_some_and(|m| m.info.link)
     }
 
-    /// The first of this node's own sessions subscribed to `sub`.
+    /// The session of `members` that justifies the node's interest or registration to other
+    /// nodes: the first of its own sessions that can prove its role, else the first of its own.
+    fn holder_of(&self, members: &[Id]) -> Option<Id> {
+        let local = |x: &&Id| self.sessions.get(x).is_some_and(|m| !m.info.link);
+        let proven = |x: &&Id| self.sessions.get(x).is_some_and(|m| m.info.proof.is_some());
+        let mut own = members.iter().filter(local);
+        own.clone().find(proven).or_else(|| own.next()).copied()
+    }
+
+    /// The session that justifies the node's interest in subscription `sub` (see
+    /// [`Realm::holder_of`]).
     fn first_local_subscriber(&self, sub: Id) -> Option<Id> {
         self.broker
             .get(sub)
-            .and_then(|s| s.subscribers.iter().copied().find(|x| !self.is_link(*x)))
+            .and_then(|s| self.holder_of(&s.subscribers))
     }
 
-    /// The first of this node's own sessions registered as a callee of `reg`.
+    /// The session that justifies the node's registration `reg`.
     fn first_local_callee(&self, reg: Id) -> Option<Id> {
         self.dealer
             .get(reg)
-            .and_then(|r| r.callees.iter().copied().find(|x| !self.is_link(*x)))
+            .and_then(|r| self.holder_of(&r.callees))
     }
 
     fn holder(&self, id: Id) -> Option<Holder> {
         self.sessions.get(&id).map(|m| Holder {
             session: id,
             role: m.info.authrole.clone(),
-            public: m.info.public.clone(),
+            proof: m.info.proof.clone(),
         })
     }
 
@@ -871,20 +881,25 @@ impl<P: Peer> Realm<P> {
                 error(code::SUBSCRIBE, request, errors::NOT_AUTHORIZED, msg),
             );
         }
+        let before = self
+            .broker
+            .find(policy, &topic)
+            .and_then(|id| self.first_local_subscriber(id));
         let ids = &mut self.ids;
         let (id, _) = self.broker.subscribe(from, &topic, policy, || ids.next());
-        let mut newly = false;
         if let Some(m) = self.sessions.get_mut(&from) {
             if !m.subscriptions.contains(&id) {
                 m.subscriptions.push(id);
-                newly = true;
             }
         }
-        if newly && self.first_local_subscriber(id) == Some(from) {
+        // Announced when the node's first session subscribes, or when one that can prove its
+        // role takes over from one that cannot.
+        let after = self.first_local_subscriber(id);
+        if after != before {
             self.announce(Announce::Interest {
                 uri: topic,
                 policy,
-                by: self.holder(from),
+                by: after.and_then(|a| self.holder(a)),
             });
         }
         self.send(
@@ -946,6 +961,10 @@ impl<P: Peer> Realm<P> {
             let msg = self.denied(&role, Action::Register, &procedure);
             return self.send(from, err(errors::NOT_AUTHORIZED, msg));
         }
+        let before = self
+            .dealer
+            .find(policy, &procedure)
+            .and_then(|id| self.first_local_callee(id));
         let ids = &mut self.ids;
         match self.dealer.register(from, &procedure, policy, invoke, || ids.next()) {
             Ok(id) => {
@@ -953,8 +972,14 @@ impl<P: Peer> Realm<P> {
                     m.registrations.push(id);
                 }
                 self.send(from, Message::Registered { request, registration: id });
-                if self.first_local_callee(id) == Some(from) {
-                    self.announce(Announce::Registration { uri: procedure, policy, invoke, by: self.holder(from) });
+                let after = self.first_local_callee(id);
+                if after != before {
+                    self.announce(Announce::Registration {
+                        uri: procedure,
+                        policy,
+                        invoke,
+                        by: after.and_then(|a| self.holder(a)),
+                    });
                 }
             }
             Err(RegisterError::AlreadyExists) => self.send(
@@ -1384,7 +1409,7 @@ impl<P: Peer> Realm<P> {
             transport: Dict::new(),
             callee_cancel: true,
             link: true,
-            public: None,
+            proof: None,
         };
         self.join(info, peer);
         id
@@ -1582,7 +1607,7 @@ impl<P: Peer> Realm<P> {
             transport: Dict::new(),
             callee_cancel: false,
             link: false,
-            public: None,
+            proof: None,
         };
         self.dispatch_call(
             link, &info, invocation, options, procedure, payload, now, true,

@@ -58,7 +58,7 @@ impl World {
             transport: Dict::new(),
             callee_cancel: true,
             link: false,
-            public: None,
+            proof: None,
         };
         let welcome = self.realm.join(info, inbox.clone());
         assert!(matches!(welcome, Message::Welcome { session, .. } if session == id));

@@ -119,7 +119,7 @@ fn join(r: &mut Realm<Inbox>, role: &str) -> (Id, Inbox) {
         transport: Dict::new(),
         callee_cancel: true,
         link: false,
-        public: None,
+        proof: None,
     };
     r.join(info, inbox.clone());
     inbox.take();

@@ -11,6 +11,7 @@ use macula_node::ConfDir;
 use macula_wamp::{dict, Payload, Value};
 
 mod common;
+mod macula_up;
 
 use common::*;
 
@@ -463,4 +464,107 @@ async fn certificates_renew_and_a_revoked_node_is_cut_off_everywhere() {
         serde_json::json!([p3])
     );
     drop(clients);
+}
+
+/// Deletion is final on every node of a mesh (isolation finding 5): a realm registered at the
+/// registry (`macula up`) and used on two other nodes is deleted; the live sessions on both are
+/// closed within 5 s, new ones refused saying the realm was deleted, and a node restarted
+/// afterwards learns the tombstone from its peers: it never admits the old key again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_is_final_on_every_node_and_after_a_restart() {
+    let home = tempfile::tempdir().unwrap();
+    let cfg = tempfile::tempdir().unwrap();
+    let (_up, v) = macula_up::up(home.path(), &[]);
+    let http = v["http"].as_str().unwrap();
+    let bootstrap = v["nodes"][0]["mesh"][0].as_str().unwrap().to_owned();
+    let dirs = ["n2", "n3"].map(|n| home.path().join(n));
+    for (i, d) in dirs.iter().enumerate() {
+        std::fs::create_dir_all(d.join("trust")).unwrap();
+        for f in ["trust/operator.pub", "trust/operator.key"] {
+            std::fs::copy(home.path().join(f), d.join(f)).unwrap();
+        }
+        identity(d, 21 + i as u8);
+    }
+    let n2 = start_node(&dirs[0], Some(&bootstrap));
+    let mut n3 = start_node(&dirs[1], Some(&bootstrap));
+
+    let realm = "com.gone.app";
+    let c = cfg.path();
+    let pw = "correct horse battery\n";
+    for verb in ["signup", "login"] {
+        macula_up::cli_as(
+            c,
+            http,
+            &[verb, "--email", "owner@gone.example", "--password-stdin"],
+            Some(pw),
+        );
+    }
+    macula_up::cli_as(c, http, &["realms", "create", realm], None);
+    let key: serde_json::Value = serde_json::from_str(&macula_up::cli_as(
+        c,
+        http,
+        &[
+            "--json", "keys", "create", "--realm", realm, "--role", "admin",
+        ],
+        None,
+    ))
+    .unwrap();
+    let key = key["key"].as_str().unwrap().to_owned();
+    let connect = |ws: String| {
+        let key = key.clone();
+        async move {
+            let mut o = macula_client::ConnectOptions::new(&ws, realm, &key);
+            o.reconnect = false;
+            Client::connect_with(o).await
+        }
+    };
+    let mut live = vec![];
+    for n in [&n2, &n3] {
+        let client = eventually(
+            "the node to learn the realm",
+            Duration::from_secs(15),
+            || {
+                let attempt = connect(n.ws.clone());
+                async move { attempt.await.ok() }
+            },
+        )
+        .await;
+        let events = client.subscribe(&format!("{realm}.t")).await.unwrap();
+        live.push((client, events));
+    }
+
+    macula_up::cli_as(c, http, &["realms", "delete", realm, "--yes"], None);
+    let deleted = Instant::now();
+    for (_, events) in &mut live {
+        let end = tokio::time::timeout(Duration::from_secs(5), events.next()).await;
+        assert!(
+            matches!(end, Ok(None)),
+            "a live session on another node is closed"
+        );
+    }
+    assert!(deleted.elapsed() < Duration::from_secs(5));
+    for n in [&n2, &n3] {
+        let err = connect(n.ws.clone()).await.err().expect("refused");
+        assert!(err.to_string().contains("was deleted"), "{err}");
+    }
+
+    // Node 3 restarted: it learns the tombstone from its peers, and admits nothing meanwhile.
+    drop(n3);
+    n3 = start_node(&dirs[1], Some(&bootstrap));
+    let err = eventually(
+        "the restarted node to learn the tombstone",
+        Duration::from_secs(15),
+        || async {
+            match connect(n3.ws.clone()).await {
+                Ok(_) => panic!("the restarted node admitted a deleted realm's key"),
+                Err(e) if e.to_string().contains("was deleted") => Some(e),
+                Err(e) => {
+                    eprintln!("DEBUG {e}");
+                    None
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(err.uri(), Some(macula_wamp::errors::NO_SUCH_REALM), "{err}");
 }

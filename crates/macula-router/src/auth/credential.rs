@@ -8,12 +8,19 @@
 //!
 //! Wire form: `sk_live_` + base64url (no padding) of a MessagePack array
 //! `[2, cert, cert_sig, claims, claims_sig, secret]`. The claims of a bearer key carry the
-//! SHA-256 of `secret`, so the signed part without the secret — the key's *public form*
+//! Ed25519 public key whose seed is `secret` (`holder`; keys issued before it carry the
+//! SHA-256 of `secret` instead), so the signed part without the secret — the key's *public form*
 //! ([`public_form`], `pk_live_` + base64url of `[2, cert, cert_sig, claims, claims_sig]`) —
 //! proves the key's realm and role to a third party without letting it authenticate. Keys of
 //! version 1 (`[1, cert, cert_sig, claims, claims_sig]`, no secret) are still accepted; they have
 //! no public form (all of a version-1 bearer key is secret). A key bound to a public key
 //! (cryptosign) is not a bearer token: its public form is its signed part.
+//!
+//! A public form alone proves that a key exists, not who presented it. A *session proof* does:
+//! a signature by the key's holder (the secret's Ed25519 key for a bearer key, the client's key
+//! for a cryptosign one) over [`session_digest`] — the node the session joined, its realm, a
+//! nonce. A node forwards it with the public form; another node that replays them under its own
+//! peer id is caught, because the digest names the node that made the proof.
 
 use base64::Engine;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
@@ -29,6 +36,7 @@ const VERSION: u8 = 2;
 const SECRET_DOMAIN: &[u8] = b"macula/key-secret/v1\0";
 const CERT_DOMAIN: &[u8] = b"macula/authority-cert/v1\0";
 const CLAIMS_DOMAIN: &[u8] = b"macula/key-claims/v1\0";
+const SESSION_DOMAIN: &[u8] = b"macula/session-proof/v1\0";
 /// Keys longer than this are refused before any decoding.
 pub const MAX_KEY_LEN: usize = 4096;
 
@@ -43,7 +51,7 @@ pub struct AuthorityCert {
 }
 
 /// The realm authority's statement about one API key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct KeyClaims {
     /// The realm the key is for (the authority's realm or one of its subrealms).
     pub realm: String,
@@ -59,13 +67,90 @@ pub struct KeyClaims {
     /// A key with a bound public key is not a bearer token and is refused as a WAMP ticket.
     #[serde(default, with = "serde_opt_bytes32")]
     pub pubkey: Option<[u8; 32]>,
-    /// SHA-256 of the key's secret (bearer keys of version 2; set by [`issue_key`]).
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "serde_opt_bytes32"
-    )]
+    /// SHA-256 of the key's secret (bearer keys of version 2 issued before `holder`).
+    #[serde(default, with = "serde_opt_bytes32")]
     pub secret_hash: Option<[u8; 32]>,
+    /// The Ed25519 public key whose seed is the key's secret (bearer keys of version 2; set by
+    /// [`issue_key`]): whoever presents the key can sign session proofs with it.
+    #[serde(default, with = "serde_opt_bytes32")]
+    pub holder: Option<[u8; 32]>,
+}
+
+/// Written by hand for one rule: claims are MessagePack arrays (fields by position), so
+/// `secret_hash` is written (as nil) whenever `holder` follows it, and each is left out only at
+/// the end. Every version of the claims then reads back and re-encodes to the same bytes.
+impl Serialize for KeyClaims {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        struct B32<'a>(&'a Option<[u8; 32]>);
+        impl Serialize for B32<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                serde_opt_bytes32::serialize(self.0, s)
+            }
+        }
+        let with_hash = self.secret_hash.is_some() || self.holder.is_some();
+        let len = 7 + usize::from(with_hash) + usize::from(self.holder.is_some());
+        let mut st = s.serialize_struct("KeyClaims", len)?;
+        st.serialize_field("realm", &self.realm)?;
+        st.serialize_field("role", &self.role)?;
+        st.serialize_field("kid", &self.kid)?;
+        st.serialize_field("name", &self.name)?;
+        st.serialize_field("issued_at", &self.issued_at)?;
+        st.serialize_field("expires_at", &self.expires_at)?;
+        st.serialize_field("pubkey", &B32(&self.pubkey))?;
+        if with_hash {
+            st.serialize_field("secret_hash", &B32(&self.secret_hash))?;
+        } else {
+            st.skip_field("secret_hash")?;
+        }
+        if self.holder.is_some() {
+            st.serialize_field("holder", &B32(&self.holder))?;
+        } else {
+            st.skip_field("holder")?;
+        }
+        st.end()
+    }
+}
+
+impl KeyClaims {
+    /// The key that signs this key's session proofs: the holder's (bearer) or the client's
+    /// (cryptosign). `None` for keys that cannot prove a session (version 1, or issued before
+    /// `holder`).
+    pub fn proof_key(&self) -> Option<[u8; 32]> {
+        self.holder.or(self.pubkey)
+    }
+}
+
+/// What a session proof signs: that the holder of a key joined a session in `realm` on the node
+/// whose peer id is `node` (its bytes). `nonce` makes a cryptosign challenge fresh.
+pub fn session_digest(node: &[u8], realm: &str, nonce: &[u8; 32]) -> [u8; 32] {
+    sha256(&[
+        SESSION_DOMAIN,
+        &(node.len() as u32).to_be_bytes(),
+        node,
+        &(realm.len() as u32).to_be_bytes(),
+        realm.as_bytes(),
+        nonce,
+    ])
+}
+
+/// A bearer key's session proof: `digest` signed with the key derived from its secret. `None`
+/// if the key is not a bearer key of version 2 that names its holder.
+pub fn bearer_proof(key: &str, digest: &[u8; 32]) -> Option<[u8; 64]> {
+    let body = key.strip_prefix(KEY_PREFIX)?;
+    let Envelope2(_, _, _, claims_bytes, _, secret) = decode_strict(body, "API key").ok()?;
+    let claims: KeyClaims = rmp_serde::from_slice(&claims_bytes).ok()?;
+    let seed: [u8; 32] = secret.try_into().ok()?;
+    let key = SigningKey::from_bytes(&seed);
+    (claims.holder == Some(key.verifying_key().to_bytes())).then(|| key.sign(digest).to_bytes())
+}
+
+/// Whether `sig` is a session proof over `digest` by the holder of the key `claims` describe.
+pub fn verify_session_proof(claims: &KeyClaims, digest: &[u8; 32], sig: &[u8]) -> bool {
+    let (Some(k), Ok(sig)) = (claims.proof_key(), Signature::from_slice(sig)) else {
+        return false;
+    };
+    VerifyingKey::from_bytes(&k).is_ok_and(|k| k.verify(digest, &sig).is_ok())
 }
 
 /// The signed part of a key (version 1: all of it; also the public form's layout).
@@ -176,7 +261,8 @@ pub fn issue_key(authority: &SigningKey, cert: &SignedCert, claims: &KeyClaims) 
         .pubkey
         .is_none()
         .then(|| sha256(&[SECRET_DOMAIN, &authority.to_bytes(), claims.kid.as_bytes()]));
-    claims.secret_hash = secret.map(|s| sha256(&[&s]));
+    claims.secret_hash = None;
+    claims.holder = secret.map(|s| SigningKey::from_bytes(&s).verifying_key().to_bytes());
     let claims_bytes = rmp_serde::to_vec(&claims).unwrap_or_default();
     let claims_sig = sign_doc(authority, CLAIMS_DOMAIN, &claims_bytes);
     let bytes = match secret {
@@ -238,7 +324,13 @@ pub fn verify_key(key: &str, operator: &VerifyingKey, now: u64) -> Result<Verifi
                 return Err(AuthError::Malformed("API key (unsupported version)"));
             }
             let v = verify_signed(operator, now, cert, cert_sig, &claims_bytes, &claims_sig)?;
-            if v.claims.pubkey.is_some() || v.claims.secret_hash != Some(sha256(&[&secret])) {
+            let holds = match (v.claims.holder, v.claims.secret_hash) {
+                (Some(h), None) => <[u8; 32]>::try_from(secret.as_slice())
+                    .is_ok_and(|s| SigningKey::from_bytes(&s).verifying_key().to_bytes() == h),
+                (None, Some(h)) => h == sha256(&[&secret]),
+                _ => false,
+            };
+            if v.claims.pubkey.is_some() || !holds {
                 return Err(AuthError::BadSignature("API key"));
             }
             Ok(v)
@@ -252,7 +344,7 @@ pub fn verify_key(key: &str, operator: &VerifyingKey, now: u64) -> Result<Verifi
             let v = verify_signed(operator, now, cert, cert_sig, &claims_bytes, &claims_sig)?;
             // The signed part of a version-2 key without its secret (its public form) is not
             // a key.
-            if v.claims.secret_hash.is_some() {
+            if v.claims.secret_hash.is_some() || v.claims.holder.is_some() {
                 return Err(AuthError::BadSignature("API key"));
             }
             Ok(v)
@@ -305,7 +397,7 @@ pub fn verify_public(
         ));
     }
     let v = verify_signed(operator, now, cert, cert_sig, &claims_bytes, &claims_sig)?;
-    if v.claims.secret_hash.is_none() && v.claims.pubkey.is_none() {
+    if v.claims.secret_hash.is_none() && v.claims.holder.is_none() && v.claims.pubkey.is_none() {
         return Err(AuthError::Malformed("public key form (of a version-1 key)"));
     }
     Ok(v)
@@ -433,6 +525,7 @@ mod tests {
             expires_at,
             pubkey: None,
             secret_hash: None,
+            holder: None,
         }
     }
 
@@ -568,5 +661,78 @@ mod tests {
             verify_public(&p, &vk, 10).unwrap().claims.pubkey,
             Some([5; 32])
         );
+    }
+
+    /// A session proof names the node that made it: it verifies for that node and realm only,
+    /// and only the key's presenter can make one; a public form alone cannot.
+    #[test]
+    fn a_session_proof_is_bound_to_its_node_and_realm() {
+        let (op, auth, cert) = setup();
+        let key = issue_key(&auth, &cert, &claims("com.acme", 0));
+        let public = public_form(&key).unwrap();
+        let v = verify_public(&public, &op.verifying_key(), 10).unwrap();
+        assert!(v.claims.holder.is_some() && v.claims.secret_hash.is_none());
+        let nonce = [7; 32];
+        let digest = session_digest(b"node-a", "com.acme", &nonce);
+        let sig = bearer_proof(&key, &digest).expect("a bearer key of version 2 proves");
+        assert!(verify_session_proof(&v.claims, &digest, &sig));
+        for other in [
+            session_digest(b"node-b", "com.acme", &nonce),
+            session_digest(b"node-a", "com.acme.shop", &nonce),
+            session_digest(b"node-a", "com.acme", &[8; 32]),
+        ] {
+            assert!(!verify_session_proof(&v.claims, &other, &sig));
+        }
+        assert_eq!(bearer_proof(&public, &digest), None);
+        // A cryptosign key's proof is its client's signature.
+        let client = SigningKey::from_bytes(&[6; 32]);
+        let mut cs = claims("com.acme", 0);
+        cs.pubkey = Some(client.verifying_key().to_bytes());
+        let cs_key = issue_key(&auth, &cert, &cs);
+        let cs_v = verify_key(&cs_key, &op.verifying_key(), 10).unwrap();
+        assert_eq!(bearer_proof(&cs_key, &digest), None);
+        let sig = client.sign(&digest).to_bytes();
+        assert!(verify_session_proof(&cs_v.claims, &digest, &sig));
+        assert!(!verify_session_proof(&v.claims, &digest, &sig));
+    }
+
+    /// Claims of every version (no secret, a secret's hash, a holder key) read back and
+    /// re-encode to the same bytes, and a key issued with a secret's hash still authenticates.
+    #[test]
+    fn claims_of_every_version_are_canonical_and_old_keys_still_work() {
+        let (op, auth, cert) = setup();
+        let vk = op.verifying_key();
+        let mut with_hash = claims("com.acme", 0);
+        with_hash.secret_hash = Some([3; 32]);
+        let mut with_holder = claims("com.acme", 0);
+        with_holder.holder = Some([4; 32]);
+        for c in [claims("com.acme", 0), with_hash, with_holder] {
+            let b = rmp_serde::to_vec(&c).unwrap();
+            let back: KeyClaims = rmp_serde::from_slice(&b).unwrap();
+            assert_eq!(back, c);
+            assert_eq!(rmp_serde::to_vec(&back).unwrap(), b);
+        }
+        // A version-2 key issued before holder keys: its claims carry the secret's hash.
+        let secret = [9u8; 32];
+        let mut old = claims("com.acme", 0);
+        old.secret_hash = Some(sha256(&[&secret]));
+        let cl = rmp_serde::to_vec(&old).unwrap();
+        let sig = sign_doc(&auth, CLAIMS_DOMAIN, &cl);
+        let env = Envelope2(
+            VERSION,
+            cert.cert.clone(),
+            cert.sig.clone(),
+            cl,
+            sig,
+            secret.to_vec(),
+        );
+        let old_key = format!(
+            "{KEY_PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(rmp_serde::to_vec(&env).unwrap())
+        );
+        let v = verify_key(&old_key, &vk, 10).expect("an older version-2 key still works");
+        assert_eq!(v.claims.proof_key(), None, "but proves no session");
+        assert_eq!(bearer_proof(&old_key, &[0; 32]), None);
     }
 }

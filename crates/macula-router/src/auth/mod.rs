@@ -52,9 +52,34 @@ pub struct Identity {
     /// session only if this is an authority of the realm's current registration (see
     /// `Policy::accepts_authority`), which binds every key to one registration of one realm.
     pub authority: [u8; 32],
-    /// The key's public form (`credential::public_form`), which proves the session's role to
-    /// other nodes; `None` for a version-1 bearer key.
-    pub public: Option<String>,
+    /// What proves the session's role to other nodes (see [`SessionProof`]); `None` for keys
+    /// that cannot (version 1, or version 2 issued before holder keys) or without a mesh.
+    pub proof: Option<SessionProof>,
+}
+
+/// What proves a session's role to other nodes: the key's public form
+/// (`credential::public_form`: its realm, role and id) and the key holder's signature over
+/// `credential::session_digest(node, realm, nonce)` — the node the session joined and its
+/// realm — so that a node replaying the public form under its own peer id proves nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionProof {
+    pub public: String,
+    pub nonce: [u8; 32],
+    pub sig: [u8; 64],
+}
+
+impl SessionProof {
+    /// The proof for a session of bearer key `key` joining `realm` on node `node` (its peer id
+    /// bytes), signed here with the key derived from the key's secret.
+    pub fn bearer(key: &str, node: &[u8], realm: &str) -> Option<SessionProof> {
+        let nonce: [u8; 32] = rand::random();
+        let sig = credential::bearer_proof(key, &credential::session_digest(node, realm, &nonce))?;
+        Some(SessionProof {
+            public: credential::public_form(key)?,
+            nonce,
+            sig,
+        })
+    }
 }
 
 /// Verifies API keys: trust root, revocations and a cache of verified keys so that a returning
@@ -134,9 +159,15 @@ impl Authenticator {
             kid: v.claims.kid,
             name: v.claims.name,
             method,
-            expires_at: v.claims.expires_at,
+            // The earlier of the key's and its authority certificate's expiry (0: never), as
+            // other nodes judge the session's proof.
+            expires_at: [v.claims.expires_at, v.authority.expires_at]
+                .into_iter()
+                .filter(|e| *e != 0)
+                .min()
+                .unwrap_or(0),
             authority: v.authority.authority,
-            public: None,
+            proof: None,
         })
     }
 }
@@ -160,6 +191,7 @@ pub enum Pending {
     Ticket,
     Cryptosign {
         challenge: [u8; 32],
+        nonce: [u8; 32],
         pubkey: [u8; 32],
         credential: String,
     },
@@ -199,13 +231,17 @@ pub fn abort(reason: &str, message: impl Into<String>) -> Message {
 }
 
 impl Handshake {
-    /// Feeds one message received before WELCOME.
+    /// Feeds one message received before WELCOME. `nonce` is fresh randomness; `node`, this
+    /// node's peer id (bytes) when it is part of a mesh: the cryptosign challenge is then the
+    /// session digest for this node and realm, so the client's signature doubles as the
+    /// session's proof ([`SessionProof`]), and a bearer key's presenter signs one here.
     pub fn on_message(
         &mut self,
         msg: Message,
         auth: &Authenticator,
         now: u64,
-        challenge: [u8; 32],
+        nonce: [u8; 32],
+        node: Option<&[u8]>,
     ) -> Step {
         match (std::mem::replace(self, Handshake::Start), msg) {
             (Handshake::Start, Message::Hello { realm, details }) => {
@@ -250,6 +286,10 @@ impl Handshake {
                                 ));
                             };
                             let credential = cred.to_owned();
+                            let challenge = match node {
+                                Some(n) => credential::session_digest(n, &realm, &nonce),
+                                None => nonce,
+                            };
                             let mut extra = Dict::new();
                             extra.insert("challenge".into(), Value::Str(hex::encode(challenge)));
                             extra.insert("channel_binding".into(), Value::Null);
@@ -258,6 +298,7 @@ impl Handshake {
                                 hello: details,
                                 method: Pending::Cryptosign {
                                     challenge,
+                                    nonce,
                                     pubkey,
                                     credential,
                                 },
@@ -289,23 +330,27 @@ impl Handshake {
                             Err(AuthError::KeyPairRequired)
                         } else {
                             auth.identity(&realm, v, "ticket").map(|mut i| {
-                                i.public = credential::public_form(&signature);
+                                i.proof =
+                                    node.and_then(|n| SessionProof::bearer(&signature, n, &realm));
                                 i
                             })
                         }
                     }),
                     Pending::Cryptosign {
                         challenge,
+                        nonce,
                         pubkey,
                         credential,
                     } => verify_challenge(&pubkey, &challenge, &signature)
-                        .and_then(|_| auth.verify(&credential, now))
-                        .and_then(|v| {
+                        .and_then(|sig| Ok((sig, auth.verify(&credential, now)?)))
+                        .and_then(|(sig, v)| {
                             if v.claims.pubkey != Some(pubkey) {
                                 Err(AuthError::ChallengeFailed)
                             } else {
                                 auth.identity(&realm, v, "cryptosign").map(|mut i| {
-                                    i.public = credential::public_form(&credential);
+                                    i.proof = node
+                                        .and_then(|_| credential::public_form(&credential))
+                                        .map(|public| SessionProof { public, nonce, sig });
                                     i
                                 })
                             }
@@ -331,11 +376,12 @@ impl Handshake {
     }
 }
 
+/// Checks a cryptosign signature over `challenge`; the signature's 64 bytes.
 fn verify_challenge(
     pubkey: &[u8; 32],
     challenge: &[u8; 32],
     signature_hex: &str,
-) -> Result<(), AuthError> {
+) -> Result<[u8; 64], AuthError> {
     let key = VerifyingKey::from_bytes(pubkey).map_err(|_| AuthError::ChallengeFailed)?;
     let bytes = hex::decode(signature_hex).map_err(|_| AuthError::ChallengeFailed)?;
     // Autobahn sends signature || challenge (96 bytes); a bare 64-byte signature is also accepted.
@@ -347,5 +393,6 @@ fn verify_challenge(
     }
     let sig = Signature::from_slice(&bytes[..64]).map_err(|_| AuthError::ChallengeFailed)?;
     key.verify(challenge, &sig)
-        .map_err(|_| AuthError::ChallengeFailed)
+        .map_err(|_| AuthError::ChallengeFailed)?;
+    Ok(sig.to_bytes())
 }
