@@ -188,6 +188,9 @@ enum Cmd {
     Certified(PeerId),
     /// A revocation of this peer arrived: drop it, connected or only in the routing table.
     Revoked(PeerId),
+    /// The peer opened a new link while an old one was up: its connections made before the old
+    /// link came up (at the instant given) carry only that dead link; close them.
+    Superseded(PeerId, Instant),
 }
 
 struct Shared {
@@ -207,8 +210,8 @@ struct Shared {
     drained: Notify,
     /// Budget of received-but-unprocessed frame bytes (permits are returned by [`MeshEvents`]).
     inbound: Arc<Semaphore>,
-    /// Certified peers and the generation of their current inbound stream.
-    up: RwLock<HashMap<PeerId, u64>>,
+    /// Certified peers: the generation of their current inbound stream, and when it came.
+    up: RwLock<HashMap<PeerId, (u64, Instant)>>,
     /// Connected peers whose certificate was verified (on a cert or mesh stream), with its
     /// validity: only these are in the routing table and may store DHT records here.
     certified: RwLock<HashMap<PeerId, cert::NodeCert>>,
@@ -689,6 +692,8 @@ struct Links {
     dialing: HashSet<libp2p::swarm::ConnectionId>,
     /// Lost wanted peers: next attempt, backoff, lost since. Forgotten after ten minutes.
     lost: HashMap<PeerId, (Instant, Duration, Instant)>,
+    /// Each connected peer's connections and when each was established.
+    conns: HashMap<PeerId, Vec<(libp2p::swarm::ConnectionId, Instant)>>,
 }
 
 impl Links {
@@ -743,12 +748,36 @@ impl Links {
         cmd: &mpsc::UnboundedSender<Cmd>,
     ) {
         self.lost.remove(&peer);
+        self.conns
+            .entry(peer)
+            .or_default()
+            .push((conn, Instant::now()));
         if self.dialing.remove(&conn) {
             self.wanted.insert(peer);
         }
         if self.wanted.contains(&peer) {
             start_writer(peer, shared, cmd);
         }
+    }
+
+    /// A connection to `peer` closed.
+    fn closed(&mut self, peer: PeerId, conn: libp2p::swarm::ConnectionId) {
+        if let Some(c) = self.conns.get_mut(&peer) {
+            c.retain(|(id, _)| *id != conn);
+            if c.is_empty() {
+                self.conns.remove(&peer);
+            }
+        }
+    }
+
+    /// The connections to `peer` established before `since`.
+    fn older(&self, peer: PeerId, since: Instant) -> Vec<libp2p::swarm::ConnectionId> {
+        self.conns.get(&peer).map_or(vec![], |c| {
+            c.iter()
+                .filter(|(_, at)| *at < since)
+                .map(|(id, _)| *id)
+                .collect()
+        })
     }
 
     fn lost(&mut self, peer: PeerId) {
@@ -1178,6 +1207,12 @@ async fn run(
                     }
                     Cmd::Certified(p) => gate.certified(&mut swarm, &shared, p),
                     Cmd::Revoked(p) => gate.revoked(&mut swarm, &shared, p),
+                    Cmd::Superseded(p, since) => {
+                        for c in links.older(p, since) {
+                            tracing::debug!(local = %shared.local, peer = %p, "closing a connection of a superseded link");
+                            swarm.close_connection(c);
+                        }
+                    }
                 }
             }
             _ = sweep.tick() => gate.sweep(&mut swarm, &shared, true),
@@ -1240,11 +1275,18 @@ fn handle_event(
         }
         SwarmEvent::ConnectionClosed {
             peer_id,
-            num_established: 0,
+            connection_id,
+            num_established,
+            ..
+        } if num_established > 0 => links.closed(peer_id, connection_id),
+        SwarmEvent::ConnectionClosed {
+            peer_id,
+            connection_id,
             cause,
             ..
         } => {
             tracing::debug!(local = %shared.local, peer = %peer_id, "connection closed: {cause:?}");
+            links.closed(peer_id, connection_id);
             if let Some(q) = shared.writers.write().remove(&peer_id) {
                 q.relieve(shared);
             }
@@ -1568,6 +1610,20 @@ async fn reader(
     if !presented(&shared, &cmd, peer, hello.as_deref()) {
         return;
     }
+    // A new stream from a peer that is still linked: the peer lost its end of the old link (it
+    // restarted, or its writer failed) while the old connection has not timed out here yet.
+    // The new stream supersedes the old link both ways: the old writer is retired (it would
+    // write into the dead stream and then, failing, take the new connection down), and the
+    // node hears PeerDown then PeerUp, so that what the old link held goes with it.
+    let old_link = shared.up.read().get(&peer).map(|(_, since)| *since);
+    if let Some(since) = old_link {
+        if let Some(q) = shared.writers.write().remove(&peer) {
+            q.relieve(&shared);
+        }
+        // Its connection is dead too (or would be read by no one): closed now rather than
+        // when it times out, so that the new writer does not open its stream on it.
+        let _ = cmd.send(Cmd::Superseded(peer, since));
+    }
     // Reciprocate: frames flow both ways between linked peers. The stream is started here, before
     // the node hears of the peer, so that what it sends on PeerUp has a queue to go to.
     start_writer(peer, &shared, &cmd);
@@ -1575,7 +1631,9 @@ async fn reader(
     let generation = shared.generation.fetch_add(1, Ordering::Relaxed);
     {
         let mut up = shared.up.write();
-        up.insert(peer, generation);
+        if up.insert(peer, (generation, Instant::now())).is_some() {
+            let _ = shared.events.send((MeshEvent::PeerDown(peer), 0));
+        }
         let _ = shared.events.send((MeshEvent::PeerUp(peer), 0));
     }
     loop {
@@ -1602,7 +1660,7 @@ async fn reader(
                         // Checked under the lock that PeerDown is sent under: no frame of a
                         // stream is delivered after the peer was reported gone.
                         let up = shared.up.read();
-                        if up.get(&peer) != Some(&generation) {
+                        if up.get(&peer).map(|(g, _)| *g) != Some(generation) {
                             shared.inbound.add_permits(permits as usize);
                             return;
                         }
