@@ -330,6 +330,14 @@ impl Node {
 
     /// Decides whether `identity` may join its realm; returns the realm to join or the ABORT.
     pub fn admit(&self, identity: &Identity) -> Result<Arc<RealmHandle>, Message> {
+        // The listeners open a moment before the mesh is up: a session admitted then would get
+        // no proof of its role for other nodes, for its whole life.
+        if self.config.mesh.enabled && self.mesh.get().is_none() {
+            return Err(abort(
+                errors::NOT_READY,
+                "this node is still starting (joining the mesh); retry in a moment",
+            ));
+        }
         // Until the mesh's realm states are in, a realm known only through an ancestor may be a
         // registration of its own whose state has not arrived: refuse rather than let the
         // ancestor's keys govern it.

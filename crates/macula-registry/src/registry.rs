@@ -2083,10 +2083,11 @@ impl Registry {
         }
         let pubkey = match &req.pubkey {
             None => None,
-            Some(h) => Some(credential::parse_hex32(h).ok_or_else(|| {
+            Some(h) => Some(credential::parse_public_key(h).ok_or_else(|| {
                 ApiError::invalid(
                     "invalid_pubkey",
-                    "pubkey must be 64 hex digits (an Ed25519 public key)",
+                    "pubkey must be 64 hex digits: an Ed25519 public key that is a valid, \
+                     not weak, point",
                 )
             })?),
         };

@@ -315,8 +315,11 @@ pub fn keys(cmd: KeysCmd, json: bool) -> Result<()> {
             let ttl = parse_duration_secs(&expires)?;
             let pk = match pubkey {
                 Some(p) => Some(
-                    macula_router::auth::credential::parse_hex32(&p)
-                        .ok_or_else(|| anyhow::anyhow!("--pubkey must be 64 hex characters"))?,
+                    macula_router::auth::credential::parse_public_key(&p).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--pubkey must be 64 hex characters: an Ed25519 public key (a valid, not weak, point)"
+                        )
+                    })?,
                 ),
                 None => None,
             };

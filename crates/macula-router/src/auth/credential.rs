@@ -145,12 +145,24 @@ pub fn bearer_proof(key: &str, digest: &[u8; 32]) -> Option<[u8; 64]> {
     (claims.holder == Some(key.verifying_key().to_bytes())).then(|| key.sign(digest).to_bytes())
 }
 
-/// Whether `sig` is a session proof over `digest` by the holder of the key `claims` describe.
+/// Whether `sig` is a session proof over `digest` by the holder of the key `claims` describe
+/// (strictly verified: a weak public key proves nothing).
 pub fn verify_session_proof(claims: &KeyClaims, digest: &[u8; 32], sig: &[u8]) -> bool {
     let (Some(k), Ok(sig)) = (claims.proof_key(), Signature::from_slice(sig)) else {
         return false;
     };
-    VerifyingKey::from_bytes(&k).is_ok_and(|k| k.verify(digest, &sig).is_ok())
+    VerifyingKey::from_bytes(&k).is_ok_and(|k| k.verify_strict(digest, &sig).is_ok())
+}
+
+/// Parses a client's Ed25519 public key (64 hex characters) for a cryptosign key, refusing one
+/// that is not a valid point or is weak (of small order: a signature "by" it can be forged).
+pub fn parse_public_key(s: &str) -> Option<[u8; 32]> {
+    let b = parse_hex32(s)?;
+    usable_public_key(&b).then_some(b)
+}
+
+fn usable_public_key(b: &[u8; 32]) -> bool {
+    VerifyingKey::from_bytes(b).is_ok_and(|k| !k.is_weak())
 }
 
 /// The signed part of a key (version 1: all of it; also the public form's layout).
@@ -438,6 +450,15 @@ fn verify_signed(
     if claims.expires_at != 0 && claims.expires_at <= now {
         return Err(AuthError::Expired("API key"));
     }
+    if [claims.pubkey, claims.holder]
+        .iter()
+        .flatten()
+        .any(|k| !usable_public_key(k))
+    {
+        return Err(AuthError::Malformed(
+            "API key (a weak or invalid public key)",
+        ));
+    }
     Ok(VerifiedKey { authority, claims })
 }
 
@@ -653,14 +674,25 @@ mod tests {
         assert!(verify_key(&v1, &vk, 10).is_ok());
         assert_eq!(public_form(&v1), None);
         // A cryptosign key's public form is its signed part.
+        let client = SigningKey::from_bytes(&[5; 32]).verifying_key().to_bytes();
         let mut cs_claims = claims("com.acme", 0);
-        cs_claims.pubkey = Some([5; 32]);
+        cs_claims.pubkey = Some(client);
         let cs_key = issue_key(&auth, &cert, &cs_claims);
         let p = public_form(&cs_key).expect("a cryptosign key has one");
         assert_eq!(
             verify_public(&p, &vk, 10).unwrap().claims.pubkey,
-            Some([5; 32])
+            Some(client)
         );
+        // A key bound to a weak public key (the identity point, for which a forged signature
+        // verifies against any message) is refused, as a key and as a public form.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        assert_eq!(parse_public_key(&hex::encode(identity)), None);
+        assert_eq!(parse_public_key(&hex::encode(client)), Some(client));
+        cs_claims.pubkey = Some(identity);
+        let weak = issue_key(&auth, &cert, &cs_claims);
+        assert!(verify_key(&weak, &vk, 10).is_err());
+        assert!(verify_public(&public_form(&weak).unwrap(), &vk, 10).is_err());
     }
 
     /// A session proof names the node that made it: it verifies for that node and realm only,

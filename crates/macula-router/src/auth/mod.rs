@@ -8,7 +8,7 @@ pub mod credential;
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, VerifyingKey};
 use macula_wamp::{errors, uri, Dict, Message, Value};
 use sha2::{Digest, Sha256};
 
@@ -70,7 +70,8 @@ pub struct SessionProof {
 
 impl SessionProof {
     /// The proof for a session of bearer key `key` joining `realm` on node `node` (its peer id
-    /// bytes), signed here with the key derived from the key's secret.
+    /// bytes), signed here with the key derived from the key's secret (see
+    /// [`Authenticator::bearer_proof`] for the cached form).
     pub fn bearer(key: &str, node: &[u8], realm: &str) -> Option<SessionProof> {
         let nonce: [u8; 32] = rand::random();
         let sig = credential::bearer_proof(key, &credential::session_digest(node, realm, &nonce))?;
@@ -88,6 +89,9 @@ pub struct Authenticator {
     operator: VerifyingKey,
     revoked: HashSet<String>,
     cache: Mutex<HashMap<[u8; 32], VerifiedKey>>,
+    /// Bearer session proofs by (key, node, realm): a proof names no session, so one serves
+    /// every session of a key in a realm, and a returning key costs no signature.
+    proofs: Mutex<HashMap<[u8; 32], SessionProof>>,
 }
 
 /// Bound on the verified-key cache; it is cleared when full (simple, and verification is cheap enough).
@@ -99,7 +103,34 @@ impl Authenticator {
             operator,
             revoked,
             cache: Mutex::new(HashMap::new()),
+            proofs: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// [`SessionProof::bearer`], made once per (key, node, realm).
+    pub fn bearer_proof(&self, key: &str, node: &[u8], realm: &str) -> Option<SessionProof> {
+        let mut h = Sha256::new();
+        for part in [key.as_bytes(), node, realm.as_bytes()] {
+            h.update((part.len() as u32).to_be_bytes());
+            h.update(part);
+        }
+        let digest: [u8; 32] = h.finalize().into();
+        if let Some(p) = self
+            .proofs
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&digest).cloned())
+        {
+            return Some(p);
+        }
+        let p = SessionProof::bearer(key, node, realm)?;
+        if let Ok(mut c) = self.proofs.lock() {
+            if c.len() >= CACHE_LIMIT {
+                c.clear();
+            }
+            c.insert(digest, p.clone());
+        }
+        Some(p)
     }
 
     pub fn operator(&self) -> &VerifyingKey {
@@ -275,7 +306,7 @@ impl Handshake {
                             let pubkey = extra
                                 .and_then(|e| e.get("pubkey"))
                                 .and_then(Value::as_str)
-                                .and_then(credential::parse_hex32);
+                                .and_then(credential::parse_public_key);
                             let cred = extra
                                 .and_then(|e| e.get("credential"))
                                 .and_then(Value::as_str);
@@ -331,7 +362,7 @@ impl Handshake {
                         } else {
                             auth.identity(&realm, v, "ticket").map(|mut i| {
                                 i.proof =
-                                    node.and_then(|n| SessionProof::bearer(&signature, n, &realm));
+                                    node.and_then(|n| auth.bearer_proof(&signature, n, &realm));
                                 i
                             })
                         }
@@ -392,7 +423,8 @@ fn verify_challenge(
         return Err(AuthError::ChallengeFailed);
     }
     let sig = Signature::from_slice(&bytes[..64]).map_err(|_| AuthError::ChallengeFailed)?;
-    key.verify(challenge, &sig)
+    // Strict: a weak (small-order) public key would otherwise verify a forged signature.
+    key.verify_strict(challenge, &sig)
         .map_err(|_| AuthError::ChallengeFailed)?;
     Ok(sig.to_bytes())
 }
