@@ -301,7 +301,8 @@ impl Proofs {
     }
 
     /// The origin of a forwarded publication or call, with the role its node proved for the
-    /// session (see [`Proofs::role_of`]).
+    /// session (as [`Proofs::role_of`] judges it; on the path of every forwarded message, so it
+    /// copies only the key id and role).
     pub fn origin(
         &self,
         node: &Node,
@@ -309,12 +310,30 @@ impl Proofs {
         realm: &str,
         o: macula_mesh::Origin,
     ) -> Result<Origin, &'static str> {
-        let (role, proof) = self.role_of(node, peer, realm, o.session, o.authrole)?;
-        Ok(Origin {
-            session: o.session,
-            authid: proof.map_or(o.authid, |p| p.kid),
-            authrole: role,
-        })
+        let proven = {
+            let verified = self.verified.lock();
+            match verified.get(&peer).and_then(|s| s.get(realm, o.session)) {
+                Some(p) if p.expires_at != 0 && p.expires_at <= crate::confdir::now_secs() => {
+                    return Err("the key of its session expired")
+                }
+                Some(p) => Some((p.kid.clone(), p.role.clone())),
+                None => None,
+            }
+        };
+        match proven {
+            Some((authid, authrole)) => Ok(Origin {
+                session: o.session,
+                authid,
+                authrole,
+            }),
+            None => self
+                .role_of(node, peer, realm, o.session, o.authrole)
+                .map(|(authrole, _)| Origin {
+                    session: o.session,
+                    authid: o.authid,
+                    authrole,
+                }),
+        }
     }
 
     /// A peer proves the role of one of its sessions (see the module's documentation); kept
