@@ -18,7 +18,6 @@ use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use ed25519_dalek::{SigningKey, VerifyingKey};
@@ -28,12 +27,8 @@ use macula_wamp::uri;
 
 use crate::config::NodeConfig;
 
-pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use macula_common::secret::write_secret;
+pub use macula_common::time::{now_secs, rfc3339};
 
 /// Everything a node loads from its config directory.
 #[derive(Clone)]
@@ -53,26 +48,6 @@ pub struct Loaded {
 #[derive(Debug, Clone)]
 pub struct ConfDir {
     pub root: PathBuf,
-}
-
-/// Writes a secret readable by this user only: the file is created with mode 0600 (never
-/// readable by others, not even for a moment), and an existing file is made 0600 first.
-pub fn write_secret(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    let ctx = || format!("writing {}", path.display());
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        opts.mode(0o600);
-        if path.exists() {
-            fs::set_permissions(path, fs::Permissions::from_mode(0o600)).with_context(ctx)?;
-        }
-    }
-    let mut f = opts.open(path).with_context(ctx)?;
-    f.write_all(text.as_bytes()).with_context(ctx)?;
-    Ok(())
 }
 
 fn read_signing_key(path: &Path) -> Result<SigningKey> {
@@ -448,43 +423,5 @@ pub fn default_policy(realm: &str) -> PolicyDoc {
             },
         ],
         ..PolicyDoc::default()
-    }
-}
-
-/// Formats Unix seconds as an RFC 3339 UTC timestamp.
-pub fn rfc3339(secs: u64) -> String {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
-}
-
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    // Howard Hinnant's algorithm.
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rfc3339_formats_known_dates() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_735_689_600), "2025-01-01T00:00:00Z");
     }
 }

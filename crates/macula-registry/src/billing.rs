@@ -18,8 +18,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use macula_node::confdir::{now_secs, rfc3339};
-use macula_node::meter::{quantile_ms, UsageReport, UsageRow, BUCKETS, OPS};
+use macula_common::time::{now_secs, rfc3339};
+use macula_common::usage::{quantile_ms, UsageReport, UsageRow, BUCKETS, OPS};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::Row;
@@ -29,8 +29,8 @@ use crate::error::{is_unique_violation, ApiError, ApiResult};
 use crate::registry::{audit, Actor, Registry, READ};
 
 /// A plan: the price list is configuration (`registry.prices`, default the seed's tiers).
-pub type Tier = macula_node::config::TierPrice;
-pub use macula_node::config::Prices;
+pub type Tier = macula_common::prices::TierPrice;
+pub use macula_common::prices::Prices;
 
 const GIB: u64 = 1 << 30;
 
@@ -50,42 +50,8 @@ pub const FINALIZE_AFTER_SECS: i64 = 3600;
 
 // ---- calendar (UTC) ----
 
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = (m as i64 + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn ymd(secs: i64) -> (i64, u32, u32) {
-    let s = rfc3339(secs.max(0) as u64);
-    let y = s[0..4].parse().unwrap_or(1970);
-    let m = s[5..7].parse().unwrap_or(1);
-    let d = s[8..10].parse().unwrap_or(1);
-    (y, m, d)
-}
-
-/// Unix seconds of the first instant of the month containing `secs`.
-pub fn month_start(secs: i64) -> i64 {
-    let (y, m, _) = ymd(secs);
-    days_from_civil(y, m, 1) * 86_400
-}
-
-/// The first instant of the month after the one starting at `start`.
-pub fn next_month(start: i64) -> i64 {
-    let (y, m, _) = ymd(start);
-    let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
-    days_from_civil(y, m, 1) * 86_400
-}
-
-/// `YYYY-MM` of a month start.
-pub fn month_name(start: i64) -> String {
-    let (y, m, _) = ymd(start);
-    format!("{y:04}-{m:02}")
-}
+use macula_common::time::days_from_civil;
+pub use macula_common::time::{month_name, month_start, next_month};
 
 /// Parses `YYYY-MM` (or `current`, `previous`) into a month start.
 pub fn parse_month(s: &str) -> ApiResult<i64> {
@@ -990,7 +956,7 @@ impl Registry {
                 start: rfc3339(start as u64),
                 ..Default::default()
             };
-            for (i, op) in macula_node::meter::Op::ALL.iter().enumerate() {
+            for (i, op) in macula_common::usage::Op::ALL.iter().enumerate() {
                 let v = r.try_get::<i64, _>(COUNTER_COLS[i])?.max(0) as u64;
                 p.ops.insert(op.name(), v);
                 p.ops_total += v;
@@ -1739,7 +1705,7 @@ pub fn invoice_html(inv: &Value) -> String {
 /// Delivers usage reports straight to the registry in this process.
 pub struct LocalSink(pub std::sync::Weak<Registry>);
 
-impl macula_node::meter::UsageSink for LocalSink {
+impl macula_common::usage::UsageSink for LocalSink {
     fn deliver(
         &self,
         report: UsageReport,

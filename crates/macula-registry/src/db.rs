@@ -785,7 +785,7 @@ impl Db {
             )
             .bind(m.version)
             .bind(m.name)
-            .bind(macula_node::confdir::now_secs() as i64)
+            .bind(macula_common::time::now_secs() as i64)
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;

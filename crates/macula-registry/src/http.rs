@@ -701,7 +701,7 @@ async fn usage(
     Q(q): Q<UsageQuery>,
 ) -> ApiResult<Response> {
     let period = q.period.as_deref().unwrap_or("day");
-    let now = macula_node::confdir::now_secs() as i64;
+    let now = macula_common::time::now_secs() as i64;
     let to =
         q.to.as_deref()
             .map(parse_time)

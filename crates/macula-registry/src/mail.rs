@@ -152,7 +152,7 @@ impl Mailer for DirMailer {
             // Mail holds codes that prove an address: readable by this user only.
             let bytes = msg?.formatted();
             tokio::task::spawn_blocking(move || {
-                macula_node::confdir::write_secret(&path, &String::from_utf8_lossy(&bytes))
+                macula_common::secret::write_secret(&path, &String::from_utf8_lossy(&bytes))
                     .map_err(|e| format!("{e:#}"))
             })
             .await

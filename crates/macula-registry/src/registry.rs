@@ -16,7 +16,8 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use argon2::Argon2;
 use axum::http::StatusCode;
 use ed25519_dalek::SigningKey;
-use macula_node::confdir::{now_secs, rfc3339, ConfDir};
+use macula_common::time::{now_secs, rfc3339};
+use macula_node::confdir::ConfDir;
 use macula_node::Node;
 use macula_router::auth::credential::{self, AuthorityCert, KeyClaims, SignedCert};
 use macula_router::policy::{Policy, PolicyDoc, RoleDoc, TopicAclDoc, UserDoc};
@@ -2700,7 +2701,7 @@ impl Registry {
         let key_path = dir.join("authority.key");
         let secret = self.kek.open(&row.name, &row.authority_key)?;
         if std::fs::read_to_string(&key_path).ok().as_deref() != Some(secret.as_str()) {
-            macula_node::confdir::write_secret(&key_path, &secret)?;
+            macula_common::secret::write_secret(&key_path, &secret)?;
             std::fs::write(dir.join("authority.cert"), &row.authority_cert)?;
         }
         let current = self.confdir.read_policy(&row.name).ok();

@@ -246,7 +246,7 @@ async fn suite(url: &str, dir: &std::path::Path) {
     // The key verifies offline against the trust root, for the realm and role asked.
     let op = srv.dir.load().unwrap().operator;
     let verified =
-        macula_router::auth::credential::verify_key(&secret, &op, macula_node::confdir::now_secs())
+        macula_router::auth::credential::verify_key(&secret, &op, macula_common::time::now_secs())
             .unwrap();
     assert_eq!(
         (

@@ -6,8 +6,8 @@
 mod common;
 
 use common::{account, req, serve, sqlite_url};
-use macula_node::confdir::now_secs;
-use macula_node::meter::{hour_of, UsageReport, UsageRow, UsageSink, BUCKETS};
+use macula_common::time::now_secs;
+use macula_common::usage::{hour_of, UsageReport, UsageRow, UsageSink, BUCKETS};
 use macula_registry::billing::{self, month_start, LocalSink};
 use macula_registry::RegistryConfig;
 use serde_json::{json, Value};
@@ -64,7 +64,7 @@ async fn aggregation(url: &str, dir: &std::path::Path) {
     create_realm(base, &t, json!({"name": "com.bill"})).await;
     let h = hour_of(now_secs());
     let mut a1 = row("com.bill", "key_a", h, [10, 1, 5, 1, 2], 1000, 5000);
-    a1.latency[macula_node::meter::bucket(std::time::Duration::from_micros(1500))] = 4;
+    a1.latency[macula_common::usage::bucket(std::time::Duration::from_micros(1500))] = 4;
     let a1 = report("node-a", 1, vec![a1]);
     assert_eq!(srv.reg.ingest(&a1).await.unwrap(), vec!["com.bill"]);
     assert!(
@@ -644,7 +644,7 @@ async fn hobby_quota(url: &str, dir: &std::path::Path) {
 /// that cannot bill is refused at start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configured_price_list_is_used() {
-    use macula_node::config::{Prices, TierPrice};
+    use macula_common::prices::{Prices, TierPrice};
     let tmp = tempfile::tempdir().unwrap();
     let tier = |name: &str, base, ops, mc, hard| TierPrice {
         name: name.into(),

@@ -1,0 +1,15 @@
+//! # macula-common
+//!
+//! The pieces both planes use, so that neither imports the other: the node (data plane) and the
+//! registry and billing services (control plane) depend on this crate, and it depends on nothing
+//! of Macula's.
+//!
+//! - [`time`]: Unix seconds, RFC 3339, the UTC calendar (months for billing).
+//! - [`secret`]: files that hold secrets (mode 0600 from the first byte).
+//! - [`usage`]: the usage report a node delivers and the aggregator ingests.
+//! - [`prices`]: the price list (plans and add-ons) that both quota enforcement and invoicing read.
+
+pub mod prices;
+pub mod secret;
+pub mod time;
+pub mod usage;
