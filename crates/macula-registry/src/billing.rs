@@ -671,7 +671,7 @@ impl Registry {
             let used =
                 (ops as f64 / t.included_ops as f64).max(bytes as f64 / t.included_bytes as f64);
             if let Some(node) = &self.node {
-                node.quota_used.lock().insert(name.clone(), used);
+                node.set_quota_used(name, used);
             }
             let what = format!(
                 "{} of {} operations and {:.3} of {} GiB egress this month ({})",
@@ -864,9 +864,7 @@ impl Registry {
             ApiError::unauthorized("API keys are accepted only by a registry hosted on a node")
         })?;
         let v = node
-            .auth()
-            .authenticator
-            .verify(bearer, now_secs())
+            .verify_key(bearer)
             .map_err(|e| ApiError::unauthorized(format!("API key refused: {e}")))?;
         if v.claims.role != "admin" {
             return Err(ApiError::forbidden(

@@ -18,7 +18,6 @@ use axum::http::StatusCode;
 use ed25519_dalek::SigningKey;
 use macula_common::time::{now_secs, rfc3339};
 use macula_node::confdir::ConfDir;
-use macula_node::Node;
 use macula_router::auth::credential::{self, AuthorityCert, KeyClaims, SignedCert};
 use macula_router::policy::{Policy, PolicyDoc, RoleDoc, TopicAclDoc, UserDoc};
 use parking_lot::Mutex;
@@ -119,12 +118,27 @@ pub(crate) enum Access {
 pub(crate) const ADMIN: &str = "admin";
 pub(crate) const READ: &str = "read";
 
+/// What the registry needs from the node that hosts it — the narrow interface by which the
+/// control plane reaches the data plane (the node implements it; the registry never imports
+/// the node). Realm states reach the node through its config directory, which the registry
+/// writes; [`Host::apply`] makes the node take them (and flood them to the mesh).
+pub trait Host: Send + Sync + 'static {
+    /// Re-reads the config directory: new policies, keys and revocations take effect.
+    fn apply(&self) -> anyhow::Result<()>;
+    /// Verifies an API key as the node does (trust root, revocations).
+    fn verify_key(&self, key: &str) -> Result<credential::VerifiedKey, String>;
+    /// Client sessions of `realm` on the node now.
+    fn live_sessions(&self, realm: &str) -> usize;
+    /// The share of its plan's allowance `realm` used this month (shown in `/metrics`).
+    fn set_quota_used(&self, realm: &str, used: f64);
+}
+
 pub struct Registry {
     pub db: Db,
     pub config: RegistryConfig,
     confdir: ConfDir,
     operator_key: SigningKey,
-    pub(crate) node: Option<Arc<Node>>,
+    pub(crate) node: Option<Arc<dyn Host>>,
     logins: Mutex<HashMap<IpAddr, (Instant, u32)>>,
     /// Parsed newest policy per realm, with its version.
     policies: Mutex<HashMap<String, (i64, PolicyDoc)>>,
@@ -385,7 +399,7 @@ impl Registry {
         db: Db,
         config: RegistryConfig,
         confdir: ConfDir,
-        node: Option<Arc<Node>>,
+        node: Option<Arc<dyn Host>>,
     ) -> anyhow::Result<Arc<Registry>> {
         config.prices.validate().map_err(anyhow::Error::msg)?;
         let operator_key = confdir.operator_key()?;
@@ -1464,8 +1478,7 @@ impl Registry {
         v["members"] = json!(doc.users.len());
         v["roles"] = json!(doc.roles.iter().map(|r| &r.name).collect::<Vec<_>>());
         if let Some(node) = &self.node {
-            let live = node.realm_handle(name).map(|h| h.lock().session_count());
-            v["live"] = json!({"sessions_on_this_node": live.unwrap_or(0)});
+            v["live"] = json!({"sessions_on_this_node": node.live_sessions(name)});
         }
         Ok(v)
     }
@@ -2690,7 +2703,7 @@ impl Registry {
         let doc = self.policy_doc(&row)?;
         self.write_realm(&row, &doc).map_err(ApiError::from)?;
         if let Some(node) = &self.node {
-            node.reload().map_err(ApiError::from)?;
+            node.apply().map_err(ApiError::from)?;
         }
         Ok(())
     }
@@ -2729,7 +2742,7 @@ impl Registry {
             tracing::error!("writing the tombstone of {name}: {e:#}");
         }
         if let Some(node) = &self.node {
-            if let Err(e) = node.reload() {
+            if let Err(e) = node.apply() {
                 tracing::error!("reloading after deleting {name}: {e:#}");
             }
         }
@@ -2774,7 +2787,7 @@ impl Registry {
             self.write_realm(&row, &doc)?;
         }
         if let Some(node) = &self.node {
-            node.reload()?;
+            node.apply()?;
         }
         Ok(())
     }

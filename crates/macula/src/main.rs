@@ -2,6 +2,7 @@
 
 mod billing_cmds;
 mod client_cmds;
+mod hosting;
 mod local;
 mod mesh_cmds;
 mod registry_cmds;

@@ -177,7 +177,7 @@ Press Ctrl-C to stop."#,
             rs = running.rawsocket_url(),
             home = a.home.display(),
             keyfile = key_path.display(),
-            db = macula_registry::db::redact(&macula_registry::database_url(
+            db = macula_registry::db::redact(&crate::hosting::database_url(
                 &dir,
                 &nodes[0].node.config.registry,
                 a.database.as_deref()
@@ -332,10 +332,10 @@ async fn start(
     database: Option<&str>,
 ) -> Result<macula_node::Running> {
     let enabled = loaded.config.registry.enabled;
-    let url = macula_registry::database_url(dir, &loaded.config.registry, database);
+    let url = crate::hosting::database_url(dir, &loaded.config.registry, database);
     let node = Node::new(loaded, Some(dir.clone()));
     let extra = if enabled {
-        let (_, routes) = macula_registry::host(&node, dir, &url)
+        let (_, routes) = crate::hosting::host(&node, dir, &url)
             .await
             .with_context(|| {
                 format!(

@@ -1,0 +1,126 @@
+//! The node hosting the registry (control plane) through its narrow interface,
+//! [`macula_registry::Host`]: the registry never imports the node, the node never imports the
+//! registry; this is where they meet.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use macula_node::{ConfDir, Node, RegistrySection};
+use macula_registry::{billing, http, kek, mail, Db, Registry, RegistryConfig};
+
+/// The registry's settings from a node's `registry:` section.
+pub fn registry_config(s: &RegistrySection) -> RegistryConfig {
+    RegistryConfig {
+        operators: s.operators.clone(),
+        session_ttl: Duration::from_secs(s.session_ttl_days.max(1) * 86_400),
+        max_failed_logins: i64::from(s.max_failed_logins.max(1)),
+        lockout: Duration::from_secs(s.lockout_minutes * 60),
+        login_attempts_per_minute: s.login_attempts_per_minute.max(1),
+        term_days: s.term_days.max(1),
+        grace_days: s.grace_days,
+        transfer_fee_cents: s.transfer_fee_cents as i64,
+        transfer_code_ttl: Duration::from_secs(s.transfer_code_ttl_hours.max(1) * 3600),
+        prices: s.prices.clone(),
+        verification_ttl: Duration::from_secs(s.verification_ttl_hours.max(1) * 3600),
+        max_realms_per_account: s.max_realms_per_account,
+        max_registrations_per_day: s.max_registrations_per_day,
+        trusted_proxies: s.trusted_proxies.clone(),
+        max_failed_logins_per_hour: s.max_failed_logins_per_hour as i64,
+        mail: mail::MailConfig {
+            url: s.mail.url.clone(),
+            from: s.mail.from.clone(),
+        },
+        kek: match std::env::var(kek::KEK_ENV) {
+            Ok(hex) if !hex.trim().is_empty() => kek::KekSource::Hex(hex),
+            _ => kek::KekSource::File(s.kek_file.clone()),
+        },
+    }
+}
+
+/// The database URL a node's registry uses: `database` if given, else its section's, else
+/// `registry.db` in the config directory.
+pub fn database_url(dir: &ConfDir, section: &RegistrySection, database: Option<&str>) -> String {
+    match database.filter(|d| !d.is_empty()) {
+        Some(d) => d.to_owned(),
+        None if !section.database.is_empty() => section.database.clone(),
+        None => format!(
+            "sqlite://{}?mode=rwc",
+            dir.root.join("registry.db").display()
+        ),
+    }
+}
+
+/// Opens the registry for `node` (migrating its database), starts its expiry sweep, and returns
+/// it with the routes to serve.
+pub async fn host(
+    node: &Arc<Node>,
+    dir: &ConfDir,
+    database: &str,
+) -> anyhow::Result<(Arc<Registry>, axum::Router)> {
+    let section = &node.config.registry;
+    let db = Db::open(database).await?;
+    let reg = Registry::new(
+        db,
+        registry_config(section),
+        dir.clone(),
+        Some(Arc::new(NodeHost(node.clone()))),
+    )
+    .await?;
+    if reg.mail_kind() == "log" && !node.config.listen.http.ip().to_canonical().is_loopback() {
+        tracing::warn!(
+            "registry.mail.url is not set: verification codes are written to this log, not mailed. \
+             Anyone who reads the log can prove any address. Set registry.mail.url (smtps://…) before \
+             serving the registry to a network"
+        );
+    }
+    // The hosting node's usage goes straight to the aggregator.
+    let _ = node
+        .usage_sink
+        .set(Arc::new(billing::LocalSink(Arc::downgrade(&reg))));
+    let sweeper = Arc::downgrade(&reg);
+    tokio::spawn(async move {
+        let mut iv = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            iv.tick().await;
+            let Some(reg) = sweeper.upgrade() else { return };
+            if let Err(e) = reg.expire().await {
+                tracing::error!("registry expiry sweep: {}", e.message);
+            }
+            if let Err(e) = reg.billing_tick().await {
+                tracing::error!("billing: {}", e.message);
+            }
+        }
+    });
+    let router = http::router(reg.clone(), section.max_body);
+    Ok((reg, router))
+}
+
+/// The node as the registry's host.
+struct NodeHost(Arc<Node>);
+
+impl macula_registry::Host for NodeHost {
+    fn apply(&self) -> anyhow::Result<()> {
+        self.0.reload()
+    }
+
+    fn verify_key(
+        &self,
+        key: &str,
+    ) -> Result<macula_router::auth::credential::VerifiedKey, String> {
+        self.0
+            .auth()
+            .authenticator
+            .verify(key, macula_common::time::now_secs())
+            .map_err(|e| e.to_string())
+    }
+
+    fn live_sessions(&self, realm: &str) -> usize {
+        self.0
+            .realm_handle(realm)
+            .map_or(0, |h| h.lock().session_count())
+    }
+
+    fn set_quota_used(&self, realm: &str, used: f64) {
+        self.0.quota_used.lock().insert(realm.to_owned(), used);
+    }
+}
