@@ -7,8 +7,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::outbox::SlowConsumerPolicy;
-
 /// Where the node listens.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -333,6 +331,15 @@ impl Default for MeteringSection {
 }
 
 pub use macula_common::prices::{AddonPrice, Prices, TierPrice};
+
+/// What to do when a session's outgoing queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowConsumerPolicy {
+    #[default]
+    DropOldest,
+    Disconnect,
+}
 
 /// The whole node configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -53,10 +53,10 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
         .collect();
     let mut text = node.metrics.render(&realms);
     if let Some(m) = node.mesh.get() {
-        crate::metrics::render_mesh(&mut text, m, &node.metrics);
+        crate::exposition::render_mesh(&mut text, m, &node.metrics);
     }
     if let Some(meter) = &node.meter {
-        crate::metrics::render_usage(&mut text, meter, &node.quota_used.lock());
+        crate::exposition::render_usage(&mut text, meter, &node.quota_used.lock());
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

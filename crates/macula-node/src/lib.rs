@@ -10,6 +10,7 @@
 
 pub mod confdir;
 pub mod config;
+pub mod exposition;
 pub mod http;
 pub mod http_server;
 pub mod mesh;

@@ -513,7 +513,7 @@ impl Meter {
         for j in 0..COUNTERS {
             s[BASE + j].store(s[CUR + j].load(Ordering::Relaxed), Ordering::Relaxed);
         }
-        let hour = u64::from(hour_of(crate::confdir::now_secs()))
+        let hour = u64::from(hour_of(macula_common::time::now_secs()))
             .max(self.hour_floor.load(Ordering::Relaxed));
         s[HOUR].store(hour, Ordering::Relaxed);
         names.name(
@@ -977,7 +977,7 @@ mod tests {
         m.set_owner_limit(2);
         let rec = Rec(Mutex::new(vec![]));
         let mut sh = Shipper::new(m.clone(), "n1".into());
-        let now = crate::confdir::now_secs();
+        let now = macula_common::time::now_secs();
         m.counter_for("com.a", "k1", "a")
             .unwrap()
             .op(Op::Publish, 1);
@@ -1048,7 +1048,7 @@ mod tests {
         let m = Meter::open(None, 16, 16).unwrap();
         let rec = Rec(Mutex::new(vec![]));
         let mut sh = Shipper::new(m.clone(), "n1".into());
-        let now = crate::confdir::now_secs();
+        let now = macula_common::time::now_secs();
         let c = m.counter("com.a", "key_1");
         c.op(Op::Publish, 7);
         c.latency(Duration::from_millis(2));

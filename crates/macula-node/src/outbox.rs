@@ -21,19 +21,11 @@ use std::sync::{Arc, Mutex};
 
 use macula_router::Peer;
 use macula_wamp::{errors, Message};
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
 
-/// What to do when a session's outgoing queue is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum SlowConsumerPolicy {
-    #[default]
-    DropOldest,
-    Disconnect,
-}
+pub use crate::config::SlowConsumerPolicy;
 
 /// Gates one outbox keeps at once (see [`Outbox::hold`]).
 pub const MAX_HOLDS: usize = 1024;
