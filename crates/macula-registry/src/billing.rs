@@ -1125,13 +1125,11 @@ impl Registry {
                 .execute(&mut *tx)
                 .await?;
         }
-        audit(
+        actor.audit(
             &mut tx,
-            Some(realm),
-            &actor.email,
+            realm,
             "plan.change",
             json!({"from": row.tier, "to": t.name, "effective_at": rfc3339(effective as u64)}),
-            &actor.remote,
         );
         tx.commit().await?;
         if effective == now && !t.hard_quota {
@@ -1188,13 +1186,11 @@ impl Registry {
                 .execute(&mut *tx)
                 .await?;
         }
-        audit(
+        actor.audit(
             &mut tx,
-            Some(realm),
-            &actor.email,
+            realm,
             if on { "addon.on" } else { "addon.off" },
             json!({"feature": id}),
-            &actor.remote,
         );
         tx.commit().await?;
         Ok(

@@ -1,0 +1,167 @@
+//! Operators' tools: ownership claims (disputes), freezing, suspension, forced transfer.
+
+#[allow(unused_imports)]
+use super::*;
+
+impl Registry {
+    pub async fn add_claim(
+        &self,
+        actor: &Actor,
+        name: &str,
+        claimant: &str,
+        note: &str,
+    ) -> ApiResult<Value> {
+        Self::operator_only(actor)?;
+        let claimant = validate_email(claimant)?;
+        let mut tx = self.db.begin().await?;
+        self.realm(&mut tx, name).await?;
+        let id = random_token("claim_", 6);
+        let now = now_secs() as i64;
+        sqlx::query("INSERT INTO claims (id, realm, claimant, note, status, created_by, created_at) VALUES ($1, $2, $3, $4, 'open', $5, $6)")
+            .bind(&id)
+            .bind(name)
+            .bind(&claimant)
+            .bind(note)
+            .bind(&actor.email)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        actor.audit(
+            &mut tx,
+            name,
+            "dispute.claim",
+            json!({"claim": id, "claimant": claimant, "note": note}),
+        );
+        tx.commit().await?;
+        Ok(
+            json!({"id": id, "realm": name, "claimant": claimant, "note": note, "status": "open", "created_at": rfc3339(now as u64)}),
+        )
+    }
+
+    pub async fn claims(&self, actor: &Actor, name: &str) -> ApiResult<Value> {
+        Self::operator_only(actor)?;
+        let rows = sqlx::query("SELECT id, claimant, note, status, created_by, created_at FROM claims WHERE realm = $1 ORDER BY created_at, id")
+            .bind(name)
+            .fetch_all(&self.db.pool)
+            .await?;
+        let mut items = vec![];
+        for r in rows {
+            items.push(json!({
+                "id": r.try_get::<String, _>("id")?,
+                "claimant": r.try_get::<String, _>("claimant")?,
+                "note": r.try_get::<String, _>("note")?,
+                "status": r.try_get::<String, _>("status")?,
+                "created_by": r.try_get::<String, _>("created_by")?,
+                "created_at": rfc3339(r.try_get::<i64, _>("created_at")? as u64),
+            }));
+        }
+        Ok(json!({"items": items, "next_cursor": null}))
+    }
+
+    /// Freezes (no transfer, delete or owner change while a dispute is open) or unfreezes.
+    pub async fn set_frozen(
+        &self,
+        actor: &Actor,
+        name: &str,
+        reason: Option<&str>,
+    ) -> ApiResult<Value> {
+        Self::operator_only(actor)?;
+        let mut tx = self.db.begin().await?;
+        self.realm(&mut tx, name).await?;
+        let reason = operator_reason(reason, "frozen by the operator");
+        sqlx::query("UPDATE realms SET frozen = $1 WHERE name = $2")
+            .bind(reason)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        actor.audit(
+            &mut tx,
+            name,
+            if reason.is_empty() {
+                "dispute.unfreeze"
+            } else {
+                "dispute.freeze"
+            },
+            json!({"reason": reason}),
+        );
+        let row = self.realm(&mut tx, name).await?;
+        tx.commit().await?;
+        Ok(self.realm_json(&row, None))
+    }
+
+    /// Suspends (abuse takedown: every node refuses the realm's sessions and closes live ones)
+    /// or lifts a suspension.
+    pub async fn set_suspended(
+        &self,
+        actor: &Actor,
+        name: &str,
+        reason: Option<&str>,
+    ) -> ApiResult<Value> {
+        Self::operator_only(actor)?;
+        let mut tx = self.db.begin().await?;
+        let row = self.realm(&mut tx, name).await?;
+        let reason = operator_reason(reason, "suspended by the operator");
+        sqlx::query("UPDATE realms SET suspended = $1 WHERE name = $2")
+            .bind(reason)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        let mut doc = self.policy_doc(&row)?;
+        doc.disabled = if !reason.is_empty() {
+            Some(format!("suspended: {reason}"))
+        } else if now_secs() as i64 > self.grace_end(&row) {
+            doc.disabled
+        } else {
+            None
+        };
+        self.put_policy(&mut tx, name, doc, &actor.email).await?;
+        actor.audit(
+            &mut tx,
+            name,
+            if reason.is_empty() {
+                "realm.unsuspend"
+            } else {
+                "realm.suspend"
+            },
+            json!({"reason": reason}),
+        );
+        let row = self.realm(&mut tx, name).await?;
+        tx.commit().await?;
+        self.materialize(name).await?;
+        Ok(self.realm_json(&row, None))
+    }
+
+    /// Resolves a dispute by moving the realm to `to` (no fee).
+    pub async fn force_transfer(&self, actor: &Actor, name: &str, to: &str) -> ApiResult<Value> {
+        Self::operator_only(actor)?;
+        let to = validate_email(to)?;
+        let mut tx = self.db.begin().await?;
+        let row = self.realm(&mut tx, name).await?;
+        let id = verified_account(&mut tx, &to).await?;
+        self.change_owner(&mut tx, &row, actor, &id, &to).await?;
+        sqlx::query("UPDATE claims SET status = 'resolved' WHERE realm = $1 AND status = 'open'")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        actor.audit(
+            &mut tx,
+            name,
+            "dispute.transfer",
+            json!({"from": row.owner_email, "to": to}),
+        );
+        let row = self.realm(&mut tx, name).await?;
+        tx.commit().await?;
+        self.materialize(name).await?;
+        Ok(self.realm_json(&row, None))
+    }
+}
+
+/// An operator's reason for a freeze or a suspension: `default` when given empty, and empty
+/// (lifted) when not given at all.
+fn operator_reason<'a>(reason: Option<&'a str>, default: &'a str) -> &'a str {
+    match reason {
+        Some("") => default,
+        Some(r) => r,
+        None => "",
+    }
+}
