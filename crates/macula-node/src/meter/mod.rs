@@ -20,6 +20,18 @@
 //! delivered before the base moves; a crash in between re-sends the old hour, which may then
 //! include a few operations of the new one (attribution at the boundary is exact to one flush
 //! interval; totals are exact).
+//!
+//! One file per concept: this one holds the counters file (slots, names, segments); `counter.rs`
+//! counting; `shipper.rs` delivery; `events.rs` the raw-event tap.
+
+mod counter;
+mod events;
+mod shipper;
+#[cfg(test)]
+mod tests;
+
+#[allow(unused_imports)]
+pub use self::{counter::*, events::*, shipper::*};
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -34,39 +46,46 @@ use serde::Serialize;
 
 pub use macula_common::usage::*;
 
-const IN: usize = OPS;
-const OUT: usize = OPS + 1;
-const HIST: usize = OPS + 2;
+pub(crate) const IN: usize = OPS;
+
+pub(crate) const OUT: usize = OPS + 1;
+
+pub(crate) const HIST: usize = OPS + 2;
+
 /// Counters per slot: operations by kind, bytes in, bytes out, histogram.
 pub const COUNTERS: usize = OPS + 2 + BUCKETS;
 
-const SLOT_WORDS: usize = 128;
+pub(crate) const SLOT_WORDS: usize = 128;
+
 /// Word 0 of a slot: the hour its base belongs to. Then the counters, then the base.
-const HOUR: usize = 0;
-const CUR: usize = 8;
-const BASE: usize = 64;
-const MAGIC: u64 = u64::from_le_bytes(*b"MACMETR2");
+pub(crate) const HOUR: usize = 0;
+
+pub(crate) const CUR: usize = 8;
+
+pub(crate) const BASE: usize = 64;
+
+pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"MACMETR2");
 
 /// Slot names by slot number, and the file they are appended to
 /// (`slot<TAB>realm<TAB>key<TAB>owner`; the last line for a slot wins). Slot 0 is the file
 /// header; slot 1 is reserved (it counted unattributed usage in older versions: nothing is ever
 /// counted unattributed now — a pair that cannot get a slot is refused).
-struct Names {
-    by_slot: BTreeMap<u32, SlotName>,
-    file: Option<File>,
+pub(crate) struct Names {
+    pub(crate) by_slot: BTreeMap<u32, SlotName>,
+    pub(crate) file: Option<File>,
     /// Slots reclaimed after their usage was delivered, to hand out again.
-    free: Vec<u32>,
+    pub(crate) free: Vec<u32>,
     /// Named slots per owner (the registration a key belongs to).
-    per_owner: HashMap<String, usize>,
+    pub(crate) per_owner: HashMap<String, usize>,
     /// Lines in the names file (it is rewritten when mostly superseded).
-    lines: usize,
+    pub(crate) lines: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct SlotName {
-    realm: String,
-    key: String,
-    owner: String,
+pub(crate) struct SlotName {
+    pub(crate) realm: String,
+    pub(crate) key: String,
+    pub(crate) owner: String,
 }
 
 impl Names {
@@ -87,10 +106,10 @@ impl Names {
     }
 }
 
-const RESERVED: u32 = 1;
+pub(crate) const RESERVED: u32 = 1;
 
 /// A named pair's slot and the token its counters hold.
-type SlotRef = (u32, Arc<()>);
+pub(crate) type SlotRef = (u32, Arc<()>);
 
 /// Why a (realm, key) pair got no counter.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,38 +141,38 @@ impl std::fmt::Display for NoSlot {
 }
 
 /// Segments the counters file may grow to (with `metering.max_slots`).
-const MAX_SEGMENTS: usize = 1024;
+pub(crate) const MAX_SEGMENTS: usize = 1024;
 
 /// A zeroed slot, read where a slot's segment is not mapped (never, for a slot handed out).
-static NO_SLOT: [AtomicU64; SLOT_WORDS] = [const { AtomicU64::new(0) }; SLOT_WORDS];
+pub(crate) static NO_SLOT: [AtomicU64; SLOT_WORDS] = [const { AtomicU64::new(0) }; SLOT_WORDS];
 
 /// The slot file.
 pub struct Meter {
     /// The mapped segments, `per_segment` slots each; segment 0 starts with the header slot.
-    segments: Vec<std::sync::OnceLock<memmap2::MmapMut>>,
-    per_segment: usize,
+    pub(crate) segments: Vec<std::sync::OnceLock<memmap2::MmapMut>>,
+    pub(crate) per_segment: usize,
     /// Slots usable now (numbers 2..=slots; the mapped segments hold them).
-    slots: std::sync::atomic::AtomicUsize,
-    epoch: u64,
+    pub(crate) slots: std::sync::atomic::AtomicUsize,
+    pub(crate) epoch: u64,
     /// Slot of each named pair, with the token every [`Counter`] of it holds (a slot whose
     /// token is held only here has no live counter and may be reclaimed).
-    index: RwLock<HashMap<(String, String), SlotRef>>,
-    names: Mutex<Names>,
-    dir: Option<PathBuf>,
-    full_warned: AtomicBool,
+    pub(crate) index: RwLock<HashMap<(String, String), SlotRef>>,
+    pub(crate) names: Mutex<Names>,
+    pub(crate) dir: Option<PathBuf>,
+    pub(crate) full_warned: AtomicBool,
     /// Pairs one owner may have metered at once (0: no limit).
-    owner_limit: AtomicU64,
+    pub(crate) owner_limit: AtomicU64,
     /// The newest hour the shipper closed slots into: a slot named later starts no earlier, so
     /// a pair whose slot was released never reports into an hour already closed for it.
-    hour_floor: AtomicU64,
+    pub(crate) hour_floor: AtomicU64,
     /// The counters file, held open for its lock (and to map new segments from).
-    file: Option<File>,
+    pub(crate) file: Option<File>,
 }
 
 /// Reserves the file's blocks, so that a full disk is an error now rather than a SIGBUS when
 /// a counter first touches a page.
 #[cfg(unix)]
-fn reserve(f: &File, len: usize) -> std::io::Result<()> {
+pub(crate) fn reserve(f: &File, len: usize) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: a plain syscall on a file descriptor this function borrows.
     match unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len as libc::off_t) } {
@@ -165,7 +184,7 @@ fn reserve(f: &File, len: usize) -> std::io::Result<()> {
 }
 
 /// Extends `f` to `len` bytes if it is shorter (never truncates).
-fn grow(f: &File, len: usize) -> std::io::Result<()> {
+pub(crate) fn grow(f: &File, len: usize) -> std::io::Result<()> {
     if (f.metadata()?.len() as usize) < len {
         f.set_len(len as u64)?;
     }
@@ -173,12 +192,16 @@ fn grow(f: &File, len: usize) -> std::io::Result<()> {
 }
 
 #[cfg(not(unix))]
-fn reserve(f: &File, len: usize) -> std::io::Result<()> {
+pub(crate) fn reserve(f: &File, len: usize) -> std::io::Result<()> {
     grow(f, len)
 }
 
 /// Maps `len` bytes of the counters file from `offset` (a multiple of the page size).
-fn map_segment(f: &File, offset: usize, len: usize) -> std::io::Result<memmap2::MmapMut> {
+pub(crate) fn map_segment(
+    f: &File,
+    offset: usize,
+    len: usize,
+) -> std::io::Result<memmap2::MmapMut> {
     // SAFETY: the file is this node's own (locked in `Meter::open`); nothing else maps or
     // truncates it while the node runs, and it only grows.
     unsafe {
@@ -632,547 +655,5 @@ impl Meter {
                 },
             )
             .collect()
-    }
-}
-
-/// The counters of one (realm, key). Cheap to clone; every method is a few relaxed adds.
-#[derive(Clone)]
-pub struct Counter {
-    meter: Arc<Meter>,
-    slot: u32,
-    /// Keeps the slot from being reclaimed while this counter lives.
-    _hold: Arc<()>,
-}
-
-impl Counter {
-    #[inline]
-    fn add(&self, i: usize, n: u64) {
-        self.meter.slot(self.slot)[CUR + i].fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// One operation of `kind` whose request was `bytes_in` bytes.
-    #[inline]
-    pub fn op(&self, kind: Op, bytes_in: usize) {
-        let s = self.meter.slot(self.slot);
-        s[CUR + kind as usize].fetch_add(1, Ordering::Relaxed);
-        s[CUR + IN].fetch_add(bytes_in as u64, Ordering::Relaxed);
-    }
-
-    /// Bytes written to a client of the realm.
-    #[inline]
-    pub fn egress(&self, bytes: usize) {
-        self.add(OUT, bytes as u64);
-    }
-
-    /// A call's latency, from its CALL to its final RESULT or ERROR.
-    #[inline]
-    pub fn latency(&self, d: Duration) {
-        self.add(HIST + bucket(d), 1);
-    }
-}
-
-/// A session's metering: its counter and the start times of its calls in flight.
-pub struct SessionMeter {
-    pub counter: Counter,
-    calls: Mutex<HashMap<u64, Instant>>,
-}
-
-/// Calls tracked per session for latency; beyond that, calls go unmeasured (still counted).
-const MAX_TRACKED_CALLS: usize = 65_536;
-
-impl SessionMeter {
-    pub fn new(counter: Counter) -> SessionMeter {
-        SessionMeter {
-            counter,
-            calls: Mutex::new(HashMap::new()),
-        }
-    }
-
-    pub fn call_started(&self, request: u64, at: Instant) {
-        let mut c = self.calls.lock();
-        if c.len() < MAX_TRACKED_CALLS {
-            c.insert(request, at);
-        }
-    }
-
-    /// A call that was refused before it started.
-    pub fn call_forget(&self, request: u64) {
-        self.calls.lock().remove(&request);
-    }
-
-    /// The final answer to a call went out.
-    pub fn call_done(&self, request: u64) {
-        if let Some(t) = self.calls.lock().remove(&request) {
-            self.counter.latency(t.elapsed());
-        }
-    }
-}
-
-/// Rows per usage report a node sends.
-pub const SHIP_CHUNK: usize = 1024;
-
-/// Builds reports from the slot file and moves bases once the aggregator has a report.
-pub struct Shipper {
-    meter: Arc<Meter>,
-    node: String,
-    /// What was last delivered per slot (skips unchanged rows).
-    sent: HashMap<u32, (u32, [u64; COUNTERS])>,
-}
-
-impl Shipper {
-    pub fn new(meter: Arc<Meter>, node: String) -> Shipper {
-        Shipper {
-            meter,
-            node,
-            sent: HashMap::new(),
-        }
-    }
-
-    /// Delivers what changed since the last delivery to `sink`; `now_secs` decides the hour.
-    /// Returns the number of rows delivered.
-    pub async fn ship(&mut self, sink: &dyn UsageSink, now_secs: u64) -> Result<usize, String> {
-        let now_hour = hour_of(now_secs);
-        self.meter
-            .hour_floor
-            .fetch_max(u64::from(now_hour), Ordering::Relaxed);
-        let names = self.meter.names.lock().by_slot.clone();
-        let mut rows = vec![];
-        // Slots whose hour ended: (slot, counters the final row was built from).
-        let mut rebase = vec![];
-        let mut sent = vec![];
-        for (idx, SlotName { realm, key, .. }) in names {
-            let s = self.meter.slot(idx);
-            let hour = s[HOUR].load(Ordering::Relaxed) as u32;
-            let mut cur = [0u64; COUNTERS];
-            let mut val = [0u64; COUNTERS];
-            for j in 0..COUNTERS {
-                cur[j] = s[CUR + j].load(Ordering::Relaxed);
-                val[j] = cur[j].saturating_sub(s[BASE + j].load(Ordering::Relaxed));
-            }
-            let ended = hour < now_hour;
-            if ended {
-                rebase.push((idx, cur));
-            }
-            if self.sent.get(&idx) == Some(&(hour, val)) {
-                continue;
-            }
-            if val.iter().all(|&v| v == 0) && !ended {
-                continue;
-            }
-            sent.push((idx, (hour, val)));
-            if val.iter().all(|&v| v == 0) {
-                continue;
-            }
-            let mut ops = [0u64; OPS];
-            ops.copy_from_slice(&val[..OPS]);
-            rows.push(UsageRow {
-                realm,
-                key_id: key,
-                hour,
-                ops,
-                bytes_in: val[IN],
-                bytes_out: val[OUT],
-                latency: val[HIST..].to_vec(),
-            });
-        }
-        let n = rows.len();
-        // In reports of bounded size: a backlog (after an outage, or many pairs in one hour)
-        // never becomes one huge frame or transaction. A failure part-way re-sends all of it
-        // next time, which changes nothing of what was taken (rows are cumulative).
-        let mut rows = rows.into_iter().peekable();
-        while rows.peek().is_some() {
-            sink.deliver(UsageReport {
-                node: self.node.clone(),
-                epoch: self.meter.epoch,
-                rows: rows.by_ref().take(SHIP_CHUNK).collect(),
-            })
-            .await?;
-        }
-        self.sent.extend(sent);
-        // The old hour is delivered: its final counters become the new hour's base.
-        for (idx, cur) in rebase {
-            let s = self.meter.slot(idx);
-            for (j, v) in cur.iter().enumerate() {
-                s[BASE + j].store(*v, Ordering::Relaxed);
-            }
-            s[HOUR].store(u64::from(now_hour), Ordering::Relaxed);
-            self.sent.remove(&idx);
-            // Delivered, and idle since: the slot can serve another pair.
-            self.meter.reclaim(idx, &cur);
-        }
-        Ok(n)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn buckets_are_monotonic_and_bounded() {
-        let mut last = 0;
-        for us in [1u64, 2, 3, 4, 5, 6, 7, 8, 12, 100, 1000, 10_000, 1 << 30] {
-            let b = bucket(Duration::from_micros(us));
-            assert!(b >= last, "{us} µs went to bucket {b} after {last}");
-            last = b;
-        }
-        assert_eq!(bucket(Duration::from_secs(100_000)), BUCKETS - 1);
-        // A bucket's middle falls in the bucket (bucket 1 is never used: below 2 µs there is
-        // one bucket).
-        for b in (0..BUCKETS - 1).filter(|b| *b != 1) {
-            let mid = bucket_mid_us(b);
-            assert_eq!(
-                bucket(Duration::from_micros(mid as u64)),
-                b,
-                "mid {mid} of {b}"
-            );
-        }
-    }
-
-    struct Rec(Mutex<Vec<UsageReport>>);
-
-    impl UsageSink for Rec {
-        fn deliver(
-            &self,
-            report: UsageReport,
-        ) -> futures_util::future::BoxFuture<'static, Result<(), String>> {
-            self.0.lock().push(report);
-            Box::pin(async { Ok(()) })
-        }
-    }
-
-    /// Many pairs at once (many accounts, each within its limits) do not lock new ones out: the
-    /// counters file grows a segment at a time up to `max_slots`, counters in the new segments
-    /// survive a restart like the first ones, and past `max_slots` new pairs are refused.
-    #[test]
-    fn the_counters_file_grows_on_demand_and_keeps_what_it_counted() {
-        let d = tempfile::tempdir().unwrap();
-        let m = Meter::open(Some(d.path()), 16, 64).unwrap();
-        let first = m.slots.load(Ordering::Relaxed);
-        let mut held = vec![];
-        let mut i = 0;
-        let refused = loop {
-            match m.counter_for("com.a", &format!("key_{i}"), "") {
-                Ok(c) => {
-                    c.op(Op::Publish, i);
-                    held.push(c);
-                    i += 1;
-                }
-                Err(e) => break e,
-            }
-        };
-        let grown = m.slots.load(Ordering::Relaxed);
-        assert!(grown > first && grown >= 64, "{first} → {grown}");
-        assert_eq!(
-            held.len(),
-            grown - 1,
-            "every slot but the reserved one is used"
-        );
-        assert_eq!(refused, NoSlot::Full(grown));
-        let len = std::fs::metadata(d.path().join("counters.bin"))
-            .unwrap()
-            .len() as usize;
-        assert_eq!(len, (grown + 1) * SLOT_WORDS * 8);
-        drop(held);
-        drop(m);
-        let m = Meter::open(Some(d.path()), 16, 64).unwrap();
-        assert_eq!(
-            m.slots.load(Ordering::Relaxed),
-            grown,
-            "the grown file is mapped again"
-        );
-        let t = m.totals();
-        assert_eq!(t.len(), grown - 1);
-        for (_, key, c) in t {
-            let n: usize = key.trim_start_matches("key_").parse().unwrap();
-            assert_eq!((c[Op::Publish as usize], c[IN]), (1, n as u64), "{key}");
-        }
-    }
-
-    #[test]
-    fn slots_survive_a_restart() {
-        let d = tempfile::tempdir().unwrap();
-        let m = Meter::open(Some(d.path()), 16, 16).unwrap();
-        let a = m.counter("com.a", "key_1");
-        a.op(Op::Publish, 10);
-        a.op(Op::Publish, 10);
-        a.egress(5);
-        m.counter("com.b", "key_2").op(Op::Call, 3);
-        let epoch = m.epoch();
-        assert!(
-            Meter::open(Some(d.path()), 16, 16).is_err(),
-            "one node per file"
-        );
-        drop(a);
-        drop(m);
-        // A crash while a name was being written leaves a torn line: skipped.
-        let mut f = OpenOptions::new()
-            .append(true)
-            .open(d.path().join("slots"))
-            .unwrap();
-        f.write_all(b"9\tcom.torn").unwrap();
-        let m = Meter::open(Some(d.path()), 16, 16).unwrap();
-        assert_eq!(m.epoch(), epoch);
-        let mut t = m.totals();
-        t.sort();
-        assert_eq!(t.len(), 2);
-        assert_eq!(
-            (
-                t[0].0.as_str(),
-                t[0].2[Op::Publish as usize],
-                t[0].2[IN],
-                t[0].2[OUT]
-            ),
-            ("com.a", 2, 20, 5)
-        );
-        assert_eq!((t[1].0.as_str(), t[1].2[Op::Call as usize]), ("com.b", 1));
-        // The same pair counts on in its slot; a new pair gets a new one.
-        m.counter("com.a", "key_1").op(Op::Publish, 1);
-        m.counter("com.c", "key_3").op(Op::Dht, 1);
-        let t = m.totals();
-        assert_eq!(
-            t.iter().find(|x| x.0 == "com.a").unwrap().2[Op::Publish as usize],
-            3
-        );
-        assert_eq!(t.len(), 3);
-    }
-
-    #[test]
-    fn a_pair_without_a_slot_is_refused_never_counted_unbilled() {
-        // 19 slots (a segment is whole pages: slot 0, the header, and 19 more).
-        let m = Meter::open(None, 19, 19).unwrap();
-        let held: Vec<Counter> = (0..18)
-            .map(|i| m.counter_for("com.a", &format!("key_{i}"), "a").unwrap())
-            .collect();
-        // Slots 2..=19 are named; the 19th pair is refused, and nothing counts anywhere else.
-        assert_eq!(
-            m.counter_for("com.b", "key_x", "b").err(),
-            Some(NoSlot::Full(19))
-        );
-        assert_eq!(m.totals().len(), 18);
-        drop(held);
-    }
-
-    #[test]
-    fn one_owner_is_limited_and_the_others_are_not() {
-        let m = Meter::open(None, 64, 64).unwrap();
-        m.set_owner_limit(3);
-        let _a: Vec<Counter> = (0..3)
-            .map(|i| m.counter_for(&format!("com.a.s{i}"), "key_a", "a").unwrap())
-            .collect();
-        assert_eq!(
-            m.counter_for("com.a.s9", "key_a", "a").err(),
-            Some(NoSlot::OwnerLimit(3))
-        );
-        // A pair already metered is not a new one.
-        assert!(m.counter_for("com.a.s0", "key_a", "a").is_ok());
-        assert!(m.counter_for("com.b", "key_b", "b").is_ok());
-        assert_eq!(m.named("a"), (4, 3));
-    }
-
-    #[tokio::test]
-    async fn slots_are_released_once_delivered_and_idle_and_usage_stays_exact() {
-        let d = tempfile::tempdir().unwrap();
-        let m = Meter::open(Some(d.path()), 19, 19).unwrap();
-        m.set_owner_limit(2);
-        let rec = Rec(Mutex::new(vec![]));
-        let mut sh = Shipper::new(m.clone(), "n1".into());
-        let now = macula_common::time::now_secs();
-        m.counter_for("com.a", "k1", "a")
-            .unwrap()
-            .op(Op::Publish, 1);
-        m.counter_for("com.a", "k2", "a")
-            .unwrap()
-            .op(Op::Publish, 1);
-        let live = m.counter_for("com.b", "k3", "b").unwrap();
-        live.op(Op::Call, 1);
-        assert!(
-            m.counter_for("com.a", "k4", "a").is_err(),
-            "owner a is full"
-        );
-        sh.ship(&rec, now).await.unwrap();
-        // Within the hour nothing is released (a pair used again this hour must keep its row).
-        assert_eq!(m.named("a"), (3, 2));
-        // The hour ends: the final rows go out, then idle pairs without a live counter are
-        // released; the live one keeps its slot.
-        let next = now + 3600;
-        sh.ship(&rec, next).await.unwrap();
-        assert_eq!(m.named("a"), (1, 0));
-        assert_eq!(m.named("b"), (1, 1));
-        // Owner a gets slots again; k1 counts from zero in the new hour.
-        m.counter_for("com.a", "k4", "a")
-            .unwrap()
-            .op(Op::Publish, 1);
-        m.counter_for("com.a", "k1", "a")
-            .unwrap()
-            .op(Op::Publish, 5);
-        sh.ship(&rec, next).await.unwrap();
-        let reports = rec.0.lock().clone();
-        let rows: Vec<&UsageRow> = reports
-            .iter()
-            .flat_map(|r| &r.rows)
-            .filter(|r| r.key_id == "k1")
-            .collect();
-        let first: u64 = rows
-            .iter()
-            .filter(|r| r.hour == hour_of(now))
-            .map(|r| r.ops[0])
-            .max()
-            .unwrap();
-        let second: u64 = rows
-            .iter()
-            .filter(|r| r.hour == hour_of(next))
-            .map(|r| r.ops[0])
-            .max()
-            .unwrap();
-        assert_eq!((first, second), (1, 1));
-        // A restart reads the last name of each slot; released ones are free.
-        drop((live, sh, m));
-        let m = Meter::open(Some(d.path()), 19, 19).unwrap();
-        let mut names: Vec<String> = m.totals().into_iter().map(|t| t.1).collect();
-        names.sort();
-        assert_eq!(names, ["k1", "k3", "k4"]);
-        assert_eq!(m.named("a"), (3, 2));
-        let fill: Vec<Counter> = (0..15)
-            .map(|i| m.counter_for("com.c", &format!("c{i}"), "c").unwrap())
-            .collect();
-        assert!(
-            m.counter_for("com.c", "one-more", "c").is_err(),
-            "18 usable slots"
-        );
-        drop(fill);
-    }
-
-    #[tokio::test]
-    async fn reports_are_cumulative_per_hour_and_skip_what_did_not_change() {
-        let m = Meter::open(None, 16, 16).unwrap();
-        let rec = Rec(Mutex::new(vec![]));
-        let mut sh = Shipper::new(m.clone(), "n1".into());
-        let now = macula_common::time::now_secs();
-        let c = m.counter("com.a", "key_1");
-        c.op(Op::Publish, 7);
-        c.latency(Duration::from_millis(2));
-        assert_eq!(sh.ship(&rec, now).await.unwrap(), 1);
-        assert_eq!(sh.ship(&rec, now).await.unwrap(), 0, "nothing changed");
-        c.op(Op::Publish, 7);
-        sh.ship(&rec, now).await.unwrap();
-        let r = rec.0.lock().last().unwrap().rows[0].clone();
-        assert_eq!((r.ops[0], r.bytes_in, r.hour), (2, 14, hour_of(now)));
-        assert_eq!(r.latency.iter().sum::<u64>(), 1);
-        // The hour ends: its final row goes out, then the next hour starts from zero.
-        c.op(Op::Publish, 7);
-        let next = now + 3600;
-        sh.ship(&rec, next).await.unwrap();
-        let r = rec.0.lock().last().unwrap().rows[0].clone();
-        assert_eq!((r.ops[0], r.hour), (3, hour_of(now)));
-        c.op(Op::Subscribe, 1);
-        sh.ship(&rec, next).await.unwrap();
-        let r = rec.0.lock().last().unwrap().rows[0].clone();
-        assert_eq!((r.ops[0], r.ops[1], r.hour), (0, 1, hour_of(next)));
-    }
-
-    #[test]
-    fn quantiles_of_a_histogram() {
-        let mut h = vec![0u64; BUCKETS];
-        h[bucket(Duration::from_micros(100))] = 90;
-        h[bucket(Duration::from_millis(10))] = 10;
-        let p50 = quantile_ms(&h, 0.5).unwrap();
-        let p95 = quantile_ms(&h, 0.95).unwrap();
-        assert!((0.08..0.13).contains(&p50), "{p50}");
-        assert!((8.0..12.5).contains(&p95), "{p95}");
-        assert_eq!(quantile_ms(&[0; BUCKETS], 0.5), None);
-    }
-}
-
-/// One raw operation event, in the seed's shape. `api_key` is the key's id: the key itself is a
-/// secret and never leaves the node.
-#[derive(Debug, Clone, Serialize)]
-pub struct OpEvent {
-    pub timestamp: String,
-    pub realm: String,
-    pub node_id: String,
-    pub operation: &'static str,
-    pub topic: String,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub latency_ms: Option<f64>,
-    pub api_key: String,
-}
-
-/// The opt-in, sampled stream of raw events (`metering.events_sample`): one operation in
-/// `every` is queued for a writer task; when the queue is full, events are dropped (counted),
-/// never waited for.
-pub struct EventTap {
-    every: u64,
-    seq: AtomicU64,
-    tx: tokio::sync::mpsc::Sender<OpEvent>,
-    pub dropped: AtomicU64,
-}
-
-impl EventTap {
-    pub fn new(every: u64) -> (EventTap, tokio::sync::mpsc::Receiver<OpEvent>) {
-        let (tx, rx) = tokio::sync::mpsc::channel(4096);
-        (
-            EventTap {
-                every: every.max(1),
-                seq: AtomicU64::new(0),
-                tx,
-                dropped: AtomicU64::new(0),
-            },
-            rx,
-        )
-    }
-
-    /// Whether this operation is sampled (cheap: one relaxed add).
-    #[inline]
-    pub fn sample(&self) -> bool {
-        self.seq
-            .fetch_add(1, Ordering::Relaxed)
-            .is_multiple_of(self.every)
-    }
-
-    pub fn offer(&self, e: OpEvent) {
-        if self.tx.try_send(e).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Appends sampled events to `path` as JSON lines until the tap is gone.
-pub async fn write_events(path: PathBuf, mut rx: tokio::sync::mpsc::Receiver<OpEvent>) {
-    use tokio::io::AsyncWriteExt;
-    if let Some(parent) = path.parent() {
-        let _ = tokio::fs::create_dir_all(parent).await;
-    }
-    let file = match tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .await
-    {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::error!("metering events: cannot open {}: {e}", path.display());
-            return;
-        }
-    };
-    let mut w = tokio::io::BufWriter::new(file);
-    while let Some(e) = rx.recv().await {
-        let mut line = serde_json::to_vec(&e).unwrap_or_default();
-        line.push(b'\n');
-        if w.write_all(&line).await.is_err() {
-            return;
-        }
-        // Write what queued up, then flush before waiting again.
-        while let Ok(e) = rx.try_recv() {
-            let mut line = serde_json::to_vec(&e).unwrap_or_default();
-            line.push(b'\n');
-            if w.write_all(&line).await.is_err() {
-                return;
-            }
-        }
-        if w.flush().await.is_err() {
-            return;
-        }
     }
 }
