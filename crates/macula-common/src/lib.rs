@@ -7,8 +7,10 @@
 //! - [`time`]: Unix seconds, RFC 3339, the UTC calendar (months for billing).
 //! - [`secret`]: files that hold secrets (mode 0600 from the first byte).
 //! - [`usage`]: the usage report a node delivers and the aggregator ingests.
+//! - [`policy`]: the realm policy document (roles, users, keys, topic ACLs) and the default one.
 //! - [`prices`]: the price list (plans and add-ons) that both quota enforcement and invoicing read.
 
+pub mod policy;
 pub mod prices;
 pub mod secret;
 pub mod time;

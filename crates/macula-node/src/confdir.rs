@@ -22,7 +22,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use macula_router::auth::credential::{self, AuthorityCert, KeyClaims, SignedCert};
-use macula_router::policy::{ApiKeyDoc, Policy, PolicyDoc, RoleDoc};
+use macula_router::policy::{ApiKeyDoc, Policy, PolicyDoc};
 use macula_wamp::uri;
 
 use crate::config::NodeConfig;
@@ -394,34 +394,4 @@ impl ConfDir {
     }
 }
 
-/// The policy a new realm starts with.
-pub fn default_policy(realm: &str) -> PolicyDoc {
-    PolicyDoc {
-        realm: realm.into(),
-        version: 1,
-        roles: vec![
-            RoleDoc {
-                name: "admin".into(),
-                permissions: vec!["realm:*".into()],
-                subrealms: true,
-            },
-            RoleDoc {
-                name: "developer".into(),
-                permissions: vec![
-                    "realm:deploy".into(),
-                    "realm:read".into(),
-                    format!("pubsub:*:{realm}.*"),
-                    format!("rpc:*:{realm}.*"),
-                    "rpc:call:macula.dht.*".into(),
-                ],
-                subrealms: false,
-            },
-            RoleDoc {
-                name: "service_account".into(),
-                permissions: vec![format!("pubsub:*:{realm}.*"), format!("rpc:*:{realm}.*")],
-                subrealms: false,
-            },
-        ],
-        ..PolicyDoc::default()
-    }
-}
+pub use macula_common::policy::default_policy;

@@ -289,7 +289,7 @@ impl Registry {
             }
             r => r?,
         };
-        let mut doc = macula_node::confdir::default_policy(name);
+        let mut doc = macula_common::policy::default_policy(name);
         doc.users.push(UserDoc {
             email: owner_email.clone(),
             role: "admin".into(),
