@@ -1,5 +1,6 @@
 //! The Macula side: a node in a child process and lean RawSocket/WebSocket clients.
 
+use macula_node::Load;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -2,6 +2,7 @@
 //! and REST create/list throughput on embedded SQLite, over loopback HTTP/1.1 keep-alive with a
 //! lean raw client (as the other scenarios, so the figure measures the server).
 
+use macula_node::Load;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Instant;

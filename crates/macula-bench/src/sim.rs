@@ -7,6 +7,7 @@
 //!
 //! Exits non-zero when a lookup fails or an event is missing or duplicated (`.ci/run` runs it).
 
+use macula_node::Load;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};

@@ -32,7 +32,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-pub use confdir::{ConfDir, Loaded};
+pub use confdir::{ConfDir, Load, Loaded};
 pub use config::{NodeConfig, RegistrySection};
 pub use node::Node;
 

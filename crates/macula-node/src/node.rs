@@ -799,7 +799,7 @@ impl Node {
         let Some(dir) = &self.confdir else {
             return Ok(());
         };
-        let loaded = dir.load()?;
+        let loaded = crate::confdir::Load::load(dir)?;
         self.apply(loaded);
         Ok(())
     }

@@ -5,6 +5,7 @@
 
 mod common;
 
+use macula_node::Load;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

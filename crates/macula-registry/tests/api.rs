@@ -3,6 +3,7 @@
 
 mod common;
 
+use macula_node::Load;
 use std::time::Duration;
 
 use common::{account, req, req_raw, serve, sqlite_url};

@@ -1,5 +1,6 @@
 //! `macula up` and `macula node`.
 
+use macula_node::Load;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+use macula_node::Load;
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -44,7 +44,7 @@ use argon2::Argon2;
 use axum::http::StatusCode;
 use ed25519_dalek::SigningKey;
 use macula_common::time::{now_secs, rfc3339};
-use macula_node::confdir::ConfDir;
+use macula_confdir::ConfDir;
 use macula_router::auth::credential::{self, AuthorityCert, KeyClaims, SignedCert};
 use macula_router::policy::{Policy, PolicyDoc, RoleDoc, TopicAclDoc, UserDoc};
 use parking_lot::Mutex;
