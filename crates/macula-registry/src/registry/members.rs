@@ -206,7 +206,7 @@ impl Registry {
         doc.topic_acls = req.topic_acls;
         if let Some(nodes) = req.nodes {
             for n in &nodes {
-                if n.parse::<macula_mesh::Peer>().is_err() {
+                if n.parse::<libp2p_identity::PeerId>().is_err() {
                     return Err(ApiError::invalid(
                         "invalid_node",
                         format!("{n:?} is not a node's peer id (see `macula mesh status`)"),
