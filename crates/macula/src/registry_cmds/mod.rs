@@ -1,0 +1,320 @@
+//! Commands that talk to a registry over its REST API: signup, login, logout, realms, keys,
+//! status. The login is kept in `$XDG_CONFIG_HOME/macula/credentials.json` (mode 0600).
+//!
+//! One file per capability: `account.rs`, `realms.rs`, `keys.rs`, `status.rs` (billing's are in
+//! `billing_cmds.rs`); this file holds the HTTP client ([`Api`]), the stored credential and the
+//! output helpers they share.
+
+mod account;
+mod keys;
+mod realms;
+mod status;
+
+#[allow(unused_imports)]
+pub use self::{account::*, keys::*, realms::*, status::*};
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
+
+/// `$XDG_CONFIG_HOME/macula`, else `~/.config/macula`.
+pub fn config_dir() -> PathBuf {
+    crate::local::xdg_dir("XDG_CONFIG_HOME", ".config", ".macula-config")
+}
+
+pub(crate) fn credentials_path() -> PathBuf {
+    config_dir().join("credentials.json")
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+pub struct Credential {
+    pub server: String,
+    pub email: String,
+    pub token: String,
+    /// The CA file given at login (`--ca`), used again for this server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+}
+
+pub fn stored_credential() -> Option<Credential> {
+    let text = std::fs::read_to_string(credentials_path()).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+#[derive(Args, Clone)]
+pub struct Server {
+    /// Registry URL [default: the one you logged in to, else http://127.0.0.1:8080].
+    /// Use https:// for any registry not on this machine.
+    #[arg(long, env = "MACULA_SERVER")]
+    pub server: Option<String>,
+    /// For https://: trust only the CA certificates in this PEM file (a private CA, or the
+    /// certificate `macula up` prints) instead of the public roots. Remembered at login.
+    #[arg(long, env = "MACULA_CA", value_name = "PEM")]
+    pub ca: Option<PathBuf>,
+    /// Allow plain http:// to a registry that is not on this machine (passwords, session
+    /// tokens and keys then cross the network unencrypted).
+    #[arg(long)]
+    pub allow_http: bool,
+}
+
+#[derive(Args)]
+pub struct AccountArgs {
+    #[command(flatten)]
+    pub server: Server,
+    /// Your email address.
+    #[arg(long)]
+    pub email: String,
+    /// Read the password from the first line of stdin (for scripts) instead of prompting.
+    #[arg(long)]
+    pub password_stdin: bool,
+}
+
+/// An HTTP client for one registry, with the stored session token if it is for that registry.
+pub struct Api {
+    pub base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+    /// The CA file in use, if any (kept with the credential at login).
+    pub ca: Option<PathBuf>,
+}
+
+/// What to do about a certificate that was not verified, if `error` says so.
+pub fn tls_hint(error: &str) -> &'static str {
+    if error.contains("UnknownIssuer") || error.contains("invalid peer certificate") {
+        "\n  (a private or self-signed certificate? pass its CA with --ca FILE.pem; `macula up` prints its own)"
+    } else {
+        ""
+    }
+}
+
+/// Whether `base` (`http://host[:port]...`) names this machine.
+pub(crate) fn is_local(base: &str) -> bool {
+    let rest = base.split_once("://").map_or(base, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
+impl Api {
+    pub fn new(server: &Server) -> Result<Api> {
+        let cred = stored_credential();
+        let base = server
+            .server
+            .clone()
+            .or_else(|| cred.as_ref().map(|c| c.server.clone()))
+            .unwrap_or_else(|| DEFAULT_SERVER.into())
+            .trim_end_matches('/')
+            .to_owned();
+        let cred = cred.filter(|c| c.server == base);
+        if let Some(scheme) = base.split_once("://").map(|(s, _)| s) {
+            if scheme != "http" && scheme != "https" {
+                bail!("registry URL {base}: use https://host:port (or http:// on this machine)");
+            }
+        }
+        if base.starts_with("http://") && !is_local(&base) && !server.allow_http {
+            bail!(
+                "refusing plain http:// to {base}: passwords, session tokens and keys would cross the network unencrypted. \
+                 Use https:// (with --ca for a private certificate), or --allow-http if you mean it"
+            );
+        }
+        let ca = server
+            .ca
+            .clone()
+            .or_else(|| cred.as_ref().and_then(|c| c.ca.clone()));
+        let token = cred.map(|c| c.token);
+        let mut tls = ureq::tls::TlsConfig::builder()
+            .provider(ureq::tls::TlsProvider::Rustls)
+            .unversioned_rustls_crypto_provider(std::sync::Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ));
+        if let Some(path) = &ca {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("reading the CA file {}", path.display()))?;
+            let certs = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow!("{}: not a PEM certificate file ({e})", path.display()))?;
+            if certs.is_empty() {
+                bail!("{} holds no certificate", path.display());
+            }
+            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
+        }
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(30)))
+            .tls_config(tls.build())
+            .build()
+            .into();
+        Ok(Api {
+            base,
+            token,
+            agent,
+            ca,
+        })
+    }
+
+    /// Whether a session token (or a key set with [`Api::use_key`]) will be sent.
+    pub fn has_credential(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// Authenticates with a realm's admin API key instead of a session (usage only).
+    pub fn use_key(&mut self, key: String) {
+        self.token = Some(key);
+    }
+
+    fn need_login(&self) -> Result<&str> {
+        self.token.as_deref().ok_or_else(|| {
+            anyhow!(
+                "not logged in to {}: run `macula login --email you@example.com`",
+                self.base
+            )
+        })
+    }
+
+    /// Sends a request; a non-2xx answer becomes an error with the API's message.
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        auth: bool,
+    ) -> Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let token = if auth {
+            Some(self.need_login()?.to_owned())
+        } else {
+            None
+        };
+        let with_auth = |r: ureq::RequestBuilder<ureq::typestate::WithoutBody>| match &token {
+            Some(t) => r.header("Authorization", &format!("Bearer {t}")),
+            None => r,
+        };
+        let with_auth_body = |r: ureq::RequestBuilder<ureq::typestate::WithBody>| match &token {
+            Some(t) => r.header("Authorization", &format!("Bearer {t}")),
+            None => r,
+        };
+        let res =
+            match method {
+                "GET" => with_auth(self.agent.get(&url)).call(),
+                "DELETE" => with_auth(self.agent.delete(&url)).call(),
+                "POST" => with_auth_body(self.agent.post(&url))
+                    .send_json(body.cloned().unwrap_or(json!({}))),
+                "PUT" => with_auth_body(self.agent.put(&url))
+                    .send_json(body.cloned().unwrap_or(json!({}))),
+                _ => bail!("unsupported method {method}"),
+            };
+        let mut res = res.map_err(|e| {
+            anyhow!(
+                "cannot reach the registry at {}: {e}{}",
+                self.base,
+                tls_hint(&e.to_string())
+            )
+        })?;
+        let status = res.status().as_u16();
+        let text = res.body_mut().read_to_string().unwrap_or_default();
+        let v: Value = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text.clone()))
+        };
+        if (200..300).contains(&status) {
+            return Ok(v);
+        }
+        let msg = v["error"]["message"]
+            .as_str()
+            .unwrap_or(text.trim())
+            .to_owned();
+        let code = v["error"]["code"].as_str().unwrap_or("error").to_owned();
+        let hint = match status {
+            401 => "\n  (log in again: macula login)",
+            404 if path == "/v1/openapi.json" || v["error"].is_null() => "\n  (is the registry enabled on that node? `macula up` enables it; `macula node` needs registry.enabled: true)",
+            _ => "",
+        };
+        bail!("{msg} [{status} {code}]{hint}")
+    }
+
+    /// Every item of a paged list.
+    pub fn all(&self, path: &str) -> Result<Vec<Value>> {
+        let mut out = vec![];
+        let mut cursor: Option<String> = None;
+        loop {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let p = match &cursor {
+                Some(c) => format!("{path}{sep}limit=500&cursor={c}"),
+                None => format!("{path}{sep}limit=500"),
+            };
+            let v = self.send("GET", &p, None, true)?;
+            if let Some(items) = v["items"].as_array() {
+                out.extend(items.iter().cloned());
+            }
+            match v["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => return Ok(out),
+            }
+        }
+    }
+}
+
+/// Prints an API answer: as JSON with `--json`, else for people.
+pub fn emit(json: bool, v: &Value, human: impl FnOnce(&Value)) {
+    if json {
+        println!("{v}");
+    } else {
+        human(v);
+    }
+}
+
+pub fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or("-")
+}
+
+/// Percent-encodes a path segment (emails carry `@` and `+`).
+pub fn seg(x: &str) -> String {
+    x.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The realm to act on: the one given, else the caller's only realm.
+pub fn pick_realm(api: &Api, realm: Option<String>) -> Result<String> {
+    if let Some(r) = realm {
+        return Ok(r);
+    }
+    let realms = api.all("/v1/realms")?;
+    match realms.as_slice() {
+        [one] => Ok(s(&one["name"]).to_owned()),
+        [] => bail!("you have no realm yet: macula realms create com.example.app"),
+        _ => bail!(
+            "you have {} realms; say which with --realm ({})",
+            realms.len(),
+            realms
+                .iter()
+                .map(|r| s(&r["name"]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}

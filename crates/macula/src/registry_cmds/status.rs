@@ -1,0 +1,26 @@
+//! `macula status`: a realm at a glance.
+
+#[allow(unused_imports)]
+use super::*;
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub server: Server,
+    /// The realm [default: your only realm].
+    #[arg(long)]
+    pub realm: Option<String>,
+}
+
+/// `macula status --realm R`: the realm's registry record and its live sessions on the node.
+pub fn status(a: StatusArgs, json: bool) -> Result<()> {
+    let api = Api::new(&a.server)?;
+    let realm = pick_realm(&api, a.realm)?;
+    let v = api.send("GET", &format!("/v1/realms/{}", seg(&realm)), None, true)?;
+    if json {
+        println!("{v}");
+    } else {
+        print_realm(&v);
+    }
+    Ok(())
+}
