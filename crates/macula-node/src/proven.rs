@@ -273,8 +273,37 @@ impl Proofs {
         self.announced.lock().remove(peer);
     }
 
+    /// How a peer's session is judged here: `Ok(Some(take(proof)))` when a key proved its role
+    /// (under the lock, so that `take` copies only what its caller needs), `Ok(None)` when none
+    /// did and the realm believes claimed roles, `Err` (why) otherwise.
+    fn judge<T>(
+        &self,
+        node: &Node,
+        peer: PeerId,
+        realm: &str,
+        session: u64,
+        take: impl FnOnce(&Proven) -> T,
+    ) -> Result<Option<T>, &'static str> {
+        let taken = {
+            let verified = self.verified.lock();
+            match verified.get(&peer).and_then(|s| s.get(realm, session)) {
+                Some(p) if p.expires_at != 0 && p.expires_at <= crate::confdir::now_secs() => {
+                    return Err("the key of its session expired")
+                }
+                Some(p) => Some(take(p)),
+                None => None,
+            }
+        };
+        match taken {
+            None if node.policy_for(realm).is_some_and(|p| p.doc.verified_roles) => {
+                Err("no proven role for its session")
+            }
+            taken => Ok(taken),
+        }
+    }
+
     /// The role a peer's session acts with here: the proven one (with its proof), else the
-    /// claimed one unless the realm requires proofs. `Err` says why not.
+    /// claimed one (see [`Proofs::judge`]).
     fn role_of(
         &self,
         node: &Node,
@@ -283,26 +312,17 @@ impl Proofs {
         session: u64,
         claimed: String,
     ) -> Result<(String, Option<Proven>), &'static str> {
-        let proof = self
-            .verified
-            .lock()
-            .get(&peer)
-            .and_then(|s| s.get(realm, session).cloned());
-        match proof {
-            Some(p) if p.expires_at != 0 && p.expires_at <= crate::confdir::now_secs() => {
-                Err("the key of its session expired")
-            }
-            Some(p) => Ok((p.role.clone(), Some(p))),
-            None if node.policy_for(realm).is_some_and(|p| p.doc.verified_roles) => {
-                Err("no proven role for its session")
-            }
-            None => Ok((claimed, None)),
-        }
+        Ok(
+            match self.judge(node, peer, realm, session, Proven::clone)? {
+                Some(p) => (p.role.clone(), Some(p)),
+                None => (claimed, None),
+            },
+        )
     }
 
     /// The origin of a forwarded publication or call, with the role its node proved for the
-    /// session (as [`Proofs::role_of`] judges it; on the path of every forwarded message, so it
-    /// copies only the key id and role).
+    /// session (see [`Proofs::judge`]; on the path of every forwarded message, so it copies only
+    /// the key id and role).
     pub fn origin(
         &self,
         node: &Node,
@@ -310,30 +330,15 @@ impl Proofs {
         realm: &str,
         o: macula_mesh::Origin,
     ) -> Result<Origin, &'static str> {
-        let proven = {
-            let verified = self.verified.lock();
-            match verified.get(&peer).and_then(|s| s.get(realm, o.session)) {
-                Some(p) if p.expires_at != 0 && p.expires_at <= crate::confdir::now_secs() => {
-                    return Err("the key of its session expired")
-                }
-                Some(p) => Some((p.kid.clone(), p.role.clone())),
-                None => None,
-            }
-        };
-        match proven {
-            Some((authid, authrole)) => Ok(Origin {
-                session: o.session,
-                authid,
-                authrole,
-            }),
-            None => self
-                .role_of(node, peer, realm, o.session, o.authrole)
-                .map(|(authrole, _)| Origin {
-                    session: o.session,
-                    authid: o.authid,
-                    authrole,
-                }),
-        }
+        let proven = self.judge(node, peer, realm, o.session, |p| {
+            (p.kid.clone(), p.role.clone())
+        })?;
+        let (authid, authrole) = proven.unwrap_or((o.authid, o.authrole));
+        Ok(Origin {
+            session: o.session,
+            authid,
+            authrole,
+        })
     }
 
     /// A peer proves the role of one of its sessions (see the module's documentation); kept
@@ -501,12 +506,18 @@ impl Proofs {
     /// `verified_roles` switched on, a realm gone). Called after every change of credentials.
     pub fn recheck(&self, node: &Node, mesh: &MeshState) {
         let now = crate::confdir::now_secs();
+        // Judged once per (realm, key or claimed role), not per proof or hold: what a proof
+        // stands on is its key's (kid, realm, authority, expiry, role).
+        let mut judged: HashMap<(Arc<str>, String, bool), Option<Arc<Policy>>> = HashMap::new();
         for proofs in self.verified.lock().values_mut() {
-            proofs.retain(|realm, p| p.stands(node, realm, now).is_ok());
+            proofs.retain(|realm, p| {
+                judged
+                    .entry((Arc::from(realm), p.kid.clone(), true))
+                    .or_insert_with(|| p.stands(node, realm, now).ok())
+                    .is_some()
+            });
         }
         let mut next = 0u64;
-        // Judged once per (realm, key or claimed role), not per hold.
-        let mut judged: HashMap<(Arc<str>, String, bool), Option<Arc<Policy>>> = HashMap::new();
         let mut holds = self.holds.lock();
         for (peer, held) in holds.iter_mut() {
             let gone: Vec<HoldKey> = held

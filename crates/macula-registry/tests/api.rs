@@ -268,6 +268,23 @@ async fn suite(url: &str, dir: &std::path::Path) {
         (s, v["error"]["code"].as_str()),
         (422, Some("unknown_role"))
     );
+    // A cryptosign key bound to a weak public key (the identity point: a signature "by" it can
+    // be forged) is refused at issuance.
+    let mut weak = [0u8; 32];
+    weak[0] = 1;
+    let (s, v) = req(
+        b,
+        "POST",
+        "/v1/realms/com.acme/keys",
+        Some(&alice),
+        Some(json!({"pubkey": hex::encode(weak)})),
+    )
+    .await;
+    assert_eq!(
+        v["error"]["code"].as_str(),
+        Some("invalid_pubkey"),
+        "{s} {v}"
+    );
     let (s, _) = req(
         b,
         "POST",

@@ -175,17 +175,17 @@ pub enum RealmsCmd {
     },
     /// Show a realm's policy, or change how the mesh treats it: `--verified-roles on` makes
     /// every node take forwarded publications, calls, subscriptions and registrations only with
-    /// roles that the keys' public forms prove (nodes of this version send the proofs; turn it
-    /// on once all do); `--nodes` restricts the realm to dedicated nodes (their peer ids from
-    /// `macula mesh status`, comma-separated; `any` lifts the restriction; needs the
-    /// dedicated_nodes add-on on a registry).
+    /// roles the sessions' keys prove (a proof signed by the key's holder for the node the
+    /// session joined; keys issued before this release prove nothing and must be reissued);
+    /// `--nodes` restricts the realm to dedicated nodes (their peer ids from `macula mesh
+    /// status`, comma-separated; `any` lifts the restriction; needs the dedicated_nodes add-on
+    /// on a registry).
     ///
-    /// Examples: macula realms policy com.myapp
-    ///           macula realms policy com.myapp --verified-roles on
-    ///           macula realms policy com.myapp --nodes 12D3KooW...,12D3KooW...
+    /// Example: macula realms policy com.myapp --verified-roles on
     Policy {
         #[command(flatten)]
         dir: DirArg,
+        /// The realm (e.g. com.myapp).
         name: String,
         #[arg(long, value_name = "on|off")]
         verified_roles: Option<Switch>,

@@ -134,7 +134,7 @@ pub(crate) fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, fr
             else {
                 return rejected(mesh, &peer, "publication", "not a PUBLISH");
             };
-            let Some(r) = active_realm(node, mesh, &realm) else {
+            let Some(r) = realm_for_frame(node, mesh, &realm, false) else {
                 return;
             };
             let o = match mesh.proofs.origin(node, peer, &realm, origin) {
@@ -159,7 +159,7 @@ pub(crate) fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, fr
             else {
                 return rejected(mesh, &peer, "call", "not a CALL");
             };
-            let Some(r) = active_realm(node, mesh, &realm) else {
+            let Some(r) = realm_for_frame(node, mesh, &realm, false) else {
                 return;
             };
             let o = match mesh.proofs.origin(node, peer, &realm, origin) {
@@ -184,7 +184,7 @@ pub(crate) fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, fr
             let Ok(m) = Serializer::MsgPack.decode(&msg) else {
                 return rejected(mesh, &peer, "reply", "undecodable");
             };
-            let Some(r) = active_realm(node, mesh, &realm) else {
+            let Some(r) = realm_for_frame(node, mesh, &realm, false) else {
                 return;
             };
             let link = link_for(mesh, &r, peer);
@@ -247,7 +247,7 @@ pub(crate) fn on_announce(node: &Node, mesh: &MeshState, peer: PeerId, frame: Fr
         policy,
     };
     mesh.proofs.announce(node, mesh, peer, key, invoke, by, || {
-        let r = realm_or_count(node, mesh, &realm)?;
+        let r = realm_for_frame(node, mesh, &realm, true)?;
         let link = link_for(mesh, &r, peer);
         Some((r, link))
     });

@@ -502,24 +502,22 @@ pub(crate) fn handle(node: &Arc<Node>, mesh: &Arc<MeshState>, ev: MeshEvent) {
     }
 }
 
-/// The realm a peer's interest or registration is held in, made here if the node knows it.
-pub(crate) fn realm_or_count(
+/// The realm a peer's frame is for, or `None` (counted as an unknown realm). Only a hold
+/// (interest or registration) makes its state here (`make`), if the node knows the realm: a
+/// publication for a realm with no state here has no subscriber here, and a call or reply
+/// belongs to a realm with a callee or caller here; so a peer cannot make the node build states
+/// for names.
+pub(crate) fn realm_for_frame(
     node: &Node,
     mesh: &MeshState,
     realm: &str,
+    make: bool,
 ) -> Option<Arc<RealmHandle>> {
-    let r = node.realm_for_mesh(realm);
-    if r.is_none() {
-        mesh.counters.unknown_realm.fetch_add(1, Ordering::Relaxed);
-    }
-    r
-}
-
-/// The realm a publication, call or reply is for, if it is active here: a publication for a
-/// realm with no state here has no subscriber here, and a call or reply belongs to a realm
-/// with a callee or caller here; so a peer cannot make the node build states for names.
-pub(crate) fn active_realm(node: &Node, mesh: &MeshState, realm: &str) -> Option<Arc<RealmHandle>> {
-    let r = node.realm_handle(realm);
+    let r = if make {
+        node.realm_for_mesh(realm)
+    } else {
+        node.realm_handle(realm)
+    };
     if r.is_none() {
         mesh.counters.unknown_realm.fetch_add(1, Ordering::Relaxed);
     }

@@ -334,14 +334,7 @@ impl Registry {
             )?;
             insert_rows(&mut tx, LEDGER_INSERT, 6, entries).await?;
         }
-        audit(
-            &mut tx,
-            None,
-            &actor.email,
-            "invoice.void",
-            json!({"invoice": id}),
-            &actor.remote,
-        );
+        actor.audit(&mut tx, None, "invoice.void", json!({"invoice": id}));
         tx.commit().await?;
         Ok(json!({"invoice": id, "status": "void"}))
     }

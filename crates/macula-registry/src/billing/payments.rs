@@ -76,13 +76,11 @@ impl Registry {
             ],
         )?;
         insert_rows(&mut tx, LEDGER_INSERT, 6, entries).await?;
-        audit(
+        actor.audit(
             &mut tx,
             None,
-            &actor.email,
             "invoice.pay",
             json!({"invoice": id, "payment": pid, "amount_cents": total}),
-            &actor.remote,
         );
         tx.commit().await?;
         Ok(

@@ -94,7 +94,7 @@ impl Registry {
         }
         actor.audit(
             &mut tx,
-            realm,
+            Some(realm),
             "plan.change",
             json!({"from": row.tier, "to": t.name, "effective_at": rfc3339(effective as u64)}),
         );
@@ -155,7 +155,7 @@ impl Registry {
         }
         actor.audit(
             &mut tx,
-            realm,
+            Some(realm),
             if on { "addon.on" } else { "addon.off" },
             json!({"feature": id}),
         );

@@ -59,9 +59,10 @@ impl Registry {
 
 /// Records a change in the audit log, in the change's own transaction.
 impl Actor {
-    /// Appends the audit entry of a change `self` makes to `realm`, in the change's transaction.
-    pub(crate) fn audit(&self, tx: &mut WriteTx, realm: &str, action: &str, detail: Value) {
-        audit(tx, Some(realm), &self.email, action, detail, &self.remote);
+    /// Appends the audit entry of a change `self` makes (to `realm`, or to its account), in the
+    /// change's transaction.
+    pub(crate) fn audit(&self, tx: &mut WriteTx, realm: Option<&str>, action: &str, detail: Value) {
+        audit(tx, realm, &self.email, action, detail, &self.remote);
     }
 }
 

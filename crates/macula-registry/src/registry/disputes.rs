@@ -28,7 +28,7 @@ impl Registry {
             .await?;
         actor.audit(
             &mut tx,
-            name,
+            Some(name),
             "dispute.claim",
             json!({"claim": id, "claimant": claimant, "note": note}),
         );
@@ -76,7 +76,7 @@ impl Registry {
             .await?;
         actor.audit(
             &mut tx,
-            name,
+            Some(name),
             if reason.is_empty() {
                 "dispute.unfreeze"
             } else {
@@ -117,7 +117,7 @@ impl Registry {
         self.put_policy(&mut tx, name, doc, &actor.email).await?;
         actor.audit(
             &mut tx,
-            name,
+            Some(name),
             if reason.is_empty() {
                 "realm.unsuspend"
             } else {
@@ -145,7 +145,7 @@ impl Registry {
             .await?;
         actor.audit(
             &mut tx,
-            name,
+            Some(name),
             "dispute.transfer",
             json!({"from": row.owner_email, "to": to}),
         );

@@ -177,14 +177,7 @@ impl Registry {
         }
         self.verification_allowed(&actor.account_id).await?;
         let mut tx = self.db.begin().await?;
-        audit(
-            &mut tx,
-            None,
-            &actor.email,
-            "account.email_change",
-            json!({"to": email}),
-            &actor.remote,
-        );
+        actor.audit(&mut tx, None, "account.email_change", json!({"to": email}));
         tx.commit().await?;
         let sent = self.send_verification(&actor.account_id, &email).await;
         Ok(json!({"email": actor.email, "pending_email": email, "verification": sent}))

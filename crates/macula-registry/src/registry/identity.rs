@@ -326,14 +326,7 @@ impl Registry {
             .bind(sha256_hex(token))
             .execute(&mut *tx)
             .await?;
-        audit(
-            &mut tx,
-            None,
-            &actor.email,
-            "session.logout",
-            json!({}),
-            &actor.remote,
-        );
+        actor.audit(&mut tx, None, "session.logout", json!({}));
         tx.commit().await?;
         // Remembered as logged out, so that a lookup racing the logout cannot cache it again.
         self.sessions.lock().insert(

@@ -73,7 +73,7 @@ impl Registry {
             );
             actor.audit(
                 &mut tx,
-                name,
+                Some(name),
                 "key.create",
                 json!({"key_id": claims.kid, "role": claims.role, "name": claims.name}),
             );
@@ -308,7 +308,7 @@ impl Registry {
                 doc.revoked_keys.push(kid.to_owned());
             }
             self.put_policy(&mut tx, name, doc, &actor.email).await?;
-            actor.audit(&mut tx, name, "key.revoke", json!({"key_id": kid}));
+            actor.audit(&mut tx, Some(name), "key.revoke", json!({"key_id": kid}));
             now
         };
         tx.commit().await?;

@@ -73,7 +73,7 @@ impl Registry {
         let doc = self.put_policy(&mut tx, name, doc, &actor.email).await?;
         actor.audit(
             &mut tx,
-            name,
+            Some(name),
             "member.set",
             json!({"email": email, "role": role}),
         );
@@ -99,7 +99,12 @@ impl Registry {
         }
         doc.users.retain(|u| u.email != email);
         self.put_policy(&mut tx, name, doc, &actor.email).await?;
-        actor.audit(&mut tx, name, "member.remove", json!({"email": email}));
+        actor.audit(
+            &mut tx,
+            Some(name),
+            "member.remove",
+            json!({"email": email}),
+        );
         tx.commit().await?;
         self.materialize(name).await
     }
@@ -235,7 +240,7 @@ impl Registry {
         let doc = self.put_policy(&mut tx, name, doc, &actor.email).await?;
         actor.audit(
             &mut tx,
-            name,
+            Some(name),
             "policy.update",
             json!({"version": doc.version}),
         );

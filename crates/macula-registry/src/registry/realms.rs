@@ -297,7 +297,7 @@ impl Registry {
         self.put_policy(&mut tx, name, doc, &actor.email).await?;
         actor.audit(
             &mut tx,
-            name,
+            Some(name),
             "realm.register",
             json!({"owner": owner_email, "tier": tier, "parent": parent.as_ref().map(|p| &p.name)}),
         );
@@ -437,7 +437,7 @@ impl Registry {
         }
         actor.audit(
             &mut tx,
-            name,
+            Some(name),
             "realm.renew",
             json!({"years": years, "expires_at": rfc3339(expires as u64)}),
         );

@@ -30,7 +30,7 @@ impl Registry {
             .await?;
         actor.audit(
             &mut tx,
-            name,
+            Some(name),
             "realm.transfer_code",
             json!({"expires_at": rfc3339(expires as u64)}),
         );
@@ -94,7 +94,7 @@ impl Registry {
             .await?;
         actor.audit(
             &mut tx,
-            name,
+            Some(name),
             "realm.transfer",
             json!({"from": row.owner_email, "to": actor.email, "fee_cents": fee}),
         );
