@@ -122,9 +122,12 @@ proptest! {
                         Message::Publish { payload, .. } => Message::Event { subscription: 1, publication: 2, details: Dict::new(), payload: payload.clone() },
                         other => other.clone(),
                     };
-                    // Compared decoded: pass-through keeps the publisher's map key order.
+                    // Compared decoded: pass-through keeps the publisher's map key order. Compared
+                    // as results: a message that does not survive a serializer (a string starting
+                    // with NUL reads back as binary under JSON's WAMP convention) must fail the
+                    // same way on both paths.
                     let fast_bytes = s.encode(&event(&fast));
-                    prop_assert_eq!(s.decode(&fast_bytes).unwrap(), s.decode(&s.encode(&event(&full))).unwrap());
+                    prop_assert_eq!(s.decode(&fast_bytes), s.decode(&s.encode(&event(&full))));
                 }
             }
             (Err(a), Err(b)) => prop_assert_eq!(a, b),
