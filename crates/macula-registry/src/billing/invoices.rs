@@ -306,7 +306,7 @@ impl Registry {
         }
         let total: i64 = row.try_get("total_cents")?;
         let acct: String = row.try_get("account_id")?;
-        let mut tx = self.db.begin().await?;
+        let mut tx = self.change(actor).await?;
         let n = sqlx::query(
             "UPDATE invoices SET status = 'void', voided_at = $1 WHERE id = $2 AND status = $3",
         )
@@ -334,7 +334,7 @@ impl Registry {
             )?;
             insert_rows(&mut tx, LEDGER_INSERT, 6, entries).await?;
         }
-        actor.audit(&mut tx, None, "invoice.void", json!({"invoice": id}));
+        tx.audit("invoice.void", json!({"invoice": id}));
         tx.commit().await?;
         Ok(json!({"invoice": id, "status": "void"}))
     }

@@ -41,7 +41,7 @@ use sqlx::Row;
 
 use crate::db::{Arg, Backend};
 use crate::error::{is_unique_violation, ApiError, ApiResult};
-use crate::registry::{audit, Actor, Registry, READ};
+use crate::registry::{audit, Actor, InRealm, Needs, Registry};
 
 /// A plan: the price list is configuration (`registry.prices`, default the seed's tiers).
 pub type Tier = macula_common::prices::TierPrice;

@@ -48,7 +48,7 @@ impl Registry {
             }
         };
         let now = now_secs() as i64;
-        let mut tx = self.db.begin().await?;
+        let mut tx = self.change(actor).await?;
         sqlx::query(
             "UPDATE invoices SET status = 'paid', paid_at = $1 WHERE id = $2 AND status = 'paying'",
         )
@@ -76,9 +76,7 @@ impl Registry {
             ],
         )?;
         insert_rows(&mut tx, LEDGER_INSERT, 6, entries).await?;
-        actor.audit(
-            &mut tx,
-            None,
+        tx.audit(
             "invoice.pay",
             json!({"invoice": id, "payment": pid, "amount_cents": total}),
         );

@@ -46,9 +46,8 @@ impl Registry {
         let prices = &self.config.prices;
         let t = tier_of(prices, new)?;
         let now = now_secs() as i64;
-        let mut tx = self.db.begin().await?;
-        let (row, _) = self
-            .authorize_owner(&mut tx, realm, actor, "change its plan")
+        let (mut tx, InRealm { row, .. }) = self
+            .change_in(actor, realm, Needs::Owner("change its plan"))
             .await?;
         let upgrade = prices.rank(&t.name) > prices.rank(&row.tier);
         // The plan so far, for the months before this change.
@@ -92,9 +91,7 @@ impl Registry {
                 .execute(&mut *tx)
                 .await?;
         }
-        actor.audit(
-            &mut tx,
-            Some(realm),
+        tx.audit(
             "plan.change",
             json!({"from": row.tier, "to": t.name, "effective_at": rfc3339(effective as u64)}),
         );
@@ -128,8 +125,8 @@ impl Registry {
         })?;
         let (id, title, cents) = (ad.id.as_str(), ad.title.as_str(), ad.monthly_cents);
         let now = now_secs() as i64;
-        let mut tx = self.db.begin().await?;
-        self.authorize_owner(&mut tx, realm, actor, "change its add-ons")
+        let (mut tx, _) = self
+            .change_in(actor, realm, Needs::Owner("change its add-ons"))
             .await?;
         let active: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM addons WHERE realm = $1 AND feature = $2 AND ended_at = 0",
@@ -153,9 +150,7 @@ impl Registry {
                 .execute(&mut *tx)
                 .await?;
         }
-        actor.audit(
-            &mut tx,
-            Some(realm),
+        tx.audit(
             if on { "addon.on" } else { "addon.off" },
             json!({"feature": id}),
         );

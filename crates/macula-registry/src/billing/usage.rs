@@ -35,8 +35,7 @@ impl Registry {
     pub(crate) async fn usage_access(&self, viewer: &Viewer, realm: &str) -> ApiResult<()> {
         match viewer {
             Viewer::Account(actor) => {
-                let mut c = self.db.pool.acquire().await?;
-                self.authorize(&mut c, realm, actor, READ).await?;
+                self.read_in(actor, realm).await?;
                 Ok(())
             }
             Viewer::Key { realm: kr } if realm == kr => Ok(()),

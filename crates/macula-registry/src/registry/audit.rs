@@ -14,8 +14,7 @@ impl Registry {
         let before = page.below()?;
         let rows = match realm {
             Some(name) => {
-                let mut tx = self.db.pool.acquire().await?;
-                self.authorize(&mut tx, name, actor, READ).await?;
+                let (mut tx, _) = self.read_in(actor, name).await?;
                 let rows = sqlx::query("SELECT id, realm, actor, action, detail, remote, at FROM audit WHERE realm = $1 AND id < $2 ORDER BY id DESC LIMIT $3")
                     .bind(name)
                     .bind(before)

@@ -11,10 +11,8 @@ impl Registry {
         claimant: &str,
         note: &str,
     ) -> ApiResult<Value> {
-        Self::operator_only(actor)?;
+        let (mut tx, _) = self.change_in(actor, name, Needs::Operator).await?;
         let claimant = validate_email(claimant)?;
-        let mut tx = self.db.begin().await?;
-        self.realm(&mut tx, name).await?;
         let id = random_token("claim_", 6);
         let now = now_secs() as i64;
         sqlx::query("INSERT INTO claims (id, realm, claimant, note, status, created_by, created_at) VALUES ($1, $2, $3, $4, 'open', $5, $6)")
@@ -26,9 +24,7 @@ impl Registry {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-        actor.audit(
-            &mut tx,
-            Some(name),
+        tx.audit(
             "dispute.claim",
             json!({"claim": id, "claimant": claimant, "note": note}),
         );
@@ -65,18 +61,14 @@ impl Registry {
         name: &str,
         reason: Option<&str>,
     ) -> ApiResult<Value> {
-        Self::operator_only(actor)?;
-        let mut tx = self.db.begin().await?;
-        self.realm(&mut tx, name).await?;
+        let (mut tx, _) = self.change_in(actor, name, Needs::Operator).await?;
         let reason = operator_reason(reason, "frozen by the operator");
         sqlx::query("UPDATE realms SET frozen = $1 WHERE name = $2")
             .bind(reason)
             .bind(name)
             .execute(&mut *tx)
             .await?;
-        actor.audit(
-            &mut tx,
-            Some(name),
+        tx.audit(
             if reason.is_empty() {
                 "dispute.unfreeze"
             } else {
@@ -84,7 +76,7 @@ impl Registry {
             },
             json!({"reason": reason}),
         );
-        let row = self.realm(&mut tx, name).await?;
+        let row = tx.reread().await?;
         tx.commit().await?;
         Ok(self.realm_json(&row, None))
     }
@@ -97,16 +89,14 @@ impl Registry {
         name: &str,
         reason: Option<&str>,
     ) -> ApiResult<Value> {
-        Self::operator_only(actor)?;
-        let mut tx = self.db.begin().await?;
-        let row = self.realm(&mut tx, name).await?;
+        let (mut tx, InRealm { row, mut doc, .. }) =
+            self.change_in(actor, name, Needs::Operator).await?;
         let reason = operator_reason(reason, "suspended by the operator");
         sqlx::query("UPDATE realms SET suspended = $1 WHERE name = $2")
             .bind(reason)
             .bind(name)
             .execute(&mut *tx)
             .await?;
-        let mut doc = self.policy_doc(&row)?;
         doc.disabled = if !reason.is_empty() {
             Some(format!("suspended: {reason}"))
         } else if now_secs() as i64 > self.grace_end(&row) {
@@ -115,9 +105,7 @@ impl Registry {
             None
         };
         self.put_policy(&mut tx, name, doc, &actor.email).await?;
-        actor.audit(
-            &mut tx,
-            Some(name),
+        tx.audit(
             if reason.is_empty() {
                 "realm.unsuspend"
             } else {
@@ -125,33 +113,29 @@ impl Registry {
             },
             json!({"reason": reason}),
         );
-        let row = self.realm(&mut tx, name).await?;
+        tx.publish();
+        let row = tx.reread().await?;
         tx.commit().await?;
-        self.materialize(name).await?;
         Ok(self.realm_json(&row, None))
     }
 
     /// Resolves a dispute by moving the realm to `to` (no fee).
     pub async fn force_transfer(&self, actor: &Actor, name: &str, to: &str) -> ApiResult<Value> {
-        Self::operator_only(actor)?;
+        let (mut tx, InRealm { row, .. }) = self.change_in(actor, name, Needs::Operator).await?;
         let to = validate_email(to)?;
-        let mut tx = self.db.begin().await?;
-        let row = self.realm(&mut tx, name).await?;
         let id = verified_account(&mut tx, &to).await?;
         self.change_owner(&mut tx, &row, actor, &id, &to).await?;
         sqlx::query("UPDATE claims SET status = 'resolved' WHERE realm = $1 AND status = 'open'")
             .bind(name)
             .execute(&mut *tx)
             .await?;
-        actor.audit(
-            &mut tx,
-            Some(name),
+        tx.audit(
             "dispute.transfer",
             json!({"from": row.owner_email, "to": to}),
         );
-        let row = self.realm(&mut tx, name).await?;
+        tx.publish();
+        let row = tx.reread().await?;
         tx.commit().await?;
-        self.materialize(name).await?;
         Ok(self.realm_json(&row, None))
     }
 }

@@ -176,8 +176,8 @@ impl Registry {
             ));
         }
         self.verification_allowed(&actor.account_id).await?;
-        let mut tx = self.db.begin().await?;
-        actor.audit(&mut tx, None, "account.email_change", json!({"to": email}));
+        let mut tx = self.change(actor).await?;
+        tx.audit("account.email_change", json!({"to": email}));
         tx.commit().await?;
         let sent = self.send_verification(&actor.account_id, &email).await;
         Ok(json!({"email": actor.email, "pending_email": email, "verification": sent}))

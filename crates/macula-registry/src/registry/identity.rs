@@ -321,12 +321,12 @@ impl Registry {
     }
 
     pub async fn logout(&self, token: &str, actor: &Actor) -> ApiResult<()> {
-        let mut tx = self.db.begin().await?;
+        let mut tx = self.change(actor).await?;
         sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
             .bind(sha256_hex(token))
             .execute(&mut *tx)
             .await?;
-        actor.audit(&mut tx, None, "session.logout", json!({}));
+        tx.audit("session.logout", json!({}));
         tx.commit().await?;
         // Remembered as logged out, so that a lookup racing the logout cannot cache it again.
         self.sessions.lock().insert(

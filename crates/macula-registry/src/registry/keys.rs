@@ -232,8 +232,7 @@ impl Registry {
             "k.id, k.realm, k.role, k.name, k.created_by, k.created_at, k.expires_at, k.revoked_at";
         let text: String = match realm {
             Some(name) => {
-                let mut c = self.db.pool.acquire().await?;
-                self.authorize(&mut c, name, actor, READ).await?;
+                let (mut c, _) = self.read_in(actor, name).await?;
                 sqlx::query_scalar(&self.db.json_rows(&format!(
                     "SELECT {cols} FROM api_keys k WHERE k.realm = $1 AND k.id > $2 ORDER BY k.id LIMIT $3"
                 ), KEY_FIELDS, "id"))
@@ -284,8 +283,8 @@ impl Registry {
     /// Revokes a key: a new policy version lists it, which every node applies (and closes the
     /// key's live sessions) within seconds.
     pub async fn revoke_key(&self, actor: &Actor, name: &str, kid: &str) -> ApiResult<Value> {
-        let mut tx = self.db.begin().await?;
-        let (_, _, mut doc) = self.authorize(&mut tx, name, actor, ADMIN).await?;
+        let (mut tx, InRealm { mut doc, .. }) =
+            self.change_in(actor, name, Needs::Action(ADMIN)).await?;
         let revoked: Option<i64> =
             sqlx::query_scalar("SELECT revoked_at FROM api_keys WHERE id = $1 AND realm = $2")
                 .bind(kid)
@@ -307,14 +306,11 @@ impl Registry {
             if !doc.revoked_keys.iter().any(|k| k == kid) {
                 doc.revoked_keys.push(kid.to_owned());
             }
-            self.put_policy(&mut tx, name, doc, &actor.email).await?;
-            actor.audit(&mut tx, Some(name), "key.revoke", json!({"key_id": kid}));
+            tx.put_policy(doc).await?;
+            tx.audit("key.revoke", json!({"key_id": kid}));
             now
         };
         tx.commit().await?;
-        if revoked == 0 {
-            self.materialize(name).await?;
-        }
         Ok(json!({"id": kid, "realm": name, "revoked_at": rfc3339(at as u64)}))
     }
 

@@ -6,8 +6,7 @@ use super::*;
 
 impl Registry {
     pub async fn members(&self, actor: &Actor, name: &str) -> ApiResult<Value> {
-        let mut tx = self.db.pool.acquire().await?;
-        let (row, _, _) = self.authorize(&mut tx, name, actor, READ).await?;
+        let (mut tx, InRealm { row, .. }) = self.read_in(actor, name).await?;
         let rows = sqlx::query(
             "SELECT email, role, added_by, added_at FROM members WHERE realm = $1 ORDER BY email",
         )
@@ -36,8 +35,8 @@ impl Registry {
         role: &str,
     ) -> ApiResult<Value> {
         let email = validate_email(email)?;
-        let mut tx = self.db.begin().await?;
-        let (row, _, mut doc) = self.authorize(&mut tx, name, actor, ADMIN).await?;
+        let (mut tx, InRealm { row, mut doc, .. }) =
+            self.change_in(actor, name, Needs::Action(ADMIN)).await?;
         if email == actor.email {
             return Err(ApiError::forbidden(
                 "own_role",
@@ -70,22 +69,16 @@ impl Registry {
             email: email.clone(),
             role: role.to_owned(),
         });
-        let doc = self.put_policy(&mut tx, name, doc, &actor.email).await?;
-        actor.audit(
-            &mut tx,
-            Some(name),
-            "member.set",
-            json!({"email": email, "role": role}),
-        );
+        let doc = tx.put_policy(doc).await?;
+        tx.audit("member.set", json!({"email": email, "role": role}));
         tx.commit().await?;
-        self.materialize(name).await?;
         Ok(json!({"realm": name, "email": email, "role": role, "policy_version": doc.version}))
     }
 
     pub async fn remove_member(&self, actor: &Actor, name: &str, email: &str) -> ApiResult<()> {
         let email = email.trim().to_ascii_lowercase();
-        let mut tx = self.db.begin().await?;
-        let (_, _, mut doc) = self.authorize(&mut tx, name, actor, ADMIN).await?;
+        let (mut tx, InRealm { mut doc, .. }) =
+            self.change_in(actor, name, Needs::Action(ADMIN)).await?;
         let n = sqlx::query("DELETE FROM members WHERE realm = $1 AND email = $2")
             .bind(name)
             .bind(&email)
@@ -98,15 +91,9 @@ impl Registry {
             )));
         }
         doc.users.retain(|u| u.email != email);
-        self.put_policy(&mut tx, name, doc, &actor.email).await?;
-        actor.audit(
-            &mut tx,
-            Some(name),
-            "member.remove",
-            json!({"email": email}),
-        );
-        tx.commit().await?;
-        self.materialize(name).await
+        tx.put_policy(doc).await?;
+        tx.audit("member.remove", json!({"email": email}));
+        tx.commit().await
     }
 
     pub async fn policy(
@@ -115,8 +102,7 @@ impl Registry {
         name: &str,
         version: Option<i64>,
     ) -> ApiResult<Value> {
-        let mut tx = self.db.pool.acquire().await?;
-        let (row, _, doc) = self.authorize(&mut tx, name, actor, READ).await?;
+        let (mut tx, InRealm { row, doc, .. }) = self.read_in(actor, name).await?;
         let doc = match version {
             Some(v) if v != row.policy_version => {
                 let text: Option<String> = sqlx::query_scalar(
@@ -142,8 +128,7 @@ impl Registry {
         name: &str,
         page: &Page,
     ) -> ApiResult<Value> {
-        let mut tx = self.db.pool.acquire().await?;
-        self.authorize(&mut tx, name, actor, READ).await?;
+        let (mut tx, _) = self.read_in(actor, name).await?;
         let limit = page.limit();
         let after = page.below()?;
         let rows = sqlx::query("SELECT version, author, created_at FROM policy_versions WHERE realm = $1 AND version < $2 ORDER BY version DESC LIMIT $3")
@@ -171,8 +156,14 @@ impl Registry {
         name: &str,
         req: PolicyUpdate,
     ) -> ApiResult<Value> {
-        let mut tx = self.db.begin().await?;
-        let (row, access, mut doc) = self.authorize(&mut tx, name, actor, ADMIN).await?;
+        let (
+            mut tx,
+            InRealm {
+                row,
+                access,
+                mut doc,
+            },
+        ) = self.change_in(actor, name, Needs::Action(ADMIN)).await?;
         if let Some(v) = req.expected_version {
             if v != row.policy_version {
                 return Err(ApiError::conflict(
@@ -237,15 +228,9 @@ impl Registry {
         if let Some(v) = req.verified_roles {
             doc.verified_roles = v;
         }
-        let doc = self.put_policy(&mut tx, name, doc, &actor.email).await?;
-        actor.audit(
-            &mut tx,
-            Some(name),
-            "policy.update",
-            json!({"version": doc.version}),
-        );
+        let doc = tx.put_policy(doc).await?;
+        tx.audit("policy.update", json!({"version": doc.version}));
         tx.commit().await?;
-        self.materialize(name).await?;
         serde_json::to_value(&doc).map_err(ApiError::internal)
     }
 }

@@ -7,6 +7,11 @@
 //! floods it, signed by the realm authority, to the mesh. A crash between the two is repaired on
 //! start (`sync_all`): the database is the source of truth, the directory a copy.
 //!
+//! Every change on someone's behalf goes through one frame, `change.rs` ([`Registry::change_in`]
+//! opens the transaction and authorizes; the service writes; `Change::audit`, `Change::commit`
+//! and, for what nodes enforce, `Change::publish`/`Change::put_policy`); reads in a realm through
+//! [`Registry::read_in`].
+//!
 //! One file per concept, each an `impl Registry` block with its rules and SQL: `identity.rs`
 //! accounts and sessions; `email.rs` email ownership; `realms.rs` access, registration,
 //! renewal, deletion; `transfer.rs`; `members.rs` members and policies; `keys.rs` API keys (issue,
@@ -16,6 +21,7 @@
 //! (`authorize`, `authorize_owner`, `operator_only`) and the policy document.
 
 mod audit;
+mod change;
 mod disputes;
 mod email;
 mod expiry;
@@ -28,6 +34,7 @@ mod requests;
 mod transfer;
 
 // The concepts' items, where the crate has always found them (`crate::registry::…`).
+pub(crate) use self::change::{InRealm, Needs};
 #[allow(unused_imports)]
 pub use self::{
     audit::*, disputes::*, email::*, expiry::*, identity::*, keys::*, members::*, node_copy::*,
@@ -192,14 +199,6 @@ pub(crate) fn random_token(prefix: &str, bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
     rand::Rng::fill(&mut rand::thread_rng(), b.as_mut_slice());
     format!("{prefix}{}", hex::encode(b))
-}
-
-/// Commits; a unique violation at commit (a racing writer won) is the conflict `code`.
-pub(crate) async fn commit_unique(tx: WriteTx, code: &'static str, message: &str) -> ApiResult<()> {
-    match tx.commit().await {
-        Err(e) if is_unique_violation(&e) => Err(ApiError::conflict(code, message)),
-        r => Ok(r?),
-    }
 }
 
 impl Registry {

@@ -93,7 +93,7 @@ impl Registry {
             .clone()
             .unwrap_or_else(|| prices.tiers[0].name.clone());
         crate::billing::tier_of(prices, &tier)?;
-        let mut tx = self.db.begin().await?;
+        let mut tx = self.change(actor).await?.in_realm(&req.name);
         if let Some(i) = &idem {
             if let Some(replay) = self.replay(&mut tx, actor, i).await? {
                 return Ok(replay);
@@ -157,7 +157,7 @@ impl Registry {
                 ));
             }
             release(
-                &mut tx,
+                tx.tx(),
                 &old,
                 &actor.email,
                 "realm.released",
@@ -294,25 +294,21 @@ impl Registry {
             email: owner_email.clone(),
             role: "admin".into(),
         });
-        self.put_policy(&mut tx, name, doc, &actor.email).await?;
-        actor.audit(
-            &mut tx,
-            Some(name),
+        tx.put_policy(doc).await?;
+        tx.audit(
             "realm.register",
             json!({"owner": owner_email, "tier": tier, "parent": parent.as_ref().map(|p| &p.name)}),
         );
-        let row = self.realm(&mut tx, name).await?;
+        let row = tx.reread().await?;
         let body = self.realm_json(&row, None);
         if let Some(i) = &idem {
-            self.remember(&mut tx, actor, i, StatusCode::CREATED, &body);
+            tx.remember(i, StatusCode::CREATED, &body);
         }
-        commit_unique(
-            tx,
+        tx.commit_unique(
             "realm_taken",
             &format!("{name} was registered by another account a moment ago"),
         )
         .await?;
-        self.materialize(name).await?;
         Ok((StatusCode::CREATED, body))
     }
 
@@ -346,8 +342,7 @@ impl Registry {
     }
 
     pub async fn show_realm(&self, actor: &Actor, name: &str) -> ApiResult<Value> {
-        let mut tx = self.db.pool.acquire().await?;
-        let (row, access, doc) = self.authorize(&mut tx, name, actor, READ).await?;
+        let (mut tx, InRealm { row, access, doc }) = self.read_in(actor, name).await?;
         let keys: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM api_keys WHERE realm = $1 AND revoked_at = 0 AND (expires_at = 0 OR expires_at > $2)",
         )
@@ -366,9 +361,8 @@ impl Registry {
     }
 
     pub async fn delete_realm(&self, actor: &Actor, name: &str) -> ApiResult<()> {
-        let mut tx = self.db.begin().await?;
-        let (row, _) = self
-            .authorize_owner(&mut tx, name, actor, "delete it")
+        let (mut tx, InRealm { row, .. }) = self
+            .change_in(actor, name, Needs::Owner("delete it"))
             .await?;
         if !row.frozen.is_empty() {
             return Err(frozen(&row));
@@ -384,7 +378,7 @@ impl Registry {
             ));
         }
         release(
-            &mut tx,
+            tx.tx(),
             &row,
             &actor.email,
             "realm.delete",
@@ -418,9 +412,8 @@ impl Registry {
                 "renew for 1 to 10 years",
             ));
         }
-        let mut tx = self.db.begin().await?;
-        let (row, doc) = self
-            .authorize_owner(&mut tx, name, actor, "renew it")
+        let (mut tx, InRealm { row, doc, .. }) = self
+            .change_in(actor, name, Needs::Owner("renew it"))
             .await?;
         let now = now_secs() as i64;
         let expires = row.expires_at.max(now) + (years * self.config.term_days * 86_400) as i64;
@@ -433,17 +426,15 @@ impl Registry {
         if doc.disabled.is_some() && row.suspended.is_empty() {
             let mut d = doc;
             d.disabled = None;
-            self.put_policy(&mut tx, name, d, &actor.email).await?;
+            tx.put_policy(d).await?;
         }
-        actor.audit(
-            &mut tx,
-            Some(name),
+        tx.audit(
             "realm.renew",
             json!({"years": years, "expires_at": rfc3339(expires as u64)}),
         );
-        let row = self.realm(&mut tx, name).await?;
+        tx.publish();
+        let row = tx.reread().await?;
         tx.commit().await?;
-        self.materialize(name).await?;
         Ok(self.realm_json(&row, Some(&Access::Owner)))
     }
 }

@@ -8,9 +8,8 @@ use super::*;
 impl Registry {
     /// The owner's authorization code for a transfer, shown once.
     pub async fn transfer_code(&self, actor: &Actor, name: &str) -> ApiResult<Value> {
-        let mut tx = self.db.begin().await?;
-        let (row, _) = self
-            .authorize_owner(&mut tx, name, actor, "transfer it")
+        let (mut tx, InRealm { row, .. }) = self
+            .change_in(actor, name, Needs::Owner("transfer it"))
             .await?;
         if !row.frozen.is_empty() {
             return Err(frozen(&row));
@@ -28,9 +27,7 @@ impl Registry {
             .bind(expires)
             .execute(&mut *tx)
             .await?;
-        actor.audit(
-            &mut tx,
-            Some(name),
+        tx.audit(
             "realm.transfer_code",
             json!({"expires_at": rfc3339(expires as u64)}),
         );
@@ -43,8 +40,7 @@ impl Registry {
     /// Accepts a transfer with the owner's code: the caller becomes the owner and is charged the
     /// transfer fee (recorded for billing).
     pub async fn transfer(&self, actor: &Actor, name: &str, code: &str) -> ApiResult<Value> {
-        let mut tx = self.db.begin().await?;
-        let row = self.realm(&mut tx, name).await?;
+        let (mut tx, InRealm { row, .. }) = self.change_in(actor, name, Needs::Anyone).await?;
         if row.owner_id == actor.account_id {
             return Err(ApiError::conflict(
                 "already_owner",
@@ -92,15 +88,13 @@ impl Registry {
             .bind(now_secs() as i64)
             .execute(&mut *tx)
             .await?;
-        actor.audit(
-            &mut tx,
-            Some(name),
+        tx.audit(
             "realm.transfer",
             json!({"from": row.owner_email, "to": actor.email, "fee_cents": fee}),
         );
-        let row = self.realm(&mut tx, name).await?;
+        tx.publish();
+        let row = tx.reread().await?;
         tx.commit().await?;
-        self.materialize(name).await?;
         let mut v = self.realm_json(&row, Some(&Access::Owner));
         v["fee_cents"] = json!(fee);
         Ok(v)
