@@ -15,11 +15,14 @@ pub mod billing;
 pub mod db;
 pub mod error;
 pub mod http;
+pub mod identity;
 pub mod kek;
 pub mod mail;
-pub mod registry;
+pub(crate) mod prelude;
+pub mod realms;
+pub mod service;
 pub mod testpg;
 
 pub use db::{Backend, Db};
 pub use error::{ApiError, ApiResult};
-pub use registry::{Actor, Host, Registry, RegistryConfig};
+pub use service::{Actor, Host, Registry, RegistryConfig};

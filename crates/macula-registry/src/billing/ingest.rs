@@ -158,7 +158,7 @@ impl Registry {
             let b = &billing[&row.realm];
             match generation.get(b) {
                 Some(&g) if g > 1 && !known.contains(&row.key_id) => {
-                    crate::registry::archived(b, g - 1)
+                    crate::realms::archived(b, g - 1)
                 }
                 _ => b.clone(),
             }

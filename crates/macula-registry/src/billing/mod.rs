@@ -26,6 +26,7 @@ mod ledger;
 mod payments;
 mod plans;
 mod quota;
+pub(crate) mod routes;
 mod usage;
 
 #[allow(unused_imports)]
@@ -41,7 +42,8 @@ use sqlx::Row;
 
 use crate::db::{Arg, Backend};
 use crate::error::{is_unique_violation, ApiError, ApiResult};
-use crate::registry::{audit, Actor, InRealm, Needs, Registry};
+use crate::realms::audit;
+use crate::service::{Actor, InRealm, Needs, Registry};
 
 /// A plan: the price list is configuration (`registry.prices`, default the seed's tiers).
 pub type Tier = macula_common::prices::TierPrice;

@@ -6,36 +6,32 @@
 //! `{"items": [...], "next_cursor": ...}`. `POST /v1/realms` and `POST /v1/realms/{realm}/keys`
 //! honour an `Idempotency-Key` header (24 h).
 //!
-//! The handlers are grouped as the services are: `identity.rs`, `realms.rs`, `keys.rs`,
-//! `operator.rs`, `billing.rs`; this file holds the route list, the router, the extractors
-//! (body, query, remote address, bearer, actor, idempotency key) and the OpenAPI document.
-
-mod billing;
-mod identity;
-mod keys;
-mod operator;
-mod realms;
+//! The handlers live with their capability (`identity/routes.rs`, `realms/routes/`,
+//! `billing/routes.rs`); this file holds the route list, the router, the extractors (body,
+//! query, remote address, bearer, actor, idempotency key) and the OpenAPI document. Route files
+//! start with `use crate::http::*;`.
 
 #[allow(unused_imports)]
-use self::{billing::*, identity::*, keys::*, operator::*, realms::*};
+use crate::{billing::routes::*, identity::routes::*, realms::routes::*};
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+pub(crate) use std::net::SocketAddr;
+pub(crate) use std::sync::Arc;
 
-use axum::extract::{
+pub(crate) use axum::extract::{
     ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State,
 };
-use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use serde::de::DeserializeOwned;
-use serde::Deserialize;
-use serde_json::Value;
+pub(crate) use axum::http::request::Parts;
+pub(crate) use axum::http::{header, HeaderMap, StatusCode};
+pub(crate) use axum::response::{IntoResponse, Response};
+pub(crate) use axum::routing::{get, post};
+pub(crate) use axum::{Json, Router};
+pub(crate) use serde::de::DeserializeOwned;
+pub(crate) use serde::Deserialize;
+pub(crate) use serde_json::Value;
 
-use crate::error::{ApiError, ApiResult};
-use crate::registry::{Actor, Idempotency, NewKey, NewRealm, Page, PolicyUpdate, Registry};
+pub(crate) use crate::error::{ApiError, ApiResult};
+pub(crate) use crate::realms::{NewKey, NewRealm, PolicyUpdate};
+pub(crate) use crate::service::{Actor, Idempotency, Page, Registry};
 
 /// The OpenAPI 3.1 document served at `/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("../../openapi.json");

@@ -1,5 +1,7 @@
-//! The registry's rules, over the repository: accounts and sessions, realm registration,
-//! renewal, expiry, transfer, delegation, disputes, members, policy versions, API keys, audit.
+//! What every service of the registry shares: the settings ([`RegistryConfig`]), the [`Host`]
+//! interface by which the node hosts the registry, the [`Registry`] itself (the pool, caches,
+//! the operator key), who is asking ([`Actor`]) and what they may do in a realm (`authorize`,
+//! `authorize_owner`, `operator_only`), the realm row and its policy document.
 //!
 //! Every change is one database transaction that also appends its audit entry, so a crash
 //! leaves either all of it or none. After the commit the realm's newest policy version is
@@ -9,60 +11,17 @@
 //!
 //! Every change on someone's behalf goes through one frame, `change.rs` ([`Registry::change_in`]
 //! opens the transaction and authorizes; the service writes; `Change::audit`, `Change::commit`
-//! and, for what nodes enforce, `Change::publish`/`Change::put_policy`); reads in a realm through
-//! [`Registry::read_in`].
-//!
-//! One file per concept, each an `impl Registry` block with its rules and SQL: `identity.rs`
-//! accounts and sessions; `email.rs` email ownership; `realms.rs` access, registration,
-//! renewal, deletion; `transfer.rs`; `members.rs` members and policies; `keys.rs` API keys (issue,
-//! list, revoke); `audit.rs`; `disputes.rs` operators' tools; `expiry.rs`; `node_copy.rs` the
-//! node's copy of every realm; `requests.rs` pages and idempotent retries. This file holds the
-//! settings, the [`Host`] interface, and what every concept uses: the realm row, authorization
-//! (`authorize`, `authorize_owner`, `operator_only`) and the policy document.
+//! and, for what nodes enforce, `Change::publish`/`Change::put_policy`); reads in a realm go
+//! through [`Registry::read_in`]. `requests.rs`: pages and idempotent retries.
 
-mod audit;
 mod change;
-mod disputes;
-mod email;
-mod expiry;
-mod identity;
-mod keys;
-mod members;
-mod node_copy;
-mod realms;
 mod requests;
-mod transfer;
 
-// The concepts' items, where the crate has always found them (`crate::registry::…`).
 pub(crate) use self::change::{InRealm, Needs};
+pub use self::requests::*;
+
 #[allow(unused_imports)]
-pub use self::{
-    audit::*, disputes::*, email::*, expiry::*, identity::*, keys::*, members::*, node_copy::*,
-    realms::*, requests::*, transfer::*,
-};
-
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
-use axum::http::StatusCode;
-use ed25519_dalek::SigningKey;
-use macula_common::time::{now_secs, rfc3339};
-use macula_confdir::ConfDir;
-use macula_router::auth::credential::{self, AuthorityCert, KeyClaims, SignedCert};
-use macula_router::policy::{Policy, PolicyDoc, RoleDoc, TopicAclDoc, UserDoc};
-use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use sqlx::any::AnyRow;
-use sqlx::{AnyConnection, Row};
-
-use crate::db::{Db, WriteTx};
-use crate::error::{is_unique_violation, ApiError, ApiResult};
+use crate::prelude::*;
 
 /// Registry settings (the node's `registry:` section).
 #[derive(Debug, Clone)]

@@ -1,7 +1,7 @@
 //! Operators' tools: ownership claims (disputes), freezing, suspension, forced transfer.
 
 #[allow(unused_imports)]
-use super::*;
+use crate::prelude::*;
 
 impl Registry {
     pub async fn add_claim(

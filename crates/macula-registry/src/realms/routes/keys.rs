@@ -1,7 +1,7 @@
 //! Routes of API keys and the audit log.
 
 #[allow(unused_imports)]
-use super::*;
+use crate::http::*;
 
 pub(crate) async fn list_keys(
     State(reg): Reg,

@@ -2,7 +2,7 @@
 //! stored), listed, revoked.
 
 #[allow(unused_imports)]
-use super::*;
+use crate::prelude::*;
 
 impl Registry {
     /// Creates an API key. The realm is read, the request authorized and the key signed

@@ -3,7 +3,7 @@
 //! member removed.
 
 #[allow(unused_imports)]
-use super::*;
+use crate::prelude::*;
 
 impl Registry {
     /// The owner's authorization code for a transfer, shown once.

@@ -1,7 +1,7 @@
 //! The append-only audit log: written in the transaction of every change, read by owners.
 
 #[allow(unused_imports)]
-use super::*;
+use crate::prelude::*;
 
 impl Registry {
     pub async fn audit_log(

@@ -1,7 +1,7 @@
 //! Operators' routes: ownership claims, freezing, suspension, forced transfer.
 
 #[allow(unused_imports)]
-use super::*;
+use crate::http::*;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -10,7 +10,7 @@
 //! a commit rolls back, audit entry included. Reads in a realm go through [`Registry::read_in`].
 
 #[allow(unused_imports)]
-use super::*;
+use crate::prelude::*;
 
 /// Who must the actor be for a change in a realm.
 #[derive(Debug, Clone, Copy)]

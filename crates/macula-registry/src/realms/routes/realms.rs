@@ -2,7 +2,7 @@
 //! policies.
 
 #[allow(unused_imports)]
-use super::*;
+use crate::http::*;
 
 pub(crate) async fn list_realms(
     State(reg): Reg,

@@ -1,7 +1,7 @@
 //! Routes of accounts, sessions and email ownership.
 
 #[allow(unused_imports)]
-use super::*;
+use crate::http::*;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -2,7 +2,7 @@
 //! delegation), renewal and deletion (transfer is in `transfer.rs`).
 
 #[allow(unused_imports)]
-use super::*;
+use crate::prelude::*;
 
 impl Registry {
     pub(crate) async fn access(

@@ -3,7 +3,7 @@
 //! authority secrets sealed at rest.
 
 #[allow(unused_imports)]
-use super::*;
+use crate::prelude::*;
 
 impl Registry {
     /// The realm's authority secret (hex), opened with the KEK.

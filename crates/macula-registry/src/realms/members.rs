@@ -2,7 +2,7 @@
 //! versions.
 
 #[allow(unused_imports)]
-use super::*;
+use crate::prelude::*;
 
 impl Registry {
     pub async fn members(&self, actor: &Actor, name: &str) -> ApiResult<Value> {

@@ -2,7 +2,7 @@
 //! log-out.
 
 #[allow(unused_imports)]
-use super::*;
+use crate::prelude::*;
 
 impl Registry {
     pub async fn signup(

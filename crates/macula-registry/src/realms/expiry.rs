@@ -1,7 +1,7 @@
 //! Expiry: realms past their term and grace are released.
 
 #[allow(unused_imports)]
-use super::*;
+use crate::prelude::*;
 
 impl Registry {
     /// Disables realms past expiry and grace (nodes then refuse them). Run periodically.

@@ -1,7 +1,7 @@
 //! Email ownership: verification codes for sign-up, invitations and address changes.
 
 #[allow(unused_imports)]
-use super::*;
+use crate::prelude::*;
 
 impl Registry {
     /// How verification mail goes out (`log`, `smtp`, `dir`).

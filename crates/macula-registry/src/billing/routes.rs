@@ -1,7 +1,7 @@
 //! Routes of billing: plans, usage, add-ons, invoices.
 
 #[allow(unused_imports)]
-use super::*;
+use crate::http::*;
 
 pub(crate) async fn plans(State(reg): Reg) -> Json<Value> {
     Json(serde_json::json!({

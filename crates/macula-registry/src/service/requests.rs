@@ -1,7 +1,7 @@
 //! What many requests share: pages of listings, idempotent retries.
 
 #[allow(unused_imports)]
-use super::*;
+use crate::prelude::*;
 
 impl Registry {
     pub(crate) async fn replay(
