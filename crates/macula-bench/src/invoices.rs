@@ -145,16 +145,13 @@ pub async fn run(realms: usize) -> Result<Vec<Figure>> {
         .await
         .map_err(|e| anyhow::anyhow!(e.message))?;
     let secs = t.elapsed().as_secs_f64();
-    let n = s["invoices"].as_u64().unwrap_or(0);
-    anyhow::ensure!(
-        n as usize == accounts,
-        "{n} invoices for {accounts} accounts"
-    );
+    let n = s.invoices;
+    anyhow::ensure!(n == accounts, "{n} invoices for {accounts} accounts");
     let again = reg
         .run_invoices(month, None)
         .await
         .map_err(|e| anyhow::anyhow!(e.message))?;
-    anyhow::ensure!(again["invoices"] == 0, "a second run billed again: {again}");
+    anyhow::ensure!(again.invoices == 0, "a second run billed again: {again:?}");
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(vec![Figure {
         scenario: format!("invoice run, {realms} realms"),
@@ -163,7 +160,7 @@ pub async fn run(realms: usize) -> Result<Vec<Figure>> {
         unit: "s",
         note: format!(
             "SQLite; {n} invoices finalized with ledger postings, ${:.2} in total",
-            s["total_cents"].as_i64().unwrap_or(0) as f64 / 100.0
+            s.total_cents as f64 / 100.0
         ),
     }])
 }

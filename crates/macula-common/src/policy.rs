@@ -14,6 +14,7 @@ fn is_false(v: &bool) -> bool {
 
 /// The policy document as written in YAML.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PolicyDoc {
     pub realm: String,
@@ -72,6 +73,7 @@ pub struct PolicyDoc {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RoleDoc {
     pub name: String,
@@ -83,6 +85,7 @@ pub struct RoleDoc {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct UserDoc {
     pub email: String,
@@ -91,6 +94,7 @@ pub struct UserDoc {
 
 /// Metadata about an issued key; the secret itself is never stored.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyDoc {
     /// The key id (`key_...`). The seed's example shows the key itself here; Macula stores only the id.
@@ -106,6 +110,7 @@ pub struct ApiKeyDoc {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TopicAclDoc {
     pub pattern: String,
@@ -114,6 +119,7 @@ pub struct TopicAclDoc {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AllowDoc {
     pub role: String,

@@ -6,6 +6,7 @@ const GIB: u64 = 1 << 30;
 
 /// A plan (the seed's "Pricing Tiers"), as `registry.prices.tiers` lists them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TierPrice {
     pub name: String,
@@ -27,6 +28,7 @@ pub struct TierPrice {
 
 /// A premium add-on, billed per month in which it was on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AddonPrice {
     pub id: String,
@@ -37,6 +39,7 @@ pub struct AddonPrice {
 /// The price list (`registry.prices`). The default is the seed's: tiers from cheapest to
 /// dearest (the order decides what is an upgrade; the first is what a new realm gets).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct Prices {
     pub tiers: Vec<TierPrice>,

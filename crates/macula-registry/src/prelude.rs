@@ -15,7 +15,7 @@ pub(crate) use ed25519_dalek::SigningKey;
 pub(crate) use macula_common::time::{now_secs, rfc3339};
 pub(crate) use macula_confdir::ConfDir;
 pub(crate) use macula_router::auth::credential::{self, AuthorityCert, KeyClaims, SignedCert};
-pub(crate) use macula_router::policy::{Policy, PolicyDoc, RoleDoc, TopicAclDoc, UserDoc};
+pub(crate) use macula_router::policy::{Policy, PolicyDoc, UserDoc};
 pub(crate) use parking_lot::Mutex;
 pub(crate) use serde::{Deserialize, Serialize};
 pub(crate) use serde_json::{json, Value};

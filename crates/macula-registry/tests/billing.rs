@@ -278,7 +278,7 @@ async fn invoices(url: &str, dir: &std::path::Path) {
         ]
     );
     assert_eq!(inv["total_cents"], 14_705);
-    let html = billing::invoice_html(&inv);
+    let html = billing::invoice_html(&serde_json::from_value(inv.clone()).unwrap());
     assert!(
         html.contains("$147.05") && html.contains("com.inv"),
         "{html}"

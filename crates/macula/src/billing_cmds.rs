@@ -5,9 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use serde_json::{json, Value};
+use macula_registry::billing::types::*;
 
-use crate::registry_cmds::{emit, pick_realm, s, seg, Api, Server};
+use crate::registry_cmds::{emit, pick_realm, right_aligned, seg, table, Api, Server};
 
 /// Without a login, usage is read with a realm's admin API key: the one given, or the one
 /// `macula up` printed (with its realm), so that `macula usage` works right after `macula up`.
@@ -67,10 +67,6 @@ pub struct UsageArgs {
     pub csv: bool,
 }
 
-fn num(v: &Value) -> u64 {
-    v.as_u64().unwrap_or(0)
-}
-
 fn money(cents: i64) -> String {
     let sign = if cents < 0 { "-" } else { "" };
     format!("{sign}${}.{:02}", cents.abs() / 100, cents.abs() % 100)
@@ -91,21 +87,23 @@ fn bytes(n: u64) -> String {
     }
 }
 
-fn ms(v: &Value) -> String {
-    v.as_f64().map_or("-".into(), |m| format!("{m:.2} ms"))
+fn ms(v: Option<f64>) -> String {
+    v.map_or("-".into(), |m| format!("{m:.2} ms"))
+}
+
+fn op(p: &UsagePeriod, kind: &str) -> u64 {
+    p.ops.get(kind).copied().unwrap_or(0)
 }
 
 /// `macula usage --realm R --month M`.
 pub fn usage(a: UsageArgs, json: bool) -> Result<()> {
     let (api, realm) = usage_api(&a.server, a.realm, &a.key)?;
     if a.csv {
-        let month = api.send(
+        let month: UsageMonth = api.get(
             "GET",
             &format!("/v1/realms/{}/usage/{}", seg(&realm), seg(&a.month)),
-            None,
-            true,
         )?;
-        let from = s(&month["month"]).to_owned();
+        let from = month.month;
         let v = api.send(
             "GET",
             &format!(
@@ -120,63 +118,57 @@ pub fn usage(a: UsageArgs, json: bool) -> Result<()> {
         print!("{}", v.as_str().unwrap_or(""));
         return Ok(());
     }
-    let v = api.send(
+    let v: UsageMonth = api.get(
         "GET",
         &format!("/v1/realms/{}/usage/{}", seg(&realm), seg(&a.month)),
-        None,
-        true,
     )?;
-    if json {
-        println!("{v}");
-        return Ok(());
-    }
-    let u = &v["usage"];
-    let plan = &v["plan"];
-    println!("{realm}, {} ({} plan)", s(&v["month"]), s(&plan["title"]));
+    emit(json, &v, print_usage_month);
+    Ok(())
+}
+
+fn print_usage_month(v: &UsageMonth) {
+    let (u, plan) = (&v.usage, &v.plan);
+    println!("{}, {} ({} plan)", v.realm, v.month, plan.title);
     println!(
         "  operations  {:>14}  of {} included ({:.1}%)",
-        num(&u["ops_total"]),
-        num(&plan["included_ops"]),
-        v["used"]["ops_percent"].as_f64().unwrap_or(0.0)
+        u.ops_total, plan.included_ops, v.used.ops_percent
     );
     for k in ["publish", "subscribe", "call", "register", "dht"] {
-        println!("    {k:<10}{:>14}", num(&u["ops"][k]));
+        println!("    {k:<10}{:>14}", op(u, k));
     }
     println!(
         "  egress      {:>14}  of {} included ({:.1}%)",
-        bytes(num(&u["egress_bytes"])),
-        bytes(num(&plan["included_bytes"])),
-        v["used"]["egress_percent"].as_f64().unwrap_or(0.0)
+        bytes(u.egress_bytes),
+        bytes(plan.included_bytes),
+        v.used.egress_percent
     );
-    println!("  bytes in    {:>14}", bytes(num(&u["bytes_in"])));
+    println!("  bytes in    {:>14}", bytes(u.bytes_in));
     println!(
         "  call latency  p50 {}  p95 {}",
-        ms(&u["latency_p50_ms"]),
-        ms(&u["latency_p95_ms"])
+        ms(u.latency_p50_ms),
+        ms(u.latency_p95_ms)
     );
-    if let Some(q) = v["quota_exceeded"].as_str() {
+    if let Some(q) = &v.quota_exceeded {
         println!("  QUOTA EXCEEDED: {q}");
     }
-    println!(
-        "  charges so far {}",
-        money(v["charges"]["total_cents"].as_i64().unwrap_or(0))
-    );
-    for n in v["notices"].as_array().into_iter().flatten() {
-        println!("  notice ({}): {}", s(&n["at"]), s(&n["message"]));
+    println!("  charges so far {}", money(v.charges.total_cents));
+    for n in &v.notices {
+        println!("  notice ({}): {}", n.at, n.message);
     }
-    let days = v["days"].as_array().cloned().unwrap_or_default();
-    if !days.is_empty() {
-        println!("  {:<12}{:>12}{:>14}", "day", "operations", "egress");
-        for d in days {
-            println!(
-                "  {:<12}{:>12}{:>14}",
-                &s(&d["start"])[..10.min(s(&d["start"]).len())],
-                num(&d["ops_total"]),
-                bytes(num(&d["egress_bytes"]))
-            );
+    if !v.days.is_empty() {
+        let mut t = table(&["day", "operations", "egress"]);
+        right_aligned(&mut t, &[1, 2]);
+        for d in &v.days {
+            t.add_row([
+                d.start.get(..10).unwrap_or(&d.start).to_owned(),
+                d.ops_total.to_string(),
+                bytes(d.egress_bytes),
+            ]);
+        }
+        for line in t.lines() {
+            println!("  {}", line.trim_end());
         }
     }
-    Ok(())
 }
 
 /// `YYYY-MM` of the month after `m` (the registry's calendar).
@@ -205,44 +197,48 @@ pub fn metrics(a: MetricsArgs, json: bool) -> Result<()> {
     let (api, realm) = usage_api(&a.server, a.realm, &a.key)?;
     let now = macula_node::confdir::now_secs();
     let from = now - now % 3600 - a.hours.saturating_sub(1) * 3600;
-    let v = api.send(
+    let v: Usage = api.get(
         "GET",
         &format!(
             "/v1/realms/{}/usage?period=hour&from={from}&to={}",
             seg(&realm),
             now + 1
         ),
-        None,
-        true,
     )?;
-    if json {
-        println!("{v}");
-        return Ok(());
-    }
-    let items = v["items"].as_array().cloned().unwrap_or_default();
-    if items.is_empty() {
-        println!("{realm}: no usage in the last {} hours", a.hours);
-        return Ok(());
-    }
-    println!(
-        "{:<21}{:>10}{:>9}{:>9}{:>8}{:>9}{:>6}{:>12}{:>10}{:>10}",
-        "hour (UTC)", "ops", "publish", "subscr", "call", "register", "dht", "egress", "p50", "p95"
-    );
-    for i in items {
-        println!(
-            "{:<21}{:>10}{:>9}{:>9}{:>8}{:>9}{:>6}{:>12}{:>10}{:>10}",
-            s(&i["start"]),
-            num(&i["ops_total"]),
-            num(&i["ops"]["publish"]),
-            num(&i["ops"]["subscribe"]),
-            num(&i["ops"]["call"]),
-            num(&i["ops"]["register"]),
-            num(&i["ops"]["dht"]),
-            bytes(num(&i["egress_bytes"])),
-            ms(&i["latency_p50_ms"]),
-            ms(&i["latency_p95_ms"]),
-        );
-    }
+    emit(json, &v, |v| {
+        if v.items.is_empty() {
+            println!("{realm}: no usage in the last {} hours", a.hours);
+            return;
+        }
+        let mut t = table(&[
+            "hour (UTC)",
+            "ops",
+            "publish",
+            "subscr",
+            "call",
+            "register",
+            "dht",
+            "egress",
+            "p50",
+            "p95",
+        ]);
+        right_aligned(&mut t, &[1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        for i in &v.items {
+            t.add_row([
+                i.start.clone(),
+                i.ops_total.to_string(),
+                op(i, "publish").to_string(),
+                op(i, "subscribe").to_string(),
+                op(i, "call").to_string(),
+                op(i, "register").to_string(),
+                op(i, "dht").to_string(),
+                bytes(i.egress_bytes),
+                ms(i.latency_p50_ms),
+                ms(i.latency_p95_ms),
+            ]);
+        }
+        println!("{}", t.trim_fmt());
+    });
     Ok(())
 }
 
@@ -287,35 +283,28 @@ pub enum InvoicesCmd {
     },
 }
 
-pub fn print_invoice(v: &Value) {
-    println!(
-        "Invoice {}  {}  {}",
-        s(&v["id"]),
-        s(&v["month"]),
-        s(&v["status"]).to_uppercase()
-    );
-    println!("Account {}", s(&v["account"]));
+pub fn print_invoice(v: &Invoice) {
+    println!("Invoice {}  {}  {}", v.id, v.month, v.status.to_uppercase());
+    println!("Account {}", v.account.as_deref().unwrap_or("-"));
     println!();
-    println!("  {:<22}{:<52}{:>14}", "realm", "item", "amount");
-    for l in v["lines"].as_array().into_iter().flatten() {
-        let mut item = s(&l["description"]).to_owned();
-        let unit = s(&l["unit"]);
-        if unit == "operations" || unit == "bytes" {
-            item = format!("{item}: {} {unit}", num(&l["quantity"]));
+    let mut t = table(&["realm", "item", "amount"]);
+    right_aligned(&mut t, &[2]);
+    for l in &v.lines {
+        let mut item = l.description.clone();
+        if l.unit == "operations" || l.unit == "bytes" {
+            item = format!("{item}: {} {}", l.quantity, l.unit);
         }
-        println!(
-            "  {:<22}{:<52}{:>14}",
-            s(&l["realm"]),
-            item,
-            money(l["amount_cents"].as_i64().unwrap_or(0))
-        );
+        t.add_row([l.realm.clone(), item, money(l.amount_cents)]);
     }
-    println!(
-        "  {:<74}{:>14}",
-        format!("Total ({})", s(&v["currency"])),
-        money(v["total_cents"].as_i64().unwrap_or(0))
-    );
-    if let Some(p) = v["paid_at"].as_str() {
+    t.add_row([
+        format!("Total ({})", v.currency),
+        String::new(),
+        money(v.total_cents),
+    ]);
+    for line in t.lines() {
+        println!("  {}", line.trim_end());
+    }
+    if let Some(p) = &v.paid_at {
         println!("  paid {p}");
     }
 }
@@ -324,24 +313,24 @@ pub fn invoices(cmd: InvoicesCmd, json: bool) -> Result<()> {
     match cmd {
         InvoicesCmd::List { server } => {
             let api = Api::new(&server)?;
-            let v = api.send("GET", "/v1/invoices", None, true)?;
-            if json {
-                println!("{v}");
-                return Ok(());
-            }
-            let items = v["items"].as_array().cloned().unwrap_or_default();
-            if items.is_empty() {
-                println!("no invoices yet (you have no realm)");
-            }
-            for i in items {
-                println!(
-                    "{:<26}{:<9}{:<7}{:>12}",
-                    s(&i["id"]),
-                    s(&i["month"]),
-                    s(&i["status"]),
-                    money(i["total_cents"].as_i64().unwrap_or(0))
-                );
-            }
+            let v: Invoices = api.get("GET", "/v1/invoices")?;
+            emit(json, &v, |v| {
+                if v.items.is_empty() {
+                    println!("no invoices yet (you have no realm)");
+                    return;
+                }
+                let mut t = table(&["INVOICE", "MONTH", "STATUS", "TOTAL"]);
+                right_aligned(&mut t, &[3]);
+                for i in &v.items {
+                    t.add_row([
+                        i.id.clone(),
+                        i.month.clone(),
+                        i.status.clone(),
+                        money(i.total_cents),
+                    ]);
+                }
+                println!("{}", t.trim_fmt());
+            });
         }
         InvoicesCmd::Show {
             server,
@@ -349,16 +338,11 @@ pub fn invoices(cmd: InvoicesCmd, json: bool) -> Result<()> {
             html,
         } => {
             let api = Api::new(&server)?;
-            let v = api.send(
-                "GET",
-                &format!("/v1/invoices/{}", seg(&invoice)),
-                None,
-                true,
-            )?;
+            let v: Invoice = api.get("GET", &format!("/v1/invoices/{}", seg(&invoice)))?;
             if let Some(path) = html {
                 let doc = api.send(
                     "GET",
-                    &format!("/v1/invoices/{}?format=html", seg(s(&v["id"]))),
+                    &format!("/v1/invoices/{}?format=html", seg(&v.id)),
                     None,
                     true,
                 )?;
@@ -372,54 +356,42 @@ pub fn invoices(cmd: InvoicesCmd, json: bool) -> Result<()> {
         }
         InvoicesCmd::Pay { server, invoice } => {
             let api = Api::new(&server)?;
-            let v = api.send(
-                "POST",
-                &format!("/v1/invoices/{}/pay", seg(&invoice)),
-                None,
-                true,
-            )?;
+            let v: Payment = api.get("POST", &format!("/v1/invoices/{}/pay", seg(&invoice)))?;
             emit(json, &v, |v| {
                 println!(
                     "paid {} of {} ({} reference {})",
-                    money(v["amount_cents"].as_i64().unwrap_or(0)),
-                    s(&v["invoice"]),
-                    s(&v["provider"]),
-                    s(&v["reference"])
+                    money(v.amount_cents),
+                    v.invoice,
+                    v.provider,
+                    v.reference
                 )
             });
         }
         InvoicesCmd::Run { server, month } => {
             let api = Api::new(&server)?;
-            let v = api.send(
+            let v: InvoiceRun = api.call(
                 "POST",
                 "/v1/admin/invoices/run",
-                Some(&json!({"month": month})),
-                true,
+                &RunRequest { month: Some(month) },
             )?;
             emit(json, &v, |v| {
                 println!(
                     "{}: {} invoices ({}), {} in total, in {} ms",
-                    s(&v["month"]),
-                    num(&v["invoices"]),
-                    if v["final"].as_bool() == Some(true) {
-                        "finalized"
-                    } else {
-                        "drafts"
-                    },
-                    money(v["total_cents"].as_i64().unwrap_or(0)),
-                    num(&v["elapsed_ms"])
+                    v.month,
+                    v.invoices,
+                    if v.is_final { "finalized" } else { "drafts" },
+                    money(v.total_cents),
+                    v.elapsed_ms
                 )
             });
         }
         InvoicesCmd::Void { server, invoice } => {
             let api = Api::new(&server)?;
-            let v = api.send(
+            let v: Voided = api.get(
                 "POST",
                 &format!("/v1/admin/invoices/{}/void", seg(&invoice)),
-                None,
-                true,
             )?;
-            emit(json, &v, |v| println!("{} is void", s(&v["invoice"])));
+            emit(json, &v, |v| println!("{} is void", v.invoice));
         }
     }
     Ok(())
@@ -428,42 +400,55 @@ pub fn invoices(cmd: InvoicesCmd, json: bool) -> Result<()> {
 /// `macula plans`: the tiers and add-ons.
 pub fn plans(server: Server, json: bool) -> Result<()> {
     let api = Api::new(&server)?;
-    let v = api.send("GET", "/v1/plans", None, false)?;
-    if json {
-        println!("{v}");
-        return Ok(());
-    }
-    println!(
-        "{:<14}{:>10}{:>16}{:>12}{:>16}{:>14}",
-        "plan", "base", "included ops", "egress", "overage /1K", "overage /GiB"
-    );
-    for t in v["tiers"].as_array().into_iter().flatten() {
-        println!(
-            "{:<14}{:>10}{:>16}{:>12}{:>16}{:>14}{}",
-            s(&t["title"]),
-            money(t["base_cents"].as_i64().unwrap_or(0)),
-            num(&t["included_ops"]),
-            bytes(num(&t["included_bytes"])),
-            format!("${}", num(&t["ops_millicents_per_1k"]) as f64 / 100_000.0),
-            money(num(&t["egress_cents_per_gib"]) as i64),
-            if t["hard_quota"].as_bool() == Some(true) {
-                "  (hard quota: refused past it)"
-            } else {
-                ""
-            }
-        );
-    }
-    println!("\nadd-ons:");
-    for a in v["addons"].as_array().into_iter().flatten() {
-        println!(
-            "  {:<18}{:<22}{:>10}/month",
-            s(&a["id"]),
-            s(&a["title"]),
-            money(a["monthly_cents"].as_i64().unwrap_or(0))
-        );
-    }
-    for (k, r) in v["rules"].as_object().into_iter().flatten() {
-        println!("{k}: {}", r.as_str().unwrap_or(""));
-    }
+    let v: Plans = api.get_anonymous("/v1/plans")?;
+    emit(json, &v, print_plans);
     Ok(())
+}
+
+fn print_plans(v: &Plans) {
+    let mut t = table(&[
+        "plan",
+        "base",
+        "included ops",
+        "egress",
+        "overage /1K",
+        "overage /GiB",
+        "",
+    ]);
+    right_aligned(&mut t, &[1, 2, 3, 4, 5]);
+    for p in &v.tiers {
+        t.add_row([
+            p.title.clone(),
+            money(p.base_cents),
+            p.included_ops.to_string(),
+            bytes(p.included_bytes),
+            format!("${}", p.ops_millicents_per_1k as f64 / 100_000.0),
+            money(p.egress_cents_per_gib as i64),
+            if p.hard_quota {
+                "(hard quota: refused past it)".into()
+            } else {
+                String::new()
+            },
+        ]);
+    }
+    println!("{}", t.trim_fmt());
+    println!("\nadd-ons:");
+    let mut t = table(&["add-on", "title", "per month"]);
+    right_aligned(&mut t, &[2]);
+    for a in &v.addons {
+        t.add_row([a.id.clone(), a.title.clone(), money(a.monthly_cents)]);
+    }
+    for line in t.lines() {
+        println!("  {}", line.trim_end());
+    }
+    let r = &v.rules;
+    for (k, rule) in [
+        ("rounding", &r.rounding),
+        ("gib", &r.gib),
+        ("plan_changes", &r.plan_changes),
+        ("hard_quota", &r.hard_quota),
+        ("addons", &r.addons),
+    ] {
+        println!("{k}: {rule}");
+    }
 }

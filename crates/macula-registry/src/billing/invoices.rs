@@ -8,7 +8,7 @@ impl Registry {
     /// Builds the invoices of `month` for every account (or one): drafts while the month runs,
     /// `open` once it has ended ($0 invoices are closed as `paid`). Finalized invoices are never
     /// rebuilt; drafts are replaced. Returns a summary.
-    pub async fn run_invoices(&self, month: i64, account: Option<&str>) -> ApiResult<Value> {
+    pub async fn run_invoices(&self, month: i64, account: Option<&str>) -> ApiResult<InvoiceRun> {
         let started = std::time::Instant::now();
         let end = next_month(month);
         let final_ = now_secs() as i64 >= end;
@@ -200,41 +200,41 @@ impl Registry {
             }
             r => r?,
         }
-        Ok(json!({
-            "month": month_name(month),
-            "final": final_,
-            "invoices": n,
-            "total_cents": total_cents,
-            "elapsed_ms": started.elapsed().as_millis() as u64,
-        }))
+        Ok(InvoiceRun {
+            month: month_name(month),
+            is_final: final_,
+            invoices: n,
+            total_cents,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        })
     }
 
-    pub(crate) fn invoice_json(r: &sqlx::any::AnyRow, email: Option<&str>) -> ApiResult<Value> {
-        let lines: Value =
+    pub(crate) fn invoice_view(r: &sqlx::any::AnyRow, email: Option<&str>) -> ApiResult<Invoice> {
+        let lines: Vec<Line> =
             serde_json::from_str(&r.try_get::<String, _>("lines")?).map_err(ApiError::internal)?;
         let at = |c: &str| -> ApiResult<Option<String>> {
             let v: i64 = r.try_get(c)?;
             Ok((v > 0).then(|| rfc3339(v as u64)))
         };
-        Ok(json!({
-            "id": r.try_get::<String, _>("id")?,
-            "account": email,
-            "month": month_name(r.try_get("month")?),
-            "status": r.try_get::<String, _>("status")?,
-            "currency": r.try_get::<String, _>("currency")?,
-            "lines": lines,
-            "subtotal_cents": r.try_get::<i64, _>("subtotal_cents")?,
-            "total_cents": r.try_get::<i64, _>("total_cents")?,
-            "created_at": at("created_at")?,
-            "finalized_at": at("finalized_at")?,
-            "paid_at": at("paid_at")?,
-            "voided_at": at("voided_at")?,
-        }))
+        Ok(Invoice {
+            id: r.try_get("id")?,
+            account: email.map(str::to_owned),
+            month: month_name(r.try_get("month")?),
+            status: r.try_get("status")?,
+            currency: r.try_get("currency")?,
+            lines,
+            subtotal_cents: r.try_get("subtotal_cents")?,
+            total_cents: r.try_get("total_cents")?,
+            created_at: at("created_at")?,
+            finalized_at: at("finalized_at")?,
+            paid_at: at("paid_at")?,
+            voided_at: at("voided_at")?,
+        })
     }
 
     /// The caller's invoices (newest first). The current month's draft is brought up to date
     /// first.
-    pub async fn list_invoices(&self, actor: &Actor) -> ApiResult<Value> {
+    pub async fn list_invoices(&self, actor: &Actor) -> ApiResult<Invoices> {
         self.run_invoices(month_start(now_secs() as i64), Some(&actor.account_id))
             .await?;
         let rows = sqlx::query(
@@ -243,11 +243,11 @@ impl Registry {
         .bind(&actor.account_id)
         .fetch_all(&self.db.pool)
         .await?;
-        let items: Vec<Value> = rows
+        let items = rows
             .iter()
-            .map(|r| Self::invoice_json(r, Some(&actor.email)))
+            .map(|r| Self::invoice_view(r, Some(&actor.email)))
             .collect::<ApiResult<_>>()?;
-        Ok(json!({"items": items}))
+        Ok(Invoices { items })
     }
 
     pub(crate) async fn invoice_row(
@@ -268,7 +268,7 @@ impl Registry {
     }
 
     /// One invoice; a month (`YYYY-MM`, `current`) selects the caller's invoice of that month.
-    pub async fn show_invoice(&self, actor: &Actor, id: &str) -> ApiResult<Value> {
+    pub async fn show_invoice(&self, actor: &Actor, id: &str) -> ApiResult<Invoice> {
         let id = if id.starts_with("in_") {
             id.to_owned()
         } else {
@@ -290,11 +290,11 @@ impl Registry {
             .bind(row.try_get::<String, _>("account_id")?)
             .fetch_optional(&self.db.pool)
             .await?;
-        Self::invoice_json(&row, email.as_deref())
+        Self::invoice_view(&row, email.as_deref())
     }
 
     /// Voids an open invoice (operators), reversing its ledger entries.
-    pub async fn void_invoice(&self, actor: &Actor, id: &str) -> ApiResult<Value> {
+    pub async fn void_invoice(&self, actor: &Actor, id: &str) -> ApiResult<Voided> {
         Self::operator_only(actor)?;
         let row = self.invoice_row(actor, id).await?;
         let status: String = row.try_get("status")?;
@@ -336,7 +336,10 @@ impl Registry {
         }
         tx.audit("invoice.void", json!({"invoice": id}));
         tx.commit().await?;
-        Ok(json!({"invoice": id, "status": "void"}))
+        Ok(Voided {
+            invoice: id.to_owned(),
+            status: "void".into(),
+        })
     }
 }
 
@@ -348,17 +351,6 @@ pub struct RealmMonth {
     pub ops: u64,
     pub egress_bytes: u64,
     pub addons: Vec<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Line {
-    pub kind: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub realm: String,
-    pub description: String,
-    pub quantity: u64,
-    pub unit: String,
-    pub amount_cents: i64,
 }
 
 /// An account's invoice lines for a month: per realm its plan's base fee, operations and
@@ -440,40 +432,28 @@ pub fn invoice_lines(
     lines
 }
 
-/// Renders an invoice (its JSON) as a standalone HTML document.
-pub fn invoice_html(inv: &Value) -> String {
-    let esc = |s: &str| {
-        s.replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;")
-            .replace('"', "&quot;")
+/// Renders an invoice as a standalone HTML document (`templates/invoice.html`).
+pub fn invoice_html(inv: &Invoice) -> String {
+    use askama::Template;
+    let page = InvoicePage {
+        inv,
+        account: inv.account.as_deref().unwrap_or(""),
     };
-    let money = |c: i64| format!("${}.{:02}", c / 100, c % 100);
-    let s = |k: &str| esc(inv[k].as_str().unwrap_or(""));
-    let mut rows = String::new();
-    for l in inv["lines"].as_array().into_iter().flatten() {
-        rows.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td class=n>{} {}</td><td class=n>{}</td></tr>\n",
-            esc(l["realm"].as_str().unwrap_or("")),
-            esc(l["description"].as_str().unwrap_or("")),
-            l["quantity"].as_u64().unwrap_or(0),
-            esc(l["unit"].as_str().unwrap_or("")),
-            money(l["amount_cents"].as_i64().unwrap_or(0)),
-        ));
+    page.render()
+        .unwrap_or_else(|e| format!("the invoice could not be rendered: {e}"))
+}
+
+/// `templates/invoice.html`: an invoice as a document (shared with the console).
+#[derive(askama::Template)]
+#[template(path = "invoice.html")]
+struct InvoicePage<'a> {
+    inv: &'a Invoice,
+    account: &'a str,
+}
+
+impl InvoicePage<'_> {
+    /// Cents as dollars: `$147.05`.
+    fn money(&self, cents: &i64) -> String {
+        format!("${}.{:02}", cents / 100, cents % 100)
     }
-    format!(
-        "<!doctype html>\n<html><head><meta charset=utf-8><title>Invoice {id}</title>\n\
-         <style>body{{font-family:sans-serif;max-width:50em;margin:2em auto}}table{{width:100%;border-collapse:collapse}}\
-         td,th{{border-bottom:1px solid #ddd;padding:.4em;text-align:left}}.n{{text-align:right}}</style></head>\n\
-         <body><h1>Invoice {id}</h1>\n<p>Account: {acct}<br>Period: {month}<br>Status: <b>{status}</b></p>\n\
-         <table><tr><th>Realm</th><th>Item</th><th class=n>Quantity</th><th class=n>Amount</th></tr>\n{rows}\
-         <tr><th colspan=3>Total ({cur})</th><th class=n>{total}</th></tr></table>\n\
-         <p>Amounts are in cents, each line rounded half up; 1 GiB = 2<sup>30</sup> bytes.</p></body></html>\n",
-        id = s("id"),
-        acct = s("account"),
-        month = s("month"),
-        status = s("status"),
-        cur = s("currency"),
-        total = money(inv["total_cents"].as_i64().unwrap_or(0)),
-    )
 }

@@ -27,17 +27,19 @@ mod payments;
 mod plans;
 mod quota;
 pub(crate) mod routes;
+pub mod types;
 mod usage;
 
 #[allow(unused_imports)]
-pub use self::{ingest::*, invoices::*, ledger::*, payments::*, plans::*, quota::*, usage::*};
+pub use self::{
+    ingest::*, invoices::*, ledger::*, payments::*, plans::*, quota::*, types::*, usage::*,
+};
 
 use std::collections::{HashMap, HashSet};
 
 use macula_common::time::{now_secs, rfc3339};
 use macula_common::usage::{quantile_ms, UsageReport, UsageRow, BUCKETS, OPS};
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 use sqlx::Row;
 
 use crate::db::{Arg, Backend};

@@ -6,7 +6,7 @@ use super::*;
 
 impl Registry {
     /// Pays an open invoice through the payment provider (the account's owner).
-    pub async fn pay_invoice(&self, actor: &Actor, id: &str) -> ApiResult<Value> {
+    pub async fn pay_invoice(&self, actor: &Actor, id: &str) -> ApiResult<Payment> {
         let row = self.invoice_row(actor, id).await?;
         let status: String = row.try_get("status")?;
         let total: i64 = row.try_get("total_cents")?;
@@ -81,9 +81,14 @@ impl Registry {
             json!({"invoice": id, "payment": pid, "amount_cents": total}),
         );
         tx.commit().await?;
-        Ok(
-            json!({"invoice": id, "payment": pid, "provider": self.payments.name(), "reference": reference, "amount_cents": total, "status": "paid"}),
-        )
+        Ok(Payment {
+            invoice: id.to_owned(),
+            payment: pid,
+            provider: self.payments.name().to_owned(),
+            reference,
+            amount_cents: total,
+            status: "paid".into(),
+        })
     }
 }
 

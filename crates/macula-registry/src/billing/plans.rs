@@ -42,7 +42,7 @@ impl Registry {
 
     /// Changes a realm's plan (owner only). Upgrades apply now (the month is billed at the new
     /// plan); downgrades apply on the first of next month.
-    pub async fn set_plan(&self, actor: &Actor, realm: &str, new: &str) -> ApiResult<Value> {
+    pub async fn set_plan(&self, actor: &Actor, realm: &str, new: &str) -> ApiResult<PlanChange> {
         let prices = &self.config.prices;
         let t = tier_of(prices, new)?;
         let now = now_secs() as i64;
@@ -99,12 +99,15 @@ impl Registry {
         if effective == now && !t.hard_quota {
             self.set_quota_block(realm, month_start(now), None).await?;
         }
-        Ok(json!({
-            "realm": realm,
-            "tier": if effective == now { t.name.as_str() } else { row.tier.as_str() },
-            "scheduled": (effective != now).then(|| json!({"tier": t.name, "effective_at": rfc3339(effective as u64)})),
-            "rule": "upgrades apply at once and the month is billed at the new plan; downgrades apply on the first of next month",
-        }))
+        Ok(PlanChange {
+            realm: realm.to_owned(),
+            tier: if effective == now { &t.name } else { &row.tier }.clone(),
+            scheduled: (effective != now).then(|| ScheduledPlan {
+                tier: t.name.clone(),
+                effective_at: rfc3339(effective as u64),
+            }),
+            rule: "upgrades apply at once and the month is billed at the new plan; downgrades apply on the first of next month".into(),
+        })
     }
 
     /// Turns a premium add-on on or off for a realm (owner only).
@@ -114,7 +117,7 @@ impl Registry {
         realm: &str,
         feature: &str,
         on: bool,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<Addon> {
         let prices = &self.config.prices;
         let ad = prices.addon(feature).ok_or_else(|| {
             let ids: Vec<&str> = prices.addons.iter().map(|a| a.id.as_str()).collect();
@@ -155,9 +158,13 @@ impl Registry {
             json!({"feature": id}),
         );
         tx.commit().await?;
-        Ok(
-            json!({"realm": realm, "feature": id, "title": title, "active": on, "monthly_cents": cents,
-                  "rule": "an add-on is billed in full for every month in which it was active"}),
-        )
+        Ok(Addon {
+            realm: realm.to_owned(),
+            feature: id.to_owned(),
+            title: title.to_owned(),
+            active: on,
+            monthly_cents: cents,
+            rule: "an add-on is billed in full for every month in which it was active".into(),
+        })
     }
 }

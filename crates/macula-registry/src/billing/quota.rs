@@ -237,7 +237,7 @@ impl Registry {
                 .await?;
             if any > 0 {
                 let s = self.run_invoices(previous, None).await?;
-                tracing::info!(month = %month_name(previous), invoices = s["invoices"].as_u64().unwrap_or(0), "invoices finalized");
+                tracing::info!(month = %month_name(previous), invoices = s.invoices, "invoices finalized");
             }
         }
         Ok(())

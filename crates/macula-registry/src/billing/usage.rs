@@ -107,7 +107,7 @@ impl Registry {
             };
             for (i, op) in macula_common::usage::Op::ALL.iter().enumerate() {
                 let v = r.try_get::<i64, _>(COUNTER_COLS[i])?.max(0) as u64;
-                p.ops.insert(op.name(), v);
+                p.ops.insert(op.name().to_owned(), v);
                 p.ops_total += v;
             }
             p.bytes_in = r.try_get::<i64, _>("bytes_in")?.max(0) as u64;
@@ -123,7 +123,12 @@ impl Registry {
     }
 
     /// A realm's month: usage, plan, allowance used, the charges so far, notices.
-    pub async fn usage_month(&self, actor: &Viewer, realm: &str, month: i64) -> ApiResult<Value> {
+    pub async fn usage_month(
+        &self,
+        actor: &Viewer,
+        realm: &str,
+        month: i64,
+    ) -> ApiResult<UsageMonth> {
         let periods = self
             .usage(actor, realm, "month", month, next_month(month))
             .await?;
@@ -172,21 +177,31 @@ impl Registry {
         let daily = self
             .usage(actor, realm, "day", month, next_month(month))
             .await?;
-        Ok(json!({
-            "realm": realm,
-            "month": month_name(month),
-            "plan": t,
-            "usage": usage,
-            "used": {
-                "ops_percent": usage.ops_total as f64 * 100.0 / t.included_ops as f64,
-                "egress_percent": usage.egress_bytes as f64 * 100.0 / t.included_bytes as f64,
+        Ok(UsageMonth {
+            realm: realm.to_owned(),
+            month: month_name(month),
+            plan: t.clone(),
+            used: AllowanceUsed {
+                ops_percent: usage.ops_total as f64 * 100.0 / t.included_ops as f64,
+                egress_percent: usage.egress_bytes as f64 * 100.0 / t.included_bytes as f64,
             },
-            "registered": row.is_some(),
-            "quota_exceeded": quota_exceeded,
-            "charges": {"lines": lines, "total_cents": total},
-            "days": daily,
-            "notices": notices.iter().map(|(k, m, at)| json!({"kind": k, "message": m, "at": rfc3339(*at as u64)})).collect::<Vec<_>>(),
-        }))
+            usage,
+            registered: row.is_some(),
+            quota_exceeded,
+            charges: Charges {
+                lines,
+                total_cents: total,
+            },
+            days: daily,
+            notices: notices
+                .into_iter()
+                .map(|(kind, message, at)| Notice {
+                    kind,
+                    message,
+                    at: rfc3339(at as u64),
+                })
+                .collect(),
+        })
     }
 }
 
@@ -194,17 +209,4 @@ impl Registry {
 pub enum Viewer {
     Account(Actor),
     Key { realm: String },
-}
-
-/// One period of a realm's usage.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct UsagePeriod {
-    pub start: String,
-    pub ops: HashMap<&'static str, u64>,
-    pub ops_total: u64,
-    pub bytes_in: u64,
-    pub egress_bytes: u64,
-    pub egress_gb: f64,
-    pub latency_p50_ms: Option<f64>,
-    pub latency_p95_ms: Option<f64>,
 }

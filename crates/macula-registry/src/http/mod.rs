@@ -1,5 +1,6 @@
-//! The REST API under `/v1`, described by `/v1/openapi.json` (the document in `openapi.json`;
-//! a test checks that every route here is in it and nothing else is).
+//! The REST API under `/v1`, described by `/v1/openapi.json`: an OpenAPI 3.1 document generated
+//! from the handlers' `#[utoipa::path]` annotations and the request and response types (each
+//! capability's `types.rs`). The router and the document are made from one list ([`routes`]).
 //!
 //! Authentication is a session token from `POST /v1/sessions`, sent as
 //! `Authorization: Bearer mcs_...`. Lists take `?limit=&cursor=` and answer
@@ -8,8 +9,8 @@
 //!
 //! The handlers live with their capability (`identity/routes.rs`, `realms/routes/`,
 //! `billing/routes.rs`); this file holds the route list, the router, the extractors (body,
-//! query, remote address, bearer, actor, idempotency key) and the OpenAPI document. Route files
-//! start with `use crate::http::*;`.
+//! query, remote address, bearer, actor, idempotency key, path parameters) and the document's
+//! frame (info, security schemes, the error shape). Route files start with `use crate::http::*;`.
 
 #[allow(unused_imports)]
 use crate::{billing::routes::*, identity::routes::*, realms::routes::*};
@@ -23,123 +24,162 @@ pub(crate) use axum::extract::{
 pub(crate) use axum::http::request::Parts;
 pub(crate) use axum::http::{header, HeaderMap, StatusCode};
 pub(crate) use axum::response::{IntoResponse, Response};
-pub(crate) use axum::routing::{get, post};
 pub(crate) use axum::{Json, Router};
 pub(crate) use serde::de::DeserializeOwned;
-pub(crate) use serde::Deserialize;
-pub(crate) use serde_json::Value;
+pub(crate) use serde::{Deserialize, Serialize};
+pub(crate) use utoipa_axum::{router::OpenApiRouter, routes};
 
 pub(crate) use crate::error::{ApiError, ApiResult};
-pub(crate) use crate::realms::{NewKey, NewRealm, PolicyUpdate};
-pub(crate) use crate::service::{Actor, Idempotency, Page, Registry};
+pub(crate) use crate::service::{Actor, Idempotency, List, Page, Registry};
 
-/// The OpenAPI 3.1 document served at `/v1/openapi.json`.
-pub const OPENAPI: &str = include_str!("../../openapi.json");
+/// The error every route may answer with: `{"error": {"code", "message"}}`, its status saying
+/// who must act (see [`ApiError`]).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema, utoipa::ToResponse)]
+#[response(
+    description = "An error: `code` is stable (`forbidden`, `realm_taken`...), `message` says what to do."
+)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
 
-/// Every route: (method, path). The router below and the OpenAPI test both read this list.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("post", "/v1/accounts"),
-    ("get", "/v1/account"),
-    ("post", "/v1/account/verify"),
-    ("post", "/v1/account/verification"),
-    ("put", "/v1/account/email"),
-    ("post", "/v1/sessions"),
-    ("delete", "/v1/sessions/current"),
-    ("get", "/v1/realms"),
-    ("post", "/v1/realms"),
-    ("get", "/v1/realms/{realm}"),
-    ("delete", "/v1/realms/{realm}"),
-    ("post", "/v1/realms/{realm}/renew"),
-    ("post", "/v1/realms/{realm}/transfer-code"),
-    ("post", "/v1/realms/{realm}/transfer"),
-    ("get", "/v1/realms/{realm}/members"),
-    ("post", "/v1/realms/{realm}/members"),
-    ("delete", "/v1/realms/{realm}/members/{email}"),
-    ("get", "/v1/realms/{realm}/policy"),
-    ("put", "/v1/realms/{realm}/policy"),
-    ("get", "/v1/realms/{realm}/policy/versions"),
-    ("get", "/v1/realms/{realm}/keys"),
-    ("post", "/v1/realms/{realm}/keys"),
-    ("delete", "/v1/realms/{realm}/keys/{key_id}"),
-    ("get", "/v1/keys"),
-    ("delete", "/v1/keys/{key_id}"),
-    ("get", "/v1/realms/{realm}/audit"),
-    ("get", "/v1/audit"),
-    ("get", "/v1/admin/realms/{realm}/claims"),
-    ("post", "/v1/admin/realms/{realm}/claims"),
-    ("post", "/v1/admin/realms/{realm}/freeze"),
-    ("post", "/v1/admin/realms/{realm}/unfreeze"),
-    ("post", "/v1/admin/realms/{realm}/suspend"),
-    ("post", "/v1/admin/realms/{realm}/unsuspend"),
-    ("post", "/v1/admin/realms/{realm}/transfer"),
-    ("get", "/v1/plans"),
-    ("get", "/v1/realms/{realm}/usage"),
-    ("get", "/v1/realms/{realm}/usage/{month}"),
-    ("post", "/v1/realms/{realm}/plan"),
-    ("post", "/v1/realms/{realm}/addons"),
-    ("get", "/v1/invoices"),
-    ("get", "/v1/invoices/{invoice}"),
-    ("post", "/v1/invoices/{invoice}/pay"),
-    ("post", "/v1/admin/invoices/run"),
-    ("post", "/v1/admin/invoices/{invoice}/void"),
-    ("get", "/v1/openapi.json"),
-];
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+/// The document's frame; the paths come from the handlers' `#[utoipa::path]` through
+/// [`routes`].
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "Macula registry",
+        version = "1",
+        description = "Accounts, realm registry, members, roles, API keys, audit log, usage, plans and invoices. \
+Errors are `{\"error\": {\"code\", \"message\"}}`: 401 not logged in, 403 not allowed, 404 no such thing, \
+409 conflicts with the current state, 413 body too large, 422 invalid input, 429 slow down (Retry-After).",
+        license(name = "MIT")
+    ),
+    components(schemas(ErrorBody), responses(ErrorBody)),
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "identity", description = "Accounts, sessions, email ownership."),
+        (name = "realms", description = "The realm registry, members and policies."),
+        (name = "keys", description = "API keys and the audit log."),
+        (name = "operators", description = "Platform operators' tools."),
+        (name = "billing", description = "Plans, usage, add-ons, invoices."),
+    )
+)]
+struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl utoipa::Modify for SecuritySchemes {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = api.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "session",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("A session token (mcs_...) from POST /v1/sessions."))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "realm_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "The realm's admin API key (sk_live_...): reads its usage.",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// Every route with its documentation: the router and the OpenAPI document are both made from
+/// this one list, so neither can have a route the other lacks.
+fn routes() -> OpenApiRouter<Arc<Registry>> {
+    OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
+        .routes(routes!(signup))
+        .routes(routes!(whoami))
+        .routes(routes!(verify_email))
+        .routes(routes!(resend_verification))
+        .routes(routes!(change_email))
+        .routes(routes!(login))
+        .routes(routes!(logout))
+        .routes(routes!(list_realms, register))
+        .routes(routes!(show_realm, delete_realm))
+        .routes(routes!(renew))
+        .routes(routes!(transfer_code))
+        .routes(routes!(transfer))
+        .routes(routes!(members, set_member))
+        .routes(routes!(remove_member))
+        .routes(routes!(policy, set_policy))
+        .routes(routes!(policy_versions))
+        .routes(routes!(list_keys, create_key))
+        .routes(routes!(revoke_key))
+        .routes(routes!(all_keys))
+        .routes(routes!(revoke_any_key))
+        .routes(routes!(realm_audit))
+        .routes(routes!(my_audit))
+        .routes(routes!(claims, add_claim))
+        .routes(routes!(freeze))
+        .routes(routes!(unfreeze))
+        .routes(routes!(suspend))
+        .routes(routes!(unsuspend))
+        .routes(routes!(force_transfer))
+        .routes(routes!(plans))
+        .routes(routes!(usage))
+        .routes(routes!(usage_month))
+        .routes(routes!(set_plan))
+        .routes(routes!(set_addon))
+        .routes(routes!(invoices))
+        .routes(routes!(invoice))
+        .routes(routes!(pay_invoice))
+        .routes(routes!(run_invoices))
+        .routes(routes!(void_invoice))
+        .routes(routes!(openapi_json))
+}
 
 pub(crate) type Reg = State<Arc<Registry>>;
 
+/// The realm a route is about (the documentation of the `{realm}` path parameter).
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct RealmParam {
+    /// Reverse-DNS realm name, e.g. `com.acme.shop`.
+    #[allow(dead_code)]
+    pub(crate) realm: String,
+}
+
 /// The registry's routes, to be merged into the node's router. Bodies above `body_limit` get 413.
 pub fn router(reg: Arc<Registry>, body_limit: usize) -> Router {
-    Router::new()
-        .route("/v1/accounts", post(signup))
-        .route("/v1/account", get(whoami))
-        .route("/v1/account/verify", post(verify_email))
-        .route("/v1/account/verification", post(resend_verification))
-        .route("/v1/account/email", axum::routing::put(change_email))
-        .route("/v1/sessions", post(login))
-        .route("/v1/sessions/current", axum::routing::delete(logout))
-        .route("/v1/realms", get(list_realms).post(register))
-        .route("/v1/realms/{realm}", get(show_realm).delete(delete_realm))
-        .route("/v1/realms/{realm}/renew", post(renew))
-        .route("/v1/realms/{realm}/transfer-code", post(transfer_code))
-        .route("/v1/realms/{realm}/transfer", post(transfer))
-        .route("/v1/realms/{realm}/members", get(members).post(set_member))
-        .route(
-            "/v1/realms/{realm}/members/{email}",
-            axum::routing::delete(remove_member),
-        )
-        .route("/v1/realms/{realm}/policy", get(policy).put(set_policy))
-        .route("/v1/realms/{realm}/policy/versions", get(policy_versions))
-        .route("/v1/realms/{realm}/keys", get(list_keys).post(create_key))
-        .route(
-            "/v1/realms/{realm}/keys/{key_id}",
-            axum::routing::delete(revoke_key),
-        )
-        .route("/v1/keys", get(all_keys))
-        .route("/v1/keys/{key_id}", axum::routing::delete(revoke_any_key))
-        .route("/v1/realms/{realm}/audit", get(realm_audit))
-        .route("/v1/audit", get(my_audit))
-        .route(
-            "/v1/admin/realms/{realm}/claims",
-            get(claims).post(add_claim),
-        )
-        .route("/v1/admin/realms/{realm}/freeze", post(freeze))
-        .route("/v1/admin/realms/{realm}/unfreeze", post(unfreeze))
-        .route("/v1/admin/realms/{realm}/suspend", post(suspend))
-        .route("/v1/admin/realms/{realm}/unsuspend", post(unsuspend))
-        .route("/v1/admin/realms/{realm}/transfer", post(force_transfer))
-        .route("/v1/plans", get(plans))
-        .route("/v1/realms/{realm}/usage", get(usage))
-        .route("/v1/realms/{realm}/usage/{month}", get(usage_month))
-        .route("/v1/realms/{realm}/plan", post(set_plan))
-        .route("/v1/realms/{realm}/addons", post(set_addon))
-        .route("/v1/invoices", get(invoices))
-        .route("/v1/invoices/{invoice}", get(invoice))
-        .route("/v1/invoices/{invoice}/pay", post(pay_invoice))
-        .route("/v1/admin/invoices/run", post(run_invoices))
-        .route("/v1/admin/invoices/{invoice}/void", post(void_invoice))
-        .route("/v1/openapi.json", get(openapi))
+    let (router, _) = routes().split_for_parts();
+    router
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(reg)
+}
+
+/// The OpenAPI 3.1 document of the API, as served at `/v1/openapi.json`.
+pub fn openapi() -> &'static str {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        let (_, doc) = routes().split_for_parts();
+        doc.to_pretty_json()
+            .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    })
+}
+
+/// This document: the API in OpenAPI 3.1.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "identity",
+    responses((status = 200, description = "The OpenAPI document.", content_type = "application/json")))]
+pub(crate) async fn openapi_json() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], openapi()).into_response()
 }
 
 /// A JSON body whose rejections use the API's error shape.
@@ -263,12 +303,6 @@ pub(crate) fn idempotency(
         }
     }
 }
-
-pub(crate) async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
-}
-
-// ---- billing ----
 
 #[cfg(test)]
 mod tests {

@@ -11,7 +11,7 @@ impl Registry {
         password: &str,
         remote: &str,
         ip: Option<IpAddr>,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<NewAccount> {
         // Signups share the per-address attempt budget with logins (each one mails a code).
         if let Some(ip) = ip {
             self.login_rate(ip)?;
@@ -59,10 +59,13 @@ impl Registry {
         audit(&mut tx, None, &email, "account.create", json!({}), remote);
         tx.commit().await?;
         let sent = self.send_verification(&id, &email).await;
-        Ok(
-            json!({"id": id, "email": email, "created_at": rfc3339(now as u64),
-                  "email_verified": false, "verification": sent}),
-        )
+        Ok(NewAccount {
+            id,
+            email,
+            created_at: rfc3339(now as u64),
+            email_verified: false,
+            verification: sent,
+        })
     }
 
     /// Counts a wrong password for (account, source) and locks that pair out after
@@ -138,7 +141,7 @@ impl Registry {
         client: &str,
         ip: Option<IpAddr>,
         remote: &str,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<Session> {
         if let Some(ip) = ip {
             self.login_rate(ip)?;
         }
@@ -233,7 +236,11 @@ impl Registry {
             remote,
         );
         tx.commit().await?;
-        Ok(json!({"token": token, "email": email, "expires_at": rfc3339(expires as u64)}))
+        Ok(Session {
+            token,
+            email,
+            expires_at: rfc3339(expires as u64),
+        })
     }
 
     pub(crate) fn login_rate(&self, ip: IpAddr) -> ApiResult<()> {
@@ -339,8 +346,13 @@ impl Registry {
         Ok(())
     }
 
-    pub fn whoami(&self, actor: &Actor) -> Value {
-        json!({"id": actor.account_id, "email": actor.email, "email_verified": actor.verified, "operator": actor.operator})
+    pub fn whoami(&self, actor: &Actor) -> Account {
+        Account {
+            id: actor.account_id.clone(),
+            email: actor.email.clone(),
+            email_verified: actor.verified,
+            operator: actor.operator,
+        }
     }
 }
 

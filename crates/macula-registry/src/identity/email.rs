@@ -10,7 +10,13 @@ impl Registry {
     }
 
     /// Mails a verification code for `email` to it; what to tell the user (`sent`, or why not).
-    pub(crate) async fn send_verification(&self, account_id: &str, email: &str) -> Value {
+    pub(crate) async fn send_verification(&self, account_id: &str, email: &str) -> Verification {
+        let not_sent = |to: Option<&str>, error: &str| Verification {
+            sent: false,
+            to: to.map(str::to_owned),
+            via: None,
+            error: Some(error.to_owned()),
+        };
         let code = random_token("ev_", 16);
         let now = now_secs() as i64;
         // In one transaction: expired codes go, and an address gets at most three codes an
@@ -48,11 +54,14 @@ impl Registry {
         match stored {
             Ok(true) => {}
             Ok(false) => {
-                return json!({"sent": false, "to": email, "error": "three codes went to this address in the last hour; use one of them or wait"})
+                return not_sent(
+                    Some(email),
+                    "three codes went to this address in the last hour; use one of them or wait",
+                );
             }
             Err(e) => {
                 tracing::error!("storing a verification code: {e}");
-                return json!({"sent": false, "error": "the code could not be stored; ask again later"});
+                return not_sent(None, "the code could not be stored; ask again later");
             }
         }
         let hours = self.config.verification_ttl.as_secs().div_ceil(3600);
@@ -66,17 +75,25 @@ impl Registry {
             ),
         };
         match self.mailer.send(mail).await {
-            Ok(()) => json!({"sent": true, "to": email, "via": self.mailer.kind()}),
+            Ok(()) => Verification {
+                sent: true,
+                to: Some(email.to_owned()),
+                via: Some(self.mailer.kind().to_owned()),
+                error: None,
+            },
             Err(e) => {
                 tracing::error!("verification mail to {email}: {e}");
-                json!({"sent": false, "to": email, "error": "the mail could not be sent; ask for another code later (macula account resend)"})
+                not_sent(
+                    Some(email),
+                    "the mail could not be sent; ask for another code later (macula account resend)",
+                )
             }
         }
     }
 
     /// Proves ownership of an address with the code mailed to it: the account's email becomes
     /// (or, after a change of address, is changed to) that address, verified.
-    pub async fn verify_email(&self, code: &str, remote: &str) -> ApiResult<Value> {
+    pub async fn verify_email(&self, code: &str, remote: &str) -> ApiResult<VerifiedEmail> {
         let now = now_secs() as i64;
         let row = sqlx::query(
             "SELECT account_id, email FROM email_tokens WHERE token_hash = $1 AND expires_at > $2",
@@ -118,11 +135,15 @@ impl Registry {
         tx.commit().await?;
         // Sessions looked up before now carry the old address or state.
         self.sessions.lock().clear();
-        Ok(json!({"id": account_id, "email": email, "email_verified": true}))
+        Ok(VerifiedEmail {
+            id: account_id,
+            email,
+            email_verified: true,
+        })
     }
 
     /// Mails a new verification code for the account's address.
-    pub async fn resend_verification(&self, actor: &Actor) -> ApiResult<Value> {
+    pub async fn resend_verification(&self, actor: &Actor) -> ApiResult<Verification> {
         if actor.verified {
             return Err(ApiError::conflict(
                 "already_verified",
@@ -142,7 +163,7 @@ impl Registry {
         actor: &Actor,
         new_email: &str,
         password: &str,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<PendingEmail> {
         let email = validate_email(new_email)?;
         // The password check is throttled like a login (per account, for this purpose), so a
         // session token is not a way around the lock-out.
@@ -180,7 +201,11 @@ impl Registry {
         tx.audit("account.email_change", json!({"to": email}));
         tx.commit().await?;
         let sent = self.send_verification(&actor.account_id, &email).await;
-        Ok(json!({"email": actor.email, "pending_email": email, "verification": sent}))
+        Ok(PendingEmail {
+            email: actor.email.clone(),
+            pending_email: email,
+            verification: sent,
+        })
     }
 
     /// One code per account per minute, at most ten alive: mail cannot be used to flood an inbox.

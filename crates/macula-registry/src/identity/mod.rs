@@ -8,6 +8,7 @@
 mod accounts;
 mod email;
 pub(crate) mod routes;
+pub mod types;
 
 #[allow(unused_imports)]
-pub use self::{accounts::*, email::*};
+pub use self::{accounts::*, email::*, types::*};

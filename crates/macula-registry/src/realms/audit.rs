@@ -9,7 +9,7 @@ impl Registry {
         actor: &Actor,
         realm: Option<&str>,
         page: &Page,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<List<AuditEntry>> {
         let limit = page.limit();
         let before = page.below()?;
         let rows = match realm {
@@ -42,17 +42,17 @@ impl Registry {
         let mut items = vec![];
         for r in rows {
             let detail: String = r.try_get("detail")?;
-            items.push(json!({
-                "id": r.try_get::<i64, _>("id")?,
-                "realm": r.try_get::<Option<String>, _>("realm")?,
-                "actor": r.try_get::<String, _>("actor")?,
-                "action": r.try_get::<String, _>("action")?,
-                "detail": serde_json::from_str::<Value>(&detail).unwrap_or(Value::Null),
-                "remote": r.try_get::<String, _>("remote")?,
-                "at": rfc3339(r.try_get::<i64, _>("at")? as u64),
-            }));
+            items.push(AuditEntry {
+                id: r.try_get("id")?,
+                realm: r.try_get("realm")?,
+                actor: r.try_get("actor")?,
+                action: r.try_get("action")?,
+                detail: serde_json::from_str::<Value>(&detail).unwrap_or(Value::Null),
+                remote: r.try_get("remote")?,
+                at: rfc3339(r.try_get::<i64, _>("at")? as u64),
+            });
         }
-        Ok(page_of(items, limit, |v| v["id"].to_string()))
+        Ok(page_of(items, limit, |v| v.id.to_string()))
     }
 }
 

@@ -10,7 +10,7 @@ impl Registry {
         name: &str,
         claimant: &str,
         note: &str,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<Claim> {
         let (mut tx, _) = self.change_in(actor, name, Needs::Operator).await?;
         let claimant = validate_email(claimant)?;
         let id = random_token("claim_", 6);
@@ -29,12 +29,18 @@ impl Registry {
             json!({"claim": id, "claimant": claimant, "note": note}),
         );
         tx.commit().await?;
-        Ok(
-            json!({"id": id, "realm": name, "claimant": claimant, "note": note, "status": "open", "created_at": rfc3339(now as u64)}),
-        )
+        Ok(Claim {
+            id,
+            realm: Some(name.to_owned()),
+            claimant,
+            note: note.to_owned(),
+            status: "open".into(),
+            created_by: None,
+            created_at: rfc3339(now as u64),
+        })
     }
 
-    pub async fn claims(&self, actor: &Actor, name: &str) -> ApiResult<Value> {
+    pub async fn claims(&self, actor: &Actor, name: &str) -> ApiResult<List<Claim>> {
         Self::operator_only(actor)?;
         let rows = sqlx::query("SELECT id, claimant, note, status, created_by, created_at FROM claims WHERE realm = $1 ORDER BY created_at, id")
             .bind(name)
@@ -42,16 +48,17 @@ impl Registry {
             .await?;
         let mut items = vec![];
         for r in rows {
-            items.push(json!({
-                "id": r.try_get::<String, _>("id")?,
-                "claimant": r.try_get::<String, _>("claimant")?,
-                "note": r.try_get::<String, _>("note")?,
-                "status": r.try_get::<String, _>("status")?,
-                "created_by": r.try_get::<String, _>("created_by")?,
-                "created_at": rfc3339(r.try_get::<i64, _>("created_at")? as u64),
-            }));
+            items.push(Claim {
+                id: r.try_get("id")?,
+                realm: None,
+                claimant: r.try_get("claimant")?,
+                note: r.try_get("note")?,
+                status: r.try_get("status")?,
+                created_by: Some(r.try_get("created_by")?),
+                created_at: rfc3339(r.try_get::<i64, _>("created_at")? as u64),
+            });
         }
-        Ok(json!({"items": items, "next_cursor": null}))
+        Ok(all_of(items))
     }
 
     /// Freezes (no transfer, delete or owner change while a dispute is open) or unfreezes.
@@ -60,7 +67,7 @@ impl Registry {
         actor: &Actor,
         name: &str,
         reason: Option<&str>,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<Realm> {
         let (mut tx, _) = self.change_in(actor, name, Needs::Operator).await?;
         let reason = operator_reason(reason, "frozen by the operator");
         sqlx::query("UPDATE realms SET frozen = $1 WHERE name = $2")
@@ -78,7 +85,7 @@ impl Registry {
         );
         let row = tx.reread().await?;
         tx.commit().await?;
-        Ok(self.realm_json(&row, None))
+        Ok(self.realm_view(&row, None))
     }
 
     /// Suspends (abuse takedown: every node refuses the realm's sessions and closes live ones)
@@ -88,7 +95,7 @@ impl Registry {
         actor: &Actor,
         name: &str,
         reason: Option<&str>,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<Realm> {
         let (mut tx, InRealm { row, mut doc, .. }) =
             self.change_in(actor, name, Needs::Operator).await?;
         let reason = operator_reason(reason, "suspended by the operator");
@@ -116,11 +123,11 @@ impl Registry {
         tx.publish();
         let row = tx.reread().await?;
         tx.commit().await?;
-        Ok(self.realm_json(&row, None))
+        Ok(self.realm_view(&row, None))
     }
 
     /// Resolves a dispute by moving the realm to `to` (no fee).
-    pub async fn force_transfer(&self, actor: &Actor, name: &str, to: &str) -> ApiResult<Value> {
+    pub async fn force_transfer(&self, actor: &Actor, name: &str, to: &str) -> ApiResult<Realm> {
         let (mut tx, InRealm { row, .. }) = self.change_in(actor, name, Needs::Operator).await?;
         let to = validate_email(to)?;
         let id = verified_account(&mut tx, &to).await?;
@@ -136,7 +143,7 @@ impl Registry {
         tx.publish();
         let row = tx.reread().await?;
         tx.commit().await?;
-        Ok(self.realm_json(&row, None))
+        Ok(self.realm_view(&row, None))
     }
 }
 

@@ -16,17 +16,21 @@ impl Registry {
         name: &str,
         req: NewKey,
         idem: Option<Idempotency>,
-    ) -> ApiResult<(StatusCode, Value)> {
+    ) -> ApiResult<(StatusCode, Key)> {
         for _ in 0..5 {
             let mut c = self.db.pool.acquire().await?;
             if let Some(i) = &idem {
-                if let Some((status, body)) = self.replay(&mut c, actor, i).await? {
+                if let Some((status, body)) = self.replay::<Key>(&mut c, actor, i).await? {
                     // The secret is never stored: the same key is signed again from its claims
                     // (Ed25519 signatures are deterministic).
-                    let kid = body["id"].as_str().unwrap_or_default().to_owned();
-                    let mut body = body;
-                    body["key"] = json!(self.reissue(&mut c, &kid).await?);
-                    return Ok((status, body));
+                    let key = self.reissue(&mut c, &body.id).await?;
+                    return Ok((
+                        status,
+                        Key {
+                            key: Some(key),
+                            ..body
+                        },
+                    ));
                 }
             }
             let (row, access, doc) = self.authorize(&mut c, name, actor, ADMIN).await?;
@@ -77,7 +81,7 @@ impl Registry {
                 "key.create",
                 json!({"key_id": claims.kid, "role": claims.role, "name": claims.name}),
             );
-            let body = key_json(&claims, 0);
+            let body = key_view(&claims, 0);
             if let Some(i) = &idem {
                 self.remember(&mut tx, actor, i, StatusCode::CREATED, &body);
             }
@@ -94,9 +98,13 @@ impl Registry {
                 }
                 r => r?,
             }
-            let mut body = body;
-            body["key"] = json!(key);
-            return Ok((StatusCode::CREATED, body));
+            return Ok((
+                StatusCode::CREATED,
+                Key {
+                    key: Some(key),
+                    ..body
+                },
+            ));
         }
         Err(ApiError::conflict(
             "realm_busy",
@@ -225,7 +233,7 @@ impl Registry {
         actor: &Actor,
         realm: Option<&str>,
         page: &Page,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<List<Key>> {
         let limit = page.limit();
         let after = page.after()?;
         let cols =
@@ -261,28 +269,34 @@ impl Registry {
         let now = now_secs() as i64;
         let items = rows
             .into_iter()
-            .map(|r| {
-                json!({
-                    "id": r.id,
-                    "realm": r.realm,
-                    "role": r.role,
-                    "name": r.name,
-                    "created_by": r.created_by,
-                    "created_at": rfc3339(r.created_at as u64),
-                    "expires_at": (r.expires_at != 0).then(|| rfc3339(r.expires_at as u64)),
-                    "revoked_at": (r.revoked_at != 0).then(|| rfc3339(r.revoked_at as u64)),
-                    "status": if r.revoked_at != 0 { "revoked" } else if r.expires_at != 0 && r.expires_at <= now { "expired" } else { "active" },
-                })
+            .map(|r| Key {
+                status: Some(
+                    if r.revoked_at != 0 {
+                        "revoked"
+                    } else if r.expires_at != 0 && r.expires_at <= now {
+                        "expired"
+                    } else {
+                        "active"
+                    }
+                    .into(),
+                ),
+                created_by: Some(r.created_by),
+                created_at: rfc3339(r.created_at as u64),
+                expires_at: (r.expires_at != 0).then(|| rfc3339(r.expires_at as u64)),
+                revoked_at: (r.revoked_at != 0).then(|| rfc3339(r.revoked_at as u64)),
+                id: r.id,
+                key: None,
+                realm: r.realm,
+                role: r.role,
+                name: r.name,
             })
             .collect();
-        Ok(page_of(items, limit, |v| {
-            v["id"].as_str().unwrap_or("").to_owned()
-        }))
+        Ok(page_of(items, limit, |v| v.id.clone()))
     }
 
     /// Revokes a key: a new policy version lists it, which every node applies (and closes the
     /// key's live sessions) within seconds.
-    pub async fn revoke_key(&self, actor: &Actor, name: &str, kid: &str) -> ApiResult<Value> {
+    pub async fn revoke_key(&self, actor: &Actor, name: &str, kid: &str) -> ApiResult<RevokedKey> {
         let (mut tx, InRealm { mut doc, .. }) =
             self.change_in(actor, name, Needs::Action(ADMIN)).await?;
         let revoked: Option<i64> =
@@ -311,7 +325,11 @@ impl Registry {
             now
         };
         tx.commit().await?;
-        Ok(json!({"id": kid, "realm": name, "revoked_at": rfc3339(at as u64)}))
+        Ok(RevokedKey {
+            id: kid.to_owned(),
+            realm: name.to_owned(),
+            revoked_at: rfc3339(at as u64),
+        })
     }
 
     /// The realm a key belongs to (404 if there is no such key).
@@ -322,29 +340,6 @@ impl Registry {
             .await?;
         realm.ok_or_else(|| ApiError::not_found(format!("no key {kid} in the registry")))
     }
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewKey {
-    #[serde(default)]
-    pub name: String,
-    #[serde(default = "default_key_role")]
-    pub role: String,
-    /// Lifetime in days; 0 for a key that never expires.
-    #[serde(default = "default_key_days")]
-    pub expires_in_days: u64,
-    /// Bind the key to an Ed25519 public key (64 hex) for WAMP-Cryptosign.
-    #[serde(default)]
-    pub pubkey: Option<String>,
-}
-
-pub(crate) fn default_key_role() -> String {
-    "service_account".into()
-}
-
-pub(crate) fn default_key_days() -> u64 {
-    365
 }
 
 /// The columns of a key listing, as aggregated by [`Db::json_rows`].
@@ -371,16 +366,19 @@ pub(crate) struct KeyRow {
     pub(crate) revoked_at: i64,
 }
 
-pub(crate) fn key_json(c: &KeyClaims, revoked_at: i64) -> Value {
-    json!({
-        "id": c.kid,
-        "realm": c.realm,
-        "role": c.role,
-        "name": c.name,
-        "created_at": rfc3339(c.issued_at),
-        "expires_at": (c.expires_at != 0).then(|| rfc3339(c.expires_at)),
-        "revoked_at": (revoked_at != 0).then(|| rfc3339(revoked_at as u64)),
-    })
+pub(crate) fn key_view(c: &KeyClaims, revoked_at: i64) -> Key {
+    Key {
+        id: c.kid.clone(),
+        key: None,
+        realm: c.realm.clone(),
+        role: c.role.clone(),
+        name: c.name.clone(),
+        created_by: None,
+        created_at: rfc3339(c.issued_at),
+        expires_at: (c.expires_at != 0).then(|| rfc3339(c.expires_at)),
+        revoked_at: (revoked_at != 0).then(|| rfc3339(revoked_at as u64)),
+        status: None,
+    }
 }
 
 /// A realm's authority, parsed from its stored text (kept to tell when it changed).

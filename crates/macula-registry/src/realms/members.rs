@@ -5,7 +5,7 @@
 use crate::prelude::*;
 
 impl Registry {
-    pub async fn members(&self, actor: &Actor, name: &str) -> ApiResult<Value> {
+    pub async fn members(&self, actor: &Actor, name: &str) -> ApiResult<List<Member>> {
         let (mut tx, InRealm { row, .. }) = self.read_in(actor, name).await?;
         let rows = sqlx::query(
             "SELECT email, role, added_by, added_at FROM members WHERE realm = $1 ORDER BY email",
@@ -13,16 +13,21 @@ impl Registry {
         .bind(name)
         .fetch_all(&mut *tx)
         .await?;
-        let mut items = vec![json!({"email": row.owner_email, "role": "owner"})];
+        let mut items = vec![Member {
+            email: row.owner_email,
+            role: "owner".into(),
+            added_by: None,
+            added_at: None,
+        }];
         for r in rows {
-            items.push(json!({
-                "email": r.try_get::<String, _>("email")?,
-                "role": r.try_get::<String, _>("role")?,
-                "added_by": r.try_get::<String, _>("added_by")?,
-                "added_at": rfc3339(r.try_get::<i64, _>("added_at")? as u64),
-            }));
+            items.push(Member {
+                email: r.try_get("email")?,
+                role: r.try_get("role")?,
+                added_by: Some(r.try_get("added_by")?),
+                added_at: Some(rfc3339(r.try_get::<i64, _>("added_at")? as u64)),
+            });
         }
-        Ok(json!({"items": items, "next_cursor": null}))
+        Ok(all_of(items))
     }
 
     /// Adds a member (an invitation: it applies when that email has an account) or changes a
@@ -33,7 +38,7 @@ impl Registry {
         name: &str,
         email: &str,
         role: &str,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<MemberSet> {
         let email = validate_email(email)?;
         let (mut tx, InRealm { row, mut doc, .. }) =
             self.change_in(actor, name, Needs::Action(ADMIN)).await?;
@@ -72,7 +77,12 @@ impl Registry {
         let doc = tx.put_policy(doc).await?;
         tx.audit("member.set", json!({"email": email, "role": role}));
         tx.commit().await?;
-        Ok(json!({"realm": name, "email": email, "role": role, "policy_version": doc.version}))
+        Ok(MemberSet {
+            realm: name.to_owned(),
+            email,
+            role: role.to_owned(),
+            policy_version: doc.version,
+        })
     }
 
     pub async fn remove_member(&self, actor: &Actor, name: &str, email: &str) -> ApiResult<()> {
@@ -101,7 +111,7 @@ impl Registry {
         actor: &Actor,
         name: &str,
         version: Option<i64>,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<PolicyDoc> {
         let (mut tx, InRealm { row, doc, .. }) = self.read_in(actor, name).await?;
         let doc = match version {
             Some(v) if v != row.policy_version => {
@@ -119,7 +129,7 @@ impl Registry {
             }
             _ => doc,
         };
-        serde_json::to_value(&doc).map_err(ApiError::internal)
+        Ok(doc)
     }
 
     pub async fn policy_versions(
@@ -127,7 +137,7 @@ impl Registry {
         actor: &Actor,
         name: &str,
         page: &Page,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<List<PolicyVersion>> {
         let (mut tx, _) = self.read_in(actor, name).await?;
         let limit = page.limit();
         let after = page.below()?;
@@ -139,13 +149,13 @@ impl Registry {
             .await?;
         let mut items = vec![];
         for r in rows {
-            items.push(json!({
-                "version": r.try_get::<i64, _>("version")?,
-                "author": r.try_get::<String, _>("author")?,
-                "created_at": rfc3339(r.try_get::<i64, _>("created_at")? as u64),
-            }));
+            items.push(PolicyVersion {
+                version: r.try_get("version")?,
+                author: r.try_get("author")?,
+                created_at: rfc3339(r.try_get::<i64, _>("created_at")? as u64),
+            });
         }
-        Ok(page_of(items, limit, |v| v["version"].to_string()))
+        Ok(page_of(items, limit, |v| v.version.to_string()))
     }
 
     /// Replaces the realm's roles and topic ACLs (users, keys, revocations and status are the
@@ -155,7 +165,7 @@ impl Registry {
         actor: &Actor,
         name: &str,
         req: PolicyUpdate,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<PolicyDoc> {
         let (
             mut tx,
             InRealm {
@@ -231,27 +241,8 @@ impl Registry {
         let doc = tx.put_policy(doc).await?;
         tx.audit("policy.update", json!({"version": doc.version}));
         tx.commit().await?;
-        serde_json::to_value(&doc).map_err(ApiError::internal)
+        Ok(doc)
     }
-}
-
-/// Roles and topic ACLs for `PUT /v1/realms/{realm}/policy`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyUpdate {
-    pub roles: Vec<RoleDoc>,
-    #[serde(default)]
-    pub topic_acls: Vec<TopicAclDoc>,
-    /// Dedicated Nodes: the mesh peer ids that alone may serve the realm (needs the
-    /// `dedicated_nodes` add-on; an empty list lifts the restriction). Absent: unchanged.
-    #[serde(default)]
-    pub nodes: Option<Vec<String>>,
-    /// Forwarded publications and calls only with roles that keys' public forms prove (see
-    /// `PolicyDoc::verified_roles`). Absent: unchanged.
-    #[serde(default)]
-    pub verified_roles: Option<bool>,
-    #[serde(default)]
-    pub expected_version: Option<i64>,
 }
 
 /// The role must exist in the realm's policy (422 naming the roles there are).

@@ -1,5 +1,6 @@
 //! Realms: the registry of names and everything an owner manages in one.
 //!
+//! - `types.rs`: the requests and responses of its routes;
 //! - `registration.rs`: who may see a realm (access), registering (subrealm delegation
 //!   included), showing, listing, renewing, deleting;
 //! - `transfer.rs`: the owner's authorization code and the new owner taking over;
@@ -21,9 +22,10 @@ mod node_copy;
 mod registration;
 pub(crate) mod routes;
 mod transfer;
+pub mod types;
 
 #[allow(unused_imports)]
 pub use self::{
     audit::*, disputes::*, expiry::*, keys::*, members::*, node_copy::*, registration::*,
-    transfer::*,
+    transfer::*, types::*,
 };

@@ -36,7 +36,8 @@ impl Registry {
         })
     }
 
-    pub(crate) fn realm_json(&self, r: &RealmRow, access: Option<&Access>) -> Value {
+    /// The realm as the API shows it (`access`: the caller's, shown for one realm).
+    pub(crate) fn realm_view(&self, r: &RealmRow, access: Option<&Access>) -> Realm {
         let now = now_secs() as i64;
         let status = if !r.suspended.is_empty() {
             "suspended"
@@ -45,33 +46,32 @@ impl Registry {
         } else {
             "active"
         };
-        let mut v = json!({
-            "name": r.name,
-            "owner": r.owner_email,
-            "parent": r.parent,
-            "tier": r.tier,
-            "status": status,
-            "frozen": !r.frozen.is_empty(),
-            "created_at": rfc3339(r.created_at as u64),
-            "expires_at": rfc3339(r.expires_at as u64),
-            "grace_ends_at": rfc3339(self.grace_end(r) as u64),
-            "policy_version": r.policy_version,
-        });
-        if !r.suspended.is_empty() {
-            v["suspended_reason"] = json!(r.suspended);
-        }
-        if !r.frozen.is_empty() {
-            v["frozen_reason"] = json!(r.frozen);
-        }
-        if let Some(a) = access {
-            v["access"] = json!(match a {
+        let reason = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        Realm {
+            name: r.name.clone(),
+            owner: r.owner_email.clone(),
+            parent: r.parent.clone(),
+            tier: r.tier.clone(),
+            status: status.into(),
+            frozen: !r.frozen.is_empty(),
+            created_at: rfc3339(r.created_at as u64),
+            expires_at: rfc3339(r.expires_at as u64),
+            grace_ends_at: rfc3339(self.grace_end(r) as u64),
+            policy_version: r.policy_version,
+            suspended_reason: reason(&r.suspended),
+            frozen_reason: reason(&r.frozen),
+            access: access.map(|a| match a {
                 Access::Owner => "owner".to_owned(),
                 Access::Member(role) => format!("member:{role}"),
                 Access::Operator => "operator".to_owned(),
                 Access::Stranger => "none".to_owned(),
-            });
+            }),
+            active_keys: None,
+            members: None,
+            roles: None,
+            live: None,
+            fee_cents: None,
         }
-        v
     }
 
     pub(crate) fn grace_end(&self, r: &RealmRow) -> i64 {
@@ -85,7 +85,7 @@ impl Registry {
         actor: &Actor,
         req: NewRealm,
         idem: Option<Idempotency>,
-    ) -> ApiResult<(StatusCode, Value)> {
+    ) -> ApiResult<(StatusCode, Realm)> {
         validate_realm_name(&req.name)?;
         let prices = &self.config.prices;
         let tier = req
@@ -300,7 +300,7 @@ impl Registry {
             json!({"owner": owner_email, "tier": tier, "parent": parent.as_ref().map(|p| &p.name)}),
         );
         let row = tx.reread().await?;
-        let body = self.realm_json(&row, None);
+        let body = self.realm_view(&row, None);
         if let Some(i) = &idem {
             tx.remember(i, StatusCode::CREATED, &body);
         }
@@ -312,7 +312,7 @@ impl Registry {
         Ok((StatusCode::CREATED, body))
     }
 
-    pub async fn list_realms(&self, actor: &Actor, page: &Page) -> ApiResult<Value> {
+    pub async fn list_realms(&self, actor: &Actor, page: &Page) -> ApiResult<List<Realm>> {
         let limit = page.limit();
         let rows = sqlx::query(&format!(
             "SELECT {REALM_COLUMNS} FROM {REALM_FROM} \
@@ -328,20 +328,18 @@ impl Registry {
         let mut items = vec![];
         for r in &rows {
             let row = RealmRow::from_row(r)?;
-            let mut v = self.realm_json(&row, None);
-            v["access"] = json!(if row.owner_id == actor.account_id {
-                "owner"
+            let mut v = self.realm_view(&row, None);
+            v.access = Some(if row.owner_id == actor.account_id {
+                "owner".into()
             } else {
-                "member"
+                "member".into()
             });
             items.push(v);
         }
-        Ok(page_of(items, limit, |v| {
-            v["name"].as_str().unwrap_or("").to_owned()
-        }))
+        Ok(page_of(items, limit, |v| v.name.clone()))
     }
 
-    pub async fn show_realm(&self, actor: &Actor, name: &str) -> ApiResult<Value> {
+    pub async fn show_realm(&self, actor: &Actor, name: &str) -> ApiResult<Realm> {
         let (mut tx, InRealm { row, access, doc }) = self.read_in(actor, name).await?;
         let keys: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM api_keys WHERE realm = $1 AND revoked_at = 0 AND (expires_at = 0 OR expires_at > $2)",
@@ -350,14 +348,15 @@ impl Registry {
         .bind(now_secs() as i64)
         .fetch_one(&mut *tx)
         .await?;
-        let mut v = self.realm_json(&row, Some(&access));
-        v["active_keys"] = json!(keys);
-        v["members"] = json!(doc.users.len());
-        v["roles"] = json!(doc.roles.iter().map(|r| &r.name).collect::<Vec<_>>());
-        if let Some(node) = &self.node {
-            v["live"] = json!({"sessions_on_this_node": node.live_sessions(name)});
-        }
-        Ok(v)
+        Ok(Realm {
+            active_keys: Some(keys),
+            members: Some(doc.users.len()),
+            roles: Some(doc.roles.iter().map(|r| r.name.clone()).collect()),
+            live: self.node.as_ref().map(|node| Live {
+                sessions_on_this_node: node.live_sessions(name),
+            }),
+            ..self.realm_view(&row, Some(&access))
+        })
     }
 
     pub async fn delete_realm(&self, actor: &Actor, name: &str) -> ApiResult<()> {
@@ -405,7 +404,7 @@ impl Registry {
         (authority, cert)
     }
 
-    pub async fn renew(&self, actor: &Actor, name: &str, years: u64) -> ApiResult<Value> {
+    pub async fn renew(&self, actor: &Actor, name: &str, years: u64) -> ApiResult<Realm> {
         if !(1..=10).contains(&years) {
             return Err(ApiError::invalid(
                 "invalid_years",
@@ -435,7 +434,7 @@ impl Registry {
         tx.publish();
         let row = tx.reread().await?;
         tx.commit().await?;
-        Ok(self.realm_json(&row, Some(&Access::Owner)))
+        Ok(self.realm_view(&row, Some(&Access::Owner)))
     }
 }
 
@@ -507,18 +506,6 @@ pub(crate) const REALM_COLUMNS: &str =
 /// Realms with their owner's email and newest policy, in one query.
 pub(crate) const REALM_FROM: &str = "realms r JOIN accounts a ON a.id = r.owner_id \
     JOIN policy_versions p ON p.realm = r.name AND p.version = r.policy_version";
-
-/// The request to register a realm.
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewRealm {
-    pub name: String,
-    /// Delegate a subrealm to another account (only the parent's owner may).
-    #[serde(default)]
-    pub owner_email: Option<String>,
-    #[serde(default)]
-    pub tier: Option<String>,
-}
 
 pub(crate) fn frozen(row: &RealmRow) -> ApiError {
     ApiError::conflict(

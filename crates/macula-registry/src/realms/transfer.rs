@@ -7,7 +7,7 @@ use crate::prelude::*;
 
 impl Registry {
     /// The owner's authorization code for a transfer, shown once.
-    pub async fn transfer_code(&self, actor: &Actor, name: &str) -> ApiResult<Value> {
+    pub async fn transfer_code(&self, actor: &Actor, name: &str) -> ApiResult<TransferCode> {
         let (mut tx, InRealm { row, .. }) = self
             .change_in(actor, name, Needs::Owner("transfer it"))
             .await?;
@@ -32,14 +32,17 @@ impl Registry {
             json!({"expires_at": rfc3339(expires as u64)}),
         );
         tx.commit().await?;
-        Ok(
-            json!({"realm": name, "code": code, "expires_at": rfc3339(expires as u64), "fee_cents": self.config.transfer_fee_cents}),
-        )
+        Ok(TransferCode {
+            realm: name.to_owned(),
+            code,
+            expires_at: rfc3339(expires as u64),
+            fee_cents: self.config.transfer_fee_cents,
+        })
     }
 
     /// Accepts a transfer with the owner's code: the caller becomes the owner and is charged the
     /// transfer fee (recorded for billing).
-    pub async fn transfer(&self, actor: &Actor, name: &str, code: &str) -> ApiResult<Value> {
+    pub async fn transfer(&self, actor: &Actor, name: &str, code: &str) -> ApiResult<Realm> {
         let (mut tx, InRealm { row, .. }) = self.change_in(actor, name, Needs::Anyone).await?;
         if row.owner_id == actor.account_id {
             return Err(ApiError::conflict(
@@ -95,9 +98,10 @@ impl Registry {
         tx.publish();
         let row = tx.reread().await?;
         tx.commit().await?;
-        let mut v = self.realm_json(&row, Some(&Access::Owner));
-        v["fee_cents"] = json!(fee);
-        Ok(v)
+        Ok(Realm {
+            fee_cents: Some(fee),
+            ..self.realm_view(&row, Some(&Access::Owner))
+        })
     }
 
     pub(crate) async fn change_owner(

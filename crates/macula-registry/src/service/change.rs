@@ -141,7 +141,12 @@ impl<'r> Change<'r> {
 
     /// Records the change's response under the request's idempotency key, in its transaction
     /// (a retry gets the same response; see `requests.rs`).
-    pub(crate) fn remember(&mut self, idem: &Idempotency, status: StatusCode, body: &Value) {
+    pub(crate) fn remember(
+        &mut self,
+        idem: &Idempotency,
+        status: StatusCode,
+        body: &impl Serialize,
+    ) {
         self.reg
             .remember(&mut self.tx, self.actor, idem, status, body);
     }

@@ -4,12 +4,14 @@
 use crate::prelude::*;
 
 impl Registry {
-    pub(crate) async fn replay(
+    /// The stored answer to an earlier request with the same idempotency key, if any (409 if
+    /// that request was a different one).
+    pub(crate) async fn replay<T: serde::de::DeserializeOwned>(
         &self,
         c: &mut AnyConnection,
         actor: &Actor,
         i: &Idempotency,
-    ) -> ApiResult<Option<(StatusCode, Value)>> {
+    ) -> ApiResult<Option<(StatusCode, T)>> {
         let row = sqlx::query(
             "SELECT request_hash, status, body FROM idempotency WHERE account_id = $1 AND key = $2",
         )
@@ -41,7 +43,7 @@ impl Registry {
         actor: &Actor,
         i: &Idempotency,
         status: StatusCode,
-        body: &Value,
+        body: &impl Serialize,
     ) {
         let now = now_secs() as i64;
         tx.defer(
@@ -55,7 +57,7 @@ impl Registry {
                 (&i.key).into(),
                 (&i.request_hash).into(),
                 (status.as_u16() as i64).into(),
-                body.to_string().into(),
+                serde_json::to_string(body).unwrap_or_default().into(),
                 now.into(),
             ],
         );
@@ -63,10 +65,20 @@ impl Registry {
 }
 
 /// A page of a list: `limit` items after `cursor`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct Page {
+    /// 1 to 500 (default 50).
     pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
+}
+
+/// A page of a list; `next_cursor` is null on the last page.
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct List<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
 }
 
 impl Page {
@@ -101,7 +113,7 @@ pub(crate) fn bad_cursor() -> ApiError {
     )
 }
 
-pub(crate) fn page_of(mut items: Vec<Value>, limit: i64, key: impl Fn(&Value) -> String) -> Value {
+pub(crate) fn page_of<T>(mut items: Vec<T>, limit: i64, key: impl Fn(&T) -> String) -> List<T> {
     let more = items.len() as i64 > limit;
     items.truncate(limit as usize);
     let next = if more {
@@ -109,7 +121,18 @@ pub(crate) fn page_of(mut items: Vec<Value>, limit: i64, key: impl Fn(&Value) ->
     } else {
         None
     };
-    json!({"items": items, "next_cursor": next})
+    List {
+        items,
+        next_cursor: next,
+    }
+}
+
+/// A whole list, in one page.
+pub(crate) fn all_of<T>(items: Vec<T>) -> List<T> {
+    List {
+        items,
+        next_cursor: None,
+    }
 }
 
 /// An idempotent request's identity: the client's key and a hash of what it asked.

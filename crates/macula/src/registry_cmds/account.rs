@@ -49,42 +49,38 @@ pub enum AccountCmd {
 }
 
 pub fn account(cmd: AccountCmd, json: bool) -> Result<()> {
-    let (v, human) = match cmd {
+    match cmd {
         AccountCmd::Show(server) => {
-            let v = Api::new(&server)?.send("GET", "/v1/account", None, true)?;
-            let h = format!(
-                "{} ({}){}",
-                v["email"].as_str().unwrap_or("?"),
-                if v["email_verified"] == true {
-                    "verified"
-                } else {
-                    "not verified: macula account verify CODE"
-                },
-                if v["operator"] == true {
-                    ", operator"
-                } else {
-                    ""
-                }
-            );
-            (v, h)
+            let v: Account = Api::new(&server)?.get("GET", "/v1/account")?;
+            emit(json, &v, |v| {
+                println!(
+                    "{} ({}){}",
+                    v.email,
+                    if v.email_verified {
+                        "verified"
+                    } else {
+                        "not verified: macula account verify CODE"
+                    },
+                    if v.operator { ", operator" } else { "" }
+                )
+            });
         }
         AccountCmd::Verify { code, server } => {
-            let v = Api::new(&server)?.send(
+            let v: VerifiedEmail = Api::new(&server)?.call_anonymous(
                 "POST",
                 "/v1/account/verify",
-                Some(&json!({"code": code})),
-                false,
+                &VerifyCode { code },
             )?;
-            let h = format!("{} is verified.", v["email"].as_str().unwrap_or("?"));
-            (v, h)
+            emit(json, &v, |v| println!("{} is verified.", v.email));
         }
         AccountCmd::Resend(server) => {
-            let v = Api::new(&server)?.send("POST", "/v1/account/verification", None, true)?;
-            let h = format!(
-                "A new code was mailed to {}.",
-                v["to"].as_str().unwrap_or("your address")
-            );
-            (v, h)
+            let v: Verification = Api::new(&server)?.get("POST", "/v1/account/verification")?;
+            emit(json, &v, |v| {
+                println!(
+                    "A new code was mailed to {}.",
+                    v.to.as_deref().unwrap_or("your address")
+                )
+            });
         }
         AccountCmd::Email {
             new_email,
@@ -93,22 +89,20 @@ pub fn account(cmd: AccountCmd, json: bool) -> Result<()> {
         } => {
             let api = Api::new(&server)?;
             let password = read_password(password_stdin, false)?;
-            let v = api.send(
+            let v: PendingEmail = api.call(
                 "PUT",
                 "/v1/account/email",
-                Some(&json!({"email": new_email, "password": password})),
-                true,
+                &EmailChange {
+                    email: new_email.clone(),
+                    password,
+                },
             )?;
-            let h = format!(
-                "A code was mailed to {new_email}; your address changes when you run `macula account verify CODE`."
-            );
-            (v, h)
+            emit(json, &v, |_| {
+                println!(
+                    "A code was mailed to {new_email}; your address changes when you run `macula account verify CODE`."
+                )
+            });
         }
-    };
-    if json {
-        println!("{v}");
-    } else {
-        println!("{human}");
     }
     Ok(())
 }
@@ -116,22 +110,21 @@ pub fn account(cmd: AccountCmd, json: bool) -> Result<()> {
 pub fn signup(a: AccountArgs, json: bool) -> Result<()> {
     let api = Api::new(&a.server)?;
     let password = read_password(a.password_stdin, true)?;
-    let v = api.send(
+    let v: NewAccount = api.call_anonymous(
         "POST",
         "/v1/accounts",
-        Some(&json!({"email": a.email, "password": password})),
-        false,
+        &Credentials {
+            email: a.email.clone(),
+            password,
+            client: None,
+        },
     )?;
-    if json {
-        println!("{v}");
-    } else {
+    emit(json, &v, |v| {
         println!(
             "Created account {} on {}. Log in with: macula login --email {}",
-            v["email"].as_str().unwrap_or(""),
-            api.base,
-            a.email
+            v.email, api.base, a.email
         );
-        if v["verification"]["sent"] == true {
+        if v.verification.sent {
             println!(
                 "A verification code was mailed to {}: verify with `macula account verify CODE`\n\
                  (until then, invitations to that address and operator rights for it do not apply).",
@@ -142,26 +135,26 @@ pub fn signup(a: AccountArgs, json: bool) -> Result<()> {
                 "The verification mail could not be sent; once logged in, ask again with `macula account resend`."
             );
         }
-    }
+    });
     Ok(())
 }
 
 pub fn login(a: AccountArgs, json: bool) -> Result<()> {
     let api = Api::new(&a.server)?;
     let password = read_password(a.password_stdin, false)?;
-    let v = api.send(
+    let v: Session = api.call_anonymous(
         "POST",
         "/v1/sessions",
-        Some(&json!({"email": a.email, "password": password, "client": "macula-cli"})),
-        false,
+        &Credentials {
+            email: a.email.clone(),
+            password,
+            client: Some("macula-cli".into()),
+        },
     )?;
     let cred = Credential {
         server: api.base.clone(),
-        email: v["email"].as_str().unwrap_or(&a.email).to_owned(),
-        token: v["token"]
-            .as_str()
-            .ok_or_else(|| anyhow!("the registry answered without a token"))?
-            .to_owned(),
+        email: v.email.clone(),
+        token: v.token.clone(),
         ca: api
             .ca
             .as_ref()
@@ -176,14 +169,14 @@ pub fn login(a: AccountArgs, json: bool) -> Result<()> {
     if json {
         println!(
             "{}",
-            json!({"server": cred.server, "email": cred.email, "expires_at": v["expires_at"]})
+            json!({"server": cred.server, "email": cred.email, "expires_at": v.expires_at})
         );
     } else {
         println!(
             "Logged in to {} as {} (until {}). Credential saved to {}.",
             cred.server,
             cred.email,
-            v["expires_at"].as_str().unwrap_or("?"),
+            v.expires_at,
             path.display()
         );
     }

@@ -17,73 +17,65 @@ pub fn keys(api: &Api, cmd: crate::local::KeysCmd, json: bool) -> Result<()> {
             let realm = pick_realm(api, realm)?;
             let secs = crate::local::parse_duration_secs(&expires)?;
             let days = if secs == 0 { 0 } else { secs.div_ceil(86_400) };
-            let v = api.send(
+            let k: Key = api.call(
                 "POST",
                 &format!("/v1/realms/{}/keys", seg(&realm)),
-                Some(
-                    &json!({"name": name, "role": role, "expires_in_days": days, "pubkey": pubkey}),
-                ),
-                true,
+                &NewKey {
+                    name,
+                    role,
+                    expires_in_days: days,
+                    pubkey,
+                },
             )?;
-            if json {
-                println!("{v}");
-            } else {
+            emit(json, &k, |k| {
                 println!(
                     "Created key {} (realm {}, role {}, expires {}). It is shown only once:\n\n{}\n",
-                    s(&v["id"]),
-                    s(&v["realm"]),
-                    s(&v["role"]),
-                    v["expires_at"].as_str().unwrap_or("never"),
-                    s(&v["key"])
-                );
-            }
+                    k.id,
+                    k.realm,
+                    k.role,
+                    k.expires_at.as_deref().unwrap_or("never"),
+                    or_dash(&k.key)
+                )
+            });
         }
         KeysCmd::List { realm, .. } => {
-            let keys = match realm {
+            let keys: Vec<Key> = match realm {
                 Some(r) => api.all(&format!("/v1/realms/{}/keys", seg(&r)))?,
                 None => api.all("/v1/keys")?,
             };
-            if json {
-                println!("{}", serde_json::to_string_pretty(&keys)?);
-            } else {
-                print_keys(&keys);
-            }
+            emit_list(json, &keys, print_keys)?;
         }
         KeysCmd::Revoke { key_id, .. } => {
-            let v = api.send("DELETE", &format!("/v1/keys/{}", seg(&key_id)), None, true)?;
-            if json {
-                println!("{v}");
-            } else {
+            let v: RevokedKey = api.get("DELETE", &format!("/v1/keys/{}", seg(&key_id)))?;
+            emit(json, &v, |v| {
                 println!(
                     "Revoked {key_id} in realm {} at {}. Every node refuses it within seconds and closes its sessions.",
-                    s(&v["realm"]),
-                    s(&v["revoked_at"])
-                );
-            }
+                    v.realm, v.revoked_at
+                )
+            });
         }
     }
     Ok(())
 }
 
-pub fn print_keys(keys: &[Value]) {
+pub fn print_keys(keys: &[Key]) {
     if keys.is_empty() {
         println!("No keys. Create one with `macula keys create --realm <realm> --name <name>`.");
         return;
     }
-    println!(
-        "{:<22} {:<24} {:<16} {:<22} {:<22} {:<8} NAME",
-        "ID", "REALM", "ROLE", "CREATED", "EXPIRES", "STATUS"
-    );
+    let mut t = table(&[
+        "ID", "REALM", "ROLE", "CREATED", "EXPIRES", "STATUS", "NAME",
+    ]);
     for k in keys {
-        println!(
-            "{:<22} {:<24} {:<16} {:<22} {:<22} {:<8} {}",
-            s(&k["id"]),
-            s(&k["realm"]),
-            s(&k["role"]),
-            s(&k["created_at"]),
-            k["expires_at"].as_str().unwrap_or("never"),
-            s(&k["status"]),
-            s(&k["name"])
-        );
+        t.add_row([
+            k.id.as_str(),
+            &k.realm,
+            &k.role,
+            &k.created_at,
+            k.expires_at.as_deref().unwrap_or("never"),
+            or_dash(&k.status),
+            &k.name,
+        ]);
     }
+    println!("{}", t.trim_fmt());
 }

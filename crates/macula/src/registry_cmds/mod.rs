@@ -18,6 +18,11 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
+use macula_registry::billing::types::*;
+use macula_registry::identity::types::*;
+use macula_registry::realms::types::*;
+use macula_registry::service::List;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -251,8 +256,60 @@ impl Api {
         bail!("{msg} [{status} {code}]{hint}")
     }
 
+    /// A request whose body and answer are the registry's own types (`macula_registry::*::types`):
+    /// the CLI keeps no second copy of the API's field names.
+    pub fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T> {
+        self.call_with(method, path, body, true)
+    }
+
+    /// [`Api::call`] without a session (signing up, logging in, verifying an address).
+    pub fn call_anonymous<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T> {
+        self.call_with(method, path, body, false)
+    }
+
+    fn call_with<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: &impl Serialize,
+        auth: bool,
+    ) -> Result<T> {
+        let body = serde_json::to_value(body)?;
+        self.typed(method, path, self.send(method, path, Some(&body), auth)?)
+    }
+
+    /// A request without a body, its answer typed.
+    pub fn get<T: DeserializeOwned>(&self, method: &str, path: &str) -> Result<T> {
+        self.typed(method, path, self.send(method, path, None, true)?)
+    }
+
+    /// A GET without a session (public routes: the plans).
+    pub fn get_anonymous<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.typed("GET", path, self.send("GET", path, None, false)?)
+    }
+
+    fn typed<T: DeserializeOwned>(&self, method: &str, path: &str, v: Value) -> Result<T> {
+        serde_json::from_value(v).map_err(|e| {
+            anyhow!(
+                "the registry's answer to {method} {path} is not what this CLI reads ({e}); \
+                 are `macula` and the registry at {} the same version?",
+                self.base
+            )
+        })
+    }
+
     /// Every item of a paged list.
-    pub fn all(&self, path: &str) -> Result<Vec<Value>> {
+    pub fn all<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>> {
         let mut out = vec![];
         let mut cursor: Option<String> = None;
         loop {
@@ -261,12 +318,10 @@ impl Api {
                 Some(c) => format!("{path}{sep}limit=500&cursor={c}"),
                 None => format!("{path}{sep}limit=500"),
             };
-            let v = self.send("GET", &p, None, true)?;
-            if let Some(items) = v["items"].as_array() {
-                out.extend(items.iter().cloned());
-            }
-            match v["next_cursor"].as_str() {
-                Some(c) => cursor = Some(c.to_owned()),
+            let page: List<T> = self.get("GET", &p)?;
+            out.extend(page.items);
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
                 None => return Ok(out),
             }
         }
@@ -274,16 +329,48 @@ impl Api {
 }
 
 /// Prints an API answer: as JSON with `--json`, else for people.
-pub fn emit(json: bool, v: &Value, human: impl FnOnce(&Value)) {
+pub fn emit<T: Serialize>(json: bool, v: &T, human: impl FnOnce(&T)) {
     if json {
-        println!("{v}");
+        println!("{}", serde_json::to_string(v).unwrap_or_default());
     } else {
         human(v);
     }
 }
 
-pub fn s(v: &Value) -> &str {
-    v.as_str().unwrap_or("-")
+/// Prints a list: as a JSON array with `--json`, else for people.
+pub fn emit_list<T: Serialize>(json: bool, items: &[T], human: impl FnOnce(&[T])) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(items)?);
+    } else {
+        human(items);
+    }
+    Ok(())
+}
+
+/// A table for people: a header row and columns padded to their widest cell, no borders.
+pub fn table(header: &[&str]) -> comfy_table::Table {
+    let mut t = comfy_table::Table::new();
+    t.load_style(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header(header.iter().map(comfy_table::Cell::new));
+    for c in t.column_iter_mut() {
+        c.set_padding((0, 2));
+    }
+    t
+}
+
+/// Aligns the cells of `columns` (numbers) to the right.
+pub fn right_aligned(t: &mut comfy_table::Table, columns: &[usize]) {
+    for &i in columns {
+        if let Some(c) = t.column_mut(i) {
+            c.set_cell_alignment(comfy_table::CellAlignment::Right);
+        }
+    }
+}
+
+/// An optional value for a table cell or a line: the value, else `-`.
+pub fn or_dash(v: &Option<String>) -> &str {
+    v.as_deref().unwrap_or("-")
 }
 
 /// Percent-encodes a path segment (emails carry `@` and `+`).
@@ -303,16 +390,16 @@ pub fn pick_realm(api: &Api, realm: Option<String>) -> Result<String> {
     if let Some(r) = realm {
         return Ok(r);
     }
-    let realms = api.all("/v1/realms")?;
+    let realms: Vec<Realm> = api.all("/v1/realms")?;
     match realms.as_slice() {
-        [one] => Ok(s(&one["name"]).to_owned()),
+        [one] => Ok(one.name.clone()),
         [] => bail!("you have no realm yet: macula realms create com.example.app"),
         _ => bail!(
             "you have {} realms; say which with --realm ({})",
             realms.len(),
             realms
                 .iter()
-                .map(|r| s(&r["name"]))
+                .map(|r| r.name.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
         ),

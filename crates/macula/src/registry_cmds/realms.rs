@@ -5,35 +5,33 @@ use super::*;
 
 pub fn realms(api: &Api, cmd: crate::local::RealmsCmd, json: bool) -> Result<()> {
     use crate::local::RealmsCmd;
-    let out = |v: &Value, human: &dyn Fn(&Value)| emit(json, v, human);
     match cmd {
         RealmsCmd::List { .. } => {
-            let realms = api.all("/v1/realms")?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&realms)?);
-            } else {
-                print_realms(&realms);
-            }
+            let realms: Vec<Realm> = api.all("/v1/realms")?;
+            emit_list(json, &realms, print_realms)?;
         }
         RealmsCmd::Create {
             name, owner, tier, ..
         } => {
-            let v = api.send(
+            let v: Realm = api.call(
                 "POST",
                 "/v1/realms",
-                Some(&json!({"name": name, "owner_email": owner, "tier": tier})),
-                true,
+                &NewRealm {
+                    name,
+                    owner_email: owner,
+                    tier,
+                },
             )?;
-            out(&v, &|v| {
+            emit(json, &v, |v| {
                 println!(
                     "Registered {} (owner {}, tier {}, expires {}).\nGet a key: macula keys create --realm {} --role admin --name first",
-                    s(&v["name"]), s(&v["owner"]), s(&v["tier"]), s(&v["expires_at"]), s(&v["name"])
+                    v.name, v.owner, v.tier, v.expires_at, v.name
                 )
             });
         }
         RealmsCmd::Show { name, .. } => {
-            let v = api.send("GET", &format!("/v1/realms/{}", seg(&name)), None, true)?;
-            out(&v, &print_realm);
+            let v: Realm = api.get("GET", &format!("/v1/realms/{}", seg(&name)))?;
+            emit(json, &v, print_realm);
         }
         RealmsCmd::Delete { name, yes, .. } => {
             if !yes {
@@ -48,36 +46,33 @@ pub fn realms(api: &Api, cmd: crate::local::RealmsCmd, json: bool) -> Result<()>
                 }
             }
             api.send("DELETE", &format!("/v1/realms/{}", seg(&name)), None, true)?;
-            out(&json!({"deleted": name}), &|_| println!("Deleted {name}."));
+            emit(json, &json!({"deleted": name}), |_| {
+                println!("Deleted {name}.")
+            });
         }
         RealmsCmd::Renew { name, years, .. } => {
-            let v = api.send(
+            let v: Realm = api.call(
                 "POST",
                 &format!("/v1/realms/{}/renew", seg(&name)),
-                Some(&json!({"years": years})),
-                true,
+                &Renew { years },
             )?;
-            out(&v, &|v| {
-                println!("Renewed {} until {}.", s(&v["name"]), s(&v["expires_at"]))
+            emit(json, &v, |v| {
+                println!("Renewed {} until {}.", v.name, v.expires_at)
             });
         }
         RealmsCmd::Transfer {
             name, code: None, ..
         } => {
-            let v = api.send(
-                "POST",
-                &format!("/v1/realms/{}/transfer-code", seg(&name)),
-                None,
-                true,
-            )?;
-            out(&v, &|v| {
+            let v: TransferCode =
+                api.get("POST", &format!("/v1/realms/{}/transfer-code", seg(&name)))?;
+            emit(json, &v, |v| {
                 println!(
                     "Transfer code for {name} (valid until {}; shown once):\n\n  {}\n\nThe new owner runs: macula realms transfer {name} --code {}\n(a transfer fee of ${}.{:02} is recorded against their account)",
-                    s(&v["expires_at"]),
-                    s(&v["code"]),
-                    s(&v["code"]),
-                    v["fee_cents"].as_i64().unwrap_or(0) / 100,
-                    v["fee_cents"].as_i64().unwrap_or(0) % 100
+                    v.expires_at,
+                    v.code,
+                    v.code,
+                    v.fee_cents / 100,
+                    v.fee_cents % 100
                 )
             });
         }
@@ -86,52 +81,50 @@ pub fn realms(api: &Api, cmd: crate::local::RealmsCmd, json: bool) -> Result<()>
             code: Some(code),
             ..
         } => {
-            let v = api.send(
+            let v: Realm = api.call(
                 "POST",
                 &format!("/v1/realms/{}/transfer", seg(&name)),
-                Some(&json!({"code": code})),
-                true,
+                &TransferRequest { code },
             )?;
-            out(&v, &|v| {
+            emit(json, &v, |v| {
                 println!(
                     "You now own {} (fee {} cents recorded).",
-                    s(&v["name"]),
-                    v["fee_cents"]
+                    v.name,
+                    v.fee_cents.unwrap_or(0)
                 )
             });
         }
         RealmsCmd::Plan { name, tier, .. } => {
-            let v = api.send(
+            let v: PlanChange = api.call(
                 "POST",
                 &format!("/v1/realms/{}/plan", seg(&name)),
-                Some(&json!({"tier": tier})),
-                true,
+                &PlanRequest { tier },
             )?;
-            out(&v, &|v| match v["scheduled"].as_object() {
+            emit(json, &v, |v| match &v.scheduled {
                 Some(sch) => println!(
                     "{name} stays on {} until {}, then moves to {}",
-                    s(&v["tier"]),
-                    sch["effective_at"].as_str().unwrap_or(""),
-                    sch["tier"].as_str().unwrap_or("")
+                    v.tier, sch.effective_at, sch.tier
                 ),
-                None => println!("{name} is now on the {} plan", s(&v["tier"])),
+                None => println!("{name} is now on the {} plan", v.tier),
             });
         }
         RealmsCmd::Addon {
             name, feature, off, ..
         } => {
-            let v = api.send(
+            let v: Addon = api.call(
                 "POST",
                 &format!("/v1/realms/{}/addons", seg(&name)),
-                Some(&json!({"feature": feature, "active": !off})),
-                true,
+                &AddonRequest {
+                    feature,
+                    active: !off,
+                },
             )?;
-            out(&v, &|v| {
+            emit(json, &v, |v| {
                 println!(
                     "{} is {} for {name} (${:.2}/month)",
-                    s(&v["title"]),
+                    v.title,
                     if off { "off" } else { "on" },
-                    v["monthly_cents"].as_i64().unwrap_or(0) as f64 / 100.0
+                    v.monthly_cents as f64 / 100.0
                 )
             });
         }
@@ -142,31 +135,23 @@ pub fn realms(api: &Api, cmd: crate::local::RealmsCmd, json: bool) -> Result<()>
             ..
         } => {
             let path = format!("/v1/realms/{}/policy", seg(&name));
-            let v = api.send("GET", &path, None, true)?;
-            let mut doc: macula_router::policy::PolicyDoc =
-                serde_json::from_value(v).map_err(|e| {
-                    anyhow::anyhow!("the registry sent a policy this CLI cannot read: {e}")
-                })?;
-            let v = if crate::local::change_policy(&mut doc, verified_roles, nodes.as_deref()) {
-                api.send(
+            let mut doc: macula_router::policy::PolicyDoc = api.get("GET", &path)?;
+            let doc = if crate::local::change_policy(&mut doc, verified_roles, nodes.as_deref()) {
+                api.call(
                     "PUT",
                     &path,
-                    Some(&json!({
-                        "roles": doc.roles,
-                        "topic_acls": doc.topic_acls,
-                        "nodes": nodes.is_some().then_some(&doc.nodes),
-                        "verified_roles": verified_roles.map(|_| doc.verified_roles),
-                        "expected_version": doc.version,
-                    })),
-                    true,
+                    &PolicyUpdate {
+                        nodes: nodes.is_some().then(|| doc.nodes.clone()),
+                        verified_roles: verified_roles.map(|_| doc.verified_roles),
+                        expected_version: Some(doc.version as i64),
+                        roles: doc.roles,
+                        topic_acls: doc.topic_acls,
+                    },
                 )?
             } else {
-                serde_json::to_value(&doc)?
+                doc
             };
-            out(&v, &|v| match serde_json::from_value(v.clone()) {
-                Ok(doc) => crate::local::print_policy(&doc),
-                Err(_) => println!("{v}"),
-            });
+            emit(json, &doc, crate::local::print_policy);
         }
         RealmsCmd::Acl {
             name,
@@ -175,20 +160,16 @@ pub fn realms(api: &Api, cmd: crate::local::RealmsCmd, json: bool) -> Result<()>
             remove_user,
             ..
         } => {
-            if let (Some(email), Some(role)) = (&add_user, &role) {
-                let v = api.send(
+            if let (Some(email), Some(role)) = (add_user, role) {
+                let v: MemberSet = api.call(
                     "POST",
                     &format!("/v1/realms/{}/members", seg(&name)),
-                    Some(&json!({"email": email, "role": role})),
-                    true,
+                    &MemberRequest { email, role },
                 )?;
-                out(&v, &|v| {
+                emit(json, &v, |v| {
                     println!(
                         "{} is {} in {} (policy version {}).",
-                        s(&v["email"]),
-                        s(&v["role"]),
-                        name,
-                        v["policy_version"]
+                        v.email, v.role, name, v.policy_version
                     )
                 });
             } else if let Some(email) = &remove_user {
@@ -198,21 +179,18 @@ pub fn realms(api: &Api, cmd: crate::local::RealmsCmd, json: bool) -> Result<()>
                     None,
                     true,
                 )?;
-                out(&json!({"removed": email}), &|_| {
+                emit(json, &json!({"removed": email}), |_| {
                     println!("Removed {email} from {name}.")
                 });
             } else {
-                let v = api.send(
-                    "GET",
-                    &format!("/v1/realms/{}/members", seg(&name)),
-                    None,
-                    true,
-                )?;
-                out(&v, &|v| {
-                    println!("{:<40} ROLE", "MEMBER");
-                    for m in v["items"].as_array().into_iter().flatten() {
-                        println!("{:<40} {}", s(&m["email"]), s(&m["role"]));
+                let v: List<Member> =
+                    api.get("GET", &format!("/v1/realms/{}/members", seg(&name)))?;
+                emit(json, &v, |v| {
+                    let mut t = table(&["MEMBER", "ROLE"]);
+                    for m in &v.items {
+                        t.add_row([m.email.as_str(), &m.role]);
                     }
+                    println!("{}", t.trim_fmt());
                 });
             }
         }
@@ -220,59 +198,51 @@ pub fn realms(api: &Api, cmd: crate::local::RealmsCmd, json: bool) -> Result<()>
     Ok(())
 }
 
-pub fn print_realms(realms: &[Value]) {
+pub fn print_realms(realms: &[Realm]) {
     if realms.is_empty() {
         println!("No realms. Register one with `macula realms create com.example.app`.");
         return;
     }
-    println!(
-        "{:<32} {:<10} {:<9} {:<13} {:<22} OWNER",
-        "REALM", "STATUS", "ACCESS", "TIER", "EXPIRES"
-    );
+    let mut t = table(&["REALM", "STATUS", "ACCESS", "TIER", "EXPIRES", "OWNER"]);
     for r in realms {
-        println!(
-            "{:<32} {:<10} {:<9} {:<13} {:<22} {}",
-            s(&r["name"]),
-            s(&r["status"]),
-            s(&r["access"]),
-            s(&r["tier"]),
-            s(&r["expires_at"]),
-            s(&r["owner"])
-        );
+        t.add_row([
+            r.name.as_str(),
+            &r.status,
+            or_dash(&r.access),
+            &r.tier,
+            &r.expires_at,
+            &r.owner,
+        ]);
     }
+    println!("{}", t.trim_fmt());
 }
 
-pub fn print_realm(r: &Value) {
-    for (label, key) in [
-        ("realm", "name"),
-        ("status", "status"),
-        ("owner", "owner"),
-        ("your access", "access"),
-        ("tier", "tier"),
-        ("created", "created_at"),
-        ("expires", "expires_at"),
-        ("grace ends", "grace_ends_at"),
-        ("policy version", "policy_version"),
-        ("active keys", "active_keys"),
-        ("members", "members"),
-    ] {
-        let v = &r[key];
-        if !v.is_null() {
-            println!(
-                "  {label:<15} {}",
-                v.as_str()
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| v.to_string())
-            );
-        }
+pub fn print_realm(r: &Realm) {
+    let line = |label: &str, v: &str| println!("  {label:<15} {v}");
+    line("realm", &r.name);
+    line("status", &r.status);
+    line("owner", &r.owner);
+    if let Some(a) = &r.access {
+        line("your access", a);
     }
-    if let Some(why) = r["suspended_reason"].as_str() {
-        println!("  {:<15} {why}", "suspended for");
+    line("tier", &r.tier);
+    line("created", &r.created_at);
+    line("expires", &r.expires_at);
+    line("grace ends", &r.grace_ends_at);
+    line("policy version", &r.policy_version.to_string());
+    if let Some(n) = r.active_keys {
+        line("active keys", &n.to_string());
     }
-    if r["frozen"].as_bool() == Some(true) {
-        println!("  {:<15} {}", "frozen", s(&r["frozen_reason"]));
+    if let Some(n) = r.members {
+        line("members", &n.to_string());
     }
-    if let Some(n) = r["live"]["sessions_on_this_node"].as_u64() {
-        println!("  {:<15} {n}", "live sessions");
+    if let Some(why) = &r.suspended_reason {
+        line("suspended for", why);
+    }
+    if r.frozen {
+        line("frozen", or_dash(&r.frozen_reason));
+    }
+    if let Some(live) = &r.live {
+        line("live sessions", &live.sessions_on_this_node.to_string());
     }
 }

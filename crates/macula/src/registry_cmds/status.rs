@@ -16,11 +16,7 @@ pub struct StatusArgs {
 pub fn status(a: StatusArgs, json: bool) -> Result<()> {
     let api = Api::new(&a.server)?;
     let realm = pick_realm(&api, a.realm)?;
-    let v = api.send("GET", &format!("/v1/realms/{}", seg(&realm)), None, true)?;
-    if json {
-        println!("{v}");
-    } else {
-        print_realm(&v);
-    }
+    let v: Realm = api.get("GET", &format!("/v1/realms/{}", seg(&realm)))?;
+    emit(json, &v, print_realm);
     Ok(())
 }
