@@ -1,63 +1,334 @@
-//! The Prometheus exposition of the mesh's and the meter's counters (the node's own message
-//! counters are rendered by [`crate::metrics::Metrics::render`]). Above the parts it reads: it
+//! `/metrics`: the node's counters in the OpenMetrics text format, encoded by
+//! `prometheus-client`.
+//!
+//! The data plane counts with plain atomic adds (`metrics.rs`, the mesh's and the meter's own
+//! counters); nothing is registered or locked on that path. At scrape time a [`NodeCollector`]
+//! reads those atomics (and the realms' table sizes, the mesh's peers, the meter's totals) and
+//! hands each value to the encoder as a constant counter or gauge. Counters are declared without
+//! their `_total` suffix: the encoder adds it. This module is above the parts it reads: it
 //! depends on them, they do not depend on it.
 
-use std::fmt::Write;
+use std::borrow::Cow;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use crate::metrics::Metrics;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric,
+};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
-/// The mesh series: peers, frames by outcome, interest table sizes and DHT lookups.
-pub fn render_mesh(s: &mut String, m: &crate::mesh::MeshState, node: &Metrics) {
-    let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
-    let st = m.handle.stats();
-    let peers = m.handle.peer_status();
-    let certified = peers.iter().filter(|p| p.certified).count();
-    let _ = writeln!(s, "# HELP macula_mesh_peers Connected mesh peers (certified ones exchange traffic).\n# TYPE macula_mesh_peers gauge\nmacula_mesh_peers{{certified=\"true\"}} {certified}\nmacula_mesh_peers{{certified=\"false\"}} {}", peers.len() - certified);
-    let _ = writeln!(s, "# HELP macula_mesh_peer_rtt_seconds Last ping round trip per peer.\n# TYPE macula_mesh_peer_rtt_seconds gauge");
-    for p in &peers {
-        if let Some(us) = p.rtt_us {
-            let _ = writeln!(
-                s,
-                "macula_mesh_peer_rtt_seconds{{peer=\"{}\"}} {}",
-                p.peer_id,
-                us as f64 / 1e6
-            );
-        }
+use crate::node::Node;
+
+/// The content type of [`render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Everything the node counts, as one OpenMetrics document.
+pub fn render(node: &Arc<Node>) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(NodeCollector(node.clone())));
+    let mut text = String::with_capacity(8192);
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {
+        tracing::error!("encoding /metrics: {e}");
     }
-    let _ = writeln!(s, "# HELP macula_mesh_frames_total Inter-node frames by outcome.\n# TYPE macula_mesh_frames_total counter");
-    for (k, v) in [
-        ("in", g(&st.frames_in)),
-        ("out", g(&st.frames_out)),
-        ("dropped", g(&st.frames_dropped)),
-        ("malformed", g(&st.frames_malformed)),
-        ("rejected", g(&m.counters.rejected)),
-        ("unknown_realm", g(&m.counters.unknown_realm)),
-    ] {
-        let _ = writeln!(s, "macula_mesh_frames_total{{outcome=\"{k}\"}} {v}");
-    }
-    let _ = writeln!(s, "# HELP macula_mesh_bytes_total Inter-node bytes.\n# TYPE macula_mesh_bytes_total counter\nmacula_mesh_bytes_total{{dir=\"in\"}} {}\nmacula_mesh_bytes_total{{dir=\"out\"}} {}", g(&st.bytes_in), g(&st.bytes_out));
-    let _ = writeln!(s, "# HELP macula_mesh_session_pauses_total Times a client session stopped reading until a congested peer drained.\n# TYPE macula_mesh_session_pauses_total counter\nmacula_mesh_session_pauses_total {}", g(&node.mesh_pauses));
-    let _ = writeln!(s, "# HELP macula_mesh_congestion_total Times a peer's queue went over mesh.peer_queue_bytes and its senders paused.\n# TYPE macula_mesh_congestion_total counter\nmacula_mesh_congestion_total {}", g(&st.congestion_events));
-    let _ = writeln!(s, "# HELP macula_mesh_peers_rejected_total Peers refused for lacking a valid operator certificate (missing, expired, revoked).\n# TYPE macula_mesh_peers_rejected_total counter\nmacula_mesh_peers_rejected_total {}", g(&st.peers_rejected));
-    let _ = writeln!(s, "# HELP macula_mesh_peers_cut_off_total Linked peers disconnected because their certificate expired or was revoked.\n# TYPE macula_mesh_peers_cut_off_total counter\nmacula_mesh_peers_cut_off_total {}", g(&st.peers_cut_off));
-    let _ = writeln!(s, "# HELP macula_mesh_dht_refused_total DHT records and provider records refused (the sender was not certified).\n# TYPE macula_mesh_dht_refused_total counter\nmacula_mesh_dht_refused_total {}", g(&st.dht_refused));
-    let _ = writeln!(s, "# HELP macula_mesh_cert_expiry_timestamp_seconds When this node's mesh certificate expires (renewed when a third of its validity is left).\n# TYPE macula_mesh_cert_expiry_timestamp_seconds gauge\nmacula_mesh_cert_expiry_timestamp_seconds {}", m.handle.own_cert().not_after);
-    let _ = writeln!(s, "# HELP macula_mesh_links Remote nodes with interest or registrations in a local realm.\n# TYPE macula_mesh_links gauge\nmacula_mesh_links {}", m.link_count());
-    let _ = writeln!(s, "# HELP macula_mesh_realm_states Signed realm states known.\n# TYPE macula_mesh_realm_states gauge\nmacula_mesh_realm_states {}", m.states.lock().len());
-    let _ = writeln!(s, "# HELP macula_mesh_states_total Realm states received, by outcome.\n# TYPE macula_mesh_states_total counter\nmacula_mesh_states_total{{outcome=\"applied\"}} {}\nmacula_mesh_states_total{{outcome=\"rejected\"}} {}", g(&m.counters.states_applied), g(&m.counters.states_rejected));
-    let _ = writeln!(s, "# HELP macula_mesh_events_in_total Publications received from other nodes.\n# TYPE macula_mesh_events_in_total counter\nmacula_mesh_events_in_total {}", g(&node.mesh_events_in));
-    let _ = writeln!(s, "# HELP macula_dht_lookups_total DHT lookups (macula.dht.get).\n# TYPE macula_dht_lookups_total counter\nmacula_dht_lookups_total {}", g(&node.dht_lookups));
+    text
 }
 
-/// Per-realm usage series from the node's metering counters (cumulative since the counters file
-/// was created, so they survive restarts), and the share of its plan's allowance each realm has
+/// Reads the node's counters at scrape time (see the module's documentation).
+struct NodeCollector(Arc<Node>);
+
+impl fmt::Debug for NodeCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("NodeCollector")
+    }
+}
+
+type Label = (Cow<'static, str>, Cow<'static, str>);
+
+fn label(k: &'static str, v: impl Into<Cow<'static, str>>) -> [Label; 1] {
+    [(Cow::Borrowed(k), v.into())]
+}
+
+fn get(v: &AtomicU64) -> u64 {
+    v.load(Ordering::Relaxed)
+}
+
+/// One metric family after another, each with its help text.
+struct Out<'a>(DescriptorEncoder<'a>);
+
+impl Out<'_> {
+    fn counter(&mut self, name: &str, help: &str, v: u64) -> fmt::Result {
+        let m = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Counter)?;
+        ConstCounter::new(v).encode(m)
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, v: impl EncodeGaugeValue) -> fmt::Result {
+        let m = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Gauge)?;
+        ConstGauge::new(v).encode(m)
+    }
+
+    fn counters<L: EncodeLabelSet>(
+        &mut self,
+        name: &str,
+        help: &str,
+        items: impl IntoIterator<Item = (L, u64)>,
+    ) -> fmt::Result {
+        let mut m = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (l, v) in items {
+            ConstCounter::new(v).encode(m.encode_family(&l)?)?;
+        }
+        Ok(())
+    }
+
+    fn gauges<L: EncodeLabelSet, N: EncodeGaugeValue>(
+        &mut self,
+        name: &str,
+        help: &str,
+        items: impl IntoIterator<Item = (L, N)>,
+    ) -> fmt::Result {
+        let mut m = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (l, v) in items {
+            ConstGauge::new(v).encode(m.encode_family(&l)?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Collector for NodeCollector {
+    fn encode(&self, encoder: DescriptorEncoder) -> fmt::Result {
+        let node = &self.0;
+        let mut out = Out(encoder);
+        node_series(&mut out, node)?;
+        if let Some(m) = node.mesh.get() {
+            mesh_series(&mut out, m, &node.metrics)?;
+        }
+        if let Some(meter) = &node.meter {
+            let quota = node.quota_used.lock().clone();
+            usage_series(&mut out, meter, &quota)?;
+        }
+        Ok(())
+    }
+}
+
+/// Sessions, messages, errors, queues, listeners, and the realms' table sizes.
+fn node_series(out: &mut Out, node: &Node) -> fmt::Result {
+    let m = &node.metrics;
+    out.gauge(
+        "macula_sessions",
+        "Sessions currently joined.",
+        get(&m.sessions),
+    )?;
+    // `macula_sessions_joined_total`: OpenMetrics gives each family one name, and the gauge
+    // has `macula_sessions`.
+    out.counter(
+        "macula_sessions_joined",
+        "Sessions joined since start.",
+        get(&m.sessions_total),
+    )?;
+    for (name, help, arr) in [
+        (
+            "macula_messages_in",
+            "WAMP messages received, by type.",
+            &m.messages_in,
+        ),
+        (
+            "macula_messages_out",
+            "WAMP messages sent, by type.",
+            &m.messages_out,
+        ),
+    ] {
+        out.counters(
+            name,
+            help,
+            arr.iter().enumerate().filter_map(|(code, c)| {
+                let k = macula_wamp::kind_name(code as u64);
+                (k != "unknown").then(|| (label("kind", k), get(c)))
+            }),
+        )?;
+    }
+    out.counters(
+        "macula_errors",
+        "Errors by kind.",
+        [
+            ("decode", &m.decode_errors),
+            ("protocol", &m.protocol_errors),
+            ("oversized", &m.oversized),
+            ("rate_limited", &m.rate_limited),
+            ("auth", &m.auth_failures),
+        ]
+        .map(|(k, v)| (label("kind", k), get(v))),
+    )?;
+    for (name, help, v) in [
+        ("macula_queue_dropped", "Events dropped from full session queues (drop_oldest policy).", &m.queue_dropped),
+        ("macula_slow_consumer_disconnects", "Sessions closed because their queue overflowed.", &m.slow_consumer_disconnects),
+        ("macula_http_requests", "HTTP bridge requests.", &m.http_requests),
+        ("macula_http_refused_connections", "HTTP connections closed on arrival at limits.max_http_connections.", &m.http_refused_connections),
+        ("macula_rawsocket_refused_connections", "RawSocket connections closed on arrival at limits.max_rawsocket_connections.", &m.rawsocket_refused_connections),
+        ("macula_meter_refused", "Sessions and bridge requests refused because no metering slot was left for them (metering.slots, metering.max_pairs_per_registration).", &m.meter_refused),
+    ] {
+        out.counter(name, help, get(v))?;
+    }
+    // Per realm: (name, sessions, subscriptions, registrations, calls in flight).
+    let realms: Vec<(String, [usize; 4])> = node
+        .realm_handles()
+        .iter()
+        .map(|r| {
+            let core = r.lock();
+            let (subs, regs, calls) = core.stats();
+            (r.name.clone(), [core.session_count(), subs, regs, calls])
+        })
+        .collect();
+    for (i, (name, help)) in [
+        ("macula_realm_sessions", "Sessions per realm."),
+        ("macula_realm_subscriptions", "Subscriptions per realm."),
+        ("macula_realm_registrations", "Registrations per realm."),
+        (
+            "macula_realm_calls_in_flight",
+            "Calls awaiting a result per realm.",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        out.gauges(
+            name,
+            help,
+            realms
+                .iter()
+                .map(|(r, v)| (label("realm", r.clone()), v[i] as u64)),
+        )?;
+    }
+    Ok(())
+}
+
+/// The mesh: peers, frames by outcome, interest table sizes and DHT lookups.
+fn mesh_series(
+    out: &mut Out,
+    m: &crate::mesh::MeshState,
+    node: &crate::metrics::Metrics,
+) -> fmt::Result {
+    let st = m.handle.stats();
+    let peers = m.handle.peer_status();
+    let certified = peers.iter().filter(|p| p.certified).count() as u64;
+    out.gauges(
+        "macula_mesh_peers",
+        "Connected mesh peers (certified ones exchange traffic).",
+        [
+            (label("certified", "true"), certified),
+            (label("certified", "false"), peers.len() as u64 - certified),
+        ],
+    )?;
+    out.gauges(
+        "macula_mesh_peer_rtt_seconds",
+        "Last ping round trip per peer.",
+        peers.iter().filter_map(|p| {
+            p.rtt_us
+                .map(|us| (label("peer", p.peer_id.to_string()), us as f64 / 1e6))
+        }),
+    )?;
+    out.counters(
+        "macula_mesh_frames",
+        "Inter-node frames by outcome.",
+        [
+            ("in", get(&st.frames_in)),
+            ("out", get(&st.frames_out)),
+            ("dropped", get(&st.frames_dropped)),
+            ("malformed", get(&st.frames_malformed)),
+            ("rejected", get(&m.counters.rejected)),
+            ("unknown_realm", get(&m.counters.unknown_realm)),
+        ]
+        .map(|(k, v)| (label("outcome", k), v)),
+    )?;
+    out.counters(
+        "macula_mesh_bytes",
+        "Inter-node bytes.",
+        [("in", get(&st.bytes_in)), ("out", get(&st.bytes_out))].map(|(k, v)| (label("dir", k), v)),
+    )?;
+    for (name, help, v) in [
+        (
+            "macula_mesh_session_pauses",
+            "Times a client session stopped reading until a congested peer drained.",
+            get(&node.mesh_pauses),
+        ),
+        (
+            "macula_mesh_congestion",
+            "Times a peer's queue went over mesh.peer_queue_bytes and its senders paused.",
+            get(&st.congestion_events),
+        ),
+        (
+            "macula_mesh_peers_rejected",
+            "Peers refused for lacking a valid operator certificate (missing, expired, revoked).",
+            get(&st.peers_rejected),
+        ),
+        (
+            "macula_mesh_peers_cut_off",
+            "Linked peers disconnected because their certificate expired or was revoked.",
+            get(&st.peers_cut_off),
+        ),
+        (
+            "macula_mesh_dht_refused",
+            "DHT records and provider records refused (the sender was not certified).",
+            get(&st.dht_refused),
+        ),
+    ] {
+        out.counter(name, help, v)?;
+    }
+    out.gauge(
+        "macula_mesh_cert_expiry_timestamp_seconds",
+        "When this node's mesh certificate expires (renewed when a third of its validity is left).",
+        m.handle.own_cert().not_after,
+    )?;
+    out.gauge(
+        "macula_mesh_links",
+        "Remote nodes with interest or registrations in a local realm.",
+        m.link_count() as u64,
+    )?;
+    out.gauge(
+        "macula_mesh_realm_states",
+        "Signed realm states known.",
+        m.states.lock().len() as u64,
+    )?;
+    out.counters(
+        "macula_mesh_states",
+        "Realm states received, by outcome.",
+        [
+            ("applied", get(&m.counters.states_applied)),
+            ("rejected", get(&m.counters.states_rejected)),
+        ]
+        .map(|(k, v)| (label("outcome", k), v)),
+    )?;
+    out.counter(
+        "macula_mesh_events_in",
+        "Publications received from other nodes.",
+        get(&node.mesh_events_in),
+    )?;
+    out.counter(
+        "macula_dht_lookups",
+        "DHT lookups (macula.dht.get).",
+        get(&node.dht_lookups),
+    )
+}
+
+/// Per-realm usage from the node's metering counters (cumulative since the counters file was
+/// created, so they survive restarts), and the share of its plan's allowance each realm has
 /// used this month (on the node hosting the billing aggregator).
-pub fn render_usage(
-    s: &mut String,
+fn usage_series(
+    out: &mut Out,
     meter: &crate::meter::Meter,
     quota: &std::collections::HashMap<String, f64>,
-) {
+) -> fmt::Result {
     use crate::meter::{Op, OPS};
     let mut per: std::collections::BTreeMap<String, [u64; OPS + 2]> = Default::default();
     for (realm, _key, c) in meter.totals() {
@@ -66,42 +337,42 @@ pub fn render_usage(
             *v += c[i];
         }
     }
-    let _ = writeln!(s, "# HELP macula_realm_ops_total Billed operations on this node, by realm and kind.\n# TYPE macula_realm_ops_total counter");
-    for (realm, c) in &per {
-        for op in Op::ALL {
-            let _ = writeln!(
-                s,
-                "macula_realm_ops_total{{realm=\"{realm}\",kind=\"{}\"}} {}",
-                op.name(),
-                c[op as usize]
-            );
-        }
-    }
-    let _ = writeln!(s, "# HELP macula_realm_bytes_in_total Bytes of billed operations received, by realm.\n# TYPE macula_realm_bytes_in_total counter");
-    for (realm, c) in &per {
-        let _ = writeln!(
-            s,
-            "macula_realm_bytes_in_total{{realm=\"{realm}\"}} {}",
-            c[OPS]
-        );
-    }
-    let _ = writeln!(s, "# HELP macula_realm_egress_bytes_total Bytes written to the realm's clients (egress).\n# TYPE macula_realm_egress_bytes_total counter");
-    for (realm, c) in &per {
-        let _ = writeln!(
-            s,
-            "macula_realm_egress_bytes_total{{realm=\"{realm}\"}} {}",
-            c[OPS + 1]
-        );
-    }
+    out.counters(
+        "macula_realm_ops",
+        "Billed operations on this node, by realm and kind.",
+        per.iter().flat_map(|(realm, c)| {
+            Op::ALL.into_iter().map(move |op| {
+                (
+                    [
+                        (Cow::Borrowed("realm"), Cow::Owned(realm.clone())),
+                        (Cow::Borrowed("kind"), Cow::Borrowed(op.name())),
+                    ],
+                    c[op as usize],
+                )
+            })
+        }),
+    )?;
+    out.counters(
+        "macula_realm_bytes_in",
+        "Bytes of billed operations received, by realm.",
+        per.iter()
+            .map(|(realm, c)| (label("realm", realm.clone()), c[OPS])),
+    )?;
+    out.counters(
+        "macula_realm_egress_bytes",
+        "Bytes written to the realm's clients (egress).",
+        per.iter()
+            .map(|(realm, c)| (label("realm", realm.clone()), c[OPS + 1])),
+    )?;
     if !quota.is_empty() {
-        let _ = writeln!(s, "# HELP macula_realm_quota_used_ratio Share of the plan's monthly allowance used (1 = all), by realm.\n# TYPE macula_realm_quota_used_ratio gauge");
         let mut q: Vec<_> = quota.iter().collect();
         q.sort_by(|a, b| a.0.cmp(b.0));
-        for (realm, r) in q {
-            let _ = writeln!(
-                s,
-                "macula_realm_quota_used_ratio{{realm=\"{realm}\"}} {r:.6}"
-            );
-        }
+        out.gauges(
+            "macula_realm_quota_used_ratio",
+            "Share of the plan's monthly allowance used (1 = all), by realm.",
+            q.into_iter()
+                .map(|(realm, r)| (label("realm", realm.clone()), *r)),
+        )?;
     }
+    Ok(())
 }

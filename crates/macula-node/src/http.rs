@@ -42,23 +42,11 @@ pub fn router(node: Arc<Node>) -> Router {
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
-    let realms: Vec<_> = node
-        .realm_handles()
-        .iter()
-        .map(|r| {
-            let core = r.lock();
-            let (subs, regs, calls) = core.stats();
-            (r.name.clone(), core.session_count(), subs, regs, calls)
-        })
-        .collect();
-    let mut text = node.metrics.render(&realms);
-    if let Some(m) = node.mesh.get() {
-        crate::exposition::render_mesh(&mut text, m, &node.metrics);
-    }
-    if let Some(meter) = &node.meter {
-        crate::exposition::render_usage(&mut text, meter, &node.quota_used.lock());
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+    let text = crate::exposition::render(&node);
+    (
+        [(header::CONTENT_TYPE, crate::exposition::CONTENT_TYPE)],
+        text,
+    )
 }
 
 /// `GET /v1/mesh`: this node's peer id, addresses, peers (address, latency), and per-realm
