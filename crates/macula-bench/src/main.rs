@@ -63,7 +63,7 @@ enum Target {
     Both,
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Debug)]
 enum Cmd {
     /// Publish → subscribe throughput; `--subscribers N` for 1:N fan-out.
     Pubsub {
@@ -287,10 +287,18 @@ fn main() -> Result<()> {
             other => vec![other],
         };
         let mut figs = vec![];
+        // Progress on stderr (drawn only on a terminal): a full run takes minutes.
+        let progress = indicatif::ProgressBar::new((scenarios.len() * cli.runs.max(1)) as u64);
+        progress.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} runs  {elapsed}  {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
         for s in scenarios {
             let mut runs = vec![];
+            progress.set_message(scenario_name(&s));
             // Alternate the servers run by run so that drift in the machine's load hits both alike.
             for _ in 0..cli.runs.max(1) {
+                progress.inc(1);
                 if let Cmd::Baseline { calls } = s {
                     runs.extend(baseline::round_trips(calls).await?);
                     continue;
@@ -333,9 +341,20 @@ fn main() -> Result<()> {
             }
             figs.extend(median(runs));
         }
+        progress.finish_and_clear();
         print(&figs, cli.json);
         Ok(())
     })
+}
+
+/// What a scenario is called in the progress line.
+fn scenario_name(s: &Cmd) -> String {
+    let debug = format!("{s:?}");
+    debug
+        .split([' ', '{'])
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// Collapses repeated runs of the same (scenario, server) into their median, noting the range.

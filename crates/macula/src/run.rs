@@ -93,6 +93,16 @@ pub async fn up(a: UpArgs, json: bool) -> Result<()> {
     loaded.config.tls.key = PathBuf::from(UP_CERT_KEY);
     let mut nodes = vec![];
     let mut first_mesh: Vec<String> = vec![];
+    // Several nodes take a few seconds: show them starting (on a terminal only).
+    let progress = if a.nodes > 1 && !json {
+        indicatif::ProgressBar::new(a.nodes as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("starting nodes {bar:20} {pos}/{len}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     for i in 0..a.nodes {
         let mut l = loaded.clone();
         // Port 0 (any free port) stays 0 for every node.
@@ -113,7 +123,9 @@ pub async fn up(a: UpArgs, json: bool) -> Result<()> {
             first_mesh = running.mesh_addrs.clone();
         }
         nodes.push(running);
+        progress.inc(1);
     }
+    progress.finish_and_clear();
     let running = &nodes[0];
     let realm = &a.realm;
     if json {
