@@ -78,7 +78,7 @@ pub async fn run(a: &SimArgs) -> Result<Vec<Figure>> {
     }
     let boot = started.elapsed();
     eprintln!("mesh-sim: {} nodes up in {boot:.1?}", a.nodes);
-    let mesh = |i: usize| nodes[i].node.mesh.get().map(|m| m.handle.clone());
+    let mesh = |i: usize| macula_node::mesh::of(&nodes[i].node).map(|m| m.handle.clone());
     // Every node has joined (through its random bootstrap node) before lookups start.
     for (i, &boot) in boot_of.iter().enumerate() {
         let m = mesh(i).context("mesh off")?;

@@ -111,7 +111,7 @@ impl Collector for NodeCollector {
         let node = &self.0;
         let mut out = Out(encoder);
         node_series(&mut out, node)?;
-        if let Some(m) = node.mesh.get() {
+        if let Some(m) = crate::mesh::of(node) {
             mesh_series(&mut out, m, &node.metrics)?;
         }
         if let Some(meter) = &node.meter {

@@ -52,7 +52,7 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
 /// `GET /v1/mesh`: this node's peer id, addresses, peers (address, latency), and per-realm
 /// interest tables (what `macula mesh status` prints).
 async fn mesh_status(State(node): State<Arc<Node>>) -> Response {
-    let Some(m) = node.mesh.get() else {
+    let Some(m) = crate::mesh::of(&node) else {
         return (
             axum::http::StatusCode::NOT_FOUND,
             axum::Json(serde_json::json!({"error": {"code": "mesh_off", "message": "the mesh is off on this node (mesh.enabled: false)"}})),
@@ -459,7 +459,7 @@ async fn begin<T: serde::de::DeserializeOwned>(
     hint: &str,
 ) -> Result<(BridgeSession, T), Response> {
     let session = BridgeSession::open(node, realm, headers)?;
-    if let Some(g) = node.mesh.get().and_then(|m| m.discovery_gate(realm)) {
+    if let Some(g) = crate::mesh::of(node).and_then(|m| m.discovery_gate(realm)) {
         g.wait().await;
         // A reload during the wait may have revoked the key or replaced the realm's authority.
         let auth = node.auth();

@@ -18,17 +18,18 @@ pub mod meter;
 pub mod metrics;
 pub mod node;
 pub mod outbox;
-pub mod proven;
+pub mod peer;
 pub mod rawsocket;
 pub mod session;
 pub mod tls;
-pub mod trust;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+
+use crate::mesh::trust;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -140,7 +141,7 @@ pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow:
             iv.tick().await;
             let now = confdir::now_secs();
             expiry.close_expired_sessions(now);
-            if let Some(m) = expiry.mesh.get() {
+            if let Some(m) = mesh::of(&expiry) {
                 m.proofs.expire(&expiry, m, now);
             }
         }
@@ -175,7 +176,7 @@ pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow:
             .iter()
             .map(|a| a.to_string())
             .collect();
-        let _ = node.mesh.set(mesh.clone());
+        let _ = node.mesh.set(Arc::new(mesh::Port(mesh.clone())));
         // Usage goes to the node hosting the billing aggregator: this one (its sink is set by
         // the registry), or one found through the mesh.
         if node.config.registry.enabled {
@@ -190,7 +191,7 @@ pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow:
         tasks.push(tokio::spawn(trust::upkeep(node.clone(), mesh.clone())));
         tasks.push(tokio::spawn(collect_tombstones(node.clone(), mesh.clone())));
         tasks.push(tokio::spawn(mesh::run(node.clone(), mesh, rx)));
-        tracing::info!(peer_id = %node.mesh.get().map(|m| m.handle.peer_id().to_string()).unwrap_or_default(), addrs = ?mesh_addrs, "mesh listening");
+        tracing::info!(peer_id = %mesh::of(&node).map(|m| m.handle.peer_id().to_string()).unwrap_or_default(), addrs = ?mesh_addrs, "mesh listening");
     }
     if let Some(meter) = node.meter.clone() {
         tasks.push(tokio::spawn(ship_usage(node.clone(), meter)));
@@ -257,7 +258,7 @@ async fn ship_usage(node: Arc<Node>, meter: Arc<meter::Meter>) {
             let id = node
                 .mesh
                 .get()
-                .map(|m| m.handle.peer_id().to_string())
+                .map(|m| m.peer_id())
                 .unwrap_or_else(|| "standalone".into());
             meter::Shipper::new(meter.clone(), id)
         });

@@ -13,9 +13,46 @@ use macula_wamp::{errors, Id, Message};
 
 use crate::confdir::{ConfDir, Loaded};
 use crate::config::NodeConfig;
-use crate::mesh::{MeshState, NodePeer};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
+use crate::peer::NodePeer;
+
+/// What the node asks of its mesh. The mesh (`crate::mesh`) sits above the node — it handles
+/// frames with the node's realms and credentials — and implements this; the node never names
+/// the mesh's types, so the node and the parts below it do not reach up into it.
+pub trait MeshPort: Send + Sync + 'static {
+    /// This node's peer id, as text and as bytes (what session proofs name).
+    fn peer_id(&self) -> String;
+    fn peer_bytes(&self) -> &[u8];
+    /// This node starts serving `realm` (provider record, linking the realm's other nodes).
+    fn start_discovery(&self, realm: &str);
+    /// This node no longer serves `realm`.
+    fn unprovide(&self, realm: &str);
+    /// What every realm announces local interest and registrations through.
+    fn announcer(&self) -> macula_router::Announcer;
+    /// The node's own services as a member of `realm`, and the procedures they answer.
+    fn services(
+        &self,
+        node: std::sync::Weak<Node>,
+        realm: &str,
+    ) -> (NodePeer, &'static [&'static str]);
+    /// The config directory's realm states changed: sign and flood them.
+    fn publish_local_states(&self, node: &Node);
+    /// Realm states learned from the mesh, for [`Node::rebuild_auth`].
+    fn learned_states(&self) -> Vec<LearnedState>;
+    /// Credentials changed (revocations, authorities, roles): peers' holds are judged again.
+    fn credentials_changed(&self, node: &Node);
+    /// The mesh itself, for the parts above the node (`crate::mesh::of`).
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// A realm state learned from the mesh: its sequence, policy document and authority.
+pub struct LearnedState {
+    pub realm: String,
+    pub seq: u64,
+    pub policy: String,
+    pub authority: Option<[u8; 32]>,
+}
 
 /// A realm and the lock around its router core.
 pub struct RealmHandle {
@@ -170,8 +207,8 @@ pub struct Node {
     sessions: Mutex<HashMap<Id, LiveSession>>,
     /// What the config directory holds (merged with realm states learned from the mesh).
     local: Mutex<Loaded>,
-    /// The mesh, once started.
-    pub mesh: OnceLock<Arc<MeshState>>,
+    /// The mesh, once started (see [`MeshPort`]; `crate::mesh::of` for its state).
+    pub mesh: OnceLock<Arc<dyn MeshPort>>,
     /// Usage counters (`metering.enabled`).
     pub meter: Option<Arc<crate::meter::Meter>>,
     /// Why the counters file could not be opened: the node refuses to start rather than count
@@ -266,7 +303,7 @@ impl Node {
 
     /// This node's mesh peer id as bytes (what session proofs name), when the mesh is on.
     pub fn mesh_peer_bytes(&self) -> Option<&[u8]> {
-        self.mesh.get().map(|m| m.peer_bytes.as_slice())
+        self.mesh.get().map(|m| m.peer_bytes())
     }
 
     /// Whether a key of `key_realm` with `role` may act in `realm` here now: the realm exists,
@@ -371,7 +408,7 @@ impl Node {
             return Err(abort(errors::QUOTA_EXCEEDED, why.clone()));
         }
         let me = (!policy.doc.nodes.is_empty())
-            .then(|| self.mesh.get().map(|m| m.handle.peer_id().to_string()))
+            .then(|| self.mesh.get().map(|m| m.peer_id()))
             .flatten();
         if let Some(me) = me {
             if !policy.may_serve(&me) {
@@ -415,12 +452,9 @@ impl Node {
                 let mut service = None;
                 if let Some(m) = self.mesh.get() {
                     core.set_announcer(m.announcer());
-                    let peer = NodePeer::Service(crate::mesh::ServicePeer {
-                        node: self.me.clone(),
-                        realm: Arc::from(name),
-                    });
+                    let (peer, procedures) = m.services(self.me.clone(), name);
                     let id = core.join_link("macula.service", peer);
-                    for p in crate::mesh::SERVICE_PROCEDURES {
+                    for p in procedures {
                         core.service_register(id, p);
                     }
                     service = Some(id);
@@ -469,7 +503,7 @@ impl Node {
             realms.remove(&realm.name);
             if realm.provided.load(Ordering::Acquire) {
                 if let Some(m) = self.mesh.get() {
-                    m.handle.unprovide(&realm.name);
+                    m.unprovide(&realm.name);
                 }
             }
         }
@@ -656,7 +690,7 @@ impl Node {
     pub fn apply(&self, loaded: Loaded) {
         *self.local.lock().unwrap_or_else(|p| p.into_inner()) = loaded;
         if let Some(m) = self.mesh.get() {
-            crate::mesh::publish_local_states(self, m);
+            m.publish_local_states(self);
         }
         self.rebuild_auth();
     }
@@ -675,17 +709,18 @@ impl Node {
         let mut policies = local.policies;
         let mut authorities = local.authorities;
         if let Some(m) = self.mesh.get() {
-            for (realm, st) in m.states.lock().iter() {
+            for st in m.learned_states() {
+                let realm = &st.realm;
                 let local_seq = local.seqs.get(realm).copied().unwrap_or(0);
                 // A realm this node's operator made by hand (generation 0) is this node's own:
                 // a registration of the same name elsewhere under the trust root (another
                 // authority) does not take it over here, however high its sequence.
                 let hand_made = policies.contains_key(realm) && local_seq >> 32 == 0;
-                if hand_made && authorities.get(realm) != st.authority().as_ref() {
+                if hand_made && authorities.get(realm) != st.authority.as_ref() {
                     continue;
                 }
                 if st.seq > local_seq || !policies.contains_key(realm) {
-                    if let (Ok(p), Some(a)) = (Policy::from_yaml(&st.policy), st.authority()) {
+                    if let (Ok(p), Some(a)) = (Policy::from_yaml(&st.policy), st.authority) {
                         policies.insert(realm.clone(), Arc::new(p));
                         authorities.insert(realm.clone(), a);
                     }
@@ -764,7 +799,7 @@ impl Node {
         }
         // Peers' interest and registrations held for sessions whose keys no longer stand.
         if let Some(m) = self.mesh.get() {
-            m.proofs.recheck(self, m);
+            m.credentials_changed(self);
         }
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         for s in sessions.values() {

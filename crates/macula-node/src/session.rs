@@ -143,7 +143,7 @@ impl Connection {
         if !macula_mesh::take_pressure() {
             return;
         }
-        let Some(mesh) = self.node.mesh.get().cloned() else {
+        let Some(mesh) = crate::mesh::of(&self.node).cloned() else {
             return;
         };
         self.flush();
@@ -348,11 +348,8 @@ impl Connection {
                         };
                         // In a realm this node has just started serving, WELCOME (and all
                         // after it) waits until the realm's other nodes are linked.
-                        if let Some(g) = self
-                            .node
-                            .mesh
-                            .get()
-                            .and_then(|m| m.discovery_gate(&realm.name))
+                        if let Some(g) =
+                            crate::mesh::of(&self.node).and_then(|m| m.discovery_gate(&realm.name))
                         {
                             self.outbox.hold(g);
                         }
@@ -409,7 +406,7 @@ impl Connection {
                 .node
                 .mesh
                 .get()
-                .map(|m| m.handle.peer_id().to_string())
+                .map(|m| m.peer_id())
                 .unwrap_or_else(|| "standalone".into()),
             operation: kind.name(),
             topic: target,

@@ -499,7 +499,7 @@ async fn a_registration_elsewhere_does_not_take_over_a_hand_made_realm() {
     let policy = macula_router::policy::Policy::from_doc(doc).unwrap();
     let state =
         macula_node::mesh::RealmState::sign(REALM, policy.seq(), policy.to_yaml(), &cert, &other);
-    let mesh = t.node().mesh.get().expect("the mesh is on");
+    let mesh = macula_node::mesh::of(t.node()).expect("the mesh is on");
     assert!(mesh.offer_state(state), "a newer state by sequence");
     t.node().rebuild_auth();
     let now = macula_node::confdir::now_secs();
@@ -554,7 +554,7 @@ async fn an_unlisted_node_cannot_inject_into_a_dedicated_realm() {
 
     // Dedicated to this node only: the same frame is refused.
     dedicate_to_this_node(&t);
-    let counters = &t.node().mesh.get().unwrap().counters;
+    let counters = &macula_node::mesh::of(t.node()).unwrap().counters;
     let before = counters.rejected.load(std::sync::atomic::Ordering::Relaxed);
     rogue.send(&target, &inject(2));
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -774,7 +774,7 @@ async fn tombstones_are_collected_after_the_retention() {
     };
     peer.send(&node, &state(&tombstone));
     settle(&peer, &node, &mut ev).await;
-    let mesh = t.node().mesh.get().unwrap();
+    let mesh = macula_node::mesh::of(t.node()).unwrap();
     assert!(
         mesh.states.lock().contains_key(gone),
         "the tombstone is taken"
@@ -843,7 +843,11 @@ async fn an_unlisted_node_cannot_write_a_dedicated_realms_records() {
 
 /// Restricts the test realm to the test node (its `nodes` list) and applies it.
 fn dedicate_to_this_node(t: &TestNode) {
-    let me = t.node().mesh.get().unwrap().handle.peer_id().to_string();
+    let me = macula_node::mesh::of(t.node())
+        .unwrap()
+        .handle
+        .peer_id()
+        .to_string();
     let mut doc = t.dir.read_policy(REALM).unwrap();
     doc.version += 1;
     doc.nodes = vec![me];

@@ -33,10 +33,10 @@ pub(crate) fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, fr
         }
         Frame::BarrierAck { id } => mesh.barrier_done(peer, Some(id)),
         Frame::NodeRevoked { revocation } => {
-            crate::trust::on_revocation(node, mesh, peer, &revocation)
+            crate::mesh::trust::on_revocation(node, mesh, peer, &revocation)
         }
-        Frame::CertRenew => crate::trust::on_renew_request(node, mesh, peer),
-        Frame::CertIssued { cert } => crate::trust::on_cert_issued(node, mesh, &cert),
+        Frame::CertRenew => crate::mesh::trust::on_renew_request(node, mesh, peer),
+        Frame::CertIssued { cert } => crate::mesh::trust::on_cert_issued(node, mesh, &cert),
         Frame::Session {
             realm,
             session,

@@ -12,12 +12,22 @@ pub struct LinkPeer {
     pub(crate) mesh: MeshHandle,
     /// Per peer, the (realm, session)s whose key's public form this node sent it
     /// ([`Frame::Session`]); shared by the node's links.
-    pub(crate) announced: Arc<Mutex<HashMap<PeerId, crate::proven::Recent<()>>>>,
+    pub(crate) announced: Arc<Mutex<HashMap<PeerId, crate::mesh::proven::Recent<()>>>>,
 }
 
 /// The originating session as the frame header carries it.
 pub(crate) fn origin(i: &macula_router::SessionInfo) -> (u64, &str, &str) {
     (i.id, i.authid.as_str(), i.authrole.as_str())
+}
+
+impl Peer for LinkPeer {
+    fn send(&self, msg: Arc<Message>) {
+        self.reply(&msg)
+    }
+
+    fn forward(&self, f: Forwarded<'_>) {
+        LinkPeer::forward(self, f)
+    }
 }
 
 impl LinkPeer {
@@ -36,7 +46,7 @@ impl LinkPeer {
 
     pub(crate) fn forward(&self, f: Forwarded<'_>) {
         let (Forwarded::Publication { origin: o, .. } | Forwarded::Call { origin: o, .. }) = &f;
-        crate::proven::send_proof(
+        crate::mesh::proven::send_proof(
             &self.announced,
             &self.mesh,
             &self.peer,

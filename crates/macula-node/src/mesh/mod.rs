@@ -16,12 +16,15 @@
 //! One file per concept: this one holds the mesh state (discovery, barriers, the announcer) and
 //! the event loop; `frames.rs` what each frame means; `link.rs` a realm's end of a link;
 //! `state.rs` signed realm states and tombstones; `service.rs` the DHT services; `usage.rs`
-//! usage reports over the mesh. Proven roles are in `crate::proven`.
+//! usage reports over the mesh; `proven.rs` the roles peers prove and the interest and
+//! registrations they may hold here; `trust.rs` certificates and node revocations.
 
 mod frames;
 mod link;
+pub mod proven;
 mod service;
 mod state;
+pub mod trust;
 mod usage;
 
 #[allow(unused_imports)]
@@ -44,37 +47,79 @@ use macula_wamp::{Id, Message, Serializer};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::node::{Node, RealmHandle};
+use crate::mesh::proven::{HoldKey, Kind};
+use crate::node::{LearnedState, MeshPort, Node, RealmHandle};
 use crate::outbox::Gate;
-use crate::outbox::{SessionPeer, Staging};
-use crate::proven::{HoldKey, Kind};
+use crate::outbox::Staging;
 
-/// Who a realm member is: a client session (its outbox) or another node (a mesh link).
-#[derive(Clone)]
-pub enum NodePeer {
-    Session(SessionPeer),
-    Link(LinkPeer),
-    /// The node's own services (`macula.dht.*`), registered in every realm like a link so that
-    /// calls reach them through the dealer with the usual ACL check.
-    Service(ServicePeer),
+pub use crate::peer::NodePeer;
+
+/// The mesh as the node sees it ([`MeshPort`]): set on the node once the mesh is up.
+pub struct Port(pub Arc<MeshState>);
+
+impl MeshPort for Port {
+    fn peer_id(&self) -> String {
+        self.0.handle.peer_id().to_string()
+    }
+
+    fn peer_bytes(&self) -> &[u8] {
+        &self.0.peer_bytes
+    }
+
+    fn start_discovery(&self, realm: &str) {
+        self.0.start_discovery(realm)
+    }
+
+    fn unprovide(&self, realm: &str) {
+        self.0.handle.unprovide(realm)
+    }
+
+    fn announcer(&self) -> macula_router::Announcer {
+        self.0.announcer()
+    }
+
+    fn services(&self, node: Weak<Node>, realm: &str) -> (NodePeer, &'static [&'static str]) {
+        let peer = ServicePeer {
+            node,
+            realm: Arc::from(realm),
+        };
+        (NodePeer::Mesh(Arc::new(peer)), &SERVICE_PROCEDURES)
+    }
+
+    fn publish_local_states(&self, node: &Node) {
+        publish_local_states(node, &self.0)
+    }
+
+    fn learned_states(&self) -> Vec<LearnedState> {
+        self.0
+            .states
+            .lock()
+            .iter()
+            .map(|(realm, st)| LearnedState {
+                realm: realm.clone(),
+                seq: st.seq,
+                policy: st.policy.clone(),
+                authority: st.authority(),
+            })
+            .collect()
+    }
+
+    fn credentials_changed(&self, node: &Node) {
+        self.0.proofs.recheck(node, &self.0)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
-impl Peer for NodePeer {
-    fn send(&self, msg: Arc<Message>) {
-        match self {
-            NodePeer::Session(s) => s.send(msg),
-            NodePeer::Link(l) => l.reply(&msg),
-            NodePeer::Service(_) => {}
-        }
-    }
-
-    fn forward(&self, f: Forwarded<'_>) {
-        match self {
-            NodePeer::Link(l) => l.forward(f),
-            NodePeer::Service(s) => s.invoke(f),
-            NodePeer::Session(_) => {}
-        }
-    }
+/// The mesh's state, for the parts above the node (None while the mesh is off or starting).
+pub fn of(node: &Node) -> Option<&Arc<MeshState>> {
+    node.mesh
+        .get()?
+        .as_any()
+        .downcast_ref::<Port>()
+        .map(|p| &p.0)
 }
 
 /// Counters for `/metrics`.
@@ -114,7 +159,7 @@ pub struct MeshState {
     /// Longest wait for the acknowledgements.
     pub(crate) barrier_timeout: Duration,
     /// Certificate renewal and node revocations (see [`crate::trust`]).
-    pub trust_upkeep: crate::trust::Upkeep,
+    pub trust_upkeep: crate::mesh::trust::Upkeep,
     /// Realms this node just started serving, until it has found and linked the realm's other
     /// nodes (see [`MeshState::start_discovery`]).
     pub(crate) discovery: Mutex<HashMap<String, Arc<Gate>>>,
@@ -125,7 +170,7 @@ pub struct MeshState {
     pub(crate) tombstone_retention: u64,
     /// Roles proved by peers and sent to them, and the interest and registrations peers hold
     /// here (see [`crate::proven`]).
-    pub proofs: crate::proven::Proofs,
+    pub proofs: crate::mesh::proven::Proofs,
     /// When this node last had a certified peer.
     pub(crate) last_linked: Mutex<Instant>,
 }
@@ -168,7 +213,7 @@ impl MeshState {
             discovery: Mutex::new(HashMap::new()),
             tombstones: Mutex::new(HashMap::new()),
             tombstone_retention: cfg.tombstone_retention_s,
-            proofs: crate::proven::Proofs::new(crate::proven::HoldLimits {
+            proofs: crate::mesh::proven::Proofs::new(crate::mesh::proven::HoldLimits {
                 holds: cfg.max_holds_per_peer,
                 realms: cfg.max_realms_per_peer,
             }),
@@ -350,7 +395,7 @@ impl MeshState {
         let realm: Arc<str> = Arc::from(realm);
         for p in peers {
             if let Some(h) = &by {
-                crate::proven::send_proof(
+                crate::mesh::proven::send_proof(
                     &self.proofs.announced,
                     &self.handle,
                     p,
@@ -424,12 +469,12 @@ pub(crate) fn link_for(mesh: &MeshState, realm: &Arc<RealmHandle>, peer: PeerId)
     if let Some(id) = mesh.links.lock().get(&key) {
         return *id;
     }
-    let link = NodePeer::Link(LinkPeer {
+    let link = NodePeer::Mesh(Arc::new(LinkPeer {
         peer,
         realm: Arc::from(realm.name.as_str()),
         mesh: mesh.handle.clone(),
         announced: mesh.proofs.announced.clone(),
-    });
+    }));
     let id = realm.lock().join_link(&peer.to_string(), link);
     mesh.links.lock().insert(key, id);
     // Tell the realm's other nodes: any of them that has not found `peer` links to it now.
@@ -449,7 +494,7 @@ pub(crate) fn handle(node: &Arc<Node>, mesh: &Arc<MeshState>, ev: MeshEvent) {
             tracing::info!(%peer, "mesh peer up");
             mesh.peer_up.notify_waiters();
             // Revocations first: the peer cuts off revoked nodes before anything else.
-            crate::trust::send_revocations(mesh, &peer);
+            crate::mesh::trust::send_revocations(mesh, &peer);
             let states: Vec<RealmState> = mesh.states.lock().values().cloned().collect();
             for s in states {
                 mesh.handle.send(

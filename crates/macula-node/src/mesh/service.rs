@@ -15,6 +15,14 @@ pub struct ServicePeer {
     pub realm: Arc<str>,
 }
 
+impl Peer for ServicePeer {
+    fn send(&self, _msg: Arc<Message>) {}
+
+    fn forward(&self, f: Forwarded<'_>) {
+        self.invoke(f)
+    }
+}
+
 impl ServicePeer {
     pub(crate) fn invoke(&self, f: Forwarded<'_>) {
         let Forwarded::Call {
@@ -65,7 +73,7 @@ pub(crate) async fn dht_call(
     payload: macula_wamp::Payload,
 ) -> Result<macula_wamp::Payload, CallError> {
     use macula_wamp::{errors, Value};
-    let mesh = node.mesh.get().ok_or((
+    let mesh = crate::mesh::of(node).ok_or((
         errors::NO_SUCH_PROCEDURE,
         "the mesh is off on this node (mesh.enabled: false): enable it, or connect to a node that runs one".to_string(),
     ))?;

@@ -74,7 +74,7 @@ impl crate::meter::UsageSink for MeshSink {
         Box::pin(async move {
             let mesh = node
                 .upgrade()
-                .and_then(|n| n.mesh.get().cloned())
+                .and_then(|n| crate::mesh::of(&n).cloned())
                 .ok_or("the mesh is off")?;
             let h = &mesh.handle;
             let known = *mesh.billing_peer.lock();
