@@ -37,7 +37,7 @@ pub async fn run(realms: usize) -> Result<Vec<Figure>> {
     dir.init()?;
     // The registry first (its start-up sync reads every realm), then the data, straight in.
     let reg = Registry::new(
-        Db::sqlite(&tmp.join("registry.db")).await?,
+        macula_registry::db::sqlite(&tmp.join("registry.db")).await?,
         RegistryConfig::default(),
         dir,
         None,

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use macula_node::ConfDir;
-use macula_registry::{Db, Registry, RegistryConfig};
+use macula_registry::{Registry, RegistryConfig};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -80,7 +80,7 @@ pub async fn run(requests: u64, clients: usize) -> Result<Vec<Figure>> {
     let _ = std::fs::remove_dir_all(&tmp);
     let dir = ConfDir::new(&tmp);
     dir.init()?;
-    let db = Db::sqlite(&tmp.join("registry.db")).await?;
+    let db = macula_registry::db::sqlite(&tmp.join("registry.db")).await?;
     let reg = Registry::new(db, RegistryConfig::default(), dir.clone(), None).await?;
     let app = macula_registry::http::router(reg, 64 << 10)
         .into_make_service_with_connect_info::<SocketAddr>();

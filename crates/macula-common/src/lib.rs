@@ -9,9 +9,13 @@
 //! - [`usage`]: the usage report a node delivers and the aggregator ingests.
 //! - [`policy`]: the realm policy document (roles, users, keys, topic ACLs) and the default one.
 //! - [`prices`]: the price list (plans and add-ons) that both quota enforcement and invoicing read.
+//! - `store` (feature `storage`, for the control-plane services): the database pool over SQLite
+//!   or PostgreSQL, write transactions, the migrations runner, a throwaway PostgreSQL for tests.
 
 pub mod policy;
 pub mod prices;
 pub mod secret;
+#[cfg(feature = "storage")]
+pub mod store;
 pub mod time;
 pub mod usage;

@@ -21,7 +21,8 @@ pub mod mail;
 pub(crate) mod prelude;
 pub mod realms;
 pub mod service;
-pub mod testpg;
+/// A throwaway PostgreSQL for tests (from the shared storage layer).
+pub use macula_common::store::testpg;
 
 pub use db::{Backend, Db};
 pub use error::{ApiError, ApiResult};

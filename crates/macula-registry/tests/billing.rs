@@ -670,7 +670,7 @@ async fn a_configured_price_list_is_used() {
         },
         ..config()
     };
-    let db = macula_registry::Db::open(&sqlite_url(tmp.path()))
+    let db = macula_registry::db::open(&sqlite_url(tmp.path()))
         .await
         .unwrap();
     let dir = macula_node::ConfDir::new(tmp.path());

@@ -46,7 +46,7 @@ async fn begin_with_a(db: &Db) -> macula_registry::db::WriteTx {
 }
 
 async fn transactions(url: &str) {
-    let db = Db::open(url).await.unwrap();
+    let db = macula_registry::db::open(url).await.unwrap();
     sqlx::raw_sql("CREATE TABLE scratch (id TEXT PRIMARY KEY, n BIGINT NOT NULL)")
         .execute(&db.pool)
         .await

@@ -75,7 +75,7 @@ async fn sealed_at_rest(url: &str, tmp: &std::path::Path) {
     // Another KEK (here from the environment's form of it) does not open the database: the
     // registry refuses to start and says which setting to fix.
     let dir = macula_node::ConfDir::new(tmp);
-    let db = macula_registry::Db::open(url).await.unwrap();
+    let db = macula_registry::db::open(url).await.unwrap();
     let config = RegistryConfig {
         kek: KekSource::Hex("42".repeat(32)),
         ..RegistryConfig::default()

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use macula_node::{ConfDir, Node, RegistrySection};
-use macula_registry::{billing, http, kek, mail, Db, Registry, RegistryConfig};
+use macula_registry::{billing, http, kek, mail, Registry, RegistryConfig};
 
 /// The registry's settings from a node's `registry:` section.
 pub fn registry_config(s: &RegistrySection) -> RegistryConfig {
@@ -58,7 +58,7 @@ pub async fn host(
     database: &str,
 ) -> anyhow::Result<(Arc<Registry>, axum::Router)> {
     let section = &node.config.registry;
-    let db = Db::open(database).await?;
+    let db = macula_registry::db::open(database).await?;
     let reg = Registry::new(
         db,
         registry_config(section),

@@ -1,14 +1,15 @@
 //! The registry's schema, one numbered step per change, run in order on SQLite and PostgreSQL
-//! alike (see [`super::Db::open`]).
+//! alike (by `macula_common::store::Db::open`).
 
-/// One schema step. Versions only grow; a released step is never edited.
-pub(crate) struct Migration {
-    pub(crate) version: i64,
-    pub(crate) name: &'static str,
-    pub(crate) sql: &'static str,
-}
+use macula_common::store::{Migration, Schema};
 
-pub(crate) const MIGRATIONS: &[Migration] = &[
+/// The registry's schema.
+pub static SCHEMA: Schema = Schema {
+    name: "registry",
+    migrations: MIGRATIONS,
+};
+
+const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "accounts, realms, policy versions, members, keys, transfers, fees, claims, audit",

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use macula_node::ConfDir;
-use macula_registry::{Db, Registry, RegistryConfig};
+use macula_registry::{Registry, RegistryConfig};
 use serde_json::Value;
 
 pub struct Server {
@@ -72,7 +72,7 @@ pub async fn serve(db_url: &str, confdir: &Path, mut config: RegistryConfig) -> 
         .url
         .strip_prefix("dir:")
         .map(std::path::PathBuf::from);
-    let db = Db::open(db_url).await.unwrap();
+    let db = macula_registry::db::open(db_url).await.unwrap();
     let reg = Registry::new(db, config, dir.clone(), None).await.unwrap();
     let app = macula_registry::http::router(reg.clone(), 64 << 10)
         .into_make_service_with_connect_info::<SocketAddr>();

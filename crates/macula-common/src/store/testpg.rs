@@ -1,4 +1,4 @@
-//! A throwaway PostgreSQL server for tests (the registry's and the CLI's): started from the
+//! A throwaway PostgreSQL server for tests (the services' and the CLI's): started from the
 //! installed binaries with `initdb` in a temp dir, as the `postgres` user when run as root,
 //! and stopped on drop. Absent binaries make [`Postgres::start`] return `None` after saying so.
 
