@@ -1,4 +1,7 @@
 //! The Macula side: a node in a child process and lean RawSocket/WebSocket clients.
+//!
+//! Past 600 lines because every scenario's Macula half is here, next to the clients they share;
+//! `nats_side.rs` mirrors it scenario by scenario.
 
 use macula_node::Load;
 use std::path::Path;

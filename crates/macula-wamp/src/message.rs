@@ -1,4 +1,7 @@
 //! WAMP v2 messages: the typed form of the arrays on the wire, and conversion both ways.
+//!
+//! One file past 600 lines: the message types and their two conversions are one table (the
+//! spec's message codes), read and checked together; splitting it by message would scatter it.
 
 use std::borrow::Cow;
 

@@ -1,9 +1,10 @@
 //! The storage layer of the control-plane services (feature `storage`): one `sqlx` Any pool
 //! over embedded SQLite (the default) or PostgreSQL, write transactions (with SQLite's group
 //! committer), and the runner of a service's versioned migrations ([`Schema`]) on start.
-//! [`testpg`] starts a throwaway PostgreSQL for tests.
+//! [`testpg`] starts a throwaway PostgreSQL for tests. One file of 600 lines with its tests:
+//! the transaction types, the group committer and the pool they share are one mechanism.
 //!
-//! Every query in this crate is written once, in the SQL both engines accept: `$n` placeholders
+//! Every query of a service is written once, in the SQL both engines accept: `$n` placeholders
 //! (SQLite reads them as numbered parameters), `BIGINT` for every integer and time (Unix
 //! seconds), `TEXT` for everything else, and no booleans. The only per-engine difference is how
 //! an auto-incrementing key is declared (`{serial}` in the migrations).

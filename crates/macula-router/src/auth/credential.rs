@@ -1,5 +1,8 @@
 //! API keys: signed, self-contained credentials, verifiable with only the trust root's public key.
 //!
+//! One file past 600 lines (a third of it tests): the key format, its signing and its
+//! verification are one wire format whose canonical encoding must be read as a whole.
+//!
 //! The chain follows the NATS operator → account → user model:
 //! the **operator** (trust root) signs an [`AuthorityCert`] that binds a realm (and its subrealms)
 //! to the realm authority's Ed25519 public key; the **realm authority** signs [`KeyClaims`]
