@@ -5,6 +5,7 @@
 //! of Macula's.
 //!
 //! - [`time`]: Unix seconds, RFC 3339, the UTC calendar (months for billing).
+//! - [`ids`]: random identifiers and secrets (`key_…`, `mcs_…`).
 //! - [`secret`]: files that hold secrets (mode 0600 from the first byte).
 //! - [`usage`]: the usage report a node delivers and the aggregator ingests.
 //! - [`policy`]: the realm policy document (roles, users, keys, topic ACLs) and the default one.
@@ -12,6 +13,7 @@
 //! - `store` (feature `storage`, for the control-plane services): the database pool over SQLite
 //!   or PostgreSQL, write transactions, the migrations runner, a throwaway PostgreSQL for tests.
 
+pub mod ids;
 pub mod policy;
 pub mod prices;
 pub mod secret;

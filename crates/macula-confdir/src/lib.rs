@@ -230,7 +230,7 @@ impl ConfDir {
             );
         }
         let now = now_secs();
-        let kid = format!("key_{}", hex::encode(rand::random::<[u8; 8]>()));
+        let kid = macula_common::ids::random_id("key_", 8);
         let claims = KeyClaims {
             realm: realm.into(),
             role: role.into(),

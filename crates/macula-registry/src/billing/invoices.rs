@@ -127,10 +127,9 @@ impl Registry {
                     replaced.push(id.clone());
                     id.clone()
                 }
-                None => format!(
-                    "in_{}_{}",
-                    month_name(month).replace('-', ""),
-                    hex::encode(rand::random::<[u8; 6]>())
+                None => macula_common::ids::random_id(
+                    &format!("in_{}_", month_name(month).replace('-', "")),
+                    6,
                 ),
             };
             let status = match (final_, total) {

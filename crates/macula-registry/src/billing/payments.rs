@@ -56,7 +56,7 @@ impl Registry {
         .bind(id)
         .execute(&mut *tx)
         .await?;
-        let pid = format!("pay_{}", hex::encode(rand::random::<[u8; 8]>()));
+        let pid = macula_common::ids::random_id("pay_", 8);
         sqlx::query("INSERT INTO payments (id, invoice_id, provider, reference, amount_cents, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(&pid)
             .bind(id)
@@ -108,6 +108,6 @@ impl PaymentProvider for RecordingProvider {
         "recorded"
     }
     fn charge(&self, _invoice: &str, _amount_cents: i64) -> Result<String, String> {
-        Ok(format!("rec_{}", hex::encode(rand::random::<[u8; 8]>())))
+        Ok(macula_common::ids::random_id("rec_", 8))
     }
 }

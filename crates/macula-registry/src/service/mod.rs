@@ -154,11 +154,7 @@ pub(crate) fn sha256_hex(s: &str) -> String {
     hex::encode(Sha256::digest(s.as_bytes()))
 }
 
-pub(crate) fn random_token(prefix: &str, bytes: usize) -> String {
-    let mut b = vec![0u8; bytes];
-    rand::Rng::fill(&mut rand::thread_rng(), b.as_mut_slice());
-    format!("{prefix}{}", hex::encode(b))
-}
+pub(crate) use macula_common::ids::random_id as random_token;
 
 impl Registry {
     pub async fn new(
