@@ -4,11 +4,14 @@
 //! (a long-running service with `replicas`) or a *job* (work that runs to completion) — in
 //! Macula's own YAML format ([`manifest`]) or in the Kubernetes-compatible subset ([`k8s`]: an
 //! `apps/v1` Deployment, a `batch/v1` Job), checked into one [`Manifest`] with every problem
-//! named by its field's path. It depends on nothing of Macula's; the node (placement, leases,
+//! named by its field's path; and the leases with fencing tokens that keep a replica slot held
+//! by one node at a time ([`lease`], a state machine without I/O). It depends on nothing of
+//! Macula's; the node (placement, leases,
 //! runtimes) and the control plane (records, the REST and Kubernetes-style APIs) build on it.
 
 mod error;
 pub mod k8s;
+pub mod lease;
 pub mod manifest;
 pub mod quantity;
 

@@ -1,0 +1,346 @@
+//! Leases with fencing tokens, as a state machine without I/O: the nodes carry its messages
+//! over the mesh and persist what an authority promised; this module decides.
+//!
+//! **Who grants.** Each replica slot (payload `i`, job completion `i`) has a small set of
+//! *authorities*: the top `k` (3) of the realm's nodes by rendezvous hash of (slot, node)
+//! ([`authorities`]). Every node computes the same set from the same membership, and a node
+//! joining or leaving moves only the slots it ranks high for.
+//!
+//! **How a lease is held.** A node that wants a slot proposes a token one above the highest it
+//! knows and asks every authority ([`Acquisition`]). An authority grants if no other holder's
+//! grant is still running and the token is above every token it has promised
+//! ([`Authority::handle`]); granting, it promises the token (the node persists the promise
+//! before the answer leaves). The slot is held when a majority granted the same token. The
+//! holder counts its lease from when it *sent* the request, so its own view ends before any
+//! authority's (which counts from when it received it), with `margin` to spare for clock rate
+//! differences. It renews at a third of the term.
+//!
+//! **Why at most one holder at a time.** Two majorities of one authority set share an
+//! authority; that authority grants a second holder only once the first holder's grant has
+//! expired at the authority, which is after the first holder stopped counting on it. **Why
+//! tokens only grow.** A later majority shares an authority with every earlier one, and that
+//! authority refuses any token not above what it promised, so a later lease's token is above
+//! every earlier lease's. Both rest on the authority keeping its promises: a node persists
+//! them before it answers ([`Authority::handle`] returns what to persist). An authority that
+//! lost them anyway (its disk was wiped) abstains for one lease term, so every grant it made
+//! has expired; tokens it promised stay known to the other members of the majorities that got
+//! them, as long as no more than a minority of the set lost its state at once.
+//!
+//! The replica is given its token (`MACULA_FENCING_TOKEN`); whatever the replica writes can be
+//! refused when it carries a token below the newest one seen.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// A node, by its mesh peer id.
+pub type NodeId = String;
+
+/// How many authorities a slot has (a majority is 2).
+pub const AUTHORITIES: usize = 3;
+
+/// The slot's authorities: the top `k` of `nodes` by rendezvous hash of (`slot`, node), best
+/// first. Every node that knows the same `nodes` computes the same list.
+pub fn authorities<'a>(slot: &str, nodes: &'a [NodeId], k: usize) -> Vec<&'a NodeId> {
+    let mut scored: Vec<(u64, &NodeId)> = nodes
+        .iter()
+        .map(|n| {
+            let mut h = Sha256::new();
+            h.update(slot.as_bytes());
+            h.update([0u8]);
+            h.update(n.as_bytes());
+            let d = h.finalize();
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&d[..8]);
+            (u64::from_be_bytes(b), n)
+        })
+        .collect();
+    scored.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+    scored.dedup_by(|a, b| a.1 == b.1);
+    scored.into_iter().take(k).map(|(_, n)| n).collect()
+}
+
+/// What a node asks an authority.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Grant `slot` to `holder` under `token` (or extend the grant it already has under it).
+    Acquire {
+        slot: String,
+        holder: NodeId,
+        token: u64,
+    },
+    /// The holder gives the slot up (its replica stopped).
+    Release {
+        slot: String,
+        holder: NodeId,
+        token: u64,
+    },
+}
+
+/// An authority's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Granted { slot: String, token: u64 },
+    Refused { slot: String, why: Refusal },
+    Released { slot: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// Another holder's grant runs until then (authority's clock, ms).
+    Held {
+        holder: NodeId,
+        token: u64,
+        until_ms: u64,
+    },
+    /// The token is not above what this authority promised; propose above `promised`.
+    Stale { promised: u64 },
+    /// This authority lost its promises and waits out one lease term.
+    Abstaining { until_ms: u64 },
+}
+
+/// One slot as an authority keeps it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotPromise {
+    /// The highest token promised (persisted before any answer that depends on it).
+    pub promised: u64,
+    /// The running grant, if any: holder, token, and when it ends on this authority's clock.
+    pub grant: Option<(NodeId, u64, u64)>,
+}
+
+/// An authority for any number of slots.
+#[derive(Debug, Clone)]
+pub struct Authority {
+    term_ms: u64,
+    abstain_until: u64,
+    slots: HashMap<String, SlotPromise>,
+}
+
+impl Authority {
+    /// An authority whose promises were restored (`Some`, possibly empty for a node that never
+    /// was one) or lost (`None`: it abstains for one lease term from `now_ms`).
+    pub fn new(term_ms: u64, restored: Option<BTreeMap<String, SlotPromise>>, now_ms: u64) -> Self {
+        Authority {
+            term_ms,
+            abstain_until: if restored.is_some() {
+                0
+            } else {
+                now_ms + term_ms
+            },
+            slots: restored.unwrap_or_default().into_iter().collect(),
+        }
+    }
+
+    /// Answers one request at `now_ms`; returns the answer and, when a promise changed, the
+    /// slot's new state (to persist before the answer is sent).
+    pub fn handle(&mut self, req: &Request, now_ms: u64) -> (Reply, Option<SlotPromise>) {
+        match req {
+            Request::Acquire {
+                slot,
+                holder,
+                token,
+            } => {
+                if now_ms < self.abstain_until {
+                    return (
+                        Reply::Refused {
+                            slot: slot.clone(),
+                            why: Refusal::Abstaining {
+                                until_ms: self.abstain_until,
+                            },
+                        },
+                        None,
+                    );
+                }
+                let st = self.slots.entry(slot.clone()).or_default();
+                if let Some((h, t, until)) = &st.grant {
+                    if *until > now_ms && h != holder {
+                        return (
+                            Reply::Refused {
+                                slot: slot.clone(),
+                                why: Refusal::Held {
+                                    holder: h.clone(),
+                                    token: *t,
+                                    until_ms: *until,
+                                },
+                            },
+                            None,
+                        );
+                    }
+                }
+                // A renewal by the holder under the token it holds, or a new token above every
+                // promise.
+                let renewal = matches!(&st.grant, Some((h, t, _)) if h == holder && t == token);
+                if !renewal && *token <= st.promised {
+                    return (
+                        Reply::Refused {
+                            slot: slot.clone(),
+                            why: Refusal::Stale {
+                                promised: st.promised,
+                            },
+                        },
+                        None,
+                    );
+                }
+                st.promised = st.promised.max(*token);
+                st.grant = Some((holder.clone(), *token, now_ms + self.term_ms));
+                (
+                    Reply::Granted {
+                        slot: slot.clone(),
+                        token: *token,
+                    },
+                    Some(st.clone()),
+                )
+            }
+            Request::Release {
+                slot,
+                holder,
+                token,
+            } => {
+                let st = self.slots.entry(slot.clone()).or_default();
+                let changed = matches!(&st.grant, Some((h, t, _)) if h == holder && t == token);
+                if changed {
+                    st.grant = None;
+                }
+                (
+                    Reply::Released { slot: slot.clone() },
+                    changed.then(|| st.clone()),
+                )
+            }
+        }
+    }
+
+    /// What this authority promised, for persisting in full.
+    pub fn promises(&self) -> BTreeMap<String, SlotPromise> {
+        self.slots
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// Where an acquisition (or renewal) stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Waiting for more answers.
+    Pending,
+    /// A majority granted: the slot is held under `token` until `valid_until_ms` (holder's
+    /// clock); renew before then.
+    Held { token: u64, valid_until_ms: u64 },
+    /// No majority can grant now. `retry_above` is the highest token an authority named (propose
+    /// above it); `held_by` another holder whose grant was seen running.
+    Lost {
+        retry_above: u64,
+        held_by: Option<NodeId>,
+    },
+}
+
+/// A node's attempt to acquire or renew a slot.
+#[derive(Debug, Clone)]
+pub struct Acquisition {
+    pub slot: String,
+    pub holder: NodeId,
+    pub token: u64,
+    authorities: Vec<NodeId>,
+    sent_ms: u64,
+    term_ms: u64,
+    margin_ms: u64,
+    granted: usize,
+    refused: usize,
+    highest: u64,
+    held_by: Option<NodeId>,
+}
+
+impl Acquisition {
+    /// Starts at `now_ms`: `token` is the one proposed (`known + 1` for a new lease, the held
+    /// one for a renewal). Returns the requests to send, one per authority.
+    pub fn start(
+        slot: &str,
+        holder: &str,
+        token: u64,
+        authorities: &[NodeId],
+        now_ms: u64,
+        term_ms: u64,
+        margin_ms: u64,
+    ) -> (Acquisition, Vec<(NodeId, Request)>) {
+        let requests = authorities
+            .iter()
+            .map(|a| {
+                (
+                    a.clone(),
+                    Request::Acquire {
+                        slot: slot.to_owned(),
+                        holder: holder.to_owned(),
+                        token,
+                    },
+                )
+            })
+            .collect();
+        (
+            Acquisition {
+                slot: slot.to_owned(),
+                holder: holder.to_owned(),
+                token,
+                authorities: authorities.to_vec(),
+                sent_ms: now_ms,
+                term_ms,
+                margin_ms,
+                granted: 0,
+                refused: 0,
+                highest: token,
+                held_by: None,
+            },
+            requests,
+        )
+    }
+
+    fn majority(&self) -> usize {
+        self.authorities.len() / 2 + 1
+    }
+
+    /// Takes one authority's answer (each authority's first answer counts).
+    pub fn on_reply(&mut self, reply: &Reply) -> Outcome {
+        match reply {
+            Reply::Granted { slot, token } if *slot == self.slot && *token == self.token => {
+                self.granted += 1
+            }
+            Reply::Refused { slot, why } if *slot == self.slot => {
+                self.refused += 1;
+                match why {
+                    Refusal::Stale { promised } => self.highest = self.highest.max(*promised),
+                    Refusal::Held { holder, token, .. } => {
+                        self.highest = self.highest.max(*token);
+                        self.held_by = Some(holder.clone());
+                    }
+                    Refusal::Abstaining { .. } => {}
+                }
+            }
+            _ => {}
+        }
+        self.outcome()
+    }
+
+    /// Where it stands now (answers that never came count as refusals once
+    /// [`Acquisition::expired`]).
+    pub fn outcome(&self) -> Outcome {
+        if self.granted >= self.majority() {
+            return Outcome::Held {
+                token: self.token,
+                valid_until_ms: (self.sent_ms + self.term_ms).saturating_sub(self.margin_ms),
+            };
+        }
+        if self.authorities.len() - self.refused < self.majority() {
+            return Outcome::Lost {
+                retry_above: self.highest,
+                held_by: self.held_by.clone(),
+            };
+        }
+        Outcome::Pending
+    }
+
+    /// Whether answers are too late to be of use (a grant counted from `sent_ms` would already
+    /// be over): the attempt is lost.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        now_ms + self.margin_ms >= self.sent_ms + self.term_ms
+    }
+}
