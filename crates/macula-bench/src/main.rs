@@ -16,6 +16,7 @@ mod invoices;
 mod macula_side;
 mod nats_side;
 mod registry;
+mod schedule;
 mod sim;
 
 /// mimalloc: messages are allocated on a reader's thread and freed on a writer's; glibc's
@@ -137,6 +138,17 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         realms: usize,
     },
+    /// Placement by the nodes themselves, in process: placements/s and latency (goal ≥ 1,000/s,
+    /// p95 ≤ 100 ms at ≥ 100 nodes, signatures on).
+    Schedule {
+        #[arg(long, default_value_t = 100)]
+        nodes: usize,
+        #[arg(long, default_value_t = 3_000)]
+        placements: usize,
+        /// Tenders in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
     /// Every scenario with default sizes.
     All,
     /// (internal) a TCP echo server for the baseline.
@@ -250,6 +262,16 @@ fn main() -> Result<()> {
     }
     if let Cmd::Invoices { realms } = cli.cmd {
         let figs = rt.block_on(invoices::run(realms))?;
+        print(&figs, cli.json);
+        return Ok(());
+    }
+    if let Cmd::Schedule {
+        nodes,
+        placements,
+        concurrency,
+    } = cli.cmd
+    {
+        let figs = rt.block_on(schedule::run(nodes, placements, concurrency))?;
         print(&figs, cli.json);
         return Ok(());
     }

@@ -32,7 +32,6 @@
 use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// A node, by its mesh peer id.
 pub type NodeId = String;
@@ -43,22 +42,7 @@ pub const AUTHORITIES: usize = 3;
 /// The slot's authorities: the top `k` of `nodes` by rendezvous hash of (`slot`, node), best
 /// first. Every node that knows the same `nodes` computes the same list.
 pub fn authorities<'a>(slot: &str, nodes: &'a [NodeId], k: usize) -> Vec<&'a NodeId> {
-    let mut scored: Vec<(u64, &NodeId)> = nodes
-        .iter()
-        .map(|n| {
-            let mut h = Sha256::new();
-            h.update(slot.as_bytes());
-            h.update([0u8]);
-            h.update(n.as_bytes());
-            let d = h.finalize();
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&d[..8]);
-            (u64::from_be_bytes(b), n)
-        })
-        .collect();
-    scored.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
-    scored.dedup_by(|a, b| a.1 == b.1);
-    scored.into_iter().take(k).map(|(_, n)| n).collect()
+    crate::placement::top_by_hash(&[slot.as_bytes()], nodes, k)
 }
 
 /// What a node asks an authority.

@@ -5,7 +5,9 @@
 //! Macula's own YAML format ([`manifest`]) or in the Kubernetes-compatible subset ([`k8s`]: an
 //! `apps/v1` Deployment, a `batch/v1` Job), checked into one [`Manifest`] with every problem
 //! named by its field's path; and the leases with fencing tokens that keep a replica slot held
-//! by one node at a time ([`lease`], a state machine without I/O). It depends on nothing of
+//! by one node at a time ([`lease`], a state machine without I/O); and placement by the nodes
+//! themselves ([`placement`]: probing a few candidates, bids from a capacity ledger, a
+//! deterministic award). It depends on nothing of
 //! Macula's; the node (placement, leases,
 //! runtimes) and the control plane (records, the REST and Kubernetes-style APIs) build on it.
 
@@ -13,6 +15,7 @@ mod error;
 pub mod k8s;
 pub mod lease;
 pub mod manifest;
+pub mod placement;
 pub mod quantity;
 
 pub use error::{FieldError, ManifestError};

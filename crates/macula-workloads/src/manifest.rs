@@ -302,7 +302,7 @@ pub enum Artifact {
 }
 
 /// Limits of one replica. Defaults: 250 millicores, 256 MiB, 256 pids.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resources {
     pub cpu_millis: u32,
     pub memory_bytes: u64,
@@ -373,7 +373,7 @@ pub struct Restart {
 }
 
 /// Where replicas may run.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Placement {
     /// Labels a node must have.
     pub labels: BTreeMap<String, String>,
