@@ -4,7 +4,8 @@
 //! (a long-running service with `replicas`) or a *job* (work that runs to completion) — in
 //! Macula's own YAML format ([`manifest`]) or in the Kubernetes-compatible subset ([`k8s`]: an
 //! `apps/v1` Deployment, a `batch/v1` Job), checked into one [`Manifest`] with every problem
-//! named by its field's path; and the leases with fencing tokens that keep a replica slot held
+//! named by its field's path; the native runtime ([`runtime`]: control groups, a Landlock
+//! sandbox through an exec shim, bounded output); and the leases with fencing tokens that keep a replica slot held
 //! by one node at a time ([`lease`], a state machine without I/O); and placement by the nodes
 //! themselves ([`placement`]: probing a few candidates, bids from a capacity ledger, a
 //! deterministic award). It depends on nothing of
@@ -17,6 +18,7 @@ pub mod lease;
 pub mod manifest;
 pub mod placement;
 pub mod quantity;
+pub mod runtime;
 
 pub use error::{FieldError, ManifestError};
 pub use manifest::{

@@ -1,0 +1,170 @@
+//! A replica's control groups: CPU, memory and pids limits, and the way to stop all of its
+//! processes. cgroup v2 where the host is unified; v1 (one hierarchy per controller) where it
+//! is hybrid or legacy, as on these machines. Groups are made below the node's own group, so a
+//! replica can never escape the limits the node runs under.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::manifest::Resources;
+
+const ROOT: &str = "/sys/fs/cgroup";
+const V1_CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
+/// The CFS period the CPU quota is a share of.
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// The control groups of one replica.
+#[derive(Debug, Clone)]
+pub struct Cgroup {
+    /// v2: one directory; v1: one per controller (cpu, memory, pids).
+    dirs: Vec<PathBuf>,
+    v2: bool,
+}
+
+/// The node's own group in a hierarchy (`/proc/self/cgroup`): `controller` for v1, `""` for v2.
+fn own_path(controller: &str) -> io::Result<String> {
+    let text = fs::read_to_string("/proc/self/cgroup")?;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next(), parts.next(), parts.next());
+        let (Some(ctrls), Some(path)) = (ctrls, path) else {
+            continue;
+        };
+        let matches = if controller.is_empty() {
+            ctrls.is_empty()
+        } else {
+            ctrls.split(',').any(|c| c == controller)
+        };
+        if matches {
+            return Ok(path.trim_start_matches('/').to_owned());
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("this process is in no {controller:?} cgroup"),
+    ))
+}
+
+/// Whether the host is cgroup v2 only (a unified hierarchy at the root).
+pub fn unified() -> bool {
+    Path::new(ROOT).join("cgroup.controllers").exists()
+}
+
+fn write(path: &Path, value: &str) -> io::Result<()> {
+    fs::write(path, value).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("writing {value:?} to {}: {e}", path.display()),
+        )
+    })
+}
+
+impl Cgroup {
+    /// Makes the groups `macula/<name>` below the node's own and sets `limits`.
+    pub fn create(name: &str, limits: &Resources) -> io::Result<Cgroup> {
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a cgroup name is one path segment",
+            ));
+        }
+        let cg = if unified() {
+            let own = Path::new(ROOT).join(own_path("")?);
+            let parent = own.join("macula");
+            fs::create_dir_all(&parent)?;
+            // Controllers must be enabled down to the replica's group.
+            let _ = write(&own.join("cgroup.subtree_control"), "+cpu +memory +pids");
+            let _ = write(&parent.join("cgroup.subtree_control"), "+cpu +memory +pids");
+            let dir = parent.join(name);
+            fs::create_dir_all(&dir)?;
+            Cgroup {
+                dirs: vec![dir],
+                v2: true,
+            }
+        } else {
+            let mut dirs = vec![];
+            for c in V1_CONTROLLERS {
+                let dir = Path::new(ROOT)
+                    .join(c)
+                    .join(own_path(c)?)
+                    .join("macula")
+                    .join(name);
+                fs::create_dir_all(&dir)?;
+                dirs.push(dir);
+            }
+            Cgroup { dirs, v2: false }
+        };
+        cg.limit(limits)?;
+        Ok(cg)
+    }
+
+    fn limit(&self, r: &Resources) -> io::Result<()> {
+        let quota = r.cpu_millis as u64 * CPU_PERIOD_US / 1000;
+        if self.v2 {
+            let d = &self.dirs[0];
+            write(&d.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
+            write(&d.join("memory.max"), &r.memory_bytes.to_string())?;
+            let _ = write(&d.join("memory.swap.max"), "0");
+            write(&d.join("pids.max"), &r.pids.to_string())?;
+        } else {
+            let (cpu, mem, pids) = (&self.dirs[0], &self.dirs[1], &self.dirs[2]);
+            write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+            write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
+            write(
+                &mem.join("memory.limit_in_bytes"),
+                &r.memory_bytes.to_string(),
+            )?;
+            // No swap beyond the limit, where the kernel accounts it.
+            let memsw = mem.join("memory.memsw.limit_in_bytes");
+            if memsw.exists() {
+                let _ = write(&memsw, &r.memory_bytes.to_string());
+            }
+            write(&pids.join("pids.max"), &r.pids.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The `cgroup.procs` files a process writes its pid to, to join every group.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    /// The processes in the group now.
+    pub fn pids(&self) -> Vec<i32> {
+        let file = self.dirs.last().map(|d| d.join("cgroup.procs"));
+        file.and_then(|f| fs::read_to_string(f).ok())
+            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Memory the group uses now, in bytes.
+    pub fn memory_bytes(&self) -> Option<u64> {
+        let file = if self.v2 {
+            self.dirs[0].join("memory.current")
+        } else {
+            self.dirs[1].join("memory.usage_in_bytes")
+        };
+        fs::read_to_string(file).ok()?.trim().parse().ok()
+    }
+
+    /// Kills every process of the group (SIGKILL) and removes the groups.
+    pub fn destroy(&self) {
+        for _ in 0..100 {
+            let pids = self.pids();
+            if pids.is_empty() {
+                break;
+            }
+            for p in pids {
+                // SAFETY: kill(2) with a pid read from the group and a constant signal.
+                unsafe {
+                    libc::kill(p, libc::SIGKILL);
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        for d in &self.dirs {
+            let _ = fs::remove_dir(d);
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! The native runtime against the real kernel: control groups, the Landlock sandbox, the
+//! environment, output bounds. Needs permission to make control groups (root, or a delegated
+//! cgroup v2 subtree) and Landlock; says SKIPPED otherwise.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+
+use macula_workloads::runtime::cgroup::Cgroup;
+use macula_workloads::runtime::process::{LogLimits, ProcessReplica, Start, Stream};
+use macula_workloads::runtime::{default_read_only, ExecSpec};
+use macula_workloads::Resources;
+
+const SHIM: &str = env!("CARGO_BIN_EXE_macula-workload-exec");
+
+fn usable(name: &str) -> bool {
+    match Cgroup::create(name, &Resources::default()) {
+        Ok(cg) => {
+            cg.destroy();
+            true
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: cannot make control groups here ({e}); CI runs as root");
+            false
+        }
+    }
+}
+
+fn spec(workdir: &Path, script: &str, env: &[(&str, &str)]) -> ExecSpec {
+    let mut e: BTreeMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    e.insert("PATH".into(), "/usr/bin:/bin".into());
+    ExecSpec {
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: e,
+        workdir: workdir.to_path_buf(),
+        cgroup_procs: vec![],
+        read_only: default_read_only(),
+        read_write: vec![],
+        require_sandbox: true,
+    }
+}
+
+async fn run(
+    name: &str,
+    limits: Resources,
+    spec: ExecSpec,
+    logs: LogLimits,
+) -> (std::process::ExitStatus, ProcessReplica) {
+    let mut r = ProcessReplica::start(Start {
+        shim: Path::new(SHIM),
+        shim_args: &[],
+        name,
+        limits,
+        require_limits: true,
+        spec,
+        logs,
+    })
+    .await
+    .expect("started");
+    let status = tokio::time::timeout(std::time::Duration::from_secs(60), r.wait())
+        .await
+        .expect("ended in time")
+        .expect("waited");
+    (status, r)
+}
+
+fn text(r: &ProcessReplica, stream: Stream) -> Vec<String> {
+    r.logs()
+        .since(0)
+        .into_iter()
+        .filter(|l| l.stream == stream)
+        .map(|l| l.text)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_replica_sees_only_its_environment_and_its_own_files() {
+    let name = format!("test-env-{}", std::process::id());
+    if !usable(&name) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // What the node keeps next to its replicas: trust keys, the registry database, counters.
+    let node_data = tmp.path().join("node");
+    std::fs::create_dir_all(&node_data).unwrap();
+    std::fs::write(node_data.join("operator.key"), "the node's secret").unwrap();
+    let other = tmp.path().join("replicas/other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("data"), "another replica's").unwrap();
+    let workdir = tmp.path().join("replicas/mine");
+    // The node's own environment must not leak (set here, in the test process).
+    std::env::set_var("MACULA_REGISTRY_KEK", "node-only");
+    let script = format!(
+        "echo \"env:$(env | cut -d= -f1 | sort | tr '\\n' ' ')\"; \
+         cat {0}/operator.key || echo denied-node; \
+         cat {1}/data || echo denied-other; \
+         echo mine > own.txt && cat own.txt; \
+         echo x > {0}/planted || echo denied-write",
+        node_data.display(),
+        other.display()
+    );
+    let (status, r) = run(
+        &name,
+        Resources::default(),
+        spec(&workdir, &script, &[("GREETING", "hi")]),
+        LogLimits::default(),
+    )
+    .await;
+    assert!(status.success(), "{status:?} {:?}", r.logs().since(0));
+    let out = text(&r, Stream::Stdout);
+    let env_line = out.iter().find(|l| l.starts_with("env:")).unwrap();
+    assert_eq!(
+        env_line.trim(),
+        "env:GREETING PATH PWD",
+        "only what the spec gives (and sh's PWD)"
+    );
+    assert!(out.contains(&"denied-node".to_string()), "{out:?}");
+    assert!(out.contains(&"denied-other".to_string()), "{out:?}");
+    assert!(out.contains(&"mine".to_string()), "{out:?}");
+    assert!(out.contains(&"denied-write".to_string()), "{out:?}");
+    assert!(!node_data.join("planted").exists());
+    assert!(!out
+        .iter()
+        .any(|l| l.contains("the node's secret") || l.contains("another replica's")));
+}
+
+#[tokio::test]
+async fn a_replica_over_its_memory_is_killed() {
+    let name = format!("test-mem-{}", std::process::id());
+    if !usable(&name) || !Path::new("/usr/bin/python3").exists() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let limits = Resources {
+        cpu_millis: 1000,
+        memory_bytes: 64 << 20,
+        pids: 64,
+    };
+    let mut s = spec(
+        tmp.path(),
+        "exec /usr/bin/python3 -c 'b = bytearray(400 << 20); print(\"allocated\")'",
+        &[],
+    );
+    s.argv = vec!["/bin/sh".into(), "-c".into(), s.argv[2].clone()];
+    let (status, r) = run(&name, limits, s, LogLimits::default()).await;
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "killed by the OOM killer: {status:?} {:?}",
+        r.logs().since(0)
+    );
+    assert!(!text(&r, Stream::Stdout).contains(&"allocated".to_string()));
+}
+
+#[tokio::test]
+async fn a_replica_cannot_fork_past_its_pids() {
+    let name = format!("test-pids-{}", std::process::id());
+    if !usable(&name) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let limits = Resources {
+        cpu_millis: 1000,
+        memory_bytes: 128 << 20,
+        pids: 8,
+    };
+    let (_, r) = run(
+        &name,
+        limits,
+        spec(tmp.path(), "for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do sleep 1 & done; wait; echo finished", &[]),
+        LogLimits::default(),
+    )
+    .await;
+    let err = text(&r, Stream::Stderr).join("\n");
+    assert!(
+        err.to_lowercase().contains("fork"),
+        "forks past pids.max fail: {err:?}"
+    );
+}
+
+#[tokio::test]
+async fn kill_stops_every_process_of_the_replica() {
+    let name = format!("test-kill-{}", std::process::id());
+    if !usable(&name) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut r = ProcessReplica::start(Start {
+        shim: Path::new(SHIM),
+        shim_args: &[],
+        name: &name,
+        limits: Resources::default(),
+        require_limits: true,
+        spec: spec(
+            tmp.path(),
+            "sleep 300 & sleep 300 & echo started; wait",
+            &[],
+        ),
+        logs: LogLimits::default(),
+    })
+    .await
+    .unwrap();
+    let logs = r.logs();
+    while logs.written() == 0 {
+        logs.wait().await;
+    }
+    r.kill();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), r.wait())
+        .await
+        .expect("the replica ended when killed")
+        .unwrap();
+    assert_eq!(status.signal(), Some(9));
+    let procs = PathBuf::from("/proc");
+    let sleepers = std::fs::read_dir(&procs)
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("cmdline")).ok())
+        .filter(|c| c.starts_with("sleep\u{0}300"))
+        .count();
+    assert_eq!(sleepers, 0, "the background sleeps went with it");
+}
+
+#[tokio::test]
+async fn flooding_output_costs_a_bounded_amount() {
+    let name = format!("test-logs-{}", std::process::id());
+    if !usable(&name) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("replica.log");
+    let logs = LogLimits {
+        lines: 100,
+        line_bytes: 1024,
+        file: Some(file.clone()),
+        file_bytes: 64 << 10,
+    };
+    let (status, r) = run(
+        &name,
+        Resources::default(),
+        spec(
+            &tmp.path().join("w"),
+            "yes 0123456789 | head -n 50000; head -c 100000 /dev/zero | tr '\\0' a; echo",
+            &[],
+        ),
+        logs,
+    )
+    .await;
+    assert!(status.success());
+    let kept = r.logs().since(0);
+    assert_eq!(kept.len(), 100, "the ring keeps its lines, no more");
+    assert_eq!(r.logs().written(), 50_001);
+    let long = &kept.last().unwrap().text;
+    assert!(
+        long.ends_with('…') && long.len() <= 1024 + 3,
+        "a long line is cut: {}",
+        long.len()
+    );
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    assert!(size(&file) <= 64 << 10, "{}", size(&file));
+    assert!(
+        size(&file.with_extension("log.1")) > 0 && size(&file.with_extension("log.1")) <= 64 << 10
+    );
+}
