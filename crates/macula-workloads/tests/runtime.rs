@@ -15,15 +15,29 @@ const SHIM: &str = env!("CARGO_BIN_EXE_macula-workload-exec");
 
 fn usable(name: &str) -> bool {
     match Cgroup::create(name, &Resources::default()) {
-        Ok(cg) => {
-            cg.destroy();
-            true
-        }
+        Ok(cg) => cg.destroy(),
         Err(e) => {
             eprintln!("SKIPPED: cannot make control groups here ({e}); CI runs as root");
-            false
+            return false;
         }
     }
+    // Landlock: the shim refuses to run a replica unsandboxed.
+    let probe = std::process::Command::new(SHIM)
+        .env_clear()
+        .env(
+            "MACULA_EXEC_SPEC",
+            serde_json::to_string(&spec(&std::env::temp_dir(), "true", &[])).unwrap(),
+        )
+        .output()
+        .expect("the shim runs");
+    if !probe.status.success() {
+        eprintln!(
+            "SKIPPED: the sandbox is not available here: {}",
+            String::from_utf8_lossy(&probe.stderr)
+        );
+        return false;
+    }
+    true
 }
 
 fn spec(workdir: &Path, script: &str, env: &[(&str, &str)]) -> ExecSpec {
