@@ -64,13 +64,14 @@ async fn run(
     logs: LogLimits,
 ) -> (std::process::ExitStatus, ProcessReplica) {
     let mut r = ProcessReplica::start(Start {
-        shim: Path::new(SHIM),
-        shim_args: &[],
-        name,
+        shim: PathBuf::from(SHIM),
+        shim_args: vec![],
+        name: name.to_owned(),
         limits,
         require_limits: true,
         spec,
         logs,
+        buffer: None,
     })
     .await
     .expect("started");
@@ -203,9 +204,10 @@ async fn kill_stops_every_process_of_the_replica() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let mut r = ProcessReplica::start(Start {
-        shim: Path::new(SHIM),
-        shim_args: &[],
-        name: &name,
+        shim: PathBuf::from(SHIM),
+        shim_args: vec![],
+        name: name.clone(),
+        buffer: None,
         limits: Resources::default(),
         require_limits: true,
         spec: spec(
@@ -276,4 +278,146 @@ async fn flooding_output_costs_a_bounded_amount() {
     assert!(
         size(&file.with_extension("log.1")) > 0 && size(&file.with_extension("log.1")) <= 64 << 10
     );
+}
+
+mod supervised {
+    use super::*;
+    use macula_workloads::runtime::process::LogBuffer;
+    use macula_workloads::runtime::supervisor::{supervise, ReplicaState};
+    use macula_workloads::{Restart, RestartPolicy};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn restart(policy: RestartPolicy) -> Restart {
+        Restart {
+            policy,
+            backoff_initial: Duration::from_millis(50),
+            backoff_max: Duration::from_millis(400),
+        }
+    }
+
+    fn starter(
+        name: String,
+        dir: PathBuf,
+        script: &'static str,
+    ) -> impl Fn(Arc<LogBuffer>) -> Start + Send + 'static {
+        move |buffer| Start {
+            shim: PathBuf::from(SHIM),
+            shim_args: vec![],
+            name: name.clone(),
+            limits: Resources::default(),
+            require_limits: true,
+            spec: spec(&dir, script, &[]),
+            logs: LogLimits::default(),
+            buffer: Some(buffer),
+        }
+    }
+
+    async fn until(
+        rx: &mut tokio::sync::watch::Receiver<ReplicaState>,
+        done: impl Fn(&ReplicaState) -> bool,
+    ) -> ReplicaState {
+        loop {
+            let s = rx.borrow_and_update().clone();
+            if done(&s) {
+                return s;
+            }
+            tokio::time::timeout(Duration::from_secs(30), rx.changed())
+                .await
+                .expect("state changed in time")
+                .expect("supervisor alive");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_crashing_replica_backs_off_longer_each_time() {
+        let name = format!("test-crash-{}", std::process::id());
+        if !usable(&name) {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let logs = Arc::new(LogBuffer::new(100));
+        let mut sup = supervise(
+            restart(RestartPolicy::Always),
+            None,
+            logs.clone(),
+            starter(name, tmp.path().into(), "echo run; exit 3"),
+        );
+        let mut delays = vec![];
+        while delays.len() < 4 {
+            if let ReplicaState::BackOff { delay, restarts, last_exit } =
+                until(&mut sup.state, |s| matches!(s, ReplicaState::BackOff { restarts, .. } if *restarts as usize == delays.len() + 1)).await
+            {
+                assert!(last_exit.contains('3'), "{last_exit}");
+                assert_eq!(restarts as usize, delays.len() + 1);
+                delays.push(delay.as_millis());
+            }
+        }
+        assert_eq!(delays, [50, 100, 200, 400], "doubling, capped");
+        assert!(
+            logs.since(0).iter().filter(|l| l.text == "run").count() >= 4,
+            "output kept across restarts"
+        );
+        sup.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_job_run_succeeds_or_fails_past_its_limit() {
+        let name = format!("test-job-{}", std::process::id());
+        if !usable(&name) {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let logs = Arc::new(LogBuffer::new(100));
+        let mut sup = supervise(
+            restart(RestartPolicy::OnFailure),
+            Some(2),
+            logs.clone(),
+            starter(name.clone(), tmp.path().into(), "echo try; exit 1"),
+        );
+        let end = until(&mut sup.state, ReplicaState::is_final).await;
+        assert!(
+            matches!(end, ReplicaState::Failed { restarts: 2, .. }),
+            "{end:?}"
+        );
+        assert_eq!(
+            logs.since(0).iter().filter(|l| l.text == "try").count(),
+            3,
+            "the first run and 2 retries"
+        );
+        let mut ok = supervise(
+            restart(RestartPolicy::OnFailure),
+            Some(2),
+            Arc::new(LogBuffer::new(10)),
+            starter(name, tmp.path().into(), "true"),
+        );
+        assert_eq!(
+            until(&mut ok.state, ReplicaState::is_final).await,
+            ReplicaState::Succeeded
+        );
+    }
+
+    #[tokio::test]
+    async fn stopping_ends_a_running_or_waiting_replica() {
+        let name = format!("test-stop-{}", std::process::id());
+        if !usable(&name) {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let mut sup = supervise(
+            restart(RestartPolicy::Always),
+            None,
+            Arc::new(LogBuffer::new(10)),
+            starter(name, tmp.path().into(), "sleep 300"),
+        );
+        until(&mut sup.state, |s| {
+            matches!(s, ReplicaState::Running { .. })
+        })
+        .await;
+        let mut rx = sup.state.clone();
+        tokio::time::timeout(Duration::from_secs(10), sup.stop())
+            .await
+            .expect("stopped in time");
+        assert_eq!(*rx.borrow_and_update(), ReplicaState::Stopped);
+    }
 }

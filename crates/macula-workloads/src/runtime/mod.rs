@@ -11,6 +11,7 @@
 pub mod cgroup;
 pub mod process;
 pub mod sandbox;
+pub mod supervisor;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

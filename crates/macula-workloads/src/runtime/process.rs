@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -63,7 +63,8 @@ pub struct LogBuffer {
 }
 
 impl LogBuffer {
-    fn new(max: usize) -> LogBuffer {
+    /// A buffer of the last `max` lines.
+    pub fn new(max: usize) -> LogBuffer {
         LogBuffer {
             lines: Mutex::new(VecDeque::with_capacity(max.min(1024))),
             next: AtomicU64::new(0),
@@ -109,24 +110,26 @@ pub struct ProcessReplica {
 }
 
 /// How to start a native replica.
-pub struct Start<'a> {
+pub struct Start {
     /// The exec shim (`macula-workload-exec`, or `macula __exec`), and arguments before the spec.
-    pub shim: &'a Path,
-    pub shim_args: &'a [String],
+    pub shim: PathBuf,
+    pub shim_args: Vec<String>,
     /// The replica's cgroup name (unique on the node).
-    pub name: &'a str,
+    pub name: String,
     pub limits: Resources,
     /// Without control groups (no permission to make them) the replica is refused, unless this
     /// says to run it without limits.
     pub require_limits: bool,
     pub spec: ExecSpec,
     pub logs: LogLimits,
+    /// Where its lines go (a supervisor keeps one across restarts); a new one if None.
+    pub buffer: Option<Arc<LogBuffer>>,
 }
 
 impl ProcessReplica {
-    pub async fn start(s: Start<'_>) -> io::Result<ProcessReplica> {
+    pub async fn start(s: Start) -> io::Result<ProcessReplica> {
         let mut spec = s.spec;
-        let cgroup = match Cgroup::create(s.name, &s.limits) {
+        let cgroup = match Cgroup::create(&s.name, &s.limits) {
             Ok(cg) => {
                 spec.cgroup_procs = cg.procs_files();
                 Some(cg)
@@ -140,8 +143,8 @@ impl ProcessReplica {
             Err(_) => None,
         };
         let json = serde_json::to_string(&spec)?;
-        let child = Command::new(s.shim)
-            .args(s.shim_args)
+        let child = Command::new(&s.shim)
+            .args(&s.shim_args)
             .env_clear()
             .env("MACULA_EXEC_SPEC", json)
             .stdin(Stdio::null())
@@ -161,7 +164,9 @@ impl ProcessReplica {
                 ));
             }
         };
-        let logs = Arc::new(LogBuffer::new(s.logs.lines.max(1)));
+        let logs = s
+            .buffer
+            .unwrap_or_else(|| Arc::new(LogBuffer::new(s.logs.lines.max(1))));
         let file = Arc::new(tokio::sync::Mutex::new(LogFile::new(&s.logs)));
         let mut readers = vec![];
         if let Some(out) = child.stdout.take() {

@@ -1,0 +1,156 @@
+//! Keeping one replica running on its node: restart by policy, with exponential back-off while
+//! it keeps failing (shown as `BackOff`, as Kubernetes shows CrashLoopBackOff), and the end of a
+//! job's run. The slot's lease (held or lost) is the node's business; it stops the supervisor.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Notify};
+
+use super::process::{LogBuffer, ProcessReplica, Start};
+use crate::manifest::{Restart, RestartPolicy};
+
+/// Where a replica stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaState {
+    Starting {
+        restarts: u32,
+    },
+    Running {
+        restarts: u32,
+    },
+    /// Failed; starts again after `delay` (`restarts` failures in a row so far).
+    BackOff {
+        restarts: u32,
+        delay: Duration,
+        last_exit: String,
+    },
+    /// A job's run (or a replica with `on_failure`/`never`) ended well.
+    Succeeded,
+    /// Ended badly and will not start again (`never`, or a job past its back-off limit).
+    Failed {
+        restarts: u32,
+        last_exit: String,
+    },
+    /// Stopped by the node.
+    Stopped,
+}
+
+impl ReplicaState {
+    /// Whether the replica will not run again.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            ReplicaState::Succeeded | ReplicaState::Failed { .. } | ReplicaState::Stopped
+        )
+    }
+}
+
+/// The delay before restart number `n` (1-based): `initial`, doubling, at most `max`.
+pub fn backoff(restart: &Restart, n: u32) -> Duration {
+    let factor = 1u32.checked_shl(n.saturating_sub(1)).unwrap_or(u32::MAX);
+    restart
+        .backoff_initial
+        .checked_mul(factor)
+        .unwrap_or(restart.backoff_max)
+        .min(restart.backoff_max)
+}
+
+/// A running supervisor: its state, its output across restarts, and a way to stop it.
+pub struct Supervised {
+    pub state: watch::Receiver<ReplicaState>,
+    pub logs: Arc<LogBuffer>,
+    stop: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Supervised {
+    /// Stops the replica (every process of it) and the supervisor.
+    pub async fn stop(self) {
+        self.stop.notify_one();
+        let _ = self.task.await;
+    }
+}
+
+/// Supervises the replica that `start` describes (called again for each restart).
+/// `backoff_limit`: for a job, the failed runs after which it fails (None for a payload).
+pub fn supervise<F>(
+    restart: Restart,
+    backoff_limit: Option<u32>,
+    logs: Arc<LogBuffer>,
+    start: F,
+) -> Supervised
+where
+    F: Fn(Arc<LogBuffer>) -> Start + Send + 'static,
+{
+    let (tx, rx) = watch::channel(ReplicaState::Starting { restarts: 0 });
+    let stop = Arc::new(Notify::new());
+    let (stop2, logs2) = (stop.clone(), logs.clone());
+    let task = tokio::spawn(async move {
+        let mut failures = 0u32;
+        loop {
+            let _ = tx.send(ReplicaState::Starting { restarts: failures });
+            let began = Instant::now();
+            let exit = match ProcessReplica::start(start(logs2.clone())).await {
+                Ok(mut r) => {
+                    let _ = tx.send(ReplicaState::Running { restarts: failures });
+                    tokio::select! {
+                        status = r.wait() => match status {
+                            Ok(s) if s.success() => Ok(()),
+                            Ok(s) => Err(format!("{s}")),
+                            Err(e) => Err(e.to_string()),
+                        },
+                        _ = stop2.notified() => {
+                            r.kill();
+                            let _ = r.wait().await;
+                            let _ = tx.send(ReplicaState::Stopped);
+                            return;
+                        }
+                    }
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            let last_exit = match exit {
+                Ok(()) if restart.policy != RestartPolicy::Always => {
+                    let _ = tx.send(ReplicaState::Succeeded);
+                    return;
+                }
+                Ok(()) => "exited 0".to_owned(),
+                Err(e) => e,
+            };
+            // A replica that ran a whole back-off period well starts counting again.
+            if began.elapsed() >= restart.backoff_max {
+                failures = 0;
+            }
+            failures += 1;
+            let give_up = restart.policy == RestartPolicy::Never
+                || backoff_limit.is_some_and(|limit| failures > limit);
+            if give_up {
+                let _ = tx.send(ReplicaState::Failed {
+                    restarts: failures - 1,
+                    last_exit,
+                });
+                return;
+            }
+            let delay = backoff(&restart, failures);
+            let _ = tx.send(ReplicaState::BackOff {
+                restarts: failures,
+                delay,
+                last_exit,
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop2.notified() => {
+                    let _ = tx.send(ReplicaState::Stopped);
+                    return;
+                }
+            }
+        }
+    });
+    Supervised {
+        state: rx,
+        logs,
+        stop,
+        task,
+    }
+}
