@@ -8,8 +8,8 @@
 //! sandbox through an exec shim, bounded output); and the leases with fencing tokens that keep a replica slot held
 //! by one node at a time ([`lease`], a state machine without I/O); and placement by the nodes
 //! themselves ([`placement`]: probing a few candidates, bids from a capacity ledger, a
-//! deterministic award). It depends on nothing of
-//! Macula's; the node (placement, leases,
+//! deterministic award). The desired state is a set of signed deploy records ([`record`]) that
+//! nodes keep and flood. It depends on nothing of Macula's; the node (placement, leases,
 //! runtimes) and the control plane (records, the REST and Kubernetes-style APIs) build on it.
 
 mod error;
@@ -18,6 +18,7 @@ pub mod lease;
 pub mod manifest;
 pub mod placement;
 pub mod quantity;
+pub mod record;
 pub mod runtime;
 
 pub use error::{FieldError, ManifestError};

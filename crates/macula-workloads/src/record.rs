@@ -1,0 +1,207 @@
+//! Desired state without a control plane: a deploy is a *record*, signed by an API key whose
+//! role has `realm:deploy`, that every node serving the realm keeps and floods. No database
+//! and no single node is on the path.
+//!
+//! A record names (realm, workload name), carries the manifest as written (or nothing: a
+//! tombstone, the workload deleted), a sequence number that only grows for that name, and the
+//! key's public form (`pk_live_...`) with the key holder's signature over the record's digest.
+//! A node takes a record only if the signature is the key's, the key is valid for the realm
+//! and its role may deploy there, the manifest parses and names the same workload, and its
+//! sequence is above the one it has: so a replayed, forged or re-ordered record changes
+//! nothing, and a tombstone keeps older versions from coming back.
+//!
+//! Keys, roles and signatures are the node's (`macula-router`'s credentials): this module takes
+//! them as closures and stays free of them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::manifest::Manifest;
+
+const DOMAIN: &[u8] = b"macula-deploy-record-v1";
+
+/// How many workloads (tombstones included) one realm may have on a node.
+pub const MAX_PER_REALM: usize = 1_000;
+
+/// A signed deploy (see the module's documentation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployRecord {
+    pub realm: String,
+    pub name: String,
+    /// Above every earlier record of (realm, name).
+    pub seq: u64,
+    /// The manifest as written; None for a tombstone.
+    pub manifest: Option<String>,
+    /// Unix seconds when it was signed.
+    pub issued_at: u64,
+    /// The signing key's public form.
+    pub key: String,
+    /// The key holder's Ed25519 signature over [`DeployRecord::digest`].
+    #[serde(with = "hex_bytes")]
+    pub sig: Vec<u8>,
+}
+
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let t = String::deserialize(d)?;
+        hex::decode(t).map_err(serde::de::Error::custom)
+    }
+}
+
+impl DeployRecord {
+    /// What the signature covers: every field but the signature, length-prefixed.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(DOMAIN);
+        let mut field = |b: &[u8]| {
+            h.update((b.len() as u64).to_be_bytes());
+            h.update(b);
+        };
+        field(self.realm.as_bytes());
+        field(self.name.as_bytes());
+        field(&self.seq.to_be_bytes());
+        match &self.manifest {
+            Some(m) => {
+                field(b"manifest");
+                field(m.as_bytes());
+            }
+            None => field(b"tombstone"),
+        }
+        field(&self.issued_at.to_be_bytes());
+        field(self.key.as_bytes());
+        h.finalize().into()
+    }
+
+    /// A record signed with `sign` (the key holder's signature over the digest).
+    #[allow(clippy::too_many_arguments)]
+    pub fn signed(
+        realm: &str,
+        name: &str,
+        seq: u64,
+        manifest: Option<String>,
+        issued_at: u64,
+        key_public: &str,
+        sign: impl FnOnce(&[u8; 32]) -> Option<[u8; 64]>,
+    ) -> Option<DeployRecord> {
+        let mut r = DeployRecord {
+            realm: realm.to_owned(),
+            name: name.to_owned(),
+            seq,
+            manifest,
+            issued_at,
+            key: key_public.to_owned(),
+            sig: vec![],
+        };
+        r.sig = sign(&r.digest())?.to_vec();
+        Some(r)
+    }
+}
+
+/// Why a record was not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// A record of that name with this sequence or a later one is known (a replay, or late).
+    Stale { have: u64 },
+    /// The signature or the key does not hold.
+    Unverified(String),
+    /// The key's role may not deploy in the realm.
+    Forbidden(String),
+    /// The manifest is not valid, or names another workload or realm.
+    Invalid(String),
+    /// The realm has as many workloads as a node keeps.
+    Full,
+}
+
+/// What the node knows of a key that signed a record: its realm and role (after checking the
+/// key's chain and that `sig` is its holder's over `digest`).
+pub struct Signer {
+    pub key_realm: String,
+    pub role: String,
+}
+
+/// The records a node keeps: the newest per (realm, name), tombstones included.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Records {
+    by_realm: BTreeMap<String, BTreeMap<String, DeployRecord>>,
+}
+
+impl Records {
+    /// Takes `r` if it holds (see the module's documentation). `verify` checks the key and the
+    /// signature; `may_deploy(realm, signer)` the role.
+    pub fn accept(
+        &mut self,
+        r: DeployRecord,
+        verify: impl FnOnce(&str, &[u8; 32], &[u8]) -> Result<Signer, String>,
+        may_deploy: impl FnOnce(&str, &Signer) -> bool,
+    ) -> Result<Option<Manifest>, Refused> {
+        let have = self
+            .by_realm
+            .get(&r.realm)
+            .and_then(|m| m.get(&r.name))
+            .map(|x| x.seq);
+        if let Some(have) = have.filter(|h| r.seq <= *h) {
+            return Err(Refused::Stale { have });
+        }
+        let signer = verify(&r.key, &r.digest(), &r.sig).map_err(Refused::Unverified)?;
+        if !may_deploy(&r.realm, &signer) {
+            return Err(Refused::Forbidden(format!(
+                "role {:?} of a key of {} may not deploy in {} (needs realm:deploy)",
+                signer.role, signer.key_realm, r.realm
+            )));
+        }
+        let manifest = match &r.manifest {
+            None => None,
+            Some(text) => {
+                let m = crate::parse(text).map_err(|e| Refused::Invalid(e.to_string()))?;
+                let w = m.workload();
+                if w.name != r.name {
+                    return Err(Refused::Invalid(format!(
+                        "the record is for {:?}, its manifest for {:?}",
+                        r.name, w.name
+                    )));
+                }
+                if w.realm.as_deref().is_some_and(|x| x != r.realm) {
+                    return Err(Refused::Invalid(format!(
+                        "the record is for realm {}, its manifest names {}",
+                        r.realm,
+                        w.realm.as_deref().unwrap_or_default()
+                    )));
+                }
+                Some(m)
+            }
+        };
+        let realm = self.by_realm.entry(r.realm.clone()).or_default();
+        if have.is_none() && realm.len() >= MAX_PER_REALM {
+            return Err(Refused::Full);
+        }
+        realm.insert(r.name.clone(), r);
+        Ok(manifest)
+    }
+
+    /// The newest record of (realm, name).
+    pub fn get(&self, realm: &str, name: &str) -> Option<&DeployRecord> {
+        self.by_realm.get(realm)?.get(name)
+    }
+
+    /// The realm's live workloads (tombstones left out), by name.
+    pub fn live(&self, realm: &str) -> impl Iterator<Item = &DeployRecord> {
+        self.by_realm
+            .get(realm)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter(|r| r.manifest.is_some())
+    }
+
+    /// Every record (for a peer that just linked, and for persisting).
+    pub fn all(&self) -> impl Iterator<Item = &DeployRecord> {
+        self.by_realm.values().flat_map(|m| m.values())
+    }
+}

@@ -1,0 +1,187 @@
+//! Deploy records: only a deploy key's own, newer records change the desired state; replays,
+//! forgeries, other realms' keys and roles without `realm:deploy` change nothing.
+
+use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier, VerifyingKey};
+use macula_workloads::record::*;
+use macula_workloads::Manifest;
+
+const REALM: &str = "com.example.app";
+const MANIFEST: &str = "kind: payload\nname: api\nreplicas: 2\ncommand: [my-server]\n";
+
+/// A stand-in for the node's credentials: a "public form" names the key's realm and role and
+/// its holder's public key; the holder signs with the matching secret.
+struct Key {
+    secret: SigningKey,
+    realm: &'static str,
+    role: &'static str,
+}
+
+impl Key {
+    fn new(seed: u8, realm: &'static str, role: &'static str) -> Key {
+        Key {
+            secret: SigningKey::from_bytes(&[seed; 32]),
+            realm,
+            role,
+        }
+    }
+
+    fn public(&self) -> String {
+        format!(
+            "{}|{}|{}",
+            self.realm,
+            self.role,
+            hex::encode(self.secret.verifying_key().to_bytes())
+        )
+    }
+
+    fn record(&self, name: &str, seq: u64, manifest: Option<&str>) -> DeployRecord {
+        DeployRecord::signed(
+            REALM,
+            name,
+            seq,
+            manifest.map(str::to_owned),
+            1_000,
+            &self.public(),
+            |d| Some(self.secret.sign(d).to_bytes()),
+        )
+        .unwrap()
+    }
+}
+
+fn verify(public: &str, digest: &[u8; 32], sig: &[u8]) -> Result<Signer, String> {
+    let mut parts = public.split('|');
+    let (Some(realm), Some(role), Some(pk)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err("not a key".into());
+    };
+    let pk: [u8; 32] = hex::decode(pk)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or("bad key")?;
+    let vk = VerifyingKey::from_bytes(&pk).map_err(|e| e.to_string())?;
+    let sig = Signature::from_slice(sig).map_err(|e| e.to_string())?;
+    vk.verify(digest, &sig)
+        .map_err(|_| "the signature is not the key's".to_owned())?;
+    Ok(Signer {
+        key_realm: realm.into(),
+        role: role.into(),
+    })
+}
+
+/// The realm's rule: a key of the realm (or a parent) whose role is `developer` or `admin`.
+fn may_deploy(realm: &str, s: &Signer) -> bool {
+    (realm == s.key_realm || realm.ends_with(&format!(".{}", s.key_realm)))
+        && (s.role == "developer" || s.role == "admin")
+}
+
+fn accept(records: &mut Records, r: DeployRecord) -> Result<Option<Manifest>, Refused> {
+    records.accept(r, verify, may_deploy)
+}
+
+#[test]
+fn a_deploy_key_sets_the_desired_state_and_only_newer_records_change_it() {
+    let dev = Key::new(1, REALM, "developer");
+    let mut records = Records::default();
+    let m = accept(&mut records, dev.record("api", 5, Some(MANIFEST)))
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.workload().name, "api");
+    assert_eq!(records.live(REALM).count(), 1);
+    // Replayed, or an older one arriving late: nothing changes.
+    assert_eq!(
+        accept(&mut records, dev.record("api", 5, Some(MANIFEST))),
+        Err(Refused::Stale { have: 5 })
+    );
+    assert_eq!(
+        accept(&mut records, dev.record("api", 4, None)),
+        Err(Refused::Stale { have: 5 })
+    );
+    // A tombstone deletes it, and keeps the older versions from coming back.
+    assert_eq!(accept(&mut records, dev.record("api", 6, None)), Ok(None));
+    assert_eq!(records.live(REALM).count(), 0);
+    assert_eq!(
+        accept(&mut records, dev.record("api", 5, Some(MANIFEST))),
+        Err(Refused::Stale { have: 6 })
+    );
+    // The tombstone is still there, for peers that link later.
+    assert!(records
+        .get(REALM, "api")
+        .is_some_and(|r| r.manifest.is_none()));
+}
+
+#[test]
+fn forged_foreign_and_unauthorized_records_change_nothing() {
+    let dev = Key::new(1, REALM, "developer");
+    let reader = Key::new(2, REALM, "service_account");
+    let other_tenant = Key::new(3, "com.other", "admin");
+    let mut records = Records::default();
+    // Tampered after signing.
+    let mut r = dev.record("api", 1, Some(MANIFEST));
+    r.manifest = Some(MANIFEST.replace("replicas: 2", "replicas: 200"));
+    assert!(matches!(
+        accept(&mut records, r),
+        Err(Refused::Unverified(_))
+    ));
+    // Signed by one key, claiming another.
+    let mut r = reader.record("api", 1, Some(MANIFEST));
+    r.key = dev.public();
+    assert!(matches!(
+        accept(&mut records, r),
+        Err(Refused::Unverified(_))
+    ));
+    // A role without realm:deploy.
+    assert!(matches!(
+        accept(&mut records, reader.record("api", 1, Some(MANIFEST))),
+        Err(Refused::Forbidden(m)) if m.contains("realm:deploy")
+    ));
+    // Another tenant's admin key, for this realm.
+    assert!(matches!(
+        accept(&mut records, other_tenant.record("api", 1, Some(MANIFEST))),
+        Err(Refused::Forbidden(_))
+    ));
+    // A manifest for another workload or realm than the record says.
+    assert!(matches!(
+        accept(&mut records, dev.record("web", 1, Some(MANIFEST))),
+        Err(Refused::Invalid(_))
+    ));
+    let elsewhere = MANIFEST.replace("name: api\n", "name: api\nrealm: com.other\n");
+    assert!(matches!(
+        accept(&mut records, dev.record("api", 1, Some(&elsewhere))),
+        Err(Refused::Invalid(_))
+    ));
+    assert!(matches!(
+        accept(&mut records, dev.record("api", 1, Some("kind: payload\nname: api\n"))),
+        Err(Refused::Invalid(m)) if m.contains("command")
+    ));
+    assert_eq!(records.all().count(), 0, "none of them was kept");
+    // A forged record with a huge sequence number cannot block the name either.
+    let mut forged = dev.record("api", u64::MAX, Some(MANIFEST));
+    forged.sig[0] ^= 1;
+    assert!(matches!(
+        accept(&mut records, forged),
+        Err(Refused::Unverified(_))
+    ));
+    assert!(accept(&mut records, dev.record("api", 1, Some(MANIFEST))).is_ok());
+}
+
+#[test]
+fn a_realm_keeps_a_bounded_number_of_workloads() {
+    let dev = Key::new(1, REALM, "developer");
+    let mut records = Records::default();
+    for i in 0..MAX_PER_REALM {
+        let name = format!("w{i}");
+        let m = MANIFEST.replace("name: api", &format!("name: {name}"));
+        accept(&mut records, dev.record(&name, 1, Some(&m))).unwrap();
+    }
+    let m = MANIFEST.replace("name: api", "name: one-more");
+    assert_eq!(
+        accept(&mut records, dev.record("one-more", 1, Some(&m))),
+        Err(Refused::Full)
+    );
+    // Updating one it has is fine.
+    let m = MANIFEST.replace("name: api", "name: w0");
+    assert!(accept(&mut records, dev.record("w0", 2, Some(&m))).is_ok());
+    // Records survive a round trip through their persisted form.
+    let text = serde_json::to_string(&records).unwrap();
+    let back: Records = serde_json::from_str(&text).unwrap();
+    assert_eq!(back.get(REALM, "w0"), records.get(REALM, "w0"));
+}
