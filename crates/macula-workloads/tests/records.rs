@@ -185,3 +185,84 @@ fn a_realm_keeps_a_bounded_number_of_workloads() {
     let back: Records = serde_json::from_str(&text).unwrap();
     assert_eq!(back.get(REALM, "w0"), records.get(REALM, "w0"));
 }
+
+/// With real API keys: the record is signed by the key's holder (the secret's Ed25519 key) and
+/// verified from the key's public form alone, with the operator's public key and the realm's
+/// policy, as a node does it.
+#[test]
+fn records_signed_with_real_api_keys() {
+    use macula_router::auth::credential::{
+        bearer_proof, issue_key, public_form, verify_public, verify_session_proof, AuthorityCert,
+        KeyClaims, SignedCert,
+    };
+    use macula_router::policy::Policy;
+    let operator = SigningKey::from_bytes(&[7; 32]);
+    let authority = SigningKey::from_bytes(&[8; 32]);
+    let cert = SignedCert::issue(
+        &operator,
+        &AuthorityCert {
+            realm: REALM.into(),
+            authority: authority.verifying_key().to_bytes(),
+            expires_at: 0,
+        },
+    );
+    let key_of = |role: &str, kid: &str| {
+        issue_key(
+            &authority,
+            &cert,
+            &KeyClaims {
+                realm: REALM.into(),
+                role: role.into(),
+                kid: kid.into(),
+                name: "test".into(),
+                issued_at: 1,
+                expires_at: 0,
+                pubkey: None,
+                secret_hash: None,
+                holder: None,
+            },
+        )
+    };
+    let policy = Policy::from_doc(macula_common::policy::default_policy(REALM)).unwrap();
+    let op_public = operator.verifying_key();
+    let verify_real = |public: &str, digest: &[u8; 32], sig: &[u8]| -> Result<Signer, String> {
+        let v = verify_public(public, &op_public, 10).map_err(|e| e.to_string())?;
+        if !verify_session_proof(&v.claims, digest, sig) {
+            return Err("the signature is not the key holder's".into());
+        }
+        Ok(Signer {
+            key_realm: v.claims.realm.clone(),
+            role: v.claims.role.clone(),
+        })
+    };
+    let may = |_realm: &str, s: &Signer| policy.allows_realm_action(&s.role, "deploy");
+    let sign = |key: &str, name: &str, seq: u64| {
+        DeployRecord::signed(
+            REALM,
+            name,
+            seq,
+            Some(MANIFEST.into()),
+            1,
+            &public_form(key).unwrap(),
+            |d| bearer_proof(key, d),
+        )
+        .unwrap()
+    };
+    let developer = key_of("developer", "key_dev");
+    let service = key_of("service_account", "key_svc");
+    let mut records = Records::default();
+    assert!(records
+        .accept(sign(&developer, "api", 1), verify_real, may)
+        .is_ok());
+    assert!(matches!(
+        records.accept(sign(&service, "api", 2), verify_real, may),
+        Err(Refused::Forbidden(_))
+    ));
+    // The public form of one key with another key's signature.
+    let mut r = sign(&service, "api", 3);
+    r.key = public_form(&developer).unwrap();
+    assert!(matches!(
+        records.accept(r, verify_real, may),
+        Err(Refused::Unverified(_))
+    ));
+}

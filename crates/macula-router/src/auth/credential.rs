@@ -138,7 +138,10 @@ pub fn session_digest(node: &[u8], realm: &str, nonce: &[u8; 32]) -> [u8; 32] {
 }
 
 /// A bearer key's session proof: `digest` signed with the key derived from its secret. `None`
-/// if the key is not a bearer key of version 2 that names its holder.
+/// if the key is not a bearer key of version 2 that names its holder. Any digest made with a
+/// domain of its own is signed the same way (a workload's deploy record:
+/// `macula_workloads::record::DeployRecord::digest`), and checked with
+/// [`verify_session_proof`]; the domains keep one kind of signature from passing for another.
 pub fn bearer_proof(key: &str, digest: &[u8; 32]) -> Option<[u8; 64]> {
     let body = key.strip_prefix(KEY_PREFIX)?;
     let Envelope2(_, _, _, claims_bytes, _, secret) = decode_strict(body, "API key").ok()?;
