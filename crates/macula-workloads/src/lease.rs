@@ -26,6 +26,17 @@
 //! has expired; tokens it promised stay known to the other members of the majorities that got
 //! them, as long as no more than a minority of the set lost its state at once.
 //!
+//! **Provisional leases.** A `duplicate_tolerant` payload cut off from a majority may run under
+//! one authority's word ([`Request::Provisional`]): an authority gives at most one provisional
+//! lease per slot at a time, none while another holder has its regular grant, and no regular
+//! grant while another holder has its provisional lease. A node asks only when
+//! it could reach no majority. In a split in two, at most one side holds a majority of the
+//! three authorities (so at most one regular holder); the other side reaches at most one
+//! authority, which backs at most one provisional holder: at most one extra replica per slot,
+//! gone within a term after the split heals (its holder then reaches a majority, is told the
+//! slot is held, and stops asking). Other payloads
+//! never ask, so they never run twice.
+//!
 //! The replica is given its token (`MACULA_FENCING_TOKEN`); whatever the replica writes can be
 //! refused when it carries a token below the newest one seen.
 
@@ -60,14 +71,29 @@ pub enum Request {
         holder: NodeId,
         token: u64,
     },
+    /// For a `duplicate_tolerant` payload on the minority side of a partition: run without a
+    /// majority, under this one authority's word (see [`Authority::handle`]).
+    Provisional { slot: String, holder: NodeId },
 }
 
 /// An authority's answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
-    Granted { slot: String, token: u64 },
-    Refused { slot: String, why: Refusal },
-    Released { slot: String },
+    Granted {
+        slot: String,
+        token: u64,
+    },
+    Refused {
+        slot: String,
+        why: Refusal,
+    },
+    Released {
+        slot: String,
+    },
+    /// A provisional lease from this authority, for one term.
+    GrantedProvisional {
+        slot: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +125,9 @@ pub struct Authority {
     term_ms: u64,
     abstain_until: u64,
     slots: HashMap<String, SlotPromise>,
+    /// Provisional leases: at most one holder per slot, and only while no other holder has
+    /// this authority's regular grant (not persisted: one term of abstention covers a restart).
+    provisional: HashMap<String, (NodeId, u64)>,
 }
 
 impl Authority {
@@ -113,6 +142,7 @@ impl Authority {
                 now_ms + term_ms
             },
             slots: restored.unwrap_or_default().into_iter().collect(),
+            provisional: HashMap::new(),
         }
     }
 
@@ -135,6 +165,23 @@ impl Authority {
                         },
                         None,
                     );
+                }
+                // Another holder's provisional lease here counts as a grant until it ends: its
+                // holder counts on it and cannot be told otherwise.
+                if let Some((h, until)) = self.provisional.get(slot) {
+                    if *until > now_ms && h != holder {
+                        return (
+                            Reply::Refused {
+                                slot: slot.clone(),
+                                why: Refusal::Held {
+                                    holder: h.clone(),
+                                    token: 0,
+                                    until_ms: *until,
+                                },
+                            },
+                            None,
+                        );
+                    }
                 }
                 let st = self.slots.entry(slot.clone()).or_default();
                 if let Some((h, t, until)) = &st.grant {
@@ -176,6 +223,45 @@ impl Authority {
                     Some(st.clone()),
                 )
             }
+            Request::Provisional { slot, holder } => {
+                let refuse = |why| {
+                    (
+                        Reply::Refused {
+                            slot: slot.clone(),
+                            why,
+                        },
+                        None,
+                    )
+                };
+                if now_ms < self.abstain_until {
+                    return refuse(Refusal::Abstaining {
+                        until_ms: self.abstain_until,
+                    });
+                }
+                // Not while another holder has this authority's regular grant...
+                if let Some((h, t, until)) = self.slots.get(slot).and_then(|st| st.grant.clone()) {
+                    if until > now_ms && &h != holder {
+                        return refuse(Refusal::Held {
+                            holder: h,
+                            token: t,
+                            until_ms: until,
+                        });
+                    }
+                }
+                // ...nor another holder's provisional lease: one per authority.
+                if let Some((h, until)) = self.provisional.get(slot) {
+                    if *until > now_ms && h != holder {
+                        return refuse(Refusal::Held {
+                            holder: h.clone(),
+                            token: 0,
+                            until_ms: *until,
+                        });
+                    }
+                }
+                self.provisional
+                    .insert(slot.clone(), (holder.clone(), now_ms + self.term_ms));
+                (Reply::GrantedProvisional { slot: slot.clone() }, None)
+            }
             Request::Release {
                 slot,
                 holder,
@@ -200,6 +286,68 @@ impl Authority {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
+    }
+}
+
+/// A node's request for a provisional lease (a `duplicate_tolerant` payload that could reach no
+/// majority): asked of every authority it can reach; held if, when the answers are in, at
+/// least one granted and still no majority answered (a majority that answers means the
+/// partition is over: the node acquires or defers as usual). The replica gets no fencing token.
+#[derive(Debug, Clone)]
+pub struct ProvisionalAsk {
+    sent_ms: u64,
+    authorities: usize,
+    answered: usize,
+    granted: usize,
+}
+
+impl ProvisionalAsk {
+    /// Asks at `now_ms`; returns the requests (one per authority).
+    pub fn start(
+        slot: &str,
+        holder: &str,
+        authorities: &[NodeId],
+        now_ms: u64,
+    ) -> (ProvisionalAsk, Vec<(NodeId, Request)>) {
+        let reqs = authorities
+            .iter()
+            .map(|a| {
+                (
+                    a.clone(),
+                    Request::Provisional {
+                        slot: slot.to_owned(),
+                        holder: holder.to_owned(),
+                    },
+                )
+            })
+            .collect();
+        (
+            ProvisionalAsk {
+                sent_ms: now_ms,
+                authorities: authorities.len(),
+                answered: 0,
+                granted: 0,
+            },
+            reqs,
+        )
+    }
+
+    pub fn on_reply(&mut self, reply: &Reply) {
+        self.answered += 1;
+        if matches!(reply, Reply::GrantedProvisional { .. }) {
+            self.granted += 1;
+        }
+    }
+
+    /// When the answers are in: the provisional lease's end on the holder's clock, if held.
+    pub fn decide(&self, term_ms: u64, margin_ms: u64) -> Option<u64> {
+        let majority = self.authorities / 2 + 1;
+        (self.granted > 0 && self.answered < majority)
+            .then(|| (self.sent_ms + term_ms).saturating_sub(margin_ms))
+    }
+
+    pub fn started_ms(&self) -> u64 {
+        self.sent_ms
     }
 }
 
@@ -276,6 +424,18 @@ impl Acquisition {
             },
             requests,
         )
+    }
+
+    /// When the requests went out (holder's clock).
+    pub fn started_ms(&self) -> u64 {
+        self.sent_ms
+    }
+
+    /// Whether a majority of the authorities answered at all (granted or refused). An attempt
+    /// that gives up without it could reach no majority: only then may a `duplicate_tolerant`
+    /// payload ask for a provisional lease.
+    pub fn majority_answered(&self) -> bool {
+        self.granted + self.refused >= self.majority()
     }
 
     fn majority(&self) -> usize {

@@ -346,3 +346,188 @@ fn under_loss_the_slot_still_changes_hands_safely() {
         "only {handovers} handovers: the test would not catch much"
     );
 }
+
+/// A holder that may also run provisionally (a `duplicate_tolerant` payload).
+#[derive(Default)]
+struct Tolerant {
+    known: u64,
+    trying: Option<Acquisition>,
+    holds: Option<(u64, u64)>,
+    provisional: Option<u64>,
+    asking: Option<ProvisionalAsk>,
+}
+
+/// Splits the nodes in two now and then (holders and authorities each on side 0 or 1; links
+/// across the sides cut), heals, and checks at every step: at most one regular holder, and at
+/// most one extra (provisional) holder when `tolerant`, none otherwise. After the last heal
+/// the extras go.
+fn simulate_splits(seed: u64, tolerant: bool) -> usize {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let auth_ids: Vec<NodeId> = vec!["a0".into(), "a1".into(), "a2".into()];
+    let mut auths: Vec<Authority> = (0..3)
+        .map(|_| Authority::new(TERM, Some(BTreeMap::new()), 0))
+        .collect();
+    let holders = 4;
+    let mut hs: Vec<Tolerant> = (0..holders).map(|_| Tolerant::default()).collect();
+    // Side of each holder and authority while split; None when whole.
+    let mut split: Option<(Vec<u8>, Vec<u8>, u64)> = None;
+    // Splits are apart by two terms (the bound is per split: an extra replica of one split
+    // lasts up to a term after it heals).
+    let mut quiet_until = 0;
+    // (deliver at, from, to, a request to an authority or an answer to a holder)
+    type InFlight = (u64, usize, usize, Option<Request>, Option<Reply>);
+    let mut net: Vec<InFlight> = vec![];
+    let mut max_extra = 0;
+    let end = 40_000;
+    let last_heal = 30_000;
+    for now in (0..end).step_by(10) {
+        if split.is_none() && now >= quiet_until && now < last_heal - 5_000 && rng.gen_bool(0.002) {
+            let hs_side: Vec<u8> = (0..holders).map(|_| rng.gen_range(0..2)).collect();
+            let as_side: Vec<u8> = (0..3).map(|_| rng.gen_range(0..2)).collect();
+            split = Some((hs_side, as_side, now + rng.gen_range(2_000..5_000)));
+        }
+        if split.as_ref().is_some_and(|s| s.2 <= now) {
+            split = None;
+            quiet_until = now + 2 * TERM;
+        }
+        let linked = |h: usize, a: usize| split.as_ref().is_none_or(|(hs, as_, _)| hs[h] == as_[a]);
+        let (due, later): (Vec<_>, Vec<_>) = net.drain(..).partition(|m| m.0 <= now);
+        net = later;
+        for (_, from, to, req, reply) in due {
+            if let Some(req) = req {
+                if !linked(from, to) {
+                    continue;
+                }
+                let (r, _) = auths[to].handle(&req, now);
+                if linked(from, to) {
+                    net.push((now + rng.gen_range(0..50), to, from, None, Some(r)));
+                }
+            } else if let Some(r) = reply {
+                let h = &mut hs[to];
+                if let Some(ask) = h.asking.as_mut() {
+                    if matches!(r, Reply::GrantedProvisional { .. })
+                        || matches!(&r, Reply::Refused { .. }) && h.trying.is_none()
+                    {
+                        ask.on_reply(&r);
+                        continue;
+                    }
+                }
+                if let Reply::GrantedProvisional { .. } = r {
+                    continue;
+                }
+                if let Some(acq) = h.trying.as_mut() {
+                    match acq.on_reply(&r) {
+                        Outcome::Held {
+                            token,
+                            valid_until_ms,
+                        } => {
+                            h.holds = Some((token, valid_until_ms));
+                            h.provisional = None;
+                            h.known = h.known.max(token);
+                            h.trying = None;
+                        }
+                        Outcome::Lost { retry_above, .. } => {
+                            h.known = h.known.max(retry_above);
+                            h.trying = None;
+                        }
+                        Outcome::Pending => {}
+                    }
+                }
+            }
+        }
+        for (i, h) in hs.iter_mut().enumerate() {
+            if h.holds.is_some_and(|(_, u)| u <= now) {
+                h.holds = None;
+            }
+            if h.provisional.is_some_and(|u| u <= now) {
+                h.provisional = None;
+            }
+            // A provisional ask is decided when its answers had time to come.
+            if h.asking
+                .as_ref()
+                .is_some_and(|a| now - a.started_ms() > 300)
+            {
+                let ask = h.asking.take().unwrap();
+                if let Some(until) = ask.decide(TERM, MARGIN) {
+                    h.provisional = Some(until);
+                }
+            }
+            // An attempt that timed out without a majority and without being told the slot is
+            // held: no majority was reachable. A tolerant payload then asks for a provisional
+            // lease (and renews it the same way).
+            if let Some(acq) = &h.trying {
+                if acq.expired(now) || (now - acq_sent(acq, now)) > 300 {
+                    let unreachable = !acq.majority_answered();
+                    h.trying = None;
+                    if tolerant && unreachable && h.holds.is_none() && h.asking.is_none() {
+                        let (ask, reqs) =
+                            ProvisionalAsk::start(SLOT, &format!("h{i}"), &auth_ids, now);
+                        for (j, (_, req)) in reqs.into_iter().enumerate() {
+                            if linked(i, j) {
+                                net.push((now + rng.gen_range(0..50), i, j, Some(req), None));
+                            }
+                        }
+                        h.asking = Some(ask);
+                    }
+                }
+            }
+            let renew = h.holds.is_some_and(|(_, u)| u - now < TERM / 3);
+            let want = h.holds.is_none() && rng.gen_bool(0.05);
+            if h.trying.is_none() && h.asking.is_none() && (renew || want) {
+                let token = match h.holds {
+                    Some((t, _)) if renew => t,
+                    _ => h.known + 1,
+                };
+                let (acq, reqs) =
+                    Acquisition::start(SLOT, &format!("h{i}"), token, &auth_ids, now, TERM, MARGIN);
+                for (j, (_, req)) in reqs.into_iter().enumerate() {
+                    if linked(i, j) {
+                        net.push((now + rng.gen_range(0..50), i, j, Some(req), None));
+                    }
+                }
+                h.trying = Some(acq);
+            }
+        }
+        let regular = hs.iter().filter(|h| h.holds.is_some()).count();
+        let extra = hs
+            .iter()
+            .filter(|h| h.holds.is_none() && h.provisional.is_some())
+            .count();
+        assert!(regular <= 1, "{regular} regular holders at {now} ms");
+        if !tolerant {
+            assert_eq!(
+                extra, 0,
+                "a payload that is not duplicate-tolerant never runs twice"
+            );
+        }
+        assert!(
+            regular + extra <= 2,
+            "{regular} + {extra} holders at {now} ms: more than one extra (split: {split:?})"
+        );
+        max_extra = max_extra.max(extra);
+        if now > last_heal + 3 * TERM {
+            assert_eq!(
+                extra, 0,
+                "after the heal, the extra replica went ({now} ms)"
+            );
+        }
+    }
+    max_extra
+}
+
+/// When an acquisition started (the holder's record of it; the attempt gives up after 300 ms).
+fn acq_sent(acq: &Acquisition, now: u64) -> u64 {
+    acq.started_ms().min(now)
+}
+
+#[test]
+fn a_split_in_two_runs_at_most_one_extra_replica_and_only_when_tolerated() {
+    let extras: usize = (0..100).map(|s| simulate_splits(s, true)).sum();
+    assert!(
+        extras > 0,
+        "some split ran an extra replica: the bound is exercised"
+    );
+    for s in 0..40 {
+        simulate_splits(s, false);
+    }
+}
