@@ -11,8 +11,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Version of the frame protocol, announced in [`Frame::Hello`]; a peer speaking another one
-/// is refused. 3: interest and registrations name a session; session proofs.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// is refused. 3: interest and registrations name a session; session proofs. 4: workload
+/// deploy records.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 const TAG_CONTROL: u8 = 0;
 const TAG_PUBLISH: u8 = 1;
@@ -214,6 +215,9 @@ pub enum Frame {
         nonce: Bytes,
         sig: Bytes,
     },
+    /// A workload's deploy record (`macula_workloads::record::DeployRecord`, JSON), signed by
+    /// the deploying key's holder and flooded to every node like a realm state.
+    Workload { record: Bytes },
 }
 
 impl Frame {
@@ -237,6 +241,7 @@ impl Frame {
             Frame::CertRenew => "cert_renew",
             Frame::CertIssued { .. } => "cert_issued",
             Frame::Session { .. } => "session",
+            Frame::Workload { .. } => "workload",
         }
     }
 

@@ -22,6 +22,7 @@ pub mod peer;
 pub mod rawsocket;
 pub mod session;
 pub mod tls;
+pub mod workloads;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,5 +1,6 @@
 //! The HTTP side of a node: WebSocket upgrade (`/ws`, `/`), the HTTP bridge (`/v1/realms/...`,
-//! in `bridge.rs`), health (`/healthz`, `/readyz`), `/metrics` and `/v1/mesh`.
+//! in `bridge.rs`), deploy records (`/v1/realms/{realm}/workloads`, in `workloads.rs`), health
+//! (`/healthz`, `/readyz`), `/metrics` and `/v1/mesh`.
 
 // Handlers return `Result<_, Response>` so that every early exit is a finished HTTP answer; the
 // error path is cold, so the large `Err` is not worth boxing.
@@ -27,7 +28,9 @@ use crate::outbox::Outbox;
 use crate::session::{encode_out, Connection, Flow};
 
 mod bridge;
+mod workloads;
 use bridge::{call, publish};
+use workloads::{list_records, post_record};
 
 pub fn router(node: Arc<Node>) -> Router {
     let body_limit = node.config.limits.max_http_body;
@@ -40,6 +43,10 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/mesh", get(mesh_status))
         .route("/v1/realms/{realm}/publish", post(publish))
         .route("/v1/realms/{realm}/call/{procedure}", post(call))
+        .route(
+            "/v1/realms/{realm}/workloads",
+            get(list_records).post(post_record),
+        )
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(node)
 }

@@ -53,6 +53,7 @@ pub(crate) fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, fr
             node.mark_states_synced();
         }
         Frame::Usage { id, report } => on_usage(node, mesh, peer, id, report),
+        Frame::Workload { record } => on_workload(node, mesh, peer, &record),
         Frame::UsageAck { id, error } => {
             if let Some(tx) = mesh.usage_acks.lock().remove(&id) {
                 let _ = tx.send(error);
@@ -251,4 +252,38 @@ pub(crate) fn on_announce(node: &Node, mesh: &MeshState, peer: PeerId, frame: Fr
         let link = link_for(mesh, &r, peer);
         Some((r, link))
     });
+}
+
+/// A peer's deploy record: taken and flooded on if it holds; a stale one is answered with the
+/// newer record this node has (the peer is behind).
+fn on_workload(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, bytes: &[u8]) {
+    use macula_workloads::record::{DeployRecord, Refused};
+    let Ok(record) = serde_json::from_slice::<DeployRecord>(bytes) else {
+        return rejected(mesh, &peer, "workload", "not a deploy record");
+    };
+    let (realm, name) = (record.realm.clone(), record.name.clone());
+    match crate::workloads::accept(node, record) {
+        Ok(a) => {
+            if let Ok(bytes) = serde_json::to_vec(&a.record) {
+                mesh.handle.broadcast(
+                    &Frame::Workload {
+                        record: bytes.into(),
+                    },
+                    Some(&peer),
+                );
+            }
+        }
+        Err(Refused::Stale { .. }) => {
+            let newer = node.workloads.records.lock().get(&realm, &name).cloned();
+            if let Some(bytes) = newer.and_then(|r| serde_json::to_vec(&r).ok()) {
+                mesh.handle.send(
+                    &peer,
+                    &Frame::Workload {
+                        record: bytes.into(),
+                    },
+                );
+            }
+        }
+        Err(e) => rejected(mesh, &peer, "workload", format!("{e:?}")),
+    }
 }

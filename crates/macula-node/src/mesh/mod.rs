@@ -507,6 +507,22 @@ pub(crate) fn handle(node: &Arc<Node>, mesh: &Arc<MeshState>, ev: MeshEvent) {
             }
             // Frames to a peer arrive in order: after this, the peer knows every state we knew.
             mesh.handle.send(&peer, &Frame::StatesDone);
+            // The workloads' desired state, as the realm states.
+            let records: Vec<Vec<u8>> = node
+                .workloads
+                .records
+                .lock()
+                .all()
+                .filter_map(|r| serde_json::to_vec(r).ok())
+                .collect();
+            for record in records {
+                mesh.handle.send(
+                    &peer,
+                    &Frame::Workload {
+                        record: record.into(),
+                    },
+                );
+            }
             mesh.proofs.link_up(&peer);
             for r in node.realm_handles() {
                 for a in r.lock().local_interest() {

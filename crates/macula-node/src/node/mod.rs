@@ -110,6 +110,8 @@ pub struct Node {
     pub events: Option<crate::meter::EventTap>,
     pub events_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<crate::meter::OpEvent>>>,
     me: std::sync::Weak<Node>,
+    /// Workloads' desired state: the deploy records this node keeps (see `crate::workloads`).
+    pub workloads: crate::workloads::Desired,
 }
 
 impl Node {
@@ -138,6 +140,9 @@ impl Node {
                 (Some(tap), Some(rx))
             }
         };
+        let records_file = confdir
+            .as_ref()
+            .map(|d| d.root.join("workloads").join("records.json"));
         Arc::new_cyclic(|me| Node {
             config: loaded.config.clone(),
             metrics: Arc::new(Metrics::default()),
@@ -160,6 +165,7 @@ impl Node {
             events,
             events_rx: parking_lot::Mutex::new(events_rx),
             me: me.clone(),
+            workloads: crate::workloads::Desired::load(records_file),
         })
     }
 

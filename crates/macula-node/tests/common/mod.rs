@@ -117,3 +117,39 @@ pub async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T
         .await
         .unwrap_or_else(|_| panic!("timed out: {what}"))
 }
+
+/// A mesh participant certified by the node's operator, connected to the node: (its handle, its
+/// events, the node's peer id). What a compromised or lying node of the trust root would be.
+pub async fn certified_peer(
+    t: &TestNode,
+) -> (
+    macula_mesh::MeshHandle,
+    macula_mesh::MeshEvents,
+    macula_mesh::Peer,
+) {
+    use macula_mesh::{MeshConfig, MeshEvent};
+    let op = t.dir.operator_key().unwrap();
+    let kp = macula_mesh::identity::Keypair::generate_ed25519();
+    let cert = macula_mesh::cert::issue_for(&op, &kp.public().to_peer_id(), 3600);
+    let cfg = MeshConfig {
+        listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
+        bootstrap: vec![t.running.mesh_addrs[0].parse().unwrap()],
+        ..MeshConfig::default()
+    };
+    let (handle, mut ev) = macula_mesh::start(
+        cfg,
+        kp,
+        cert,
+        std::sync::Arc::new(macula_mesh::cert::Trust::new(op.verifying_key())),
+    )
+    .await
+    .unwrap();
+    let node = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ev.recv()).await {
+            Ok(Some(MeshEvent::PeerUp(p))) => break p,
+            Ok(Some(_)) => {}
+            other => panic!("the certified peer never connected: {other:?}"),
+        }
+    };
+    (handle, ev, node)
+}

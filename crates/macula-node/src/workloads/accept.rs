@@ -1,0 +1,48 @@
+//! Judging a deploy record with this node's credentials: the key's chain to the trust root, its
+//! revocation, its holder's signature over the record, and the realm's policy (the key's role
+//! must reach the realm and grant `realm:deploy`).
+
+use macula_router::auth::credential;
+use macula_workloads::record::{DeployRecord, Refused, Signer};
+
+use crate::confdir::now_secs;
+use crate::node::Node;
+
+/// A record taken: its workload (None for a tombstone), to flood on.
+pub struct Accepted {
+    pub record: DeployRecord,
+}
+
+/// Takes `record` if it holds (see `macula_workloads::record`) and keeps it on disk.
+pub fn accept(node: &Node, record: DeployRecord) -> Result<Accepted, Refused> {
+    if record.key.len() > credential::MAX_KEY_LEN || record.sig.len() != 64 {
+        return Err(Refused::Unverified(
+            "not a key's public form and signature".into(),
+        ));
+    }
+    let auth = node.auth();
+    let verify = |public: &str, digest: &[u8; 32], sig: &[u8]| -> Result<Signer, String> {
+        let v = credential::verify_public(public, auth.authenticator.operator(), now_secs())
+            .map_err(|e| e.to_string())?;
+        if auth.authenticator.is_revoked(&v.claims.kid) {
+            return Err(format!("key {} was revoked", v.claims.kid));
+        }
+        if !credential::verify_session_proof(&v.claims, digest, sig) {
+            return Err("the signature is not the key holder's".into());
+        }
+        Ok(Signer {
+            key_realm: v.claims.realm.clone(),
+            role: v.claims.role.clone(),
+        })
+    };
+    let may_deploy = |realm: &str, s: &Signer| {
+        node.role_admitted(realm, &s.key_realm, &s.role)
+            .is_ok_and(|policy| policy.allows_realm_action(&s.role, "deploy"))
+    };
+    let mut records = node.workloads.records.lock();
+    records.accept(record.clone(), verify, may_deploy)?;
+    if let Err(e) = node.workloads.save(&records) {
+        tracing::error!("keeping the deploy records: {e}");
+    }
+    Ok(Accepted { record })
+}

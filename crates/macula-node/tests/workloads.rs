@@ -1,0 +1,149 @@
+//! Deploy records on a node: handed in over HTTP or by a peer, judged with the node's own
+//! credentials, kept on disk and flooded to the mesh; replays, forgeries and keys that may not
+//! deploy change nothing and go nowhere.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use macula_mesh::{Frame, MeshEvent};
+use macula_router::auth::credential::{bearer_proof, public_form};
+use macula_workloads::record::DeployRecord;
+
+const MANIFEST: &str = "kind: payload\nname: api\nreplicas: 2\ncommand: [my-server]\n";
+
+fn record(key: &str, name: &str, seq: u64, manifest: Option<&str>) -> DeployRecord {
+    DeployRecord::signed(
+        REALM,
+        name,
+        seq,
+        manifest.map(str::to_owned),
+        1,
+        &public_form(key).unwrap(),
+        |d| bearer_proof(key, d),
+    )
+    .unwrap()
+}
+
+fn body(r: &DeployRecord) -> String {
+    serde_json::to_string(r).unwrap()
+}
+
+/// The next deploy record the peer receives from the node.
+async fn next_record(ev: &mut macula_mesh::MeshEvents) -> DeployRecord {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ev.recv()).await {
+            Ok(Some(MeshEvent::Frame(_, Frame::Workload { record }))) => {
+                return serde_json::from_slice(&record).unwrap()
+            }
+            Ok(Some(_)) => {}
+            other => panic!("no deploy record came: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn deploy_records_are_judged_kept_and_flooded() {
+    let t = TestNode::start().await;
+    let (peer, mut ev, node_id) = certified_peer(&t).await;
+    let (_, developer) = t.key("developer");
+    let (_, service) = t.key("service_account");
+    let path = format!("/v1/realms/{REALM}/workloads");
+
+    // A developer's record: taken, and flooded to the peer.
+    let r1 = record(&developer, "api", 1, Some(MANIFEST));
+    let (s, b) = t.http("POST", &path, None, &body(&r1)).await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(next_record(&mut ev).await, r1);
+    // Kept on disk.
+    let file = t.dir.root.join("workloads/records.json");
+    assert!(std::fs::read_to_string(&file).unwrap().contains("\"api\""));
+
+    // Replayed: refused, nothing flooded.
+    let (s, b) = t.http("POST", &path, None, &body(&r1)).await;
+    assert_eq!(s, 409, "{b}");
+    assert!(b.contains("stale_record"), "{b}");
+    // Tampered: refused.
+    let mut forged = record(&developer, "api", 2, Some(MANIFEST));
+    forged.manifest = Some(MANIFEST.replace("replicas: 2", "replicas: 99"));
+    let (s, b) = t.http("POST", &path, None, &body(&forged)).await;
+    assert_eq!(s, 401, "{b}");
+    // A key whose role may not deploy: refused.
+    let (s, b) = t
+        .http(
+            "POST",
+            &path,
+            None,
+            &body(&record(&service, "api", 3, Some(MANIFEST))),
+        )
+        .await;
+    assert_eq!(s, 403, "{b}");
+    assert!(b.contains("realm:deploy"), "{b}");
+    // A record for another realm, handed in under this one: refused.
+    let mut elsewhere = record(&developer, "api", 4, Some(MANIFEST));
+    elsewhere.realm = "com.other".into();
+    let (s, _) = t.http("POST", &path, None, &body(&elsewhere)).await;
+    assert_eq!(s, 422);
+
+    // A peer's record (a newer version): taken from the mesh.
+    let r2 = record(
+        &developer,
+        "api",
+        5,
+        Some(&MANIFEST.replace("replicas: 2", "replicas: 3")),
+    );
+    peer.send(
+        &node_id,
+        &Frame::Workload {
+            record: body(&r2).into_bytes().into(),
+        },
+    );
+    // A peer's forgery: refused, not kept.
+    let mut bad = record(
+        &developer,
+        "web",
+        1,
+        Some(&MANIFEST.replace("name: api", "name: web")),
+    );
+    bad.sig[3] ^= 0xff;
+    peer.send(
+        &node_id,
+        &Frame::Workload {
+            record: body(&bad).into_bytes().into(),
+        },
+    );
+    let list = || async {
+        let (s, b) = t.http("GET", &path, Some(&t.admin_key), "").await;
+        assert_eq!(s, 200, "{b}");
+        serde_json::from_str::<serde_json::Value>(&b).unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = list().await;
+        let items = v["items"].as_array().unwrap();
+        if items.iter().any(|i| i["name"] == "api" && i["seq"] == 5) {
+            assert!(
+                !items.iter().any(|i| i["name"] == "web"),
+                "the forgery was kept: {v}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the peer's record never arrived: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // An older record from a peer is answered with the newer one (the peer is behind).
+    peer.send(
+        &node_id,
+        &Frame::Workload {
+            record: body(&r1).into_bytes().into(),
+        },
+    );
+    assert_eq!(next_record(&mut ev).await, r2);
+    // Listing needs a key of the realm.
+    let (s, _) = t.http("GET", &path, None, "").await;
+    assert_eq!(s, 401);
+}
