@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the frame protocol, announced in [`Frame::Hello`]; a peer speaking another one
 /// is refused. 3: interest and registrations name a session; session proofs. 4: workload
-/// deploy records.
+/// deploy records and leases.
 pub const PROTOCOL_VERSION: u16 = 4;
 
 const TAG_CONTROL: u8 = 0;
@@ -218,6 +218,11 @@ pub enum Frame {
     /// A workload's deploy record (`macula_workloads::record::DeployRecord`, JSON), signed by
     /// the deploying key's holder and flooded to every node like a realm state.
     Workload { record: Bytes },
+    /// A request to the receiver as a lease authority (`macula_workloads::lease::Request`,
+    /// JSON), for a slot the sender wants to hold itself.
+    LeaseRequest { req: Bytes },
+    /// The authority's answer (`macula_workloads::lease::Reply`, JSON).
+    LeaseReply { reply: Bytes },
 }
 
 impl Frame {
@@ -242,6 +247,8 @@ impl Frame {
             Frame::CertIssued { .. } => "cert_issued",
             Frame::Session { .. } => "session",
             Frame::Workload { .. } => "workload",
+            Frame::LeaseRequest { .. } => "lease_request",
+            Frame::LeaseReply { .. } => "lease_reply",
         }
     }
 

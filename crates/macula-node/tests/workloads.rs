@@ -30,17 +30,32 @@ fn body(r: &DeployRecord) -> String {
     serde_json::to_string(r).unwrap()
 }
 
-/// The next deploy record the peer receives from the node.
-async fn next_record(ev: &mut macula_mesh::MeshEvents) -> DeployRecord {
+/// The next frame of the kind `pick` takes that the peer receives from the node.
+async fn next<T>(
+    ev: &mut macula_mesh::MeshEvents,
+    what: &str,
+    pick: impl Fn(Frame) -> Option<T>,
+) -> T {
     loop {
         match tokio::time::timeout(Duration::from_secs(10), ev.recv()).await {
-            Ok(Some(MeshEvent::Frame(_, Frame::Workload { record }))) => {
-                return serde_json::from_slice(&record).unwrap()
+            Ok(Some(MeshEvent::Frame(_, f))) => {
+                if let Some(t) = pick(f) {
+                    return t;
+                }
             }
             Ok(Some(_)) => {}
-            other => panic!("no deploy record came: {other:?}"),
+            other => panic!("no {what} came: {other:?}"),
         }
     }
+}
+
+/// The next deploy record the peer receives from the node.
+async fn next_record(ev: &mut macula_mesh::MeshEvents) -> DeployRecord {
+    next(ev, "deploy record", |f| match f {
+        Frame::Workload { record } => serde_json::from_slice(&record).ok(),
+        _ => None,
+    })
+    .await
 }
 
 #[tokio::test]
@@ -146,4 +161,73 @@ async fn deploy_records_are_judged_kept_and_flooded() {
     // Listing needs a key of the realm.
     let (s, _) = t.http("GET", &path, None, "").await;
     assert_eq!(s, 401);
+}
+
+async fn next_lease_reply(ev: &mut macula_mesh::MeshEvents) -> macula_workloads::lease::Reply {
+    next(ev, "lease reply", |f| match f {
+        Frame::LeaseReply { reply } => serde_json::from_slice(&reply).ok(),
+        _ => None,
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_node_grants_leases_as_an_authority_and_keeps_its_promises() {
+    use macula_workloads::lease::{Refusal, Reply, Request};
+    let t = TestNode::start().await;
+    let (p1, mut ev1, node_id) = certified_peer(&t).await;
+    let (p2, mut ev2, _) = certified_peer(&t).await;
+    let (me1, me2) = (p1.peer_id().to_string(), p2.peer_id().to_string());
+    let slot = format!("{REALM}/api/0");
+    let ask = |holder: &str, token: u64| Frame::LeaseRequest {
+        req: serde_json::to_vec(&Request::Acquire {
+            slot: slot.clone(),
+            holder: holder.into(),
+            token,
+        })
+        .unwrap()
+        .into(),
+    };
+    p1.send(&node_id, &ask(&me1, 1));
+    assert_eq!(
+        next_lease_reply(&mut ev1).await,
+        Reply::Granted {
+            slot: slot.clone(),
+            token: 1
+        }
+    );
+    // The promise is on disk before the answer.
+    let promises = std::fs::read_to_string(t.dir.root.join("workloads/promises.json")).unwrap();
+    assert!(
+        promises.contains(&slot) && promises.contains("\"promised\":1"),
+        "{promises}"
+    );
+    // Another node, while the grant runs: told who holds it.
+    p2.send(&node_id, &ask(&me2, 2));
+    match next_lease_reply(&mut ev2).await {
+        Reply::Refused {
+            why: Refusal::Held {
+                holder, token: 1, ..
+            },
+            ..
+        } => assert_eq!(holder, me1),
+        other => panic!("{other:?}"),
+    }
+    // A node asking in another's name is not answered, and counted as a rejected frame.
+    let rejected = || {
+        macula_node::mesh::of(t.node())
+            .unwrap()
+            .counters
+            .rejected
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = rejected();
+    p2.send(&node_id, &ask(&me1, 1));
+    eventually("the forged request is rejected", || rejected() > before).await;
+    // The holder renews under its token.
+    p1.send(&node_id, &ask(&me1, 1));
+    assert_eq!(
+        next_lease_reply(&mut ev1).await,
+        Reply::Granted { slot, token: 1 }
+    );
 }

@@ -108,6 +108,8 @@ pub enum Refusal {
     Stale { promised: u64 },
     /// This authority lost its promises and waits out one lease term.
     Abstaining { until_ms: u64 },
+    /// This authority keeps as many slots as it may (its bound on memory).
+    Full,
 }
 
 /// One slot as an authority keeps it.
@@ -278,6 +280,16 @@ impl Authority {
                 )
             }
         }
+    }
+
+    /// How many slots this authority keeps.
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether it keeps `slot`.
+    pub fn knows(&self, slot: &str) -> bool {
+        self.slots.contains_key(slot) || self.provisional.contains_key(slot)
     }
 
     /// What this authority promised, for persisting in full.
@@ -456,7 +468,7 @@ impl Acquisition {
                         self.highest = self.highest.max(*token);
                         self.held_by = Some(holder.clone());
                     }
-                    Refusal::Abstaining { .. } => {}
+                    Refusal::Abstaining { .. } | Refusal::Full => {}
                 }
             }
             _ => {}

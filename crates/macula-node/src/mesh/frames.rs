@@ -54,6 +54,9 @@ pub(crate) fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, fr
         }
         Frame::Usage { id, report } => on_usage(node, mesh, peer, id, report),
         Frame::Workload { record } => on_workload(node, mesh, peer, &record),
+        Frame::LeaseRequest { req } => on_lease_request(node, mesh, peer, &req),
+        // Answers to this node's own requests: its controller takes them (not built yet).
+        Frame::LeaseReply { .. } => {}
         Frame::UsageAck { id, error } => {
             if let Some(tx) = mesh.usage_acks.lock().remove(&id) {
                 let _ = tx.send(error);
@@ -285,5 +288,36 @@ fn on_workload(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, bytes: &[u
             }
         }
         Err(e) => rejected(mesh, &peer, "workload", format!("{e:?}")),
+    }
+}
+
+/// A peer asks this node, as an authority, for a lease on a slot it wants to hold itself (a
+/// request naming another holder is refused: a node asks only for itself).
+fn on_lease_request(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, bytes: &[u8]) {
+    use macula_workloads::lease::Request;
+    let Ok(req) = serde_json::from_slice::<Request>(bytes) else {
+        return rejected(mesh, &peer, "lease_request", "not a lease request");
+    };
+    let holder = match &req {
+        Request::Acquire { holder, .. }
+        | Request::Release { holder, .. }
+        | Request::Provisional { holder, .. } => holder,
+    };
+    if *holder != peer.to_string() {
+        return rejected(
+            mesh,
+            &peer,
+            "lease_request",
+            "a node asks for leases for itself only",
+        );
+    }
+    let reply = node.leases.handle(&req);
+    if let Ok(bytes) = serde_json::to_vec(&reply) {
+        mesh.handle.send(
+            &peer,
+            &Frame::LeaseReply {
+                reply: bytes.into(),
+            },
+        );
     }
 }

@@ -112,6 +112,8 @@ pub struct Node {
     me: std::sync::Weak<Node>,
     /// Workloads' desired state: the deploy records this node keeps (see `crate::workloads`).
     pub workloads: crate::workloads::Desired,
+    /// This node as a lease authority for replica slots (see `crate::workloads::authority`).
+    pub leases: crate::workloads::LeaseAuthority,
 }
 
 impl Node {
@@ -143,6 +145,9 @@ impl Node {
         let records_file = confdir
             .as_ref()
             .map(|d| d.root.join("workloads").join("records.json"));
+        let promises_file = confdir
+            .as_ref()
+            .map(|d| d.root.join("workloads").join("promises.json"));
         Arc::new_cyclic(|me| Node {
             config: loaded.config.clone(),
             metrics: Arc::new(Metrics::default()),
@@ -166,6 +171,7 @@ impl Node {
             events_rx: parking_lot::Mutex::new(events_rx),
             me: me.clone(),
             workloads: crate::workloads::Desired::load(records_file),
+            leases: crate::workloads::LeaseAuthority::load(promises_file),
         })
     }
 
