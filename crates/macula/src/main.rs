@@ -106,6 +106,12 @@ enum Command {
 }
 
 fn main() {
+    // `macula __exec`: the exec shim a node starts a native replica through (see
+    // `macula_workloads::runtime`): before any thread exists, it sandboxes itself and becomes
+    // the replica.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "__exec") {
+        macula_workloads::runtime::sandbox::main();
+    }
     // Output piped into `head` ends quietly, as for any Unix tool, instead of panicking on EPIPE.
     #[cfg(unix)]
     // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
