@@ -224,6 +224,26 @@ async fn a_node_grants_leases_as_an_authority_and_keeps_its_promises() {
     let before = rejected();
     p2.send(&node_id, &ask(&me1, 1));
     eventually("the forged request is rejected", || rejected() > before).await;
+    // A slot of a realm this node does not know, or an endless name, is not kept.
+    for slot in [
+        "com.unknown/api/0".to_owned(),
+        format!("{REALM}/{}", "x".repeat(600)),
+    ] {
+        let before = rejected();
+        p2.send(
+            &node_id,
+            &Frame::LeaseRequest {
+                req: serde_json::to_vec(&Request::Acquire {
+                    slot,
+                    holder: me2.clone(),
+                    token: 1,
+                })
+                .unwrap()
+                .into(),
+            },
+        );
+        eventually("the request is rejected", || rejected() > before).await;
+    }
     // The holder renews under its token.
     p1.send(&node_id, &ask(&me1, 1));
     assert_eq!(

@@ -38,17 +38,22 @@ pub(super) async fn post_record(
             format!("the record is for realm {}, not {realm}", record.realm),
         );
     }
-    match crate::workloads::accept(&node, record) {
-        Ok(a) => {
-            if let (Some(m), Ok(bytes)) = (crate::mesh::of(&node), serde_json::to_vec(&a.record)) {
-                m.handle.broadcast(
-                    &macula_mesh::Frame::Workload {
-                        record: bytes.into(),
-                    },
-                    None,
-                );
+    let taken = {
+        let node = node.clone();
+        tokio::task::spawn_blocking(move || crate::workloads::accept(&node, record)).await
+    };
+    let Ok(taken) = taken else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the record could not be judged; nothing was changed",
+        );
+    };
+    match taken {
+        Ok(r) => {
+            if let Some(m) = crate::mesh::of(&node) {
+                crate::mesh::flood_record(m, &r, None);
             }
-            let r = a.record;
             (
                 StatusCode::CREATED,
                 Json(json!({"realm": r.realm, "name": r.name, "seq": r.seq, "deleted": r.manifest.is_none()})),

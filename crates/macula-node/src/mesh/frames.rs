@@ -258,52 +258,68 @@ pub(crate) fn on_announce(node: &Node, mesh: &MeshState, peer: PeerId, frame: Fr
 }
 
 /// A peer's deploy record: taken and flooded on if it holds; a stale one is answered with the
-/// newer record this node has (the peer is behind).
+/// newer record this node has (the peer is behind). Judged and written off the event loop.
 fn on_workload(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, bytes: &[u8]) {
     use macula_workloads::record::{DeployRecord, Refused};
     let Ok(record) = serde_json::from_slice::<DeployRecord>(bytes) else {
         return rejected(mesh, &peer, "workload", "not a deploy record");
     };
-    let (realm, name) = (record.realm.clone(), record.name.clone());
-    match crate::workloads::accept(node, record) {
-        Ok(a) => {
-            if let Ok(bytes) = serde_json::to_vec(&a.record) {
-                mesh.handle.broadcast(
-                    &Frame::Workload {
-                        record: bytes.into(),
-                    },
-                    Some(&peer),
-                );
+    let (node, mesh) = (node.clone(), mesh.clone());
+    tokio::task::spawn_blocking(move || {
+        let (realm, name) = (record.realm.clone(), record.name.clone());
+        match crate::workloads::accept(&node, record) {
+            Ok(r) => flood_record(&mesh, &r, Some(&peer)),
+            Err(Refused::Stale { .. }) => {
+                // The peer is behind: it gets what this node has.
+                let newer = node.workloads.records.lock().get(&realm, &name).cloned();
+                if let Some(bytes) = newer.and_then(|r| serde_json::to_vec(&r).ok()) {
+                    mesh.handle.send(
+                        &peer,
+                        &Frame::Workload {
+                            record: bytes.into(),
+                        },
+                    );
+                }
             }
+            Err(e) => rejected(&mesh, &peer, "workload", format!("{e:?}")),
         }
-        Err(Refused::Stale { .. }) => {
-            let newer = node.workloads.records.lock().get(&realm, &name).cloned();
-            if let Some(bytes) = newer.and_then(|r| serde_json::to_vec(&r).ok()) {
-                mesh.handle.send(
-                    &peer,
-                    &Frame::Workload {
-                        record: bytes.into(),
-                    },
-                );
-            }
-        }
-        Err(e) => rejected(mesh, &peer, "workload", format!("{e:?}")),
+    });
+}
+
+/// Sends a deploy record to every peer but `except`.
+pub(crate) fn flood_record(
+    mesh: &MeshState,
+    r: &macula_workloads::record::DeployRecord,
+    except: Option<&PeerId>,
+) {
+    if let Ok(bytes) = serde_json::to_vec(r) {
+        mesh.handle.broadcast(
+            &Frame::Workload {
+                record: bytes.into(),
+            },
+            except,
+        );
     }
 }
 
-/// A peer asks this node, as an authority, for a lease on a slot it wants to hold itself (a
-/// request naming another holder is refused: a node asks only for itself).
+/// The longest slot name an authority keeps (`realm/workload/index`).
+const MAX_SLOT_LEN: usize = 512;
+
+/// A peer asks this node, as an authority, for a lease on a slot it wants to hold itself: the
+/// request must name the peer as holder, and the slot a realm this node knows and the peer may
+/// serve. Answered off the event loop (the promise is written to disk first).
 fn on_lease_request(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, bytes: &[u8]) {
     use macula_workloads::lease::Request;
     let Ok(req) = serde_json::from_slice::<Request>(bytes) else {
         return rejected(mesh, &peer, "lease_request", "not a lease request");
     };
-    let holder = match &req {
-        Request::Acquire { holder, .. }
-        | Request::Release { holder, .. }
-        | Request::Provisional { holder, .. } => holder,
+    let (slot, holder) = match &req {
+        Request::Acquire { slot, holder, .. }
+        | Request::Release { slot, holder, .. }
+        | Request::Provisional { slot, holder } => (slot, holder),
     };
-    if *holder != peer.to_string() {
+    let me = peer.to_string();
+    if *holder != me {
         return rejected(
             mesh,
             &peer,
@@ -311,13 +327,33 @@ fn on_lease_request(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, bytes
             "a node asks for leases for itself only",
         );
     }
-    let reply = node.leases.handle(&req);
-    if let Ok(bytes) = serde_json::to_vec(&reply) {
-        mesh.handle.send(
+    let realm = slot.split('/').next().unwrap_or_default();
+    if slot.len() > MAX_SLOT_LEN || node.policy_for(realm).is_none() {
+        return rejected(
+            mesh,
             &peer,
-            &Frame::LeaseReply {
-                reply: bytes.into(),
-            },
+            "lease_request",
+            "not a slot of a realm this node knows",
         );
     }
+    if node.peer_may_serve(realm, &me) == Some(false) {
+        return rejected(
+            mesh,
+            &peer,
+            "lease_request",
+            "not a dedicated node of the realm",
+        );
+    }
+    let (node, mesh) = (node.clone(), mesh.clone());
+    tokio::task::spawn_blocking(move || {
+        let reply = node.leases.handle(&req);
+        if let Ok(bytes) = serde_json::to_vec(&reply) {
+            mesh.handle.send(
+                &peer,
+                &Frame::LeaseReply {
+                    reply: bytes.into(),
+                },
+            );
+        }
+    });
 }

@@ -8,13 +8,9 @@ use macula_workloads::record::{DeployRecord, Refused, Signer};
 use crate::confdir::now_secs;
 use crate::node::Node;
 
-/// A record taken: its workload (None for a tombstone), to flood on.
-pub struct Accepted {
-    pub record: DeployRecord,
-}
-
-/// Takes `record` if it holds (see `macula_workloads::record`) and keeps it on disk.
-pub fn accept(node: &Node, record: DeployRecord) -> Result<Accepted, Refused> {
+/// Takes `record` if it holds (see `macula_workloads::record`) and keeps it on disk; returns it
+/// (to flood on). Writes a file: call it off the async runtime's threads.
+pub fn accept(node: &Node, record: DeployRecord) -> Result<DeployRecord, Refused> {
     if record.key.len() > credential::MAX_KEY_LEN || record.sig.len() != 64 {
         return Err(Refused::Unverified(
             "not a key's public form and signature".into(),
@@ -44,5 +40,5 @@ pub fn accept(node: &Node, record: DeployRecord) -> Result<Accepted, Refused> {
     if let Err(e) = node.workloads.save(&records) {
         tracing::error!("keeping the deploy records: {e}");
     }
-    Ok(Accepted { record })
+    Ok(record)
 }

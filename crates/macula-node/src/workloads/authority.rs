@@ -6,16 +6,18 @@
 //! their meaning after it. A clock set back makes this authority's grants last longer (safe); a
 //! clock set forward ends them early, which the holders' margin covers only up to its size.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use macula_workloads::lease::{Authority, Refusal, Reply, Request, SlotPromise};
 use parking_lot::Mutex;
 
-/// A lease's term, and the most slots an authority keeps.
+/// A lease's term, the most slots an authority keeps, and the most of them one node may have
+/// made it keep (so that one peer cannot take all the room).
 pub const TERM_MS: u64 = 10_000;
 pub const MAX_SLOTS: usize = 100_000;
+pub const MAX_SLOTS_PER_PEER: usize = 10_000;
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -25,8 +27,14 @@ pub fn now_ms() -> u64 {
 }
 
 pub struct LeaseAuthority {
-    inner: Mutex<Authority>,
+    inner: Mutex<Inner>,
     file: Option<PathBuf>,
+}
+
+struct Inner {
+    authority: Authority,
+    /// Slots each holder made this authority keep (since it started).
+    made_by: HashMap<String, usize>,
 }
 
 impl LeaseAuthority {
@@ -50,7 +58,10 @@ impl LeaseAuthority {
                 },
             };
         LeaseAuthority {
-            inner: Mutex::new(Authority::new(TERM_MS, restored, now_ms())),
+            inner: Mutex::new(Inner {
+                authority: Authority::new(TERM_MS, restored, now_ms()),
+                made_by: HashMap::new(),
+            }),
             file,
         }
     }
@@ -58,27 +69,38 @@ impl LeaseAuthority {
     /// Answers `req`. A changed promise is written before the answer is returned; if it cannot
     /// be written, the answer is a refusal (a promise not kept must not be given).
     pub fn handle(&self, req: &Request) -> Reply {
-        let slot = match req {
-            Request::Acquire { slot, .. }
-            | Request::Release { slot, .. }
-            | Request::Provisional { slot, .. } => slot,
+        let (slot, holder) = match req {
+            Request::Acquire { slot, holder, .. }
+            | Request::Release { slot, holder, .. }
+            | Request::Provisional { slot, holder } => (slot, holder),
         };
-        let mut a = self.inner.lock();
-        if !a.knows(slot) && a.slots() >= MAX_SLOTS {
-            return Reply::Refused {
-                slot: slot.clone(),
-                why: Refusal::Full,
-            };
+        let full = || Reply::Refused {
+            slot: slot.clone(),
+            why: Refusal::Full,
+        };
+        let mut inner = self.inner.lock();
+        let Inner {
+            authority: a,
+            made_by,
+        } = &mut *inner;
+        let new = !a.knows(slot);
+        if new
+            && (a.slots() >= MAX_SLOTS
+                || made_by.get(holder).copied().unwrap_or(0) >= MAX_SLOTS_PER_PEER)
+        {
+            return full();
         }
         let (reply, changed) = a.handle(req, now_ms());
+        if new && a.knows(slot) {
+            *made_by.entry(holder.clone()).or_default() += 1;
+        }
         if changed.is_some() {
             if let Some(f) = &self.file {
+                // A promise that could not be kept on disk is not given (it stays made in
+                // memory, which only makes this authority more careful until it restarts).
                 if let Err(e) = write(f, &a.promises()) {
                     tracing::error!("keeping a lease promise: {e}");
-                    return Reply::Refused {
-                        slot: slot.clone(),
-                        why: Refusal::Full,
-                    };
+                    return full();
                 }
             }
         }
@@ -93,4 +115,39 @@ fn write(file: &PathBuf, promises: &BTreeMap<String, SlotPromise>) -> std::io::R
     let tmp = file.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(promises)?)?;
     std::fs::rename(&tmp, file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_peer_cannot_take_all_the_room() {
+        let a = LeaseAuthority::load(None);
+        let ask = |holder: &str, i: usize| Request::Acquire {
+            slot: format!("com.example/p/{i}"),
+            holder: holder.into(),
+            token: 1,
+        };
+        for i in 0..MAX_SLOTS_PER_PEER {
+            assert!(matches!(a.handle(&ask("greedy", i)), Reply::Granted { .. }));
+        }
+        let next = a.handle(&ask("greedy", MAX_SLOTS_PER_PEER));
+        assert!(
+            matches!(
+                next,
+                Reply::Refused {
+                    why: Refusal::Full,
+                    ..
+                }
+            ),
+            "{next:?}"
+        );
+        // Its own slots it still renews; another node still gets room.
+        assert!(matches!(a.handle(&ask("greedy", 0)), Reply::Granted { .. }));
+        assert!(matches!(
+            a.handle(&ask("modest", MAX_SLOTS_PER_PEER + 1)),
+            Reply::Granted { .. }
+        ));
+    }
 }

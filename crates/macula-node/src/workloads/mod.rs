@@ -11,6 +11,6 @@ pub mod accept;
 pub mod authority;
 pub mod desired;
 
-pub use accept::{accept, Accepted};
+pub use accept::accept;
 pub use authority::LeaseAuthority;
 pub use desired::Desired;

@@ -148,7 +148,21 @@ impl Cgroup {
         fs::read_to_string(file).ok()?.trim().parse().ok()
     }
 
-    /// Kills every process of the group (SIGKILL) and removes the groups.
+    /// Kills every process of the group and removes the groups, off the async runtime's
+    /// threads when called on one (the kernel reaps killed processes in its own time: the
+    /// groups can only be removed once they are empty).
+    pub fn destroy_soon(&self) {
+        let cg = self.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(move || cg.destroy());
+            }
+            Err(_) => cg.destroy(),
+        }
+    }
+
+    /// Kills every process of the group (SIGKILL) and removes the groups, waiting (up to a
+    /// second) for the kernel to empty them. Blocks: see [`Cgroup::destroy_soon`].
     pub fn destroy(&self) {
         for _ in 0..100 {
             let pids = self.pids();

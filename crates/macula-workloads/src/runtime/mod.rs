@@ -18,8 +18,6 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::Resources;
-
 /// Everything the shim needs to start one replica (passed to it as JSON).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExecSpec {
@@ -75,6 +73,3 @@ pub fn default_read_only() -> Vec<PathBuf> {
     .filter(|p| p.exists())
     .collect()
 }
-
-/// What a replica may use: its limits (from the manifest).
-pub type Limits = Resources;

@@ -156,7 +156,7 @@ impl ProcessReplica {
             Ok(c) => c,
             Err(e) => {
                 if let Some(cg) = &cgroup {
-                    cg.destroy();
+                    cg.destroy_soon();
                 }
                 return Err(io::Error::new(
                     e.kind(),
@@ -218,7 +218,7 @@ impl ProcessReplica {
     pub fn kill(&mut self) {
         let _ = self.child.start_kill();
         if let Some(cg) = &self.cgroup {
-            cg.destroy();
+            cg.destroy_soon();
         }
     }
 }
@@ -226,7 +226,7 @@ impl ProcessReplica {
 impl Drop for ProcessReplica {
     fn drop(&mut self) {
         if let Some(cg) = &self.cgroup {
-            cg.destroy();
+            cg.destroy_soon();
         }
     }
 }
