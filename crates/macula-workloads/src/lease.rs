@@ -301,6 +301,14 @@ impl Authority {
     }
 }
 
+/// `req` addressed to each of `authorities`.
+fn to_each(authorities: &[NodeId], req: Request) -> Vec<(NodeId, Request)> {
+    authorities
+        .iter()
+        .map(|a| (a.clone(), req.clone()))
+        .collect()
+}
+
 /// A node's request for a provisional lease (a `duplicate_tolerant` payload that could reach no
 /// majority): asked of every authority it can reach; held if, when the answers are in, at
 /// least one granted and still no majority answered (a majority that answers means the
@@ -321,18 +329,13 @@ impl ProvisionalAsk {
         authorities: &[NodeId],
         now_ms: u64,
     ) -> (ProvisionalAsk, Vec<(NodeId, Request)>) {
-        let reqs = authorities
-            .iter()
-            .map(|a| {
-                (
-                    a.clone(),
-                    Request::Provisional {
-                        slot: slot.to_owned(),
-                        holder: holder.to_owned(),
-                    },
-                )
-            })
-            .collect();
+        let reqs = to_each(
+            authorities,
+            Request::Provisional {
+                slot: slot.to_owned(),
+                holder: holder.to_owned(),
+            },
+        );
         (
             ProvisionalAsk {
                 sent_ms: now_ms,
@@ -407,19 +410,14 @@ impl Acquisition {
         term_ms: u64,
         margin_ms: u64,
     ) -> (Acquisition, Vec<(NodeId, Request)>) {
-        let requests = authorities
-            .iter()
-            .map(|a| {
-                (
-                    a.clone(),
-                    Request::Acquire {
-                        slot: slot.to_owned(),
-                        holder: holder.to_owned(),
-                        token,
-                    },
-                )
-            })
-            .collect();
+        let requests = to_each(
+            authorities,
+            Request::Acquire {
+                slot: slot.to_owned(),
+                holder: holder.to_owned(),
+                token,
+            },
+        );
         (
             Acquisition {
                 slot: slot.to_owned(),
