@@ -22,8 +22,10 @@ use crate::manifest::Manifest;
 
 const DOMAIN: &[u8] = b"macula-deploy-record-v1";
 
-/// How many workloads (tombstones included) one realm may have on a node.
+/// How many workloads (tombstones included) one realm may have on a node, and how many bytes
+/// of manifests: what one tenant's records can cost every node of the mesh.
 pub const MAX_PER_REALM: usize = 1_000;
+pub const MAX_BYTES_PER_REALM: usize = 8 << 20;
 
 /// A signed deploy (see the module's documentation).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,7 +118,7 @@ pub enum Refused {
     Forbidden(String),
     /// The manifest is not valid, or names another workload or realm.
     Invalid(String),
-    /// The realm has as many workloads as a node keeps.
+    /// The realm has as many workloads, or bytes of manifests, as a node keeps.
     Full,
 }
 
@@ -180,6 +182,12 @@ impl Records {
         };
         let realm = self.by_realm.entry(r.realm.clone()).or_default();
         if have.is_none() && realm.len() >= MAX_PER_REALM {
+            return Err(Refused::Full);
+        }
+        let size = |r: &DeployRecord| r.manifest.as_ref().map_or(0, String::len);
+        let bytes: usize =
+            realm.values().map(size).sum::<usize>() - realm.get(&r.name).map_or(0, size) + size(&r);
+        if bytes > MAX_BYTES_PER_REALM {
             return Err(Refused::Full);
         }
         realm.insert(r.name.clone(), r);

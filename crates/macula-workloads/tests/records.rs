@@ -180,6 +180,24 @@ fn a_realm_keeps_a_bounded_number_of_workloads() {
     // Updating one it has is fine.
     let m = MANIFEST.replace("name: api", "name: w0");
     assert!(accept(&mut records, dev.record("w0", 2, Some(&m))).is_ok());
+    // Nor can big manifests take more than the realm's bytes.
+    let mut big = Records::default();
+    let padded = |name: &str| {
+        format!(
+            "kind: payload\nname: {name}\ncommand: [my-server]\nenv: {{PAD: \"{}\"}}\n",
+            "x".repeat(200 << 10)
+        )
+    };
+    let fits = MAX_BYTES_PER_REALM / (200 << 10);
+    for i in 0..fits {
+        let name = format!("b{i}");
+        accept(&mut big, dev.record(&name, 1, Some(&padded(&name)))).unwrap();
+    }
+    let name = format!("b{fits}");
+    assert_eq!(
+        accept(&mut big, dev.record(&name, 1, Some(&padded(&name)))),
+        Err(Refused::Full)
+    );
     // Records survive a round trip through their persisted form.
     let text = serde_json::to_string(&records).unwrap();
     let back: Records = serde_json::from_str(&text).unwrap();

@@ -78,8 +78,9 @@ pub(super) async fn post_record(
             StatusCode::CONFLICT,
             "too_many_workloads",
             format!(
-                "{realm} has {} workloads, the most a node keeps; delete one first",
-                macula_workloads::record::MAX_PER_REALM
+                "{realm} has as many workloads as a node keeps ({} workloads, {} MiB of manifests): delete one first",
+                macula_workloads::record::MAX_PER_REALM,
+                macula_workloads::record::MAX_BYTES_PER_REALM >> 20
             ),
         ),
     }

@@ -137,7 +137,7 @@ impl ProcessReplica {
             Err(e) if s.require_limits => {
                 return Err(io::Error::new(
                     e.kind(),
-                    format!("cannot limit the replica's resources ({e}): the node needs to manage control groups"),
+                    format!("cannot limit the replica's resources ({e}): run the node as root, or give it a delegated cgroup v2 subtree to manage"),
                 ))
             }
             Err(_) => None,

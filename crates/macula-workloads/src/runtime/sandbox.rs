@@ -32,7 +32,7 @@ pub fn exec(spec: &ExecSpec) -> io::Error {
         }
         Ok(RulesetStatus::NotEnforced) => {
             return io::Error::other(
-                "Landlock is not available on this kernel: the replica's filesystem cannot be sandboxed (workloads.require_sandbox)",
+                "Landlock is not available on this kernel, so the replica's files cannot be sandboxed: run the node on Linux 5.13 or later with `landlock` in the LSM list (`lsm=` boot parameter)",
             )
         }
         Err(e) => return io::Error::other(format!("sandboxing the replica: {e}")),
