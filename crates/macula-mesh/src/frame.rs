@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the frame protocol, announced in [`Frame::Hello`]; a peer speaking another one
 /// is refused. 3: interest and registrations name a session; session proofs. 4: workload
-/// deploy records and leases.
+/// deploy records, leases and placement.
 pub const PROTOCOL_VERSION: u16 = 4;
 
 const TAG_CONTROL: u8 = 0;
@@ -223,6 +223,9 @@ pub enum Frame {
     LeaseRequest { req: Bytes },
     /// The authority's answer (`macula_workloads::lease::Reply`, JSON).
     LeaseReply { reply: Bytes },
+    /// Placement (tenders, bids, awards) and the questions behind status and logs
+    /// (`macula_workloads::wire::Work`, JSON).
+    Work { msg: Bytes },
 }
 
 impl Frame {
@@ -249,6 +252,7 @@ impl Frame {
             Frame::Workload { .. } => "workload",
             Frame::LeaseRequest { .. } => "lease_request",
             Frame::LeaseReply { .. } => "lease_reply",
+            Frame::Work { .. } => "work",
         }
     }
 

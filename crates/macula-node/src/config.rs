@@ -354,6 +354,59 @@ pub struct NodeConfig {
     pub tls: crate::tls::TlsSection,
     /// How often the config directory is re-read for policy and revocation changes, in ms.
     pub reload_interval_ms: u64,
+    /// Running replicas of workloads here (see `workloads/`).
+    pub workloads: WorkloadsSection,
+}
+
+/// What this node offers to run workloads with, and how it runs them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkloadsSection {
+    /// Take part in placement (bid for replicas and run them). Off, the node still keeps
+    /// deploy records and answers lease requests as an authority.
+    pub enabled: bool,
+    /// CPU offered to replicas, in millicores (0: all of the machine's).
+    pub cpu_millis: u64,
+    /// Memory offered to replicas, in bytes (0: three quarters of the machine's).
+    pub memory_bytes: u64,
+    /// Processes offered to replicas.
+    pub pids: u64,
+    /// Labels a manifest's `placement.labels` can ask for.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Region a manifest's `placement.region` can ask for.
+    pub region: Option<String>,
+    /// What an instance-hour costs here, in thousandths of a cent (cheaper wins a tie).
+    pub millicents_per_hour: u64,
+    /// The exec shim that starts native replicas (empty: this program with `__exec`).
+    pub shim: PathBuf,
+    /// Refuse to run a replica where its resources cannot be limited (no control groups).
+    pub require_limits: bool,
+    /// Refuse to run a replica where its files cannot be sandboxed (no Landlock).
+    pub require_sandbox: bool,
+    /// A lease's term in ms: a dead node's replicas are placed elsewhere about this long after
+    /// it died. Holders renew at a third of it.
+    pub lease_term_ms: u64,
+    /// Where replicas' working directories and logs go (relative to the config directory).
+    pub dir: PathBuf,
+}
+
+impl Default for WorkloadsSection {
+    fn default() -> Self {
+        WorkloadsSection {
+            enabled: true,
+            cpu_millis: 0,
+            memory_bytes: 0,
+            pids: 4_096,
+            labels: Default::default(),
+            region: None,
+            millicents_per_hour: 5_000,
+            shim: PathBuf::new(),
+            require_limits: true,
+            require_sandbox: true,
+            lease_term_ms: 3_000,
+            dir: PathBuf::from("workloads"),
+        }
+    }
 }
 
 impl NodeConfig {

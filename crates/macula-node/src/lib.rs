@@ -109,7 +109,9 @@ pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow:
     let http_addr = http.local_addr()?;
     let rawsocket_addr = raw.local_addr()?;
     let mut tasks = vec![];
-    let mut app = http::router(node.clone());
+    let scheme = if tls.is_some() { "wss" } else { "ws" };
+    let ctrl = workloads::Controller::new(node.clone(), format!("{scheme}://{http_addr}/ws"));
+    let mut app = http::router(node.clone(), ctrl.clone());
     if let Some(extra) = extra {
         app = app.merge(extra);
     }
@@ -193,6 +195,9 @@ pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow:
         tasks.push(tokio::spawn(collect_tombstones(node.clone(), mesh.clone())));
         tasks.push(tokio::spawn(mesh::run(node.clone(), mesh, rx)));
         tracing::info!(peer_id = %mesh::of(&node).map(|m| m.handle.peer_id().to_string()).unwrap_or_default(), addrs = ?mesh_addrs, "mesh listening");
+    }
+    if let Some(rx) = node.work_inbox.take() {
+        tasks.push(tokio::spawn(ctrl.run(rx)));
     }
     if let Some(meter) = node.meter.clone() {
         tasks.push(tokio::spawn(ship_usage(node.clone(), meter)));

@@ -287,6 +287,18 @@ impl Authority {
         self.slots.len()
     }
 
+    /// The holder whose grant (or provisional lease) for `slot` runs at `now_ms`, if any.
+    pub fn holder(&self, slot: &str, now_ms: u64) -> Option<&NodeId> {
+        let regular = self.slots.get(slot).and_then(|st| st.grant.as_ref());
+        if let Some((h, _, _)) = regular.filter(|g| g.2 > now_ms) {
+            return Some(h);
+        }
+        self.provisional
+            .get(slot)
+            .filter(|(_, until)| *until > now_ms)
+            .map(|(h, _)| h)
+    }
+
     /// Whether it keeps `slot`.
     pub fn knows(&self, slot: &str) -> bool {
         self.slots.contains_key(slot) || self.provisional.contains_key(slot)
@@ -439,6 +451,11 @@ impl Acquisition {
     /// When the requests went out (holder's clock).
     pub fn started_ms(&self) -> u64 {
         self.sent_ms
+    }
+
+    /// The authorities asked.
+    pub fn authorities(&self) -> &[NodeId] {
+        &self.authorities
     }
 
     /// Whether a majority of the authorities answered at all (granted or refused). An attempt

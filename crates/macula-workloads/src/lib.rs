@@ -20,6 +20,7 @@ pub mod placement;
 pub mod quantity;
 pub mod record;
 pub mod runtime;
+pub mod wire;
 
 pub use error::{FieldError, ManifestError};
 pub use manifest::{

@@ -13,7 +13,7 @@ use crate::local::{parse_duration_secs, up_key_path};
 use crate::Conn;
 
 impl Conn {
-    fn resolve(&self) -> Result<(String, String)> {
+    pub(crate) fn resolve(&self) -> Result<(String, String)> {
         let realm = match &self.realm {
             Some(r) => r.clone(),
             None => std::fs::read_to_string(self.home.join("up-realm"))

@@ -7,6 +7,7 @@ mod local;
 mod mesh_cmds;
 mod registry_cmds;
 mod run;
+mod workload_cmds;
 
 /// mimalloc: messages are allocated on a reader's thread and freed on a writer's; glibc's
 /// allocator serialises that on an arena lock (measured: ~10% of pub/sub time in futex wake-ups).
@@ -103,6 +104,18 @@ enum Command {
     Invoices(billing_cmds::InvoicesCmd),
     /// The plans (Hobby, Starter, Professional, Enterprise), add-ons and billing rules.
     Plans(registry_cmds::Server),
+    /// Deploy a payload (a command, or a manifest with -f) into the realm: the nodes place,
+    /// run and heal its replicas.
+    Deploy(workload_cmds::DeployArgs),
+    /// The realm's workloads and their replicas: node, state, restarts, lease token, age.
+    #[command(visible_alias = "ps")]
+    Workloads(workload_cmds::WorkloadsArgs),
+    /// A workload's output, from whichever nodes run it (--follow to stream).
+    Logs(workload_cmds::LogsArgs),
+    /// Change how many replicas a payload has.
+    Scale(workload_cmds::ScaleArgs),
+    /// Delete a workload: every node stops its replicas.
+    Delete(workload_cmds::DeleteArgs),
 }
 
 fn main() {
@@ -158,6 +171,11 @@ fn main() {
             Command::Metrics(a) => billing_cmds::metrics(a, json),
             Command::Invoices(c) => billing_cmds::invoices(c, json),
             Command::Plans(s) => billing_cmds::plans(s, json),
+            Command::Deploy(a) => workload_cmds::deploy(a, json),
+            Command::Workloads(a) => workload_cmds::workloads(a, json),
+            Command::Logs(a) => workload_cmds::logs(a, json),
+            Command::Scale(a) => workload_cmds::scale(a, json),
+            Command::Delete(a) => workload_cmds::delete(a, json),
         }
     });
     if let Err(e) = result {

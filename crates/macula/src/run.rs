@@ -111,6 +111,7 @@ pub async fn up(a: UpArgs, json: bool) -> Result<()> {
         l.config.listen.rawsocket = SocketAddr::new(a.rawsocket.ip(), shift(a.rawsocket.port()));
         l.config.mesh.listen = vec![format!("/ip4/127.0.0.1/udp/{}/quic-v1", a.mesh_port + i)];
         l.config.mesh.identity = PathBuf::from(format!("nodes/{}/identity.key", i + 1));
+        l.config.workloads.dir = PathBuf::from(format!("nodes/{}/workloads", i + 1));
         if i > 0 {
             // One counters file per node.
             l.config.metering.dir = PathBuf::from(format!("nodes/{}/meter", i + 1));
@@ -280,7 +281,10 @@ fn mesh_table(nodes: &[macula_node::Running]) -> String {
             n.http_addr
         ));
     }
-    s.push_str("\nInspect it with `macula mesh status` (add --http 127.0.0.1:8082 for node 2).\n");
+    s.push_str(&format!(
+        "\nInspect it with `macula mesh status` (add --http {} for node 2).\n",
+        nodes[1].http_addr
+    ));
     s
 }
 

@@ -30,9 +30,9 @@ use crate::session::{encode_out, Connection, Flow};
 mod bridge;
 mod workloads;
 use bridge::{call, publish};
-use workloads::{list_records, post_record};
+use workloads::{list_records, logs, post_record, replicas};
 
-pub fn router(node: Arc<Node>) -> Router {
+pub fn router(node: Arc<Node>, ctrl: Arc<crate::workloads::Controller>) -> Router {
     let body_limit = node.config.limits.max_http_body;
     Router::new()
         .route("/", get(ws_upgrade))
@@ -47,6 +47,9 @@ pub fn router(node: Arc<Node>) -> Router {
             "/v1/realms/{realm}/workloads",
             get(list_records).post(post_record),
         )
+        .route("/v1/realms/{realm}/replicas", get(replicas))
+        .route("/v1/realms/{realm}/workloads/{name}/logs", get(logs))
+        .layer(axum::Extension(ctrl))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(node)
 }

@@ -5,7 +5,10 @@
 #[allow(unused_imports)]
 use super::*;
 
+use axum::Extension;
 use macula_workloads::record::{DeployRecord, Refused};
+
+use crate::workloads::Controller;
 
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     (
@@ -86,44 +89,53 @@ pub(super) async fn post_record(
     }
 }
 
-/// `GET /v1/realms/{realm}/workloads` with `Authorization: Bearer <a key of the realm>`.
-pub(super) async fn list_records(
-    State(node): State<Arc<Node>>,
-    Path(realm): Path<String>,
-    headers: HeaderMap,
-) -> Response {
+/// The realm key in `Authorization: Bearer ...`, valid, not revoked, and admitted to `realm`;
+/// or the answer that says why not.
+fn realm_key(node: &Node, realm: &str, headers: &HeaderMap) -> Result<(), Response> {
     let Some(key) = headers
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "))
         .map(str::trim)
     else {
-        return error(
+        return Err(error(
             StatusCode::UNAUTHORIZED,
             errors::AUTHENTICATION_FAILED,
             "send a key of the realm as `Authorization: Bearer sk_live_...`",
-        );
+        ));
     };
     let auth = node.auth();
     let v = match auth.authenticator.verify(key, now_secs()) {
         Ok(v) if !auth.authenticator.is_revoked(&v.claims.kid) => v,
         Ok(_) => {
-            return error(
+            return Err(error(
                 StatusCode::UNAUTHORIZED,
                 errors::AUTHENTICATION_FAILED,
                 "the key was revoked",
-            )
+            ))
         }
         Err(e) => {
-            return error(
+            return Err(error(
                 StatusCode::UNAUTHORIZED,
                 errors::AUTHENTICATION_FAILED,
                 e.to_string(),
-            )
+            ))
         }
     };
-    if let Err((uri, why)) = node.role_admitted(&realm, &v.claims.realm, &v.claims.role) {
-        return error(StatusCode::FORBIDDEN, uri, why);
+    if let Err((uri, why)) = node.role_admitted(realm, &v.claims.realm, &v.claims.role) {
+        return Err(error(StatusCode::FORBIDDEN, uri, why));
+    }
+    Ok(())
+}
+
+/// `GET /v1/realms/{realm}/workloads` with `Authorization: Bearer <a key of the realm>`.
+pub(super) async fn list_records(
+    State(node): State<Arc<Node>>,
+    Path(realm): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = realm_key(&node, &realm, &headers) {
+        return r;
     }
     let records = node.workloads.records.lock();
     let items: Vec<_> = records
@@ -135,4 +147,80 @@ pub(super) async fn list_records(
         })
         .collect();
     Json(json!({"realm": realm, "items": items})).into_response()
+}
+
+/// `GET /v1/realms/{realm}/replicas`: every replica of the realm's workloads on the nodes that
+/// answer (node, state, restarts, fencing token, since), and the slots no node could take,
+/// with why.
+pub(super) async fn replicas(
+    State(node): State<Arc<Node>>,
+    Extension(ctrl): Extension<Arc<Controller>>,
+    Path(realm): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = realm_key(&node, &realm, &headers) {
+        return r;
+    }
+    let items = ctrl.gather_status(&realm).await;
+    Json(json!({"realm": realm, "node": ctrl.me(), "items": items})).into_response()
+}
+
+#[derive(Deserialize)]
+pub(super) struct LogsQuery {
+    replica: Option<u32>,
+    #[serde(default)]
+    follow: bool,
+}
+
+/// `GET /v1/realms/{realm}/workloads/{name}/logs[?replica=i][&follow=true]`: the output of the
+/// workload's replicas on every node that runs one, as JSON lines
+/// (`{"replica","slot","seq","stream","text"}`); with `follow`, new lines as they come until
+/// the client goes.
+pub(super) async fn logs(
+    State(node): State<Arc<Node>>,
+    Extension(ctrl): Extension<Arc<Controller>>,
+    Path((realm, name)): Path<(String, String)>,
+    Query(q): Query<LogsQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = realm_key(&node, &realm, &headers) {
+        return r;
+    }
+    type Cursor = std::collections::BTreeMap<String, u64>;
+    let first = Some(Cursor::new());
+    let stream = futures_util::stream::unfold(first, move |cursor| {
+        let (ctrl, realm, name) = (ctrl.clone(), realm.clone(), name.clone());
+        async move {
+            let mut cursor = cursor?;
+            let started = cursor.is_empty();
+            if !started {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            let lines = ctrl.gather_logs(&realm, &name, q.replica, &cursor).await;
+            let mut out = String::new();
+            for l in lines {
+                let seen = cursor.entry(l.slot.clone()).or_insert(0);
+                if l.seq < *seen && !(l.seq == 0 && *seen == 0) {
+                    continue;
+                }
+                *seen = (*seen).max(l.seq);
+                let replica = macula_workloads::wire::parse_slot(&l.slot).map_or(0, |s| s.2);
+                out.push_str(
+                    &json!({"replica": replica, "slot": l.slot, "seq": l.seq,
+                    "stream": if l.stderr { "stderr" } else { "stdout" }, "text": l.text})
+                    .to_string(),
+                );
+                out.push('\n');
+            }
+            // A cursor that has seen nothing yet still marks the first round as done.
+            cursor.entry(String::new()).or_insert(0);
+            let next = q.follow.then_some(cursor);
+            Some((Ok::<_, std::convert::Infallible>(out), next))
+        }
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
 }

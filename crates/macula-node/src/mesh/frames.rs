@@ -55,8 +55,24 @@ pub(crate) fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, fr
         Frame::Usage { id, report } => on_usage(node, mesh, peer, id, report),
         Frame::Workload { record } => on_workload(node, mesh, peer, &record),
         Frame::LeaseRequest { req } => on_lease_request(node, mesh, peer, &req),
-        // Answers to this node's own requests: its controller takes them (not built yet).
-        Frame::LeaseReply { .. } => {}
+        // Answers to this node's own lease requests, and placement, status and logs: for the
+        // workload controller.
+        Frame::LeaseReply { reply } => {
+            match serde_json::from_slice::<macula_workloads::lease::Reply>(&reply) {
+                Ok(r) => {
+                    node.work_inbox
+                        .push(peer.to_string(), crate::workloads::InMsg::Lease(r));
+                }
+                Err(_) => rejected(mesh, &peer, "lease_reply", "not a lease reply"),
+            }
+        }
+        Frame::Work { msg } => match serde_json::from_slice::<macula_workloads::wire::Work>(&msg) {
+            Ok(w) => {
+                node.work_inbox
+                    .push(peer.to_string(), crate::workloads::InMsg::Work(w));
+            }
+            Err(_) => rejected(mesh, &peer, "work", "not a workload message"),
+        },
         Frame::UsageAck { id, error } => {
             if let Some(tx) = mesh.usage_acks.lock().remove(&id) {
                 let _ = tx.send(error);

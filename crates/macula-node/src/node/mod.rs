@@ -114,6 +114,8 @@ pub struct Node {
     pub workloads: crate::workloads::Desired,
     /// This node as a lease authority for replica slots (see `crate::workloads::authority`).
     pub leases: crate::workloads::LeaseAuthority,
+    /// Workload messages from peers (and from this node to itself) for the controller.
+    pub work_inbox: crate::workloads::Inbox,
 }
 
 impl Node {
@@ -142,12 +144,14 @@ impl Node {
                 (Some(tap), Some(rx))
             }
         };
-        let records_file = confdir
+        // The records and lease promises are this node's own (nodes sharing a config directory,
+        // as `macula up --nodes N` runs them, each have their `workloads.dir`).
+        let workloads_dir = confdir
             .as_ref()
-            .map(|d| d.root.join("workloads").join("records.json"));
-        let promises_file = confdir
-            .as_ref()
-            .map(|d| d.root.join("workloads").join("promises.json"));
+            .map(|d| d.root.join(&loaded.config.workloads.dir));
+        let records_file = workloads_dir.as_ref().map(|d| d.join("records.json"));
+        let lease_term_ms = loaded.config.workloads.lease_term_ms.max(500);
+        let promises_file = workloads_dir.as_ref().map(|d| d.join("promises.json"));
         Arc::new_cyclic(|me| Node {
             config: loaded.config.clone(),
             metrics: Arc::new(Metrics::default()),
@@ -171,7 +175,8 @@ impl Node {
             events_rx: parking_lot::Mutex::new(events_rx),
             me: me.clone(),
             workloads: crate::workloads::Desired::load(records_file),
-            leases: crate::workloads::LeaseAuthority::load(promises_file),
+            leases: crate::workloads::LeaseAuthority::load(promises_file, lease_term_ms),
+            work_inbox: crate::workloads::Inbox::new(4_096),
         })
     }
 

@@ -13,9 +13,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use macula_workloads::lease::{Authority, Refusal, Reply, Request, SlotPromise};
 use parking_lot::Mutex;
 
-/// A lease's term, the most slots an authority keeps, and the most of them one node may have
-/// made it keep (so that one peer cannot take all the room).
-pub const TERM_MS: u64 = 10_000;
+/// The most slots an authority keeps, and the most of them one node may have made it keep (so
+/// that one peer cannot take all the room). The lease term is `workloads.lease_term_ms`.
 pub const MAX_SLOTS: usize = 100_000;
 pub const MAX_SLOTS_PER_PEER: usize = 10_000;
 
@@ -40,7 +39,7 @@ struct Inner {
 impl LeaseAuthority {
     /// Restores the promises kept at `file`. No file: a node that never promised anything.
     /// A file that cannot be read: its promises are lost, and the authority abstains for a term.
-    pub fn load(file: Option<PathBuf>) -> LeaseAuthority {
+    pub fn load(file: Option<PathBuf>, term_ms: u64) -> LeaseAuthority {
         let restored: Option<BTreeMap<String, SlotPromise>> =
             match file.as_ref().map(std::fs::read_to_string) {
                 None => Some(BTreeMap::new()),
@@ -59,11 +58,16 @@ impl LeaseAuthority {
             };
         LeaseAuthority {
             inner: Mutex::new(Inner {
-                authority: Authority::new(TERM_MS, restored, now_ms()),
+                authority: Authority::new(term_ms, restored, now_ms()),
                 made_by: HashMap::new(),
             }),
             file,
         }
+    }
+
+    /// The node whose lease on `slot` this authority counts as running now.
+    pub fn holder(&self, slot: &str) -> Option<String> {
+        self.inner.lock().authority.holder(slot, now_ms()).cloned()
     }
 
     /// Answers `req`. A changed promise is written before the answer is returned; if it cannot
@@ -123,7 +127,7 @@ mod tests {
 
     #[test]
     fn one_peer_cannot_take_all_the_room() {
-        let a = LeaseAuthority::load(None);
+        let a = LeaseAuthority::load(None, 10_000);
         let ask = |holder: &str, i: usize| Request::Acquire {
             slot: format!("com.example/p/{i}"),
             holder: holder.into(),

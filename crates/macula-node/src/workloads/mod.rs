@@ -1,16 +1,22 @@
-//! Workloads on this node. So far: the desired state — signed deploy records
+//! Workloads on this node: the desired state — signed deploy records
 //! (`macula_workloads::record`) that arrive over HTTP or from peers, are checked against this
-//! node's credentials, kept on disk and flooded to every peer like realm states.
+//! node's credentials, kept on disk and flooded to every peer like realm states — and the
+//! controller that places, runs and heals their replicas with the other nodes.
 //!
-//! `desired.rs` (below the node: the records and their file) is what the node holds;
-//! `authority.rs` (below the node) this node as a lease authority, its promises on disk;
-//! `accept.rs` (above it) judges a record with the node's trust root, revocations and realm
-//! policies.
+//! Below the node (import nothing of it): `desired.rs`, the records and their file;
+//! `authority.rs`, this node as a lease authority, its promises on disk; `inbox.rs`, the
+//! controller's bounded inbox. Above it: `accept.rs` judges a record with the node's trust root,
+//! revocations and realm policies; `controller.rs` (above the mesh) tenders, bids, takes leases
+//! and runs replicas.
 
 pub mod accept;
 pub mod authority;
+pub mod controller;
 pub mod desired;
+pub mod inbox;
 
 pub use accept::accept;
 pub use authority::LeaseAuthority;
+pub use controller::Controller;
 pub use desired::Desired;
+pub use inbox::{InMsg, Inbox};

@@ -113,6 +113,41 @@ pub(crate) fn is_local(base: &str) -> bool {
             .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
+/// An HTTP client that trusts the public roots, or only the CA certificates in `ca`; non-2xx
+/// answers are returned, not errors. `timeout`: for a whole request (0: none, for streams).
+pub fn http_agent(
+    ca: Option<&std::path::Path>,
+    timeout: std::time::Duration,
+) -> Result<ureq::Agent> {
+    let mut tls = ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .unversioned_rustls_crypto_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ));
+    if let Some(path) = ca {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("reading the CA file {}", path.display()))?;
+        let certs = ureq::tls::parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow!("{}: not a PEM certificate file ({e})", path.display()))?;
+        if certs.is_empty() {
+            bail!("{} holds no certificate", path.display());
+        }
+        tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
+    }
+    Ok(ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global((!timeout.is_zero()).then_some(timeout))
+        .tls_config(tls.build())
+        .build()
+        .into())
+}
+
 impl Api {
     pub fn new(server: &Server) -> Result<Api> {
         let cred = stored_credential();
@@ -140,33 +175,7 @@ impl Api {
             .clone()
             .or_else(|| cred.as_ref().and_then(|c| c.ca.clone()));
         let token = cred.map(|c| c.token);
-        let mut tls = ureq::tls::TlsConfig::builder()
-            .provider(ureq::tls::TlsProvider::Rustls)
-            .unversioned_rustls_crypto_provider(std::sync::Arc::new(
-                rustls::crypto::aws_lc_rs::default_provider(),
-            ));
-        if let Some(path) = &ca {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("reading the CA file {}", path.display()))?;
-            let certs = ureq::tls::parse_pem(&pem)
-                .filter_map(|item| match item {
-                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
-                    Ok(_) => None,
-                    Err(e) => Some(Err(e)),
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| anyhow!("{}: not a PEM certificate file ({e})", path.display()))?;
-            if certs.is_empty() {
-                bail!("{} holds no certificate", path.display());
-            }
-            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
-        }
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(std::time::Duration::from_secs(30)))
-            .tls_config(tls.build())
-            .build()
-            .into();
+        let agent = http_agent(ca.as_deref(), std::time::Duration::from_secs(30))?;
         Ok(Api {
             base,
             token,

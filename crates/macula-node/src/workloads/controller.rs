@@ -1,0 +1,1190 @@
+//! The workload controller: what makes the deploy records run, with no scheduler.
+//!
+//! Every node runs one. Each tick (every 250 ms) it looks at the replica slots the records ask
+//! for (`realm/name/i`), with the realm's nodes as it sees them (itself and the linked peers
+//! that may serve the realm, sorted):
+//!
+//! - **Slots it holds**: renews each lease at a third of its term; stops the replica the moment
+//!   the lease ends unrenewed (fencing) or the slot is no longer asked for (scaled down,
+//!   deleted), and restarts it on a new record (a rollout).
+//! - **Slots nobody holds**, as one of the slot's lease authorities (its own authority's view:
+//!   no grant running): *tenders* them — the first authority at once, the others a second
+//!   later each, so a dead first authority does not stall the slot. A tender asks 3 candidates
+//!   (`placement::candidates`) to bid; each bids from its ledger (reserving the capacity for
+//!   a few seconds) or says why it cannot; the best bid wins (`placement::award`), the others
+//!   release. Nobody fits: the slot is *pending* with the reason, shown in status.
+//! - **An award**: the winner acquires the slot's lease from a majority of its authorities
+//!   (`lease::Acquisition`) and only then starts the replica, with the lease's fencing token.
+//!   The lease, not the tender, decides: two tenders for one slot (two authorities at once)
+//!   give one holder.
+//!
+//! A node that dies stops renewing; its grants lapse a term later at the authorities, which
+//! then tender its slots again. Answers from peers arrive through the node's bounded
+//! [`super::Inbox`]; every exchange has a deadline, so a lost message costs a retry, not a slot.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use macula_mesh::{Frame, Peer as PeerId};
+use macula_workloads::lease::{self, Acquisition, Outcome, Reply, Request};
+use macula_workloads::placement::{award, candidates, why_pending, Capacity, Ledger, Score, Unfit};
+use macula_workloads::runtime::process::{LogBuffer, LogLimits, Start, Stream};
+use macula_workloads::runtime::supervisor::{supervise, ReplicaState, Supervised};
+use macula_workloads::runtime::{default_read_only, ExecSpec};
+use macula_workloads::wire::{self, LogEntry, ReplicaStatus, Work};
+use macula_workloads::{Artifact, Manifest, Resources, Runtime};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+use super::authority::now_ms;
+use super::inbox::{InMsg, Inbound};
+use crate::confdir::now_secs;
+use crate::node::Node;
+
+/// How often the controller looks at its slots.
+const TICK: Duration = Duration::from_millis(250);
+/// How long a tender waits for bids, and an acquisition for a majority.
+const BID_WAIT: Duration = Duration::from_millis(1_000);
+/// How long a bid's reservation holds (the award and the lease come within it).
+const HOLD_MS: u64 = 5_000;
+/// How much later each further authority of a slot tenders it than the one before.
+const STAGGER: Duration = Duration::from_millis(1_000);
+/// How long an authority waits before it first tenders a slot it sees unheld (the nodes of a
+/// new workload link to each other meanwhile, see [`Controller::share_peers`]).
+const FIRST_TENDER: Duration = Duration::from_millis(500);
+/// How many candidates a tender probes.
+const PROBES: usize = 3;
+/// Lines of a replica's output kept in memory.
+const LOG_LINES: usize = 1_000;
+
+/// The controller (see the module's documentation).
+pub struct Controller {
+    node: Arc<Node>,
+    /// This node's peer id (set when the controller starts, once the mesh is up).
+    me: std::sync::OnceLock<String>,
+    term_ms: u64,
+    /// The WebSocket URL replicas connect to.
+    url: String,
+    /// Where replicas' working directories and logs go.
+    dir: PathBuf,
+    shim: (PathBuf, Vec<String>),
+    state: Mutex<State>,
+    /// Answers awaited by [`Controller::gather_status`] and [`Controller::gather_logs`].
+    waits: Mutex<HashMap<u64, mpsc::UnboundedSender<Work>>>,
+    next_id: AtomicU64,
+}
+
+/// A record's slots as this node sees them.
+struct Wanted {
+    realm: String,
+    name: String,
+    index: u32,
+    seq: u64,
+    manifest: Arc<Manifest>,
+}
+
+#[derive(Default)]
+struct State {
+    ledger: Option<Ledger>,
+    /// Parsed manifests by (realm, name), with the record's sequence.
+    manifests: HashMap<(String, String), (u64, Arc<Manifest>)>,
+    held: HashMap<String, Held>,
+    acquiring: HashMap<String, Acq>,
+    tenders: HashMap<u64, TenderRun>,
+    /// Slot → the tender in flight for it.
+    tendering: HashMap<String, u64>,
+    /// Slot → tenders made, and when the next may be.
+    attempts: HashMap<String, (u32, Instant)>,
+    /// Slot → since when this node (an authority) sees it unheld.
+    unheld_since: HashMap<String, Instant>,
+    /// Slot → why no node took it, and since when (Unix seconds).
+    pending: HashMap<String, (String, u64)>,
+    /// Slot → the highest fencing token this node has heard of.
+    known_token: HashMap<String, u64>,
+}
+
+struct Held {
+    token: u64,
+    /// When the lease ends on this node's clock, unless renewed.
+    valid_until: u64,
+    renewed_at: u64,
+    seq: u64,
+    since: u64,
+    replica: Option<Supervised>,
+    logs: Arc<LogBuffer>,
+}
+
+struct Acq {
+    acq: Acquisition,
+    answered: HashSet<String>,
+    renewal: bool,
+    seq: u64,
+    /// Acquisitions of this award so far (a stale token is retried above the one named).
+    tries: u32,
+}
+
+struct TenderRun {
+    slot: String,
+    asked: HashSet<String>,
+    bids: Vec<(String, Score)>,
+    refusals: Vec<(String, Unfit)>,
+    started: Instant,
+    demand: Resources,
+}
+
+impl Controller {
+    /// The controller of `node`, whose clients connect at `url`.
+    pub fn new(node: Arc<Node>, url: String) -> Arc<Controller> {
+        let cfg = &node.config.workloads;
+        let dir = match &node.confdir {
+            Some(d) if cfg.dir.is_relative() => d.root.join(&cfg.dir),
+            Some(_) => cfg.dir.clone(),
+            None => std::env::temp_dir().join(format!("macula-workloads-{}", std::process::id())),
+        };
+        let shim = if cfg.shim.as_os_str().is_empty() {
+            (
+                std::env::current_exe().unwrap_or_else(|_| PathBuf::from("macula")),
+                vec!["__exec".to_owned()],
+            )
+        } else {
+            (cfg.shim.clone(), vec![])
+        };
+        let capacity = offered(&node.config.workloads);
+        let state = State {
+            ledger: Some(Ledger::new(capacity)),
+            ..State::default()
+        };
+        Arc::new(Controller {
+            term_ms: cfg.lease_term_ms.max(500),
+            me: std::sync::OnceLock::new(),
+            url,
+            dir,
+            shim,
+            node,
+            state: Mutex::new(state),
+            waits: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// This node's id among the realm's nodes: its mesh peer id (`local` without a mesh).
+    pub fn me(&self) -> &str {
+        self.me.get().map_or("local", String::as_str)
+    }
+
+    /// Runs until the inbox closes. Start it once the mesh is up.
+    pub async fn run(self: Arc<Self>, mut rx: mpsc::Receiver<Inbound>) {
+        let id = crate::mesh::of(&self.node)
+            .map(|m| m.handle.peer_id().to_string())
+            .unwrap_or_else(|| "local".into());
+        let _ = self.me.set(id);
+        let mut tick = tokio::time::interval(TICK);
+        let mut ticks = 0u64;
+        let mut last_kept = 0;
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some((from, msg)) => self.on_message(&from, msg),
+                    None => return,
+                },
+                _ = tick.tick() => {
+                    ticks += 1;
+                    let kept = self.state.lock().manifests.len();
+                    // Every 2 s, and at once when a workload appears.
+                    if ticks.is_multiple_of(8) || kept > last_kept {
+                        self.share_peers();
+                    }
+                    last_kept = kept;
+                    self.tick()
+                }
+            }
+        }
+    }
+
+    /// Tells every peer which nodes this one is linked with (while this node keeps any
+    /// workload): a mesh running workloads links fully, so its nodes agree on who they are.
+    fn share_peers(&self) {
+        let Some(m) = crate::mesh::of(&self.node) else {
+            return;
+        };
+        if self.state.lock().manifests.is_empty() {
+            return;
+        }
+        let peers = m.handle.peers();
+        let list: Vec<String> = peers.iter().map(|p| p.to_string()).collect();
+        for p in &peers {
+            self.send(
+                &p.to_string(),
+                Work::Peers {
+                    peers: list.clone(),
+                },
+            );
+        }
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The nodes of `realm` as this node sees them: itself and the linked peers that may serve
+    /// it, sorted (every node that sees the same ones computes the same authorities).
+    fn members(&self, realm: &str) -> Vec<String> {
+        let mut v = vec![];
+        if self.node.peer_may_serve(realm, self.me()) != Some(false) {
+            v.push(self.me().to_owned());
+        }
+        if let Some(m) = crate::mesh::of(&self.node) {
+            for p in m.handle.peers() {
+                let p = p.to_string();
+                if self.node.peer_may_serve(realm, &p) != Some(false) {
+                    v.push(p);
+                }
+            }
+        }
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    fn send(&self, to: &str, w: Work) {
+        if to == self.me() {
+            self.node.work_inbox.push(to.to_owned(), InMsg::Work(w));
+            return;
+        }
+        let (Some(m), Ok(peer)) = (crate::mesh::of(&self.node), to.parse::<PeerId>()) else {
+            return;
+        };
+        if let Ok(bytes) = serde_json::to_vec(&w) {
+            m.handle.send(&peer, &Frame::Work { msg: bytes.into() });
+        }
+    }
+
+    /// Sends a lease request to authority `to` (this node's own answers off the runtime's
+    /// threads: the promise is written to disk first).
+    fn send_lease(&self, to: &str, req: Request) {
+        if to == self.me() {
+            let node = self.node.clone();
+            let me = to.to_owned();
+            tokio::task::spawn_blocking(move || {
+                let reply = node.leases.handle(&req);
+                node.work_inbox.push(me, InMsg::Lease(reply));
+            });
+            return;
+        }
+        let (Some(m), Ok(peer)) = (crate::mesh::of(&self.node), to.parse::<PeerId>()) else {
+            return;
+        };
+        if let Ok(bytes) = serde_json::to_vec(&req) {
+            m.handle
+                .send(&peer, &Frame::LeaseRequest { req: bytes.into() });
+        }
+    }
+
+    /// Every slot the records ask for in the realms this node may serve.
+    fn wanted(&self, st: &mut State) -> HashMap<String, Wanted> {
+        let records = self.node.workloads.records.lock();
+        let mut out = HashMap::new();
+        let mut seen = HashSet::new();
+        for r in records.all() {
+            let key = (r.realm.clone(), r.name.clone());
+            seen.insert(key.clone());
+            let Some(text) = &r.manifest else {
+                st.manifests.remove(&key);
+                continue;
+            };
+            if self.node.peer_may_serve(&r.realm, self.me()) != Some(true) {
+                continue;
+            }
+            let m = match st.manifests.get(&key) {
+                Some((seq, m)) if *seq == r.seq => m.clone(),
+                _ => match macula_workloads::parse(text) {
+                    Ok(m) => {
+                        let m = Arc::new(m);
+                        st.manifests.insert(key, (r.seq, m.clone()));
+                        m
+                    }
+                    Err(_) => continue,
+                },
+            };
+            for i in 0..wire::slots_of(&m) {
+                out.insert(
+                    wire::slot(&r.realm, &r.name, i),
+                    Wanted {
+                        realm: r.realm.clone(),
+                        name: r.name.clone(),
+                        index: i,
+                        seq: r.seq,
+                        manifest: m.clone(),
+                    },
+                );
+            }
+        }
+        st.manifests.retain(|k, _| seen.contains(k));
+        out
+    }
+
+    fn tick(&self) {
+        let now = now_ms();
+        let at = Instant::now();
+        let mut st = self.state.lock();
+        let wanted = self.wanted(&mut st);
+        let mut members: HashMap<String, Vec<String>> = HashMap::new();
+        let mut members_of = |realm: &str| -> Vec<String> {
+            members
+                .entry(realm.to_owned())
+                .or_insert_with(|| self.members(realm))
+                .clone()
+        };
+
+        // Slots held here: given up, lapsed, rolled out or renewed.
+        let held: Vec<String> = st.held.keys().cloned().collect();
+        for slot in held {
+            let Some(w) = wanted.get(&slot) else {
+                self.stop(&mut st, &slot, true, "no longer asked for");
+                continue;
+            };
+            let Some(h) = st.held.get(&slot) else {
+                continue;
+            };
+            if now >= h.valid_until {
+                self.stop(&mut st, &slot, false, "its lease lapsed unrenewed");
+                continue;
+            }
+            if h.seq != w.seq {
+                tracing::info!(slot, seq = w.seq, "rolling the replica out to a new record");
+                let token = h.token;
+                let logs = h.logs.clone();
+                if let Some(old) = st.held.get_mut(&slot).and_then(|h| h.replica.take()) {
+                    tokio::spawn(old.stop());
+                }
+                let replica = self.start_replica(w, token, logs);
+                if let Some(h) = st.held.get_mut(&slot) {
+                    h.replica = Some(replica);
+                    h.seq = w.seq;
+                    h.since = now_secs();
+                }
+            }
+            let renew_due = st
+                .held
+                .get(&slot)
+                .is_some_and(|h| now >= h.renewed_at + self.term_ms / 3);
+            if renew_due && !st.acquiring.contains_key(&slot) {
+                let token = st.held.get(&slot).map_or(0, |h| h.token);
+                let auths = members_of(&w.realm);
+                self.acquire(&mut st, &slot, token, &auths, true, w.seq, 0);
+            }
+        }
+
+        // Acquisitions that ran out of time.
+        let late: Vec<String> = st
+            .acquiring
+            .iter()
+            .filter(|(_, a)| {
+                a.acq.expired(now)
+                    || now.saturating_sub(a.acq.started_ms()) > 2 * BID_WAIT.as_millis() as u64
+            })
+            .map(|(s, _)| s.clone())
+            .collect();
+        for slot in late {
+            if let Some(a) = st.acquiring.remove(&slot) {
+                let outcome = match a.acq.outcome() {
+                    Outcome::Pending => Outcome::Lost {
+                        retry_above: a.acq.token,
+                        held_by: None,
+                    },
+                    o => o,
+                };
+                self.settle(&mut st, &slot, a, outcome);
+            }
+        }
+
+        // Tenders whose bids are in, or late.
+        let due: Vec<u64> = st
+            .tenders
+            .iter()
+            .filter(|(_, t)| at.duration_since(t.started) >= BID_WAIT)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.decide(&mut st, id);
+        }
+
+        // Slots nobody holds, for the authorities to tender.
+        for (slot, w) in &wanted {
+            if st.held.contains_key(slot)
+                || st.acquiring.contains_key(slot)
+                || st.tendering.contains_key(slot)
+            {
+                continue;
+            }
+            let nodes = members_of(&w.realm);
+            let auths = lease::authorities(slot, &nodes, lease::AUTHORITIES);
+            let Some(rank) = auths.iter().position(|a| **a == self.me()) else {
+                st.unheld_since.remove(slot);
+                continue;
+            };
+            if self.node.leases.holder(slot).is_some() {
+                st.unheld_since.remove(slot);
+                st.pending.remove(slot);
+                continue;
+            }
+            let since = *st.unheld_since.entry(slot.clone()).or_insert(at);
+            if at.duration_since(since) < FIRST_TENDER + STAGGER * rank as u32 {
+                continue;
+            }
+            let attempt = match st.attempts.get(slot) {
+                Some((_, next)) if *next > at => continue,
+                Some((n, _)) => *n,
+                None => 0,
+            };
+            let id = self.next_id();
+            let asked: Vec<String> = candidates(slot, attempt, &nodes, PROBES)
+                .into_iter()
+                .cloned()
+                .collect();
+            for c in &asked {
+                self.send(
+                    c,
+                    Work::Tender {
+                        id,
+                        slot: slot.clone(),
+                        seq: w.seq,
+                    },
+                );
+            }
+            st.tendering.insert(slot.clone(), id);
+            st.tenders.insert(
+                id,
+                TenderRun {
+                    slot: slot.clone(),
+                    asked: asked.into_iter().collect(),
+                    bids: vec![],
+                    refusals: vec![],
+                    started: at,
+                    demand: w.manifest.workload().resources,
+                },
+            );
+        }
+
+        // Forget what is no longer asked for.
+        st.unheld_since.retain(|s, _| wanted.contains_key(s));
+        st.attempts.retain(|s, _| wanted.contains_key(s));
+        st.pending.retain(|s, _| wanted.contains_key(s));
+        st.known_token.retain(|s, _| wanted.contains_key(s));
+    }
+
+    fn on_message(&self, from: &str, msg: InMsg) {
+        match msg {
+            InMsg::Lease(reply) => self.on_lease_reply(from, reply),
+            InMsg::Work(w) => self.on_work(from, w),
+        }
+    }
+
+    fn may_serve(&self, realm: &str, peer: &str) -> bool {
+        peer == self.me() || self.node.peer_may_serve(realm, peer) == Some(true)
+    }
+
+    fn on_work(&self, from: &str, w: Work) {
+        match w {
+            Work::Tender { id, slot, seq: _ } => {
+                let Some((realm, _, _)) = wire::parse_slot(&slot) else {
+                    return;
+                };
+                if !self.may_serve(realm, from) {
+                    return;
+                }
+                let mut st = self.state.lock();
+                let wanted = self.wanted(&mut st);
+                // Only a slot of a record this node holds too: what it reserves is what the
+                // signed record asks for, not what the tenderer says.
+                let Some(w) = wanted.get(&slot) else {
+                    return;
+                };
+                let bid = if st.held.contains_key(&slot) || st.acquiring.contains_key(&slot) {
+                    Err(Unfit::Running)
+                } else {
+                    let tender = wire::tender(&w.realm, &w.manifest, w.index);
+                    match st.ledger.as_mut() {
+                        Some(l) => l.bid(&tender, now_ms(), HOLD_MS),
+                        None => Err(Unfit::Cpu { free_millis: 0 }),
+                    }
+                };
+                drop(st);
+                self.send(from, Work::Bid { id, slot, bid });
+            }
+            Work::Bid { id, slot, bid } => {
+                let mut st = self.state.lock();
+                let Some(run) = st.tenders.get_mut(&id) else {
+                    return;
+                };
+                if run.slot != slot || !run.asked.remove(from) {
+                    return;
+                }
+                match bid {
+                    Ok(score) => run.bids.push((from.to_owned(), score)),
+                    Err(u) => run.refusals.push((from.to_owned(), u)),
+                }
+                if run.asked.is_empty() {
+                    self.decide(&mut st, id);
+                }
+            }
+            Work::Award { id: _, slot } => {
+                let Some((realm, _, _)) = wire::parse_slot(&slot) else {
+                    return;
+                };
+                if !self.may_serve(realm, from) {
+                    return;
+                }
+                let mut st = self.state.lock();
+                if st.held.contains_key(&slot) || st.acquiring.contains_key(&slot) {
+                    return;
+                }
+                let wanted = self.wanted(&mut st);
+                let Some(w) = wanted.get(&slot) else {
+                    if let Some(l) = st.ledger.as_mut() {
+                        l.release(&slot);
+                    }
+                    return;
+                };
+                let token = st.known_token.get(&slot).copied().unwrap_or(0) + 1;
+                let nodes = self.members(&w.realm);
+                self.acquire(&mut st, &slot, token, &nodes, false, w.seq, 0);
+            }
+            Work::Lost { slot } => {
+                let mut st = self.state.lock();
+                if !st.acquiring.contains_key(&slot) && !st.held.contains_key(&slot) {
+                    if let Some(l) = st.ledger.as_mut() {
+                        l.release(&slot);
+                    }
+                }
+            }
+            Work::StatusAsk { id, realm } => {
+                if !self.may_serve(&realm, from) {
+                    return;
+                }
+                let mut replicas = self.local_status(&realm);
+                replicas.truncate(wire::MAX_STATUS_ENTRIES);
+                self.send(from, Work::Status { id, replicas });
+            }
+            Work::LogsAsk {
+                id,
+                realm,
+                name,
+                replica,
+                after,
+            } => {
+                if !self.may_serve(&realm, from) {
+                    return;
+                }
+                let lines = self.local_logs(&realm, &name, replica, &after);
+                self.send(from, Work::Logs { id, lines });
+            }
+            Work::Peers { peers } => {
+                let Some(m) = crate::mesh::of(&self.node) else {
+                    return;
+                };
+                for p in peers.iter().take(wire::MAX_PEERS) {
+                    if let Ok(p) = p.parse::<PeerId>() {
+                        m.handle.want(p);
+                    }
+                }
+            }
+            w @ (Work::Status { id, .. } | Work::Logs { id, .. }) => {
+                if let Some(tx) = self.waits.lock().get(&id) {
+                    let _ = tx.send(w);
+                }
+            }
+        }
+    }
+
+    /// Closes tender `id`: the best bid wins and the others release; no bid, the slot is
+    /// pending with the reason.
+    fn decide(&self, st: &mut State, id: u64) {
+        let Some(run) = st.tenders.remove(&id) else {
+            return;
+        };
+        st.tendering.remove(&run.slot);
+        let at = Instant::now();
+        let n = st.attempts.get(&run.slot).map_or(0, |a| a.0) + 1;
+        // The next tender of this slot waits longer each time (at most 5 s).
+        let wait = Duration::from_millis((250u64 << n.min(5)).min(5_000));
+        st.attempts.insert(run.slot.clone(), (n, at + wait));
+        tracing::debug!(slot = run.slot, bids = ?run.bids, refusals = ?run.refusals, unanswered = run.asked.len(), "tender closed");
+        match award(&run.slot, &run.bids) {
+            Some(winner) => {
+                let winner = winner.clone();
+                st.pending.remove(&run.slot);
+                for (node, _) in &run.bids {
+                    if *node != winner {
+                        self.send(
+                            node,
+                            Work::Lost {
+                                slot: run.slot.clone(),
+                            },
+                        );
+                    }
+                }
+                self.send(
+                    &winner,
+                    Work::Award {
+                        id,
+                        slot: run.slot.clone(),
+                    },
+                );
+            }
+            None => {
+                let why = why_pending(&run.demand, &run.refusals);
+                let running_elsewhere = run
+                    .refusals
+                    .iter()
+                    .any(|(_, u)| matches!(u, Unfit::Running));
+                if !running_elsewhere {
+                    let since = st.pending.get(&run.slot).map_or(now_secs(), |p| p.1);
+                    st.pending.insert(run.slot.clone(), (why, since));
+                }
+            }
+        }
+    }
+
+    /// Asks `slot`'s authorities (from `nodes`) for its lease under `token`.
+    #[allow(clippy::too_many_arguments)]
+    fn acquire(
+        &self,
+        st: &mut State,
+        slot: &str,
+        token: u64,
+        nodes: &[String],
+        renewal: bool,
+        seq: u64,
+        tries: u32,
+    ) {
+        let auths: Vec<String> = lease::authorities(slot, nodes, lease::AUTHORITIES)
+            .into_iter()
+            .cloned()
+            .collect();
+        let (acq, reqs) = Acquisition::start(
+            slot,
+            self.me(),
+            token,
+            &auths,
+            now_ms(),
+            self.term_ms,
+            self.term_ms / 10,
+        );
+        st.acquiring.insert(
+            slot.to_owned(),
+            Acq {
+                acq,
+                answered: HashSet::new(),
+                renewal,
+                seq,
+                tries,
+            },
+        );
+        for (a, req) in reqs {
+            self.send_lease(&a, req);
+        }
+    }
+
+    fn on_lease_reply(&self, from: &str, reply: Reply) {
+        let slot = match &reply {
+            Reply::Granted { slot, .. }
+            | Reply::Refused { slot, .. }
+            | Reply::Released { slot }
+            | Reply::GrantedProvisional { slot } => slot.clone(),
+        };
+        let mut st = self.state.lock();
+        let Some(a) = st.acquiring.get_mut(&slot) else {
+            return;
+        };
+        // Each of the authorities asked counts once.
+        let authority = a.acq.authorities().iter().any(|x| x == from);
+        if !authority || !a.answered.insert(from.to_owned()) {
+            return;
+        }
+        let outcome = a.acq.on_reply(&reply);
+        if outcome == Outcome::Pending {
+            return;
+        }
+        if let Some(a) = st.acquiring.remove(&slot) {
+            self.settle(&mut st, &slot, a, outcome);
+        }
+    }
+
+    fn members_for_slot(&self, slot: &str) -> Vec<String> {
+        wire::parse_slot(slot)
+            .map(|(realm, _, _)| self.members(realm))
+            .unwrap_or_default()
+    }
+
+    /// An acquisition is over: start (or keep) the replica, or let the slot go.
+    fn settle(&self, st: &mut State, slot: &str, a: Acq, outcome: Outcome) {
+        match outcome {
+            Outcome::Pending => {}
+            Outcome::Held {
+                token,
+                valid_until_ms,
+            } => {
+                let k = st.known_token.entry(slot.to_owned()).or_default();
+                *k = (*k).max(token);
+                if a.renewal {
+                    if let Some(h) = st.held.get_mut(slot) {
+                        h.valid_until = valid_until_ms;
+                        h.renewed_at = a.acq.started_ms();
+                    }
+                    return;
+                }
+                let wanted = self.wanted(st);
+                let Some(w) = wanted.get(slot) else {
+                    self.release_lease(slot, token);
+                    if let Some(l) = st.ledger.as_mut() {
+                        l.release(slot);
+                    }
+                    return;
+                };
+                // The reservation becomes the replica's; one that lapsed is made again, if the
+                // capacity is still there.
+                let booked = st.ledger.as_mut().is_some_and(|l| {
+                    l.start(slot, now_ms()) || {
+                        let t = wire::tender(&w.realm, &w.manifest, w.index);
+                        l.bid(&t, now_ms(), HOLD_MS).is_ok() && l.start(slot, now_ms())
+                    }
+                });
+                if !booked {
+                    tracing::warn!(slot, "the lease came after the capacity was gone");
+                    self.release_lease(slot, token);
+                    return;
+                }
+                tracing::info!(slot, token, "replica slot taken");
+                let logs = Arc::new(LogBuffer::new(LOG_LINES));
+                let replica = self.start_replica(w, token, logs.clone());
+                st.pending.remove(slot);
+                st.held.insert(
+                    slot.to_owned(),
+                    Held {
+                        token,
+                        valid_until: valid_until_ms,
+                        renewed_at: a.acq.started_ms(),
+                        seq: a.seq,
+                        since: now_secs(),
+                        replica: Some(replica),
+                        logs,
+                    },
+                );
+            }
+            Outcome::Lost {
+                retry_above,
+                held_by,
+            } => {
+                let k = st.known_token.entry(slot.to_owned()).or_default();
+                *k = (*k).max(retry_above);
+                if a.renewal {
+                    // Another holder got it: stop now. Otherwise keep running while the lease
+                    // lasts; the next tick renews again.
+                    if held_by.is_some_and(|h| h != self.me()) {
+                        self.stop(st, slot, false, "another node holds its lease");
+                    }
+                    return;
+                }
+                let stale = held_by.is_none() && retry_above >= a.acq.token;
+                if stale && a.tries < 2 && a.acq.majority_answered() {
+                    let nodes = self.members_for_slot(slot);
+                    self.acquire(st, slot, retry_above + 1, &nodes, false, a.seq, a.tries + 1);
+                    return;
+                }
+                if let Some(l) = st.ledger.as_mut() {
+                    l.release(slot);
+                }
+            }
+        }
+    }
+
+    fn release_lease(&self, slot: &str, token: u64) {
+        let nodes = self.members_for_slot(slot);
+        for a in lease::authorities(slot, &nodes, lease::AUTHORITIES) {
+            self.send_lease(
+                a,
+                Request::Release {
+                    slot: slot.to_owned(),
+                    holder: self.me().to_owned(),
+                    token,
+                },
+            );
+        }
+    }
+
+    /// Stops the replica of `slot` held here (and gives its lease back when `release`).
+    fn stop(&self, st: &mut State, slot: &str, release: bool, why: &str) {
+        let Some(mut h) = st.held.remove(slot) else {
+            return;
+        };
+        tracing::info!(slot, "stopping the replica: {why}");
+        if let Some(r) = h.replica.take() {
+            tokio::spawn(r.stop());
+        }
+        if let Some(l) = st.ledger.as_mut() {
+            l.stop(slot);
+        }
+        if release {
+            self.release_lease(slot, h.token);
+        }
+    }
+
+    /// Starts replica `w` under `token` (its output into `logs`).
+    fn start_replica(&self, w: &Wanted, token: u64, logs: Arc<LogBuffer>) -> Supervised {
+        let wl = w.manifest.workload();
+        let slot = wire::slot(&w.realm, &w.name, w.index);
+        let workdir = self
+            .dir
+            .join("run")
+            .join(&w.realm)
+            .join(&w.name)
+            .join(w.index.to_string());
+        let log_file = self
+            .dir
+            .join("logs")
+            .join(&w.realm)
+            .join(&w.name)
+            .join(format!("{}.log", w.index));
+        if let Some(d) = log_file.parent() {
+            let _ = std::fs::create_dir_all(d);
+        }
+        let argv: Vec<String> = match (&wl.runtime, &wl.artifact) {
+            (Runtime::Process, Artifact::Command(cmd)) => {
+                cmd.iter().chain(wl.args.iter()).cloned().collect()
+            }
+            _ => vec![],
+        };
+        let mut env = wl.env.clone();
+        let mut set = |k: &str, v: String| {
+            env.insert(k.to_owned(), v);
+        };
+        set("PATH", "/usr/local/bin:/usr/bin:/bin".into());
+        set("HOME", workdir.display().to_string());
+        set("MACULA_URL", self.url.clone());
+        set("MACULA_REALM", w.realm.clone());
+        set("MACULA_PAYLOAD", w.name.clone());
+        set("MACULA_REPLICA", w.index.to_string());
+        set("MACULA_NODE", self.me().to_owned());
+        set("MACULA_FENCING_TOKEN", token.to_string());
+        for (i, p) in wl.ports.iter().enumerate() {
+            let port = p.port.or_else(free_port).unwrap_or(0);
+            set(
+                &format!("PORT_{}", p.name.to_uppercase().replace('-', "_")),
+                port.to_string(),
+            );
+            if i == 0 {
+                set("PORT", port.to_string());
+            }
+        }
+        let mut read_only = default_read_only();
+        // The program itself, when it is named by path outside the system's directories (a
+        // file, never a directory, and never inside this node's own directory).
+        if let Some(p) = argv.first().map(Path::new).filter(|p| p.is_absolute()) {
+            let inside_node = self
+                .node
+                .confdir
+                .as_ref()
+                .is_some_and(|d| p.starts_with(&d.root));
+            if p.is_file() && !inside_node {
+                read_only.push(p.to_owned());
+            }
+        }
+        let spec = ExecSpec {
+            argv: argv.clone(),
+            env,
+            workdir,
+            cgroup_procs: vec![],
+            read_only,
+            read_write: vec![],
+            require_sandbox: self.node.config.workloads.require_sandbox,
+        };
+        let me = self.me();
+        let short = &me[me.len().saturating_sub(8)..];
+        let cgroup = format!("{short}-{}", slot.replace('/', "-"));
+        let (shim, shim_args) = self.shim.clone();
+        let require_limits = self.node.config.workloads.require_limits;
+        let limits = wl.resources;
+        let no_program = argv.is_empty();
+        let runtime = wl.runtime;
+        let start = move |buffer: Arc<LogBuffer>| Start {
+            shim: if no_program {
+                // Nothing this node can run (the Podman runtime comes later): the shim fails
+                // with a message that says so.
+                PathBuf::from(format!(
+                    "/nonexistent/{runtime:?} runtime is not available on this node"
+                ))
+            } else {
+                shim.clone()
+            },
+            shim_args: shim_args.clone(),
+            name: cgroup.clone(),
+            limits,
+            require_limits,
+            spec: spec.clone(),
+            logs: LogLimits {
+                file: Some(log_file.clone()),
+                ..LogLimits::default()
+            },
+            buffer: Some(buffer),
+        };
+        let backoff_limit = match &*w.manifest {
+            Manifest::Job(j) => Some(j.backoff_limit),
+            Manifest::Payload(_) => None,
+        };
+        supervise(wl.restart.clone(), backoff_limit, logs, start)
+    }
+
+    /// The replicas of `realm` this node runs, and the slots it could not place.
+    pub fn local_status(&self, realm: &str) -> Vec<ReplicaStatus> {
+        let st = self.state.lock();
+        let mut out = vec![];
+        for (slot, h) in &st.held {
+            let Some((r, name, i)) = wire::parse_slot(slot) else {
+                continue;
+            };
+            if r != realm {
+                continue;
+            }
+            let state = h
+                .replica
+                .as_ref()
+                .map(|s| s.state.borrow().clone())
+                .unwrap_or(ReplicaState::Stopped);
+            let (word, detail, restarts) = describe(&state);
+            out.push(ReplicaStatus {
+                realm: r.to_owned(),
+                name: name.to_owned(),
+                replica: i,
+                node: self.me().to_owned(),
+                seq: h.seq,
+                state: word.into(),
+                detail,
+                restarts,
+                token: h.token,
+                since: h.since,
+            });
+        }
+        for (slot, (why, since)) in &st.pending {
+            let Some((r, name, i)) = wire::parse_slot(slot) else {
+                continue;
+            };
+            if r != realm || st.held.contains_key(slot) {
+                continue;
+            }
+            let seq = st
+                .manifests
+                .get(&(r.to_owned(), name.to_owned()))
+                .map_or(0, |m| m.0);
+            out.push(ReplicaStatus {
+                realm: r.to_owned(),
+                name: name.to_owned(),
+                replica: i,
+                node: String::new(),
+                seq,
+                state: "pending".into(),
+                detail: Some(why.clone()),
+                restarts: 0,
+                token: 0,
+                since: *since,
+            });
+        }
+        out
+    }
+
+    /// Output of this node's replicas of `realm`/`name` after the positions in `after`.
+    pub fn local_logs(
+        &self,
+        realm: &str,
+        name: &str,
+        replica: Option<u32>,
+        after: &BTreeMap<String, u64>,
+    ) -> Vec<LogEntry> {
+        let st = self.state.lock();
+        let mut out = vec![];
+        for (slot, h) in &st.held {
+            let Some((r, n, i)) = wire::parse_slot(slot) else {
+                continue;
+            };
+            if r != realm || n != name || replica.is_some_and(|x| x != i) {
+                continue;
+            }
+            let from = after.get(slot).map_or(0, |s| s + 1);
+            for l in h.logs.since(from) {
+                if out.len() >= wire::MAX_LOG_LINES {
+                    break;
+                }
+                out.push(LogEntry {
+                    slot: slot.clone(),
+                    seq: l.seq,
+                    stderr: l.stream == Stream::Stderr,
+                    text: l.text,
+                });
+            }
+        }
+        out
+    }
+
+    /// Asks every node of `realm` (this one too) and waits up to `wait` for their answers.
+    async fn gather(&self, realm: &str, ask: impl Fn(u64) -> Work, wait: Duration) -> Vec<Work> {
+        let peers: Vec<String> = self
+            .members(realm)
+            .into_iter()
+            .filter(|p| *p != self.me())
+            .collect();
+        let id = self.next_id();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.waits.lock().insert(id, tx);
+        for p in &peers {
+            self.send(p, ask(id));
+        }
+        let mut out = vec![];
+        let deadline = tokio::time::Instant::now() + wait;
+        while out.len() < peers.len() {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(w)) => out.push(w),
+                _ => break,
+            }
+        }
+        self.waits.lock().remove(&id);
+        out
+    }
+
+    /// The replicas of `realm` on every node that answers within a second and a half: each
+    /// running replica once, and the slots no node could take.
+    pub async fn gather_status(&self, realm: &str) -> Vec<ReplicaStatus> {
+        let mut all = self.local_status(realm);
+        let answers = self
+            .gather(
+                realm,
+                |id| Work::StatusAsk {
+                    id,
+                    realm: realm.to_owned(),
+                },
+                Duration::from_millis(1_500),
+            )
+            .await;
+        for a in answers {
+            if let Work::Status { replicas, .. } = a {
+                all.extend(replicas.into_iter().filter(|r| r.realm == realm));
+            }
+        }
+        // A slot that runs somewhere is not pending (a tenderer's view may be a moment old).
+        let running: HashSet<(String, u32)> = all
+            .iter()
+            .filter(|r| r.state != "pending")
+            .map(|r| (r.name.clone(), r.replica))
+            .collect();
+        all.retain(|r| r.state != "pending" || !running.contains(&(r.name.clone(), r.replica)));
+        all.sort_by(|a, b| (&a.name, a.replica, &a.node).cmp(&(&b.name, b.replica, &b.node)));
+        all.dedup_by(|a, b| {
+            a.name == b.name
+                && a.replica == b.replica
+                && a.state == "pending"
+                && b.state == "pending"
+        });
+        all
+    }
+
+    /// Output of `realm`/`name` from every node that runs a replica of it, after `after`.
+    pub async fn gather_logs(
+        &self,
+        realm: &str,
+        name: &str,
+        replica: Option<u32>,
+        after: &BTreeMap<String, u64>,
+    ) -> Vec<LogEntry> {
+        let mut all = self.local_logs(realm, name, replica, after);
+        let answers = self
+            .gather(
+                realm,
+                |id| Work::LogsAsk {
+                    id,
+                    realm: realm.to_owned(),
+                    name: name.to_owned(),
+                    replica,
+                    after: after.clone(),
+                },
+                Duration::from_millis(1_000),
+            )
+            .await;
+        for a in answers {
+            if let Work::Logs { lines, .. } = a {
+                all.extend(lines.into_iter().filter(|l| {
+                    wire::parse_slot(&l.slot).is_some_and(|(r, n, _)| r == realm && n == name)
+                }));
+            }
+        }
+        all
+    }
+}
+
+/// A replica's state in a word, why, and its restarts.
+fn describe(s: &ReplicaState) -> (&'static str, Option<String>, u32) {
+    match s {
+        ReplicaState::Starting { restarts } => ("starting", None, *restarts),
+        ReplicaState::Running { restarts } => ("running", None, *restarts),
+        ReplicaState::BackOff {
+            restarts,
+            delay,
+            last_exit,
+        } => (
+            "backoff",
+            Some(format!(
+                "{last_exit}; restarting in {:.1}s",
+                delay.as_secs_f64()
+            )),
+            *restarts,
+        ),
+        ReplicaState::Succeeded => ("succeeded", None, 0),
+        ReplicaState::Failed {
+            restarts,
+            last_exit,
+        } => ("failed", Some(last_exit.clone()), *restarts),
+        ReplicaState::Stopped => ("stopped", None, 0),
+    }
+}
+
+/// What this node offers (`workloads.*`; zeros mean the machine's own).
+fn offered(cfg: &crate::config::WorkloadsSection) -> Capacity {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let memory = if cfg.memory_bytes > 0 {
+        cfg.memory_bytes
+    } else {
+        machine_memory().map_or(1 << 30, |m| m / 4 * 3)
+    };
+    Capacity {
+        cpu_millis: if !cfg.enabled {
+            0
+        } else if cfg.cpu_millis > 0 {
+            cfg.cpu_millis
+        } else {
+            cpus * 1_000
+        },
+        memory_bytes: if cfg.enabled { memory } else { 0 },
+        pids: if cfg.enabled { cfg.pids } else { 0 },
+        labels: cfg.labels.clone(),
+        region: cfg.region.clone(),
+        millicents_per_hour: cfg.millicents_per_hour,
+    }
+}
+
+fn machine_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// A port free on loopback now (the replica binds it soon after; a collision makes it fail and
+/// restart with another).
+fn free_port() -> Option<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .ok()
+}

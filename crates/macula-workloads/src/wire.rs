@@ -1,0 +1,157 @@
+//! What nodes say to each other about workloads (besides deploy records and lease requests):
+//! tenders, bids and awards for placement, and the questions behind `macula status` and
+//! `macula logs`. Carried as JSON in the mesh's `Frame::Work`.
+//!
+//! A tender names only the slot and the record's sequence: each bidder derives what the
+//! replica needs from its own copy of the signed record, so a peer cannot make a node reserve
+//! capacity for anything that was not deployed.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::Manifest;
+use crate::placement::{Score, Tender, Unfit};
+
+/// Most entries in one status answer, and most lines in one logs answer: what one question
+/// can make a node send.
+pub const MAX_STATUS_ENTRIES: usize = 10_000;
+pub const MAX_LOG_LINES: usize = 2_000;
+
+/// One message between nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Work {
+    /// Bid for `slot` (of the record with sequence `seq`): answer with [`Work::Bid`].
+    Tender {
+        id: u64,
+        slot: String,
+        seq: u64,
+    },
+    /// The answer to tender `id`: a score (capacity reserved for a short while) or why not.
+    Bid {
+        id: u64,
+        slot: String,
+        bid: Result<Score, Unfit>,
+    },
+    /// The receiver won tender `id`: it takes the slot's lease and runs the replica.
+    Award {
+        id: u64,
+        slot: String,
+    },
+    /// The receiver's bid for `slot` lost: its reservation is released.
+    Lost {
+        slot: String,
+    },
+    /// What replicas of `realm` does the receiver run (and which slots could it not place)?
+    StatusAsk {
+        id: u64,
+        realm: String,
+    },
+    Status {
+        id: u64,
+        replicas: Vec<ReplicaStatus>,
+    },
+    /// Output of the receiver's replicas of `realm`/`name` (`replica`: one of them), each
+    /// slot's lines after the sequence number in `after`.
+    LogsAsk {
+        id: u64,
+        realm: String,
+        name: String,
+        replica: Option<u32>,
+        after: BTreeMap<String, u64>,
+    },
+    Logs {
+        id: u64,
+        lines: Vec<LogEntry>,
+    },
+    /// The nodes the sender is linked with: the receiver links to those it is not, so that
+    /// every node of a mesh running workloads sees the same nodes (and computes the same lease
+    /// authorities). At most [`MAX_PEERS`] are read.
+    Peers {
+        peers: Vec<String>,
+    },
+}
+
+/// Most peers read from one [`Work::Peers`].
+pub const MAX_PEERS: usize = 1_024;
+
+/// One replica slot as the node that runs it (or failed to place it) sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub realm: String,
+    pub name: String,
+    pub replica: u32,
+    /// The node that runs it (its peer id); empty for a slot no node could take.
+    pub node: String,
+    /// The record's sequence the replica runs.
+    pub seq: u64,
+    /// `starting`, `running`, `backoff`, `succeeded`, `failed`, `stopped` or `pending`.
+    pub state: String,
+    /// Why, for `backoff`, `failed` and `pending` (for example "no node has 8.0 GiB memory
+    /// free; the most free is 2.0 GiB on n3").
+    pub detail: Option<String>,
+    pub restarts: u32,
+    /// The lease's fencing token (0: a provisional lease, or none).
+    pub token: u64,
+    /// Unix seconds since when it runs here (or is pending).
+    pub since: u64,
+}
+
+/// One line of a replica's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub slot: String,
+    pub seq: u64,
+    pub stderr: bool,
+    pub text: String,
+}
+
+/// The slot of replica `i` of `realm`/`name`.
+pub fn slot(realm: &str, name: &str, i: u32) -> String {
+    format!("{realm}/{name}/{i}")
+}
+
+/// A slot's realm, workload name and replica index. Realm and workload names hold no `/`.
+pub fn parse_slot(slot: &str) -> Option<(&str, &str, u32)> {
+    let mut parts = slot.splitn(3, '/');
+    let (realm, name, i) = (parts.next()?, parts.next()?, parts.next()?);
+    if realm.is_empty() || name.is_empty() || i.contains('/') {
+        return None;
+    }
+    Some((realm, name, i.parse().ok()?))
+}
+
+/// How many slots a manifest asks for: a payload's replicas (a job's completions run one
+/// slot each, at most `parallelism` at a time, and are not placed by this yet).
+pub fn slots_of(m: &Manifest) -> u32 {
+    match m {
+        Manifest::Payload(p) => p.replicas,
+        Manifest::Job(_) => 0,
+    }
+}
+
+/// The tender for replica `i` of a workload: what it needs and where it may run.
+pub fn tender(realm: &str, m: &Manifest, i: u32) -> Tender {
+    let w = m.workload();
+    Tender {
+        slot: slot(realm, &w.name, i),
+        workload: format!("{realm}/{}", w.name),
+        demand: w.resources,
+        placement: w.placement.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_name_their_realm_workload_and_index() {
+        let s = slot("com.example.demo", "api", 2);
+        assert_eq!(parse_slot(&s), Some(("com.example.demo", "api", 2)));
+        assert_eq!(parse_slot("com.example/api"), None);
+        assert_eq!(parse_slot("com.example/api/x"), None);
+        assert_eq!(parse_slot("com.example/api/1/2"), None);
+        assert_eq!(parse_slot("/api/1"), None);
+    }
+}

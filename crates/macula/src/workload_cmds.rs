@@ -1,0 +1,559 @@
+//! Workload commands: deploy, workloads (status), logs, scale, delete. They talk to any node
+//! of the realm over HTTP (the node's `/v1/realms/{realm}/workloads` and `/replicas`) with the
+//! realm key; a deploy is a record signed here, with the key's holder secret, so the node needs
+//! nothing else to believe it.
+
+use std::io::{BufRead, BufReader, IsTerminal};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use macula_router::auth::credential::{bearer_proof, public_form};
+use macula_workloads::record::DeployRecord;
+use macula_workloads::wire::ReplicaStatus;
+use macula_workloads::Manifest;
+use serde_json::{json, Value};
+
+use crate::registry_cmds::{http_agent, right_aligned, table, tls_hint};
+use crate::Conn;
+
+/// A node's workload API, with a realm key.
+struct NodeApi {
+    base: String,
+    realm: String,
+    key: String,
+    agent: ureq::Agent,
+    stream_agent: ureq::Agent,
+}
+
+impl NodeApi {
+    fn new(conn: &Conn) -> Result<NodeApi> {
+        let (realm, key) = conn.resolve()?;
+        let base = http_base(&conn.url)?;
+        Ok(NodeApi {
+            base,
+            realm,
+            key,
+            agent: http_agent(conn.ca.as_deref(), Duration::from_secs(30))?,
+            stream_agent: http_agent(conn.ca.as_deref(), Duration::ZERO)?,
+        })
+    }
+
+    fn path(&self, rest: &str) -> String {
+        format!("{}/v1/realms/{}{rest}", self.base, self.realm)
+    }
+
+    fn answer(&self, res: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Value> {
+        let mut res = res.map_err(|e| {
+            anyhow!(
+                "cannot reach the node at {}: {e}{}",
+                self.base,
+                tls_hint(&e.to_string())
+            )
+        })?;
+        let status = res.status().as_u16();
+        let text = res.body_mut().read_to_string().unwrap_or_default();
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
+        if (200..300).contains(&status) {
+            return Ok(v);
+        }
+        let msg = v["error"]["message"].as_str().unwrap_or(text.trim());
+        let code = v["error"]["code"].as_str().unwrap_or("error");
+        bail!("{msg} [{status} {code}]")
+    }
+
+    fn get(&self, rest: &str) -> Result<Value> {
+        let res = self
+            .agent
+            .get(&self.path(rest))
+            .header("Authorization", &format!("Bearer {}", self.key))
+            .call();
+        self.answer(res)
+    }
+
+    /// The realm's records: name → (seq, manifest text or None for a tombstone).
+    fn records(&self) -> Result<Vec<(String, u64, Option<String>)>> {
+        let v = self.get("/workloads")?;
+        Ok(v["items"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .map(|i| {
+                        (
+                            i["name"].as_str().unwrap_or_default().to_owned(),
+                            i["seq"].as_u64().unwrap_or(0),
+                            i["manifest"].as_str().map(str::to_owned),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Signs and hands in the next record of `name` (`manifest` None: delete it).
+    fn put(&self, name: &str, manifest: Option<String>) -> Result<u64> {
+        let have = self
+            .records()?
+            .into_iter()
+            .find(|(n, _, _)| n == name)
+            .map_or(0, |r| r.1);
+        let public = public_form(&self.key)
+            .ok_or_else(|| anyhow!("this key cannot sign deploy records (a key of an older format): issue a new one with `macula keys create`"))?;
+        let record = DeployRecord::signed(
+            &self.realm,
+            name,
+            have + 1,
+            manifest,
+            macula_common::time::now_secs(),
+            &public,
+            |d| bearer_proof(&self.key, d),
+        )
+        .ok_or_else(|| anyhow!("this key cannot sign deploy records"))?;
+        let res = self
+            .agent
+            .post(&self.path("/workloads"))
+            .send_json(serde_json::to_value(&record)?);
+        self.answer(res)?;
+        Ok(record.seq)
+    }
+
+    fn replicas(&self) -> Result<Vec<ReplicaStatus>> {
+        let v = self.get("/replicas")?;
+        Ok(serde_json::from_value(v["items"].clone()).unwrap_or_default())
+    }
+}
+
+/// `ws://host:port/ws` → `http://host:port` (and `wss` → `https`).
+fn http_base(url: &str) -> Result<String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| anyhow!("{url}: not a URL"))?;
+    let scheme = match scheme {
+        "ws" | "http" => "http",
+        "wss" | "https" => "https",
+        _ => bail!("{url}: workload commands talk to a node's HTTP port: give --url ws://host:port/ws (or wss://)"),
+    };
+    let host = rest.split('/').next().unwrap_or_default();
+    Ok(format!("{scheme}://{host}"))
+}
+
+#[derive(Args)]
+#[command(after_help = "Examples:
+  macula deploy --payload 'python3 -m http.server $PORT' --name web --replicas 2
+  macula deploy -f api.yaml                       (Macula's format, or a Kubernetes Deployment/Job)
+  macula deploy --payload 'macula serve com.example.demo.whoami -- hostname' --name whoami --replicas 2
+
+The nodes place the replicas themselves; `macula workloads` shows where they run.")]
+pub struct DeployArgs {
+    /// A manifest: Macula's YAML (`kind: payload` or `job`) or a Kubernetes Deployment or Job.
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "MANIFEST",
+        conflicts_with = "payload"
+    )]
+    pub file: Option<PathBuf>,
+    /// A command to run as a payload (split as a shell would; the node passes PORT and
+    /// MACULA_* in the environment).
+    #[arg(long, value_name = "COMMAND", required_unless_present = "file")]
+    pub payload: Option<String>,
+    /// The payload's name [default: the command's program name].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// How many replicas.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: u32,
+    /// Environment of the replicas, KEY=VALUE (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Ask the node for a port and pass it as PORT.
+    #[arg(long)]
+    pub port: bool,
+    /// Return once the record is handed in, without waiting for the replicas.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// How long to wait for the replicas to run.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// The manifest `--payload` stands for.
+fn payload_manifest(a: &DeployArgs, command: &str) -> Result<(String, String)> {
+    let argv = shell_words::split(command).context("--payload")?;
+    let Some(program) = argv.first() else {
+        bail!("--payload is empty: give the command to run");
+    };
+    let name = match &a.name {
+        Some(n) => n.clone(),
+        None => {
+            let base = program.rsplit('/').next().unwrap_or(program);
+            let n: String = base
+                .to_ascii_lowercase()
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .collect();
+            n.trim_matches('-').to_owned()
+        }
+    };
+    let mut m = json!({
+        "kind": "payload",
+        "name": name,
+        "replicas": a.replicas,
+        "command": argv,
+    });
+    if !a.env.is_empty() {
+        let mut env = serde_json::Map::new();
+        for kv in &a.env {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--env {kv}: write KEY=VALUE"))?;
+            env.insert(k.to_owned(), Value::String(v.to_owned()));
+        }
+        m["env"] = Value::Object(env);
+    }
+    if a.port {
+        m["ports"] = json!([{"name": "http"}]);
+    }
+    // JSON is YAML: the record keeps exactly this text.
+    Ok((name, serde_json::to_string_pretty(&m)?))
+}
+
+pub fn deploy(a: DeployArgs, json: bool) -> Result<()> {
+    let api = NodeApi::new(&a.conn)?;
+    let (name, text) = match (&a.file, &a.payload) {
+        (Some(f), _) => {
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let m = macula_workloads::parse(&text).map_err(|e| anyhow!("{}: {e}", f.display()))?;
+            (m.workload().name.clone(), text)
+        }
+        (None, Some(cmd)) => payload_manifest(&a, cmd)?,
+        (None, None) => bail!("give a manifest (-f FILE) or a command (--payload CMD)"),
+    };
+    let manifest = macula_workloads::parse(&text).map_err(|e| anyhow!("{e}"))?;
+    let seq = api.put(&name, Some(text))?;
+    let want = macula_workloads::wire::slots_of(&manifest);
+    if !json {
+        eprintln!("deployed {name} (version {seq}) to {}", api.realm);
+    }
+    if a.no_wait || want == 0 {
+        if json {
+            println!("{}", json!({"name": name, "seq": seq}));
+        }
+        return Ok(());
+    }
+    let running = converge(&api, &name, seq, want, a.timeout, !json)?;
+    if json {
+        println!("{}", json!({"name": name, "seq": seq, "replicas": running}));
+    }
+    Ok(())
+}
+
+/// Waits until `want` replicas of `name` at version `seq` run (with a progress line on a
+/// terminal); returns them. Past `timeout`: an error with what is pending and why.
+fn converge(
+    api: &NodeApi,
+    name: &str,
+    seq: u64,
+    want: u32,
+    timeout: Duration,
+    show: bool,
+) -> Result<Vec<ReplicaStatus>> {
+    let bar = (show && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new(want as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:20}] {pos}/{len}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.enable_steady_tick(Duration::from_millis(120));
+        b
+    });
+    let deadline = Instant::now() + timeout;
+    loop {
+        let all = api.replicas()?;
+        let mine: Vec<ReplicaStatus> = all.into_iter().filter(|r| r.name == name).collect();
+        let running: Vec<ReplicaStatus> = mine
+            .iter()
+            .filter(|r| r.seq == seq && r.state == "running" && r.replica < want)
+            .cloned()
+            .collect();
+        if let Some(b) = &bar {
+            b.set_position(running.len() as u64);
+            b.set_message(format!("{name}: replicas running"));
+        }
+        if running.len() as u32 >= want {
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            if show {
+                eprintln!("{name}: {want} of {want} replicas running");
+            }
+            return Ok(running);
+        }
+        if Instant::now() >= deadline {
+            if let Some(b) = bar {
+                b.abandon();
+            }
+            let why: Vec<String> = mine
+                .iter()
+                .filter(|r| r.state != "running")
+                .map(|r| {
+                    format!(
+                        "replica {}: {}{}",
+                        r.replica,
+                        r.state,
+                        r.detail
+                            .as_deref()
+                            .map(|d| format!(" ({d})"))
+                            .unwrap_or_default()
+                    )
+                })
+                .collect();
+            bail!(
+                "{name}: {} of {want} replicas running after {}s{}{}\n  (`macula workloads` shows where it stands; the nodes keep trying)",
+                running.len(),
+                timeout.as_secs(),
+                if why.is_empty() { "" } else { ": " },
+                why.join("; ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[derive(Args)]
+pub struct WorkloadsArgs {
+    /// Only this workload.
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `macula workloads`: every workload of the realm and its replicas (node, state, restarts,
+/// lease token, age).
+pub fn workloads(a: WorkloadsArgs, json: bool) -> Result<()> {
+    let api = NodeApi::new(&a.conn)?;
+    let records = api.records()?;
+    let mut replicas = api.replicas()?;
+    if let Some(n) = &a.name {
+        replicas.retain(|r| &r.name == n);
+    }
+    if json {
+        let items: Vec<Value> = records
+            .iter()
+            .filter(|(n, _, m)| m.is_some() && a.name.as_ref().is_none_or(|x| x == n))
+            .map(|(n, seq, m)| {
+                let desired = m
+                    .as_deref()
+                    .and_then(|t| macula_workloads::parse(t).ok())
+                    .map_or(0, |m| macula_workloads::wire::slots_of(&m));
+                let mine: Vec<&ReplicaStatus> = replicas.iter().filter(|r| &r.name == n).collect();
+                json!({"name": n, "seq": seq, "replicas": desired, "items": mine})
+            })
+            .collect();
+        println!("{}", json!({"realm": api.realm, "workloads": items}));
+        return Ok(());
+    }
+    let now = macula_common::time::now_secs();
+    let mut t = table(&[
+        "NAME", "REPLICA", "NODE", "STATE", "RESTARTS", "TOKEN", "AGE", "DETAIL",
+    ]);
+    let mut any = false;
+    for (n, seq, m) in &records {
+        let Some(text) = m else { continue };
+        if a.name.as_ref().is_some_and(|x| x != n) {
+            continue;
+        }
+        any = true;
+        let desired = macula_workloads::parse(text)
+            .ok()
+            .map_or(0, |m: Manifest| macula_workloads::wire::slots_of(&m));
+        let mine: Vec<&ReplicaStatus> = replicas.iter().filter(|r| &r.name == n).collect();
+        let running = mine.iter().filter(|r| r.state == "running").count();
+        println!("{n}  version {seq}  {running}/{desired} running");
+        for r in mine {
+            let node = &r.node[r.node.len().saturating_sub(8)..];
+            t.add_row(vec![
+                n.clone(),
+                r.replica.to_string(),
+                if node.is_empty() {
+                    "-".into()
+                } else {
+                    node.to_owned()
+                },
+                r.state.clone(),
+                r.restarts.to_string(),
+                if r.token == 0 {
+                    "-".into()
+                } else {
+                    r.token.to_string()
+                },
+                age(now.saturating_sub(r.since)),
+                r.detail.clone().unwrap_or_default(),
+            ]);
+        }
+    }
+    if !any {
+        println!(
+            "no workloads in {} (deploy one: macula deploy --payload CMD)",
+            api.realm
+        );
+        return Ok(());
+    }
+    right_aligned(&mut t, &[1, 4, 5, 6]);
+    println!("{t}");
+    Ok(())
+}
+
+fn age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7_200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3_600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+#[derive(Args)]
+pub struct LogsArgs {
+    /// The workload.
+    pub name: String,
+    /// Only this replica.
+    #[arg(long)]
+    pub replica: Option<u32>,
+    /// Keep streaming new lines (from whichever nodes run the replicas) until Ctrl-C.
+    #[arg(short, long)]
+    pub follow: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `macula logs NAME [--replica i] [--follow]`.
+pub fn logs(a: LogsArgs, json: bool) -> Result<()> {
+    let api = NodeApi::new(&a.conn)?;
+    let mut url = api.path(&format!("/workloads/{}/logs", a.name));
+    let mut q = vec![];
+    if let Some(i) = a.replica {
+        q.push(format!("replica={i}"));
+    }
+    if a.follow {
+        q.push("follow=true".into());
+    }
+    if !q.is_empty() {
+        url = format!("{url}?{}", q.join("&"));
+    }
+    let res = api
+        .stream_agent
+        .get(&url)
+        .header("Authorization", &format!("Bearer {}", api.key))
+        .call();
+    let res = res.map_err(|e| anyhow!("cannot reach the node at {}: {e}", api.base))?;
+    if !res.status().is_success() {
+        let status = res.status().as_u16();
+        let text = res.into_body().read_to_string().unwrap_or_default();
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        bail!(
+            "{} [{status}]",
+            v["error"]["message"].as_str().unwrap_or(text.trim())
+        );
+    }
+    let reader = BufReader::new(res.into_body().into_reader());
+    for line in reader.lines() {
+        let line = line?;
+        if json {
+            println!("{line}");
+            continue;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        println!(
+            "[{}/{}] {}",
+            a.name,
+            v["replica"].as_u64().unwrap_or(0),
+            v["text"].as_str().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ScaleArgs {
+    /// The payload.
+    pub name: String,
+    /// How many replicas it should have.
+    #[arg(long)]
+    pub replicas: u32,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `macula scale NAME --replicas N`: a new record with the manifest's replicas changed.
+pub fn scale(a: ScaleArgs, json: bool) -> Result<()> {
+    let api = NodeApi::new(&a.conn)?;
+    let (_, _, text) = api
+        .records()?
+        .into_iter()
+        .find(|(n, _, m)| *n == a.name && m.is_some())
+        .ok_or_else(|| anyhow!("no workload {} in {}", a.name, api.realm))?;
+    let text = text.unwrap_or_default();
+    let mut doc: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&text).context("the deployed manifest")?;
+    let kubernetes = doc.get("apiVersion").is_some();
+    let target = if kubernetes {
+        doc.get_mut("spec")
+            .ok_or_else(|| anyhow!("the deployed Deployment has no spec"))?
+    } else {
+        &mut doc
+    };
+    let Some(map) = target.as_mapping_mut() else {
+        bail!("the deployed manifest is not a mapping");
+    };
+    map.insert("replicas".into(), a.replicas.into());
+    let new = serde_yaml_ng::to_string(&doc)?;
+    let m = macula_workloads::parse(&new).map_err(|e| anyhow!("{e}"))?;
+    if !matches!(m, Manifest::Payload(_)) {
+        bail!("{} is a job: it has completions, not replicas", a.name);
+    }
+    let seq = api.put(&a.name, Some(new))?;
+    if json {
+        println!(
+            "{}",
+            json!({"name": a.name, "seq": seq, "replicas": a.replicas})
+        );
+    } else {
+        eprintln!("{}: {} replicas (version {seq})", a.name, a.replicas);
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct DeleteArgs {
+    /// The workload.
+    pub name: String,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `macula delete NAME`: a tombstone; every node stops the workload's replicas.
+pub fn delete(a: DeleteArgs, json: bool) -> Result<()> {
+    let api = NodeApi::new(&a.conn)?;
+    if !api
+        .records()?
+        .iter()
+        .any(|(n, _, m)| *n == a.name && m.is_some())
+    {
+        bail!("no workload {} in {}", a.name, api.realm);
+    }
+    let seq = api.put(&a.name, None)?;
+    if json {
+        println!("{}", json!({"name": a.name, "seq": seq, "deleted": true}));
+    } else {
+        eprintln!("{} deleted (version {seq}); its replicas stop", a.name);
+    }
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! Workloads on five real `macula node` processes: a payload of 3 replicas deployed with
+//! `macula deploy` runs on 3 distinct nodes; `kill -9` of a node that runs one re-places it on
+//! another (a higher fencing token) and never more than 3 run; logs come from every node that
+//! runs one; scale up and down; delete stops them all.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use macula_node::ConfDir;
+use serde_json::Value;
+
+mod common;
+
+use common::*;
+
+const REALM: &str = "com.example.work";
+
+fn homes(n: usize) -> (tempfile::TempDir, Vec<std::path::PathBuf>, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let homes: Vec<_> = (1..=n).map(|i| tmp.path().join(format!("n{i}"))).collect();
+    let c1 = ConfDir::new(&homes[0]);
+    c1.init().unwrap();
+    c1.create_realm(REALM, None).unwrap();
+    let (_, admin) = c1.issue_key(REALM, "admin", "test", 3600, None).unwrap();
+    for d in &homes {
+        std::fs::create_dir_all(d.join("trust")).unwrap();
+        if d != &homes[0] {
+            for f in ["trust/operator.pub", "trust/operator.key"] {
+                std::fs::copy(homes[0].join(f), d.join(f)).unwrap();
+            }
+        }
+        // Limits and sandbox are the runtime tests' business; these run wherever the test does.
+        std::fs::write(
+            d.join("node.yaml"),
+            "workloads:\n  require_limits: false\n  require_sandbox: false\n  lease_term_ms: 2000\n",
+        )
+        .unwrap();
+    }
+    (tmp, homes, admin)
+}
+
+/// `macula --json ARGS` against `node` with the admin key; the parsed answer.
+async fn macula(node: &NodeProc, admin: &str, args: &[&str]) -> Result<Value, String> {
+    let url = format!("ws://{}/ws", node.http);
+    let out = tokio::process::Command::new(BIN)
+        .arg("--json")
+        .args(args)
+        .args(["--url", &url, "--realm", REALM, "--key", admin])
+        .output()
+        .await
+        .unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {:?}", out.stdout))
+}
+
+/// The running replicas of `name` by index: (node, token).
+async fn running(node: &NodeProc, admin: &str, name: &str) -> Vec<(u64, String, u64)> {
+    let Ok(v) = macula(node, admin, &["workloads", name]).await else {
+        return vec![];
+    };
+    let mut out = vec![];
+    for w in v["workloads"].as_array().into_iter().flatten() {
+        for r in w["items"].as_array().into_iter().flatten() {
+            if r["state"] == "running" {
+                out.push((
+                    r["replica"].as_u64().unwrap(),
+                    r["node"].as_str().unwrap().to_owned(),
+                    r["token"].as_u64().unwrap(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_place_heal_scale_and_delete_a_payload() {
+    let (_tmp, homes, admin) = homes(5);
+    let first = start_node(&homes[0], None);
+    // The others by index (1..): killed ones are taken out.
+    let mut nodes: Vec<Option<NodeProc>> = vec![None];
+    let mut ids: HashMap<String, usize> = HashMap::new();
+    for h in &homes[1..] {
+        nodes.push(Some(start_node(h, Some(&first.mesh))));
+    }
+    // Every node's peer id (they link to each other once a workload is deployed).
+    for (i, n) in nodes.iter().enumerate() {
+        let n = n.as_ref().unwrap_or(&first);
+        let id = eventually("a node's peer id", Duration::from_secs(20), || async {
+            let v = mesh_status(&n.http).await;
+            let peers = v["peers"].as_array().map_or(0, Vec::len);
+            (peers >= 1)
+                .then(|| v["peer_id"].as_str().map(str::to_owned))
+                .flatten()
+        })
+        .await;
+        ids.insert(id, i);
+    }
+    let api = || &first;
+
+    // Deploy: 3 replicas on 3 distinct nodes, each with its fencing token.
+    let script = "while true; do echo \"hello from $MACULA_REPLICA token $MACULA_FENCING_TOKEN\"; sleep 0.3; done";
+    let payload = format!("sh -c '{script}'");
+    let v = macula(
+        api(),
+        &admin,
+        &[
+            "deploy",
+            "--payload",
+            &payload,
+            "--name",
+            "hello",
+            "--replicas",
+            "3",
+            "--timeout",
+            "30s",
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(v["seq"], 1, "{v}");
+    let placed = running(api(), &admin, "hello").await;
+    let where_: BTreeSet<&String> = placed.iter().map(|r| &r.1).collect();
+    assert_eq!(placed.len(), 3, "{placed:?}");
+    assert_eq!(where_.len(), 3, "spread over 3 nodes: {placed:?}");
+    assert!(placed.iter().all(|r| r.2 >= 1));
+
+    // Logs from the nodes that run them.
+    let logs = eventually("logs of every replica", Duration::from_secs(10), || async {
+        let out = tokio::process::Command::new(BIN)
+            .args(["logs", "hello", "--url", &format!("ws://{}/ws", api().http)])
+            .args(["--realm", REALM, "--key", &admin])
+            .output()
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (0..3)
+            .all(|i| text.contains(&format!("[hello/{i}] hello from {i} token")))
+            .then_some(text)
+    })
+    .await;
+    assert!(!logs.contains("[hello/3]"), "{logs}");
+
+    // Kill -9 a node that runs a replica (not the one the CLI talks to).
+    let (victim_slot, victim_id, old_token) = placed
+        .iter()
+        .find(|r| ids[&r.1] != 0)
+        .cloned()
+        .expect("a replica on a node other than the first");
+    let victim = ids[&victim_id];
+    let killed_at = Instant::now();
+    drop(nodes[victim].take());
+    let mut most = 0;
+    let healed = loop {
+        let now = running(api(), &admin, "hello").await;
+        let live: Vec<_> = now.iter().filter(|r| r.1 != victim_id).collect();
+        most = most.max(live.len());
+        assert!(live.len() <= 3, "never more than 3 replicas: {now:?}");
+        if live.len() == 3 {
+            break now;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(30),
+            "replica {victim_slot} not re-placed after 30 s: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let heal = killed_at.elapsed();
+    let moved = healed.iter().find(|r| r.0 == victim_slot).unwrap();
+    assert_ne!(moved.1, victim_id);
+    assert!(
+        moved.2 > old_token,
+        "a new lease has a higher token: {moved:?} after {old_token}"
+    );
+    let distinct: BTreeSet<&String> = healed.iter().map(|r| &r.1).collect();
+    assert_eq!(distinct.len(), 3, "still spread: {healed:?}");
+    eprintln!("re-placed in {heal:?}");
+
+    // Scale up to 4 (four live nodes), then down to 1.
+    macula(api(), &admin, &["scale", "hello", "--replicas", "4"])
+        .await
+        .unwrap();
+    let four = eventually("4 replicas", Duration::from_secs(20), || async {
+        let r = running(api(), &admin, "hello").await;
+        (r.len() == 4).then_some(r)
+    })
+    .await;
+    let per_node: BTreeMap<&String, usize> = four.iter().fold(BTreeMap::new(), |mut m, r| {
+        *m.entry(&r.1).or_default() += 1;
+        m
+    });
+    assert_eq!(per_node.len(), 4, "one per live node: {four:?}");
+    macula(api(), &admin, &["scale", "hello", "--replicas", "1"])
+        .await
+        .unwrap();
+    eventually("1 replica", Duration::from_secs(20), || async {
+        let r = running(api(), &admin, "hello").await;
+        (r.len() == 1 && r[0].0 == 0).then_some(())
+    })
+    .await;
+
+    // Delete: none left anywhere.
+    macula(api(), &admin, &["delete", "hello"]).await.unwrap();
+    eventually("no replica", Duration::from_secs(20), || async {
+        running(api(), &admin, "hello")
+            .await
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    let missing = macula(api(), &admin, &["scale", "hello", "--replicas", "2"]).await;
+    assert!(
+        missing
+            .as_ref()
+            .is_err_and(|e| e.contains("no workload hello")),
+        "{missing:?}"
+    );
+}
