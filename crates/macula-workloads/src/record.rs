@@ -137,12 +137,15 @@ pub struct Records {
 
 impl Records {
     /// Takes `r` if it holds (see the module's documentation). `verify` checks the key and the
-    /// signature; `may_deploy(realm, signer)` the role.
+    /// signature; `may_deploy(realm, signer, None)` the signer's role, and then
+    /// `may_deploy(realm, signer, Some(role))` the role the manifest gives the replicas' own
+    /// sessions (a signer must not hand its workload more than it may have itself); `Err` says
+    /// why not.
     pub fn accept(
         &mut self,
         r: DeployRecord,
         verify: impl FnOnce(&str, &[u8; 32], &[u8]) -> Result<Signer, String>,
-        may_deploy: impl FnOnce(&str, &Signer) -> bool,
+        may_deploy: impl Fn(&str, &Signer, Option<&str>) -> Result<(), String>,
     ) -> Result<Option<Manifest>, Refused> {
         let have = self
             .by_realm
@@ -153,10 +156,17 @@ impl Records {
             return Err(Refused::Stale { have });
         }
         let signer = verify(&r.key, &r.digest(), &r.sig).map_err(Refused::Unverified)?;
-        if !may_deploy(&r.realm, &signer) {
+        if let Err(why) = may_deploy(&r.realm, &signer, None) {
             return Err(Refused::Forbidden(format!(
-                "role {:?} of a key of {} may not deploy in {} (needs realm:deploy)",
-                signer.role, signer.key_realm, r.realm
+                "role {:?} of a key of {} may not deploy in {} (needs realm:deploy){}",
+                signer.role,
+                signer.key_realm,
+                r.realm,
+                if why.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {why}")
+                }
             )));
         }
         let manifest = match &r.manifest {
@@ -168,6 +178,12 @@ impl Records {
                     return Err(Refused::Invalid(format!(
                         "the record is for {:?}, its manifest for {:?}",
                         r.name, w.name
+                    )));
+                }
+                if let Err(why) = may_deploy(&r.realm, &signer, Some(&w.role)) {
+                    return Err(Refused::Forbidden(format!(
+                        "the workload's sessions would have role {:?}: {why}",
+                        w.role
                     )));
                 }
                 if w.realm.as_deref().is_some_and(|x| x != r.realm) {

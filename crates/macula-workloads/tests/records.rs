@@ -67,10 +67,18 @@ fn verify(public: &str, digest: &[u8; 32], sig: &[u8]) -> Result<Signer, String>
     })
 }
 
-/// The realm's rule: a key of the realm (or a parent) whose role is `developer` or `admin`.
-fn may_deploy(realm: &str, s: &Signer) -> bool {
-    (realm == s.key_realm || realm.ends_with(&format!(".{}", s.key_realm)))
-        && (s.role == "developer" || s.role == "admin")
+/// The realm's rule: a key of the realm (or a parent) whose role is `developer` or `admin`;
+/// its workloads run as `service_account` or as the signer's own role.
+fn may_deploy(realm: &str, s: &Signer, workload_role: Option<&str>) -> Result<(), String> {
+    let ok = (realm == s.key_realm || realm.ends_with(&format!(".{}", s.key_realm)))
+        && (s.role == "developer" || s.role == "admin");
+    match workload_role {
+        _ if !ok => Err(String::new()),
+        Some(r) if r != "service_account" && r != s.role => {
+            Err(format!("a {} key cannot start a workload as {r}", s.role))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn accept(records: &mut Records, r: DeployRecord) -> Result<Option<Manifest>, Refused> {
@@ -147,6 +155,12 @@ fn forged_foreign_and_unauthorized_records_change_nothing() {
     assert!(matches!(
         accept(&mut records, dev.record("api", 1, Some(&elsewhere))),
         Err(Refused::Invalid(_))
+    ));
+    // A workload that would have more than its deployer.
+    let escalating = MANIFEST.replace("name: api\n", "name: api\nrole: admin\n");
+    assert!(matches!(
+        accept(&mut records, dev.record("api", 1, Some(&escalating))),
+        Err(Refused::Forbidden(m)) if m.contains("cannot start a workload as admin")
     ));
     assert!(matches!(
         accept(&mut records, dev.record("api", 1, Some("kind: payload\nname: api\n"))),
@@ -253,7 +267,12 @@ fn records_signed_with_real_api_keys() {
             role: v.claims.role.clone(),
         })
     };
-    let may = |_realm: &str, s: &Signer| policy.allows_realm_action(&s.role, "deploy");
+    let may = |_realm: &str, s: &Signer, _role: Option<&str>| {
+        policy
+            .allows_realm_action(&s.role, "deploy")
+            .then_some(())
+            .ok_or_else(String::new)
+    };
     let sign = |key: &str, name: &str, seq: u64| {
         DeployRecord::signed(
             REALM,

@@ -238,9 +238,11 @@ pub async fn call(a: CallArgs, json: bool) -> Result<()> {
 pub struct ServeArgs {
     /// Procedure URI to register.
     pub procedure: String,
-    /// Shared registration policy: single, roundrobin, random, first, last.
-    #[arg(long, default_value = "single")]
-    pub invoke: String,
+    /// Shared registration policy: single, roundrobin, random, first, last [default: single;
+    /// roundrobin inside a workload replica (MACULA_REPLICA set), so that its replicas share the
+    /// procedure].
+    #[arg(long)]
+    pub invoke: Option<String>,
     /// The command to run for each call. It receives {"args": [...], "kwargs": {...}} on stdin;
     /// its stdout is the result (parsed as JSON when it is JSON, else returned as a string).
     /// A non-zero exit returns the error macula.error.command_failed with its stderr.
@@ -254,8 +256,15 @@ pub async fn serve(a: ServeArgs, json: bool) -> Result<()> {
     let client = a.conn.connect(true).await?;
     let cmd = a.command.clone();
     let mut options = Dict::new();
-    if a.invoke != "single" {
-        options.insert("invoke".into(), Value::Str(a.invoke.clone()));
+    let invoke = a.invoke.clone().unwrap_or_else(|| {
+        if std::env::var_os("MACULA_REPLICA").is_some() {
+            "roundrobin".into()
+        } else {
+            "single".into()
+        }
+    });
+    if invoke != "single" {
+        options.insert("invoke".into(), Value::Str(invoke));
     }
     let _reg = client
         .register_with(&a.procedure, options, move |inv| {

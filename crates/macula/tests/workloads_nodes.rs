@@ -202,6 +202,42 @@ async fn five_nodes_place_heal_scale_and_delete_a_payload() {
     })
     .await;
 
+    // Workload identity: two replicas register a procedure with their own sessions (a ticket
+    // in MACULA_KEY, role service_account) and a client on another node calls it.
+    let serve = format!("{BIN} serve {REALM}.whoami -- sh -c 'echo replica $MACULA_REPLICA'");
+    macula(
+        api(),
+        &admin,
+        &[
+            "deploy",
+            "--payload",
+            &serve,
+            "--name",
+            "whoami",
+            "--replicas",
+            "2",
+            "--timeout",
+            "30s",
+        ],
+    )
+    .await
+    .unwrap();
+    let mut answers = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while answers.len() < 2 && Instant::now() < deadline {
+        if let Ok(v) = macula(api(), &admin, &["call", &format!("{REALM}.whoami")]).await {
+            answers.insert(v.to_string());
+        } else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert!(
+        answers.iter().any(|a| a.contains("replica 0"))
+            && answers.iter().any(|a| a.contains("replica 1")),
+        "both replicas answer: {answers:?}"
+    );
+    macula(api(), &admin, &["delete", "whoami"]).await.unwrap();
+
     // Delete: none left anywhere.
     macula(api(), &admin, &["delete", "hello"]).await.unwrap();
     eventually("no replica", Duration::from_secs(20), || async {

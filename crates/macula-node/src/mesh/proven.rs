@@ -358,6 +358,21 @@ impl Proofs {
     ) {
         use macula_router::auth::credential;
         let now = crate::confdir::now_secs();
+        if let Some(replica) = public.strip_prefix("workload:") {
+            let proof = match workload_proof(node, &peer, realm, replica) {
+                Ok(p) => p,
+                Err(why) => return rejected(mesh, &peer, "session", why),
+            };
+            let mut verified = self.verified.lock();
+            if let Err(why) = proof.stands(node, realm, now) {
+                return rejected(mesh, &peer, "session", why);
+            }
+            verified
+                .entry(peer)
+                .or_default()
+                .put(Arc::from(realm), session, proof);
+            return;
+        }
         let v = match credential::verify_public(public, node.auth().authenticator.operator(), now) {
             Ok(v) => v,
             Err(e) => return rejected(mesh, &peer, "session", e),
@@ -583,4 +598,48 @@ fn withdraw(node: &Node, mesh: &MeshState, peer: PeerId, key: &HoldKey) {
         Kind::Interest => core.link_unsubscribe(link, &key.uri, key.policy),
         Kind::Registration => core.link_unregister(link, &key.uri, key.policy),
     }
+}
+
+/// The proof of a workload replica's session (`workload:<name>/<replica>`) that `peer` runs:
+/// the role is the one the realm's deploy record names for the workload (this node's own copy,
+/// accepted only from a key that may deploy), never the peer's word; the replica must be one the
+/// record asks for, and the peer a node that may serve the realm. What a lying node can do with
+/// it: claim a session of a workload of a realm it may serve, in the role its deployer gave it.
+fn workload_proof(
+    node: &Node,
+    peer: &PeerId,
+    realm: &str,
+    replica: &str,
+) -> Result<Proven, String> {
+    let (name, index) = replica
+        .rsplit_once('/')
+        .and_then(|(n, i)| Some((n, i.parse::<u32>().ok()?)))
+        .ok_or("not a workload replica")?;
+    if node.peer_may_serve(realm, &peer.to_string()) != Some(true) {
+        return Err("the peer may not serve the realm".into());
+    }
+    let text = node
+        .workloads
+        .records
+        .lock()
+        .get(realm, name)
+        .and_then(|r| r.manifest.clone())
+        .ok_or_else(|| format!("no workload {name} in {realm} here"))?;
+    let m = macula_workloads::parse(&text).map_err(|e| e.to_string())?;
+    if index >= macula_workloads::wire::slots_of(&m) {
+        return Err(format!("{name} has no replica {index}"));
+    }
+    let auth = node.auth();
+    let authority = auth
+        .registration_of(realm)
+        .and_then(|r| auth.authorities.get(r))
+        .copied()
+        .ok_or("the realm's registration is not known here")?;
+    Ok(Proven {
+        kid: crate::workloads::tickets::authid(name, index),
+        role: m.workload().role.clone(),
+        key_realm: realm.to_owned(),
+        authority,
+        expires_at: 0,
+    })
 }

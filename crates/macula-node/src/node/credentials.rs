@@ -87,7 +87,8 @@ impl Node {
             Ordering::Relaxed,
         );
         let auth = Arc::new(AuthState {
-            authenticator: Authenticator::new(operator, revoked),
+            authenticator: Authenticator::new(operator, revoked)
+                .with_local_tickets(self.tickets.clone()),
             policies,
             authorities,
         });

@@ -116,12 +116,16 @@ pub struct Node {
     pub leases: crate::workloads::LeaseAuthority,
     /// Workload messages from peers (and from this node to itself) for the controller.
     pub work_inbox: crate::workloads::Inbox,
+    /// Workload replicas' tickets (their identity; see `crate::workloads::tickets`).
+    pub tickets: Arc<crate::workloads::Tickets>,
 }
 
 impl Node {
     pub fn new(loaded: Loaded, confdir: Option<ConfDir>) -> Arc<Node> {
+        let tickets = Arc::new(crate::workloads::Tickets::default());
         let auth = AuthState {
-            authenticator: Authenticator::new(loaded.operator, loaded.revoked.clone()),
+            authenticator: Authenticator::new(loaded.operator, loaded.revoked.clone())
+                .with_local_tickets(tickets.clone()),
             policies: loaded.policies.clone(),
             authorities: loaded.authorities.clone(),
         };
@@ -177,6 +181,7 @@ impl Node {
             workloads: crate::workloads::Desired::load(records_file),
             leases: crate::workloads::LeaseAuthority::load(promises_file, lease_term_ms),
             work_inbox: crate::workloads::Inbox::new(4_096),
+            tickets,
         })
     }
 

@@ -31,9 +31,31 @@ pub fn accept(node: &Node, record: DeployRecord) -> Result<DeployRecord, Refused
             role: v.claims.role.clone(),
         })
     };
-    let may_deploy = |realm: &str, s: &Signer| {
-        node.role_admitted(realm, &s.key_realm, &s.role)
-            .is_ok_and(|policy| policy.allows_realm_action(&s.role, "deploy"))
+    // The signer's role must reach the realm and grant `realm:deploy`; the role its workload's
+    // sessions get must exist and be the signer's own or one with no `realm:` permission (a
+    // developer cannot start an admin).
+    let may_deploy = |realm: &str, s: &Signer, workload_role: Option<&str>| {
+        let policy = node
+            .role_admitted(realm, &s.key_realm, &s.role)
+            .map_err(|(_, why)| why)?;
+        if !policy.allows_realm_action(&s.role, "deploy") {
+            return Err(String::new());
+        }
+        let Some(role) = workload_role else {
+            return Ok(());
+        };
+        let Some(doc) = policy.doc.roles.iter().find(|r| r.name == role) else {
+            return Err(format!("realm {realm} has no role {role:?}"));
+        };
+        if role != s.role && doc.permissions.iter().any(|p| p.starts_with("realm:")) {
+            return Err(format!(
+                "{role} has realm permissions ({}); a {} key may start workloads as {} or as a role without them",
+                doc.permissions.iter().filter(|p| p.starts_with("realm:")).cloned().collect::<Vec<_>>().join(", "),
+                s.role,
+                s.role
+            ));
+        }
+        Ok(())
     };
     let mut records = node.workloads.records.lock();
     records.accept(record.clone(), verify, may_deploy)?;

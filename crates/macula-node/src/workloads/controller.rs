@@ -115,6 +115,8 @@ struct Held {
     since: u64,
     replica: Option<Supervised>,
     logs: Arc<LogBuffer>,
+    /// The replica's identity (revoked when it stops).
+    ticket: Option<String>,
 }
 
 struct Acq {
@@ -361,9 +363,15 @@ impl Controller {
                 if let Some(old) = st.held.get_mut(&slot).and_then(|h| h.replica.take()) {
                     tokio::spawn(old.stop());
                 }
-                let replica = self.start_replica(w, token, logs);
+                // The new manifest may name another role: a new identity.
+                if let Some(t) = st.held.get_mut(&slot).and_then(|h| h.ticket.take()) {
+                    self.node.tickets.revoke(&t);
+                }
+                let ticket = self.ticket_for(w);
+                let replica = self.start_replica(w, token, logs, ticket.as_deref());
                 if let Some(h) = st.held.get_mut(&slot) {
                     h.replica = Some(replica);
+                    h.ticket = ticket;
                     h.seq = w.seq;
                     h.since = now_secs();
                 }
@@ -761,7 +769,8 @@ impl Controller {
                 }
                 tracing::info!(slot, token, "replica slot taken");
                 let logs = Arc::new(LogBuffer::new(LOG_LINES));
-                let replica = self.start_replica(w, token, logs.clone());
+                let ticket = self.ticket_for(w);
+                let replica = self.start_replica(w, token, logs.clone(), ticket.as_deref());
                 st.pending.remove(slot);
                 st.held.insert(
                     slot.to_owned(),
@@ -773,6 +782,7 @@ impl Controller {
                         since: now_secs(),
                         replica: Some(replica),
                         logs,
+                        ticket,
                     },
                 );
             }
@@ -826,6 +836,9 @@ impl Controller {
         if let Some(r) = h.replica.take() {
             tokio::spawn(r.stop());
         }
+        if let Some(t) = h.ticket.take() {
+            self.node.tickets.revoke(&t);
+        }
         if let Some(l) = st.ledger.as_mut() {
             l.stop(slot);
         }
@@ -834,8 +847,29 @@ impl Controller {
         }
     }
 
-    /// Starts replica `w` under `token` (its output into `logs`).
-    fn start_replica(&self, w: &Wanted, token: u64, logs: Arc<LogBuffer>) -> Supervised {
+    /// A ticket for replica `w`'s own session (see `super::tickets`), while the realm's
+    /// registration is known here.
+    fn ticket_for(&self, w: &Wanted) -> Option<String> {
+        let auth = self.node.auth();
+        let reg = auth.registration_of(&w.realm)?;
+        let authority = *auth.authorities.get(reg)?;
+        Some(self.node.tickets.issue(super::tickets::Ticket {
+            realm: w.realm.clone(),
+            name: w.name.clone(),
+            replica: w.index,
+            role: w.manifest.workload().role.clone(),
+            authority,
+        }))
+    }
+
+    /// Starts replica `w` under `token` (its output into `logs`; `ticket`: its identity).
+    fn start_replica(
+        &self,
+        w: &Wanted,
+        token: u64,
+        logs: Arc<LogBuffer>,
+        ticket: Option<&str>,
+    ) -> Supervised {
         let wl = w.manifest.workload();
         let slot = wire::slot(&w.realm, &w.name, w.index);
         let workdir = self
@@ -871,6 +905,9 @@ impl Controller {
         set("MACULA_REPLICA", w.index.to_string());
         set("MACULA_NODE", self.me().to_owned());
         set("MACULA_FENCING_TOKEN", token.to_string());
+        if let Some(t) = ticket {
+            set("MACULA_KEY", t.to_owned());
+        }
         for (i, p) in wl.ports.iter().enumerate() {
             let port = p.port.or_else(free_port).unwrap_or(0);
             set(

@@ -5,7 +5,7 @@
 //!
 //! Below the node (import nothing of it): `desired.rs`, the records and their file;
 //! `authority.rs`, this node as a lease authority, its promises on disk; `inbox.rs`, the
-//! controller's bounded inbox. Above it: `accept.rs` judges a record with the node's trust root,
+//! controller's bounded inbox; `tickets.rs`, replicas' identities. Above it: `accept.rs` judges a record with the node's trust root,
 //! revocations and realm policies; `controller.rs` (above the mesh) tenders, bids, takes leases
 //! and runs replicas.
 
@@ -14,9 +14,11 @@ pub mod authority;
 pub mod controller;
 pub mod desired;
 pub mod inbox;
+pub mod tickets;
 
 pub use accept::accept;
 pub use authority::LeaseAuthority;
 pub use controller::Controller;
 pub use desired::Desired;
 pub use inbox::{InMsg, Inbox};
+pub use tickets::Tickets;

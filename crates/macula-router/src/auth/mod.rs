@@ -33,6 +33,8 @@ pub enum AuthError {
     KeyPairRequired,
     #[error("the signature over the challenge does not verify")]
     ChallengeFailed,
+    #[error("this workload ticket is not (or no longer) valid here for this realm: a replica's ticket works on the node that runs it, in its own realm, while it runs")]
+    UnknownTicket,
 }
 
 /// Identity of an authenticated session.
@@ -83,11 +85,22 @@ impl SessionProof {
     }
 }
 
+/// Credentials a node issues itself and keeps in memory (a workload replica's ticket, given to
+/// the replica only): looked up before API keys. `identity` answers for `ticket` joining
+/// `realm`, or `None` if it is not one of them.
+pub trait LocalTickets: Send + Sync {
+    fn identity(&self, ticket: &str, realm: &str) -> Option<Identity>;
+}
+
+/// What starts a local ticket (API keys start `sk_live_`).
+pub const LOCAL_TICKET_PREFIX: &str = "wt_";
+
 /// Verifies API keys: trust root, revocations and a cache of verified keys so that a returning
 /// key costs a hash lookup, not two signature checks.
 pub struct Authenticator {
     operator: VerifyingKey,
     revoked: HashSet<String>,
+    local: Option<std::sync::Arc<dyn LocalTickets>>,
     cache: Mutex<HashMap<[u8; 32], VerifiedKey>>,
     /// Bearer session proofs by (key, node, realm): a proof names no session, so one serves
     /// every session of a key in a realm, and a returning key costs no signature.
@@ -102,6 +115,7 @@ impl Authenticator {
         Authenticator {
             operator,
             revoked,
+            local: None,
             cache: Mutex::new(HashMap::new()),
             proofs: Mutex::new(HashMap::new()),
         }
@@ -135,6 +149,20 @@ impl Authenticator {
 
     pub fn operator(&self) -> &VerifyingKey {
         &self.operator
+    }
+
+    /// Also accepts the node's own tickets (see [`LocalTickets`]).
+    pub fn with_local_tickets(mut self, local: std::sync::Arc<dyn LocalTickets>) -> Self {
+        self.local = Some(local);
+        self
+    }
+
+    /// The identity of local ticket `ticket` joining `realm`, if it is one.
+    pub fn local_ticket(&self, ticket: &str, realm: &str) -> Option<Identity> {
+        if !ticket.starts_with(LOCAL_TICKET_PREFIX) {
+            return None;
+        }
+        self.local.as_ref()?.identity(ticket, realm)
     }
 
     pub fn is_revoked(&self, kid: &str) -> bool {
@@ -356,6 +384,9 @@ impl Handshake {
                 Message::Authenticate { signature, .. },
             ) => {
                 let result = match method {
+                    Pending::Ticket if signature.starts_with(LOCAL_TICKET_PREFIX) => auth
+                        .local_ticket(&signature, &realm)
+                        .ok_or(AuthError::UnknownTicket),
                     Pending::Ticket => auth.verify(&signature, now).and_then(|v| {
                         if v.claims.pubkey.is_some() {
                             Err(AuthError::KeyPairRequired)
