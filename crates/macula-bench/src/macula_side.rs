@@ -49,6 +49,11 @@ pub fn run_node(
         loaded.config.mesh.bootstrap = bootstrap.into_iter().collect();
         loaded.config.metering.enabled = metering;
         loaded.config.metering.dir = format!("node/{}-meter", mesh.unwrap_or(0)).into();
+        // Replicas through this program's own exec shim (`macula-bench __exec`); limits and
+        // sandbox where the machine has them.
+        loaded.config.workloads.dir = format!("node/{}-workloads", mesh.unwrap_or(0)).into();
+        loaded.config.workloads.require_limits = false;
+        loaded.config.workloads.require_sandbox = false;
         let node = Node::new(loaded, Some(dir));
         let running = macula_node::start(node).await?;
         println!(
@@ -88,6 +93,46 @@ impl Server {
     /// One node with metering on or off.
     pub async fn start_metered(metering: bool) -> Result<Server> {
         Self::start_in(None, None, metering).await
+    }
+
+    /// `n` meshed nodes sharing one trust root and config directory (each its own identity),
+    /// all joined through the first.
+    pub async fn start_mesh(n: u32) -> Result<Vec<Server>> {
+        let a = Self::start_in(Some(1), None, true).await?;
+        let dir = a._tmp.as_ref().map(|t| t.0.clone());
+        let (mesh, key) = (a.mesh.clone(), a.key.clone());
+        let mut all = vec![a];
+        for i in 2..=n {
+            all.push(Self::restart(i, &mesh, dir.clone(), &key).await?);
+        }
+        Ok(all)
+    }
+
+    /// Node `i` of a mesh started with [`Server::start_mesh`] (again, after a kill).
+    pub async fn restart(
+        i: u32,
+        bootstrap: &str,
+        dir: Option<std::path::PathBuf>,
+        key: &str,
+    ) -> Result<Server> {
+        let mut s = Self::start_in(
+            Some(i),
+            Some((bootstrap.to_owned(), dir, key.to_owned())),
+            true,
+        )
+        .await?;
+        s._tmp = None;
+        Ok(s)
+    }
+
+    /// The config directory (of the first node of a mesh).
+    pub fn dir(&self) -> Option<std::path::PathBuf> {
+        self._tmp.as_ref().map(|t| t.0.clone())
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        let _ = self.child.start_kill();
     }
 
     /// Two meshed nodes sharing one trust root: (A, B), B joined through A.

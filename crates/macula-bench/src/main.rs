@@ -12,6 +12,7 @@
 //! ```
 
 mod baseline;
+mod heal;
 mod invoices;
 mod macula_side;
 mod nats_side;
@@ -149,6 +150,16 @@ enum Cmd {
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
     },
+    /// Self-healing on real node processes: SIGKILL a node that runs a replica, time until the
+    /// replica runs elsewhere (goal p95 ≤ 5 s), restart the node, repeat.
+    Heal {
+        #[arg(long, default_value_t = 5)]
+        nodes: u32,
+        #[arg(long, default_value_t = 10)]
+        kills: usize,
+        #[arg(long, default_value_t = 3)]
+        replicas: u32,
+    },
     /// Every scenario with default sizes.
     All,
     /// (internal) a TCP echo server for the baseline.
@@ -218,6 +229,10 @@ fn print_ratios(figs: &[Figure], num: &str, den: &str) {
 }
 
 fn main() -> Result<()> {
+    // `macula-bench __exec`: the exec shim of the bench nodes' replicas (before any thread).
+    if std::env::args_os().nth(1).is_some_and(|a| a == "__exec") {
+        macula_workloads::runtime::sandbox::main();
+    }
     let cli = Cli::parse();
     // Logs only when asked for (`MACULA_LOG=macula_mesh=debug`): figures stay readable.
     if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("MACULA_LOG") {
@@ -272,6 +287,16 @@ fn main() -> Result<()> {
     } = cli.cmd
     {
         let figs = rt.block_on(schedule::run(nodes, placements, concurrency))?;
+        print(&figs, cli.json);
+        return Ok(());
+    }
+    if let Cmd::Heal {
+        nodes,
+        kills,
+        replicas,
+    } = cli.cmd
+    {
+        let figs = rt.block_on(heal::run(nodes, kills, replicas))?;
         print(&figs, cli.json);
         return Ok(());
     }

@@ -118,8 +118,91 @@ impl Collector for NodeCollector {
             let quota = node.quota_used.lock().clone();
             usage_series(&mut out, meter, &quota)?;
         }
-        Ok(())
+        workload_series(&mut out, &node.metrics.workloads)
     }
+}
+
+/// The workload controller's counters, and the replicas this node runs.
+fn workload_series(out: &mut Out, w: &crate::metrics::WorkloadMetrics) -> fmt::Result {
+    out.counter(
+        "macula_workload_placements",
+        "Replica slots this node took (an award turned into a lease).",
+        get(&w.placements),
+    )?;
+    out.counter(
+        "macula_workload_tenders",
+        "Tenders this node made as a slot's lease authority.",
+        get(&w.tenders),
+    )?;
+    out.counter(
+        "macula_workload_lease_renewals",
+        "Lease renewals granted by a majority of the slot's authorities.",
+        get(&w.renewals),
+    )?;
+    out.counter(
+        "macula_workload_leases_lost",
+        "Replicas stopped because their lease ended unrenewed or another node held it.",
+        get(&w.leases_lost),
+    )?;
+    let m = out.0.encode_descriptor(
+        "macula_workload_schedule_seconds",
+        "From the tender of a slot to its replica starting.",
+        None,
+        MetricType::Histogram,
+    )?;
+    w.schedule_seconds.encode(m)?;
+    let replicas = w.replicas.lock().map(|r| r.clone()).unwrap_or_default();
+    let mut by_state: std::collections::BTreeMap<&str, i64> = [
+        "starting",
+        "running",
+        "backoff",
+        "succeeded",
+        "failed",
+        "stopped",
+    ]
+    .into_iter()
+    .map(|s| (s, 0))
+    .collect();
+    for r in &replicas {
+        *by_state.entry(r.state).or_default() += 1;
+    }
+    out.gauges(
+        "macula_workload_replicas",
+        "Replicas this node runs, by state.",
+        by_state.into_iter().map(|(s, n)| (label("state", s), n)),
+    )?;
+    type ReplicaLabels = [Label; 3];
+    let labels = |r: &crate::metrics::ReplicaSample| -> ReplicaLabels {
+        [
+            (Cow::Borrowed("realm"), Cow::Owned(r.realm.clone())),
+            (Cow::Borrowed("workload"), Cow::Owned(r.workload.clone())),
+            (Cow::Borrowed("replica"), Cow::Owned(r.replica.to_string())),
+        ]
+    };
+    out.counters(
+        "macula_workload_restarts",
+        "Restarts of each replica this node runs.",
+        replicas.iter().map(|r| (labels(r), r.restarts as u64)),
+    )?;
+    out.gauges(
+        "macula_workload_memory_bytes",
+        "Memory of each replica this node runs (its control groups).",
+        replicas
+            .iter()
+            .filter_map(|r| Some((labels(r), r.memory_bytes? as i64))),
+    )?;
+    let mut m = out.0.encode_descriptor(
+        "macula_workload_cpu_seconds",
+        "CPU time of each replica this node runs (its control groups).",
+        None,
+        MetricType::Counter,
+    )?;
+    for r in &replicas {
+        if let Some(c) = r.cpu_seconds {
+            ConstCounter::new(c).encode(m.encode_family(&labels(r))?)?;
+        }
+    }
+    Ok(())
 }
 
 /// Sessions, messages, errors, queues, listeners, and the realms' table sizes.

@@ -32,6 +32,50 @@ pub struct Metrics {
     pub mesh_events_in: AtomicU64,
     /// `macula.dht.get` lookups served.
     pub dht_lookups: AtomicU64,
+    /// What the workload controller counts (see `workloads::controller`).
+    pub workloads: WorkloadMetrics,
+}
+
+/// The workload controller's counters, and its replicas as of its last look (once a second).
+pub struct WorkloadMetrics {
+    /// Replica slots this node took (an award turned into a lease).
+    pub placements: AtomicU64,
+    /// Tenders this node made as a slot's authority.
+    pub tenders: AtomicU64,
+    /// Lease renewals granted by a majority.
+    pub renewals: AtomicU64,
+    /// Replicas stopped because their lease ended unrenewed or another node held it.
+    pub leases_lost: AtomicU64,
+    /// From the first tender of a slot to its replica starting (seconds).
+    pub schedule_seconds: prometheus_client::metrics::histogram::Histogram,
+    pub replicas: std::sync::Mutex<Vec<ReplicaSample>>,
+}
+
+/// One replica run here, for `/metrics`.
+#[derive(Debug, Clone)]
+pub struct ReplicaSample {
+    pub realm: String,
+    pub workload: String,
+    pub replica: u32,
+    pub state: &'static str,
+    pub restarts: u32,
+    pub memory_bytes: Option<u64>,
+    pub cpu_seconds: Option<f64>,
+}
+
+impl Default for WorkloadMetrics {
+    fn default() -> Self {
+        WorkloadMetrics {
+            placements: AtomicU64::new(0),
+            tenders: AtomicU64::new(0),
+            renewals: AtomicU64::new(0),
+            leases_lost: AtomicU64::new(0),
+            schedule_seconds: prometheus_client::metrics::histogram::Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            replicas: std::sync::Mutex::new(vec![]),
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -55,6 +99,7 @@ impl Default for Metrics {
             rawsocket_refused_connections: AtomicU64::new(0),
             mesh_events_in: AtomicU64::new(0),
             dht_lookups: AtomicU64::new(0),
+            workloads: WorkloadMetrics::default(),
         }
     }
 }

@@ -216,17 +216,26 @@ pub fn candidates<'a>(slot: &str, attempt: u32, nodes: &'a [NodeId], d: usize) -
     out
 }
 
-/// The winner among `bids` for `slot`: the highest score; a tie goes to the node ranked first
-/// by rendezvous hash of (slot, node). Every node that sees the same bids picks the same one.
+/// The winner among `bids` for `slot`: the highest score. Ties go, for a slot named
+/// `realm/name/i`, to the `i`-th of the tied nodes in the order of rendezvous hash of
+/// (`realm/name`, node), so that replicas tendered at once onto equal nodes land on distinct
+/// ones; for any other slot, to the node ranked first by hash of (slot, node). Every node that
+/// sees the same bids picks the same one.
 pub fn award<'a>(slot: &str, bids: &'a [(NodeId, Score)]) -> Option<&'a NodeId> {
-    bids.iter()
-        .max_by(|a, b| {
-            a.1.cmp(&b.1).then_with(|| {
-                hash64(&[slot.as_bytes(), a.0.as_bytes()])
-                    .cmp(&hash64(&[slot.as_bytes(), b.0.as_bytes()]))
-            })
-        })
-        .map(|(n, _)| n)
+    let best = bids.iter().map(|b| b.1).max()?;
+    let mut tied: Vec<&NodeId> = bids.iter().filter(|b| b.1 == best).map(|b| &b.0).collect();
+    tied.sort();
+    tied.dedup();
+    match slot.rsplit_once('/') {
+        Some((workload, i)) if i.parse::<usize>().is_ok() => {
+            let i = i.parse::<usize>().unwrap_or(0);
+            tied.sort_by_key(|n| std::cmp::Reverse(hash64(&[workload.as_bytes(), n.as_bytes()])));
+            tied.get(i % tied.len()).copied()
+        }
+        _ => tied
+            .into_iter()
+            .max_by_key(|n| hash64(&[slot.as_bytes(), n.as_bytes()])),
+    }
 }
 
 /// Why a tender found no node, from the refusals of the nodes probed (`(node, why)`), in

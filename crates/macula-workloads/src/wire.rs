@@ -33,10 +33,14 @@ pub enum Work {
         slot: String,
         bid: Result<Score, Unfit>,
     },
-    /// The receiver won tender `id`: it takes the slot's lease and runs the replica.
+    /// The receiver won tender `id` (which took `waited_ms` so far): it takes the slot's lease
+    /// and runs the replica.
     Award {
         id: u64,
         slot: String,
+        waited_ms: u64,
+        /// The slot's tenders before this one (a first award may be declined for spread).
+        attempt: u32,
     },
     /// The receiver's bid for `slot` lost: its reservation is released.
     Lost {

@@ -76,6 +76,26 @@ async fn running(node: &NodeProc, admin: &str, name: &str) -> Vec<(u64, String, 
     out
 }
 
+/// `GET path` on `addr`; the body.
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: n\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    buf.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
+/// The value of the series `name` (with its labels as written) in an OpenMetrics text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_place_heal_scale_and_delete_a_payload() {
     let (_tmp, homes, admin) = homes(5);
@@ -127,6 +147,31 @@ async fn five_nodes_place_heal_scale_and_delete_a_payload() {
     assert_eq!(placed.len(), 3, "{placed:?}");
     assert_eq!(where_.len(), 3, "spread over 3 nodes: {placed:?}");
     assert!(placed.iter().all(|r| r.2 >= 1));
+
+    // /metrics on each node: its replicas by state, placements, the schedule latency, and the
+    // replicas' own series.
+    let scrape = || async {
+        let (mut running, mut placements, mut scheduled, mut series) = (0.0, 0.0, 0.0, true);
+        for n in std::iter::once(&first).chain(nodes.iter().flatten()) {
+            let text = http_get(&n.http, "/metrics").await;
+            let here = metric(&text, "macula_workload_replicas{state=\"running\"}");
+            running += here;
+            placements += metric(&text, "macula_workload_placements_total");
+            scheduled += metric(&text, "macula_workload_schedule_seconds_count");
+            if here > 0.0 {
+                series &= text.contains(
+                    "macula_workload_restarts_total{realm=\"com.example.work\",workload=\"hello\"",
+                );
+            }
+        }
+        (running, placements, scheduled, series)
+    };
+    eventually(
+        "/metrics to show the replicas",
+        Duration::from_secs(10),
+        || async { (scrape().await == (3.0, 3.0, 3.0, true)).then_some(()) },
+    )
+    .await;
 
     // Logs from the nodes that run them.
     let logs = eventually("logs of every replica", Duration::from_secs(10), || async {

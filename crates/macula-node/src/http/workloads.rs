@@ -149,19 +149,30 @@ pub(super) async fn list_records(
     Json(json!({"realm": realm, "items": items})).into_response()
 }
 
-/// `GET /v1/realms/{realm}/replicas`: every replica of the realm's workloads on the nodes that
-/// answer (node, state, restarts, fencing token, since), and the slots no node could take,
-/// with why.
+#[derive(Deserialize)]
+pub(super) struct ReplicasQuery {
+    #[serde(default)]
+    local: bool,
+}
+
+/// `GET /v1/realms/{realm}/replicas[?local=true]`: every replica of the realm's workloads on
+/// the nodes that answer (node, state, restarts, fencing token, since), and the slots no node
+/// could take, with why; with `local`, this node's alone (no waiting on others).
 pub(super) async fn replicas(
     State(node): State<Arc<Node>>,
     Extension(ctrl): Extension<Arc<Controller>>,
     Path(realm): Path<String>,
+    Query(q): Query<ReplicasQuery>,
     headers: HeaderMap,
 ) -> Response {
     if let Err(r) = realm_key(&node, &realm, &headers) {
         return r;
     }
-    let items = ctrl.gather_status(&realm).await;
+    let items = if q.local {
+        ctrl.local_status(&realm)
+    } else {
+        ctrl.gather_status(&realm).await
+    };
     Json(json!({"realm": realm, "node": ctrl.me(), "items": items})).into_response()
 }
 

@@ -9,7 +9,7 @@
 //!   deleted), and restarts it on a new record (a rollout).
 //! - **Slots nobody holds**, as one of the slot's lease authorities (its own authority's view:
 //!   no grant running): *tenders* them — the first authority at once, the others a second
-//!   later each, so a dead first authority does not stall the slot. A tender asks 3 candidates
+//!   later each, so a dead first authority does not stall the slot. A tender asks 5 candidates
 //!   (`placement::candidates`) to bid; each bids from its ledger (reserving the capacity for
 //!   a few seconds) or says why it cannot; the best bid wins (`placement::award`), the others
 //!   release. Nobody fits: the slot is *pending* with the reason, shown in status.
@@ -55,8 +55,15 @@ const STAGGER: Duration = Duration::from_millis(1_000);
 /// How long an authority waits before it first tenders a slot it sees unheld (the nodes of a
 /// new workload link to each other meanwhile, see [`Controller::share_peers`]).
 const FIRST_TENDER: Duration = Duration::from_millis(500);
-/// How many candidates a tender probes.
-const PROBES: usize = 3;
+/// How long a realm's nodes must have stayed the same, as this node sees them, before it
+/// tenders (a node that just joined or left may not be seen alike everywhere yet).
+const SETTLED: Duration = Duration::from_millis(750);
+/// How long a node that peers are linked with, and this one is not, holds this node's tenders
+/// back (it is linking to it meanwhile; one it cannot reach stops counting after this).
+const LINK_GRACE: Duration = Duration::from_secs(3);
+/// How many candidates a tender probes (all of a small mesh: spread is a score, so an unprobed
+/// empty node cannot win; past it, the cost of a placement stays the same however big the mesh).
+const PROBES: usize = 5;
 /// Lines of a replica's output kept in memory.
 const LOG_LINES: usize = 1_000;
 
@@ -104,6 +111,11 @@ struct State {
     pending: HashMap<String, (String, u64)>,
     /// Slot → the highest fencing token this node has heard of.
     known_token: HashMap<String, u64>,
+    /// Realm → its nodes as last seen here, and since when (tenders wait for a settled view).
+    membership: HashMap<String, (Vec<String>, Instant)>,
+    /// Nodes peers say they are linked with that this node is not (yet): when each was last
+    /// named, and since when it is missing here.
+    unlinked: HashMap<String, (Instant, Instant)>,
 }
 
 struct Held {
@@ -126,6 +138,8 @@ struct Acq {
     seq: u64,
     /// Acquisitions of this award so far (a stale token is retried above the one named).
     tries: u32,
+    /// How long the tender took before this acquisition (for the schedule latency).
+    waited_ms: u64,
 }
 
 struct TenderRun {
@@ -201,10 +215,59 @@ impl Controller {
                         self.share_peers();
                     }
                     last_kept = kept;
-                    self.tick()
+                    self.tick();
+                    if ticks.is_multiple_of(4) {
+                        self.sample();
+                    }
                 }
             }
         }
+    }
+
+    /// The replicas run here, for `/metrics` (state, restarts, memory and CPU from their
+    /// control groups).
+    fn sample(&self) {
+        let held: Vec<(String, ReplicaState)> = self
+            .state
+            .lock()
+            .held
+            .iter()
+            .map(|(slot, h)| {
+                let state = h
+                    .replica
+                    .as_ref()
+                    .map(|s| s.state.borrow().clone())
+                    .unwrap_or(ReplicaState::Stopped);
+                (slot.clone(), state)
+            })
+            .collect();
+        let samples = held
+            .into_iter()
+            .filter_map(|(slot, state)| {
+                let (realm, name, i) = wire::parse_slot(&slot)?;
+                let (word, _, restarts) = describe(&state);
+                let cg = macula_workloads::runtime::cgroup::Cgroup::open(&self.cgroup_name(&slot));
+                Some(crate::metrics::ReplicaSample {
+                    realm: realm.to_owned(),
+                    workload: name.to_owned(),
+                    replica: i,
+                    state: word,
+                    restarts,
+                    memory_bytes: cg.as_ref().and_then(|c| c.memory_bytes()),
+                    cpu_seconds: cg.as_ref().and_then(|c| c.cpu_seconds()),
+                })
+            })
+            .collect();
+        if let Ok(mut r) = self.node.metrics.workloads.replicas.lock() {
+            *r = samples;
+        }
+    }
+
+    /// The control groups' name of this node's replica of `slot` (unique on the machine).
+    fn cgroup_name(&self, slot: &str) -> String {
+        let me = self.me();
+        let short = &me[me.len().saturating_sub(8)..];
+        format!("{short}-{}", slot.replace('/', "-"))
     }
 
     /// Tells every peer which nodes this one is linked with (while this node keeps any
@@ -353,6 +416,11 @@ impl Controller {
                 continue;
             };
             if now >= h.valid_until {
+                self.node
+                    .metrics
+                    .workloads
+                    .leases_lost
+                    .fetch_add(1, Ordering::Relaxed);
                 self.stop(&mut st, &slot, false, "its lease lapsed unrenewed");
                 continue;
             }
@@ -430,6 +498,26 @@ impl Controller {
                 continue;
             }
             let nodes = members_of(&w.realm);
+            let settled = match st.membership.get_mut(&w.realm) {
+                Some((seen, since)) if *seen == nodes => at.duration_since(*since) >= SETTLED,
+                Some(entry) => {
+                    *entry = (nodes.clone(), at);
+                    false
+                }
+                None => {
+                    st.membership.insert(w.realm.clone(), (nodes.clone(), at));
+                    false
+                }
+            };
+            // Not while a node the peers see is missing here (it is being linked).
+            let linking = st.unlinked.iter().any(|(n, (named, first))| {
+                !nodes.contains(n)
+                    && at.duration_since(*named) < LINK_GRACE
+                    && at.duration_since(*first) < LINK_GRACE
+            });
+            if !settled || linking {
+                continue;
+            }
             let auths = lease::authorities(slot, &nodes, lease::AUTHORITIES);
             let Some(rank) = auths.iter().position(|a| **a == self.me()) else {
                 st.unheld_since.remove(slot);
@@ -465,6 +553,11 @@ impl Controller {
                 );
             }
             st.tendering.insert(slot.clone(), id);
+            self.node
+                .metrics
+                .workloads
+                .tenders
+                .fetch_add(1, Ordering::Relaxed);
             st.tenders.insert(
                 id,
                 TenderRun {
@@ -483,6 +576,8 @@ impl Controller {
         st.attempts.retain(|s, _| wanted.contains_key(s));
         st.pending.retain(|s, _| wanted.contains_key(s));
         st.known_token.retain(|s, _| wanted.contains_key(s));
+        let realms: HashSet<&str> = wanted.values().map(|w| w.realm.as_str()).collect();
+        st.membership.retain(|r, _| realms.contains(r.as_str()));
     }
 
     fn on_message(&self, from: &str, msg: InMsg) {
@@ -540,7 +635,12 @@ impl Controller {
                     self.decide(&mut st, id);
                 }
             }
-            Work::Award { id: _, slot } => {
+            Work::Award {
+                id: _,
+                slot,
+                waited_ms,
+                attempt,
+            } => {
                 let Some((realm, _, _)) = wire::parse_slot(&slot) else {
                     return;
                 };
@@ -558,9 +658,32 @@ impl Controller {
                     }
                     return;
                 };
+                // Tenders of one workload's slots at once all see every node's reservations
+                // for the others: a node that already took a replica of it declines a first
+                // award, and the next tender sees that replica (spread is a score: the second
+                // tender may still pick this node, when it is the best there is).
+                let prefix = format!("{}/{}/", w.realm, w.name);
+                let has_sibling = st
+                    .held
+                    .keys()
+                    .chain(st.acquiring.keys())
+                    .any(|s| s.starts_with(&prefix));
+                if attempt == 0 && has_sibling && w.manifest.workload().placement.spread {
+                    tracing::debug!(
+                        slot,
+                        "declining a first award: a replica of the workload runs here"
+                    );
+                    if let Some(l) = st.ledger.as_mut() {
+                        l.release(&slot);
+                    }
+                    return;
+                }
                 let token = st.known_token.get(&slot).copied().unwrap_or(0) + 1;
                 let nodes = self.members(&w.realm);
                 self.acquire(&mut st, &slot, token, &nodes, false, w.seq, 0);
+                if let Some(a) = st.acquiring.get_mut(&slot) {
+                    a.waited_ms = waited_ms.min(60_000);
+                }
             }
             Work::Lost { slot } => {
                 let mut st = self.state.lock();
@@ -595,9 +718,21 @@ impl Controller {
                 let Some(m) = crate::mesh::of(&self.node) else {
                     return;
                 };
+                let linked: HashSet<String> =
+                    m.handle.peers().iter().map(|p| p.to_string()).collect();
+                let now = Instant::now();
+                let mut st = self.state.lock();
+                st.unlinked.retain(|n, (named, _)| {
+                    !linked.contains(n) && now.duration_since(*named) < LINK_GRACE * 2
+                });
                 for p in peers.iter().take(wire::MAX_PEERS) {
-                    if let Ok(p) = p.parse::<PeerId>() {
-                        m.handle.want(p);
+                    if *p == self.me() || linked.contains(p) {
+                        continue;
+                    }
+                    if let Ok(id) = p.parse::<PeerId>() {
+                        m.handle.want(id);
+                        let e = st.unlinked.entry(p.clone()).or_insert((now, now));
+                        e.0 = now;
                     }
                 }
             }
@@ -641,6 +776,8 @@ impl Controller {
                     Work::Award {
                         id,
                         slot: run.slot.clone(),
+                        waited_ms: at.duration_since(run.started).as_millis() as u64,
+                        attempt: n - 1,
                     },
                 );
             }
@@ -691,6 +828,7 @@ impl Controller {
                 renewal,
                 seq,
                 tries,
+                waited_ms: 0,
             },
         );
         for (a, req) in reqs {
@@ -739,10 +877,12 @@ impl Controller {
             } => {
                 let k = st.known_token.entry(slot.to_owned()).or_default();
                 *k = (*k).max(token);
+                let w_metrics = &self.node.metrics.workloads;
                 if a.renewal {
                     if let Some(h) = st.held.get_mut(slot) {
                         h.valid_until = valid_until_ms;
                         h.renewed_at = a.acq.started_ms();
+                        w_metrics.renewals.fetch_add(1, Ordering::Relaxed);
                     }
                     return;
                 }
@@ -768,6 +908,9 @@ impl Controller {
                     return;
                 }
                 tracing::info!(slot, token, "replica slot taken");
+                w_metrics.placements.fetch_add(1, Ordering::Relaxed);
+                let took = a.waited_ms + now_ms().saturating_sub(a.acq.started_ms());
+                w_metrics.schedule_seconds.observe(took as f64 / 1e3);
                 let logs = Arc::new(LogBuffer::new(LOG_LINES));
                 let ticket = self.ticket_for(w);
                 let replica = self.start_replica(w, token, logs.clone(), ticket.as_deref());
@@ -796,6 +939,11 @@ impl Controller {
                     // Another holder got it: stop now. Otherwise keep running while the lease
                     // lasts; the next tick renews again.
                     if held_by.is_some_and(|h| h != self.me()) {
+                        self.node
+                            .metrics
+                            .workloads
+                            .leases_lost
+                            .fetch_add(1, Ordering::Relaxed);
                         self.stop(st, slot, false, "another node holds its lease");
                     }
                     return;
@@ -804,6 +952,9 @@ impl Controller {
                 if stale && a.tries < 2 && a.acq.majority_answered() {
                     let nodes = self.members_for_slot(slot);
                     self.acquire(st, slot, retry_above + 1, &nodes, false, a.seq, a.tries + 1);
+                    if let Some(next) = st.acquiring.get_mut(slot) {
+                        next.waited_ms = a.waited_ms + now_ms().saturating_sub(a.acq.started_ms());
+                    }
                     return;
                 }
                 if let Some(l) = st.ledger.as_mut() {
@@ -940,9 +1091,7 @@ impl Controller {
             read_write: vec![],
             require_sandbox: self.node.config.workloads.require_sandbox,
         };
-        let me = self.me();
-        let short = &me[me.len().saturating_sub(8)..];
-        let cgroup = format!("{short}-{}", slot.replace('/', "-"));
+        let cgroup = self.cgroup_name(&slot);
         let (shim, shim_args) = self.shim.clone();
         let require_limits = self.node.config.workloads.require_limits;
         let limits = wl.resources;

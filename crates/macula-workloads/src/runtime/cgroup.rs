@@ -138,6 +138,54 @@ impl Cgroup {
             .unwrap_or_default()
     }
 
+    /// The groups `create(name, ..)` made, if they exist (to read their usage).
+    pub fn open(name: &str) -> Option<Cgroup> {
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return None;
+        }
+        let cg = if unified() {
+            Cgroup {
+                dirs: vec![Path::new(ROOT)
+                    .join(own_path("").ok()?)
+                    .join("macula")
+                    .join(name)],
+                v2: true,
+            }
+        } else {
+            let dirs = V1_CONTROLLERS
+                .iter()
+                .map(|c| {
+                    own_path(c)
+                        .ok()
+                        .map(|own| Path::new(ROOT).join(c).join(own).join("macula").join(name))
+                })
+                .collect::<Option<Vec<_>>>()?;
+            Cgroup { dirs, v2: false }
+        };
+        cg.dirs.iter().all(|d| d.exists()).then_some(cg)
+    }
+
+    /// CPU time the group used, in seconds.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        if self.v2 {
+            let text = fs::read_to_string(self.dirs[0].join("cpu.stat")).ok()?;
+            let usec: u64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))?
+                .trim()
+                .parse()
+                .ok()?;
+            Some(usec as f64 / 1e6)
+        } else {
+            let ns: u64 = fs::read_to_string(self.dirs[0].join("cpuacct.usage"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            Some(ns as f64 / 1e9)
+        }
+    }
+
     /// Memory the group uses now, in bytes.
     pub fn memory_bytes(&self) -> Option<u64> {
         let file = if self.v2 {

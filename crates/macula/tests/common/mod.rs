@@ -52,7 +52,11 @@ pub fn start_node_in(
         .args(["--http", &format!("{client_ip}:0")])
         .args(["--rawsocket", &format!("{client_ip}:0")])
         .args(["--mesh-listen", &format!("/ip4/{mesh_ip}/udp/0/quic-v1")])
-        .env("MACULA_LOG", "warn")
+        // MACULA_TEST_LOG=macula_node=debug shows the nodes' logs in the test's output.
+        .env(
+            "MACULA_LOG",
+            std::env::var("MACULA_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     if let Some(b) = bootstrap {
@@ -62,7 +66,11 @@ pub fn start_node_in(
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
+        let echo = std::env::var_os("MACULA_TEST_LOG").is_some();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if echo {
+                eprintln!("{line}");
+            }
             let _ = tx.send(line);
         }
     });
