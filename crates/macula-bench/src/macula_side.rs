@@ -121,7 +121,8 @@ impl Server {
             true,
         )
         .await?;
-        s._tmp = None;
+        // The directory is the first node's to remove.
+        std::mem::forget(s._tmp.take());
         Ok(s)
     }
 
@@ -141,7 +142,8 @@ impl Server {
         let dir = a._tmp.as_ref().map(|t| t.0.clone());
         let mut b =
             Self::start_in(Some(2), Some((a.mesh.clone(), dir, a.key.clone())), true).await?;
-        b._tmp = None;
+        // The directory is A's to remove (dropping B's handle would remove it under A).
+        std::mem::forget(b._tmp.take());
         Ok((a, b))
     }
 

@@ -65,6 +65,11 @@ impl LeaseAuthority {
         }
     }
 
+    /// Whether this authority has kept `slot` (granted or promised it).
+    pub fn knows(&self, slot: &str) -> bool {
+        self.inner.lock().authority.knows(slot)
+    }
+
     /// The node whose lease on `slot` this authority counts as running now.
     pub fn holder(&self, slot: &str) -> Option<String> {
         self.inner.lock().authority.holder(slot, now_ms()).cloned()

@@ -8,8 +8,10 @@
 //!   the lease ends unrenewed (fencing) or the slot is no longer asked for (scaled down,
 //!   deleted), and restarts it on a new record (a rollout).
 //! - **Slots nobody holds**, as one of the slot's lease authorities (its own authority's view:
-//!   no grant running): *tenders* them — the first authority at once, the others a second
-//!   later each, so a dead first authority does not stall the slot. A tender asks 5 candidates
+//!   no grant running): *tenders* them — the first authority at once, the others half a
+//!   second later each, so a dead first authority does not stall the slot; only once the
+//!   realm's nodes have looked the same for half a second (a node that just joined or left may
+//!   not be seen alike everywhere yet). A tender asks 5 candidates
 //!   (`placement::candidates`) to bid; each bids from its ledger (reserving the capacity for
 //!   a few seconds) or says why it cannot; the best bid wins (`placement::award`), the others
 //!   release. Nobody fits: the slot is *pending* with the reason, shown in status.
@@ -51,13 +53,13 @@ const BID_WAIT: Duration = Duration::from_millis(1_000);
 /// How long a bid's reservation holds (the award and the lease come within it).
 const HOLD_MS: u64 = 5_000;
 /// How much later each further authority of a slot tenders it than the one before.
-const STAGGER: Duration = Duration::from_millis(1_000);
+const STAGGER: Duration = Duration::from_millis(500);
 /// How long an authority waits before it first tenders a slot it sees unheld (the nodes of a
 /// new workload link to each other meanwhile, see [`Controller::share_peers`]).
 const FIRST_TENDER: Duration = Duration::from_millis(500);
 /// How long a realm's nodes must have stayed the same, as this node sees them, before it
 /// tenders (a node that just joined or left may not be seen alike everywhere yet).
-const SETTLED: Duration = Duration::from_millis(750);
+const SETTLED: Duration = Duration::from_millis(500);
 /// How long a node that peers are linked with, and this one is not, holds this node's tenders
 /// back (it is linking to it meanwhile; one it cannot reach stops counting after this).
 const LINK_GRACE: Duration = Duration::from_secs(3);
@@ -113,9 +115,11 @@ struct State {
     known_token: HashMap<String, u64>,
     /// Realm → its nodes as last seen here, and since when (tenders wait for a settled view).
     membership: HashMap<String, (Vec<String>, Instant)>,
-    /// Nodes peers say they are linked with that this node is not (yet): when each was last
+    /// Nodes peers say they are linked with that this node never was (yet): when each was last
     /// named, and since when it is missing here.
     unlinked: HashMap<String, (Instant, Instant)>,
+    /// Nodes this node has been linked with (a node that left is not waited for).
+    ever_linked: HashSet<String>,
 }
 
 struct Held {
@@ -498,6 +502,11 @@ impl Controller {
                 continue;
             }
             let nodes = members_of(&w.realm);
+            for n in &nodes {
+                if !st.ever_linked.contains(n) && st.ever_linked.len() < wire::MAX_PEERS {
+                    st.ever_linked.insert(n.clone());
+                }
+            }
             let settled = match st.membership.get_mut(&w.realm) {
                 Some((seen, since)) if *seen == nodes => at.duration_since(*since) >= SETTLED,
                 Some(entry) => {
@@ -529,7 +538,14 @@ impl Controller {
                 continue;
             }
             let since = *st.unheld_since.entry(slot.clone()).or_insert(at);
-            if at.duration_since(since) < FIRST_TENDER + STAGGER * rank as u32 {
+            // A slot this authority never granted waits for the new workload's nodes to link; one
+            // whose grant lapsed (its holder died) is tendered at once.
+            let first = if self.node.leases.knows(slot) {
+                Duration::ZERO
+            } else {
+                FIRST_TENDER
+            };
+            if at.duration_since(since) < first + STAGGER * rank as u32 {
                 continue;
             }
             let attempt = match st.attempts.get(slot) {
@@ -726,7 +742,7 @@ impl Controller {
                     !linked.contains(n) && now.duration_since(*named) < LINK_GRACE * 2
                 });
                 for p in peers.iter().take(wire::MAX_PEERS) {
-                    if *p == self.me() || linked.contains(p) {
+                    if *p == self.me() || linked.contains(p) || st.ever_linked.contains(p) {
                         continue;
                     }
                     if let Ok(id) = p.parse::<PeerId>() {
