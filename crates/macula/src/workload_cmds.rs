@@ -141,7 +141,7 @@ fn http_base(url: &str) -> Result<String> {
 
 #[derive(Args)]
 #[command(after_help = "Examples:
-  macula deploy --payload 'python3 -m http.server $PORT' --name web --replicas 2
+  macula deploy --payload 'sh -c \"exec python3 -m http.server $PORT\"' --port --name web --replicas 2
   macula deploy -f api.yaml                       (Macula's format, or a Kubernetes Deployment/Job)
   macula deploy --payload 'macula serve com.example.demo.whoami -- hostname' --name whoami --replicas 2
 
