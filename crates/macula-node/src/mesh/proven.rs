@@ -356,52 +356,14 @@ impl Proofs {
         nonce: &[u8],
         sig: &[u8],
     ) {
-        use macula_router::auth::credential;
         let now = crate::confdir::now_secs();
-        if let Some(replica) = public.strip_prefix("workload:") {
-            let proof = match workload_proof(node, &peer, realm, replica) {
-                Ok(p) => p,
-                Err(why) => return rejected(mesh, &peer, "session", why),
-            };
-            let mut verified = self.verified.lock();
-            if let Err(why) = proof.stands(node, realm, now) {
-                return rejected(mesh, &peer, "session", why);
-            }
-            verified
-                .entry(peer)
-                .or_default()
-                .put(Arc::from(realm), session, proof);
-            return;
-        }
-        let v = match credential::verify_public(public, node.auth().authenticator.operator(), now) {
-            Ok(v) => v,
-            Err(e) => return rejected(mesh, &peer, "session", e),
+        let proof = match public.strip_prefix("workload:") {
+            Some(replica) => workload_proof(node, &peer, realm, replica),
+            None => key_proof(node, &peer, realm, public, nonce, sig, now),
         };
-        let Ok(nonce) = <[u8; 32]>::try_from(nonce) else {
-            return rejected(mesh, &peer, "session", "a nonce of 32 bytes is expected");
-        };
-        let digest = credential::session_digest(&peer.to_bytes(), realm, &nonce);
-        if !credential::verify_session_proof(&v.claims, &digest, sig) {
-            return rejected(
-                mesh,
-                &peer,
-                "session",
-                "the proof was not made by the key's holder for this node and realm",
-            );
-        }
-        if !macula_wamp::uri::is_same_or_subrealm(realm, &v.claims.realm) {
-            return rejected(mesh, &peer, "session", "the key is for another realm");
-        }
-        let proof = Proven {
-            kid: v.claims.kid,
-            role: v.claims.role,
-            key_realm: v.claims.realm,
-            authority: v.authority.authority,
-            expires_at: [v.claims.expires_at, v.authority.expires_at]
-                .into_iter()
-                .filter(|e| *e != 0)
-                .min()
-                .unwrap_or(0),
+        let proof = match proof {
+            Ok(p) => p,
+            Err(why) => return rejected(mesh, &peer, "session", why),
         };
         // Judged under the lock `recheck` takes, against the credentials in force then: a
         // revocation installed meanwhile either is seen here or drops the proof after.
@@ -598,6 +560,41 @@ fn withdraw(node: &Node, mesh: &MeshState, peer: PeerId, key: &HoldKey) {
         Kind::Interest => core.link_unsubscribe(link, &key.uri, key.policy),
         Kind::Registration => core.link_unregister(link, &key.uri, key.policy),
     }
+}
+
+/// The proof of a session of an API key: its public form, and its holder's signature over the
+/// session digest naming `peer` and `realm`.
+fn key_proof(
+    node: &Node,
+    peer: &PeerId,
+    realm: &str,
+    public: &str,
+    nonce: &[u8],
+    sig: &[u8],
+    now: u64,
+) -> Result<Proven, String> {
+    use macula_router::auth::credential;
+    let v = credential::verify_public(public, node.auth().authenticator.operator(), now)
+        .map_err(|e| e.to_string())?;
+    let nonce = <[u8; 32]>::try_from(nonce).map_err(|_| "a nonce of 32 bytes is expected")?;
+    let digest = credential::session_digest(&peer.to_bytes(), realm, &nonce);
+    if !credential::verify_session_proof(&v.claims, &digest, sig) {
+        return Err("the proof was not made by the key's holder for this node and realm".into());
+    }
+    if !macula_wamp::uri::is_same_or_subrealm(realm, &v.claims.realm) {
+        return Err("the key is for another realm".into());
+    }
+    Ok(Proven {
+        kid: v.claims.kid,
+        role: v.claims.role,
+        key_realm: v.claims.realm,
+        authority: v.authority.authority,
+        expires_at: [v.claims.expires_at, v.authority.expires_at]
+            .into_iter()
+            .filter(|e| *e != 0)
+            .min()
+            .unwrap_or(0),
+    })
 }
 
 /// The proof of a workload replica's session (`workload:<name>/<replica>`) that `peer` runs:

@@ -745,6 +745,11 @@ impl Controller {
                     if *p == self.me() || linked.contains(p) || st.ever_linked.contains(p) {
                         continue;
                     }
+                    // Bounded: a peer naming made-up nodes holds tenders back for at most
+                    // `LINK_GRACE`, and for at most `MAX_PEERS` of them.
+                    if st.unlinked.len() >= wire::MAX_PEERS && !st.unlinked.contains_key(p) {
+                        break;
+                    }
                     if let Ok(id) = p.parse::<PeerId>() {
                         m.handle.want(id);
                         let e = st.unlinked.entry(p.clone()).or_insert((now, now));
