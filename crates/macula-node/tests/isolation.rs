@@ -1216,3 +1216,73 @@ fn session_proof_in(
         sig: sig.to_vec().into(),
     }
 }
+
+/// A peer's session proof naming a workload replica (`workload:<name>/<i>`): the node takes the
+/// role from its own copy of the realm's deploy record, so a replica the record has justifies an
+/// interest in the role the manifest gives it, and a replica it does not have (another index, a
+/// workload never deployed) justifies nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_proof_holds_only_for_a_replica_the_record_has() {
+    use macula_mesh::Frame;
+    use macula_router::auth::credential::{bearer_proof, public_form};
+    let t = TestNode::start().await;
+    let mut doc = t.dir.read_policy(REALM).unwrap();
+    doc.version += 1;
+    doc.verified_roles = true;
+    t.dir.write_policy(&doc).unwrap();
+    t.node().reload().unwrap();
+    let (_, developer) = t.key("developer");
+    let record = macula_workloads::record::DeployRecord::signed(
+        REALM,
+        "api",
+        1,
+        Some("kind: payload\nname: api\nreplicas: 1\ncommand: [my-server]\n".into()),
+        1,
+        &public_form(&developer).unwrap(),
+        |d| bearer_proof(&developer, d),
+    )
+    .unwrap();
+    let path = format!("/v1/realms/{REALM}/workloads");
+    let (s, b) = t
+        .http(
+            "POST",
+            &path,
+            None,
+            &serde_json::to_string(&record).unwrap(),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let local = t.client().await;
+    let (rogue, mut ev, node) = certified_peer(&t).await;
+    let topic = format!("{REALM}.news");
+    let claim = |session: u64, replica: &str| Frame::Session {
+        realm: REALM.into(),
+        session,
+        public: format!("workload:{replica}"),
+        nonce: vec![0u8; 32].into(),
+        sig: vec![0u8; 64].into(),
+    };
+    let interest = |session: u64| Frame::Interest {
+        realm: REALM.into(),
+        uri: topic.clone(),
+        policy: "exact".into(),
+        session,
+        role: "admin".into(),
+        add: true,
+    };
+    // A replica the record does not have, and a workload never deployed: nothing held.
+    for (session, replica) in [(1, "api/1"), (2, "ghost/0")] {
+        rogue.send(&node, &claim(session, replica));
+        rogue.send(&node, &interest(session));
+        settle(&rogue, &node, &mut ev).await;
+        assert!(
+            !reaches(&local, &rogue, &node, &mut ev, &topic).await,
+            "{replica} justified an interest"
+        );
+    }
+    // Replica 0 of the deployed workload: held, as its service_account role may.
+    rogue.send(&node, &claim(3, "api/0"));
+    rogue.send(&node, &interest(3));
+    settle(&rogue, &node, &mut ev).await;
+    assert!(reaches(&local, &rogue, &node, &mut ev, &topic).await);
+}
