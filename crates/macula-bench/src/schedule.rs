@@ -158,7 +158,7 @@ async fn place(
             .cloned()
             .collect();
         let (mut acq, reqs) =
-            Acquisition::start(&slot, &winner, 1, &auths, now_ms(start), TERM_MS, 100);
+            Acquisition::start(&slot, &winner, 1, 1, &auths, now_ms(start), TERM_MS, 100);
         let mut replies = vec![];
         for (a, req) in reqs {
             let (tx, rx) = oneshot::channel();

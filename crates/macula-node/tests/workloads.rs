@@ -184,6 +184,7 @@ async fn a_node_grants_leases_as_an_authority_and_keeps_its_promises() {
             slot: slot.clone(),
             holder: holder.into(),
             token,
+            seq: 1,
         })
         .unwrap()
         .into(),
@@ -193,7 +194,8 @@ async fn a_node_grants_leases_as_an_authority_and_keeps_its_promises() {
         next_lease_reply(&mut ev1).await,
         Reply::Granted {
             slot: slot.clone(),
-            token: 1
+            token: 1,
+            accepted: None,
         }
     );
     // The promise is on disk before the answer.
@@ -237,6 +239,7 @@ async fn a_node_grants_leases_as_an_authority_and_keeps_its_promises() {
                     slot,
                     holder: me2.clone(),
                     token: 1,
+                    seq: 1,
                 })
                 .unwrap()
                 .into(),
@@ -248,6 +251,124 @@ async fn a_node_grants_leases_as_an_authority_and_keeps_its_promises() {
     p1.send(&node_id, &ask(&me1, 1));
     assert_eq!(
         next_lease_reply(&mut ev1).await,
-        Reply::Granted { slot, token: 1 }
+        Reply::Granted {
+            slot,
+            token: 1,
+            accepted: None
+        }
     );
+}
+
+#[tokio::test]
+async fn payloads_and_jobs_are_plain_rest_with_a_realm_key() {
+    // This node runs nothing (no capacity): the routes are what is tested.
+    let t = TestNode::start_with(|c| c.workloads.enabled = false).await;
+    let (_, developer) = t.key("developer");
+    let (_, service) = t.key("service_account");
+    t.dir.create_realm("com.example.other", None).unwrap();
+    let (_, stranger) = t
+        .dir
+        .issue_key("com.example.other", "admin", "test", 3600, None)
+        .unwrap();
+    let payloads = format!("/v1/realms/{REALM}/payloads");
+    let jobs = format!("/v1/realms/{REALM}/jobs");
+    let json = |b: &str| serde_json::from_str::<serde_json::Value>(b).unwrap();
+
+    // Created with a developer's key: signed with it here, taken, listed.
+    let (s, b) = t.http("POST", &payloads, Some(&developer), MANIFEST).await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(json(&b)["seq"], 1);
+    let (s, b) = t.http("POST", &payloads, Some(&developer), MANIFEST).await;
+    assert_eq!(s, 409, "{b}");
+    assert!(b.contains("already_exists"), "{b}");
+    let (s, b) = t.http("GET", &payloads, Some(&developer), "").await;
+    assert_eq!(s, 200, "{b}");
+    let v = json(&b);
+    assert_eq!(v["items"][0]["name"], "api", "{v}");
+    assert_eq!(v["items"][0]["kind"], "payload", "{v}");
+    assert_eq!(v["items"][0]["desired"], 2, "{v}");
+    // The record is the key holder's: the node's own key signed nothing.
+    let records = t.node().workloads.records.lock();
+    let kept = records.all().find(|r| r.name == "api").unwrap().clone();
+    drop(records);
+    assert_eq!(Some(kept.key), public_form(&developer));
+
+    // Replaced; a body naming another workload than the path is refused.
+    let three = MANIFEST.replace("replicas: 2", "replicas: 3");
+    let (s, b) = t
+        .http("PUT", &format!("{payloads}/api"), Some(&developer), &three)
+        .await;
+    assert_eq!((s, json(&b)["seq"].clone()), (200, 2.into()), "{b}");
+    let (s, b) = t
+        .http("PUT", &format!("{payloads}/web"), Some(&developer), &three)
+        .await;
+    assert_eq!(s, 422, "{b}");
+    // A job is not a payload.
+    let job = "kind: job\nname: crunch\ncompletions: 4\ncommand: [true]\n";
+    let (s, b) = t.http("POST", &payloads, Some(&developer), job).await;
+    assert_eq!(s, 422, "{b}");
+    assert!(b.contains("/jobs"), "{b}");
+    // Bad manifests name the field.
+    let (s, b) = t
+        .http(
+            "POST",
+            &payloads,
+            Some(&developer),
+            "kind: payload\nname: x\nreplicas: -1\n",
+        )
+        .await;
+    assert_eq!(s, 422, "{b}");
+    assert!(b.contains("replicas"), "{b}");
+
+    // Who may not: a role without realm:deploy, another realm's key, no key.
+    let (s, b) = t.http("POST", &jobs, Some(&service), job).await;
+    assert_eq!(s, 403, "{b}");
+    assert!(b.contains("realm:deploy"), "{b}");
+    let (s, b) = t.http("GET", &payloads, Some(&stranger), "").await;
+    assert_eq!(s, 403, "{b}");
+    let (s, b) = t
+        .http("DELETE", &format!("{payloads}/api"), Some(&stranger), "")
+        .await;
+    assert_eq!(s, 403, "{b}");
+    let (s, _) = t.http("POST", &jobs, None, job).await;
+    assert_eq!(s, 401);
+
+    // Jobs.
+    let (s, b) = t.http("POST", &jobs, Some(&developer), job).await;
+    assert_eq!(s, 201, "{b}");
+    let (s, b) = t
+        .http("GET", &format!("{jobs}/crunch"), Some(&developer), "")
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let v = json(&b);
+    assert_eq!(
+        (v["kind"].as_str(), v["desired"].as_u64()),
+        (Some("job"), Some(4)),
+        "{v}"
+    );
+    assert_eq!(v["succeeded"], 0, "{v}");
+    // The payload route does not see the job, nor the job route the payload.
+    let (s, _) = t
+        .http("GET", &format!("{payloads}/crunch"), Some(&developer), "")
+        .await;
+    assert_eq!(s, 404);
+    let (s, _) = t
+        .http("DELETE", &format!("{jobs}/api"), Some(&developer), "")
+        .await;
+    assert_eq!(s, 404);
+
+    // Deleted: a tombstone; gone from the list; deleting again is a 404.
+    let (s, b) = t
+        .http("DELETE", &format!("{payloads}/api"), Some(&developer), "")
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(json(&b)["deleted"], true, "{b}");
+    let (s, _) = t
+        .http("GET", &format!("{payloads}/api"), Some(&developer), "")
+        .await;
+    assert_eq!(s, 404);
+    let (s, _) = t
+        .http("DELETE", &format!("{payloads}/api"), Some(&developer), "")
+        .await;
+    assert_eq!(s, 404);
 }

@@ -39,6 +39,21 @@
 //!
 //! The replica is given its token (`MACULA_FENCING_TOKEN`); whatever the replica writes can be
 //! refused when it carries a token below the newest one seen.
+//!
+//! **Job completions count once.** Which run of a job's completion slot counts is a value the
+//! slot's authorities choose, as in single-decree Paxos with the lease's token as the ballot. A
+//! holder whose run ended asks its authorities to *accept* that run ([`Request::Complete`]);
+//! an authority accepts only under the holder's grant that runs there now (so under the
+//! highest token it promised), and keeps the run with the token it accepted it under. The run
+//! counts once a majority accepted it. Every grant tells what its authority accepted
+//! ([`Reply::Granted`]); a holder whose majority of grants names an accepted run does not run
+//! the slot again but has that run accepted (the one accepted under the highest token).
+//! Why one run counts: once a majority accepted run `r` under token `t`, every later majority
+//! of grants (a token above `t`) shares an authority with it, which names `r` (or, by the same
+//! argument, a run accepted later, which is `r` again): every later holder proposes `r`. Why it
+//! ends: a holder that learned of a run keeps it whatever happens to its own lease, and the
+//! next holder learns it from the grants; no authority ever refuses a grant for it, so no mix
+//! of partial acceptances can stall the slot.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -64,6 +79,10 @@ pub enum Request {
         slot: String,
         holder: NodeId,
         token: u64,
+        /// The deploy record's sequence the holder runs (a newer record reopens a job's
+        /// completed slot).
+        #[serde(default)]
+        seq: u64,
     },
     /// The holder gives the slot up (its replica stopped).
     Release {
@@ -74,6 +93,26 @@ pub enum Request {
     /// For a `duplicate_tolerant` payload on the minority side of a partition: run without a
     /// majority, under this one authority's word (see [`Authority::handle`]).
     Provisional { slot: String, holder: NodeId },
+    /// Accept `run` as the run of a job's completion slot that counts, under the grant the
+    /// asking holder has with `token` (its own run that ended, or one a grant named).
+    Complete {
+        slot: String,
+        holder: NodeId,
+        token: u64,
+        run: Completion,
+    },
+}
+
+impl Request {
+    /// The slot asked about and the node that asks.
+    pub fn slot_holder(&self) -> (&str, &str) {
+        match self {
+            Request::Acquire { slot, holder, .. }
+            | Request::Release { slot, holder, .. }
+            | Request::Provisional { slot, holder }
+            | Request::Complete { slot, holder, .. } => (slot, holder),
+        }
+    }
 }
 
 /// An authority's answer.
@@ -82,6 +121,9 @@ pub enum Reply {
     Granted {
         slot: String,
         token: u64,
+        /// The run of a job's completion this authority accepted, and under which token.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        accepted: Option<(Completion, u64)>,
     },
     Refused {
         slot: String,
@@ -94,6 +136,28 @@ pub enum Reply {
     GrantedProvisional {
         slot: String,
     },
+    /// The run is accepted (or was already).
+    Completed {
+        slot: String,
+    },
+    /// The run is not accepted (the asker's grant is not running here).
+    NotCompleted {
+        slot: String,
+        why: Refusal,
+    },
+}
+
+impl Reply {
+    pub fn slot(&self) -> &str {
+        match self {
+            Reply::Granted { slot, .. }
+            | Reply::Refused { slot, .. }
+            | Reply::Released { slot }
+            | Reply::GrantedProvisional { slot }
+            | Reply::Completed { slot }
+            | Reply::NotCompleted { slot, .. } => slot,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,6 +174,20 @@ pub enum Refusal {
     Abstaining { until_ms: u64 },
     /// This authority keeps as many slots as it may (its bound on memory).
     Full,
+    /// The slot is a job's completion that is done for a newer record of the job.
+    Done(Completion),
+    /// The grant named is not running here (it ended, or was another holder's).
+    NotHeld,
+}
+
+/// A job's completion slot that is done: the record's sequence, the run that counts (its
+/// holder and token) and whether it succeeded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Completion {
+    pub seq: u64,
+    pub holder: NodeId,
+    pub token: u64,
+    pub ok: bool,
 }
 
 /// One slot as an authority keeps it.
@@ -119,6 +197,9 @@ pub struct SlotPromise {
     pub promised: u64,
     /// The running grant, if any: holder, token, and when it ends on this authority's clock.
     pub grant: Option<(NodeId, u64, u64)>,
+    /// A job's run accepted as the one that counts, and the token it was accepted under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done: Option<(Completion, u64)>,
 }
 
 /// An authority for any number of slots.
@@ -156,6 +237,7 @@ impl Authority {
                 slot,
                 holder,
                 token,
+                seq,
             } => {
                 if now_ms < self.abstain_until {
                     return (
@@ -186,6 +268,20 @@ impl Authority {
                     }
                 }
                 let st = self.slots.entry(slot.clone()).or_default();
+                // A run accepted for an older record of the job is forgotten by a newer one.
+                match &st.done {
+                    Some((d, _)) if d.seq > *seq => {
+                        return (
+                            Reply::Refused {
+                                slot: slot.clone(),
+                                why: Refusal::Done(d.clone()),
+                            },
+                            None,
+                        )
+                    }
+                    Some((d, _)) if d.seq < *seq => st.done = None,
+                    _ => {}
+                }
                 if let Some((h, t, until)) = &st.grant {
                     if *until > now_ms && h != holder {
                         return (
@@ -221,6 +317,7 @@ impl Authority {
                     Reply::Granted {
                         slot: slot.clone(),
                         token: *token,
+                        accepted: st.done.clone(),
                     },
                     Some(st.clone()),
                 )
@@ -264,6 +361,41 @@ impl Authority {
                     .insert(slot.clone(), (holder.clone(), now_ms + self.term_ms));
                 (Reply::GrantedProvisional { slot: slot.clone() }, None)
             }
+            Request::Complete {
+                slot,
+                holder,
+                token,
+                run,
+            } => {
+                let refuse = |why| {
+                    (
+                        Reply::NotCompleted {
+                            slot: slot.clone(),
+                            why,
+                        },
+                        None,
+                    )
+                };
+                if now_ms < self.abstain_until {
+                    return refuse(Refusal::Abstaining {
+                        until_ms: self.abstain_until,
+                    });
+                }
+                let Some(st) = self.slots.get_mut(slot) else {
+                    return refuse(Refusal::NotHeld);
+                };
+                // Accepted only under the grant running here now: the highest token promised.
+                let running = matches!(&st.grant, Some((h, t, until)) if h == holder && t == token && *until > now_ms);
+                if !running {
+                    return refuse(Refusal::NotHeld);
+                }
+                let accepted = Some((run.clone(), *token));
+                if st.done == accepted {
+                    return (Reply::Completed { slot: slot.clone() }, None);
+                }
+                st.done = accepted;
+                (Reply::Completed { slot: slot.clone() }, Some(st.clone()))
+            }
             Request::Release {
                 slot,
                 holder,
@@ -297,6 +429,14 @@ impl Authority {
             .get(slot)
             .filter(|(_, until)| *until > now_ms)
             .map(|(h, _)| h)
+    }
+
+    /// The run of job completion `slot` this authority accepted (a majority may not have).
+    pub fn accepted(&self, slot: &str) -> Option<&Completion> {
+        self.slots
+            .get(slot)
+            .and_then(|st| st.done.as_ref())
+            .map(|d| &d.0)
     }
 
     /// Whether it keeps `slot`.
@@ -384,8 +524,13 @@ pub enum Outcome {
     /// Waiting for more answers.
     Pending,
     /// A majority granted: the slot is held under `token` until `valid_until_ms` (holder's
-    /// clock); renew before then.
-    Held { token: u64, valid_until_ms: u64 },
+    /// clock); renew before then. `accepted`: the run of a job's completion that the
+    /// authorities named (under the highest token): have it accepted instead of running.
+    Held {
+        token: u64,
+        valid_until_ms: u64,
+        accepted: Option<Completion>,
+    },
     /// No majority can grant now. `retry_above` is the highest token an authority named (propose
     /// above it); `held_by` another holder whose grant was seen running.
     Lost {
@@ -408,15 +553,19 @@ pub struct Acquisition {
     refused: usize,
     highest: u64,
     held_by: Option<NodeId>,
+    accepted: Option<(Completion, u64)>,
 }
 
 impl Acquisition {
     /// Starts at `now_ms`: `token` is the one proposed (`known + 1` for a new lease, the held
-    /// one for a renewal). Returns the requests to send, one per authority.
+    /// one for a renewal), `seq` the record the holder runs. Returns the requests to send, one
+    /// per authority.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         slot: &str,
         holder: &str,
         token: u64,
+        seq: u64,
         authorities: &[NodeId],
         now_ms: u64,
         term_ms: u64,
@@ -428,6 +577,7 @@ impl Acquisition {
                 slot: slot.to_owned(),
                 holder: holder.to_owned(),
                 token,
+                seq,
             },
         );
         (
@@ -443,6 +593,7 @@ impl Acquisition {
                 refused: 0,
                 highest: token,
                 held_by: None,
+                accepted: None,
             },
             requests,
         )
@@ -472,8 +623,17 @@ impl Acquisition {
     /// Takes one authority's answer (each authority's first answer counts).
     pub fn on_reply(&mut self, reply: &Reply) -> Outcome {
         match reply {
-            Reply::Granted { slot, token } if *slot == self.slot && *token == self.token => {
-                self.granted += 1
+            Reply::Granted {
+                slot,
+                token,
+                accepted,
+            } if *slot == self.slot && *token == self.token => {
+                self.granted += 1;
+                if let Some((run, at)) = accepted {
+                    if self.accepted.as_ref().is_none_or(|(_, best)| at > best) {
+                        self.accepted = Some((run.clone(), *at));
+                    }
+                }
             }
             Reply::Refused { slot, why } if *slot == self.slot => {
                 self.refused += 1;
@@ -483,7 +643,10 @@ impl Acquisition {
                         self.highest = self.highest.max(*token);
                         self.held_by = Some(holder.clone());
                     }
-                    Refusal::Abstaining { .. } | Refusal::Full => {}
+                    Refusal::Abstaining { .. }
+                    | Refusal::Full
+                    | Refusal::Done(_)
+                    | Refusal::NotHeld => {}
                 }
             }
             _ => {}
@@ -498,6 +661,7 @@ impl Acquisition {
             return Outcome::Held {
                 token: self.token,
                 valid_until_ms: (self.sent_ms + self.term_ms).saturating_sub(self.margin_ms),
+                accepted: self.accepted.as_ref().map(|a| a.0.clone()),
             };
         }
         if self.authorities.len() - self.refused < self.majority() {
@@ -513,5 +677,87 @@ impl Acquisition {
     /// be over): the attempt is lost.
     pub fn expired(&self, now_ms: u64) -> bool {
         now_ms + self.margin_ms >= self.sent_ms + self.term_ms
+    }
+}
+
+/// A holder's request that its authorities accept a run of a job's completion slot: the run
+/// counts once a majority did (see the module's documentation).
+#[derive(Debug, Clone)]
+pub struct Completing {
+    pub slot: String,
+    pub run: Completion,
+    authorities: usize,
+    answered: usize,
+    accepted: usize,
+    sent_ms: u64,
+}
+
+/// Where a request to accept a run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    Pending,
+    /// A majority accepted it: the run counts.
+    Yes,
+    /// No majority can now (the holder's grant is not running at enough authorities).
+    No,
+}
+
+impl Completing {
+    /// Asks at `now_ms`, under the grant `holder` has with `token`; returns the requests (one
+    /// per authority).
+    pub fn start(
+        slot: &str,
+        holder: &str,
+        token: u64,
+        run: Completion,
+        authorities: &[NodeId],
+        now_ms: u64,
+    ) -> (Completing, Vec<(NodeId, Request)>) {
+        let reqs = to_each(
+            authorities,
+            Request::Complete {
+                slot: slot.to_owned(),
+                holder: holder.to_owned(),
+                token,
+                run: run.clone(),
+            },
+        );
+        let c = Completing {
+            slot: slot.to_owned(),
+            run,
+            authorities: authorities.len(),
+            answered: 0,
+            accepted: 0,
+            sent_ms: now_ms,
+        };
+        (c, reqs)
+    }
+
+    /// Takes one authority's answer (the caller counts each authority once).
+    pub fn on_reply(&mut self, reply: &Reply) -> Counted {
+        match reply {
+            Reply::Completed { slot } if *slot == self.slot => {
+                self.answered += 1;
+                self.accepted += 1;
+            }
+            Reply::NotCompleted { slot, .. } if *slot == self.slot => self.answered += 1,
+            _ => {}
+        }
+        self.counted()
+    }
+
+    pub fn counted(&self) -> Counted {
+        let majority = self.authorities / 2 + 1;
+        if self.accepted >= majority {
+            Counted::Yes
+        } else if self.authorities - (self.answered - self.accepted) < majority {
+            Counted::No
+        } else {
+            Counted::Pending
+        }
+    }
+
+    pub fn started_ms(&self) -> u64 {
+        self.sent_ms
     }
 }

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::lease::Completion;
 use crate::manifest::Manifest;
 use crate::placement::{Score, Tender, Unfit};
 
@@ -74,6 +75,14 @@ pub enum Work {
     Peers {
         peers: Vec<String>,
     },
+    /// Completion slots of job `realm`/`name` that are done (index, and the run that counts),
+    /// as the sender knows them; at most [`MAX_STATUS_ENTRIES`] are read. Sent when a run
+    /// counts and every few seconds, so that every node skips what is done.
+    Done {
+        realm: String,
+        name: String,
+        done: Vec<(u32, Completion)>,
+    },
 }
 
 /// Most peers read from one [`Work::Peers`].
@@ -101,6 +110,102 @@ pub struct ReplicaStatus {
     pub since: u64,
 }
 
+/// A workload at a glance: what its record asks for and where its slots stand (from the
+/// replicas the nodes report). For a job, `desired` is its completions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub name: String,
+    /// `payload` or `job`.
+    pub kind: String,
+    pub seq: u64,
+    pub desired: u32,
+    /// Replicas running the record's version (`updated`) and any version (`running`).
+    pub running: u32,
+    pub updated: u32,
+    pub pending: u32,
+    /// A job's completions that count, and those that failed.
+    pub succeeded: u32,
+    pub failed: u32,
+    /// `running`, `progressing` (not all desired replicas run the version), `pending`,
+    /// `complete`, `failed`.
+    pub state: String,
+    pub detail: Option<String>,
+    /// Unix seconds when the record was signed.
+    pub issued_at: u64,
+}
+
+/// Sums up a workload from the replicas reported for it (`now`: Unix seconds, for a job's
+/// `active_deadline`).
+pub fn summarize(
+    name: &str,
+    seq: u64,
+    issued_at: u64,
+    m: &Manifest,
+    replicas: &[ReplicaStatus],
+    now: u64,
+) -> Summary {
+    let mine = || replicas.iter().filter(|r| r.name == name);
+    let count = |f: &dyn Fn(&ReplicaStatus) -> bool| mine().filter(|r| f(r)).count() as u32;
+    let running = count(&|r| r.state == "running");
+    let updated = count(&|r| r.state == "running" && r.seq == seq);
+    let pending = count(&|r| r.state == "pending");
+    let succeeded = count(&|r| r.state == "succeeded" && r.seq == seq);
+    let failed = count(&|r| r.state == "failed" && r.seq == seq);
+    let desired = slots_of(m);
+    let first_pending = || {
+        mine()
+            .find(|r| r.state == "pending")
+            .and_then(|r| r.detail.clone())
+    };
+    let (kind, state, detail) = match m {
+        Manifest::Job(j) => {
+            let late = j
+                .active_deadline
+                .is_some_and(|d| now >= issued_at.saturating_add(d.as_secs()));
+            let (state, detail) = if succeeded >= desired {
+                ("complete", None)
+            } else if failed > 0 {
+                let why = mine()
+                    .find(|r| r.state == "failed" && r.seq == seq)
+                    .and_then(|r| r.detail.clone())
+                    .unwrap_or_else(|| "a run used up its backoff_limit".into());
+                ("failed", Some(why))
+            } else if late {
+                ("failed", Some("its active_deadline passed".to_owned()))
+            } else if running == 0 && pending > 0 {
+                ("pending", first_pending())
+            } else {
+                ("running", None)
+            };
+            ("job", state, detail)
+        }
+        Manifest::Payload(_) => {
+            let (state, detail) = if updated >= desired && running == desired {
+                ("running", None)
+            } else if running == 0 && pending > 0 {
+                ("pending", first_pending())
+            } else {
+                ("progressing", first_pending())
+            };
+            ("payload", state, detail)
+        }
+    };
+    Summary {
+        name: name.to_owned(),
+        kind: kind.into(),
+        seq,
+        desired,
+        running,
+        updated,
+        pending,
+        succeeded,
+        failed,
+        state: state.into(),
+        detail,
+        issued_at,
+    }
+}
+
 /// One line of a replica's output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogEntry {
@@ -125,13 +230,24 @@ pub fn parse_slot(slot: &str) -> Option<(&str, &str, u32)> {
     Some((realm, name, i.parse().ok()?))
 }
 
-/// How many slots a manifest asks for: a payload's replicas (a job's completions run one
-/// slot each, at most `parallelism` at a time, and are not placed by this yet).
+/// How many slots a manifest asks for: a payload's replicas, a job's completions (which run
+/// at most `parallelism` at a time: see [`runnable`]).
 pub fn slots_of(m: &Manifest) -> u32 {
     match m {
         Manifest::Payload(p) => p.replicas,
-        Manifest::Job(_) => 0,
+        Manifest::Job(j) => j.completions,
     }
+}
+
+/// The completion slots of a job that may run now: the first `parallelism` that are not done.
+/// Every node that knows the same completions computes the same ones; a node that knows fewer
+/// computes earlier ones (never more than `parallelism` run, as no node thinks a slot done that
+/// is not).
+pub fn runnable(completions: u32, parallelism: u32, done: impl Fn(u32) -> bool) -> Vec<u32> {
+    (0..completions)
+        .filter(|i| !done(*i))
+        .take(parallelism as usize)
+        .collect()
 }
 
 /// The tender for replica `i` of a workload: what it needs and where it may run.
@@ -157,5 +273,13 @@ mod tests {
         assert_eq!(parse_slot("com.example/api/x"), None);
         assert_eq!(parse_slot("com.example/api/1/2"), None);
         assert_eq!(parse_slot("/api/1"), None);
+    }
+
+    #[test]
+    fn a_job_runs_its_first_undone_completions_up_to_its_parallelism() {
+        assert_eq!(runnable(10, 3, |_| false), vec![0, 1, 2]);
+        assert_eq!(runnable(10, 3, |i| i == 1 || i == 4), vec![0, 2, 3]);
+        assert_eq!(runnable(4, 3, |i| i < 3), vec![3]);
+        assert!(runnable(4, 2, |_| true).is_empty());
     }
 }

@@ -53,13 +53,15 @@ fn an_authority_grants_one_holder_and_only_growing_tokens() {
         slot: SLOT.into(),
         holder: h.into(),
         token: t,
+        seq: 1,
     };
     let (r, persist) = a.handle(&acquire("n1", 1), 0);
     assert_eq!(
         r,
         Reply::Granted {
             slot: SLOT.into(),
-            token: 1
+            token: 1,
+            accepted: None,
         }
     );
     assert_eq!(
@@ -79,7 +81,8 @@ fn an_authority_grants_one_holder_and_only_growing_tokens() {
         r,
         Reply::Granted {
             slot: SLOT.into(),
-            token: 1
+            token: 1,
+            accepted: None,
         }
     );
     // Once it lapsed, another holder gets it, but only above what was promised.
@@ -99,7 +102,8 @@ fn an_authority_grants_one_holder_and_only_growing_tokens() {
         r,
         Reply::Granted {
             slot: SLOT.into(),
-            token: 2
+            token: 2,
+            accepted: None,
         }
     );
     // The old holder cannot come back with its old token.
@@ -150,7 +154,8 @@ fn an_authority_grants_one_holder_and_only_growing_tokens() {
         r,
         Reply::Granted {
             slot: SLOT.into(),
-            token: 9
+            token: 9,
+            accepted: None,
         }
     );
 }
@@ -158,11 +163,12 @@ fn an_authority_grants_one_holder_and_only_growing_tokens() {
 #[test]
 fn a_majority_holds_and_a_minority_does_not() {
     let auths: Vec<NodeId> = vec!["a".into(), "b".into(), "c".into()];
-    let (mut acq, reqs) = Acquisition::start(SLOT, "n1", 5, &auths, 100, TERM, MARGIN);
+    let (mut acq, reqs) = Acquisition::start(SLOT, "n1", 5, 1, &auths, 100, TERM, MARGIN);
     assert_eq!(reqs.len(), 3);
     let granted = Reply::Granted {
         slot: SLOT.into(),
         token: 5,
+        accepted: None,
     };
     assert_eq!(acq.on_reply(&granted), Outcome::Pending);
     let stale = Reply::Refused {
@@ -174,10 +180,11 @@ fn a_majority_holds_and_a_minority_does_not() {
         acq.on_reply(&granted),
         Outcome::Held {
             token: 5,
-            valid_until_ms: 100 + TERM - MARGIN
+            valid_until_ms: 100 + TERM - MARGIN,
+            accepted: None,
         }
     );
-    let (mut acq, _) = Acquisition::start(SLOT, "n1", 5, &auths, 100, TERM, MARGIN);
+    let (mut acq, _) = Acquisition::start(SLOT, "n1", 5, 1, &auths, 100, TERM, MARGIN);
     acq.on_reply(&stale);
     assert_eq!(
         acq.on_reply(&stale),
@@ -247,6 +254,7 @@ fn simulate(seed: u64, holders: usize, loss: f64, max_delay: u64, partitions: bo
                         Outcome::Held {
                             token,
                             valid_until_ms,
+                            ..
                         } => {
                             h.holds = Some((token, valid_until_ms));
                             h.known = h.known.max(token);
@@ -276,8 +284,16 @@ fn simulate(seed: u64, holders: usize, loss: f64, max_delay: u64, partitions: bo
                     Some((t, _)) if renew => t,
                     _ => h.known + 1,
                 };
-                let (acq, reqs) =
-                    Acquisition::start(SLOT, &format!("h{i}"), token, &auth_ids, now, TERM, MARGIN);
+                let (acq, reqs) = Acquisition::start(
+                    SLOT,
+                    &format!("h{i}"),
+                    token,
+                    1,
+                    &auth_ids,
+                    now,
+                    TERM,
+                    MARGIN,
+                );
                 for (j, (_, req)) in reqs.into_iter().enumerate() {
                     if cut[i][j] <= now && !rng.gen_bool(loss) {
                         net.push(Msg {
@@ -420,6 +436,7 @@ fn simulate_splits(seed: u64, tolerant: bool) -> usize {
                         Outcome::Held {
                             token,
                             valid_until_ms,
+                            ..
                         } => {
                             h.holds = Some((token, valid_until_ms));
                             h.provisional = None;
@@ -478,8 +495,16 @@ fn simulate_splits(seed: u64, tolerant: bool) -> usize {
                     Some((t, _)) if renew => t,
                     _ => h.known + 1,
                 };
-                let (acq, reqs) =
-                    Acquisition::start(SLOT, &format!("h{i}"), token, &auth_ids, now, TERM, MARGIN);
+                let (acq, reqs) = Acquisition::start(
+                    SLOT,
+                    &format!("h{i}"),
+                    token,
+                    1,
+                    &auth_ids,
+                    now,
+                    TERM,
+                    MARGIN,
+                );
                 for (j, (_, req)) in reqs.into_iter().enumerate() {
                     if linked(i, j) {
                         net.push((now + rng.gen_range(0..50), i, j, Some(req), None));
@@ -529,5 +554,306 @@ fn a_split_in_two_runs_at_most_one_extra_replica_and_only_when_tolerated() {
     );
     for s in 0..40 {
         simulate_splits(s, false);
+    }
+}
+
+fn run(holder: &str, token: u64, seq: u64) -> Completion {
+    Completion {
+        seq,
+        holder: holder.into(),
+        token,
+        ok: true,
+    }
+}
+
+#[test]
+fn a_run_is_accepted_only_under_the_running_grant_and_every_later_grant_names_it() {
+    let mut a = Authority::new(TERM, Some(BTreeMap::new()), 0);
+    let acquire = |h: &str, t: u64, seq: u64| Request::Acquire {
+        slot: SLOT.into(),
+        holder: h.into(),
+        token: t,
+        seq,
+    };
+    let complete = |h: &str, t: u64, r: Completion| Request::Complete {
+        slot: SLOT.into(),
+        holder: h.into(),
+        token: t,
+        run: r,
+    };
+    let not_held = Reply::NotCompleted {
+        slot: SLOT.into(),
+        why: Refusal::NotHeld,
+    };
+    // Nothing granted: nothing accepted.
+    assert_eq!(a.handle(&complete("n1", 1, run("n1", 1, 1)), 0).0, not_held);
+    assert!(matches!(
+        a.handle(&acquire("n1", 1, 1), 0).0,
+        Reply::Granted { accepted: None, .. }
+    ));
+    // Another holder, or another token, is not n1's grant.
+    assert_eq!(
+        a.handle(&complete("n2", 1, run("n2", 1, 1)), 10).0,
+        not_held
+    );
+    assert_eq!(
+        a.handle(&complete("n1", 2, run("n1", 2, 1)), 10).0,
+        not_held
+    );
+    // Once the grant ended, the run is too late.
+    assert_eq!(
+        a.handle(&complete("n1", 1, run("n1", 1, 1)), TERM + 1).0,
+        not_held
+    );
+    assert!(matches!(
+        a.handle(&acquire("n2", 2, 1), TERM + 1).0,
+        Reply::Granted { .. }
+    ));
+    let (r, persist) = a.handle(&complete("n2", 2, run("n2", 2, 1)), TERM + 10);
+    assert_eq!(r, Reply::Completed { slot: SLOT.into() });
+    assert_eq!(
+        persist.and_then(|p| p.done),
+        Some((run("n2", 2, 1), 2)),
+        "persisted"
+    );
+    // Asked again (the answer was lost): still yes, and nothing new to persist.
+    assert_eq!(
+        a.handle(&complete("n2", 2, run("n2", 2, 1)), TERM + 20),
+        (Reply::Completed { slot: SLOT.into() }, None)
+    );
+    assert_eq!(a.accepted(SLOT), Some(&run("n2", 2, 1)));
+    // A later holder is granted the slot and told which run was accepted, under which token.
+    let (r, _) = a.handle(&acquire("n3", 3, 1), 3 * TERM);
+    assert_eq!(
+        r,
+        Reply::Granted {
+            slot: SLOT.into(),
+            token: 3,
+            accepted: Some((run("n2", 2, 1), 2)),
+        }
+    );
+    // It has that run accepted under its own token.
+    let (_, persist) = a.handle(&complete("n3", 3, run("n2", 2, 1)), 3 * TERM + 10);
+    assert_eq!(persist.and_then(|p| p.done), Some((run("n2", 2, 1), 3)));
+    // A node with an older record of the job is told of the newer one; a newer record starts
+    // afresh.
+    assert!(matches!(
+        a.handle(&acquire("n4", 9, 0), 5 * TERM).0,
+        Reply::Refused {
+            why: Refusal::Done(_),
+            ..
+        }
+    ));
+    assert!(matches!(
+        a.handle(&acquire("n4", 9, 2), 5 * TERM).0,
+        Reply::Granted { accepted: None, .. }
+    ));
+    assert_eq!(a.accepted(SLOT), None);
+}
+
+#[test]
+fn a_holder_adopts_the_run_accepted_under_the_highest_token() {
+    let auths: Vec<NodeId> = vec!["a".into(), "b".into(), "c".into()];
+    let (mut acq, _) = Acquisition::start(SLOT, "n9", 9, 1, &auths, 0, TERM, MARGIN);
+    let granted = |accepted| Reply::Granted {
+        slot: SLOT.into(),
+        token: 9,
+        accepted,
+    };
+    assert_eq!(
+        acq.on_reply(&granted(Some((run("n1", 1, 1), 4)))),
+        Outcome::Pending
+    );
+    assert_eq!(
+        acq.on_reply(&granted(Some((run("n2", 5, 1), 5)))),
+        Outcome::Held {
+            token: 9,
+            valid_until_ms: TERM - MARGIN,
+            accepted: Some(run("n2", 5, 1)),
+        }
+    );
+}
+
+/// A job's run in the simulation: holds the slot's lease, ends after a while, asks for it to
+/// be accepted (or for the run a grant named).
+#[derive(Default)]
+struct Runner {
+    known: u64,
+    trying: Option<Acquisition>,
+    holds: Option<(u64, u64)>,
+    /// When its own run ends (holder's clock).
+    ends_at: u64,
+    /// A run a grant named (it does not run its own then).
+    adopted: Option<Completion>,
+    asking: Option<Completing>,
+    counted: Option<Completion>,
+}
+
+/// Job runs compete for one completion slot under loss, delay and partitions. Returns the run
+/// that counted, if any; panics if two different runs counted.
+fn simulate_job(seed: u64, runners: usize, loss: f64, max_delay: u64) -> Option<Completion> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let auth_ids: Vec<NodeId> = vec!["a0".into(), "a1".into(), "a2".into()];
+    let mut auths: Vec<Authority> = (0..3)
+        .map(|_| Authority::new(TERM, Some(BTreeMap::new()), 0))
+        .collect();
+    let mut rs: Vec<Runner> = (0..runners).map(|_| Runner::default()).collect();
+    let mut net: Vec<Msg> = vec![];
+    let mut cut = vec![vec![0u64; 3]; runners];
+    let mut counted: Option<Completion> = None;
+    for now in (0..30_000).step_by(10) {
+        // Calm for the last third, so that a run can count.
+        let calm = now > 20_000;
+        if !calm && rng.gen_bool(0.01) {
+            let (i, j) = (rng.gen_range(0..runners), rng.gen_range(0..3));
+            cut[i][j] = now + rng.gen_range(100..3_000);
+        }
+        let lost = |rng: &mut rand::rngs::StdRng| !calm && rng.gen_bool(loss);
+        let (due, later): (Vec<Msg>, Vec<Msg>) = net.drain(..).partition(|m| m.at <= now);
+        net = later;
+        for m in due {
+            if let Some(req) = m.req {
+                let (reply, _) = auths[m.to].handle(&req, now);
+                if cut[m.from][m.to] <= now && !lost(&mut rng) {
+                    let at = now + rng.gen_range(0..=max_delay);
+                    net.push(Msg {
+                        at,
+                        from: m.to,
+                        to: m.from,
+                        req: None,
+                        reply: Some(reply),
+                    });
+                }
+                continue;
+            }
+            let Some(reply) = m.reply else { continue };
+            let r = &mut rs[m.to];
+            if matches!(reply, Reply::Completed { .. } | Reply::NotCompleted { .. }) {
+                let Some(c) = r.asking.as_mut() else { continue };
+                match c.on_reply(&reply) {
+                    Counted::Yes => {
+                        let run = c.run.clone();
+                        if let Some(earlier) = &counted {
+                            assert_eq!(earlier, &run, "two runs counted (seed {seed})");
+                        }
+                        counted = Some(run.clone());
+                        r.counted = Some(run);
+                        r.asking = None;
+                    }
+                    Counted::No => r.asking = None,
+                    Counted::Pending => {}
+                }
+            } else if let Some(acq) = r.trying.as_mut() {
+                match acq.on_reply(&reply) {
+                    Outcome::Held {
+                        token,
+                        valid_until_ms,
+                        accepted,
+                    } => {
+                        if r.holds.is_none() {
+                            r.ends_at = now + rng.gen_range(50..2_000);
+                        }
+                        r.holds = Some((token, valid_until_ms));
+                        r.known = r.known.max(token);
+                        r.trying = None;
+                        if let Some(run) = accepted {
+                            r.adopted = Some(run);
+                        }
+                    }
+                    Outcome::Lost { retry_above, .. } => {
+                        r.known = r.known.max(retry_above);
+                        r.trying = None;
+                    }
+                    Outcome::Pending => {}
+                }
+            }
+        }
+        for (i, r) in rs.iter_mut().enumerate() {
+            if r.counted.is_some() {
+                continue;
+            }
+            if r.holds.is_some_and(|(_, until)| until <= now) {
+                r.holds = None;
+                r.asking = None;
+            }
+            if r.trying.as_ref().is_some_and(|a| a.expired(now)) {
+                r.trying = None;
+            }
+            let mut send = |reqs: Vec<(NodeId, Request)>, rng: &mut rand::rngs::StdRng| {
+                for (j, (_, req)) in reqs.into_iter().enumerate() {
+                    if cut[i][j] <= now && !lost(rng) {
+                        let at = now + rng.gen_range(0..=max_delay);
+                        net.push(Msg {
+                            at,
+                            from: i,
+                            to: j,
+                            req: Some(req),
+                            reply: None,
+                        });
+                    }
+                }
+            };
+            // A holder whose run ended (or that adopted one) asks for it to be accepted, again
+            // when the last ask went unanswered.
+            if let Some((token, _)) = r.holds {
+                let me = format!("h{i}");
+                let ready = r
+                    .adopted
+                    .clone()
+                    .or_else(|| (now >= r.ends_at).then(|| run(&me, token, 1)));
+                let stale = r.asking.as_ref().is_none_or(|c| now > c.started_ms() + 300);
+                if let (Some(run), true) = (ready, stale) {
+                    let (c, reqs) = Completing::start(SLOT, &me, token, run, &auth_ids, now);
+                    send(reqs, &mut rng);
+                    r.asking = Some(c);
+                }
+            }
+            let renew = r.holds.is_some_and(|(_, until)| until - now < TERM / 3);
+            let want = r.holds.is_none() && rng.gen_bool(0.02);
+            if r.trying.is_none() && (renew || want) {
+                let token = match r.holds {
+                    Some((t, _)) if renew => t,
+                    _ => r.known + 1,
+                };
+                let (acq, reqs) = Acquisition::start(
+                    SLOT,
+                    &format!("h{i}"),
+                    token,
+                    1,
+                    &auth_ids,
+                    now,
+                    TERM,
+                    MARGIN,
+                );
+                send(reqs, &mut rng);
+                r.trying = Some(acq);
+            }
+        }
+    }
+    counted
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn of_the_runs_of_a_completion_one_counts(
+        seed: u64,
+        runners in 2usize..5,
+        loss in 0.0f64..0.4,
+        max_delay in 0u64..300,
+    ) {
+        simulate_job(seed, runners, loss, max_delay);
+    }
+}
+
+#[test]
+fn a_completion_counts_once_the_network_calms() {
+    // Not vacuous, and never stuck: each schedule ends with its one counted run.
+    for s in 0..30 {
+        assert!(
+            simulate_job(s, 3, 0.3, 200).is_some(),
+            "seed {s}: no run counted"
+        );
     }
 }

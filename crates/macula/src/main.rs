@@ -116,6 +116,8 @@ enum Command {
     Scale(workload_cmds::ScaleArgs),
     /// Delete a workload: every node stops its replicas.
     Delete(workload_cmds::DeleteArgs),
+    /// The realm's jobs: completions that count, runs going, failures, state.
+    Jobs(workload_cmds::JobsArgs),
 }
 
 fn main() {
@@ -176,6 +178,7 @@ fn main() {
             Command::Logs(a) => workload_cmds::logs(a, json),
             Command::Scale(a) => workload_cmds::scale(a, json),
             Command::Delete(a) => workload_cmds::delete(a, json),
+            Command::Jobs(a) => workload_cmds::jobs(a, json),
         }
     });
     if let Err(e) = result {

@@ -1,4 +1,4 @@
-//! Workload commands: deploy, workloads (status), logs, scale, delete. They talk to any node
+//! Workload commands: deploy, workloads (status), jobs, logs, scale, delete. They talk to any node
 //! of the realm over HTTP (the node's `/v1/realms/{realm}/workloads` and `/replicas`) with the
 //! realm key; a deploy is a record signed here, with the key's holder secret, so the node needs
 //! nothing else to believe it.
@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use macula_router::auth::credential::{bearer_proof, public_form};
 use macula_workloads::record::DeployRecord;
-use macula_workloads::wire::ReplicaStatus;
+use macula_workloads::wire::{ReplicaStatus, Summary};
 use macula_workloads::Manifest;
 use serde_json::{json, Value};
 
@@ -123,6 +123,19 @@ impl NodeApi {
         let v = self.get("/replicas")?;
         Ok(serde_json::from_value(v["items"].clone()).unwrap_or_default())
     }
+
+    /// The realm's jobs, summed up, as the node answers them (JSON items).
+    fn jobs(&self) -> Result<Vec<Value>> {
+        let v = self.get("/jobs")?;
+        Ok(v["items"].as_array().cloned().unwrap_or_default())
+    }
+}
+
+/// A summary out of the node's JSON (its `issued_at` is a date there).
+fn summary_of(v: &Value) -> Option<Summary> {
+    let mut v = v.clone();
+    v["issued_at"] = json!(0);
+    serde_json::from_value(v).ok()
 }
 
 /// `ws://host:port/ws` → `http://host:port` (and `wss` → `https`).
@@ -246,11 +259,90 @@ pub fn deploy(a: DeployArgs, json: bool) -> Result<()> {
         }
         return Ok(());
     }
+    if let Manifest::Job(_) = manifest {
+        let s = converge_job(&api, &name, seq, want, a.timeout, !json)?;
+        if json {
+            println!("{}", json!({"name": name, "seq": seq, "job": s}));
+        }
+        return Ok(());
+    }
     let running = converge(&api, &name, seq, want, a.timeout, !json)?;
     if json {
         println!("{}", json!({"name": name, "seq": seq, "replicas": running}));
     }
     Ok(())
+}
+
+/// Waits until job `name` at version `seq` has its `want` completions (with a progress bar on
+/// a terminal); an error when it failed, or past `timeout`.
+fn converge_job(
+    api: &NodeApi,
+    name: &str,
+    seq: u64,
+    want: u32,
+    timeout: Duration,
+    show: bool,
+) -> Result<Summary> {
+    let bar = progress(show, want);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = api
+            .jobs()?
+            .iter()
+            .filter_map(summary_of)
+            .find(|s| s.name == name && s.seq == seq);
+        if let (Some(s), Some(b)) = (&s, &bar) {
+            b.set_position(s.succeeded as u64);
+            b.set_message(format!("{name}: completions ({} running)", s.running));
+        }
+        match &s {
+            Some(s) if s.state == "complete" => {
+                if let Some(b) = bar {
+                    b.finish_and_clear();
+                }
+                if show {
+                    eprintln!("{name}: {} of {want} completions", s.succeeded);
+                }
+                return Ok(s.clone());
+            }
+            Some(s) if s.state == "failed" => {
+                if let Some(b) = bar {
+                    b.abandon();
+                }
+                bail!(
+                    "{name} failed: {} ({} of {want} completions)\n  (`macula logs {name}` shows its output)",
+                    s.detail.as_deref().unwrap_or("a run failed"),
+                    s.succeeded
+                );
+            }
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            if let Some(b) = bar {
+                b.abandon();
+            }
+            let done = s.as_ref().map_or(0, |s| s.succeeded);
+            bail!(
+                "{name}: {done} of {want} completions after {}s{}\n  (`macula jobs` shows where it stands; the nodes keep going)",
+                timeout.as_secs(),
+                s.and_then(|s| s.detail).map(|d| format!(": {d}")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A progress bar to `len` on a terminal (when `show`).
+fn progress(show: bool, len: u32) -> Option<indicatif::ProgressBar> {
+    (show && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new(len as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:20}] {pos}/{len}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.enable_steady_tick(Duration::from_millis(120));
+        b
+    })
 }
 
 /// Waits until `want` replicas of `name` at version `seq` run (with a progress line on a
@@ -263,15 +355,7 @@ fn converge(
     timeout: Duration,
     show: bool,
 ) -> Result<Vec<ReplicaStatus>> {
-    let bar = (show && std::io::stderr().is_terminal()).then(|| {
-        let b = indicatif::ProgressBar::new(want as u64);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:20}] {pos}/{len}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b.enable_steady_tick(Duration::from_millis(120));
-        b
-    });
+    let bar = progress(show, want);
     let deadline = Instant::now() + timeout;
     loop {
         let all = api.replicas()?;
@@ -405,6 +489,74 @@ pub fn workloads(a: WorkloadsArgs, json: bool) -> Result<()> {
         return Ok(());
     }
     right_aligned(&mut t, &[1, 4, 5, 6]);
+    println!("{t}");
+    Ok(())
+}
+
+#[derive(Args)]
+#[command(after_help = "Examples:
+  macula deploy -f job.yaml          (kind: job; waits for its completions)
+  macula jobs
+  macula jobs reindex --json")]
+pub struct JobsArgs {
+    /// Only this job.
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `macula jobs`: the realm's jobs (completions that count of those asked, runs going,
+/// failures, state, age).
+pub fn jobs(a: JobsArgs, json: bool) -> Result<()> {
+    let api = NodeApi::new(&a.conn)?;
+    let mut items = api.jobs()?;
+    if let Some(n) = &a.name {
+        items.retain(|i| i["name"].as_str() == Some(n));
+    }
+    if json {
+        println!("{}", json!({"realm": api.realm, "jobs": items}));
+        return Ok(());
+    }
+    if items.is_empty() {
+        match &a.name {
+            Some(n) => bail!("{} has no job named {n}", api.realm),
+            None => println!(
+                "no jobs in {} (run one: macula deploy -f job.yaml)",
+                api.realm
+            ),
+        }
+        return Ok(());
+    }
+    let now = macula_common::time::now_secs();
+    let mut t = table(&[
+        "NAME",
+        "VERSION",
+        "COMPLETIONS",
+        "RUNNING",
+        "FAILED",
+        "STATE",
+        "AGE",
+        "DETAIL",
+    ]);
+    for i in &items {
+        let Some(s) = summary_of(i) else { continue };
+        let issued = i["issued_at"]
+            .as_str()
+            .and_then(|d| humantime::parse_rfc3339(d).ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        t.add_row(vec![
+            s.name.clone(),
+            s.seq.to_string(),
+            format!("{}/{}", s.succeeded, s.desired),
+            s.running.to_string(),
+            s.failed.to_string(),
+            s.state.clone(),
+            age(now.saturating_sub(issued)),
+            s.detail.clone().unwrap_or_default(),
+        ]);
+    }
+    right_aligned(&mut t, &[1, 2, 3, 4, 6]);
     println!("{t}");
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! Workloads on five real `macula node` processes: a payload of 3 replicas deployed with
 //! `macula deploy` runs on 3 distinct nodes; `kill -9` of a node that runs one re-places it on
 //! another (a higher fencing token) and never more than 3 run; logs come from every node that
-//! runs one; scale up and down; delete stops them all.
+//! runs one; scale up and down; delete stops them all. A job of 10 completions completes
+//! exactly 10 though a node running one of its runs is killed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -96,9 +97,11 @@ fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn five_nodes_place_heal_scale_and_delete_a_payload() {
-    let (_tmp, homes, admin) = homes(5);
+/// Five nodes: the first, the others by index (1..; a killed one is taken out), and their
+/// peer ids → index.
+async fn five(
+    homes: &[std::path::PathBuf],
+) -> (NodeProc, Vec<Option<NodeProc>>, HashMap<String, usize>) {
     let first = start_node(&homes[0], None);
     // The others by index (1..): killed ones are taken out.
     let mut nodes: Vec<Option<NodeProc>> = vec![None];
@@ -119,6 +122,13 @@ async fn five_nodes_place_heal_scale_and_delete_a_payload() {
         .await;
         ids.insert(id, i);
     }
+    (first, nodes, ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_place_heal_scale_and_delete_a_payload() {
+    let (_tmp, homes, admin) = homes(5);
+    let (first, mut nodes, ids) = five(&homes).await;
     let api = || &first;
 
     // Deploy: 3 replicas on 3 distinct nodes, each with its fencing token.
@@ -298,5 +308,124 @@ async fn five_nodes_place_heal_scale_and_delete_a_payload() {
             .as_ref()
             .is_err_and(|e| e.contains("no workload hello")),
         "{missing:?}"
+    );
+}
+
+/// The runs of job `name` as `macula jobs` / `workloads` report them: (index, state, node,
+/// token), and the job's summary.
+async fn job(node: &NodeProc, admin: &str, name: &str) -> (Vec<(u64, String, String, u64)>, Value) {
+    let Ok(v) = macula(node, admin, &["jobs", name]).await else {
+        return (vec![], Value::Null);
+    };
+    let j = v["jobs"][0].clone();
+    let mut runs: Vec<_> = j["replicas"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r["replica"].as_u64().unwrap(),
+                r["state"].as_str().unwrap().to_owned(),
+                r["node"].as_str().unwrap().to_owned(),
+                r["token"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    runs.sort();
+    (runs, j)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_completes_exactly_its_completions_though_a_node_dies_mid_run() {
+    let (tmp, homes, admin) = homes(5);
+    let (first, mut nodes, ids) = five(&homes).await;
+    let api = || &first;
+    let manifest = tmp.path().join("job.yaml");
+    std::fs::write(
+        &manifest,
+        "kind: job\nname: crunch\ncompletions: 10\nparallelism: 3\n\
+         command: [sh, -c, 'echo run $MACULA_REPLICA token $MACULA_FENCING_TOKEN; sleep 2']\n",
+    )
+    .unwrap();
+    let path = manifest.display().to_string();
+    let deploy = {
+        let (url, admin) = (format!("ws://{}/ws", api().http), admin.clone());
+        tokio::spawn(async move {
+            tokio::process::Command::new(BIN)
+                .args(["--json", "deploy", "-f", &path, "--timeout", "90s"])
+                .args(["--url", &url, "--realm", REALM, "--key", &admin])
+                .output()
+                .await
+                .unwrap()
+        })
+    };
+    // Kill -9 a node (not the first) while it runs one of the job's runs.
+    let (index, victim_id, old_token) = eventually(
+        "a run on a node we may kill",
+        Duration::from_secs(30),
+        || async {
+            let (runs, _) = job(api(), &admin, "crunch").await;
+            runs.into_iter()
+                .find(|r| r.1 == "running" && ids.get(&r.2).is_some_and(|i| *i != 0))
+                .map(|r| (r.0, r.2, r.3))
+        },
+    )
+    .await;
+    drop(nodes[ids[&victim_id]].take());
+    eprintln!("killed the node running completion {index} (token {old_token})");
+
+    let out = deploy.await.unwrap();
+    assert!(
+        out.status.success(),
+        "the deploy waits for the job: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (runs, summary) = job(api(), &admin, "crunch").await;
+    assert_eq!(summary["state"], "complete", "{summary}");
+    assert_eq!(summary["succeeded"], 10, "{summary}");
+    assert_eq!(summary["failed"], 0, "{summary}");
+    // Exactly one counted run per completion, 0 to 9.
+    let counted: Vec<u64> = runs
+        .iter()
+        .filter(|r| r.1 == "succeeded")
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(counted, (0..10).collect::<Vec<u64>>(), "{runs:?}");
+    assert!(
+        runs.iter().all(|r| r.1 == "succeeded"),
+        "nothing else left: {runs:?}"
+    );
+    // The killed node's run did not count: the completion ran again elsewhere, under a later
+    // lease.
+    let redone = runs.iter().find(|r| r.0 == index).unwrap();
+    assert_ne!(redone.2, victim_id, "{runs:?}");
+    assert!(redone.3 > old_token, "{redone:?} after token {old_token}");
+    // Every node that answers knows it is complete (it ran nothing more).
+    for n in nodes.iter().flatten() {
+        let (_, s) = job(n, &admin, "crunch").await;
+        assert_eq!(s["succeeded"], 10, "{s}");
+    }
+
+    // A job whose run fails past its backoff_limit fails, and the deploy says so.
+    std::fs::write(
+        &manifest,
+        "kind: job\nname: broken\ncompletions: 2\nbackoff_limit: 1\n\
+         restart: {policy: on_failure, backoff: {initial: 100ms, max: 200ms}}\n\
+         command: [sh, -c, 'echo no luck; exit 3']\n",
+    )
+    .unwrap();
+    let failed = macula(
+        api(),
+        &admin,
+        &["deploy", "-f", &manifest.display().to_string()],
+    )
+    .await;
+    let err = failed.expect_err("a failing job fails the deploy");
+    assert!(err.contains("broken failed"), "{err}");
+    let (_, s) = job(api(), &admin, "broken").await;
+    assert_eq!(s["state"], "failed", "{s}");
+    assert!(
+        s["succeeded"] == 0 && s["failed"] == 1,
+        "the other completion never ran: {s}"
     );
 }

@@ -1,5 +1,6 @@
 //! The HTTP side of a node: WebSocket upgrade (`/ws`, `/`), the HTTP bridge (`/v1/realms/...`,
-//! in `bridge.rs`), deploy records (`/v1/realms/{realm}/workloads`, in `workloads.rs`), health
+//! in `bridge.rs`), deploy records (`/v1/realms/{realm}/workloads`, and as plain REST
+//! `/payloads` and `/jobs`, in `workloads.rs`), health
 //! (`/healthz`, `/readyz`), `/metrics` and `/v1/mesh`.
 
 // Handlers return `Result<_, Response>` so that every early exit is a finished HTTP answer; the
@@ -30,7 +31,10 @@ use crate::session::{encode_out, Connection, Flow};
 mod bridge;
 mod workloads;
 use bridge::{call, publish};
-use workloads::{list_records, logs, post_record, replicas};
+use workloads::{
+    create_job, create_payload, delete_job, delete_payload, get_job, get_payload, list_jobs,
+    list_payloads, list_records, logs, post_record, replace_job, replace_payload, replicas,
+};
 
 pub fn router(node: Arc<Node>, ctrl: Arc<crate::workloads::Controller>) -> Router {
     let body_limit = node.config.limits.max_http_body;
@@ -48,6 +52,19 @@ pub fn router(node: Arc<Node>, ctrl: Arc<crate::workloads::Controller>) -> Route
             get(list_records).post(post_record),
         )
         .route("/v1/realms/{realm}/replicas", get(replicas))
+        .route(
+            "/v1/realms/{realm}/payloads",
+            get(list_payloads).post(create_payload),
+        )
+        .route(
+            "/v1/realms/{realm}/payloads/{name}",
+            get(get_payload).put(replace_payload).delete(delete_payload),
+        )
+        .route("/v1/realms/{realm}/jobs", get(list_jobs).post(create_job))
+        .route(
+            "/v1/realms/{realm}/jobs/{name}",
+            get(get_job).put(replace_job).delete(delete_job),
+        )
         .route("/v1/realms/{realm}/workloads/{name}/logs", get(logs))
         .layer(axum::Extension(ctrl))
         .layer(DefaultBodyLimit::max(body_limit))

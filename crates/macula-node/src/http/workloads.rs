@@ -1,6 +1,11 @@
 //! `/v1/realms/{realm}/workloads`: deploy records. `POST` takes a signed record (the key
 //! holder's signature is the authorization: no other credential is needed to hand one in) and
 //! floods it to the mesh; `GET` lists the realm's records to a key of the realm.
+//!
+//! `/v1/realms/{realm}/payloads` and `/jobs`: the same records as plain REST for clients that
+//! sign nothing themselves. A manifest sent with a realm key (`Authorization: Bearer
+//! sk_live_...`) is made into a record signed *with that key* here (the key's holder secret is
+//! in it), so what the nodes check is the same: the key's role must have `realm:deploy`.
 
 #[allow(unused_imports)]
 use super::*;
@@ -34,6 +39,12 @@ pub(super) async fn post_record(
             )
         }
     };
+    hand_in(node, &realm, record).await
+}
+
+/// Takes `record` (for `realm`) as a node takes one from the mesh, floods it, and answers
+/// with its name and sequence, or why it was refused.
+pub(crate) async fn hand_in(node: Arc<Node>, realm: &str, record: DeployRecord) -> Response {
     if record.realm != realm {
         return error(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -57,8 +68,13 @@ pub(super) async fn post_record(
             if let Some(m) = crate::mesh::of(&node) {
                 crate::mesh::flood_record(m, &r, None);
             }
+            let status = if r.seq == 1 {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
             (
-                StatusCode::CREATED,
+                status,
                 Json(json!({"realm": r.realm, "name": r.name, "seq": r.seq, "deleted": r.manifest.is_none()})),
             )
                 .into_response()
@@ -89,9 +105,9 @@ pub(super) async fn post_record(
     }
 }
 
-/// The realm key in `Authorization: Bearer ...`, valid, not revoked, and admitted to `realm`;
-/// or the answer that says why not.
-fn realm_key(node: &Node, realm: &str, headers: &HeaderMap) -> Result<(), Response> {
+/// The realm key in `Authorization: Bearer ...`, valid, not revoked, and admitted to `realm`
+/// (returned); or the answer that says why not.
+pub(crate) fn realm_key(node: &Node, realm: &str, headers: &HeaderMap) -> Result<String, Response> {
     let Some(key) = headers
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
@@ -125,7 +141,7 @@ fn realm_key(node: &Node, realm: &str, headers: &HeaderMap) -> Result<(), Respon
     if let Err((uri, why)) = node.role_admitted(realm, &v.claims.realm, &v.claims.role) {
         return Err(error(StatusCode::FORBIDDEN, uri, why));
     }
-    Ok(())
+    Ok(key.to_owned())
 }
 
 /// `GET /v1/realms/{realm}/workloads` with `Authorization: Bearer <a key of the realm>`.
@@ -235,3 +251,316 @@ pub(super) async fn logs(
     )
         .into_response()
 }
+
+/// Which kind of workload a route serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Payload,
+    Job,
+}
+
+impl Kind {
+    fn of(m: &macula_workloads::Manifest) -> Kind {
+        match m {
+            macula_workloads::Manifest::Payload(_) => Kind::Payload,
+            macula_workloads::Manifest::Job(_) => Kind::Job,
+        }
+    }
+
+    fn word(self) -> &'static str {
+        match self {
+            Kind::Payload => "payload",
+            Kind::Job => "job",
+        }
+    }
+}
+
+/// The realm's live workloads of `kind` (all, or `only` one), summed up from the replicas the
+/// nodes report, each with its replicas.
+pub(crate) async fn summaries(
+    node: &Node,
+    ctrl: &Controller,
+    realm: &str,
+    kind: Kind,
+    only: Option<&str>,
+) -> Vec<(
+    macula_workloads::wire::Summary,
+    Vec<macula_workloads::wire::ReplicaStatus>,
+)> {
+    let live: Vec<(String, u64, u64, macula_workloads::Manifest)> = {
+        let records = node.workloads.records.lock();
+        let live = records
+            .all()
+            .filter(|r| r.realm == realm && only.is_none_or(|n| n == r.name))
+            .filter_map(|r| {
+                let m = macula_workloads::parse(r.manifest.as_deref()?).ok()?;
+                (Kind::of(&m) == kind).then(|| (r.name.clone(), r.seq, r.issued_at, m))
+            })
+            .collect();
+        live
+    };
+    if live.is_empty() {
+        return vec![];
+    }
+    let replicas = ctrl.gather_status(realm).await;
+    let now = now_secs();
+    live.into_iter()
+        .map(|(name, seq, issued_at, m)| {
+            let s = macula_workloads::wire::summarize(&name, seq, issued_at, &m, &replicas, now);
+            let mine = replicas
+                .iter()
+                .filter(|r| r.name == name)
+                .cloned()
+                .collect();
+            (s, mine)
+        })
+        .collect()
+}
+
+fn summary_json(
+    s: &macula_workloads::wire::Summary,
+    replicas: &[macula_workloads::wire::ReplicaStatus],
+) -> serde_json::Value {
+    let mut v = serde_json::to_value(s).unwrap_or_default();
+    v["issued_at"] = json!(crate::confdir::rfc3339(s.issued_at));
+    v["replicas"] = serde_json::to_value(replicas).unwrap_or_default();
+    v
+}
+
+async fn list(
+    node: Arc<Node>,
+    ctrl: Arc<Controller>,
+    realm: String,
+    headers: HeaderMap,
+    kind: Kind,
+) -> Response {
+    if let Err(r) = realm_key(&node, &realm, &headers) {
+        return r;
+    }
+    let items: Vec<serde_json::Value> = summaries(&node, &ctrl, &realm, kind, None)
+        .await
+        .iter()
+        .map(|(s, r)| summary_json(s, r))
+        .collect();
+    Json(json!({"realm": realm, "items": items})).into_response()
+}
+
+async fn one(
+    node: Arc<Node>,
+    ctrl: Arc<Controller>,
+    realm: String,
+    name: String,
+    headers: HeaderMap,
+    kind: Kind,
+) -> Response {
+    if let Err(r) = realm_key(&node, &realm, &headers) {
+        return r;
+    }
+    match summaries(&node, &ctrl, &realm, kind, Some(&name))
+        .await
+        .first()
+    {
+        Some((s, r)) => Json(summary_json(s, r)).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "no_such_workload",
+            format!("{realm} has no {} named {name}", kind.word()),
+        ),
+    }
+}
+
+/// Signs the next record of `name` (`manifest` None: a tombstone) with the bearer key and
+/// hands it in. `kind` is what the route serves (a manifest of the other kind is refused);
+/// `create` refuses a name that is live already.
+async fn sign_and_hand_in(
+    node: Arc<Node>,
+    realm: &str,
+    key: &str,
+    name: &str,
+    manifest: Option<String>,
+    kind: Kind,
+    create: bool,
+) -> Response {
+    let current = {
+        let records = node.workloads.records.lock();
+        let found = records
+            .all()
+            .find(|r| r.realm == realm && r.name == name)
+            .map(|r| (r.seq, r.manifest.clone()));
+        found
+    };
+    let live_kind = current
+        .as_ref()
+        .and_then(|(_, m)| macula_workloads::parse(m.as_deref()?).ok())
+        .map(|m| Kind::of(&m));
+    match (&manifest, live_kind) {
+        (Some(_), Some(_)) if create => {
+            return error(
+                StatusCode::CONFLICT,
+                "already_exists",
+                format!(
+                    "{realm} has a workload named {name}: replace it with PUT, or delete it first"
+                ),
+            )
+        }
+        (None, None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "no_such_workload",
+                format!("{realm} has no {} named {name}", kind.word()),
+            )
+        }
+        (None, Some(k)) if k != kind => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "no_such_workload",
+                format!("{name} in {realm} is a {}, not a {}", k.word(), kind.word()),
+            )
+        }
+        _ => {}
+    }
+    let Some(public) = macula_router::auth::credential::public_form(key) else {
+        return error(
+            StatusCode::FORBIDDEN,
+            errors::NOT_AUTHORIZED,
+            "this key cannot sign deploy records (a key of an older format): issue a new one",
+        );
+    };
+    let seq = current.map_or(0, |c| c.0) + 1;
+    let record = DeployRecord::signed(realm, name, seq, manifest, now_secs(), &public, |d| {
+        macula_router::auth::credential::bearer_proof(key, d)
+    });
+    let Some(record) = record else {
+        return error(
+            StatusCode::FORBIDDEN,
+            errors::NOT_AUTHORIZED,
+            "this key cannot sign deploy records",
+        );
+    };
+    hand_in(node, realm, record).await
+}
+
+/// A manifest in a request body (YAML or JSON), of `kind`, with its workload's name.
+fn manifest_of(body: &[u8], kind: Kind, name: Option<&str>) -> Result<(String, String), Response> {
+    let text = std::str::from_utf8(body).map_err(|_| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_manifest",
+            "the manifest is not UTF-8 text",
+        )
+    })?;
+    let m = macula_workloads::parse(text).map_err(|e| {
+        error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_manifest",
+            e.to_string(),
+        )
+    })?;
+    if Kind::of(&m) != kind {
+        return Err(error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_manifest",
+            format!(
+                "this manifest is a {}: send it to /{}s",
+                Kind::of(&m).word(),
+                Kind::of(&m).word()
+            ),
+        ));
+    }
+    let n = m.workload().name.clone();
+    if let Some(want) = name.filter(|w| **w != n) {
+        return Err(error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_manifest",
+            format!("the manifest names {n}, the path {want}"),
+        ));
+    }
+    Ok((n, text.to_owned()))
+}
+
+macro_rules! kind_routes {
+    ($kind:expr, $list:ident, $get:ident, $create:ident, $replace:ident, $delete:ident) => {
+        pub(super) async fn $list(
+            State(node): State<Arc<Node>>,
+            Extension(ctrl): Extension<Arc<Controller>>,
+            Path(realm): Path<String>,
+            headers: HeaderMap,
+        ) -> Response {
+            list(node, ctrl, realm, headers, $kind).await
+        }
+
+        pub(super) async fn $get(
+            State(node): State<Arc<Node>>,
+            Extension(ctrl): Extension<Arc<Controller>>,
+            Path((realm, name)): Path<(String, String)>,
+            headers: HeaderMap,
+        ) -> Response {
+            one(node, ctrl, realm, name, headers, $kind).await
+        }
+
+        pub(super) async fn $create(
+            State(node): State<Arc<Node>>,
+            Path(realm): Path<String>,
+            headers: HeaderMap,
+            body: axum::body::Bytes,
+        ) -> Response {
+            let key = match realm_key(&node, &realm, &headers) {
+                Ok(k) => k,
+                Err(r) => return r,
+            };
+            match manifest_of(&body, $kind, None) {
+                Ok((name, text)) => {
+                    sign_and_hand_in(node, &realm, &key, &name, Some(text), $kind, true).await
+                }
+                Err(r) => r,
+            }
+        }
+
+        pub(super) async fn $replace(
+            State(node): State<Arc<Node>>,
+            Path((realm, name)): Path<(String, String)>,
+            headers: HeaderMap,
+            body: axum::body::Bytes,
+        ) -> Response {
+            let key = match realm_key(&node, &realm, &headers) {
+                Ok(k) => k,
+                Err(r) => return r,
+            };
+            match manifest_of(&body, $kind, Some(&name)) {
+                Ok((name, text)) => {
+                    sign_and_hand_in(node, &realm, &key, &name, Some(text), $kind, false).await
+                }
+                Err(r) => r,
+            }
+        }
+
+        pub(super) async fn $delete(
+            State(node): State<Arc<Node>>,
+            Path((realm, name)): Path<(String, String)>,
+            headers: HeaderMap,
+        ) -> Response {
+            let key = match realm_key(&node, &realm, &headers) {
+                Ok(k) => k,
+                Err(r) => return r,
+            };
+            sign_and_hand_in(node, &realm, &key, &name, None, $kind, false).await
+        }
+    };
+}
+
+kind_routes!(
+    Kind::Payload,
+    list_payloads,
+    get_payload,
+    create_payload,
+    replace_payload,
+    delete_payload
+);
+kind_routes!(
+    Kind::Job,
+    list_jobs,
+    get_job,
+    create_job,
+    replace_job,
+    delete_job
+);

@@ -329,11 +329,7 @@ fn on_lease_request(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, bytes
     let Ok(req) = serde_json::from_slice::<Request>(bytes) else {
         return rejected(mesh, &peer, "lease_request", "not a lease request");
     };
-    let (slot, holder) = match &req {
-        Request::Acquire { slot, holder, .. }
-        | Request::Release { slot, holder, .. }
-        | Request::Provisional { slot, holder } => (slot, holder),
-    };
+    let (slot, holder) = req.slot_holder();
     let me = peer.to_string();
     if *holder != me {
         return rejected(

@@ -78,13 +78,9 @@ impl LeaseAuthority {
     /// Answers `req`. A changed promise is written before the answer is returned; if it cannot
     /// be written, the answer is a refusal (a promise not kept must not be given).
     pub fn handle(&self, req: &Request) -> Reply {
-        let (slot, holder) = match req {
-            Request::Acquire { slot, holder, .. }
-            | Request::Release { slot, holder, .. }
-            | Request::Provisional { slot, holder } => (slot, holder),
-        };
+        let (slot, holder) = req.slot_holder();
         let full = || Reply::Refused {
-            slot: slot.clone(),
+            slot: slot.to_owned(),
             why: Refusal::Full,
         };
         let mut inner = self.inner.lock();
@@ -101,7 +97,7 @@ impl LeaseAuthority {
         }
         let (reply, changed) = a.handle(req, now_ms());
         if new && a.knows(slot) {
-            *made_by.entry(holder.clone()).or_default() += 1;
+            *made_by.entry(holder.to_owned()).or_default() += 1;
         }
         if changed.is_some() {
             if let Some(f) = &self.file {
@@ -137,6 +133,7 @@ mod tests {
             slot: format!("com.example/p/{i}"),
             holder: holder.into(),
             token: 1,
+            seq: 1,
         };
         for i in 0..MAX_SLOTS_PER_PEER {
             assert!(matches!(a.handle(&ask("greedy", i)), Reply::Granted { .. }));

@@ -31,7 +31,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use macula_mesh::{Frame, Peer as PeerId};
-use macula_workloads::lease::{self, Acquisition, Outcome, Reply, Request};
+use macula_workloads::lease::{
+    self, Acquisition, Completing, Completion, Counted, Outcome, Reply, Request,
+};
 use macula_workloads::placement::{award, candidates, why_pending, Capacity, Ledger, Score, Unfit};
 use macula_workloads::runtime::process::{LogBuffer, LogLimits, Start, Stream};
 use macula_workloads::runtime::supervisor::{supervise, ReplicaState, Supervised};
@@ -95,6 +97,16 @@ struct Wanted {
     manifest: Arc<Manifest>,
 }
 
+/// A job's completion slots known to be done, for its record `seq`: the run that counts, and
+/// since when this node knows (Unix seconds).
+#[derive(Default)]
+struct JobDone {
+    seq: u64,
+    slots: BTreeMap<u32, (Completion, u64)>,
+    /// A run failed (it used up its `backoff_limit`): the job failed, nothing more runs.
+    failed: bool,
+}
+
 #[derive(Default)]
 struct State {
     ledger: Option<Ledger>,
@@ -120,6 +132,8 @@ struct State {
     unlinked: HashMap<String, (Instant, Instant)>,
     /// Nodes this node has been linked with (a node that left is not waited for).
     ever_linked: HashSet<String>,
+    /// Jobs by (realm, name): their completions that are done.
+    jobs: HashMap<(String, String), JobDone>,
 }
 
 struct Held {
@@ -133,6 +147,11 @@ struct Held {
     logs: Arc<LogBuffer>,
     /// The replica's identity (revoked when it stops).
     ticket: Option<String>,
+    /// A job's run being put to the slot's authorities to accept (and those that answered).
+    completing: Option<(Completing, HashSet<String>)>,
+    /// The run of a job's completion the authorities named when granting the slot: put to
+    /// them instead of running the job again.
+    adopted: Option<Completion>,
 }
 
 struct Acq {
@@ -293,6 +312,10 @@ impl Controller {
                 },
             );
         }
+        let st = self.state.lock();
+        for (realm, name) in st.jobs.keys() {
+            self.share_done(&st, realm, name, None);
+        }
     }
 
     fn next_id(&self) -> u64 {
@@ -373,13 +396,33 @@ impl Controller {
                 _ => match macula_workloads::parse(text) {
                     Ok(m) => {
                         let m = Arc::new(m);
-                        st.manifests.insert(key, (r.seq, m.clone()));
+                        st.manifests.insert(key.clone(), (r.seq, m.clone()));
                         m
                     }
                     Err(_) => continue,
                 },
             };
-            for i in 0..wire::slots_of(&m) {
+            let slots = match &*m {
+                Manifest::Payload(p) => (0..p.replicas).collect(),
+                Manifest::Job(j) => {
+                    let jd = st.jobs.entry(key.clone()).or_default();
+                    if jd.seq != r.seq {
+                        *jd = JobDone {
+                            seq: r.seq,
+                            ..JobDone::default()
+                        };
+                    }
+                    let late = j
+                        .active_deadline
+                        .is_some_and(|d| now_secs() >= r.issued_at.saturating_add(d.as_secs()));
+                    if jd.failed || late {
+                        vec![]
+                    } else {
+                        wire::runnable(j.completions, j.parallelism, |i| jd.slots.contains_key(&i))
+                    }
+                }
+            };
+            for i in slots {
                 out.insert(
                     wire::slot(&r.realm, &r.name, i),
                     Wanted {
@@ -393,7 +436,62 @@ impl Controller {
             }
         }
         st.manifests.retain(|k, _| seen.contains(k));
+        let manifests = &st.manifests;
+        st.jobs.retain(|k, _| manifests.contains_key(k));
         out
+    }
+
+    /// Takes `c` as the run of job completion `slot` that counts, if it is for the record this
+    /// node has (and within its completions).
+    fn learn_done(&self, st: &mut State, slot: &str, c: Completion) {
+        let Some((realm, name, i)) = wire::parse_slot(slot) else {
+            return;
+        };
+        let key = (realm.to_owned(), name.to_owned());
+        let fits = matches!(st.manifests.get(&key), Some((seq, m))
+            if *seq == c.seq && matches!(&**m, Manifest::Job(j) if i < j.completions));
+        if !fits {
+            return;
+        }
+        let jd = st.jobs.entry(key).or_default();
+        if jd.seq != c.seq {
+            *jd = JobDone {
+                seq: c.seq,
+                ..JobDone::default()
+            };
+        }
+        jd.failed |= !c.ok;
+        jd.slots.entry(i).or_insert((c, now_secs()));
+    }
+
+    /// Tells the realm's nodes which completions of `realm`/`name` are done (all this node
+    /// knows, or `only` one).
+    fn share_done(&self, st: &State, realm: &str, name: &str, only: Option<u32>) {
+        let Some(jd) = st.jobs.get(&(realm.to_owned(), name.to_owned())) else {
+            return;
+        };
+        let done: Vec<(u32, Completion)> = jd
+            .slots
+            .iter()
+            .filter(|(i, _)| only.is_none_or(|o| o == **i))
+            .take(wire::MAX_STATUS_ENTRIES)
+            .map(|(i, (c, _))| (*i, c.clone()))
+            .collect();
+        if done.is_empty() {
+            return;
+        }
+        for p in self.members(realm) {
+            if p != self.me() {
+                self.send(
+                    &p,
+                    Work::Done {
+                        realm: realm.to_owned(),
+                        name: name.to_owned(),
+                        done: done.clone(),
+                    },
+                );
+            }
+        }
     }
 
     fn tick(&self) {
@@ -447,6 +545,9 @@ impl Controller {
                     h.seq = w.seq;
                     h.since = now_secs();
                 }
+            }
+            if matches!(&*w.manifest, Manifest::Job(_)) {
+                self.report_if_ended(&mut st, &slot, now, &members_of(&w.realm));
             }
             let renew_due = st
                 .held
@@ -757,6 +858,15 @@ impl Controller {
                     }
                 }
             }
+            Work::Done { realm, name, done } => {
+                if !self.may_serve(&realm, from) {
+                    return;
+                }
+                let mut st = self.state.lock();
+                for (i, c) in done.into_iter().take(wire::MAX_STATUS_ENTRIES) {
+                    self.learn_done(&mut st, &wire::slot(&realm, &name, i), c);
+                }
+            }
             w @ (Work::Status { id, .. } | Work::Logs { id, .. }) => {
                 if let Some(tx) = self.waits.lock().get(&id) {
                     let _ = tx.send(w);
@@ -836,6 +946,7 @@ impl Controller {
             slot,
             self.me(),
             token,
+            seq,
             &auths,
             now_ms(),
             self.term_ms,
@@ -858,13 +969,11 @@ impl Controller {
     }
 
     fn on_lease_reply(&self, from: &str, reply: Reply) {
-        let slot = match &reply {
-            Reply::Granted { slot, .. }
-            | Reply::Refused { slot, .. }
-            | Reply::Released { slot }
-            | Reply::GrantedProvisional { slot } => slot.clone(),
-        };
+        let slot = reply.slot().to_owned();
         let mut st = self.state.lock();
+        if matches!(reply, Reply::Completed { .. } | Reply::NotCompleted { .. }) {
+            return self.on_completion_reply(&mut st, from, &slot, &reply);
+        }
         let Some(a) = st.acquiring.get_mut(&slot) else {
             return;
         };
@@ -882,6 +991,86 @@ impl Controller {
         }
     }
 
+    /// When the run of job completion `slot` held here has ended (or the authorities named an
+    /// earlier run), puts it to the slot's authorities to accept (again, when the last ask went
+    /// unanswered for two seconds).
+    fn report_if_ended(&self, st: &mut State, slot: &str, now: u64, nodes: &[String]) {
+        let me = self.me().to_owned();
+        let Some(h) = st.held.get_mut(slot) else {
+            return;
+        };
+        let ended = |ok| Completion {
+            seq: h.seq,
+            holder: me.clone(),
+            token: h.token,
+            ok,
+        };
+        let run = match (
+            &h.adopted,
+            h.replica.as_ref().map(|r| r.state.borrow().clone()),
+        ) {
+            (Some(run), _) => run.clone(),
+            (None, Some(ReplicaState::Succeeded)) => ended(true),
+            (None, Some(ReplicaState::Failed { .. })) => ended(false),
+            _ => return,
+        };
+        if h.completing
+            .as_ref()
+            .is_some_and(|(c, _)| now < c.started_ms() + 2 * BID_WAIT.as_millis() as u64)
+        {
+            return;
+        }
+        let auths: Vec<String> = lease::authorities(slot, nodes, lease::AUTHORITIES)
+            .into_iter()
+            .cloned()
+            .collect();
+        let (c, reqs) = Completing::start(slot, &me, h.token, run, &auths, now);
+        h.completing = Some((c, HashSet::new()));
+        for (a, req) in reqs {
+            self.send_lease(&a, req);
+        }
+    }
+
+    /// An authority's answer to a report that a job's run ended: once a majority recorded it,
+    /// the run counts and the slot is done; once a majority cannot, it does not count.
+    fn on_completion_reply(&self, st: &mut State, from: &str, slot: &str, reply: &Reply) {
+        let Some((c, answered)) = st.held.get_mut(slot).and_then(|h| h.completing.as_mut()) else {
+            return;
+        };
+        let authority = lease::authorities(slot, &self.members_for_slot(slot), lease::AUTHORITIES)
+            .iter()
+            .any(|a| **a == from);
+        if !authority || !answered.insert(from.to_owned()) {
+            return;
+        }
+        match c.on_reply(reply) {
+            Counted::Pending => {}
+            Counted::Yes => {
+                let done = c.run.clone();
+                tracing::info!(
+                    slot,
+                    holder = done.holder,
+                    token = done.token,
+                    ok = done.ok,
+                    "job run counted"
+                );
+                self.learn_done(st, slot, done);
+                self.stop(st, slot, true, "its run is counted");
+                if let Some((realm, name, i)) = wire::parse_slot(slot) {
+                    self.share_done(st, realm, name, Some(i));
+                }
+            }
+            Counted::No => {
+                self.stop(
+                    st,
+                    slot,
+                    true,
+                    "its run was not accepted (its lease is not current)",
+                );
+            }
+        }
+    }
+
     fn members_for_slot(&self, slot: &str) -> Vec<String> {
         wire::parse_slot(slot)
             .map(|(realm, _, _)| self.members(realm))
@@ -895,6 +1084,7 @@ impl Controller {
             Outcome::Held {
                 token,
                 valid_until_ms,
+                accepted,
             } => {
                 let k = st.known_token.entry(slot.to_owned()).or_default();
                 *k = (*k).max(token);
@@ -933,8 +1123,17 @@ impl Controller {
                 let took = a.waited_ms + now_ms().saturating_sub(a.acq.started_ms());
                 w_metrics.schedule_seconds.observe(took as f64 / 1e3);
                 let logs = Arc::new(LogBuffer::new(LOG_LINES));
-                let ticket = self.ticket_for(w);
-                let replica = self.start_replica(w, token, logs.clone(), ticket.as_deref());
+                // A job's completion whose run the authorities already accepted does not run
+                // again: this node has that run accepted (see `lease`).
+                let adopted = accepted.filter(|r| r.seq == w.seq);
+                let (replica, ticket) = if adopted.is_some() {
+                    tracing::info!(slot, "a run of this completion was accepted: confirming it");
+                    (None, None)
+                } else {
+                    let ticket = self.ticket_for(w);
+                    let replica = self.start_replica(w, token, logs.clone(), ticket.as_deref());
+                    (Some(replica), ticket)
+                };
                 st.pending.remove(slot);
                 st.held.insert(
                     slot.to_owned(),
@@ -944,9 +1143,11 @@ impl Controller {
                         renewed_at: a.acq.started_ms(),
                         seq: a.seq,
                         since: now_secs(),
-                        replica: Some(replica),
+                        replica,
                         logs,
                         ticket,
+                        completing: None,
+                        adopted,
                     },
                 );
             }
@@ -1176,6 +1377,25 @@ impl Controller {
                 since: h.since,
             });
         }
+        for ((r, name), jd) in &st.jobs {
+            if r != realm {
+                continue;
+            }
+            for (i, (c, since)) in &jd.slots {
+                out.push(ReplicaStatus {
+                    realm: r.clone(),
+                    name: name.clone(),
+                    replica: *i,
+                    node: c.holder.clone(),
+                    seq: c.seq,
+                    state: if c.ok { "succeeded" } else { "failed" }.into(),
+                    detail: None,
+                    restarts: 0,
+                    token: c.token,
+                    since: *since,
+                });
+            }
+        }
         for (slot, (why, since)) in &st.pending {
             let Some((r, name, i)) = wire::parse_slot(slot) else {
                 continue;
@@ -1288,11 +1508,14 @@ impl Controller {
             .collect();
         all.retain(|r| r.state != "pending" || !running.contains(&(r.name.clone(), r.replica)));
         all.sort_by(|a, b| (&a.name, a.replica, &a.node).cmp(&(&b.name, b.replica, &b.node)));
+        // The same slot as several nodes know it (pending, or a job's run that counts) once.
+        all.sort_by(|a, b| {
+            (&a.name, a.replica, &a.state, &a.node, a.token)
+                .cmp(&(&b.name, b.replica, &b.state, &b.node, b.token))
+        });
         all.dedup_by(|a, b| {
-            a.name == b.name
-                && a.replica == b.replica
-                && a.state == "pending"
-                && b.state == "pending"
+            (&a.name, a.replica, &a.state, &a.node, a.token)
+                == (&b.name, b.replica, &b.state, &b.node, b.token)
         });
         all
     }
