@@ -104,6 +104,9 @@ pub struct ReplicaStatus {
     /// free; the most free is 2.0 GiB on n3").
     pub detail: Option<String>,
     pub restarts: u32,
+    /// Running and passing its readiness check (a replica without one: running).
+    #[serde(default)]
+    pub ready: bool,
     /// The lease's fencing token (0: a provisional lease, or none).
     pub token: u64,
     /// Unix seconds since when it runs here (or is pending).
@@ -119,7 +122,8 @@ pub struct Summary {
     pub kind: String,
     pub seq: u64,
     pub desired: u32,
-    /// Replicas running the record's version (`updated`) and any version (`running`).
+    /// Replicas running any version (`running`), and running the record's version and ready
+    /// (`updated`).
     pub running: u32,
     pub updated: u32,
     pub pending: u32,
@@ -147,7 +151,7 @@ pub fn summarize(
     let mine = || replicas.iter().filter(|r| r.name == name);
     let count = |f: &dyn Fn(&ReplicaStatus) -> bool| mine().filter(|r| f(r)).count() as u32;
     let running = count(&|r| r.state == "running");
-    let updated = count(&|r| r.state == "running" && r.seq == seq);
+    let updated = count(&|r| r.state == "running" && r.ready && r.seq == seq);
     let pending = count(&|r| r.state == "pending");
     let succeeded = count(&|r| r.state == "succeeded" && r.seq == seq);
     let failed = count(&|r| r.state == "failed" && r.seq == seq);

@@ -282,9 +282,10 @@ async fn flooding_output_costs_a_bounded_amount() {
 
 mod supervised {
     use super::*;
+    use macula_workloads::runtime::health::{self, Health, Target};
     use macula_workloads::runtime::process::LogBuffer;
     use macula_workloads::runtime::supervisor::{supervise, ReplicaState};
-    use macula_workloads::{Restart, RestartPolicy};
+    use macula_workloads::{Check, PortRef, Probe, Restart, RestartPolicy};
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -341,6 +342,7 @@ mod supervised {
             restart(RestartPolicy::Always),
             None,
             logs.clone(),
+            Health::default(),
             starter(name, tmp.path().into(), "echo run; exit 3"),
         );
         let mut delays = vec![];
@@ -373,6 +375,7 @@ mod supervised {
             restart(RestartPolicy::OnFailure),
             Some(2),
             logs.clone(),
+            Health::default(),
             starter(name.clone(), tmp.path().into(), "echo try; exit 1"),
         );
         let end = until(&mut sup.state, ReplicaState::is_final).await;
@@ -389,6 +392,7 @@ mod supervised {
             restart(RestartPolicy::OnFailure),
             Some(2),
             Arc::new(LogBuffer::new(10)),
+            Health::default(),
             starter(name, tmp.path().into(), "true"),
         );
         assert_eq!(
@@ -408,6 +412,7 @@ mod supervised {
             restart(RestartPolicy::Always),
             None,
             Arc::new(LogBuffer::new(10)),
+            Health::default(),
             starter(name, tmp.path().into(), "sleep 300"),
         );
         until(&mut sup.state, |s| {
@@ -420,4 +425,170 @@ mod supervised {
             .expect("stopped in time");
         assert_eq!(*rx.borrow_and_update(), ReplicaState::Stopped);
     }
+
+    fn probe(check: Check) -> Probe {
+        Probe {
+            check,
+            initial_delay: Duration::ZERO,
+            period: Duration::from_millis(50),
+            timeout: Duration::from_millis(500),
+            failure_threshold: 3,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replica_is_ready_once_its_readiness_check_passes() {
+        let name = format!("test-ready-{}", std::process::id());
+        if !usable(&name) {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir: PathBuf = tmp.path().into();
+        // Ready once it made a file in its working directory (an exec check run as it).
+        let health = Health {
+            readiness: Some(probe(Check::Exec {
+                command: vec!["test".into(), "-f".into(), "ready".into()],
+            })),
+            target: Target {
+                shim: PathBuf::from(SHIM),
+                spec: Some(spec(&dir, "", &[])),
+                ..Target::default()
+            },
+            ..Health::default()
+        };
+        let mut sup = supervise(
+            restart(RestartPolicy::Always),
+            None,
+            Arc::new(LogBuffer::new(10)),
+            health,
+            starter(name, dir, "sleep 0.5; touch ready; sleep 300"),
+        );
+        let first = until(&mut sup.state, |s| {
+            matches!(s, ReplicaState::Running { .. })
+        })
+        .await;
+        assert_eq!(
+            first,
+            ReplicaState::Running {
+                restarts: 0,
+                ready: false
+            }
+        );
+        until(&mut sup.state, |s| {
+            *s == ReplicaState::Running {
+                restarts: 0,
+                ready: true,
+            }
+        })
+        .await;
+        sup.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_replica_failing_its_liveness_check_is_restarted() {
+        let name = format!("test-live-{}", std::process::id());
+        if !usable(&name) {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        // Nothing listens on the port the check names.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let health = Health {
+            liveness: Some(probe(Check::Tcp {
+                port: PortRef::Named("http".into()),
+            })),
+            target: Target {
+                ports: [("http".to_owned(), port)].into(),
+                ..Target::default()
+            },
+            ..Health::default()
+        };
+        let mut sup = supervise(
+            restart(RestartPolicy::Always),
+            None,
+            Arc::new(LogBuffer::new(10)),
+            health,
+            starter(name, tmp.path().into(), "sleep 300"),
+        );
+        let s = until(&mut sup.state, |s| {
+            matches!(s, ReplicaState::BackOff { .. })
+        })
+        .await;
+        let ReplicaState::BackOff {
+            last_exit,
+            restarts,
+            ..
+        } = s
+        else {
+            unreachable!()
+        };
+        assert_eq!(restarts, 1);
+        assert!(
+            last_exit.contains("liveness check failed") && last_exit.contains(&port.to_string()),
+            "{last_exit}"
+        );
+        assert!(last_exit.contains("3 times in a row"), "{last_exit}");
+        sup.stop().await;
+    }
+}
+
+/// The checks themselves, against a real HTTP server and a closed port.
+#[tokio::test]
+async fn http_and_tcp_checks_tell_a_good_answer_from_a_bad_one() {
+    use macula_workloads::runtime::health::{check, Target};
+    use macula_workloads::{Check, PortRef};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 1024];
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let answer = if req.starts_with("GET /healthz ") {
+                "HTTP/1.0 200 OK\r\n\r\nok"
+            } else if req.starts_with("GET /slow ") {
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                "HTTP/1.0 200 OK\r\n\r\n"
+            } else {
+                "HTTP/1.0 503 Service Unavailable\r\n\r\n"
+            };
+            let _ = s.write_all(answer.as_bytes()).await;
+        }
+    });
+    let target = Target {
+        ports: [("http".to_owned(), port)].into(),
+        ..Target::default()
+    };
+    let t = std::time::Duration::from_millis(500);
+    let http = |path: &str| Check::Http {
+        path: path.into(),
+        port: PortRef::Named("http".into()),
+    };
+    assert_eq!(check(&http("/healthz"), &target, t).await, Ok(()));
+    let bad = check(&http("/down"), &target, t).await.unwrap_err();
+    assert!(bad.contains("503"), "{bad}");
+    let slow = check(&http("/slow"), &target, t).await.unwrap_err();
+    assert!(slow.contains("no answer within"), "{slow}");
+    let tcp = Check::Tcp {
+        port: PortRef::Number(port),
+    };
+    assert_eq!(check(&tcp, &target, t).await, Ok(()));
+    let unknown = check(
+        &Check::Tcp {
+            port: PortRef::Named("admin".into()),
+        },
+        &target,
+        t,
+    )
+    .await
+    .unwrap_err();
+    assert!(unknown.contains("no port named"), "{unknown}");
 }

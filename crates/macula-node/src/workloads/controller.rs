@@ -35,6 +35,7 @@ use macula_workloads::lease::{
     self, Acquisition, Completing, Completion, Counted, Outcome, Reply, Request,
 };
 use macula_workloads::placement::{award, candidates, why_pending, Capacity, Ledger, Score, Unfit};
+use macula_workloads::runtime::health::{Health, Target};
 use macula_workloads::runtime::process::{LogBuffer, LogLimits, Start, Stream};
 use macula_workloads::runtime::supervisor::{supervise, ReplicaState, Supervised};
 use macula_workloads::runtime::{default_read_only, ExecSpec};
@@ -1281,8 +1282,10 @@ impl Controller {
         if let Some(t) = ticket {
             set("MACULA_KEY", t.to_owned());
         }
+        let mut ports = BTreeMap::new();
         for (i, p) in wl.ports.iter().enumerate() {
             let port = p.port.or_else(free_port).unwrap_or(0);
+            ports.insert(p.name.clone(), port);
             set(
                 &format!("PORT_{}", p.name.to_uppercase().replace('-', "_")),
                 port.to_string(),
@@ -1313,6 +1316,7 @@ impl Controller {
             read_write: vec![],
             require_sandbox: self.node.config.workloads.require_sandbox,
         };
+        let spec_for_checks = spec.clone();
         let cgroup = self.cgroup_name(&slot);
         let (shim, shim_args) = self.shim.clone();
         let require_limits = self.node.config.workloads.require_limits;
@@ -1344,7 +1348,17 @@ impl Controller {
             Manifest::Job(j) => Some(j.backoff_limit),
             Manifest::Payload(_) => None,
         };
-        supervise(wl.restart.clone(), backoff_limit, logs, start)
+        let health = Health {
+            liveness: wl.liveness.clone(),
+            readiness: wl.readiness.clone(),
+            target: Target {
+                ports,
+                shim: self.shim.0.clone(),
+                shim_args: self.shim.1.clone(),
+                spec: Some(spec_for_checks),
+            },
+        };
+        supervise(wl.restart.clone(), backoff_limit, logs, health, start)
     }
 
     /// The replicas of `realm` this node runs, and the slots it could not place.
@@ -1373,6 +1387,7 @@ impl Controller {
                 state: word.into(),
                 detail,
                 restarts,
+                ready: matches!(state, ReplicaState::Running { ready: true, .. }),
                 token: h.token,
                 since: h.since,
             });
@@ -1391,6 +1406,7 @@ impl Controller {
                     state: if c.ok { "succeeded" } else { "failed" }.into(),
                     detail: None,
                     restarts: 0,
+                    ready: false,
                     token: c.token,
                     since: *since,
                 });
@@ -1416,6 +1432,7 @@ impl Controller {
                 state: "pending".into(),
                 detail: Some(why.clone()),
                 restarts: 0,
+                ready: false,
                 token: 0,
                 since: *since,
             });
@@ -1557,7 +1574,18 @@ impl Controller {
 fn describe(s: &ReplicaState) -> (&'static str, Option<String>, u32) {
     match s {
         ReplicaState::Starting { restarts } => ("starting", None, *restarts),
-        ReplicaState::Running { restarts } => ("running", None, *restarts),
+        ReplicaState::Running {
+            restarts,
+            ready: true,
+        } => ("running", None, *restarts),
+        ReplicaState::Running {
+            restarts,
+            ready: false,
+        } => (
+            "running",
+            Some("not ready: its readiness check does not pass yet".into()),
+            *restarts,
+        ),
         ReplicaState::BackOff {
             restarts,
             delay,

@@ -9,6 +9,7 @@
 //! node's many threads (and their allocator locks) out of the forked child.
 
 pub mod cgroup;
+pub mod health;
 pub mod process;
 pub mod sandbox;
 pub mod supervisor;

@@ -1,12 +1,14 @@
 //! Keeping one replica running on its node: restart by policy, with exponential back-off while
 //! it keeps failing (shown as `BackOff`, as Kubernetes shows CrashLoopBackOff), and the end of a
-//! job's run. The slot's lease (held or lost) is the node's business; it stops the supervisor.
+//! job's run. Its health checks run beside it (`super::health`): a failing liveness check
+//! restarts it as a failure; readiness is shown in its state. The slot's lease (held or lost) is the node's business; it stops the supervisor.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
+use super::health::{self, Health};
 use super::process::{LogBuffer, ProcessReplica, Start};
 use crate::manifest::{Restart, RestartPolicy};
 
@@ -18,6 +20,8 @@ pub enum ReplicaState {
     },
     Running {
         restarts: u32,
+        /// Its readiness check passes (no check: as soon as it runs).
+        ready: bool,
     },
     /// Failed; starts again after `delay` (`restarts` failures in a row so far).
     BackOff {
@@ -72,12 +76,14 @@ impl Supervised {
     }
 }
 
-/// Supervises the replica that `start` describes (called again for each restart).
-/// `backoff_limit`: for a job, the failed runs after which it fails (None for a payload).
+/// Supervises the replica that `start` describes (called again for each restart), checking
+/// its `health`. `backoff_limit`: for a job, the failed runs after which it fails (None for a
+/// payload).
 pub fn supervise<F>(
     restart: Restart,
     backoff_limit: Option<u32>,
     logs: Arc<LogBuffer>,
+    health: Health,
     start: F,
 ) -> Supervised
 where
@@ -93,13 +99,48 @@ where
             let began = Instant::now();
             let exit = match ProcessReplica::start(start(logs2.clone())).await {
                 Ok(mut r) => {
-                    let _ = tx.send(ReplicaState::Running { restarts: failures });
+                    let restarts = failures;
+                    let ready = |ready| {
+                        tx.send_if_modified(|s| {
+                            let now = ReplicaState::Running { restarts, ready };
+                            let changed = *s != now;
+                            *s = now;
+                            changed
+                        });
+                    };
+                    ready(health.readiness.is_none());
+                    let readiness = async {
+                        let Some(p) = &health.readiness else {
+                            return std::future::pending().await;
+                        };
+                        loop {
+                            health::watch(p, &health.target, |r| {
+                                if r.is_ok() {
+                                    ready(true)
+                                }
+                            })
+                            .await;
+                            ready(false);
+                        }
+                    };
+                    let liveness = async {
+                        match &health.liveness {
+                            Some(p) => health::watch(p, &health.target, |_| {}).await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         status = r.wait() => match status {
                             Ok(s) if s.success() => Ok(()),
                             Ok(s) => Err(format!("{s}")),
                             Err(e) => Err(e.to_string()),
                         },
+                        why = liveness => {
+                            r.kill();
+                            let _ = r.wait().await;
+                            Err(format!("liveness check failed: {why}"))
+                        }
+                        never = readiness => never,
                         _ = stop2.notified() => {
                             r.kill();
                             let _ = r.wait().await;
