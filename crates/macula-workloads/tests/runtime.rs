@@ -282,7 +282,7 @@ async fn flooding_output_costs_a_bounded_amount() {
 
 mod supervised {
     use super::*;
-    use macula_workloads::runtime::health::{self, Health, Target};
+    use macula_workloads::runtime::health::{Health, Target};
     use macula_workloads::runtime::process::LogBuffer;
     use macula_workloads::runtime::supervisor::{supervise, ReplicaState};
     use macula_workloads::{Check, PortRef, Probe, Restart, RestartPolicy};
