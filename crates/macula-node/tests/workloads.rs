@@ -288,9 +288,11 @@ async fn payloads_and_jobs_are_plain_rest_with_a_realm_key() {
     assert_eq!(v["items"][0]["kind"], "payload", "{v}");
     assert_eq!(v["items"][0]["desired"], 2, "{v}");
     // The record is the key holder's: the node's own key signed nothing.
-    let records = t.node().workloads.records.lock();
-    let kept = records.all().find(|r| r.name == "api").unwrap().clone();
-    drop(records);
+    let kept = {
+        let records = t.node().workloads.records.lock();
+        let r = records.all().find(|r| r.name == "api").unwrap().clone();
+        r
+    };
     assert_eq!(Some(kept.key), public_form(&developer));
 
     // Replaced; a body naming another workload than the path is refused.
