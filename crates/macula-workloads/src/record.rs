@@ -13,7 +13,7 @@
 //! Keys, roles and signatures are the node's (`macula-router`'s credentials): this module takes
 //! them as closures and stays free of them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -26,6 +26,9 @@ const DOMAIN: &[u8] = b"macula-deploy-record-v1";
 /// of manifests: what one tenant's records can cost every node of the mesh.
 pub const MAX_PER_REALM: usize = 1_000;
 pub const MAX_BYTES_PER_REALM: usize = 8 << 20;
+/// Earlier versions kept per workload (for `macula rollout undo`); they count in the realm's
+/// bytes, and the oldest go first when the realm needs the room.
+pub const HISTORY: usize = 5;
 
 /// A signed deploy (see the module's documentation).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,10 +132,14 @@ pub struct Signer {
     pub role: String,
 }
 
-/// The records a node keeps: the newest per (realm, name), tombstones included.
+/// The records a node keeps: the newest per (realm, name), tombstones included, and a few
+/// earlier versions of each.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Records {
     by_realm: BTreeMap<String, BTreeMap<String, DeployRecord>>,
+    /// Earlier records with a manifest, newest first, at most [`HISTORY`] per workload.
+    #[serde(default)]
+    history: BTreeMap<String, BTreeMap<String, VecDeque<DeployRecord>>>,
 }
 
 impl Records {
@@ -206,8 +213,38 @@ impl Records {
         if bytes > MAX_BYTES_PER_REALM {
             return Err(Refused::Full);
         }
-        realm.insert(r.name.clone(), r);
+        let history = self.history.entry(r.realm.clone()).or_default();
+        if let Some(prev) = realm
+            .insert(r.name.clone(), r)
+            .filter(|p| p.manifest.is_some())
+        {
+            let h = history.entry(prev.name.clone()).or_default();
+            h.push_front(prev);
+            h.truncate(HISTORY);
+        }
+        // Room for the history within the realm's bytes: the oldest versions go first.
+        let mut total = bytes + history.values().flatten().map(size).sum::<usize>();
+        while total > MAX_BYTES_PER_REALM {
+            let Some(oldest) = history
+                .values_mut()
+                .filter(|h| !h.is_empty())
+                .min_by_key(|h| h.back().map_or(u64::MAX, |r| r.issued_at))
+            else {
+                break;
+            };
+            total -= oldest.pop_back().as_ref().map_or(0, size);
+        }
+        history.retain(|_, h| !h.is_empty());
         Ok(manifest)
+    }
+
+    /// The earlier versions of (realm, name) kept here, newest first.
+    pub fn history(&self, realm: &str, name: &str) -> impl Iterator<Item = &DeployRecord> {
+        self.history
+            .get(realm)
+            .and_then(|m| m.get(name))
+            .into_iter()
+            .flatten()
     }
 
     /// The newest record of (realm, name).

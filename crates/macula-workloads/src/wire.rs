@@ -224,6 +224,17 @@ pub fn slot(realm: &str, name: &str, i: u32) -> String {
     format!("{realm}/{name}/{i}")
 }
 
+/// Rollout permit `k` of `realm`/`name`: a lease slot like a replica's, whose name holds a `@`
+/// (which no workload's name does).
+pub fn permit(realm: &str, name: &str, k: u32) -> String {
+    format!("{realm}/{name}@rollout/{k}")
+}
+
+/// Whether `slot` is a rollout permit.
+pub fn is_permit(slot: &str) -> bool {
+    slot.contains("@rollout/")
+}
+
 /// A slot's realm, workload name and replica index. Realm and workload names hold no `/`.
 pub fn parse_slot(slot: &str) -> Option<(&str, &str, u32)> {
     let mut parts = slot.splitn(3, '/');

@@ -212,10 +212,40 @@ fn a_realm_keeps_a_bounded_number_of_workloads() {
         accept(&mut big, dev.record(&name, 1, Some(&padded(&name)))),
         Err(Refused::Full)
     );
+    // Earlier versions are kept (newest first, at most HISTORY), within the realm's bytes: a
+    // realm full of big manifests keeps its live ones and drops history first.
+    for seq in 2..(HISTORY as u64 + 4) {
+        let name = "b0";
+        let text = padded(name).replace("PAD:", &format!("V: \"{seq}\", PAD:"));
+        accept(&mut big, dev.record(name, seq, Some(&text))).unwrap();
+    }
+    let kept: Vec<u64> = big.history(REALM, "b0").map(|r| r.seq).collect();
+    assert!(kept.len() < HISTORY, "no room for all of it: {kept:?}");
+    assert_eq!(big.live(REALM).count(), fits, "the live ones all stay");
+    let all_bytes: usize = big
+        .all()
+        .chain(big.history(REALM, "b0"))
+        .filter_map(|r| r.manifest.as_ref().map(String::len))
+        .sum();
+    assert!(all_bytes <= MAX_BYTES_PER_REALM, "{all_bytes}");
+    let small = MANIFEST.replace("name: api", "name: w1");
+    for seq in 2..(HISTORY as u64 + 4) {
+        let text = small.replace("replicas: 2", &format!("replicas: {seq}"));
+        accept(&mut records, dev.record("w1", seq, Some(&text))).unwrap();
+    }
+    let kept: Vec<u64> = records.history(REALM, "w1").map(|r| r.seq).collect();
+    let newest = HISTORY as u64 + 3;
+    assert_eq!(
+        kept,
+        ((newest - HISTORY as u64)..newest)
+            .rev()
+            .collect::<Vec<_>>()
+    );
     // Records survive a round trip through their persisted form.
     let text = serde_json::to_string(&records).unwrap();
     let back: Records = serde_json::from_str(&text).unwrap();
     assert_eq!(back.get(REALM, "w0"), records.get(REALM, "w0"));
+    assert_eq!(back.history(REALM, "w1").count(), HISTORY);
 }
 
 /// With real API keys: the record is signed by the key's holder (the secret's Ed25519 key) and

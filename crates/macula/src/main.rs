@@ -118,6 +118,9 @@ enum Command {
     Delete(workload_cmds::DeleteArgs),
     /// The realm's jobs: completions that count, runs going, failures, state.
     Jobs(workload_cmds::JobsArgs),
+    /// A payload's versions: wait for a rolling update (status), list (history), go back (undo).
+    #[command(subcommand)]
+    Rollout(workload_cmds::RolloutCmd),
 }
 
 fn main() {
@@ -179,6 +182,7 @@ fn main() {
             Command::Scale(a) => workload_cmds::scale(a, json),
             Command::Delete(a) => workload_cmds::delete(a, json),
             Command::Jobs(a) => workload_cmds::jobs(a, json),
+            Command::Rollout(c) => workload_cmds::rollout(c, json),
         }
     });
     if let Err(e) = result {

@@ -124,6 +124,23 @@ impl NodeApi {
         Ok(serde_json::from_value(v["items"].clone()).unwrap_or_default())
     }
 
+    /// The newest record of `name` with a manifest: its sequence and manifest.
+    fn current(&self, name: &str) -> Result<(u64, Manifest)> {
+        let (_, seq, text) = self
+            .records()?
+            .into_iter()
+            .find(|(n, _, m)| n == name && m.is_some())
+            .ok_or_else(|| anyhow!("no workload {name} in {}", self.realm))?;
+        let m = macula_workloads::parse(&text.unwrap_or_default()).map_err(|e| anyhow!("{e}"))?;
+        Ok((seq, m))
+    }
+
+    /// The versions of `name` the node keeps, newest first (JSON items).
+    fn history(&self, name: &str) -> Result<Vec<Value>> {
+        let v = self.get(&format!("/workloads/{name}/history"))?;
+        Ok(v["items"].as_array().cloned().unwrap_or_default())
+    }
+
     /// The realm's jobs, summed up, as the node answers them (JSON items).
     fn jobs(&self) -> Result<Vec<Value>> {
         let v = self.get("/jobs")?;
@@ -345,8 +362,9 @@ fn progress(show: bool, len: u32) -> Option<indicatif::ProgressBar> {
     })
 }
 
-/// Waits until `want` replicas of `name` at version `seq` run (with a progress line on a
-/// terminal); returns them. Past `timeout`: an error with what is pending and why.
+/// Waits until payload `name` at version `seq` has `want` replicas running that version,
+/// ready, and no other (a rolling update has ended), with a progress bar on a terminal;
+/// returns its replicas. Past `timeout`: an error with what is pending and why.
 fn converge(
     api: &NodeApi,
     name: &str,
@@ -358,37 +376,40 @@ fn converge(
     let bar = progress(show, want);
     let deadline = Instant::now() + timeout;
     loop {
-        let all = api.replicas()?;
-        let mine: Vec<ReplicaStatus> = all.into_iter().filter(|r| r.name == name).collect();
-        let running: Vec<ReplicaStatus> = mine
-            .iter()
-            .filter(|r| r.seq == seq && r.state == "running" && r.replica < want)
-            .cloned()
-            .collect();
+        let v = api.get(&format!("/payloads/{name}"))?;
+        let s = summary_of(&v).filter(|s| s.seq == seq);
+        let replicas: Vec<ReplicaStatus> =
+            serde_json::from_value(v["replicas"].clone()).unwrap_or_default();
+        let updated = s.as_ref().map_or(0, |s| s.updated);
+        let running = s.as_ref().map_or(0, |s| s.running);
         if let Some(b) = &bar {
-            b.set_position(running.len() as u64);
-            b.set_message(format!("{name}: replicas running"));
+            b.set_position(updated.min(want) as u64);
+            b.set_message(format!("{name}: replicas updated and ready"));
         }
-        if running.len() as u32 >= want {
+        if updated >= want && running == want {
             if let Some(b) = bar {
                 b.finish_and_clear();
             }
             if show {
-                eprintln!("{name}: {want} of {want} replicas running");
+                eprintln!("{name}: {want} of {want} replicas running version {seq}");
             }
-            return Ok(running);
+            return Ok(replicas
+                .into_iter()
+                .filter(|r| r.state == "running" && r.seq == seq)
+                .collect());
         }
         if Instant::now() >= deadline {
             if let Some(b) = bar {
                 b.abandon();
             }
-            let why: Vec<String> = mine
+            let why: Vec<String> = replicas
                 .iter()
-                .filter(|r| r.state != "running")
+                .filter(|r| r.state != "running" || !r.ready || r.seq != seq)
                 .map(|r| {
                     format!(
-                        "replica {}: {}{}",
+                        "replica {} (version {}): {}{}",
                         r.replica,
+                        r.seq,
                         r.state,
                         r.detail
                             .as_deref()
@@ -398,14 +419,186 @@ fn converge(
                 })
                 .collect();
             bail!(
-                "{name}: {} of {want} replicas running after {}s{}{}\n  (`macula workloads` shows where it stands; the nodes keep trying)",
-                running.len(),
+                "{name}: {updated} of {want} replicas running version {seq} after {}s{}{}\n  (`macula workloads` shows where it stands; the nodes keep trying)",
                 timeout.as_secs(),
                 if why.is_empty() { "" } else { ": " },
                 why.join("; ")
             );
         }
         std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// `macula rollout`: a workload's versions.
+#[derive(clap::Subcommand)]
+pub enum RolloutCmd {
+    /// Wait until the payload's replicas all run its newest version and are ready (a rolling
+    /// update has ended), showing progress.
+    Status(RolloutStatusArgs),
+    /// The versions the node keeps (the newest, and up to 5 before it).
+    History(RolloutHistoryArgs),
+    /// Deploy the version before the newest again (or --to-version N), as a new version.
+    Undo(RolloutUndoArgs),
+}
+
+#[derive(Args)]
+pub struct RolloutStatusArgs {
+    /// The payload.
+    pub name: String,
+    /// How long to wait.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Args)]
+pub struct RolloutHistoryArgs {
+    /// The workload.
+    pub name: String,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Args)]
+#[command(after_help = "Examples:
+  macula rollout undo api                  (back to the version before the newest)
+  macula rollout undo api --to-version 3   (any version `macula rollout history api` lists)")]
+pub struct RolloutUndoArgs {
+    /// The workload.
+    pub name: String,
+    /// The version to go back to [default: the one before the newest].
+    #[arg(long, value_name = "N")]
+    pub to_version: Option<u64>,
+    /// Return once the record is handed in.
+    #[arg(long)]
+    pub no_wait: bool,
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+pub fn rollout(cmd: RolloutCmd, json: bool) -> Result<()> {
+    match cmd {
+        RolloutCmd::Status(a) => {
+            let api = NodeApi::new(&a.conn)?;
+            let (seq, m) = api.current(&a.name)?;
+            let want = macula_workloads::wire::slots_of(&m);
+            let out = match m {
+                Manifest::Job(_) => {
+                    json!(converge_job(&api, &a.name, seq, want, a.timeout, !json)?)
+                }
+                Manifest::Payload(_) => {
+                    json!(converge(&api, &a.name, seq, want, a.timeout, !json)?)
+                }
+            };
+            if json {
+                println!("{}", json!({"name": a.name, "seq": seq, "status": out}));
+            }
+            Ok(())
+        }
+        RolloutCmd::History(a) => {
+            let api = NodeApi::new(&a.conn)?;
+            let items = api.history(&a.name)?;
+            if json {
+                println!("{}", json!({"name": a.name, "versions": items}));
+                return Ok(());
+            }
+            let mut t = table(&["VERSION", "SIGNED", "CHANGE"]);
+            let mut newer: Option<&str> = None;
+            for (i, v) in items.iter().enumerate() {
+                let text = v["manifest"].as_str();
+                let change = match (text, newer) {
+                    (None, _) => "deleted".to_owned(),
+                    _ if i == 0 => "current".to_owned(),
+                    (Some(t), Some(n)) => diff_summary(t, n),
+                    (Some(_), None) => String::new(),
+                };
+                t.add_row(vec![
+                    v["seq"].to_string(),
+                    v["issued_at"].as_str().unwrap_or_default().to_owned(),
+                    change,
+                ]);
+                newer = text.or(newer);
+            }
+            right_aligned(&mut t, &[0]);
+            println!("{t}");
+            Ok(())
+        }
+        RolloutCmd::Undo(a) => {
+            let api = NodeApi::new(&a.conn)?;
+            let items = api.history(&a.name)?;
+            let current = items.first().and_then(|v| v["seq"].as_u64()).unwrap_or(0);
+            let target = match a.to_version {
+                Some(n) => items.iter().find(|v| v["seq"].as_u64() == Some(n)),
+                None => items.iter().skip(1).find(|v| v["manifest"].is_string()),
+            };
+            let Some(target) = target else {
+                bail!(
+                    "{}: no {} to go back to (`macula rollout history {}` lists the versions kept)",
+                    a.name,
+                    a.to_version
+                        .map_or("earlier version".to_owned(), |n| format!("version {n}")),
+                    a.name
+                );
+            };
+            let Some(text) = target["manifest"].as_str() else {
+                bail!("version {} of {} is a deletion", target["seq"], a.name);
+            };
+            let m = macula_workloads::parse(text).map_err(|e| anyhow!("{e}"))?;
+            let seq = api.put(&a.name, Some(text.to_owned()))?;
+            if !json {
+                eprintln!(
+                    "{}: version {} is version {seq} now (was {current})",
+                    a.name, target["seq"]
+                );
+            }
+            let want = macula_workloads::wire::slots_of(&m);
+            if a.no_wait || !matches!(m, Manifest::Payload(_)) {
+                if json {
+                    println!(
+                        "{}",
+                        json!({"name": a.name, "seq": seq, "from": target["seq"]})
+                    );
+                }
+                return Ok(());
+            }
+            let running = converge(&api, &a.name, seq, want, a.timeout, !json)?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"name": a.name, "seq": seq, "from": target["seq"], "replicas": running})
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// What changed from `older` to `newer`, in a few words (the top-level fields that differ).
+fn diff_summary(older: &str, newer: &str) -> String {
+    let (Ok(a), Ok(b)) = (
+        serde_yaml_ng::from_str::<serde_yaml_ng::Value>(older),
+        serde_yaml_ng::from_str::<serde_yaml_ng::Value>(newer),
+    ) else {
+        return String::new();
+    };
+    let (Some(a), Some(b)) = (a.as_mapping(), b.as_mapping()) else {
+        return String::new();
+    };
+    let mut keys: Vec<String> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k))
+        .filter_map(|k| k.as_str().map(str::to_owned))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    if keys.is_empty() {
+        "same as the next".into()
+    } else {
+        format!("next changed {}", keys.join(", "))
     }
 }
 

@@ -429,3 +429,132 @@ async fn a_job_completes_exactly_its_completions_though_a_node_dies_mid_run() {
         "the other completion never ran: {s}"
     );
 }
+
+/// Every replica of `name` as `macula workloads --json` reports it: (index, version, state,
+/// ready, since).
+async fn replicas(node: &NodeProc, admin: &str, name: &str) -> Vec<(u64, u64, String, bool, u64)> {
+    let Ok(v) = macula(node, admin, &["workloads", name]).await else {
+        return vec![];
+    };
+    let mut out: Vec<_> = v["workloads"][0]["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r["replica"].as_u64().unwrap(),
+                r["seq"].as_u64().unwrap(),
+                r["state"].as_str().unwrap().to_owned(),
+                r["ready"].as_bool().unwrap(),
+                r["since"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_keeps_every_replica_ready_and_undo_goes_back() {
+    let (tmp, homes, admin) = homes(5);
+    let (first, _nodes, _ids) = five(&homes).await;
+    let api = || &first;
+    let manifest = tmp.path().join("web.yaml");
+    let version = |v: u32| {
+        format!(
+            "kind: payload\nname: web\nreplicas: 3\nenv: {{VERSION: \"{v}\"}}\n\
+             command: [sh, -c, 'sleep 1; touch ready; while true; do echo v$VERSION; sleep 0.3; done']\n\
+             health: {{readiness: {{exec: {{command: [test, -f, ready]}}, period: 200ms, timeout: 200ms}}}}\n"
+        )
+    };
+    let path = manifest.display().to_string();
+    std::fs::write(&manifest, version(1)).unwrap();
+    macula(api(), &admin, &["deploy", "-f", &path, "--timeout", "40s"])
+        .await
+        .unwrap();
+    let before = replicas(api(), &admin, "web").await;
+    assert_eq!(before.len(), 3, "{before:?}");
+    assert!(before.iter().all(|r| r.1 == 1 && r.3), "{before:?}");
+
+    // Version 2, rolled out with max_surge 1 and max_unavailable 0 (the defaults): three
+    // replicas ready all along, never more than four running.
+    std::fs::write(&manifest, version(2)).unwrap();
+    macula(api(), &admin, &["deploy", "-f", &path, "--no-wait"])
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut most = 0;
+    loop {
+        let now = replicas(api(), &admin, "web").await;
+        let running = now.iter().filter(|r| r.2 == "running").count();
+        let ready = now.iter().filter(|r| r.2 == "running" && r.3).count();
+        most = most.max(running);
+        assert!(
+            ready >= 3,
+            "a replica was unavailable during the update: {now:?}"
+        );
+        assert!(running <= 4, "more than one surge replica: {now:?}");
+        if running == 3 && now.iter().all(|r| r.1 == 2 && r.3) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "rollout stalled: {now:?}"
+        );
+    }
+    assert_eq!(most, 4, "a new replica ran beside the old one");
+    let v = macula(api(), &admin, &["rollout", "status", "web"])
+        .await
+        .unwrap();
+    assert_eq!(v["seq"], 2, "{v}");
+
+    // History and undo: version 1's manifest comes back as version 3.
+    let h = macula(api(), &admin, &["rollout", "history", "web"])
+        .await
+        .unwrap();
+    let seqs: Vec<u64> = h["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [2, 1], "{h}");
+    let v = macula(
+        api(),
+        &admin,
+        &["rollout", "undo", "web", "--timeout", "60s"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (v["seq"].as_u64(), v["from"].as_u64()),
+        (Some(3), Some(1)),
+        "{v}"
+    );
+    let h = macula(api(), &admin, &["rollout", "history", "web"])
+        .await
+        .unwrap();
+    assert_eq!(h["versions"][0]["manifest"], version(1), "{h}");
+    let undone = replicas(api(), &admin, "web").await;
+    assert!(
+        undone.iter().all(|r| r.1 == 3 && r.3) && undone.len() == 3,
+        "{undone:?}"
+    );
+
+    // Scaling changes nothing that runs: the replicas that run keep running.
+    macula(api(), &admin, &["scale", "web", "--replicas", "4"])
+        .await
+        .unwrap();
+    let scaled = eventually("a 4th replica", Duration::from_secs(20), || async {
+        let r = replicas(api(), &admin, "web").await;
+        (r.iter().filter(|r| r.2 == "running" && r.1 == 4).count() == 4).then_some(r)
+    })
+    .await;
+    for (i, _, _, _, since) in &undone {
+        let now = scaled.iter().find(|r| r.0 == *i).unwrap();
+        assert_eq!(
+            now.4, *since,
+            "replica {i} was restarted by a scale: {scaled:?}"
+        );
+    }
+}

@@ -32,8 +32,9 @@ mod bridge;
 mod workloads;
 use bridge::{call, publish};
 use workloads::{
-    create_job, create_payload, delete_job, delete_payload, get_job, get_payload, list_jobs,
-    list_payloads, list_records, logs, post_record, replace_job, replace_payload, replicas,
+    create_job, create_payload, delete_job, delete_payload, get_job, get_payload, history,
+    list_jobs, list_payloads, list_records, logs, post_record, replace_job, replace_payload,
+    replicas,
 };
 
 pub fn router(node: Arc<Node>, ctrl: Arc<crate::workloads::Controller>) -> Router {
@@ -66,6 +67,7 @@ pub fn router(node: Arc<Node>, ctrl: Arc<crate::workloads::Controller>) -> Route
             get(get_job).put(replace_job).delete(delete_job),
         )
         .route("/v1/realms/{realm}/workloads/{name}/logs", get(logs))
+        .route("/v1/realms/{realm}/workloads/{name}/history", get(history))
         .layer(axum::Extension(ctrl))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(node)

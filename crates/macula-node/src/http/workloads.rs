@@ -165,6 +165,34 @@ pub(super) async fn list_records(
     Json(json!({"realm": realm, "items": items})).into_response()
 }
 
+/// `GET /v1/realms/{realm}/workloads/{name}/history`: the workload's current record and the
+/// earlier versions this node keeps (newest first), for `macula rollout history|undo`.
+pub(super) async fn history(
+    State(node): State<Arc<Node>>,
+    Path((realm, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = realm_key(&node, &realm, &headers) {
+        return r;
+    }
+    let records = node.workloads.records.lock();
+    let Some(current) = records.get(&realm, &name) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no_such_workload",
+            format!("{realm} has no workload named {name}"),
+        );
+    };
+    let items: Vec<serde_json::Value> = std::iter::once(current)
+        .chain(records.history(&realm, &name))
+        .map(|r| {
+            json!({"seq": r.seq, "deleted": r.manifest.is_none(),
+                   "issued_at": crate::confdir::rfc3339(r.issued_at), "manifest": r.manifest})
+        })
+        .collect();
+    Json(json!({"realm": realm, "name": name, "items": items})).into_response()
+}
+
 #[derive(Deserialize)]
 pub(super) struct ReplicasQuery {
     #[serde(default)]

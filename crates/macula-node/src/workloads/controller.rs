@@ -135,9 +135,25 @@ struct State {
     ever_linked: HashSet<String>,
     /// Jobs by (realm, name): their completions that are done.
     jobs: HashMap<(String, String), JobDone>,
+    /// Rollout permits held here (see [`Controller::roll`]).
+    permits: HashMap<String, Permit>,
+    /// Permit → the slot it is being acquired for.
+    permit_wait: HashMap<String, String>,
+}
+
+/// A rollout permit: a lease like a slot's, `realm/name@rollout/k` (k below `max_surge +
+/// max_unavailable`), held by a node while one of its replicas moves to a new version.
+struct Permit {
+    for_slot: String,
+    index: u32,
+    token: u64,
+    valid_until: u64,
+    renewed_at: u64,
 }
 
 struct Held {
+    /// The manifest its replica runs (of record `seq`).
+    manifest: Arc<Manifest>,
     token: u64,
     /// When the lease ends on this node's clock, unless renewed.
     valid_until: u64,
@@ -153,6 +169,14 @@ struct Held {
     /// The run of a job's completion the authorities named when granting the slot: put to
     /// them instead of running the job again.
     adopted: Option<Completion>,
+    /// During a rollout with surge: the previous version's replica (and its identity), running
+    /// until the new one is ready.
+    old: Option<(Supervised, Option<String>, u64)>,
+    /// The rollout permit this slot moves under, until its new replica is ready.
+    permit: Option<String>,
+    /// Permits asked for so far in this rollout, and when the next may be asked.
+    permit_tries: u32,
+    next_permit_at: u64,
 }
 
 struct Acq {
@@ -251,7 +275,7 @@ impl Controller {
     /// The replicas run here, for `/metrics` (state, restarts, memory and CPU from their
     /// control groups).
     fn sample(&self) {
-        let held: Vec<(String, ReplicaState)> = self
+        let held: Vec<(String, ReplicaState, u64)> = self
             .state
             .lock()
             .held
@@ -262,15 +286,16 @@ impl Controller {
                     .as_ref()
                     .map(|s| s.state.borrow().clone())
                     .unwrap_or(ReplicaState::Stopped);
-                (slot.clone(), state)
+                (slot.clone(), state, h.seq)
             })
             .collect();
         let samples = held
             .into_iter()
-            .filter_map(|(slot, state)| {
+            .filter_map(|(slot, state, seq)| {
                 let (realm, name, i) = wire::parse_slot(&slot)?;
                 let (word, _, restarts) = describe(&state);
-                let cg = macula_workloads::runtime::cgroup::Cgroup::open(&self.cgroup_name(&slot));
+                let cg =
+                    macula_workloads::runtime::cgroup::Cgroup::open(&self.cgroup_name(&slot, seq));
                 Some(crate::metrics::ReplicaSample {
                     realm: realm.to_owned(),
                     workload: name.to_owned(),
@@ -288,10 +313,30 @@ impl Controller {
     }
 
     /// The control groups' name of this node's replica of `slot` (unique on the machine).
-    fn cgroup_name(&self, slot: &str) -> String {
+    fn cgroup_name(&self, slot: &str, seq: u64) -> String {
         let me = self.me();
         let short = &me[me.len().saturating_sub(8)..];
-        format!("{short}-{}", slot.replace('/', "-"))
+        format!("{short}-{}-v{seq}", slot.replace('/', "-"))
+    }
+
+    /// The working directory of this node's replica of `slot` at version `seq`: its own
+    /// scratch space (two versions of a slot run side by side during a rollout), removed once
+    /// it stopped for good.
+    fn workdir(&self, slot: &str, seq: u64) -> PathBuf {
+        let mut d = self.dir.join("run");
+        for part in slot.split('/') {
+            d.push(part);
+        }
+        d.join(format!("v{seq}"))
+    }
+
+    /// Stops a replica for good (version `seq` of `slot`), then removes its working directory.
+    fn retire(&self, r: Supervised, slot: &str, seq: u64) {
+        let dir = self.workdir(slot, seq);
+        tokio::spawn(async move {
+            r.stop().await;
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+        });
     }
 
     /// Tells every peer which nodes this one is linked with (while this node keeps any
@@ -527,25 +572,26 @@ impl Controller {
                 self.stop(&mut st, &slot, false, "its lease lapsed unrenewed");
                 continue;
             }
-            if h.seq != w.seq {
-                tracing::info!(slot, seq = w.seq, "rolling the replica out to a new record");
-                let token = h.token;
-                let logs = h.logs.clone();
-                if let Some(old) = st.held.get_mut(&slot).and_then(|h| h.replica.take()) {
-                    tokio::spawn(old.stop());
-                }
-                // The new manifest may name another role: a new identity.
-                if let Some(t) = st.held.get_mut(&slot).and_then(|h| h.ticket.take()) {
-                    self.node.tickets.revoke(&t);
-                }
-                let ticket = self.ticket_for(w);
-                let replica = self.start_replica(w, token, logs, ticket.as_deref());
+            // A new record that changes nothing of what runs (say, only `replicas`): nothing
+            // to restart.
+            if h.seq != w.seq && h.manifest.workload() == w.manifest.workload() {
                 if let Some(h) = st.held.get_mut(&slot) {
-                    h.replica = Some(replica);
-                    h.ticket = ticket;
                     h.seq = w.seq;
-                    h.since = now_secs();
+                    h.manifest = w.manifest.clone();
                 }
+                continue;
+            }
+            match &*w.manifest {
+                Manifest::Payload(p) if h.seq != w.seq => {
+                    let nodes = members_of(&w.realm);
+                    self.roll(&mut st, &slot, w, p.update, now, &nodes);
+                }
+                Manifest::Payload(_) if h.permit.is_some() => self.finish_roll(&mut st, &slot),
+                // A job's run restarts on a new record at once.
+                Manifest::Job(_) if h.seq != w.seq => {
+                    self.replace(&mut st, &slot, w, false);
+                }
+                _ => {}
             }
             if matches!(&*w.manifest, Manifest::Job(_)) {
                 self.report_if_ended(&mut st, &slot, now, &members_of(&w.realm));
@@ -558,6 +604,21 @@ impl Controller {
                 let token = st.held.get(&slot).map_or(0, |h| h.token);
                 let auths = members_of(&w.realm);
                 self.acquire(&mut st, &slot, token, &auths, true, w.seq, 0);
+            }
+        }
+
+        // Rollout permits held here: lapsed, or renewed.
+        let permits: Vec<(String, u64, u64, u64)> = st
+            .permits
+            .iter()
+            .map(|(k, p)| (k.clone(), p.token, p.valid_until, p.renewed_at))
+            .collect();
+        for (permit, token, valid_until, renewed_at) in permits {
+            if now >= valid_until {
+                st.permits.remove(&permit);
+            } else if now >= renewed_at + self.term_ms / 3 && !st.acquiring.contains_key(&permit) {
+                let nodes = self.members_for_slot(&permit);
+                self.acquire(&mut st, &permit, token, &nodes, true, 0, 0);
             }
         }
 
@@ -693,7 +754,18 @@ impl Controller {
         st.unheld_since.retain(|s, _| wanted.contains_key(s));
         st.attempts.retain(|s, _| wanted.contains_key(s));
         st.pending.retain(|s, _| wanted.contains_key(s));
-        st.known_token.retain(|s, _| wanted.contains_key(s));
+        // Tokens of slots still asked for, and of the rollout permits of their workloads.
+        let workloads: HashSet<(&str, &str)> = wanted
+            .values()
+            .map(|w| (w.realm.as_str(), w.name.as_str()))
+            .collect();
+        st.known_token.retain(|s, _| {
+            wanted.contains_key(s)
+                || wire::parse_slot(s).is_some_and(|(r, n, _)| {
+                    n.strip_suffix("@rollout")
+                        .is_some_and(|n| workloads.contains(&(r, n)))
+                })
+        });
         let realms: HashSet<&str> = wanted.values().map(|w| w.realm.as_str()).collect();
         st.membership.retain(|r, _| realms.contains(r.as_str()));
     }
@@ -1090,6 +1162,9 @@ impl Controller {
                 let k = st.known_token.entry(slot.to_owned()).or_default();
                 *k = (*k).max(token);
                 let w_metrics = &self.node.metrics.workloads;
+                if wire::is_permit(slot) {
+                    return self.settle_permit(st, slot, &a, Some((token, valid_until_ms)));
+                }
                 if a.renewal {
                     if let Some(h) = st.held.get_mut(slot) {
                         h.valid_until = valid_until_ms;
@@ -1139,6 +1214,7 @@ impl Controller {
                 st.held.insert(
                     slot.to_owned(),
                     Held {
+                        manifest: w.manifest.clone(),
                         token,
                         valid_until: valid_until_ms,
                         renewed_at: a.acq.started_ms(),
@@ -1149,6 +1225,10 @@ impl Controller {
                         ticket,
                         completing: None,
                         adopted,
+                        old: None,
+                        permit: None,
+                        permit_tries: 0,
+                        next_permit_at: 0,
                     },
                 );
             }
@@ -1158,6 +1238,16 @@ impl Controller {
             } => {
                 let k = st.known_token.entry(slot.to_owned()).or_default();
                 *k = (*k).max(retry_above);
+                if wire::is_permit(slot) {
+                    tracing::debug!(
+                        slot,
+                        ?held_by,
+                        retry_above,
+                        renewal = a.renewal,
+                        "rollout permit not taken"
+                    );
+                    return self.settle_permit(st, slot, &a, None);
+                }
                 if a.renewal {
                     // Another holder got it: stop now. Otherwise keep running while the lease
                     // lasts; the next tick renews again.
@@ -1187,6 +1277,195 @@ impl Controller {
         }
     }
 
+    /// A permit's acquisition is over: held (`Some`: token and end) or not.
+    fn settle_permit(&self, st: &mut State, permit: &str, a: &Acq, held: Option<(u64, u64)>) {
+        match (held, a.renewal) {
+            (Some((_, until)), true) => {
+                if let Some(p) = st.permits.get_mut(permit) {
+                    p.valid_until = until;
+                    p.renewed_at = a.acq.started_ms();
+                }
+            }
+            (Some((token, until)), false) => {
+                let waiting = st.permit_wait.remove(permit);
+                let index = wire::parse_slot(permit).map_or(0, |s| s.2);
+                match waiting.filter(|s| st.held.contains_key(s)) {
+                    Some(for_slot) => {
+                        tracing::debug!(permit, for_slot, "rollout permit taken");
+                        st.permits.insert(
+                            permit.to_owned(),
+                            Permit {
+                                for_slot,
+                                index,
+                                token,
+                                valid_until: until,
+                                renewed_at: a.acq.started_ms(),
+                            },
+                        );
+                    }
+                    None => self.release_lease(permit, token),
+                }
+            }
+            // Kept while it lasts, unless another node holds it now.
+            (None, true) => {}
+            (None, false) => {
+                if let Some(s) = st.permit_wait.remove(permit) {
+                    if let Some(h) = st.held.get_mut(&s) {
+                        h.next_permit_at = now_ms() + 250;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves replica `slot` (held here, running an older version of payload `w`) to `w`'s
+    /// version, a few at a time across the whole workload with no one in charge: a replica
+    /// moves only under one of `max_surge + max_unavailable` *rollout permits*, leases like a
+    /// slot's, so no more than that many move at once anywhere. Under one of the first
+    /// `max_surge` permits the new replica starts beside the old one, which stops when the new
+    /// one is ready (the node reserves room for both meanwhile; a payload with a fixed port
+    /// cannot run twice on a node and always stops first); under the others, the old one stops
+    /// first. The permit is given back once the new replica is ready.
+    fn roll(
+        &self,
+        st: &mut State,
+        slot: &str,
+        w: &Wanted,
+        u: macula_workloads::Update,
+        now: u64,
+        nodes: &[String],
+    ) {
+        let count = (u.max_surge + u.max_unavailable).max(1);
+        let held_permit = st
+            .permits
+            .iter()
+            .find(|(_, p)| p.for_slot == slot)
+            .map(|(k, p)| (k.clone(), p.index));
+        let Some((permit, index)) = held_permit else {
+            if st.permit_wait.values().any(|s| s == slot) {
+                return;
+            }
+            let Some(h) = st.held.get_mut(slot) else {
+                return;
+            };
+            if now < h.next_permit_at {
+                return;
+            }
+            let first = macula_workloads::placement::top_by_hash(
+                &[slot.as_bytes()],
+                &(0..count).map(|k| k.to_string()).collect::<Vec<_>>(),
+                1,
+            )
+            .first()
+            .and_then(|k| k.parse::<u32>().ok())
+            .unwrap_or(0);
+            let k = (first + h.permit_tries) % count;
+            h.permit_tries += 1;
+            let permit = wire::permit(&w.realm, &w.name, k);
+            if st.acquiring.contains_key(&permit) || st.permits.contains_key(&permit) {
+                return;
+            }
+            let token = st.known_token.get(&permit).copied().unwrap_or(0) + 1;
+            st.permit_wait.insert(permit.clone(), slot.to_owned());
+            self.acquire(st, &permit, token, nodes, false, w.seq, 0);
+            return;
+        };
+        let fixed_port = w.manifest.workload().ports.iter().any(|p| p.port.is_some());
+        let mut surge = index < u.max_surge && !fixed_port;
+        if surge && st.held.get(slot).is_some_and(|h| h.old.is_none()) {
+            // Room for the second replica, for as long as both run.
+            let shadow = format!("{slot}#surge");
+            let mut t = wire::tender(&w.realm, &w.manifest, w.index);
+            t.slot = shadow.clone();
+            let booked = st.ledger.as_mut().is_some_and(|l| {
+                l.bid(&t, now_ms(), HOLD_MS).is_ok() && l.start(&shadow, now_ms())
+            });
+            if !booked && u.max_unavailable > 0 {
+                surge = false;
+            } else if !booked {
+                // No room to run both here: give the permit to another replica for now.
+                if let Some(p) = st.permits.remove(&permit) {
+                    self.release_lease(&permit, p.token);
+                }
+                if let Some(h) = st.held.get_mut(slot) {
+                    h.next_permit_at = now + 2_000;
+                }
+                return;
+            }
+        }
+        tracing::info!(
+            slot,
+            seq = w.seq,
+            surge,
+            "moving the replica to a new version"
+        );
+        self.replace(st, slot, w, surge);
+        if let Some(h) = st.held.get_mut(slot) {
+            h.permit = Some(permit);
+        }
+    }
+
+    /// Starts `w`'s version of replica `slot` in place of the one running: beside it when
+    /// `surge` (the old one stops once the new one is ready), after it otherwise.
+    fn replace(&self, st: &mut State, slot: &str, w: &Wanted, surge: bool) {
+        let Some(h) = st.held.get_mut(slot) else {
+            return;
+        };
+        let (token, logs, seq) = (h.token, h.logs.clone(), h.seq);
+        let (current, ticket) = (h.replica.take(), h.ticket.take());
+        // A surge keeps the replica that ran before the rollout, not one started during it.
+        if surge && h.old.is_none() {
+            h.old = current.map(|r| (r, ticket, seq));
+        } else {
+            if let Some(r) = current {
+                self.retire(r, slot, seq);
+            }
+            // The new manifest may name another role: a new identity.
+            if let Some(t) = ticket {
+                self.node.tickets.revoke(&t);
+            }
+        }
+        let ticket = self.ticket_for(w);
+        let replica = self.start_replica(w, token, logs, ticket.as_deref());
+        if let Some(h) = st.held.get_mut(slot) {
+            h.replica = Some(replica);
+            h.ticket = ticket;
+            h.seq = w.seq;
+            h.manifest = w.manifest.clone();
+            h.since = now_secs();
+        }
+    }
+
+    /// Once the new replica of a slot that moved is ready: the old one stops, its room and the
+    /// permit are given back.
+    fn finish_roll(&self, st: &mut State, slot: &str) {
+        let Some(h) = st.held.get_mut(slot) else {
+            return;
+        };
+        let ready = h.replica.as_ref().is_some_and(|r| {
+            matches!(*r.state.borrow(), ReplicaState::Running { ready: true, .. })
+        });
+        if !ready {
+            return;
+        }
+        tracing::info!(slot, "the new version is ready");
+        let old = h.old.take();
+        let permit = h.permit.take();
+        h.permit_tries = 0;
+        if let Some((r, t, seq)) = old {
+            self.retire(r, slot, seq);
+            if let Some(t) = t {
+                self.node.tickets.revoke(&t);
+            }
+            if let Some(l) = st.ledger.as_mut() {
+                l.stop(&format!("{slot}#surge"));
+            }
+        }
+        if let Some(p) = permit.and_then(|p| st.permits.remove_entry(&p)) {
+            self.release_lease(&p.0, p.1.token);
+        }
+    }
+
     fn release_lease(&self, slot: &str, token: u64) {
         let nodes = self.members_for_slot(slot);
         for a in lease::authorities(slot, &nodes, lease::AUTHORITIES) {
@@ -1208,10 +1487,22 @@ impl Controller {
         };
         tracing::info!(slot, "stopping the replica: {why}");
         if let Some(r) = h.replica.take() {
-            tokio::spawn(r.stop());
+            self.retire(r, slot, h.seq);
         }
         if let Some(t) = h.ticket.take() {
             self.node.tickets.revoke(&t);
+        }
+        if let Some((r, t, seq)) = h.old.take() {
+            self.retire(r, slot, seq);
+            if let Some(t) = t {
+                self.node.tickets.revoke(&t);
+            }
+            if let Some(l) = st.ledger.as_mut() {
+                l.stop(&format!("{slot}#surge"));
+            }
+        }
+        if let Some(p) = h.permit.take().and_then(|p| st.permits.remove_entry(&p)) {
+            self.release_lease(&p.0, p.1.token);
         }
         if let Some(l) = st.ledger.as_mut() {
             l.stop(slot);
@@ -1246,12 +1537,7 @@ impl Controller {
     ) -> Supervised {
         let wl = w.manifest.workload();
         let slot = wire::slot(&w.realm, &w.name, w.index);
-        let workdir = self
-            .dir
-            .join("run")
-            .join(&w.realm)
-            .join(&w.name)
-            .join(w.index.to_string());
+        let workdir = self.workdir(&slot, w.seq);
         let log_file = self
             .dir
             .join("logs")
@@ -1317,7 +1603,7 @@ impl Controller {
             require_sandbox: self.node.config.workloads.require_sandbox,
         };
         let spec_for_checks = spec.clone();
-        let cgroup = self.cgroup_name(&slot);
+        let cgroup = self.cgroup_name(&slot, w.seq);
         let (shim, shim_args) = self.shim.clone();
         let require_limits = self.node.config.workloads.require_limits;
         let limits = wl.resources;
@@ -1391,6 +1677,24 @@ impl Controller {
                 token: h.token,
                 since: h.since,
             });
+            // The previous version's replica, while the new one beside it gets ready.
+            if let Some((old, _, seq)) = &h.old {
+                let state = old.state.borrow().clone();
+                let (word, _, restarts) = describe(&state);
+                out.push(ReplicaStatus {
+                    realm: r.to_owned(),
+                    name: name.to_owned(),
+                    replica: i,
+                    node: self.me().to_owned(),
+                    seq: *seq,
+                    state: word.into(),
+                    detail: Some("the previous version, until the new one is ready".into()),
+                    restarts,
+                    ready: matches!(state, ReplicaState::Running { ready: true, .. }),
+                    token: h.token,
+                    since: h.since,
+                });
+            }
         }
         for ((r, name), jd) in &st.jobs {
             if r != realm {
@@ -1526,14 +1830,18 @@ impl Controller {
         all.retain(|r| r.state != "pending" || !running.contains(&(r.name.clone(), r.replica)));
         all.sort_by(|a, b| (&a.name, a.replica, &a.node).cmp(&(&b.name, b.replica, &b.node)));
         // The same slot as several nodes know it (pending, or a job's run that counts) once.
-        all.sort_by(|a, b| {
-            (&a.name, a.replica, &a.state, &a.node, a.token)
-                .cmp(&(&b.name, b.replica, &b.state, &b.node, b.token))
-        });
-        all.dedup_by(|a, b| {
-            (&a.name, a.replica, &a.state, &a.node, a.token)
-                == (&b.name, b.replica, &b.state, &b.node, b.token)
-        });
+        let key = |r: &ReplicaStatus| {
+            (
+                r.name.clone(),
+                r.replica,
+                r.state.clone(),
+                r.node.clone(),
+                r.token,
+                r.seq,
+            )
+        };
+        all.sort_by_key(key);
+        all.dedup_by(|a, b| key(a) == key(b));
         all
     }
 
