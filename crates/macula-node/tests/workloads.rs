@@ -270,6 +270,9 @@ async fn payloads_and_jobs_are_plain_rest_with_a_realm_key() {
         .dir
         .issue_key("com.example.other", "admin", "test", 3600, None)
         .unwrap();
+    // The node knows the other realm (its keys are good there).
+    t.node().reload().unwrap();
+    assert!(t.node().policy_for("com.example.other").is_some());
     let payloads = format!("/v1/realms/{REALM}/payloads");
     let jobs = format!("/v1/realms/{REALM}/jobs");
     let json = |b: &str| serde_json::from_str::<serde_json::Value>(b).unwrap();
@@ -334,6 +337,18 @@ async fn payloads_and_jobs_are_plain_rest_with_a_realm_key() {
     assert_eq!(s, 403, "{b}");
     let (s, _) = t.http("POST", &jobs, None, job).await;
     assert_eq!(s, 401);
+    // Nor a record signed by another realm's key, handed in directly.
+    let foreign = record(&stranger, "crunch", 9, Some(job));
+    let (s, b) = t
+        .http(
+            "POST",
+            &format!("/v1/realms/{REALM}/workloads"),
+            None,
+            &body(&foreign),
+        )
+        .await;
+    assert_eq!(s, 403, "{b}");
+    assert!(b.contains("com.example.other"), "{b}");
 
     // Jobs.
     let (s, b) = t.http("POST", &jobs, Some(&developer), job).await;

@@ -29,6 +29,7 @@ use crate::outbox::Outbox;
 use crate::session::{encode_out, Connection, Flow};
 
 mod bridge;
+mod kube;
 mod workloads;
 use bridge::{call, publish};
 use workloads::{
@@ -68,6 +69,37 @@ pub fn router(node: Arc<Node>, ctrl: Arc<crate::workloads::Controller>) -> Route
         )
         .route("/v1/realms/{realm}/workloads/{name}/logs", get(logs))
         .route("/v1/realms/{realm}/workloads/{name}/history", get(history))
+        // The Kubernetes-style API (kube.rs).
+        .route("/version", get(kube::version))
+        .route("/openapi/v3", get(kube::openapi_root))
+        .route("/openapi/v3/api/v1", get(kube::openapi_core))
+        .route("/openapi/v3/apis/{group}/v1", get(kube::openapi_group))
+        .route("/api", get(kube::api))
+        .route("/api/v1", get(kube::core_v1))
+        .route("/apis", get(kube::apis))
+        .route("/apis/{group}", get(kube::api_group))
+        .route("/apis/{group}/v1", get(kube::group_v1))
+        .route("/api/v1/namespaces/{ns}", get(kube::namespace))
+        .route("/api/v1/namespaces/{ns}/pods", get(kube::list_pods))
+        .route("/api/v1/namespaces/{ns}/pods/{pod}", get(kube::get_pod))
+        .route("/api/v1/namespaces/{ns}/pods/{pod}/log", get(kube::pod_log))
+        .route(
+            "/apis/{group}/v1/namespaces/{ns}/{resource}",
+            get(kube::list).post(kube::create),
+        )
+        .route(
+            "/apis/{group}/v1/namespaces/{ns}/{resource}/{name}",
+            get(kube::get_one)
+                .put(kube::replace)
+                .patch(kube::patch)
+                .delete(kube::delete),
+        )
+        .route(
+            "/apis/{group}/v1/namespaces/{ns}/{resource}/{name}/scale",
+            get(kube::get_scale)
+                .put(kube::set_scale)
+                .patch(kube::set_scale),
+        )
         .layer(axum::Extension(ctrl))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(node)

@@ -15,12 +15,35 @@ use macula_workloads::record::{DeployRecord, Refused};
 
 use crate::workloads::Controller;
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (
+/// A refused request: its HTTP status, a code and a message (answered as
+/// `{"error": {"code", "message"}}`, or as a Kubernetes `Status` on that API).
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub status: StatusCode,
+    pub code: String,
+    pub message: String,
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response()
+    }
+}
+
+pub(crate) fn fail(status: StatusCode, code: &str, message: impl Into<String>) -> Failure {
+    Failure {
         status,
-        Json(json!({"error": {"code": code, "message": message.into()}})),
-    )
-        .into_response()
+        code: code.to_owned(),
+        message: message.into(),
+    }
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    fail(status, code, message).into_response()
 }
 
 /// `POST /v1/realms/{realm}/workloads` with a [`DeployRecord`] as JSON.
@@ -45,41 +68,58 @@ pub(super) async fn post_record(
 /// Takes `record` (for `realm`) as a node takes one from the mesh, floods it, and answers
 /// with its name and sequence, or why it was refused.
 pub(crate) async fn hand_in(node: Arc<Node>, realm: &str, record: DeployRecord) -> Response {
+    match take(node, realm, record).await {
+        Ok(r) => answer(&r),
+        Err(f) => f.into_response(),
+    }
+}
+
+/// The answer to a record taken: 201 for a first version, 200 after.
+fn answer(r: &DeployRecord) -> Response {
+    let status = if r.seq == 1 {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    (
+        status,
+        Json(json!({"realm": r.realm, "name": r.name, "seq": r.seq, "deleted": r.manifest.is_none()})),
+    )
+        .into_response()
+}
+
+/// Takes `record` (for `realm`) as a node takes one from the mesh and floods it; or why not.
+pub(crate) async fn take(
+    node: Arc<Node>,
+    realm: &str,
+    record: DeployRecord,
+) -> Result<DeployRecord, Failure> {
     if record.realm != realm {
-        return error(
+        return Err(fail(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_record",
             format!("the record is for realm {}, not {realm}", record.realm),
-        );
+        ));
     }
     let taken = {
         let node = node.clone();
         tokio::task::spawn_blocking(move || crate::workloads::accept(&node, record)).await
     };
     let Ok(taken) = taken else {
-        return error(
+        return Err(fail(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             "the record could not be judged; nothing was changed",
-        );
+        ));
     };
-    match taken {
+    let why = match taken {
         Ok(r) => {
             if let Some(m) = crate::mesh::of(&node) {
                 crate::mesh::flood_record(m, &r, None);
             }
-            let status = if r.seq == 1 {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            (
-                status,
-                Json(json!({"realm": r.realm, "name": r.name, "seq": r.seq, "deleted": r.manifest.is_none()})),
-            )
-                .into_response()
+            return Ok(r);
         }
-        Err(Refused::Stale { have }) => error(
+        Err(Refused::Stale { have }) => fail(
             StatusCode::CONFLICT,
             "stale_record",
             format!(
@@ -87,13 +127,13 @@ pub(crate) async fn hand_in(node: Arc<Node>, realm: &str, record: DeployRecord) 
             ),
         ),
         Err(Refused::Unverified(why)) => {
-            error(StatusCode::UNAUTHORIZED, errors::AUTHENTICATION_FAILED, why)
+            fail(StatusCode::UNAUTHORIZED, errors::AUTHENTICATION_FAILED, why)
         }
-        Err(Refused::Forbidden(why)) => error(StatusCode::FORBIDDEN, errors::NOT_AUTHORIZED, why),
+        Err(Refused::Forbidden(why)) => fail(StatusCode::FORBIDDEN, errors::NOT_AUTHORIZED, why),
         Err(Refused::Invalid(why)) => {
-            error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_manifest", why)
+            fail(StatusCode::UNPROCESSABLE_ENTITY, "invalid_manifest", why)
         }
-        Err(Refused::Full) => error(
+        Err(Refused::Full) => fail(
             StatusCode::CONFLICT,
             "too_many_workloads",
             format!(
@@ -102,19 +142,20 @@ pub(crate) async fn hand_in(node: Arc<Node>, realm: &str, record: DeployRecord) 
                 macula_workloads::record::MAX_BYTES_PER_REALM >> 20
             ),
         ),
-    }
+    };
+    Err(why)
 }
 
 /// The realm key in `Authorization: Bearer ...`, valid, not revoked, and admitted to `realm`
 /// (returned); or the answer that says why not.
-pub(crate) fn realm_key(node: &Node, realm: &str, headers: &HeaderMap) -> Result<String, Response> {
+pub(crate) fn realm_key(node: &Node, realm: &str, headers: &HeaderMap) -> Result<String, Failure> {
     let Some(key) = headers
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "))
         .map(str::trim)
     else {
-        return Err(error(
+        return Err(fail(
             StatusCode::UNAUTHORIZED,
             errors::AUTHENTICATION_FAILED,
             "send a key of the realm as `Authorization: Bearer sk_live_...`",
@@ -124,14 +165,14 @@ pub(crate) fn realm_key(node: &Node, realm: &str, headers: &HeaderMap) -> Result
     let v = match auth.authenticator.verify(key, now_secs()) {
         Ok(v) if !auth.authenticator.is_revoked(&v.claims.kid) => v,
         Ok(_) => {
-            return Err(error(
+            return Err(fail(
                 StatusCode::UNAUTHORIZED,
                 errors::AUTHENTICATION_FAILED,
                 "the key was revoked",
             ))
         }
         Err(e) => {
-            return Err(error(
+            return Err(fail(
                 StatusCode::UNAUTHORIZED,
                 errors::AUTHENTICATION_FAILED,
                 e.to_string(),
@@ -139,7 +180,7 @@ pub(crate) fn realm_key(node: &Node, realm: &str, headers: &HeaderMap) -> Result
         }
     };
     if let Err((uri, why)) = node.role_admitted(realm, &v.claims.realm, &v.claims.role) {
-        return Err(error(StatusCode::FORBIDDEN, uri, why));
+        return Err(fail(StatusCode::FORBIDDEN, uri, why));
     }
     Ok(key.to_owned())
 }
@@ -150,8 +191,8 @@ pub(super) async fn list_records(
     Path(realm): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = realm_key(&node, &realm, &headers) {
-        return r;
+    if let Err(f) = realm_key(&node, &realm, &headers) {
+        return f.into_response();
     }
     let records = node.workloads.records.lock();
     let items: Vec<_> = records
@@ -172,8 +213,8 @@ pub(super) async fn history(
     Path((realm, name)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = realm_key(&node, &realm, &headers) {
-        return r;
+    if let Err(f) = realm_key(&node, &realm, &headers) {
+        return f.into_response();
     }
     let records = node.workloads.records.lock();
     let Some(current) = records.get(&realm, &name) else {
@@ -209,8 +250,8 @@ pub(super) async fn replicas(
     Query(q): Query<ReplicasQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = realm_key(&node, &realm, &headers) {
-        return r;
+    if let Err(f) = realm_key(&node, &realm, &headers) {
+        return f.into_response();
     }
     let items = if q.local {
         ctrl.local_status(&realm)
@@ -238,9 +279,23 @@ pub(super) async fn logs(
     Query(q): Query<LogsQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = realm_key(&node, &realm, &headers) {
-        return r;
+    if let Err(f) = realm_key(&node, &realm, &headers) {
+        return f.into_response();
     }
+    stream_logs(ctrl, realm, name, q.replica, q.follow, false)
+}
+
+/// The output of `realm`/`name`'s replicas (or `replica`) on every node that runs one: as JSON
+/// lines (`{"replica","slot","seq","stream","text"}`), or the text alone (`plain`, as
+/// Kubernetes serves a pod's log); with `follow`, new lines as they come until the client goes.
+pub(crate) fn stream_logs(
+    ctrl: Arc<Controller>,
+    realm: String,
+    name: String,
+    replica: Option<u32>,
+    follow: bool,
+    plain: bool,
+) -> Response {
     type Cursor = std::collections::BTreeMap<String, u64>;
     let first = Some(Cursor::new());
     let stream = futures_util::stream::unfold(first, move |cursor| {
@@ -251,7 +306,7 @@ pub(super) async fn logs(
             if !started {
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
-            let lines = ctrl.gather_logs(&realm, &name, q.replica, &cursor).await;
+            let lines = ctrl.gather_logs(&realm, &name, replica, &cursor).await;
             let mut out = String::new();
             for l in lines {
                 let seen = cursor.entry(l.slot.clone()).or_insert(0);
@@ -259,22 +314,31 @@ pub(super) async fn logs(
                     continue;
                 }
                 *seen = (*seen).max(l.seq);
-                let replica = macula_workloads::wire::parse_slot(&l.slot).map_or(0, |s| s.2);
-                out.push_str(
-                    &json!({"replica": replica, "slot": l.slot, "seq": l.seq,
-                    "stream": if l.stderr { "stderr" } else { "stdout" }, "text": l.text})
-                    .to_string(),
-                );
+                if plain {
+                    out.push_str(&l.text);
+                } else {
+                    let replica = macula_workloads::wire::parse_slot(&l.slot).map_or(0, |s| s.2);
+                    out.push_str(
+                        &json!({"replica": replica, "slot": l.slot, "seq": l.seq,
+                        "stream": if l.stderr { "stderr" } else { "stdout" }, "text": l.text})
+                        .to_string(),
+                    );
+                }
                 out.push('\n');
             }
             // A cursor that has seen nothing yet still marks the first round as done.
             cursor.entry(String::new()).or_insert(0);
-            let next = q.follow.then_some(cursor);
+            let next = follow.then_some(cursor);
             Some((Ok::<_, std::convert::Infallible>(out), next))
         }
     });
+    let content_type = if plain {
+        "text/plain; charset=utf-8"
+    } else {
+        "application/x-ndjson"
+    };
     (
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        [(header::CONTENT_TYPE, content_type)],
         axum::body::Body::from_stream(stream),
     )
         .into_response()
@@ -288,7 +352,7 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
-    fn of(m: &macula_workloads::Manifest) -> Kind {
+    pub(crate) fn of(m: &macula_workloads::Manifest) -> Kind {
         match m {
             macula_workloads::Manifest::Payload(_) => Kind::Payload,
             macula_workloads::Manifest::Job(_) => Kind::Job,
@@ -362,8 +426,8 @@ async fn list(
     headers: HeaderMap,
     kind: Kind,
 ) -> Response {
-    if let Err(r) = realm_key(&node, &realm, &headers) {
-        return r;
+    if let Err(f) = realm_key(&node, &realm, &headers) {
+        return f.into_response();
     }
     let items: Vec<serde_json::Value> = summaries(&node, &ctrl, &realm, kind, None)
         .await
@@ -381,8 +445,8 @@ async fn one(
     headers: HeaderMap,
     kind: Kind,
 ) -> Response {
-    if let Err(r) = realm_key(&node, &realm, &headers) {
-        return r;
+    if let Err(f) = realm_key(&node, &realm, &headers) {
+        return f.into_response();
     }
     match summaries(&node, &ctrl, &realm, kind, Some(&name))
         .await
@@ -400,7 +464,7 @@ async fn one(
 /// Signs the next record of `name` (`manifest` None: a tombstone) with the bearer key and
 /// hands it in. `kind` is what the route serves (a manifest of the other kind is refused);
 /// `create` refuses a name that is live already.
-async fn sign_and_hand_in(
+pub(crate) async fn sign_and_take(
     node: Arc<Node>,
     realm: &str,
     key: &str,
@@ -408,7 +472,7 @@ async fn sign_and_hand_in(
     manifest: Option<String>,
     kind: Kind,
     create: bool,
-) -> Response {
+) -> Result<DeployRecord, Failure> {
     let current = {
         let records = node.workloads.records.lock();
         let found = records
@@ -423,49 +487,56 @@ async fn sign_and_hand_in(
         .map(|m| Kind::of(&m));
     match (&manifest, live_kind) {
         (Some(_), Some(_)) if create => {
-            return error(
+            return Err(fail(
                 StatusCode::CONFLICT,
                 "already_exists",
                 format!(
                     "{realm} has a workload named {name}: replace it with PUT, or delete it first"
                 ),
-            )
+            ))
         }
         (None, None) => {
-            return error(
+            return Err(fail(
                 StatusCode::NOT_FOUND,
                 "no_such_workload",
                 format!("{realm} has no {} named {name}", kind.word()),
-            )
+            ))
         }
         (None, Some(k)) if k != kind => {
-            return error(
+            return Err(fail(
                 StatusCode::NOT_FOUND,
                 "no_such_workload",
                 format!("{name} in {realm} is a {}, not a {}", k.word(), kind.word()),
-            )
+            ))
         }
         _ => {}
     }
     let Some(public) = macula_router::auth::credential::public_form(key) else {
-        return error(
+        return Err(fail(
             StatusCode::FORBIDDEN,
             errors::NOT_AUTHORIZED,
             "this key cannot sign deploy records (a key of an older format): issue a new one",
-        );
+        ));
     };
     let seq = current.map_or(0, |c| c.0) + 1;
     let record = DeployRecord::signed(realm, name, seq, manifest, now_secs(), &public, |d| {
         macula_router::auth::credential::bearer_proof(key, d)
     });
     let Some(record) = record else {
-        return error(
+        return Err(fail(
             StatusCode::FORBIDDEN,
             errors::NOT_AUTHORIZED,
             "this key cannot sign deploy records",
-        );
+        ));
     };
-    hand_in(node, realm, record).await
+    take(node, realm, record).await
+}
+
+fn respond(r: Result<DeployRecord, Failure>) -> Response {
+    match r {
+        Ok(r) => answer(&r),
+        Err(f) => f.into_response(),
+    }
 }
 
 /// A manifest in a request body (YAML or JSON), of `kind`, with its workload's name.
@@ -534,11 +605,11 @@ macro_rules! kind_routes {
         ) -> Response {
             let key = match realm_key(&node, &realm, &headers) {
                 Ok(k) => k,
-                Err(r) => return r,
+                Err(f) => return f.into_response(),
             };
             match manifest_of(&body, $kind, None) {
                 Ok((name, text)) => {
-                    sign_and_hand_in(node, &realm, &key, &name, Some(text), $kind, true).await
+                    respond(sign_and_take(node, &realm, &key, &name, Some(text), $kind, true).await)
                 }
                 Err(r) => r,
             }
@@ -552,12 +623,12 @@ macro_rules! kind_routes {
         ) -> Response {
             let key = match realm_key(&node, &realm, &headers) {
                 Ok(k) => k,
-                Err(r) => return r,
+                Err(f) => return f.into_response(),
             };
             match manifest_of(&body, $kind, Some(&name)) {
-                Ok((name, text)) => {
-                    sign_and_hand_in(node, &realm, &key, &name, Some(text), $kind, false).await
-                }
+                Ok((name, text)) => respond(
+                    sign_and_take(node, &realm, &key, &name, Some(text), $kind, false).await,
+                ),
                 Err(r) => r,
             }
         }
@@ -569,9 +640,9 @@ macro_rules! kind_routes {
         ) -> Response {
             let key = match realm_key(&node, &realm, &headers) {
                 Ok(k) => k,
-                Err(r) => return r,
+                Err(f) => return f.into_response(),
             };
-            sign_and_hand_in(node, &realm, &key, &name, None, $kind, false).await
+            respond(sign_and_take(node, &realm, &key, &name, None, $kind, false).await)
         }
     };
 }

@@ -121,6 +121,13 @@ impl Node {
         // A key issued for a parent realm enters a subrealm only through a role that the *key's*
         // realm marks `subrealms: true`; a role of the same name in the subrealm's own policy
         // is not enough.
+        // A key enters its own realm and its subrealms, never a sibling's or a parent's.
+        if !macula_wamp::uri::is_same_or_subrealm(realm, key_realm) {
+            return Err((
+                errors::AUTHORIZATION_FAILED,
+                format!("the key is for realm {key_realm}, not {realm}"),
+            ));
+        }
         if key_realm != realm {
             let key_policy = self.policy_for(key_realm);
             if !key_policy.is_some_and(|p| p.role_covers_subrealms(role)) {
