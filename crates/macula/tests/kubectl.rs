@@ -3,7 +3,6 @@
 //! it; a Job runs to completion; another realm's key sees nothing. SKIPPED where kubectl is
 //! not installed (`.ci/run` installs it).
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -286,5 +285,4 @@ spec:
         (out.contains("Complete") && out.contains("3/3")).then_some(())
     })
     .await;
-    let _ = HashMap::<(), ()>::new();
 }

@@ -192,6 +192,26 @@ pub(super) async fn openapi_root() -> Json<J> {
     }}))
 }
 
+/// `/openapi/v2`: an OpenAPI v2 document with no definitions, in protobuf when asked (older
+/// kubectl reads only that). Its client-side validation skips kinds the document does not
+/// define, and the server validates every object strictly anyway.
+pub(super) async fn openapi_v2(headers: HeaderMap) -> Response {
+    let proto = headers
+        .get(header::ACCEPT)
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|a| a.contains("protobuf"));
+    if proto {
+        // A gnostic `openapi_v2.Document` with only `swagger: "2.0"` (field 1, a string).
+        let body: &'static [u8] = b"\x0a\x032.0";
+        return ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response();
+    }
+    Json(
+        json!({"swagger": "2.0", "info": {"title": "Macula", "version": env!("CARGO_PKG_VERSION")},
+                "paths": {}, "definitions": {}}),
+    )
+    .into_response()
+}
+
 fn openapi_doc(ops: &[(&str, &str, &str, &str)]) -> J {
     let mut paths = Map::new();
     for (path, group, version, kind) in ops {

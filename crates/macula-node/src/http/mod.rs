@@ -71,6 +71,7 @@ pub fn router(node: Arc<Node>, ctrl: Arc<crate::workloads::Controller>) -> Route
         .route("/v1/realms/{realm}/workloads/{name}/history", get(history))
         // The Kubernetes-style API (kube.rs).
         .route("/version", get(kube::version))
+        .route("/openapi/v2", get(kube::openapi_v2))
         .route("/openapi/v3", get(kube::openapi_root))
         .route("/openapi/v3/api/v1", get(kube::openapi_core))
         .route("/openapi/v3/apis/{group}/v1", get(kube::openapi_group))
