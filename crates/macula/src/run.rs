@@ -73,6 +73,43 @@ pub struct NodeArgs {
     /// Registry database: sqlite://PATH or postgres://USER:PASSWORD@HOST/DB (registry.database).
     #[arg(long, env = "MACULA_DATABASE", hide_env_values = true)]
     pub database: Option<String>,
+    /// Set one setting of node.yaml for this run, by its path: `--set workloads.cpu_millis=500`,
+    /// `--set tls.cert=/etc/macula/cert.pem` (the value is read as YAML); repeatable.
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    pub set: Vec<String>,
+}
+
+/// Applies `--set path=value` overrides to a node's configuration; an unknown path or a value
+/// of the wrong type is an error naming it.
+pub fn apply_sets(config: &mut macula_node::NodeConfig, sets: &[String]) -> Result<()> {
+    if sets.is_empty() {
+        return Ok(());
+    }
+    let mut doc = serde_yaml_ng::to_value(&*config)?;
+    for s in sets {
+        let (path, value) = s
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--set {s}: write it as PATH=VALUE"))?;
+        let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(value)
+            .with_context(|| format!("--set {path}: the value is not YAML"))?;
+        let mut at = &mut doc;
+        let parts: Vec<&str> = path.split('.').collect();
+        for (i, part) in parts.iter().enumerate() {
+            let map = at.as_mapping_mut().ok_or_else(|| {
+                anyhow::anyhow!("--set {path}: {} is not a section", parts[..i].join("."))
+            })?;
+            if !map.contains_key(*part) {
+                anyhow::bail!(
+                    "--set {path}: node.yaml has no setting {}",
+                    parts[..=i].join(".")
+                );
+            }
+            at = map.get_mut(*part).expect("checked above");
+        }
+        *at = value;
+    }
+    *config = serde_yaml_ng::from_value(doc).map_err(|e| anyhow::anyhow!("--set: {e}"))?;
+    Ok(())
 }
 
 pub async fn up(a: UpArgs, json: bool) -> Result<()> {
@@ -89,10 +126,18 @@ pub async fn up(a: UpArgs, json: bool) -> Result<()> {
     let tls = up_certificate(&a.home)?;
     let mut loaded = dir.load()?;
     loaded.config.registry.enabled = true;
-    loaded.config.tls.cert = PathBuf::from(UP_CERT);
-    loaded.config.tls.key = PathBuf::from(UP_CERT_KEY);
-    let mut nodes = vec![];
-    let mut first_mesh: Vec<String> = vec![];
+    // What `macula up` sets on every node it starts (the others get it with --set).
+    let sets = [
+        format!("tls.cert={UP_CERT}"),
+        format!("tls.key={UP_CERT_KEY}"),
+        // A machine for trying things: replicas run with limits and sandbox where the machine
+        // allows them, and run anyway where it does not (`macula node` refuses by default).
+        "workloads.require_limits=false".to_owned(),
+        "workloads.require_sandbox=false".to_owned(),
+    ];
+    apply_sets(&mut loaded.config, &sets)?;
+    let mut nodes: Vec<UpNode> = vec![];
+    let mut children = vec![];
     // Several nodes take a few seconds: show them starting (on a terminal only).
     let progress = if a.nodes > 1 && !json {
         indicatif::ProgressBar::new(a.nodes as u64)
@@ -103,31 +148,53 @@ pub async fn up(a: UpArgs, json: bool) -> Result<()> {
         indicatif::ProgressStyle::with_template("starting nodes {bar:20} {pos}/{len}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    // Node 1 runs in this process (it hosts the registry); the others are processes of their
+    // own, so that one can be stopped or killed like a machine that fails.
+    let mut first: Option<macula_node::Running> = None;
     for i in 0..a.nodes {
-        let mut l = loaded.clone();
         // Port 0 (any free port) stays 0 for every node.
         let shift = |p: u16| if p == 0 { 0 } else { p + 2 * i };
-        l.config.listen.http = SocketAddr::new(a.http.ip(), shift(a.http.port()));
-        l.config.listen.rawsocket = SocketAddr::new(a.rawsocket.ip(), shift(a.rawsocket.port()));
-        l.config.mesh.listen = vec![format!("/ip4/127.0.0.1/udp/{}/quic-v1", a.mesh_port + i)];
-        l.config.mesh.identity = PathBuf::from(format!("nodes/{}/identity.key", i + 1));
-        l.config.workloads.dir = PathBuf::from(format!("nodes/{}/workloads", i + 1));
-        if i > 0 {
-            // One counters file per node.
-            l.config.metering.dir = PathBuf::from(format!("nodes/{}/meter", i + 1));
-        }
-        l.config.mesh.bootstrap = first_mesh.clone();
-        // The first node hosts the registry.
-        l.config.registry.enabled = i == 0;
-        let running = start(l, &dir, a.database.as_deref()).await?;
+        let http = SocketAddr::new(a.http.ip(), shift(a.http.port()));
+        let rawsocket = SocketAddr::new(a.rawsocket.ip(), shift(a.rawsocket.port()));
+        let mesh_port = if a.mesh_port == 0 { 0 } else { a.mesh_port + i };
+        let mesh = format!("/ip4/127.0.0.1/udp/{mesh_port}/quic-v1");
         if i == 0 {
-            first_mesh = running.mesh_addrs.clone();
+            let mut l = loaded.clone();
+            l.config.listen.http = http;
+            l.config.listen.rawsocket = rawsocket;
+            l.config.mesh.listen = vec![mesh];
+            l.config.mesh.identity = PathBuf::from("nodes/1/identity.key");
+            l.config.workloads.dir = PathBuf::from("nodes/1/workloads");
+            let running = start(l, &dir, a.database.as_deref()).await?;
+            nodes.push(UpNode {
+                ws: running.ws_url(),
+                rawsocket: running.rawsocket_url(),
+                http: running.http_addr.to_string(),
+                mesh: running.mesh_addrs.clone(),
+                pid: std::process::id(),
+            });
+            first = Some(running);
+        } else {
+            let data = a.home.join(format!("nodes/{}", i + 1));
+            let (child, node) = spawn_node(
+                &a.home,
+                &data,
+                http,
+                rawsocket,
+                &mesh,
+                &nodes[0].mesh,
+                &sets,
+            )
+            .await?;
+            children.push(child);
+            nodes.push(node);
         }
-        nodes.push(running);
         progress.inc(1);
     }
     progress.finish_and_clear();
-    let running = &nodes[0];
+    let Some(running) = first.as_ref() else {
+        anyhow::bail!("no node started");
+    };
     let realm = &a.realm;
     if json {
         println!(
@@ -135,7 +202,7 @@ pub async fn up(a: UpArgs, json: bool) -> Result<()> {
             serde_json::json!({"realm": realm, "key_id": kid, "key": key, "ws": running.ws_url(), "rawsocket": running.rawsocket_url(), "http": format!("http://{}", running.http_addr), "home": a.home,
                 "wss": running.wss_url(), "rss": running.rss_url(), "https": format!("https://{}", running.http_addr),
                 "ca": tls.cert, "fingerprint": tls.fingerprint,
-                "nodes": nodes.iter().map(|n| serde_json::json!({"ws": n.ws_url(), "rawsocket": n.rawsocket_url(), "http": format!("http://{}", n.http_addr), "mesh": n.mesh_addrs})).collect::<Vec<_>>()})
+                "nodes": nodes.iter().map(|n| serde_json::json!({"ws": n.ws, "rawsocket": n.rawsocket, "http": format!("http://{}", n.http), "mesh": n.mesh, "pid": n.pid})).collect::<Vec<_>>()})
         );
     } else {
         let http = format!("http://{}", running.http_addr);
@@ -193,13 +260,133 @@ Press Ctrl-C to stop."#,
             keyfile = key_path.display(),
             db = macula_registry::db::redact(&crate::hosting::database_url(
                 &dir,
-                &nodes[0].node.config.registry,
+                &running.node.config.registry,
                 a.database.as_deref()
             )),
         );
     }
     wait_for_shutdown().await;
+    drop(children);
     Ok(())
+}
+
+/// A node `macula up` started: its addresses, and its process.
+struct UpNode {
+    ws: String,
+    rawsocket: String,
+    http: String,
+    mesh: Vec<String>,
+    pid: u32,
+}
+
+/// Starts `macula node` as a process of its own (stopped with this one: it is killed when
+/// dropped, and when this process dies), its log in `<data>/node.log`; returns it once it
+/// printed its addresses.
+async fn spawn_node(
+    home: &std::path::Path,
+    data: &std::path::Path,
+    http: SocketAddr,
+    rawsocket: SocketAddr,
+    mesh: &str,
+    bootstrap: &[String],
+    sets: &[String],
+) -> Result<(tokio::process::Child, UpNode)> {
+    use tokio::io::AsyncBufReadExt;
+    std::fs::create_dir_all(data)?;
+    let exe = std::env::current_exe().context("finding this program to start nodes")?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("node")
+        .arg("--config")
+        .arg(home)
+        .arg("--data-dir")
+        .arg(data)
+        .args([
+            "--http",
+            &http.to_string(),
+            "--rawsocket",
+            &rawsocket.to_string(),
+        ])
+        .args(["--mesh-listen", mesh]);
+    for b in bootstrap {
+        cmd.args(["--bootstrap", b]);
+    }
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    // SAFETY: prctl is async-signal-safe; the child dies with this process.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting a node")?;
+    let pid = child.id().unwrap_or(0);
+    let stderr = child.stderr.take().context("the node's output")?;
+    let mut log = tokio::fs::File::create(data.join("node.log")).await?;
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let (mut ws, mut rs, mut addr, mut mesh_addrs) = (None, None, None, vec![]);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while mesh_addrs.is_empty() {
+        let line = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "node {} did not start within 30 s (see {})",
+                    data.display(),
+                    data.join("node.log").display()
+                )
+            })?
+            .context("reading the node's output")?
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "node {} stopped at start (see {})",
+                    data.display(),
+                    data.join("node.log").display()
+                )
+            })?;
+        tokio::io::AsyncWriteExt::write_all(&mut log, format!("{line}\n").as_bytes()).await?;
+        // Its own lines ("macula node: ..."), not its log's.
+        let Some(said) = line.strip_prefix("macula node: ") else {
+            continue;
+        };
+        let words: Vec<&str> = said.split_whitespace().collect();
+        if let Some(i) = words.iter().position(|w| *w == "WebSocket") {
+            ws = words.get(i + 1).map(|s| s.to_string());
+            rs = words
+                .iter()
+                .position(|w| *w == "RawSocket")
+                .and_then(|j| words.get(j + 1))
+                .map(|s| s.to_string());
+            addr = words
+                .last()
+                .map(|s| s.trim_start_matches("http://").to_string());
+        }
+        if words.first() == Some(&"mesh") {
+            if let Some(m) = words.get(1) {
+                mesh_addrs.push(m.to_string());
+            }
+        }
+    }
+    // The rest of its log, to its file.
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ =
+                tokio::io::AsyncWriteExt::write_all(&mut log, format!("{line}\n").as_bytes()).await;
+        }
+    });
+    let node = UpNode {
+        ws: ws.unwrap_or_default(),
+        rawsocket: rs.unwrap_or_default(),
+        http: addr.unwrap_or_default(),
+        mesh: mesh_addrs,
+        pid,
+    };
+    Ok((child, node))
 }
 
 /// Where `macula up` keeps its self-signed certificate (in its config directory).
@@ -261,29 +448,30 @@ fn up_certificate(home: &std::path::Path) -> Result<UpCert> {
 }
 
 /// The nodes of `macula up --nodes N`, for the banner.
-fn mesh_table(nodes: &[macula_node::Running]) -> String {
+fn mesh_table(nodes: &[UpNode]) -> String {
     if nodes.len() < 2 {
         return format!(
             "Mesh: this node listens on {} — start more with `macula node --bootstrap <that address>`, or use `macula up --nodes 3`.\n",
-            nodes[0].mesh_addrs.first().map_or("(off)", |s| s.as_str())
+            nodes[0].mesh.first().map_or("(off)", |s| s.as_str())
         );
     }
     let mut s = format!(
-        "A local mesh of {} nodes (clients may use any of them):\n\n",
+        "A local mesh of {} nodes (clients may use any of them; nodes 2 and up are processes of\ntheir own, logs in <home>/nodes/N/node.log):\n\n",
         nodes.len()
     );
     for (i, n) in nodes.iter().enumerate() {
         s.push_str(&format!(
-            "  node {}  {}  {}  http://{}\n",
+            "  node {}  {}  {}  http://{}  pid {}\n",
             i + 1,
-            n.ws_url(),
-            n.rawsocket_url(),
-            n.http_addr
+            n.ws,
+            n.rawsocket,
+            n.http,
+            n.pid
         ));
     }
     s.push_str(&format!(
         "\nInspect it with `macula mesh status` (add --http {} for node 2).\n",
-        nodes[1].http_addr
+        nodes[1].http
     ));
     s
 }
@@ -308,8 +496,9 @@ pub async fn node(a: NodeArgs) -> Result<()> {
         let d = std::path::absolute(d)?;
         loaded.config.mesh.identity = d.join("identity.key");
         loaded.config.mesh.cert = d.join("node.cert");
-        // Usage counters are per node too (one node per counters file).
+        // Usage counters and workloads (records, lease promises, replicas) are per node too.
         loaded.config.metering.dir = d.join("meter");
+        loaded.config.workloads.dir = d.join("workloads");
     }
     if let Some(h) = a.http {
         loaded.config.listen.http = h;
@@ -320,6 +509,7 @@ pub async fn node(a: NodeArgs) -> Result<()> {
     if a.registry || a.database.is_some() {
         loaded.config.registry.enabled = true;
     }
+    apply_sets(&mut loaded.config, &a.set)?;
     let realms = loaded.policies.len();
     let registry = loaded.config.registry.enabled;
     let running = start(loaded, &dir, a.database.as_deref()).await?;

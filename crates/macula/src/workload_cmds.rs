@@ -613,45 +613,59 @@ pub struct WorkloadsArgs {
 /// `macula workloads`: every workload of the realm and its replicas (node, state, restarts,
 /// lease token, age).
 pub fn workloads(a: WorkloadsArgs, json: bool) -> Result<()> {
-    let api = NodeApi::new(&a.conn)?;
+    let (v, text) = render_workloads(&a.conn, a.name.as_deref())?;
+    if json {
+        println!("{v}");
+    } else {
+        print!("{text}");
+    }
+    Ok(())
+}
+
+/// The realm's workloads (or one) and their replicas, as JSON and as text (what `macula
+/// workloads` and `macula status` print).
+pub fn render_workloads(conn: &Conn, only: Option<&str>) -> Result<(Value, String)> {
+    use std::fmt::Write;
+    let api = NodeApi::new(conn)?;
     let records = api.records()?;
     let mut replicas = api.replicas()?;
-    if let Some(n) = &a.name {
-        replicas.retain(|r| &r.name == n);
+    if let Some(n) = only {
+        replicas.retain(|r| r.name == n);
     }
-    if json {
-        let items: Vec<Value> = records
+    let live = || {
+        records
             .iter()
-            .filter(|(n, _, m)| m.is_some() && a.name.as_ref().is_none_or(|x| x == n))
-            .map(|(n, seq, m)| {
-                let desired = m
-                    .as_deref()
-                    .and_then(|t| macula_workloads::parse(t).ok())
-                    .map_or(0, |m| macula_workloads::wire::slots_of(&m));
-                let mine: Vec<&ReplicaStatus> = replicas.iter().filter(|r| &r.name == n).collect();
-                json!({"name": n, "seq": seq, "replicas": desired, "items": mine})
-            })
-            .collect();
-        println!("{}", json!({"realm": api.realm, "workloads": items}));
-        return Ok(());
+            .filter(move |(n, _, m)| m.is_some() && only.is_none_or(|x| x == n))
+    };
+    let desired = |m: &Option<String>| {
+        m.as_deref()
+            .and_then(|t| macula_workloads::parse(t).ok())
+            .map_or(0, |m| macula_workloads::wire::slots_of(&m))
+    };
+    let items: Vec<Value> = live()
+        .map(|(n, seq, m)| {
+            let mine: Vec<&ReplicaStatus> = replicas.iter().filter(|r| &r.name == n).collect();
+            json!({"name": n, "seq": seq, "replicas": desired(m), "items": mine})
+        })
+        .collect();
+    let v = json!({"realm": api.realm, "workloads": items});
+    let mut out = String::new();
+    if live().next().is_none() {
+        let _ = writeln!(
+            out,
+            "no workloads in {} (deploy one: macula deploy --payload CMD)",
+            api.realm
+        );
+        return Ok((v, out));
     }
     let now = macula_common::time::now_secs();
     let mut t = table(&[
         "NAME", "REPLICA", "NODE", "STATE", "RESTARTS", "TOKEN", "AGE", "DETAIL",
     ]);
-    let mut any = false;
-    for (n, seq, m) in &records {
-        let Some(text) = m else { continue };
-        if a.name.as_ref().is_some_and(|x| x != n) {
-            continue;
-        }
-        any = true;
-        let desired = macula_workloads::parse(text)
-            .ok()
-            .map_or(0, |m: Manifest| macula_workloads::wire::slots_of(&m));
+    for (n, seq, m) in live() {
         let mine: Vec<&ReplicaStatus> = replicas.iter().filter(|r| &r.name == n).collect();
         let running = mine.iter().filter(|r| r.state == "running").count();
-        println!("{n}  version {seq}  {running}/{desired} running");
+        let _ = writeln!(out, "{n}  version {seq}  {running}/{} running", desired(m));
         for r in mine {
             let node = &r.node[r.node.len().saturating_sub(8)..];
             t.add_row(vec![
@@ -674,16 +688,9 @@ pub fn workloads(a: WorkloadsArgs, json: bool) -> Result<()> {
             ]);
         }
     }
-    if !any {
-        println!(
-            "no workloads in {} (deploy one: macula deploy --payload CMD)",
-            api.realm
-        );
-        return Ok(());
-    }
     right_aligned(&mut t, &[1, 4, 5, 6]);
-    println!("{t}");
-    Ok(())
+    let _ = writeln!(out, "{t}");
+    Ok((v, out))
 }
 
 #[derive(Args)]
