@@ -109,8 +109,25 @@ pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow:
     let http_addr = http.local_addr()?;
     let rawsocket_addr = raw.local_addr()?;
     let mut tasks = vec![];
-    let scheme = if tls.is_some() { "wss" } else { "ws" };
-    let ctrl = workloads::Controller::new(node.clone(), format!("{scheme}://{http_addr}/ws"));
+    // Replicas run on this machine: they connect over loopback, in the clear where the node
+    // takes clear text from this machine (the default), else over TLS to its address.
+    let local = http_addr.ip().is_loopback() || http_addr.ip().is_unspecified();
+    let clear_ok = tls.is_none() || tls_section.plaintext != tls::Plaintext::None;
+    let replica_url = if local && clear_ok {
+        let lo: std::net::IpAddr = if http_addr.is_ipv6() && !http_addr.ip().is_unspecified() {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        };
+        format!(
+            "ws://{}/ws",
+            std::net::SocketAddr::new(lo, http_addr.port())
+        )
+    } else {
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
+        format!("{scheme}://{http_addr}/ws")
+    };
+    let ctrl = workloads::Controller::new(node.clone(), replica_url);
     let mut app = http::router(node.clone(), ctrl.clone());
     if let Some(extra) = extra {
         app = app.merge(extra);

@@ -13,6 +13,17 @@ use super::ExecSpec;
 /// Runs in the shim process: joins `spec`'s control groups, applies the Landlock rules, clears
 /// the environment and replaces itself with the command. Returns only on failure, with why.
 pub fn exec(spec: &ExecSpec) -> io::Error {
+    // The replica dies with its node: a node killed outright (`kill -9`, a crash) must not
+    // leave replicas running that its lease no longer covers. The signal comes when the
+    // thread that started the shim ends: a node starts replicas from its runtime's worker
+    // threads, which live as long as it does.
+    // SAFETY: prctl with these arguments only sets this process's parent-death signal.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    if std::os::unix::process::parent_id() == 1 {
+        return io::Error::other("the node that started this replica is gone");
+    }
     let pid = std::process::id().to_string();
     for f in &spec.cgroup_procs {
         if let Err(e) = std::fs::write(f, &pid) {
