@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-#[allow(dead_code)]
 mod common;
-#[allow(dead_code)]
 mod macula_up;
 
 /// The realm the shared test helpers name (this test uses the one `macula up` makes).
