@@ -34,8 +34,16 @@ def running_mesh(base, mesh_port: int):
             stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, env=env,
         )
     try:
-        line = _read_first_line(proc, STARTUP_TIMEOUT)
-        assert line, f"macula up --nodes 3 did not start:\n{log_path.read_text(errors='replace')}"
+        # Three debug-build nodes on a busy two-core machine: more time than for one node.
+        line = _read_first_line(proc, 3 * STARTUP_TIMEOUT)
+        assert line, (
+            f"macula up --nodes 3 printed no startup line within {3 * STARTUP_TIMEOUT} s "
+            f"(exit code {proc.poll()}); its log:\n{log_path.read_text(errors='replace')}"
+            + "".join(
+                f"\n--- {p}:\n{p.read_text(errors='replace')[-4000:]}"
+                for p in sorted((base / "home" / "nodes").glob("*/node.log"))
+            )
+        )
         info = json.loads(line)
         assert len(info["nodes"]) == 3, info
         yield info

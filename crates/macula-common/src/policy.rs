@@ -70,6 +70,11 @@ pub struct PolicyDoc {
     /// trust root cannot act in the realm under a role no key of it holds.
     #[serde(default, skip_serializing_if = "is_false")]
     pub verified_roles: bool,
+    /// The most workload instances the realm may ask for at once (payload replicas plus job
+    /// runs at once, over all its workloads), from its plan: nodes refuse a deploy record past
+    /// it. None: no limit (a realm of a node's own config directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_instances: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

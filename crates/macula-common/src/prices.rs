@@ -24,6 +24,22 @@ pub struct TierPrice {
     /// Past the allowance, operations are refused instead of billed.
     #[serde(default)]
     pub hard_quota: bool,
+    /// Compute: each hour a replica runs, in thousandths of a cent (the seed's managed
+    /// hosting: $0.05 an hour per payload instance). Billed on every plan.
+    #[serde(default = "default_instance_price")]
+    pub instance_millicents_per_hour: u64,
+    /// The most replicas a realm on the plan may ask for at once (payload replicas, and runs
+    /// of jobs at once): a deploy past it is refused.
+    #[serde(default = "default_max_instances")]
+    pub max_instances: u32,
+}
+
+fn default_instance_price() -> u64 {
+    5_000
+}
+
+fn default_max_instances() -> u32 {
+    100
 }
 
 /// A premium add-on, billed per month in which it was on.
@@ -57,13 +73,15 @@ impl Default for Prices {
             ops_millicents_per_1k: mc,
             egress_cents_per_gib: gib,
             hard_quota: hard,
+            instance_millicents_per_hour: default_instance_price(),
+            max_instances: default_max_instances(),
         };
         let addon = |id: &str, title: &str, cents| AddonPrice {
             id: id.into(),
             title: title.into(),
             monthly_cents: cents,
         };
-        Prices {
+        let mut prices = Prices {
             tiers: vec![
                 tier("hobby", "Hobby", 0, 100_000, GIB, 1_000, 10, true),
                 tier(
@@ -106,7 +124,12 @@ impl Default for Prices {
                 addon("dedicated_nodes", "Dedicated Nodes", 29_900),
                 addon("sso", "SSO Integration", 4_900),
             ],
+        };
+        // Instances a realm may run at once: a few on the free plan, more on each paid one.
+        for (t, max) in prices.tiers.iter_mut().zip([3, 20, 100, 1_000]) {
+            t.max_instances = max;
         }
+        prices
     }
 }
 

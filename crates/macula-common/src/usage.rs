@@ -88,6 +88,9 @@ pub struct UsageRow {
     pub bytes_out: u64,
     /// Call latency histogram ([`BUCKETS`] entries, see [`bucket`]).
     pub latency: Vec<u64>,
+    /// Milliseconds the realm's replicas ran on the node (compute, billed per instance-hour).
+    #[serde(default)]
+    pub instance_ms: u64,
 }
 
 /// What a node delivers to the aggregator.

@@ -447,6 +447,17 @@ fn usage_series(
         per.iter()
             .map(|(realm, c)| (label("realm", realm.clone()), c[OPS + 1])),
     )?;
+    let mut compute: std::collections::BTreeMap<String, u64> = Default::default();
+    for (realm, _key, c) in meter.totals() {
+        *compute.entry(realm).or_default() += c[crate::meter::INSTANCE_MS];
+    }
+    out.gauges(
+        "macula_realm_instance_seconds_total",
+        "Seconds of replicas run on this node (compute, billed per instance-hour), by realm.",
+        compute
+            .into_iter()
+            .map(|(realm, ms)| (label("realm", realm), ms as f64 / 1e3)),
+    )?;
     if !quota.is_empty() {
         let mut q: Vec<_> = quota.iter().collect();
         q.sort_by(|a, b| a.0.cmp(b.0));

@@ -648,6 +648,7 @@ async fn an_unlisted_node_cannot_report_usage_for_a_dedicated_realm() {
         bytes_in: 1_000_000,
         bytes_out: 0,
         latency: vec![],
+        instance_ms: 0,
     };
     let report = UsageReport {
         node: rogue.peer_id().to_string(),

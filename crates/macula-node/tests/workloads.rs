@@ -388,4 +388,36 @@ async fn payloads_and_jobs_are_plain_rest_with_a_realm_key() {
         .http("DELETE", &format!("{payloads}/api"), Some(&developer), "")
         .await;
     assert_eq!(s, 404);
+
+    // The realm's plan allows 3 instances at once: the job (1 at a time) and a payload of 2
+    // fit; a third replica does not, and says why.
+    let mut doc = t.dir.read_policy(REALM).unwrap();
+    doc.max_instances = Some(3);
+    doc.version += 1;
+    t.dir.write_policy(&doc).unwrap();
+    t.node().reload().unwrap();
+    let (s, b) = t.http("POST", &payloads, Some(&developer), MANIFEST).await;
+    assert_eq!(s, 201, "{b}");
+    let (s, b) = t
+        .http("PUT", &format!("{payloads}/api"), Some(&developer), &three)
+        .await;
+    assert_eq!(s, 403, "{b}");
+    assert!(
+        b.contains("plan_limit") && b.contains("allows 3 instances") && b.contains("ask for 4"),
+        "{b}"
+    );
+    let (s, b) = t
+        .http("GET", &format!("{payloads}/api"), Some(&developer), "")
+        .await;
+    assert_eq!(
+        (s, json(&b)["desired"].clone()),
+        (200, 2.into()),
+        "unchanged: {b}"
+    );
+    // Scaling down is always taken.
+    let one = MANIFEST.replace("replicas: 2", "replicas: 1");
+    let (s, b) = t
+        .http("PUT", &format!("{payloads}/api"), Some(&developer), &one)
+        .await;
+    assert_eq!(s, 200, "{b}");
 }

@@ -30,6 +30,7 @@ fn row(
         bytes_in,
         bytes_out,
         latency: vec![0; BUCKETS],
+        instance_ms: 0,
     }
 }
 
@@ -304,6 +305,36 @@ async fn invoices(url: &str, dir: &std::path::Path) {
     // 1,875 × 0.8 millicents = 1.5 cents, rounded half up to 2.
     assert_eq!(inv2["total_cents"], 14_706);
 
+    // Compute: com.pro's replicas ran an hour and a half on node a and half an hour on node b
+    // (each node's row cumulative: re-sent, it counts once): 2 instance-hours × $0.05.
+    let compute = |node: &str, ms: u64| {
+        let mut r = row("com.pro", "k2", h, [0; 5], 0, 0);
+        r.instance_ms = ms;
+        report(node, 1, vec![r])
+    };
+    for _ in 0..2 {
+        srv.reg.ingest(&compute("node-c", 5_400_000)).await.unwrap();
+        srv.reg.ingest(&compute("node-d", 1_800_000)).await.unwrap();
+    }
+    let (_, inv3) = req(base, "GET", "/v1/invoices/current", Some(&t), None).await;
+    assert!(
+        lines_of(&inv3).contains(&("com.pro".into(), "compute".into(), 10)),
+        "{inv3}"
+    );
+    assert_eq!(inv3["total_cents"], 14_716);
+    let month = macula_common::time::month_name(this_month);
+    let (s, u) = req(
+        base,
+        "GET",
+        &format!("/v1/realms/com.pro/usage/{month}"),
+        Some(&t),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{u}");
+    assert_eq!(u["usage"]["instance_hours"], 2.0, "{u}");
+    assert_eq!(u["plan"]["instance_millicents_per_hour"], 5_000, "{u}");
+
     // Last month: com.inv was still on Hobby (the upgrade applies from now); a transfer fee.
     let lh = hour_of(last_month as u64 + 3600);
     srv.reg
@@ -545,6 +576,9 @@ async fn hobby_quota(url: &str, dir: &std::path::Path) {
     // No overage on Hobby: the invoice shows the $0 base only.
     let (_, inv) = req(base, "GET", "/v1/invoices/current", Some(&t), None).await;
     assert_eq!(inv["total_cents"], 0);
+    // The plan's instance limit travels with the policy too (nodes refuse deploys past it).
+    let max_instances = || srv.dir.read_policy("com.q").unwrap().max_instances;
+    assert_eq!(max_instances(), Some(3), "Hobby runs a few instances");
     // Upgrading lifts the block at once.
     let (s, _) = req(
         base,
@@ -561,6 +595,7 @@ async fn hobby_quota(url: &str, dir: &std::path::Path) {
         .unwrap()
         .quota_exceeded
         .is_none());
+    assert_eq!(max_instances(), Some(20), "Starter's limit at once");
     deliver(150_000).await.unwrap();
     assert!(
         srv.dir
@@ -617,6 +652,11 @@ async fn hobby_quota(url: &str, dir: &std::path::Path) {
         .await
         .unwrap();
     assert_eq!(tier, "hobby");
+    assert_eq!(
+        max_instances(),
+        Some(3),
+        "the downgrade brings Hobby's limit"
+    );
     assert!(srv
         .dir
         .read_policy("com.q")
@@ -655,6 +695,8 @@ async fn a_configured_price_list_is_used() {
         ops_millicents_per_1k: mc,
         egress_cents_per_gib: 20,
         hard_quota: hard,
+        instance_millicents_per_hour: 5_000,
+        max_instances: 10,
     };
     let prices = Prices {
         tiers: vec![

@@ -257,6 +257,15 @@ impl Manifest {
             Manifest::Job(j) => &j.workload,
         }
     }
+
+    /// The instances it asks for at once: a payload's replicas, a job's parallelism (what a
+    /// plan's `max_instances` counts).
+    pub fn instances(&self) -> u32 {
+        match self {
+            Manifest::Payload(p) => p.replicas,
+            Manifest::Job(j) => j.parallelism,
+        }
+    }
 }
 
 /// What payloads and jobs have alike.

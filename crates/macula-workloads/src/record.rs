@@ -13,7 +13,7 @@
 //! Keys, roles and signatures are the node's (`macula-router`'s credentials): this module takes
 //! them as closures and stays free of them.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -123,6 +123,13 @@ pub enum Refused {
     Invalid(String),
     /// The realm has as many workloads, or bytes of manifests, as a node keeps.
     Full,
+    /// The realm's workloads would ask for more instances at once than its plan allows.
+    OverLimit {
+        /// What they would ask for with this record.
+        asked: u64,
+        /// The plan's `max_instances`.
+        limit: u32,
+    },
 }
 
 /// What the node knows of a key that signed a record: its realm and role (after checking the
@@ -140,6 +147,11 @@ pub struct Records {
     /// Earlier records with a manifest, newest first, at most [`HISTORY`] per workload.
     #[serde(default)]
     history: BTreeMap<String, BTreeMap<String, VecDeque<DeployRecord>>>,
+    /// The instances each record asks for, by (realm, name), with the record's sequence (so
+    /// that a newer record is never counted at an older one's figure): filled as records are
+    /// taken, and on first need after a load.
+    #[serde(skip)]
+    instances: HashMap<(String, String), (u64, u32)>,
 }
 
 impl Records {
@@ -147,12 +159,15 @@ impl Records {
     /// signature; `may_deploy(realm, signer, None)` the signer's role, and then
     /// `may_deploy(realm, signer, Some(role))` the role the manifest gives the replicas' own
     /// sessions (a signer must not hand its workload more than it may have itself); `Err` says
-    /// why not.
+    /// why not. With `max_instances`, the realm's workloads together may ask for at most that
+    /// many instances at once ([`Manifest::instances`]); a record that lowers the count is
+    /// taken even above it (scaling down, deleting).
     pub fn accept(
         &mut self,
         r: DeployRecord,
         verify: impl FnOnce(&str, &[u8; 32], &[u8]) -> Result<Signer, String>,
         may_deploy: impl Fn(&str, &Signer, Option<&str>) -> Result<(), String>,
+        max_instances: Option<u32>,
     ) -> Result<Option<Manifest>, Refused> {
         let have = self
             .by_realm
@@ -203,6 +218,14 @@ impl Records {
                 Some(m)
             }
         };
+        if let (Some(limit), Some(m)) = (max_instances, &manifest) {
+            let others = self.instances(&r.realm, Some(&r.name));
+            let before = others + self.instances_of(&r.realm, &r.name);
+            let asked = others + u64::from(m.instances());
+            if asked > u64::from(limit) && asked > before {
+                return Err(Refused::OverLimit { asked, limit });
+            }
+        }
         let realm = self.by_realm.entry(r.realm.clone()).or_default();
         if have.is_none() && realm.len() >= MAX_PER_REALM {
             return Err(Refused::Full);
@@ -213,6 +236,10 @@ impl Records {
         if bytes > MAX_BYTES_PER_REALM {
             return Err(Refused::Full);
         }
+        self.instances.insert(
+            (r.realm.clone(), r.name.clone()),
+            (r.seq, manifest.as_ref().map_or(0, Manifest::instances)),
+        );
         let history = self.history.entry(r.realm.clone()).or_default();
         if let Some(prev) = realm
             .insert(r.name.clone(), r)
@@ -245,6 +272,40 @@ impl Records {
             .and_then(|m| m.get(name))
             .into_iter()
             .flatten()
+    }
+
+    /// The instances the newest record of (realm, name) asks for (0 for a tombstone or none).
+    fn instances_of(&mut self, realm: &str, name: &str) -> u64 {
+        let Some(r) = self.by_realm.get(realm).and_then(|m| m.get(name)) else {
+            return 0;
+        };
+        let key = (realm.to_owned(), name.to_owned());
+        if let Some((seq, n)) = self.instances.get(&key) {
+            if *seq == r.seq {
+                return u64::from(*n);
+            }
+        }
+        let n = r
+            .manifest
+            .as_deref()
+            .and_then(|t| crate::parse(t).ok())
+            .map_or(0, |m| m.instances());
+        let seq = r.seq;
+        self.instances.insert(key, (seq, n));
+        u64::from(n)
+    }
+
+    /// The instances the realm's workloads ask for at once, leaving out `except`.
+    pub fn instances(&mut self, realm: &str, except: Option<&str>) -> u64 {
+        let names: Vec<String> = self
+            .by_realm
+            .get(realm)
+            .into_iter()
+            .flat_map(|m| m.keys())
+            .filter(|n| Some(n.as_str()) != except)
+            .cloned()
+            .collect();
+        names.iter().map(|n| self.instances_of(realm, n)).sum()
     }
 
     /// The newest record of (realm, name).

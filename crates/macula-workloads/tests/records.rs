@@ -82,7 +82,7 @@ fn may_deploy(realm: &str, s: &Signer, workload_role: Option<&str>) -> Result<()
 }
 
 fn accept(records: &mut Records, r: DeployRecord) -> Result<Option<Manifest>, Refused> {
-    records.accept(r, verify, may_deploy)
+    records.accept(r, verify, may_deploy, None)
 }
 
 #[test]
@@ -319,17 +319,67 @@ fn records_signed_with_real_api_keys() {
     let service = key_of("service_account", "key_svc");
     let mut records = Records::default();
     assert!(records
-        .accept(sign(&developer, "api", 1), verify_real, may)
+        .accept(sign(&developer, "api", 1), verify_real, may, None)
         .is_ok());
     assert!(matches!(
-        records.accept(sign(&service, "api", 2), verify_real, may),
+        records.accept(sign(&service, "api", 2), verify_real, may, None),
         Err(Refused::Forbidden(_))
     ));
     // The public form of one key with another key's signature.
     let mut r = sign(&service, "api", 3);
     r.key = public_form(&developer).unwrap();
     assert!(matches!(
-        records.accept(r, verify_real, may),
+        records.accept(r, verify_real, may, None),
         Err(Refused::Unverified(_))
     ));
+}
+
+#[test]
+fn a_plans_instance_limit_counts_every_workload_of_the_realm() {
+    let dev = Key::new(1, REALM, "developer");
+    let mut records = Records::default();
+    let limited =
+        |records: &mut Records, r: DeployRecord| records.accept(r, verify, may_deploy, Some(5));
+    let payload = |name: &str, n: u32| {
+        format!("kind: payload\nname: {name}\nreplicas: {n}\ncommand: [my-server]\n")
+    };
+    let job = |name: &str, p: u32| {
+        format!("kind: job\nname: {name}\ncompletions: 10\nparallelism: {p}\ncommand: [work]\n")
+    };
+    // 2 + 2 fit; a job running 2 at once would make 6.
+    limited(&mut records, dev.record("api", 1, Some(&payload("api", 2)))).unwrap();
+    limited(&mut records, dev.record("web", 1, Some(&payload("web", 2)))).unwrap();
+    assert_eq!(
+        limited(&mut records, dev.record("batch", 1, Some(&job("batch", 2)))),
+        Err(Refused::OverLimit { asked: 6, limit: 5 })
+    );
+    assert!(records.get(REALM, "batch").is_none(), "nothing changed");
+    // One at a time fits; scaling api to 3 then does not.
+    limited(&mut records, dev.record("batch", 1, Some(&job("batch", 1)))).unwrap();
+    assert_eq!(
+        limited(&mut records, dev.record("api", 2, Some(&payload("api", 3)))),
+        Err(Refused::OverLimit { asked: 6, limit: 5 })
+    );
+    // Deleting web makes room (a tombstone always passes).
+    limited(&mut records, dev.record("web", 2, None)).unwrap();
+    limited(&mut records, dev.record("api", 2, Some(&payload("api", 4)))).unwrap();
+    assert_eq!(records.instances(REALM, None), 5);
+    // After a restart (records read back from disk), the count is the same.
+    let mut loaded: Records =
+        serde_json::from_str(&serde_json::to_string(&records).unwrap()).unwrap();
+    assert_eq!(loaded.instances(REALM, None), 5);
+    assert_eq!(
+        limited(&mut loaded, dev.record("web", 3, Some(&payload("web", 1)))),
+        Err(Refused::OverLimit { asked: 6, limit: 5 })
+    );
+    // A plan lowered below what runs: scaling down is still taken, scaling up is not.
+    let tighter =
+        |records: &mut Records, r: DeployRecord| records.accept(r, verify, may_deploy, Some(2));
+    tighter(&mut loaded, dev.record("api", 3, Some(&payload("api", 3)))).unwrap();
+    assert!(matches!(
+        tighter(&mut loaded, dev.record("api", 4, Some(&payload("api", 4)))),
+        Err(Refused::OverLimit { .. })
+    ));
+    // Another realm's workloads do not count.
+    assert_eq!(loaded.instances("com.example.other", None), 0);
 }

@@ -144,6 +144,11 @@ fn print_usage_month(v: &UsageMonth) {
     );
     println!("  bytes in    {:>14}", bytes(u.bytes_in));
     println!(
+        "  compute     {:>14}  at ${:.2} an instance-hour",
+        format!("{:.2} h", u.instance_hours),
+        plan.instance_millicents_per_hour as f64 / 100_000.0
+    );
+    println!(
         "  call latency  p50 {}  p95 {}",
         ms(u.latency_p50_ms),
         ms(u.latency_p95_ms)

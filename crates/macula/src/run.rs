@@ -113,6 +113,8 @@ pub fn apply_sets(config: &mut macula_node::NodeConfig, sets: &[String]) -> Resu
 }
 
 pub async fn up(a: UpArgs, json: bool) -> Result<()> {
+    // First in the log, so that a start that hangs shows where.
+    tracing::info!(nodes = a.nodes, home = %a.home.display(), "macula up: starting");
     let dir = ConfDir::new(&a.home);
     dir.init()
         .with_context(|| format!("creating {}", a.home.display()))?;

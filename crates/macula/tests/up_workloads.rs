@@ -192,6 +192,23 @@ async fn on_macula_up_a_payload_runs_answers_heals_and_kubectl_applies() {
         .await
         .expect("answered after the heal");
 
+    // The replicas' compute reaches the realm's usage (metered on the nodes that ran them).
+    let server = s("http");
+    let ms = eventually("compute in the usage", Duration::from_secs(30), || async {
+        let out = tokio::process::Command::new(BIN)
+            .args(["--json", "usage", "--server", &server, "--key", &key])
+            .args(["--realm", &realm])
+            .env("MACULA_HOME", "/nonexistent")
+            .output()
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        // Two replicas have run for seconds by now.
+        v["usage"]["instance_ms"].as_u64().filter(|ms| *ms >= 2000)
+    })
+    .await;
+    eprintln!("compute metered: {ms} ms");
+
     // kubectl applies a Deployment (over TLS, with the certificate `macula up` made).
     let have_kubectl = std::process::Command::new("kubectl")
         .args(["version", "--client"])

@@ -81,11 +81,12 @@ fn answer(r: &DeployRecord) -> Response {
     } else {
         StatusCode::OK
     };
-    (
-        status,
-        Json(json!({"realm": r.realm, "name": r.name, "seq": r.seq, "deleted": r.manifest.is_none()})),
-    )
-        .into_response()
+    (status, Json(taken(r))).into_response()
+}
+
+/// What a taken record is answered with.
+fn taken(r: &DeployRecord) -> serde_json::Value {
+    json!({"realm": r.realm, "name": r.name, "seq": r.seq, "deleted": r.manifest.is_none()})
 }
 
 /// Takes `record` (for `realm`) as a node takes one from the mesh and floods it; or why not.
@@ -133,6 +134,13 @@ pub(crate) async fn take(
         Err(Refused::Invalid(why)) => {
             fail(StatusCode::UNPROCESSABLE_ENTITY, "invalid_manifest", why)
         }
+        Err(Refused::OverLimit { asked, limit }) => fail(
+            StatusCode::FORBIDDEN,
+            "plan_limit",
+            format!(
+                "{realm}'s plan allows {limit} instances at once (payload replicas and job runs at once, over all its workloads); with this deploy they would ask for {asked}: scale another workload down, or change the plan (macula plans)"
+            ),
+        ),
         Err(Refused::Full) => fail(
             StatusCode::CONFLICT,
             "too_many_workloads",
@@ -609,7 +617,11 @@ macro_rules! kind_routes {
             };
             match manifest_of(&body, $kind, None) {
                 Ok((name, text)) => {
-                    respond(sign_and_take(node, &realm, &key, &name, Some(text), $kind, true).await)
+                    // Created (also a name deleted before): 201.
+                    match sign_and_take(node, &realm, &key, &name, Some(text), $kind, true).await {
+                        Ok(r) => (StatusCode::CREATED, Json(taken(&r))).into_response(),
+                        Err(f) => f.into_response(),
+                    }
                 }
                 Err(r) => r,
             }

@@ -38,6 +38,12 @@ impl Counter {
     pub fn latency(&self, d: Duration) {
         self.add(HIST + bucket(d), 1);
     }
+
+    /// A replica of the realm ran for `ms` milliseconds (compute).
+    #[inline]
+    pub fn instance_ms(&self, ms: u64) {
+        self.add(INSTANCE_MS, ms);
+    }
 }
 
 /// A session's metering: its counter and the start times of its calls in flight.

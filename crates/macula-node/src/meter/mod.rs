@@ -53,10 +53,16 @@ pub(crate) const OUT: usize = OPS + 1;
 
 pub(crate) const HIST: usize = OPS + 2;
 
+/// Milliseconds of replicas running (compute, billed per instance-hour).
+pub const INSTANCE_MS: usize = OPS + 2 + BUCKETS;
+
 /// Counters per slot: operations by kind, bytes in, bytes out, histogram.
-pub const COUNTERS: usize = OPS + 2 + BUCKETS;
+pub const COUNTERS: usize = OPS + 2 + BUCKETS + 1;
 
 pub(crate) const SLOT_WORDS: usize = 128;
+
+// The current counters end where the base begins, and the base within the slot.
+const _: () = assert!(CUR + COUNTERS <= BASE && BASE + COUNTERS <= SLOT_WORDS);
 
 /// Word 0 of a slot: the hour its base belongs to. Then the counters, then the base.
 pub(crate) const HOUR: usize = 0;

@@ -68,7 +68,8 @@ impl Shipper {
                 ops,
                 bytes_in: val[IN],
                 bytes_out: val[OUT],
-                latency: val[HIST..].to_vec(),
+                latency: val[HIST..HIST + BUCKETS].to_vec(),
+                instance_ms: val[INSTANCE_MS],
             });
         }
         let n = rows.len();

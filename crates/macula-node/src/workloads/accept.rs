@@ -57,8 +57,12 @@ pub fn accept(node: &Node, record: DeployRecord) -> Result<DeployRecord, Refused
         }
         Ok(())
     };
+    // The realm's plan limits the instances its workloads ask for at once.
+    let max_instances = node
+        .policy_for(&record.realm)
+        .and_then(|p| p.doc.max_instances);
     let mut records = node.workloads.records.lock();
-    records.accept(record.clone(), verify, may_deploy)?;
+    records.accept(record.clone(), verify, may_deploy, max_instances)?;
     if let Err(e) = node.workloads.save(&records) {
         tracing::error!("keeping the deploy records: {e}");
     }

@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use macula_mesh::{Frame, Peer as PeerId};
+use macula_router::auth::credential;
 use macula_workloads::lease::{
     self, Acquisition, Completing, Completion, Counted, Outcome, Reply, Request,
 };
@@ -96,6 +97,8 @@ struct Wanted {
     index: u32,
     seq: u64,
     manifest: Arc<Manifest>,
+    /// The key that signed the record: the realm's compute is metered under it.
+    kid: Arc<str>,
 }
 
 /// A job's completion slots known to be done, for its record `seq`: the run that counts, and
@@ -113,6 +116,8 @@ struct State {
     ledger: Option<Ledger>,
     /// Parsed manifests by (realm, name), with the record's sequence.
     manifests: HashMap<(String, String), (u64, Arc<Manifest>)>,
+    /// The key id that signed each record (compute is metered under it).
+    kids: HashMap<(String, String), Arc<str>>,
     held: HashMap<String, Held>,
     acquiring: HashMap<String, Acq>,
     tenders: HashMap<u64, TenderRun>,
@@ -154,6 +159,9 @@ struct Permit {
 struct Held {
     /// The manifest its replica runs (of record `seq`).
     manifest: Arc<Manifest>,
+    /// Its compute is metered under this key, up to `metered_at`.
+    kid: Arc<str>,
+    metered_at: Instant,
     token: u64,
     /// When the lease ends on this node's clock, unless renewed.
     valid_until: u64,
@@ -275,6 +283,7 @@ impl Controller {
     /// The replicas run here, for `/metrics` (state, restarts, memory and CPU from their
     /// control groups).
     fn sample(&self) {
+        self.meter_compute();
         let held: Vec<(String, ReplicaState, u64)> = self
             .state
             .lock()
@@ -309,6 +318,37 @@ impl Controller {
             .collect();
         if let Ok(mut r) = self.node.metrics.workloads.replicas.lock() {
             *r = samples;
+        }
+    }
+
+    /// Meters the time each replica ran since the last time (its realm's compute, billed per
+    /// instance-hour), under the key that deployed it. A replica counts while it runs (not
+    /// while it backs off after a crash); the previous version beside a new one in a rolling
+    /// update counts too.
+    fn meter_compute(&self) {
+        let Some(meter) = &self.node.meter else {
+            return;
+        };
+        let now = Instant::now();
+        let mut ran: Vec<(String, Arc<str>, u64)> = vec![];
+        for (slot, h) in self.state.lock().held.iter_mut() {
+            let ms = now.duration_since(h.metered_at).as_millis().min(60_000) as u64;
+            h.metered_at = now;
+            let running =
+                |r: &Supervised| matches!(*r.state.borrow(), ReplicaState::Running { .. });
+            let n = u64::from(h.replica.as_ref().is_some_and(running))
+                + u64::from(h.old.as_ref().is_some_and(|o| running(&o.0)));
+            if let (Some((realm, _, _)), true) = (wire::parse_slot(slot), n > 0) {
+                ran.push((realm.to_owned(), h.kid.clone(), ms * n));
+            }
+        }
+        let auth = self.node.auth();
+        for (realm, kid, ms) in ran {
+            let owner = auth.owner_group(&realm).unwrap_or_default();
+            match meter.counter_for(&realm, &kid, &owner) {
+                Ok(c) => c.instance_ms(ms),
+                Err(e) => tracing::warn!(realm, "compute not metered: {e}"),
+            }
         }
     }
 
@@ -443,6 +483,13 @@ impl Controller {
                     Ok(m) => {
                         let m = Arc::new(m);
                         st.manifests.insert(key.clone(), (r.seq, m.clone()));
+                        let kid = credential::verify_public(
+                            &r.key,
+                            self.node.auth().authenticator.operator(),
+                            now_secs(),
+                        )
+                        .map_or_else(|_| "workloads".to_owned(), |v| v.claims.kid);
+                        st.kids.insert(key.clone(), Arc::from(kid));
                         m
                     }
                     Err(_) => continue,
@@ -477,6 +524,11 @@ impl Controller {
                         index: i,
                         seq: r.seq,
                         manifest: m.clone(),
+                        kid: st
+                            .kids
+                            .get(&key)
+                            .cloned()
+                            .unwrap_or_else(|| Arc::from("workloads")),
                     },
                 );
             }
@@ -484,6 +536,7 @@ impl Controller {
         st.manifests.retain(|k, _| seen.contains(k));
         let manifests = &st.manifests;
         st.jobs.retain(|k, _| manifests.contains_key(k));
+        st.kids.retain(|k, _| manifests.contains_key(k));
         out
     }
 
@@ -1215,6 +1268,8 @@ impl Controller {
                     slot.to_owned(),
                     Held {
                         manifest: w.manifest.clone(),
+                        kid: w.kid.clone(),
+                        metered_at: Instant::now(),
                         token,
                         valid_until: valid_until_ms,
                         renewed_at: a.acq.started_ms(),

@@ -29,6 +29,7 @@ impl Registry {
                     }
                     m.bytes_in = m.bytes_in.max(row.bytes_in);
                     m.bytes_out = m.bytes_out.max(row.bytes_out);
+                    m.instance_ms = m.instance_ms.max(row.instance_ms);
                     if m.latency.len() < row.latency.len() {
                         m.latency.resize(row.latency.len(), 0);
                     }
@@ -92,7 +93,7 @@ impl Registry {
         };
         let sql = format!(
             "SELECT realm, key_id, hour, ops_publish, ops_subscribe, ops_call, ops_register, ops_dht, \
-             bytes_in, bytes_out, latency FROM usage_reports WHERE node = $1 AND epoch = $2 AND hour >= $3 \
+             bytes_in, bytes_out, instance_ms, latency FROM usage_reports WHERE node = $1 AND epoch = $2 AND hour >= $3 \
              AND realm IN ({}) AND key_id IN ({}){lock}",
             list(4, realms.len()),
             list(4 + realms.len(), keys.len())
@@ -105,9 +106,9 @@ impl Registry {
             q = q.bind(*v);
         }
         let rows = q.fetch_all(&mut *tx).await?;
-        let mut old: HashMap<ReportKey, ([u64; 7], Vec<u64>)> = HashMap::new();
+        let mut old: HashMap<ReportKey, ([u64; N], Vec<u64>)> = HashMap::new();
         for r in rows {
-            let mut c = [0u64; 7];
+            let mut c = [0u64; N];
             for (i, col) in COUNTER_COLS.iter().enumerate() {
                 c[i] = r.try_get::<i64, _>(*col)?.max(0) as u64;
             }
@@ -166,17 +167,18 @@ impl Registry {
         let now = now_secs() as i64;
         let mut grew: HashSet<String> = HashSet::new();
         for row in chunk {
-            let mut new = [0u64; 7];
+            let mut new = [0u64; N];
             new[..OPS].copy_from_slice(&row.ops);
             new[5] = row.bytes_in;
             new[6] = row.bytes_out;
+            new[7] = row.instance_ms;
             // Stored as BIGINT: a value beyond it (only a broken or hostile node sends one)
             // is held at the maximum rather than wrapping negative.
             for v in new.iter_mut() {
                 *v = (*v).min(i64::MAX as u64 / 4);
             }
             let key = (row.realm.clone(), row.key_id.clone(), row.hour as i64);
-            let (prev, prev_hist) = old.get(&key).cloned().unwrap_or(([0; 7], vec![0; BUCKETS]));
+            let (prev, prev_hist) = old.get(&key).cloned().unwrap_or(([0; N], vec![0; BUCKETS]));
             let mut hist = parse_hist(&hist_text(&row.latency));
             for h in hist.iter_mut() {
                 *h = (*h).min(i64::MAX as u64 / 4);
@@ -209,13 +211,14 @@ impl Registry {
             args.push(now.into());
             tx.defer(
                 "INSERT INTO usage_reports (node, epoch, realm, key_id, hour, ops_publish, ops_subscribe, \
-                 ops_call, ops_register, ops_dht, bytes_in, bytes_out, latency, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+                 ops_call, ops_register, ops_dht, bytes_in, bytes_out, instance_ms, latency, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
                  ON CONFLICT (node, epoch, realm, key_id, hour) DO UPDATE SET \
                  ops_publish = excluded.ops_publish, ops_subscribe = excluded.ops_subscribe, \
                  ops_call = excluded.ops_call, ops_register = excluded.ops_register, \
                  ops_dht = excluded.ops_dht, bytes_in = excluded.bytes_in, \
-                 bytes_out = excluded.bytes_out, latency = excluded.latency, updated_at = excluded.updated_at",
+                 bytes_out = excluded.bytes_out, instance_ms = excluded.instance_ms, \
+                 latency = excluded.latency, updated_at = excluded.updated_at",
                 args,
             );
             if delta.iter().all(|d| *d == 0) {
@@ -234,7 +237,8 @@ impl Registry {
                 tx.defer(
                     add_to_rollup!(
                         "INSERT INTO usage_rollups (realm, period, start, ops_publish, ops_subscribe, ops_call, \
-                         ops_register, ops_dht, bytes_in, bytes_out) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                         ops_register, ops_dht, bytes_in, bytes_out, instance_ms) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
                     ),
                     args,
                 );
@@ -272,7 +276,7 @@ impl Registry {
     }
 }
 
-pub(crate) const COUNTER_COLS: [&str; 7] = [
+pub(crate) const COUNTER_COLS: [&str; N] = [
     "ops_publish",
     "ops_subscribe",
     "ops_call",
@@ -280,7 +284,11 @@ pub(crate) const COUNTER_COLS: [&str; 7] = [
     "ops_dht",
     "bytes_in",
     "bytes_out",
+    "instance_ms",
 ];
+
+/// The counters of a usage row: operations by kind, bytes in and out, compute.
+pub(crate) const N: usize = 8;
 
 /// (realm, key id, hour) of a node's report row.
 type ReportKey = (String, String, i64);

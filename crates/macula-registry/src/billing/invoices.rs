@@ -41,15 +41,15 @@ impl Registry {
                 *e = (at, t);
             }
         }
-        let usage: HashMap<String, (i64, i64)> = sqlx::query_as::<_, (String, i64, i64)>(
-            "SELECT realm, ops_publish + ops_subscribe + ops_call + ops_register + ops_dht, bytes_out \
-             FROM usage_rollups WHERE period = 'month' AND start = $1",
+        let usage: HashMap<String, (i64, i64, i64)> = sqlx::query_as::<_, (String, i64, i64, i64)>(
+            "SELECT realm, ops_publish + ops_subscribe + ops_call + ops_register + ops_dht, bytes_out, \
+             instance_ms FROM usage_rollups WHERE period = 'month' AND start = $1",
         )
         .bind(month)
         .fetch_all(&mut *c)
         .await?
         .into_iter()
-        .map(|(r, o, b)| (r, (o, b)))
+        .map(|(r, o, b, i)| (r, (o, b, i)))
         .collect();
         let mut addons: HashMap<String, Vec<String>> = HashMap::new();
         for (realm, f) in sqlx::query_as::<_, (String, String)>(
@@ -87,7 +87,7 @@ impl Registry {
         let mut per_account: HashMap<String, Vec<RealmMonth>> = HashMap::new();
         for (name, owner, current) in realms {
             let t = tiers.get(&name).map(|t| t.1.clone()).unwrap_or(current);
-            let (ops, bytes) = usage.get(&name).copied().unwrap_or((0, 0));
+            let (ops, bytes, instance_ms) = usage.get(&name).copied().unwrap_or((0, 0, 0));
             let mut a = addons.remove(&name).unwrap_or_default();
             a.sort();
             per_account.entry(owner).or_default().push(RealmMonth {
@@ -95,6 +95,7 @@ impl Registry {
                 tier: t,
                 ops: ops.max(0) as u64,
                 egress_bytes: bytes.max(0) as u64,
+                instance_ms: instance_ms.max(0) as u64,
                 addons: a,
             });
         }
@@ -349,6 +350,8 @@ pub struct RealmMonth {
     pub tier: String,
     pub ops: u64,
     pub egress_bytes: u64,
+    /// Milliseconds of replicas run (compute).
+    pub instance_ms: u64,
     pub addons: Vec<String>,
 }
 
@@ -404,6 +407,20 @@ pub fn invoice_lines(
                     amount_cents: egress_overage_cents(t, over),
                 });
             }
+        }
+        if r.instance_ms > 0 {
+            lines.push(Line {
+                kind: "compute".into(),
+                realm: r.realm.clone(),
+                description: format!(
+                    "Compute: {:.2} instance-hours at ${:.2}/hour",
+                    r.instance_ms as f64 / 3_600_000.0,
+                    t.instance_millicents_per_hour as f64 / 100_000.0
+                ),
+                quantity: r.instance_ms.div_ceil(1_000),
+                unit: "instance-seconds".into(),
+                amount_cents: compute_cents(t, r.instance_ms),
+            });
         }
         for a in &r.addons {
             if let Some(ad) = prices.addon(a) {

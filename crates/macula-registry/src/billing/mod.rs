@@ -105,6 +105,14 @@ pub fn ops_overage_cents(t: &Tier, ops: u64) -> i64 {
     round_half_up(ops as u128 * t.ops_millicents_per_1k as u128, 1_000_000)
 }
 
+/// The compute charge for `instance_ms` milliseconds of replicas run, in cents.
+pub fn compute_cents(t: &Tier, instance_ms: u64) -> i64 {
+    round_half_up(
+        instance_ms as u128 * t.instance_millicents_per_hour as u128,
+        3_600_000 * 1_000,
+    )
+}
+
 /// The overage charge for `bytes` of egress beyond the allowance, in cents.
 pub fn egress_overage_cents(t: &Tier, bytes: u64) -> i64 {
     round_half_up(bytes as u128 * t.egress_cents_per_gib as u128, GIB as u128)
@@ -130,7 +138,8 @@ macro_rules! add_to_rollup {
              ops_register = usage_rollups.ops_register + excluded.ops_register, \
              ops_dht = usage_rollups.ops_dht + excluded.ops_dht, \
              bytes_in = usage_rollups.bytes_in + excluded.bytes_in, \
-             bytes_out = usage_rollups.bytes_out + excluded.bytes_out"
+             bytes_out = usage_rollups.bytes_out + excluded.bytes_out, \
+             instance_ms = usage_rollups.instance_ms + excluded.instance_ms"
         )
     };
 }

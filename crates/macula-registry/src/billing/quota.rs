@@ -206,6 +206,7 @@ impl Registry {
                 .bind(&realm)
                 .execute(&mut *tx)
                 .await?;
+            let limits = self.refresh_plan_limits(&mut tx, &realm, "billing").await?;
             audit(
                 &mut tx,
                 Some(&realm),
@@ -215,6 +216,9 @@ impl Registry {
                 "",
             );
             tx.commit().await?;
+            if limits {
+                self.materialize(&realm).await?;
+            }
             // A downgrade to Hobby can put the realm over its quota at once.
             self.check_quotas(std::slice::from_ref(&realm)).await?;
         }

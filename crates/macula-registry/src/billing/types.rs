@@ -58,6 +58,11 @@ pub struct UsagePeriod {
     pub egress_gb: f64,
     pub latency_p50_ms: Option<f64>,
     pub latency_p95_ms: Option<f64>,
+    /// Compute: milliseconds of replicas run, and the same in instance-hours.
+    #[serde(default)]
+    pub instance_ms: u64,
+    #[serde(default)]
+    pub instance_hours: f64,
 }
 
 /// A realm's usage per period.

@@ -63,8 +63,8 @@ impl Registry {
             ));
         }
         let rows = sqlx::query(
-            "SELECT start, ops_publish, ops_subscribe, ops_call, ops_register, ops_dht, bytes_in, bytes_out \
-             FROM usage_rollups WHERE realm = $1 AND period = $2 AND start >= $3 AND start < $4 ORDER BY start",
+            "SELECT start, ops_publish, ops_subscribe, ops_call, ops_register, ops_dht, bytes_in, bytes_out, \
+             instance_ms FROM usage_rollups WHERE realm = $1 AND period = $2 AND start >= $3 AND start < $4 ORDER BY start",
         )
         .bind(realm)
         .bind(period)
@@ -113,6 +113,8 @@ impl Registry {
             p.bytes_in = r.try_get::<i64, _>("bytes_in")?.max(0) as u64;
             p.egress_bytes = r.try_get::<i64, _>("bytes_out")?.max(0) as u64;
             p.egress_gb = p.egress_bytes as f64 / GIB as f64;
+            p.instance_ms = r.try_get::<i64, _>("instance_ms")?.max(0) as u64;
+            p.instance_hours = p.instance_ms as f64 / 3_600_000.0;
             if let Some(h) = hists.get(&start) {
                 p.latency_p50_ms = quantile_ms(h, 0.50);
                 p.latency_p95_ms = quantile_ms(h, 0.95);
@@ -169,6 +171,7 @@ impl Registry {
                 tier: t.name.clone(),
                 ops: usage.ops_total,
                 egress_bytes: usage.egress_bytes,
+                instance_ms: usage.instance_ms,
                 addons,
             }],
             &[],

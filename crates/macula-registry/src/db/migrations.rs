@@ -278,4 +278,12 @@ CREATE TABLE login_sources (
 CREATE INDEX audit_actor ON audit(actor, action, at);
 "#,
     },
+    Migration {
+        version: 8,
+        name: "compute: milliseconds of replicas run (billed per instance-hour)",
+        sql: r#"
+ALTER TABLE usage_reports ADD COLUMN instance_ms BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE usage_rollups ADD COLUMN instance_ms BIGINT NOT NULL DEFAULT 0;
+"#,
+    },
 ];

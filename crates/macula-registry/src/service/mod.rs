@@ -283,7 +283,25 @@ impl Registry {
         Ok(doc)
     }
 
-    /// Stores `doc` as the realm's next policy version.
+    /// Writes the realm's next policy version if its plan's limits changed (after a change of
+    /// tier); true if it did (then materialize it once committed).
+    pub(crate) async fn refresh_plan_limits(
+        &self,
+        c: &mut AnyConnection,
+        realm: &str,
+        author: &str,
+    ) -> ApiResult<bool> {
+        let row = self.realm(&mut *c, realm).await?;
+        let doc = self.policy_doc(&row)?;
+        let max = Some(self.config.prices.tier_or_first(&row.tier).max_instances);
+        if doc.max_instances == max {
+            return Ok(false);
+        }
+        self.put_policy(c, realm, doc, author).await?;
+        Ok(true)
+    }
+
+    /// Stores `doc` as the realm's next policy version (with the limits of the realm's plan).
     pub(crate) async fn put_policy(
         &self,
         c: &mut AnyConnection,
@@ -291,14 +309,18 @@ impl Registry {
         mut doc: PolicyDoc,
         author: &str,
     ) -> ApiResult<PolicyDoc> {
-        let current =
-            sqlx::query("SELECT policy_version, generation, owner_id FROM realms WHERE name = $1")
-                .bind(realm)
-                .fetch_one(&mut *c)
-                .await?;
+        let current = sqlx::query(
+            "SELECT policy_version, generation, owner_id, tier FROM realms WHERE name = $1",
+        )
+        .bind(realm)
+        .fetch_one(&mut *c)
+        .await?;
         let version: i64 = current.try_get("policy_version")?;
         let generation: i64 = current.try_get("generation")?;
         let owner: String = current.try_get("owner_id")?;
+        let tier: String = current.try_get("tier")?;
+        // The plan's limits travel with the policy: nodes enforce them.
+        doc.max_instances = Some(self.config.prices.tier_or_first(&tier).max_instances);
         doc.realm = realm.to_owned();
         doc.version = version as u64 + 1;
         doc.generation = generation as u64;
