@@ -19,6 +19,7 @@ mod nats_side;
 mod registry;
 mod schedule;
 mod sim;
+mod start;
 
 /// mimalloc: messages are allocated on a reader's thread and freed on a writer's; glibc's
 /// allocator serialises that on an arena lock (measured: ~10% of pub/sub time in futex wake-ups).
@@ -160,6 +161,12 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         replicas: u32,
     },
+    /// Native replica start, as a node starts one (control groups, Landlock, output captured),
+    /// side by side with a plain spawn of the same command (goal p95 ≤ 50 ms).
+    Start {
+        #[arg(long, default_value_t = 200)]
+        starts: usize,
+    },
     /// Every scenario with default sizes.
     All,
     /// (internal) a TCP echo server for the baseline.
@@ -297,6 +304,11 @@ fn main() -> Result<()> {
     } = cli.cmd
     {
         let figs = rt.block_on(heal::run(nodes, kills, replicas))?;
+        print(&figs, cli.json);
+        return Ok(());
+    }
+    if let Cmd::Start { starts } = cli.cmd {
+        let figs = rt.block_on(start::run(starts))?;
         print(&figs, cli.json);
         return Ok(());
     }

@@ -150,12 +150,18 @@ pub fn default_policy(realm: &str) -> PolicyDoc {
                     format!("pubsub:*:{realm}.*"),
                     format!("rpc:*:{realm}.*"),
                     "rpc:call:macula.dht.*".into(),
+                    "rpc:call:macula.fence.check".into(),
                 ],
                 subrealms: false,
             },
             RoleDoc {
                 name: "service_account".into(),
-                permissions: vec![format!("pubsub:*:{realm}.*"), format!("rpc:*:{realm}.*")],
+                permissions: vec![
+                    format!("pubsub:*:{realm}.*"),
+                    format!("rpc:*:{realm}.*"),
+                    // A replica asks whether its fencing token (or a writer's) is current.
+                    "rpc:call:macula.fence.check".into(),
+                ],
                 subrealms: false,
             },
         ],

@@ -128,6 +128,10 @@ pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow:
         format!("{scheme}://{http_addr}/ws")
     };
     let ctrl = workloads::Controller::new(node.clone(), replica_url);
+    {
+        let fencing: Arc<dyn node::Fencing> = ctrl.clone();
+        let _ = node.fencing.set(Arc::downgrade(&fencing));
+    }
     let mut app = http::router(node.clone(), ctrl.clone());
     if let Some(extra) = extra {
         app = app.merge(extra);

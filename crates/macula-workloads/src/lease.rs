@@ -71,6 +71,22 @@ pub fn authorities<'a>(slot: &str, nodes: &'a [NodeId], k: usize) -> Vec<&'a Nod
     crate::placement::top_by_hash(&[slot.as_bytes()], nodes, k)
 }
 
+/// `macula.fence.check`'s verdict on `token` for a slot, from the highest tokens its
+/// authorities promised (`answers`, one per authority that answered out of `asked`): `None`
+/// until a majority answered; then whether `token` is current (it is the highest token that
+/// majority promised) and the highest promised. Every lease granted after the one of
+/// `token` was granted by a majority, which shares an authority with the answering one, so a
+/// token superseded by a later lease is never judged current. (The reverse can err safely: a
+/// failed attempt that one authority granted makes a current token look stale.)
+pub fn fence_verdict(token: u64, answers: &[u64], asked: usize) -> Option<(bool, u64)> {
+    if asked == 0 || answers.len() * 2 <= asked {
+        return None;
+    }
+    let highest = answers.iter().copied().max().unwrap_or(0);
+    // Above what they promised: never granted (a made-up token).
+    Some((token > 0 && token == highest, highest))
+}
+
 /// What a node asks an authority.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
@@ -101,6 +117,9 @@ pub enum Request {
         token: u64,
         run: Completion,
     },
+    /// The highest token this authority promised for `slot` (for `macula.fence.check`: a
+    /// token below what a majority answers is stale). `holder` is the node that asks.
+    Fence { slot: String, holder: NodeId },
 }
 
 impl Request {
@@ -110,7 +129,8 @@ impl Request {
             Request::Acquire { slot, holder, .. }
             | Request::Release { slot, holder, .. }
             | Request::Provisional { slot, holder }
-            | Request::Complete { slot, holder, .. } => (slot, holder),
+            | Request::Complete { slot, holder, .. }
+            | Request::Fence { slot, holder } => (slot, holder),
         }
     }
 }
@@ -145,6 +165,12 @@ pub enum Reply {
         slot: String,
         why: Refusal,
     },
+    /// The highest token promised for the slot here (0: none; None: this authority lost its
+    /// promises and abstains for a term).
+    Fence {
+        slot: String,
+        promised: Option<u64>,
+    },
 }
 
 impl Reply {
@@ -155,7 +181,8 @@ impl Reply {
             | Reply::Released { slot }
             | Reply::GrantedProvisional { slot }
             | Reply::Completed { slot }
-            | Reply::NotCompleted { slot, .. } => slot,
+            | Reply::NotCompleted { slot, .. }
+            | Reply::Fence { slot, .. } => slot,
         }
     }
 }
@@ -409,6 +436,18 @@ impl Authority {
                 (
                     Reply::Released { slot: slot.clone() },
                     changed.then(|| st.clone()),
+                )
+            }
+            Request::Fence { slot, .. } => {
+                // An authority that lost its promises does not know what it promised.
+                let promised = (now_ms >= self.abstain_until)
+                    .then(|| self.slots.get(slot).map_or(0, |st| st.promised));
+                (
+                    Reply::Fence {
+                        slot: slot.clone(),
+                        promised,
+                    },
+                    None,
                 )
             }
         }

@@ -326,8 +326,94 @@ fn simulate(seed: u64, holders: usize, loss: f64, max_delay: u64, partitions: bo
                 None => tenures.push((i, t)),
             }
         }
+        // macula.fence.check: any majority of the authorities judges every superseded
+        // holder's token stale (a store that checks refuses its late writes).
+        if let Some(&(_, newest)) = tenures.last() {
+            for pair in [[0, 1], [0, 2], [1, 2]] {
+                let answers: Vec<u64> = pair
+                    .iter()
+                    .map(|&j| match auths[j].handle(&fence(), now).0 {
+                        Reply::Fence {
+                            promised: Some(p), ..
+                        } => p,
+                        r => panic!("{r:?}"),
+                    })
+                    .collect();
+                for &(_, old) in &tenures[..tenures.len() - 1] {
+                    let verdict = fence_verdict(old, &answers, 3);
+                    assert_eq!(
+                        verdict.map(|v| v.0),
+                        Some(false),
+                        "token {old} judged current after {newest} at {now} ms"
+                    );
+                }
+            }
+        }
     }
     handovers
+}
+
+fn fence() -> Request {
+    Request::Fence {
+        slot: SLOT.into(),
+        holder: "checker".into(),
+    }
+}
+
+#[test]
+fn a_fence_check_needs_a_majority_and_knows_the_current_token() {
+    let mut auths: Vec<Authority> = (0..3)
+        .map(|_| Authority::new(TERM, Some(BTreeMap::new()), 0))
+        .collect();
+    let acquire = |h: &str, t: u64| Request::Acquire {
+        slot: SLOT.into(),
+        holder: h.into(),
+        token: t,
+        seq: 1,
+    };
+    let promised = |a: &mut Authority, now| match a.handle(&fence(), now).0 {
+        Reply::Fence {
+            promised: Some(p), ..
+        } => p,
+        r => panic!("{r:?}"),
+    };
+    // Nothing held yet: no token is current.
+    assert_eq!(fence_verdict(1, &[0, 0], 3), Some((false, 0)));
+    for a in auths.iter_mut() {
+        a.handle(&acquire("h1", 1), 0);
+    }
+    let answers: Vec<u64> = auths.iter_mut().map(|a| promised(a, 10)).collect();
+    assert_eq!(fence_verdict(1, &answers[..2], 3), Some((true, 1)));
+    assert_eq!(
+        fence_verdict(1, &answers[..1], 3),
+        None,
+        "one of three is no majority"
+    );
+    assert_eq!(
+        fence_verdict(7, &answers[..2], 3),
+        Some((false, 1)),
+        "never granted"
+    );
+    // h1's lease lapses; h2 takes it with token 2 at two authorities.
+    for a in auths.iter_mut().take(2) {
+        a.handle(&acquire("h2", 2), TERM + 10);
+    }
+    // Whichever majority answers, token 1 is stale and 2 is current.
+    for pair in [[0, 1], [0, 2], [1, 2]] {
+        let answers: Vec<u64> = pair
+            .iter()
+            .map(|&j| promised(&mut auths[j], TERM + 20))
+            .collect();
+        assert_eq!(fence_verdict(1, &answers, 3), Some((false, 2)), "{pair:?}");
+        assert_eq!(fence_verdict(2, &answers, 3), Some((true, 2)), "{pair:?}");
+    }
+    // An authority that lost its promises abstains from answering for a term.
+    let mut fresh = Authority::new(TERM, None, 5_000);
+    assert!(matches!(
+        fresh.handle(&fence(), 5_010).0,
+        Reply::Fence { promised: None, .. }
+    ));
+    assert_eq!(fresh.slots(), 0, "a fence check keeps nothing");
 }
 
 #[test]

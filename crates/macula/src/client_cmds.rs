@@ -191,6 +191,7 @@ pub struct CallArgs {
     /// JSON arguments: an array is the argument list, anything else one argument.
     #[arg(value_name = "JSON")]
     pub payload: Option<String>,
+    /// Keyword arguments as a JSON object, e.g. '{"workload": "api", "replica": 0}'.
     #[arg(long)]
     pub kwargs: Option<String>,
     /// Call timeout, e.g. 10s.
@@ -253,6 +254,13 @@ pub struct ServeArgs {
 }
 
 pub async fn serve(a: ServeArgs, json: bool) -> Result<()> {
+    // A handler that exits without reading its input (`date`, `hostname`) must not kill the
+    // server: writing to its closed stdin is an error (ignored), not SIGPIPE.
+    #[cfg(unix)]
+    // SAFETY: changing a signal's disposition; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
     let client = a.conn.connect(true).await?;
     let cmd = a.command.clone();
     let mut options = Dict::new();

@@ -59,6 +59,22 @@ async fn running(url: &str, realm: &str, key: &str, name: &str) -> Vec<(u64, Str
     out
 }
 
+/// The fencing token of replica `i` of `name` where it runs, per `macula status`.
+async fn token_of(url: &str, realm: &str, key: &str, name: &str, i: u64) -> u64 {
+    let v = macula(url, realm, key, &["status", "--realm", realm])
+        .await
+        .unwrap();
+    v["workloads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|w| w["name"] == name)
+        .flat_map(|w| w["items"].as_array().cloned().unwrap_or_default())
+        .find(|r| r["replica"] == i && r["state"] == "running")
+        .and_then(|r| r["token"].as_u64())
+        .unwrap_or_else(|| panic!("replica {i} of {name} running in {v}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_macula_up_a_payload_runs_answers_heals_and_kubectl_applies() {
     let home = tempfile::tempdir().unwrap();
@@ -157,6 +173,7 @@ async fn on_macula_up_a_payload_runs_answers_heals_and_kubectl_applies() {
         .find(|r| pid_of[&r.1] != v["nodes"][0]["pid"].as_u64().unwrap() as u32)
         .cloned()
         .expect("a replica on node 2 or 3");
+    let old_token = token_of(&url, &realm, &key, "whoami", slot).await;
     let killed_at = Instant::now();
     // SAFETY: kill(2) on a pid this test's `macula up` started.
     unsafe {
@@ -191,6 +208,73 @@ async fn on_macula_up_a_payload_runs_answers_heals_and_kubectl_applies() {
     macula(&url, &realm, &key, &["call", &format!("{realm}.whoami")])
         .await
         .expect("answered after the heal");
+
+    // macula.fence.check: the killed node's token is stale now, the new holder's current.
+    let new_token = token_of(&url, &realm, &key, "whoami", slot).await;
+    assert!(new_token > old_token, "{old_token} → {new_token}");
+    let fence = |token: u64| {
+        let (url, realm, key) = (url.clone(), realm.clone(), key.clone());
+        async move {
+            let kwargs = format!(r#"{{"workload": "whoami", "replica": {slot}}}"#);
+            let token = format!("[{token}]");
+            let args = [
+                "call",
+                "macula.fence.check",
+                token.as_str(),
+                "--kwargs",
+                &kwargs,
+            ];
+            macula(&url, &realm, &key, &args).await.unwrap()
+        }
+    };
+    let stale = fence(old_token).await;
+    assert_eq!(stale["args"][0], false, "{stale}");
+    assert!(
+        stale["kwargs"]["highest"].as_u64() >= Some(new_token),
+        "{stale}"
+    );
+    let current = fence(new_token).await;
+    assert_eq!(current["args"][0], true, "{current}");
+    // A replica checks its own lease (its slot from its identity, the token its node holds).
+    let fencer = format!("{BIN} --json call macula.fence.check");
+    macula(
+        &url,
+        &realm,
+        &key,
+        &[
+            "deploy",
+            "--payload",
+            &fencer,
+            "--name",
+            "fencer",
+            "--timeout",
+            "60s",
+        ],
+    )
+    .await
+    .unwrap();
+    let said = eventually(
+        "the replica's own fence check",
+        Duration::from_secs(20),
+        || async {
+            let out = tokio::process::Command::new(BIN)
+                .args(["logs", "fencer", "--url", &url, "--key", &key])
+                .env("MACULA_REALM", &realm)
+                .env("MACULA_HOME", "/nonexistent")
+                .output()
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find(|l| l.contains("current"))
+                .map(str::to_owned)
+        },
+    )
+    .await;
+    assert!(
+        said.contains(r#""args":[true]"#) && said.contains(r#""workload":"fencer""#),
+        "{said}"
+    );
 
     // The replicas' compute reaches the realm's usage (metered on the nodes that ran them).
     let server = s("http");

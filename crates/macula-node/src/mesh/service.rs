@@ -1,11 +1,12 @@
-//! The node's own services in every realm (`macula.dht.put`, `macula.dht.get`), answered through
-//! the dealer with the usual ACL check.
+//! The node's own services in every realm (`macula.dht.put`, `macula.dht.get`,
+//! `macula.fence.check`), answered through the dealer with the usual ACL check.
 
 #[allow(unused_imports)]
 use super::*;
 
 /// Procedures the node answers itself in every realm.
-pub const SERVICE_PROCEDURES: [&str; 2] = ["macula.dht.put", "macula.dht.get"];
+pub const SERVICE_PROCEDURES: [&str; 3] =
+    ["macula.dht.put", "macula.dht.get", "macula.fence.check"];
 
 /// The node's service member of one realm: runs `macula.dht.put` / `macula.dht.get` against the
 /// DHT and answers through the dealer.
@@ -44,7 +45,12 @@ impl ServicePeer {
         let writer = origin.authid.clone();
         let payload = payload.materialized().into_owned();
         rt.spawn(async move {
-            let reply = match dht_call(&node, &realm, &procedure, &writer, payload).await {
+            let answer = if procedure == "macula.fence.check" {
+                fence_call(&node, &realm, &writer, payload).await
+            } else {
+                dht_call(&node, &realm, &procedure, &writer, payload).await
+            };
+            let reply = match answer {
                 Ok(p) => Message::Result {
                     request: invocation,
                     details: macula_wamp::Dict::new(),
@@ -172,5 +178,75 @@ pub(crate) async fn dht_call(
     Ok(macula_wamp::Payload::new(
         vec![value],
         macula_wamp::dict! {"writer" => rec.writer, "written_at" => rec.written_at, "expires_at" => rec.expires_at},
+    ))
+}
+
+/// `macula.fence.check(token)` from a replica (its own slot, from its authid
+/// `workload:<name>/<i>`), or `macula.fence.check(token, workload=..., replica=...)` from
+/// anyone of the realm (a store checking a writer): whether `token` is still the slot's
+/// current fencing token, by a majority of the slot's lease authorities.
+pub(crate) async fn fence_call(
+    node: &Node,
+    realm: &str,
+    caller: &str,
+    payload: macula_wamp::Payload,
+) -> Result<macula_wamp::Payload, CallError> {
+    use macula_wamp::{errors, Value};
+    const USAGE: &str = "macula.fence.check takes a fencing token (a replica's MACULA_FENCING_TOKEN) as first argument, and workload= and replica= when the caller is not that replica (a replica may leave the token out: its node's is checked)";
+    let token = match payload.args.first() {
+        None => None,
+        Some(v) => Some(
+            match v {
+                Value::Str(s) => s.parse().ok(),
+                v => v.as_u64(),
+            }
+            .ok_or((errors::INVALID_ARGUMENT, USAGE.to_owned()))?,
+        ),
+    };
+    let own = caller
+        .strip_prefix("workload:")
+        .and_then(|w| w.rsplit_once('/'))
+        .and_then(|(n, i)| Some((n.to_owned(), i.parse::<u64>().ok()?)));
+    let name = payload
+        .kwargs
+        .get("workload")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .or_else(|| own.as_ref().map(|o| o.0.clone()))
+        .ok_or((errors::INVALID_ARGUMENT, USAGE.to_owned()))?;
+    let replica = payload
+        .kwargs
+        .get("replica")
+        .and_then(Value::as_u64)
+        .or_else(|| own.as_ref().map(|o| o.1))
+        .ok_or((errors::INVALID_ARGUMENT, USAGE.to_owned()))?;
+    if name.is_empty() || name.len() > 253 || replica > u64::from(u32::MAX) {
+        return Err((errors::INVALID_ARGUMENT, USAGE.to_owned()));
+    }
+    let Some(fencing) = node.fencing.get().and_then(|f| f.upgrade()) else {
+        return Err((
+            errors::NO_SUCH_PROCEDURE,
+            "this node runs no workload controller".to_owned(),
+        ));
+    };
+    let slot = macula_workloads::wire::slot(realm, &name, replica as u32);
+    // A replica asking about itself without a token: the one its node holds the slot under.
+    let token = match token {
+        Some(t) => t,
+        None if own.as_ref().is_some_and(|o| o.0 == name && o.1 == replica) => {
+            fencing.held(&slot).ok_or((
+                "macula.error.not_held",
+                format!("this node no longer holds {slot}"),
+            ))?
+        }
+        None => return Err((errors::INVALID_ARGUMENT, USAGE.to_owned())),
+    };
+    let f = fencing
+        .check(slot, token)
+        .await
+        .map_err(|e| ("macula.error.unavailable", e))?;
+    Ok(macula_wamp::Payload::new(
+        vec![Value::Bool(f.current)],
+        macula_wamp::dict! {"current" => f.current, "token" => token, "highest" => f.highest, "workload" => name, "replica" => replica},
     ))
 }

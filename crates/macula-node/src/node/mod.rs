@@ -118,6 +118,29 @@ pub struct Node {
     pub work_inbox: crate::workloads::Inbox,
     /// Workload replicas' tickets (their identity; see `crate::workloads::tickets`).
     pub tickets: Arc<crate::workloads::Tickets>,
+    /// Who answers `macula.fence.check` (the workload controller, once started).
+    pub fencing: OnceLock<std::sync::Weak<dyn Fencing>>,
+}
+
+/// The verdict on a fencing token: whether it is its slot's current one, and the highest token
+/// a majority of the slot's authorities promised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    pub current: bool,
+    pub highest: u64,
+}
+
+/// Judges fencing tokens by asking a slot's lease authorities (implemented by the workload
+/// controller, above the node).
+pub trait Fencing: Send + Sync {
+    /// `slot` is `realm/name/index`; `Err` says why no majority answered.
+    fn check(
+        &self,
+        slot: String,
+        token: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Fence, String>> + Send + '_>>;
+    /// The token under which this node holds `slot`, if it does.
+    fn held(&self, slot: &str) -> Option<u64>;
 }
 
 impl Node {
@@ -174,6 +197,7 @@ impl Node {
             meter,
             meter_error,
             usage_sink: OnceLock::new(),
+            fencing: OnceLock::new(),
             quota_used: parking_lot::Mutex::new(HashMap::new()),
             events,
             events_rx: parking_lot::Mutex::new(events_rx),

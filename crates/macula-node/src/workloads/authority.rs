@@ -117,9 +117,17 @@ fn write(file: &PathBuf, promises: &BTreeMap<String, SlotPromise>) -> std::io::R
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    // Durable before the answer that depends on it: the tokens promised (so that they only
+    // grow) and the runs counted must survive a power loss, not only a crash of the process.
     let tmp = file.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(promises)?)?;
-    std::fs::rename(&tmp, file)
+    let mut f = std::fs::File::create(&tmp)?;
+    std::io::Write::write_all(&mut f, &serde_json::to_vec(promises)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, file)?;
+    if let Some(dir) = file.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -87,8 +87,14 @@ pub struct Controller {
     state: Mutex<State>,
     /// Answers awaited by [`Controller::gather_status`] and [`Controller::gather_logs`].
     waits: Mutex<HashMap<u64, mpsc::UnboundedSender<Work>>>,
+    /// Fence checks waiting for authorities' answers: id → (slot, answers as they come).
+    fences: Mutex<HashMap<u64, (String, FenceAnswers)>>,
     next_id: AtomicU64,
 }
+
+/// Where a fence check gets its answers: (authority, highest token it promised; None while it
+/// abstains).
+type FenceAnswers = mpsc::UnboundedSender<(String, Option<u64>)>;
 
 /// A record's slots as this node sees them.
 struct Wanted {
@@ -238,6 +244,7 @@ impl Controller {
             node,
             state: Mutex::new(state),
             waits: Mutex::new(HashMap::new()),
+            fences: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         })
     }
@@ -1095,6 +1102,15 @@ impl Controller {
     }
 
     fn on_lease_reply(&self, from: &str, reply: Reply) {
+        // Answers to fence checks go to their waiters.
+        if let Reply::Fence { slot, promised } = &reply {
+            for (s, tx) in self.fences.lock().values() {
+                if s == slot {
+                    let _ = tx.send((from.to_owned(), *promised));
+                }
+            }
+            return;
+        }
         let slot = reply.slot().to_owned();
         let mut st = self.state.lock();
         if matches!(reply, Reply::Completed { .. } | Reply::NotCompleted { .. }) {
@@ -1195,6 +1211,58 @@ impl Controller {
                 );
             }
         }
+    }
+
+    /// `macula.fence.check`: asks `slot`'s authorities for the highest token they promised and
+    /// judges `token` once a majority answered (`lease::fence_verdict`), within a second.
+    pub async fn fence(&self, slot: &str, token: u64) -> Result<crate::node::Fence, String> {
+        let nodes = self.members_for_slot(slot);
+        let auths: Vec<String> = lease::authorities(slot, &nodes, lease::AUTHORITIES)
+            .into_iter()
+            .cloned()
+            .collect();
+        if auths.is_empty() {
+            return Err(format!("{slot} is not a slot of a realm this node serves"));
+        }
+        let id = self.next_id();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.fences.lock().insert(id, (slot.to_owned(), tx));
+        for a in &auths {
+            self.send_lease(
+                a,
+                Request::Fence {
+                    slot: slot.to_owned(),
+                    holder: self.me().to_owned(),
+                },
+            );
+        }
+        let mut answers: HashMap<String, u64> = HashMap::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        let verdict = loop {
+            if let Some((current, highest)) = lease::fence_verdict(
+                token,
+                &answers.values().copied().collect::<Vec<_>>(),
+                auths.len(),
+            ) {
+                break Ok(crate::node::Fence { current, highest });
+            }
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                // An authority that abstains (it lost its promises) does not count.
+                Ok(Some((from, Some(promised)))) if auths.contains(&from) => {
+                    answers.insert(from, promised);
+                }
+                Ok(Some(_)) => {}
+                _ => {
+                    break Err(format!(
+                        "{} of the {} authorities of {slot} answered within a second (a majority is needed): try again",
+                        answers.len(),
+                        auths.len()
+                    ))
+                }
+            }
+        };
+        self.fences.lock().remove(&id);
+        verdict
     }
 
     fn members_for_slot(&self, slot: &str) -> Vec<String> {
@@ -2008,4 +2076,20 @@ fn free_port() -> Option<u16> {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .ok()
+}
+
+impl crate::node::Fencing for Controller {
+    fn check(
+        &self,
+        slot: String,
+        token: u64,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<crate::node::Fence, String>> + Send + '_>,
+    > {
+        Box::pin(async move { self.fence(&slot, token).await })
+    }
+
+    fn held(&self, slot: &str) -> Option<u64> {
+        self.state.lock().held.get(slot).map(|h| h.token)
+    }
 }

@@ -128,7 +128,7 @@ impl Registry {
                 .policy_doc(&row)
                 .map_err(|e| anyhow::anyhow!(e.message))?;
             // A policy written before `authorities` existed (or before an ancestor changed
-            // hands) gets the list it should have, as a new version.
+            // hands) gets the list it should have, as a new version (put_policy sets both).
             let authorities = owner_authorities(
                 &mut tx,
                 &self.operator_key.verifying_key(),
@@ -137,7 +137,10 @@ impl Registry {
             )
             .await
             .map_err(|e| anyhow::anyhow!(e.message))?;
-            if authorities != doc.authorities {
+            // Likewise one written before plans limited instances, or under a price list
+            // whose limits have changed since.
+            let max_instances = Some(self.config.prices.tier_or_first(&row.tier).max_instances);
+            if authorities != doc.authorities || max_instances != doc.max_instances {
                 doc = self
                     .put_policy(&mut tx, name, doc, "registry")
                     .await
