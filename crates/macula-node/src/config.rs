@@ -386,6 +386,11 @@ pub struct WorkloadsSection {
     /// A lease's term in ms: a dead node's replicas are placed elsewhere about this long after
     /// it died. Holders renew at a third of it.
     pub lease_term_ms: u64,
+    /// How long a node that stopped answering still counts among a realm's nodes when slots'
+    /// lease authorities are computed, in ms. Within it, a partition cannot give the far side
+    /// authorities of its own (so a slot never runs on both sides); past it, a dead node's
+    /// place among the authorities goes to the next node.
+    pub member_grace_ms: u64,
     /// Where replicas' working directories and logs go (relative to the config directory).
     pub dir: PathBuf,
 }
@@ -404,6 +409,7 @@ impl Default for WorkloadsSection {
             require_limits: true,
             require_sandbox: true,
             lease_term_ms: 3_000,
+            member_grace_ms: 300_000,
             dir: PathBuf::from("workloads"),
         }
     }

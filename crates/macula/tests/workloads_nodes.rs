@@ -7,7 +7,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use macula_node::ConfDir;
 use serde_json::Value;
 
 mod common;
@@ -18,25 +17,13 @@ const REALM: &str = "com.example.work";
 
 fn homes(n: usize) -> (tempfile::TempDir, Vec<std::path::PathBuf>, String) {
     let tmp = tempfile::tempdir().unwrap();
-    let homes: Vec<_> = (1..=n).map(|i| tmp.path().join(format!("n{i}"))).collect();
-    let c1 = ConfDir::new(&homes[0]);
-    c1.init().unwrap();
-    c1.create_realm(REALM, None).unwrap();
-    let (_, admin) = c1.issue_key(REALM, "admin", "test", 3600, None).unwrap();
-    for d in &homes {
-        std::fs::create_dir_all(d.join("trust")).unwrap();
-        if d != &homes[0] {
-            for f in ["trust/operator.pub", "trust/operator.key"] {
-                std::fs::copy(homes[0].join(f), d.join(f)).unwrap();
-            }
-        }
-        // Limits and sandbox are the runtime tests' business; these run wherever the test does.
-        std::fs::write(
-            d.join("node.yaml"),
-            "workloads:\n  require_limits: false\n  require_sandbox: false\n  lease_term_ms: 2000\n",
-        )
-        .unwrap();
-    }
+    // Limits and sandbox are the runtime tests' business; these run wherever the test does.
+    let (homes, admin) = node_homes(
+        tmp.path(),
+        n,
+        REALM,
+        "workloads:\n  require_limits: false\n  require_sandbox: false\n  lease_term_ms: 2000\n",
+    );
     (tmp, homes, admin)
 }
 
@@ -112,15 +99,7 @@ async fn five(
     // Every node's peer id (they link to each other once a workload is deployed).
     for (i, n) in nodes.iter().enumerate() {
         let n = n.as_ref().unwrap_or(&first);
-        let id = eventually("a node's peer id", Duration::from_secs(20), || async {
-            let v = mesh_status(&n.http).await;
-            let peers = v["peers"].as_array().map_or(0, Vec::len);
-            (peers >= 1)
-                .then(|| v["peer_id"].as_str().map(str::to_owned))
-                .flatten()
-        })
-        .await;
-        ids.insert(id, i);
+        ids.insert(linked_peer_id(&n.http).await, i);
     }
     (first, nodes, ids)
 }

@@ -87,6 +87,8 @@ pub struct Controller {
     state: Mutex<State>,
     /// Answers awaited by [`Controller::gather_status`] and [`Controller::gather_logs`].
     waits: Mutex<HashMap<u64, mpsc::UnboundedSender<Work>>>,
+    /// When each node was last seen linked (see [`Controller::members`]).
+    seen: Mutex<HashMap<String, Instant>>,
     /// Fence checks waiting for authorities' answers: id → (slot, answers as they come).
     fences: Mutex<HashMap<u64, (String, FenceAnswers)>>,
     next_id: AtomicU64,
@@ -245,6 +247,7 @@ impl Controller {
             state: Mutex::new(state),
             waits: Mutex::new(HashMap::new()),
             fences: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         })
     }
@@ -415,9 +418,37 @@ impl Controller {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The nodes of `realm` as this node sees them: itself and the linked peers that may serve
-    /// it, sorted (every node that sees the same ones computes the same authorities).
+    /// The nodes of `realm` that slots' lease authorities are computed from: the live ones
+    /// ([`Controller::live`]) and those seen alive within `workloads.member_grace_ms`, sorted.
+    /// A node cut off by a partition keeps its place among the authorities, so the far side
+    /// cannot compute authorities of its own and take a slot that runs on this side: of a
+    /// slot's three authorities at most one side of a split holds a majority.
     fn members(&self, realm: &str) -> Vec<String> {
+        let mut v = self.live(realm);
+        let grace = Duration::from_millis(self.node.config.workloads.member_grace_ms);
+        let now = Instant::now();
+        {
+            let mut seen = self.seen.lock();
+            for n in &v {
+                if seen.len() < wire::MAX_PEERS || seen.contains_key(n) {
+                    seen.insert(n.clone(), now);
+                }
+            }
+            seen.retain(|_, at| now.duration_since(*at) < grace);
+            v.extend(
+                seen.keys()
+                    .filter(|n| self.node.peer_may_serve(realm, n) != Some(false))
+                    .cloned(),
+            );
+        }
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// The nodes of `realm` as this node sees them now: itself and the linked peers that may
+    /// serve it, sorted (where replicas can be placed, and whom status and logs are asked of).
+    fn live(&self, realm: &str) -> Vec<String> {
         let mut v = vec![];
         if self.node.peer_may_serve(realm, self.me()) != Some(false) {
             v.push(self.me().to_owned());
@@ -586,7 +617,7 @@ impl Controller {
         if done.is_empty() {
             return;
         }
-        for p in self.members(realm) {
+        for p in self.live(realm) {
             if p != self.me() {
                 self.send(
                     &p,
@@ -777,7 +808,9 @@ impl Controller {
                 None => 0,
             };
             let id = self.next_id();
-            let asked: Vec<String> = candidates(slot, attempt, &nodes, PROBES)
+            // Bids from the nodes that are there now (the authorities count the absent too).
+            let live = self.live(&w.realm);
+            let asked: Vec<String> = candidates(slot, attempt, &live, PROBES)
                 .into_iter()
                 .cloned()
                 .collect();
@@ -1903,7 +1936,7 @@ impl Controller {
     /// Asks every node of `realm` (this one too) and waits up to `wait` for their answers.
     async fn gather(&self, realm: &str, ask: impl Fn(u64) -> Work, wait: Duration) -> Vec<Work> {
         let peers: Vec<String> = self
-            .members(realm)
+            .live(realm)
             .into_iter()
             .filter(|p| *p != self.me())
             .collect();

@@ -157,3 +157,58 @@ pub async fn wait_tables(http: &str, subs: u64, regs: u64) {
     })
     .await
 }
+
+/// Config directories `root/n1..n{n}` for nodes of one trust root: the first makes the operator
+/// key and `realm` and issues an admin key (returned); the others get the trust files; each
+/// gets `node_yaml` as its `node.yaml`.
+pub fn node_homes(
+    root: &Path,
+    n: usize,
+    realm: &str,
+    node_yaml: &str,
+) -> (Vec<std::path::PathBuf>, String) {
+    let homes: Vec<_> = (1..=n).map(|i| root.join(format!("n{i}"))).collect();
+    let c1 = macula_node::ConfDir::new(&homes[0]);
+    c1.init().unwrap();
+    c1.create_realm(realm, None).unwrap();
+    let (_, admin) = c1.issue_key(realm, "admin", "test", 3600, None).unwrap();
+    for d in &homes {
+        std::fs::create_dir_all(d.join("trust")).unwrap();
+        if d != &homes[0] {
+            for f in ["trust/operator.pub", "trust/operator.key"] {
+                std::fs::copy(homes[0].join(f), d.join(f)).unwrap();
+            }
+        }
+        std::fs::write(d.join("node.yaml"), node_yaml).unwrap();
+    }
+    (homes, admin)
+}
+
+/// `ip ARGS` (iproute2); what it said on failure.
+pub fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The peer id of the node at `http`, once it is linked to a peer.
+pub async fn linked_peer_id(http: &str) -> String {
+    eventually("a node's peer id", Duration::from_secs(20), || async {
+        let v = mesh_status(http).await;
+        let peers = v["peers"].as_array().map_or(0, Vec::len);
+        (peers >= 1)
+            .then(|| v["peer_id"].as_str().map(str::to_owned))
+            .flatten()
+    })
+    .await
+}
