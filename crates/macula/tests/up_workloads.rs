@@ -247,8 +247,8 @@ async fn on_macula_up_a_payload_runs_answers_heals_and_kubectl_applies() {
             &fencer,
             "--name",
             "fencer",
-            "--timeout",
-            "60s",
+            // It exits after its call (and is restarted): do not wait for it to keep running.
+            "--no-wait",
         ],
     )
     .await

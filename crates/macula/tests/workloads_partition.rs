@@ -3,8 +3,9 @@
 //! moves two nodes (one running a replica) to a second bridge — a 3/2 split — and watches every
 //! node's own replicas every 300 ms: a slot never runs on two nodes (a payload not marked
 //! `duplicate_tolerant` never runs twice), the total never exceeds 3, and each slot runs on the
-//! side that holds a majority of its lease authorities. Then the split heals and the payload
-//! converges to exactly 3, each slot once.
+//! side that holds a majority of its lease authorities. A second payload marked
+//! `duplicate_tolerant` runs on both sides, at most one extra per slot (provisional leases).
+//! Then the split heals and both converge to exactly 3, each slot once.
 //!
 //! Needs root and `ip netns` (iproute2); elsewhere it says SKIPPED and passes.
 
@@ -114,7 +115,11 @@ async fn get(addr: &str, path: &str, key: &str) -> Value {
 }
 
 /// Replica index → the nodes (1-based) that say they run it, asking each node for its own.
-async fn running_by_slot(nodes: &[NodeProc], key: &str) -> BTreeMap<u64, BTreeSet<usize>> {
+async fn running_by_slot(
+    nodes: &[NodeProc],
+    key: &str,
+    name: &str,
+) -> BTreeMap<u64, BTreeSet<usize>> {
     let mut out: BTreeMap<u64, BTreeSet<usize>> = BTreeMap::new();
     for (i, n) in nodes.iter().enumerate() {
         let v = get(
@@ -124,7 +129,7 @@ async fn running_by_slot(nodes: &[NodeProc], key: &str) -> BTreeMap<u64, BTreeSe
         )
         .await;
         for r in v["items"].as_array().into_iter().flatten() {
-            if r["name"] == "app" && r["state"] == "running" {
+            if r["name"] == name && r["state"] == "running" {
                 if let Some(s) = r["replica"].as_u64() {
                     out.entry(s).or_default().insert(i + 1);
                 }
@@ -134,14 +139,16 @@ async fn running_by_slot(nodes: &[NodeProc], key: &str) -> BTreeMap<u64, BTreeSe
     out
 }
 
-/// Slots running on two nodes in this look and the one before (a hand-over between two nodes'
-/// answers of one look is not a duplicate: the old holder stopped before the new one started).
-fn doubled(
+/// Slots running on more than `most` nodes in this look and the one before (a hand-over
+/// between two nodes' answers of one look is not a duplicate: the old holder stopped before the
+/// new one started).
+fn over(
     before: &BTreeMap<u64, BTreeSet<usize>>,
     now: &BTreeMap<u64, BTreeSet<usize>>,
+    most: usize,
 ) -> Vec<(u64, BTreeSet<usize>)> {
     now.iter()
-        .filter(|(s, n)| n.len() > 1 && before.get(s).is_some_and(|b| b.len() > 1))
+        .filter(|(s, n)| n.len() > most && before.get(s).is_some_and(|b| b.len() > most))
         .map(|(s, n)| (*s, n.clone()))
         .collect()
 }
@@ -186,31 +193,52 @@ async fn a_split_in_two_never_runs_a_slot_twice_and_heals_to_exactly_n() {
 
     // A payload of 3 replicas, on 3 nodes.
     let url = format!("ws://{}/ws", nodes[0].http);
-    let out = tokio::process::Command::new(BIN)
-        .args([
-            "--json",
-            "deploy",
-            "--payload",
-            "sleep 600",
-            "--name",
-            "app",
-        ])
-        .args(["--replicas", "3", "--timeout", "60s"])
-        .args(["--url", &url, "--realm", REALM, "--key", &key])
-        .env("MACULA_HOME", "/nonexistent")
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let deploy = |args: Vec<String>| {
+        let (url, key) = (url.clone(), key.clone());
+        async move {
+            let out = tokio::process::Command::new(BIN)
+                .args(["--json", "deploy"])
+                .args(&args)
+                .args([
+                    "--timeout",
+                    "60s",
+                    "--url",
+                    &url,
+                    "--realm",
+                    REALM,
+                    "--key",
+                    &key,
+                ])
+                .env("MACULA_HOME", "/nonexistent")
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "deploy {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
+    deploy(
+        ["--payload", "sleep 600", "--name", "app", "--replicas", "3"]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
     let placed = eventually("3 replicas on 3 nodes", Duration::from_secs(30), || async {
-        let r = running_by_slot(&nodes, &key).await;
+        let r = running_by_slot(&nodes, &key, "app").await;
         (r.len() == 3 && r.values().all(|n| n.len() == 1)).then_some(r)
     })
     .await;
+    // And a payload that may run twice in a partition (availability over uniqueness).
+    let manifest = tmp.path().join("cache.yaml");
+    std::fs::write(
+        &manifest,
+        "kind: payload\nname: cache\nreplicas: 3\ncommand: [sleep, '600']\nduplicate_tolerant: true\n",
+    )
+    .unwrap();
+    deploy(vec!["-f".into(), manifest.display().to_string()]).await;
     let on: BTreeMap<u64, usize> = placed
         .iter()
         .map(|(s, n)| (*s, *n.iter().next().unwrap()))
@@ -251,18 +279,20 @@ async fn a_split_in_two_never_runs_a_slot_twice_and_heals_to_exactly_n() {
 
     net.split(&apart);
     let split_at = Instant::now();
-    let mut before = BTreeMap::new();
-    let mut most = 0;
+    let (mut before, mut cache_before) = (BTreeMap::new(), BTreeMap::new());
     let mut steady: Option<Duration> = None;
+    let mut most_copies = 0;
     while split_at.elapsed() < Duration::from_secs(20) {
-        let now = running_by_slot(&nodes, &key).await;
-        let d = doubled(&before, &now);
-        assert!(d.is_empty(), "a slot runs twice during the split: {d:?}");
+        let now = running_by_slot(&nodes, &key, "app").await;
+        let d = over(&before, &now, 1);
+        assert!(
+            d.is_empty(),
+            "a slot of app runs twice during the split: {d:?}"
+        );
         let total: usize = now.values().map(BTreeSet::len).sum();
         if before.values().map(BTreeSet::len).sum::<usize>() > 3 && total > 3 {
-            panic!("{total} replicas run during the split: {now:?}");
+            panic!("{total} replicas of app run during the split: {now:?}");
         }
-        most = most.max(now.len());
         // Each slot on the side that holds its authorities' majority, once.
         let settled = now.len() == 3
             && now.iter().all(|(s, n)| {
@@ -271,29 +301,50 @@ async fn a_split_in_two_never_runs_a_slot_twice_and_heals_to_exactly_n() {
         if settled && steady.is_none() {
             steady = Some(split_at.elapsed());
         }
+        // The tolerant payload: at most one extra per slot (one provisional lease per slot).
+        let cache = running_by_slot(&nodes, &key, "cache").await;
+        let d = over(&cache_before, &cache, 2);
+        assert!(d.is_empty(), "a slot of cache runs three times: {d:?}");
+        most_copies = most_copies.max(cache.values().map(BTreeSet::len).max().unwrap_or(0));
         before = now;
+        cache_before = cache;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let sides: HashMap<u64, &str> = (0..3).map(|s| (s, side_of(s))).collect();
     eprintln!(
-        "during the split: sides {sides:?}; every slot ran once on its side after {steady:?}; final {before:?}"
+        "during the split: sides {sides:?}; every slot of app ran once on its side after {steady:?}; final {before:?}; cache {cache_before:?} (at most {most_copies} copies of a slot)"
     );
     assert!(
         steady.is_some(),
         "the slots did not settle on their sides within 20 s: {before:?} (sides {sides:?})"
     );
+    // The tolerant payload runs on both sides.
+    let cache_nodes: BTreeSet<usize> = cache_before.values().flatten().copied().collect();
+    assert!(
+        cache_nodes.iter().any(|n| apart.contains(n))
+            && cache_nodes.iter().any(|n| !apart.contains(n)),
+        "cache runs on both sides of the split: {cache_before:?}"
+    );
 
-    // Heal: back to exactly 3, each slot once, and staying so.
+    // Heal: back to exactly 3 of each, each slot once, and staying so.
     net.split(&[]);
     let healed_at = Instant::now();
-    let mut before = BTreeMap::new();
+    let (mut before, mut cache_before) = (BTreeMap::new(), BTreeMap::new());
     let mut converged: Option<Duration> = None;
     let mut stable = 0;
     while healed_at.elapsed() < Duration::from_secs(40) && stable < 10 {
-        let now = running_by_slot(&nodes, &key).await;
-        let d = doubled(&before, &now);
-        assert!(d.is_empty(), "a slot runs twice after the heal: {d:?}");
-        if now.len() == 3 && now.values().all(|n| n.len() == 1) {
+        let now = running_by_slot(&nodes, &key, "app").await;
+        let d = over(&before, &now, 1);
+        assert!(
+            d.is_empty(),
+            "a slot of app runs twice after the heal: {d:?}"
+        );
+        let cache = running_by_slot(&nodes, &key, "cache").await;
+        let d = over(&cache_before, &cache, 2);
+        assert!(d.is_empty(), "a slot of cache runs three times: {d:?}");
+        let exact =
+            |r: &BTreeMap<u64, BTreeSet<usize>>| r.len() == 3 && r.values().all(|n| n.len() == 1);
+        if exact(&now) && exact(&cache) {
             converged.get_or_insert(healed_at.elapsed());
             stable += 1;
         } else {
@@ -301,12 +352,13 @@ async fn a_split_in_two_never_runs_a_slot_twice_and_heals_to_exactly_n() {
             converged = None;
         }
         before = now;
+        cache_before = cache;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    eprintln!("after the heal: exactly 3 from {converged:?} on: {before:?}");
+    eprintln!("after the heal: exactly 3 of each from {converged:?} on: app {before:?}, cache {cache_before:?}");
     assert!(
         stable >= 10 && converged.is_some_and(|c| c <= Duration::from_secs(30)),
-        "not exactly 3 within 30 s of the heal: {before:?}"
+        "not exactly 3 of each within 30 s of the heal: app {before:?}, cache {cache_before:?}"
     );
     drop(nodes);
 }

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use macula_mesh::{Frame, Peer as PeerId};
 use macula_router::auth::credential;
 use macula_workloads::lease::{
-    self, Acquisition, Completing, Completion, Counted, Outcome, Reply, Request,
+    self, Acquisition, Completing, Completion, Counted, Outcome, ProvisionalAsk, Reply, Request,
 };
 use macula_workloads::placement::{award, candidates, why_pending, Capacity, Ledger, Score, Unfit};
 use macula_workloads::runtime::health::{Health, Target};
@@ -128,6 +128,7 @@ struct State {
     kids: HashMap<(String, String), Arc<str>>,
     held: HashMap<String, Held>,
     acquiring: HashMap<String, Acq>,
+    provisional: HashMap<String, Prov>,
     tenders: HashMap<u64, TenderRun>,
     /// Slot → the tender in flight for it.
     tendering: HashMap<String, u64>,
@@ -193,6 +194,19 @@ struct Held {
     /// Permits asked for so far in this rollout, and when the next may be asked.
     permit_tries: u32,
     next_permit_at: u64,
+    /// Held under one authority's provisional lease (a `duplicate_tolerant` payload on the
+    /// side of a partition without a majority of the slot's authorities): no fencing token.
+    provisional: bool,
+}
+
+/// A provisional lease asked for (see `lease::ProvisionalAsk`), new or a renewal.
+struct Prov {
+    ask: ProvisionalAsk,
+    auths: Vec<String>,
+    answered: HashSet<String>,
+    renewal: bool,
+    seq: u64,
+    waited_ms: u64,
 }
 
 struct Acq {
@@ -691,10 +705,15 @@ impl Controller {
                 .held
                 .get(&slot)
                 .is_some_and(|h| now >= h.renewed_at + self.term_ms / 3);
-            if renew_due && !st.acquiring.contains_key(&slot) {
+            if renew_due && !st.acquiring.contains_key(&slot) && !st.provisional.contains_key(&slot)
+            {
                 let token = st.held.get(&slot).map_or(0, |h| h.token);
                 let auths = members_of(&w.realm);
-                self.acquire(&mut st, &slot, token, &auths, true, w.seq, 0);
+                if st.held.get(&slot).is_some_and(|h| h.provisional) {
+                    self.ask_provisional(&mut st, &slot, &auths, (true, w.seq, 0));
+                } else {
+                    self.acquire(&mut st, &slot, token, &auths, true, w.seq, 0);
+                }
             }
         }
 
@@ -736,6 +755,8 @@ impl Controller {
             }
         }
 
+        self.decide_provisional(&mut st, now);
+
         // Tenders whose bids are in, or late.
         let due: Vec<u64> = st
             .tenders
@@ -751,6 +772,7 @@ impl Controller {
         for (slot, w) in &wanted {
             if st.held.contains_key(slot)
                 || st.acquiring.contains_key(slot)
+                || st.provisional.contains_key(slot)
                 || st.tendering.contains_key(slot)
             {
                 continue;
@@ -1146,6 +1168,17 @@ impl Controller {
         }
         let slot = reply.slot().to_owned();
         let mut st = self.state.lock();
+        if let Some(p) = st.provisional.get_mut(&slot) {
+            if matches!(
+                reply,
+                Reply::GrantedProvisional { .. } | Reply::Refused { .. }
+            ) && p.auths.iter().any(|a| a == from)
+                && p.answered.insert(from.to_owned())
+            {
+                p.ask.on_reply(&reply);
+            }
+            return;
+        }
         if matches!(reply, Reply::Completed { .. } | Reply::NotCompleted { .. }) {
             return self.on_completion_reply(&mut st, from, &slot, &reply);
         }
@@ -1335,58 +1368,21 @@ impl Controller {
                     }
                     return;
                 };
-                // The reservation becomes the replica's; one that lapsed is made again, if the
-                // capacity is still there.
-                let booked = st.ledger.as_mut().is_some_and(|l| {
-                    l.start(slot, now_ms()) || {
-                        let t = wire::tender(&w.realm, &w.manifest, w.index);
-                        l.bid(&t, now_ms(), HOLD_MS).is_ok() && l.start(slot, now_ms())
-                    }
-                });
-                if !booked {
-                    tracing::warn!(slot, "the lease came after the capacity was gone");
-                    self.release_lease(slot, token);
-                    return;
-                }
-                tracing::info!(slot, token, "replica slot taken");
-                w_metrics.placements.fetch_add(1, Ordering::Relaxed);
                 let took = a.waited_ms + now_ms().saturating_sub(a.acq.started_ms());
-                w_metrics.schedule_seconds.observe(took as f64 / 1e3);
-                let logs = Arc::new(LogBuffer::new(LOG_LINES));
-                // A job's completion whose run the authorities already accepted does not run
-                // again: this node has that run accepted (see `lease`).
-                let adopted = accepted.filter(|r| r.seq == w.seq);
-                let (replica, ticket) = if adopted.is_some() {
-                    tracing::info!(slot, "a run of this completion was accepted: confirming it");
-                    (None, None)
-                } else {
-                    let ticket = self.ticket_for(w);
-                    let replica = self.start_replica(w, token, logs.clone(), ticket.as_deref());
-                    (Some(replica), ticket)
-                };
-                st.pending.remove(slot);
-                st.held.insert(
-                    slot.to_owned(),
-                    Held {
-                        manifest: w.manifest.clone(),
-                        kid: w.kid.clone(),
-                        metered_at: Instant::now(),
-                        token,
-                        valid_until: valid_until_ms,
-                        renewed_at: a.acq.started_ms(),
-                        seq: a.seq,
-                        since: now_secs(),
-                        replica,
-                        logs,
-                        ticket,
-                        completing: None,
-                        adopted,
-                        old: None,
-                        permit: None,
-                        permit_tries: 0,
-                        next_permit_at: 0,
-                    },
-                );
+                if !self.hold(
+                    st,
+                    slot,
+                    w,
+                    token,
+                    valid_until_ms,
+                    a.acq.started_ms(),
+                    a.seq,
+                    took,
+                    accepted,
+                    false,
+                ) {
+                    self.release_lease(slot, token);
+                }
             }
             Outcome::Lost {
                 retry_above,
@@ -1426,8 +1422,162 @@ impl Controller {
                     }
                     return;
                 }
+                // No majority of the authorities answered (a partition): a payload that may run
+                // twice asks for a provisional lease instead.
+                let tolerant = self.wanted(st).get(slot).is_some_and(
+                    |w| matches!(&*w.manifest, Manifest::Payload(p) if p.duplicate_tolerant),
+                );
+                if tolerant && !a.acq.majority_answered() {
+                    let nodes = self.members_for_slot(slot);
+                    let waited = a.waited_ms + now_ms().saturating_sub(a.acq.started_ms());
+                    self.ask_provisional(st, slot, &nodes, (false, a.seq, waited));
+                    return;
+                }
                 if let Some(l) = st.ledger.as_mut() {
                     l.release(slot);
+                }
+            }
+        }
+    }
+
+    /// Takes `slot` for `w` under `token` (0: provisionally): the reservation becomes the
+    /// replica's (one that lapsed is made again, if the capacity is still there) and the
+    /// replica starts. False when the capacity is gone.
+    #[allow(clippy::too_many_arguments)]
+    fn hold(
+        &self,
+        st: &mut State,
+        slot: &str,
+        w: &Wanted,
+        token: u64,
+        valid_until_ms: u64,
+        renewed_at: u64,
+        seq: u64,
+        took_ms: u64,
+        accepted: Option<Completion>,
+        provisional: bool,
+    ) -> bool {
+        let w_metrics = &self.node.metrics.workloads;
+        let booked = st.ledger.as_mut().is_some_and(|l| {
+            l.start(slot, now_ms()) || {
+                let t = wire::tender(&w.realm, &w.manifest, w.index);
+                l.bid(&t, now_ms(), HOLD_MS).is_ok() && l.start(slot, now_ms())
+            }
+        });
+        if !booked {
+            tracing::warn!(slot, "the lease came after the capacity was gone");
+            return false;
+        }
+        tracing::info!(slot, token, provisional, "replica slot taken");
+        w_metrics.placements.fetch_add(1, Ordering::Relaxed);
+        w_metrics.schedule_seconds.observe(took_ms as f64 / 1e3);
+        let logs = Arc::new(LogBuffer::new(LOG_LINES));
+        // A job's completion whose run the authorities already accepted does not run
+        // again: this node has that run accepted (see `lease`).
+        let adopted = accepted.filter(|r| r.seq == w.seq);
+        let (replica, ticket) = if adopted.is_some() {
+            tracing::info!(slot, "a run of this completion was accepted: confirming it");
+            (None, None)
+        } else {
+            let ticket = self.ticket_for(w);
+            let replica = self.start_replica(w, token, logs.clone(), ticket.as_deref());
+            (Some(replica), ticket)
+        };
+        st.pending.remove(slot);
+        st.held.insert(
+            slot.to_owned(),
+            Held {
+                manifest: w.manifest.clone(),
+                kid: w.kid.clone(),
+                metered_at: Instant::now(),
+                token,
+                valid_until: valid_until_ms,
+                renewed_at,
+                seq,
+                since: now_secs(),
+                replica,
+                logs,
+                ticket,
+                completing: None,
+                adopted,
+                old: None,
+                permit: None,
+                permit_tries: 0,
+                next_permit_at: 0,
+                provisional,
+            },
+        );
+        true
+    }
+
+    /// Asks `slot`'s authorities for a provisional lease (a `duplicate_tolerant` payload that
+    /// could reach no majority of them), or to renew one.
+    fn ask_provisional(&self, st: &mut State, slot: &str, nodes: &[String], p: (bool, u64, u64)) {
+        let (renewal, seq, waited_ms) = p;
+        let auths: Vec<String> = lease::authorities(slot, nodes, lease::AUTHORITIES)
+            .into_iter()
+            .cloned()
+            .collect();
+        let (ask, reqs) = ProvisionalAsk::start(slot, self.me(), &auths, now_ms());
+        st.provisional.insert(
+            slot.to_owned(),
+            Prov {
+                ask,
+                auths,
+                answered: HashSet::new(),
+                renewal,
+                seq,
+                waited_ms,
+            },
+        );
+        for (a, req) in reqs {
+            self.send_lease(&a, req);
+        }
+    }
+
+    /// Provisional asks whose answers are in (or late): held, renewed, or not.
+    fn decide_provisional(&self, st: &mut State, now: u64) {
+        let due: Vec<String> = st
+            .provisional
+            .iter()
+            .filter(|(_, p)| {
+                p.answered.len() >= p.auths.len()
+                    || now.saturating_sub(p.ask.started_ms()) >= BID_WAIT.as_millis() as u64
+            })
+            .map(|(s, _)| s.clone())
+            .collect();
+        for slot in due {
+            let Some(p) = st.provisional.remove(&slot) else {
+                continue;
+            };
+            let until = p.ask.decide(self.term_ms, self.term_ms / 10);
+            match (until, p.renewal) {
+                (Some(until), true) => {
+                    if let Some(h) = st.held.get_mut(&slot) {
+                        h.valid_until = until;
+                        h.renewed_at = p.ask.started_ms();
+                    }
+                }
+                // Not renewed (a majority answers: the partition is over; or refused): it
+                // stops when its lease ends, and the slot is placed as usual.
+                (None, true) => {}
+                (Some(until), false) => {
+                    let wanted = self.wanted(st);
+                    let took = p.waited_ms + now.saturating_sub(p.ask.started_ms());
+                    let started = p.ask.started_ms();
+                    let held = wanted.get(&slot).is_some_and(|w| {
+                        self.hold(st, &slot, w, 0, until, started, p.seq, took, None, true)
+                    });
+                    if !held {
+                        if let Some(l) = st.ledger.as_mut() {
+                            l.release(&slot);
+                        }
+                    }
+                }
+                (None, false) => {
+                    if let Some(l) = st.ledger.as_mut() {
+                        l.release(&slot);
+                    }
                 }
             }
         }
@@ -1819,7 +1969,13 @@ impl Controller {
                 .as_ref()
                 .map(|s| s.state.borrow().clone())
                 .unwrap_or(ReplicaState::Stopped);
-            let (word, detail, restarts) = describe(&state);
+            let (word, mut detail, restarts) = describe(&state);
+            if h.provisional {
+                detail = Some(
+                    detail.map_or(String::new(), |d| format!("{d}; "))
+                        + "provisional: a partition keeps this node from a majority of the slot's authorities (duplicate_tolerant)",
+                );
+            }
             out.push(ReplicaStatus {
                 realm: r.to_owned(),
                 name: name.to_owned(),
