@@ -10,6 +10,7 @@
 
 pub mod cgroup;
 pub mod health;
+pub mod podman;
 pub mod process;
 pub mod sandbox;
 pub mod supervisor;

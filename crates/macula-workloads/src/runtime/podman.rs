@@ -1,0 +1,531 @@
+//! The Podman runtime's client: Podman's REST API (libpod, v4) on its unix socket, through
+//! hyper. A node starts its own service (`podman system service`, runc as the OCI runtime,
+//! cgroupfs: machines without systemd as PID 1), loads images from archives (`podman save`
+//! files, or a plain root filesystem tar imported as an image: these machines reach no image
+//! registry), and runs each replica as a container with the manifest's CPU, memory and pids
+//! limits, no capabilities, no new privileges and bounded rlimits. What was checked against
+//! Podman 4.3.1 is in `docs/design/podman-runtime-notes.md`.
+//!
+//! Not yet wired into the node's controller (the next step): this is the client and its
+//! test (`tests/podman.rs`).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+
+use crate::manifest::Resources;
+use crate::runtime::process::Stream;
+
+/// The API version in every path (Podman 4's libpod API).
+const API: &str = "/v4.0.0/libpod";
+
+/// A Podman service reached on `socket`.
+#[derive(Debug, Clone)]
+pub struct Podman {
+    socket: PathBuf,
+}
+
+/// What a container runs, and with what limits.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerSpec {
+    /// Unique on the machine (the node names it after the replica's slot).
+    pub name: String,
+    pub image: String,
+    /// Replaces the image's command; empty: the image's own.
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub work_dir: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub limits: Resources,
+    /// (port in the container, port on the host; 0 = any free one), on 127.0.0.1.
+    pub ports: Vec<(u16, u16)>,
+    /// No network at all (only loopback in the container).
+    pub network_none: bool,
+    pub read_only: bool,
+}
+
+impl ContainerSpec {
+    /// The libpod SpecGenerator for it: limits as cgroup values (swap no bigger than memory),
+    /// every capability dropped, no new privileges, and rlimits the node may set (Podman's
+    /// defaults of 2^20 fail where the node lacks CAP_SYS_RESOURCE).
+    pub fn to_json(&self) -> Value {
+        let period = 100_000u64;
+        let memory = self.limits.memory_bytes as i64;
+        let mut v = json!({
+            "name": self.name,
+            "image": self.image,
+            "env": self.env,
+            "labels": self.labels,
+            "cap_drop": ["ALL"],
+            "no_new_privileges": true,
+            "read_only_filesystem": self.read_only,
+            "r_limits": [
+                {"type": "nofile", "soft": 1024, "hard": 1024},
+                {"type": "nproc", "soft": 4096, "hard": 4096},
+            ],
+            "resource_limits": {
+                "cpu": {"quota": u64::from(self.limits.cpu_millis) * period / 1000, "period": period},
+                "memory": {"limit": memory, "swap": memory},
+                "pids": {"limit": i64::from(self.limits.pids)},
+            },
+        });
+        if !self.command.is_empty() {
+            v["command"] = json!(self.command);
+        }
+        if let Some(w) = &self.work_dir {
+            v["work_dir"] = json!(w);
+        }
+        if self.network_none {
+            v["netns"] = json!({"nsmode": "none"});
+        } else if !self.ports.is_empty() {
+            v["portmappings"] = self
+                .ports
+                .iter()
+                .map(|(c, h)| json!({"container_port": c, "host_port": h, "host_ip": "127.0.0.1"}))
+                .collect();
+        }
+        v
+    }
+}
+
+/// What Podman said when a request failed: its status and message.
+fn failure(status: u16, body: &[u8]) -> io::Error {
+    let message = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_owned());
+    let kind = if status == 404 {
+        io::ErrorKind::NotFound
+    } else {
+        io::ErrorKind::Other
+    };
+    io::Error::new(kind, format!("podman ({status}): {message}"))
+}
+
+/// One line of a container's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub stream: Stream,
+    pub text: String,
+}
+
+/// Splits libpod's multiplexed log stream (an 8-byte header per frame: stream 1 or 2, three
+/// zero bytes, the length as a big-endian u32) into lines; returns what is left of an
+/// incomplete frame. A frame longer than `max` is cut.
+pub fn demux(buf: &mut Vec<u8>, out: &mut Vec<Line>, max: usize) {
+    loop {
+        if buf.len() < 8 {
+            return;
+        }
+        let len = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
+        if buf.len() < 8 + len {
+            return;
+        }
+        let stream = if buf[0] == 2 {
+            Stream::Stderr
+        } else {
+            Stream::Stdout
+        };
+        let payload = &buf[8..8 + len.min(max)];
+        let text = String::from_utf8_lossy(payload)
+            .trim_end_matches(['\n', '\r'])
+            .to_owned();
+        out.push(Line { stream, text });
+        buf.drain(..8 + len);
+    }
+}
+
+impl Podman {
+    pub fn new(socket: impl Into<PathBuf>) -> Podman {
+        Podman {
+            socket: socket.into(),
+        }
+    }
+
+    /// Starts `podman system service` on `socket` (runc, cgroupfs, events in a file; its
+    /// storage under `root` and `run_root` when given) and waits until it answers (up to 10 s).
+    /// The child is killed when dropped.
+    pub async fn start_service(
+        program: &Path,
+        socket: &Path,
+        storage: Option<(&Path, &Path)>,
+    ) -> io::Result<(tokio::process::Child, Podman)> {
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(["--runtime", "runc", "--cgroup-manager", "cgroupfs"])
+            .args(["--events-backend", "file"]);
+        if let Some((root, run_root)) = storage {
+            cmd.arg("--root").arg(root).arg("--runroot").arg(run_root);
+        }
+        cmd.args(["system", "service", "--time=0"])
+            .arg(format!("unix://{}", socket.display()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn()?;
+        let podman = Podman::new(socket);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if podman.ping().await.is_ok() {
+                return Ok((child, podman));
+            }
+            if let Some(status) = child.try_wait()? {
+                return Err(io::Error::other(format!(
+                    "podman system service exited at start ({status})"
+                )));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "podman system service did not answer within 10 s",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends one request; the response's status and body (the whole body: not for streams).
+    async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, Bytes)>,
+    ) -> io::Result<(u16, Bytes)> {
+        let res = self.send(method, path, body).await?;
+        let status = res.status().as_u16();
+        let bytes = res
+            .into_body()
+            .collect()
+            .await
+            .map_err(io::Error::other)?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, Bytes)>,
+    ) -> io::Result<hyper::Response<hyper::body::Incoming>> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("podman's socket {}: {e}", self.socket.display()),
+                )
+            })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(io::Error::other)?;
+        tokio::spawn(conn);
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{API}{path}"))
+            .header("host", "podman");
+        let payload = match body {
+            Some((content_type, b)) => {
+                req = req.header("content-type", content_type);
+                b
+            }
+            None => Bytes::new(),
+        };
+        let req = req
+            .body(Full::new(payload))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        sender.send_request(req).await.map_err(io::Error::other)
+    }
+
+    /// Whether the service answers.
+    pub async fn ping(&self) -> io::Result<()> {
+        let (status, body) = self.request("GET", "/_ping", None).await?;
+        if status == 200 {
+            Ok(())
+        } else {
+            Err(failure(status, &body))
+        }
+    }
+
+    /// Imports a root filesystem tar as image `reference` (with Dockerfile `changes` such as
+    /// `CMD ["/bin/sh"]`); its id.
+    pub async fn import(
+        &self,
+        tar: Bytes,
+        reference: &str,
+        changes: &[&str],
+    ) -> io::Result<String> {
+        let mut q = format!("?reference={}", enc(reference));
+        for c in changes {
+            q.push_str(&format!("&changes={}", enc(c)));
+        }
+        let (status, body) = self
+            .request(
+                "POST",
+                &format!("/images/import{q}"),
+                Some(("application/x-tar", tar)),
+            )
+            .await?;
+        if status != 200 {
+            return Err(failure(status, &body));
+        }
+        let v: Value = serde_json::from_slice(&body).map_err(io::Error::other)?;
+        Ok(v["Id"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// Loads a `podman save` (docker-archive) file; the names of the images in it.
+    pub async fn load(&self, archive: Bytes) -> io::Result<Vec<String>> {
+        let (status, body) = self
+            .request("POST", "/images/load", Some(("application/x-tar", archive)))
+            .await?;
+        if status != 200 {
+            return Err(failure(status, &body));
+        }
+        let v: Value = serde_json::from_slice(&body).map_err(io::Error::other)?;
+        Ok(v["Names"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// Whether image `name` is there.
+    pub async fn has_image(&self, name: &str) -> io::Result<bool> {
+        let (status, body) = self
+            .request("GET", &format!("/images/{}/exists", enc(name)), None)
+            .await?;
+        match status {
+            204 => Ok(true),
+            404 => Ok(false),
+            s => Err(failure(s, &body)),
+        }
+    }
+
+    /// Creates a container; its id.
+    pub async fn create(&self, spec: &ContainerSpec) -> io::Result<String> {
+        let body = serde_json::to_vec(&spec.to_json()).map_err(io::Error::other)?;
+        let (status, body) = self
+            .request(
+                "POST",
+                "/containers/create",
+                Some(("application/json", body.into())),
+            )
+            .await?;
+        if status != 201 {
+            return Err(failure(status, &body));
+        }
+        let v: Value = serde_json::from_slice(&body).map_err(io::Error::other)?;
+        Ok(v["Id"].as_str().unwrap_or_default().to_owned())
+    }
+
+    pub async fn start(&self, id: &str) -> io::Result<()> {
+        self.expect(
+            "POST",
+            &format!("/containers/{}/start", enc(id)),
+            &[204, 304],
+        )
+        .await
+    }
+
+    /// Waits until the container has stopped; its exit code. (Call it after `start`: on a
+    /// container that never started it answers at once.)
+    pub async fn wait(&self, id: &str) -> io::Result<i64> {
+        let (status, body) = self
+            .request(
+                "POST",
+                &format!(
+                    "/containers/{}/wait?condition=stopped&interval=50ms",
+                    enc(id)
+                ),
+                None,
+            )
+            .await?;
+        if status != 200 {
+            return Err(failure(status, &body));
+        }
+        String::from_utf8_lossy(&body)
+            .trim()
+            .parse()
+            .map_err(|e| io::Error::other(format!("podman's exit code: {e}")))
+    }
+
+    /// The container's inspection (`State`, `HostConfig`, ...).
+    pub async fn inspect(&self, id: &str) -> io::Result<Value> {
+        let (status, body) = self
+            .request("GET", &format!("/containers/{}/json", enc(id)), None)
+            .await?;
+        if status != 200 {
+            return Err(failure(status, &body));
+        }
+        serde_json::from_slice(&body).map_err(io::Error::other)
+    }
+
+    /// Its output so far (each line cut at `max` bytes).
+    pub async fn logs(&self, id: &str, max: usize) -> io::Result<Vec<Line>> {
+        let (status, body) = self
+            .request(
+                "GET",
+                &format!("/containers/{}/logs?stdout=true&stderr=true", enc(id)),
+                None,
+            )
+            .await?;
+        if status != 200 {
+            return Err(failure(status, &body));
+        }
+        let (mut buf, mut out) = (body.to_vec(), vec![]);
+        demux(&mut buf, &mut out, max);
+        Ok(out)
+    }
+
+    /// Follows its output (from the start) into `each` until the container stops. Open it after
+    /// `start`. At most `max` bytes of a line are kept; frames are read as they come, so a
+    /// flood costs a bounded buffer.
+    pub async fn follow(&self, id: &str, max: usize, mut each: impl FnMut(Line)) -> io::Result<()> {
+        let res = self
+            .send(
+                "GET",
+                &format!(
+                    "/containers/{}/logs?follow=true&stdout=true&stderr=true",
+                    enc(id)
+                ),
+                None,
+            )
+            .await?;
+        if res.status().as_u16() != 200 {
+            let status = res.status().as_u16();
+            let body = res
+                .into_body()
+                .collect()
+                .await
+                .map_err(io::Error::other)?
+                .to_bytes();
+            return Err(failure(status, &body));
+        }
+        let mut body = res.into_body();
+        let mut buf = vec![];
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(io::Error::other)?;
+            if let Some(data) = frame.data_ref() {
+                buf.extend_from_slice(data);
+                let mut lines = vec![];
+                demux(&mut buf, &mut lines, max);
+                lines.into_iter().for_each(&mut each);
+                // A frame that claims more than a line may hold is cut as it arrives.
+                if buf.len() > max + 8 {
+                    let mut head = buf[..8].to_vec();
+                    let cut = (buf.len() - 8).min(max) as u32;
+                    head[4..8].copy_from_slice(&cut.to_be_bytes());
+                    head.extend_from_slice(&buf[8..8 + cut as usize]);
+                    let mut lines = vec![];
+                    demux(&mut head, &mut lines, max);
+                    lines.into_iter().for_each(&mut each);
+                    buf.clear();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills it (SIGKILL).
+    pub async fn kill(&self, id: &str) -> io::Result<()> {
+        self.expect(
+            "POST",
+            &format!("/containers/{}/kill?signal=SIGKILL", enc(id)),
+            &[204],
+        )
+        .await
+    }
+
+    /// Removes it, killing it first if it runs; a container that is not there is fine.
+    pub async fn remove(&self, id: &str) -> io::Result<()> {
+        self.expect(
+            "DELETE",
+            &format!(
+                "/containers/{}?force=true&v=true&timeout=0&ignore=true",
+                enc(id)
+            ),
+            &[200, 204],
+        )
+        .await
+    }
+
+    async fn expect(&self, method: &str, path: &str, ok: &[u16]) -> io::Result<()> {
+        let (status, body) = self.request(method, path, None).await?;
+        if ok.contains(&status) {
+            Ok(())
+        } else {
+            Err(failure(status, &body))
+        }
+    }
+}
+
+/// Percent-encodes a path segment or query value.
+fn enc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_split_into_lines_and_partial_frames_wait() {
+        let mut buf = vec![
+            1, 0, 0, 0, 0, 0, 0, 3, b'h', b'i', b'\n', 2, 0, 0, 0, 0, 0, 0, 4,
+        ];
+        buf.extend_from_slice(b"er");
+        let mut out = vec![];
+        demux(&mut buf, &mut out, 1024);
+        assert_eq!(
+            out,
+            vec![Line {
+                stream: Stream::Stdout,
+                text: "hi".into()
+            }]
+        );
+        assert_eq!(buf.len(), 10, "the stderr frame waits for its rest");
+        buf.extend_from_slice(b"r\n");
+        demux(&mut buf, &mut out, 2);
+        assert_eq!(out[1].stream, Stream::Stderr);
+        assert_eq!(out[1].text, "er", "cut at max");
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn the_spec_limits_and_drops_privileges() {
+        let spec = ContainerSpec {
+            name: "c".into(),
+            image: "i".into(),
+            limits: Resources {
+                cpu_millis: 500,
+                memory_bytes: 64 << 20,
+                pids: 32,
+            },
+            ports: vec![(8080, 0)],
+            ..ContainerSpec::default()
+        };
+        let v = spec.to_json();
+        assert_eq!(v["resource_limits"]["cpu"]["quota"], 50_000);
+        assert_eq!(v["resource_limits"]["memory"]["swap"], 64 << 20);
+        assert_eq!(v["resource_limits"]["pids"]["limit"], 32);
+        assert_eq!(v["cap_drop"][0], "ALL");
+        assert_eq!(v["portmappings"][0]["host_ip"], "127.0.0.1");
+        assert!(v.get("command").is_none(), "the image's own command");
+        assert_eq!(enc("localhost/a:b"), "localhost%2Fa%3Ab");
+    }
+}
