@@ -151,7 +151,9 @@ async def _told_holds(sub_s, pub_s, callee_a, callee_b, caller, run):
     return r_a, r_b, proc
 
 
-@wamp_test
+# Fifty meshes of three debug-build nodes, started one after another: far more than one
+# test's usual 30 s on a busy two-core machine.
+@wamp_test(timeout=600.0)
 async def test_what_a_client_is_told_holds_on_a_fresh_mesh(tmp_path_factory):
     """The same promise on a mesh that has just started, where the nodes serving the realm have
     not linked yet when the clients arrive: a fresh `macula up --nodes 3` for every run, the

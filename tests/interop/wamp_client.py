@@ -275,24 +275,28 @@ async def refusal(url: str, ticket: str, **kwargs):
     )
 
 
-def wamp_test(fn):
-    """Runs an ``async def`` test in a fresh event loop and closes its sessions afterwards."""
+def wamp_test(fn=None, *, timeout: float = TEST_TIMEOUT):
+    """Runs an ``async def`` test in a fresh event loop, within ``timeout`` seconds, and closes
+    its sessions afterwards. ``@wamp_test`` or ``@wamp_test(timeout=...)``."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        async def main():
-            txaio.config.loop = asyncio.get_running_loop()
-            clients = []
-            token = _open_clients.set(clients)
-            try:
-                return await asyncio.wait_for(fn(*args, **kwargs), TEST_TIMEOUT)
-            finally:
-                _open_clients.reset(token)
-                await asyncio.gather(*(c.close() for c in clients))
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            async def main():
+                txaio.config.loop = asyncio.get_running_loop()
+                clients = []
+                token = _open_clients.set(clients)
+                try:
+                    return await asyncio.wait_for(fn(*args, **kwargs), timeout)
+                finally:
+                    _open_clients.reset(token)
+                    await asyncio.gather(*(c.close() for c in clients))
 
-        return asyncio.run(main())
+            return asyncio.run(main())
 
-    return wrapper
+        return wrapper
+
+    return decorate(fn) if fn is not None else decorate
 
 
 async def next_item(queue: asyncio.Queue, timeout: float = STEP_TIMEOUT):
