@@ -54,6 +54,10 @@ use crate::node::Node;
 const TICK: Duration = Duration::from_millis(250);
 /// How long a tender waits for bids, and an acquisition for a majority.
 const BID_WAIT: Duration = Duration::from_millis(1_000);
+/// How long a provisional ask waits for the authorities it can reach (those across the
+/// partition never answer): short, so that a renewal is decided well before the lease it renews
+/// ends (a third of the term after it started; the lease ends at the term less a margin).
+const PROVISIONAL_WAIT_MS: u64 = 300;
 /// How long a bid's reservation holds (the award and the lease come within it).
 const HOLD_MS: u64 = 5_000;
 /// How much later each further authority of a slot tenders it than the one before.
@@ -1542,7 +1546,7 @@ impl Controller {
             .iter()
             .filter(|(_, p)| {
                 p.answered.len() >= p.auths.len()
-                    || now.saturating_sub(p.ask.started_ms()) >= BID_WAIT.as_millis() as u64
+                    || now.saturating_sub(p.ask.started_ms()) >= PROVISIONAL_WAIT_MS
             })
             .map(|(s, _)| s.clone())
             .collect();
