@@ -252,11 +252,45 @@ async fn a_node_grants_leases_as_an_authority_and_keeps_its_promises() {
     assert_eq!(
         next_lease_reply(&mut ev1).await,
         Reply::Granted {
-            slot,
+            slot: slot.clone(),
             token: 1,
             accepted: None
         }
     );
+    // macula.fence.check's question, from another node of the realm: the highest promise, and
+    // nothing kept for a slot never granted; a realm this node does not know is not answered.
+    let fence = |slot: &str, holder: &str| Frame::LeaseRequest {
+        req: serde_json::to_vec(&Request::Fence {
+            slot: slot.into(),
+            holder: holder.into(),
+        })
+        .unwrap()
+        .into(),
+    };
+    p2.send(&node_id, &fence(&slot, &me2));
+    assert_eq!(
+        next_lease_reply(&mut ev2).await,
+        Reply::Fence {
+            slot: slot.clone(),
+            promised: Some(1)
+        }
+    );
+    let never = format!("{REALM}/api/7");
+    p2.send(&node_id, &fence(&never, &me2));
+    assert_eq!(
+        next_lease_reply(&mut ev2).await,
+        Reply::Fence {
+            slot: never.clone(),
+            promised: Some(0)
+        }
+    );
+    assert!(
+        !t.node().leases.knows(&never),
+        "a fence question keeps nothing"
+    );
+    let before = rejected();
+    p2.send(&node_id, &fence("com.unknown/api/0", &me2));
+    eventually("the question is rejected", || rejected() > before).await;
 }
 
 #[tokio::test]

@@ -226,7 +226,8 @@ pub(crate) async fn fence_call(
     let Some(fencing) = node.fencing.get().and_then(|f| f.upgrade()) else {
         return Err((
             errors::NO_SUCH_PROCEDURE,
-            "this node runs no workload controller".to_owned(),
+            "this node runs no workload controller yet (it is starting): try again in a moment"
+                .to_owned(),
         ));
     };
     let slot = macula_workloads::wire::slot(realm, &name, replica as u32);
@@ -236,7 +237,7 @@ pub(crate) async fn fence_call(
         None if own.as_ref().is_some_and(|o| o.0 == name && o.1 == replica) => {
             fencing.held(&slot).ok_or((
                 "macula.error.not_held",
-                format!("this node no longer holds {slot}"),
+                format!("this node no longer holds {slot}: stop writing, another replica may hold it now"),
             ))?
         }
         None => return Err((errors::INVALID_ARGUMENT, USAGE.to_owned())),

@@ -102,6 +102,9 @@ pub struct Controller {
 /// abstains).
 type FenceAnswers = mpsc::UnboundedSender<(String, Option<u64>)>;
 
+/// A record's manifest as parsed here: the record's sequence, the manifest, the signing key's id.
+type Parsed = (u64, Arc<Manifest>, Arc<str>);
+
 /// A record's slots as this node sees them.
 struct Wanted {
     realm: String,
@@ -126,10 +129,9 @@ struct JobDone {
 #[derive(Default)]
 struct State {
     ledger: Option<Ledger>,
-    /// Parsed manifests by (realm, name), with the record's sequence.
-    manifests: HashMap<(String, String), (u64, Arc<Manifest>)>,
-    /// The key id that signed each record (compute is metered under it).
-    kids: HashMap<(String, String), Arc<str>>,
+    /// Parsed manifests by (realm, name), with the record's sequence and the id of the key
+    /// that signed it (the realm's compute is metered under it).
+    manifests: HashMap<(String, String), Parsed>,
     held: HashMap<String, Held>,
     acquiring: HashMap<String, Acq>,
     provisional: HashMap<String, Prov>,
@@ -533,20 +535,20 @@ impl Controller {
             if self.node.peer_may_serve(&r.realm, self.me()) != Some(true) {
                 continue;
             }
-            let m = match st.manifests.get(&key) {
-                Some((seq, m)) if *seq == r.seq => m.clone(),
+            let (m, kid) = match st.manifests.get(&key) {
+                Some((seq, m, kid)) if *seq == r.seq => (m.clone(), kid.clone()),
                 _ => match macula_workloads::parse(text) {
                     Ok(m) => {
                         let m = Arc::new(m);
-                        st.manifests.insert(key.clone(), (r.seq, m.clone()));
-                        let kid = credential::verify_public(
+                        let kid: Arc<str> = credential::verify_public(
                             &r.key,
                             self.node.auth().authenticator.operator(),
                             now_secs(),
                         )
-                        .map_or_else(|_| "workloads".to_owned(), |v| v.claims.kid);
-                        st.kids.insert(key.clone(), Arc::from(kid));
-                        m
+                        .map_or_else(|_| "workloads".into(), |v| v.claims.kid.into());
+                        st.manifests
+                            .insert(key.clone(), (r.seq, m.clone(), kid.clone()));
+                        (m, kid)
                     }
                     Err(_) => continue,
                 },
@@ -580,11 +582,7 @@ impl Controller {
                         index: i,
                         seq: r.seq,
                         manifest: m.clone(),
-                        kid: st
-                            .kids
-                            .get(&key)
-                            .cloned()
-                            .unwrap_or_else(|| Arc::from("workloads")),
+                        kid: kid.clone(),
                     },
                 );
             }
@@ -592,7 +590,6 @@ impl Controller {
         st.manifests.retain(|k, _| seen.contains(k));
         let manifests = &st.manifests;
         st.jobs.retain(|k, _| manifests.contains_key(k));
-        st.kids.retain(|k, _| manifests.contains_key(k));
         out
     }
 
@@ -603,7 +600,7 @@ impl Controller {
             return;
         };
         let key = (realm.to_owned(), name.to_owned());
-        let fits = matches!(st.manifests.get(&key), Some((seq, m))
+        let fits = matches!(st.manifests.get(&key), Some((seq, m, _))
             if *seq == c.seq && matches!(&**m, Manifest::Job(j) if i < j.completions));
         if !fits {
             return;

@@ -91,11 +91,7 @@ impl Registry {
                 .execute(&mut *tx)
                 .await?;
             // The new plan's limits reach the nodes with the next policy version.
-            let row = tx.reread().await?;
-            let doc = self.policy_doc(&row)?;
-            if doc.max_instances != Some(t.max_instances) {
-                tx.put_policy(doc).await?;
-            }
+            tx.refresh_plan_limits().await?;
         }
         tx.audit(
             "plan.change",

@@ -139,7 +139,7 @@ impl Registry {
             .map_err(|e| anyhow::anyhow!(e.message))?;
             // Likewise one written before plans limited instances, or under a price list
             // whose limits have changed since.
-            let max_instances = Some(self.config.prices.tier_or_first(&row.tier).max_instances);
+            let max_instances = self.plan_max_instances(&row.tier);
             if authorities != doc.authorities || max_instances != doc.max_instances {
                 doc = self
                     .put_policy(&mut tx, name, doc, "registry")

@@ -139,6 +139,20 @@ impl<'r> Change<'r> {
         Ok(doc)
     }
 
+    /// Writes the realm's next policy version if its plan's limits changed (after a change of
+    /// tier), to be published with the change.
+    pub(crate) async fn refresh_plan_limits(&mut self) -> ApiResult<()> {
+        let realm = self.realm.clone().unwrap_or_default();
+        if self
+            .reg
+            .refresh_plan_limits(&mut self.tx, &realm, &self.actor.email)
+            .await?
+        {
+            self.publish = true;
+        }
+        Ok(())
+    }
+
     /// Records the change's response under the request's idempotency key, in its transaction
     /// (a retry gets the same response; see `requests.rs`).
     pub(crate) fn remember(

@@ -283,6 +283,11 @@ impl Registry {
         Ok(doc)
     }
 
+    /// The instances a realm on plan `tier` may ask for at once, as its policy carries it.
+    pub(crate) fn plan_max_instances(&self, tier: &str) -> Option<u32> {
+        Some(self.config.prices.tier_or_first(tier).max_instances)
+    }
+
     /// Writes the realm's next policy version if its plan's limits changed (after a change of
     /// tier); true if it did (then materialize it once committed).
     pub(crate) async fn refresh_plan_limits(
@@ -293,8 +298,7 @@ impl Registry {
     ) -> ApiResult<bool> {
         let row = self.realm(&mut *c, realm).await?;
         let doc = self.policy_doc(&row)?;
-        let max = Some(self.config.prices.tier_or_first(&row.tier).max_instances);
-        if doc.max_instances == max {
+        if doc.max_instances == self.plan_max_instances(&row.tier) {
             return Ok(false);
         }
         self.put_policy(c, realm, doc, author).await?;
@@ -320,7 +324,7 @@ impl Registry {
         let owner: String = current.try_get("owner_id")?;
         let tier: String = current.try_get("tier")?;
         // The plan's limits travel with the policy: nodes enforce them.
-        doc.max_instances = Some(self.config.prices.tier_or_first(&tier).max_instances);
+        doc.max_instances = self.plan_max_instances(&tier);
         doc.realm = realm.to_owned();
         doc.version = version as u64 + 1;
         doc.generation = generation as u64;

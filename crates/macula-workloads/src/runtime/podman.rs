@@ -115,29 +115,56 @@ pub struct Line {
 }
 
 /// Splits libpod's multiplexed log stream (an 8-byte header per frame: stream 1 or 2, three
-/// zero bytes, the length as a big-endian u32) into lines; returns what is left of an
-/// incomplete frame. A frame longer than `max` is cut.
-pub fn demux(buf: &mut Vec<u8>, out: &mut Vec<Line>, max: usize) {
-    loop {
-        if buf.len() < 8 {
-            return;
+/// zero bytes, the length as a big-endian u32) into lines as its bytes arrive. A frame longer
+/// than `max` bytes is cut to its first `max` and the rest skipped as it comes, so a container
+/// that floods its output costs at most `max` + 8 bytes of buffer.
+#[derive(Debug, Default)]
+pub struct Demux {
+    buf: Vec<u8>,
+    /// Bytes still to drop of a frame that was cut.
+    skip: usize,
+}
+
+impl Demux {
+    pub fn push(&mut self, data: &[u8], max: usize, out: &mut Vec<Line>) {
+        let n = self.skip.min(data.len());
+        self.skip -= n;
+        self.buf.extend_from_slice(&data[n..]);
+        while self.buf.len() >= 8 {
+            let b = &self.buf;
+            let len = u32::from_be_bytes([b[4], b[5], b[6], b[7]]) as usize;
+            let stream = if b[0] == 2 {
+                Stream::Stderr
+            } else {
+                Stream::Stdout
+            };
+            let have = b.len() - 8;
+            if have < len.min(max) {
+                return;
+            }
+            let text = String::from_utf8_lossy(&b[8..8 + len.min(max)])
+                .trim_end_matches(['\n', '\r'])
+                .to_owned();
+            out.push(Line { stream, text });
+            if have >= len {
+                self.buf.drain(..8 + len);
+            } else {
+                // A cut frame: its rest is dropped as it arrives.
+                self.skip = len - have;
+                self.buf.clear();
+            }
         }
-        let len = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
-        if buf.len() < 8 + len {
-            return;
-        }
-        let stream = if buf[0] == 2 {
-            Stream::Stderr
-        } else {
-            Stream::Stdout
-        };
-        let payload = &buf[8..8 + len.min(max)];
-        let text = String::from_utf8_lossy(payload)
-            .trim_end_matches(['\n', '\r'])
-            .to_owned();
-        out.push(Line { stream, text });
-        buf.drain(..8 + len);
     }
+}
+
+/// The whole body of a response.
+async fn read_body(res: hyper::Response<hyper::body::Incoming>) -> io::Result<Bytes> {
+    Ok(res
+        .into_body()
+        .collect()
+        .await
+        .map_err(io::Error::other)?
+        .to_bytes())
 }
 
 impl Podman {
@@ -198,13 +225,7 @@ impl Podman {
     ) -> io::Result<(u16, Bytes)> {
         let res = self.send(method, path, body).await?;
         let status = res.status().as_u16();
-        let bytes = res
-            .into_body()
-            .collect()
-            .await
-            .map_err(io::Error::other)?
-            .to_bytes();
-        Ok((status, bytes))
+        Ok((status, read_body(res).await?))
     }
 
     async fn send(
@@ -379,8 +400,8 @@ impl Podman {
         if status != 200 {
             return Err(failure(status, &body));
         }
-        let (mut buf, mut out) = (body.to_vec(), vec![]);
-        demux(&mut buf, &mut out, max);
+        let mut out = vec![];
+        Demux::default().push(&body, max, &mut out);
         Ok(out)
     }
 
@@ -398,36 +419,18 @@ impl Podman {
                 None,
             )
             .await?;
-        if res.status().as_u16() != 200 {
-            let status = res.status().as_u16();
-            let body = res
-                .into_body()
-                .collect()
-                .await
-                .map_err(io::Error::other)?
-                .to_bytes();
-            return Err(failure(status, &body));
+        let status = res.status().as_u16();
+        if status != 200 {
+            return Err(failure(status, &read_body(res).await?));
         }
         let mut body = res.into_body();
-        let mut buf = vec![];
+        let mut demux = Demux::default();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(io::Error::other)?;
             if let Some(data) = frame.data_ref() {
-                buf.extend_from_slice(data);
                 let mut lines = vec![];
-                demux(&mut buf, &mut lines, max);
+                demux.push(data, max, &mut lines);
                 lines.into_iter().for_each(&mut each);
-                // A frame that claims more than a line may hold is cut as it arrives.
-                if buf.len() > max + 8 {
-                    let mut head = buf[..8].to_vec();
-                    let cut = (buf.len() - 8).min(max) as u32;
-                    head[4..8].copy_from_slice(&cut.to_be_bytes());
-                    head.extend_from_slice(&buf[8..8 + cut as usize]);
-                    let mut lines = vec![];
-                    demux(&mut head, &mut lines, max);
-                    lines.into_iter().for_each(&mut each);
-                    buf.clear();
-                }
             }
         }
         Ok(())
@@ -485,25 +488,33 @@ mod tests {
 
     #[test]
     fn frames_split_into_lines_and_partial_frames_wait() {
-        let mut buf = vec![
-            1, 0, 0, 0, 0, 0, 0, 3, b'h', b'i', b'\n', 2, 0, 0, 0, 0, 0, 0, 4,
-        ];
-        buf.extend_from_slice(b"er");
+        let line = |stream, text: &str| Line {
+            stream,
+            text: text.into(),
+        };
+        let mut d = Demux::default();
         let mut out = vec![];
-        demux(&mut buf, &mut out, 1024);
-        assert_eq!(
-            out,
-            vec![Line {
-                stream: Stream::Stdout,
-                text: "hi".into()
-            }]
+        d.push(
+            &[
+                1, 0, 0, 0, 0, 0, 0, 3, b'h', b'i', b'\n', 2, 0, 0, 0, 0, 0, 0, 4, b'e', b'r',
+            ],
+            1024,
+            &mut out,
         );
-        assert_eq!(buf.len(), 10, "the stderr frame waits for its rest");
-        buf.extend_from_slice(b"r\n");
-        demux(&mut buf, &mut out, 2);
-        assert_eq!(out[1].stream, Stream::Stderr);
-        assert_eq!(out[1].text, "er", "cut at max");
-        assert!(buf.is_empty());
+        assert_eq!(out, [line(Stream::Stdout, "hi")]);
+        d.push(b"r\n", 1024, &mut out);
+        assert_eq!(out[1], line(Stream::Stderr, "err"), "the frame's rest came");
+        // A frame longer than a line may be: cut, and its rest skipped as it arrives; the next
+        // frame is read as usual.
+        let mut long = vec![1, 0, 0, 0, 0, 0, 0, 10];
+        long.extend_from_slice(b"abcd");
+        d.push(&long, 3, &mut out);
+        assert_eq!(out[2], line(Stream::Stdout, "abc"));
+        d.push(b"efghij", 3, &mut out);
+        d.push(&[2, 0, 0, 0, 0, 0, 0, 2, b'o', b'k'], 3, &mut out);
+        assert_eq!(out.len(), 4, "{out:?}");
+        assert_eq!(out[3], line(Stream::Stderr, "ok"));
+        assert!(d.buf.is_empty() && d.skip == 0);
     }
 
     #[test]
