@@ -53,6 +53,7 @@ async fn replica_start(
             read_only: default_read_only(),
             read_write: vec![],
             require_sandbox: limits,
+            network_none: false,
         },
         logs: LogLimits {
             file: Some(workdir.join("replica.log")),

@@ -393,6 +393,12 @@ pub struct WorkloadsSection {
     pub member_grace_ms: u64,
     /// Where replicas' working directories and logs go (relative to the config directory).
     pub dir: PathBuf,
+    /// The `podman` program for the podman runtime (containers): `auto` finds it (and `runc`)
+    /// on `PATH`; `off` runs no containers; else its path.
+    pub podman: String,
+    /// Directories of image archives (`podman save` files) containers' images are loaded from
+    /// (no registry is reached); empty: `<dir>/images`.
+    pub images: Vec<PathBuf>,
 }
 
 impl Default for WorkloadsSection {
@@ -411,6 +417,8 @@ impl Default for WorkloadsSection {
             lease_term_ms: 3_000,
             member_grace_ms: 300_000,
             dir: PathBuf::from("workloads"),
+            podman: "auto".into(),
+            images: vec![],
         }
     }
 }

@@ -19,6 +19,7 @@
 //!   readiness: {tcp: {port: http}}
 //! restart: {policy: always, backoff: {initial: 1s, max: 5m}}
 //! placement: {labels: {disk: ssd}, region: eu-west, spread: true}
+//! network: host                # host (the node's network, default) or none (loopback only)
 //! update: {strategy: rolling, max_surge: 1, max_unavailable: 0}
 //! duplicate_tolerant: false     # may run twice during a partition (see ARCHITECTURE.md)
 //! ```
@@ -83,6 +84,8 @@ pub mod doc {
         pub restart: RestartDoc,
         #[serde(default)]
         pub placement: PlacementDoc,
+        #[serde(default)]
+        pub network: Option<String>,
         // payload
         #[serde(default)]
         pub replicas: Option<u32>,
@@ -287,6 +290,20 @@ pub struct Workload {
     pub readiness: Option<Probe>,
     pub restart: Restart,
     pub placement: Placement,
+    /// The network its replicas have (default: the node's).
+    pub network: Network,
+}
+
+/// The network a replica has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Network {
+    /// The node's own: it reaches the node (`MACULA_URL`) and the mesh, and binds its ports
+    /// on the node.
+    #[default]
+    Host,
+    /// None: only a loopback of its own (it cannot reach its realm or anything else).
+    None,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -686,7 +703,19 @@ pub fn check(d: ManifestDoc) -> Result<Manifest, ManifestError> {
             format!("at most {} labels", limits::LABELS),
         );
     }
+    let network = match d.network.as_deref() {
+        None | Some("host") => Network::Host,
+        Some("none") => Network::None,
+        Some(other) => {
+            p.add(
+                "network",
+                format!("{other:?}: write `host` (the node's network, default) or `none` (loopback only)"),
+            );
+            Network::Host
+        }
+    };
     let workload = Workload {
+        network,
         name: d.name.clone(),
         realm: d.realm.clone(),
         runtime,

@@ -21,6 +21,10 @@ use sha2::{Digest, Sha256};
 use crate::lease::NodeId;
 use crate::manifest::{Placement, Resources};
 
+/// The label a node that runs containers (Podman and runc are there) carries, `"true"`; a
+/// tender for a `podman` workload asks for it.
+pub const PODMAN_LABEL: &str = "macula.io/podman";
+
 /// What a node offers to run replicas with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capacity {
@@ -258,6 +262,12 @@ pub fn why_pending(demand: &Resources, refusals: &[(NodeId, Unfit)]) -> String {
                 cpu = Some((*free_millis, n))
             }
             Unfit::Pids { free } if pids.is_none_or(|(m, _)| *free > m) => pids = Some((*free, n)),
+            Unfit::Label { key, .. } if key == PODMAN_LABEL => {
+                other = Some(
+                    "no node probed runs containers (the podman runtime needs podman and runc on the node)"
+                        .into(),
+                )
+            }
             Unfit::Label { key, want } => {
                 other = Some(format!("no node probed has the label {key}={want}"))
             }

@@ -268,11 +268,17 @@ pub fn runnable(completions: u32, parallelism: u32, done: impl Fn(u32) -> bool) 
 /// The tender for replica `i` of a workload: what it needs and where it may run.
 pub fn tender(realm: &str, m: &Manifest, i: u32) -> Tender {
     let w = m.workload();
+    let mut placement = w.placement.clone();
+    if w.runtime == crate::Runtime::Podman {
+        placement
+            .labels
+            .insert(crate::placement::PODMAN_LABEL.to_owned(), "true".to_owned());
+    }
     Tender {
         slot: slot(realm, &w.name, i),
         workload: format!("{realm}/{}", w.name),
         demand: w.resources,
-        placement: w.placement.clone(),
+        placement,
     }
 }
 

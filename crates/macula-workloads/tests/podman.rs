@@ -67,16 +67,14 @@ async fn a_container_runs_limited_and_unprivileged_and_its_output_is_read() {
         eprintln!("SKIPPED: no static busybox for a test image (apt install busybox-static)");
         return;
     };
-    let (storage, run_root) = (tmp.path().join("storage"), tmp.path().join("run"));
     let socket = tmp.path().join("podman.sock");
-    let (_service, p) =
-        match Podman::start_service(&podman, &socket, Some((&storage, &run_root))).await {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("SKIPPED: podman system service does not start here: {e}");
-                return;
-            }
-        };
+    let (_service, p) = match Podman::start_service(&podman, &socket, Some(tmp.path())).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("SKIPPED: podman system service does not start here: {e}");
+            return;
+        }
+    };
 
     // No registry: the image comes from a tar.
     assert!(!p.has_image("localhost/macula-test:1").await.unwrap());
@@ -169,7 +167,13 @@ async fn a_container_runs_limited_and_unprivileged_and_its_output_is_read() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Line>();
     let follower = {
         let (p, c) = (p.clone(), c.clone());
-        tokio::spawn(async move { p.follow(&c, 1024, |l| drop(tx.send(l))).await })
+        tokio::spawn(async move {
+            p.follow(&c, 1024, |l| {
+                drop(tx.send(l));
+                async {}
+            })
+            .await
+        })
     };
     let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await

@@ -54,6 +54,7 @@ fn spec(workdir: &Path, script: &str, env: &[(&str, &str)]) -> ExecSpec {
         read_only: default_read_only(),
         read_write: vec![],
         require_sandbox: true,
+        network_none: false,
     }
 }
 
@@ -285,6 +286,7 @@ mod supervised {
     use macula_workloads::runtime::health::{Health, Target};
     use macula_workloads::runtime::process::LogBuffer;
     use macula_workloads::runtime::supervisor::{supervise, ReplicaState};
+    use macula_workloads::runtime::{BoxFut, Replica};
     use macula_workloads::{Check, PortRef, Probe, Restart, RestartPolicy};
     use std::sync::Arc;
     use std::time::Duration;
@@ -301,16 +303,20 @@ mod supervised {
         name: String,
         dir: PathBuf,
         script: &'static str,
-    ) -> impl Fn(Arc<LogBuffer>) -> Start + Send + 'static {
-        move |buffer| Start {
-            shim: PathBuf::from(SHIM),
-            shim_args: vec![],
-            name: name.clone(),
-            limits: Resources::default(),
-            require_limits: true,
-            spec: spec(&dir, script, &[]),
-            logs: LogLimits::default(),
-            buffer: Some(buffer),
+    ) -> impl Fn(Arc<LogBuffer>) -> BoxFut<'static, std::io::Result<Box<dyn Replica>>> + Send + 'static
+    {
+        move |buffer| {
+            Start {
+                shim: PathBuf::from(SHIM),
+                shim_args: vec![],
+                name: name.clone(),
+                limits: Resources::default(),
+                require_limits: true,
+                spec: spec(&dir, script, &[]),
+                logs: LogLimits::default(),
+                buffer: Some(buffer),
+            }
+            .launch()
         }
     }
 

@@ -174,21 +174,29 @@ fn http_base(url: &str) -> Result<String> {
   macula deploy --payload 'sh -c \"exec python3 -m http.server $PORT\"' --port --name web --replicas 2
   macula deploy -f api.yaml                       (Macula's format, or a Kubernetes Deployment/Job)
   macula deploy --payload 'macula serve com.example.demo.whoami -- hostname' --name whoami --replicas 2
+  macula deploy --payload api-server:latest --replicas 3        (an image: the podman runtime)
+  macula deploy --image localhost/web:1 --payload 'httpd -f -p 8080' --name web
 
-The nodes place the replicas themselves; `macula workloads` shows where they run.")]
+An image is run by Podman on nodes that have it (podman and runc installed); its archive
+(`podman save`) goes in each node's image directory (workloads.images), as nodes reach no
+registry. The nodes place the replicas themselves; `macula workloads` shows where they run.")]
 pub struct DeployArgs {
     /// A manifest: Macula's YAML (`kind: payload` or `job`) or a Kubernetes Deployment or Job.
     #[arg(
         short = 'f',
         long = "file",
         value_name = "MANIFEST",
-        conflicts_with = "payload"
+        conflicts_with_all = ["payload", "image"]
     )]
     pub file: Option<PathBuf>,
     /// A command to run as a payload (split as a shell would; the node passes PORT and
-    /// MACULA_* in the environment).
-    #[arg(long, value_name = "COMMAND", required_unless_present = "file")]
+    /// MACULA_* in the environment). One word that reads as an image reference
+    /// (`name:tag`, `registry/name`) is run as that image; with --image, the command run in it.
+    #[arg(long, value_name = "COMMAND", required_unless_present_any = ["file", "image"])]
     pub payload: Option<String>,
+    /// An OCI image to run as the payload (the podman runtime).
+    #[arg(long, value_name = "IMAGE")]
+    pub image: Option<String>,
     /// The payload's name [default: the command's program name].
     #[arg(long)]
     pub name: Option<String>,
@@ -211,16 +219,42 @@ pub struct DeployArgs {
     pub conn: Conn,
 }
 
-/// The manifest `--payload` stands for.
-fn payload_manifest(a: &DeployArgs, command: &str) -> Result<(String, String)> {
-    let argv = shell_words::split(command).context("--payload")?;
-    let Some(program) = argv.first() else {
+/// Whether one word reads as an image reference rather than a program: `name:tag`, or
+/// `host/name...`, not a path (`/`, `./`) and no program of that name on PATH.
+fn looks_like_image(word: &str) -> bool {
+    let shaped = (word.contains(':') || word.contains('/'))
+        && !word.starts_with(['/', '.', '~'])
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-:/@".contains(c));
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(word).is_file()));
+    shaped && !on_path
+}
+
+/// The manifest `--payload` (and `--image`) stand for.
+fn payload_manifest(a: &DeployArgs, command: Option<&str>) -> Result<(String, String)> {
+    let mut argv = match command {
+        Some(c) => shell_words::split(c).context("--payload")?,
+        None => vec![],
+    };
+    let image = match &a.image {
+        Some(i) => Some(i.clone()),
+        None if argv.len() == 1 && looks_like_image(&argv[0]) => argv.pop(),
+        None => None,
+    };
+    let Some(program) = image.as_ref().or(argv.first()) else {
         bail!("--payload is empty: give the command to run");
     };
     let name = match &a.name {
         Some(n) => n.clone(),
         None => {
+            // An image's name without its registry and tag; a program's base name.
             let base = program.rsplit('/').next().unwrap_or(program);
+            let base = match image {
+                Some(_) => base.split([':', '@']).next().unwrap_or(base),
+                None => base,
+            };
             let n: String = base
                 .to_ascii_lowercase()
                 .chars()
@@ -233,8 +267,17 @@ fn payload_manifest(a: &DeployArgs, command: &str) -> Result<(String, String)> {
         "kind": "payload",
         "name": name,
         "replicas": a.replicas,
-        "command": argv,
     });
+    match image {
+        Some(image) => {
+            m["runtime"] = json!("podman");
+            m["image"] = json!(image);
+            if !argv.is_empty() {
+                m["command"] = json!(argv);
+            }
+        }
+        None => m["command"] = json!(argv),
+    }
     if !a.env.is_empty() {
         let mut env = serde_json::Map::new();
         for kv in &a.env {
@@ -261,8 +304,10 @@ pub fn deploy(a: DeployArgs, json: bool) -> Result<()> {
             let m = macula_workloads::parse(&text).map_err(|e| anyhow!("{}: {e}", f.display()))?;
             (m.workload().name.clone(), text)
         }
-        (None, Some(cmd)) => payload_manifest(&a, cmd)?,
-        (None, None) => bail!("give a manifest (-f FILE) or a command (--payload CMD)"),
+        (None, cmd) if cmd.is_some() || a.image.is_some() => payload_manifest(&a, cmd.as_deref())?,
+        (None, _) => bail!(
+            "give a manifest (-f FILE), a command (--payload CMD) or an image (--image IMAGE)"
+        ),
     };
     let manifest = macula_workloads::parse(&text).map_err(|e| anyhow!("{e}"))?;
     let seq = api.put(&name, Some(text))?;
@@ -908,4 +953,20 @@ pub fn delete(a: DeleteArgs, json: bool) -> Result<()> {
         eprintln!("{} deleted (version {seq}); its replicas stop", a.name);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::looks_like_image;
+
+    #[test]
+    fn one_word_with_a_tag_or_a_registry_is_an_image_and_a_path_or_program_is_not() {
+        assert!(looks_like_image("api-server:latest"));
+        assert!(looks_like_image("docker.io/library/nginx:1.27"));
+        assert!(looks_like_image("localhost/web@sha256:abc"));
+        assert!(!looks_like_image("/usr/bin/env"));
+        assert!(!looks_like_image("./server"));
+        assert!(!looks_like_image("hostname"), "no tag, no registry");
+        assert!(!looks_like_image("sh -c"), "not one word");
+    }
 }

@@ -25,6 +25,7 @@
 //! [`super::Inbox`]; every exchange has a deadline, so a lost message costs a retry, not a slot.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -36,12 +37,15 @@ use macula_workloads::lease::{
     self, Acquisition, Completing, Completion, Counted, Outcome, ProvisionalAsk, Reply, Request,
 };
 use macula_workloads::placement::{award, candidates, why_pending, Capacity, Ledger, Score, Unfit};
+use macula_workloads::runtime::cgroup::Cgroup;
+use macula_workloads::runtime::container::{ContainerStart, Host};
 use macula_workloads::runtime::health::{Health, Target};
+use macula_workloads::runtime::podman::ContainerSpec;
 use macula_workloads::runtime::process::{LogBuffer, LogLimits, Start, Stream};
 use macula_workloads::runtime::supervisor::{supervise, ReplicaState, Supervised};
-use macula_workloads::runtime::{default_read_only, ExecSpec};
+use macula_workloads::runtime::{default_read_only, ExecSpec, Launch};
 use macula_workloads::wire::{self, LogEntry, ReplicaStatus, Work};
-use macula_workloads::{Artifact, Manifest, Resources, Runtime};
+use macula_workloads::{Artifact, Manifest, Network, Resources, Runtime};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
@@ -88,6 +92,10 @@ pub struct Controller {
     /// Where replicas' working directories and logs go.
     dir: PathBuf,
     shim: (PathBuf, Vec<String>),
+    /// The `podman` program, where this node runs containers (`workloads.podman`).
+    podman_program: Option<PathBuf>,
+    /// Its Podman (started on first use), once the node knows its name.
+    podman: std::sync::OnceLock<Arc<Host>>,
     state: Mutex<State>,
     /// Answers awaited by [`Controller::gather_status`] and [`Controller::gather_logs`].
     waits: Mutex<HashMap<u64, mpsc::UnboundedSender<Work>>>,
@@ -252,7 +260,14 @@ impl Controller {
         } else {
             (cfg.shim.clone(), vec![])
         };
-        let capacity = offered(&node.config.workloads);
+        let podman_program = podman_program(&cfg.podman);
+        let mut capacity = offered(&node.config.workloads);
+        if podman_program.is_some() && cfg.enabled {
+            capacity.labels.insert(
+                macula_workloads::placement::PODMAN_LABEL.to_owned(),
+                "true".to_owned(),
+            );
+        }
         let state = State {
             ledger: Some(Ledger::new(capacity)),
             ..State::default()
@@ -263,6 +278,8 @@ impl Controller {
             url,
             dir,
             shim,
+            podman_program,
+            podman: std::sync::OnceLock::new(),
             node,
             state: Mutex::new(state),
             waits: Mutex::new(HashMap::new()),
@@ -283,6 +300,30 @@ impl Controller {
             .map(|m| m.handle.peer_id().to_string())
             .unwrap_or_else(|| "local".into());
         let _ = self.me.set(id);
+        if let Some(program) = &self.podman_program {
+            let me = self.me();
+            let images = &self.node.config.workloads.images;
+            let images = if images.is_empty() {
+                vec![self.dir.join("images")]
+            } else {
+                images
+                    .iter()
+                    .map(|d| match &self.node.confdir {
+                        Some(c) if d.is_relative() => c.root.join(d),
+                        _ => d.clone(),
+                    })
+                    .collect()
+            };
+            let _ = self.podman.set(Host::new(
+                macula_workloads::runtime::container::HostConfig {
+                    program: program.clone(),
+                    dir: self.dir.join("podman"),
+                    images,
+                    node: me[me.len().saturating_sub(12)..].to_owned(),
+                    reaper: Some(self.shim.clone()),
+                },
+            ));
+        }
         let mut tick = tokio::time::interval(TICK);
         let mut ticks = 0u64;
         let mut last_kept = 0;
@@ -314,7 +355,7 @@ impl Controller {
     /// control groups).
     fn sample(&self) {
         self.meter_compute();
-        let held: Vec<(String, ReplicaState, u64)> = self
+        let held: Vec<(String, ReplicaState, Option<Cgroup>)> = self
             .state
             .lock()
             .held
@@ -325,16 +366,16 @@ impl Controller {
                     .as_ref()
                     .map(|s| s.state.borrow().clone())
                     .unwrap_or(ReplicaState::Stopped);
-                (slot.clone(), state, h.seq)
+                // The groups of its current run, whatever runtime runs it.
+                let cg = h.replica.as_ref().and_then(|s| s.cgroup());
+                (slot.clone(), state, cg)
             })
             .collect();
         let samples = held
             .into_iter()
-            .filter_map(|(slot, state, seq)| {
+            .filter_map(|(slot, state, cg)| {
                 let (realm, name, i) = wire::parse_slot(&slot)?;
                 let (word, _, restarts) = describe(&state);
-                let cg =
-                    macula_workloads::runtime::cgroup::Cgroup::open(&self.cgroup_name(&slot, seq));
                 Some(crate::metrics::ReplicaSample {
                     realm: realm.to_owned(),
                     workload: name.to_owned(),
@@ -1854,18 +1895,19 @@ impl Controller {
         if let Some(d) = log_file.parent() {
             let _ = std::fs::create_dir_all(d);
         }
-        let argv: Vec<String> = match (&wl.runtime, &wl.artifact) {
-            (Runtime::Process, Artifact::Command(cmd)) => {
-                cmd.iter().chain(wl.args.iter()).cloned().collect()
-            }
-            _ => vec![],
+        let argv: Vec<String> = match &wl.artifact {
+            Artifact::Command(cmd) => cmd.iter().chain(wl.args.iter()).cloned().collect(),
+            Artifact::Image { command, .. } => command
+                .iter()
+                .flatten()
+                .chain(wl.args.iter())
+                .cloned()
+                .collect(),
         };
         let mut env = wl.env.clone();
         let mut set = |k: &str, v: String| {
             env.insert(k.to_owned(), v);
         };
-        set("PATH", "/usr/local/bin:/usr/bin:/bin".into());
-        set("HOME", workdir.display().to_string());
         set("MACULA_URL", self.url.clone());
         set("MACULA_REALM", w.realm.clone());
         set("MACULA_PAYLOAD", w.name.clone());
@@ -1887,69 +1929,106 @@ impl Controller {
                 set("PORT", port.to_string());
             }
         }
-        let mut read_only = default_read_only();
-        // The program itself, when it is named by path outside the system's directories (a
-        // file, never a directory, and never inside this node's own directory).
-        if let Some(p) = argv.first().map(Path::new).filter(|p| p.is_absolute()) {
-            let inside_node = self
-                .node
-                .confdir
-                .as_ref()
-                .is_some_and(|d| p.starts_with(&d.root));
-            if p.is_file() && !inside_node {
-                read_only.push(p.to_owned());
-            }
-        }
-        let spec = ExecSpec {
-            argv: argv.clone(),
-            env,
-            workdir,
-            cgroup_procs: vec![],
-            read_only,
-            read_write: vec![],
-            require_sandbox: self.node.config.workloads.require_sandbox,
-        };
-        let spec_for_checks = spec.clone();
         let cgroup = self.cgroup_name(&slot, w.seq);
-        let (shim, shim_args) = self.shim.clone();
-        let require_limits = self.node.config.workloads.require_limits;
         let limits = wl.resources;
-        let no_program = argv.is_empty();
-        let runtime = wl.runtime;
-        let start = move |buffer: Arc<LogBuffer>| Start {
-            shim: if no_program {
-                // Nothing this node can run (the Podman runtime comes later): the shim fails
-                // with a message that says so.
-                PathBuf::from(format!(
-                    "/nonexistent/{runtime:?} runtime is not available on this node"
-                ))
-            } else {
-                shim.clone()
-            },
-            shim_args: shim_args.clone(),
-            name: cgroup.clone(),
-            limits,
-            require_limits,
-            spec: spec.clone(),
-            logs: LogLimits {
-                file: Some(log_file.clone()),
-                ..LogLimits::default()
-            },
-            buffer: Some(buffer),
+        let log_limits = LogLimits {
+            file: Some(log_file),
+            ..LogLimits::default()
         };
         let backoff_limit = match &*w.manifest {
             Manifest::Job(j) => Some(j.backoff_limit),
             Manifest::Payload(_) => None,
         };
+        let mut target = Target {
+            ports,
+            shim: self.shim.0.clone(),
+            shim_args: self.shim.1.clone(),
+            spec: None,
+            container: None,
+        };
+        let start: Launch = match (&wl.runtime, &wl.artifact) {
+            (Runtime::Podman, Artifact::Image { image, .. }) => {
+                // The image's own PATH and HOME stay; the replica's scratch space is the
+                // container's own file system.
+                let host = self.podman.get().cloned();
+                let spec = ContainerSpec {
+                    name: format!("macula-{cgroup}"),
+                    image: image.clone(),
+                    command: argv,
+                    env,
+                    labels: BTreeMap::from([("io.macula.slot".to_owned(), slot.clone())]),
+                    limits,
+                    host_network: wl.network == Network::Host,
+                    network_none: wl.network == Network::None,
+                    ..ContainerSpec::default()
+                };
+                target.container = host.clone().map(|h| (h, spec.name.clone()));
+                Box::new(move |buffer: Arc<LogBuffer>| match &host {
+                    Some(host) => ContainerStart {
+                        host: host.clone(),
+                        spec: spec.clone(),
+                        logs: log_limits.clone(),
+                        buffer,
+                    }
+                    .launch(),
+                    None => Box::pin(async {
+                        Err(io::Error::new(
+                                io::ErrorKind::Unsupported,
+                                "this node does not run containers (the podman runtime): install podman and runc, or set workloads.podman",
+                            ))
+                    }),
+                })
+            }
+            _ => {
+                let mut env = env;
+                env.insert("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into());
+                env.insert("HOME".into(), workdir.display().to_string());
+                let mut read_only = default_read_only();
+                // The program itself, when it is named by path outside the system's
+                // directories (a file, never a directory, and never inside this node's
+                // own directory).
+                if let Some(p) = argv.first().map(Path::new).filter(|p| p.is_absolute()) {
+                    let inside_node = self
+                        .node
+                        .confdir
+                        .as_ref()
+                        .is_some_and(|d| p.starts_with(&d.root));
+                    if p.is_file() && !inside_node {
+                        read_only.push(p.to_owned());
+                    }
+                }
+                let spec = ExecSpec {
+                    argv,
+                    env,
+                    workdir,
+                    cgroup_procs: vec![],
+                    read_only,
+                    read_write: vec![],
+                    require_sandbox: self.node.config.workloads.require_sandbox,
+                    network_none: wl.network == Network::None,
+                };
+                target.spec = Some(spec.clone());
+                let (shim, shim_args) = self.shim.clone();
+                let require_limits = self.node.config.workloads.require_limits;
+                Box::new(move |buffer: Arc<LogBuffer>| {
+                    Start {
+                        shim: shim.clone(),
+                        shim_args: shim_args.clone(),
+                        name: cgroup.clone(),
+                        limits,
+                        require_limits,
+                        spec: spec.clone(),
+                        logs: log_limits.clone(),
+                        buffer: Some(buffer),
+                    }
+                    .launch()
+                })
+            }
+        };
         let health = Health {
             liveness: wl.liveness.clone(),
             readiness: wl.readiness.clone(),
-            target: Target {
-                ports,
-                shim: self.shim.0.clone(),
-                shim_args: self.shim.1.clone(),
-                spec: Some(spec_for_checks),
-            },
+            target,
         };
         supervise(wl.restart.clone(), backoff_limit, logs, health, start)
     }
@@ -2225,6 +2304,23 @@ fn describe(s: &ReplicaState) -> (&'static str, Option<String>, u32) {
             last_exit,
         } => ("failed", Some(last_exit.clone()), *restarts),
         ReplicaState::Stopped => ("stopped", None, 0),
+    }
+}
+
+/// The `podman` program this node runs containers with: `workloads.podman` names it, or
+/// `auto` (the default) finds it on `PATH` (with `runc` beside it); `off` runs none.
+fn podman_program(setting: &str) -> Option<PathBuf> {
+    let on_path = |p: &str| {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join(p))
+                .find(|f| f.is_file())
+        })
+    };
+    match setting {
+        "off" | "" => None,
+        "auto" => on_path("runc").and(on_path("podman")),
+        path => Some(PathBuf::from(path)),
     }
 }
 

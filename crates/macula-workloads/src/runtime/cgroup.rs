@@ -46,6 +46,13 @@ fn own_path(controller: &str) -> io::Result<String> {
     ))
 }
 
+/// The `cpuacct` group beside a v1 `cpu` group (the same path in that hierarchy; the same
+/// directory where the two are mounted together).
+fn acct_dir(cpu: &Path) -> Option<PathBuf> {
+    let rel = cpu.strip_prefix(Path::new(ROOT).join("cpu")).ok()?;
+    Some(Path::new(ROOT).join("cpuacct").join(rel))
+}
+
 /// Whether the host is cgroup v2 only (a unified hierarchy at the root).
 pub fn unified() -> bool {
     Path::new(ROOT).join("cgroup.controllers").exists()
@@ -92,6 +99,13 @@ impl Cgroup {
                     .join(name);
                 fs::create_dir_all(&dir)?;
                 dirs.push(dir);
+            }
+            // CPU time is counted by `cpuacct`, a hierarchy of its own on some hosts (as here):
+            // the replica joins it too, where it is separate, to be measured.
+            if let Some(acct) = acct_dir(&dirs[0]) {
+                if acct != dirs[0] && fs::create_dir_all(&acct).is_ok() {
+                    dirs.push(acct);
+                }
             }
             Cgroup { dirs, v2: false }
         };
@@ -165,6 +179,56 @@ impl Cgroup {
         cg.dirs.iter().all(|d| d.exists()).then_some(cg)
     }
 
+    /// The groups at `path` from each hierarchy's root (as Podman names a container's,
+    /// `State.CgroupPath`), if they exist.
+    pub fn at(path: &str) -> Option<Cgroup> {
+        let rel = path.trim_start_matches('/');
+        if rel.split('/').any(|p| p == "..") {
+            return None;
+        }
+        let cg = if unified() {
+            Cgroup {
+                dirs: vec![Path::new(ROOT).join(rel)],
+                v2: true,
+            }
+        } else {
+            Cgroup {
+                dirs: V1_CONTROLLERS
+                    .iter()
+                    .map(|c| Path::new(ROOT).join(c).join(rel))
+                    .collect(),
+                v2: false,
+            }
+        };
+        cg.dirs.iter().all(|d| d.exists()).then_some(cg)
+    }
+
+    /// Every process in the groups at `path` and below (the pids hierarchy on v1).
+    pub fn pids_below(path: &str) -> Vec<i32> {
+        let rel = path.trim_start_matches('/');
+        let top = if unified() {
+            Path::new(ROOT).join(rel)
+        } else {
+            Path::new(ROOT).join("pids").join(rel)
+        };
+        let mut out = vec![];
+        let mut dirs = vec![top];
+        while let Some(d) = dirs.pop() {
+            if let Ok(t) = fs::read_to_string(d.join("cgroup.procs")) {
+                out.extend(t.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+            }
+            if let Ok(entries) = fs::read_dir(&d) {
+                dirs.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+        out
+    }
+
     /// CPU time the group used, in seconds.
     pub fn cpu_seconds(&self) -> Option<f64> {
         if self.v2 {
@@ -177,11 +241,12 @@ impl Cgroup {
                 .ok()?;
             Some(usec as f64 / 1e6)
         } else {
-            let ns: u64 = fs::read_to_string(self.dirs[0].join("cpuacct.usage"))
-                .ok()?
-                .trim()
-                .parse()
-                .ok()?;
+            let text = fs::read_to_string(self.dirs[0].join("cpuacct.usage"))
+                .ok()
+                .or_else(|| {
+                    fs::read_to_string(acct_dir(&self.dirs[0])?.join("cpuacct.usage")).ok()
+                })?;
+            let ns: u64 = text.trim().parse().ok()?;
             Some(ns as f64 / 1e9)
         }
     }

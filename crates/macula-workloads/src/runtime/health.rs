@@ -2,7 +2,8 @@
 //! restarts it, as a failure with back-off) and *readiness* (whether it takes work now: a
 //! rolling update waits for it, and status shows it). Checks are an HTTP GET answered 2xx or
 //! 3xx, a TCP connection that opens, or a command that exits 0 — run through the exec shim
-//! with the replica's own environment, working directory and sandbox.
+//! with the replica's own environment, working directory and sandbox (a native replica), or
+//! inside the container (a container replica).
 //!
 //! Every check has its timeout; an HTTP answer is read up to its status line and no further
 //! (at most 1 KiB), so a replica cannot hold the node's prober.
@@ -25,6 +26,8 @@ pub struct Target {
     pub shim: PathBuf,
     pub shim_args: Vec<String>,
     pub spec: Option<ExecSpec>,
+    /// A container replica: commands run inside it (its host, the container's name).
+    pub container: Option<(std::sync::Arc<super::container::Host>, String)>,
 }
 
 impl Target {
@@ -87,6 +90,20 @@ async fn check_inner(c: &Check, target: &Target) -> Result<(), String> {
                 Ok(())
             } else {
                 Err(format!("GET {path} on port {port} answered {status}"))
+            }
+        }
+        Check::Exec { command } if target.container.is_some() => {
+            let Some((host, name)) = &target.container else {
+                return Err("no container".into());
+            };
+            let p = host.podman().await.map_err(|e| e.to_string())?;
+            match p.exec(name, command).await {
+                Ok(0) => Ok(()),
+                Ok(code) => Err(format!("{} exit status: {code}", command.join(" "))),
+                Err(e) => Err(format!(
+                    "running {:?} in the container: {e}",
+                    command.first()
+                )),
             }
         }
         Check::Exec { command } => {

@@ -1,6 +1,8 @@
-//! Runtimes: what runs a replica on a node. `process` runs a native command in its own control
-//! groups, working directory and filesystem sandbox; Podman (through its REST socket) comes
-//! next behind the same shape.
+//! Runtimes: what runs a replica on a node, behind one trait ([`Replica`], started by a
+//! [`Launch`]). `process` runs a native command in its own control groups, working directory
+//! and filesystem sandbox; `podman` runs an OCI image as a container through Podman's REST
+//! socket ([`container`]). The supervisor (restarts, back-off, health checks) and the node's
+//! controller see only the trait.
 //!
 //! A replica is started through a small *exec shim* (`macula-workload-exec`, or the `macula`
 //! binary's hidden `__exec`): a fresh single-threaded process that joins the replica's control
@@ -9,6 +11,7 @@
 //! node's many threads (and their allocator locks) out of the forked child.
 
 pub mod cgroup;
+pub mod container;
 pub mod health;
 pub mod podman;
 pub mod process;
@@ -16,9 +19,33 @@ pub mod sandbox;
 pub mod supervisor;
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+/// A boxed future (the trait's methods are called through `dyn`).
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One run of a replica, whatever runs it.
+pub trait Replica: Send {
+    /// Waits for it to end: `Ok` when it exited 0, else how it ended ("exit status: 3",
+    /// "signal: 9 (SIGKILL)"). Its output is read to the end first.
+    fn wait(&mut self) -> BoxFut<'_, Result<(), String>>;
+    /// Stops it and every process it started (`wait` then returns).
+    fn kill(&mut self) -> BoxFut<'_, ()>;
+    /// Its control groups, to read its CPU and memory (None where it has none).
+    fn cgroup(&self) -> Option<cgroup::Cgroup>;
+}
+
+/// Starts one run of a replica, its output into the given buffer (the supervisor calls it again
+/// for each restart).
+pub type Launch = Box<
+    dyn Fn(Arc<process::LogBuffer>) -> BoxFut<'static, io::Result<Box<dyn Replica>>> + Send + Sync,
+>;
 
 /// Everything the shim needs to start one replica (passed to it as JSON).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,6 +65,10 @@ pub struct ExecSpec {
     /// Refuse to start where Landlock cannot be enforced (default); false runs unsandboxed
     /// with a warning on stderr.
     pub require_sandbox: bool,
+    /// A network namespace of its own with only a loopback (the manifest's `network: none`);
+    /// it does not start where one cannot be made.
+    #[serde(default)]
+    pub network_none: bool,
 }
 
 /// The paths a native replica may read by default: programs, libraries, and the few files of

@@ -6,8 +6,8 @@
 //! limits, no capabilities, no new privileges and bounded rlimits. What was checked against
 //! Podman 4.3.1 is in `docs/design/podman-runtime-notes.md`.
 //!
-//! Not yet wired into the node's controller (the next step): this is the client and its
-//! test (`tests/podman.rs`).
+//! The replica side (a container as a [`super::Replica`], the node's service, its images) is
+//! in [`super::container`].
 
 use std::collections::BTreeMap;
 use std::io;
@@ -46,7 +46,13 @@ pub struct ContainerSpec {
     pub ports: Vec<(u16, u16)>,
     /// No network at all (only loopback in the container).
     pub network_none: bool,
+    /// The host's network (as a native replica has): it reaches the node on 127.0.0.1 and
+    /// binds its ports there itself; `ports` are then not mapped.
+    pub host_network: bool,
     pub read_only: bool,
+    /// The control group the container's (and its conmon's) groups are made under, from the
+    /// hierarchy's root (e.g. `/macula-pods/<node>`); None: Podman's `libpod_parent`.
+    pub cgroup_parent: Option<String>,
 }
 
 impl ContainerSpec {
@@ -80,8 +86,13 @@ impl ContainerSpec {
         if let Some(w) = &self.work_dir {
             v["work_dir"] = json!(w);
         }
+        if let Some(p) = &self.cgroup_parent {
+            v["cgroup_parent"] = json!(p);
+        }
         if self.network_none {
             v["netns"] = json!({"nsmode": "none"});
+        } else if self.host_network {
+            v["netns"] = json!({"nsmode": "host"});
         } else if !self.ports.is_empty() {
             v["portmappings"] = self
                 .ports
@@ -175,18 +186,24 @@ impl Podman {
     }
 
     /// Starts `podman system service` on `socket` (runc, cgroupfs, events in a file; its
-    /// storage under `root` and `run_root` when given) and waits until it answers (up to 10 s).
-    /// The child is killed when dropped.
+    /// storage, run root and temporary state under `dir`'s `storage`, `run` and `tmp` when
+    /// given, so that services on one machine keep apart) and waits until it answers (up to
+    /// 10 s). The child is killed when dropped.
     pub async fn start_service(
         program: &Path,
         socket: &Path,
-        storage: Option<(&Path, &Path)>,
+        dir: Option<&Path>,
     ) -> io::Result<(tokio::process::Child, Podman)> {
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(["--runtime", "runc", "--cgroup-manager", "cgroupfs"])
             .args(["--events-backend", "file"]);
-        if let Some((root, run_root)) = storage {
-            cmd.arg("--root").arg(root).arg("--runroot").arg(run_root);
+        if let Some(dir) = dir {
+            cmd.arg("--root")
+                .arg(dir.join("storage"))
+                .arg("--runroot")
+                .arg(dir.join("run"))
+                .arg("--tmpdir")
+                .arg(dir.join("tmp"));
         }
         cmd.args(["system", "service", "--time=0"])
             .arg(format!("unix://{}", socket.display()))
@@ -406,9 +423,17 @@ impl Podman {
     }
 
     /// Follows its output (from the start) into `each` until the container stops. Open it after
-    /// `start`. At most `max` bytes of a line are kept; frames are read as they come, so a
-    /// flood costs a bounded buffer.
-    pub async fn follow(&self, id: &str, max: usize, mut each: impl FnMut(Line)) -> io::Result<()> {
+    /// `start`. At most `max` bytes of a line are kept; frames are read as they come (the next
+    /// once `each` is done with a line), so a flood costs a bounded buffer.
+    pub async fn follow<F>(
+        &self,
+        id: &str,
+        max: usize,
+        mut each: impl FnMut(Line) -> F,
+    ) -> io::Result<()>
+    where
+        F: std::future::Future<Output = ()>,
+    {
         let res = self
             .send(
                 "GET",
@@ -430,10 +455,97 @@ impl Podman {
             if let Some(data) = frame.data_ref() {
                 let mut lines = vec![];
                 demux.push(data, max, &mut lines);
-                lines.into_iter().for_each(&mut each);
+                for l in lines {
+                    each(l).await;
+                }
             }
         }
         Ok(())
+    }
+
+    /// Runs `command` in the running container `id` (its output read and dropped as it comes);
+    /// its exit code.
+    pub async fn exec(&self, id: &str, command: &[String]) -> io::Result<i64> {
+        let body = serde_json::to_vec(
+            &json!({"Cmd": command, "AttachStdout": true, "AttachStderr": true}),
+        )
+        .map_err(io::Error::other)?;
+        let (status, body) = self
+            .request(
+                "POST",
+                &format!("/containers/{}/exec", enc(id)),
+                Some(("application/json", body.into())),
+            )
+            .await?;
+        if status != 201 {
+            return Err(failure(status, &body));
+        }
+        let v: Value = serde_json::from_slice(&body).map_err(io::Error::other)?;
+        let exec = v["Id"].as_str().unwrap_or_default().to_owned();
+        let res = self
+            .send(
+                "POST",
+                &format!("/exec/{}/start", enc(&exec)),
+                Some((
+                    "application/json",
+                    Bytes::from_static(b"{\"Detach\":false}"),
+                )),
+            )
+            .await?;
+        let status = res.status().as_u16();
+        if status != 200 {
+            return Err(failure(status, &read_body(res).await?));
+        }
+        let mut out = res.into_body();
+        while let Some(frame) = out.frame().await {
+            frame.map_err(io::Error::other)?;
+        }
+        let (status, body) = self
+            .request("GET", &format!("/exec/{}/json", enc(&exec)), None)
+            .await?;
+        if status != 200 {
+            return Err(failure(status, &body));
+        }
+        let v: Value = serde_json::from_slice(&body).map_err(io::Error::other)?;
+        v["ExitCode"]
+            .as_i64()
+            .ok_or_else(|| io::Error::other("podman did not say how the command ended"))
+    }
+
+    /// The ids of the containers (running or not) labelled `key=value`.
+    pub async fn labelled(&self, key: &str, value: &str) -> io::Result<Vec<String>> {
+        let filters = json!({"label": [format!("{key}={value}")]}).to_string();
+        let (status, body) = self
+            .request(
+                "GET",
+                &format!("/containers/json?all=true&filters={}", enc(&filters)),
+                None,
+            )
+            .await?;
+        if status != 200 {
+            return Err(failure(status, &body));
+        }
+        let v: Value = serde_json::from_slice(&body).map_err(io::Error::other)?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["Id"].as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// Writes image `name` as a `podman save` (docker-archive) file: what [`Podman::load`] reads.
+    pub async fn save(&self, name: &str) -> io::Result<Bytes> {
+        let (status, body) = self
+            .request(
+                "GET",
+                &format!("/images/{}/get?format=docker-archive", enc(name)),
+                None,
+            )
+            .await?;
+        if status != 200 {
+            return Err(failure(status, &body));
+        }
+        Ok(body)
     }
 
     /// Kills it (SIGKILL).

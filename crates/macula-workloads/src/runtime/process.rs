@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 use super::cgroup::Cgroup;
-use super::ExecSpec;
+use super::{BoxFut, ExecSpec, Replica};
 use crate::manifest::Resources;
 
 /// Which output a line came from.
@@ -167,14 +167,13 @@ impl ProcessReplica {
         let logs = s
             .buffer
             .unwrap_or_else(|| Arc::new(LogBuffer::new(s.logs.lines.max(1))));
-        let file = Arc::new(tokio::sync::Mutex::new(LogFile::new(&s.logs)));
+        let sink = Arc::new(Sink::new(logs.clone(), &s.logs));
         let mut readers = vec![];
         if let Some(out) = child.stdout.take() {
             readers.push(tokio::spawn(pump(
                 out,
                 Stream::Stdout,
-                logs.clone(),
-                file.clone(),
+                sink.clone(),
                 s.logs.line_bytes,
             )));
         }
@@ -182,8 +181,7 @@ impl ProcessReplica {
             readers.push(tokio::spawn(pump(
                 err,
                 Stream::Stderr,
-                logs.clone(),
-                file,
+                sink,
                 s.logs.line_bytes,
             )));
         }
@@ -220,6 +218,39 @@ impl ProcessReplica {
         if let Some(cg) = &self.cgroup {
             cg.destroy_soon();
         }
+    }
+}
+
+impl Start {
+    /// Starts it as a [`Replica`] (the supervisor's shape).
+    pub fn launch(self) -> BoxFut<'static, io::Result<Box<dyn Replica>>> {
+        Box::pin(async move {
+            let r: Box<dyn Replica> = Box::new(ProcessReplica::start(self).await?);
+            Ok(r)
+        })
+    }
+}
+
+impl Replica for ProcessReplica {
+    fn wait(&mut self) -> BoxFut<'_, Result<(), String>> {
+        Box::pin(async move {
+            match ProcessReplica::wait(self).await {
+                Ok(s) if s.success() => Ok(()),
+                Ok(s) => Err(s.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    }
+
+    fn kill(&mut self) -> BoxFut<'_, ()> {
+        ProcessReplica::kill(self);
+        Box::pin(async move {
+            let _ = ProcessReplica::wait(self).await;
+        })
+    }
+
+    fn cgroup(&self) -> Option<Cgroup> {
+        self.cgroup.clone()
     }
 }
 
@@ -278,15 +309,30 @@ impl LogFile {
     }
 }
 
+/// Where a replica's lines go, whatever runs it: the ring of lines and the rotated file.
+pub(crate) struct Sink {
+    logs: Arc<LogBuffer>,
+    file: tokio::sync::Mutex<LogFile>,
+}
+
+impl Sink {
+    pub(crate) fn new(logs: Arc<LogBuffer>, limits: &LogLimits) -> Sink {
+        Sink {
+            logs,
+            file: tokio::sync::Mutex::new(LogFile::new(limits)),
+        }
+    }
+
+    /// Keeps one line (already cut to the line limit).
+    pub(crate) async fn line(&self, stream: Stream, text: String) {
+        self.file.lock().await.write(&text).await;
+        self.logs.push(stream, text);
+    }
+}
+
 /// Reads one output stream into lines: a line longer than `line_bytes` is cut, the rest of
 /// it skipped, so no output can grow the node's memory.
-async fn pump(
-    mut r: impl AsyncRead + Unpin,
-    stream: Stream,
-    logs: Arc<LogBuffer>,
-    file: Arc<tokio::sync::Mutex<LogFile>>,
-    line_bytes: usize,
-) {
+async fn pump(mut r: impl AsyncRead + Unpin, stream: Stream, sink: Arc<Sink>, line_bytes: usize) {
     let mut buf = vec![0u8; 8192];
     let mut line: Vec<u8> = Vec::new();
     let mut cut = false;
@@ -297,7 +343,7 @@ async fn pump(
         };
         for &b in &buf[..n] {
             if b == b'\n' {
-                emit(&mut line, &mut cut, stream, &logs, &file).await;
+                emit(&mut line, &mut cut, stream, &sink).await;
             } else if line.len() < line_bytes {
                 line.push(b);
             } else {
@@ -306,23 +352,16 @@ async fn pump(
         }
     }
     if !line.is_empty() || cut {
-        emit(&mut line, &mut cut, stream, &logs, &file).await;
+        emit(&mut line, &mut cut, stream, &sink).await;
     }
 }
 
-async fn emit(
-    line: &mut Vec<u8>,
-    cut: &mut bool,
-    stream: Stream,
-    logs: &LogBuffer,
-    file: &tokio::sync::Mutex<LogFile>,
-) {
+async fn emit(line: &mut Vec<u8>, cut: &mut bool, stream: Stream, sink: &Sink) {
     let mut text = String::from_utf8_lossy(line).into_owned();
     if *cut {
         text.push('…');
     }
-    file.lock().await.write(&text).await;
-    logs.push(stream, text);
+    sink.line(stream, text).await;
     line.clear();
     *cut = false;
 }

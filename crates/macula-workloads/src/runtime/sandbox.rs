@@ -36,6 +36,14 @@ pub fn exec(spec: &ExecSpec) -> io::Error {
             format!("creating {}: {e}", spec.workdir.display()),
         );
     }
+    if spec.network_none {
+        if let Err(e) = isolate_network() {
+            return io::Error::new(
+                e.kind(),
+                format!("cannot give the replica a network of its own (network: none): {e}"),
+            );
+        }
+    }
     match restrict(spec) {
         Ok(RulesetStatus::FullyEnforced) | Ok(RulesetStatus::PartiallyEnforced) => {}
         Ok(RulesetStatus::NotEnforced) | Err(_) if !spec.require_sandbox => {
@@ -59,6 +67,38 @@ pub fn exec(spec: &ExecSpec) -> io::Error {
         .exec()
 }
 
+/// Moves this process into a new network namespace and brings its loopback up: the replica
+/// reaches nothing but itself. Needs CAP_SYS_ADMIN (a node run as root).
+fn isolate_network() -> io::Result<()> {
+    // SAFETY: unshare(2) with a constant flag, in this single-threaded shim.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a datagram socket, an ifreq naming "lo" (zeroed, then filled within its size)
+    // and the two ioctls that read and set its flags; the socket is closed after.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        let mut r = libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req);
+        if r == 0 {
+            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            r = libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &req);
+        }
+        let e = io::Error::last_os_error();
+        libc::close(fd);
+        if r != 0 {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 fn restrict(spec: &ExecSpec) -> Result<RulesetStatus, landlock::RulesetError> {
     let abi = ABI::V3;
     let mut rw = vec![spec.workdir.clone()];
@@ -78,6 +118,10 @@ fn restrict(spec: &ExecSpec) -> Result<RulesetStatus, landlock::RulesetError> {
 
 /// The shim's `main`: the spec comes as JSON in `MACULA_EXEC_SPEC`.
 pub fn main() -> ! {
+    // The same program is the container reaper (see `super::container`).
+    if let Ok(reap) = std::env::var("MACULA_REAP") {
+        super::container::reaper_main(&reap);
+    }
     let spec = std::env::var("MACULA_EXEC_SPEC")
         .map_err(|_| {
             "MACULA_EXEC_SPEC is not set (this program is started by a Macula node)".to_owned()

@@ -3,13 +3,15 @@
 //! job's run. Its health checks run beside it (`super::health`): a failing liveness check
 //! restarts it as a failure; readiness is shown in its state. The slot's lease (held or lost) is the node's business; it stops the supervisor.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
+use super::cgroup::Cgroup;
 use super::health::{self, Health};
-use super::process::{LogBuffer, ProcessReplica, Start};
+use super::process::LogBuffer;
+use super::{BoxFut, Replica};
 use crate::manifest::{Restart, RestartPolicy};
 
 /// Where a replica stands.
@@ -64,11 +66,21 @@ pub fn backoff(restart: &Restart, n: u32) -> Duration {
 pub struct Supervised {
     pub state: watch::Receiver<ReplicaState>,
     pub logs: Arc<LogBuffer>,
+    /// The control groups of the run now going (to read its CPU and memory).
+    current: Arc<Mutex<Option<Cgroup>>>,
     stop: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Supervised {
+    /// The control groups of the replica's current run, if it runs in any.
+    pub fn cgroup(&self) -> Option<Cgroup> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Stops the replica (every process of it) and the supervisor.
     pub async fn stop(self) {
         self.stop.notify_one();
@@ -76,8 +88,8 @@ impl Supervised {
     }
 }
 
-/// Supervises the replica that `start` describes (called again for each restart), checking
-/// its `health`. `backoff_limit`: for a job, the failed runs after which it fails (None for a
+/// Supervises the replica that `start` starts (called again for each restart, whatever
+/// runtime it uses), checking its `health`. `backoff_limit`: for a job, the failed runs after which it fails (None for a
 /// payload).
 pub fn supervise<F>(
     restart: Restart,
@@ -87,18 +99,23 @@ pub fn supervise<F>(
     start: F,
 ) -> Supervised
 where
-    F: Fn(Arc<LogBuffer>) -> Start + Send + 'static,
+    F: Fn(Arc<LogBuffer>) -> BoxFut<'static, std::io::Result<Box<dyn Replica>>> + Send + 'static,
 {
     let (tx, rx) = watch::channel(ReplicaState::Starting { restarts: 0 });
     let stop = Arc::new(Notify::new());
-    let (stop2, logs2) = (stop.clone(), logs.clone());
+    let current = Arc::new(Mutex::new(None));
+    let (stop2, logs2, current2) = (stop.clone(), logs.clone(), current.clone());
+    let set_cgroup = move |cg: Option<Cgroup>| {
+        *current2.lock().unwrap_or_else(|p| p.into_inner()) = cg;
+    };
     let task = tokio::spawn(async move {
         let mut failures = 0u32;
         loop {
             let _ = tx.send(ReplicaState::Starting { restarts: failures });
             let began = Instant::now();
-            let exit = match ProcessReplica::start(start(logs2.clone())).await {
+            let exit = match start(logs2.clone()).await {
                 Ok(mut r) => {
+                    set_cgroup(r.cgroup());
                     let restarts = failures;
                     let ready = |ready| {
                         tx.send_if_modified(|s| {
@@ -129,25 +146,32 @@ where
                             None => std::future::pending().await,
                         }
                     };
-                    tokio::select! {
-                        status = r.wait() => match status {
-                            Ok(s) if s.success() => Ok(()),
-                            Ok(s) => Err(format!("{s}")),
-                            Err(e) => Err(e.to_string()),
-                        },
-                        why = liveness => {
-                            r.kill();
-                            let _ = r.wait().await;
+                    enum End {
+                        Exited(Result<(), String>),
+                        Unhealthy(String),
+                        Stop,
+                    }
+                    let end = tokio::select! {
+                        status = r.wait() => End::Exited(status),
+                        why = liveness => End::Unhealthy(why),
+                        never = readiness => never,
+                        _ = stop2.notified() => End::Stop,
+                    };
+                    let exit = match end {
+                        End::Exited(status) => status,
+                        End::Unhealthy(why) => {
+                            r.kill().await;
                             Err(format!("liveness check failed: {why}"))
                         }
-                        never = readiness => never,
-                        _ = stop2.notified() => {
-                            r.kill();
-                            let _ = r.wait().await;
+                        End::Stop => {
+                            r.kill().await;
+                            set_cgroup(None);
                             let _ = tx.send(ReplicaState::Stopped);
                             return;
                         }
-                    }
+                    };
+                    set_cgroup(None);
+                    exit
                 }
                 Err(e) => Err(e.to_string()),
             };
@@ -191,6 +215,7 @@ where
     Supervised {
         state: rx,
         logs,
+        current,
         stop,
         task,
     }

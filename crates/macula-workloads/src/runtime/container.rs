@@ -1,0 +1,438 @@
+//! The `podman` runtime: a replica as a container, through the node's own Podman service.
+//!
+//! A node that runs containers keeps one [`Host`]: the Podman service it starts on first use
+//! (its storage, run root and socket under the node's workloads directory, so nodes sharing a
+//! machine keep apart), the image archives it loads from (machines here reach no image
+//! registry: an operator puts `podman save` files in the node's image directory, or the Hub
+//! delivers them), and a *reaper*. Containers are run by conmon, not by the node, so they would
+//! outlive a node killed outright and keep running without a lease; the reaper is a small
+//! process in a session of its own that holds a pipe from the node and, when the pipe closes
+//! (the node ended, however it ended), kills every process under the node's container control
+//! group (`/macula-pods/<node>`) at once. A node starting again removes the containers an
+//! earlier run of it left (labelled with the node).
+//!
+//! Each run of a replica is a container ([`ContainerStart::launch`]): created with the
+//! manifest's limits, every capability dropped, no new privileges and bounded rlimits
+//! ([`ContainerSpec::to_json`]); its output followed into the same bounded ring of lines and
+//! rotated file as a native replica's; its exit code waited for; removed when the run ends.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use super::cgroup::Cgroup;
+use super::podman::{ContainerSpec, Podman};
+use super::process::{LogBuffer, LogLimits, Sink};
+use super::{BoxFut, Replica};
+
+/// The label on every container a node runs: its name (to find them after a restart).
+pub const NODE_LABEL: &str = "io.macula.node";
+
+/// How a node runs containers.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// The `podman` program.
+    pub program: PathBuf,
+    /// Where the service keeps its images, containers and socket.
+    pub dir: PathBuf,
+    /// Directories of image archives (`podman save` files: `.tar`, `.tar.gz`, `.tgz`).
+    pub images: Vec<PathBuf>,
+    /// This node's name as labels and control groups carry it (letters, digits, `-`, `_`).
+    pub node: String,
+    /// The program (and its first arguments) that runs as the reaper: the exec shim, which
+    /// becomes the reaper when `MACULA_REAP` is set. None: no reaper.
+    pub reaper: Option<(PathBuf, Vec<String>)>,
+}
+
+/// A node's Podman: the service, its images, the reaper.
+pub struct Host {
+    cfg: HostConfig,
+    state: tokio::sync::Mutex<HostState>,
+}
+
+#[derive(Default)]
+struct HostState {
+    podman: Option<Podman>,
+    service: Option<tokio::process::Child>,
+    /// The reaper and the node's end of its pipe (closing it sets the reaper off).
+    reaper: Option<(std::process::Child, std::process::ChildStdin)>,
+    /// Archives loaded already: (size, modified) when loaded.
+    loaded: HashMap<PathBuf, (u64, SystemTime)>,
+}
+
+/// What the reaper is told (as JSON in `MACULA_REAP`).
+#[derive(Debug, Serialize, Deserialize)]
+struct ReapSpec {
+    /// The control group every container of the node is under.
+    cgroup: String,
+    /// The Podman service's pid (stopped after the containers).
+    service: Option<u32>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host").field("cfg", &self.cfg).finish()
+    }
+}
+
+impl Host {
+    pub fn new(cfg: HostConfig) -> Arc<Host> {
+        Arc::new(Host {
+            cfg,
+            state: Default::default(),
+        })
+    }
+
+    /// The control group all of this node's containers are made under.
+    pub fn cgroup_parent(&self) -> String {
+        format!("/macula-pods/{}", self.cfg.node)
+    }
+
+    pub fn node(&self) -> &str {
+        &self.cfg.node
+    }
+
+    /// The service, started on first use and again if it died; a node's earlier containers
+    /// are removed when it starts.
+    pub async fn podman(&self) -> io::Result<Podman> {
+        let mut st = self.state.lock().await;
+        let st = &mut *st;
+        if let (Some(p), Some(child)) = (&st.podman, st.service.as_mut()) {
+            if child.try_wait()?.is_none() {
+                return Ok(p.clone());
+            }
+            tracing::warn!("the Podman service ended: starting it again");
+        }
+        let dir = &self.cfg.dir;
+        for d in ["storage", "run", "tmp"] {
+            std::fs::create_dir_all(dir.join(d))
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.join(d).display())))?;
+        }
+        let socket = socket_path(dir);
+        let _ = std::fs::remove_file(&socket);
+        let (child, podman) = Podman::start_service(&self.cfg.program, &socket, Some(dir))
+            .await
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "starting Podman ({} system service): {e}",
+                        self.cfg.program.display()
+                    ),
+                )
+            })?;
+        for id in podman.labelled(NODE_LABEL, &self.cfg.node).await? {
+            tracing::info!(container = %id, "removing a container an earlier run of this node left");
+            let _ = podman.remove(&id).await;
+        }
+        // The reaper outlives the node by design: it is replaced along with the service.
+        if let Some((mut child, pipe)) = st.reaper.take() {
+            drop(pipe);
+            let _ = child.wait();
+        }
+        st.reaper = match &self.cfg.reaper {
+            Some((program, args)) => {
+                let spec = ReapSpec {
+                    cgroup: self.cgroup_parent(),
+                    service: child.id(),
+                };
+                Some(start_reaper(program, args, &spec)?)
+            }
+            None => None,
+        };
+        st.service = Some(child);
+        st.podman = Some(podman.clone());
+        Ok(podman)
+    }
+
+    /// Makes sure `image` is in the service's store, loading the archives of the image
+    /// directories not loaded yet (or changed since); a clear error where none holds it.
+    pub async fn ensure_image(&self, p: &Podman, image: &str) -> io::Result<()> {
+        if p.has_image(image).await? {
+            return Ok(());
+        }
+        let mut st = self.state.lock().await;
+        for dir in &self.cfg.images {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+            files.sort();
+            for path in files {
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                let archive = [".tar", ".tar.gz", ".tgz"]
+                    .iter()
+                    .any(|x| name.ends_with(x));
+                let Ok(meta) = std::fs::metadata(&path) else {
+                    continue;
+                };
+                if !archive || !meta.is_file() {
+                    continue;
+                }
+                let key = (
+                    meta.len(),
+                    meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                );
+                if st.loaded.get(&path) == Some(&key) {
+                    continue;
+                }
+                st.loaded.insert(path.clone(), key);
+                let bytes = tokio::fs::read(&path).await?;
+                match p.load(bytes.into()).await {
+                    Ok(names) => {
+                        tracing::info!(archive = %path.display(), ?names, "image archive loaded")
+                    }
+                    Err(e) => {
+                        tracing::warn!(archive = %path.display(), "image archive not loaded: {e}")
+                    }
+                }
+            }
+        }
+        drop(st);
+        if p.has_image(image).await? {
+            return Ok(());
+        }
+        let dirs: Vec<String> = self
+            .cfg
+            .images
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "image {image} is not on this node (no registry is reached): put its archive \
+                 (`podman save -o NAME.tar {image}`) in {}",
+                dirs.join(" or ")
+            ),
+        ))
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // The node is done with its containers: the reaper stops them.
+        if let Some((mut child, pipe)) = self.state.get_mut().reaper.take() {
+            drop(pipe);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The service's socket: in its run directory, or in the system's temporary directory where
+/// that path is too long for a unix socket.
+fn socket_path(dir: &Path) -> PathBuf {
+    let p = dir.join("run").join("podman.sock");
+    if p.as_os_str().len() < 100 {
+        return p;
+    }
+    use sha2::Digest;
+    let h = hex::encode(&sha2::Sha256::digest(p.as_os_str().as_encoded_bytes())[..8]);
+    std::env::temp_dir().join(format!("macula-podman-{h}.sock"))
+}
+
+fn start_reaper(
+    program: &Path,
+    args: &[String],
+    spec: &ReapSpec,
+) -> io::Result<(std::process::Child, std::process::ChildStdin)> {
+    use std::os::unix::process::CommandExt;
+    let json = serde_json::to_string(spec).map_err(io::Error::other)?;
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .env_clear()
+        .env("MACULA_REAP", json)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        // Not in the node's process group: a signal to the group leaves it to do its work.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| io::Error::new(e.kind(), format!("starting the container reaper: {e}")))?;
+    let pipe = child
+        .stdin
+        .take()
+        .ok_or_else(|| io::Error::other("the reaper's pipe"))?;
+    Ok((child, pipe))
+}
+
+/// The reaper's `main` (the exec shim with `MACULA_REAP` set): waits for the node's pipe to
+/// close, then kills every process under the node's container group, and the service.
+pub fn reaper_main(spec: &str) -> ! {
+    let spec: ReapSpec = match serde_json::from_str(spec) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("macula: MACULA_REAP: {e}");
+            std::process::exit(2)
+        }
+    };
+    let mut buf = [0u8; 64];
+    let mut stdin = io::stdin();
+    while !matches!(stdin.read(&mut buf), Ok(0) | Err(_)) {}
+    for _ in 0..500 {
+        let pids = Cgroup::pids_below(&spec.cgroup);
+        if pids.is_empty() {
+            break;
+        }
+        for p in pids {
+            // SAFETY: kill(2) with a pid read from the node's container group.
+            unsafe {
+                libc::kill(p, libc::SIGKILL);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if let Some(pid) = spec.service {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("podman") {
+            // SAFETY: kill(2) of the service this node started (checked by its command line).
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+        }
+    }
+    std::process::exit(0)
+}
+
+/// How to start one run of a replica as a container.
+pub struct ContainerStart {
+    pub host: Arc<Host>,
+    pub spec: ContainerSpec,
+    pub logs: LogLimits,
+    pub buffer: Arc<LogBuffer>,
+}
+
+impl ContainerStart {
+    /// Starts it as a [`Replica`]: the image made sure of, a container left by an earlier run
+    /// removed, the container created and started, its output followed.
+    pub fn launch(self) -> BoxFut<'static, io::Result<Box<dyn Replica>>> {
+        Box::pin(async move {
+            let ContainerStart {
+                host,
+                mut spec,
+                logs,
+                buffer,
+            } = self;
+            let p = host.podman().await?;
+            host.ensure_image(&p, &spec.image).await?;
+            spec.cgroup_parent = Some(host.cgroup_parent());
+            spec.labels
+                .insert(NODE_LABEL.to_owned(), host.node().to_owned());
+            p.remove(&spec.name).await?;
+            let id = p.create(&spec).await?;
+            if let Err(e) = p.start(&id).await {
+                let _ = p.remove(&id).await;
+                return Err(e);
+            }
+            let cgroup = p
+                .inspect(&id)
+                .await
+                .ok()
+                .and_then(|v| v["State"]["CgroupPath"].as_str().and_then(Cgroup::at));
+            let sink = Arc::new(Sink::new(buffer, &logs));
+            let follower = {
+                let (p, id, max) = (p.clone(), id.clone(), logs.line_bytes);
+                tokio::spawn(async move {
+                    let r = p
+                        .follow(&id, max, |l| {
+                            let sink = sink.clone();
+                            async move { sink.line(l.stream, l.text).await }
+                        })
+                        .await;
+                    if let Err(e) = r {
+                        tracing::debug!(container = %id, "its output is no longer followed: {e}");
+                    }
+                })
+            };
+            let r: Box<dyn Replica> = Box::new(ContainerReplica {
+                podman: p,
+                id,
+                cgroup,
+                follower: Some(follower),
+            });
+            Ok(r)
+        })
+    }
+}
+
+/// One run of a replica as a container.
+pub struct ContainerReplica {
+    podman: Podman,
+    id: String,
+    cgroup: Option<Cgroup>,
+    follower: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ContainerReplica {
+    /// Its output, read to the end (Podman ends the stream shortly after the container).
+    async fn drain(&mut self) {
+        if let Some(mut f) = self.follower.take() {
+            if tokio::time::timeout(Duration::from_secs(2), &mut f)
+                .await
+                .is_err()
+            {
+                f.abort();
+            }
+        }
+    }
+}
+
+/// How a container's exit code reads (as a process's exit status does).
+pub fn describe_exit(code: i64) -> Result<(), String> {
+    match code {
+        0 => Ok(()),
+        137 => {
+            Err("exit status: 137 (SIGKILL: out of memory, if it reached its memory limit)".into())
+        }
+        c if c > 128 && c < 160 => Err(format!("exit status: {c} (signal {})", c - 128)),
+        c => Err(format!("exit status: {c}")),
+    }
+}
+
+impl Replica for ContainerReplica {
+    fn wait(&mut self) -> BoxFut<'_, Result<(), String>> {
+        Box::pin(async move {
+            let code = self.podman.wait(&self.id).await;
+            self.drain().await;
+            match code {
+                Ok(c) => describe_exit(c),
+                Err(e) => Err(format!("lost the container: {e}")),
+            }
+        })
+    }
+
+    fn kill(&mut self) -> BoxFut<'_, ()> {
+        Box::pin(async move {
+            if let Err(e) = self.podman.remove(&self.id).await {
+                tracing::warn!(container = %self.id, "removing the container: {e}");
+                // The service is gone or stuck: its processes go the hard way.
+                if let Some(cg) = &self.cgroup {
+                    cg.destroy_soon();
+                }
+            }
+            self.drain().await;
+        })
+    }
+
+    fn cgroup(&self) -> Option<Cgroup> {
+        self.cgroup.clone()
+    }
+}
+
+impl Drop for ContainerReplica {
+    fn drop(&mut self) {
+        if let Some(f) = self.follower.take() {
+            f.abort();
+        }
+        let (p, id) = (self.podman.clone(), self.id.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = p.remove(&id).await;
+            });
+        }
+    }
+}
