@@ -2,16 +2,27 @@
 //! temporary directory): an image imported from a root filesystem tar (no registry), a container
 //! with limits that runs, writes to both streams, exits with its code; the limits, the dropped
 //! capabilities and the read-only root are in force; its output is followed as it comes; a
-//! running container is removed. Needs `podman`, `runc` and a static busybox (Debian's
+//! running container is removed. A node's [`Host`]: an image loaded from an archive in its images
+//! directory, replicas supervised as containers (restart with back-off, exec checks run inside,
+//! output in the replica's buffer), and the reaper that kills its containers when the node is
+//! gone; a node starting again removes what an earlier run left. Needs `podman`, `runc` and a static busybox (Debian's
 //! `busybox-static`; `.ci/run` installs them); says SKIPPED otherwise.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use macula_workloads::runtime::cgroup::Cgroup;
+use macula_workloads::runtime::container::{ContainerStart, Host, HostConfig, NODE_LABEL};
+use macula_workloads::runtime::health::{Health, Target};
 use macula_workloads::runtime::podman::{ContainerSpec, Line, Podman};
-use macula_workloads::runtime::process::Stream;
-use macula_workloads::Resources;
+use macula_workloads::runtime::process::{LogBuffer, LogLimits, Stream};
+use macula_workloads::runtime::supervisor::{supervise, ReplicaState};
+use macula_workloads::{Check, Probe, Resources, Restart, RestartPolicy};
+
+const SHIM: &str = env!("CARGO_BIN_EXE_macula-workload-exec");
 
 /// A root filesystem with a static busybox and its applets, as a tar.
 fn busybox_rootfs(dir: &Path) -> Option<Vec<u8>> {
@@ -35,6 +46,8 @@ fn busybox_rootfs(dir: &Path) -> Option<Vec<u8>> {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).ok()?;
     }
     std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").ok()?;
+    // Only inside the image: an exec check that passes ran in the container.
+    std::fs::write(root.join("etc/macula-image"), "yes\n").ok()?;
     let tar = dir.join("rootfs.tar");
     let ok = std::process::Command::new("tar")
         .arg("-C")
@@ -199,4 +212,231 @@ async fn a_container_runs_limited_and_unprivileged_and_its_output_is_read() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("not-there"), "{err}");
+}
+
+async fn until(
+    rx: &mut tokio::sync::watch::Receiver<ReplicaState>,
+    done: impl Fn(&ReplicaState) -> bool,
+) -> ReplicaState {
+    loop {
+        let s = rx.borrow_and_update().clone();
+        if done(&s) {
+            return s;
+        }
+        tokio::time::timeout(Duration::from_secs(60), rx.changed())
+            .await
+            .unwrap_or_else(|_| panic!("state changed in time (last {s:?})"))
+            .expect("supervisor alive");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_runs_replicas_as_containers_and_its_reaper_outlives_it() {
+    let (Some(program), Some(_)) = (which("podman"), which("runc")) else {
+        eprintln!("SKIPPED: podman and runc are not installed (apt install podman runc)");
+        return;
+    };
+    if Cgroup::create(
+        &format!("podman-probe-{}", std::process::id()),
+        &Resources::default(),
+    )
+    .map(|c| c.destroy())
+    .is_err()
+    {
+        eprintln!("SKIPPED: cannot make control groups here; CI runs as root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(rootfs) = busybox_rootfs(tmp.path()) else {
+        eprintln!("SKIPPED: no static busybox for a test image (apt install busybox-static)");
+        return;
+    };
+    // An archive as an operator makes one (`podman save`), from a service of its own.
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    {
+        let maker = tmp.path().join("maker");
+        let (_svc, p) =
+            match Podman::start_service(&program, &maker.join("p.sock"), Some(&maker)).await {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("SKIPPED: podman system service does not start here: {e}");
+                    return;
+                }
+            };
+        p.import(rootfs.into(), "localhost/macula-app:2", &["ENV PATH=/bin"])
+            .await
+            .unwrap();
+        let archive = p.save("localhost/macula-app:2").await.unwrap();
+        std::fs::write(images.join("app.tar"), archive).unwrap();
+    }
+    let node = format!("t{}", std::process::id());
+    let cfg = HostConfig {
+        program: program.clone(),
+        dir: tmp.path().join("node"),
+        images: vec![images.clone()],
+        node: node.clone(),
+        reaper: Some((SHIM.into(), vec![])),
+    };
+    let host = Host::new(cfg.clone());
+    let spec = |name: &str, script: &str| ContainerSpec {
+        name: format!("macula-{node}-{name}"),
+        image: "localhost/macula-app:2".into(),
+        command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: BTreeMap::from([("WHO".into(), name.into())]),
+        limits: Resources {
+            cpu_millis: 200,
+            memory_bytes: 32 << 20,
+            pids: 16,
+        },
+        network_none: true,
+        ..ContainerSpec::default()
+    };
+    let starter = |s: ContainerSpec| {
+        let host = host.clone();
+        move |buffer: Arc<LogBuffer>| {
+            ContainerStart {
+                host: host.clone(),
+                spec: s.clone(),
+                logs: LogLimits::default(),
+                buffer,
+            }
+            .launch()
+        }
+    };
+    let restart = Restart {
+        policy: RestartPolicy::Always,
+        backoff_initial: Duration::from_millis(50),
+        // Longer than a container's run: each failure counts toward the next delay.
+        backoff_max: Duration::from_secs(30),
+    };
+
+    // An image no archive holds: the error says where to put one.
+    let missing = ContainerStart {
+        host: host.clone(),
+        spec: ContainerSpec {
+            image: "localhost/nowhere:1".into(),
+            ..spec("missing", "true")
+        },
+        logs: LogLimits::default(),
+        buffer: Arc::new(LogBuffer::new(10)),
+    }
+    .launch()
+    .await
+    .err()
+    .expect("no such image");
+    assert_eq!(missing.kind(), std::io::ErrorKind::NotFound);
+    let text = missing.to_string();
+    assert!(
+        text.contains("localhost/nowhere:1") && text.contains(&images.display().to_string()),
+        "{text}"
+    );
+
+    // A crashing container restarts with back-off; its output is kept across runs.
+    let logs = Arc::new(LogBuffer::new(100));
+    let mut crash = supervise(
+        restart.clone(),
+        None,
+        logs.clone(),
+        Health::default(),
+        starter(spec("crash", "echo run $WHO; exit 3")),
+    );
+    let s = until(&mut crash.state, |s| {
+        matches!(s, ReplicaState::BackOff { restarts: 2, .. })
+    })
+    .await;
+    let ReplicaState::BackOff { last_exit, .. } = s else {
+        unreachable!()
+    };
+    assert!(last_exit.contains("exit status: 3"), "{last_exit}");
+    let runs = logs
+        .since(0)
+        .iter()
+        .filter(|l| l.text == "run crash")
+        .count();
+    assert!(runs >= 2, "{:?}", logs.since(0));
+    crash.stop().await;
+
+    // A long-running one: ready once a check run inside the container passes; in the node's
+    // control group; removed when stopped.
+    let health = Health {
+        liveness: None,
+        readiness: Some(Probe {
+            check: Check::Exec {
+                command: vec!["sh".into(), "-c".into(), "test -f /etc/macula-image".into()],
+            },
+            initial_delay: Duration::ZERO,
+            period: Duration::from_millis(100),
+            timeout: Duration::from_secs(5),
+            failure_threshold: 3,
+        }),
+        target: Target {
+            container: Some((host.clone(), format!("macula-{node}-web"))),
+            ..Target::default()
+        },
+    };
+    let logs = Arc::new(LogBuffer::new(100));
+    let mut web = supervise(
+        restart.clone(),
+        None,
+        logs.clone(),
+        health,
+        starter(spec("web", "echo up $WHO; exec sleep 600")),
+    );
+    let s = until(&mut web.state, |s| {
+        matches!(s, ReplicaState::Running { ready: true, .. })
+    })
+    .await;
+    assert_eq!(
+        s,
+        ReplicaState::Running {
+            restarts: 0,
+            ready: true
+        }
+    );
+    let p = host.podman().await.unwrap();
+    assert_eq!(p.labelled(NODE_LABEL, &node).await.unwrap().len(), 1);
+    let cg = web.cgroup().expect("the container's control group");
+    assert!(!cg.pids().is_empty(), "its processes are in it");
+    let parent = host.cgroup_parent();
+    assert!(!Cgroup::pids_below(&parent).is_empty());
+    assert!(logs.since(0).iter().any(|l| l.text == "up web"));
+    web.stop().await;
+    assert!(p.labelled(NODE_LABEL, &node).await.unwrap().is_empty());
+
+    // The node ends with a container running and nothing stopping it (the replica is
+    // forgotten, as a node killed outright forgets it): the reaper, whose pipe closes with
+    // the node's last hold on its Host, kills every process of it.
+    let running = ContainerStart {
+        host: host.clone(),
+        spec: spec("left", "exec sleep 600"),
+        logs: LogLimits::default(),
+        buffer: Arc::new(LogBuffer::new(10)),
+    }
+    .launch()
+    .await
+    .unwrap();
+    let pids = running.cgroup().expect("its group").pids();
+    assert!(!pids.is_empty());
+    std::mem::forget(running);
+    drop(p);
+    drop(host);
+    let alive: Vec<i32> = pids
+        .iter()
+        .copied()
+        // Gone, or dead and not yet reaped by whichever process inherited it.
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+            })
+        })
+        .collect();
+    assert!(alive.is_empty(), "still running: {alive:?}");
+    assert!(Cgroup::pids_below(&parent).is_empty());
+
+    // The node again: what its earlier run left is removed.
+    let again = Host::new(cfg);
+    let p = again.podman().await.unwrap();
+    assert!(p.labelled(NODE_LABEL, &node).await.unwrap().is_empty());
 }

@@ -143,6 +143,49 @@ async fn a_replica_sees_only_its_environment_and_its_own_files() {
         .any(|l| l.contains("the node's secret") || l.contains("another replica's")));
 }
 
+/// `network: none`: a replica in a network namespace of its own reaches nothing of the host's
+/// (not even its loopback: a service the node runs there), while one without it does. (Its
+/// output to /dev/null is allowed by the sandbox: the devices that reach nothing are open.)
+#[tokio::test]
+async fn a_replica_without_a_network_reaches_nothing_on_the_host() {
+    let name = format!("test-net-{}", std::process::id());
+    if !usable(&name) {
+        return;
+    }
+    let Some(bash) = ["/bin/bash", "/usr/bin/bash"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        eprintln!("SKIPPED: no bash for /dev/tcp");
+        return;
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let tmp = tempfile::tempdir().unwrap();
+    let script = format!(
+        "{bash} -c 'exec 3<>/dev/tcp/127.0.0.1/{port}' 2>/dev/null && echo reached || echo unreachable"
+    );
+    for (none, expect) in [(false, "reached"), (true, "unreachable")] {
+        let mut s = spec(tmp.path(), &script, &[]);
+        s.network_none = none;
+        let (status, r) = run(
+            &format!("{name}-{none}"),
+            Resources::default(),
+            s,
+            LogLimits::default(),
+        )
+        .await;
+        assert!(status.success(), "{status:?} {:?}", r.logs().since(0));
+        assert_eq!(
+            text(&r, Stream::Stdout),
+            [expect],
+            "network_none: {none}; {:?}",
+            text(&r, Stream::Stderr)
+        );
+    }
+    drop(listener);
+}
+
 #[tokio::test]
 async fn a_replica_over_its_memory_is_killed() {
     let name = format!("test-mem-{}", std::process::id());

@@ -127,7 +127,9 @@ impl Host {
             })?;
         for id in podman.labelled(NODE_LABEL, &self.cfg.node).await? {
             tracing::info!(container = %id, "removing a container an earlier run of this node left");
-            let _ = podman.remove(&id).await;
+            if let Err(e) = podman.remove(&id).await {
+                tracing::warn!(container = %id, "removing it: {e}");
+            }
         }
         // The reaper outlives the node by design: it is replaced along with the service.
         if let Some((mut child, pipe)) = st.reaper.take() {

@@ -93,8 +93,6 @@ pub fn default_read_only() -> Vec<PathBuf> {
         "/etc/nsswitch.conf",
         "/etc/passwd",
         "/etc/group",
-        "/dev/null",
-        "/dev/zero",
         "/dev/urandom",
         "/dev/random",
         "/proc/self",

@@ -560,15 +560,19 @@ impl Podman {
 
     /// Removes it, killing it first if it runs; a container that is not there is fine.
     pub async fn remove(&self, id: &str) -> io::Result<()> {
-        self.expect(
-            "DELETE",
-            &format!(
-                "/containers/{}?force=true&v=true&timeout=0&ignore=true",
-                enc(id)
-            ),
-            &[200, 204],
-        )
-        .await
+        let path = format!(
+            "/containers/{}?force=true&v=true&timeout=0&ignore=true",
+            enc(id)
+        );
+        match self.expect("DELETE", &path, &[200, 204]).await {
+            // A container whose processes were killed behind Podman's back (by the reaper of
+            // a node that died) is still "running" to it until the first try finds it
+            // stopped; the second removes it.
+            Err(e) if e.to_string().contains("state improper") => {
+                self.expect("DELETE", &path, &[200, 204]).await
+            }
+            r => r,
+        }
     }
 
     async fn expect(&self, method: &str, path: &str, ok: &[u16]) -> io::Result<()> {

@@ -99,10 +99,19 @@ fn isolate_network() -> io::Result<()> {
     Ok(())
 }
 
+/// Devices every program may write (and read): writing to them reaches nothing.
+const OPEN_DEVICES: [&str; 3] = ["/dev/null", "/dev/zero", "/dev/full"];
+
 fn restrict(spec: &ExecSpec) -> Result<RulesetStatus, landlock::RulesetError> {
     let abi = ABI::V3;
     let mut rw = vec![spec.workdir.clone()];
     rw.extend(spec.read_write.iter().cloned());
+    rw.extend(
+        OPEN_DEVICES
+            .iter()
+            .map(std::path::PathBuf::from)
+            .filter(|p| p.exists()),
+    );
     let status = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(abi))?
