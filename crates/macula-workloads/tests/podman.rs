@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
+mod common;
+use common::until;
+
 use macula_workloads::runtime::cgroup::Cgroup;
 use macula_workloads::runtime::container::{ContainerStart, Host, HostConfig, NODE_LABEL};
 use macula_workloads::runtime::health::{Health, Target};
@@ -212,22 +215,6 @@ async fn a_container_runs_limited_and_unprivileged_and_its_output_is_read() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("not-there"), "{err}");
-}
-
-async fn until(
-    rx: &mut tokio::sync::watch::Receiver<ReplicaState>,
-    done: impl Fn(&ReplicaState) -> bool,
-) -> ReplicaState {
-    loop {
-        let s = rx.borrow_and_update().clone();
-        if done(&s) {
-            return s;
-        }
-        tokio::time::timeout(Duration::from_secs(60), rx.changed())
-            .await
-            .unwrap_or_else(|_| panic!("state changed in time (last {s:?})"))
-            .expect("supervisor alive");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,8 @@ use macula_workloads::runtime::process::{LogLimits, ProcessReplica, Start, Strea
 use macula_workloads::runtime::{default_read_only, ExecSpec};
 use macula_workloads::Resources;
 
+mod common;
+
 const SHIM: &str = env!("CARGO_BIN_EXE_macula-workload-exec");
 
 fn usable(name: &str) -> bool {
@@ -325,6 +327,7 @@ async fn flooding_output_costs_a_bounded_amount() {
 }
 
 mod supervised {
+    use super::common::until;
     use super::*;
     use macula_workloads::runtime::health::{Health, Target};
     use macula_workloads::runtime::process::LogBuffer;
@@ -360,22 +363,6 @@ mod supervised {
                 buffer: Some(buffer),
             }
             .launch()
-        }
-    }
-
-    async fn until(
-        rx: &mut tokio::sync::watch::Receiver<ReplicaState>,
-        done: impl Fn(&ReplicaState) -> bool,
-    ) -> ReplicaState {
-        loop {
-            let s = rx.borrow_and_update().clone();
-            if done(&s) {
-                return s;
-            }
-            tokio::time::timeout(Duration::from_secs(30), rx.changed())
-                .await
-                .expect("state changed in time")
-                .expect("supervisor alive");
         }
     }
 
