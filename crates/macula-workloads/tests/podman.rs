@@ -421,6 +421,9 @@ async fn a_node_runs_replicas_as_containers_and_its_reaper_outlives_it() {
         .collect();
     assert!(alive.is_empty(), "still running: {alive:?}");
     assert!(Cgroup::pids_below(&parent).is_empty());
+    let v1_pids = Path::new("/sys/fs/cgroup/pids").join(parent.trim_start_matches('/'));
+    let v2 = Path::new("/sys/fs/cgroup").join(parent.trim_start_matches('/'));
+    assert!(!v1_pids.exists() && !v2.exists(), "its groups removed");
 
     // The node again: what its earlier run left is removed.
     let again = Host::new(cfg);

@@ -687,10 +687,28 @@ pub fn render_workloads(conn: &Conn, only: Option<&str>) -> Result<(Value, Strin
             .and_then(|t| macula_workloads::parse(t).ok())
             .map_or(0, |m| macula_workloads::wire::slots_of(&m))
     };
+    // What runs: the runtime and its image or command.
+    let what = |m: &Option<String>| -> (String, String) {
+        let Some(m) = m.as_deref().and_then(|t| macula_workloads::parse(t).ok()) else {
+            return ("-".into(), "-".into());
+        };
+        let w = m.workload();
+        let runtime = serde_json::to_value(w.runtime)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let artifact = match &w.artifact {
+            macula_workloads::Artifact::Image { image, .. } => image.clone(),
+            macula_workloads::Artifact::Command(argv) => shell_words::join(argv),
+        };
+        (runtime, artifact)
+    };
     let items: Vec<Value> = live()
         .map(|(n, seq, m)| {
             let mine: Vec<&ReplicaStatus> = replicas.iter().filter(|r| &r.name == n).collect();
-            json!({"name": n, "seq": seq, "replicas": desired(m), "items": mine})
+            let (runtime, artifact) = what(m);
+            json!({"name": n, "seq": seq, "replicas": desired(m), "runtime": runtime,
+                   "artifact": artifact, "items": mine})
         })
         .collect();
     let v = json!({"realm": api.realm, "workloads": items});
@@ -710,7 +728,12 @@ pub fn render_workloads(conn: &Conn, only: Option<&str>) -> Result<(Value, Strin
     for (n, seq, m) in live() {
         let mine: Vec<&ReplicaStatus> = replicas.iter().filter(|r| &r.name == n).collect();
         let running = mine.iter().filter(|r| r.state == "running").count();
-        let _ = writeln!(out, "{n}  version {seq}  {running}/{} running", desired(m));
+        let (runtime, artifact) = what(m);
+        let _ = writeln!(
+            out,
+            "{n}  version {seq}  {running}/{} running  {runtime}: {artifact}",
+            desired(m)
+        );
         for r in mine {
             let node = &r.node[r.node.len().saturating_sub(8)..];
             t.add_row(vec![

@@ -4,7 +4,7 @@
 //! runs one; scale up and down; delete stops them all. A job of 10 completions completes
 //! exactly 10 though a node running one of its runs is killed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -29,39 +29,12 @@ fn homes(n: usize) -> (tempfile::TempDir, Vec<std::path::PathBuf>, String) {
 
 /// `macula --json ARGS` against `node` with the admin key; the parsed answer.
 async fn macula(node: &NodeProc, admin: &str, args: &[&str]) -> Result<Value, String> {
-    let url = format!("ws://{}/ws", node.http);
-    let out = tokio::process::Command::new(BIN)
-        .arg("--json")
-        .args(args)
-        .args(["--url", &url, "--realm", REALM, "--key", admin])
-        .output()
-        .await
-        .unwrap();
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {:?}", out.stdout))
+    work::macula(node, REALM, admin, args).await
 }
 
-/// The running replicas of `name` by index: (node, token).
+/// The running replicas of `name` by index: (index, node, token).
 async fn running(node: &NodeProc, admin: &str, name: &str) -> Vec<(u64, String, u64)> {
-    let Ok(v) = macula(node, admin, &["workloads", name]).await else {
-        return vec![];
-    };
-    let mut out = vec![];
-    for w in v["workloads"].as_array().into_iter().flatten() {
-        for r in w["items"].as_array().into_iter().flatten() {
-            if r["state"] == "running" {
-                out.push((
-                    r["replica"].as_u64().unwrap(),
-                    r["node"].as_str().unwrap().to_owned(),
-                    r["token"].as_u64().unwrap(),
-                ));
-            }
-        }
-    }
-    out.sort();
-    out
+    work::running(node, REALM, admin, name).await
 }
 
 /// `GET path` on `addr`; the body.
@@ -84,30 +57,10 @@ fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Five nodes: the first, the others by index (1..; a killed one is taken out), and their
-/// peer ids → index.
-async fn five(
-    homes: &[std::path::PathBuf],
-) -> (NodeProc, Vec<Option<NodeProc>>, HashMap<String, usize>) {
-    let first = start_node(&homes[0], None);
-    // The others by index (1..): killed ones are taken out.
-    let mut nodes: Vec<Option<NodeProc>> = vec![None];
-    let mut ids: HashMap<String, usize> = HashMap::new();
-    for h in &homes[1..] {
-        nodes.push(Some(start_node(h, Some(&first.mesh))));
-    }
-    // Every node's peer id (they link to each other once a workload is deployed).
-    for (i, n) in nodes.iter().enumerate() {
-        let n = n.as_ref().unwrap_or(&first);
-        ids.insert(linked_peer_id(&n.http).await, i);
-    }
-    (first, nodes, ids)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_place_heal_scale_and_delete_a_payload() {
     let (_tmp, homes, admin) = homes(5);
-    let (first, mut nodes, ids) = five(&homes).await;
+    let (first, mut nodes, ids) = work::nodes(&homes).await;
     let api = || &first;
 
     // Deploy: 3 replicas on 3 distinct nodes, each with its fencing token.
@@ -164,13 +117,7 @@ async fn five_nodes_place_heal_scale_and_delete_a_payload() {
 
     // Logs from the nodes that run them.
     let logs = eventually("logs of every replica", Duration::from_secs(10), || async {
-        let out = tokio::process::Command::new(BIN)
-            .args(["logs", "hello", "--url", &format!("ws://{}/ws", api().http)])
-            .args(["--realm", REALM, "--key", &admin])
-            .output()
-            .await
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let text = work::logs(api(), REALM, &admin, "hello").await;
         (0..3)
             .all(|i| text.contains(&format!("[hello/{i}] hello from {i} token")))
             .then_some(text)
@@ -179,39 +126,18 @@ async fn five_nodes_place_heal_scale_and_delete_a_payload() {
     assert!(!logs.contains("[hello/3]"), "{logs}");
 
     // Kill -9 a node that runs a replica (not the one the CLI talks to).
-    let (victim_slot, victim_id, old_token) = placed
-        .iter()
-        .find(|r| ids[&r.1] != 0)
-        .cloned()
-        .expect("a replica on a node other than the first");
-    let victim = ids[&victim_id];
-    let killed_at = Instant::now();
-    drop(nodes[victim].take());
-    let mut most = 0;
-    let healed = loop {
-        let now = running(api(), &admin, "hello").await;
-        let live: Vec<_> = now.iter().filter(|r| r.1 != victim_id).collect();
-        most = most.max(live.len());
-        assert!(live.len() <= 3, "never more than 3 replicas: {now:?}");
-        if live.len() == 3 {
-            break now;
-        }
-        assert!(
-            killed_at.elapsed() < Duration::from_secs(30),
-            "replica {victim_slot} not re-placed after 30 s: {now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let heal = killed_at.elapsed();
-    let moved = healed.iter().find(|r| r.0 == victim_slot).unwrap();
-    assert_ne!(moved.1, victim_id);
-    assert!(
-        moved.2 > old_token,
-        "a new lease has a higher token: {moved:?} after {old_token}"
-    );
-    let distinct: BTreeSet<&String> = healed.iter().map(|r| &r.1).collect();
-    assert_eq!(distinct.len(), 3, "still spread: {healed:?}");
-    eprintln!("re-placed in {heal:?}");
+    let healed = work::kill_and_heal(
+        api(),
+        &mut nodes,
+        &ids,
+        (REALM, &admin, "hello"),
+        &placed,
+        Duration::from_secs(30),
+    )
+    .await;
+    let distinct: BTreeSet<&String> = healed.now.iter().map(|r| &r.1).collect();
+    assert_eq!(distinct.len(), 3, "still spread: {:?}", healed.now);
+    eprintln!("re-placed in {:?}", healed.took);
 
     // Scale up to 4 (four live nodes), then down to 1.
     macula(api(), &admin, &["scale", "hello", "--replicas", "4"])
@@ -317,7 +243,7 @@ async fn job(node: &NodeProc, admin: &str, name: &str) -> (Vec<(u64, String, Str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_completes_exactly_its_completions_though_a_node_dies_mid_run() {
     let (tmp, homes, admin) = homes(5);
-    let (first, mut nodes, ids) = five(&homes).await;
+    let (first, mut nodes, ids) = work::nodes(&homes).await;
     let api = || &first;
     let manifest = tmp.path().join("job.yaml");
     std::fs::write(
@@ -436,7 +362,7 @@ async fn replicas(node: &NodeProc, admin: &str, name: &str) -> Vec<(u64, u64, St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_update_keeps_every_replica_ready_and_undo_goes_back() {
     let (tmp, homes, admin) = homes(5);
-    let (first, _nodes, _ids) = five(&homes).await;
+    let (first, _nodes, _ids) = work::nodes(&homes).await;
     let api = || &first;
     let manifest = tmp.path().join("web.yaml");
     let version = |v: u32| {

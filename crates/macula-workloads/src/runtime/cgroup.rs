@@ -53,6 +53,24 @@ fn acct_dir(cpu: &Path) -> Option<PathBuf> {
     Some(Path::new(ROOT).join("cpuacct").join(rel))
 }
 
+/// `top` and every directory below it, each before those below it.
+fn dirs_below(top: PathBuf) -> Vec<PathBuf> {
+    let mut all = vec![];
+    let mut todo = vec![top];
+    while let Some(d) = todo.pop() {
+        if let Ok(entries) = fs::read_dir(&d) {
+            todo.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+        all.push(d);
+    }
+    all
+}
+
 /// Whether the host is cgroup v2 only (a unified hierarchy at the root).
 pub fn unified() -> bool {
     Path::new(ROOT).join("cgroup.controllers").exists()
@@ -211,22 +229,40 @@ impl Cgroup {
         } else {
             Path::new(ROOT).join("pids").join(rel)
         };
-        let mut out = vec![];
-        let mut dirs = vec![top];
-        while let Some(d) = dirs.pop() {
-            if let Ok(t) = fs::read_to_string(d.join("cgroup.procs")) {
-                out.extend(t.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
-            }
-            if let Ok(entries) = fs::read_dir(&d) {
-                dirs.extend(
-                    entries
-                        .flatten()
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
+        dirs_below(top)
+            .iter()
+            .filter_map(|d| fs::read_to_string(d.join("cgroup.procs")).ok())
+            .flat_map(|t| {
+                t.lines()
+                    .filter_map(|l| l.trim().parse::<i32>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Removes the groups at `path` and below that are empty, deepest first, in every
+    /// hierarchy (Podman makes a container's in each v1 controller's).
+    pub fn remove_below(path: &str) {
+        let rel = path.trim_start_matches('/');
+        if rel.is_empty() || rel.split('/').any(|p| p == "..") {
+            return;
+        }
+        let tops: Vec<PathBuf> = if unified() {
+            vec![Path::new(ROOT).join(rel)]
+        } else {
+            fs::read_dir(ROOT)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path().join(rel))
+                .collect()
+        };
+        for top in tops {
+            // Each directory comes before those below it: the reverse removes leaves first.
+            for d in dirs_below(top).iter().rev() {
+                let _ = fs::remove_dir(d);
             }
         }
-        out
     }
 
     /// CPU time the group used, in seconds.

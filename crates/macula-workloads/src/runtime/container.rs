@@ -288,6 +288,7 @@ pub fn reaper_main(spec: &str) -> ! {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    Cgroup::remove_below(&spec.cgroup);
     if let Some(pid) = spec.service {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         if String::from_utf8_lossy(&cmdline).contains("podman") {

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use macula_client::ConnectOptions;
 
+pub mod work;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_macula");
 
 pub struct NodeProc {
