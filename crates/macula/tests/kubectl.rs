@@ -1,6 +1,7 @@
 //! kubectl (Debian's `kubernetes-client`) against a node's Kubernetes-style API: `apply` a
 //! Deployment, `get` it and its pods, `scale` it, `logs -f` a pod, `apply` a change, `delete`
-//! it; a Job runs to completion; another realm's key sees nothing. SKIPPED where kubectl is
+//! it; a Deployment with no runtime annotation runs its containers in Podman (where it can run);
+//! a Job runs to completion; another realm's key sees nothing. SKIPPED where kubectl is
 //! not installed (`.ci/run` installs it).
 
 use std::path::Path;
@@ -69,6 +70,13 @@ async fn kubectl_applies_scales_follows_and_deletes_a_deployment() {
     let (_, other) = c1
         .issue_key("com.example.other", "admin", "test", 3600, None)
         .unwrap();
+    // An image for the container part (where containers can run).
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let containers = match work::containers_unavailable() {
+        Some(why) => Err(why),
+        None => work::busybox_image(&images, "localhost/kube-web:1").map(drop),
+    };
     // A certificate for the nodes' HTTP listeners.
     let kube_home = tmp.path().join("kube");
     std::fs::create_dir_all(&kube_home).unwrap();
@@ -87,7 +95,9 @@ async fn kubectl_applies_scales_follows_and_deletes_a_deployment() {
             d.join("node.yaml"),
             format!(
                 "workloads:\n  require_limits: false\n  require_sandbox: false\n  lease_term_ms: 2000\n\
+                 \x20 images: [{}]\n\
                  tls:\n  cert: {}\n  key: {}\n",
+                images.display(),
                 kube_home.join("ca.pem").display(),
                 tmp.path().join("key.pem").display()
             ),
@@ -255,6 +265,66 @@ spec:
         !ok && err.contains("NotFound") || err.contains("not found"),
         "{err}"
     );
+
+    // A Deployment as Kubernetes writes it (no runtime annotation): its containers run in
+    // Podman, from the image archive in the nodes' images directory.
+    match &containers {
+        Err(why) => eprintln!("SKIPPED (the container part): {why}"),
+        Ok(()) => {
+            let web = tmp.path().join("web.yaml");
+            std::fs::write(
+                &web,
+                r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+        - name: web
+          image: localhost/kube-web:1
+          command: [sh, -c, 'cat /etc/macula-image; echo "web $MACULA_REPLICA"; exec sleep 600']
+          resources:
+            limits: {cpu: 200m, memory: 64Mi}
+"#,
+            )
+            .unwrap();
+            let (ok, out, err) = k(s(&["apply", "-f", &web.display().to_string()])).await;
+            assert!(ok, "apply: {out}{err}");
+            eventually("2 containers ready", Duration::from_secs(40), || async {
+                let (_, out, _) = k(s(&["get", "deployments", "web"])).await;
+                out.contains("2/2").then_some(())
+            })
+            .await;
+            let (ok, pods, err) = k(s(&["get", "pods", "-l", "app=web"])).await;
+            assert!(ok, "{err}");
+            assert!(pods.contains("web-0") && pods.contains("web-1"), "{pods}");
+            // One by name: the same columns as the list.
+            let (ok, pod, err) = k(s(&["get", "pod", "web-0"])).await;
+            assert!(
+                ok && pod.contains("READY") && pod.contains("Running"),
+                "{pod}{err}"
+            );
+            let logs = eventually("a container's output", Duration::from_secs(20), || async {
+                let (_, out, _) = k(s(&["logs", "web-1"])).await;
+                out.contains("web 1").then_some(out)
+            })
+            .await;
+            assert_eq!(
+                logs.lines().next(),
+                Some("yes"),
+                "from inside the image: {logs}"
+            );
+            let (ok, out, err) = k(s(&["delete", "deployment", "web"])).await;
+            assert!(ok, "delete: {out}{err}");
+        }
+    }
 
     // A Job: runs to completion.
     let job = tmp.path().join("job.yaml");

@@ -527,6 +527,51 @@ fn name_selected(field_selector: Option<&str>, name: &str) -> bool {
         .is_none_or(|n| n == name)
 }
 
+/// Deployments or jobs as the `Table` kubectl prints (`kubectl get deployments|jobs [NAME]`).
+fn workload_table(res: Res, items: Vec<(Summary, J)>) -> J {
+    let rows = items
+        .into_iter()
+        .map(|(s, o)| {
+            let cells = match res {
+                Res::Deployments => vec![
+                    json!(s.name),
+                    json!(format!("{}/{}", s.updated, s.desired)),
+                    json!(s.updated),
+                    json!(s.updated),
+                    json!(age(s.issued_at)),
+                ],
+                Res::Jobs => vec![
+                    json!(s.name),
+                    json!(match s.state.as_str() {
+                        "complete" => "Complete",
+                        "failed" => "Failed",
+                        _ => "Running",
+                    }),
+                    json!(format!("{}/{}", s.succeeded, s.desired)),
+                    json!(age(s.issued_at)),
+                ],
+            };
+            (cells, o)
+        })
+        .collect();
+    let columns: &[(&str, &str)] = match res {
+        Res::Deployments => &[
+            ("Name", "string"),
+            ("Ready", "string"),
+            ("Up-to-date", "integer"),
+            ("Available", "integer"),
+            ("Age", "string"),
+        ],
+        Res::Jobs => &[
+            ("Name", "string"),
+            ("Status", "string"),
+            ("Completions", "string"),
+            ("Age", "string"),
+        ],
+    };
+    table(columns, rows)
+}
+
 pub(super) async fn list(
     State(node): State<Arc<Node>>,
     Extension(ctrl): Extension<Arc<Controller>>,
@@ -553,47 +598,7 @@ pub(super) async fn list(
         return watch(node, ctrl, ns, res, q.field_selector, items).await;
     }
     if wants_table(&headers) {
-        let rows = items
-            .into_iter()
-            .map(|(s, o)| {
-                let cells = match res {
-                    Res::Deployments => vec![
-                        json!(s.name),
-                        json!(format!("{}/{}", s.updated, s.desired)),
-                        json!(s.updated),
-                        json!(s.updated),
-                        json!(age(s.issued_at)),
-                    ],
-                    Res::Jobs => vec![
-                        json!(s.name),
-                        json!(match s.state.as_str() {
-                            "complete" => "Complete",
-                            "failed" => "Failed",
-                            _ => "Running",
-                        }),
-                        json!(format!("{}/{}", s.succeeded, s.desired)),
-                        json!(age(s.issued_at)),
-                    ],
-                };
-                (cells, o)
-            })
-            .collect();
-        let columns: &[(&str, &str)] = match res {
-            Res::Deployments => &[
-                ("Name", "string"),
-                ("Ready", "string"),
-                ("Up-to-date", "integer"),
-                ("Available", "integer"),
-                ("Age", "string"),
-            ],
-            Res::Jobs => &[
-                ("Name", "string"),
-                ("Status", "string"),
-                ("Completions", "string"),
-                ("Age", "string"),
-            ],
-        };
-        return Json(table(columns, rows)).into_response();
+        return Json(workload_table(res, items)).into_response();
     }
     let items: Vec<J> = items.into_iter().map(|(_, o)| o).collect();
     Json(
@@ -680,6 +685,10 @@ pub(super) async fn get_one(
         return status(f, res.name(), &name);
     }
     match current(&node, &ctrl, &ns, res, Some(&name)).await.first() {
+        Some((s, _, text, m)) if wants_table(&headers) => {
+            let o = object(res, &ns, s, text, m);
+            Json(workload_table(res, vec![(s.clone(), o)])).into_response()
+        }
         Some((s, _, text, m)) => Json(object(res, &ns, s, text, m)).into_response(),
         None => status(not_found(res.name(), &name, &ns), res.name(), &name),
     }
@@ -1211,6 +1220,49 @@ async fn pods_of(node: &Node, ctrl: &Controller, ns: &str) -> Vec<J> {
     out
 }
 
+/// Pods as the `Table` kubectl prints (`kubectl get pods [NAME]`).
+fn pod_table(pods: Vec<J>) -> J {
+    let rows = pods
+        .into_iter()
+        .map(|p| {
+            let st = &p["status"]["containerStatuses"][0];
+            let ready = u8::from(st["ready"].as_bool().unwrap_or(false));
+            let since = p["metadata"]["annotations"]["macula.io/since"]
+                .as_str()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0);
+            let phase = match &st["state"] {
+                s if s.get("waiting").is_some() => s["waiting"]["reason"].clone(),
+                s if s.get("terminated").is_some() => s["terminated"]["reason"].clone(),
+                _ => p["status"]["phase"].clone(),
+            };
+            let node = p["spec"]["nodeName"].as_str().unwrap_or_default();
+            let cells = vec![
+                p["metadata"]["name"].clone(),
+                json!(format!("{ready}/1")),
+                phase,
+                st["restartCount"].clone(),
+                json!(age(since)),
+                json!(if node.is_empty() {
+                    "<none>"
+                } else {
+                    &node[node.len().saturating_sub(8)..]
+                }),
+            ];
+            (cells, p)
+        })
+        .collect();
+    let columns = [
+        ("Name", "string"),
+        ("Ready", "string"),
+        ("Status", "string"),
+        ("Restarts", "integer"),
+        ("Age", "string"),
+        ("Node", "string"),
+    ];
+    table(&columns, rows)
+}
+
 pub(super) async fn list_pods(
     State(node): State<Arc<Node>>,
     Extension(ctrl): Extension<Arc<Controller>>,
@@ -1237,45 +1289,7 @@ pub(super) async fn list_pods(
         })
         .collect();
     if wants_table(&headers) {
-        let rows = pods
-            .into_iter()
-            .map(|p| {
-                let st = &p["status"]["containerStatuses"][0];
-                let ready = u8::from(st["ready"].as_bool().unwrap_or(false));
-                let since = p["metadata"]["annotations"]["macula.io/since"]
-                    .as_str()
-                    .and_then(|t| t.parse().ok())
-                    .unwrap_or(0);
-                let phase = match &st["state"] {
-                    s if s.get("waiting").is_some() => s["waiting"]["reason"].clone(),
-                    s if s.get("terminated").is_some() => s["terminated"]["reason"].clone(),
-                    _ => p["status"]["phase"].clone(),
-                };
-                let node = p["spec"]["nodeName"].as_str().unwrap_or_default();
-                let cells = vec![
-                    p["metadata"]["name"].clone(),
-                    json!(format!("{ready}/1")),
-                    phase,
-                    st["restartCount"].clone(),
-                    json!(age(since)),
-                    json!(if node.is_empty() {
-                        "<none>"
-                    } else {
-                        &node[node.len().saturating_sub(8)..]
-                    }),
-                ];
-                (cells, p)
-            })
-            .collect();
-        let columns = [
-            ("Name", "string"),
-            ("Ready", "string"),
-            ("Status", "string"),
-            ("Restarts", "integer"),
-            ("Age", "string"),
-            ("Node", "string"),
-        ];
-        return Json(table(&columns, rows)).into_response();
+        return Json(pod_table(pods)).into_response();
     }
     Json(json!({"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "0"}, "items": pods}))
         .into_response()
@@ -1295,6 +1309,7 @@ pub(super) async fn get_pod(
         .into_iter()
         .find(|p| p["metadata"]["name"] == name)
     {
+        Some(p) if wants_table(&headers) => Json(pod_table(vec![p])).into_response(),
         Some(p) => Json(p).into_response(),
         None => status(not_found("pods", &name, &ns), "pods", &name),
     }
