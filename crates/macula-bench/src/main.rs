@@ -162,10 +162,15 @@ enum Cmd {
         replicas: u32,
     },
     /// Native replica start, as a node starts one (control groups, Landlock, output captured),
-    /// side by side with a plain spawn of the same command (goal p95 ≤ 50 ms).
+    /// side by side with a plain spawn of the same command (goal p95 ≤ 50 ms); and a container
+    /// replica's start through the node's Podman beside `podman run` of the same image (where
+    /// podman and runc are installed).
     Start {
         #[arg(long, default_value_t = 200)]
         starts: usize,
+        /// Container starts (0: none).
+        #[arg(long, default_value_t = 20)]
+        container_starts: usize,
     },
     /// Every scenario with default sizes.
     All,
@@ -307,8 +312,12 @@ fn main() -> Result<()> {
         print(&figs, cli.json);
         return Ok(());
     }
-    if let Cmd::Start { starts } = cli.cmd {
-        let figs = rt.block_on(start::run(starts))?;
+    if let Cmd::Start {
+        starts,
+        container_starts,
+    } = cli.cmd
+    {
+        let figs = rt.block_on(start::run(starts, container_starts))?;
         print(&figs, cli.json);
         return Ok(());
     }

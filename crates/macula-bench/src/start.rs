@@ -8,13 +8,20 @@
 //! buffer (the command is running and its output flows). The floor is `sh -c 'echo up'`
 //! spawned with its stdout piped and read to the first line. Each replica is killed and its
 //! groups removed before the next.
+//!
+//! Containers (where podman and runc are installed): a replica started as a node starts one
+//! through its Podman service (`Host`; the image made sure of, the container created with its
+//! limits and started, its output followed), timed to its first line, beside `podman run` of
+//! the same image and command from the CLI on the same store (what an operator types by hand).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use macula_workloads::runtime::cgroup::Cgroup;
-use macula_workloads::runtime::process::{LogLimits, ProcessReplica, Start};
+use macula_workloads::runtime::container::{busybox_rootfs_tar, ContainerStart, Host, HostConfig};
+use macula_workloads::runtime::podman::ContainerSpec;
+use macula_workloads::runtime::process::{LogBuffer, LogLimits, ProcessReplica, Start};
 use macula_workloads::runtime::{default_read_only, ExecSpec};
 use macula_workloads::Resources;
 
@@ -63,21 +70,7 @@ async fn replica_start(
     })
     .await
     .context("starting a replica")?;
-    let logs = r.logs();
-    let took = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let more = logs.wait();
-            if let Some(line) = logs.since(0).first() {
-                if line.text != "up" {
-                    return Err(anyhow!("the replica said {:?}", line.text));
-                }
-                return Ok(t.elapsed());
-            }
-            more.await;
-        }
-    })
-    .await
-    .map_err(|_| anyhow!("the replica printed nothing within 10 s"))??;
+    let took = first_line(&r.logs(), t).await?;
     r.kill();
     let _ = r.wait().await;
     Ok(took)
@@ -118,7 +111,185 @@ fn figures(name: &str, server: &'static str, mut us: Vec<f64>, note: &str) -> Ve
         .collect()
 }
 
-pub async fn run(starts: usize) -> Result<Vec<Figure>> {
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+const IMAGE: &str = "localhost/macula-bench:1";
+
+/// Waits (up to 30 s) for the first line in `logs` to be `up`; when it came.
+async fn first_line(logs: &LogBuffer, t: Instant) -> Result<Duration> {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let more = logs.wait();
+            if let Some(line) = logs.since(0).first() {
+                if line.text != "up" {
+                    return Err(anyhow!("the replica said {:?}", line.text));
+                }
+                return Ok(t.elapsed());
+            }
+            more.await;
+        }
+    })
+    .await
+    .map_err(|_| anyhow!("the replica printed nothing within 30 s"))?
+}
+
+/// Container starts through a node's Podman beside `podman run`; none (and why) where
+/// containers cannot run here.
+async fn containers(
+    shim: &std::path::Path,
+    dir: &std::path::Path,
+    starts: usize,
+) -> Result<Vec<Figure>> {
+    let (Some(program), Some(_)) = (which("podman"), which("runc")) else {
+        eprintln!("note: no podman and runc here: no container figures");
+        return Ok(vec![]);
+    };
+    let rootfs = match busybox_rootfs_tar(dir) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("note: no image for container figures: {e}");
+            return Ok(vec![]);
+        }
+    };
+    let node = format!("bench{}", std::process::id());
+    let host = Host::new(HostConfig {
+        program: program.clone(),
+        dir: dir.join("podman"),
+        images: vec![],
+        node: node.clone(),
+        reaper: Some((shim.to_path_buf(), vec!["__exec".into()])),
+    });
+    let p = host.podman().await.context("starting Podman")?;
+    p.import(rootfs.into(), IMAGE, &["ENV PATH=/bin"]).await?;
+    let limits = Resources {
+        cpu_millis: 500,
+        memory_bytes: 64 << 20,
+        pids: 64,
+    };
+    let ours = |i: usize| {
+        let (host, node) = (host.clone(), node.clone());
+        async move {
+            let buffer = std::sync::Arc::new(LogBuffer::new(16));
+            let t = Instant::now();
+            let mut r = ContainerStart {
+                host,
+                spec: ContainerSpec {
+                    name: format!("bench-{node}-{i}"),
+                    image: IMAGE.into(),
+                    command: vec!["/bin/sh".into(), "-c".into(), SCRIPT.into()],
+                    limits,
+                    host_network: true,
+                    ..ContainerSpec::default()
+                },
+                logs: LogLimits::default(),
+                buffer: buffer.clone(),
+            }
+            .launch()
+            .await
+            .context("starting a container replica")?;
+            let took = first_line(&buffer, t).await;
+            r.kill().await;
+            took
+        }
+    };
+    // The CLI on the same store (the service's storage and run root).
+    let store = dir.join("podman");
+    let cli = |i: usize| {
+        let (program, store, p) = (program.clone(), store.clone(), p.clone());
+        async move {
+            use tokio::io::AsyncBufReadExt;
+            let name = format!("bench-cli-{i}-{}", std::process::id());
+            let t = Instant::now();
+            let mut child = tokio::process::Command::new(&program)
+                .arg("--root")
+                .arg(store.join("storage"))
+                .arg("--runroot")
+                .arg(store.join("run"))
+                .args(["--runtime", "runc", "--cgroup-manager", "cgroupfs"])
+                .args(["--events-backend", "file", "run", "--name", &name])
+                .args(["--network", "host", "--memory", "64m", "--cpus", "0.5"])
+                .args([
+                    "--ulimit",
+                    "nofile=1024:1024",
+                    "--ulimit",
+                    "nproc=4096:4096",
+                ])
+                .args([
+                    "--cap-drop",
+                    "all",
+                    "--pids-limit",
+                    "64",
+                    IMAGE,
+                    "/bin/sh",
+                    "-c",
+                    SCRIPT,
+                ])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            let out = child.stdout.take().context("stdout")?;
+            let line = tokio::time::timeout(
+                Duration::from_secs(30),
+                tokio::io::BufReader::new(out).lines().next_line(),
+            )
+            .await
+            .map_err(|_| anyhow!("podman run printed nothing within 30 s"))??;
+            let took = t.elapsed();
+            p.remove(&name).await?;
+            let out = child.wait_with_output().await?;
+            if line.as_deref() != Some("up") {
+                return Err(anyhow!(
+                    "podman run said {line:?}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            Ok::<_, anyhow::Error>(took)
+        }
+    };
+    for i in 0..2 {
+        ours(i).await?;
+        cli(i).await?;
+    }
+    let (mut a, mut b) = (vec![], vec![]);
+    for i in 0..starts {
+        a.push(ours(100 + i).await?.as_secs_f64() * 1e6);
+        b.push(cli(100 + i).await?.as_secs_f64() * 1e6);
+    }
+    let mut figs = figures(
+        "container replica start",
+        "macula",
+        a.clone(),
+        &format!(
+            "{starts} starts through the node's Podman (runc; limits, every capability dropped), to the first line"
+        ),
+    );
+    figs.extend(figures(
+        "podman run",
+        "podman",
+        b.clone(),
+        &format!("{starts} runs of the same image and command from the podman CLI"),
+    ));
+    a.sort_by(f64::total_cmp);
+    b.sort_by(f64::total_cmp);
+    figs.push(Figure {
+        scenario: "container replica start / podman run p50".into(),
+        server: "ratio",
+        value: percentile(&a, 0.5) / percentile(&b, 0.5).max(1.0),
+        unit: "x",
+        note: "below 1: faster than the CLI".into(),
+    });
+    drop(p);
+    drop(host);
+    Ok(figs)
+}
+
+pub async fn run(starts: usize, container_starts: usize) -> Result<Vec<Figure>> {
     let shim = std::env::current_exe().context("finding this program (the exec shim)")?;
     let dir = tempfile::tempdir()?;
     // Control groups and Landlock where the machine allows them (as root here); otherwise the
@@ -178,5 +349,8 @@ pub async fn run(starts: usize) -> Result<Vec<Figure>> {
         unit: "x",
         note: "goal: replica start p95 ≤ 50 ms".into(),
     });
+    if container_starts > 0 {
+        figs.extend(containers(&shim, dir.path(), container_starts).await?);
+    }
     Ok(figs)
 }

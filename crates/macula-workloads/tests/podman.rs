@@ -29,39 +29,7 @@ const SHIM: &str = env!("CARGO_BIN_EXE_macula-workload-exec");
 
 /// A root filesystem with a static busybox and its applets, as a tar.
 fn busybox_rootfs(dir: &Path) -> Option<Vec<u8>> {
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())?;
-    // Only a static one runs in an image with no libraries.
-    let file = std::process::Command::new("sh")
-        .args(["-c", &format!("ldd {busybox} 2>&1")])
-        .output()
-        .ok()?;
-    if !String::from_utf8_lossy(&file.stdout).contains("not a dynamic") {
-        return None;
-    }
-    let root = dir.join("rootfs");
-    for d in ["bin", "tmp", "etc", "proc", "sys", "dev"] {
-        std::fs::create_dir_all(root.join(d)).ok()?;
-    }
-    std::fs::copy(busybox, root.join("bin/busybox")).ok()?;
-    for applet in ["sh", "echo", "sleep", "cat", "id", "touch", "grep", "yes"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).ok()?;
-    }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").ok()?;
-    // Only inside the image: an exec check that passes ran in the container.
-    std::fs::write(root.join("etc/macula-image"), "yes\n").ok()?;
-    let tar = dir.join("rootfs.tar");
-    let ok = std::process::Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .ok()?
-        .success();
-    ok.then(|| std::fs::read(&tar).ok()).flatten()
+    macula_workloads::runtime::container::busybox_rootfs_tar(dir).ok()
 }
 
 fn which(program: &str) -> Option<std::path::PathBuf> {

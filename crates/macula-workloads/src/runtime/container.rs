@@ -301,6 +301,60 @@ pub fn reaper_main(spec: &str) -> ! {
     std::process::exit(0)
 }
 
+/// A root file system of a static busybox as a tar (its applets linked in `/bin`, a
+/// `/etc/passwd`, and `/etc/macula-image` holding `yes` to tell the inside of the image from
+/// the host): an image for tests and benchmarks on machines that reach no registry. Built in
+/// `work`; says what is missing where there is no static busybox (`busybox-static`).
+pub fn busybox_rootfs_tar(work: &Path) -> io::Result<Vec<u8>> {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "no busybox (apt install busybox-static)",
+            )
+        })?;
+    let ldd = std::process::Command::new("ldd").arg(busybox).output()?;
+    let said = [ldd.stdout, ldd.stderr].concat();
+    if !String::from_utf8_lossy(&said).contains("not a dynamic") {
+        return Err(io::Error::other(format!(
+            "{busybox} is not static: an image has no libraries (apt install busybox-static)"
+        )));
+    }
+    let root = work.join("rootfs");
+    for d in ["bin", "tmp", "etc", "proc", "sys", "dev"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::fs::copy(busybox, root.join("bin/busybox"))?;
+    let applets = [
+        "sh", "echo", "sleep", "cat", "id", "touch", "grep", "yes", "test", "hostname",
+    ];
+    for applet in applets {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
+    std::fs::write(root.join("etc/macula-image"), "yes\n")?;
+    let tar = work.join("rootfs.tar");
+    let out = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "tar: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let bytes = std::fs::read(&tar)?;
+    let _ = std::fs::remove_dir_all(&root);
+    let _ = std::fs::remove_file(&tar);
+    Ok(bytes)
+}
+
 /// How to start one run of a replica as a container.
 pub struct ContainerStart {
     pub host: Arc<Host>,

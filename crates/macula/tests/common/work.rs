@@ -160,37 +160,12 @@ pub fn containers_unavailable() -> Option<String> {
 /// a static busybox, `PATH=/bin`, and `/etc/macula-image` holding `yes`), made with the
 /// podman CLI in a store of its own under `dir`; None (say why: SKIPPED) where it cannot be.
 pub fn busybox_image(dir: &Path, image: &str) -> Result<PathBuf, String> {
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .ok_or("no busybox (apt install busybox-static)")?;
-    let ldd = std::process::Command::new("ldd")
-        .arg(busybox)
-        .output()
-        .map_err(|e| format!("ldd: {e}"))?;
-    let text =
-        String::from_utf8_lossy(&ldd.stdout).into_owned() + &String::from_utf8_lossy(&ldd.stderr);
-    if !text.contains("not a dynamic") {
-        return Err(format!(
-            "{busybox} is not static (apt install busybox-static)"
-        ));
-    }
     let work = dir.join("image-build");
-    let root = work.join("rootfs");
-    for d in ["bin", "tmp", "etc", "proc", "sys", "dev"] {
-        std::fs::create_dir_all(root.join(d)).map_err(|e| e.to_string())?;
-    }
-    std::fs::copy(busybox, root.join("bin/busybox")).map_err(|e| e.to_string())?;
-    for applet in [
-        "sh", "echo", "sleep", "cat", "test", "wget", "httpd", "hostname",
-    ] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))
-            .map_err(|e| e.to_string())?;
-    }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")
+    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    let rootfs = macula_workloads::runtime::container::busybox_rootfs_tar(&work)
         .map_err(|e| e.to_string())?;
-    std::fs::write(root.join("etc/macula-image"), "yes\n").map_err(|e| e.to_string())?;
     let tar = work.join("rootfs.tar");
+    std::fs::write(&tar, rootfs).map_err(|e| e.to_string())?;
     let run = |cmd: &mut std::process::Command| -> Result<(), String> {
         let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
         out.status
@@ -198,12 +173,6 @@ pub fn busybox_image(dir: &Path, image: &str) -> Result<PathBuf, String> {
             .then_some(())
             .ok_or_else(|| format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr)))
     };
-    run(std::process::Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tar)
-        .arg("."))?;
     let podman = |args: &[&str]| {
         let mut c = std::process::Command::new("podman");
         c.arg("--root")
