@@ -7,7 +7,8 @@
 //! replicas: 3
 //! runtime: process              # process (a native command) or podman (an OCI image)
 //! command: [my-server, --port, "${PORT}"]   # process: the program and its arguments
-//! # image: docker.io/library/nginx:1.27     # podman: the image (command/args override its own)
+//! # image: localhost/api:1      # podman: the image, from an archive in the node's images
+//! #                             # directory (no registry); command/args override its own
 //! env: {LOG_LEVEL: info}
 //! role: service_account         # the role of the replicas' own sessions in the realm
 //! resources: {cpu: 500m, memory: 256Mi, pids: 128}
