@@ -355,7 +355,18 @@ async fn a_node_runs_replicas_as_containers_and_its_reaper_outlives_it() {
     assert!(!cg.pids().is_empty(), "its processes are in it");
     let parent = host.cgroup_parent();
     assert!(!Cgroup::pids_below(&parent).is_empty());
-    assert!(logs.since(0).iter().any(|l| l.text == "up web"));
+    // Its output (followed apart from the readiness check, so waited for).
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let more = logs.wait();
+            if logs.since(0).iter().any(|l| l.text == "up web") {
+                return;
+            }
+            more.await;
+        }
+    })
+    .await
+    .expect("its first line within 10 s");
     web.stop().await;
     assert!(p.labelled(NODE_LABEL, &node).await.unwrap().is_empty());
 

@@ -96,8 +96,11 @@ impl LogBuffer {
     }
 
     /// Resolves when a line is added (for `--follow`).
-    pub async fn wait(&self) {
-        self.more.notified().await
+    ///
+    /// The future is made at the call (not at its first poll): lines written after the call
+    /// wake it, so a caller may call this, look at what is there, then await.
+    pub fn wait(&self) -> tokio::sync::futures::Notified<'_> {
+        self.more.notified()
     }
 }
 
