@@ -61,6 +61,7 @@ async fn replica_start(
             read_write: vec![],
             require_sandbox: limits,
             network_none: false,
+            hidden: vec![],
         },
         logs: LogLimits {
             file: Some(workdir.join("replica.log")),

@@ -131,6 +131,15 @@ async fn a_container_runs_limited_and_unprivileged_and_its_output_is_read() {
         "{hc}"
     );
     assert_eq!(hc["MemorySwap"].as_i64(), Some(64 << 20), "no swap beyond");
+    // Podman's own copy of the output is capped (1 MiB, which it prints as "1.049MB").
+    assert_eq!(
+        (
+            hc["LogConfig"]["Type"].as_str(),
+            hc["LogConfig"]["Size"].as_str()
+        ),
+        (Some("k8s-file"), Some("1.049MB")),
+        "{hc}"
+    );
     assert_eq!(v["State"]["ExitCode"], 3);
     p.remove(&c).await.unwrap();
     let gone = p.inspect(&c).await.unwrap_err();

@@ -57,6 +57,7 @@ fn spec(workdir: &Path, script: &str, env: &[(&str, &str)]) -> ExecSpec {
         read_write: vec![],
         require_sandbox: true,
         network_none: false,
+        hidden: vec![],
     }
 }
 
@@ -186,6 +187,67 @@ async fn a_replica_without_a_network_reaches_nothing_on_the_host() {
         );
     }
     drop(listener);
+}
+
+/// The node's private paths (its Podman service's socket drives Podman as root, which Landlock
+/// cannot keep a process from connecting to) are hidden from a replica; and a replica cannot
+/// signal the node (Landlock's signal scope, Linux 6.12 and later).
+#[tokio::test]
+async fn a_replica_cannot_reach_the_nodes_podman_socket_or_signal_the_node() {
+    let name = format!("test-hide-{}", std::process::id());
+    if !usable(&name) {
+        return;
+    }
+    let Some(python) = ["/usr/bin/python3", "/bin/python3"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        eprintln!("SKIPPED: no python3 to connect to a unix socket with");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let private = tmp.path().join("podman");
+    std::fs::create_dir_all(&private).unwrap();
+    let socket = private.join("podman.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let script = format!(
+        "{python} -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])' {} \
+         2>/dev/null && echo connected || echo refused; \
+         kill -0 {} 2>/dev/null && echo signalled || echo no-signal",
+        socket.display(),
+        std::process::id()
+    );
+    // Landlock's ABI on this kernel (6 and later scope signals).
+    // SAFETY: landlock_create_ruleset(2) with LANDLOCK_CREATE_RULESET_VERSION only asks.
+    let abi = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            1u32,
+        )
+    };
+    let work = tmp.path().join("work");
+    for (hidden, expect) in [(vec![], "connected"), (vec![private.clone()], "refused")] {
+        let mut s = spec(&work, &script, &[]);
+        s.hidden = hidden.clone();
+        let (status, r) = run(
+            &format!("{name}-{}", hidden.len()),
+            Resources::default(),
+            s,
+            LogLimits::default(),
+        )
+        .await;
+        assert!(status.success(), "{status:?} {:?}", r.logs().since(0));
+        let out = text(&r, Stream::Stdout);
+        assert_eq!(out[0], expect, "hidden: {hidden:?}: {out:?}");
+        if abi >= 6 {
+            assert_eq!(out[1], "no-signal", "{out:?}");
+        } else {
+            eprintln!("SKIPPED (signals): Landlock ABI {abi} does not scope them");
+        }
+    }
+    assert!(socket.exists(), "hidden only from the replica");
 }
 
 #[tokio::test]

@@ -423,11 +423,10 @@ impl Controller {
         }
     }
 
-    /// The control groups' name of this node's replica of `slot` (unique on the machine).
+    /// The control groups' (and container's) name of this node's replica of `slot` (unique on
+    /// the machine).
     fn cgroup_name(&self, slot: &str, seq: u64) -> String {
-        let me = self.me();
-        let short = &me[me.len().saturating_sub(8)..];
-        format!("{short}-{}-v{seq}", slot.replace('/', "-"))
+        unit_name(self.me(), slot, seq)
     }
 
     /// The working directory of this node's replica of `slot` at version `seq`: its own
@@ -2006,6 +2005,16 @@ impl Controller {
                     read_write: vec![],
                     require_sandbox: self.node.config.workloads.require_sandbox,
                     network_none: wl.network == Network::None,
+                    // The node's Podman (a root service) is out of a native replica's reach.
+                    // (Where its directories cannot be made, the service never starts
+                    // either: there is nothing to hide.)
+                    hidden: match self.podman.get() {
+                        Some(host) => host.private_paths().unwrap_or_else(|e| {
+                            tracing::warn!("the node's Podman directory: {e}");
+                            vec![host.dir().to_owned()]
+                        }),
+                        None => vec![],
+                    },
                 };
                 target.spec = Some(spec.clone());
                 let (shim, shim_args) = self.shim.clone();
@@ -2377,5 +2386,27 @@ impl crate::node::Fencing for Controller {
 
     fn held(&self, slot: &str) -> Option<u64> {
         self.state.lock().held.get(slot).map(|h| h.token)
+    }
+}
+
+/// The name of a node's replica of `slot` at version `seq` on its machine (control groups,
+/// container): the node's short id, the slot's parts and the version joined by `_`, which
+/// neither realm nor workload names may hold, so that two realms' slots never share a name
+/// (`com.acme` + `web-api` and `com.acme-web` + `api` would, joined by `-`).
+fn unit_name(node: &str, slot: &str, seq: u64) -> String {
+    let short = &node[node.len().saturating_sub(8)..];
+    format!("{short}_{}_v{seq}", slot.replace('/', "_"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unit_name;
+
+    #[test]
+    fn two_realms_slots_never_share_a_name() {
+        let a = unit_name("12D3KooWabcdefgh", "com.acme/web-api/0", 3);
+        let b = unit_name("12D3KooWabcdefgh", "com.acme-web/api/0", 3);
+        assert_ne!(a, b);
+        assert_eq!(a, "abcdefgh_com.acme_web-api_0_v3");
     }
 }

@@ -87,9 +87,36 @@ impl Host {
         })
     }
 
+    /// What native replicas must not see (`ExecSpec::hidden`): the service's directory (its
+    /// socket drives Podman as root; its storage holds every container's files) and the
+    /// socket's own directory where it lies outside. Made now, so that they are hidden before
+    /// the service starts.
+    pub fn private_paths(&self) -> io::Result<Vec<PathBuf>> {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut out = vec![self.cfg.dir.clone()];
+        if let Some(d) = socket_path(&self.cfg.dir).parent() {
+            if !d.starts_with(&self.cfg.dir) {
+                out.push(d.to_owned());
+            }
+        }
+        for d in &out {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", d.display())))?;
+        }
+        Ok(out)
+    }
+
     /// The control group all of this node's containers are made under.
     pub fn cgroup_parent(&self) -> String {
         format!("/macula-pods/{}", self.cfg.node)
+    }
+
+    /// The service's directory (storage, run root, socket).
+    pub fn dir(&self) -> &Path {
+        &self.cfg.dir
     }
 
     pub fn node(&self) -> &str {
@@ -112,6 +139,7 @@ impl Host {
             std::fs::create_dir_all(dir.join(d))
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.join(d).display())))?;
         }
+        self.private_paths()?;
         let socket = socket_path(dir);
         let _ = std::fs::remove_file(&socket);
         let (child, podman) = Podman::start_service(&self.cfg.program, &socket, Some(dir))
@@ -225,8 +253,8 @@ impl Drop for Host {
     }
 }
 
-/// The service's socket: in its run directory, or in the system's temporary directory where
-/// that path is too long for a unix socket.
+/// The service's socket: in its run directory, or in a directory of its own in the system's
+/// temporary directory where that path is too long for a unix socket.
 fn socket_path(dir: &Path) -> PathBuf {
     let p = dir.join("run").join("podman.sock");
     if p.as_os_str().len() < 100 {
@@ -234,7 +262,9 @@ fn socket_path(dir: &Path) -> PathBuf {
     }
     use sha2::Digest;
     let h = hex::encode(&sha2::Sha256::digest(p.as_os_str().as_encoded_bytes())[..8]);
-    std::env::temp_dir().join(format!("macula-podman-{h}.sock"))
+    std::env::temp_dir()
+        .join(format!("macula-podman-{h}"))
+        .join("podman.sock")
 }
 
 fn start_reaper(

@@ -69,6 +69,11 @@ pub struct ExecSpec {
     /// it does not start where one cannot be made.
     #[serde(default)]
     pub network_none: bool,
+    /// Paths hidden from it (an empty, unreadable file system mounted over each, in a mount
+    /// namespace of its own): the node's Podman service and its socket, which Landlock cannot
+    /// keep a process from connecting to. It does not start where they cannot be hidden.
+    #[serde(default)]
+    pub hidden: Vec<PathBuf>,
 }
 
 /// The paths a native replica may read by default: programs, libraries, and the few files of

@@ -55,19 +55,26 @@ pub struct ContainerSpec {
     pub cgroup_parent: Option<String>,
 }
 
+/// The most Podman keeps of a container's output on disk (its `ctr.log` is truncated when it
+/// reaches this; the node's own copy is the replica's log).
+pub const LOG_FILE_BYTES: i64 = 1 << 20;
+
 impl ContainerSpec {
     /// The libpod SpecGenerator for it: limits as cgroup values (swap no bigger than memory),
     /// every capability dropped, no new privileges, and rlimits the node may set (Podman's
     /// defaults of 2^20 fail where the node lacks CAP_SYS_RESOURCE).
     pub fn to_json(&self) -> Value {
         let period = 100_000u64;
-        let memory = self.limits.memory_bytes as i64;
+        let memory = i64::try_from(self.limits.memory_bytes).unwrap_or(i64::MAX);
         let mut v = json!({
             "name": self.name,
             "image": self.image,
             "env": self.env,
             "labels": self.labels,
             "cap_drop": ["ALL"],
+            // Podman's own copy of the output (what its log stream reads), capped: the node
+            // keeps its own bounded copy.
+            "log_configuration": {"driver": "k8s-file", "size": LOG_FILE_BYTES},
             "no_new_privileges": true,
             "read_only_filesystem": self.read_only,
             "r_limits": [
@@ -205,6 +212,12 @@ impl Podman {
                 .arg("--tmpdir")
                 .arg(dir.join("tmp"));
         }
+        // Nothing of the node's environment (proxy settings, credentials) reaches Podman or,
+        // through it, a container: only where to find its helpers.
+        cmd.env_clear().env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        );
         cmd.args(["system", "service", "--time=0"])
             .arg(format!("unix://{}", socket.display()))
             .stdin(std::process::Stdio::null())

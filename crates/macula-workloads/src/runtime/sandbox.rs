@@ -5,7 +5,7 @@ use std::os::unix::process::CommandExt;
 
 use landlock::{
     path_beneath_rules, Access, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr,
-    RulesetCreatedAttr, RulesetStatus, ABI,
+    RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 
 use super::ExecSpec;
@@ -41,6 +41,14 @@ pub fn exec(spec: &ExecSpec) -> io::Error {
             return io::Error::new(
                 e.kind(),
                 format!("cannot give the replica a network of its own (network: none): {e}"),
+            );
+        }
+    }
+    if !spec.hidden.is_empty() {
+        if let Err(e) = hide(&spec.hidden) {
+            return io::Error::new(
+                e.kind(),
+                format!("cannot hide the node's private paths from the replica: {e}"),
             );
         }
     }
@@ -99,6 +107,71 @@ fn isolate_network() -> io::Result<()> {
     Ok(())
 }
 
+/// Hides `paths` from this process and its children: a mount namespace of its own (private, so
+/// nothing propagates back), an empty read-only tmpfs with no permissions over each directory
+/// and `/dev/null` over each other file. Landlock, applied next, keeps the replica from
+/// undoing it (a sandboxed process cannot mount or unmount).
+fn hide(paths: &[std::path::PathBuf]) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &std::path::Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))
+    };
+    // SAFETY: unshare(2) with a constant flag, in this single-threaded shim.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let root = c(std::path::Path::new("/"))?;
+    // SAFETY: mount(2) with valid C strings (or null where the call ignores them).
+    if unsafe {
+        libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    let tmpfs = c(std::path::Path::new("tmpfs"))?;
+    let opts = c(std::path::Path::new("size=4k,mode=000"))?;
+    let null = c(std::path::Path::new("/dev/null"))?;
+    for p in paths {
+        let Ok(meta) = std::fs::symlink_metadata(p) else {
+            continue;
+        };
+        let target = c(p)?;
+        // SAFETY: mount(2) with valid C strings (or null where the call ignores them).
+        let r = unsafe {
+            if meta.is_dir() {
+                libc::mount(
+                    tmpfs.as_ptr(),
+                    target.as_ptr(),
+                    tmpfs.as_ptr(),
+                    libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    opts.as_ptr().cast(),
+                )
+            } else {
+                libc::mount(
+                    null.as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                )
+            }
+        };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(e.kind(), format!("{}: {e}", p.display())));
+        }
+    }
+    Ok(())
+}
+
 /// Devices every program may write (and read): writing to them reaches nothing.
 const OPEN_DEVICES: [&str; 3] = ["/dev/null", "/dev/zero", "/dev/full"];
 
@@ -115,6 +188,9 @@ fn restrict(spec: &ExecSpec) -> Result<RulesetStatus, landlock::RulesetError> {
     let status = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(abi))?
+        // No signals to processes outside the sandbox (the node, other replicas) and no
+        // abstract unix sockets made outside it (Linux 6.12 and later; ignored before).
+        .scope(Scope::Signal | Scope::AbstractUnixSocket)?
         .create()?
         .add_rules(path_beneath_rules(
             &spec.read_only,
