@@ -2039,7 +2039,14 @@ impl Controller {
             readiness: wl.readiness.clone(),
             target,
         };
-        supervise(wl.restart.clone(), backoff_limit, logs, health, start)
+        let mut restart = wl.restart.clone();
+        if wl.runtime == Runtime::Podman {
+            // A container's start costs the node's Podman about 0.1 s of its own CPU: a crash
+            // loop waits at least a second between tries, whatever the manifest says.
+            restart.backoff_initial = restart.backoff_initial.max(CONTAINER_MIN_BACKOFF);
+            restart.backoff_max = restart.backoff_max.max(restart.backoff_initial);
+        }
+        supervise(restart, backoff_limit, logs, health, start)
     }
 
     /// The replicas of `realm` this node runs, and the slots it could not place.
@@ -2388,6 +2395,9 @@ impl crate::node::Fencing for Controller {
         self.state.lock().held.get(slot).map(|h| h.token)
     }
 }
+
+/// The least back-off before a container replica starts again.
+const CONTAINER_MIN_BACKOFF: Duration = Duration::from_secs(1);
 
 /// The name of a node's replica of `slot` at version `seq` on its machine (control groups,
 /// container): the node's short id, the slot's parts and the version joined by `_`, which

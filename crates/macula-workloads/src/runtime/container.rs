@@ -71,6 +71,9 @@ struct ReapSpec {
     cgroup: String,
     /// The Podman service's pid (stopped after the containers).
     service: Option<u32>,
+    /// Its socket (to tell it from another process that got its pid since).
+    #[serde(default)]
+    socket: String,
 }
 
 impl std::fmt::Debug for Host {
@@ -169,6 +172,7 @@ impl Host {
                 let spec = ReapSpec {
                     cgroup: self.cgroup_parent(),
                     service: child.id(),
+                    socket: socket.display().to_string(),
                 };
                 Some(start_reaper(program, args, &spec)?)
             }
@@ -321,7 +325,8 @@ pub fn reaper_main(spec: &str) -> ! {
     Cgroup::remove_below(&spec.cgroup);
     if let Some(pid) = spec.service {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains("podman") {
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains("podman") && cmdline.contains(&spec.socket) {
             // SAFETY: kill(2) of the service this node started (checked by its command line).
             unsafe {
                 libc::kill(pid as i32, libc::SIGTERM);
