@@ -157,15 +157,19 @@ async fn containers(
         }
     };
     let node = format!("bench{}", std::process::id());
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images)?;
     let host = Host::new(HostConfig {
         program: program.clone(),
         dir: dir.join("podman"),
-        images: vec![],
+        images: vec![images.clone()],
         node: node.clone(),
         reaper: Some((shim.to_path_buf(), vec!["__exec".into()])),
     });
     let p = host.podman().await.context("starting Podman")?;
+    // As an operator would: an archive in the node's images directory.
     p.import(rootfs.into(), IMAGE, &["ENV PATH=/bin"]).await?;
+    std::fs::write(images.join("bench.tar"), p.save(IMAGE).await?)?;
     let limits = Resources {
         cpu_millis: 500,
         memory_bytes: 64 << 20,
@@ -178,6 +182,7 @@ async fn containers(
             let t = Instant::now();
             let mut r = ContainerStart {
                 host,
+                realm: "com.example.bench".into(),
                 spec: ContainerSpec {
                     name: format!("bench-{node}-{i}"),
                     image: IMAGE.into(),

@@ -218,6 +218,7 @@ async fn a_node_runs_replicas_as_containers_and_its_reaper_outlives_it() {
     // An archive as an operator makes one (`podman save`), from a service of its own.
     let images = tmp.path().join("images");
     std::fs::create_dir_all(&images).unwrap();
+    let beta_id;
     {
         let maker = tmp.path().join("maker");
         let (_svc, p) =
@@ -232,7 +233,20 @@ async fn a_node_runs_replicas_as_containers_and_its_reaper_outlives_it() {
             .await
             .unwrap();
         let archive = p.save("localhost/macula-app:2").await.unwrap();
-        std::fs::write(images.join("app.tar"), archive).unwrap();
+        std::fs::write(images.join("app.tar"), &archive).unwrap();
+        // Another realm's own image (in its subdirectory), under another name.
+        let id = p
+            .import(
+                busybox_rootfs(&maker).unwrap().into(),
+                "localhost/beta-only:1",
+                &["ENV PATH=/bin"],
+            )
+            .await
+            .unwrap();
+        beta_id = id.trim_start_matches("sha256:").to_owned();
+        std::fs::create_dir_all(images.join("com.beta")).unwrap();
+        let archive = p.save("localhost/beta-only:1").await.unwrap();
+        std::fs::write(images.join("com.beta/beta.tar"), archive).unwrap();
     }
     let node = format!("t{}", std::process::id());
     let cfg = HostConfig {
@@ -261,6 +275,7 @@ async fn a_node_runs_replicas_as_containers_and_its_reaper_outlives_it() {
         move |buffer: Arc<LogBuffer>| {
             ContainerStart {
                 host: host.clone(),
+                realm: "com.alpha".into(),
                 spec: s.clone(),
                 logs: LogLimits::default(),
                 buffer,
@@ -278,6 +293,7 @@ async fn a_node_runs_replicas_as_containers_and_its_reaper_outlives_it() {
     // An image no archive holds: the error says where to put one.
     let missing = ContainerStart {
         host: host.clone(),
+        realm: "com.alpha".into(),
         spec: ContainerSpec {
             image: "localhost/nowhere:1".into(),
             ..spec("missing", "true")
@@ -295,6 +311,39 @@ async fn a_node_runs_replicas_as_containers_and_its_reaper_outlives_it() {
         text.contains("localhost/nowhere:1") && text.contains(&images.display().to_string()),
         "{text}"
     );
+
+    // A realm uses the shared images and its own, nothing else in the store: com.beta's image
+    // (in the store once com.beta ran it) is not com.alpha's, by name or by id.
+    let as_realm = |realm: &str, image: &str, name: &str| ContainerStart {
+        host: host.clone(),
+        realm: realm.into(),
+        spec: ContainerSpec {
+            image: image.into(),
+            ..spec(name, "true")
+        },
+        logs: LogLimits::default(),
+        buffer: Arc::new(LogBuffer::new(10)),
+    };
+    let mut beta = as_realm("com.beta", "beta-only:1", "beta")
+        .launch()
+        .await
+        .expect("com.beta runs its own image (by its short name)");
+    assert_eq!(beta.wait().await, Ok(()));
+    beta.kill().await;
+    for image in [
+        "localhost/beta-only:1",
+        "beta-only:1",
+        &beta_id,
+        &beta_id[..12],
+    ] {
+        let err = as_realm("com.alpha", image, "alpha")
+            .launch()
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("com.alpha ran com.beta's image as {image}"));
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+        assert!(err.to_string().contains("com.alpha/"), "{err}");
+    }
 
     // A crashing container restarts with back-off; its output is kept across runs.
     let logs = Arc::new(LogBuffer::new(100));
@@ -384,6 +433,7 @@ async fn a_node_runs_replicas_as_containers_and_its_reaper_outlives_it() {
     // the node's last hold on its Host, kills every process of it.
     let running = ContainerStart {
         host: host.clone(),
+        realm: "com.alpha".into(),
         spec: spec("left", "exec sleep 600"),
         logs: LogLimits::default(),
         buffer: Arc::new(LogBuffer::new(10)),

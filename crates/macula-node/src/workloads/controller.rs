@@ -1950,6 +1950,7 @@ impl Controller {
                 // The image's own PATH and HOME stay; the replica's scratch space is the
                 // container's own file system.
                 let host = self.podman.get().cloned();
+                let realm = w.realm.clone();
                 let spec = ContainerSpec {
                     name: format!("macula-{cgroup}"),
                     image: image.clone(),
@@ -1965,6 +1966,7 @@ impl Controller {
                 Box::new(move |buffer: Arc<LogBuffer>| match &host {
                     Some(host) => ContainerStart {
                         host: host.clone(),
+                        realm: realm.clone(),
                         spec: spec.clone(),
                         logs: log_limits.clone(),
                         buffer,

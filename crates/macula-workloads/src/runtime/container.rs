@@ -60,8 +60,18 @@ struct HostState {
     service: Option<tokio::process::Child>,
     /// The reaper and the node's end of its pipe (closing it sets the reaper off).
     reaper: Option<(std::process::Child, std::process::ChildStdin)>,
-    /// Archives loaded already: (size, modified) when loaded.
-    loaded: HashMap<PathBuf, (u64, SystemTime)>,
+    /// Archives loaded already.
+    loaded: HashMap<PathBuf, Loaded>,
+}
+
+/// An archive loaded into the store.
+struct Loaded {
+    /// Its size and modification time when loaded (loaded again when they change).
+    key: (u64, SystemTime),
+    /// The images it holds, by full name.
+    names: Vec<String>,
+    /// The realm whose subdirectory it is in; None: every realm's.
+    realm: Option<String>,
 }
 
 /// What the reaper is told (as JSON in `MACULA_REAP`).
@@ -183,52 +193,38 @@ impl Host {
         Ok(podman)
     }
 
-    /// Makes sure `image` is in the service's store, loading the archives of the image
-    /// directories not loaded yet (or changed since); a clear error where none holds it.
-    pub async fn ensure_image(&self, p: &Podman, image: &str) -> io::Result<()> {
-        if p.has_image(image).await? {
-            return Ok(());
-        }
+    /// The image `image` names for `realm`, made sure of in the service's store: its full name
+    /// as an archive it may use gave it. A realm may use the images of the archives directly in
+    /// an images directory (shared by the node's realms) and of those in the directory's
+    /// `<realm>/` subdirectory, and nothing else in the store: not another realm's image, and
+    /// not an image by its id. Archives not loaded yet (or changed since) are loaded first. A
+    /// clear error where none holds it.
+    pub async fn ensure_image(&self, p: &Podman, image: &str, realm: &str) -> io::Result<String> {
         let mut st = self.state.lock().await;
         for dir in &self.cfg.images {
-            let Ok(entries) = std::fs::read_dir(dir) else {
-                continue;
-            };
-            let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-            files.sort();
-            for path in files {
-                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                let archive = [".tar", ".tar.gz", ".tgz"]
-                    .iter()
-                    .any(|x| name.ends_with(x));
-                let Ok(meta) = std::fs::metadata(&path) else {
-                    continue;
-                };
-                if !archive || !meta.is_file() {
-                    continue;
-                }
-                let key = (
-                    meta.len(),
-                    meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                );
-                if st.loaded.get(&path) == Some(&key) {
-                    continue;
-                }
-                st.loaded.insert(path.clone(), key);
-                let bytes = tokio::fs::read(&path).await?;
-                match p.load(bytes.into()).await {
-                    Ok(names) => {
-                        tracing::info!(archive = %path.display(), ?names, "image archive loaded")
-                    }
-                    Err(e) => {
-                        tracing::warn!(archive = %path.display(), "image archive not loaded: {e}")
-                    }
-                }
+            for (scope, d) in [(None, dir.clone()), (Some(realm), dir.join(realm))] {
+                load_archives(p, &mut st, &d, scope.map(str::to_owned)).await;
             }
         }
-        drop(st);
-        if p.has_image(image).await? {
-            return Ok(());
+        let usable = |names: &Vec<String>, scope: &Option<String>| {
+            scope.as_deref().is_none_or(|r| r == realm)
+                && names.iter().any(|n| same_image(n, image))
+        };
+        if let Some(full) = st
+            .loaded
+            .values()
+            .filter(|l| usable(&l.names, &l.realm))
+            .flat_map(|l| l.names.iter())
+            .find(|n| same_image(n, image))
+            .cloned()
+        {
+            drop(st);
+            if p.has_image(&full).await? {
+                return Ok(full);
+            }
+            // Removed from the store behind the node's back: load its archive again.
+            let mut st = self.state.lock().await;
+            st.loaded.retain(|_, l| !l.names.contains(&full));
         }
         let dirs: Vec<String> = self
             .cfg
@@ -239,11 +235,74 @@ impl Host {
         Err(io::Error::new(
             io::ErrorKind::NotFound,
             format!(
-                "image {image} is not on this node (no registry is reached): put its archive \
-                 (`podman save -o NAME.tar {image}`) in {}",
+                "image {image} is not on this node for {realm} (no registry is reached): put its \
+                 archive (`podman save -o NAME.tar {image}`) in {} (every realm) or its {realm}/ \
+                 subdirectory",
                 dirs.join(" or ")
             ),
         ))
+    }
+}
+
+/// Whether the name an archive gave (`localhost/app:1`, `docker.io/library/nginx:1.27`) is the
+/// image a manifest names, in full or as Podman shortens it.
+fn same_image(full: &str, named: &str) -> bool {
+    full == named
+        || ["localhost/", "docker.io/library/", "docker.io/"]
+            .iter()
+            .any(|prefix| full.strip_prefix(prefix) == Some(named))
+}
+
+/// Loads the archives of `dir` not loaded yet (or changed since), for `realm` (None: every
+/// realm), into `st`.
+async fn load_archives(p: &Podman, st: &mut HostState, dir: &Path, realm: Option<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    files.sort();
+    for path in files {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let archive = [".tar", ".tar.gz", ".tgz"]
+            .iter()
+            .any(|x| name.ends_with(x));
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if !archive || !meta.is_file() {
+            continue;
+        }
+        let key = (
+            meta.len(),
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        );
+        if st.loaded.get(&path).is_some_and(|l| l.key == key) {
+            continue;
+        }
+        let names = match tokio::fs::read(&path).await {
+            Ok(bytes) => match p.load(bytes.into()).await {
+                Ok(names) => {
+                    tracing::info!(archive = %path.display(), ?names, "image archive loaded");
+                    names
+                }
+                Err(e) => {
+                    tracing::warn!(archive = %path.display(), "image archive not loaded: {e}");
+                    vec![]
+                }
+            },
+            Err(e) => {
+                tracing::warn!(archive = %path.display(), "image archive not read: {e}");
+                vec![]
+            }
+        };
+        st.loaded.insert(
+            path,
+            Loaded {
+                key,
+                names,
+                realm: realm.clone(),
+            },
+        );
     }
 }
 
@@ -393,6 +452,8 @@ pub fn busybox_rootfs_tar(work: &Path) -> io::Result<Vec<u8>> {
 /// How to start one run of a replica as a container.
 pub struct ContainerStart {
     pub host: Arc<Host>,
+    /// The realm the replica is of (which images it may use).
+    pub realm: String,
     pub spec: ContainerSpec,
     pub logs: LogLimits,
     pub buffer: Arc<LogBuffer>,
@@ -405,12 +466,13 @@ impl ContainerStart {
         Box::pin(async move {
             let ContainerStart {
                 host,
+                realm,
                 mut spec,
                 logs,
                 buffer,
             } = self;
             let p = host.podman().await?;
-            host.ensure_image(&p, &spec.image).await?;
+            spec.image = host.ensure_image(&p, &spec.image, &realm).await?;
             spec.cgroup_parent = Some(host.cgroup_parent());
             spec.labels
                 .insert(NODE_LABEL.to_owned(), host.node().to_owned());
