@@ -52,6 +52,9 @@ pub struct HostConfig {
 pub struct Host {
     cfg: HostConfig,
     state: tokio::sync::Mutex<HostState>,
+    /// Archives loaded already (a lock of its own: a long load never holds up a start's or a
+    /// health check's use of the service).
+    loaded: tokio::sync::Mutex<HashMap<PathBuf, Loaded>>,
 }
 
 #[derive(Default)]
@@ -60,8 +63,6 @@ struct HostState {
     service: Option<tokio::process::Child>,
     /// The reaper and the node's end of its pipe (closing it sets the reaper off).
     reaper: Option<(std::process::Child, std::process::ChildStdin)>,
-    /// Archives loaded already.
-    loaded: HashMap<PathBuf, Loaded>,
 }
 
 /// An archive loaded into the store.
@@ -97,6 +98,7 @@ impl Host {
         Arc::new(Host {
             cfg,
             state: Default::default(),
+            loaded: Default::default(),
         })
     }
 
@@ -200,31 +202,28 @@ impl Host {
     /// not an image by its id. Archives not loaded yet (or changed since) are loaded first. A
     /// clear error where none holds it.
     pub async fn ensure_image(&self, p: &Podman, image: &str, realm: &str) -> io::Result<String> {
-        let mut st = self.state.lock().await;
+        let mut loaded = self.loaded.lock().await;
         for dir in &self.cfg.images {
             for (scope, d) in [(None, dir.clone()), (Some(realm), dir.join(realm))] {
-                load_archives(p, &mut st, &d, scope.map(str::to_owned)).await;
+                load_archives(p, &mut loaded, &d, scope.map(str::to_owned)).await;
             }
         }
         let usable = |names: &Vec<String>, scope: &Option<String>| {
             scope.as_deref().is_none_or(|r| r == realm)
                 && names.iter().any(|n| same_image(n, image))
         };
-        if let Some(full) = st
-            .loaded
+        if let Some(full) = loaded
             .values()
             .filter(|l| usable(&l.names, &l.realm))
             .flat_map(|l| l.names.iter())
             .find(|n| same_image(n, image))
             .cloned()
         {
-            drop(st);
             if p.has_image(&full).await? {
                 return Ok(full);
             }
             // Removed from the store behind the node's back: load its archive again.
-            let mut st = self.state.lock().await;
-            st.loaded.retain(|_, l| !l.names.contains(&full));
+            loaded.retain(|_, l| !l.names.contains(&full));
         }
         let dirs: Vec<String> = self
             .cfg
@@ -255,7 +254,12 @@ fn same_image(full: &str, named: &str) -> bool {
 
 /// Loads the archives of `dir` not loaded yet (or changed since), for `realm` (None: every
 /// realm), into `st`.
-async fn load_archives(p: &Podman, st: &mut HostState, dir: &Path, realm: Option<String>) {
+async fn load_archives(
+    p: &Podman,
+    loaded: &mut HashMap<PathBuf, Loaded>,
+    dir: &Path,
+    realm: Option<String>,
+) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -276,26 +280,20 @@ async fn load_archives(p: &Podman, st: &mut HostState, dir: &Path, realm: Option
             meta.len(),
             meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
         );
-        if st.loaded.get(&path).is_some_and(|l| l.key == key) {
+        if loaded.get(&path).is_some_and(|l| l.key == key) {
             continue;
         }
-        let names = match tokio::fs::read(&path).await {
-            Ok(bytes) => match p.load(bytes.into()).await {
-                Ok(names) => {
-                    tracing::info!(archive = %path.display(), ?names, "image archive loaded");
-                    names
-                }
-                Err(e) => {
-                    tracing::warn!(archive = %path.display(), "image archive not loaded: {e}");
-                    vec![]
-                }
-            },
+        let names = match p.load_file(&path).await {
+            Ok(names) => {
+                tracing::info!(archive = %path.display(), ?names, "image archive loaded");
+                names
+            }
             Err(e) => {
-                tracing::warn!(archive = %path.display(), "image archive not read: {e}");
+                tracing::warn!(archive = %path.display(), "image archive not loaded: {e}");
                 vec![]
             }
         };
-        st.loaded.insert(
+        loaded.insert(
             path,
             Loaded {
                 key,

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use serde_json::{json, Value};
 
 use crate::manifest::Resources;
@@ -109,6 +110,25 @@ impl ContainerSpec {
         }
         v
     }
+}
+
+/// A request's body: whole, or streamed from a file.
+type Body = UnsyncBoxBody<Bytes, io::Error>;
+
+/// A body of these bytes.
+fn whole(b: Bytes) -> Body {
+    Full::new(b).map_err(|e| match e {}).boxed_unsync()
+}
+
+/// The names of the images a load answer lists.
+fn load_names(body: &[u8]) -> Vec<String> {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["Names"].as_array().cloned())
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n.as_str().map(str::to_owned))
+        .collect()
 }
 
 /// What Podman said when a request failed: its status and message.
@@ -253,6 +273,7 @@ impl Podman {
         path: &str,
         body: Option<(&str, Bytes)>,
     ) -> io::Result<(u16, Bytes)> {
+        let body = body.map(|(t, b)| (t, whole(b)));
         let res = self.send(method, path, body).await?;
         let status = res.status().as_u16();
         Ok((status, read_body(res).await?))
@@ -262,7 +283,7 @@ impl Podman {
         &self,
         method: &str,
         path: &str,
-        body: Option<(&str, Bytes)>,
+        body: Option<(&str, Body)>,
     ) -> io::Result<hyper::Response<hyper::body::Incoming>> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
@@ -286,10 +307,10 @@ impl Podman {
                 req = req.header("content-type", content_type);
                 b
             }
-            None => Bytes::new(),
+            None => whole(Bytes::new()),
         };
         let req = req
-            .body(Full::new(payload))
+            .body(payload)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         sender.send_request(req).await.map_err(io::Error::other)
     }
@@ -330,21 +351,33 @@ impl Podman {
         Ok(v["Id"].as_str().unwrap_or_default().to_owned())
     }
 
-    /// Loads a `podman save` (docker-archive) file; the names of the images in it.
-    pub async fn load(&self, archive: Bytes) -> io::Result<Vec<String>> {
-        let (status, body) = self
-            .request("POST", "/images/load", Some(("application/x-tar", archive)))
+    /// Loads the `podman save` archive at `path`, streamed from the file (never whole in
+    /// memory); the names of the images in it.
+    pub async fn load_file(&self, path: &Path) -> io::Result<Vec<String>> {
+        use tokio::io::AsyncReadExt;
+        let file = tokio::fs::File::open(path).await?;
+        let chunks = futures_util::stream::unfold(Some(file), |file| async move {
+            let mut f = file?;
+            let mut buf = vec![0u8; 256 << 10];
+            match f.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(hyper::body::Frame::data(Bytes::from(buf))), Some(f)))
+                }
+                Err(e) => Some((Err(e), None)),
+            }
+        });
+        let body = StreamBody::new(chunks).boxed_unsync();
+        let res = self
+            .send("POST", "/images/load", Some(("application/x-tar", body)))
             .await?;
+        let status = res.status().as_u16();
+        let body = read_body(res).await?;
         if status != 200 {
             return Err(failure(status, &body));
         }
-        let v: Value = serde_json::from_slice(&body).map_err(io::Error::other)?;
-        Ok(v["Names"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|n| n.as_str().map(str::to_owned))
-            .collect())
+        Ok(load_names(&body))
     }
 
     /// Whether image `name` is there.
@@ -501,7 +534,7 @@ impl Podman {
                 &format!("/exec/{}/start", enc(&exec)),
                 Some((
                     "application/json",
-                    Bytes::from_static(b"{\"Detach\":false}"),
+                    whole(Bytes::from_static(b"{\"Detach\":false}")),
                 )),
             )
             .await?;
