@@ -129,7 +129,7 @@ pub async fn up(a: UpArgs, json: bool) -> Result<()> {
     let mut loaded = dir.load()?;
     loaded.config.registry.enabled = true;
     // What `macula up` sets on every node it starts (the others get it with --set).
-    let sets = [
+    let mut sets = vec![
         format!("tls.cert={UP_CERT}"),
         format!("tls.key={UP_CERT_KEY}"),
         // A machine for trying things: replicas run with limits and sandbox where the machine
@@ -137,6 +137,10 @@ pub async fn up(a: UpArgs, json: bool) -> Result<()> {
         "workloads.require_limits=false".to_owned(),
         "workloads.require_sandbox=false".to_owned(),
     ];
+    // One images directory for all the nodes (`<home>/images`), unless node.yaml names some.
+    if loaded.config.workloads.images.is_empty() {
+        sets.push("workloads.images=[images]".to_owned());
+    }
     apply_sets(&mut loaded.config, &sets)?;
     let mut nodes: Vec<UpNode> = vec![];
     let mut children = vec![];

@@ -295,6 +295,45 @@ async fn on_macula_up_a_payload_runs_answers_heals_and_kubectl_applies() {
     .await;
     eprintln!("compute metered: {ms} ms");
 
+    // Containers: an image archive in `<home>/images`, which every node of `macula up` loads
+    // from, runs as 2 replicas on 2 nodes.
+    match common::work::containers_unavailable() {
+        Some(why) => eprintln!("SKIPPED (the container part): {why}"),
+        None => {
+            match common::work::busybox_image(&home.path().join("images"), "localhost/up-box:1") {
+                Err(why) => eprintln!("SKIPPED (the container part): {why}"),
+                Ok(_) => {
+                    macula(
+                        &url,
+                        &realm,
+                        &key,
+                        &[
+                            "deploy",
+                            "--image",
+                            "localhost/up-box:1",
+                            "--payload",
+                            "sh -c 'cat /etc/macula-image; exec sleep 600'",
+                            "--name",
+                            "box",
+                            "--replicas",
+                            "2",
+                            "--timeout",
+                            "60s",
+                        ],
+                    )
+                    .await
+                    .unwrap();
+                    let boxes = running(&url, &realm, &key, "box").await;
+                    let on: BTreeSet<&String> = boxes.iter().map(|r| &r.1).collect();
+                    assert_eq!((boxes.len(), on.len()), (2, 2), "{boxes:?}");
+                    macula(&url, &realm, &key, &["delete", "box"])
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+    }
+
     // kubectl applies a Deployment (over TLS, with the certificate `macula up` made).
     let have_kubectl = std::process::Command::new("kubectl")
         .args(["version", "--client"])
