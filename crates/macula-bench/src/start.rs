@@ -22,7 +22,7 @@ use macula_workloads::runtime::cgroup::Cgroup;
 use macula_workloads::runtime::container::{busybox_rootfs_tar, ContainerStart, Host, HostConfig};
 use macula_workloads::runtime::podman::ContainerSpec;
 use macula_workloads::runtime::process::{LogBuffer, LogLimits, ProcessReplica, Start};
-use macula_workloads::runtime::{default_read_only, ExecSpec};
+use macula_workloads::runtime::{default_read_only, on_path, ExecSpec};
 use macula_workloads::Resources;
 
 use crate::{percentile, Figure};
@@ -97,25 +97,35 @@ async fn plain_start() -> Result<Duration> {
     Ok(took)
 }
 
-fn figures(name: &str, server: &'static str, mut us: Vec<f64>, note: &str) -> Vec<Figure> {
-    us.sort_by(f64::total_cmp);
-    ["p50", "p95", "p99"]
-        .into_iter()
-        .zip([0.50, 0.95, 0.99])
-        .map(|(label, p)| Figure {
-            scenario: format!("{name} {label}"),
-            server,
-            value: percentile(&us, p) / 1000.0,
-            unit: "ms",
-            note: note.to_owned(),
-        })
-        .collect()
-}
+/// One series of start times (µs): its name, who ran it, the times, what they measured.
+type Series = (&'static str, &'static str, Vec<f64>, String);
 
-fn which(program: &str) -> Option<std::path::PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
+/// Two series run side by side: p50, p95 and p99 of each, and the ratio of their p50s.
+fn side_by_side(a: Series, b: Series, ratio_note: &str) -> Vec<Figure> {
+    let scenario = format!("{} / {} p50", a.0, b.0);
+    let mut figs = vec![];
+    let mut p50 = vec![];
+    for (name, server, mut us, note) in [a, b] {
+        us.sort_by(f64::total_cmp);
+        p50.push(percentile(&us, 0.5));
+        for (label, p) in [("p50", 0.50), ("p95", 0.95), ("p99", 0.99)] {
+            figs.push(Figure {
+                scenario: format!("{name} {label}"),
+                server,
+                value: percentile(&us, p) / 1000.0,
+                unit: "ms",
+                note: note.clone(),
+            });
+        }
+    }
+    figs.push(Figure {
+        scenario,
+        server: "ratio",
+        value: p50[0] / p50[1].max(1.0),
+        unit: "x",
+        note: ratio_note.to_owned(),
+    });
+    figs
 }
 
 const IMAGE: &str = "localhost/macula-bench:1";
@@ -145,7 +155,7 @@ async fn containers(
     dir: &std::path::Path,
     starts: usize,
 ) -> Result<Vec<Figure>> {
-    let (Some(program), Some(_)) = (which("podman"), which("runc")) else {
+    let (Some(program), Some(_)) = (on_path("podman"), on_path("runc")) else {
         eprintln!("note: no podman and runc here: no container figures");
         return Ok(vec![]);
     };
@@ -165,7 +175,7 @@ async fn containers(
         images: vec![images.clone()],
         node: node.clone(),
         reaper: Some((shim.to_path_buf(), vec!["__exec".into()])),
-    });
+    })?;
     let p = host.podman().await.context("starting Podman")?;
     // As an operator would: an archive in the node's images directory.
     p.import(rootfs.into(), IMAGE, &["ENV PATH=/bin"]).await?;
@@ -267,32 +277,15 @@ async fn containers(
         a.push(ours(100 + i).await?.as_secs_f64() * 1e6);
         b.push(cli(100 + i).await?.as_secs_f64() * 1e6);
     }
-    let mut figs = figures(
-        "container replica start",
-        "macula",
-        a.clone(),
-        &format!(
+    Ok(side_by_side(
+        ("container replica start", "macula", a, format!(
             "{starts} starts through the node's Podman (runc; limits, every capability dropped), to the first line"
-        ),
-    );
-    figs.extend(figures(
-        "podman run",
-        "podman",
-        b.clone(),
-        &format!("{starts} runs of the same image and command from the podman CLI"),
-    ));
-    a.sort_by(f64::total_cmp);
-    b.sort_by(f64::total_cmp);
-    figs.push(Figure {
-        scenario: "container replica start / podman run p50".into(),
-        server: "ratio",
-        value: percentile(&a, 0.5) / percentile(&b, 0.5).max(1.0),
-        unit: "x",
-        note: "below 1: faster than the CLI".into(),
-    });
-    drop(p);
-    drop(host);
-    Ok(figs)
+        )),
+        ("podman run", "podman", b, format!(
+            "{starts} runs of the same image and command from the podman CLI"
+        )),
+        "below 1: faster than the CLI",
+    ))
 }
 
 pub async fn run(starts: usize, container_starts: usize) -> Result<Vec<Figure>> {
@@ -334,27 +327,21 @@ pub async fn run(starts: usize, container_starts: usize) -> Result<Vec<Figure>> 
     } else {
         "no control groups or Landlock on this machine; output captured"
     };
-    let mut figs = figures(
-        "replica start",
-        "macula",
-        replica.clone(),
-        &format!("{starts} starts of sh -c 'echo up', to its first line: {what}"),
+    let mut figs = side_by_side(
+        (
+            "replica start",
+            "macula",
+            replica,
+            format!("{starts} starts of sh -c 'echo up', to its first line: {what}"),
+        ),
+        (
+            "plain spawn",
+            "floor",
+            plain,
+            format!("{starts} spawns of the same command with stdout piped"),
+        ),
+        "goal: replica start p95 ≤ 50 ms",
     );
-    figs.extend(figures(
-        "plain spawn",
-        "floor",
-        plain.clone(),
-        &format!("{starts} spawns of the same command with stdout piped"),
-    ));
-    replica.sort_by(f64::total_cmp);
-    plain.sort_by(f64::total_cmp);
-    figs.push(Figure {
-        scenario: "replica start / plain spawn p50".into(),
-        server: "ratio",
-        value: percentile(&replica, 0.5) / percentile(&plain, 0.5).max(1.0),
-        unit: "x",
-        note: "goal: replica start p95 ≤ 50 ms".into(),
-    });
     if container_starts > 0 {
         figs.extend(containers(&shim, dir.path(), container_starts).await?);
     }

@@ -20,6 +20,7 @@ use common::until;
 use macula_workloads::runtime::cgroup::Cgroup;
 use macula_workloads::runtime::container::{ContainerStart, Host, HostConfig, NODE_LABEL};
 use macula_workloads::runtime::health::{Health, Target};
+use macula_workloads::runtime::on_path;
 use macula_workloads::runtime::podman::{ContainerSpec, Line, Podman};
 use macula_workloads::runtime::process::{LogBuffer, LogLimits, Stream};
 use macula_workloads::runtime::supervisor::{supervise, ReplicaState};
@@ -32,17 +33,9 @@ fn busybox_rootfs(dir: &Path) -> Option<Vec<u8>> {
     macula_workloads::runtime::container::busybox_rootfs_tar(dir).ok()
 }
 
-fn which(program: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(program))
-        .find(|p| p.exists())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_runs_limited_and_unprivileged_and_its_output_is_read() {
-    let (Some(podman), Some(_)) = (which("podman"), which("runc")) else {
+    let (Some(podman), Some(_)) = (on_path("podman"), on_path("runc")) else {
         eprintln!("SKIPPED: podman and runc are not installed (apt install podman runc)");
         return;
     };
@@ -196,7 +189,7 @@ async fn a_container_runs_limited_and_unprivileged_and_its_output_is_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_runs_replicas_as_containers_and_its_reaper_outlives_it() {
-    let (Some(program), Some(_)) = (which("podman"), which("runc")) else {
+    let (Some(program), Some(_)) = (on_path("podman"), on_path("runc")) else {
         eprintln!("SKIPPED: podman and runc are not installed (apt install podman runc)");
         return;
     };
@@ -218,7 +211,7 @@ async fn a_node_runs_replicas_as_containers_and_its_reaper_outlives_it() {
     // An archive as an operator makes one (`podman save`), from a service of its own.
     let images = tmp.path().join("images");
     std::fs::create_dir_all(&images).unwrap();
-    let beta_id;
+    let (beta_id, app_id);
     {
         let maker = tmp.path().join("maker");
         let (_svc, p) =
@@ -229,9 +222,12 @@ async fn a_node_runs_replicas_as_containers_and_its_reaper_outlives_it() {
                     return;
                 }
             };
-        p.import(rootfs.into(), "localhost/macula-app:2", &["ENV PATH=/bin"])
+        app_id = p
+            .import(rootfs.into(), "localhost/macula-app:2", &["ENV PATH=/bin"])
             .await
-            .unwrap();
+            .unwrap()
+            .trim_start_matches("sha256:")
+            .to_owned();
         let archive = p.save("localhost/macula-app:2").await.unwrap();
         std::fs::write(images.join("app.tar"), &archive).unwrap();
         // Another realm's own image (in its subdirectory), under another name.
@@ -247,6 +243,16 @@ async fn a_node_runs_replicas_as_containers_and_its_reaper_outlives_it() {
         std::fs::create_dir_all(images.join("com.beta")).unwrap();
         let archive = p.save("localhost/beta-only:1").await.unwrap();
         std::fs::write(images.join("com.beta/beta.tar"), archive).unwrap();
+        // And one that takes the shared image's name (loading it retags the name in the store).
+        p.import(
+            busybox_rootfs(&maker).unwrap().into(),
+            "localhost/macula-app:2",
+            &["ENV PATH=/bin", "ENV SHADOW=1"],
+        )
+        .await
+        .unwrap();
+        let archive = p.save("localhost/macula-app:2").await.unwrap();
+        std::fs::write(images.join("com.beta/shadow.tar"), archive).unwrap();
     }
     let node = format!("t{}", std::process::id());
     let cfg = HostConfig {
@@ -256,7 +262,7 @@ async fn a_node_runs_replicas_as_containers_and_its_reaper_outlives_it() {
         node: node.clone(),
         reaper: Some((SHIM.into(), vec![])),
     };
-    let host = Host::new(cfg.clone());
+    let host = Host::new(cfg.clone()).unwrap();
     let spec = |name: &str, script: &str| ContainerSpec {
         name: format!("macula-{node}-{name}"),
         image: "localhost/macula-app:2".into(),
@@ -344,6 +350,16 @@ async fn a_node_runs_replicas_as_containers_and_its_reaper_outlives_it() {
         assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
         assert!(err.to_string().contains("com.alpha/"), "{err}");
     }
+    // The shared name, taken by com.beta's archive since: com.alpha still gets the shared image.
+    let mut shadowed = as_realm("com.alpha", "localhost/macula-app:2", "shadowed")
+        .launch()
+        .await
+        .unwrap();
+    assert_eq!(shadowed.wait().await, Ok(()));
+    let p = host.podman().await.unwrap();
+    let ran = p.inspect(&format!("macula-{node}-shadowed")).await.unwrap();
+    assert_eq!(ran["Image"].as_str(), Some(app_id.as_str()), "{ran}");
+    shadowed.kill().await;
 
     // A crashing container restarts with back-off; its output is kept across runs.
     let logs = Arc::new(LogBuffer::new(100));
@@ -464,7 +480,7 @@ async fn a_node_runs_replicas_as_containers_and_its_reaper_outlives_it() {
     assert!(!v1_pids.exists() && !v2.exists(), "its groups removed");
 
     // The node again: what its earlier run left is removed.
-    let again = Host::new(cfg);
+    let again = Host::new(cfg).unwrap();
     let p = again.podman().await.unwrap();
     assert!(p.labelled(NODE_LABEL, &node).await.unwrap().is_empty());
 }

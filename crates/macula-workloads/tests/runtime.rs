@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use macula_workloads::runtime::cgroup::Cgroup;
 use macula_workloads::runtime::process::{LogLimits, ProcessReplica, Start, Stream};
-use macula_workloads::runtime::{default_read_only, ExecSpec};
+use macula_workloads::runtime::{default_read_only, on_path, ExecSpec};
 use macula_workloads::Resources;
 
 mod common;
@@ -155,10 +155,7 @@ async fn a_replica_without_a_network_reaches_nothing_on_the_host() {
     if !usable(&name) {
         return;
     }
-    let Some(bash) = ["/bin/bash", "/usr/bin/bash"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-    else {
+    let Some(bash) = on_path("bash") else {
         eprintln!("SKIPPED: no bash for /dev/tcp");
         return;
     };
@@ -166,7 +163,8 @@ async fn a_replica_without_a_network_reaches_nothing_on_the_host() {
     let port = listener.local_addr().unwrap().port();
     let tmp = tempfile::tempdir().unwrap();
     let script = format!(
-        "{bash} -c 'exec 3<>/dev/tcp/127.0.0.1/{port}' 2>/dev/null && echo reached || echo unreachable"
+        "{} -c 'exec 3<>/dev/tcp/127.0.0.1/{port}' 2>/dev/null && echo reached || echo unreachable",
+        bash.display()
     );
     for (none, expect) in [(false, "reached"), (true, "unreachable")] {
         let mut s = spec(tmp.path(), &script, &[]);
@@ -198,9 +196,12 @@ async fn a_replica_cannot_reach_the_nodes_podman_socket_or_signal_the_node() {
     if !usable(&name) {
         return;
     }
+    // The system's (the sandbox lets a replica run only what is in the system's directories;
+    // a python3 first on PATH may be a shim in someone's home).
     let Some(python) = ["/usr/bin/python3", "/bin/python3"]
         .into_iter()
-        .find(|p| Path::new(p).exists())
+        .map(std::path::PathBuf::from)
+        .find(|p| p.exists())
     else {
         eprintln!("SKIPPED: no python3 to connect to a unix socket with");
         return;
@@ -211,9 +212,10 @@ async fn a_replica_cannot_reach_the_nodes_podman_socket_or_signal_the_node() {
     let socket = private.join("podman.sock");
     let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
     let script = format!(
-        "{python} -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])' {} \
+        "{} -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])' {} \
          2>/dev/null && echo connected || echo refused; \
          kill -0 {} 2>/dev/null && echo signalled || echo no-signal",
+        python.display(),
         socket.display(),
         std::process::id()
     );

@@ -178,8 +178,8 @@ fn http_base(url: &str) -> Result<String> {
   macula deploy --image localhost/web:1 --payload 'httpd -f -p 8080' --name web
 
 An image is run by Podman on nodes that have it (podman and runc installed); its archive
-(`podman save`) goes in each node's image directory (workloads.images), as nodes reach no
-registry. The nodes place the replicas themselves; `macula workloads` shows where they run.")]
+(`podman save`) goes in each node's image directory (workloads.images; its <realm>/
+subdirectory for one realm only), as nodes reach no registry. The nodes place the replicas themselves; `macula workloads` shows where they run.")]
 pub struct DeployArgs {
     /// A manifest: Macula's YAML (`kind: payload` or `job`) or a Kubernetes Deployment or Job.
     #[arg(
@@ -227,9 +227,7 @@ fn looks_like_image(word: &str) -> bool {
         && word
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "._-:/@".contains(c));
-    let on_path = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(word).is_file()));
-    shaped && !on_path
+    shaped && macula_workloads::runtime::on_path(word).is_none()
 }
 
 /// The manifest `--payload` (and `--image`) stand for.
@@ -682,38 +680,44 @@ pub fn render_workloads(conn: &Conn, only: Option<&str>) -> Result<(Value, Strin
             .iter()
             .filter(move |(n, _, m)| m.is_some() && only.is_none_or(|x| x == n))
     };
-    let desired = |m: &Option<String>| {
-        m.as_deref()
-            .and_then(|t| macula_workloads::parse(t).ok())
-            .map_or(0, |m| macula_workloads::wire::slots_of(&m))
-    };
-    // What runs: the runtime and its image or command.
-    let what = |m: &Option<String>| -> (String, String) {
-        let Some(m) = m.as_deref().and_then(|t| macula_workloads::parse(t).ok()) else {
-            return ("-".into(), "-".into());
-        };
-        let w = m.workload();
-        let runtime = serde_json::to_value(w.runtime)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        let artifact = match &w.artifact {
-            macula_workloads::Artifact::Image { image, .. } => image.clone(),
-            macula_workloads::Artifact::Command(argv) => shell_words::join(argv),
-        };
-        (runtime, artifact)
-    };
-    let items: Vec<Value> = live()
+    // Each live workload's manifest read once: its replicas wanted, its runtime, and its image
+    // or command.
+    let shown: Vec<(&String, &u64, u32, String, String)> = live()
         .map(|(n, seq, m)| {
-            let mine: Vec<&ReplicaStatus> = replicas.iter().filter(|r| &r.name == n).collect();
-            let (runtime, artifact) = what(m);
-            json!({"name": n, "seq": seq, "replicas": desired(m), "runtime": runtime,
+            let parsed = m.as_deref().and_then(|t| macula_workloads::parse(t).ok());
+            let (desired, runtime, artifact) = match &parsed {
+                None => (0, "-".to_owned(), "-".to_owned()),
+                Some(m) => {
+                    let w = m.workload();
+                    let artifact = match &w.artifact {
+                        macula_workloads::Artifact::Image { image, .. } => image.clone(),
+                        macula_workloads::Artifact::Command(argv) => shell_words::join(argv),
+                    };
+                    let runtime = match w.runtime {
+                        macula_workloads::Runtime::Process => "process",
+                        macula_workloads::Runtime::Podman => "podman",
+                    };
+                    (
+                        macula_workloads::wire::slots_of(m),
+                        runtime.to_owned(),
+                        artifact,
+                    )
+                }
+            };
+            (n, seq, desired, runtime, artifact)
+        })
+        .collect();
+    let items: Vec<Value> = shown
+        .iter()
+        .map(|(n, seq, desired, runtime, artifact)| {
+            let mine: Vec<&ReplicaStatus> = replicas.iter().filter(|r| &r.name == *n).collect();
+            json!({"name": n, "seq": seq, "replicas": desired, "runtime": runtime,
                    "artifact": artifact, "items": mine})
         })
         .collect();
     let v = json!({"realm": api.realm, "workloads": items});
     let mut out = String::new();
-    if live().next().is_none() {
+    if shown.is_empty() {
         let _ = writeln!(
             out,
             "no workloads in {} (deploy one: macula deploy --payload CMD)",
@@ -725,19 +729,17 @@ pub fn render_workloads(conn: &Conn, only: Option<&str>) -> Result<(Value, Strin
     let mut t = table(&[
         "NAME", "REPLICA", "NODE", "STATE", "RESTARTS", "TOKEN", "AGE", "DETAIL",
     ]);
-    for (n, seq, m) in live() {
-        let mine: Vec<&ReplicaStatus> = replicas.iter().filter(|r| &r.name == n).collect();
+    for (n, seq, desired, runtime, artifact) in &shown {
+        let mine: Vec<&ReplicaStatus> = replicas.iter().filter(|r| &r.name == *n).collect();
         let running = mine.iter().filter(|r| r.state == "running").count();
-        let (runtime, artifact) = what(m);
         let _ = writeln!(
             out,
-            "{n}  version {seq}  {running}/{} running  {runtime}: {artifact}",
-            desired(m)
+            "{n}  version {seq}  {running}/{desired} running  {runtime}: {artifact}"
         );
         for r in mine {
             let node = &r.node[r.node.len().saturating_sub(8)..];
             t.add_row(vec![
-                n.clone(),
+                n.to_string(),
                 r.replica.to_string(),
                 if node.is_empty() {
                     "-".into()

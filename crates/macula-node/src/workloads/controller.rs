@@ -314,15 +314,19 @@ impl Controller {
                     })
                     .collect()
             };
-            let _ = self.podman.set(Host::new(
-                macula_workloads::runtime::container::HostConfig {
-                    program: program.clone(),
-                    dir: self.dir.join("podman"),
-                    images,
-                    node: me[me.len().saturating_sub(12)..].to_owned(),
-                    reaper: Some(self.shim.clone()),
-                },
-            ));
+            match Host::new(macula_workloads::runtime::container::HostConfig {
+                program: program.clone(),
+                dir: self.dir.join("podman"),
+                images,
+                node: me[me.len().saturating_sub(12)..].to_owned(),
+                reaper: Some(self.shim.clone()),
+            }) {
+                Ok(host) => {
+                    let _ = self.podman.set(host);
+                }
+                // Its replicas then fail to start, saying the node runs no containers.
+                Err(e) => tracing::error!("this node cannot run containers: {e}"),
+            }
         }
         let mut tick = tokio::time::interval(TICK);
         let mut ticks = 0u64;
@@ -2008,15 +2012,11 @@ impl Controller {
                     require_sandbox: self.node.config.workloads.require_sandbox,
                     network_none: wl.network == Network::None,
                     // The node's Podman (a root service) is out of a native replica's reach.
-                    // (Where its directories cannot be made, the service never starts
-                    // either: there is nothing to hide.)
-                    hidden: match self.podman.get() {
-                        Some(host) => host.private_paths().unwrap_or_else(|e| {
-                            tracing::warn!("the node's Podman directory: {e}");
-                            vec![host.dir().to_owned()]
-                        }),
-                        None => vec![],
-                    },
+                    hidden: self
+                        .podman
+                        .get()
+                        .map(|host| host.private_paths())
+                        .unwrap_or_default(),
                 };
                 target.spec = Some(spec.clone());
                 let (shim, shim_args) = self.shim.clone();
@@ -2328,13 +2328,7 @@ fn describe(s: &ReplicaState) -> (&'static str, Option<String>, u32) {
 /// The `podman` program this node runs containers with: `workloads.podman` names it, or
 /// `auto` (the default) finds it on `PATH` (with `runc` beside it); `off` runs none.
 fn podman_program(setting: &str) -> Option<PathBuf> {
-    let on_path = |p: &str| {
-        std::env::var_os("PATH").and_then(|path| {
-            std::env::split_paths(&path)
-                .map(|d| d.join(p))
-                .find(|f| f.is_file())
-        })
-    };
+    use macula_workloads::runtime::on_path;
     match setting {
         "off" | "" => None,
         "auto" => on_path("runc").and(on_path("podman")),

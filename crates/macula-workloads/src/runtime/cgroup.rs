@@ -53,6 +53,24 @@ fn acct_dir(cpu: &Path) -> Option<PathBuf> {
     Some(Path::new(ROOT).join("cpuacct").join(rel))
 }
 
+/// SIGKILLs the processes `pids` names, again every 10 ms (up to `tries` times) until it names
+/// none (a killed process leaves its group when the kernel has reaped it).
+pub fn kill_until_empty(pids: impl Fn() -> Vec<i32>, tries: u32) {
+    for _ in 0..tries {
+        let now = pids();
+        if now.is_empty() {
+            return;
+        }
+        for p in now {
+            // SAFETY: kill(2) with a pid read from a control group and a constant signal.
+            unsafe {
+                libc::kill(p, libc::SIGKILL);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// `top` and every directory below it, each before those below it.
 fn dirs_below(top: PathBuf) -> Vec<PathBuf> {
     let mut all = vec![];
@@ -313,19 +331,7 @@ impl Cgroup {
     /// Kills every process of the group (SIGKILL) and removes the groups, waiting (up to a
     /// second) for the kernel to empty them. Blocks: see [`Cgroup::destroy_soon`].
     pub fn destroy(&self) {
-        for _ in 0..100 {
-            let pids = self.pids();
-            if pids.is_empty() {
-                break;
-            }
-            for p in pids {
-                // SAFETY: kill(2) with a pid read from the group and a constant signal.
-                unsafe {
-                    libc::kill(p, libc::SIGKILL);
-                }
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        kill_until_empty(|| self.pids(), 100);
         for d in &self.dirs {
             let _ = fs::remove_dir(d);
         }

@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::cgroup::Cgroup;
+use super::cgroup::{kill_until_empty, Cgroup};
 use super::podman::{ContainerSpec, Podman};
 use super::process::{LogBuffer, LogLimits, Sink};
 use super::{BoxFut, Replica};
@@ -69,8 +69,8 @@ struct HostState {
 struct Loaded {
     /// Its size and modification time when loaded (loaded again when they change).
     key: (u64, SystemTime),
-    /// The images it holds, by full name.
-    names: Vec<String>,
+    /// The images it holds: (full name, id as loaded).
+    images: Vec<(String, String)>,
     /// The realm whose subdirectory it is in; None: every realm's.
     realm: Option<String>,
 }
@@ -94,44 +94,41 @@ impl std::fmt::Debug for Host {
 }
 
 impl Host {
-    pub fn new(cfg: HostConfig) -> Arc<Host> {
-        Arc::new(Host {
+    /// A node's Podman host; its private directories ([`Host::private_paths`]) are made now,
+    /// so that they are there to hide before the service first starts.
+    pub fn new(cfg: HostConfig) -> io::Result<Arc<Host>> {
+        use std::os::unix::fs::DirBuilderExt;
+        let host = Host {
             cfg,
             state: Default::default(),
             loaded: Default::default(),
-        })
+        };
+        for d in host.private_paths() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&d)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", d.display())))?;
+        }
+        Ok(Arc::new(host))
     }
 
     /// What native replicas must not see (`ExecSpec::hidden`): the service's directory (its
     /// socket drives Podman as root; its storage holds every container's files) and the
-    /// socket's own directory where it lies outside. Made now, so that they are hidden before
-    /// the service starts.
-    pub fn private_paths(&self) -> io::Result<Vec<PathBuf>> {
-        use std::os::unix::fs::DirBuilderExt;
+    /// socket's own directory where it lies outside.
+    pub fn private_paths(&self) -> Vec<PathBuf> {
         let mut out = vec![self.cfg.dir.clone()];
         if let Some(d) = socket_path(&self.cfg.dir).parent() {
             if !d.starts_with(&self.cfg.dir) {
                 out.push(d.to_owned());
             }
         }
-        for d in &out {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(d)
-                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", d.display())))?;
-        }
-        Ok(out)
+        out
     }
 
     /// The control group all of this node's containers are made under.
     pub fn cgroup_parent(&self) -> String {
         format!("/macula-pods/{}", self.cfg.node)
-    }
-
-    /// The service's directory (storage, run root, socket).
-    pub fn dir(&self) -> &Path {
-        &self.cfg.dir
     }
 
     pub fn node(&self) -> &str {
@@ -154,7 +151,6 @@ impl Host {
             std::fs::create_dir_all(dir.join(d))
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.join(d).display())))?;
         }
-        self.private_paths()?;
         let socket = socket_path(dir);
         let _ = std::fs::remove_file(&socket);
         let (child, podman) = Podman::start_service(&self.cfg.program, &socket, Some(dir))
@@ -195,12 +191,13 @@ impl Host {
         Ok(podman)
     }
 
-    /// The image `image` names for `realm`, made sure of in the service's store: its full name
-    /// as an archive it may use gave it. A realm may use the images of the archives directly in
-    /// an images directory (shared by the node's realms) and of those in the directory's
-    /// `<realm>/` subdirectory, and nothing else in the store: not another realm's image, and
-    /// not an image by its id. Archives not loaded yet (or changed since) are loaded first. A
-    /// clear error where none holds it.
+    /// The image `image` names for `realm`, made sure of in the service's store: the id of the
+    /// image an archive it may use gave that name, as loaded. A realm may use the images of the
+    /// archives directly in an images directory (shared by the node's realms) and of those in
+    /// the directory's `<realm>/` subdirectory, and nothing else in the store: not another
+    /// realm's image (also where another realm's archive took the same name since: the id is
+    /// the one loaded), and not an image by its id. Archives not loaded yet (or changed since)
+    /// are loaded first. A clear error where none holds it.
     pub async fn ensure_image(&self, p: &Podman, image: &str, realm: &str) -> io::Result<String> {
         let mut loaded = self.loaded.lock().await;
         for dir in &self.cfg.images {
@@ -208,22 +205,18 @@ impl Host {
                 load_archives(p, &mut loaded, &d, scope.map(str::to_owned)).await;
             }
         }
-        let usable = |names: &Vec<String>, scope: &Option<String>| {
-            scope.as_deref().is_none_or(|r| r == realm)
-                && names.iter().any(|n| same_image(n, image))
-        };
-        if let Some(full) = loaded
+        let found = loaded
             .values()
-            .filter(|l| usable(&l.names, &l.realm))
-            .flat_map(|l| l.names.iter())
-            .find(|n| same_image(n, image))
-            .cloned()
-        {
-            if p.has_image(&full).await? {
-                return Ok(full);
+            .filter(|l| l.realm.as_deref().is_none_or(|r| r == realm))
+            .flat_map(|l| l.images.iter())
+            .find(|(name, _)| same_image(name, image))
+            .map(|(_, id)| id.clone());
+        if let Some(id) = found {
+            if p.has_image(&id).await? {
+                return Ok(id);
             }
             // Removed from the store behind the node's back: load its archive again.
-            loaded.retain(|_, l| !l.names.contains(&full));
+            loaded.retain(|_, l| l.images.iter().all(|(_, i)| *i != id));
         }
         let dirs: Vec<String> = self
             .cfg
@@ -283,21 +276,28 @@ async fn load_archives(
         if loaded.get(&path).is_some_and(|l| l.key == key) {
             continue;
         }
-        let names = match p.load_file(&path).await {
+        let mut images = vec![];
+        match p.load_file(&path).await {
             Ok(names) => {
                 tracing::info!(archive = %path.display(), ?names, "image archive loaded");
-                names
+                // Each name's id now, before another archive may take the name.
+                for name in names {
+                    match p.image_id(&name).await {
+                        Ok(Some(id)) => images.push((name, id)),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(image = %name, "its id: {e}"),
+                    }
+                }
             }
             Err(e) => {
-                tracing::warn!(archive = %path.display(), "image archive not loaded: {e}");
-                vec![]
+                tracing::warn!(archive = %path.display(), "image archive not loaded: {e}")
             }
-        };
+        }
         loaded.insert(
             path,
             Loaded {
                 key,
-                names,
+                images,
                 realm: realm.clone(),
             },
         );
@@ -366,19 +366,7 @@ pub fn reaper_main(spec: &str) -> ! {
     let mut buf = [0u8; 64];
     let mut stdin = io::stdin();
     while !matches!(stdin.read(&mut buf), Ok(0) | Err(_)) {}
-    for _ in 0..500 {
-        let pids = Cgroup::pids_below(&spec.cgroup);
-        if pids.is_empty() {
-            break;
-        }
-        for p in pids {
-            // SAFETY: kill(2) with a pid read from the node's container group.
-            unsafe {
-                libc::kill(p, libc::SIGKILL);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    kill_until_empty(|| Cgroup::pids_below(&spec.cgroup), 500);
     Cgroup::remove_below(&spec.cgroup);
     if let Some(pid) = spec.service {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();

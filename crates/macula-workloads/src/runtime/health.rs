@@ -92,10 +92,7 @@ async fn check_inner(c: &Check, target: &Target) -> Result<(), String> {
                 Err(format!("GET {path} on port {port} answered {status}"))
             }
         }
-        Check::Exec { command } if target.container.is_some() => {
-            let Some((host, name)) = &target.container else {
-                return Err("no container".into());
-            };
+        Check::Exec { command } if let Some((host, name)) = &target.container => {
             let p = host.podman().await.map_err(|e| e.to_string())?;
             match p.exec(name, command).await {
                 Ok(0) => Ok(()),

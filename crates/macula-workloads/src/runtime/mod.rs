@@ -71,9 +71,17 @@ pub struct ExecSpec {
     pub network_none: bool,
     /// Paths hidden from it (an empty, unreadable file system mounted over each, in a mount
     /// namespace of its own): the node's Podman service and its socket, which Landlock cannot
-    /// keep a process from connecting to. It does not start where they cannot be hidden.
+    /// keep a process from connecting to. Where they cannot be hidden it does not start, unless
+    /// `require_sandbox` is off (a warning then).
     #[serde(default)]
     pub hidden: Vec<PathBuf>,
+}
+
+/// The program `name` as found on `PATH`, if it is there.
+pub fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|f| f.is_file())
 }
 
 /// The paths a native replica may read by default: programs, libraries, and the few files of

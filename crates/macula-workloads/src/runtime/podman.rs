@@ -392,6 +392,21 @@ impl Podman {
         }
     }
 
+    /// The id of image `name` (a name, or an id), if it is there.
+    pub async fn image_id(&self, name: &str) -> io::Result<Option<String>> {
+        let (status, body) = self
+            .request("GET", &format!("/images/{}/json", enc(name)), None)
+            .await?;
+        match status {
+            200 => {
+                let v: Value = serde_json::from_slice(&body).map_err(io::Error::other)?;
+                Ok(v["Id"].as_str().map(str::to_owned))
+            }
+            404 => Ok(None),
+            s => Err(failure(s, &body)),
+        }
+    }
+
     /// Creates a container; its id.
     pub async fn create(&self, spec: &ContainerSpec) -> io::Result<String> {
         let body = serde_json::to_vec(&spec.to_json()).map_err(io::Error::other)?;
@@ -579,7 +594,8 @@ impl Podman {
             .collect())
     }
 
-    /// Writes image `name` as a `podman save` (docker-archive) file: what [`Podman::load`] reads.
+    /// Writes image `name` as a `podman save` (docker-archive) file: what
+    /// [`Podman::load_file`] reads.
     pub async fn save(&self, name: &str) -> io::Result<Bytes> {
         let (status, body) = self
             .request(

@@ -45,11 +45,21 @@ pub fn exec(spec: &ExecSpec) -> io::Error {
         }
     }
     if !spec.hidden.is_empty() {
-        if let Err(e) = hide(&spec.hidden) {
-            return io::Error::new(
-                e.kind(),
-                format!("cannot hide the node's private paths from the replica: {e}"),
-            );
+        // Part of the sandbox: refused like Landlock where it is required, else a warning.
+        match hide(&spec.hidden) {
+            Ok(()) => {}
+            Err(e) if !spec.require_sandbox => eprintln!(
+                "macula: warning: the node's private paths are not hidden from this replica: {e}"
+            ),
+            Err(e) => {
+                return io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot hide the node's private paths from the replica ({e}): run the \
+                         node as root, or set workloads.podman: off"
+                    ),
+                )
+            }
         }
     }
     match restrict(spec) {

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use macula_workloads::runtime::on_path;
 use serde_json::Value;
 
 use super::{linked_peer_id, start_node, NodeProc, BIN};
@@ -138,15 +139,9 @@ pub async fn kill_and_heal(
     }
 }
 
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-}
-
 /// Why containers cannot run here (for a SKIPPED line), if they cannot.
 pub fn containers_unavailable() -> Option<String> {
-    if which("podman").is_none() || which("runc").is_none() {
+    if on_path("podman").is_none() || on_path("runc").is_none() {
         return Some("podman and runc are not installed (apt install podman runc)".into());
     }
     // SAFETY: geteuid(2) has no preconditions.
