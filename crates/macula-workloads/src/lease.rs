@@ -59,6 +59,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+mod config;
+pub use config::{Ballot, Cfg, Handover, MoveState, Moved, Moving};
+
 /// A node, by its mesh peer id.
 pub type NodeId = String;
 
@@ -120,6 +123,47 @@ pub enum Request {
     /// The highest token this authority promised for `slot` (for `macula.fence.check`: a
     /// token below what a majority answers is stale). `holder` is the node that asks.
     Fence { slot: String, holder: NodeId },
+    /// Moving `slot` off configuration `cfg` (see [`config`]): promise ballot `ballot` and stop
+    /// granting under `cfg`. `state` is the mover's own, for a member that had not taken `cfg`
+    /// on. `holder` is the mover.
+    Prepare {
+        slot: String,
+        holder: NodeId,
+        cfg: Cfg,
+        ballot: Ballot,
+        state: Handover,
+    },
+    /// Accept `next` as the successor of `cfg` under `ballot`.
+    Propose {
+        slot: String,
+        holder: NodeId,
+        cfg: Cfg,
+        ballot: Ballot,
+        next: Cfg,
+    },
+    /// Serve `slot` under `cfg` from now on, starting from `handover`.
+    Install {
+        slot: String,
+        holder: NodeId,
+        cfg: Cfg,
+        handover: Handover,
+    },
+    /// `from`'s successor is `to` (for a member of `from` that is not in `to`, to say so).
+    Moved {
+        slot: String,
+        holder: NodeId,
+        from: Cfg,
+        to: Cfg,
+    },
+}
+
+/// A request as sent: under the configuration the asking node believes the slot has. An
+/// authority serves a lease request only under the configuration it serves the slot under.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ask {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cfg: Option<Cfg>,
+    pub req: Request,
 }
 
 impl Request {
@@ -130,8 +174,23 @@ impl Request {
             | Request::Release { slot, holder, .. }
             | Request::Provisional { slot, holder }
             | Request::Complete { slot, holder, .. }
-            | Request::Fence { slot, holder } => (slot, holder),
+            | Request::Fence { slot, holder }
+            | Request::Prepare { slot, holder, .. }
+            | Request::Propose { slot, holder, .. }
+            | Request::Install { slot, holder, .. }
+            | Request::Moved { slot, holder, .. } => (slot, holder),
         }
+    }
+
+    /// Whether it is a request of a configuration's move, which carries its configurations.
+    pub fn is_move(&self) -> bool {
+        matches!(
+            self,
+            Request::Prepare { .. }
+                | Request::Propose { .. }
+                | Request::Install { .. }
+                | Request::Moved { .. }
+        )
     }
 }
 
@@ -171,6 +230,24 @@ pub enum Reply {
         slot: String,
         promised: Option<u64>,
     },
+    /// A promise to a move's ballot, with what this member holds and the successor it
+    /// accepted before, if any.
+    Promised {
+        slot: String,
+        ballot: Ballot,
+        accepted: Option<(Ballot, Cfg)>,
+        handover: Handover,
+    },
+    /// A move's proposal accepted.
+    Accepted {
+        slot: String,
+        ballot: Ballot,
+    },
+    /// `cfg` is taken on (or the successor noted).
+    Installed {
+        slot: String,
+        cfg: Cfg,
+    },
 }
 
 impl Reply {
@@ -182,7 +259,10 @@ impl Reply {
             | Reply::GrantedProvisional { slot }
             | Reply::Completed { slot }
             | Reply::NotCompleted { slot, .. }
-            | Reply::Fence { slot, .. } => slot,
+            | Reply::Fence { slot, .. }
+            | Reply::Promised { slot, .. }
+            | Reply::Accepted { slot, .. }
+            | Reply::Installed { slot, .. } => slot,
         }
     }
 }
@@ -205,6 +285,11 @@ pub enum Refusal {
     Done(Completion),
     /// The grant named is not running here (it ended, or was another holder's).
     NotHeld,
+    /// This authority does not serve the slot under the configuration asked: it serves it
+    /// under this one, or knows it moved there (None: it knows of none, or a move is under way).
+    Config(Option<Cfg>),
+    /// A move under a higher ballot is under way.
+    Outbid { ballot: Ballot },
 }
 
 /// A job's completion slot that is done: the record's sequence, the run that counts (its
@@ -227,6 +312,12 @@ pub struct SlotPromise {
     /// A job's run accepted as the one that counts, and the token it was accepted under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub done: Option<(Completion, u64)>,
+    /// The configuration this authority serves the slot under (see [`config`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cfg: Option<Cfg>,
+    /// A move of a configuration under way (this authority no longer grants under it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving: Option<MoveState>,
 }
 
 /// An authority for any number of slots.
@@ -256,10 +347,59 @@ impl Authority {
         }
     }
 
-    /// Answers one request at `now_ms`; returns the answer and, when a promise changed, the
-    /// slot's new state (to persist before the answer is sent).
+    /// Answers one request at `now_ms`, asked under the configuration `ask.cfg`; returns the
+    /// answer and, when a promise changed, the slot's new state (to persist before the answer
+    /// is sent).
+    pub fn ask(&mut self, ask: &Ask, now_ms: u64) -> (Reply, Option<SlotPromise>) {
+        let req = &ask.req;
+        let slot = req.slot_holder().0;
+        if req.is_move() {
+            let (reply, changed) = self.handle_move(req, now_ms);
+            let st = changed.then(|| self.slots.get(slot).cloned()).flatten();
+            return (reply, st);
+        }
+        if !matches!(req, Request::Release { .. }) {
+            if let Some(why) = config::mismatch(self.slots.get(slot), ask.cfg.as_ref()) {
+                let reply = match req {
+                    Request::Complete { .. } => Reply::NotCompleted {
+                        slot: slot.to_owned(),
+                        why,
+                    },
+                    _ => Reply::Refused {
+                        slot: slot.to_owned(),
+                        why,
+                    },
+                };
+                return (reply, None);
+            }
+        }
+        self.serve(req, now_ms)
+    }
+
+    /// [`Authority::ask`] under no configuration (for slots kept without one).
     pub fn handle(&mut self, req: &Request, now_ms: u64) -> (Reply, Option<SlotPromise>) {
+        self.ask(
+            &Ask {
+                cfg: None,
+                req: req.clone(),
+            },
+            now_ms,
+        )
+    }
+
+    /// A lease request, once its configuration is the one served.
+    fn serve(&mut self, req: &Request, now_ms: u64) -> (Reply, Option<SlotPromise>) {
         match req {
+            Request::Prepare { slot, .. }
+            | Request::Propose { slot, .. }
+            | Request::Install { slot, .. }
+            | Request::Moved { slot, .. } => (
+                Reply::Refused {
+                    slot: slot.clone(),
+                    why: Refusal::NotHeld,
+                },
+                None,
+            ),
             Request::Acquire {
                 slot,
                 holder,
@@ -593,6 +733,8 @@ pub struct Acquisition {
     highest: u64,
     held_by: Option<NodeId>,
     accepted: Option<(Completion, u64)>,
+    /// The newest configuration an authority named in refusing (the slot moved).
+    newer: Option<Cfg>,
 }
 
 impl Acquisition {
@@ -633,6 +775,7 @@ impl Acquisition {
                 highest: token,
                 held_by: None,
                 accepted: None,
+                newer: None,
             },
             requests,
         )
@@ -646,6 +789,12 @@ impl Acquisition {
     /// The authorities asked.
     pub fn authorities(&self) -> &[NodeId] {
         &self.authorities
+    }
+
+    /// The newest configuration an authority named in refusing: the slot moved there (ask its
+    /// members instead).
+    pub fn newer(&self) -> Option<&Cfg> {
+        self.newer.as_ref()
     }
 
     /// Whether a majority of the authorities answered at all (granted or refused). An attempt
@@ -682,10 +831,17 @@ impl Acquisition {
                         self.highest = self.highest.max(*token);
                         self.held_by = Some(holder.clone());
                     }
+                    Refusal::Config(Some(c)) => {
+                        if self.newer.as_ref().is_none_or(|n| c.epoch > n.epoch) {
+                            self.newer = Some(c.clone());
+                        }
+                    }
                     Refusal::Abstaining { .. }
                     | Refusal::Full
                     | Refusal::Done(_)
-                    | Refusal::NotHeld => {}
+                    | Refusal::NotHeld
+                    | Refusal::Config(None)
+                    | Refusal::Outbid { .. } => {}
                 }
             }
             _ => {}
