@@ -163,7 +163,20 @@ pub enum Request {
 pub struct Ask {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cfg: Option<Cfg>,
+    /// The asking node's id for the exchange, given back with the answer: an answer to an
+    /// earlier attempt must not count for a later one (a grant counted from the later one's
+    /// start would outlast the authority's).
+    #[serde(default)]
+    pub id: u64,
     pub req: Request,
+}
+
+/// An authority's answer as sent: the [`Ask`]'s id and the reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer {
+    #[serde(default)]
+    pub id: u64,
+    pub reply: Reply,
 }
 
 impl Request {
@@ -381,6 +394,7 @@ impl Authority {
         self.ask(
             &Ask {
                 cfg: None,
+                id: 0,
                 req: req.clone(),
             },
             now_ms,

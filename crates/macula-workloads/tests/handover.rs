@@ -42,7 +42,7 @@ struct Node {
 
 enum Body {
     Ask(Ask),
-    Reply(Reply),
+    Reply(Answer),
 }
 
 struct Msg {
@@ -193,16 +193,21 @@ fn simulate(seed: u64, scenario: Scenario) -> Run {
             match m.body {
                 Body::Ask(ask) => {
                     let (reply, _) = nodes[m.to].auth.ask(&ask, now);
-                    send(&mut net, &mut rng, m.to, m.from, Body::Reply(reply), now);
+                    let answer = Answer { id: ask.id, reply };
+                    send(&mut net, &mut rng, m.to, m.from, Body::Reply(answer), now);
                 }
-                Body::Reply(reply) => {
+                Body::Reply(Answer { id: attempt, reply }) => {
                     let me = &mut nodes[m.to];
                     let from = id(m.from);
-                    if let Some(mv) = me.moving.as_mut() {
+                    if let Some(mv) = me.moving.as_mut().filter(|m| m.started_ms() == attempt) {
                         let (st, out) = mv.on_reply(&from, &reply);
                         for (to, req) in out {
                             let to: usize = to.trim_start_matches('n').parse().unwrap();
-                            let ask = Ask { cfg: None, req };
+                            let ask = Ask {
+                                cfg: None,
+                                id: attempt,
+                                req,
+                            };
                             send(&mut net, &mut rng, m.to, to, Body::Ask(ask), now);
                         }
                         match st {
@@ -229,7 +234,7 @@ fn simulate(seed: u64, scenario: Scenario) -> Run {
                         }
                         continue;
                     }
-                    let Some(acq) = me.trying.as_mut() else {
+                    let Some(acq) = me.trying.as_mut().filter(|a| a.started_ms() == attempt) else {
                         continue;
                     };
                     if !acq.authorities().contains(&from) {
@@ -306,7 +311,11 @@ fn simulate(seed: u64, scenario: Scenario) -> Run {
                         me.moving = Some(mv);
                         for (to, req) in out {
                             let to: usize = to.trim_start_matches('n').parse().unwrap();
-                            let ask = Ask { cfg: None, req };
+                            let ask = Ask {
+                                cfg: None,
+                                id: now,
+                                req,
+                            };
                             send(&mut net, &mut rng, i, to, Body::Ask(ask), now);
                         }
                         continue;
@@ -329,6 +338,7 @@ fn simulate(seed: u64, scenario: Scenario) -> Run {
                     let to: usize = to.trim_start_matches('n').parse().unwrap();
                     let ask = Ask {
                         cfg: cfg.clone(),
+                        id: now,
                         req,
                     };
                     send(&mut net, &mut rng, i, to, Body::Ask(ask), now);
@@ -459,6 +469,7 @@ fn two_movers_choose_one_successor() {
     for n in ["a", "b"] {
         let ask = Ask {
             cfg: Some(c.clone()),
+            id: 0,
             req: Request::Acquire {
                 slot: SLOT.into(),
                 holder: "h".into(),
@@ -479,7 +490,14 @@ fn two_movers_choose_one_successor() {
         auths
             .get_mut(to)
             .unwrap()
-            .ask(&Ask { cfg: None, req }, 20)
+            .ask(
+                &Ask {
+                    cfg: None,
+                    id: 0,
+                    req,
+                },
+                20,
+            )
             .0
     };
     // m1 prepares a and b; m2 (higher ballot) prepares b and c.
@@ -546,6 +564,7 @@ fn two_movers_choose_one_successor() {
     for n in ["a", "b", "c"] {
         let ask = Ask {
             cfg: Some(c.clone()),
+            id: 0,
             req: Request::Acquire {
                 slot: SLOT.into(),
                 holder: "x".into(),
@@ -569,6 +588,7 @@ fn two_movers_choose_one_successor() {
     // later holders start above it.
     let ask = |holder: &str, token| Ask {
         cfg: Some(next.clone()),
+        id: 0,
         req: Request::Acquire {
             slot: SLOT.into(),
             holder: holder.into(),

@@ -206,6 +206,9 @@ struct Holder {
 
 struct Msg {
     at: u64,
+    /// The attempt (its start) a request belongs to, and its answer: an answer to an earlier
+    /// attempt is not counted for a later one (the node matches answers to asks by id).
+    attempt: u64,
     from: usize,
     to: usize,
     /// To an authority (`Some`) or back to a holder.
@@ -241,6 +244,7 @@ fn simulate(seed: u64, holders: usize, loss: f64, max_delay: u64, partitions: bo
                 if cut[m.from][m.to] <= now && !rng.gen_bool(loss) {
                     net.push(Msg {
                         at: now + rng.gen_range(0..=max_delay),
+                        attempt: m.attempt,
                         from: m.to,
                         to: m.from,
                         req: None,
@@ -249,7 +253,7 @@ fn simulate(seed: u64, holders: usize, loss: f64, max_delay: u64, partitions: bo
                 }
             } else if let Some(reply) = m.reply {
                 let h = &mut hs[m.to];
-                if let Some(acq) = h.trying.as_mut() {
+                if let Some(acq) = h.trying.as_mut().filter(|a| a.started_ms() == m.attempt) {
                     match acq.on_reply(&reply) {
                         Outcome::Held {
                             token,
@@ -298,6 +302,7 @@ fn simulate(seed: u64, holders: usize, loss: f64, max_delay: u64, partitions: bo
                     if cut[i][j] <= now && !rng.gen_bool(loss) {
                         net.push(Msg {
                             at: now + rng.gen_range(0..=max_delay),
+                            attempt: now,
                             from: i,
                             to: j,
                             req: Some(req),
@@ -477,7 +482,7 @@ fn simulate_splits(seed: u64, tolerant: bool) -> usize {
     // lasts up to a term after it heals).
     let mut quiet_until = 0;
     // (deliver at, from, to, a request to an authority or an answer to a holder)
-    type InFlight = (u64, usize, usize, Option<Request>, Option<Reply>);
+    type InFlight = (u64, usize, usize, Option<Request>, Option<Reply>, u64);
     let mut net: Vec<InFlight> = vec![];
     let mut max_extra = 0;
     let end = 40_000;
@@ -495,18 +500,18 @@ fn simulate_splits(seed: u64, tolerant: bool) -> usize {
         let linked = |h: usize, a: usize| split.as_ref().is_none_or(|(hs, as_, _)| hs[h] == as_[a]);
         let (due, later): (Vec<_>, Vec<_>) = net.drain(..).partition(|m| m.0 <= now);
         net = later;
-        for (_, from, to, req, reply) in due {
+        for (_, from, to, req, reply, attempt) in due {
             if let Some(req) = req {
                 if !linked(from, to) {
                     continue;
                 }
                 let (r, _) = auths[to].handle(&req, now);
                 if linked(from, to) {
-                    net.push((now + rng.gen_range(0..50), to, from, None, Some(r)));
+                    net.push((now + rng.gen_range(0..50), to, from, None, Some(r), attempt));
                 }
             } else if let Some(r) = reply {
                 let h = &mut hs[to];
-                if let Some(ask) = h.asking.as_mut() {
+                if let Some(ask) = h.asking.as_mut().filter(|a| a.started_ms() == attempt) {
                     if matches!(r, Reply::GrantedProvisional { .. })
                         || matches!(&r, Reply::Refused { .. }) && h.trying.is_none()
                     {
@@ -517,7 +522,7 @@ fn simulate_splits(seed: u64, tolerant: bool) -> usize {
                 if let Reply::GrantedProvisional { .. } = r {
                     continue;
                 }
-                if let Some(acq) = h.trying.as_mut() {
+                if let Some(acq) = h.trying.as_mut().filter(|a| a.started_ms() == attempt) {
                     match acq.on_reply(&r) {
                         Outcome::Held {
                             token,
@@ -567,7 +572,7 @@ fn simulate_splits(seed: u64, tolerant: bool) -> usize {
                             ProvisionalAsk::start(SLOT, &format!("h{i}"), &auth_ids, now);
                         for (j, (_, req)) in reqs.into_iter().enumerate() {
                             if linked(i, j) {
-                                net.push((now + rng.gen_range(0..50), i, j, Some(req), None));
+                                net.push((now + rng.gen_range(0..50), i, j, Some(req), None, now));
                             }
                         }
                         h.asking = Some(ask);
@@ -593,7 +598,7 @@ fn simulate_splits(seed: u64, tolerant: bool) -> usize {
                 );
                 for (j, (_, req)) in reqs.into_iter().enumerate() {
                     if linked(i, j) {
-                        net.push((now + rng.gen_range(0..50), i, j, Some(req), None));
+                        net.push((now + rng.gen_range(0..50), i, j, Some(req), None, now));
                     }
                 }
                 h.trying = Some(acq);
@@ -804,6 +809,7 @@ fn simulate_job(seed: u64, runners: usize, loss: f64, max_delay: u64) -> Option<
                     let at = now + rng.gen_range(0..=max_delay);
                     net.push(Msg {
                         at,
+                        attempt: m.attempt,
                         from: m.to,
                         to: m.from,
                         req: None,
@@ -815,7 +821,9 @@ fn simulate_job(seed: u64, runners: usize, loss: f64, max_delay: u64) -> Option<
             let Some(reply) = m.reply else { continue };
             let r = &mut rs[m.to];
             if matches!(reply, Reply::Completed { .. } | Reply::NotCompleted { .. }) {
-                let Some(c) = r.asking.as_mut() else { continue };
+                let Some(c) = r.asking.as_mut().filter(|c| c.started_ms() == m.attempt) else {
+                    continue;
+                };
                 match c.on_reply(&reply) {
                     Counted::Yes => {
                         let run = c.run.clone();
@@ -829,7 +837,7 @@ fn simulate_job(seed: u64, runners: usize, loss: f64, max_delay: u64) -> Option<
                     Counted::No => r.asking = None,
                     Counted::Pending => {}
                 }
-            } else if let Some(acq) = r.trying.as_mut() {
+            } else if let Some(acq) = r.trying.as_mut().filter(|a| a.started_ms() == m.attempt) {
                 match acq.on_reply(&reply) {
                     Outcome::Held {
                         token,
@@ -871,6 +879,7 @@ fn simulate_job(seed: u64, runners: usize, loss: f64, max_delay: u64) -> Option<
                         let at = now + rng.gen_range(0..=max_delay);
                         net.push(Msg {
                             at,
+                            attempt: now,
                             from: i,
                             to: j,
                             req: Some(req),
