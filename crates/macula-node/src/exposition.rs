@@ -144,6 +144,11 @@ fn workload_series(out: &mut Out, w: &crate::metrics::WorkloadMetrics) -> fmt::R
         "Replicas stopped because their lease ended unrenewed or another node held it.",
         get(&w.leases_lost),
     )?;
+    out.counter(
+        "macula_workload_authority_moves",
+        "Moves of a slot's lease authorities this node finished, each agreed by a majority of the authorities it replaced.",
+        get(&w.authority_moves),
+    )?;
     let m = out.0.encode_descriptor(
         "macula_workload_schedule_seconds",
         "From the tender of a slot to its replica starting.",

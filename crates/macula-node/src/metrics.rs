@@ -46,6 +46,8 @@ pub struct WorkloadMetrics {
     pub renewals: AtomicU64,
     /// Replicas stopped because their lease ended unrenewed or another node held it.
     pub leases_lost: AtomicU64,
+    /// Moves of a slot's lease authorities this node finished (the realm's nodes changed).
+    pub authority_moves: AtomicU64,
     /// From the first tender of a slot to its replica starting (seconds).
     pub schedule_seconds: prometheus_client::metrics::histogram::Histogram,
     pub replicas: std::sync::Mutex<Vec<ReplicaSample>>,
@@ -70,6 +72,7 @@ impl Default for WorkloadMetrics {
             tenders: AtomicU64::new(0),
             renewals: AtomicU64::new(0),
             leases_lost: AtomicU64::new(0),
+            authority_moves: AtomicU64::new(0),
             schedule_seconds: prometheus_client::metrics::histogram::Histogram::new([
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ]),

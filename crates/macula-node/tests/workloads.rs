@@ -49,6 +49,12 @@ async fn next<T>(
     }
 }
 
+/// A record without what the node added to it (its slots' first configurations).
+fn signed_part(mut r: DeployRecord) -> DeployRecord {
+    r.genesis = Default::default();
+    r
+}
+
 /// The next deploy record the peer receives from the node.
 async fn next_record(ev: &mut macula_mesh::MeshEvents) -> DeployRecord {
     next(ev, "deploy record", |f| match f {
@@ -70,7 +76,14 @@ async fn deploy_records_are_judged_kept_and_flooded() {
     let r1 = record(&developer, "api", 1, Some(MANIFEST));
     let (s, b) = t.http("POST", &path, None, &body(&r1)).await;
     assert_eq!(s, 201, "{b}");
-    assert_eq!(next_record(&mut ev).await, r1);
+    let flooded = next_record(&mut ev).await;
+    assert!(
+        flooded.genesis.ranges[0]
+            .nodes
+            .contains(&node_id.to_string()),
+        "the node that took the record chose its slots' first authorities: {flooded:?}"
+    );
+    assert_eq!(signed_part(flooded), r1);
     // Kept on disk.
     let file = t.dir.root.join("workloads/records.json");
     assert!(std::fs::read_to_string(&file).unwrap().contains("\"api\""));
@@ -157,7 +170,7 @@ async fn deploy_records_are_judged_kept_and_flooded() {
             record: body(&r1).into_bytes().into(),
         },
     );
-    assert_eq!(next_record(&mut ev).await, r2);
+    assert_eq!(signed_part(next_record(&mut ev).await), r2);
     // Listing needs a key of the realm.
     let (s, _) = t.http("GET", &path, None, "").await;
     assert_eq!(s, 401);
@@ -165,7 +178,11 @@ async fn deploy_records_are_judged_kept_and_flooded() {
 
 async fn next_lease_reply(ev: &mut macula_mesh::MeshEvents) -> macula_workloads::lease::Reply {
     next(ev, "lease reply", |f| match f {
-        Frame::LeaseReply { reply } => serde_json::from_slice(&reply).ok(),
+        Frame::LeaseReply { reply } => {
+            serde_json::from_slice::<macula_workloads::lease::Answer>(&reply)
+                .ok()
+                .map(|a| a.reply)
+        }
         _ => None,
     })
     .await
@@ -173,22 +190,65 @@ async fn next_lease_reply(ev: &mut macula_mesh::MeshEvents) -> macula_workloads:
 
 #[tokio::test]
 async fn a_node_grants_leases_as_an_authority_and_keeps_its_promises() {
-    use macula_workloads::lease::{Refusal, Reply, Request};
+    use macula_workloads::lease::{Ask, Cfg, Handover, Refusal, Reply, Request};
     let t = TestNode::start().await;
     let (p1, mut ev1, node_id) = certified_peer(&t).await;
     let (p2, mut ev2, _) = certified_peer(&t).await;
     let (me1, me2) = (p1.peer_id().to_string(), p2.peer_id().to_string());
     let slot = format!("{REALM}/api/0");
-    let ask = |holder: &str, token: u64| Frame::LeaseRequest {
-        req: serde_json::to_vec(&Request::Acquire {
-            slot: slot.clone(),
-            holder: holder.into(),
-            token,
-            seq: 1,
+    let cfg = Cfg {
+        epoch: 2,
+        set: vec![node_id.to_string(), me1.clone(), me2.clone()],
+    };
+    let frame = |cfg: Option<&Cfg>, req: Request| Frame::LeaseRequest {
+        req: serde_json::to_vec(&Ask {
+            cfg: cfg.cloned(),
+            id: 9,
+            req,
         })
         .unwrap()
         .into(),
     };
+    let ask = |holder: &str, token: u64| {
+        frame(
+            Some(&cfg),
+            Request::Acquire {
+                slot: slot.clone(),
+                holder: holder.into(),
+                token,
+                seq: 1,
+            },
+        )
+    };
+    // A slot this node serves under no configuration: nothing is granted.
+    p1.send(&node_id, &ask(&me1, 1));
+    assert_eq!(
+        next_lease_reply(&mut ev1).await,
+        Reply::Refused {
+            slot: slot.clone(),
+            why: Refusal::Config(None),
+        }
+    );
+    // Once a move installed one here, it grants under it.
+    p1.send(
+        &node_id,
+        &frame(
+            None,
+            Request::Install {
+                slot: slot.clone(),
+                holder: me1.clone(),
+                cfg: cfg.clone(),
+                handover: Handover::default(),
+            },
+        ),
+    );
+    assert_eq!(
+        next_lease_reply(&mut ev1).await,
+        Reply::Installed {
+            slot: slot.clone(),
+            cfg: cfg.clone(),
+        }
+    );
     p1.send(&node_id, &ask(&me1, 1));
     assert_eq!(
         next_lease_reply(&mut ev1).await,
@@ -234,16 +294,15 @@ async fn a_node_grants_leases_as_an_authority_and_keeps_its_promises() {
         let before = rejected();
         p2.send(
             &node_id,
-            &Frame::LeaseRequest {
-                req: serde_json::to_vec(&Request::Acquire {
+            &frame(
+                Some(&cfg),
+                Request::Acquire {
                     slot,
                     holder: me2.clone(),
                     token: 1,
                     seq: 1,
-                })
-                .unwrap()
-                .into(),
-            },
+                },
+            ),
         );
         eventually("the request is rejected", || rejected() > before).await;
     }
@@ -259,13 +318,14 @@ async fn a_node_grants_leases_as_an_authority_and_keeps_its_promises() {
     );
     // macula.fence.check's question, from another node of the realm: the highest promise, and
     // nothing kept for a slot never granted; a realm this node does not know is not answered.
-    let fence = |slot: &str, holder: &str| Frame::LeaseRequest {
-        req: serde_json::to_vec(&Request::Fence {
-            slot: slot.into(),
-            holder: holder.into(),
-        })
-        .unwrap()
-        .into(),
+    let fence = |slot: &str, holder: &str| {
+        frame(
+            Some(&cfg),
+            Request::Fence {
+                slot: slot.into(),
+                holder: holder.into(),
+            },
+        )
     };
     p2.send(&node_id, &fence(&slot, &me2));
     assert_eq!(
@@ -279,9 +339,9 @@ async fn a_node_grants_leases_as_an_authority_and_keeps_its_promises() {
     p2.send(&node_id, &fence(&never, &me2));
     assert_eq!(
         next_lease_reply(&mut ev2).await,
-        Reply::Fence {
+        Reply::Refused {
             slot: never.clone(),
-            promised: Some(0)
+            why: Refusal::Config(None),
         }
     );
     assert!(

@@ -637,6 +637,11 @@ impl Authority {
         self.slots.contains_key(slot) || self.provisional.contains_key(slot)
     }
 
+    /// What this authority keeps for `slot`.
+    pub fn promises_of(&self, slot: &str) -> Option<&SlotPromise> {
+        self.slots.get(slot)
+    }
+
     /// What this authority promised, for persisting in full.
     pub fn promises(&self) -> BTreeMap<String, SlotPromise> {
         self.slots

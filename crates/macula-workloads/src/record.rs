@@ -46,6 +46,121 @@ pub struct DeployRecord {
     /// The key holder's Ed25519 signature over [`DeployRecord::digest`].
     #[serde(with = "hex_bytes")]
     pub sig: Vec<u8>,
+    /// The first lease configuration of each of the workload's slots: not signed (the node
+    /// that took the record from its signer chose it) and carried from one record of the name
+    /// to the next, so that every node agrees on it (see [`Genesis`]).
+    #[serde(default, skip_serializing_if = "Genesis::is_empty")]
+    pub genesis: Genesis,
+}
+
+/// The most ranges a workload's [`Genesis`] has, and the most nodes one names.
+pub const MAX_GENESIS_RANGES: usize = 64;
+pub const MAX_GENESIS_NODES: usize = 16;
+
+/// Where each of a workload's lease slots starts: its first configuration (epoch 1) is the top
+/// [`lease::AUTHORITIES`](crate::lease::AUTHORITIES) by rendezvous hash of the slot over the
+/// nodes of the range that holds its index. The node that takes a record from its signer adds
+/// a range, from the realm's nodes it sees, for indices no earlier record of the name covered;
+/// ranges never change after (records and tombstones carry them on), so a slot's first
+/// configuration is the same on every node that has any record of the workload, whatever each
+/// sees of the mesh — the ground the configuration's moves stand on ([`crate::lease`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Genesis {
+    pub ranges: Vec<GenesisRange>,
+}
+
+/// Slot indices `from..to` start on the top 3 of `nodes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenesisRange {
+    pub from: u32,
+    pub to: u32,
+    pub nodes: Vec<String>,
+}
+
+impl Genesis {
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// The indices covered: `0..covered()`.
+    pub fn covered(&self) -> u32 {
+        self.ranges.last().map_or(0, |r| r.to)
+    }
+
+    /// Whether it is well formed: ranges in order, each after the last, with 1 to
+    /// [`MAX_GENESIS_NODES`] nodes of sane ids.
+    pub fn valid(&self) -> bool {
+        let mut at = 0;
+        self.ranges.len() <= MAX_GENESIS_RANGES
+            && self.ranges.iter().all(|r| {
+                let ok = r.from == at
+                    && r.to > r.from
+                    && !r.nodes.is_empty()
+                    && r.nodes.len() <= MAX_GENESIS_NODES
+                    && r.nodes.iter().all(|n| !n.is_empty() && n.len() <= 128);
+                at = r.to;
+                ok
+            })
+    }
+
+    /// The first configuration of lease slot `slot`, index `index` of the workload.
+    pub fn cfg(&self, slot: &str, index: u32) -> Option<crate::lease::Cfg> {
+        let r = self
+            .ranges
+            .iter()
+            .find(|r| (r.from..r.to).contains(&index))?;
+        let set = crate::lease::authorities(slot, &r.nodes, crate::lease::AUTHORITIES)
+            .into_iter()
+            .cloned()
+            .collect();
+        Some(crate::lease::Cfg { epoch: 1, set })
+    }
+
+    /// Takes on the ranges of `other` past those it has (its own never change).
+    fn carry(&mut self, other: &Genesis) {
+        if !other.valid() {
+            return;
+        }
+        for r in &other.ranges {
+            if r.from == self.covered() && self.ranges.len() < MAX_GENESIS_RANGES {
+                self.ranges.push(r.clone());
+            }
+        }
+    }
+
+    /// Covers indices up to `upto` with a range over `nodes` (the realm's nodes as the node
+    /// that took the record sees them; the first [`MAX_GENESIS_NODES`] by rendezvous hash of
+    /// the workload and the range's start).
+    fn extend(&mut self, key: &str, upto: u32, nodes: &[String]) {
+        let from = self.covered();
+        if upto <= from || nodes.is_empty() || self.ranges.len() >= MAX_GENESIS_RANGES {
+            return;
+        }
+        let picked = crate::placement::top_by_hash(
+            &[key.as_bytes(), &from.to_be_bytes()],
+            nodes,
+            MAX_GENESIS_NODES,
+        )
+        .into_iter()
+        .cloned()
+        .collect();
+        self.ranges.push(GenesisRange {
+            from,
+            to: upto,
+            nodes: picked,
+        });
+    }
+}
+
+/// How many lease slot indices a manifest uses: its replicas (or completions), and a payload's
+/// rollout permits.
+pub fn lease_indices(m: &Manifest) -> u32 {
+    match m {
+        Manifest::Payload(p) => p
+            .replicas
+            .max((p.update.max_surge + p.update.max_unavailable).max(1)),
+        Manifest::Job(j) => j.completions,
+    }
 }
 
 mod hex_bytes {
@@ -104,6 +219,7 @@ impl DeployRecord {
             issued_at,
             key: key_public.to_owned(),
             sig: vec![],
+            genesis: Genesis::default(),
         };
         r.sig = sign(&r.digest())?.to_vec();
         Some(r)
@@ -162,13 +278,19 @@ impl Records {
     /// why not. With `max_instances`, the realm's workloads together may ask for at most that
     /// many instances at once ([`Manifest::instances`]); a record that lowers the count is
     /// taken even above it (scaling down, deleting).
+    ///
+    /// `entry`: the realm's nodes as this node sees them, when it takes the record from its
+    /// signer (not from a peer): the record's [`Genesis`] is then this node's, extended over
+    /// them for indices no earlier record covered. From a peer, the record's own ranges past
+    /// those this node has are taken on. Returns the record as taken.
     pub fn accept(
         &mut self,
-        r: DeployRecord,
+        mut r: DeployRecord,
         verify: impl FnOnce(&str, &[u8; 32], &[u8]) -> Result<Signer, String>,
         may_deploy: impl Fn(&str, &Signer, Option<&str>) -> Result<(), String>,
         max_instances: Option<u32>,
-    ) -> Result<Option<Manifest>, Refused> {
+        entry: Option<&[String]>,
+    ) -> Result<(DeployRecord, Option<Manifest>), Refused> {
         let have = self
             .by_realm
             .get(&r.realm)
@@ -226,6 +348,19 @@ impl Records {
                 return Err(Refused::OverLimit { asked, limit });
             }
         }
+        // The slots' first configurations: those of the record this node has, carried on.
+        let mut genesis = self
+            .get(&r.realm, &r.name)
+            .map(|p| p.genesis.clone())
+            .unwrap_or_default();
+        match entry {
+            Some(nodes) => {
+                let upto = manifest.as_ref().map_or(0, lease_indices);
+                genesis.extend(&format!("{}/{}", r.realm, r.name), upto, nodes);
+            }
+            None => genesis.carry(&r.genesis),
+        }
+        r.genesis = genesis;
         let realm = self.by_realm.entry(r.realm.clone()).or_default();
         if have.is_none() && realm.len() >= MAX_PER_REALM {
             return Err(Refused::Full);
@@ -242,7 +377,7 @@ impl Records {
         );
         let history = self.history.entry(r.realm.clone()).or_default();
         if let Some(prev) = realm
-            .insert(r.name.clone(), r)
+            .insert(r.name.clone(), r.clone())
             .filter(|p| p.manifest.is_some())
         {
             let h = history.entry(prev.name.clone()).or_default();
@@ -262,7 +397,7 @@ impl Records {
             total -= oldest.pop_back().as_ref().map_or(0, size);
         }
         history.retain(|_, h| !h.is_empty());
-        Ok(manifest)
+        Ok((r, manifest))
     }
 
     /// The earlier versions of (realm, name) kept here, newest first.

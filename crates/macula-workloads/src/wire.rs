@@ -42,6 +42,9 @@ pub enum Work {
         waited_ms: u64,
         /// The slot's tenders before this one (a first award may be declined for spread).
         attempt: u32,
+        /// The slot's lease configuration as the tendering authority serves it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cfg: Option<crate::lease::Cfg>,
     },
     /// The receiver's bid for `slot` lost: its reservation is released.
     Lost {

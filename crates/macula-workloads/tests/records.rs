@@ -82,7 +82,75 @@ fn may_deploy(realm: &str, s: &Signer, workload_role: Option<&str>) -> Result<()
 }
 
 fn accept(records: &mut Records, r: DeployRecord) -> Result<Option<Manifest>, Refused> {
-    records.accept(r, verify, may_deploy, None)
+    records
+        .accept(r, verify, may_deploy, None, None)
+        .map(|(_, m)| m)
+}
+
+fn nodes(ids: &[&str]) -> Vec<String> {
+    ids.iter().map(|n| n.to_string()).collect()
+}
+
+#[test]
+fn a_slots_first_configuration_is_fixed_by_the_record_and_the_same_on_every_node() {
+    let dev = Key::new(1, REALM, "developer");
+    // The node a deploy enters at chooses the first range from the nodes it sees; whatever
+    // the signer put there is not taken.
+    let mut entry = Records::default();
+    let mut r = dev.record("api", 1, Some(MANIFEST));
+    r.genesis = Genesis {
+        ranges: vec![GenesisRange {
+            from: 0,
+            to: 2,
+            nodes: nodes(&["mine"]),
+        }],
+    };
+    let seen = nodes(&["n1", "n2", "n3", "n4"]);
+    let (taken, _) = entry
+        .accept(r, verify, may_deploy, None, Some(&seen))
+        .unwrap();
+    assert_eq!(taken.genesis.ranges.len(), 1);
+    assert_eq!(taken.genesis.covered(), 2, "replicas: 2 (and one rollout permit)");
+    assert!(taken.genesis.ranges[0].nodes.iter().all(|n| seen.contains(n)));
+    let first = taken.genesis.cfg("com.example.app/api/1", 1).unwrap();
+    assert_eq!(first.epoch, 1);
+    assert_eq!(first.set.len(), 3);
+    // A peer takes the record's ranges on, whatever it sees itself.
+    let mut peer = Records::default();
+    let (at_peer, _) = peer
+        .accept(taken.clone(), verify, may_deploy, None, None)
+        .unwrap();
+    assert_eq!(at_peer.genesis, taken.genesis);
+    // A scale-up adds a range for the new indices from what the entry node sees then; the
+    // first range stays as it was, at the entry node and at the peer.
+    let scaled = MANIFEST.replace("replicas: 2", "replicas: 5");
+    let later = nodes(&["n3", "n4", "n5", "n6"]);
+    let (t2, _) = entry
+        .accept(dev.record("api", 2, Some(&scaled)), verify, may_deploy, None, Some(&later))
+        .unwrap();
+    assert_eq!(t2.genesis.ranges[0], taken.genesis.ranges[0]);
+    assert_eq!(t2.genesis.ranges[1].from, 2);
+    assert_eq!(t2.genesis.ranges[1].to, 5);
+    assert!(t2.genesis.ranges[1].nodes.iter().all(|n| later.contains(n)));
+    // A peer that gets a record rewriting the first range keeps its own (and takes the new
+    // range on).
+    let mut forged = t2.clone();
+    forged.genesis.ranges[0].nodes = nodes(&["evil"]);
+    let (at_peer, _) = peer
+        .accept(forged, verify, may_deploy, None, None)
+        .unwrap();
+    assert_eq!(at_peer.genesis, t2.genesis);
+    // A tombstone carries the ranges on, so the workload deployed again starts where it was.
+    let (dead, _) = entry
+        .accept(dev.record("api", 3, None), verify, may_deploy, None, Some(&later))
+        .unwrap();
+    assert_eq!(dead.genesis, t2.genesis);
+    let (again, _) = entry
+        .accept(dev.record("api", 4, Some(MANIFEST)), verify, may_deploy, None, Some(&seen))
+        .unwrap();
+    assert_eq!(again.genesis, t2.genesis);
+    // The ranges are not signed: the record's signature holds with any.
+    assert_eq!(again.digest(), dev.record("api", 4, Some(MANIFEST)).digest());
 }
 
 #[test]
@@ -319,17 +387,17 @@ fn records_signed_with_real_api_keys() {
     let service = key_of("service_account", "key_svc");
     let mut records = Records::default();
     assert!(records
-        .accept(sign(&developer, "api", 1), verify_real, may, None)
+        .accept(sign(&developer, "api", 1), verify_real, may, None, None)
         .is_ok());
     assert!(matches!(
-        records.accept(sign(&service, "api", 2), verify_real, may, None),
+        records.accept(sign(&service, "api", 2), verify_real, may, None, None),
         Err(Refused::Forbidden(_))
     ));
     // The public form of one key with another key's signature.
     let mut r = sign(&service, "api", 3);
     r.key = public_form(&developer).unwrap();
     assert!(matches!(
-        records.accept(r, verify_real, may, None),
+        records.accept(r, verify_real, may, None, None),
         Err(Refused::Unverified(_))
     ));
 }
@@ -339,7 +407,7 @@ fn a_plans_instance_limit_counts_every_workload_of_the_realm() {
     let dev = Key::new(1, REALM, "developer");
     let mut records = Records::default();
     let limited =
-        |records: &mut Records, r: DeployRecord| records.accept(r, verify, may_deploy, Some(5));
+        |records: &mut Records, r: DeployRecord| records.accept(r, verify, may_deploy, Some(5), None);
     let payload = |name: &str, n: u32| {
         format!("kind: payload\nname: {name}\nreplicas: {n}\ncommand: [my-server]\n")
     };
@@ -374,7 +442,7 @@ fn a_plans_instance_limit_counts_every_workload_of_the_realm() {
     );
     // A plan lowered below what runs: scaling down is still taken, scaling up is not.
     let tighter =
-        |records: &mut Records, r: DeployRecord| records.accept(r, verify, may_deploy, Some(2));
+        |records: &mut Records, r: DeployRecord| records.accept(r, verify, may_deploy, Some(2), None);
     tighter(&mut loaded, dev.record("api", 3, Some(&payload("api", 3)))).unwrap();
     assert!(matches!(
         tighter(&mut loaded, dev.record("api", 4, Some(&payload("api", 4)))),

@@ -169,7 +169,7 @@ async fn a_split_in_two_never_runs_a_slot_twice_and_heals_to_exactly_n() {
         tmp.path(),
         NODES,
         REALM,
-        "tls:\n  plaintext: any\nworkloads:\n  require_limits: false\n  require_sandbox: false\n  lease_term_ms: 2000\n",
+        "tls:\n  plaintext: any\nworkloads:\n  require_limits: false\n  require_sandbox: false\n  lease_term_ms: 2000\n  member_grace_ms: 1\n",
     );
     let mut nodes: Vec<NodeProc> = vec![];
     for (i, h) in homes.iter().enumerate() {

@@ -104,7 +104,7 @@ pub(crate) async fn take(
     }
     let taken = {
         let node = node.clone();
-        tokio::task::spawn_blocking(move || crate::workloads::accept(&node, record)).await
+        tokio::task::spawn_blocking(move || crate::workloads::accept(&node, record, true)).await
     };
     let Ok(taken) = taken else {
         return Err(fail(

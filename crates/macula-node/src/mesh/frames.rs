@@ -58,7 +58,7 @@ pub(crate) fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, fr
         // Answers to this node's own lease requests, and placement, status and logs: for the
         // workload controller.
         Frame::LeaseReply { reply } => {
-            match serde_json::from_slice::<macula_workloads::lease::Reply>(&reply) {
+            match serde_json::from_slice::<macula_workloads::lease::Answer>(&reply) {
                 Ok(r) => {
                     node.work_inbox
                         .push(peer.to_string(), crate::workloads::InMsg::Lease(r));
@@ -283,7 +283,7 @@ fn on_workload(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, bytes: &[u
     let (node, mesh) = (node.clone(), mesh.clone());
     tokio::task::spawn_blocking(move || {
         let (realm, name) = (record.realm.clone(), record.name.clone());
-        match crate::workloads::accept(&node, record) {
+        match crate::workloads::accept(&node, record, false) {
             Ok(r) => flood_record(&mesh, &r, Some(&peer)),
             Err(Refused::Stale { .. }) => {
                 // The peer is behind: it gets what this node has.
@@ -325,11 +325,11 @@ const MAX_SLOT_LEN: usize = 512;
 /// request must name the peer as holder, and the slot a realm this node knows and the peer may
 /// serve. Answered off the event loop (the promise is written to disk first).
 fn on_lease_request(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, bytes: &[u8]) {
-    use macula_workloads::lease::Request;
-    let Ok(req) = serde_json::from_slice::<Request>(bytes) else {
+    use macula_workloads::lease::{Answer, Ask};
+    let Ok(ask) = serde_json::from_slice::<Ask>(bytes) else {
         return rejected(mesh, &peer, "lease_request", "not a lease request");
     };
-    let (slot, holder) = req.slot_holder();
+    let (slot, holder) = ask.req.slot_holder();
     let me = peer.to_string();
     if *holder != me {
         return rejected(
@@ -358,8 +358,12 @@ fn on_lease_request(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, bytes
     }
     let (node, mesh) = (node.clone(), mesh.clone());
     tokio::task::spawn_blocking(move || {
-        let reply = node.leases.handle(&req);
-        if let Ok(bytes) = serde_json::to_vec(&reply) {
+        crate::workloads::accept::adopt_for(&node, &ask);
+        let answer = Answer {
+            id: ask.id,
+            reply: node.leases.answer(&ask),
+        };
+        if let Ok(bytes) = serde_json::to_vec(&answer) {
             mesh.handle.send(
                 &peer,
                 &Frame::LeaseReply {

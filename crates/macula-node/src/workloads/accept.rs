@@ -3,14 +3,17 @@
 //! must reach the realm and grant `realm:deploy`).
 
 use macula_router::auth::credential;
+use macula_workloads::lease::{Ask, Cfg};
 use macula_workloads::record::{DeployRecord, Refused, Signer};
 
 use crate::confdir::now_secs;
 use crate::node::Node;
 
 /// Takes `record` if it holds (see `macula_workloads::record`) and keeps it on disk; returns it
-/// (to flood on). Writes a file: call it off the async runtime's threads.
-pub fn accept(node: &Node, record: DeployRecord) -> Result<DeployRecord, Refused> {
+/// as taken (to flood on). `entry`: it comes from its signer, not a peer (this node then gives
+/// the workload's new slots their first lease configuration, from the realm's nodes it sees).
+/// Writes a file: call it off the async runtime's threads.
+pub fn accept(node: &Node, record: DeployRecord, entry: bool) -> Result<DeployRecord, Refused> {
     if record.key.len() > credential::MAX_KEY_LEN || record.sig.len() != 64 {
         return Err(Refused::Unverified(
             "not a key's public form and signature".into(),
@@ -61,10 +64,61 @@ pub fn accept(node: &Node, record: DeployRecord) -> Result<DeployRecord, Refused
     let max_instances = node
         .policy_for(&record.realm)
         .and_then(|p| p.doc.max_instances);
+    let nodes = entry.then(|| realm_nodes(node, &record.realm));
     let mut records = node.workloads.records.lock();
-    records.accept(record.clone(), verify, may_deploy, max_instances)?;
+    let (taken, _) = records.accept(record, verify, may_deploy, max_instances, nodes.as_deref())?;
     if let Err(e) = node.workloads.save(&records) {
         tracing::error!("keeping the deploy records: {e}");
     }
-    Ok(record)
+    Ok(taken)
+}
+
+/// This node's id among a realm's nodes: its mesh peer id (`local` without a mesh).
+pub fn node_id(node: &Node) -> String {
+    crate::mesh::of(node).map_or_else(|| "local".to_owned(), |m| m.handle.peer_id().to_string())
+}
+
+/// The nodes of `realm` as this node sees them now: itself and the linked peers that may serve
+/// it, sorted.
+pub fn realm_nodes(node: &Node, realm: &str) -> Vec<String> {
+    let me = node_id(node);
+    let mut v = vec![];
+    if node.peer_may_serve(realm, &me) != Some(false) {
+        v.push(me);
+    }
+    if let Some(m) = crate::mesh::of(node) {
+        for p in m.handle.peers() {
+            let p = p.to_string();
+            if node.peer_may_serve(realm, &p) != Some(false) {
+                v.push(p);
+            }
+        }
+    }
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// `slot`'s first lease configuration, from the deploy record of its workload (a replica's
+/// slot `realm/name/i`, or a rollout permit `realm/name@rollout/k`).
+pub fn genesis(node: &Node, slot: &str) -> Option<Cfg> {
+    let (realm, name, i) = macula_workloads::wire::parse_slot(slot)?;
+    let name = name.strip_suffix("@rollout").unwrap_or(name);
+    let records = node.workloads.records.lock();
+    records.get(realm, name)?.genesis.cfg(slot, i)
+}
+
+/// Before this node's authority answers `ask`: a slot it keeps nothing of, asked under its
+/// first configuration (which names this node), is taken on from the deploy record.
+pub fn adopt_for(node: &Node, ask: &Ask) {
+    let Some(cfg) = ask.cfg.as_ref().filter(|c| c.epoch == 1) else {
+        return;
+    };
+    let slot = ask.req.slot_holder().0;
+    if !cfg.has(&node_id(node)) || node.leases.newest(slot).is_some() {
+        return;
+    }
+    if genesis(node, slot).as_ref() == Some(cfg) {
+        node.leases.adopt(slot, cfg.clone());
+    }
 }

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use macula_workloads::lease::{Authority, Refusal, Reply, Request, SlotPromise};
+use macula_workloads::lease::{Ask, Authority, Cfg, Handover, Refusal, Reply, Request, SlotPromise};
 use parking_lot::Mutex;
 
 /// The most slots an authority keeps, and the most of them one node may have made it keep (so
@@ -75,14 +75,76 @@ impl LeaseAuthority {
         self.inner.lock().authority.holder(slot, now_ms()).cloned()
     }
 
-    /// Answers `req`. A changed promise is written before the answer is returned; if it cannot
-    /// be written, the answer is a refusal (a promise not kept must not be given).
-    pub fn handle(&self, req: &Request) -> Reply {
+    /// Whether this authority ever promised a token for `slot`.
+    pub fn granted_before(&self, slot: &str) -> bool {
+        self.inner
+            .lock()
+            .authority
+            .promises_of(slot)
+            .is_some_and(|p| p.promised > 0)
+    }
+
+    /// The configuration of `slot` this authority serves (not being moved).
+    pub fn active(&self, slot: &str) -> Option<Cfg> {
+        self.inner.lock().authority.active(slot).cloned()
+    }
+
+    /// The configuration of `slot` this authority is a member of, unless it knows its
+    /// successor (see `lease::Authority::member_of`).
+    pub fn member_of(&self, slot: &str) -> Option<Cfg> {
+        self.inner.lock().authority.member_of(slot).cloned()
+    }
+
+    /// The newest configuration of `slot` this authority knows of.
+    pub fn newest(&self, slot: &str) -> Option<Cfg> {
+        self.inner.lock().authority.newest(slot)
+    }
+
+    /// Every slot this authority is a member of a configuration of, with the configuration and
+    /// whether a move froze it.
+    pub fn configs(&self) -> Vec<(String, Cfg, bool)> {
+        self.inner.lock().authority.configs()
+    }
+
+    /// What this authority holds for `slot`, as a move hands it on.
+    pub fn handover(&self, slot: &str) -> Handover {
+        self.inner.lock().authority.handover(slot, now_ms())
+    }
+
+    /// Takes `cfg` on as `slot`'s first configuration (from its deploy record), unless the slot
+    /// is kept here already. False if it could not be kept on disk.
+    pub fn adopt(&self, slot: &str, cfg: Cfg) -> bool {
+        let mut inner = self.inner.lock();
+        if inner.authority.slots() >= MAX_SLOTS && !inner.authority.knows(slot) {
+            return false;
+        }
+        if inner.authority.adopt(slot, cfg).is_none() {
+            return true;
+        }
+        match &self.file {
+            Some(f) => write(f, &inner.authority.promises()).is_ok(),
+            None => true,
+        }
+    }
+
+    /// Answers `ask`. A lease request must name the configuration it is asked under (a node
+    /// that does not know the slot's asks nothing). A changed promise is written before the
+    /// answer is returned; if it cannot be written, the answer is a refusal (a promise not
+    /// kept must not be given).
+    pub fn answer(&self, ask: &Ask) -> Reply {
+        let req = &ask.req;
         let (slot, holder) = req.slot_holder();
         let full = || Reply::Refused {
             slot: slot.to_owned(),
             why: Refusal::Full,
         };
+        let lease = !req.is_move() && !matches!(req, Request::Release { .. });
+        if lease && ask.cfg.is_none() {
+            return Reply::Refused {
+                slot: slot.to_owned(),
+                why: Refusal::Config(self.newest(slot)),
+            };
+        }
         let mut inner = self.inner.lock();
         let Inner {
             authority: a,
@@ -95,7 +157,7 @@ impl LeaseAuthority {
         {
             return full();
         }
-        let (reply, changed) = a.handle(req, now_ms());
+        let (reply, changed) = a.ask(ask, now_ms());
         if new && a.knows(slot) {
             *made_by.entry(holder.to_owned()).or_default() += 1;
         }
@@ -134,19 +196,37 @@ fn write(file: &PathBuf, promises: &BTreeMap<String, SlotPromise>) -> std::io::R
 mod tests {
     use super::*;
 
+    fn cfg() -> Cfg {
+        Cfg {
+            epoch: 2,
+            set: vec!["a".into(), "b".into(), "c".into()],
+        }
+    }
+
+    /// A peer's install of slot `i` (each makes this authority keep a slot).
+    fn install(holder: &str, i: usize) -> Ask {
+        Ask {
+            cfg: None,
+            id: 0,
+            req: Request::Install {
+                slot: format!("com.example/p/{i}"),
+                holder: holder.into(),
+                cfg: cfg(),
+                handover: Handover::default(),
+            },
+        }
+    }
+
     #[test]
     fn one_peer_cannot_take_all_the_room() {
         let a = LeaseAuthority::load(None, 10_000);
-        let ask = |holder: &str, i: usize| Request::Acquire {
-            slot: format!("com.example/p/{i}"),
-            holder: holder.into(),
-            token: 1,
-            seq: 1,
-        };
         for i in 0..MAX_SLOTS_PER_PEER {
-            assert!(matches!(a.handle(&ask("greedy", i)), Reply::Granted { .. }));
+            assert!(matches!(
+                a.answer(&install("greedy", i)),
+                Reply::Installed { .. }
+            ));
         }
-        let next = a.handle(&ask("greedy", MAX_SLOTS_PER_PEER));
+        let next = a.answer(&install("greedy", MAX_SLOTS_PER_PEER));
         assert!(
             matches!(
                 next,
@@ -157,11 +237,54 @@ mod tests {
             ),
             "{next:?}"
         );
-        // Its own slots it still renews; another node still gets room.
-        assert!(matches!(a.handle(&ask("greedy", 0)), Reply::Granted { .. }));
+        // Slots it made this authority keep it may still use; another node still gets room.
+        let acquire = Ask {
+            cfg: Some(cfg()),
+            id: 0,
+            req: Request::Acquire {
+                slot: "com.example/p/0".into(),
+                holder: "greedy".into(),
+                token: 1,
+                seq: 1,
+            },
+        };
+        assert!(matches!(a.answer(&acquire), Reply::Granted { .. }));
         assert!(matches!(
-            a.handle(&ask("modest", MAX_SLOTS_PER_PEER + 1)),
-            Reply::Granted { .. }
+            a.answer(&install("modest", MAX_SLOTS_PER_PEER + 1)),
+            Reply::Installed { .. }
         ));
+    }
+
+    #[test]
+    fn a_lease_is_asked_under_a_configuration() {
+        let a = LeaseAuthority::load(None, 10_000);
+        assert!(a.adopt("com.example/p/0", cfg()));
+        let ask = |cfg: Option<Cfg>| Ask {
+            cfg,
+            id: 7,
+            req: Request::Acquire {
+                slot: "com.example/p/0".into(),
+                holder: "n".into(),
+                token: 1,
+                seq: 1,
+            },
+        };
+        // None, or another one: refused, told the one served.
+        for other in [
+            None,
+            Some(Cfg {
+                epoch: 1,
+                set: vec!["x".into()],
+            }),
+        ] {
+            assert_eq!(
+                a.answer(&ask(other)),
+                Reply::Refused {
+                    slot: "com.example/p/0".into(),
+                    why: Refusal::Config(Some(cfg())),
+                }
+            );
+        }
+        assert!(matches!(a.answer(&ask(Some(cfg()))), Reply::Granted { .. }));
     }
 }

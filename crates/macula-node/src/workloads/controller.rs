@@ -34,7 +34,8 @@ use std::time::{Duration, Instant};
 use macula_mesh::{Frame, Peer as PeerId};
 use macula_router::auth::credential;
 use macula_workloads::lease::{
-    self, Acquisition, Completing, Completion, Counted, Outcome, ProvisionalAsk, Reply, Request,
+    self, Acquisition, Answer, Ask, Cfg, Completing, Completion, Counted, Moved, Moving, Outcome,
+    ProvisionalAsk, Refusal, Reply, Request,
 };
 use macula_workloads::placement::{award, candidates, why_pending, Capacity, Ledger, Score, Unfit};
 use macula_workloads::runtime::cgroup::Cgroup;
@@ -80,6 +81,13 @@ const LINK_GRACE: Duration = Duration::from_secs(3);
 const PROBES: usize = 5;
 /// Lines of a replica's output kept in memory.
 const LOG_LINES: usize = 1_000;
+/// How often an authority looks for slots whose configuration should move (the realm's nodes
+/// changed), and how long a move waits for its answers.
+const MOVE_EVERY: Duration = Duration::from_secs(1);
+const MOVE_WAIT_MS: u64 = 2_000;
+/// How long a member that is not the first of a frozen configuration waits before it finishes
+/// the move itself (the first may be gone).
+const MOVE_TAKEOVER: Duration = Duration::from_secs(3);
 
 /// The controller (see the module's documentation).
 pub struct Controller {
@@ -101,14 +109,13 @@ pub struct Controller {
     waits: Mutex<HashMap<u64, mpsc::UnboundedSender<Work>>>,
     /// When each node was last seen linked (see [`Controller::members`]).
     seen: Mutex<HashMap<String, Instant>>,
-    /// Fence checks waiting for authorities' answers: id → (slot, answers as they come).
-    fences: Mutex<HashMap<u64, (String, FenceAnswers)>>,
+    /// Fence checks waiting for authorities' answers, by the id of their asks.
+    fences: Mutex<HashMap<u64, FenceAnswers>>,
     next_id: AtomicU64,
 }
 
-/// Where a fence check gets its answers: (authority, highest token it promised; None while it
-/// abstains).
-type FenceAnswers = mpsc::UnboundedSender<(String, Option<u64>)>;
+/// Where a fence check gets its answers: (authority, its reply).
+type FenceAnswers = mpsc::UnboundedSender<(String, Reply)>;
 
 /// A record's manifest as parsed here: the record's sequence, the manifest, the signing key's id.
 type Parsed = (u64, Arc<Manifest>, Arc<str>);
@@ -167,6 +174,22 @@ struct State {
     permits: HashMap<String, Permit>,
     /// Permit → the slot it is being acquired for.
     permit_wait: HashMap<String, String>,
+    /// Slot → its lease configuration as learned from authorities' answers (see `cfg_for`).
+    cfgs: HashMap<String, Cfg>,
+    /// Moves of slots' configurations this node runs (as one of their members).
+    moves: HashMap<String, MoveRun>,
+    /// Slot → the highest move ballot round seen, and when this node may try a move next.
+    move_tries: HashMap<String, (u64, u64)>,
+    /// Slot → since when this node sees its configuration frozen by a move not finished.
+    frozen_since: HashMap<String, Instant>,
+    /// When the slots' configurations were last compared with their targets.
+    moves_checked: Option<Instant>,
+}
+
+/// A move of a slot's configuration (`lease::Moving`) and the id of its asks.
+struct MoveRun {
+    moving: Moving,
+    id: u64,
 }
 
 /// A rollout permit: a lease like a slot's, `realm/name@rollout/k` (k below `max_surge +
@@ -195,8 +218,9 @@ struct Held {
     logs: Arc<LogBuffer>,
     /// The replica's identity (revoked when it stops).
     ticket: Option<String>,
-    /// A job's run being put to the slot's authorities to accept (and those that answered).
-    completing: Option<(Completing, HashSet<String>)>,
+    /// A job's run being put to the slot's authorities to accept: the ask's id, the
+    /// authorities asked and those that answered.
+    completing: Option<(Completing, u64, Vec<String>, HashSet<String>)>,
     /// The run of a job's completion the authorities named when granting the slot: put to
     /// them instead of running the job again.
     adopted: Option<Completion>,
@@ -216,6 +240,7 @@ struct Held {
 /// A provisional lease asked for (see `lease::ProvisionalAsk`), new or a renewal.
 struct Prov {
     ask: ProvisionalAsk,
+    id: u64,
     auths: Vec<String>,
     answered: HashSet<String>,
     renewal: bool,
@@ -225,6 +250,9 @@ struct Prov {
 
 struct Acq {
     acq: Acquisition,
+    /// The id of its asks, and the configuration they were asked under.
+    id: u64,
+    cfg: Cfg,
     answered: HashSet<String>,
     renewal: bool,
     seq: u64,
@@ -543,22 +571,30 @@ impl Controller {
         }
     }
 
-    /// Sends a lease request to authority `to` (this node's own answers off the runtime's
-    /// threads: the promise is written to disk first).
-    fn send_lease(&self, to: &str, req: Request) {
+    /// Sends a lease request to authority `to`, under configuration `cfg`, as exchange `id`
+    /// (this node's own answers off the runtime's threads: the promise is written to disk
+    /// first).
+    fn send_lease(&self, to: &str, cfg: Option<&Cfg>, id: u64, req: Request) {
+        let ask = Ask {
+            cfg: cfg.cloned(),
+            id,
+            req,
+        };
         if to == self.me() {
             let node = self.node.clone();
             let me = to.to_owned();
             tokio::task::spawn_blocking(move || {
-                let reply = node.leases.handle(&req);
-                node.work_inbox.push(me, InMsg::Lease(reply));
+                super::accept::adopt_for(&node, &ask);
+                let reply = node.leases.answer(&ask);
+                node.work_inbox
+                    .push(me, InMsg::Lease(Answer { id: ask.id, reply }));
             });
             return;
         }
         let (Some(m), Ok(peer)) = (crate::mesh::of(&self.node), to.parse::<PeerId>()) else {
             return;
         };
-        if let Ok(bytes) = serde_json::to_vec(&req) {
+        if let Ok(bytes) = serde_json::to_vec(&ask) {
             m.handle
                 .send(&peer, &Frame::LeaseRequest { req: bytes.into() });
         }
@@ -733,8 +769,7 @@ impl Controller {
             }
             match &*w.manifest {
                 Manifest::Payload(p) if h.seq != w.seq => {
-                    let nodes = members_of(&w.realm);
-                    self.roll(&mut st, &slot, w, p.update, now, &nodes);
+                    self.roll(&mut st, &slot, w, p.update, now);
                 }
                 Manifest::Payload(_) if h.permit.is_some() => self.finish_roll(&mut st, &slot),
                 // A job's run restarts on a new record at once.
@@ -744,7 +779,7 @@ impl Controller {
                 _ => {}
             }
             if matches!(&*w.manifest, Manifest::Job(_)) {
-                self.report_if_ended(&mut st, &slot, now, &members_of(&w.realm));
+                self.report_if_ended(&mut st, &slot, now);
             }
             let renew_due = st
                 .held
@@ -753,11 +788,10 @@ impl Controller {
             if renew_due && !st.acquiring.contains_key(&slot) && !st.provisional.contains_key(&slot)
             {
                 let token = st.held.get(&slot).map_or(0, |h| h.token);
-                let auths = members_of(&w.realm);
                 if st.held.get(&slot).is_some_and(|h| h.provisional) {
-                    self.ask_provisional(&mut st, &slot, &auths, (true, w.seq, 0));
+                    self.ask_provisional(&mut st, &slot, (true, w.seq, 0));
                 } else {
-                    self.acquire(&mut st, &slot, token, &auths, true, w.seq, 0);
+                    self.acquire(&mut st, &slot, token, true, w.seq, 0);
                 }
             }
         }
@@ -772,8 +806,7 @@ impl Controller {
             if now >= valid_until {
                 st.permits.remove(&permit);
             } else if now >= renewed_at + self.term_ms / 3 && !st.acquiring.contains_key(&permit) {
-                let nodes = self.members_for_slot(&permit);
-                self.acquire(&mut st, &permit, token, &nodes, true, 0, 0);
+                self.acquire(&mut st, &permit, token, true, 0, 0);
             }
         }
 
@@ -813,6 +846,20 @@ impl Controller {
             self.decide(&mut st, id);
         }
 
+        // Moves of configurations that ran out of time; configurations to move.
+        let late: Vec<String> = st
+            .moves
+            .iter()
+            .filter(|(_, m)| now > m.moving.started_ms() + MOVE_WAIT_MS)
+            .map(|(s, _)| s.clone())
+            .collect();
+        for slot in late {
+            if let Some(m) = st.moves.remove(&slot) {
+                self.move_failed(&mut st, &slot, m.moving.failed());
+            }
+        }
+        self.check_moves(&mut st, &wanted, at);
+
         // Slots nobody holds, for the authorities to tender.
         for (slot, w) in &wanted {
             if st.held.contains_key(slot)
@@ -828,28 +875,15 @@ impl Controller {
                     st.ever_linked.insert(n.clone());
                 }
             }
-            let settled = match st.membership.get_mut(&w.realm) {
-                Some((seen, since)) if *seen == nodes => at.duration_since(*since) >= SETTLED,
-                Some(entry) => {
-                    *entry = (nodes.clone(), at);
-                    false
-                }
-                None => {
-                    st.membership.insert(w.realm.clone(), (nodes.clone(), at));
-                    false
-                }
-            };
-            // Not while a node the peers see is missing here (it is being linked).
-            let linking = st.unlinked.iter().any(|(n, (named, first))| {
-                !nodes.contains(n)
-                    && at.duration_since(*named) < LINK_GRACE
-                    && at.duration_since(*first) < LINK_GRACE
-            });
-            if !settled || linking {
+            if !settled(&mut st, &w.realm, &nodes, at) {
                 continue;
             }
-            let auths = lease::authorities(slot, &nodes, lease::AUTHORITIES);
-            let Some(rank) = auths.iter().position(|a| **a == self.me()) else {
+            // The slot's authorities tender it: the members of the configuration this node's
+            // authority serves it under.
+            let Some(rank) = self
+                .serving(slot)
+                .and_then(|c| c.set.iter().position(|a| a == self.me()))
+            else {
                 st.unheld_since.remove(slot);
                 continue;
             };
@@ -861,7 +895,7 @@ impl Controller {
             let since = *st.unheld_since.entry(slot.clone()).or_insert(at);
             // A slot this authority never granted waits for the new workload's nodes to link; one
             // whose grant lapsed (its holder died) is tendered at once.
-            let first = if self.node.leases.knows(slot) {
+            let first = if self.node.leases.granted_before(slot) {
                 Duration::ZERO
             } else {
                 FIRST_TENDER
@@ -990,6 +1024,7 @@ impl Controller {
                 slot,
                 waited_ms,
                 attempt,
+                cfg,
             } => {
                 let Some((realm, _, _)) = wire::parse_slot(&slot) else {
                     return;
@@ -1028,9 +1063,16 @@ impl Controller {
                     }
                     return;
                 }
+                if let Some(c) = cfg {
+                    self.learn(&mut st, &slot, c);
+                }
                 let token = st.known_token.get(&slot).copied().unwrap_or(0) + 1;
-                let nodes = self.members(&w.realm);
-                self.acquire(&mut st, &slot, token, &nodes, false, w.seq, 0);
+                if !self.acquire(&mut st, &slot, token, false, w.seq, 0) {
+                    if let Some(l) = st.ledger.as_mut() {
+                        l.release(&slot);
+                    }
+                    return;
+                }
                 if let Some(a) = st.acquiring.get_mut(&slot) {
                     a.waited_ms = waited_ms.min(60_000);
                 }
@@ -1142,6 +1184,7 @@ impl Controller {
                         slot: run.slot.clone(),
                         waited_ms: at.duration_since(run.started).as_millis() as u64,
                         attempt: n - 1,
+                        cfg: self.node.leases.active(&run.slot),
                     },
                 );
             }
@@ -1159,36 +1202,41 @@ impl Controller {
         }
     }
 
-    /// Asks `slot`'s authorities (from `nodes`) for its lease under `token`.
-    #[allow(clippy::too_many_arguments)]
+    /// Asks `slot`'s authorities (its configuration as this node knows it) for its lease under
+    /// `token`. False when this node knows no configuration of the slot.
     fn acquire(
         &self,
         st: &mut State,
         slot: &str,
         token: u64,
-        nodes: &[String],
         renewal: bool,
         seq: u64,
         tries: u32,
-    ) {
-        let auths: Vec<String> = lease::authorities(slot, nodes, lease::AUTHORITIES)
-            .into_iter()
-            .cloned()
-            .collect();
+    ) -> bool {
+        let Some(cfg) = self.cfg_for(st, slot) else {
+            tracing::debug!(slot, "no lease configuration known for the slot");
+            return false;
+        };
         let (acq, reqs) = Acquisition::start(
             slot,
             self.me(),
             token,
             seq,
-            &auths,
+            &cfg.set,
             now_ms(),
             self.term_ms,
             self.term_ms / 10,
         );
+        let id = self.next_id();
+        for (a, req) in reqs {
+            self.send_lease(&a, Some(&cfg), id, req);
+        }
         st.acquiring.insert(
             slot.to_owned(),
             Acq {
                 acq,
+                id,
+                cfg,
                 answered: HashSet::new(),
                 renewal,
                 seq,
@@ -1196,24 +1244,197 @@ impl Controller {
                 waited_ms: 0,
             },
         );
-        for (a, req) in reqs {
-            self.send_lease(&a, req);
+        true
+    }
+
+    /// The lease configuration of `slot` as this node knows it: the newest of what authorities
+    /// told it, what its own authority knows, and the slot's first one (from its deploy record).
+    fn cfg_for(&self, st: &State, slot: &str) -> Option<Cfg> {
+        [
+            st.cfgs.get(slot).cloned(),
+            self.node.leases.newest(slot),
+            self.genesis(slot),
+        ]
+        .into_iter()
+        .flatten()
+        .max_by_key(|c| c.epoch)
+    }
+
+    /// `slot`'s first configuration, from the deploy record of its workload.
+    fn genesis(&self, slot: &str) -> Option<Cfg> {
+        super::accept::genesis(&self.node, slot)
+    }
+
+    /// The configuration this node's authority serves `slot` under, if it does; a slot it
+    /// keeps nothing of whose first configuration names this node is taken on first.
+    fn serving(&self, slot: &str) -> Option<Cfg> {
+        if let Some(c) = self.node.leases.active(slot) {
+            return Some(c);
+        }
+        if self.node.leases.member_of(slot).is_some() || self.node.leases.newest(slot).is_some() {
+            return None;
+        }
+        let g = self.genesis(slot).filter(|g| g.has(self.me()))?;
+        self.node.leases.adopt(slot, g);
+        self.node.leases.active(slot)
+    }
+
+    /// Moves the configurations of the slots this node is an authority of toward their targets
+    /// (the rendezvous top 3 over the realm's nodes as seen here), once a second, and finishes
+    /// moves that stalled (see `lease::Moving`). Only the first member of a configuration that
+    /// this node sees moves it; another finishes a stalled move after `MOVE_TAKEOVER`.
+    fn check_moves(&self, st: &mut State, wanted: &HashMap<String, Wanted>, at: Instant) {
+        if st.moves_checked.is_some_and(|t| at.duration_since(t) < MOVE_EVERY) {
+            return;
+        }
+        st.moves_checked = Some(at);
+        // The slots asked for, and their workloads' rollout permits, whose first configuration
+        // names this node: kept here from now on, so that they move with the realm's nodes
+        // whether anyone holds them or not.
+        let mut workloads = HashSet::new();
+        for (slot, w) in wanted {
+            self.serving(slot);
+            if let (Manifest::Payload(p), true) =
+                (&*w.manifest, workloads.insert((&w.realm, &w.name)))
+            {
+                for k in 0..(p.update.max_surge + p.update.max_unavailable).max(1) {
+                    self.serving(&wire::permit(&w.realm, &w.name, k));
+                }
+            }
+        }
+        let now = now_ms();
+        let mut nodes_of: HashMap<String, (Vec<String>, Vec<String>, bool)> = HashMap::new();
+        let configs = self.node.leases.configs();
+        for (slot, cfg, frozen) in &configs {
+            if st.moves.contains_key(slot) {
+                continue;
+            }
+            let Some((realm, _, _)) = wire::parse_slot(slot) else {
+                continue;
+            };
+            if !nodes_of.contains_key(realm) {
+                let members = self.members(realm);
+                let ok = settled(st, realm, &members, at);
+                nodes_of.insert(realm.to_owned(), (members, self.live(realm), ok));
+            }
+            let Some((members, live, true)) = nodes_of.get(realm) else {
+                continue;
+            };
+            let target: Vec<String> = lease::authorities(slot, members, lease::AUTHORITIES)
+                .into_iter()
+                .cloned()
+                .collect();
+            if !frozen && cfg.same_nodes(&target) {
+                st.frozen_since.remove(slot);
+                continue;
+            }
+            let (round, next_at) = st.move_tries.get(slot).copied().unwrap_or((0, 0));
+            if target.is_empty() || now < next_at {
+                continue;
+            }
+            let first = cfg.set.iter().find(|n| live.contains(n));
+            if first.map(String::as_str) != Some(self.me()) {
+                let since = *st.frozen_since.entry(slot.clone()).or_insert(at);
+                if !frozen || at.duration_since(since) < MOVE_TAKEOVER {
+                    continue;
+                }
+            }
+            let id = self.next_id();
+            let state = self.node.leases.handover(slot);
+            let (moving, reqs) =
+                Moving::start(slot, self.me(), cfg, &target, round + 1, state, now);
+            tracing::debug!(slot, from = ?cfg, to = ?target, "moving the slot's lease authorities");
+            for (a, req) in reqs {
+                self.send_lease(&a, None, id, req);
+            }
+            st.moves.insert(slot.clone(), MoveRun { moving, id });
+            st.move_tries.insert(slot.clone(), (round + 1, 0));
+        }
+        let kept: HashSet<&String> = configs.iter().map(|c| &c.0).collect();
+        st.move_tries.retain(|s, _| kept.contains(s));
+        st.frozen_since.retain(|s, _| kept.contains(s));
+    }
+
+    /// An answer to a move this node runs.
+    fn on_move_reply(&self, st: &mut State, from: &str, slot: &str, reply: &Reply) {
+        let Some(run) = st.moves.get_mut(slot) else {
+            return;
+        };
+        let id = run.id;
+        let (outcome, out) = run.moving.on_reply(from, reply);
+        for (a, req) in out {
+            self.send_lease(&a, None, id, req);
+        }
+        match outcome {
+            Moved::Pending => {}
+            Moved::Done(next) => {
+                st.moves.remove(slot);
+                st.frozen_since.remove(slot);
+                tracing::info!(slot, epoch = next.epoch, set = ?next.set, "the slot's lease authorities moved");
+                self.node
+                    .metrics
+                    .workloads
+                    .authority_moves
+                    .fetch_add(1, Ordering::Relaxed);
+                self.learn(st, slot, next);
+            }
+            failed @ Moved::Failed { .. } => {
+                st.moves.remove(slot);
+                self.move_failed(st, slot, failed);
+            }
         }
     }
 
-    fn on_lease_reply(&self, from: &str, reply: Reply) {
+    /// A move that did not finish: learn what it was told, and try again in 1 to 3 s (later
+    /// than a mover it was outbid by).
+    fn move_failed(&self, st: &mut State, slot: &str, failed: Moved) {
+        let Moved::Failed { newer, outbid } = failed else {
+            return;
+        };
+        tracing::debug!(slot, ?newer, ?outbid, "a move of the slot's lease authorities did not finish");
+        if let Some(c) = newer {
+            self.learn(st, slot, c);
+        }
+        let jitter = rand::random::<u64>() % 2_000;
+        let e = st.move_tries.entry(slot.to_owned()).or_insert((0, 0));
+        if let Some(b) = outbid {
+            e.0 = e.0.max(b.0);
+        }
+        e.1 = now_ms() + 1_000 + jitter;
+    }
+
+    /// Takes `cfg` as `slot`'s configuration if it is newer than the one known.
+    fn learn(&self, st: &mut State, slot: &str, cfg: Cfg) {
+        if st.cfgs.get(slot).is_none_or(|c| cfg.epoch > c.epoch) {
+            st.cfgs.insert(slot.to_owned(), cfg);
+        }
+    }
+
+    fn on_lease_reply(&self, from: &str, answer: Answer) {
+        let Answer { id, reply } = answer;
         // Answers to fence checks go to their waiters.
-        if let Reply::Fence { slot, promised } = &reply {
-            for (s, tx) in self.fences.lock().values() {
-                if s == slot {
-                    let _ = tx.send((from.to_owned(), *promised));
-                }
-            }
+        if let Some(tx) = self.fences.lock().get(&id) {
+            let _ = tx.send((from.to_owned(), reply));
             return;
         }
         let slot = reply.slot().to_owned();
         let mut st = self.state.lock();
-        if let Some(p) = st.provisional.get_mut(&slot) {
+        // An authority that serves the slot under a newer configuration says which.
+        if let Reply::Refused {
+            why: Refusal::Config(Some(c)),
+            ..
+        }
+        | Reply::NotCompleted {
+            why: Refusal::Config(Some(c)),
+            ..
+        } = &reply
+        {
+            self.learn(&mut st, &slot, c.clone());
+        }
+        if st.moves.get(&slot).is_some_and(|m| m.id == id) {
+            return self.on_move_reply(&mut st, from, &slot, &reply);
+        }
+        if let Some(p) = st.provisional.get_mut(&slot).filter(|p| p.id == id) {
             if matches!(
                 reply,
                 Reply::GrantedProvisional { .. } | Reply::Refused { .. }
@@ -1225,9 +1446,9 @@ impl Controller {
             return;
         }
         if matches!(reply, Reply::Completed { .. } | Reply::NotCompleted { .. }) {
-            return self.on_completion_reply(&mut st, from, &slot, &reply);
+            return self.on_completion_reply(&mut st, from, &slot, id, &reply);
         }
-        let Some(a) = st.acquiring.get_mut(&slot) else {
+        let Some(a) = st.acquiring.get_mut(&slot).filter(|a| a.id == id) else {
             return;
         };
         // Each of the authorities asked counts once.
@@ -1247,8 +1468,10 @@ impl Controller {
     /// When the run of job completion `slot` held here has ended (or the authorities named an
     /// earlier run), puts it to the slot's authorities to accept (again, when the last ask went
     /// unanswered for two seconds).
-    fn report_if_ended(&self, st: &mut State, slot: &str, now: u64, nodes: &[String]) {
+    fn report_if_ended(&self, st: &mut State, slot: &str, now: u64) {
         let me = self.me().to_owned();
+        let cfg = self.cfg_for(st, slot);
+        let id = self.next_id();
         let Some(h) = st.held.get_mut(slot) else {
             return;
         };
@@ -1269,30 +1492,29 @@ impl Controller {
         };
         if h.completing
             .as_ref()
-            .is_some_and(|(c, _)| now < c.started_ms() + 2 * BID_WAIT.as_millis() as u64)
+            .is_some_and(|(c, ..)| now < c.started_ms() + 2 * BID_WAIT.as_millis() as u64)
         {
             return;
         }
-        let auths: Vec<String> = lease::authorities(slot, nodes, lease::AUTHORITIES)
-            .into_iter()
-            .cloned()
-            .collect();
-        let (c, reqs) = Completing::start(slot, &me, h.token, run, &auths, now);
-        h.completing = Some((c, HashSet::new()));
+        let Some(cfg) = cfg else {
+            return;
+        };
+        let (c, reqs) = Completing::start(slot, &me, h.token, run, &cfg.set, now);
+        h.completing = Some((c, id, cfg.set.clone(), HashSet::new()));
         for (a, req) in reqs {
-            self.send_lease(&a, req);
+            self.send_lease(&a, Some(&cfg), id, req);
         }
     }
 
     /// An authority's answer to a report that a job's run ended: once a majority recorded it,
     /// the run counts and the slot is done; once a majority cannot, it does not count.
-    fn on_completion_reply(&self, st: &mut State, from: &str, slot: &str, reply: &Reply) {
-        let Some((c, answered)) = st.held.get_mut(slot).and_then(|h| h.completing.as_mut()) else {
+    fn on_completion_reply(&self, st: &mut State, from: &str, slot: &str, id: u64, reply: &Reply) {
+        let Some((c, asked_id, asked, answered)) =
+            st.held.get_mut(slot).and_then(|h| h.completing.as_mut())
+        else {
             return;
         };
-        let authority = lease::authorities(slot, &self.members_for_slot(slot), lease::AUTHORITIES)
-            .iter()
-            .any(|a| **a == from);
+        let authority = *asked_id == id && asked.iter().any(|a| a == from);
         if !authority || !answered.insert(from.to_owned()) {
             return;
         }
@@ -1327,20 +1549,43 @@ impl Controller {
     /// `macula.fence.check`: asks `slot`'s authorities for the highest token they promised and
     /// judges `token` once a majority answered (`lease::fence_verdict`), within a second.
     pub async fn fence(&self, slot: &str, token: u64) -> Result<crate::node::Fence, String> {
-        let nodes = self.members_for_slot(slot);
-        let auths: Vec<String> = lease::authorities(slot, &nodes, lease::AUTHORITIES)
-            .into_iter()
-            .cloned()
-            .collect();
-        if auths.is_empty() {
-            return Err(format!("{slot} is not a slot of a realm this node serves"));
+        let mut cfg = {
+            let st = self.state.lock();
+            self.cfg_for(&st, slot)
         }
+        .ok_or_else(|| format!("{slot} is not a slot of a workload this node knows"))?;
+        // The slot's configuration may have moved on: its members then name the next one.
+        for _ in 0..3 {
+            match self.fence_under(slot, token, &cfg).await {
+                Ok(f) => return Ok(f),
+                Err((why, Some(next))) if next.epoch > cfg.epoch => {
+                    tracing::debug!(slot, why, "the slot's configuration moved: asking again");
+                    self.learn(&mut self.state.lock(), slot, next.clone());
+                    cfg = next;
+                }
+                Err((why, _)) => return Err(why),
+            }
+        }
+        Err(format!(
+            "the authorities of {slot} are being moved: try again"
+        ))
+    }
+
+    /// A fence check under `cfg`: the verdict, or why not and a newer configuration named.
+    async fn fence_under(
+        &self,
+        slot: &str,
+        token: u64,
+        cfg: &Cfg,
+    ) -> Result<crate::node::Fence, (String, Option<Cfg>)> {
         let id = self.next_id();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        self.fences.lock().insert(id, (slot.to_owned(), tx));
-        for a in &auths {
+        self.fences.lock().insert(id, tx);
+        for a in &cfg.set {
             self.send_lease(
                 a,
+                Some(cfg),
+                id,
                 Request::Fence {
                     slot: slot.to_owned(),
                     holder: self.me().to_owned(),
@@ -1348,38 +1593,51 @@ impl Controller {
             );
         }
         let mut answers: HashMap<String, u64> = HashMap::new();
+        let mut newer: Option<Cfg> = None;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        let asked = cfg.set.len();
         let verdict = loop {
             if let Some((current, highest)) = lease::fence_verdict(
                 token,
                 &answers.values().copied().collect::<Vec<_>>(),
-                auths.len(),
+                asked,
             ) {
                 break Ok(crate::node::Fence { current, highest });
             }
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 // An authority that abstains (it lost its promises) does not count.
-                Ok(Some((from, Some(promised)))) if auths.contains(&from) => {
-                    answers.insert(from, promised);
+                Ok(Some((from, Reply::Fence { promised: Some(p), .. }))) if cfg.has(&from) => {
+                    answers.insert(from, p);
+                }
+                Ok(Some((
+                    _,
+                    Reply::Refused {
+                        why: Refusal::Config(Some(c)),
+                        ..
+                    },
+                ))) => {
+                    if newer.as_ref().is_none_or(|n| c.epoch > n.epoch) {
+                        newer = Some(c);
+                    }
+                    if newer.as_ref().is_some_and(|n| n.epoch > cfg.epoch) {
+                        break Err(("moved".to_owned(), newer.clone()));
+                    }
                 }
                 Ok(Some(_)) => {}
                 _ => {
-                    break Err(format!(
-                        "{} of the {} authorities of {slot} answered within a second (a majority is needed): try again",
-                        answers.len(),
-                        auths.len()
+                    break Err((
+                        format!(
+                            "{} of the {} authorities of {slot} answered within a second (a majority is needed): try again",
+                            answers.len(),
+                            asked
+                        ),
+                        newer.clone(),
                     ))
                 }
             }
         };
         self.fences.lock().remove(&id);
         verdict
-    }
-
-    fn members_for_slot(&self, slot: &str) -> Vec<String> {
-        wire::parse_slot(slot)
-            .map(|(realm, _, _)| self.members(realm))
-            .unwrap_or_default()
     }
 
     /// An acquisition is over: start (or keep) the replica, or let the slot go.
@@ -1407,7 +1665,7 @@ impl Controller {
                 }
                 let wanted = self.wanted(st);
                 let Some(w) = wanted.get(slot) else {
-                    self.release_lease(slot, token);
+                    self.release_lease(st, slot, token);
                     if let Some(l) = st.ledger.as_mut() {
                         l.release(slot);
                     }
@@ -1426,7 +1684,7 @@ impl Controller {
                     accepted,
                     false,
                 ) {
-                    self.release_lease(slot, token);
+                    self.release_lease(st, slot, token);
                 }
             }
             Outcome::Lost {
@@ -1459,9 +1717,11 @@ impl Controller {
                     return;
                 }
                 let stale = held_by.is_none() && retry_above >= a.acq.token;
-                if stale && a.tries < 2 && a.acq.majority_answered() {
-                    let nodes = self.members_for_slot(slot);
-                    self.acquire(st, slot, retry_above + 1, &nodes, false, a.seq, a.tries + 1);
+                // The slot moved: ask the configuration named, at once.
+                let moved = a.acq.newer().is_some_and(|c| c.epoch > a.cfg.epoch);
+                if (moved || stale && a.acq.majority_answered()) && a.tries < 3 {
+                    let token = if moved { a.acq.token } else { retry_above + 1 };
+                    self.acquire(st, slot, token, false, a.seq, a.tries + 1);
                     if let Some(next) = st.acquiring.get_mut(slot) {
                         next.waited_ms = a.waited_ms + now_ms().saturating_sub(a.acq.started_ms());
                     }
@@ -1473,9 +1733,8 @@ impl Controller {
                     |w| matches!(&*w.manifest, Manifest::Payload(p) if p.duplicate_tolerant),
                 );
                 if tolerant && !a.acq.majority_answered() {
-                    let nodes = self.members_for_slot(slot);
                     let waited = a.waited_ms + now_ms().saturating_sub(a.acq.started_ms());
-                    self.ask_provisional(st, slot, &nodes, (false, a.seq, waited));
+                    self.ask_provisional(st, slot, (false, a.seq, waited));
                     return;
                 }
                 if let Some(l) = st.ledger.as_mut() {
@@ -1557,27 +1816,28 @@ impl Controller {
 
     /// Asks `slot`'s authorities for a provisional lease (a `duplicate_tolerant` payload that
     /// could reach no majority of them), or to renew one.
-    fn ask_provisional(&self, st: &mut State, slot: &str, nodes: &[String], p: (bool, u64, u64)) {
+    fn ask_provisional(&self, st: &mut State, slot: &str, p: (bool, u64, u64)) {
         let (renewal, seq, waited_ms) = p;
-        let auths: Vec<String> = lease::authorities(slot, nodes, lease::AUTHORITIES)
-            .into_iter()
-            .cloned()
-            .collect();
-        let (ask, reqs) = ProvisionalAsk::start(slot, self.me(), &auths, now_ms());
+        let Some(cfg) = self.cfg_for(st, slot) else {
+            return;
+        };
+        let (ask, reqs) = ProvisionalAsk::start(slot, self.me(), &cfg.set, now_ms());
+        let id = self.next_id();
+        for (a, req) in reqs {
+            self.send_lease(&a, Some(&cfg), id, req);
+        }
         st.provisional.insert(
             slot.to_owned(),
             Prov {
                 ask,
-                auths,
+                id,
+                auths: cfg.set,
                 answered: HashSet::new(),
                 renewal,
                 seq,
                 waited_ms,
             },
         );
-        for (a, req) in reqs {
-            self.send_lease(&a, req);
-        }
     }
 
     /// Provisional asks whose answers are in (or late): held, renewed, or not.
@@ -1654,7 +1914,7 @@ impl Controller {
                             },
                         );
                     }
-                    None => self.release_lease(permit, token),
+                    None => self.release_lease(st, permit, token),
                 }
             }
             // Kept while it lasts, unless another node holds it now.
@@ -1684,7 +1944,6 @@ impl Controller {
         w: &Wanted,
         u: macula_workloads::Update,
         now: u64,
-        nodes: &[String],
     ) {
         let count = (u.max_surge + u.max_unavailable).max(1);
         let held_permit = st
@@ -1718,7 +1977,7 @@ impl Controller {
             }
             let token = st.known_token.get(&permit).copied().unwrap_or(0) + 1;
             st.permit_wait.insert(permit.clone(), slot.to_owned());
-            self.acquire(st, &permit, token, nodes, false, w.seq, 0);
+            self.acquire(st, &permit, token, false, w.seq, 0);
             return;
         };
         let fixed_port = w.manifest.workload().ports.iter().any(|p| p.port.is_some());
@@ -1736,7 +1995,7 @@ impl Controller {
             } else if !booked {
                 // No room to run both here: give the permit to another replica for now.
                 if let Some(p) = st.permits.remove(&permit) {
-                    self.release_lease(&permit, p.token);
+                    self.release_lease(st, &permit, p.token);
                 }
                 if let Some(h) = st.held.get_mut(slot) {
                     h.next_permit_at = now + 2_000;
@@ -1813,15 +2072,19 @@ impl Controller {
             }
         }
         if let Some(p) = permit.and_then(|p| st.permits.remove_entry(&p)) {
-            self.release_lease(&p.0, p.1.token);
+            self.release_lease(st, &p.0, p.1.token);
         }
     }
 
-    fn release_lease(&self, slot: &str, token: u64) {
-        let nodes = self.members_for_slot(slot);
-        for a in lease::authorities(slot, &nodes, lease::AUTHORITIES) {
+    fn release_lease(&self, st: &State, slot: &str, token: u64) {
+        let Some(cfg) = self.cfg_for(st, slot) else {
+            return;
+        };
+        for a in &cfg.set {
             self.send_lease(
                 a,
+                Some(&cfg),
+                0,
                 Request::Release {
                     slot: slot.to_owned(),
                     holder: self.me().to_owned(),
@@ -1853,13 +2116,13 @@ impl Controller {
             }
         }
         if let Some(p) = h.permit.take().and_then(|p| st.permits.remove_entry(&p)) {
-            self.release_lease(&p.0, p.1.token);
+            self.release_lease(st, &p.0, p.1.token);
         }
         if let Some(l) = st.ledger.as_mut() {
             l.stop(slot);
         }
         if release {
-            self.release_lease(slot, h.token);
+            self.release_lease(st, slot, h.token);
         }
     }
 
@@ -2327,6 +2590,29 @@ fn describe(s: &ReplicaState) -> (&'static str, Option<String>, u32) {
 
 /// The `podman` program this node runs containers with: `workloads.podman` names it, or
 /// `auto` (the default) finds it on `PATH` (with `runc` beside it); `off` runs none.
+/// Whether `realm`'s nodes (`nodes`, as seen now) have looked the same here for `SETTLED`
+/// (a node that just joined or left may not be seen alike everywhere yet), and no node the
+/// peers see is missing here (it is being linked).
+fn settled(st: &mut State, realm: &str, nodes: &[String], at: Instant) -> bool {
+    let same = match st.membership.get_mut(realm) {
+        Some((seen, since)) if *seen == nodes => at.duration_since(*since) >= SETTLED,
+        Some(entry) => {
+            *entry = (nodes.to_vec(), at);
+            false
+        }
+        None => {
+            st.membership.insert(realm.to_owned(), (nodes.to_vec(), at));
+            false
+        }
+    };
+    let linking = st.unlinked.iter().any(|(n, (named, first))| {
+        !nodes.contains(n)
+            && at.duration_since(*named) < LINK_GRACE
+            && at.duration_since(*first) < LINK_GRACE
+    });
+    same && !linking
+}
+
 fn podman_program(setting: &str) -> Option<PathBuf> {
     use macula_workloads::runtime::on_path;
     match setting {

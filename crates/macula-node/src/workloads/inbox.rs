@@ -3,7 +3,7 @@
 //! loses its own messages (each exchange tolerates loss: tenders and acquisitions time out).
 //! Imports nothing of the node.
 
-use macula_workloads::lease::Reply;
+use macula_workloads::lease::Answer;
 use macula_workloads::wire::Work;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 #[derive(Debug)]
 pub enum InMsg {
     Work(Work),
-    Lease(Reply),
+    Lease(Answer),
 }
 
 /// Messages and who sent them (a peer id, or this node's own).
