@@ -262,8 +262,7 @@ fn simulate(seed: u64, scenario: Scenario) -> Run {
                 }
             }
         }
-        for i in 0..NODES {
-            let me = &mut nodes[i];
+        for (i, me) in nodes.iter_mut().enumerate() {
             if !me.alive {
                 continue;
             }

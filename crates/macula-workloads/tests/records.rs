@@ -110,8 +110,15 @@ fn a_slots_first_configuration_is_fixed_by_the_record_and_the_same_on_every_node
         .accept(r, verify, may_deploy, None, Some(&seen))
         .unwrap();
     assert_eq!(taken.genesis.ranges.len(), 1);
-    assert_eq!(taken.genesis.covered(), 2, "replicas: 2 (and one rollout permit)");
-    assert!(taken.genesis.ranges[0].nodes.iter().all(|n| seen.contains(n)));
+    assert_eq!(
+        taken.genesis.covered(),
+        2,
+        "replicas: 2 (and one rollout permit)"
+    );
+    assert!(taken.genesis.ranges[0]
+        .nodes
+        .iter()
+        .all(|n| seen.contains(n)));
     let first = taken.genesis.cfg("com.example.app/api/1", 1).unwrap();
     assert_eq!(first.epoch, 1);
     assert_eq!(first.set.len(), 3);
@@ -126,7 +133,13 @@ fn a_slots_first_configuration_is_fixed_by_the_record_and_the_same_on_every_node
     let scaled = MANIFEST.replace("replicas: 2", "replicas: 5");
     let later = nodes(&["n3", "n4", "n5", "n6"]);
     let (t2, _) = entry
-        .accept(dev.record("api", 2, Some(&scaled)), verify, may_deploy, None, Some(&later))
+        .accept(
+            dev.record("api", 2, Some(&scaled)),
+            verify,
+            may_deploy,
+            None,
+            Some(&later),
+        )
         .unwrap();
     assert_eq!(t2.genesis.ranges[0], taken.genesis.ranges[0]);
     assert_eq!(t2.genesis.ranges[1].from, 2);
@@ -136,21 +149,34 @@ fn a_slots_first_configuration_is_fixed_by_the_record_and_the_same_on_every_node
     // range on).
     let mut forged = t2.clone();
     forged.genesis.ranges[0].nodes = nodes(&["evil"]);
-    let (at_peer, _) = peer
-        .accept(forged, verify, may_deploy, None, None)
-        .unwrap();
+    let (at_peer, _) = peer.accept(forged, verify, may_deploy, None, None).unwrap();
     assert_eq!(at_peer.genesis, t2.genesis);
     // A tombstone carries the ranges on, so the workload deployed again starts where it was.
     let (dead, _) = entry
-        .accept(dev.record("api", 3, None), verify, may_deploy, None, Some(&later))
+        .accept(
+            dev.record("api", 3, None),
+            verify,
+            may_deploy,
+            None,
+            Some(&later),
+        )
         .unwrap();
     assert_eq!(dead.genesis, t2.genesis);
     let (again, _) = entry
-        .accept(dev.record("api", 4, Some(MANIFEST)), verify, may_deploy, None, Some(&seen))
+        .accept(
+            dev.record("api", 4, Some(MANIFEST)),
+            verify,
+            may_deploy,
+            None,
+            Some(&seen),
+        )
         .unwrap();
     assert_eq!(again.genesis, t2.genesis);
     // The ranges are not signed: the record's signature holds with any.
-    assert_eq!(again.digest(), dev.record("api", 4, Some(MANIFEST)).digest());
+    assert_eq!(
+        again.digest(),
+        dev.record("api", 4, Some(MANIFEST)).digest()
+    );
 }
 
 #[test]
@@ -406,8 +432,9 @@ fn records_signed_with_real_api_keys() {
 fn a_plans_instance_limit_counts_every_workload_of_the_realm() {
     let dev = Key::new(1, REALM, "developer");
     let mut records = Records::default();
-    let limited =
-        |records: &mut Records, r: DeployRecord| records.accept(r, verify, may_deploy, Some(5), None);
+    let limited = |records: &mut Records, r: DeployRecord| {
+        records.accept(r, verify, may_deploy, Some(5), None)
+    };
     let payload = |name: &str, n: u32| {
         format!("kind: payload\nname: {name}\nreplicas: {n}\ncommand: [my-server]\n")
     };
@@ -441,8 +468,9 @@ fn a_plans_instance_limit_counts_every_workload_of_the_realm() {
         Err(Refused::OverLimit { asked: 6, limit: 5 })
     );
     // A plan lowered below what runs: scaling down is still taken, scaling up is not.
-    let tighter =
-        |records: &mut Records, r: DeployRecord| records.accept(r, verify, may_deploy, Some(2), None);
+    let tighter = |records: &mut Records, r: DeployRecord| {
+        records.accept(r, verify, may_deploy, Some(2), None)
+    };
     tighter(&mut loaded, dev.record("api", 3, Some(&payload("api", 3)))).unwrap();
     assert!(matches!(
         tighter(&mut loaded, dev.record("api", 4, Some(&payload("api", 4)))),

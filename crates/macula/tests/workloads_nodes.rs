@@ -463,3 +463,171 @@ async fn a_rolling_update_keeps_every_replica_ready_and_undo_goes_back() {
         );
     }
 }
+
+/// Each slot's newest lease configuration among the nodes' kept promises (`homes`): slot →
+/// (epoch, authorities).
+fn configurations(homes: &[std::path::PathBuf]) -> BTreeMap<String, (u64, Vec<String>)> {
+    let mut out: BTreeMap<String, (u64, Vec<String>)> = BTreeMap::new();
+    for h in homes {
+        let Ok(text) = std::fs::read_to_string(h.join("workloads/promises.json")) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<BTreeMap<String, Value>>(&text) else {
+            continue;
+        };
+        for (slot, st) in v {
+            let Some(epoch) = st["cfg"]["epoch"].as_u64() else {
+                continue;
+            };
+            let set: Vec<String> = st["cfg"]["set"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|n| n.as_str().map(str::to_owned))
+                .collect();
+            if out.get(&slot).is_none_or(|(e, _)| epoch > *e) {
+                out.insert(slot, (epoch, set));
+            }
+        }
+    }
+    out
+}
+
+/// Waits until every slot of `name` (and its rollout permit) has, as its newest configuration,
+/// the rendezvous top 3 over `ids`; the configurations then.
+async fn authorities_follow(
+    homes: &[std::path::PathBuf],
+    ids: &[String],
+    name: &str,
+    slots: u32,
+    within: Duration,
+) -> BTreeMap<String, (u64, Vec<String>)> {
+    let mut wanted: Vec<String> = (0..slots)
+        .map(|i| macula_workloads::wire::slot(REALM, name, i))
+        .collect();
+    wanted.push(macula_workloads::wire::permit(REALM, name, 0));
+    eventually(
+        "every slot's authorities to be its top 3 over the nodes there are",
+        within,
+        || async {
+            let cfgs = configurations(homes);
+            wanted
+                .iter()
+                .all(|s| {
+                    let mut target: Vec<&String> = macula_workloads::lease::authorities(s, ids, 3);
+                    target.sort();
+                    cfgs.get(s).is_some_and(|(_, set)| {
+                        let mut set: Vec<&String> = set.iter().collect();
+                        set.sort();
+                        set == target
+                    })
+                })
+                .then_some(cfgs)
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorities_follow_nodes_that_join_and_leave_and_replicas_run_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (homes, admin) = node_homes(
+        tmp.path(),
+        5,
+        REALM,
+        "workloads:\n  require_limits: false\n  require_sandbox: false\n  lease_term_ms: 2000\n  member_grace_ms: 1500\n",
+    );
+    // Three nodes first.
+    let first = start_node(&homes[0], None);
+    let mut nodes: Vec<Option<NodeProc>> = vec![None];
+    for h in &homes[1..3] {
+        nodes.push(Some(start_node(h, Some(&first.mesh))));
+    }
+    let mut ids: Vec<String> = vec![];
+    for n in std::iter::once(&first).chain(nodes.iter().flatten()) {
+        ids.push(linked_peer_id(&n.http).await);
+    }
+    macula(
+        &first,
+        &admin,
+        &[
+            "deploy",
+            "--payload",
+            "sleep 600",
+            "--name",
+            "app",
+            "--replicas",
+            "6",
+            "--timeout",
+            "60s",
+        ],
+    )
+    .await
+    .unwrap();
+    let before = replicas(&first, &admin, "app").await;
+    let placed = running(&first, &admin, "app").await;
+    assert_eq!(placed.len(), 6, "{placed:?}");
+    let start = authorities_follow(&homes[..3], &ids, "app", 6, Duration::from_secs(20)).await;
+    assert!(start.values().all(|(e, _)| *e >= 1));
+
+    // Two nodes join: the slots they rank among the top 3 for move to them, each agreed by a
+    // majority of the authorities it leaves; the replicas run on where they were.
+    for h in &homes[3..5] {
+        nodes.push(Some(start_node(h, Some(&first.mesh))));
+    }
+    for n in nodes.iter().flatten().skip(2) {
+        ids.push(linked_peer_id(&n.http).await);
+    }
+    let joined = authorities_follow(&homes, &ids, "app", 6, Duration::from_secs(30)).await;
+    let moved: Vec<&String> = joined
+        .iter()
+        .filter(|(s, (e, _))| start.get(*s).is_some_and(|(e0, _)| e > e0))
+        .map(|(s, _)| s)
+        .collect();
+    assert!(
+        !moved.is_empty(),
+        "some slot's authorities moved: {joined:?}"
+    );
+    let after = running(&first, &admin, "app").await;
+    for (slot, node, token) in &placed {
+        let now = after.iter().find(|r| r.0 == *slot);
+        assert!(
+            now.is_some_and(|r| r.1 == *node && r.2 >= *token),
+            "replica {slot} ran on where it was, its token not lower: {placed:?} then {after:?}"
+        );
+    }
+    assert_eq!(
+        replicas(&first, &admin, "app").await,
+        before,
+        "no replica restarted"
+    );
+    let scrape = || async {
+        let mut moves = 0.0;
+        for n in std::iter::once(&first).chain(nodes.iter().flatten()) {
+            moves += metric(
+                &http_get(&n.http, "/metrics").await,
+                "macula_workload_authority_moves_total",
+            );
+        }
+        moves
+    };
+    assert!(scrape().await >= moved.len() as f64);
+    eprintln!("joins: {} of 7 slots moved: {moved:?}", moved.len());
+
+    // A node that leaves for good (killed) leaves every set it was in, through the rest of it;
+    // its replicas are placed elsewhere.
+    let gone = 4;
+    drop(nodes[gone].take());
+    let dead = ids.remove(gone);
+    let left = authorities_follow(&homes, &ids, "app", 6, Duration::from_secs(30)).await;
+    assert!(left.values().all(|(_, set)| !set.contains(&dead)));
+    eventually(
+        "6 replicas on the nodes left",
+        Duration::from_secs(30),
+        || async {
+            let now = running(&first, &admin, "app").await;
+            (now.len() == 6 && now.iter().all(|r| r.1 != dead)).then_some(())
+        },
+    )
+    .await;
+}

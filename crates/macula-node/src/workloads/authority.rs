@@ -10,7 +10,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use macula_workloads::lease::{Ask, Authority, Cfg, Handover, Refusal, Reply, Request, SlotPromise};
+use macula_workloads::lease::{
+    Ask, Authority, Cfg, Handover, Refusal, Reply, Request, SlotPromise,
+};
 use parking_lot::Mutex;
 
 /// The most slots an authority keeps, and the most of them one node may have made it keep (so

@@ -1284,7 +1284,10 @@ impl Controller {
     /// moves that stalled (see `lease::Moving`). Only the first member of a configuration that
     /// this node sees moves it; another finishes a stalled move after `MOVE_TAKEOVER`.
     fn check_moves(&self, st: &mut State, wanted: &HashMap<String, Wanted>, at: Instant) {
-        if st.moves_checked.is_some_and(|t| at.duration_since(t) < MOVE_EVERY) {
+        if st
+            .moves_checked
+            .is_some_and(|t| at.duration_since(t) < MOVE_EVERY)
+        {
             return;
         }
         st.moves_checked = Some(at);
@@ -1391,7 +1394,12 @@ impl Controller {
         let Moved::Failed { newer, outbid } = failed else {
             return;
         };
-        tracing::debug!(slot, ?newer, ?outbid, "a move of the slot's lease authorities did not finish");
+        tracing::debug!(
+            slot,
+            ?newer,
+            ?outbid,
+            "a move of the slot's lease authorities did not finish"
+        );
         if let Some(c) = newer {
             self.learn(st, slot, c);
         }
@@ -1597,11 +1605,9 @@ impl Controller {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
         let asked = cfg.set.len();
         let verdict = loop {
-            if let Some((current, highest)) = lease::fence_verdict(
-                token,
-                &answers.values().copied().collect::<Vec<_>>(),
-                asked,
-            ) {
+            if let Some((current, highest)) =
+                lease::fence_verdict(token, &answers.values().copied().collect::<Vec<_>>(), asked)
+            {
                 break Ok(crate::node::Fence { current, highest });
             }
             match tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -1937,14 +1943,7 @@ impl Controller {
     /// one is ready (the node reserves room for both meanwhile; a payload with a fixed port
     /// cannot run twice on a node and always stops first); under the others, the old one stops
     /// first. The permit is given back once the new replica is ready.
-    fn roll(
-        &self,
-        st: &mut State,
-        slot: &str,
-        w: &Wanted,
-        u: macula_workloads::Update,
-        now: u64,
-    ) {
+    fn roll(&self, st: &mut State, slot: &str, w: &Wanted, u: macula_workloads::Update, now: u64) {
         let count = (u.max_surge + u.max_unavailable).max(1);
         let held_permit = st
             .permits

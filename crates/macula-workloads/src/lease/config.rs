@@ -520,15 +520,16 @@ impl Moving {
             (Phase::Install, Reply::Installed { cfg, .. }) if *cfg == self.next() => true,
             (_, Reply::Refused { why, .. }) => {
                 match why {
-                    Refusal::Config(Some(c)) if c.epoch > self.from.epoch => {
-                        if self.newer.as_ref().is_none_or(|n| c.epoch > n.epoch) {
-                            self.newer = Some(c.clone());
-                        }
+                    Refusal::Config(Some(c))
+                        if c.epoch > self.from.epoch
+                            && self.newer.as_ref().is_none_or(|n| c.epoch > n.epoch) =>
+                    {
+                        self.newer = Some(c.clone());
                     }
-                    Refusal::Outbid { ballot } => {
-                        if self.outbid.as_ref().is_none_or(|b| ballot > b) {
-                            self.outbid = Some(ballot.clone());
-                        }
+                    Refusal::Outbid { ballot }
+                        if self.outbid.as_ref().is_none_or(|b| ballot > b) =>
+                    {
+                        self.outbid = Some(ballot.clone());
                     }
                     _ => {}
                 }
