@@ -387,9 +387,9 @@ pub struct WorkloadsSection {
     /// it died. Holders renew at a third of it.
     pub lease_term_ms: u64,
     /// How long a node that stopped answering still counts among a realm's nodes when slots'
-    /// lease authorities are computed, in ms. Within it, a partition cannot give the far side
-    /// authorities of its own (so a slot never runs on both sides); past it, a dead node's
-    /// place among the authorities goes to the next node.
+    /// lease authorities are moved to follow them, in ms: a damper against moving on every flap
+    /// of a link. Safety does not rest on it (a slot's authorities change only with a majority
+    /// of those they replace); past it, a dead node leaves the slots' authorities.
     pub member_grace_ms: u64,
     /// Where replicas' working directories and logs go (relative to the config directory).
     pub dir: PathBuf,

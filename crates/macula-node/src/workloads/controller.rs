@@ -953,13 +953,16 @@ impl Controller {
             .values()
             .map(|w| (w.realm.as_str(), w.name.as_str()))
             .collect();
-        st.known_token.retain(|s, _| {
+        let asked_for = |s: &String| {
             wanted.contains_key(s)
                 || wire::parse_slot(s).is_some_and(|(r, n, _)| {
                     n.strip_suffix("@rollout")
                         .is_some_and(|n| workloads.contains(&(r, n)))
                 })
-        });
+        };
+        st.known_token.retain(|s, _| asked_for(s));
+        let State { cfgs, moves, .. } = &mut *st;
+        cfgs.retain(|s, _| asked_for(s) || moves.contains_key(s));
         let realms: HashSet<&str> = wanted.values().map(|w| w.realm.as_str()).collect();
         st.membership.retain(|r, _| realms.contains(r.as_str()));
     }
@@ -1335,6 +1338,13 @@ impl Controller {
             if target.is_empty() || now < next_at {
                 continue;
             }
+            // A move needs a majority of the configuration: one that cannot reach it would only
+            // freeze the members it reaches (on the minority side of a split, those that may
+            // still back a duplicate-tolerant payload's provisional lease).
+            let reachable = cfg.set.iter().filter(|n| live.contains(n)).count();
+            if reachable < cfg.majority() {
+                continue;
+            }
             let first = cfg.set.iter().find(|n| live.contains(n));
             if first.map(String::as_str) != Some(self.me()) {
                 let since = *st.frozen_since.entry(slot.clone()).or_insert(at);
@@ -1523,7 +1533,16 @@ impl Controller {
             return;
         };
         let authority = *asked_id == id && asked.iter().any(|a| a == from);
-        if !authority || !answered.insert(from.to_owned()) {
+        // The slot moved: not an answer (the run is put to the new configuration when this ask
+        // is retried).
+        let moved = matches!(
+            reply,
+            Reply::NotCompleted {
+                why: Refusal::Config(_),
+                ..
+            }
+        );
+        if !authority || moved || !answered.insert(from.to_owned()) {
             return;
         }
         match c.on_reply(reply) {
