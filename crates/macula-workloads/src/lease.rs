@@ -157,6 +157,9 @@ pub enum Request {
     },
 }
 
+/// The longest node id (a mesh peer id is about 52 bytes) a request may name.
+pub const MAX_NODE_ID: usize = 128;
+
 /// A request as sent: under the configuration the asking node believes the slot has. An
 /// authority serves a lease request only under the configuration it serves the slot under.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,6 +172,33 @@ pub struct Ask {
     #[serde(default)]
     pub id: u64,
     pub req: Request,
+}
+
+impl Ask {
+    /// Whether what it names is of sane size: configurations of 1 to [`AUTHORITIES`] nodes,
+    /// node ids of at most [`MAX_NODE_ID`] bytes (what an authority keeps of a peer's request
+    /// is bounded).
+    pub fn sane(&self) -> bool {
+        let id = |n: &str| !n.is_empty() && n.len() <= MAX_NODE_ID;
+        let cfg = |c: &Cfg| (1..=AUTHORITIES).contains(&c.set.len()) && c.set.iter().all(|n| id(n));
+        let handover = |h: &Handover| {
+            h.grant.as_ref().is_none_or(|g| g.0.len() <= MAX_NODE_ID)
+                && h.done.as_ref().is_none_or(|d| id(&d.0.holder))
+        };
+        let req = match &self.req {
+            Request::Complete { run, .. } => id(&run.holder),
+            Request::Prepare { cfg: c, state, .. } => cfg(c) && handover(state),
+            Request::Propose { cfg: c, next, .. } => cfg(c) && cfg(next),
+            Request::Install {
+                cfg: c,
+                handover: h,
+                ..
+            } => cfg(c) && handover(h),
+            Request::Moved { from, to, .. } => cfg(from) && cfg(to),
+            _ => true,
+        };
+        req && id(self.req.slot_holder().1) && self.cfg.as_ref().is_none_or(cfg)
+    }
 }
 
 /// An authority's answer as sent: the [`Ask`]'s id and the reply.
@@ -582,7 +612,10 @@ impl Authority {
                 holder,
                 token,
             } => {
-                let st = self.slots.entry(slot.clone()).or_default();
+                // Nothing is kept for a slot this authority does not know.
+                let Some(st) = self.slots.get_mut(slot) else {
+                    return (Reply::Released { slot: slot.clone() }, None);
+                };
                 let changed = matches!(&st.grant, Some((h, t, _)) if h == holder && t == token);
                 if changed {
                     st.grant = None;

@@ -152,6 +152,14 @@ impl Genesis {
     }
 }
 
+/// The order of two records of one sequence: the lower is kept everywhere.
+fn rank(r: &DeployRecord) -> ([u8; 32], String) {
+    (
+        r.digest(),
+        serde_json::to_string(&r.genesis).unwrap_or_default(),
+    )
+}
+
 /// How many lease slot indices a manifest uses: its replicas (or completions), and a payload's
 /// rollout permits.
 pub fn lease_indices(m: &Manifest) -> u32 {
@@ -291,12 +299,14 @@ impl Records {
         max_instances: Option<u32>,
         entry: Option<&[String]>,
     ) -> Result<(DeployRecord, Option<Manifest>), Refused> {
-        let have = self
-            .by_realm
-            .get(&r.realm)
-            .and_then(|m| m.get(&r.name))
-            .map(|x| x.seq);
-        if let Some(have) = have.filter(|h| r.seq <= *h) {
+        let current = self.get(&r.realm, &r.name);
+        let have = current.map(|x| x.seq);
+        // Two records of one sequence (two deploys at once, or one handed to two nodes): every
+        // node keeps the same one, the lower by `rank`, so that they agree in the end.
+        let rival = entry.is_none()
+            && current.is_some_and(|c| c.seq == r.seq && rank(&r) < rank(c))
+            && r.genesis.valid();
+        if let Some(have) = have.filter(|h| r.seq <= *h && !rival) {
             return Err(Refused::Stale { have });
         }
         let signer = verify(&r.key, &r.digest(), &r.sig).map_err(Refused::Unverified)?;
@@ -348,11 +358,15 @@ impl Records {
                 return Err(Refused::OverLimit { asked, limit });
             }
         }
-        // The slots' first configurations: those of the record this node has, carried on.
-        let mut genesis = self
-            .get(&r.realm, &r.name)
-            .map(|p| p.genesis.clone())
-            .unwrap_or_default();
+        // The slots' first configurations: those of the record this node has, carried on (a
+        // rival of the same sequence brings its own).
+        let mut genesis = match rival {
+            true => Genesis::default(),
+            false => self
+                .get(&r.realm, &r.name)
+                .map(|p| p.genesis.clone())
+                .unwrap_or_default(),
+        };
         match entry {
             Some(nodes) => {
                 let upto = manifest.as_ref().map_or(0, lease_indices);
@@ -378,7 +392,7 @@ impl Records {
         let history = self.history.entry(r.realm.clone()).or_default();
         if let Some(prev) = realm
             .insert(r.name.clone(), r.clone())
-            .filter(|p| p.manifest.is_some())
+            .filter(|p| p.manifest.is_some() && p.seq < r.seq)
         {
             let h = history.entry(prev.name.clone()).or_default();
             h.push_front(prev);

@@ -612,3 +612,152 @@ fn two_movers_choose_one_successor() {
         }
     ));
 }
+
+#[test]
+fn what_a_member_keeps_is_bounded_and_it_never_goes_back_to_a_first_configuration() {
+    let c = Cfg {
+        epoch: 1,
+        set: vec!["a".into(), "b".into(), "c".into()],
+    };
+    let next = Cfg {
+        epoch: 2,
+        set: vec!["a".into(), "b".into(), "d".into()],
+    };
+    let mut a = Authority::new(TERM, Some(BTreeMap::new()), 0);
+    let ask = |req| Ask {
+        cfg: None,
+        id: 0,
+        req,
+    };
+    // A release of a slot it keeps nothing of keeps nothing.
+    a.ask(
+        &ask(Request::Release {
+            slot: SLOT.into(),
+            holder: "h".into(),
+            token: 1,
+        }),
+        0,
+    );
+    assert_eq!(a.slots(), 0);
+    // So does a proposal without a prepare.
+    let r = a
+        .ask(
+            &ask(Request::Propose {
+                slot: SLOT.into(),
+                holder: "m".into(),
+                cfg: c.clone(),
+                ballot: (1, "m".into()),
+                next: next.clone(),
+            }),
+            0,
+        )
+        .0;
+    assert!(
+        matches!(
+            r,
+            Reply::Refused {
+                why: Refusal::Config(None),
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    assert_eq!(a.slots(), 0);
+    // A member that was down during a move and hears only where the slot went keeps that, and
+    // does not take the slot's first configuration on afterwards.
+    a.ask(
+        &ask(Request::Moved {
+            slot: SLOT.into(),
+            holder: "m".into(),
+            from: c.clone(),
+            to: next.clone(),
+        }),
+        0,
+    );
+    assert_eq!(a.newest(SLOT), Some(next.clone()));
+    assert!(a.adopt(SLOT, c.clone()).is_none());
+    assert!(a.member_of(SLOT).is_none());
+    // Configurations and node ids of absurd size are refused before anything is kept.
+    let huge = Ask {
+        cfg: Some(Cfg {
+            epoch: 1,
+            set: (0..1000).map(|i| format!("n{i}")).collect(),
+        }),
+        id: 0,
+        req: Request::Fence {
+            slot: SLOT.into(),
+            holder: "h".into(),
+        },
+    };
+    assert!(!huge.sane());
+    let long = Ask {
+        cfg: Some(c.clone()),
+        id: 0,
+        req: Request::Fence {
+            slot: SLOT.into(),
+            holder: "x".repeat(MAX_NODE_ID + 1),
+        },
+    };
+    assert!(!long.sane());
+    assert!(Ask {
+        cfg: Some(c.clone()),
+        id: 0,
+        req: Request::Fence {
+            slot: SLOT.into(),
+            holder: "h".into(),
+        },
+    }
+    .sane());
+}
+
+#[test]
+fn a_member_that_missed_a_move_stops_serving_once_told_of_a_later_configuration() {
+    let c = Cfg {
+        epoch: 1,
+        set: vec!["a".into(), "b".into(), "c".into()],
+    };
+    let later = Cfg {
+        epoch: 3,
+        set: vec!["d".into(), "e".into(), "f".into()],
+    };
+    let mut a = Authority::new(TERM, Some(BTreeMap::new()), 0);
+    a.adopt(SLOT, c.clone());
+    assert_eq!(a.active(SLOT), Some(&c));
+    assert!(a.superseded(SLOT, 1, &later).is_some());
+    assert!(
+        a.active(SLOT).is_none(),
+        "it grants nothing under the old one"
+    );
+    assert!(a.member_of(SLOT).is_none(), "it does not move it again");
+    assert_eq!(a.newest(SLOT), Some(later));
+    // A first configuration that turned out not to be the slot's (its record lost to another
+    // of the same sequence) is abandoned: nothing more is granted under it.
+    let mut b = Authority::new(TERM, Some(BTreeMap::new()), 0);
+    b.adopt(SLOT, c.clone());
+    assert!(b.abandon(SLOT, &c).is_some());
+    let r = b
+        .ask(
+            &Ask {
+                cfg: Some(c.clone()),
+                id: 0,
+                req: Request::Acquire {
+                    slot: SLOT.into(),
+                    holder: "h".into(),
+                    token: 1,
+                    seq: 1,
+                },
+            },
+            0,
+        )
+        .0;
+    assert!(
+        matches!(
+            r,
+            Reply::Refused {
+                why: Refusal::Config(_),
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+}

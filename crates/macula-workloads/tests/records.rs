@@ -479,3 +479,56 @@ fn a_plans_instance_limit_counts_every_workload_of_the_realm() {
     // Another realm's workloads do not count.
     assert_eq!(loaded.instances("com.example.other", None), 0);
 }
+
+#[test]
+fn two_records_of_one_sequence_end_the_same_on_every_node() {
+    let dev = Key::new(1, REALM, "developer");
+    let first = dev.record("api", 1, Some(MANIFEST));
+    // Two deploys of seq 2 at once at two nodes that see the realm differently.
+    let scaled = MANIFEST.replace("replicas: 2", "replicas: 3");
+    let (mut x, mut y) = (Records::default(), Records::default());
+    let seen_x = nodes(&["n1", "n2", "n3"]);
+    let seen_y = nodes(&["n1", "n2", "n4"]);
+    let (base, _) = x
+        .accept(first, verify, may_deploy, None, Some(&seen_x))
+        .unwrap();
+    y.accept(base.clone(), verify, may_deploy, None, None)
+        .unwrap();
+    let (at_x, _) = x
+        .accept(
+            dev.record("api", 2, Some(MANIFEST)),
+            verify,
+            may_deploy,
+            None,
+            Some(&seen_x),
+        )
+        .unwrap();
+    let (at_y, _) = y
+        .accept(
+            dev.record("api", 2, Some(&scaled)),
+            verify,
+            may_deploy,
+            None,
+            Some(&seen_y),
+        )
+        .unwrap();
+    // Each floods its own to the other: both end with the same one, whichever came first.
+    let x_takes = x.accept(at_y.clone(), verify, may_deploy, None, None);
+    let y_takes = y.accept(at_x.clone(), verify, may_deploy, None, None);
+    assert!(
+        x_takes.is_ok() != y_takes.is_ok(),
+        "exactly one of them gives way: {x_takes:?} {y_takes:?}"
+    );
+    let kept_x = x.get(REALM, "api").unwrap().clone();
+    let kept_y = y.get(REALM, "api").unwrap().clone();
+    assert_eq!(kept_x, kept_y);
+    // The one replaced is not an earlier version of the workload.
+    assert!(x.history(REALM, "api").all(|r| r.seq < 2));
+    assert!(y.history(REALM, "api").all(|r| r.seq < 2));
+    // A replay of the one that gave way changes nothing any more.
+    let loser = if kept_x == at_x { at_y } else { at_x };
+    assert!(matches!(
+        x.accept(loser, verify, may_deploy, None, None),
+        Err(Refused::Stale { have: 2 })
+    ));
+}

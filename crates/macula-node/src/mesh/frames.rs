@@ -329,6 +329,14 @@ fn on_lease_request(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, bytes
     let Ok(ask) = serde_json::from_slice::<Ask>(bytes) else {
         return rejected(mesh, &peer, "lease_request", "not a lease request");
     };
+    if !ask.sane() {
+        return rejected(
+            mesh,
+            &peer,
+            "lease_request",
+            "a configuration or node id out of bounds",
+        );
+    }
     let (slot, holder) = ask.req.slot_holder();
     let me = peer.to_string();
     if *holder != me {

@@ -66,9 +66,34 @@ pub fn accept(node: &Node, record: DeployRecord, entry: bool) -> Result<DeployRe
         .and_then(|p| p.doc.max_instances);
     let nodes = entry.then(|| realm_nodes(node, &record.realm));
     let mut records = node.workloads.records.lock();
+    let before = records.get(&record.realm, &record.name).cloned();
     let (taken, _) = records.accept(record, verify, may_deploy, max_instances, nodes.as_deref())?;
     if let Err(e) = node.workloads.save(&records) {
         tracing::error!("keeping the deploy records: {e}");
+    }
+    drop(records);
+    // A record of the same sequence took the place of the one this node had: the slots' first
+    // configurations of the one replaced are not theirs (an authority that took one on stops
+    // granting under it).
+    if let Some(lost) = before.filter(|b| b.seq == taken.seq) {
+        tracing::warn!(
+            realm = taken.realm,
+            name = taken.name,
+            seq = taken.seq,
+            "two records of one sequence: keeping the lower"
+        );
+        for i in 0..lost.genesis.covered() {
+            for slot in [
+                macula_workloads::wire::slot(&taken.realm, &taken.name, i),
+                macula_workloads::wire::permit(&taken.realm, &taken.name, i),
+            ] {
+                if let Some(old) = lost.genesis.cfg(&slot, i) {
+                    if taken.genesis.cfg(&slot, i).as_ref() != Some(&old) {
+                        node.leases.abandon(&slot, &old);
+                    }
+                }
+            }
+        }
     }
     Ok(taken)
 }

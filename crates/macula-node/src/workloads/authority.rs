@@ -108,6 +108,32 @@ impl LeaseAuthority {
         self.inner.lock().authority.configs()
     }
 
+    /// `slot`'s first configuration `cfg` is not the slot's after all (see
+    /// `lease::Authority::abandon`); kept on disk.
+    pub fn abandon(&self, slot: &str, cfg: &Cfg) {
+        let mut inner = self.inner.lock();
+        if inner.authority.abandon(slot, cfg).is_some() {
+            if let Some(f) = &self.file {
+                if let Err(e) = write(f, &inner.authority.promises()) {
+                    tracing::error!("keeping a lease configuration: {e}");
+                }
+            }
+        }
+    }
+
+    /// `slot`'s configuration `epoch` was succeeded by `newer` (see
+    /// `lease::Authority::superseded`); kept on disk.
+    pub fn superseded(&self, slot: &str, epoch: u64, newer: &Cfg) {
+        let mut inner = self.inner.lock();
+        if inner.authority.superseded(slot, epoch, newer).is_some() {
+            if let Some(f) = &self.file {
+                if let Err(e) = write(f, &inner.authority.promises()) {
+                    tracing::error!("keeping a lease configuration: {e}");
+                }
+            }
+        }
+    }
+
     /// What this authority holds for `slot`, as a move hands it on.
     pub fn handover(&self, slot: &str) -> Handover {
         self.inner.lock().authority.handover(slot, now_ms())

@@ -1411,6 +1411,11 @@ impl Controller {
             "a move of the slot's lease authorities did not finish"
         );
         if let Some(c) = newer {
+            // A configuration past the one moved exists: its successor was chosen without this
+            // member (it missed the move or its end); it stops serving and moving it.
+            if let Some(mine) = self.node.leases.member_of(slot) {
+                self.node.leases.superseded(slot, mine.epoch, &c);
+            }
             self.learn(st, slot, c);
         }
         let jitter = rand::random::<u64>() % 2_000;
@@ -1437,7 +1442,8 @@ impl Controller {
         }
         let slot = reply.slot().to_owned();
         let mut st = self.state.lock();
-        // An authority that serves the slot under a newer configuration says which.
+        // An authority asked that serves the slot under a newer configuration says which (an
+        // answer to no ask of this node's, or from a node it did not ask, teaches nothing).
         if let Reply::Refused {
             why: Refusal::Config(Some(c)),
             ..
@@ -1447,7 +1453,26 @@ impl Controller {
             ..
         } = &reply
         {
-            self.learn(&mut st, &slot, c.clone());
+            let asked = st
+                .acquiring
+                .get(&slot)
+                .is_some_and(|a| a.id == id && a.cfg.has(from))
+                || st
+                    .provisional
+                    .get(&slot)
+                    .is_some_and(|p| p.id == id && p.auths.iter().any(|a| a == from))
+                || st
+                    .held
+                    .get(&slot)
+                    .and_then(|h| h.completing.as_ref())
+                    .is_some_and(|c| c.1 == id && c.2.iter().any(|a| a == from))
+                || st
+                    .moves
+                    .get(&slot)
+                    .is_some_and(|m| m.id == id && m.moving.from.has(from));
+            if asked {
+                self.learn(&mut st, &slot, c.clone());
+            }
         }
         if st.moves.get(&slot).is_some_and(|m| m.id == id) {
             return self.on_move_reply(&mut st, from, &slot, &reply);
@@ -1635,12 +1660,12 @@ impl Controller {
                     answers.insert(from, p);
                 }
                 Ok(Some((
-                    _,
+                    from,
                     Reply::Refused {
                         why: Refusal::Config(Some(c)),
                         ..
                     },
-                ))) => {
+                ))) if cfg.has(&from) => {
                     if newer.as_ref().is_none_or(|n| c.epoch > n.epoch) {
                         newer = Some(c);
                     }

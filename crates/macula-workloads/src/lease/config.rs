@@ -96,10 +96,10 @@ impl Handover {
         self.grant = match (self.grant.take(), &other.grant) {
             (None, g) => g.clone(),
             (g, None) => g,
+            // One holder: its highest token (a later attempt of its own). Two: nobody.
             (Some((h1, t1, r1)), Some((h2, t2, r2))) => {
                 let holder = if h1 == *h2 { h1 } else { String::new() };
-                let (t, _) = if r1 >= *r2 { (t1, r1) } else { (*t2, *r2) };
-                Some((holder, t, r1.max(*r2)))
+                Some((holder, t1.max(*t2), r1.max(*r2)))
             }
         };
     }
@@ -127,9 +127,10 @@ pub(super) fn mismatch(st: Option<&SlotPromise>, asked: Option<&Cfg>) -> Option<
     if have != asked {
         return Some(Refusal::Config(newest(st)));
     }
+    // Frozen by a move of this configuration, or told of one of a later one (it is behind).
     let frozen = st
         .and_then(|s| s.moving.as_ref())
-        .is_some_and(|m| Some(m.epoch) == have.map(|c| c.epoch));
+        .is_some_and(|m| have.is_some_and(|c| m.epoch >= c.epoch));
     frozen.then(|| Refusal::Config(newest(st)))
 }
 
@@ -172,7 +173,7 @@ impl Authority {
         let succeeded = st
             .moving
             .as_ref()
-            .is_some_and(|m| m.epoch == cfg.epoch && m.next.is_some());
+            .is_some_and(|m| m.epoch >= cfg.epoch && m.next.is_some());
         (!succeeded).then_some(cfg)
     }
 
@@ -193,6 +194,52 @@ impl Authority {
                 Some((s.clone(), c.clone(), self.active(s).is_none()))
             })
             .collect()
+    }
+
+    /// `slot`'s first configuration `cfg` turned out not to be the slot's (its deploy record
+    /// lost to another of the same sequence): this authority stops granting under it, as if a
+    /// move had frozen it. Returns the state to persist when it changed.
+    pub fn abandon(&mut self, slot: &str, cfg: &Cfg) -> Option<SlotPromise> {
+        let st = self.slots.get_mut(slot)?;
+        if st.cfg.as_ref() != Some(cfg) || cfg.epoch != 1 || st.moving.is_some() {
+            return None;
+        }
+        st.moving = Some(MoveState {
+            epoch: 1,
+            ballot: (u64::MAX, String::new()),
+            accepted: None,
+            next: None,
+        });
+        Some(st.clone())
+    }
+
+    /// `slot`'s configuration `epoch` was succeeded: `newer` (a configuration past it, named by
+    /// one of its members) exists, which takes a successor chosen by a majority of it. A member
+    /// that missed the move (or its end) stops serving and moving it, and points at `newer`.
+    /// Returns the state to persist when it changed.
+    pub fn superseded(&mut self, slot: &str, epoch: u64, newer: &Cfg) -> Option<SlotPromise> {
+        let st = self.slots.get_mut(slot)?;
+        if st.cfg.as_ref().is_none_or(|c| c.epoch != epoch) || newer.epoch <= epoch {
+            return None;
+        }
+        match &mut st.moving {
+            Some(m) if m.epoch > epoch => return None,
+            Some(m) if m.epoch == epoch => {
+                if m.next.as_ref().is_some_and(|n| n.epoch >= newer.epoch) {
+                    return None;
+                }
+                m.next = Some(newer.clone());
+            }
+            _ => {
+                st.moving = Some(MoveState {
+                    epoch,
+                    ballot: (0, String::new()),
+                    accepted: None,
+                    next: Some(newer.clone()),
+                })
+            }
+        }
+        Some(st.clone())
     }
 
     /// What this authority holds for `slot` at `now_ms`, as handed to a next configuration.
@@ -230,7 +277,7 @@ impl Authority {
             let mine = st.grant.clone().filter(|g| g.2 > now_ms);
             st.grant = Some(match mine {
                 None => (holder.clone(), *token, until),
-                Some((mh, mt, mu)) if mh == *holder && mt == *token => (mh, mt, mu.max(until)),
+                Some((mh, mt, mu)) if mh == *holder => (mh, mt.max(*token), mu.max(until)),
                 // Two holders' grants: nobody may renew until both have ended.
                 Some((_, mt, mu)) => (String::new(), (*token).max(mt), mu.max(until)),
             });
@@ -309,11 +356,14 @@ impl Authority {
                 if let Some(why) = self.behind_or_ahead(&slot, cfg) {
                     return refuse(why);
                 }
-                let st = self.slots.entry(slot.clone()).or_default();
-                if st.cfg.as_ref() != Some(cfg) {
-                    // Never promised under this configuration (a prepare always comes first).
-                    return refuse(Refusal::Config(st.cfg.clone()));
-                }
+                // Never promised under this configuration (a prepare always comes first).
+                let Some(st) = self
+                    .slots
+                    .get_mut(&slot)
+                    .filter(|st| st.cfg.as_ref() == Some(cfg))
+                else {
+                    return refuse(Refusal::Config(newest(self.slots.get(&slot))));
+                };
                 let Some(m) = st.moving.as_mut().filter(|m| m.epoch == cfg.epoch) else {
                     return refuse(Refusal::Config(st.cfg.clone()));
                 };
@@ -367,9 +417,18 @@ impl Authority {
                 )
             }
             Request::Moved { from, to, .. } => {
-                let Some(st) = self.slots.get_mut(&slot) else {
-                    return refuse(Refusal::Config(None));
-                };
+                // A member that missed the move's prepare (it was down) keeps where the slot
+                // went all the same, and never takes on the slot's first configuration again.
+                let st = self.slots.entry(slot.clone()).or_default();
+                let older = st.moving.as_ref().is_none_or(|m| m.epoch < from.epoch);
+                if st.cfg.as_ref().is_none_or(|c| c.epoch <= from.epoch) && older {
+                    st.moving = Some(MoveState {
+                        epoch: from.epoch,
+                        ballot: (0, String::new()),
+                        accepted: None,
+                        next: None,
+                    });
+                }
                 let Some(m) = st.moving.as_mut().filter(|m| m.epoch == from.epoch) else {
                     return refuse(Refusal::Config(newest(Some(st))));
                 };
