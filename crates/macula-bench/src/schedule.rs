@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Result};
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
-use macula_workloads::lease::{self, Acquisition, Authority, NodeId, Outcome, Request};
+use macula_workloads::lease::{self, Acquisition, Authority, Cfg, NodeId, Outcome};
 use macula_workloads::placement::{award, candidates, Capacity, Ledger, Score, Tender};
 use macula_workloads::{Placement, Resources};
 use tokio::sync::{mpsc, oneshot};
@@ -32,7 +32,7 @@ enum Ask {
     Bid(Tender, oneshot::Sender<Option<(Score, Signature)>>),
     Release(String),
     Start(String, oneshot::Sender<bool>),
-    Lease(Request, oneshot::Sender<(lease::Reply, Signature)>),
+    Lease(lease::Ask, oneshot::Sender<(lease::Reply, Signature)>),
 }
 
 struct Node {
@@ -86,9 +86,17 @@ fn spawn_node(i: usize, start: Instant) -> Node {
                 Ask::Start(slot, reply) => {
                     let _ = reply.send(ledger.start(&slot, now_ms(start)));
                 }
-                Ask::Lease(req, reply) => {
-                    // A node persists the promise before it answers: here, in memory.
-                    let (r, _persist) = authority.handle(&req, now_ms(start));
+                Ask::Lease(ask, reply) => {
+                    // A member takes the slot's first configuration on when first asked under
+                    // it (a node checks it against the deploy record), and persists the promise
+                    // before it answers: here, in memory.
+                    let slot = ask.req.slot_holder().0.to_owned();
+                    if let Some(c) = ask.cfg.as_ref().filter(|c| c.epoch == 1) {
+                        if authority.newest(&slot).is_none() {
+                            authority.adopt(&slot, c.clone());
+                        }
+                    }
+                    let (r, _persist) = authority.ask(&ask, now_ms(start));
                     let sig = key.sign(&grant_bytes(&r));
                     let _ = reply.send((r, sig));
                 }
@@ -157,13 +165,22 @@ async fn place(
             .into_iter()
             .cloned()
             .collect();
+        let cfg = Cfg {
+            epoch: 1,
+            set: auths.clone(),
+        };
         let (mut acq, reqs) =
             Acquisition::start(&slot, &winner, 1, 1, &auths, now_ms(start), TERM_MS, 100);
         let mut replies = vec![];
         for (a, req) in reqs {
             let (tx, rx) = oneshot::channel();
             let n = &nodes[index(&a)];
-            n.tx.send(Ask::Lease(req, tx))
+            let ask = lease::Ask {
+                cfg: Some(cfg.clone()),
+                id: 1,
+                req,
+            };
+            n.tx.send(Ask::Lease(ask, tx))
                 .map_err(|_| anyhow!("node gone"))?;
             replies.push((n, rx));
         }
