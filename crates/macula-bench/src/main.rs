@@ -12,6 +12,7 @@
 //! ```
 
 mod baseline;
+mod hash;
 mod heal;
 mod invoices;
 mod macula_side;
@@ -150,6 +151,14 @@ enum Cmd {
         /// Tenders in flight at once.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+    },
+    /// Content hashing as the Hub verifies packages, side by side with `sha256sum` of the same
+    /// file (goal ≥ 1 GiB/s).
+    Hash {
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
     },
     /// Self-healing on real node processes: SIGKILL a node that runs a replica, time until the
     /// replica runs elsewhere (goal p95 ≤ 5 s), restart the node, repeat.
@@ -299,6 +308,11 @@ fn main() -> Result<()> {
     } = cli.cmd
     {
         let figs = rt.block_on(schedule::run(nodes, placements, concurrency))?;
+        print(&figs, cli.json);
+        return Ok(());
+    }
+    if let Cmd::Hash { mib, runs } = cli.cmd {
+        let figs = hash::run(mib, runs)?;
         print(&figs, cli.json);
         return Ok(());
     }
