@@ -3,15 +3,22 @@
 //! Built so far:
 //! - `package.rs` a package's manifest (the seed's `beemesh.yaml` shape plus the artifacts it
 //!   carries and the workload it deploys), checked with a path for every problem;
+//! - `attest.rs` attestations: DSSE envelopes (PAE, threshold of trusted keys, the payload type
+//!   asked for) and the in-toto Statements they carry, whose subjects must be the package's
+//!   artifacts by digest;
 //! - `digest.rs` content addressing (SHA-256, `sha256:<hex>`), streamed and bounded;
+//! - `pack.rs` packing a package directory: every file it names hashed into the store (inside
+//!   the directory, within limits), then its index — the package's identity — stored last;
 //! - `store.rs` blobs by digest behind one trait (`BlobStore`), on the filesystem (`FsStore`):
 //!   nothing half-visible, bounded uploads, verified reads.
 //!
 //! To come (see `docs/design/hub.md`): the TUF repository (through `tough`) with a delegation per
-//! publisher, attestations (SBOM, in-toto provenance in DSSE), the submission pipeline and tiers,
+//! publisher, SBOM validation, the submission pipeline and tiers,
 //! distribution over the mesh, offline bundles, revocation.
 
+pub mod attest;
 pub mod digest;
+pub mod pack;
 pub mod package;
 pub mod store;
 
