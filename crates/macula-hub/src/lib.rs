@@ -7,19 +7,25 @@
 //!   asked for) and the in-toto Statements they carry, whose subjects must be the package's
 //!   artifacts by digest;
 //! - `digest.rs` content addressing (SHA-256, `sha256:<hex>`), streamed and bounded;
+//! - `osv.rs` the vulnerability scan: an SBOM's components against a directory of OSV records,
+//!   offline (SEMVER and ECOSYSTEM ranges, listed versions);
 //! - `pack.rs` packing a package directory: every file it names hashed into the store (inside
 //!   the directory, within limits), then its index — the package's identity — stored last;
+//! - `sbom.rs` SBOMs (SPDX 2.x and CycloneDX 1.x JSON): their components with package URLs, and
+//!   the check that every artifact is described by its SHA-256;
 //! - `store.rs` blobs by digest behind one trait (`BlobStore`), on the filesystem (`FsStore`):
 //!   nothing half-visible, bounded uploads, verified reads.
 //!
 //! To come (see `docs/design/hub.md`): the TUF repository (through `tough`) with a delegation per
-//! publisher, SBOM validation, the submission pipeline and tiers,
+//! publisher, OSV's `all.zip` exports, the submission pipeline and tiers,
 //! distribution over the mesh, offline bundles, revocation.
 
 pub mod attest;
 pub mod digest;
+pub mod osv;
 pub mod pack;
 pub mod package;
+pub mod sbom;
 pub mod store;
 
 pub use digest::Digest;

@@ -322,7 +322,8 @@ async fn kill_stops_every_process_of_the_replica() {
         require_limits: true,
         spec: spec(
             tmp.path(),
-            "sleep 300 & sleep 300 & echo started; wait",
+            // A duration no other test here uses: the check below looks at every process.
+            "sleep 307 & sleep 307 & echo started; wait",
             &[],
         ),
         logs: LogLimits::default(),
@@ -343,7 +344,7 @@ async fn kill_stops_every_process_of_the_replica() {
     let sleepers = std::fs::read_dir(&procs)
         .unwrap()
         .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("cmdline")).ok())
-        .filter(|c| c.starts_with("sleep\u{0}300"))
+        .filter(|c| c.starts_with("sleep\u{0}307"))
         .count();
     assert_eq!(sleepers, 0, "the background sleeps went with it");
 }

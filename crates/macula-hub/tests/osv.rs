@@ -1,0 +1,97 @@
+//! The offline vulnerability scan: an SBOM's components against a directory of OSV records.
+
+use macula_hub::osv::Database;
+use macula_hub::sbom::parse;
+
+fn record(id: &str, eco: &str, name: &str, ranges: serde_json::Value) -> String {
+    serde_json::json!({
+        "id": id,
+        "summary": format!("{id} in {name}"),
+        "affected": [{"package": {"ecosystem": eco, "name": name}, "ranges": ranges}]
+    })
+    .to_string()
+}
+
+fn sbom(components: &[(&str, &str, &str)]) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "bomFormat": "CycloneDX",
+        "specVersion": "1.5",
+        "components": components.iter().map(|(n, v, purl)| serde_json::json!({"name": n, "version": v, "purl": purl})).collect::<Vec<_>>(),
+    }))
+    .unwrap()
+}
+
+#[test]
+fn components_in_an_affected_range_are_found_with_their_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = |f: &str, t: String| std::fs::write(dir.path().join(f), t).unwrap();
+    std::fs::create_dir_all(dir.path().join("npm")).unwrap();
+    w(
+        "npm/GHSA-1.json",
+        record(
+            "GHSA-1",
+            "npm",
+            "lodash",
+            serde_json::json!([{"type": "SEMVER", "events": [{"introduced": "0"}, {"fixed": "4.17.21"}]}]),
+        ),
+    );
+    w(
+        "RUSTSEC-2.json",
+        record(
+            "RUSTSEC-2",
+            "crates.io",
+            "serde",
+            serde_json::json!([{"type": "ECOSYSTEM", "events": [{"introduced": "1.0.0"}, {"last_affected": "1.0.50"}]}]),
+        ),
+    );
+    w(
+        "GHSA-3.json",
+        record(
+            "GHSA-3",
+            "npm",
+            "@scope/pkg",
+            serde_json::json!([{"type": "SEMVER", "events": [{"introduced": "2.0.0"}]}]),
+        ),
+    );
+    w("README.json", "not a record".into());
+    let (db, skipped) = Database::load_dir(dir.path()).unwrap();
+    assert_eq!((db.len(), skipped), (3, 1));
+    let s = parse(&sbom(&[
+        ("lodash", "4.17.20", "pkg:npm/lodash@4.17.20"),
+        ("serde", "1.0.100", "pkg:cargo/serde@1.0.100"),
+        ("pkg", "2.1.0", "pkg:npm/%40scope/pkg@2.1.0"),
+        ("left-pad", "1.0.0", "pkg:npm/left-pad@1.0.0"),
+        ("mystery", "1.0.0", "pkg:unknown/mystery@1.0.0"),
+    ]))
+    .unwrap();
+    let scan = db.scan(&s);
+    let found: Vec<(&str, &str, Option<&str>)> = scan
+        .findings
+        .iter()
+        .map(|f| (f.id.as_str(), f.component.as_str(), f.fixed.as_deref()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("GHSA-1", "lodash", Some("4.17.21")),
+            ("GHSA-3", "@scope/pkg", None)
+        ]
+    );
+    assert_eq!(scan.unchecked, ["mystery"]);
+    // Fixed and not-yet-affected versions are clean.
+    let clean = parse(&sbom(&[
+        ("lodash", "4.17.21", "pkg:npm/lodash@4.17.21"),
+        ("serde", "1.0.50", "pkg:cargo/serde@1.0.50"),
+        ("pkg", "1.9.0", "pkg:npm/%40scope/pkg@1.9.0"),
+    ]))
+    .unwrap();
+    let scan = db.scan(&clean);
+    assert_eq!(
+        scan.findings
+            .iter()
+            .map(|f| f.id.as_str())
+            .collect::<Vec<_>>(),
+        ["RUSTSEC-2"],
+        "serde 1.0.50 is the last affected"
+    );
+}
