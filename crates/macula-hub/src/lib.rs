@@ -7,8 +7,8 @@
 //!   asked for) and the in-toto Statements they carry, whose subjects must be the package's
 //!   artifacts by digest;
 //! - `digest.rs` content addressing (SHA-256, `sha256:<hex>`), streamed and bounded;
-//! - `osv.rs` the vulnerability scan: an SBOM's components against a directory of OSV records,
-//!   offline (SEMVER and ECOSYSTEM ranges, listed versions);
+//! - `osv.rs` the vulnerability scan: an SBOM's components against OSV's zip exports or a
+//!   directory of OSV records, offline (SEMVER and ECOSYSTEM ranges, listed versions);
 //! - `pack.rs` packing a package directory: every file it names hashed into the store (inside
 //!   the directory, within limits), then its index — the package's identity — stored last;
 //! - `sbom.rs` SBOMs (SPDX 2.x and CycloneDX 1.x JSON): their components with package URLs, and
@@ -17,7 +17,7 @@
 //!   nothing half-visible, bounded uploads, verified reads.
 //!
 //! To come (see `docs/design/hub.md`): the TUF repository (through `tough`) with a delegation per
-//! publisher, OSV's `all.zip` exports, the submission pipeline and tiers,
+//! publisher, the submission pipeline and tiers,
 //! distribution over the mesh, offline bundles, revocation.
 
 pub mod attest;

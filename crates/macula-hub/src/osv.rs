@@ -1,5 +1,5 @@
-//! The vulnerability scan: an SBOM's components against an offline OSV database (a directory of
-//! OSV JSON records, as OSV's exports unpack), with no network.
+//! The vulnerability scan: an SBOM's components against an offline OSV database (OSV's zip
+//! exports, `all.zip` or one ecosystem's, or a directory of OSV JSON records), with no network.
 //!
 //! A component is affected by a record that names its ecosystem and package when its version
 //! is listed in `versions`, or falls in a `SEMVER` range (introduced ≤ v < fixed, or
@@ -110,6 +110,42 @@ impl Database {
                     Ok(r) => db.add(r),
                     Err(_) => skipped += 1,
                 }
+            }
+        }
+        Ok((db, skipped))
+    }
+
+    /// Loads every `*.json` record of an OSV export (`all.zip`, or one ecosystem's zip). An
+    /// entry larger than [`MAX_RECORD`] once inflated (a zip bomb), or that is not a record, is
+    /// skipped and counted in the second value.
+    pub fn load_zip(file: &Path) -> std::io::Result<(Database, usize)> {
+        use std::io::Read as _;
+        let mut zip = zip::ZipArchive::new(std::fs::File::open(file)?)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        let mut db = Database::default();
+        let mut skipped = 0;
+        for i in 0..zip.len() {
+            let mut entry = zip
+                .by_index(i)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            let json = entry.name().is_ok_and(|n| n.ends_with(".json"));
+            if !entry.is_file() || !json {
+                continue;
+            }
+            if db.records >= MAX_RECORDS {
+                skipped += 1;
+                continue;
+            }
+            // The size an entry claims is not trusted: reading stops past the bound.
+            let mut bytes = vec![];
+            let read = (&mut entry).take(MAX_RECORD + 1).read_to_end(&mut bytes);
+            if read.is_err() || bytes.len() as u64 > MAX_RECORD {
+                skipped += 1;
+                continue;
+            }
+            match serde_json::from_slice::<Record>(&bytes) {
+                Ok(r) => db.add(r),
+                Err(_) => skipped += 1,
             }
         }
         Ok((db, skipped))

@@ -95,3 +95,53 @@ fn components_in_an_affected_range_are_found_with_their_fix() {
         "serde 1.0.50 is the last affected"
     );
 }
+
+#[test]
+fn osv_zip_exports_load_and_a_zip_bomb_entry_is_skipped() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("all.zip");
+    {
+        let mut z = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        for (name, text) in [
+            (
+                "GHSA-1.json",
+                record(
+                    "GHSA-1",
+                    "npm",
+                    "lodash",
+                    serde_json::json!([{"type": "SEMVER", "events": [{"introduced": "0"}, {"fixed": "4.17.21"}]}]),
+                ),
+            ),
+            (
+                "RUSTSEC-2.json",
+                record(
+                    "RUSTSEC-2",
+                    "crates.io",
+                    "serde",
+                    serde_json::json!([{"type": "SEMVER", "events": [{"introduced": "1.0.0"}]}]),
+                ),
+            ),
+            ("junk.json", "{".to_owned()),
+        ] {
+            z.start_file(name, opts).unwrap();
+            z.write_all(text.as_bytes()).unwrap();
+        }
+        // An entry that inflates past the bound (it compresses to almost nothing).
+        z.start_file("bomb.json", opts).unwrap();
+        let zeros = vec![b' '; 1 << 20];
+        for _ in 0..5 {
+            z.write_all(&zeros).unwrap();
+        }
+        z.finish().unwrap();
+    }
+    let (db, skipped) = Database::load_zip(&path).unwrap();
+    assert_eq!((db.len(), skipped), (2, 2));
+    let s = parse(&sbom(&[("lodash", "4.17.20", "pkg:npm/lodash@4.17.20")])).unwrap();
+    assert_eq!(db.scan(&s).findings.len(), 1);
+    // Not a zip.
+    std::fs::write(&path, b"not a zip").unwrap();
+    assert!(Database::load_zip(&path).is_err());
+}
