@@ -626,14 +626,20 @@ impl Podman {
             "/containers/{}?force=true&v=true&timeout=0&ignore=true",
             enc(id)
         );
-        match self.expect("DELETE", &path, &[200, 204]).await {
-            // A container whose processes were killed behind Podman's back (by the reaper of
-            // a node that died) is still "running" to it until the first try finds it
-            // stopped; the second removes it.
-            Err(e) if e.to_string().contains("state improper") => {
-                self.expect("DELETE", &path, &[200, 204]).await
+        // A container whose processes were killed behind Podman's back (by the reaper of a
+        // node that died) is still "running" to it until a first try finds it stopped ("state
+        // improper"), and one being torn down may refuse for a moment: a few tries, a moment
+        // apart.
+        let mut tries = 0;
+        loop {
+            match self.expect("DELETE", &path, &[200, 204]).await {
+                Err(e) if tries < 4 => {
+                    tracing::debug!(container = id, "removing it: {e}; trying again");
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * tries)).await;
+                }
+                r => return r,
             }
-            r => r,
         }
     }
 
