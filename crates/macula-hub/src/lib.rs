@@ -15,6 +15,8 @@
 //!   the check that every artifact is described by its SHA-256;
 //! - `store.rs` blobs by digest behind one trait (`BlobStore`), on the filesystem (`FsStore`):
 //!   nothing half-visible, bounded uploads, verified reads.
+//! - `submit.rs` the submission pipeline's first gate: capabilities within what the publisher
+//!   may grant, the workload within the largest plan, no secret written into the manifest.
 //!
 //! To come (see `docs/design/hub.md`): the TUF repository (through `tough`) with a delegation per
 //! publisher, the submission pipeline and tiers,
@@ -27,6 +29,7 @@ pub mod pack;
 pub mod package;
 pub mod sbom;
 pub mod store;
+pub mod submit;
 
 pub use digest::Digest;
 pub use package::{parse, FieldError, Package};

@@ -47,7 +47,8 @@ pub struct Package {
     pub channel: String,
     pub description: Option<String>,
     pub planes: BTreeSet<String>,
-    pub capabilities: BTreeSet<String>,
+    /// As the manifest lists them (its indexes are the manifest's).
+    pub capabilities: Vec<String>,
     /// References to signatures made elsewhere (the seed's `signing.cosign`), kept as written:
     /// informational — what a node trusts is the Hub's signed metadata.
     pub signing: BTreeMap<String, String>,
@@ -250,14 +251,15 @@ pub fn parse(text: &str) -> Result<Package, Vec<FieldError>> {
             format!("{} capabilities: at most {MAX_CAPABILITIES}", caps.len()),
         ));
     }
-    let mut capabilities = BTreeSet::new();
+    let mut capabilities: Vec<String> = vec![];
     for (i, c) in caps.iter().enumerate().take(MAX_CAPABILITIES) {
         let path = format!("permissions.capabilities[{i}]");
         if let Err(m) = capability(c) {
             errors.push(err(&path, m));
-        } else if !capabilities.insert(c.clone()) {
+        } else if capabilities.contains(c) {
             errors.push(err(&path, format!("{c:?} twice")));
         }
+        capabilities.push(c.clone());
     }
     for (field, v) in [
         ("attestations.sbom", &d.attestations.sbom),

@@ -31,7 +31,7 @@ fn the_seeds_manifest_parses() {
     assert_eq!(p.full_name(), "org/postgres-ha");
     assert_eq!(p.version, semver::Version::new(14, 7, 1));
     assert_eq!(p.channel, "stable");
-    assert!(p.capabilities.contains("tasks:publish"));
+    assert_eq!(p.capabilities, ["wdht:read", "tasks:publish"]);
     assert_eq!(p.sbom.as_deref(), Some("spdx.json"));
     assert!(p.compatibility["core"].matches(&semver::Version::new(0, 3, 0)));
     assert!(!p.compatibility["core"].matches(&semver::Version::new(0, 1, 9)));
