@@ -45,7 +45,10 @@ workload:
 "#;
     assert!(check(&parse(ok).unwrap(), &policy()).is_empty());
     let bad = ok
-        .replace("\"rpc:call:com.acme.db.get\", ", "\"rpc:call:com.acme.db.get\", \"realm:deploy\", ")
+        .replace(
+            "\"rpc:call:com.acme.db.get\", ",
+            "\"rpc:call:com.acme.db.get\", \"realm:deploy\", ",
+        )
         .replace("replicas: 2", "replicas: 20")
         .replace(
             "DB_PASSWORD: \"\"",
