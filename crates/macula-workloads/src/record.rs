@@ -152,14 +152,6 @@ impl Genesis {
     }
 }
 
-/// The order of two records of one sequence: the lower is kept everywhere.
-fn rank(r: &DeployRecord) -> ([u8; 32], String) {
-    (
-        r.digest(),
-        serde_json::to_string(&r.genesis).unwrap_or_default(),
-    )
-}
-
 /// How many lease slot indices a manifest uses: its replicas (or completions), and a payload's
 /// rollout permits.
 pub fn lease_indices(m: &Manifest) -> u32 {
@@ -301,10 +293,12 @@ impl Records {
     ) -> Result<(DeployRecord, Option<Manifest>), Refused> {
         let current = self.get(&r.realm, &r.name);
         let have = current.map(|x| x.seq);
-        // Two records of one sequence (two deploys at once, or one handed to two nodes): every
-        // node keeps the same one, the lower by `rank`, so that they agree in the end.
+        // Two signed records of one sequence (two deploys at once): every node keeps the same
+        // one, the lower by digest, so that they agree in the end. The same signed record with
+        // other first configurations is not a rival (they are not signed: a peer could rewrite
+        // them at will); a node keeps the ones it took first.
         let rival = entry.is_none()
-            && current.is_some_and(|c| c.seq == r.seq && rank(&r) < rank(c))
+            && current.is_some_and(|c| c.seq == r.seq && r.digest() < c.digest())
             && r.genesis.valid();
         if let Some(have) = have.filter(|h| r.seq <= *h && !rival) {
             return Err(Refused::Stale { have });

@@ -525,6 +525,15 @@ fn two_records_of_one_sequence_end_the_same_on_every_node() {
     // The one replaced is not an earlier version of the workload.
     assert!(x.history(REALM, "api").all(|r| r.seq < 2));
     assert!(y.history(REALM, "api").all(|r| r.seq < 2));
+    // The kept record sent back with other first configurations (unsigned: a lying peer) is
+    // not taken, and the configurations stay.
+    let mut rewritten = kept_x.clone();
+    rewritten.genesis.ranges[0].nodes = nodes(&["evil"]);
+    assert!(matches!(
+        x.accept(rewritten, verify, may_deploy, None, None),
+        Err(Refused::Stale { have: 2 })
+    ));
+    assert_eq!(x.get(REALM, "api").unwrap(), &kept_x);
     // A replay of the one that gave way changes nothing any more.
     let loser = if kept_x == at_x { at_y } else { at_x };
     assert!(matches!(

@@ -112,24 +112,28 @@ impl LeaseAuthority {
     /// `lease::Authority::abandon`); kept on disk.
     pub fn abandon(&self, slot: &str, cfg: &Cfg) {
         let mut inner = self.inner.lock();
-        if inner.authority.abandon(slot, cfg).is_some() {
-            if let Some(f) = &self.file {
-                if let Err(e) = write(f, &inner.authority.promises()) {
-                    tracing::error!("keeping a lease configuration: {e}");
-                }
-            }
-        }
+        let changed = inner.authority.abandon(slot, cfg).is_some();
+        self.keep(&inner.authority, changed);
     }
 
     /// `slot`'s configuration `epoch` was succeeded by `newer` (see
     /// `lease::Authority::superseded`); kept on disk.
     pub fn superseded(&self, slot: &str, epoch: u64, newer: &Cfg) {
         let mut inner = self.inner.lock();
-        if inner.authority.superseded(slot, epoch, newer).is_some() {
-            if let Some(f) = &self.file {
-                if let Err(e) = write(f, &inner.authority.promises()) {
-                    tracing::error!("keeping a lease configuration: {e}");
-                }
+        let changed = inner.authority.superseded(slot, epoch, newer).is_some();
+        self.keep(&inner.authority, changed);
+    }
+
+    /// Writes `a`'s promises to the file when `changed`; false if they could not be kept.
+    fn keep(&self, a: &Authority, changed: bool) -> bool {
+        let (true, Some(f)) = (changed, &self.file) else {
+            return true;
+        };
+        match write(f, &a.promises()) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("keeping a lease promise: {e}");
+                false
             }
         }
     }
@@ -149,10 +153,7 @@ impl LeaseAuthority {
         if inner.authority.adopt(slot, cfg).is_none() {
             return true;
         }
-        match &self.file {
-            Some(f) => write(f, &inner.authority.promises()).is_ok(),
-            None => true,
-        }
+        self.keep(&inner.authority, true)
     }
 
     /// Answers `ask`. A lease request must name the configuration it is asked under (a node
@@ -189,15 +190,10 @@ impl LeaseAuthority {
         if new && a.knows(slot) {
             *made_by.entry(holder.to_owned()).or_default() += 1;
         }
-        if changed.is_some() {
-            if let Some(f) = &self.file {
-                // A promise that could not be kept on disk is not given (it stays made in
-                // memory, which only makes this authority more careful until it restarts).
-                if let Err(e) = write(f, &a.promises()) {
-                    tracing::error!("keeping a lease promise: {e}");
-                    return full();
-                }
-            }
+        // A promise that could not be kept on disk is not given (it stays made in memory, which
+        // only makes this authority more careful until it restarts).
+        if !self.keep(a, changed.is_some()) {
+            return full();
         }
         reply
     }
