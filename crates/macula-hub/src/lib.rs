@@ -17,9 +17,11 @@
 //!   nothing half-visible, bounded uploads, verified reads.
 //! - `submit.rs` the submission pipeline's first gate: capabilities within what the publisher
 //!   may grant, the workload within the largest plan, no secret written into the manifest.
+//! - `tuf.rs` the TUF repository (through `tough`): the Hub's writer (root with rotation, a
+//!   delegation per publisher for `org/*`, snapshot, timestamp; in the layout python-tuf's
+//!   `ngclient` also reads) and the verifying client every node runs, over any `Source`.
 //!
-//! To come (see `docs/design/hub.md`): the TUF repository (through `tough`) with a delegation per
-//! publisher, the submission pipeline and tiers,
+//! To come (see `docs/design/hub.md`): the submission pipeline and tiers,
 //! distribution over the mesh, offline bundles, revocation.
 
 pub mod attest;
@@ -30,6 +32,7 @@ pub mod package;
 pub mod sbom;
 pub mod store;
 pub mod submit;
+pub mod tuf;
 
 pub use digest::Digest;
 pub use package::{parse, FieldError, Package};
