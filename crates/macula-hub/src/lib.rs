@@ -29,6 +29,8 @@ pub mod digest;
 pub mod osv;
 pub mod pack;
 pub mod package;
+pub mod prepare;
+pub mod review;
 pub mod sbom;
 pub mod store;
 pub mod submit;

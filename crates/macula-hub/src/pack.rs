@@ -166,7 +166,7 @@ pub fn pack(dir: &Path, store: &dyn BlobStore, limits: Limits) -> Result<Packed,
 }
 
 /// The manifest of the package in `dir`: its file name and text.
-fn read_manifest(dir: &Path) -> Result<(String, String), PackError> {
+pub(crate) fn read_manifest(dir: &Path) -> Result<(String, String), PackError> {
     for name in [package::MANIFEST_FILE, package::SEED_MANIFEST_FILE] {
         let path = dir.join(name);
         let Ok(f) = File::open(&path) else {
@@ -203,7 +203,7 @@ fn read_manifest(dir: &Path) -> Result<(String, String), PackError> {
 
 /// `path` (relative, checked by the manifest) under `root`, refusing what resolves outside it
 /// (a symbolic link out of the package) and what is not a regular file.
-fn inside(root: &Path, path: &str) -> Result<PathBuf, String> {
+pub(crate) fn inside(root: &Path, path: &str) -> Result<PathBuf, String> {
     let full = root
         .join(path)
         .canonicalize()
