@@ -140,6 +140,20 @@ impl Key {
     pub fn id(&self) -> String {
         self.public().id()
     }
+    /// The Ed25519 key itself (to sign attestations with).
+    pub fn signing(&self) -> &ed25519_dalek::SigningKey {
+        &self.0
+    }
+    /// Reads a key file: the 32-byte seed in hex (as `write_file` writes it).
+    pub fn read_file(path: &Path) -> Result<Key, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let bytes = hex::decode(text.trim())
+            .map_err(|_| format!("{}: not a key file (64 hex digits)", path.display()))?;
+        let seed: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| format!("{}: not a key file (64 hex digits)", path.display()))?;
+        Ok(Key::from_seed(seed))
+    }
 }
 
 /// The public half of a `Key`, as TUF names it.
@@ -1104,6 +1118,27 @@ pub async fn sign_publisher_role(
     let signed = sign_role(role, &KeyHolder::Delegations(delegation.alone(ns)?), keys).await?;
     let (_, targets) = signed.signed().clone().targets();
     Ok(pretty(&targets))
+}
+
+/// [`sign_publisher_role`] from the current role as JSON bytes (as the Hub serves it; `None`
+/// or JSON `null` before the first).
+pub async fn sign_next_role(
+    ns: &str,
+    current: Option<&[u8]>,
+    add: &[(String, Vec<u8>, serde_json::Value)],
+    remove: &[String],
+    keys: &[Key],
+    life: Duration,
+) -> Result<Vec<u8>, TufError> {
+    let current: Option<Signed<Targets>> = match current {
+        None => None,
+        Some(b) if b.trim_ascii() == b"null" => None,
+        Some(b) => Some(
+            serde_json::from_slice(b)
+                .map_err(|e| refused(format!("role {ns}"), format!("as the Hub sent it: {e}")))?,
+        ),
+    };
+    sign_publisher_role(ns, current.as_ref(), add, remove, keys, life).await
 }
 
 // ---------------------------------------------------------------------------------------------

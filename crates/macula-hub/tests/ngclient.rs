@@ -7,60 +7,15 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+mod common;
+use common::pytuf::{ngclient, venv};
 use macula_hub::tuf::{sign_publisher_role, Delegation, Key, Lifetimes, Online, Repo};
 use macula_hub::Digest;
 use serde_json::json;
-
-const TUF_PIN: &str = "tuf==7.0.1";
-
-/// A venv with python-tuf, made once per target directory; `None` (with the reason) if it
-/// cannot be made here.
-fn venv() -> Result<PathBuf, String> {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("venv-tuf-7.0.1");
-    let py = dir.join("bin/python");
-    if py.exists() {
-        let ok = Command::new(&py)
-            .args(["-c", "import tuf.ngclient"])
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return Ok(py);
-        }
-    }
-    let made = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&dir)
-        .output()
-        .map_err(|e| format!("python3: {e}"))?;
-    if !made.status.success() {
-        return Err(format!(
-            "python3 -m venv failed: {}",
-            String::from_utf8_lossy(&made.stderr)
-        ));
-    }
-    let pip = Command::new(&py)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            TUF_PIN,
-        ])
-        .output()
-        .map_err(|e| format!("pip: {e}"))?;
-    if !pip.status.success() {
-        return Err(format!(
-            "pip install {TUF_PIN} failed: {}",
-            String::from_utf8_lossy(&pip.stderr)
-        ));
-    }
-    Ok(py)
-}
 
 /// Serves `dir` over HTTP on loopback; killed on drop.
 struct Server {
@@ -108,28 +63,6 @@ fn serve(dir: &Path) -> Server {
         url: format!("http://127.0.0.1:{port}"),
     }
 }
-
-const SCRIPT: &str = r#"
-import hashlib, json, os, sys
-from tuf.ngclient import Updater
-md, td, url, root, name = sys.argv[1:6]
-with open(root, "rb") as f:
-    bootstrap = f.read()
-u = Updater(metadata_dir=md, metadata_base_url=url + "/metadata/",
-            target_base_url=url + "/targets/", target_dir=td, bootstrap=bootstrap)
-u.refresh()
-info = u.get_targetinfo(name)
-if info is None:
-    print(json.dumps({"error": "target not found"})); sys.exit(3)
-path = u.download_target(info)
-with open(path, "rb") as f:
-    data = f.read()
-with open(os.path.join(md, "root.json"), "rb") as f:
-    root_version = json.load(f)["signed"]["version"]
-print(json.dumps({"sha256": hashlib.sha256(data).hexdigest(), "length": len(data),
-                  "custom": info.custom, "root_version": root_version,
-                  "missing": u.get_targetinfo("acme/nothing@0.0.0") is None}))
-"#;
 
 #[tokio::test]
 async fn python_tuf_ngclient_refreshes_and_downloads_from_the_hub() {
@@ -193,27 +126,8 @@ async fn python_tuf_ngclient_refreshes_and_downloads_from_the_hub() {
     .expect("accept");
 
     let server = serve(&dir);
-    let md = tmp.path().join("py-metadata");
-    let td = tmp.path().join("py-targets");
-    std::fs::create_dir_all(&md).expect("md");
-    std::fs::create_dir_all(&td).expect("td");
-    let out = Command::new(&py)
-        .arg("-c")
-        .arg(SCRIPT)
-        .arg(&md)
-        .arg(&td)
-        .arg(&server.url)
-        .arg(&root1)
-        .arg(&name)
-        .output()
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "ngclient failed:\nstdout: {stdout}\nstderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
+    let got =
+        ngclient(&py, tmp.path(), &server.url, &root1, &name).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(got["sha256"], Digest::of(&index).hex(), "{got}");
     assert_eq!(got["length"], index.len());
     assert_eq!(got["root_version"], 2, "ngclient walked the rotation");

@@ -241,6 +241,34 @@ pub struct RegistrySection {
     /// Failed logins to one account per hour (all sources) past which only sources that logged
     /// in to it before may try; 0: no such limit.
     pub max_failed_logins_per_hour: u32,
+    /// The Hub: packages, publishers and the TUF repository nodes verify them with.
+    pub hub: HubSection,
+}
+
+/// `registry.hub` in node.yaml.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubSection {
+    /// Serve the Hub (`/v1/hub/...`) with the registry.
+    pub enabled: bool,
+    /// Where its repository, blobs and keys live; empty: `hub/` in the config directory.
+    pub dir: PathBuf,
+    /// An offline OSV database to scan packages' SBOMs with: OSV's `all.zip` (or one
+    /// ecosystem's zip) or a directory of OSV JSON records; empty: no scan.
+    pub osv: PathBuf,
+    /// The largest file of a package accepted, in bytes.
+    pub max_blob: u64,
+}
+
+impl Default for HubSection {
+    fn default() -> Self {
+        HubSection {
+            enabled: true,
+            dir: PathBuf::new(),
+            osv: PathBuf::new(),
+            max_blob: 1 << 30,
+        }
+    }
 }
 
 /// `registry.mail` in node.yaml.
@@ -278,6 +306,7 @@ impl Default for RegistrySection {
             max_registrations_per_day: 20,
             trusted_proxies: vec![],
             max_failed_logins_per_hour: 50,
+            hub: HubSection::default(),
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod billing;
 pub mod db;
 pub mod error;
 pub mod http;
+pub mod hub;
 pub mod identity;
 pub mod kek;
 pub mod mail;

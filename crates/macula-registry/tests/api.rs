@@ -853,6 +853,19 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/invoices/{invoice}/pay"),
     ("post", "/v1/admin/invoices/run"),
     ("post", "/v1/admin/invoices/{invoice}/void"),
+    ("post", "/v1/hub/publishers"),
+    ("get", "/v1/hub/publishers/{namespace}"),
+    ("post", "/v1/hub/publishers/{namespace}/approve"),
+    ("post", "/v1/hub/publishers/{namespace}/keys"),
+    ("delete", "/v1/hub/publishers/{namespace}/keys/{key_id}"),
+    ("get", "/v1/hub/publishers/{namespace}/role"),
+    ("post", "/v1/hub/publishers/{namespace}/releases"),
+    ("put", "/v1/hub/blobs/{digest}"),
+    ("get", "/v1/hub/blobs/{digest}"),
+    ("get", "/v1/hub/packages"),
+    ("get", "/v1/hub/packages/{namespace}/{name}"),
+    ("post", "/v1/hub/releases/{namespace}/{release}/{action}"),
+    ("get", "/v1/hub/trust"),
     ("get", "/v1/openapi.json"),
 ];
 
@@ -900,7 +913,12 @@ async fn openapi_documents_every_route_and_nothing_else() {
             .replace("{email}", "x@example.com")
             .replace("{key_id}", "key_0")
             .replace("{invoice}", "inv_0")
-            .replace("{month}", "2026-11");
+            .replace("{month}", "2026-11")
+            .replace("{namespace}", "nosuch")
+            .replace("{name}", "pkg")
+            .replace("{release}", "pkg@1.0.0")
+            .replace("{action}", "yank")
+            .replace("{digest}", &format!("sha256:{}", "0".repeat(64)));
         let (s, v) = req(
             &srv.base,
             &m.to_uppercase(),
@@ -926,6 +944,11 @@ async fn openapi_documents_every_route_and_nothing_else() {
         "PolicyDoc",
         "Invoice",
         "UsageMonth",
+        "Publisher",
+        "Publish",
+        "Release",
+        "List_Realm",
+        "List_Key",
     ] {
         assert!(schemas.contains_key(name), "schema {name} missing");
     }

@@ -30,6 +30,13 @@ pub fn registry_config(s: &RegistrySection) -> RegistryConfig {
             url: s.mail.url.clone(),
             from: s.mail.from.clone(),
         },
+        hub: macula_registry::hub::HubConfig {
+            enabled: s.hub.enabled,
+            dir: (!s.hub.dir.as_os_str().is_empty()).then(|| s.hub.dir.clone()),
+            osv: (!s.hub.osv.as_os_str().is_empty()).then(|| s.hub.osv.clone()),
+            max_blob: s.hub.max_blob.max(1),
+            ..Default::default()
+        },
         kek: match std::env::var(kek::KEK_ENV) {
             Ok(hex) if !hex.trim().is_empty() => kek::KekSource::Hex(hex),
             _ => kek::KekSource::File(s.kek_file.clone()),
@@ -88,6 +95,9 @@ pub async fn host(
             }
             if let Err(e) = reg.billing_tick().await {
                 tracing::error!("billing: {}", e.message);
+            }
+            if let Err(e) = reg.hub_tick().await {
+                tracing::error!("hub: {}", e.message);
             }
         }
     });

@@ -3,6 +3,7 @@
 mod billing_cmds;
 mod client_cmds;
 mod hosting;
+mod hub_cmds;
 mod local;
 mod mesh_cmds;
 mod registry_cmds;
@@ -107,6 +108,8 @@ enum Command {
     /// Deploy a payload (a command, or a manifest with -f) into the realm: the nodes place,
     /// run and heal its replicas.
     Deploy(workload_cmds::DeployArgs),
+    /// The Hub: signing keys, publishers, attest and publish packages, search, yank, revoke.
+    Hub(hub_cmds::HubArgs),
     /// The realm's workloads and their replicas: node, state, restarts, lease token, age.
     #[command(visible_alias = "ps")]
     Workloads(workload_cmds::WorkloadsArgs),
@@ -177,6 +180,7 @@ fn main() {
             Command::Invoices(c) => billing_cmds::invoices(c, json),
             Command::Plans(s) => billing_cmds::plans(s, json),
             Command::Deploy(a) => workload_cmds::deploy(a, json),
+            Command::Hub(a) => hub_cmds::hub(a, json).await,
             Command::Workloads(a) => workload_cmds::workloads(a, json),
             Command::Logs(a) => workload_cmds::logs(a, json),
             Command::Scale(a) => workload_cmds::scale(a, json),

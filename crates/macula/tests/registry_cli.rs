@@ -7,7 +7,7 @@ mod macula_up;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use macula_up::{cli_as as cli, Up};
+use macula_up::{cli_as as cli, mailed_code, Up};
 
 use futures_util::StreamExt;
 use macula_client::{Client, ConnectOptions};
@@ -23,24 +23,6 @@ fn up(home: &Path, database: Option<&str>) -> (Up, String, String) {
         v["http"].as_str().unwrap().to_owned(),
         v["ws"].as_str().unwrap().to_owned(),
     )
-}
-
-/// The verification code in the newest mail to `to` in the registry's mail directory.
-fn mailed_code(dir: &Path, to: &str) -> String {
-    let mut mails: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().ends_with(&format!("-{to}.eml")))
-        .collect();
-    mails.sort();
-    let text = std::fs::read_to_string(mails.last().expect("a mail")).unwrap();
-    let text = text.replace("=\r\n", "");
-    let at = text.find("ev_").expect("a code");
-    text[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-        .collect()
 }
 
 /// `macula --json keys create --realm com.onboard.app ARGS...`, its JSON answer.

@@ -286,4 +286,45 @@ ALTER TABLE usage_reports ADD COLUMN instance_ms BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE usage_rollups ADD COLUMN instance_ms BIGINT NOT NULL DEFAULT 0;
 "#,
     },
+    Migration {
+        version: 9,
+        name: "the Hub: publishers, their signing keys, releases",
+        sql: r#"
+CREATE TABLE hub_publishers (
+    namespace TEXT PRIMARY KEY,
+    owner_id TEXT NOT NULL REFERENCES accounts(id),
+    display_name TEXT NOT NULL,
+    verified_by TEXT NOT NULL,
+    grants TEXT NOT NULL,
+    threshold BIGINT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX hub_publishers_owner ON hub_publishers(owner_id);
+CREATE TABLE hub_keys (
+    key_id TEXT PRIMARY KEY,
+    namespace TEXT NOT NULL REFERENCES hub_publishers(namespace),
+    public_key TEXT NOT NULL,
+    label TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    revoked_at BIGINT NOT NULL
+);
+CREATE INDEX hub_keys_namespace ON hub_keys(namespace);
+CREATE TABLE hub_releases (
+    target TEXT PRIMARY KEY,
+    namespace TEXT NOT NULL REFERENCES hub_publishers(namespace),
+    package TEXT NOT NULL,
+    version TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    tier TEXT NOT NULL,
+    scan TEXT NOT NULL,
+    yanked TEXT NOT NULL,
+    revoked TEXT NOT NULL,
+    published_by TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX hub_releases_package ON hub_releases(package, created_at);
+"#,
+    },
 ];

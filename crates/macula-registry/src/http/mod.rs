@@ -13,7 +13,7 @@
 //! frame (info, security schemes, the error shape). Route files start with `use crate::http::*;`.
 
 #[allow(unused_imports)]
-use crate::{billing::routes::*, identity::routes::*, realms::routes::*};
+use crate::{billing::routes::*, hub::routes::*, identity::routes::*, realms::routes::*};
 
 pub(crate) use std::net::SocketAddr;
 pub(crate) use std::sync::Arc;
@@ -68,6 +68,7 @@ Errors are `{\"error\": {\"code\", \"message\"}}`: 401 not logged in, 403 not al
         (name = "keys", description = "API keys and the audit log."),
         (name = "operators", description = "Platform operators' tools."),
         (name = "billing", description = "Plans, usage, add-ons, invoices."),
+        (name = "hub", description = "Packages: publishers and their keys, publishing, yank and revoke, search, the TUF root of trust."),
     )
 )]
 struct ApiDoc;
@@ -143,6 +144,18 @@ fn routes() -> OpenApiRouter<Arc<Registry>> {
         .routes(routes!(pay_invoice))
         .routes(routes!(run_invoices))
         .routes(routes!(void_invoice))
+        .routes(routes!(create_publisher))
+        .routes(routes!(show_publisher))
+        .routes(routes!(approve_publisher))
+        .routes(routes!(add_publisher_key))
+        .routes(routes!(revoke_publisher_key))
+        .routes(routes!(publisher_role))
+        .routes(routes!(publish))
+        .routes(routes!(put_blob, get_blob))
+        .routes(routes!(search_packages))
+        .routes(routes!(package_info))
+        .routes(routes!(mark_release))
+        .routes(routes!(hub_trust))
         .routes(routes!(openapi_json))
 }
 
@@ -161,6 +174,7 @@ pub(crate) struct RealmParam {
 pub fn router(reg: Arc<Registry>, body_limit: usize) -> Router {
     let (router, _) = routes().split_for_parts();
     router
+        .route("/v1/hub/tuf/{*path}", axum::routing::get(tuf_file))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(reg)
 }

@@ -60,6 +60,8 @@ pub struct RegistryConfig {
     /// logged in to it before may try (an owner's usual addresses keep working while many
     /// addresses guess). 0: no such limit.
     pub max_failed_logins_per_hour: i64,
+    /// The Hub (packages, publishers, the TUF repository); see [`crate::hub`].
+    pub hub: crate::hub::HubConfig,
 }
 
 impl Default for RegistryConfig {
@@ -82,6 +84,7 @@ impl Default for RegistryConfig {
             max_registrations_per_day: 20,
             trusted_proxies: vec![],
             max_failed_logins_per_hour: 50,
+            hub: crate::hub::HubConfig::default(),
         }
     }
 }
@@ -148,6 +151,8 @@ pub struct Registry {
     pub(crate) kek: crate::kek::Kek,
     /// Sends verification mail.
     pub(crate) mailer: Box<dyn crate::mail::Mailer>,
+    /// The Hub, when `registry.hub.enabled`.
+    pub(crate) hub: Option<crate::hub::Hub>,
 }
 
 pub(crate) fn sha256_hex(s: &str) -> String {
@@ -167,6 +172,17 @@ impl Registry {
         let operator_key = confdir.operator_key()?;
         let kek = crate::kek::Kek::load(&config.kek, &confdir.root)?;
         let mailer = crate::mail::from_config(&config.mail)?;
+        let hub = match config.hub.enabled {
+            true => {
+                let dir = config
+                    .hub
+                    .dir
+                    .clone()
+                    .unwrap_or_else(|| confdir.root.join("hub"));
+                Some(crate::hub::Hub::open(&config.hub, &dir).await?)
+            }
+            false => None,
+        };
         let reg = Arc::new(Registry {
             db,
             config: RegistryConfig {
@@ -188,6 +204,7 @@ impl Registry {
             payments: Box::new(crate::billing::RecordingProvider),
             kek,
             mailer,
+            hub,
         });
         reg.seal_secrets().await?;
         reg.sync_all().await?;

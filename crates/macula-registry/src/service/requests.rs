@@ -81,6 +81,36 @@ pub struct List<T> {
     pub next_cursor: Option<String>,
 }
 
+/// The OpenAPI schemas of the lists the API answers with, one concrete type per item type.
+///
+/// Why not `body = List<Realm>` in the routes: utoipa expands a generic schema into
+/// `String::from(<T as ToSchema>::name().as_ref())`, which stops compiling as soon as a crate in
+/// the dependency graph adds another `AsRef` for `Cow<str>` (typed-path does, through the Hub's
+/// tough and zip). Each type keeps the name utoipa gives the generic one (`List_Realm`), so the
+/// document is the same; the handlers still return `List<T>`, which serializes identically.
+macro_rules! list_schemas {
+    ($($name:ident = $as:ident($item:ty)),* $(,)?) => {
+        $(
+            #[derive(utoipa::ToSchema)]
+            #[schema(as = $as)]
+            #[allow(dead_code)]
+            pub struct $name {
+                pub items: Vec<$item>,
+                pub next_cursor: Option<String>,
+            }
+        )*
+    };
+}
+
+list_schemas!(
+    RealmList = List_Realm(crate::realms::types::Realm),
+    MemberList = List_Member(crate::realms::types::Member),
+    PolicyVersionList = List_PolicyVersion(crate::realms::types::PolicyVersion),
+    KeyList = List_Key(crate::realms::types::Key),
+    AuditEntryList = List_AuditEntry(crate::realms::types::AuditEntry),
+    ClaimList = List_Claim(crate::realms::types::Claim),
+);
+
 impl Page {
     pub(crate) fn limit(&self) -> i64 {
         self.limit.unwrap_or(50).clamp(1, 500)

@@ -235,6 +235,29 @@ impl Api {
                     .send_json(body.cloned().unwrap_or(json!({}))),
                 _ => bail!("unsupported method {method}"),
             };
+        self.answer(path, res)
+    }
+
+    /// PUTs a file's bytes (a Hub blob), streamed; the answer as JSON.
+    pub fn put_file(&self, path: &str, file: &std::path::Path) -> Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let token = self.need_login()?.to_owned();
+        let mut f = std::fs::File::open(file).with_context(|| format!("{}", file.display()))?;
+        let res = self
+            .agent
+            .put(&url)
+            .header("Authorization", &format!("Bearer {token}"))
+            .header("Content-Type", "application/octet-stream")
+            .send(ureq::SendBody::from_reader(&mut f));
+        self.answer(path, res)
+    }
+
+    /// The API's answer as JSON; a non-2xx answer becomes an error with the API's message.
+    fn answer(
+        &self,
+        path: &str,
+        res: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Value> {
         let mut res = res.map_err(|e| {
             anyhow!(
                 "cannot reach the registry at {}: {e}{}",

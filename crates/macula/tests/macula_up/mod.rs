@@ -87,3 +87,21 @@ pub fn cli_run(
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The verification code in the newest mail to `to` in the registry's mail directory.
+pub fn mailed_code(dir: &Path, to: &str) -> String {
+    let mut mails: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(&format!("-{to}.eml")))
+        .collect();
+    mails.sort();
+    let text = std::fs::read_to_string(mails.last().expect("a mail")).unwrap();
+    let text = text.replace("=\r\n", "");
+    let at = text.find("ev_").expect("a code");
+    text[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect()
+}

@@ -7,7 +7,7 @@ use crate::realms::types::*;
 /// API keys of a realm (never the secret).
 #[utoipa::path(get, path = "/v1/realms/{realm}/keys", tag = "keys", security(("session" = [])),
     params(RealmParam, Page),
-    responses((status = 200, body = List<Key>, description = "A page of keys, by id."),
+    responses((status = 200, body = crate::service::KeyList, description = "A page of keys, by id."),
         (status = 401, response = ErrorBody), (status = 403, response = ErrorBody),
         (status = 404, response = ErrorBody)))]
 pub(crate) async fn list_keys(
@@ -22,7 +22,7 @@ pub(crate) async fn list_keys(
 /// Keys of every realm you own or administer.
 #[utoipa::path(get, path = "/v1/keys", tag = "keys", security(("session" = [])),
     params(Page),
-    responses((status = 200, body = List<Key>, description = "A page of keys, by id."),
+    responses((status = 200, body = crate::service::KeyList, description = "A page of keys, by id."),
         (status = 401, response = ErrorBody)))]
 pub(crate) async fn all_keys(
     State(reg): Reg,
@@ -87,7 +87,7 @@ pub(crate) async fn revoke_any_key(
 /// The realm's audit log, newest first: who, what, when, from where.
 #[utoipa::path(get, path = "/v1/realms/{realm}/audit", tag = "keys", security(("session" = [])),
     params(RealmParam, Page),
-    responses((status = 200, body = List<AuditEntry>, description = "A page of entries."),
+    responses((status = 200, body = crate::service::AuditEntryList, description = "A page of entries."),
         (status = 401, response = ErrorBody), (status = 403, response = ErrorBody),
         (status = 404, response = ErrorBody)))]
 pub(crate) async fn realm_audit(
@@ -102,7 +102,7 @@ pub(crate) async fn realm_audit(
 /// Your own actions (operators: everything), newest first.
 #[utoipa::path(get, path = "/v1/audit", tag = "keys", security(("session" = [])),
     params(Page),
-    responses((status = 200, body = List<AuditEntry>, description = "A page of entries."),
+    responses((status = 200, body = crate::service::AuditEntryList, description = "A page of entries."),
         (status = 401, response = ErrorBody)))]
 pub(crate) async fn my_audit(
     State(reg): Reg,

@@ -26,7 +26,7 @@ pub(crate) async fn add_claim(
 /// Disputes: recorded claims on a realm (operator).
 #[utoipa::path(get, path = "/v1/admin/realms/{realm}/claims", tag = "operators", security(("session" = [])),
     params(RealmParam),
-    responses((status = 200, body = List<Claim>, description = "The claims, oldest first."),
+    responses((status = 200, body = crate::service::ClaimList, description = "The claims, oldest first."),
         (status = 401, response = ErrorBody), (status = 403, response = ErrorBody)))]
 pub(crate) async fn claims(
     State(reg): Reg,

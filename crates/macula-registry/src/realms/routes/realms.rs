@@ -9,7 +9,7 @@ use macula_common::policy::PolicyDoc;
 /// Realms you own or are a member of.
 #[utoipa::path(get, path = "/v1/realms", tag = "realms", security(("session" = [])),
     params(Page),
-    responses((status = 200, body = List<Realm>, description = "A page of realms; `access` is `owner` or `member`."),
+    responses((status = 200, body = crate::service::RealmList, description = "A page of realms; `access` is `owner` or `member`."),
         (status = 401, response = ErrorBody)))]
 pub(crate) async fn list_realms(
     State(reg): Reg,
@@ -128,7 +128,7 @@ pub(crate) async fn transfer(
 /// Owner and members with their roles.
 #[utoipa::path(get, path = "/v1/realms/{realm}/members", tag = "realms", security(("session" = [])),
     params(RealmParam),
-    responses((status = 200, body = List<Member>, description = "The owner first, then members by address."),
+    responses((status = 200, body = crate::service::MemberList, description = "The owner first, then members by address."),
         (status = 401, response = ErrorBody), (status = 403, response = ErrorBody),
         (status = 404, response = ErrorBody)))]
 pub(crate) async fn members(
@@ -214,7 +214,7 @@ pub(crate) async fn set_policy(
 /// Policy versions, newest first.
 #[utoipa::path(get, path = "/v1/realms/{realm}/policy/versions", tag = "realms", security(("session" = [])),
     params(RealmParam, Page),
-    responses((status = 200, body = List<PolicyVersion>, description = "A page of versions."),
+    responses((status = 200, body = crate::service::PolicyVersionList, description = "A page of versions."),
         (status = 401, response = ErrorBody), (status = 403, response = ErrorBody),
         (status = 404, response = ErrorBody)))]
 pub(crate) async fn policy_versions(

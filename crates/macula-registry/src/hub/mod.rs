@@ -1,0 +1,184 @@
+//! The Hub (issue 15) as a control-plane service: publishers and their signing keys, publishing
+//! through the review pipeline into the TUF repository, yanks and revocations, search.
+//!
+//! **What it holds.** Under `hub.dir` (default `<config dir>/hub`): `repo/` the TUF repository
+//! (`macula_hub::tuf::Repo`: metadata and the package indexes as targets, in the layout both
+//! tough and python-tuf read), `blobs/` every file of every package by digest
+//! (`macula_hub::FsStore`), `keys/` the repository's keys (0600): the root key, made here on first
+//! start for a single-machine Hub (move it offline, see `docs/design/hub.md`), and the online
+//! keys (targets, snapshot, timestamp), which the Hub must hold to re-sign.
+//!
+//! **Who may do what.** An account with a verified email creates a publisher for a namespace; the
+//! publisher is verified at once when the owner's address is at a domain named like the
+//! namespace (`x@acme.com` for `acme`; free-mail domains never count), else when a platform
+//! operator approves it. Only a verified publisher's owner publishes and registers keys; each
+//! publish is the publisher's own TUF role signed by a threshold of its keys, which the Hub can
+//! check but cannot forge. Yanks and revocations are the publisher owner's or an operator's;
+//! they are written into `hub/status.json`, a target the Hub signs with the top-level targets
+//! key, with every release's tier.
+//!
+//! One file per concept: `publishers.rs` (publishers, keys, the delegation they make),
+//! `releases.rs` (blobs, publishing, status, yank/revoke, search); `routes.rs`, `types.rs`.
+
+mod publishers;
+mod releases;
+pub(crate) mod routes;
+pub mod types;
+
+use std::path::{Path, PathBuf};
+
+use macula_hub::tuf::{self, Key, Lifetimes, Online, Repo};
+use macula_hub::{osv, FsStore};
+
+#[allow(unused_imports)]
+use crate::prelude::*;
+
+/// The Hub's settings (the node's `registry.hub` section).
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub enabled: bool,
+    /// Where the repository, blobs and keys live; default `<config dir>/hub`.
+    pub dir: Option<PathBuf>,
+    /// An offline OSV database to scan SBOMs with: OSV's `all.zip` (or one ecosystem's zip),
+    /// or a directory of OSV JSON records. None: packages are published unscanned (and stay
+    /// below the Verified tier).
+    pub osv: Option<PathBuf>,
+    /// The largest blob (one file of a package) accepted, in bytes.
+    pub max_blob: u64,
+    /// How long the repository's signatures last.
+    pub lifetimes: Lifetimes,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            enabled: true,
+            dir: None,
+            osv: None,
+            max_blob: 1 << 30,
+            lifetimes: Lifetimes::default(),
+        }
+    }
+}
+
+/// The Hub's state: its repository (one writer at a time), its blobs, its scan database.
+pub struct Hub {
+    pub dir: PathBuf,
+    pub(crate) repo: tokio::sync::Mutex<Repo>,
+    pub(crate) store: Arc<FsStore>,
+    pub(crate) osv: Option<osv::Database>,
+    pub(crate) max_blob: u64,
+}
+
+const ROLES: [&str; 4] = ["root", "targets", "snapshot", "timestamp"];
+
+fn read_key(path: &Path) -> anyhow::Result<Key> {
+    let text = std::fs::read_to_string(path)?;
+    let bytes = hex::decode(text.trim())?;
+    let seed: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("{}: not 64 hex digits", path.display()))?;
+    Ok(Key::from_seed(seed))
+}
+
+impl Hub {
+    /// Opens the Hub under `dir`, creating its keys and repository on first start.
+    pub async fn open(cfg: &HubConfig, dir: &Path) -> anyhow::Result<Hub> {
+        let keys = dir.join("keys");
+        std::fs::create_dir_all(&keys)?;
+        let key_path = |role: &str| keys.join(format!("{role}.key"));
+        let repo_dir = dir.join("repo");
+        let repo = if repo_dir.join("metadata/1.root.json").exists() {
+            let online = Online {
+                targets: read_key(&key_path("targets"))?,
+                snapshot: read_key(&key_path("snapshot"))?,
+                timestamp: read_key(&key_path("timestamp"))?,
+            };
+            Repo::open(&repo_dir, online, cfg.lifetimes)?
+        } else {
+            let root = Key::generate();
+            let online = Online::generate();
+            for (role, key) in
+                ROLES
+                    .iter()
+                    .zip([&root, &online.targets, &online.snapshot, &online.timestamp])
+            {
+                macula_common::secret::write_secret(&key_path(role), &hex::encode(key.seed()))?;
+            }
+            tracing::warn!(
+                "hub: made a new TUF repository with its root key at {} — for anything but a \
+                 single machine, move that key offline and rotate to a threshold of offline keys",
+                key_path("root").display()
+            );
+            Repo::create(&repo_dir, &[root], 1, online, cfg.lifetimes).await?
+        };
+        let store = Arc::new(FsStore::open(dir.join("blobs"))?);
+        let osv = match &cfg.osv {
+            None => None,
+            Some(p) => {
+                let (db, skipped) = if p.is_dir() {
+                    osv::Database::load_dir(p)?
+                } else {
+                    osv::Database::load_zip(p)?
+                };
+                tracing::info!(
+                    "hub: OSV database {}: {} records ({skipped} entries skipped)",
+                    p.display(),
+                    db.len()
+                );
+                Some(db)
+            }
+        };
+        Ok(Hub {
+            dir: dir.to_path_buf(),
+            repo: tokio::sync::Mutex::new(repo),
+            store,
+            osv,
+            max_blob: cfg.max_blob,
+        })
+    }
+
+    /// The repository's directory (`metadata/`, `targets/`), as nodes and python-tuf read it.
+    pub fn repo_dir(&self) -> PathBuf {
+        self.dir.join("repo")
+    }
+}
+
+impl Registry {
+    /// The Hub, or 404 where this registry runs without one.
+    pub(crate) fn hub(&self) -> ApiResult<&Hub> {
+        self.hub
+            .as_ref()
+            .ok_or_else(|| ApiError::not_found("this registry runs no Hub (registry.hub.enabled)"))
+    }
+
+    /// Keeps the repository's signatures fresh (timestamp, snapshot, targets at half-life) and
+    /// drops publishers' roles about to expire. Run by the hosting node's sweep.
+    pub async fn hub_tick(&self) -> ApiResult<()> {
+        let Some(hub) = &self.hub else {
+            return Ok(());
+        };
+        let dropped = hub
+            .repo
+            .lock()
+            .await
+            .refresh()
+            .await
+            .map_err(|e| ApiError::internal(format!("hub refresh: {e}")))?;
+        for ns in dropped {
+            tracing::warn!(
+                "hub: publisher {ns}'s role is about to expire and was dropped from the repository \
+                 until it signs a new one"
+            );
+        }
+        Ok(())
+    }
+}
+
+fn tuf_error(e: tuf::TufError) -> ApiError {
+    match e {
+        tuf::TufError::Conflict { .. } => ApiError::conflict("role_version", e.to_string()),
+        tuf::TufError::Refused { .. } => ApiError::invalid("refused", e.to_string()),
+        e => ApiError::internal(e),
+    }
+}

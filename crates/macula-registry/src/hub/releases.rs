@@ -1,0 +1,470 @@
+//! Releases: blobs uploaded by digest, publishing a publisher's signed role through the review
+//! pipeline, the Hub's signed status of every release (tier, yanked, revoked), search.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use macula_hub::attest::Trusted;
+use macula_hub::review::{self, Rules};
+use macula_hub::submit;
+use macula_hub::tuf::HUB_NAMESPACE;
+use macula_hub::{BlobStore, Digest};
+
+use super::publishers::unverified;
+use super::tuf_error;
+use super::types::*;
+#[allow(unused_imports)]
+use crate::prelude::*;
+
+/// The Hub's own target listing every release's tier, yank and revocation (`hub/status.json`).
+pub const STATUS_TARGET: &str = "status.json";
+
+/// The most one package's workload may ask for, whatever the plan: CPU and memory.
+const MAX_CPU_MILLIS: u64 = 64_000;
+const MAX_MEMORY_BYTES: u64 = 256 << 30;
+
+const RELEASE_COLUMNS: &str = "r.target, r.package, r.version, r.digest, r.size, r.tier, r.scan, r.yanked, r.revoked, r.published_by, r.created_at";
+
+fn release_of(r: &AnyRow) -> ApiResult<Release> {
+    let scan: String = r.try_get("scan")?;
+    Ok(Release {
+        target: r.try_get("target")?,
+        package: r.try_get("package")?,
+        version: r.try_get("version")?,
+        digest: r.try_get("digest")?,
+        size: r.try_get("size")?,
+        tier: r.try_get("tier")?,
+        scan: serde_json::from_str(&scan).unwrap_or(Value::Null),
+        yanked: r.try_get("yanked")?,
+        revoked: r.try_get("revoked")?,
+        published_by: r.try_get("published_by")?,
+        published_at: rfc3339(r.try_get::<i64, _>("created_at")? as u64),
+    })
+}
+
+fn scan_json(scan: Option<&macula_hub::osv::Scan>) -> Value {
+    match scan {
+        None => json!({"database": false}),
+        Some(s) => json!({
+            "database": true,
+            "findings": s.findings.iter().map(|f| json!({
+                "id": f.id, "summary": f.summary, "component": f.component,
+                "version": f.version, "fixed": f.fixed,
+            })).collect::<Vec<_>>(),
+            "unchecked": s.unchecked,
+        }),
+    }
+}
+
+impl Registry {
+    /// Stores a blob the caller (the owner of a verified publisher) uploads, if its bytes hash
+    /// to `digest`; nothing is visible unless the whole of it arrived and matched.
+    pub async fn put_blob(
+        &self,
+        actor: &Actor,
+        digest: &str,
+        body: axum::body::Body,
+    ) -> ApiResult<Blob> {
+        use futures_util::StreamExt;
+        use std::io::Write;
+        let hub = self.hub()?;
+        let want: Digest = digest.parse().map_err(|e: macula_hub::digest::BadDigest| {
+            ApiError::invalid("invalid_digest", e.to_string())
+        })?;
+        let owns: Option<String> = sqlx::query_scalar(
+            "SELECT namespace FROM hub_publishers WHERE owner_id = $1 AND verified_by <> '' LIMIT 1",
+        )
+        .bind(&actor.account_id)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        if owns.is_none() {
+            return Err(ApiError::forbidden(
+                "not_publisher",
+                "only the owner of a verified publisher uploads to the Hub",
+            ));
+        }
+        if hub.store.has(&want) {
+            return Ok(Blob {
+                digest: want.to_string(),
+                size: blob_size(hub, &want),
+            });
+        }
+        // Spooled to a file as it arrives (a blob may be larger than memory should hold), then
+        // hashed into the store, which keeps it only if it is `digest`.
+        let tmp_dir = hub.dir.join("uploads");
+        std::fs::create_dir_all(&tmp_dir).map_err(ApiError::internal)?;
+        let tmp = tmp_dir.join(format!("{}.{}", want.hex(), random_token("u", 8)));
+        let mut file = std::fs::File::create(&tmp).map_err(ApiError::internal)?;
+        let mut stream = body.into_data_stream();
+        let mut size = 0u64;
+        let result: ApiResult<()> = async {
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| ApiError::invalid("upload_failed", e.to_string()))?;
+                size += chunk.len() as u64;
+                if size > hub.max_blob {
+                    return Err(ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "blob_too_large",
+                        format!(
+                            "a blob may be {} bytes (registry.hub.max_blob)",
+                            hub.max_blob
+                        ),
+                    ));
+                }
+                file.write_all(&chunk).map_err(ApiError::internal)?;
+            }
+            file.flush().map_err(ApiError::internal)
+        }
+        .await;
+        drop(file);
+        let stored = match result {
+            Ok(()) => {
+                let store = hub.store.clone();
+                let path = tmp.clone();
+                let limit = hub.max_blob;
+                tokio::task::spawn_blocking(move || {
+                    let mut f = std::fs::File::open(&path)?;
+                    store
+                        .put(&mut f, limit, Some(want))
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                })
+                .await
+                .map_err(ApiError::internal)?
+                .map_err(|e| ApiError::invalid("digest_mismatch", format!("blob {want}: {e}")))
+            }
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_file(&tmp);
+        let (d, size) = stored?;
+        Ok(Blob {
+            digest: d.to_string(),
+            size,
+        })
+    }
+
+    /// Publishes: the publisher's signed role, and the index of every version it lists for the
+    /// first time. Each new version passes review (manifest, files uploaded, capabilities
+    /// within the publisher's grants, resources within the largest plan, no secret, SBOM
+    /// covering the artifacts, provenance signed by the publisher's keys, scan); then the role
+    /// is checked and written by the TUF repository (signatures, version, namespace,
+    /// immutability); then the releases are recorded, audited, and the Hub's status re-signed.
+    pub async fn publish(&self, actor: &Actor, ns: &str, req: Publish) -> ApiResult<Published> {
+        let hub = self.hub()?;
+        let mut c = self.db.pool.acquire().await?;
+        let p = self.owned_publisher(&mut c, actor, ns, false).await?;
+        if p.verified_by.is_empty() {
+            return Err(unverified(ns));
+        }
+        let delegation = self.delegation(&mut c, &p).await?.ok_or_else(|| {
+            ApiError::conflict(
+                "no_keys",
+                format!("publisher {ns} has no active signing key (macula hub keys add)"),
+            )
+        })?;
+        drop(c);
+        let role_bytes = serde_json::to_vec_pretty(&req.role).map_err(ApiError::internal)?;
+        let mut files = BTreeMap::new();
+        for (name, b64) in &req.indexes {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|e| {
+                    ApiError::invalid("invalid_index", format!("indexes.{name}: not base64: {e}"))
+                })?;
+            files.insert(name.clone(), bytes);
+        }
+        let trusted = Trusted {
+            keys: delegation.keys.iter().map(|k| k.0).collect(),
+            threshold: delegation.threshold as usize,
+        };
+        let policy = submit::Policy {
+            capabilities: p.grants.clone(),
+            max_instances: self
+                .config
+                .prices
+                .tiers
+                .iter()
+                .map(|t| t.max_instances)
+                .max()
+                .unwrap_or(u32::MAX),
+            max_cpu_millis: MAX_CPU_MILLIS,
+            max_memory_bytes: MAX_MEMORY_BYTES,
+        };
+        let rules = Rules {
+            publisher: &trusted,
+            policy: &policy,
+            osv: hub.osv.as_ref(),
+        };
+        // Review every index given (the repository refuses a new target without one, and an
+        // index given for a target already published must be that target's).
+        let mut reviewed = vec![];
+        for (name, bytes) in &files {
+            let r = review::review(bytes, hub.store.as_ref(), &rules).map_err(|problems| {
+                ApiError::invalid(
+                    "package_refused",
+                    format!("{name}:\n{}", review::describe(&problems)),
+                )
+            })?;
+            let want = format!("{}@{}", r.index.name, r.index.version);
+            if *name != want {
+                return Err(ApiError::invalid(
+                    "package_refused",
+                    format!("{name}: the index is of {want}; a package version's target is named <namespace>/<name>@<version>"),
+                ));
+            }
+            let size: u64 =
+                r.index.files.values().map(|f| f.size).sum::<u64>() + r.index.manifest.size;
+            reviewed.push((name.clone(), r, size));
+        }
+        let mut repo = hub.repo.lock().await;
+        let accepted = repo
+            .accept_role(ns, &delegation, &role_bytes, &files)
+            .await
+            .map_err(tuf_error)?;
+        let role_version = repo.publishers().get(ns).copied().unwrap_or(0);
+        let mut ch = self.change(actor).await?;
+        let now = now_secs() as i64;
+        let mut added = vec![];
+        for (name, r, size) in reviewed
+            .into_iter()
+            .filter(|(n, _, _)| accepted.added.contains(n))
+        {
+            let release = Release {
+                target: name.clone(),
+                package: r.index.name.clone(),
+                version: r.index.version.clone(),
+                digest: r.digest.to_string(),
+                size: size as i64,
+                tier: "community".into(),
+                scan: scan_json(r.scan.as_ref()),
+                yanked: String::new(),
+                revoked: String::new(),
+                published_by: actor.email.clone(),
+                published_at: rfc3339(now as u64),
+            };
+            sqlx::query(
+                "INSERT INTO hub_releases (target, namespace, package, version, digest, size, tier, scan, yanked, revoked, published_by, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, '', '', $9, $10)",
+            )
+            .bind(&release.target)
+            .bind(ns)
+            .bind(&release.package)
+            .bind(&release.version)
+            .bind(&release.digest)
+            .bind(release.size)
+            .bind(&release.tier)
+            .bind(release.scan.to_string())
+            .bind(&actor.email)
+            .bind(now)
+            .execute(&mut *ch)
+            .await?;
+            added.push(release);
+        }
+        for name in &accepted.removed {
+            sqlx::query("UPDATE hub_releases SET revoked = $1 WHERE target = $2 AND revoked = ''")
+                .bind("removed by the publisher")
+                .bind(name)
+                .execute(&mut *ch)
+                .await?;
+        }
+        ch.audit(
+            "hub.publish",
+            json!({
+                "namespace": ns, "role_version": role_version,
+                "added": added.iter().map(|r| json!({"target": r.target, "digest": r.digest})).collect::<Vec<_>>(),
+                "removed": accepted.removed,
+            }),
+        );
+        ch.commit().await?;
+        self.write_status(&mut repo).await?;
+        Ok(Published {
+            role_version,
+            added,
+            removed: accepted.removed,
+        })
+    }
+
+    /// Re-signs `hub/status.json`: every release's tier, yank and revocation, as the Hub says.
+    async fn write_status(&self, repo: &mut macula_hub::tuf::Repo) -> ApiResult<()> {
+        let rows = sqlx::query(
+            "SELECT target, digest, tier, yanked, revoked FROM hub_releases ORDER BY target",
+        )
+        .fetch_all(&self.db.pool)
+        .await?;
+        let mut releases = serde_json::Map::new();
+        for r in rows {
+            let target: String = r.try_get("target")?;
+            releases.insert(
+                target,
+                json!({
+                    "digest": r.try_get::<String, _>("digest")?,
+                    "tier": r.try_get::<String, _>("tier")?,
+                    "yanked": r.try_get::<String, _>("yanked")?,
+                    "revoked": r.try_get::<String, _>("revoked")?,
+                }),
+            );
+        }
+        let doc = json!({"kind": "macula-hub-status/v1", "releases": releases});
+        let bytes = serde_json::to_vec(&doc).map_err(ApiError::internal)?;
+        repo.set_hub_target(STATUS_TARGET, Some((&bytes, json!({}))))
+            .await
+            .map_err(tuf_error)
+    }
+
+    /// Yanks (hidden from new installs, still installable by digest) or revokes (installable
+    /// nowhere) a release: its publisher's owner or an operator.
+    pub async fn mark_release(
+        &self,
+        actor: &Actor,
+        target: &str,
+        revoke: bool,
+        reason: &str,
+    ) -> ApiResult<Release> {
+        let hub = self.hub()?;
+        let reason = reason.trim();
+        if reason.is_empty() || reason.len() > 500 {
+            return Err(ApiError::invalid(
+                "invalid_reason",
+                "reason: 1 to 500 bytes",
+            ));
+        }
+        let ns = target.split('/').next().unwrap_or_default().to_owned();
+        if ns == HUB_NAMESPACE {
+            return Err(ApiError::not_found(format!("no release {target}")));
+        }
+        let mut repo = hub.repo.lock().await;
+        let mut ch = self.change(actor).await?;
+        self.owned_publisher(&mut ch, actor, &ns, true).await?;
+        let column = if revoke { "revoked" } else { "yanked" };
+        let sql = if revoke {
+            "UPDATE hub_releases SET revoked = $1 WHERE target = $2"
+        } else {
+            "UPDATE hub_releases SET yanked = $1 WHERE target = $2"
+        };
+        let done = sqlx::query(sql)
+            .bind(reason)
+            .bind(target)
+            .execute(&mut *ch)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(ApiError::not_found(format!("no release {target}")));
+        }
+        ch.audit(
+            if revoke { "hub.revoke" } else { "hub.yank" },
+            json!({"target": target, column: reason}),
+        );
+        ch.commit().await?;
+        self.write_status(&mut repo).await?;
+        drop(repo);
+        self.release(target).await
+    }
+
+    pub async fn release(&self, target: &str) -> ApiResult<Release> {
+        let r = sqlx::query(&format!(
+            "SELECT {RELEASE_COLUMNS} FROM hub_releases r WHERE r.target = $1"
+        ))
+        .bind(target)
+        .fetch_optional(&self.db.pool)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no release {target}")))?;
+        release_of(&r)
+    }
+
+    /// Packages whose name contains `q`, optionally of one publisher.
+    pub async fn search_packages(&self, s: &Search) -> ApiResult<Vec<PackageSummary>> {
+        self.hub()?;
+        let q = format!("%{}%", s.q.as_deref().unwrap_or("").replace(['%', '_'], ""));
+        let rows = sqlx::query(&format!(
+            "SELECT {RELEASE_COLUMNS}, p.verified_by, p.namespace FROM hub_releases r \
+             JOIN hub_publishers p ON p.namespace = r.namespace \
+             WHERE r.package LIKE $1 AND ($2 = '' OR r.namespace = $2) ORDER BY r.package, r.created_at DESC LIMIT 5000"
+        ))
+        .bind(&q)
+        .bind(s.publisher.as_deref().unwrap_or(""))
+        .fetch_all(&self.db.pool)
+        .await?;
+        let mut out: Vec<PackageSummary> = vec![];
+        for row in rows {
+            let r = release_of(&row)?;
+            let usable = r.yanked.is_empty() && r.revoked.is_empty();
+            match out.last_mut() {
+                Some(last) if last.package == r.package => {
+                    last.versions += 1;
+                    if last.latest.is_empty() && usable {
+                        last.latest = r.version.clone();
+                        last.tier = r.tier.clone();
+                    }
+                }
+                _ => out.push(PackageSummary {
+                    package: r.package.clone(),
+                    publisher: row.try_get("namespace")?,
+                    verified_by: row.try_get("verified_by")?,
+                    latest: if usable {
+                        r.version.clone()
+                    } else {
+                        String::new()
+                    },
+                    tier: if usable {
+                        r.tier.clone()
+                    } else {
+                        String::new()
+                    },
+                    versions: 1,
+                }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// A package and every version of it, newest first.
+    pub async fn package_info(&self, package: &str) -> ApiResult<PackageInfo> {
+        self.hub()?;
+        let ns = package.split('/').next().unwrap_or_default();
+        let rows = sqlx::query(&format!(
+            "SELECT {RELEASE_COLUMNS} FROM hub_releases r WHERE r.package = $1 ORDER BY r.created_at DESC, r.target DESC"
+        ))
+        .bind(package)
+        .fetch_all(&self.db.pool)
+        .await?;
+        if rows.is_empty() {
+            return Err(ApiError::not_found(format!(
+                "no package {package} on the Hub"
+            )));
+        }
+        let releases = rows.iter().map(release_of).collect::<ApiResult<Vec<_>>>()?;
+        let publisher = self.show_publisher(ns).await?;
+        Ok(PackageInfo {
+            package: package.to_owned(),
+            publisher,
+            releases,
+        })
+    }
+
+    /// The publisher's current signed role (to add to and re-sign), or null before its first.
+    pub async fn publisher_role(&self, ns: &str) -> ApiResult<Value> {
+        let hub = self.hub()?;
+        let repo = hub.repo.lock().await;
+        match repo.role_bytes(ns) {
+            None => Ok(Value::Null),
+            Some(b) => serde_json::from_slice(b).map_err(ApiError::internal),
+        }
+    }
+
+    /// The Hub's newest root, for a node or client to trust.
+    pub async fn hub_trust(&self) -> ApiResult<Trust> {
+        let hub = self.hub()?;
+        let repo = hub.repo.lock().await;
+        let v = repo.root_version();
+        let bytes = repo.root_file(v).map_err(ApiError::internal)?;
+        Ok(Trust {
+            root: serde_json::from_slice(&bytes).map_err(ApiError::internal)?,
+            root_version: v,
+            repository: "/v1/hub/tuf/".into(),
+        })
+    }
+}
+
+fn blob_size(hub: &super::Hub, d: &Digest) -> u64 {
+    std::fs::metadata(hub.store.root().join("sha256").join(d.hex()))
+        .map(|m| m.len())
+        .unwrap_or(0)
+}

@@ -1,0 +1,273 @@
+//! Routes of the Hub: publishers and keys, blobs, publishing, yank and revoke, search, trust.
+//! The TUF repository itself is served as files under `/v1/hub/tuf/` ([`tuf_file`]; outside
+//! the OpenAPI document: it is TUF's layout, `metadata/…` and `targets/…`).
+
+#[allow(unused_imports)]
+use crate::http::*;
+use crate::hub::types::*;
+
+/// Create a publisher for a namespace (an account with a verified email).
+///
+/// Verified at once when the owner's address is at a domain named like the namespace
+/// (`x@acme.com` for `acme`, not a free-mail domain); otherwise a platform operator approves it.
+#[utoipa::path(post, path = "/v1/hub/publishers", tag = "hub", security(("session" = [])),
+    request_body = NewPublisher,
+    responses((status = 201, body = Publisher, description = "The publisher."),
+        (status = 401, response = ErrorBody), (status = 403, response = ErrorBody),
+        (status = 409, response = ErrorBody), (status = 422, response = ErrorBody)))]
+pub(crate) async fn create_publisher(
+    State(reg): Reg,
+    actor: Actor,
+    Body(req): Body<NewPublisher>,
+) -> ApiResult<(StatusCode, Json<Publisher>)> {
+    Ok((
+        StatusCode::CREATED,
+        Json(reg.create_publisher(&actor, req).await?),
+    ))
+}
+
+/// A publisher, its verification and its keys.
+#[utoipa::path(get, path = "/v1/hub/publishers/{namespace}", tag = "hub",
+    params(("namespace" = String, Path, description = "The publisher's namespace.")),
+    responses((status = 200, body = Publisher, description = "The publisher."),
+        (status = 404, response = ErrorBody)))]
+pub(crate) async fn show_publisher(
+    State(reg): Reg,
+    Path(ns): Path<String>,
+) -> ApiResult<Json<Publisher>> {
+    Ok(Json(reg.show_publisher(&ns).await?))
+}
+
+/// Approve a publisher's identity (platform operators).
+#[utoipa::path(post, path = "/v1/hub/publishers/{namespace}/approve", tag = "hub", security(("session" = [])),
+    params(("namespace" = String, Path, description = "The publisher's namespace.")),
+    responses((status = 200, body = Publisher, description = "Verified."),
+        (status = 401, response = ErrorBody), (status = 403, response = ErrorBody),
+        (status = 404, response = ErrorBody)))]
+pub(crate) async fn approve_publisher(
+    State(reg): Reg,
+    actor: Actor,
+    Path(ns): Path<String>,
+) -> ApiResult<Json<Publisher>> {
+    Ok(Json(reg.approve_publisher(&actor, &ns).await?))
+}
+
+/// Register a signing key (the publisher's owner). It joins the publisher's TUF delegation.
+#[utoipa::path(post, path = "/v1/hub/publishers/{namespace}/keys", tag = "hub", security(("session" = [])),
+    params(("namespace" = String, Path, description = "The publisher's namespace.")),
+    request_body = NewPublisherKey,
+    responses((status = 201, body = PublisherKey, description = "The key."),
+        (status = 401, response = ErrorBody), (status = 403, response = ErrorBody),
+        (status = 404, response = ErrorBody), (status = 409, response = ErrorBody),
+        (status = 422, response = ErrorBody)))]
+pub(crate) async fn add_publisher_key(
+    State(reg): Reg,
+    actor: Actor,
+    Path(ns): Path<String>,
+    Body(req): Body<NewPublisherKey>,
+) -> ApiResult<(StatusCode, Json<PublisherKey>)> {
+    Ok((
+        StatusCode::CREATED,
+        Json(reg.add_publisher_key(&actor, &ns, req).await?),
+    ))
+}
+
+/// Revoke a signing key (its owner or an operator): it signs nothing from now on, and a role
+/// the publisher's other keys do not sign leaves the repository until re-signed.
+#[utoipa::path(delete, path = "/v1/hub/publishers/{namespace}/keys/{key_id}", tag = "hub", security(("session" = [])),
+    params(("namespace" = String, Path, description = "The publisher's namespace."),
+        ("key_id" = String, Path, description = "The key's TUF id.")),
+    responses((status = 200, body = PublisherKey, description = "Revoked."),
+        (status = 401, response = ErrorBody), (status = 403, response = ErrorBody),
+        (status = 404, response = ErrorBody)))]
+pub(crate) async fn revoke_publisher_key(
+    State(reg): Reg,
+    actor: Actor,
+    Path((ns, key_id)): Path<(String, String)>,
+) -> ApiResult<Json<PublisherKey>> {
+    Ok(Json(reg.revoke_publisher_key(&actor, &ns, &key_id).await?))
+}
+
+/// The publisher's current signed TUF role (null before its first publish), to add to and
+/// re-sign.
+#[utoipa::path(get, path = "/v1/hub/publishers/{namespace}/role", tag = "hub",
+    params(("namespace" = String, Path, description = "The publisher's namespace.")),
+    responses((status = 200, description = "The role, as signed.", content_type = "application/json"),
+        (status = 404, response = ErrorBody)))]
+pub(crate) async fn publisher_role(
+    State(reg): Reg,
+    Path(ns): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    Ok(Json(reg.publisher_role(&ns).await?))
+}
+
+/// Publish: the publisher's next signed role, with the index of each new version.
+///
+/// Each new version passes review (manifest, files uploaded, capabilities, resources, no
+/// secret, SBOM, provenance, scan); the role must be signed by the publisher's keys, be the
+/// next version, stay in its namespace and leave published versions unchanged.
+#[utoipa::path(post, path = "/v1/hub/publishers/{namespace}/releases", tag = "hub", security(("session" = [])),
+    params(("namespace" = String, Path, description = "The publisher's namespace.")),
+    request_body = Publish,
+    responses((status = 201, body = Published, description = "Published."),
+        (status = 401, response = ErrorBody), (status = 403, response = ErrorBody),
+        (status = 404, response = ErrorBody), (status = 409, response = ErrorBody),
+        (status = 422, response = ErrorBody)))]
+pub(crate) async fn publish(
+    State(reg): Reg,
+    actor: Actor,
+    Path(ns): Path<String>,
+    body: axum::body::Body,
+) -> ApiResult<(StatusCode, Json<Published>)> {
+    // A role lists every version a publisher has: larger than `registry.max_body` allows.
+    let limit = 2 * macula_hub::tuf::MAX_ROLE_BYTES + 16 * macula_hub::review::MAX_INDEX as usize;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("a publish request may be {limit} bytes"),
+        )
+    })?;
+    let req: Publish = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::invalid("invalid_body", format!("the request body: {e}")))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(reg.publish(&actor, &ns, req).await?),
+    ))
+}
+
+/// Upload a blob (a file of a package) by its digest; kept only if its bytes are that digest.
+#[utoipa::path(put, path = "/v1/hub/blobs/{digest}", tag = "hub", security(("session" = [])),
+    params(("digest" = String, Path, description = "`sha256:<hex>`.")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = Blob, description = "Stored (or already there)."),
+        (status = 401, response = ErrorBody), (status = 403, response = ErrorBody),
+        (status = 413, response = ErrorBody), (status = 422, response = ErrorBody)))]
+pub(crate) async fn put_blob(
+    State(reg): Reg,
+    actor: Actor,
+    Path(digest): Path<String>,
+    body: axum::body::Body,
+) -> ApiResult<Json<Blob>> {
+    Ok(Json(reg.put_blob(&actor, &digest, body).await?))
+}
+
+/// Download a blob by digest.
+#[utoipa::path(get, path = "/v1/hub/blobs/{digest}", tag = "hub",
+    params(("digest" = String, Path, description = "`sha256:<hex>`.")),
+    responses((status = 200, description = "The bytes.", content_type = "application/octet-stream"),
+        (status = 404, response = ErrorBody)))]
+pub(crate) async fn get_blob(State(reg): Reg, Path(digest): Path<String>) -> ApiResult<Response> {
+    let hub = reg.hub()?;
+    let d: macula_hub::Digest = digest.parse().map_err(|e: macula_hub::digest::BadDigest| {
+        ApiError::invalid("invalid_digest", e.to_string())
+    })?;
+    let path = hub.store.root().join("sha256").join(d.hex());
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|_| ApiError::not_found(format!("no blob {d}")))?;
+    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let stream = tokio_util::io::ReaderStream::new(file);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Search packages by name.
+#[utoipa::path(get, path = "/v1/hub/packages", tag = "hub", params(Search),
+    responses((status = 200, body = Vec<PackageSummary>, description = "Packages, by name.")))]
+pub(crate) async fn search_packages(
+    State(reg): Reg,
+    Q(s): Q<Search>,
+) -> ApiResult<Json<Vec<PackageSummary>>> {
+    Ok(Json(reg.search_packages(&s).await?))
+}
+
+/// A package and every version of it, newest first, with tier, scan, yank and revocation.
+#[utoipa::path(get, path = "/v1/hub/packages/{namespace}/{name}", tag = "hub",
+    params(("namespace" = String, Path, description = "The publisher's namespace."),
+        ("name" = String, Path, description = "The package's name.")),
+    responses((status = 200, body = PackageInfo, description = "The package."),
+        (status = 404, response = ErrorBody)))]
+pub(crate) async fn package_info(
+    State(reg): Reg,
+    Path((ns, name)): Path<(String, String)>,
+) -> ApiResult<Json<PackageInfo>> {
+    Ok(Json(reg.package_info(&format!("{ns}/{name}")).await?))
+}
+
+/// Yank or revoke a release (its publisher's owner or an operator).
+///
+/// `yank`: hidden from new installs, still installable by digest (deployments that pinned it
+/// keep working). `revoke`: installable nowhere, and running replicas of it are flagged.
+#[utoipa::path(post, path = "/v1/hub/releases/{namespace}/{release}/{action}", tag = "hub", security(("session" = [])),
+    params(("namespace" = String, Path, description = "The publisher's namespace."),
+        ("release" = String, Path, description = "`<name>@<version>`."),
+        ("action" = String, Path, description = "`yank` or `revoke`.")),
+    request_body = Reason,
+    responses((status = 200, body = Release, description = "Yanked or revoked."),
+        (status = 401, response = ErrorBody), (status = 403, response = ErrorBody),
+        (status = 404, response = ErrorBody), (status = 422, response = ErrorBody)))]
+pub(crate) async fn mark_release(
+    State(reg): Reg,
+    actor: Actor,
+    Path((ns, rel, action)): Path<(String, String, String)>,
+    Body(req): Body<Reason>,
+) -> ApiResult<Json<Release>> {
+    let revoke = match action.as_str() {
+        "yank" => false,
+        "revoke" => true,
+        _ => {
+            return Err(ApiError::not_found(format!(
+                "no action {action}: yank or revoke"
+            )))
+        }
+    };
+    let target = format!("{ns}/{rel}");
+    Ok(Json(
+        reg.mark_release(&actor, &target, revoke, &req.reason)
+            .await?,
+    ))
+}
+
+/// The Hub's root of trust (the newest `root.json`) and where its TUF repository is read.
+///
+/// The repository is served under `/v1/hub/tuf/`: `metadata/timestamp.json`,
+/// `metadata/N.snapshot.json`, `metadata/N.targets.json`, `metadata/N.<publisher>.json`,
+/// `metadata/N.root.json`, and targets at `targets/<publisher>/<sha256>.<name>@<version>` —
+/// the layout python-tuf's `ngclient` reads with consistent snapshots.
+#[utoipa::path(get, path = "/v1/hub/trust", tag = "hub",
+    responses((status = 200, body = Trust, description = "The root of trust."),
+        (status = 404, response = ErrorBody)))]
+pub(crate) async fn hub_trust(State(reg): Reg) -> ApiResult<Json<Trust>> {
+    Ok(Json(reg.hub_trust().await?))
+}
+
+/// A file of the TUF repository (see [`hub_trust`]).
+pub(crate) async fn tuf_file(State(reg): Reg, Path(path): Path<String>) -> ApiResult<Response> {
+    let hub = reg.hub()?;
+    let ok = !path.is_empty()
+        && path.len() <= 512
+        && (path.starts_with("metadata/") || path.starts_with("targets/"))
+        && path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != ".." && !c.starts_with(".tmp"));
+    if !ok {
+        return Err(ApiError::not_found(format!("no file {path}")));
+    }
+    let full = hub.repo_dir().join(&path);
+    let bytes = tokio::fs::read(&full)
+        .await
+        .map_err(|_| ApiError::not_found(format!("no file {path}")))?;
+    let kind = if path.ends_with(".json") && path.starts_with("metadata/") {
+        "application/json"
+    } else {
+        "application/octet-stream"
+    };
+    Ok(([(header::CONTENT_TYPE, kind)], bytes).into_response())
+}

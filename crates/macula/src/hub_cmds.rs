@@ -1,0 +1,594 @@
+//! `macula hub ...`: the Hub from a publisher's and an operator's side — signing keys,
+//! publishers, attesting and publishing a package directory, search, yank and revoke.
+//!
+//! Publishing signs on this machine: the package's provenance and the publisher's TUF role are
+//! signed with the publisher's key file, which never leaves it; the Hub checks both against the
+//! keys registered for the publisher.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use base64::Engine as _;
+use clap::{Args, Subcommand};
+use macula_hub::attest::Trusted;
+use macula_hub::pack::{pack, Limits};
+use macula_hub::review::{self, Rules};
+use macula_hub::tuf::{sign_next_role, Key};
+use macula_hub::{submit, BlobStore, FsStore};
+use macula_registry::hub::types::*;
+use serde_json::{json, Value};
+
+use crate::registry_cmds::{emit, emit_list, seg, table, Api, Server};
+
+#[derive(Args)]
+pub struct HubArgs {
+    #[command(flatten)]
+    pub server: Server,
+    #[command(subcommand)]
+    pub cmd: HubCmd,
+}
+
+#[derive(Subcommand)]
+pub enum HubCmd {
+    /// Make a signing key: its secret into a file only you can read, its public half printed
+    /// (register it with `macula hub keys add`).
+    Keygen {
+        /// Where to write the key (refuses to overwrite).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Publishers: `create NAMESPACE`, `show NAMESPACE`, `approve NAMESPACE` (operators).
+    #[command(subcommand)]
+    Publisher(PublisherCmd),
+    /// A publisher's signing keys: add, list, revoke.
+    #[command(subcommand)]
+    Keys(HubKeysCmd),
+    /// Write a package's SBOM (when the file it names does not exist: an SPDX document of its
+    /// artifacts) and its provenance, signed with your key.
+    Attest {
+        /// The package directory (with package.yaml).
+        dir: PathBuf,
+        /// Your signing key file (repeat for a threshold of keys).
+        #[arg(long, required = true)]
+        key: Vec<PathBuf>,
+    },
+    /// Publish a package directory: pack it, review it as the Hub will, upload its files, sign
+    /// your publisher's next TUF role with the new version, and publish.
+    Publish {
+        dir: PathBuf,
+        /// Your signing key file (repeat for a threshold of keys).
+        #[arg(long, required = true)]
+        key: Vec<PathBuf>,
+        /// Attest first (`macula hub attest`).
+        #[arg(long)]
+        attest: bool,
+        /// How long the signed role stays valid, in days (publish again before it ends).
+        #[arg(long, default_value_t = 90)]
+        days: u64,
+    },
+    /// Search packages by name.
+    Search {
+        /// Part of the name (`postgres`); all packages if absent.
+        query: Option<String>,
+        /// Only this publisher's.
+        #[arg(long)]
+        publisher: Option<String>,
+    },
+    /// A package: its publisher, tier and scan, and its versions.
+    Info {
+        /// `org/name`.
+        package: String,
+    },
+    /// A package's versions, newest first.
+    Versions {
+        /// `org/name`.
+        package: String,
+    },
+    /// Yank a version: hidden from new installs, still installable by digest.
+    Yank {
+        /// `org/name@version`.
+        release: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Revoke a version: installable nowhere, running replicas flagged.
+    Revoke {
+        /// `org/name@version`.
+        release: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// The Hub's root of trust (the newest root.json), for nodes to verify it with.
+    Trust,
+}
+
+#[derive(Subcommand)]
+pub enum PublisherCmd {
+    /// Create a publisher for a namespace (verified at once when your address is at a domain
+    /// named like it; else an operator approves it).
+    Create {
+        namespace: String,
+        #[arg(long)]
+        display_name: Option<String>,
+    },
+    Show {
+        namespace: String,
+    },
+    /// Approve a publisher's identity (platform operators).
+    Approve {
+        namespace: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum HubKeysCmd {
+    /// Register a key (its public half, from its key file or in hex).
+    Add {
+        namespace: String,
+        /// The key file (`macula hub keygen`).
+        #[arg(long, conflicts_with = "public")]
+        key: Option<PathBuf>,
+        /// The public key, 64 hex digits.
+        #[arg(long)]
+        public: Option<String>,
+        #[arg(long)]
+        label: Option<String>,
+        /// Days until it expires (default 365).
+        #[arg(long)]
+        days: Option<u64>,
+    },
+    List {
+        namespace: String,
+    },
+    /// Revoke a key: it signs nothing from now on.
+    Revoke {
+        namespace: String,
+        key_id: String,
+    },
+}
+
+pub async fn hub(args: HubArgs, json: bool) -> Result<()> {
+    if let HubCmd::Keygen { out } = &args.cmd {
+        return keygen(out, json);
+    }
+    if let HubCmd::Attest { dir, key } = &args.cmd {
+        let keys = read_keys(key)?;
+        let signing: Vec<_> = keys.iter().map(Key::signing).collect();
+        let a = macula_hub::prepare::attest(dir, &signing, &builder_id())
+            .map_err(|e| anyhow!("{e}"))?;
+        emit(
+            json,
+            &json!({"artifacts": a.artifacts.iter().map(|(n, d)| (n.clone(), d.to_string())).collect::<BTreeMap<_, _>>(), "sbom_written": a.sbom_written, "provenance": a.provenance}),
+            |_| {
+                if let Some(s) = &a.sbom_written {
+                    println!("Wrote {s}: an SPDX SBOM of the package's artifacts (it lists no components; a build tool that knows the dependencies should write the SBOM).");
+                }
+                println!(
+                    "Wrote {} (provenance of {} artifact(s), signed with {} key(s)).",
+                    a.provenance,
+                    a.artifacts.len(),
+                    keys.len()
+                );
+            },
+        );
+        return Ok(());
+    }
+    let api = Api::new(&args.server)?;
+    match args.cmd {
+        HubCmd::Keygen { .. } | HubCmd::Attest { .. } => unreachable!("handled above"),
+        HubCmd::Publisher(PublisherCmd::Create {
+            namespace,
+            display_name,
+        }) => {
+            let p: Publisher = api.call(
+                "POST",
+                "/v1/hub/publishers",
+                &NewPublisher {
+                    namespace,
+                    display_name,
+                },
+            )?;
+            emit(json, &p, print_publisher);
+        }
+        HubCmd::Publisher(PublisherCmd::Show { namespace }) => {
+            let p: Publisher =
+                api.get_anonymous(&format!("/v1/hub/publishers/{}", seg(&namespace)))?;
+            emit(json, &p, print_publisher);
+        }
+        HubCmd::Publisher(PublisherCmd::Approve { namespace }) => {
+            let p: Publisher = api.call(
+                "POST",
+                &format!("/v1/hub/publishers/{}/approve", seg(&namespace)),
+                &json!({}),
+            )?;
+            emit(json, &p, print_publisher);
+        }
+        HubCmd::Keys(HubKeysCmd::Add {
+            namespace,
+            key,
+            public,
+            label,
+            days,
+        }) => {
+            let public_key = match (key, public) {
+                (Some(k), _) => Key::read_file(&k)
+                    .map_err(|e| anyhow!(e))?
+                    .public()
+                    .to_hex(),
+                (None, Some(p)) => p,
+                (None, None) => bail!("give the key: --key FILE or --public HEX"),
+            };
+            let k: PublisherKey = api.call(
+                "POST",
+                &format!("/v1/hub/publishers/{}/keys", seg(&namespace)),
+                &NewPublisherKey {
+                    public_key,
+                    label,
+                    days,
+                },
+            )?;
+            emit(json, &k, |k| {
+                println!(
+                    "Registered key {} for {namespace} (expires {}).",
+                    k.key_id, k.expires_at
+                )
+            });
+        }
+        HubCmd::Keys(HubKeysCmd::List { namespace }) => {
+            let p: Publisher =
+                api.get_anonymous(&format!("/v1/hub/publishers/{}", seg(&namespace)))?;
+            emit_list(json, &p.keys, print_keys)?;
+        }
+        HubCmd::Keys(HubKeysCmd::Revoke { namespace, key_id }) => {
+            let k: PublisherKey = api.get(
+                "DELETE",
+                &format!(
+                    "/v1/hub/publishers/{}/keys/{}",
+                    seg(&namespace),
+                    seg(&key_id)
+                ),
+            )?;
+            emit(json, &k, |k| {
+                println!(
+                    "Revoked key {} of {namespace}: it signs nothing from now on.",
+                    k.key_id
+                )
+            });
+        }
+        HubCmd::Publish {
+            dir,
+            key,
+            attest,
+            days,
+        } => publish(&api, &dir, &key, attest, days, json).await?,
+        HubCmd::Search { query, publisher } => {
+            let mut q = vec![];
+            if let Some(s) = &query {
+                q.push(format!("q={}", seg(s)));
+            }
+            if let Some(p) = &publisher {
+                q.push(format!("publisher={}", seg(p)));
+            }
+            let found: Vec<PackageSummary> =
+                api.get_anonymous(&format!("/v1/hub/packages?{}", q.join("&")))?;
+            emit_list(json, &found, |items| {
+                let mut t = table(&["PACKAGE", "LATEST", "TIER", "VERSIONS", "PUBLISHER"]);
+                for p in items {
+                    t.add_row(vec![
+                        p.package.clone(),
+                        dash(&p.latest),
+                        dash(&p.tier),
+                        p.versions.to_string(),
+                        format!("{} ({})", p.publisher, verified(&p.verified_by)),
+                    ]);
+                }
+                println!("{t}");
+            })?;
+        }
+        HubCmd::Info { package } | HubCmd::Versions { package } => {
+            let (ns, name) = package
+                .split_once('/')
+                .ok_or_else(|| anyhow!("{package}: write org/name"))?;
+            let info: PackageInfo =
+                api.get_anonymous(&format!("/v1/hub/packages/{}/{}", seg(ns), seg(name)))?;
+            emit(json, &info, |info| {
+                println!(
+                    "{} by {} ({})",
+                    info.package,
+                    info.publisher.display_name,
+                    verified(&info.publisher.verified_by)
+                );
+                print_releases(&info.releases);
+            });
+        }
+        HubCmd::Yank { release, reason } => mark(&api, &release, "yank", &reason, json)?,
+        HubCmd::Revoke { release, reason } => mark(&api, &release, "revoke", &reason, json)?,
+        HubCmd::Trust => {
+            let t: Trust = api.get_anonymous("/v1/hub/trust")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&t.root)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&t.root)?);
+                eprintln!(
+                    "(root version {}; the repository is at {})",
+                    t.root_version, t.repository
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn mark(api: &Api, release: &str, what: &str, reason: &str, json: bool) -> Result<()> {
+    let (ns, rel) = release
+        .split_once('/')
+        .filter(|(_, r)| r.contains('@'))
+        .ok_or_else(|| anyhow!("{release}: write org/name@version"))?;
+    let r: Release = api.call(
+        "POST",
+        &format!("/v1/hub/releases/{}/{}/{what}", seg(ns), seg(rel)),
+        &Reason {
+            reason: reason.to_owned(),
+        },
+    )?;
+    emit(json, &r, |r| match what {
+        "yank" => println!(
+            "Yanked {}: new installs skip it; deployments pinned to {} keep working.",
+            r.target, r.digest
+        ),
+        _ => println!(
+            "Revoked {}: no node installs it any more, and running replicas of it are flagged.",
+            r.target
+        ),
+    });
+    Ok(())
+}
+
+fn builder_id() -> String {
+    format!("macula-cli/{}", env!("CARGO_PKG_VERSION"))
+}
+
+fn read_keys(paths: &[PathBuf]) -> Result<Vec<Key>> {
+    paths
+        .iter()
+        .map(|p| Key::read_file(p).map_err(|e| anyhow!(e)))
+        .collect()
+}
+
+fn keygen(out: &Path, json: bool) -> Result<()> {
+    if out.exists() {
+        bail!("{} exists: not overwriting a key", out.display());
+    }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    let key = Key::generate();
+    macula_common::secret::write_secret(out, &format!("{}\n", hex::encode(key.seed())))?;
+    let v = json!({"file": out, "public_key": key.public().to_hex(), "key_id": key.id()});
+    emit(json, &v, |_| {
+        println!(
+            "Wrote {} (keep it secret; it signs your packages).\nPublic key: {}\nRegister it: macula hub keys add <namespace> --key {}",
+            out.display(),
+            key.public().to_hex(),
+            out.display()
+        )
+    });
+    Ok(())
+}
+
+async fn publish(
+    api: &Api,
+    dir: &Path,
+    key_files: &[PathBuf],
+    attest: bool,
+    days: u64,
+    json: bool,
+) -> Result<()> {
+    let keys = read_keys(key_files)?;
+    let say = |s: String| {
+        if !json {
+            eprintln!("{s}");
+        }
+    };
+    if attest {
+        let signing: Vec<_> = keys.iter().map(Key::signing).collect();
+        macula_hub::prepare::attest(dir, &signing, &builder_id()).map_err(|e| anyhow!("{e}"))?;
+        say("attested: SBOM and signed provenance written".into());
+    }
+    // Packed into a store of its own: the files as they will be uploaded, and the index.
+    let tmp = tempfile::tempdir()?;
+    let store = FsStore::open(tmp.path().join("blobs"))?;
+    let packed = pack(dir, &store, Limits::default()).map_err(|e| anyhow!("{e}"))?;
+    let ns = packed.package.publisher.clone();
+    let publisher: Publisher = api.get_anonymous(&format!("/v1/hub/publishers/{}", seg(&ns)))?;
+    let index = store
+        .read(&packed.digest, review::MAX_INDEX)?
+        .ok_or_else(|| anyhow!("the packed index is missing"))?;
+    // Reviewed here first, as the Hub will (its publisher's grants, these keys): problems are
+    // found before anything is uploaded.
+    let trusted = Trusted {
+        keys: keys.iter().map(|k| k.public().0).collect(),
+        threshold: keys.len(),
+    };
+    let policy = submit::Policy {
+        capabilities: publisher.grants.clone(),
+        max_instances: u32::MAX,
+        max_cpu_millis: u64::MAX,
+        max_memory_bytes: u64::MAX,
+    };
+    let reviewed = review::review(
+        &index,
+        &store,
+        &Rules {
+            publisher: &trusted,
+            policy: &policy,
+            osv: None,
+        },
+    )
+    .map_err(|p| {
+        anyhow!(
+            "{} is not publishable:\n{}",
+            dir.display(),
+            review::describe(&p)
+        )
+    })?;
+    let target = format!("{}@{}", reviewed.index.name, reviewed.index.version);
+    say(format!("packed {target} ({})", packed.digest));
+    // Upload every file (the manifest and what it names).
+    let mut blobs: Vec<(macula_hub::Digest, u64)> =
+        vec![(reviewed.index.manifest.digest, reviewed.index.manifest.size)];
+    blobs.extend(reviewed.index.files.values().map(|f| (f.digest, f.size)));
+    blobs.sort();
+    blobs.dedup();
+    let total: u64 = blobs.iter().map(|b| b.1).sum();
+    let bar = if json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(total)
+    };
+    for (d, size) in &blobs {
+        let path = store.root().join("sha256").join(d.hex());
+        api.put_file(&format!("/v1/hub/blobs/{}", seg(&d.to_string())), &path)
+            .with_context(|| format!("uploading {d}"))?;
+        bar.inc(*size);
+    }
+    bar.finish_and_clear();
+    say(format!("uploaded {} file(s), {total} bytes", blobs.len()));
+    // The publisher's next role: the current one with this version added, signed here.
+    let current: Value = api.get_anonymous(&format!("/v1/hub/publishers/{}/role", seg(&ns)))?;
+    let current = serde_json::to_vec(&current)?;
+    let custom = json!({
+        "package": reviewed.index.name,
+        "version": reviewed.index.version,
+        "channel": reviewed.package.channel,
+    });
+    let role = sign_next_role(
+        &ns,
+        Some(&current),
+        &[(target.clone(), index.clone(), custom)],
+        &[],
+        &keys,
+        Duration::from_secs(days.clamp(3, 3650) * 86_400),
+    )
+    .await
+    .map_err(|e| anyhow!("{e}"))?;
+    let body = Publish {
+        role: serde_json::from_slice(&role)?,
+        indexes: BTreeMap::from([(
+            target.clone(),
+            base64::engine::general_purpose::STANDARD.encode(&index),
+        )]),
+    };
+    let published: Published = api.call(
+        "POST",
+        &format!("/v1/hub/publishers/{}/releases", seg(&ns)),
+        &body,
+    )?;
+    emit(json, &published, |p| {
+        for r in &p.added {
+            println!("Published {} ({}), tier {}.", r.target, r.digest, r.tier);
+            print_scan(&r.scan);
+        }
+        if p.added.is_empty() {
+            println!(
+                "{target} was published already (versions are immutable); role version {}.",
+                p.role_version
+            );
+        }
+    });
+    Ok(())
+}
+
+fn print_scan(scan: &Value) {
+    if scan["database"] != json!(true) {
+        println!("  Not scanned: the Hub has no vulnerability database (registry.hub.osv).");
+        return;
+    }
+    let findings = scan["findings"].as_array().map_or(0, Vec::len);
+    let unchecked = scan["unchecked"].as_array().map_or(0, Vec::len);
+    println!(
+        "  Scan: {findings} known vulnerabilit{} ({unchecked} component(s) could not be checked).",
+        if findings == 1 { "y" } else { "ies" }
+    );
+    for f in scan["findings"].as_array().into_iter().flatten() {
+        println!(
+            "    {} in {} {}{}",
+            f["id"].as_str().unwrap_or(""),
+            f["component"].as_str().unwrap_or(""),
+            f["version"].as_str().unwrap_or(""),
+            f["fixed"]
+                .as_str()
+                .map(|v| format!(" (fixed in {v})"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+fn dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_owned()
+    }
+}
+
+fn verified(by: &str) -> String {
+    if by.is_empty() {
+        "unverified".into()
+    } else {
+        format!("verified: {by}")
+    }
+}
+
+fn print_publisher(p: &Publisher) {
+    println!(
+        "Publisher {} ({}), owner {}, {}.",
+        p.namespace,
+        p.display_name,
+        p.owner,
+        verified(&p.verified_by)
+    );
+    println!("  May grant: {}", p.grants.join(", "));
+    print_keys(&p.keys);
+}
+
+fn print_keys(keys: &[PublisherKey]) {
+    if keys.is_empty() {
+        println!("  No signing keys yet: macula hub keygen --out FILE, then macula hub keys add <namespace> --key FILE");
+        return;
+    }
+    let mut t = table(&["KEY ID", "LABEL", "STATUS", "EXPIRES"]);
+    for k in keys {
+        t.add_row(vec![
+            k.key_id.clone(),
+            dash(&k.label),
+            k.status.clone(),
+            k.expires_at.clone(),
+        ]);
+    }
+    println!("{t}");
+}
+
+fn print_releases(releases: &[Release]) {
+    let mut t = table(&["VERSION", "TIER", "DIGEST", "SIZE", "STATE", "PUBLISHED"]);
+    for r in releases {
+        let state = if !r.revoked.is_empty() {
+            format!("revoked: {}", r.revoked)
+        } else if !r.yanked.is_empty() {
+            format!("yanked: {}", r.yanked)
+        } else {
+            "ok".into()
+        };
+        t.add_row(vec![
+            r.version.clone(),
+            r.tier.clone(),
+            r.digest.clone(),
+            r.size.to_string(),
+            state,
+            r.published_at.clone(),
+        ]);
+    }
+    println!("{t}");
+}
