@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use ed25519_dalek::Signer as _;
 use serde::Serialize;
+pub use tough::async_trait;
 use tough::editor::signed::SignedRole;
 use tough::key_source::KeySource;
 use tough::schema::decoded::{Decoded, Hex};
@@ -40,7 +41,7 @@ use tough::schema::{
     PathSet, RoleKeys, RoleType, Root, Signed, Snapshot, Target, Targets, Timestamp,
 };
 use tough::sign::Sign;
-use tough::{async_trait, TargetName};
+use tough::TargetName;
 
 use crate::digest::Digest;
 

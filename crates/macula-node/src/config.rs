@@ -385,6 +385,29 @@ pub struct NodeConfig {
     pub reload_interval_ms: u64,
     /// Running replicas of workloads here (see `workloads/`).
     pub workloads: WorkloadsSection,
+    /// The Hub this node installs packages from (see `workloads/packages.rs`).
+    pub hub: HubClientSection,
+}
+
+/// `hub:` in node.yaml: where the node reads the Hub.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubClientSection {
+    /// The HTTP address of the node that serves the Hub (`http://host:8080`); empty: this node's
+    /// own when it hosts the Hub (registry.enabled and registry.hub.enabled), else none.
+    pub url: String,
+    /// The Hub's root of trust (`macula hub trust` prints it); relative to the config
+    /// directory. The newest root the node verifies replaces it.
+    pub root: PathBuf,
+}
+
+impl Default for HubClientSection {
+    fn default() -> Self {
+        HubClientSection {
+            url: String::new(),
+            root: PathBuf::from("hub-root.json"),
+        }
+    }
 }
 
 /// What this node offers to run workloads with, and how it runs them.

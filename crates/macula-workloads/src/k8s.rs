@@ -345,6 +345,7 @@ pub fn parse_k8s(text: &str) -> Result<Manifest, ManifestError> {
         realm: o.metadata.namespace.clone(),
         runtime: Some(if process { "process" } else { "podman" }.into()),
         network: None,
+        package: None,
         command: if process {
             c.command.clone().map(|mut cmd| {
                 cmd.extend(c.args.iter().cloned());

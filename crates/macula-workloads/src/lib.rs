@@ -24,8 +24,8 @@ pub mod wire;
 
 pub use error::{FieldError, ManifestError};
 pub use manifest::{
-    Artifact, Check, Job, Manifest, Network, Payload, Placement, Port, PortRef, Probe, Resources,
-    Restart, RestartPolicy, Runtime, Update, Workload,
+    Artifact, Check, Job, Manifest, Network, PackageRef, Payload, Placement, Port, PortRef, Probe,
+    Resources, Restart, RestartPolicy, Runtime, Update, Workload,
 };
 
 /// Parses a manifest in either format: a document with `apiVersion` is read as Kubernetes,

@@ -21,9 +21,15 @@
 //! restart: {policy: always, backoff: {initial: 1s, max: 5m}}
 //! placement: {labels: {disk: ssd}, region: eu-west, spread: true}
 //! network: host                # host (the node's network, default) or none (loopback only)
+//! package: {name: acme/hello@1.0.0, digest: "sha256:…"}  # files from the Hub (see below)
 //! update: {strategy: rolling, max_surge: 1, max_unavailable: 0}
 //! duplicate_tolerant: false     # may run twice during a partition (see ARCHITECTURE.md)
 //! ```
+//!
+//! With `package`, the node installs that version of a Hub package (verified against the Hub's
+//! TUF repository and pinned to `digest`) before it starts a replica, and a `command` starting
+//! with `./` runs from the package's directory (`MACULA_PACKAGE_DIR`), read-only;
+//! `macula deploy --package org/name@version` writes it from the package's own manifest.
 //!
 //! A job has `completions`, `parallelism`, `backoff_limit` and `active_deadline` instead of
 //! `replicas`, `update` and `duplicate_tolerant`; its restart policy is `on_failure` or `never`.
@@ -87,6 +93,8 @@ pub mod doc {
         pub placement: PlacementDoc,
         #[serde(default)]
         pub network: Option<String>,
+        #[serde(default)]
+        pub package: Option<PackageDoc>,
         // payload
         #[serde(default)]
         pub replicas: Option<u32>,
@@ -103,6 +111,16 @@ pub mod doc {
         pub backoff_limit: Option<u32>,
         #[serde(default)]
         pub active_deadline: Option<String>,
+    }
+
+    /// A Hub package's version, pinned to its index's digest.
+    #[derive(Debug, Clone, Default, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct PackageDoc {
+        /// `org/name@version`.
+        pub name: String,
+        /// `sha256:<hex>` of the package's index.
+        pub digest: String,
     }
 
     #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -293,6 +311,43 @@ pub struct Workload {
     pub placement: Placement,
     /// The network its replicas have (default: the node's).
     pub network: Network,
+    /// The Hub package whose files it runs, if any.
+    pub package: Option<PackageRef>,
+}
+
+/// A Hub package's version (`org/name@version`) pinned to its index's digest (`sha256:<hex>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageRef {
+    pub name: String,
+    pub digest: String,
+}
+
+impl PackageRef {
+    /// The digest's 64 hex digits.
+    pub fn digest_hex(&self) -> &str {
+        self.digest.strip_prefix("sha256:").unwrap_or(&self.digest)
+    }
+}
+
+/// Whether `s` names a package version: `org/name@version`, ASCII, one `/`.
+fn is_package_name(s: &str) -> bool {
+    let Some((pkg, version)) = s.split_once('@') else {
+        return false;
+    };
+    let Some((org, name)) = pkg.split_once('/') else {
+        return false;
+    };
+    !org.is_empty()
+        && !name.is_empty()
+        && !version.is_empty()
+        && s.len() <= 200
+        && [org, name].iter().all(|p| {
+            p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+        && version
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b))
 }
 
 /// The network a replica has.
@@ -715,8 +770,41 @@ pub fn check(d: ManifestDoc) -> Result<Manifest, ManifestError> {
             Network::Host
         }
     };
+    let package = d.package.as_ref().map(|pk| {
+        if !is_package_name(&pk.name) {
+            p.add(
+                "package.name",
+                format!(
+                    "{:?}: write org/name@version (e.g. acme/hello@1.0.0)",
+                    pk.name
+                ),
+            );
+        }
+        let hex = pk.digest.strip_prefix("sha256:").unwrap_or("");
+        if hex.len() != 64
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
+            p.add(
+                "package.digest",
+                format!(
+                    "{:?}: write sha256: and 64 lowercase hex digits (`macula hub info` shows it)",
+                    pk.digest
+                ),
+            );
+        }
+        if runtime != Runtime::Process {
+            p.add("package", "a package's files run with `runtime: process`");
+        }
+        PackageRef {
+            name: pk.name.clone(),
+            digest: pk.digest.clone(),
+        }
+    });
     let workload = Workload {
         network,
+        package,
         name: d.name.clone(),
         realm: d.realm.clone(),
         runtime,

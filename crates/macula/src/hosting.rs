@@ -80,6 +80,20 @@ pub async fn host(
              serving the registry to a network"
         );
     }
+    // This node installs packages from its own Hub: its root of trust, where the node reads it.
+    if let Ok(t) = reg.hub_trust().await {
+        let path = match &node.config.hub.root {
+            p if p.is_relative() => dir.root.join(p),
+            p => p.clone(),
+        };
+        if !path.exists() {
+            if let Ok(bytes) = serde_json::to_vec_pretty(&t.root) {
+                if let Err(e) = std::fs::write(&path, bytes) {
+                    tracing::warn!("hub: writing its root of trust to {}: {e}", path.display());
+                }
+            }
+        }
+    }
     // The hosting node's usage goes straight to the aggregator.
     let _ = node
         .usage_sink

@@ -592,3 +592,136 @@ fn print_releases(releases: &[Release]) {
     }
     println!("{t}");
 }
+
+/// GETs `url` (a Hub route), at most `max` bytes.
+fn fetch(agent: &ureq::Agent, url: &str, max: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut res = agent
+        .get(url)
+        .call()
+        .map_err(|e| anyhow!("cannot reach the Hub at {url}: {e}"))?;
+    let status = res.status().as_u16();
+    let mut out = vec![];
+    res.body_mut()
+        .as_reader()
+        .take(max + 1)
+        .read_to_end(&mut out)?;
+    if status != 200 {
+        let v: Value = serde_json::from_slice(&out).unwrap_or(Value::Null);
+        let msg = v["error"]["message"].as_str().unwrap_or("").to_owned();
+        bail!("{url}: HTTP {status} {msg}");
+    }
+    if out.len() as u64 > max {
+        bail!("{url}: larger than {max} bytes");
+    }
+    Ok(out)
+}
+
+/// The workload manifest of Hub package `spec` (`org/name@version` or `org/name`), pinned to
+/// the version's digest: its name and text, ready to deploy.
+pub fn package_manifest(
+    agent: &ureq::Agent,
+    hub: &str,
+    spec: &str,
+    say: bool,
+) -> Result<(String, String)> {
+    let hub = hub.trim_end_matches('/');
+    let (package, version) = match spec.split_once('@') {
+        Some((p, v)) => (p, Some(v)),
+        None => (spec, None),
+    };
+    let (ns, name) = package
+        .split_once('/')
+        .ok_or_else(|| anyhow!("--package {spec}: write org/name@version"))?;
+    let info: PackageInfo = serde_json::from_slice(&fetch(
+        agent,
+        &format!("{hub}/v1/hub/packages/{}/{}", seg(ns), seg(name)),
+        16 << 20,
+    )?)?;
+    let release = match version {
+        Some(v) => info
+            .releases
+            .iter()
+            .find(|r| r.version == v)
+            .ok_or_else(|| {
+                anyhow!("{package} has no version {v} on the Hub (macula hub versions {package})")
+            })?,
+        None => info
+            .releases
+            .iter()
+            .find(|r| r.yanked.is_empty() && r.revoked.is_empty())
+            .ok_or_else(|| {
+                anyhow!("{package} has no version that is neither yanked nor revoked")
+            })?,
+    };
+    if !release.revoked.is_empty() {
+        bail!("{} is revoked: {}", release.target, release.revoked);
+    }
+    if !release.yanked.is_empty() {
+        bail!(
+            "{} is yanked ({}): new deployments take another version; one pinned by digest ({}) in a manifest still runs",
+            release.target, release.yanked, release.digest
+        );
+    }
+    let digest: macula_hub::Digest = release
+        .digest
+        .parse()
+        .map_err(|e| anyhow!("the Hub's digest {}: {e}", release.digest))?;
+    // The index is content-addressed: its bytes must hash to the digest.
+    let file = release.target.split_once('/').map_or("", |x| x.1);
+    let index_bytes = fetch(
+        agent,
+        &format!("{hub}/v1/hub/tuf/targets/{ns}/{}.{file}", digest.hex()),
+        review::MAX_INDEX,
+    )?;
+    if macula_hub::Digest::of(&index_bytes) != digest {
+        bail!(
+            "the Hub served an index for {} that is not {digest}",
+            release.target
+        );
+    }
+    let index: macula_hub::pack::Index = serde_json::from_slice(&index_bytes)?;
+    let manifest = fetch(
+        agent,
+        &format!("{hub}/v1/hub/blobs/{}", index.manifest.digest),
+        macula_hub::pack::MAX_MANIFEST,
+    )?;
+    if macula_hub::Digest::of(&manifest) != index.manifest.digest {
+        bail!(
+            "the Hub served a manifest that is not {}",
+            index.manifest.digest
+        );
+    }
+    let pkg = macula_hub::parse(&String::from_utf8_lossy(&manifest)).map_err(|e| {
+        anyhow!(
+            "{}: {}",
+            release.target,
+            macula_hub::package::describe("package.yaml", &e)
+        )
+    })?;
+    let (text, workload) = pkg.workload.ok_or_else(|| {
+        anyhow!(
+            "{} deploys no workload (its manifest has no `workload`)",
+            release.target
+        )
+    })?;
+    let mut doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)?;
+    if let Some(m) = doc.as_mapping_mut() {
+        m.insert(
+            "package".into(),
+            serde_yaml_ng::to_value(json!({"name": release.target, "digest": release.digest}))?,
+        );
+    }
+    let text = serde_yaml_ng::to_string(&doc)?;
+    if say {
+        eprintln!(
+            "{} ({}, tier {}) by {} ({})",
+            release.target,
+            release.digest,
+            release.tier,
+            info.publisher.display_name,
+            verified(&info.publisher.verified_by)
+        );
+    }
+    Ok((workload.workload().name.clone(), text))
+}

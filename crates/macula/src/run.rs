@@ -182,6 +182,10 @@ pub async fn up(a: UpArgs, json: bool) -> Result<()> {
             first = Some(running);
         } else {
             let data = a.home.join(format!("nodes/{}", i + 1));
+            // Packages come from node 1's Hub (its root of trust is in the shared config
+            // directory, `hub-root.json`).
+            let mut child_sets = sets.clone();
+            child_sets.push(format!("hub.url=http://{}", nodes[0].http));
             let (child, node) = spawn_node(
                 &a.home,
                 &data,
@@ -189,7 +193,7 @@ pub async fn up(a: UpArgs, json: bool) -> Result<()> {
                 rawsocket,
                 &mesh,
                 &nodes[0].mesh,
-                &sets,
+                &child_sets,
             )
             .await?;
             children.push(child);

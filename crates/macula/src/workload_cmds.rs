@@ -186,13 +186,21 @@ pub struct DeployArgs {
         short = 'f',
         long = "file",
         value_name = "MANIFEST",
-        conflicts_with_all = ["payload", "image"]
+        conflicts_with_all = ["payload", "image", "package"]
     )]
     pub file: Option<PathBuf>,
+    /// A Hub package to run: `org/name@version` (or `org/name`: its newest version neither
+    /// yanked nor revoked). Its own workload manifest is deployed, pinned to the version's
+    /// digest; every node verifies the package against the Hub before it runs it.
+    #[arg(long, value_name = "ORG/NAME[@VERSION]", conflicts_with_all = ["payload", "image"])]
+    pub package: Option<String>,
+    /// The Hub to resolve --package at [default: the node's own address].
+    #[arg(long, value_name = "URL", requires = "package")]
+    pub hub: Option<String>,
     /// A command to run as a payload (split as a shell would; the node passes PORT and
     /// MACULA_* in the environment). One word that reads as an image reference
     /// (`name:tag`, `registry/name`) is run as that image; with --image, the command run in it.
-    #[arg(long, value_name = "COMMAND", required_unless_present_any = ["file", "image"])]
+    #[arg(long, value_name = "COMMAND", required_unless_present_any = ["file", "image", "package"])]
     pub payload: Option<String>,
     /// An OCI image to run as the payload (the podman runtime).
     #[arg(long, value_name = "IMAGE")]
@@ -296,6 +304,16 @@ fn payload_manifest(a: &DeployArgs, command: Option<&str>) -> Result<(String, St
 pub fn deploy(a: DeployArgs, json: bool) -> Result<()> {
     let api = NodeApi::new(&a.conn)?;
     let (name, text) = match (&a.file, &a.payload) {
+        _ if a.package.is_some() => {
+            let hub = a.hub.clone().unwrap_or_else(|| api.base.clone());
+            let agent = http_agent(a.conn.ca.as_deref(), Duration::from_secs(60))?;
+            crate::hub_cmds::package_manifest(
+                &agent,
+                &hub,
+                a.package.as_deref().unwrap_or(""),
+                !json,
+            )?
+        }
         (Some(f), _) => {
             let text =
                 std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;

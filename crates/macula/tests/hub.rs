@@ -317,3 +317,101 @@ fn a_publisher_publishes_and_the_hub_serves_it_verified() {
         .unwrap();
     assert!(role.is_null(), "the role left the repository: {role}");
 }
+
+/// `macula deploy --package` on `macula up`: the node installs the package from its Hub —
+/// verified against the Hub's TUF repository, pinned by digest — and runs its program from the
+/// package's files; a yanked version is refused for new deployments.
+#[test]
+fn deploy_package_runs_it_from_the_hub() {
+    let home = tempfile::tempdir().unwrap();
+    let mail = home.path().join("mail");
+    std::fs::write(
+        home.path().join("node.yaml"),
+        format!("registry:\n  mail:\n    url: dir:{}\n", mail.display()),
+    )
+    .unwrap();
+    let (_up, banner): (Up, Value) = macula_up::up(home.path(), &[]);
+    let s = |k: &str| banner[k].as_str().unwrap().to_owned();
+    let (http, ws, realm, rkey) = (s("http"), s("ws"), s("realm"), s("key"));
+    let acme = account(&http, &mail, "dev@acme.com");
+    let a = acme.path();
+    let key = a.join("acme.key");
+    cli(
+        a,
+        &http,
+        &["hub", "keygen", "--out", key.to_str().unwrap()],
+        None,
+    );
+    cli(a, &http, &["hub", "publisher", "create", "acme"], None);
+    cli(
+        a,
+        &http,
+        &["hub", "keys", "add", "acme", "--key", key.to_str().unwrap()],
+        None,
+    );
+    let pkg = tempfile::tempdir().unwrap();
+    package(
+        pkg.path(),
+        MANIFEST,
+        "#!/bin/sh\necho \"hello from $MACULA_PACKAGE_DIR\"\nexec sleep 300\n",
+    );
+    cli(
+        a,
+        &http,
+        &publish_args(pkg.path(), &key, false)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        None,
+    );
+    let node = |args: &[&str]| -> Result<Value, String> {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--url", &ws, "--realm", &realm, "--key", &rkey]);
+        let (ok, out, err) = cli_run(a, &http, &all, None);
+        if ok {
+            Ok(json(&out))
+        } else {
+            Err(err)
+        }
+    };
+    let d = node(&[
+        "deploy",
+        "--package",
+        "acme/hello@1.0.0",
+        "--timeout",
+        "60s",
+    ])
+    .unwrap_or_else(|e| panic!("deploy --package: {e}"));
+    assert_eq!(d["name"], "hello", "{d}");
+    assert_eq!(d["replicas"][0]["state"], "running", "{d}");
+    // The program ran from the package's installed files.
+    let logs = (0..100)
+        .find_map(|_| {
+            let (_, out, _) = cli_run(
+                a,
+                &http,
+                &[
+                    "logs", "hello", "--url", &ws, "--realm", &realm, "--key", &rkey,
+                ],
+                None,
+            );
+            if out.contains("hello from") {
+                return Some(out);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            None
+        })
+        .expect("the replica's output");
+    assert!(logs.contains("/packages/installed/"), "{logs}");
+
+    // Yanked: new deployments of that version are refused (the running one stays).
+    cli(
+        a,
+        &http,
+        &["hub", "yank", "acme/hello@1.0.0", "--reason", "broken"],
+        None,
+    );
+    let e = node(&["deploy", "--package", "acme/hello@1.0.0"]).expect_err("yanked");
+    assert!(e.contains("yanked (broken)"), "{e}");
+}

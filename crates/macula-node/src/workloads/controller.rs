@@ -112,6 +112,8 @@ pub struct Controller {
     /// Fence checks waiting for authorities' answers, by the id of their asks.
     fences: Mutex<HashMap<u64, FenceAnswers>>,
     next_id: AtomicU64,
+    /// Hub packages installed here (see `packages.rs`).
+    packages: Arc<super::packages::Packages>,
 }
 
 /// Where a fence check gets its answers: (authority, its reply).
@@ -271,6 +273,32 @@ struct TenderRun {
     demand: Resources,
 }
 
+/// The node's packages: under `<workloads dir>/packages`, read from `hub.url` (or this node's
+/// own HTTP address when it hosts the Hub) with the root of trust in `hub.root`.
+fn packages_of(node: &Node, dir: &Path, url: &str) -> super::packages::Packages {
+    let cfg = &node.config.hub;
+    let hosts = node.config.registry.enabled && node.config.registry.hub.enabled;
+    let own = || {
+        // `url` is this node's WebSocket address (ws://host:port/...): the same listener.
+        let rest = url
+            .strip_prefix("ws://")
+            .map(|r| ("http://", r))
+            .or_else(|| url.strip_prefix("wss://").map(|r| ("https://", r)));
+        rest.map(|(scheme, r)| format!("{scheme}{}", r.split('/').next().unwrap_or(r)))
+    };
+    let hub_url = match cfg.url.trim() {
+        "" if hosts => own(),
+        "" => None,
+        u => Some(u.to_owned()),
+    };
+    let root = match &node.confdir {
+        Some(d) if cfg.root.is_relative() => d.root.join(&cfg.root),
+        _ => cfg.root.clone(),
+    };
+    let hub = hub_url.map(|url| super::packages::HubClientConfig { url, root });
+    super::packages::Packages::new(dir.join("packages"), hub)
+}
+
 impl Controller {
     /// The controller of `node`, whose clients connect at `url`.
     pub fn new(node: Arc<Node>, url: String) -> Arc<Controller> {
@@ -300,7 +328,9 @@ impl Controller {
             ledger: Some(Ledger::new(capacity)),
             ..State::default()
         };
+        let packages = Arc::new(packages_of(&node, &dir, &url));
         Arc::new(Controller {
+            packages,
             term_ms: cfg.lease_term_ms.max(500),
             me: std::sync::OnceLock::new(),
             url,
@@ -2327,8 +2357,9 @@ impl Controller {
                 target.spec = Some(spec.clone());
                 let (shim, shim_args) = self.shim.clone();
                 let require_limits = self.node.config.workloads.require_limits;
+                let package = wl.package.clone().map(|p| (p, self.packages.clone()));
                 Box::new(move |buffer: Arc<LogBuffer>| {
-                    Start {
+                    let mut start = Start {
                         shim: shim.clone(),
                         shim_args: shim_args.clone(),
                         name: cgroup.clone(),
@@ -2337,8 +2368,25 @@ impl Controller {
                         spec: spec.clone(),
                         logs: log_limits.clone(),
                         buffer: Some(buffer),
-                    }
-                    .launch()
+                    };
+                    let Some((pkg, packages)) = package.clone() else {
+                        return start.launch();
+                    };
+                    // The package's files first (verified against the Hub, pinned by digest);
+                    // its `./` program runs from them, read-only.
+                    Box::pin(async move {
+                        let dir = packages
+                            .install(&pkg)
+                            .await
+                            .map_err(|e| io::Error::other(format!("package {}: {e}", pkg.name)))?;
+                        super::packages::in_package(&mut start.spec.argv, &dir);
+                        start.spec.read_only.push(dir.clone());
+                        start
+                            .spec
+                            .env
+                            .insert("MACULA_PACKAGE_DIR".into(), dir.display().to_string());
+                        start.launch().await
+                    })
                 })
             }
         };

@@ -14,6 +14,7 @@ pub mod authority;
 pub mod controller;
 pub mod desired;
 pub mod inbox;
+pub mod packages;
 pub mod tickets;
 
 pub use accept::accept;

@@ -1,0 +1,296 @@
+//! Hub packages on this node: installing the version a workload pins before its replica starts.
+//!
+//! A workload with `package: {name, digest}` runs files from the Hub. Before the first replica
+//! of it starts here, the node:
+//! 1. refreshes its view of the Hub's TUF repository (`macula_hub::tuf::Client`: root walked
+//!    from the trusted root in `hub.root`, timestamp, snapshot, targets, every publisher's
+//!    role; versions kept in `packages/tuf/` against rollback) from `hub.url`;
+//! 2. finds the release, and requires its digest to be the one pinned — a name the Hub lists
+//!    with other bytes is refused, as is one it no longer lists;
+//! 3. reads the Hub's signed status (`hub/status.json`): a revoked release is refused; a yanked
+//!    one installs (it was pinned by digest before the yank, which is what yanking allows);
+//! 4. downloads the index through TUF (verified), then every file it names by digest into the
+//!    node's blob store (verified as it is stored), and lays them out under
+//!    `packages/installed/<digest>/`, read-only, artifacts executable. The directory appears
+//!    only when complete (written beside it, then renamed).
+//!
+//! One install of a digest at a time; later replicas reuse the directory.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use macula_hub::pack::Index;
+use macula_hub::tuf::{Client, ClientOptions, Source};
+use macula_hub::{BlobStore, FsStore};
+use macula_workloads::PackageRef;
+
+/// Where the node reads the Hub: its URL (the registry node's HTTP address) and the root of trust.
+#[derive(Debug, Clone)]
+pub struct HubClientConfig {
+    pub url: String,
+    pub root: PathBuf,
+}
+
+/// The node's packages (see the module's documentation).
+pub struct Packages {
+    dir: PathBuf,
+    hub: Option<HubClientConfig>,
+    /// The node's blobs (or why it could not be opened: installs then fail, saying so).
+    store: Result<Arc<FsStore>, String>,
+    /// One install per digest at a time.
+    busy: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    agent: ureq::Agent,
+}
+
+/// A release's state in the Hub's status document.
+#[derive(serde::Deserialize, Default)]
+struct Status {
+    #[serde(default)]
+    releases: HashMap<String, StatusEntry>,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct StatusEntry {
+    #[serde(default)]
+    revoked: String,
+    #[serde(default)]
+    yanked: String,
+}
+
+/// The Hub over HTTP: `/v1/hub/tuf/<path>`, at most `max` bytes.
+#[derive(Clone)]
+struct HttpSource {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl std::fmt::Debug for HttpSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HttpSource({})", self.base)
+    }
+}
+
+#[macula_hub::tuf::async_trait]
+impl Source for HttpSource {
+    async fn get(&self, path: &str, max: u64) -> Result<Option<Vec<u8>>, String> {
+        let url = format!("{}/v1/hub/tuf/{path}", self.base);
+        let agent = self.agent.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut res = agent.get(&url).call().map_err(|e| format!("{url}: {e}"))?;
+            match res.status().as_u16() {
+                404 => return Ok(None),
+                200 => {}
+                s => return Err(format!("{url}: HTTP {s}")),
+            }
+            let mut out = vec![];
+            res.body_mut()
+                .as_reader()
+                .take(max.saturating_add(1))
+                .read_to_end(&mut out)
+                .map_err(|e| format!("{url}: {e}"))?;
+            Ok(Some(out))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}
+
+fn agent() -> ureq::Agent {
+    let tls = ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .build();
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(600)))
+        .timeout_connect(Some(Duration::from_secs(10)))
+        .tls_config(tls)
+        .build()
+        .into()
+}
+
+impl Packages {
+    /// Packages under `dir` (`<workloads dir>/packages`), read from `hub` (none: a workload
+    /// with a package is refused, saying so).
+    pub fn new(dir: PathBuf, hub: Option<HubClientConfig>) -> Packages {
+        let blobs = dir.join("blobs");
+        let store = FsStore::open(&blobs)
+            .map(Arc::new)
+            .map_err(|e| format!("the packages' blob store {}: {e}", blobs.display()));
+        Packages {
+            dir,
+            hub,
+            store,
+            busy: tokio::sync::Mutex::new(HashMap::new()),
+            agent: agent(),
+        }
+    }
+
+    fn store(&self) -> Result<&Arc<FsStore>, String> {
+        self.store.as_ref().map_err(Clone::clone)
+    }
+
+    /// The installed directory of `pkg`, installing it first if needed.
+    pub async fn install(&self, pkg: &PackageRef) -> Result<PathBuf, String> {
+        let hex = pkg.digest_hex().to_owned();
+        let done = self.dir.join("installed").join(&hex);
+        if done.is_dir() {
+            return Ok(done);
+        }
+        let lock = self
+            .busy
+            .lock()
+            .await
+            .entry(hex.clone())
+            .or_default()
+            .clone();
+        let _one = lock.lock().await;
+        if done.is_dir() {
+            return Ok(done);
+        }
+        let r = self.install_now(pkg, &done).await;
+        self.busy.lock().await.remove(&hex);
+        r.map(|()| done)
+    }
+
+    async fn install_now(&self, pkg: &PackageRef, done: &Path) -> Result<(), String> {
+        let hub = self.hub.as_ref().ok_or(
+            "this node reads no Hub: set hub.url (the registry node's HTTP address) and hub.root (its root of trust) in node.yaml",
+        )?;
+        let root = std::fs::read(&hub.root).map_err(|e| {
+            format!(
+                "the Hub's root of trust {}: {e} (`macula hub trust` prints it)",
+                hub.root.display()
+            )
+        })?;
+        let base = hub.url.trim_end_matches('/').to_owned();
+        let source: Arc<dyn Source> = Arc::new(HttpSource {
+            base: base.clone(),
+            agent: self.agent.clone(),
+        });
+        let client = Client::load(
+            &root,
+            source,
+            &self.dir.join("tuf"),
+            ClientOptions::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        // Keep the newest root verified as the next trust (a rotation is walked once).
+        let tmp = hub
+            .root
+            .with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, client.root_json()).is_ok() {
+            let _ = std::fs::rename(&tmp, &hub.root);
+        }
+        let release = client.release(&pkg.name).ok_or_else(|| {
+            format!(
+                "{} is not on the Hub (never published, removed by its publisher, or its publisher's key was revoked)",
+                pkg.name
+            )
+        })?;
+        if release.digest.to_string() != pkg.digest {
+            return Err(format!(
+                "the Hub's {} is {}, not the {} pinned: refused",
+                pkg.name, release.digest, pkg.digest
+            ));
+        }
+        let status: Status = match client.fetch("hub/status.json").await {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
+            Err(_) => Status::default(),
+        };
+        if let Some(s) = status.releases.get(&pkg.name) {
+            if !s.revoked.is_empty() {
+                return Err(format!("{} is revoked: {}", pkg.name, s.revoked));
+            }
+            if !s.yanked.is_empty() {
+                tracing::warn!(
+                    "installing {} although it is yanked ({}): pinned by digest",
+                    pkg.name,
+                    s.yanked
+                );
+            }
+        }
+        let index_bytes = client.fetch(&pkg.name).await.map_err(|e| e.to_string())?;
+        let index: Index = serde_json::from_slice(&index_bytes)
+            .map_err(|e| format!("{}: its index: {e}", pkg.name))?;
+        // Every file by digest, verified into the store.
+        let mut wanted = vec![(index.manifest.digest, index.manifest.size)];
+        wanted.extend(index.files.values().map(|f| (f.digest, f.size)));
+        let store = self.store()?;
+        for (d, size) in wanted {
+            if store.has(&d) {
+                continue;
+            }
+            let url = format!("{base}/v1/hub/blobs/{d}");
+            let agent = self.agent.clone();
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || -> Result<(), String> {
+                let mut res = agent.get(&url).call().map_err(|e| format!("{url}: {e}"))?;
+                if res.status().as_u16() != 200 {
+                    return Err(format!("{url}: HTTP {}", res.status().as_u16()));
+                }
+                let mut r = res.body_mut().as_reader();
+                store
+                    .put(&mut r, size, Some(d))
+                    .map_err(|e| format!("{url}: {e}"))?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+        }
+        self.lay_out(&index, done)
+    }
+
+    /// Writes the package's files under `done`, all or nothing.
+    fn lay_out(&self, index: &Index, done: &Path) -> Result<(), String> {
+        let tmp = done.with_extension("partial");
+        let _ = std::fs::remove_dir_all(&tmp);
+        let io = |e: std::io::Error| format!("laying out the package: {e}");
+        for (path, f) in &index.files {
+            let rel = Path::new(path);
+            if rel.is_absolute()
+                || rel
+                    .components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(format!(
+                    "the index names {path:?}: not a path inside the package"
+                ));
+            }
+            let to = tmp.join(rel);
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent).map_err(io)?;
+            }
+            let mut r = self
+                .store()?
+                .open(&f.digest)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("{} is not in the store", f.digest))?;
+            let mut w = std::fs::File::create(&to).map_err(io)?;
+            std::io::copy(&mut r, &mut w).map_err(io)?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o555))
+                    .map_err(io)?;
+            }
+        }
+        if let Some(parent) = done.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        std::fs::rename(&tmp, done).map_err(io)
+    }
+}
+
+/// The argv of a package's replica: a program named `./…` runs from the package's directory.
+pub fn in_package(argv: &mut [String], dir: &Path) {
+    if let Some(first) = argv.first_mut() {
+        if let Some(rest) = first.strip_prefix("./") {
+            *first = dir.join(rest).display().to_string();
+        }
+    }
+}
