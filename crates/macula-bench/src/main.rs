@@ -14,6 +14,7 @@
 mod baseline;
 mod hash;
 mod heal;
+mod hub_verify;
 mod invoices;
 mod macula_side;
 mod nats_side;
@@ -159,6 +160,14 @@ enum Cmd {
         mib: u64,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+    },
+    /// Verifying packages as a node does before installing one: the index through TUF, the
+    /// manifest, SBOM and signed provenance (goal ≤ 5 ms per package).
+    HubVerify {
+        #[arg(long, default_value_t = 50)]
+        packages: usize,
+        #[arg(long, default_value_t = 5)]
+        publishers: usize,
     },
     /// Self-healing on real node processes: SIGKILL a node that runs a replica, time until the
     /// replica runs elsewhere (goal p95 ≤ 5 s), restart the node, repeat.
@@ -308,6 +317,15 @@ fn main() -> Result<()> {
     } = cli.cmd
     {
         let figs = rt.block_on(schedule::run(nodes, placements, concurrency))?;
+        print(&figs, cli.json);
+        return Ok(());
+    }
+    if let Cmd::HubVerify {
+        packages,
+        publishers,
+    } = cli.cmd
+    {
+        let figs = rt.block_on(hub_verify::run(packages, publishers))?;
         print(&figs, cli.json);
         return Ok(());
     }

@@ -399,6 +399,9 @@ pub struct HubClientSection {
     /// The Hub's root of trust (`macula hub trust` prints it); relative to the config
     /// directory. The newest root the node verifies replaces it.
     pub root: PathBuf,
+    /// How often the node checks the Hub for revocations, in seconds (they also spread at once
+    /// over the mesh from the Hub's node).
+    pub check_secs: u64,
 }
 
 impl Default for HubClientSection {
@@ -406,6 +409,7 @@ impl Default for HubClientSection {
         HubClientSection {
             url: String::new(),
             root: PathBuf::from("hub-root.json"),
+            check_secs: 300,
         }
     }
 }

@@ -86,6 +86,12 @@ pub enum Work {
         name: String,
         done: Vec<(u32, Completion)>,
     },
+    /// The Hub's repository changed (a revocation, a yank, a key revoked): its timestamp is at
+    /// `version` now. The receiver refreshes its view of the Hub from the Hub itself — the
+    /// notice carries no authority — and passes it on once it verified that version.
+    HubChanged {
+        version: u64,
+    },
 }
 
 /// Most peers read from one [`Work::Peers`].

@@ -138,6 +138,15 @@ impl macula_registry::Host for NodeHost {
             .map_err(|e| e.to_string())
     }
 
+    fn hub_changed(&self, version: u64) {
+        self.0.work_inbox.push(
+            "hub".to_owned(),
+            macula_node::workloads::InMsg::Work(macula_workloads::wire::Work::HubChanged {
+                version,
+            }),
+        );
+    }
+
     fn live_sessions(&self, realm: &str) -> usize {
         self.0
             .realm_handle(realm)

@@ -318,84 +318,119 @@ fn a_publisher_publishes_and_the_hub_serves_it_verified() {
     assert!(role.is_null(), "the role left the repository: {role}");
 }
 
+/// `macula up` (with `extra` arguments) and a verified publisher `acme` with a registered key.
+struct Fixture {
+    _up: Up,
+    _home: tempfile::TempDir,
+    acme: tempfile::TempDir,
+    key: std::path::PathBuf,
+    http: String,
+    ws: String,
+    realm: String,
+    rkey: String,
+}
+
+impl Fixture {
+    fn new(extra: &[&str]) -> Fixture {
+        let home = tempfile::tempdir().unwrap();
+        let mail = home.path().join("mail");
+        std::fs::write(
+            home.path().join("node.yaml"),
+            format!("registry:\n  mail:\n    url: dir:{}\n", mail.display()),
+        )
+        .unwrap();
+        let (up, banner): (Up, Value) = macula_up::up(home.path(), extra);
+        let s = |k: &str| banner[k].as_str().unwrap().to_owned();
+        let http = s("http");
+        let acme = account(&http, &mail, "dev@acme.com");
+        let a = acme.path();
+        let key = a.join("acme.key");
+        cli(
+            a,
+            &http,
+            &["hub", "keygen", "--out", key.to_str().unwrap()],
+            None,
+        );
+        cli(a, &http, &["hub", "publisher", "create", "acme"], None);
+        cli(
+            a,
+            &http,
+            &["hub", "keys", "add", "acme", "--key", key.to_str().unwrap()],
+            None,
+        );
+        Fixture {
+            _up: up,
+            _home: home,
+            acme,
+            key,
+            ws: s("ws"),
+            realm: s("realm"),
+            rkey: s("key"),
+            http,
+        }
+    }
+
+    /// Publishes a package with `manifest` whose program is `body`.
+    fn publish(&self, manifest: &str, body: &str) {
+        let pkg = tempfile::tempdir().unwrap();
+        package(pkg.path(), manifest, body);
+        cli(
+            self.acme.path(),
+            &self.http,
+            &publish_args(pkg.path(), &self.key, false)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            None,
+        );
+    }
+
+    /// `macula ARGS` as acme (the registry's commands).
+    fn hub(&self, args: &[&str]) -> String {
+        cli(self.acme.path(), &self.http, args, None)
+    }
+
+    /// `macula --json ARGS --url --realm --key` against the node: (ok, stdout, stderr).
+    fn node(&self, args: &[&str]) -> (bool, String, String) {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&[
+            "--url",
+            &self.ws,
+            "--realm",
+            &self.realm,
+            "--key",
+            &self.rkey,
+        ]);
+        cli_run(self.acme.path(), &self.http, &all, None)
+    }
+}
+
 /// `macula deploy --package` on `macula up`: the node installs the package from its Hub —
 /// verified against the Hub's TUF repository, pinned by digest — and runs its program from the
 /// package's files; a yanked version is refused for new deployments.
 #[test]
 fn deploy_package_runs_it_from_the_hub() {
-    let home = tempfile::tempdir().unwrap();
-    let mail = home.path().join("mail");
-    std::fs::write(
-        home.path().join("node.yaml"),
-        format!("registry:\n  mail:\n    url: dir:{}\n", mail.display()),
-    )
-    .unwrap();
-    let (_up, banner): (Up, Value) = macula_up::up(home.path(), &[]);
-    let s = |k: &str| banner[k].as_str().unwrap().to_owned();
-    let (http, ws, realm, rkey) = (s("http"), s("ws"), s("realm"), s("key"));
-    let acme = account(&http, &mail, "dev@acme.com");
-    let a = acme.path();
-    let key = a.join("acme.key");
-    cli(
-        a,
-        &http,
-        &["hub", "keygen", "--out", key.to_str().unwrap()],
-        None,
-    );
-    cli(a, &http, &["hub", "publisher", "create", "acme"], None);
-    cli(
-        a,
-        &http,
-        &["hub", "keys", "add", "acme", "--key", key.to_str().unwrap()],
-        None,
-    );
-    let pkg = tempfile::tempdir().unwrap();
-    package(
-        pkg.path(),
+    let f = Fixture::new(&[]);
+    f.publish(
         MANIFEST,
         "#!/bin/sh\necho \"hello from $MACULA_PACKAGE_DIR\"\nexec sleep 300\n",
     );
-    cli(
-        a,
-        &http,
-        &publish_args(pkg.path(), &key, false)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-        None,
-    );
-    let node = |args: &[&str]| -> Result<Value, String> {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
-        all.extend_from_slice(&["--url", &ws, "--realm", &realm, "--key", &rkey]);
-        let (ok, out, err) = cli_run(a, &http, &all, None);
-        if ok {
-            Ok(json(&out))
-        } else {
-            Err(err)
-        }
-    };
-    let d = node(&[
+    let (ok, out, err) = f.node(&[
         "deploy",
         "--package",
         "acme/hello@1.0.0",
         "--timeout",
         "60s",
-    ])
-    .unwrap_or_else(|e| panic!("deploy --package: {e}"));
+    ]);
+    assert!(ok, "deploy --package: {err}");
+    let d = json(&out);
     assert_eq!(d["name"], "hello", "{d}");
     assert_eq!(d["replicas"][0]["state"], "running", "{d}");
     // The program ran from the package's installed files.
     let logs = (0..100)
         .find_map(|_| {
-            let (_, out, _) = cli_run(
-                a,
-                &http,
-                &[
-                    "logs", "hello", "--url", &ws, "--realm", &realm, "--key", &rkey,
-                ],
-                None,
-            );
+            let (_, out, _) = f.node(&["logs", "hello"]);
             if out.contains("hello from") {
                 return Some(out);
             }
@@ -406,12 +441,77 @@ fn deploy_package_runs_it_from_the_hub() {
     assert!(logs.contains("/packages/installed/"), "{logs}");
 
     // Yanked: new deployments of that version are refused (the running one stays).
-    cli(
-        a,
-        &http,
-        &["hub", "yank", "acme/hello@1.0.0", "--reason", "broken"],
-        None,
+    f.hub(&["hub", "yank", "acme/hello@1.0.0", "--reason", "broken"]);
+    let (ok, _, e) = f.node(&["deploy", "--package", "acme/hello@1.0.0"]);
+    assert!(!ok && e.contains("yanked (broken)"), "{e}");
+}
+
+/// Revocation spreads: on `macula up --nodes 3`, a package's 3 replicas run on the three nodes;
+/// its version is revoked at the Hub; every node flags its replica in `macula status` (nodes 2
+/// and 3 learn it from the mesh's change notice, well before their periodic check), and new
+/// deployments of it are refused.
+#[test]
+fn a_revocation_reaches_every_node_and_flags_its_replicas() {
+    let f = Fixture::new(&["--nodes", "3"]);
+    f.publish(
+        &MANIFEST.replace("  name: hello\n", "  name: hello\n  replicas: 3\n"),
+        "#!/bin/sh\nexec sleep 300\n",
     );
-    let e = node(&["deploy", "--package", "acme/hello@1.0.0"]).expect_err("yanked");
-    assert!(e.contains("yanked (broken)"), "{e}");
+    let run = |args: &[&str]| f.node(args);
+    let (ok, out, err) = run(&[
+        "deploy",
+        "--package",
+        "acme/hello@1.0.0",
+        "--timeout",
+        "90s",
+    ]);
+    assert!(ok, "deploy: {err}");
+    let d = json(&out);
+    let nodes: std::collections::BTreeSet<&str> = d["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["state"] == "running")
+        .map(|r| r["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(nodes.len(), 3, "one replica on each node: {d}");
+
+    f.hub(&[
+        "hub",
+        "revoke",
+        "acme/hello@1.0.0",
+        "--reason",
+        "CVE-2026-0001",
+    ]);
+    let t = std::time::Instant::now();
+    let flagged = loop {
+        let (_, out, _) = run(&["status"]);
+        let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        let items: Vec<Value> = v["workloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|w| w["name"] == "hello")
+            .flat_map(|w| w["items"].as_array().cloned().unwrap_or_default())
+            .collect();
+        let revoked = items
+            .iter()
+            .filter(|r| {
+                r["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("revoked: CVE-2026-0001"))
+            })
+            .count();
+        if revoked == 3 {
+            break t.elapsed();
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "not every replica flagged: {items:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    eprintln!("revocation flagged on 3 nodes after {flagged:?}");
+    let (ok, _, err) = run(&["deploy", "--package", "acme/hello@1.0.0"]);
+    assert!(!ok && err.contains("revoked: CVE-2026-0001"), "{err}");
 }

@@ -386,6 +386,25 @@ impl Controller {
                 Err(e) => tracing::error!("this node cannot run containers: {e}"),
             }
         }
+        // The Hub's state checked every `hub.check_secs` (revocations also arrive at once as
+        // change notices, `Work::HubChanged`).
+        if self.packages.has_hub() {
+            let packages = self.packages.clone();
+            let every = Duration::from_secs(self.node.config.hub.check_secs.max(1));
+            tokio::spawn(async move {
+                let mut iv = tokio::time::interval(every);
+                iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    iv.tick().await;
+                    if Arc::strong_count(&packages) == 1 {
+                        return; // the controller is gone
+                    }
+                    if let Err(e) = packages.refresh().await {
+                        tracing::debug!("hub: periodic check: {e}");
+                    }
+                }
+            });
+        }
         let mut tick = tokio::time::interval(TICK);
         let mut ticks = 0u64;
         let mut last_kept = 0;
@@ -586,6 +605,36 @@ impl Controller {
         v.sort();
         v.dedup();
         v
+    }
+
+    /// The Hub changed (a notice from a peer, or from the registry this node hosts): refresh
+    /// the view of it from the Hub itself, and pass the notice on once that version is verified
+    /// (a notice claiming a version the Hub does not have goes no further).
+    fn on_hub_changed(&self, from: &str, version: u64) {
+        let packages = self.packages.clone();
+        if !packages.has_hub() || version <= packages.view().version {
+            return;
+        }
+        let node = self.node.clone();
+        let from = from.parse::<PeerId>().ok();
+        tokio::spawn(async move {
+            if version <= packages.view().version {
+                return;
+            }
+            match packages.refresh().await {
+                Ok(v) if v >= version => {
+                    if let (Some(m), Ok(bytes)) = (
+                        crate::mesh::of(&node),
+                        serde_json::to_vec(&Work::HubChanged { version: v }),
+                    ) {
+                        m.handle
+                            .broadcast(&Frame::Work { msg: bytes.into() }, from.as_ref());
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("hub: refreshing after a change notice: {e}"),
+            }
+        });
     }
 
     fn send(&self, to: &str, w: Work) {
@@ -1010,6 +1059,7 @@ impl Controller {
 
     fn on_work(&self, from: &str, w: Work) {
         match w {
+            Work::HubChanged { version } => self.on_hub_changed(from, version),
             Work::Tender { id, slot, seq: _ } => {
                 let Some((realm, _, _)) = wire::parse_slot(&slot) else {
                     return;
@@ -2407,6 +2457,7 @@ impl Controller {
 
     /// The replicas of `realm` this node runs, and the slots it could not place.
     pub fn local_status(&self, realm: &str) -> Vec<ReplicaStatus> {
+        let hub = self.packages.view();
         let st = self.state.lock();
         let mut out = vec![];
         for (slot, h) in &st.held {
@@ -2427,6 +2478,16 @@ impl Controller {
                     detail.map_or(String::new(), |d| format!("{d}; "))
                         + "provisional: a partition keeps this node from a majority of the slot's authorities (duplicate_tolerant)",
                 );
+            }
+            // A replica of a package the Hub revoked (or no longer lists) is flagged.
+            if let Some(flag) = h
+                .manifest
+                .workload()
+                .package
+                .as_ref()
+                .and_then(|p| hub.flag(p))
+            {
+                detail = Some(detail.map_or(String::new(), |d| format!("{d}; ")) + &flag);
             }
             out.push(ReplicaStatus {
                 realm: r.to_owned(),

@@ -43,6 +43,33 @@ pub struct Packages {
     /// One install per digest at a time.
     busy: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     agent: ureq::Agent,
+    /// What the last refresh found (see [`Packages::refresh`]).
+    view: parking_lot::RwLock<HubView>,
+    /// One refresh at a time; none sooner than a second after the last.
+    refreshing: tokio::sync::Mutex<std::time::Instant>,
+}
+
+/// The Hub as this node last verified it: the timestamp's version, the releases it revoked
+/// (with why), and the targets it lists.
+#[derive(Debug, Default, Clone)]
+pub struct HubView {
+    pub version: u64,
+    pub revoked: HashMap<String, String>,
+    pub listed: std::collections::HashSet<String>,
+}
+
+impl HubView {
+    /// Why a replica of `pkg` should not run, if the Hub says so.
+    pub fn flag(&self, pkg: &PackageRef) -> Option<String> {
+        if self.version == 0 {
+            return None;
+        }
+        if let Some(why) = self.revoked.get(&pkg.name) {
+            return Some(format!("package {} revoked: {why}", pkg.name));
+        }
+        (!self.listed.contains(&pkg.name))
+            .then(|| format!("package {} is no longer on the Hub", pkg.name))
+    }
 }
 
 /// A release's state in the Hub's status document.
@@ -126,7 +153,91 @@ impl Packages {
             store,
             busy: tokio::sync::Mutex::new(HashMap::new()),
             agent: agent(),
+            view: parking_lot::RwLock::new(HubView::default()),
+            refreshing: tokio::sync::Mutex::new(
+                std::time::Instant::now()
+                    .checked_sub(Duration::from_secs(2))
+                    .unwrap_or_else(std::time::Instant::now),
+            ),
         }
+    }
+
+    /// Whether this node reads a Hub.
+    pub fn has_hub(&self) -> bool {
+        self.hub.is_some()
+    }
+
+    /// What the last refresh found.
+    pub fn view(&self) -> HubView {
+        self.view.read().clone()
+    }
+
+    /// Refreshes the view of the Hub (TUF-verified: the targets listed, and the Hub's signed
+    /// status for revocations); returns the timestamp version verified. At most one a second.
+    pub async fn refresh(&self) -> Result<u64, String> {
+        let mut last = self.refreshing.lock().await;
+        let wait = Duration::from_secs(1).saturating_sub(last.elapsed());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let r = self.refresh_now().await;
+        *last = std::time::Instant::now();
+        r
+    }
+
+    async fn refresh_now(&self) -> Result<u64, String> {
+        let (client, _) = self.client().await?;
+        let status: Status = match client.fetch("hub/status.json").await {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("hub/status.json: {e}"))?,
+            Err(_) => Status::default(),
+        };
+        let view = HubView {
+            version: client.timestamp_version(),
+            revoked: status
+                .releases
+                .into_iter()
+                .filter(|(_, s)| !s.revoked.is_empty())
+                .map(|(name, s)| (name, s.revoked))
+                .collect(),
+            listed: client.releases().into_iter().map(|r| r.name).collect(),
+        };
+        let version = view.version;
+        *self.view.write() = view;
+        Ok(version)
+    }
+
+    /// A client of the Hub, freshly verified, and the Hub's base URL.
+    async fn client(&self) -> Result<(Client, String), String> {
+        let hub = self.hub.as_ref().ok_or(
+            "this node reads no Hub: set hub.url (the registry node's HTTP address) and hub.root (its root of trust) in node.yaml",
+        )?;
+        let root = std::fs::read(&hub.root).map_err(|e| {
+            format!(
+                "the Hub's root of trust {}: {e} (`macula hub trust` prints it)",
+                hub.root.display()
+            )
+        })?;
+        let base = hub.url.trim_end_matches('/').to_owned();
+        let source: Arc<dyn Source> = Arc::new(HttpSource {
+            base: base.clone(),
+            agent: self.agent.clone(),
+        });
+        let client = Client::load(
+            &root,
+            source,
+            &self.dir.join("tuf"),
+            ClientOptions::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        // Keep the newest root verified as the next trust (a rotation is walked once).
+        let tmp = hub
+            .root
+            .with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, client.root_json()).is_ok() {
+            let _ = std::fs::rename(&tmp, &hub.root);
+        }
+        Ok((client, base))
     }
 
     fn store(&self) -> Result<&Arc<FsStore>, String> {
@@ -157,35 +268,7 @@ impl Packages {
     }
 
     async fn install_now(&self, pkg: &PackageRef, done: &Path) -> Result<(), String> {
-        let hub = self.hub.as_ref().ok_or(
-            "this node reads no Hub: set hub.url (the registry node's HTTP address) and hub.root (its root of trust) in node.yaml",
-        )?;
-        let root = std::fs::read(&hub.root).map_err(|e| {
-            format!(
-                "the Hub's root of trust {}: {e} (`macula hub trust` prints it)",
-                hub.root.display()
-            )
-        })?;
-        let base = hub.url.trim_end_matches('/').to_owned();
-        let source: Arc<dyn Source> = Arc::new(HttpSource {
-            base: base.clone(),
-            agent: self.agent.clone(),
-        });
-        let client = Client::load(
-            &root,
-            source,
-            &self.dir.join("tuf"),
-            ClientOptions::default(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        // Keep the newest root verified as the next trust (a rotation is walked once).
-        let tmp = hub
-            .root
-            .with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::write(&tmp, client.root_json()).is_ok() {
-            let _ = std::fs::rename(&tmp, &hub.root);
-        }
+        let (client, base) = self.client().await?;
         let release = client.release(&pkg.name).ok_or_else(|| {
             format!(
                 "{} is not on the Hub (never published, removed by its publisher, or its publisher's key was revoked)",

@@ -369,6 +369,9 @@ impl Registry {
         }
         ch.commit().await?;
         let dropped = self.sync_delegation(ns).await?;
+        if let (Some(node), Some(hub)) = (&self.node, &self.hub) {
+            node.hub_changed(hub.repo.lock().await.timestamp_version());
+        }
         if dropped {
             tracing::info!("hub: {ns}'s role is no longer signed by its keys; its packages left the repository until it re-signs");
         }

@@ -354,7 +354,11 @@ impl Registry {
         );
         ch.commit().await?;
         self.write_status(&mut repo).await?;
+        let version = repo.timestamp_version();
         drop(repo);
+        if let Some(node) = &self.node {
+            node.hub_changed(version);
+        }
         self.release(target).await
     }
 

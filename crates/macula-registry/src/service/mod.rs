@@ -128,6 +128,9 @@ pub trait Host: Send + Sync + 'static {
     fn live_sessions(&self, realm: &str) -> usize;
     /// The share of its plan's allowance `realm` used this month (shown in `/metrics`).
     fn set_quota_used(&self, realm: &str, used: f64);
+    /// The Hub's repository changed (its timestamp is at `version`): nodes refresh their view
+    /// of it (revocations), the hosting node first, then the mesh.
+    fn hub_changed(&self, _version: u64) {}
 }
 
 pub struct Registry {
