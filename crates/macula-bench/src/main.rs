@@ -14,6 +14,7 @@
 mod baseline;
 mod hash;
 mod heal;
+mod hub_revoke;
 mod hub_verify;
 mod invoices;
 mod macula_side;
@@ -168,6 +169,14 @@ enum Cmd {
         packages: usize,
         #[arg(long, default_value_t = 5)]
         publishers: usize,
+    },
+    /// A revocation at the Hub until every node flags its replicas of the package, on
+    /// `macula up --nodes N` (goal ≤ 10 s; needs target/release/macula).
+    HubRevoke {
+        #[arg(long, default_value_t = 5)]
+        nodes: u32,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
     },
     /// Self-healing on real node processes: SIGKILL a node that runs a replica, time until the
     /// replica runs elsewhere (goal p95 ≤ 5 s), restart the node, repeat.
@@ -326,6 +335,11 @@ fn main() -> Result<()> {
     } = cli.cmd
     {
         let figs = rt.block_on(hub_verify::run(packages, publishers))?;
+        print(&figs, cli.json);
+        return Ok(());
+    }
+    if let Cmd::HubRevoke { nodes, rounds } = cli.cmd {
+        let figs = hub_revoke::run(nodes, rounds)?;
         print(&figs, cli.json);
         return Ok(());
     }

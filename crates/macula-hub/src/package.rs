@@ -67,6 +67,34 @@ impl Package {
     pub fn full_name(&self) -> String {
         format!("{}/{}", self.publisher, self.name)
     }
+
+    /// The workload this package deploys, pinned to its release: the workload manifest with
+    /// `package: {name: <target>, digest: <index digest>}` added, with `edit` applied to the
+    /// document first (a smoke test renames it). Its name and YAML; an error if the package
+    /// deploys none.
+    pub fn pinned_workload(
+        &self,
+        target: &str,
+        digest: &str,
+        edit: impl FnOnce(&mut serde_yaml_ng::Mapping),
+    ) -> Result<(String, String), String> {
+        let (text, _) = self.workload.as_ref().ok_or_else(|| {
+            format!("{target} deploys no workload (its manifest has no `workload`)")
+        })?;
+        let mut doc: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(text).map_err(|e| format!("{target}: workload: {e}"))?;
+        let m = doc
+            .as_mapping_mut()
+            .ok_or_else(|| format!("{target}: workload: not a mapping"))?;
+        edit(m);
+        let mut pin = serde_yaml_ng::Mapping::new();
+        pin.insert("name".into(), target.into());
+        pin.insert("digest".into(), digest.into());
+        m.insert("package".into(), serde_yaml_ng::Value::Mapping(pin));
+        let text = serde_yaml_ng::to_string(&doc).map_err(|e| e.to_string())?;
+        let checked = macula_workloads::parse(&text).map_err(|e| format!("{target}: {e}"))?;
+        Ok((checked.workload().name.clone(), text))
+    }
 }
 
 /// A file the package carries.

@@ -107,6 +107,7 @@ pub async fn start_with(node: Arc<Node>, extra: Option<axum::Router>) -> anyhow:
         .await
         .with_context(|| format!("cannot listen on {} (listen.rawsocket)", listen.rawsocket))?;
     let http_addr = http.local_addr()?;
+    let _ = node.http_addr.set(http_addr);
     let rawsocket_addr = raw.local_addr()?;
     let mut tasks = vec![];
     // Replicas run on this machine: they connect over loopback, in the clear where the node

@@ -122,6 +122,24 @@ pub async fn host(
 /// The node as the registry's host.
 struct NodeHost(Arc<Node>);
 
+impl NodeHost {
+    /// `path` on this node's own HTTP listener (over loopback).
+    fn url(&self, path: &str) -> Result<String, String> {
+        let addr = self
+            .0
+            .http_addr
+            .get()
+            .ok_or("the node's HTTP listener is not up yet")?;
+        let host = if addr.ip().is_unspecified() {
+            "127.0.0.1".to_owned()
+        } else {
+            addr.ip().to_string()
+        };
+        // Plain HTTP over loopback: what `tls.plaintext` allows by default.
+        Ok(format!("http://{host}:{}{path}", addr.port()))
+    }
+}
+
 impl macula_registry::Host for NodeHost {
     fn apply(&self) -> anyhow::Result<()> {
         self.0.reload()
@@ -145,6 +163,77 @@ impl macula_registry::Host for NodeHost {
                 version,
             }),
         );
+    }
+
+    fn deploy(
+        &self,
+        realm: &str,
+        key: &str,
+        kind: &str,
+        name: &str,
+        manifest: Option<String>,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), String>> {
+        let url = self.url(&format!("/v1/realms/{realm}/{kind}/{name}"));
+        let key = key.to_owned();
+        Box::pin(async move {
+            let url = url?;
+            tokio::task::spawn_blocking(move || {
+                let agent = crate::registry_cmds::http_agent(None, Duration::from_secs(30))
+                    .map_err(|e| e.to_string())?;
+                let auth = format!("Bearer {key}");
+                let res = match manifest {
+                    Some(m) => agent
+                        .put(&url)
+                        .header("Authorization", &auth)
+                        .header("Content-Type", "application/yaml")
+                        .send(m.as_bytes()),
+                    None => agent.delete(&url).header("Authorization", &auth).call(),
+                };
+                let mut res = res.map_err(|e| format!("{url}: {e}"))?;
+                let status = res.status().as_u16();
+                let text = res.body_mut().read_to_string().unwrap_or_default();
+                match status {
+                    200..=299 => Ok(()),
+                    _ => Err(format!("{url}: HTTP {status} {text}")),
+                }
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        })
+    }
+
+    fn workload(
+        &self,
+        realm: &str,
+        key: &str,
+        kind: &str,
+        name: &str,
+    ) -> futures_util::future::BoxFuture<'static, Result<Option<serde_json::Value>, String>> {
+        let url = self.url(&format!("/v1/realms/{realm}/{kind}/{name}"));
+        let key = key.to_owned();
+        Box::pin(async move {
+            let url = url?;
+            tokio::task::spawn_blocking(move || {
+                let agent = crate::registry_cmds::http_agent(None, Duration::from_secs(30))
+                    .map_err(|e| e.to_string())?;
+                let mut res = agent
+                    .get(&url)
+                    .header("Authorization", &format!("Bearer {key}"))
+                    .call()
+                    .map_err(|e| format!("{url}: {e}"))?;
+                let status = res.status().as_u16();
+                let text = res.body_mut().read_to_string().unwrap_or_default();
+                match status {
+                    404 => Ok(None),
+                    200 => serde_json::from_str(&text)
+                        .map(Some)
+                        .map_err(|e| e.to_string()),
+                    _ => Err(format!("{url}: HTTP {status} {text}")),
+                }
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        })
     }
 
     fn live_sessions(&self, realm: &str) -> usize {

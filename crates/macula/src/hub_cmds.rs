@@ -699,20 +699,9 @@ pub fn package_manifest(
             macula_hub::package::describe("package.yaml", &e)
         )
     })?;
-    let (text, workload) = pkg.workload.ok_or_else(|| {
-        anyhow!(
-            "{} deploys no workload (its manifest has no `workload`)",
-            release.target
-        )
-    })?;
-    let mut doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)?;
-    if let Some(m) = doc.as_mapping_mut() {
-        m.insert(
-            "package".into(),
-            serde_yaml_ng::to_value(json!({"name": release.target, "digest": release.digest}))?,
-        );
-    }
-    let text = serde_yaml_ng::to_string(&doc)?;
+    let (name, text) = pkg
+        .pinned_workload(&release.target, &release.digest, |_| {})
+        .map_err(|e| anyhow!(e))?;
     if say {
         eprintln!(
             "{} ({}, tier {}) by {} ({})",
@@ -723,5 +712,5 @@ pub fn package_manifest(
             verified(&info.publisher.verified_by)
         );
     }
-    Ok((workload.workload().name.clone(), text))
+    Ok((name, text))
 }

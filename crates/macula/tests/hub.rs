@@ -332,11 +332,19 @@ struct Fixture {
 
 impl Fixture {
     fn new(extra: &[&str]) -> Fixture {
+        Fixture::with(extra, "")
+    }
+
+    /// With `registry` settings (YAML lines, indented under `registry:`) added.
+    fn with(extra: &[&str], registry: &str) -> Fixture {
         let home = tempfile::tempdir().unwrap();
         let mail = home.path().join("mail");
         std::fs::write(
             home.path().join("node.yaml"),
-            format!("registry:\n  mail:\n    url: dir:{}\n", mail.display()),
+            format!(
+                "registry:\n  mail:\n    url: dir:{}\n{registry}",
+                mail.display()
+            ),
         )
         .unwrap();
         let (up, banner): (Up, Value) = macula_up::up(home.path(), extra);
@@ -514,4 +522,62 @@ fn a_revocation_reaches_every_node_and_flags_its_replicas() {
     eprintln!("revocation flagged on 3 nodes after {flagged:?}");
     let (ok, _, err) = run(&["deploy", "--package", "acme/hello@1.0.0"]);
     assert!(!ok && err.contains("revoked: CVE-2026-0001"), "{err}");
+}
+
+/// The pipeline's last step: each release is smoke-tested on the mesh (installed, upgraded,
+/// rolled back, healthy each time). With a vulnerability database and nothing found it is
+/// Verified; a package whose program dies is not, and says why.
+#[test]
+fn the_smoke_test_promotes_a_healthy_package_to_verified() {
+    let osv = tempfile::tempdir().unwrap();
+    std::fs::write(
+        osv.path().join("GHSA-0000-0000-0000.json"),
+        r#"{"id": "GHSA-0000-0000-0000", "summary": "not about this package",
+            "affected": [{"package": {"ecosystem": "npm", "name": "left-pad"}, "versions": ["1.0.0"]}]}"#,
+    )
+    .unwrap();
+    let f = Fixture::with(&[], &format!("  hub:\n    osv: {}\n", osv.path().display()));
+    f.publish(MANIFEST, "#!/bin/sh\nexec sleep 300\n");
+    let dying = MANIFEST
+        .replace("name: acme/hello", "name: acme/dies")
+        .replace("  name: hello\n", "  name: dies\n");
+    f.publish(&dying, "#!/bin/sh\nexit 3\n");
+    let info = |pkg: &str| json(&f.hub(&["--json", "hub", "info", pkg]));
+    let settled = |pkg: &str| {
+        let t = std::time::Instant::now();
+        loop {
+            let v = info(pkg);
+            if v["releases"][0]["smoke"]["passed"].is_boolean() {
+                return v["releases"][0].clone();
+            }
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(240),
+                "no smoke result for {pkg}: {v}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    };
+    let ok = settled("acme/hello");
+    assert_eq!(ok["smoke"]["passed"], true, "{ok}");
+    let steps: Vec<&str> = ok["smoke"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ["install", "upgrade", "rollback"]);
+    assert_eq!(ok["scan"]["findings"].as_array().map(Vec::len), Some(0));
+    assert_eq!(ok["tier"], "verified");
+    let bad = settled("acme/dies");
+    assert_eq!(bad["smoke"]["passed"], false, "{bad}");
+    assert_eq!(bad["tier"], "community");
+    assert!(
+        bad["smoke"]["steps"][0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("restarted") || d.contains("failed")),
+        "{bad}"
+    );
+    // The smoke realm's workloads are gone afterwards.
+    let search = f.hub(&["hub", "search"]);
+    assert!(search.contains("verified"), "{search}");
 }

@@ -120,6 +120,8 @@ pub struct Node {
     pub tickets: Arc<crate::workloads::Tickets>,
     /// Who answers `macula.fence.check` (the workload controller, once started).
     pub fencing: OnceLock<std::sync::Weak<dyn Fencing>>,
+    /// The address the HTTP listener is bound to (once it is).
+    pub http_addr: OnceLock<std::net::SocketAddr>,
 }
 
 /// The verdict on a fencing token: whether it is its slot's current one, and the highest token
@@ -198,6 +200,7 @@ impl Node {
             meter_error,
             usage_sink: OnceLock::new(),
             fencing: OnceLock::new(),
+            http_addr: OnceLock::new(),
             quota_used: parking_lot::Mutex::new(HashMap::new()),
             events,
             events_rx: parking_lot::Mutex::new(events_rx),

@@ -327,4 +327,11 @@ CREATE TABLE hub_releases (
 CREATE INDEX hub_releases_package ON hub_releases(package, created_at);
 "#,
     },
+    Migration {
+        version: 10,
+        name: "the Hub: each release's smoke test",
+        sql: r#"
+ALTER TABLE hub_releases ADD COLUMN smoke TEXT NOT NULL DEFAULT '';
+"#,
+    },
 ];

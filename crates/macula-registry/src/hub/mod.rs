@@ -18,11 +18,13 @@
 //! key, with every release's tier.
 //!
 //! One file per concept: `publishers.rs` (publishers, keys, the delegation they make),
-//! `releases.rs` (blobs, publishing, status, yank/revoke, search); `routes.rs`, `types.rs`.
+//! `releases.rs` (blobs, publishing, status, yank/revoke, search), `smoke.rs` (the smoke test
+//! on the mesh, and the tier it earns); `routes.rs`, `types.rs`.
 
 mod publishers;
 mod releases;
 pub(crate) mod routes;
+mod smoke;
 pub mod types;
 
 use std::path::{Path, PathBuf};
@@ -68,6 +70,8 @@ pub struct Hub {
     pub(crate) store: Arc<FsStore>,
     pub(crate) osv: Option<osv::Database>,
     pub(crate) max_blob: u64,
+    /// One smoke test at a time (see `smoke.rs`).
+    pub(crate) smoking: tokio::sync::Mutex<()>,
 }
 
 const ROLES: [&str; 4] = ["root", "targets", "snapshot", "timestamp"];
@@ -135,6 +139,7 @@ impl Hub {
             store,
             osv,
             max_blob: cfg.max_blob,
+            smoking: tokio::sync::Mutex::new(()),
         })
     }
 

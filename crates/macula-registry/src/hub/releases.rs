@@ -23,7 +23,7 @@ pub const STATUS_TARGET: &str = "status.json";
 const MAX_CPU_MILLIS: u64 = 64_000;
 const MAX_MEMORY_BYTES: u64 = 256 << 30;
 
-const RELEASE_COLUMNS: &str = "r.target, r.package, r.version, r.digest, r.size, r.tier, r.scan, r.yanked, r.revoked, r.published_by, r.created_at";
+const RELEASE_COLUMNS: &str = "r.target, r.package, r.version, r.digest, r.size, r.tier, r.scan, r.smoke, r.yanked, r.revoked, r.published_by, r.created_at";
 
 fn release_of(r: &AnyRow) -> ApiResult<Release> {
     let scan: String = r.try_get("scan")?;
@@ -35,6 +35,7 @@ fn release_of(r: &AnyRow) -> ApiResult<Release> {
         size: r.try_get("size")?,
         tier: r.try_get("tier")?,
         scan: serde_json::from_str(&scan).unwrap_or(Value::Null),
+        smoke: serde_json::from_str(&r.try_get::<String, _>("smoke")?).unwrap_or(Value::Null),
         yanked: r.try_get("yanked")?,
         revoked: r.try_get("revoked")?,
         published_by: r.try_get("published_by")?,
@@ -236,14 +237,15 @@ impl Registry {
                 size: size as i64,
                 tier: "community".into(),
                 scan: scan_json(r.scan.as_ref()),
+                smoke: json!({"pending": true}),
                 yanked: String::new(),
                 revoked: String::new(),
                 published_by: actor.email.clone(),
                 published_at: rfc3339(now as u64),
             };
             sqlx::query(
-                "INSERT INTO hub_releases (target, namespace, package, version, digest, size, tier, scan, yanked, revoked, published_by, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, '', '', $9, $10)",
+                "INSERT INTO hub_releases (target, namespace, package, version, digest, size, tier, scan, smoke, yanked, revoked, published_by, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, '{\"pending\": true}', '', '', $9, $10)",
             )
             .bind(&release.target)
             .bind(ns)
@@ -284,7 +286,7 @@ impl Registry {
     }
 
     /// Re-signs `hub/status.json`: every release's tier, yank and revocation, as the Hub says.
-    async fn write_status(&self, repo: &mut macula_hub::tuf::Repo) -> ApiResult<()> {
+    pub(crate) async fn write_status(&self, repo: &mut macula_hub::tuf::Repo) -> ApiResult<()> {
         let rows = sqlx::query(
             "SELECT target, digest, tier, yanked, revoked FROM hub_releases ORDER BY target",
         )

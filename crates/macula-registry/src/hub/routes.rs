@@ -130,10 +130,17 @@ pub(crate) async fn publish(
     })?;
     let req: Publish = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::invalid("invalid_body", format!("the request body: {e}")))?;
-    Ok((
-        StatusCode::CREATED,
-        Json(reg.publish(&actor, &ns, req).await?),
-    ))
+    let published = reg.publish(&actor, &ns, req).await?;
+    // The pipeline's last step runs after the answer: the smoke test on the mesh.
+    for r in &published.added {
+        let (reg, target) = (reg.clone(), r.target.clone());
+        tokio::spawn(async move {
+            if let Err(e) = reg.smoke_release(&target).await {
+                tracing::warn!("hub: smoke test of {target}: {}", e.message);
+            }
+        });
+    }
+    Ok((StatusCode::CREATED, Json(published)))
 }
 
 /// Upload a blob (a file of a package) by its digest; kept only if its bytes are that digest.

@@ -103,6 +103,10 @@ pub struct Release {
     /// The vulnerability scan: findings and what could not be checked.
     #[schema(value_type = Object)]
     pub scan: serde_json::Value,
+    /// The smoke test on the mesh: `{"pending": true}`, or `{"passed", "steps": [{"step":
+    /// "install"|"upgrade"|"rollback", "ok", "ms", "detail"}]}`, or why it was skipped.
+    #[schema(value_type = Object)]
+    pub smoke: serde_json::Value,
     /// Why it was yanked (hidden from new installs, still installable by digest), or empty.
     pub yanked: String,
     /// Why it was revoked (installable nowhere), or empty.

@@ -131,6 +131,30 @@ pub trait Host: Send + Sync + 'static {
     /// The Hub's repository changed (its timestamp is at `version`): nodes refresh their view
     /// of it (revocations), the hosting node first, then the mesh.
     fn hub_changed(&self, _version: u64) {}
+    /// Deploys `manifest` as workload `name` of `realm` (`kind`: `payloads` or `jobs`), or
+    /// removes it (`None`), through this node's HTTP API with the realm key `key` — the path
+    /// any tenant takes (the Hub's smoke tests use it).
+    fn deploy(
+        &self,
+        _realm: &str,
+        _key: &str,
+        _kind: &str,
+        _name: &str,
+        _manifest: Option<String>,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), String>> {
+        Box::pin(async { Err("no node hosts this registry".to_owned()) })
+    }
+    /// Workload `name` of `realm` as the nodes report it (the API's answer to
+    /// `GET /v1/realms/{realm}/{kind}/{name}`), or None when it is not there.
+    fn workload(
+        &self,
+        _realm: &str,
+        _key: &str,
+        _kind: &str,
+        _name: &str,
+    ) -> futures_util::future::BoxFuture<'static, Result<Option<serde_json::Value>, String>> {
+        Box::pin(async { Err("no node hosts this registry".to_owned()) })
+    }
 }
 
 pub struct Registry {
