@@ -122,6 +122,11 @@ pub async fn host(
 /// The node as the registry's host.
 struct NodeHost(Arc<Node>);
 
+/// An HTTP client for this node's own API over loopback.
+fn loopback_agent() -> Result<ureq::Agent, String> {
+    crate::registry_cmds::http_agent(None, Duration::from_secs(30)).map_err(|e| e.to_string())
+}
+
 impl NodeHost {
     /// `path` on this node's own HTTP listener (over loopback).
     fn url(&self, path: &str) -> Result<String, String> {
@@ -178,8 +183,7 @@ impl macula_registry::Host for NodeHost {
         Box::pin(async move {
             let url = url?;
             tokio::task::spawn_blocking(move || {
-                let agent = crate::registry_cmds::http_agent(None, Duration::from_secs(30))
-                    .map_err(|e| e.to_string())?;
+                let agent = loopback_agent()?;
                 let auth = format!("Bearer {key}");
                 let res = match manifest {
                     Some(m) => agent
@@ -214,8 +218,7 @@ impl macula_registry::Host for NodeHost {
         Box::pin(async move {
             let url = url?;
             tokio::task::spawn_blocking(move || {
-                let agent = crate::registry_cmds::http_agent(None, Duration::from_secs(30))
-                    .map_err(|e| e.to_string())?;
+                let agent = loopback_agent()?;
                 let mut res = agent
                     .get(&url)
                     .header("Authorization", &format!("Bearer {key}"))

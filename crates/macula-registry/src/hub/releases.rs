@@ -312,6 +312,21 @@ impl Registry {
             .map_err(tuf_error)
     }
 
+    /// Re-signs the Hub's status and tells the nodes (through the hosting node) that the
+    /// repository changed: they refresh, and flag replicas of what is revoked.
+    pub(crate) async fn announce_status(
+        &self,
+        mut repo: tokio::sync::MutexGuard<'_, macula_hub::tuf::Repo>,
+    ) -> ApiResult<()> {
+        self.write_status(&mut repo).await?;
+        let version = repo.timestamp_version();
+        drop(repo);
+        if let Some(node) = &self.node {
+            node.hub_changed(version);
+        }
+        Ok(())
+    }
+
     /// Yanks (hidden from new installs, still installable by digest) or revokes (installable
     /// nowhere) a release: its publisher's owner or an operator.
     pub async fn mark_release(
@@ -333,7 +348,7 @@ impl Registry {
         if ns == HUB_NAMESPACE {
             return Err(ApiError::not_found(format!("no release {target}")));
         }
-        let mut repo = hub.repo.lock().await;
+        let repo = hub.repo.lock().await;
         let mut ch = self.change(actor).await?;
         self.owned_publisher(&mut ch, actor, &ns, true).await?;
         let column = if revoke { "revoked" } else { "yanked" };
@@ -355,12 +370,7 @@ impl Registry {
             json!({"target": target, column: reason}),
         );
         ch.commit().await?;
-        self.write_status(&mut repo).await?;
-        let version = repo.timestamp_version();
-        drop(repo);
-        if let Some(node) = &self.node {
-            node.hub_changed(version);
-        }
+        self.announce_status(repo).await?;
         self.release(target).await
     }
 

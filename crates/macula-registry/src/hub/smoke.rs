@@ -19,6 +19,9 @@ use super::types::*;
 #[allow(unused_imports)]
 use crate::prelude::*;
 
+/// How long a payload must stay running and ready, without a restart, to count as healthy.
+const SETTLE: Duration = Duration::from_secs(3);
+
 /// The Hub's own realm for smoke tests, and its owner (an account no one logs in to).
 pub const SMOKE_REALM: &str = "io.macula.hubsmoke";
 const SMOKE_ACCOUNT: &str = "acct_hub_smoke";
@@ -120,7 +123,7 @@ impl Registry {
         } else {
             "community"
         };
-        let mut repo = hub.repo.lock().await;
+        let repo = hub.repo.lock().await;
         let mut tx = self.db.begin().await?;
         sqlx::query("UPDATE hub_releases SET smoke = $1, tier = $2 WHERE target = $3")
             .bind(result.to_string())
@@ -139,12 +142,7 @@ impl Registry {
             );
         }
         tx.commit().await?;
-        self.write_status(&mut repo).await?;
-        let version = repo.timestamp_version();
-        drop(repo);
-        if let Some(node) = &self.node {
-            node.hub_changed(version);
-        }
+        self.announce_status(repo).await?;
         self.release(target).await
     }
 
@@ -236,7 +234,8 @@ impl Registry {
 }
 
 /// Waits until workload `name` is healthy at its newest record: every replica running and ready
-/// (a payload), every completion done (a job). Fails at once when it failed, after 120 s.
+/// (a payload) for [`SETTLE`] without a restart, every completion done (a job). Fails at once
+/// when it failed or keeps restarting, after 120 s.
 async fn healthy(
     node: &dyn crate::service::Host,
     key: &str,
@@ -245,16 +244,28 @@ async fn healthy(
 ) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut last = String::new();
+    // Since when it has been up, and how many restarts it had then: a program that starts and
+    // dies looks running for a moment.
+    let mut up_since: Option<(Instant, u64)> = None;
     loop {
         if let Some(w) = node.workload(SMOKE_REALM, key, kind, name).await? {
             let n = |k: &str| w[k].as_u64().unwrap_or(0);
             let state = w["state"].as_str().unwrap_or("");
-            let done = match kind {
-                "jobs" => state == "complete",
-                _ => n("desired") > 0 && n("updated") >= n("desired"),
-            };
-            if done {
-                return Ok(());
+            let restarts: u64 = w["replicas"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| r["restarts"].as_u64().unwrap_or(0))
+                .sum();
+            match kind {
+                "jobs" if state == "complete" => return Ok(()),
+                "jobs" => {}
+                _ if n("desired") > 0 && n("updated") >= n("desired") => match up_since {
+                    Some((t, r)) if r == restarts && t.elapsed() >= SETTLE => return Ok(()),
+                    Some((_, r)) if r == restarts => {}
+                    _ => up_since = Some((Instant::now(), restarts)),
+                },
+                _ => up_since = None,
             }
             if state == "failed" {
                 return Err(format!(
