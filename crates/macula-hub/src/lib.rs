@@ -25,6 +25,7 @@
 //! distribution over the mesh, offline bundles, revocation.
 
 pub mod attest;
+pub mod bundle;
 pub mod digest;
 pub mod osv;
 pub mod pack;

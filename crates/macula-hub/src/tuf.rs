@@ -1024,6 +1024,48 @@ impl Repo {
         self.commit().await
     }
 
+    /// A snapshot and timestamp for an offline bundle: the current ones' versions and
+    /// contents, valid for `life` instead of days, signed with the online keys. Not written
+    /// here: the bundle carries them (`<version>.snapshot.json`, `timestamp.json`). Returns
+    /// their bytes (the timestamp names the snapshot's hash) and the earliest expiry of the
+    /// whole chain — targets and every publisher's role expire on their own schedule, which
+    /// bounds how long the bundle verifies.
+    pub async fn bundle_metadata(
+        &self,
+        life: Duration,
+    ) -> Result<(Vec<u8>, Vec<u8>, jiff::Timestamp), TufError> {
+        let current = self.read_meta(&format!("{}.snapshot.json", self.snapshot_version))?;
+        let current: Signed<Snapshot> = serde_json::from_slice(&current)
+            .map_err(|e| refused("snapshot.json", e.to_string()))?;
+        let expires = expiry_in(life);
+        let mut snap = current.signed;
+        snap.expires = expires;
+        let holder = KeyHolder::Root(self.root.signed.clone());
+        let snap = sign_role(snap, &holder, std::slice::from_ref(&self.online.snapshot)).await?;
+        let mut ts = Timestamp::new(SPEC_VERSION.into(), nz(self.timestamp_version), expires);
+        ts.meta.insert(
+            "snapshot.json".into(),
+            metafile(self.snapshot_version, snap.buffer()),
+        );
+        let ts = sign_role(ts, &holder, std::slice::from_ref(&self.online.timestamp)).await?;
+        let earliest = self
+            .roles
+            .values()
+            .map(|r| r.signed.signed.expires)
+            .chain([
+                self.targets.signed.expires,
+                self.root.signed.expires,
+                expires,
+            ])
+            .min()
+            .unwrap_or(expires);
+        Ok((snap.buffer().clone(), ts.buffer().clone(), earliest))
+    }
+
+    pub fn snapshot_version(&self) -> u64 {
+        self.snapshot_version
+    }
+
     /// Keeps the repository valid as time passes: re-signs targets, snapshot and timestamp past
     /// half their life, and drops publishers' roles that would expire before the next timestamp
     /// does (one expired role fails every client's load). Returns the publishers dropped.

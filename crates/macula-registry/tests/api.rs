@@ -866,6 +866,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/hub/packages/{namespace}/{name}"),
     ("post", "/v1/hub/releases/{namespace}/{release}/{action}"),
     ("get", "/v1/hub/trust"),
+    ("post", "/v1/hub/bundle-metadata"),
     ("get", "/v1/openapi.json"),
 ];
 

@@ -102,6 +102,43 @@ pub enum HubCmd {
     },
     /// The Hub's root of trust (the newest root.json), for nodes to verify it with.
     Trust,
+    /// Offline bundles (.bmz) for sites that cannot reach the Hub: export, import.
+    #[command(subcommand)]
+    Bundle(BundleCmd),
+}
+
+#[derive(Subcommand)]
+pub enum BundleCmd {
+    /// Write a bundle of packages: their files, their signed metadata from the root a site
+    /// trusts onwards, and a timestamp of the bundle's own (logged in).
+    Export {
+        /// `org/name@version` (or `org/name`: its newest usable version); repeatable.
+        #[arg(required = true)]
+        packages: Vec<String>,
+        #[arg(long, short)]
+        out: PathBuf,
+        /// How long the bundle verifies, in days (the chain's other roles may end it sooner).
+        #[arg(long, default_value_t = 30)]
+        days: u64,
+        /// The first root the importing site may trust (its version): every newer root is in
+        /// the bundle, so the site rotates offline.
+        #[arg(long, default_value_t = 1)]
+        since_root: u64,
+    },
+    /// Verify a bundle and make its packages installable on nodes that cannot reach the Hub:
+    /// into a node's packages directory, or into every node of a `macula up` home.
+    Import {
+        bundle: PathBuf,
+        /// A node's packages directory (`<workloads dir>/packages`); repeatable.
+        #[arg(long, required_unless_present = "home")]
+        into: Vec<PathBuf>,
+        /// A `macula up` home: every node's packages directory, and its `hub-root.json`.
+        #[arg(long)]
+        home: Option<PathBuf>,
+        /// The Hub's root of trust the site holds [default: the home's hub-root.json].
+        #[arg(long)]
+        root: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -175,9 +212,28 @@ pub async fn hub(args: HubArgs, json: bool) -> Result<()> {
         );
         return Ok(());
     }
+    if let HubCmd::Bundle(BundleCmd::Import {
+        bundle,
+        into,
+        home,
+        root,
+    }) = &args.cmd
+    {
+        return import_bundle(bundle, into, home.as_deref(), root.as_deref(), json).await;
+    }
     let api = Api::new(&args.server)?;
     match args.cmd {
-        HubCmd::Keygen { .. } | HubCmd::Attest { .. } => unreachable!("handled above"),
+        HubCmd::Keygen { .. }
+        | HubCmd::Attest { .. }
+        | HubCmd::Bundle(BundleCmd::Import { .. }) => {
+            unreachable!("handled above")
+        }
+        HubCmd::Bundle(BundleCmd::Export {
+            packages,
+            out,
+            days,
+            since_root,
+        }) => export_bundle(&api, &packages, &out, days, since_root, json)?,
         HubCmd::Publisher(PublisherCmd::Create {
             namespace,
             display_name,
@@ -638,25 +694,7 @@ pub fn package_manifest(
         &format!("{hub}/v1/hub/packages/{}/{}", seg(ns), seg(name)),
         16 << 20,
     )?)?;
-    let release = match version {
-        Some(v) => info
-            .releases
-            .iter()
-            .find(|r| r.version == v)
-            .ok_or_else(|| {
-                anyhow!("{package} has no version {v} on the Hub (macula hub versions {package})")
-            })?,
-        None => info
-            .releases
-            .iter()
-            .find(|r| r.yanked.is_empty() && r.revoked.is_empty())
-            .ok_or_else(|| {
-                anyhow!("{package} has no version that is neither yanked nor revoked")
-            })?,
-    };
-    if !release.revoked.is_empty() {
-        bail!("{} is revoked: {}", release.target, release.revoked);
-    }
+    let release = pick_release(&info, version)?;
     if !release.yanked.is_empty() {
         bail!(
             "{} is yanked ({}): new deployments take another version; one pinned by digest ({}) in a manifest still runs",
@@ -710,6 +748,236 @@ pub fn package_manifest(
             release.tier,
             info.publisher.display_name,
             verified(&info.publisher.verified_by)
+        );
+    }
+    Ok((name, text))
+}
+
+/// A package's newest usable release, or the version asked for (refusing a revoked one).
+fn pick_release<'a>(info: &'a PackageInfo, version: Option<&str>) -> Result<&'a Release> {
+    let package = &info.package;
+    let release = match version {
+        Some(v) => info
+            .releases
+            .iter()
+            .find(|r| r.version == v)
+            .ok_or_else(|| {
+                anyhow!("{package} has no version {v} on the Hub (macula hub versions {package})")
+            })?,
+        None => info
+            .releases
+            .iter()
+            .find(|r| r.yanked.is_empty() && r.revoked.is_empty())
+            .ok_or_else(|| {
+                anyhow!("{package} has no version that is neither yanked nor revoked")
+            })?,
+    };
+    if !release.revoked.is_empty() {
+        bail!("{} is revoked: {}", release.target, release.revoked);
+    }
+    Ok(release)
+}
+
+fn export_bundle(
+    api: &Api,
+    specs: &[String],
+    out: &Path,
+    days: u64,
+    since_root: u64,
+    json: bool,
+) -> Result<()> {
+    use macula_hub::bundle::{self, Entry, Manifest, Source};
+    let agent = crate::registry_cmds::http_agent(api.ca(), Duration::from_secs(600))?;
+    let hub = api.base().to_owned();
+    let tuf = |path: &str, max: u64| fetch(&agent, &format!("{hub}/v1/hub/tuf/{path}"), max);
+    let mut files: Vec<(String, Source)> = vec![];
+    let trust: Trust = api.get_anonymous("/v1/hub/trust")?;
+    if since_root == 0 || since_root > trust.root_version {
+        bail!(
+            "--since-root {since_root}: the Hub's roots are 1 to {}",
+            trust.root_version
+        );
+    }
+    for n in since_root..=trust.root_version {
+        let name = format!("metadata/{n}.root.json");
+        files.push((format!("repo/{name}"), Source::Bytes(tuf(&name, 1 << 20)?)));
+    }
+    let meta: BundleMetadata = api.call(
+        "POST",
+        "/v1/hub/bundle-metadata",
+        &NewBundleMetadata { days: Some(days) },
+    )?;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.decode(s);
+    let snapshot = b64(&meta.snapshot)?;
+    files.push((
+        "repo/metadata/timestamp.json".into(),
+        Source::Bytes(b64(&meta.timestamp)?),
+    ));
+    let snap: Value = serde_json::from_slice(&snapshot)?;
+    files.push((
+        format!("repo/metadata/{}.snapshot.json", meta.snapshot_version),
+        Source::Bytes(snapshot),
+    ));
+    let mut targets_json = Value::Null;
+    for (file, m) in snap["signed"]["meta"].as_object().into_iter().flatten() {
+        let role = file.trim_end_matches(".json");
+        let v = m["version"].as_u64().unwrap_or(0);
+        let name = format!("metadata/{v}.{role}.json");
+        let bytes = tuf(&name, bundle::MAX_META)?;
+        if role == "targets" {
+            targets_json = serde_json::from_slice(&bytes)?;
+        }
+        files.push((format!("repo/{name}"), Source::Bytes(bytes)));
+    }
+    // The Hub's signed status (revocations, tiers).
+    if let Some(h) =
+        targets_json["signed"]["targets"]["hub/status.json"]["hashes"]["sha256"].as_str()
+    {
+        let name = format!("targets/hub/{h}.status.json");
+        files.push((
+            format!("repo/{name}"),
+            Source::Bytes(tuf(&name, bundle::MAX_META)?),
+        ));
+    }
+    let tmp = tempfile::tempdir()?;
+    let store = FsStore::open(tmp.path().join("blobs"))?;
+    let mut entries = vec![];
+    for spec in specs {
+        let (package, version) = match spec.split_once('@') {
+            Some((p, v)) => (p, Some(v)),
+            None => (spec.as_str(), None),
+        };
+        let (ns, name) = package
+            .split_once('/')
+            .ok_or_else(|| anyhow!("{spec}: write org/name@version"))?;
+        let info: PackageInfo =
+            api.get_anonymous(&format!("/v1/hub/packages/{}/{}", seg(ns), seg(name)))?;
+        let release = pick_release(&info, version)?;
+        let digest: macula_hub::Digest = release.digest.parse().map_err(|e| anyhow!("{e}"))?;
+        let file = release.target.split_once('/').map_or("", |x| x.1);
+        let tname = format!("targets/{ns}/{}.{file}", digest.hex());
+        let index_bytes = tuf(&tname, review::MAX_INDEX)?;
+        if macula_hub::Digest::of(&index_bytes) != digest {
+            bail!(
+                "the Hub served an index for {} that is not {digest}",
+                release.target
+            );
+        }
+        let index: macula_hub::pack::Index = serde_json::from_slice(&index_bytes)?;
+        let mut blobs = vec![(index.manifest.digest, index.manifest.size)];
+        blobs.extend(index.files.values().map(|f| (f.digest, f.size)));
+        for (d, size) in blobs {
+            if store.has(&d) {
+                continue;
+            }
+            let url = format!("{hub}/v1/hub/blobs/{d}");
+            let mut res = agent.get(&url).call().map_err(|e| anyhow!("{url}: {e}"))?;
+            if res.status().as_u16() != 200 {
+                bail!("{url}: HTTP {}", res.status().as_u16());
+            }
+            store
+                .put(&mut res.body_mut().as_reader(), size, Some(d))
+                .map_err(|e| anyhow!("{url}: {e}"))?;
+            files.push((
+                format!("blobs/sha256/{}", d.hex()),
+                Source::File(store.root().join("sha256").join(d.hex())),
+            ));
+        }
+        files.push((format!("repo/{tname}"), Source::Bytes(index_bytes)));
+        entries.push(Entry {
+            target: release.target.clone(),
+            digest: release.digest.clone(),
+        });
+    }
+    let manifest = Manifest {
+        kind: bundle::BUNDLE_KIND.into(),
+        created: macula_common::time::rfc3339(macula_common::time::now_secs()),
+        expires: meta.expires.clone(),
+        packages: entries,
+    };
+    let tmp_out = out.with_extension("bmz.partial");
+    let f = std::fs::File::create(&tmp_out).with_context(|| tmp_out.display().to_string())?;
+    bundle::write(f, &manifest, files).map_err(|e| anyhow!("{e}"))?;
+    std::fs::rename(&tmp_out, out)?;
+    let size = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+    emit(
+        json,
+        &json!({"file": out, "bytes": size, "bundle": manifest}),
+        |_| {
+            println!(
+            "Wrote {} ({size} bytes): {} package(s), roots {since_root} to {}, verifies until {}.",
+            out.display(),
+            manifest.packages.len(),
+            trust.root_version,
+            manifest.expires
+        );
+        },
+    );
+    Ok(())
+}
+
+async fn import_bundle(
+    bundle: &Path,
+    into: &[PathBuf],
+    home: Option<&Path>,
+    root: Option<&Path>,
+    json: bool,
+) -> Result<()> {
+    let mut dirs: Vec<PathBuf> = into.to_vec();
+    if let Some(h) = home {
+        for entry in std::fs::read_dir(h.join("nodes")).with_context(|| h.display().to_string())? {
+            let d = entry?.path().join("workloads/packages");
+            dirs.push(d);
+        }
+    }
+    let root = match (root, home) {
+        (Some(r), _) => r.to_path_buf(),
+        (None, Some(h)) => h.join("hub-root.json"),
+        (None, None) => bail!("give the Hub's root of trust the site holds: --root FILE"),
+    };
+    let trusted =
+        std::fs::read(&root).with_context(|| format!("the root of trust {}", root.display()))?;
+    let mut done = vec![];
+    for d in &dirs {
+        let imported = macula_hub::bundle::import(bundle, d, &trusted, 8 << 30)
+            .await
+            .map_err(|e| anyhow!("{} refused: {e}", bundle.display()))?;
+        done.push(json!({"into": d, "packages": imported.manifest.packages, "blobs": imported.blobs, "root_version": imported.root_version}));
+    }
+    emit(json, &done, |done| {
+        for d in done {
+            println!(
+                "Imported into {}: {} package(s), {} file(s), verified against root version {}.",
+                d["into"].as_str().unwrap_or(""),
+                d["packages"].as_array().map_or(0, Vec::len),
+                d["blobs"],
+                d["root_version"]
+            );
+        }
+    });
+    Ok(())
+}
+
+/// [`package_manifest`] from a bundle instead of the Hub (an air-gapped site).
+pub fn bundle_manifest(bundle: &Path, spec: &str, say: bool) -> Result<(String, String)> {
+    let (entry, _, manifest) = macula_hub::bundle::read_package(bundle, spec)
+        .map_err(|e| anyhow!("{}: {e}", bundle.display()))?;
+    let pkg = macula_hub::parse(&String::from_utf8_lossy(&manifest)).map_err(|e| {
+        anyhow!(
+            "{}: {}",
+            entry.target,
+            macula_hub::package::describe("package.yaml", &e)
+        )
+    })?;
+    let (name, text) = pkg
+        .pinned_workload(&entry.target, &entry.digest, |_| {})
+        .map_err(|e| anyhow!(e))?;
+    if say {
+        eprintln!(
+            "{} ({}) from {}",
+            entry.target,
+            entry.digest,
+            bundle.display()
         );
     }
     Ok((name, text))

@@ -182,10 +182,12 @@ pub async fn up(a: UpArgs, json: bool) -> Result<()> {
             first = Some(running);
         } else {
             let data = a.home.join(format!("nodes/{}", i + 1));
-            // Packages come from node 1's Hub (its root of trust is in the shared config
-            // directory, `hub-root.json`).
+            // Packages come from node 1's Hub, when it runs one (its root of trust is in the
+            // shared config directory, `hub-root.json`); else from bundles imported.
             let mut child_sets = sets.clone();
-            child_sets.push(format!("hub.url=http://{}", nodes[0].http));
+            if loaded.config.registry.hub.enabled && loaded.config.hub.url.is_empty() {
+                child_sets.push(format!("hub.url=http://{}", nodes[0].http));
+            }
             let (child, node) = spawn_node(
                 &a.home,
                 &data,

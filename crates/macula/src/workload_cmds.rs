@@ -195,8 +195,17 @@ pub struct DeployArgs {
     #[arg(long, value_name = "ORG/NAME[@VERSION]", conflicts_with_all = ["payload", "image"])]
     pub package: Option<String>,
     /// The Hub to resolve --package at [default: the node's own address].
-    #[arg(long, value_name = "URL", requires = "package")]
+    #[arg(
+        long,
+        value_name = "URL",
+        requires = "package",
+        conflicts_with = "bundle"
+    )]
     pub hub: Option<String>,
+    /// Resolve --package from an offline bundle (.bmz) instead of the Hub (a site that cannot
+    /// reach it; the nodes install from the bundle imported there).
+    #[arg(long, value_name = "BUNDLE", requires = "package")]
+    pub bundle: Option<PathBuf>,
     /// A command to run as a payload (split as a shell would; the node passes PORT and
     /// MACULA_* in the environment). One word that reads as an image reference
     /// (`name:tag`, `registry/name`) is run as that image; with --image, the command run in it.
@@ -304,6 +313,11 @@ fn payload_manifest(a: &DeployArgs, command: Option<&str>) -> Result<(String, St
 pub fn deploy(a: DeployArgs, json: bool) -> Result<()> {
     let api = NodeApi::new(&a.conn)?;
     let (name, text) = match (&a.file, &a.payload) {
+        _ if a.package.is_some() && a.bundle.is_some() => crate::hub_cmds::bundle_manifest(
+            a.bundle.as_deref().unwrap_or(std::path::Path::new("")),
+            a.package.as_deref().unwrap_or(""),
+            !json,
+        )?,
         _ if a.package.is_some() => {
             let hub = a.hub.clone().unwrap_or_else(|| api.base.clone());
             let agent = http_agent(a.conn.ca.as_deref(), Duration::from_secs(60))?;

@@ -84,6 +84,17 @@ fn publish_args(dir: &Path, key: &Path, json: bool) -> Vec<String> {
     a
 }
 
+/// The nodes running a replica, from `macula --json deploy`'s answer.
+fn running_nodes(d: &Value) -> std::collections::BTreeSet<String> {
+    d["replicas"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["state"] == "running")
+        .filter_map(|r| r["node"].as_str().map(str::to_owned))
+        .collect()
+}
+
 fn json(out: &str) -> Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
@@ -475,13 +486,7 @@ fn a_revocation_reaches_every_node_and_flags_its_replicas() {
     ]);
     assert!(ok, "deploy: {err}");
     let d = json(&out);
-    let nodes: std::collections::BTreeSet<&str> = d["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["state"] == "running")
-        .map(|r| r["node"].as_str().unwrap())
-        .collect();
+    let nodes = running_nodes(&d);
     assert_eq!(nodes.len(), 3, "one replica on each node: {d}");
 
     f.hub(&[
@@ -580,4 +585,170 @@ fn the_smoke_test_promotes_a_healthy_package_to_verified() {
     // The smoke realm's workloads are gone afterwards.
     let search = f.hub(&["hub", "search"]);
     assert!(search.contains("verified"), "{search}");
+}
+
+/// An offline bundle: exported from a Hub, imported on a mesh that cannot reach it (two nodes
+/// of their own, no Hub; only the first Hub's root of trust), where the package is installed
+/// and runs on both nodes. A tampered byte anywhere is refused, naming the entry.
+#[test]
+fn a_bundle_installs_and_runs_on_an_isolated_site() {
+    let f = Fixture::new(&[]);
+    f.publish(
+        &MANIFEST.replace("  name: hello\n", "  name: hello\n  replicas: 2\n"),
+        "#!/bin/sh\necho offline\nexec sleep 300\n",
+    );
+    let work = tempfile::tempdir().unwrap();
+    let bmz = work.path().join("hello.bmz");
+    let out = json(&f.hub(&[
+        "--json",
+        "hub",
+        "bundle",
+        "export",
+        "acme/hello@1.0.0",
+        "--out",
+        bmz.to_str().unwrap(),
+    ]));
+    assert_eq!(
+        out["bundle"]["packages"][0]["target"], "acme/hello@1.0.0",
+        "{out}"
+    );
+
+    // The site: its own `macula up` (another trust root, another mesh), no Hub, only the first
+    // Hub's root of trust.
+    let site = tempfile::tempdir().unwrap();
+    std::fs::write(
+        site.path().join("node.yaml"),
+        "registry:\n  hub:\n    enabled: false\n",
+    )
+    .unwrap();
+    std::fs::write(
+        site.path().join("hub-root.json"),
+        f.hub(&["--json", "hub", "trust"]),
+    )
+    .unwrap();
+    let (_site_up, banner): (Up, Value) = macula_up::up(site.path(), &["--nodes", "2"]);
+    let s = |k: &str| banner[k].as_str().unwrap().to_owned();
+    let (ws, realm, rkey) = (s("ws"), s("realm"), s("key"));
+    let cfg = tempfile::tempdir().unwrap();
+    let site_cli = |args: &[&str]| cli_run(cfg.path(), "http://127.0.0.1:1", args, None);
+
+    // Tampered copies are refused, naming what failed; nothing becomes installable.
+    let bytes = std::fs::read(&bmz).unwrap();
+    let flip = |needle: &[u8]| {
+        let mut b = bytes.clone();
+        let at = b
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .expect("the bytes to flip");
+        b[at] ^= 1;
+        let p = work.path().join(format!("tampered-{at}.bmz"));
+        std::fs::write(&p, b).unwrap();
+        p
+    };
+    let home = site.path().to_str().unwrap();
+    for (needle, names) in [
+        (&b"echo offline"[..], "blobs/sha256/"),
+        (&b"\"_type\": \"timestamp\""[..], "repo/metadata"),
+    ] {
+        let bad = flip(needle);
+        let (ok, _, err) = site_cli(&[
+            "hub",
+            "bundle",
+            "import",
+            bad.to_str().unwrap(),
+            "--home",
+            home,
+        ]);
+        assert!(
+            !ok && err.contains("refused") && err.contains(names),
+            "{needle:?}: {err}"
+        );
+        eprintln!("tampered: {}", err.trim());
+    }
+    // The same attacks with the archive rebuilt (its checksums right): the bundle's own
+    // verification refuses them.
+    let (manifest, entries) = macula_hub::bundle::read_all(&bmz, 1 << 30).unwrap();
+    let rebuilt = |edit: &dyn Fn(&str, &mut Vec<u8>)| {
+        let files = entries.iter().map(|(n, b)| {
+            let mut b = b.clone();
+            edit(n, &mut b);
+            (n.clone(), macula_hub::bundle::Source::Bytes(b))
+        });
+        let p = work.path().join(format!("rebuilt-{}.bmz", files.len()));
+        let f = std::fs::File::create(&p).unwrap();
+        macula_hub::bundle::write(f, &manifest, files).unwrap();
+        p
+    };
+    let swap = |only: &'static str, at: &[u8], with: &[u8]| {
+        let (at, with) = (at.to_vec(), with.to_vec());
+        move |name: &str, b: &mut Vec<u8>| {
+            if !name.contains(only) {
+                return;
+            }
+            if let Some(i) = b.windows(at.len()).position(|w| w == at) {
+                b.splice(i..i + at.len(), with.iter().copied());
+            }
+        }
+    };
+    for (edit, names) in [
+        (
+            swap("blobs/", b"echo offline", b"echo pwned!!"),
+            "blobs/sha256/",
+        ),
+        // A later expiry, the signature left as it was.
+        (
+            swap("timestamp.json", b"\"expires\": \"20", b"\"expires\": \"21"),
+            "repo/metadata",
+        ),
+    ] {
+        let bad = rebuilt(&edit);
+        let (ok, _, err) = site_cli(&[
+            "hub",
+            "bundle",
+            "import",
+            bad.to_str().unwrap(),
+            "--home",
+            home,
+        ]);
+        assert!(!ok && err.contains(names), "{err}");
+        eprintln!("rebuilt: {}", err.trim());
+        std::fs::remove_file(&bad).unwrap();
+    }
+    assert!(!site.path().join("nodes/1/workloads/packages/repo").exists());
+
+    let (ok, out, err) = site_cli(&[
+        "--json",
+        "hub",
+        "bundle",
+        "import",
+        bmz.to_str().unwrap(),
+        "--home",
+        home,
+    ]);
+    assert!(ok, "import: {err}");
+    assert_eq!(
+        json(&out).as_array().map(Vec::len),
+        Some(2),
+        "both nodes: {out}"
+    );
+    let (ok, out, err) = site_cli(&[
+        "--json",
+        "deploy",
+        "--package",
+        "acme/hello@1.0.0",
+        "--bundle",
+        bmz.to_str().unwrap(),
+        "--timeout",
+        "60s",
+        "--url",
+        &ws,
+        "--realm",
+        &realm,
+        "--key",
+        &rkey,
+    ]);
+    assert!(ok, "deploy from the bundle: {err}");
+    let d = json(&out);
+    let nodes = running_nodes(&d);
+    assert_eq!(nodes.len(), 2, "running on both nodes of the site: {d}");
 }

@@ -295,7 +295,7 @@ fn packages_of(node: &Node, dir: &Path, url: &str) -> super::packages::Packages 
         Some(d) if cfg.root.is_relative() => d.root.join(&cfg.root),
         _ => cfg.root.clone(),
     };
-    let hub = hub_url.map(|url| super::packages::HubClientConfig { url, root });
+    let hub = Some(super::packages::HubClientConfig { url: hub_url, root });
     super::packages::Packages::new(dir.join("packages"), hub)
 }
 

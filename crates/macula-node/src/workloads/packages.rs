@@ -27,10 +27,12 @@ use macula_hub::tuf::{Client, ClientOptions, Source};
 use macula_hub::{BlobStore, FsStore};
 use macula_workloads::PackageRef;
 
-/// Where the node reads the Hub: its URL (the registry node's HTTP address) and the root of trust.
+/// Where the node reads the Hub: its URL (the registry node's HTTP address; none on an
+/// air-gapped site, which reads the bundles imported into `packages/repo/`) and the root of
+/// trust.
 #[derive(Debug, Clone)]
 pub struct HubClientConfig {
-    pub url: String,
+    pub url: Option<String>,
     pub root: PathBuf,
 }
 
@@ -162,9 +164,11 @@ impl Packages {
         }
     }
 
-    /// Whether this node reads a Hub.
+    /// Whether this node reads a Hub (over HTTP, or from an imported bundle).
     pub fn has_hub(&self) -> bool {
-        self.hub.is_some()
+        self.hub
+            .as_ref()
+            .is_some_and(|h| h.url.is_some() || self.dir.join("repo/metadata").is_dir())
     }
 
     /// What the last refresh found.
@@ -206,8 +210,9 @@ impl Packages {
         Ok(version)
     }
 
-    /// A client of the Hub, freshly verified, and the Hub's base URL.
-    async fn client(&self) -> Result<(Client, String), String> {
+    /// A client of the Hub, freshly verified, and the Hub's base URL (none: the repository of
+    /// the bundles imported here).
+    async fn client(&self) -> Result<(Client, Option<String>), String> {
         let hub = self.hub.as_ref().ok_or(
             "this node reads no Hub: set hub.url (the registry node's HTTP address) and hub.root (its root of trust) in node.yaml",
         )?;
@@ -217,11 +222,22 @@ impl Packages {
                 hub.root.display()
             )
         })?;
-        let base = hub.url.trim_end_matches('/').to_owned();
-        let source: Arc<dyn Source> = Arc::new(HttpSource {
-            base: base.clone(),
-            agent: self.agent.clone(),
-        });
+        let base = hub.url.as_ref().map(|u| u.trim_end_matches('/').to_owned());
+        let source: Arc<dyn Source> = match &base {
+            Some(base) => Arc::new(HttpSource {
+                base: base.clone(),
+                agent: self.agent.clone(),
+            }),
+            None if self.dir.join("repo/metadata").is_dir() => {
+                Arc::new(macula_hub::tuf::DirSource(self.dir.join("repo")))
+            }
+            None => {
+                return Err(
+                    "this node reads no Hub: set hub.url (the registry node's HTTP address), or import a bundle (macula hub bundle import)"
+                        .into(),
+                )
+            }
+        };
         let client = Client::load(
             &root,
             source,
@@ -308,6 +324,12 @@ impl Packages {
             if store.has(&d) {
                 continue;
             }
+            let Some(base) = &base else {
+                return Err(format!(
+                    "{d} (a file of {}) is not here: it was not in the bundles imported",
+                    pkg.name
+                ));
+            };
             let url = format!("{base}/v1/hub/blobs/{d}");
             let agent = self.agent.clone();
             let store = store.clone();

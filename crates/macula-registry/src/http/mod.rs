@@ -156,6 +156,7 @@ fn routes() -> OpenApiRouter<Arc<Registry>> {
         .routes(routes!(package_info))
         .routes(routes!(mark_release))
         .routes(routes!(hub_trust))
+        .routes(routes!(bundle_metadata))
         .routes(routes!(openapi_json))
 }
 

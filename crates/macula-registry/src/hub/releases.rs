@@ -465,6 +465,31 @@ impl Registry {
         }
     }
 
+    /// A snapshot and timestamp for an offline bundle (a logged-in account asks).
+    pub async fn bundle_metadata(
+        &self,
+        _actor: &Actor,
+        req: NewBundleMetadata,
+    ) -> ApiResult<BundleMetadata> {
+        let hub = self.hub()?;
+        let days = req.days.unwrap_or(30);
+        if !(1..=180).contains(&days) {
+            return Err(ApiError::invalid("invalid_days", "days: 1 to 180"));
+        }
+        let repo = hub.repo.lock().await;
+        let (snapshot, timestamp, expires) = repo
+            .bundle_metadata(std::time::Duration::from_secs(days * 86_400))
+            .await
+            .map_err(super::tuf_error)?;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        Ok(BundleMetadata {
+            snapshot: b64(&snapshot),
+            snapshot_version: repo.snapshot_version(),
+            timestamp: b64(&timestamp),
+            expires: rfc3339(expires.as_second().max(0) as u64),
+        })
+    }
+
     /// The Hub's newest root, for a node or client to trust.
     pub async fn hub_trust(&self) -> ApiResult<Trust> {
         let hub = self.hub()?;

@@ -242,6 +242,20 @@ pub(crate) async fn mark_release(
     ))
 }
 
+/// Sign a snapshot and timestamp for an offline bundle (`macula hub bundle export`), valid for
+/// `days` (the chain's other roles may end it sooner).
+#[utoipa::path(post, path = "/v1/hub/bundle-metadata", tag = "hub", security(("session" = [])),
+    request_body = NewBundleMetadata,
+    responses((status = 200, body = BundleMetadata, description = "The bundle's snapshot and timestamp."),
+        (status = 401, response = ErrorBody), (status = 422, response = ErrorBody)))]
+pub(crate) async fn bundle_metadata(
+    State(reg): Reg,
+    actor: Actor,
+    Body(req): Body<NewBundleMetadata>,
+) -> ApiResult<Json<BundleMetadata>> {
+    Ok(Json(reg.bundle_metadata(&actor, req).await?))
+}
+
 /// The Hub's root of trust (the newest `root.json`) and where its TUF repository is read.
 ///
 /// The repository is served under `/v1/hub/tuf/`: `metadata/timestamp.json`,

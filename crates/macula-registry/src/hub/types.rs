@@ -158,6 +158,26 @@ pub struct Search {
     pub publisher: Option<String>,
 }
 
+/// The request for an offline bundle's metadata.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewBundleMetadata {
+    /// How long the bundle should verify, in days (1 to 180; default 30). The publishers'
+    /// roles and the targets role may end it sooner: `expires` says when.
+    #[serde(default)]
+    pub days: Option<u64>,
+}
+
+/// A snapshot and timestamp signed for an offline bundle (the exact bytes, base64).
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct BundleMetadata {
+    pub snapshot: String,
+    pub snapshot_version: u64,
+    pub timestamp: String,
+    /// Until when the bundle's metadata verifies (the earliest expiry of its chain).
+    pub expires: String,
+}
+
 /// The Hub's trust: its root of trust, for nodes to verify the repository with.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct Trust {

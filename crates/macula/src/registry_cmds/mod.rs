@@ -184,6 +184,16 @@ impl Api {
         })
     }
 
+    /// The registry's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The CA file given for it (for other clients of the same server).
+    pub fn ca(&self) -> Option<&std::path::Path> {
+        self.ca.as_deref()
+    }
+
     /// Whether a session token (or a key set with [`Api::use_key`]) will be sent.
     pub fn has_credential(&self) -> bool {
         self.token.is_some()
