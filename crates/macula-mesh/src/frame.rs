@@ -12,8 +12,11 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the frame protocol, announced in [`Frame::Hello`]; a peer speaking another one
 /// is refused. 3: interest and registrations name a session; session proofs. 4: workload
-/// deploy records, leases and placement.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// deploy records, leases and placement. 5: packages' files between nodes (blob parts).
+pub const PROTOCOL_VERSION: u16 = 5;
+
+/// The most bytes one [`Frame::BlobAsk`] may ask for (and one [`Frame::BlobPart`] carries).
+pub const MAX_BLOB_PART: u32 = 1 << 20;
 
 const TAG_CONTROL: u8 = 0;
 const TAG_PUBLISH: u8 = 1;
@@ -226,6 +229,24 @@ pub enum Frame {
     /// Placement (tenders, bids, awards) and the questions behind status and logs
     /// (`macula_workloads::wire::Work`, JSON).
     Work { msg: Bytes },
+    /// A request for `len` bytes (at most [`MAX_BLOB_PART`]) of blob `digest` (`sha256:<hex>`:
+    /// a file of a Hub package) from `offset`, answered with [`Frame::BlobPart`] `id`.
+    BlobAsk {
+        id: u64,
+        digest: String,
+        offset: u64,
+        len: u32,
+    },
+    /// Bytes of the blob asked for in `id` from `offset`, and its whole size; `error` when the
+    /// sender does not hold it (`data` is then empty). The asker verifies the whole blob
+    /// against its digest: a peer that lies costs a retry elsewhere, nothing more.
+    BlobPart {
+        id: u64,
+        offset: u64,
+        total: u64,
+        data: Bytes,
+        error: Option<String>,
+    },
 }
 
 impl Frame {
@@ -253,6 +274,8 @@ impl Frame {
             Frame::LeaseRequest { .. } => "lease_request",
             Frame::LeaseReply { .. } => "lease_reply",
             Frame::Work { .. } => "work",
+            Frame::BlobAsk { .. } => "blob_ask",
+            Frame::BlobPart { .. } => "blob_part",
         }
     }
 

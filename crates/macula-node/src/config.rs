@@ -402,6 +402,9 @@ pub struct HubClientSection {
     /// How often the node checks the Hub for revocations, in seconds (they also spread at once
     /// over the mesh from the Hub's node).
     pub check_secs: u64,
+    /// Fetch packages' files from peers that have them before asking the Hub (and serve
+    /// those this node has to its peers).
+    pub peers: bool,
 }
 
 impl Default for HubClientSection {
@@ -410,6 +413,7 @@ impl Default for HubClientSection {
             url: String::new(),
             root: PathBuf::from("hub-root.json"),
             check_secs: 300,
+            peers: true,
         }
     }
 }

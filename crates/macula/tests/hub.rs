@@ -409,6 +409,13 @@ impl Fixture {
         cli(self.acme.path(), &self.http, args, None)
     }
 
+    /// `macula --json deploy --package TARGET --timeout T`, which must succeed: its answer.
+    fn deploy(&self, target: &str, timeout: &str) -> String {
+        let (ok, out, err) = self.node(&["deploy", "--package", target, "--timeout", timeout]);
+        assert!(ok, "deploy --package {target}: {err}");
+        out
+    }
+
     /// `macula --json ARGS --url --realm --key` against the node: (ok, stdout, stderr).
     fn node(&self, args: &[&str]) -> (bool, String, String) {
         let mut all = vec!["--json"];
@@ -435,14 +442,7 @@ fn deploy_package_runs_it_from_the_hub() {
         MANIFEST,
         "#!/bin/sh\necho \"hello from $MACULA_PACKAGE_DIR\"\nexec sleep 300\n",
     );
-    let (ok, out, err) = f.node(&[
-        "deploy",
-        "--package",
-        "acme/hello@1.0.0",
-        "--timeout",
-        "60s",
-    ]);
-    assert!(ok, "deploy --package: {err}");
+    let out = f.deploy("acme/hello@1.0.0", "60s");
     let d = json(&out);
     assert_eq!(d["name"], "hello", "{d}");
     assert_eq!(d["replicas"][0]["state"], "running", "{d}");
@@ -751,4 +751,45 @@ fn a_bundle_installs_and_runs_on_an_isolated_site() {
     let d = json(&out);
     let nodes = running_nodes(&d);
     assert_eq!(nodes.len(), 2, "running on both nodes of the site: {d}");
+}
+
+/// Packages' files travel between nodes: on `macula up --nodes 3`, one replica installs the
+/// package from the Hub; then the Hub loses the artifact's blob, and the package is scaled to
+/// three replicas — the other nodes get the file from the node that has it (verified against
+/// its digest), and run.
+#[test]
+fn nodes_install_files_from_their_peers() {
+    let f = Fixture::new(&["--nodes", "3"]);
+    let body = "#!/bin/sh\necho from a peer\nexec sleep 300\n";
+    f.publish(MANIFEST, body);
+    let out = f.deploy("acme/hello@1.0.0", "60s");
+    assert_eq!(running_nodes(&json(&out)).len(), 1);
+    // The Hub no longer has the program's file.
+    let hex = macula_hub::Digest::of(body.as_bytes()).hex();
+    let at_hub = f._home.path().join("hub/blobs/sha256").join(&hex);
+    std::fs::remove_file(&at_hub).expect("the Hub's copy of the program");
+    let (ok, _, err) = f.node(&["scale", "hello", "--replicas", "3"]);
+    assert!(ok, "scale: {err}");
+    let t = std::time::Instant::now();
+    loop {
+        let (_, out, _) = f.node(&["status"]);
+        let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        let running: std::collections::BTreeSet<String> = v["workloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|w| w["name"] == "hello")
+            .flat_map(|w| w["items"].as_array().cloned().unwrap_or_default())
+            .filter(|r| r["state"] == "running")
+            .filter_map(|r| r["node"].as_str().map(str::to_owned))
+            .collect();
+        if running.len() == 3 {
+            break;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "not running on three nodes: {v}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
 }

@@ -66,6 +66,29 @@ pub(crate) fn on_frame(node: &Arc<Node>, mesh: &Arc<MeshState>, peer: PeerId, fr
                 Err(_) => rejected(mesh, &peer, "lease_reply", "not a lease reply"),
             }
         }
+        Frame::BlobAsk {
+            id,
+            digest,
+            offset,
+            len,
+        } => super::blobs::on_ask(node, mesh, peer, id, digest, offset, len),
+        Frame::BlobPart {
+            id,
+            offset,
+            total,
+            data,
+            error,
+        } => super::blobs::on_part(
+            mesh,
+            peer,
+            id,
+            super::blobs::Part {
+                offset,
+                total,
+                data,
+                error,
+            },
+        ),
         Frame::Work { msg } => match serde_json::from_slice::<macula_workloads::wire::Work>(&msg) {
             Ok(w) => {
                 node.work_inbox

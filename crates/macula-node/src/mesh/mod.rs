@@ -19,6 +19,7 @@
 //! usage reports over the mesh; `proven.rs` the roles peers prove and the interest and
 //! registrations they may hold here; `trust.rs` certificates and node revocations.
 
+pub(crate) mod blobs;
 mod frames;
 mod link;
 pub mod proven;
@@ -145,6 +146,8 @@ pub struct MeshState {
     pub states: Mutex<HashMap<String, RealmState>>,
     /// Usage reports sent to the billing node, awaiting its acknowledgement.
     pub(crate) usage_acks: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Option<String>>>>,
+    /// Blob parts asked of peers, awaiting their answers (see [`blobs`]).
+    pub(crate) blob_waits: blobs::Waits,
     /// The node hosting the billing aggregator, once found.
     pub(crate) billing_peer: Mutex<Option<PeerId>>,
     /// When no billing node was found: when to look again, and the backoff (a mesh without a
@@ -203,6 +206,7 @@ impl MeshState {
             links: Mutex::new(HashMap::new()),
             states: Mutex::new(HashMap::new()),
             usage_acks: Mutex::new(HashMap::new()),
+            blob_waits: Default::default(),
             billing_peer: Mutex::new(None),
             billing_miss: Mutex::new(None),
             peer_up: tokio::sync::Notify::new(),

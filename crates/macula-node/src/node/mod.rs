@@ -122,6 +122,9 @@ pub struct Node {
     pub fencing: OnceLock<std::sync::Weak<dyn Fencing>>,
     /// The address the HTTP listener is bound to (once it is).
     pub http_addr: OnceLock<std::net::SocketAddr>,
+    /// Where the blobs of packages installed here are (`<packages>/blobs/sha256`): what this
+    /// node serves its peers (see `crate::mesh::blobs`).
+    pub blob_dir: OnceLock<std::path::PathBuf>,
 }
 
 /// The verdict on a fencing token: whether it is its slot's current one, and the highest token
@@ -146,6 +149,11 @@ pub trait Fencing: Send + Sync {
 }
 
 impl Node {
+    /// A weak handle on this node (for what it owns that must not keep it alive).
+    pub fn weak(&self) -> std::sync::Weak<Node> {
+        self.me.clone()
+    }
+
     pub fn new(loaded: Loaded, confdir: Option<ConfDir>) -> Arc<Node> {
         let tickets = Arc::new(crate::workloads::Tickets::default());
         let auth = AuthState {
@@ -201,6 +209,7 @@ impl Node {
             usage_sink: OnceLock::new(),
             fencing: OnceLock::new(),
             http_addr: OnceLock::new(),
+            blob_dir: OnceLock::new(),
             quota_used: parking_lot::Mutex::new(HashMap::new()),
             events,
             events_rx: parking_lot::Mutex::new(events_rx),

@@ -296,7 +296,12 @@ fn packages_of(node: &Node, dir: &Path, url: &str) -> super::packages::Packages 
         _ => cfg.root.clone(),
     };
     let hub = Some(super::packages::HubClientConfig { url: hub_url, root });
-    super::packages::Packages::new(dir.join("packages"), hub)
+    let packages =
+        super::packages::Packages::new(dir.join("packages"), hub, node.weak(), cfg.peers);
+    if cfg.peers {
+        crate::mesh::blobs::serve_from(node, dir.join("packages/blobs/sha256"));
+    }
+    packages
 }
 
 impl Controller {

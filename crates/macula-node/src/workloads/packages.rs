@@ -49,6 +49,9 @@ pub struct Packages {
     view: parking_lot::RwLock<HubView>,
     /// One refresh at a time; none sooner than a second after the last.
     refreshing: tokio::sync::Mutex<std::time::Instant>,
+    /// The node (its mesh: files from peers), and whether to ask peers first.
+    node: std::sync::Weak<crate::node::Node>,
+    peers: bool,
 }
 
 /// The Hub as this node last verified it: the timestamp's version, the releases it revoked
@@ -144,7 +147,12 @@ fn agent() -> ureq::Agent {
 impl Packages {
     /// Packages under `dir` (`<workloads dir>/packages`), read from `hub` (none: a workload
     /// with a package is refused, saying so).
-    pub fn new(dir: PathBuf, hub: Option<HubClientConfig>) -> Packages {
+    pub fn new(
+        dir: PathBuf,
+        hub: Option<HubClientConfig>,
+        node: std::sync::Weak<crate::node::Node>,
+        peers: bool,
+    ) -> Packages {
         let blobs = dir.join("blobs");
         let store = FsStore::open(&blobs)
             .map(Arc::new)
@@ -156,6 +164,8 @@ impl Packages {
             busy: tokio::sync::Mutex::new(HashMap::new()),
             agent: agent(),
             view: parking_lot::RwLock::new(HubView::default()),
+            node,
+            peers,
             refreshing: tokio::sync::Mutex::new(
                 std::time::Instant::now()
                     .checked_sub(Duration::from_secs(2))
@@ -324,6 +334,9 @@ impl Packages {
             if store.has(&d) {
                 continue;
             }
+            if self.fetch_from_peers(store, &d, size).await {
+                continue;
+            }
             let Some(base) = &base else {
                 return Err(format!(
                     "{d} (a file of {}) is not here: it was not in the bundles imported",
@@ -348,6 +361,51 @@ impl Packages {
             .map_err(|e| e.to_string())??;
         }
         self.lay_out(&index, done)
+    }
+
+    /// Fetches blob `d` from a peer into the store (verified there); whether it did.
+    async fn fetch_from_peers(
+        &self,
+        store: &Arc<FsStore>,
+        d: &macula_hub::Digest,
+        size: u64,
+    ) -> bool {
+        let Some(node) = self.node.upgrade().filter(|_| self.peers) else {
+            return false;
+        };
+        let partial = self.dir.join("partial");
+        if std::fs::create_dir_all(&partial).is_err() {
+            return false;
+        }
+        let tmp = partial.join(d.hex());
+        let got = crate::mesh::blobs::fetch(&node, &d.to_string(), size, &tmp).await;
+        let stored = match got {
+            Ok(peer) => {
+                let (store, tmp, d) = (store.clone(), tmp.clone(), *d);
+                let put = tokio::task::spawn_blocking(move || {
+                    let mut f = std::fs::File::open(&tmp)?;
+                    store
+                        .put(&mut f, size, Some(d))
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                })
+                .await;
+                match put {
+                    Ok(Ok(_)) => true,
+                    other => {
+                        tracing::warn!(
+                            "packages: {d} from {peer} is not what it should be: {other:?}"
+                        );
+                        false
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!("packages: {d} from peers: {e}");
+                false
+            }
+        };
+        let _ = std::fs::remove_file(&tmp);
+        stored
     }
 
     /// Writes the package's files under `done`, all or nothing.
