@@ -753,10 +753,10 @@ fn a_bundle_installs_and_runs_on_an_isolated_site() {
     assert_eq!(nodes.len(), 2, "running on both nodes of the site: {d}");
 }
 
-/// Packages' files travel between nodes: on `macula up --nodes 3`, one replica installs the
-/// package from the Hub; then the Hub loses the artifact's blob, and the package is scaled to
-/// three replicas — the other nodes get the file from the node that has it (verified against
-/// its digest), and run.
+/// Packages travel between nodes: on `macula up --nodes 3`, one replica installs the package
+/// from the Hub; then the Hub serves nothing (its repository and the artifact's file gone), and
+/// the package is scaled to three replicas — the other nodes get the TUF metadata and the file
+/// from the node that has them (verified as if from the Hub), and run.
 #[test]
 fn nodes_install_files_from_their_peers() {
     let f = Fixture::new(&["--nodes", "3"]);
@@ -764,10 +764,14 @@ fn nodes_install_files_from_their_peers() {
     f.publish(MANIFEST, body);
     let out = f.deploy("acme/hello@1.0.0", "60s");
     assert_eq!(running_nodes(&json(&out)).len(), 1);
-    // The Hub no longer has the program's file.
+    // The Hub serves nothing any more: neither the program's file nor its TUF repository.
     let hex = macula_hub::Digest::of(body.as_bytes()).hex();
     let at_hub = f._home.path().join("hub/blobs/sha256").join(&hex);
     std::fs::remove_file(&at_hub).expect("the Hub's copy of the program");
+    let repo = f._home.path().join("hub/repo");
+    std::fs::rename(&repo, repo.with_extension("gone")).expect("the Hub's repository");
+    let (ok, _, _) = f.node(&["deploy", "--package", "acme/hello@1.0.0"]);
+    assert!(!ok, "the Hub cannot resolve packages now");
     let (ok, _, err) = f.node(&["scale", "hello", "--replicas", "3"]);
     assert!(ok, "scale: {err}");
     let t = std::time::Instant::now();

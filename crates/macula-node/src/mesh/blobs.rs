@@ -71,7 +71,16 @@ pub(crate) fn on_ask(
         data,
         error,
     };
-    let (Some(dir), Some(hex)) = (node.blob_dir.get().cloned(), hex_of(&digest)) else {
+    // `repo:<path>`: a TUF file of the repository as this node keeps it; else a blob.
+    let path = match digest.strip_prefix("repo:") {
+        Some(rel) => repo_file(node, rel),
+        None => node
+            .blob_dir
+            .get()
+            .zip(hex_of(&digest))
+            .map(|(dir, hex)| dir.join(hex)),
+    };
+    let Some(path) = path else {
         mesh.handle
             .send(&peer, &answer(0, Bytes::new(), Some("not here".into())));
         return;
@@ -82,7 +91,6 @@ pub(crate) fn on_ask(
             .send(&peer, &answer(0, Bytes::new(), Some("busy".into())));
         return;
     }
-    let path = dir.join(hex);
     let len = len.min(MAX_BLOB_PART) as u64;
     let mesh = mesh.clone();
     tokio::spawn(async move {
@@ -214,6 +222,59 @@ pub(crate) async fn fetch(
         "no peer had it ({})",
         why.first().cloned().unwrap_or_default()
     ))
+}
+
+/// A TUF file (`metadata/…`, `targets/…`) as this node keeps it: the repository cache of
+/// what the Hub served it, else the bundles imported here.
+fn repo_file(node: &Node, path: &str) -> Option<PathBuf> {
+    let ok = (path.starts_with("metadata/") || path.starts_with("targets/"))
+        && path.len() <= 512
+        && path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != ".." && !c.contains(".tmp"));
+    if !ok {
+        return None;
+    }
+    let packages = node.blob_dir.get()?.parent()?.parent()?;
+    ["repo-cache", "repo"]
+        .iter()
+        .map(|d| packages.join(d).join(path))
+        .find(|p| p.is_file())
+}
+
+/// Fetches a TUF file from the first peer that keeps it (at most `max` bytes); None when none
+/// does (the TUF client then takes it as absent: a root version that does not exist yet).
+pub(crate) async fn fetch_repo_file(node: &Node, path: &str, max: u64) -> Option<Vec<u8>> {
+    let mesh = super::of(node)?;
+    let mut peers: Vec<PeerId> = mesh.handle.peers();
+    use rand::seq::SliceRandom;
+    peers.shuffle(&mut rand::thread_rng());
+    let name = format!("repo:{path}");
+    for p in peers.iter().take(16) {
+        let Ok(first) = ask(&mesh, p, &name, 0).await else {
+            continue;
+        };
+        if first.total > max {
+            return Some(vec![0; max as usize + 1]);
+        }
+        let mut out = first.data.to_vec();
+        let mut ok = true;
+        while (out.len() as u64) < first.total {
+            match ask(&mesh, p, &name, out.len() as u64).await {
+                Ok(part) if !part.data.is_empty() && part.offset == out.len() as u64 => {
+                    out.extend_from_slice(&part.data)
+                }
+                _ => {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        if ok {
+            return Some(out);
+        }
+    }
+    None
 }
 
 /// Where this node's installed blobs are (`<packages>/blobs/sha256`): what it serves.

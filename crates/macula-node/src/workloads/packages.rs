@@ -92,11 +92,14 @@ struct StatusEntry {
     yanked: String,
 }
 
-/// The Hub over HTTP: `/v1/hub/tuf/<path>`, at most `max` bytes.
+/// The Hub over HTTP: `/v1/hub/tuf/<path>`, at most `max` bytes. What it serves is also kept
+/// in `cache` (`packages/repo-cache/`): this node's copy of the repository, which it reads
+/// itself and serves its peers when the Hub cannot be reached.
 #[derive(Clone)]
 struct HttpSource {
     base: String,
     agent: ureq::Agent,
+    cache: PathBuf,
 }
 
 impl std::fmt::Debug for HttpSource {
@@ -110,6 +113,7 @@ impl Source for HttpSource {
     async fn get(&self, path: &str, max: u64) -> Result<Option<Vec<u8>>, String> {
         let url = format!("{}/v1/hub/tuf/{path}", self.base);
         let agent = self.agent.clone();
+        let (cache, rel) = (self.cache.clone(), path.to_owned());
         tokio::task::spawn_blocking(move || {
             let mut res = agent.get(&url).call().map_err(|e| format!("{url}: {e}"))?;
             match res.status().as_u16() {
@@ -123,10 +127,50 @@ impl Source for HttpSource {
                 .take(max.saturating_add(1))
                 .read_to_end(&mut out)
                 .map_err(|e| format!("{url}: {e}"))?;
+            if out.len() as u64 <= max {
+                keep(&cache, &rel, &out);
+            }
             Ok(Some(out))
         })
         .await
         .map_err(|e| e.to_string())?
+    }
+}
+
+/// Writes `bytes` as `rel` under the repository cache (atomically); best effort.
+fn keep(cache: &Path, rel: &str, bytes: &[u8]) {
+    if rel.split('/').any(|c| c.is_empty() || c == "..") {
+        return;
+    }
+    let to = cache.join(rel);
+    if let Some(p) = to.parent() {
+        let _ = std::fs::create_dir_all(p);
+    }
+    let tmp = to.with_extension(format!("tmp{}", std::process::id()));
+    if std::fs::write(&tmp, bytes).is_ok() {
+        let _ = std::fs::rename(&tmp, &to);
+    }
+}
+
+/// The repository as this node's peers keep it (their caches, or the bundles imported on them),
+/// over the mesh: what a node reads when the Hub cannot be reached. Everything is verified by
+/// the TUF client like anything from the Hub.
+#[derive(Clone)]
+struct MeshSource {
+    node: std::sync::Weak<crate::node::Node>,
+}
+
+impl std::fmt::Debug for MeshSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MeshSource")
+    }
+}
+
+#[macula_hub::tuf::async_trait]
+impl Source for MeshSource {
+    async fn get(&self, path: &str, max: u64) -> Result<Option<Vec<u8>>, String> {
+        let node = self.node.upgrade().ok_or("the node is gone")?;
+        Ok(crate::mesh::blobs::fetch_repo_file(&node, path, max).await)
     }
 }
 
@@ -237,6 +281,7 @@ impl Packages {
             Some(base) => Arc::new(HttpSource {
                 base: base.clone(),
                 agent: self.agent.clone(),
+                cache: self.dir.join("repo-cache"),
             }),
             None if self.dir.join("repo/metadata").is_dir() => {
                 Arc::new(macula_hub::tuf::DirSource(self.dir.join("repo")))
@@ -248,14 +293,30 @@ impl Packages {
                 )
             }
         };
-        let client = Client::load(
-            &root,
-            source,
-            &self.dir.join("tuf"),
-            ClientOptions::default(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let datastore = self.dir.join("tuf");
+        let load = |source: Arc<dyn Source>| {
+            Client::load(&root, source, &datastore, ClientOptions::default())
+        };
+        let client = match load(source).await {
+            Ok(c) => c,
+            // The Hub cannot be reached (or failed to verify): the repository as peers keep
+            // it, verified the same way — installs go on while the Hub is down.
+            Err(e) if base.is_some() && self.peers => {
+                let peers: Arc<dyn Source> = Arc::new(MeshSource {
+                    node: self.node.clone(),
+                });
+                match load(peers).await {
+                    Ok(c) => {
+                        tracing::info!(
+                            "packages: the Hub failed ({e}); its repository came from peers"
+                        );
+                        c
+                    }
+                    Err(e2) => return Err(format!("{e}; from peers: {e2}")),
+                }
+            }
+            Err(e) => return Err(e.to_string()),
+        };
         // Keep the newest root verified as the next trust (a rotation is walked once).
         let tmp = hub
             .root
