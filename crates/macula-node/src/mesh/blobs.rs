@@ -251,7 +251,7 @@ pub(crate) async fn fetch_repo_file(node: &Node, path: &str, max: u64) -> Option
     peers.shuffle(&mut rand::thread_rng());
     let name = format!("repo:{path}");
     for p in peers.iter().take(16) {
-        let Ok(first) = ask(&mesh, p, &name, 0).await else {
+        let Ok(first) = ask(mesh, p, &name, 0).await else {
             continue;
         };
         if first.total > max {
@@ -260,7 +260,7 @@ pub(crate) async fn fetch_repo_file(node: &Node, path: &str, max: u64) -> Option
         let mut out = first.data.to_vec();
         let mut ok = true;
         while (out.len() as u64) < first.total {
-            match ask(&mesh, p, &name, out.len() as u64).await {
+            match ask(mesh, p, &name, out.len() as u64).await {
                 Ok(part) if !part.data.is_empty() && part.offset == out.len() as u64 => {
                     out.extend_from_slice(&part.data)
                 }
