@@ -14,7 +14,7 @@
 mod baseline;
 mod hash;
 mod heal;
-mod hub_revoke;
+mod hub_mesh;
 mod hub_verify;
 mod invoices;
 mod macula_side;
@@ -178,6 +178,14 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// Installing a package on every node of `macula up --nodes N`, from peers and from the Hub
+    /// alone (needs target/release/macula).
+    HubInstall {
+        #[arg(long, default_value_t = 5)]
+        nodes: u32,
+        #[arg(long, default_value_t = 100)]
+        mib: u64,
+    },
     /// Self-healing on real node processes: SIGKILL a node that runs a replica, time until the
     /// replica runs elsewhere (goal p95 ≤ 5 s), restart the node, repeat.
     Heal {
@@ -338,8 +346,13 @@ fn main() -> Result<()> {
         print(&figs, cli.json);
         return Ok(());
     }
+    if let Cmd::HubInstall { nodes, mib } = cli.cmd {
+        let figs = hub_mesh::install(nodes, mib)?;
+        print(&figs, cli.json);
+        return Ok(());
+    }
     if let Cmd::HubRevoke { nodes, rounds } = cli.cmd {
-        let figs = hub_revoke::run(nodes, rounds)?;
+        let figs = hub_mesh::revoke(nodes, rounds)?;
         print(&figs, cli.json);
         return Ok(());
     }
