@@ -100,6 +100,23 @@ pub enum HubCmd {
         #[arg(long)]
         reason: String,
     },
+    /// Certify a Verified version (platform operators): its vendor's declared support and SLO
+    /// were reviewed.
+    Certify {
+        /// `org/name@version`.
+        release: String,
+        /// What was reviewed (support terms, SLO).
+        #[arg(long)]
+        note: String,
+    },
+    /// Verify a bundle (.bmz) offline, as an import would, without installing anything: every
+    /// file against its digest, the metadata chain against the root of trust, every package.
+    Verify {
+        file: PathBuf,
+        /// The Hub's root of trust to verify against (`macula hub trust` wrote it).
+        #[arg(long)]
+        root: PathBuf,
+    },
     /// The Hub's root of trust (the newest root.json), for nodes to verify it with.
     Trust,
     /// Offline bundles (.bmz) for sites that cannot reach the Hub: export, import.
@@ -212,6 +229,31 @@ pub async fn hub(args: HubArgs, json: bool) -> Result<()> {
         );
         return Ok(());
     }
+    if let HubCmd::Verify { file, root } = &args.cmd {
+        let trusted =
+            std::fs::read(root).with_context(|| format!("the root of trust {}", root.display()))?;
+        let scratch = tempfile::tempdir()?;
+        let v = macula_hub::bundle::import(file, scratch.path(), &trusted, 8 << 30)
+            .await
+            .map_err(|e| anyhow!("{} does not verify: {e}", file.display()))?;
+        emit(
+            json,
+            &json!({"file": file, "packages": v.manifest.packages, "expires": v.manifest.expires, "root_version": v.root_version, "blobs": v.blobs}),
+            |_| {
+                println!(
+                    "{} verifies against root version {}: {} file(s), until {}.",
+                    file.display(),
+                    v.root_version,
+                    v.blobs,
+                    v.manifest.expires
+                );
+                for p in &v.manifest.packages {
+                    println!("  {} {}", p.target, p.digest);
+                }
+            },
+        );
+        return Ok(());
+    }
     if let HubCmd::Bundle(BundleCmd::Import {
         bundle,
         into,
@@ -225,6 +267,7 @@ pub async fn hub(args: HubArgs, json: bool) -> Result<()> {
     match args.cmd {
         HubCmd::Keygen { .. }
         | HubCmd::Attest { .. }
+        | HubCmd::Verify { .. }
         | HubCmd::Bundle(BundleCmd::Import { .. }) => {
             unreachable!("handled above")
         }
@@ -361,6 +404,7 @@ pub async fn hub(args: HubArgs, json: bool) -> Result<()> {
         }
         HubCmd::Yank { release, reason } => mark(&api, &release, "yank", &reason, json)?,
         HubCmd::Revoke { release, reason } => mark(&api, &release, "revoke", &reason, json)?,
+        HubCmd::Certify { release, note } => mark(&api, &release, "certify", &note, json)?,
         HubCmd::Trust => {
             let t: Trust = api.get_anonymous("/v1/hub/trust")?;
             if json {
@@ -394,6 +438,7 @@ fn mark(api: &Api, release: &str, what: &str, reason: &str, json: bool) -> Resul
             "Yanked {}: new installs skip it; deployments pinned to {} keep working.",
             r.target, r.digest
         ),
+        "certify" => println!("Certified {} (tier {}).", r.target, r.tier),
         _ => println!(
             "Revoked {}: no node installs it any more, and running replicas of it are flagged.",
             r.target

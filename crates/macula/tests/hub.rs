@@ -541,7 +541,13 @@ fn the_smoke_test_promotes_a_healthy_package_to_verified() {
             "affected": [{"package": {"ecosystem": "npm", "name": "left-pad"}, "versions": ["1.0.0"]}]}"#,
     )
     .unwrap();
-    let f = Fixture::with(&[], &format!("  hub:\n    osv: {}\n", osv.path().display()));
+    let f = Fixture::with(
+        &[],
+        &format!(
+            "  operators: [ops@example.com]\n  hub:\n    osv: {}\n",
+            osv.path().display()
+        ),
+    );
     f.publish(MANIFEST, "#!/bin/sh\nexec sleep 300\n");
     let dying = MANIFEST
         .replace("name: acme/hello", "name: acme/dies")
@@ -582,9 +588,37 @@ fn the_smoke_test_promotes_a_healthy_package_to_verified() {
             .is_some_and(|d| d.contains("restarted") || d.contains("failed")),
         "{bad}"
     );
-    // The smoke realm's workloads are gone afterwards.
     let search = f.hub(&["hub", "search"]);
     assert!(search.contains("verified"), "{search}");
+
+    // Certified: an operator's review of a Verified release; nobody else's, nothing less.
+    let note = ["--note", "support: 24/7; SLO 99.9%"];
+    let (ok, _, err) = cli_run(
+        f.acme.path(),
+        &f.http,
+        &[&["hub", "certify", "acme/hello@1.0.0"][..], &note[..]].concat(),
+        None,
+    );
+    assert!(!ok && err.contains("operator"), "{err}");
+    let ops = account(&f.http, &f._home.path().join("mail"), "ops@example.com");
+    let (ok, _, err) = cli_run(
+        ops.path(),
+        &f.http,
+        &[&["hub", "certify", "acme/dies@1.0.0"][..], &note[..]].concat(),
+        None,
+    );
+    assert!(!ok && err.contains("only a Verified release"), "{err}");
+    let c = json(&cli(
+        ops.path(),
+        &f.http,
+        &[
+            &["--json", "hub", "certify", "acme/hello@1.0.0"][..],
+            &note[..],
+        ]
+        .concat(),
+        None,
+    ));
+    assert_eq!(c["tier"], "certified", "{c}");
 }
 
 /// An offline bundle: exported from a Hub, imported on a mesh that cannot reach it (two nodes
@@ -716,6 +750,16 @@ fn a_bundle_installs_and_runs_on_an_isolated_site() {
     }
     assert!(!site.path().join("nodes/1/workloads/packages/repo").exists());
 
+    // Verified offline without installing anything.
+    let root = site.path().join("hub-root.json");
+    let (ok, out, err) = site_cli(&[
+        "hub",
+        "verify",
+        bmz.to_str().unwrap(),
+        "--root",
+        root.to_str().unwrap(),
+    ]);
+    assert!(ok && out.contains("acme/hello@1.0.0"), "verify: {err}");
     let (ok, out, err) = site_cli(&[
         "--json",
         "hub",

@@ -374,6 +374,47 @@ impl Registry {
         self.release(target).await
     }
 
+    /// An operator certifies a Verified release (support and SLO declared and reviewed: `note`).
+    pub async fn certify_release(
+        &self,
+        actor: &Actor,
+        target: &str,
+        note: &str,
+    ) -> ApiResult<Release> {
+        let hub = self.hub()?;
+        Self::operator_only(actor)?;
+        let note = note.trim();
+        if note.is_empty() || note.len() > 500 {
+            return Err(ApiError::invalid(
+                "invalid_reason",
+                "reason: what was reviewed (support, SLO), 1 to 500 bytes",
+            ));
+        }
+        let release = self.release(target).await?;
+        if release.tier != "verified" || !release.revoked.is_empty() {
+            return Err(ApiError::conflict(
+                "not_verified",
+                format!(
+                    "{target} is {}: only a Verified release (scan and smoke test passed) that is not revoked can be certified",
+                    release.tier
+                ),
+            ));
+        }
+        let repo = hub.repo.lock().await;
+        let mut ch = self.change(actor).await?;
+        sqlx::query("UPDATE hub_releases SET tier = 'certified' WHERE target = $1")
+            .bind(target)
+            .execute(&mut *ch)
+            .await?;
+        ch.audit(
+            "hub.tier",
+            json!({"target": target, "tier": "certified", "was": release.tier, "review": note}),
+        );
+        ch.commit().await?;
+        self.announce_status(repo).await?;
+        self.release(target).await
+    }
+
     pub async fn release(&self, target: &str) -> ApiResult<Release> {
         let r = sqlx::query(&format!(
             "SELECT {RELEASE_COLUMNS} FROM hub_releases r WHERE r.target = $1"

@@ -208,14 +208,16 @@ pub(crate) async fn package_info(
     Ok(Json(reg.package_info(&format!("{ns}/{name}")).await?))
 }
 
-/// Yank or revoke a release (its publisher's owner or an operator).
+/// Yank, revoke or certify a release.
 ///
-/// `yank`: hidden from new installs, still installable by digest (deployments that pinned it
-/// keep working). `revoke`: installable nowhere, and running replicas of it are flagged.
+/// `yank` (its publisher's owner or an operator): hidden from new installs, still installable by
+/// digest (deployments that pinned it keep working). `revoke` (the same): installable nowhere,
+/// and running replicas of it are flagged. `certify` (operators): a Verified release whose
+/// vendor declared support and an SLO (`reason` says what was reviewed) becomes Certified.
 #[utoipa::path(post, path = "/v1/hub/releases/{namespace}/{release}/{action}", tag = "hub", security(("session" = [])),
     params(("namespace" = String, Path, description = "The publisher's namespace."),
         ("release" = String, Path, description = "`<name>@<version>`."),
-        ("action" = String, Path, description = "`yank` or `revoke`.")),
+        ("action" = String, Path, description = "`yank`, `revoke` or `certify`.")),
     request_body = Reason,
     responses((status = 200, body = Release, description = "Yanked or revoked."),
         (status = 401, response = ErrorBody), (status = 403, response = ErrorBody),
@@ -226,16 +228,21 @@ pub(crate) async fn mark_release(
     Path((ns, rel, action)): Path<(String, String, String)>,
     Body(req): Body<Reason>,
 ) -> ApiResult<Json<Release>> {
+    let target = format!("{ns}/{rel}");
     let revoke = match action.as_str() {
         "yank" => false,
         "revoke" => true,
+        "certify" => {
+            return Ok(Json(
+                reg.certify_release(&actor, &target, &req.reason).await?,
+            ))
+        }
         _ => {
             return Err(ApiError::not_found(format!(
-                "no action {action}: yank or revoke"
+                "no action {action}: yank, revoke or certify"
             )))
         }
     };
-    let target = format!("{ns}/{rel}");
     Ok(Json(
         reg.mark_release(&actor, &target, revoke, &req.reason)
             .await?,

@@ -119,7 +119,12 @@ impl Registry {
                 .as_array()
                 .is_some_and(Vec::is_empty);
         let tier = if result["passed"] == json!(true) && scan_clean {
-            "verified"
+            // A certification stands while the release stays healthy.
+            if release.tier == "certified" {
+                "certified"
+            } else {
+                "verified"
+            }
         } else {
             "community"
         };
