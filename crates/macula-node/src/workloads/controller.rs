@@ -615,30 +615,45 @@ impl Controller {
     /// The Hub changed (a notice from a peer, or from the registry this node hosts): refresh
     /// the view of it from the Hub itself, and pass the notice on once that version is verified
     /// (a notice claiming a version the Hub does not have goes no further).
+    /// One refresh task at a time, however many notices arrive: a peer flooding notices
+    /// costs at most one refresh a second, never a growing pile of tasks.
     fn on_hub_changed(&self, from: &str, version: u64) {
         let packages = self.packages.clone();
         if !packages.has_hub() || version <= packages.view().version {
             return;
         }
+        if !packages.notice(version) {
+            return; // a refresh is under way; it looks at the highest version noticed
+        }
         let node = self.node.clone();
         let from = from.parse::<PeerId>().ok();
         tokio::spawn(async move {
-            if version <= packages.view().version {
-                return;
-            }
-            match packages.refresh().await {
-                Ok(v) if v >= version => {
-                    if let (Some(m), Ok(bytes)) = (
-                        crate::mesh::of(&node),
-                        serde_json::to_vec(&Work::HubChanged { version: v }),
-                    ) {
-                        m.handle
-                            .broadcast(&Frame::Work { msg: bytes.into() }, from.as_ref());
+            let mut verified = packages.view().version;
+            loop {
+                match packages.refresh().await {
+                    Ok(v) if v > verified => {
+                        verified = v;
+                        if let (Some(m), Ok(bytes)) = (
+                            crate::mesh::of(&node),
+                            serde_json::to_vec(&Work::HubChanged { version: v }),
+                        ) {
+                            m.handle
+                                .broadcast(&Frame::Work { msg: bytes.into() }, from.as_ref());
+                        }
+                    }
+                    // No newer version at the Hub than this node has: a notice claiming one
+                    // goes no further.
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!("hub: refreshing after a change notice: {e}");
+                        break;
                     }
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!("hub: refreshing after a change notice: {e}"),
+                if packages.noticed() <= verified {
+                    break;
+                }
             }
+            packages.notice_done();
         });
     }
 

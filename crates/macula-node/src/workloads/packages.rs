@@ -49,6 +49,9 @@ pub struct Packages {
     view: parking_lot::RwLock<HubView>,
     /// One refresh at a time; none sooner than a second after the last.
     refreshing: tokio::sync::Mutex<std::time::Instant>,
+    /// The highest version change notices named, and whether a refresh for them runs.
+    noticed: std::sync::atomic::AtomicU64,
+    notice_running: std::sync::atomic::AtomicBool,
     /// The node (its mesh: files from peers), and whether to ask peers first.
     node: std::sync::Weak<crate::node::Node>,
     peers: bool,
@@ -208,6 +211,8 @@ impl Packages {
             busy: tokio::sync::Mutex::new(HashMap::new()),
             agent: agent(),
             view: parking_lot::RwLock::new(HubView::default()),
+            noticed: Default::default(),
+            notice_running: Default::default(),
             node,
             peers,
             refreshing: tokio::sync::Mutex::new(
@@ -223,6 +228,25 @@ impl Packages {
         self.hub
             .as_ref()
             .is_some_and(|h| h.url.is_some() || self.dir.join("repo/metadata").is_dir())
+    }
+
+    /// Records a change notice naming `version`; true if the caller is to run the refresh
+    /// (none runs), false if the one running will see it.
+    pub fn notice(&self, version: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        self.noticed.fetch_max(version, Ordering::AcqRel);
+        !self.notice_running.swap(true, Ordering::AcqRel)
+    }
+
+    /// The highest version notices named.
+    pub fn noticed(&self) -> u64 {
+        self.noticed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The refresh for notices ended.
+    pub fn notice_done(&self) {
+        self.notice_running
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// What the last refresh found.

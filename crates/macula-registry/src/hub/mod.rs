@@ -70,8 +70,9 @@ pub struct Hub {
     pub(crate) store: Arc<FsStore>,
     pub(crate) osv: Option<osv::Database>,
     pub(crate) max_blob: u64,
-    /// One smoke test at a time (see `smoke.rs`).
+    /// One smoke test at a time (see `smoke.rs`), and how many wait for their turn.
     pub(crate) smoking: tokio::sync::Mutex<()>,
+    pub(crate) smoke_waiting: std::sync::atomic::AtomicUsize,
 }
 
 const ROLES: [&str; 4] = ["root", "targets", "snapshot", "timestamp"];
@@ -140,6 +141,7 @@ impl Hub {
             osv,
             max_blob: cfg.max_blob,
             smoking: tokio::sync::Mutex::new(()),
+            smoke_waiting: Default::default(),
         })
     }
 
