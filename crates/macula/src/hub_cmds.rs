@@ -549,14 +549,25 @@ async fn publish(
     } else {
         indicatif::ProgressBar::new(total)
     };
+    let mut sent = (0usize, 0u64);
     for (d, size) in &blobs {
-        let path = store.root().join("sha256").join(d.hex());
-        api.put_file(&format!("/v1/hub/blobs/{}", seg(&d.to_string())), &path)
-            .with_context(|| format!("uploading {d}"))?;
+        let at = format!("/v1/hub/blobs/{}", seg(&d.to_string()));
+        // Files the Hub holds already (an unchanged manifest, a shared artifact) are not sent.
+        if !api.exists(&at)? {
+            let path = store.root().join("sha256").join(d.hex());
+            api.put_file(&at, &path)
+                .with_context(|| format!("uploading {d}"))?;
+            sent = (sent.0 + 1, sent.1 + size);
+        }
         bar.inc(*size);
     }
     bar.finish_and_clear();
-    say(format!("uploaded {} file(s), {total} bytes", blobs.len()));
+    say(format!(
+        "uploaded {} of {} file(s), {} of {total} bytes (the rest the Hub held already)",
+        sent.0,
+        blobs.len(),
+        sent.1
+    ));
     // The publisher's next role: the current one with this version added, signed here.
     let current: Value = api.get_anonymous(&format!("/v1/hub/publishers/{}/role", seg(&ns)))?;
     let current = serde_json::to_vec(&current)?;

@@ -242,39 +242,56 @@ fn repo_file(node: &Node, path: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Fetches a TUF file from the first peer that keeps it (at most `max` bytes); None when none
-/// does (the TUF client then takes it as absent: a root version that does not exist yet).
-pub(crate) async fn fetch_repo_file(node: &Node, path: &str, max: u64) -> Option<Vec<u8>> {
-    let mesh = super::of(node)?;
+/// The peers to ask for the Hub's repository (at most 16 of them), those with the newest
+/// copy first: each is asked for its `metadata/timestamp.json`, ordered by the version it
+/// claims (unverified: only the order depends on it; the TUF client verifies what is used),
+/// ties in a random order so that nodes refreshing at once spread over their peers. A peer
+/// keeping no copy is left out.
+pub(crate) async fn repo_peers(node: &Node) -> Vec<PeerId> {
+    let Some(mesh) = super::of(node) else {
+        return vec![];
+    };
     let mut peers: Vec<PeerId> = mesh.handle.peers();
     use rand::seq::SliceRandom;
     peers.shuffle(&mut rand::thread_rng());
+    peers.truncate(16);
+    let claims = futures_util::future::join_all(peers.into_iter().map(|p| async move {
+        let ts = fetch_repo_file(node, &p, "metadata/timestamp.json", 64 * 1024).await?;
+        let v: serde_json::Value = serde_json::from_slice(&ts).ok()?;
+        Some((v["signed"]["version"].as_u64().unwrap_or(0), p))
+    }))
+    .await;
+    let mut claims: Vec<(u64, PeerId)> = claims.into_iter().flatten().collect();
+    claims.sort_by_key(|c| std::cmp::Reverse(c.0));
+    claims.into_iter().map(|c| c.1).collect()
+}
+
+/// Fetches a TUF file from `peer` (at most `max` bytes); None when it does not keep it (the
+/// TUF client then takes it as absent: a root version that does not exist yet). One peer
+/// serves a whole refresh: files from different peers could be of different versions of the
+/// repository, which the client would rightly refuse as mix-and-match.
+pub(crate) async fn fetch_repo_file(
+    node: &Node,
+    peer: &PeerId,
+    path: &str,
+    max: u64,
+) -> Option<Vec<u8>> {
+    let mesh = super::of(node)?;
     let name = format!("repo:{path}");
-    for p in peers.iter().take(16) {
-        let Ok(first) = ask(mesh, p, &name, 0).await else {
-            continue;
-        };
-        if first.total > max {
-            return Some(vec![0; max as usize + 1]);
-        }
-        let mut out = first.data.to_vec();
-        let mut ok = true;
-        while (out.len() as u64) < first.total {
-            match ask(mesh, p, &name, out.len() as u64).await {
-                Ok(part) if !part.data.is_empty() && part.offset == out.len() as u64 => {
-                    out.extend_from_slice(&part.data)
-                }
-                _ => {
-                    ok = false;
-                    break;
-                }
+    let first = ask(mesh, peer, &name, 0).await.ok()?;
+    if first.total > max {
+        return Some(vec![0; max as usize + 1]);
+    }
+    let mut out = first.data.to_vec();
+    while (out.len() as u64) < first.total {
+        match ask(mesh, peer, &name, out.len() as u64).await {
+            Ok(part) if !part.data.is_empty() && part.offset == out.len() as u64 => {
+                out.extend_from_slice(&part.data)
             }
-        }
-        if ok {
-            return Some(out);
+            _ => return None,
         }
     }
-    None
+    Some(out)
 }
 
 /// Where this node's installed blobs are (`<packages>/blobs/sha256`): what it serves.

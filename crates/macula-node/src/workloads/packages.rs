@@ -161,6 +161,7 @@ fn keep(cache: &Path, rel: &str, bytes: &[u8]) {
 #[derive(Clone)]
 struct MeshSource {
     node: std::sync::Weak<crate::node::Node>,
+    peer: macula_mesh::Peer,
 }
 
 impl std::fmt::Debug for MeshSource {
@@ -173,7 +174,7 @@ impl std::fmt::Debug for MeshSource {
 impl Source for MeshSource {
     async fn get(&self, path: &str, max: u64) -> Result<Option<Vec<u8>>, String> {
         let node = self.node.upgrade().ok_or("the node is gone")?;
-        Ok(crate::mesh::blobs::fetch_repo_file(&node, path, max).await)
+        Ok(crate::mesh::blobs::fetch_repo_file(&node, &self.peer, path, max).await)
     }
 }
 
@@ -325,18 +326,43 @@ impl Packages {
             Ok(c) => c,
             // The Hub cannot be reached (or failed to verify): the repository as peers keep
             // it, verified the same way — installs go on while the Hub is down.
+            // Each peer is a whole source (one version of the repository); the newest copy
+            // that verifies (no older than what this node saw, unexpired) serves.
             Err(e) if base.is_some() && self.peers => {
-                let peers: Arc<dyn Source> = Arc::new(MeshSource {
-                    node: self.node.clone(),
-                });
-                match load(peers).await {
-                    Ok(c) => {
+                let peers = match self.node.upgrade() {
+                    Some(node) => crate::mesh::blobs::repo_peers(&node).await,
+                    None => vec![],
+                };
+                let mut why = vec![];
+                let mut found = None;
+                for peer in peers {
+                    let source: Arc<dyn Source> = Arc::new(MeshSource {
+                        node: self.node.clone(),
+                        peer,
+                    });
+                    match load(source).await {
+                        Ok(c) => {
+                            found = Some(c);
+                            break;
+                        }
+                        Err(e2) => why.push(format!("{peer}: {e2}")),
+                    }
+                }
+                match found {
+                    Some(c) => {
                         tracing::info!(
                             "packages: the Hub failed ({e}); its repository came from peers"
                         );
                         c
                     }
-                    Err(e2) => return Err(format!("{e}; from peers: {e2}")),
+                    None if why.is_empty() => return Err(format!("{e}; no peers to ask")),
+                    None => {
+                        return Err(format!(
+                            "{e}; from {} peer(s): {}",
+                            why.len(),
+                            why.join("; ")
+                        ))
+                    }
                 }
             }
             Err(e) => return Err(e.to_string()),

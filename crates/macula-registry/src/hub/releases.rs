@@ -85,6 +85,16 @@ impl Registry {
             ));
         }
         if hub.store.has(&want) {
+            // Read to its end (bounded) before answering, so the client can finish sending
+            // instead of meeting a closed connection.
+            let mut stream = body.into_data_stream();
+            let mut seen = 0u64;
+            while let Some(Ok(chunk)) = stream.next().await {
+                seen += chunk.len() as u64;
+                if seen > hub.max_blob {
+                    break;
+                }
+            }
             return Ok(Blob {
                 digest: want.to_string(),
                 size: blob_size(hub, &want),

@@ -248,6 +248,24 @@ impl Api {
         self.answer(path, res)
     }
 
+    /// Whether `path` answers a HEAD with 2xx (a Hub blob already uploaded, say); a 404 is
+    /// `false`, anything else but 2xx an error.
+    pub fn exists(&self, path: &str) -> Result<bool> {
+        let url = format!("{}{path}", self.base);
+        let res = self.agent.head(&url).call().map_err(|e| {
+            anyhow!(
+                "cannot reach the registry at {}: {e}{}",
+                self.base,
+                tls_hint(&e.to_string())
+            )
+        })?;
+        match res.status().as_u16() {
+            200..=299 => Ok(true),
+            404 => Ok(false),
+            s => bail!("HEAD {path}: the registry answered {s}"),
+        }
+    }
+
     /// PUTs a file's bytes (a Hub blob), streamed; the answer as JSON.
     pub fn put_file(&self, path: &str, file: &std::path::Path) -> Result<Value> {
         let url = format!("{}{path}", self.base);
@@ -256,6 +274,12 @@ impl Api {
         let res = self
             .agent
             .put(&url)
+            // A large file takes as long as the link needs: no overall deadline; the answer
+            // (the Hub hashes what it received) must come within two minutes of the last byte.
+            .config()
+            .timeout_global(None)
+            .timeout_recv_response(Some(std::time::Duration::from_secs(120)))
+            .build()
             .header("Authorization", &format!("Bearer {token}"))
             .header("Content-Type", "application/octet-stream")
             .send(ureq::SendBody::from_reader(&mut f));
