@@ -15,6 +15,8 @@
 //!   the check that every artifact is described by its SHA-256;
 //! - `store.rs` blobs by digest behind one trait (`BlobStore`), on the filesystem (`FsStore`):
 //!   nothing half-visible, bounded uploads, verified reads.
+//! - `s3.rs` blobs in an S3-compatible object store (`S3Store`, feature `s3`), and its
+//!   settings (`S3Config`, always: a node without the feature refuses them, saying so);
 //! - `submit.rs` the submission pipeline's first gate: capabilities within what the publisher
 //!   may grant, the workload within the largest plan, no secret written into the manifest.
 //! - `tuf.rs` the TUF repository (through `tough`): the Hub's writer (root with rotation, a
@@ -32,6 +34,7 @@ pub mod pack;
 pub mod package;
 pub mod prepare;
 pub mod review;
+pub mod s3;
 pub mod sbom;
 pub mod store;
 pub mod submit;

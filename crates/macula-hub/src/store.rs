@@ -1,6 +1,6 @@
 //! Where blobs are kept, behind one interface ([`BlobStore`]): the local filesystem by default
-//! ([`FsStore`]); an S3-compatible object store for operators who outgrow one machine comes
-//! behind the same trait.
+//! ([`FsStore`]); an S3-compatible object store for operators who outgrow one machine
+//! (`S3Store` in `s3.rs`, cargo feature `s3`).
 //!
 //! Rules every store keeps:
 //! - **Nothing half-visible.** A blob appears under its digest only once all of it is written,
@@ -56,6 +56,18 @@ pub trait BlobStore: Send + Sync {
 
     /// Whether the blob is kept.
     fn has(&self, d: &Digest) -> bool;
+
+    /// The blob's size, if it is kept.
+    fn size(&self, d: &Digest) -> Result<Option<u64>, StoreError>;
+
+    /// The blob as a local file, where the store keeps it as one (served without copying);
+    /// None for a remote store.
+    fn local_path(&self, _d: &Digest) -> Option<PathBuf> {
+        None
+    }
+
+    /// Where the store is, for messages and logs.
+    fn describe(&self) -> String;
 
     /// Forgets the blob; whether it was kept.
     fn remove(&self, d: &Digest) -> Result<bool, StoreError>;
@@ -203,6 +215,22 @@ impl BlobStore for FsStore {
 
     fn has(&self, d: &Digest) -> bool {
         self.path(d).is_file()
+    }
+
+    fn size(&self, d: &Digest) -> Result<Option<u64>, StoreError> {
+        match fs::metadata(self.path(d)) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn local_path(&self, d: &Digest) -> Option<PathBuf> {
+        Some(self.path(d)).filter(|p| p.is_file())
+    }
+
+    fn describe(&self) -> String {
+        self.root.display().to_string()
     }
 
     fn remove(&self, d: &Digest) -> Result<bool, StoreError> {

@@ -258,6 +258,10 @@ pub struct HubSection {
     pub osv: PathBuf,
     /// The largest file of a package accepted, in bytes.
     pub max_blob: u64,
+    /// Keep the Hub's blobs in an S3-compatible bucket instead of `<dir>/blobs` (endpoint,
+    /// bucket, region, prefix, access_key_id, secret_access_key_file, virtual_hosted,
+    /// allow_http); unset: the filesystem.
+    pub s3: macula_hub::s3::S3Config,
 }
 
 impl Default for HubSection {
@@ -267,6 +271,7 @@ impl Default for HubSection {
             dir: PathBuf::new(),
             osv: PathBuf::new(),
             max_blob: 1 << 30,
+            s3: Default::default(),
         }
     }
 }

@@ -35,6 +35,7 @@ pub fn registry_config(s: &RegistrySection) -> RegistryConfig {
             dir: (!s.hub.dir.as_os_str().is_empty()).then(|| s.hub.dir.clone()),
             osv: (!s.hub.osv.as_os_str().is_empty()).then(|| s.hub.osv.clone()),
             max_blob: s.hub.max_blob.max(1),
+            s3: s.hub.s3.clone(),
             ..Default::default()
         },
         kek: match std::env::var(kek::KEK_ENV) {

@@ -4,7 +4,8 @@
 //! **What it holds.** Under `hub.dir` (default `<config dir>/hub`): `repo/` the TUF repository
 //! (`macula_hub::tuf::Repo`: metadata and the package indexes as targets, in the layout both
 //! tough and python-tuf read), `blobs/` every file of every package by digest
-//! (`macula_hub::FsStore`), `keys/` the repository's keys (0600): the root key, made here on first
+//! (`macula_hub::FsStore`; or, with `hub.s3` set, the objects `<prefix>sha256/<hex>` of an
+//! S3-compatible bucket, `macula_hub::s3::S3Store`), `keys/` the repository's keys (0600): the root key, made here on first
 //! start for a single-machine Hub (move it offline, see `docs/design/hub.md`), and the online
 //! keys (targets, snapshot, timestamp), which the Hub must hold to re-sign.
 //!
@@ -29,8 +30,9 @@ pub mod types;
 
 use std::path::{Path, PathBuf};
 
+use macula_hub::s3::S3Config;
 use macula_hub::tuf::{self, Key, Lifetimes, Online, Repo};
-use macula_hub::{osv, FsStore};
+use macula_hub::{osv, BlobStore, FsStore};
 
 #[allow(unused_imports)]
 use crate::prelude::*;
@@ -49,6 +51,8 @@ pub struct HubConfig {
     pub max_blob: u64,
     /// How long the repository's signatures last.
     pub lifetimes: Lifetimes,
+    /// Blobs in an S3-compatible bucket instead of `<dir>/blobs` (when set).
+    pub s3: S3Config,
 }
 
 impl Default for HubConfig {
@@ -59,6 +63,7 @@ impl Default for HubConfig {
             osv: None,
             max_blob: 1 << 30,
             lifetimes: Lifetimes::default(),
+            s3: S3Config::default(),
         }
     }
 }
@@ -67,12 +72,32 @@ impl Default for HubConfig {
 pub struct Hub {
     pub dir: PathBuf,
     pub(crate) repo: tokio::sync::Mutex<Repo>,
-    pub(crate) store: Arc<FsStore>,
+    pub(crate) store: Arc<dyn BlobStore>,
     pub(crate) osv: Option<osv::Database>,
     pub(crate) max_blob: u64,
     /// One smoke test at a time (see `smoke.rs`), and how many wait for their turn.
     pub(crate) smoking: tokio::sync::Mutex<()>,
     pub(crate) smoke_waiting: std::sync::atomic::AtomicUsize,
+}
+
+/// The Hub's blob store: the filesystem under `<dir>/blobs`, or the S3 bucket configured.
+fn open_store(cfg: &HubConfig, dir: &Path) -> anyhow::Result<Arc<dyn BlobStore>> {
+    if !cfg.s3.is_set() {
+        return Ok(Arc::new(FsStore::open(dir.join("blobs"))?));
+    }
+    #[cfg(feature = "s3")]
+    {
+        Ok(Arc::new(macula_hub::s3::S3Store::open(
+            &cfg.s3,
+            dir.join("s3-spool"),
+        )?))
+    }
+    #[cfg(not(feature = "s3"))]
+    {
+        anyhow::bail!(
+            "registry.hub.s3 is set, but this build of macula has no S3 support (cargo feature s3)"
+        )
+    }
 }
 
 const ROLES: [&str; 4] = ["root", "targets", "snapshot", "timestamp"];
@@ -117,7 +142,8 @@ impl Hub {
             );
             Repo::create(&repo_dir, &[root], 1, online, cfg.lifetimes).await?
         };
-        let store = Arc::new(FsStore::open(dir.join("blobs"))?);
+        let store = open_store(cfg, dir)?;
+        tracing::info!("hub: blobs in {}", store.describe());
         let osv = match &cfg.osv {
             None => None,
             Some(p) => {

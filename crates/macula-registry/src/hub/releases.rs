@@ -8,7 +8,7 @@ use macula_hub::attest::Trusted;
 use macula_hub::review::{self, Rules};
 use macula_hub::submit;
 use macula_hub::tuf::HUB_NAMESPACE;
-use macula_hub::{BlobStore, Digest};
+use macula_hub::Digest;
 
 use super::publishers::unverified;
 use super::tuf_error;
@@ -84,7 +84,14 @@ impl Registry {
                 "only the owner of a verified publisher uploads to the Hub",
             ));
         }
-        if hub.store.has(&want) {
+        let have = {
+            let store = hub.store.clone();
+            tokio::task::spawn_blocking(move || store.size(&want))
+                .await
+                .map_err(ApiError::internal)?
+                .map_err(ApiError::internal)?
+        };
+        if let Some(size) = have {
             // Read to its end (bounded) before answering, so the client can finish sending
             // instead of meeting a closed connection.
             let mut stream = body.into_data_stream();
@@ -97,7 +104,7 @@ impl Registry {
             }
             return Ok(Blob {
                 digest: want.to_string(),
-                size: blob_size(hub, &want),
+                size,
             });
         }
         // Spooled to a file as it arrives (a blob may be larger than memory should hold), then
@@ -553,10 +560,4 @@ impl Registry {
             repository: "/v1/hub/tuf/".into(),
         })
     }
-}
-
-fn blob_size(hub: &super::Hub, d: &Digest) -> u64 {
-    std::fs::metadata(hub.store.root().join("sha256").join(d.hex()))
-        .map(|m| m.len())
-        .unwrap_or(0)
 }

@@ -169,20 +169,84 @@ pub(crate) async fn get_blob(State(reg): Reg, Path(digest): Path<String>) -> Api
     let d: macula_hub::Digest = digest.parse().map_err(|e: macula_hub::digest::BadDigest| {
         ApiError::invalid("invalid_digest", e.to_string())
     })?;
-    let path = hub.store.root().join("sha256").join(d.hex());
-    let file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|_| ApiError::not_found(format!("no blob {d}")))?;
-    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
-    let stream = tokio_util::io::ReaderStream::new(file);
+    let not_found = || ApiError::not_found(format!("no blob {d}"));
+    let (len, body) = match hub.store.local_path(&d) {
+        // A file: streamed from disk as it is.
+        Some(path) => {
+            let file = tokio::fs::File::open(&path)
+                .await
+                .map_err(|_| not_found())?;
+            let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+            (
+                len,
+                axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file)),
+            )
+        }
+        // A remote store: its reader (verified as it streams: a corrupt object ends the
+        // download with an error, never a clean end) passed on chunk by chunk.
+        None => {
+            let store = hub.store.clone();
+            let opened = tokio::task::spawn_blocking(move || {
+                let len = store.size(&d)?;
+                Ok::<_, macula_hub::StoreError>(len.zip(store.open(&d)?))
+            })
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(ApiError::internal)?;
+            let (len, mut reader) = opened.ok_or_else(not_found)?;
+            let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<axum::body::Bytes>>(4);
+            tokio::task::spawn_blocking(move || {
+                use std::io::Read;
+                // Each chunk is sent once the next read succeeds: the last one only once the
+                // reader has verified the whole (a corrupt object is never served complete).
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut held: Option<axum::body::Bytes> = None;
+                loop {
+                    let next = match reader.read(&mut buf) {
+                        Ok(0) => None,
+                        Ok(n) => Some(Ok(axum::body::Bytes::copy_from_slice(&buf[..n]))),
+                        Err(e) => Some(Err(e)),
+                    };
+                    match next {
+                        Some(Ok(chunk)) => {
+                            if let Some(h) = held.replace(chunk) {
+                                if tx.blocking_send(Ok(h)).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!("hub: serving a blob: {e}");
+                            let _ = tx.blocking_send(Err(e));
+                            break;
+                        }
+                        None => {
+                            if let Some(h) = held.take() {
+                                let _ = tx.blocking_send(Ok(h));
+                            }
+                            break;
+                        }
+                    }
+                }
+            });
+            (len, axum::body::Body::from_stream(tokio_stream_of(rx)))
+        }
+    };
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
             (header::CONTENT_LENGTH, len.to_string()),
         ],
-        axum::body::Body::from_stream(stream),
+        body,
     )
         .into_response())
+}
+
+/// The items a channel receives, as a stream (a response body fed by a blocking reader).
+fn tokio_stream_of<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 /// Search packages by name.

@@ -13,8 +13,6 @@
 
 use std::time::{Duration, Instant};
 
-use macula_hub::BlobStore;
-
 use super::types::*;
 #[allow(unused_imports)]
 use crate::prelude::*;
