@@ -32,10 +32,18 @@ pub struct TierPrice {
     /// of jobs at once): a deploy past it is refused.
     #[serde(default = "default_max_instances")]
     pub max_instances: u32,
+    /// Hub package delivery: each GiB of packages' files delivered to the nodes that run the
+    /// realm's replicas, in cents (the seed's $0.10/GB). Billed on every plan.
+    #[serde(default = "default_package_price")]
+    pub package_cents_per_gib: u64,
 }
 
 fn default_instance_price() -> u64 {
     5_000
+}
+
+fn default_package_price() -> u64 {
+    10
 }
 
 fn default_max_instances() -> u32 {
@@ -75,6 +83,7 @@ impl Default for Prices {
             hard_quota: hard,
             instance_millicents_per_hour: default_instance_price(),
             max_instances: default_max_instances(),
+            package_cents_per_gib: default_package_price(),
         };
         let addon = |id: &str, title: &str, cents| AddonPrice {
             id: id.into(),

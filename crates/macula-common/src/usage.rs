@@ -91,6 +91,10 @@ pub struct UsageRow {
     /// Milliseconds the realm's replicas ran on the node (compute, billed per instance-hour).
     #[serde(default)]
     pub instance_ms: u64,
+    /// Bytes of Hub packages delivered to the node for the realm's replicas (from the Hub or
+    /// its peers; billed per GiB).
+    #[serde(default)]
+    pub package_bytes: u64,
 }
 
 /// What a node delivers to the aggregator.

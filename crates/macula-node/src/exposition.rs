@@ -453,9 +453,18 @@ fn usage_series(
             .map(|(realm, c)| (label("realm", realm.clone()), c[OPS + 1])),
     )?;
     let mut compute: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut delivered: std::collections::BTreeMap<String, u64> = Default::default();
     for (realm, _key, c) in meter.totals() {
-        *compute.entry(realm).or_default() += c[crate::meter::INSTANCE_MS];
+        *compute.entry(realm.clone()).or_default() += c[crate::meter::INSTANCE_MS];
+        *delivered.entry(realm).or_default() += c[crate::meter::PACKAGE_BYTES];
     }
+    out.counters(
+        "macula_realm_package_bytes",
+        "Bytes of Hub packages delivered to this node for the realm's replicas (billed per GiB).",
+        delivered
+            .iter()
+            .map(|(realm, b)| (label("realm", realm.clone()), *b)),
+    )?;
     out.gauges(
         "macula_realm_instance_seconds_total",
         "Seconds of replicas run on this node (compute, billed per instance-hour), by realm.",

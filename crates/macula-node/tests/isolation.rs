@@ -649,6 +649,7 @@ async fn an_unlisted_node_cannot_report_usage_for_a_dedicated_realm() {
         bytes_out: 0,
         latency: vec![],
         instance_ms: 0,
+        package_bytes: 0,
     };
     let report = UsageReport {
         node: rogue.peer_id().to_string(),

@@ -31,6 +31,7 @@ fn row(
         bytes_out,
         latency: vec![0; BUCKETS],
         instance_ms: 0,
+        package_bytes: 0,
     }
 }
 
@@ -322,6 +323,27 @@ async fn invoices(url: &str, dir: &std::path::Path) {
         "{inv3}"
     );
     assert_eq!(inv3["total_cents"], 14_716);
+
+    // Hub package delivery: 1.5 GiB of packages delivered to node c for com.pro's replicas,
+    // 0.5 GiB to node d (cumulative rows, re-sent: counted once): 2 GiB × $0.10.
+    let delivered = |node: &str, bytes: u64| {
+        let mut r = row("com.pro", "k2", h, [0; 5], 0, 0);
+        r.package_bytes = bytes;
+        report(node, 1, vec![r])
+    };
+    for _ in 0..2 {
+        srv.reg
+            .ingest(&delivered("node-c", GIB + GIB / 2))
+            .await
+            .unwrap();
+        srv.reg.ingest(&delivered("node-d", GIB / 2)).await.unwrap();
+    }
+    let (_, inv4) = req(base, "GET", "/v1/invoices/current", Some(&t), None).await;
+    assert!(
+        lines_of(&inv4).contains(&("com.pro".into(), "package_delivery".into(), 20)),
+        "{inv4}"
+    );
+    assert_eq!(inv4["total_cents"], 14_736);
     let month = macula_common::time::month_name(this_month);
     let (s, u) = req(
         base,
@@ -334,6 +356,8 @@ async fn invoices(url: &str, dir: &std::path::Path) {
     assert_eq!(s, 200, "{u}");
     assert_eq!(u["usage"]["instance_hours"], 2.0, "{u}");
     assert_eq!(u["plan"]["instance_millicents_per_hour"], 5_000, "{u}");
+    assert_eq!(u["usage"]["package_bytes"], 2 * GIB, "{u}");
+    assert_eq!(u["plan"]["package_cents_per_gib"], 10, "{u}");
 
     // Last month: com.inv was still on Hobby (the upgrade applies from now); a transfer fee.
     let lh = hour_of(last_month as u64 + 3600);
@@ -697,6 +721,7 @@ async fn a_configured_price_list_is_used() {
         hard_quota: hard,
         instance_millicents_per_hour: 5_000,
         max_instances: 10,
+        package_cents_per_gib: 10,
     };
     let prices = Prices {
         tiers: vec![

@@ -149,6 +149,11 @@ fn print_usage_month(v: &UsageMonth) {
         plan.instance_millicents_per_hour as f64 / 100_000.0
     );
     println!(
+        "  packages    {:>14}  delivered, at ${:.2}/GiB",
+        bytes(u.package_bytes),
+        plan.package_cents_per_gib as f64 / 100.0
+    );
+    println!(
         "  call latency  p50 {}  p95 {}",
         ms(u.latency_p50_ms),
         ms(u.latency_p95_ms)

@@ -460,6 +460,40 @@ fn deploy_package_runs_it_from_the_hub() {
         })
         .expect("the replica's output");
     assert!(logs.contains("/packages/installed/"), "{logs}");
+    // The delivery is metered for the realm: the package's files, once per node (whoever
+    // installed them first there: the Hub's smoke test may have).
+    let metrics = ureq::get(&format!("{}/metrics", f.http))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let series = format!("macula_realm_package_bytes_total{{realm=\"{}\"}} ", f.realm);
+    let delivered: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series}in {metrics}"));
+    // ... the bytes of the package's files as installed on the node.
+    let installed = logs
+        .lines()
+        .find_map(|l| l.split("hello from ").nth(1))
+        // (a JSON line: the path ends at the string's end)
+        .and_then(|d| d.split(['"', '\\']).next())
+        .map(|d| std::path::PathBuf::from(d.trim()))
+        .expect("the package's directory in the output");
+    fn tree(d: &Path) -> u64 {
+        std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .map(|e| match e.file_type().unwrap().is_dir() {
+                true => tree(&e.path()),
+                false => e.metadata().unwrap().len(),
+            })
+            .sum()
+    }
+    assert_eq!(delivered, tree(&installed), "{metrics}");
+    assert!(delivered > 0);
 
     // Yanked: new deployments of that version are refused (the running one stays).
     f.hub(&["hub", "yank", "acme/hello@1.0.0", "--reason", "broken"]);

@@ -44,6 +44,12 @@ impl Counter {
     pub fn instance_ms(&self, ms: u64) {
         self.add(INSTANCE_MS, ms);
     }
+
+    /// `bytes` of a Hub package were delivered to this node for a replica of the realm.
+    #[inline]
+    pub fn package_bytes(&self, bytes: u64) {
+        self.add(PACKAGE_BYTES, bytes);
+    }
 }
 
 /// A session's metering: its counter and the start times of its calls in flight.

@@ -56,8 +56,12 @@ pub(crate) const HIST: usize = OPS + 2;
 /// Milliseconds of replicas running (compute, billed per instance-hour).
 pub const INSTANCE_MS: usize = OPS + 2 + BUCKETS;
 
-/// Counters per slot: operations by kind, bytes in, bytes out, histogram.
-pub const COUNTERS: usize = OPS + 2 + BUCKETS + 1;
+/// Bytes of Hub packages delivered for the realm's replicas (billed per GiB).
+pub const PACKAGE_BYTES: usize = INSTANCE_MS + 1;
+
+/// Counters per slot: operations by kind, bytes in, bytes out, histogram, compute, package
+/// delivery.
+pub const COUNTERS: usize = OPS + 2 + BUCKETS + 2;
 
 pub(crate) const SLOT_WORDS: usize = 128;
 
@@ -67,11 +71,21 @@ const _: () = assert!(CUR + COUNTERS <= BASE && BASE + COUNTERS <= SLOT_WORDS);
 /// Word 0 of a slot: the hour its base belongs to. Then the counters, then the base.
 pub(crate) const HOUR: usize = 0;
 
-pub(crate) const CUR: usize = 8;
+pub(crate) const CUR: usize = 7;
 
 pub(crate) const BASE: usize = 64;
 
-pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"MACMETR2");
+pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"MACMETR3");
+
+/// The format before package delivery was counted: the current counters one word later
+/// (`CUR` 8), one fewer. Such a file is converted in place when opened (see
+/// [`Meter::upgrade_v2`]).
+pub(crate) const MAGIC_V2: u64 = u64::from_le_bytes(*b"MACMETR2");
+
+/// Word 1 of a slot (unused before): [`V3`] once the slot is in this format (so a conversion
+/// cut short and run again moves each slot once).
+pub(crate) const SLOT_FORMAT: usize = 1;
+pub(crate) const V3: u64 = 3;
 
 /// Slot names by slot number, and the file they are appended to
 /// (`slot<TAB>realm<TAB>key<TAB>owner`; the last line for a slot wins). Slot 0 is the file
@@ -325,6 +339,10 @@ impl Meter {
         let slots = meter.slots.load(Ordering::Relaxed);
         let w = meter.words();
         let lines = names.len();
+        if w[0].load(Ordering::Relaxed) == MAGIC_V2 && w[1].load(Ordering::Relaxed) != 0 {
+            meter.upgrade_v2();
+        }
+        let w = meter.words();
         let names = if w[0].load(Ordering::Relaxed) == MAGIC && w[1].load(Ordering::Relaxed) != 0 {
             meter.epoch = w[1].load(Ordering::Relaxed);
             names
@@ -426,6 +444,37 @@ impl Meter {
         // `AtomicU64` has the layout of `u64`, and every access to the mapped words goes
         // through these atomics.
         Some(unsafe { std::slice::from_raw_parts(map.as_ptr() as *const AtomicU64, map.len() / 8) })
+    }
+
+    /// Converts a file of the previous format (`MACMETR2`) in place, keeping its epoch and
+    /// every count: in each slot the current counters move one word down, and the new counter
+    /// (package bytes) starts at zero. Each slot is marked when moved, and the header last, so
+    /// a conversion cut short resumes where it stopped.
+    fn upgrade_v2(&self) {
+        const OLD_CUR: usize = 8;
+        let old_counters = COUNTERS - 1;
+        for seg in 0..self.segments.len() {
+            let Some(words) = self.segment_words(seg) else {
+                continue;
+            };
+            for (i, s) in words.chunks(SLOT_WORDS).enumerate() {
+                if (seg == 0 && i == 0) || s.len() < SLOT_WORDS {
+                    continue;
+                }
+                if s[SLOT_FORMAT].load(Ordering::Relaxed) == V3 {
+                    continue;
+                }
+                for j in 0..old_counters {
+                    s[CUR + j].store(s[OLD_CUR + j].load(Ordering::Relaxed), Ordering::Relaxed);
+                }
+                s[CUR + old_counters].store(0, Ordering::Relaxed);
+                s[BASE + old_counters].store(0, Ordering::Relaxed);
+                s[SLOT_FORMAT].store(V3, Ordering::Relaxed);
+            }
+        }
+        self.sync();
+        self.words()[0].store(MAGIC, Ordering::Relaxed);
+        tracing::info!("metering: the counters file was converted to the current format");
     }
 
     /// The header (slot 0 of segment 0, always mapped).

@@ -70,6 +70,7 @@ impl Shipper {
                 bytes_out: val[OUT],
                 latency: val[HIST..HIST + BUCKETS].to_vec(),
                 instance_ms: val[INSTANCE_MS],
+                package_bytes: val[PACKAGE_BYTES],
             });
         }
         let n = rows.len();

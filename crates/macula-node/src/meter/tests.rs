@@ -274,3 +274,106 @@ fn quantiles_of_a_histogram() {
     assert!((8.0..12.5).contains(&p95), "{p95}");
     assert_eq!(quantile_ms(&[0; BUCKETS], 0.5), None);
 }
+
+/// Package delivery is a counter like the others: counted, reported, zero until counted.
+#[tokio::test]
+async fn package_delivery_is_counted_and_reported() {
+    let m = Meter::open(None, 16, 16).unwrap();
+    let rec = Rec(Mutex::new(vec![]));
+    let mut sh = Shipper::new(m.clone(), "n1".into());
+    let now = macula_common::time::now_secs();
+    let c = m.counter("com.a", "key_1");
+    c.op(Op::Publish, 1);
+    sh.ship(&rec, now).await.unwrap();
+    assert_eq!(rec.0.lock().last().unwrap().rows[0].package_bytes, 0);
+    c.package_bytes(5_000);
+    c.package_bytes(2_000);
+    sh.ship(&rec, now).await.unwrap();
+    let r = rec.0.lock().last().unwrap().rows[0].clone();
+    assert_eq!((r.package_bytes, r.ops[0]), (7_000, 1));
+}
+
+/// A counters file of the previous format (`MACMETR2`: the counters one word later, no
+/// package counter) is converted when the node starts: the epoch, every count and every base
+/// (what was delivered already) kept, so no usage is lost or billed twice by an upgrade; and
+/// converted once.
+#[tokio::test]
+async fn a_counters_file_of_the_previous_format_is_converted_keeping_every_count() {
+    let d = tempfile::tempdir().unwrap();
+    let rec = Rec(Mutex::new(vec![]));
+    let now = macula_common::time::now_secs();
+    let next = now + 3600;
+    let epoch = {
+        let m = Meter::open(Some(d.path()), 16, 16).unwrap();
+        let mut sh = Shipper::new(m.clone(), "n1".into());
+        let a = m.counter("com.a", "key_1");
+        a.op(Op::Publish, 10);
+        a.op(Op::Publish, 10);
+        a.egress(5);
+        a.instance_ms(1_234);
+        a.latency(Duration::from_millis(3));
+        let b = m.counter("com.b", "key_2");
+        b.op(Op::Call, 3);
+        // The hour ends and is delivered: the bases move to what was counted.
+        sh.ship(&rec, next).await.unwrap();
+        a.op(Op::Publish, 10);
+        b.op(Op::Call, 3);
+        m.sync();
+        m.epoch()
+    };
+    // Written back in the previous layout.
+    let path = d.path().join("counters.bin");
+    let bytes = std::fs::read(&path).unwrap();
+    let mut w: Vec<u64> = bytes
+        .chunks(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    w[0] = MAGIC_V2;
+    for s in w.chunks_mut(SLOT_WORDS).skip(1) {
+        assert_eq!(s[CUR + COUNTERS - 1], 0, "no package bytes before");
+        for i in (0..COUNTERS - 1).rev() {
+            s[8 + i] = s[CUR + i];
+        }
+        s[CUR] = 0;
+        s[SLOT_FORMAT] = 0;
+    }
+    let old: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+    std::fs::write(&path, old).unwrap();
+    let check = |m: &Meter| {
+        assert_eq!(m.epoch(), epoch, "the same epoch: reports stay idempotent");
+        let mut t = m.totals();
+        t.sort();
+        let a = &t[0].2;
+        assert_eq!(
+            (
+                a[Op::Publish as usize],
+                a[IN],
+                a[OUT],
+                a[INSTANCE_MS],
+                a[PACKAGE_BYTES],
+                a[HIST..HIST + BUCKETS].iter().sum::<u64>()
+            ),
+            (3, 30, 5, 1_234, 0, 1)
+        );
+        assert_eq!(t[1].2[Op::Call as usize], 2);
+    };
+    let m = Meter::open(Some(d.path()), 16, 16).unwrap();
+    check(&m);
+    // The bases were kept: what follows the delivered hour is only the one publish since.
+    let mut sh = Shipper::new(m.clone(), "n1".into());
+    m.counter("com.a", "key_1").package_bytes(99);
+    sh.ship(&rec, next).await.unwrap();
+    let r = rec.0.lock().last().unwrap().rows.clone();
+    let a = r.iter().find(|r| r.realm == "com.a").unwrap();
+    assert_eq!(
+        (a.ops[0], a.bytes_in, a.instance_ms, a.package_bytes, a.hour),
+        (1, 10, 0, 99, hour_of(next))
+    );
+    drop(sh);
+    drop(m);
+    // Opened again: already converted, nothing moves twice.
+    let m = Meter::open(Some(d.path()), 16, 16).unwrap();
+    let t = m.totals();
+    let a = &t.iter().find(|x| x.0 == "com.a").unwrap().2;
+    assert_eq!((a[Op::Publish as usize], a[PACKAGE_BYTES]), (3, 99));
+}

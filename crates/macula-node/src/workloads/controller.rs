@@ -2427,7 +2427,18 @@ impl Controller {
                 target.spec = Some(spec.clone());
                 let (shim, shim_args) = self.shim.clone();
                 let require_limits = self.node.config.workloads.require_limits;
-                let package = wl.package.clone().map(|p| (p, self.packages.clone()));
+                // The package's delivery is metered for the realm, under the deploying key.
+                let package = wl.package.clone().map(|p| {
+                    let counter = self.node.meter.as_ref().and_then(|m| {
+                        let owner = self.node.auth().owner_group(&w.realm).unwrap_or_default();
+                        m.counter_for(&w.realm, &w.kid, &owner)
+                            .map_err(|e| {
+                                tracing::warn!(realm = %w.realm, "package delivery not metered: {e}")
+                            })
+                            .ok()
+                    });
+                    (p, self.packages.clone(), counter, w.realm.clone())
+                });
                 Box::new(move |buffer: Arc<LogBuffer>| {
                     let mut start = Start {
                         shim: shim.clone(),
@@ -2439,7 +2450,7 @@ impl Controller {
                         logs: log_limits.clone(),
                         buffer: Some(buffer),
                     };
-                    let Some((pkg, packages)) = package.clone() else {
+                    let Some((pkg, packages, counter, realm)) = package.clone() else {
                         return start.launch();
                     };
                     // The package's files first (verified against the Hub, pinned by digest);
@@ -2449,6 +2460,9 @@ impl Controller {
                             .install(&pkg)
                             .await
                             .map_err(|e| io::Error::other(format!("package {}: {e}", pkg.name)))?;
+                        if let Some(c) = &counter {
+                            c.package_bytes(packages.delivery_to_charge(&realm, &pkg, &dir));
+                        }
                         super::packages::in_package(&mut start.spec.argv, &dir);
                         start.spec.read_only.push(dir.clone());
                         start

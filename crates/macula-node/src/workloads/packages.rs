@@ -404,6 +404,36 @@ impl Packages {
         r.map(|()| done)
     }
 
+    /// The bytes of `pkg` delivered for a replica of `realm`, the first time one of the realm's
+    /// replicas uses it on this node (marked under `packages/metered/<digest>/`, so a restart
+    /// does not charge again); 0 after. Each realm pays for each package delivered to a node
+    /// once, whoever installed it first: a tenant's bill never tells what other tenants run
+    /// (nor does the Hub's own smoke test make it free).
+    pub fn delivery_to_charge(&self, realm: &str, pkg: &PackageRef, installed: &Path) -> u64 {
+        let plain = !realm.is_empty()
+            && !realm.starts_with('.')
+            && realm
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        let name = if plain {
+            realm.to_owned()
+        } else {
+            macula_hub::Digest::of(realm.as_bytes()).hex().to_owned()
+        };
+        let dir = self.dir.join("metered").join(pkg.digest_hex());
+        let first = std::fs::create_dir_all(&dir).is_ok()
+            && std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(dir.join(name))
+                .is_ok();
+        if first {
+            tree_size(installed)
+        } else {
+            0
+        }
+    }
+
     async fn install_now(&self, pkg: &PackageRef, done: &Path) -> Result<(), String> {
         let (client, base) = self.client().await?;
         let release = client.release(&pkg.name).ok_or_else(|| {
@@ -560,11 +590,57 @@ impl Packages {
     }
 }
 
+/// The bytes of the files under `dir` (an installed package: a few files).
+fn tree_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        match e.file_type() {
+            Ok(t) if t.is_dir() => total += tree_size(&e.path()),
+            Ok(t) if t.is_file() => total += e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => {}
+        }
+    }
+    total
+}
+
 /// The argv of a package's replica: a program named `./…` runs from the package's directory.
 pub fn in_package(argv: &mut [String], dir: &Path) {
     if let Some(first) = argv.first_mut() {
         if let Some(rest) = first.strip_prefix("./") {
             *first = dir.join(rest).display().to_string();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each realm pays for a package delivered to a node once — also after a restart (the
+    /// marks are on disk) — and another realm pays for its own, whoever installed it first.
+    #[test]
+    fn each_realm_pays_once_per_package_and_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let installed = dir.path().join("installed/abc");
+        std::fs::create_dir_all(installed.join("bin")).unwrap();
+        std::fs::write(installed.join("bin/run"), vec![1u8; 1000]).unwrap();
+        std::fs::write(installed.join("package.yaml"), vec![2u8; 234]).unwrap();
+        let pkg = PackageRef {
+            name: "acme/hello@1.0.0".into(),
+            digest: format!("sha256:{}", "ab".repeat(32)),
+        };
+        let open = || Packages::new(dir.path().to_owned(), None, std::sync::Weak::new(), false);
+        let p = open();
+        assert_eq!(p.delivery_to_charge("com.a", &pkg, &installed), 1234);
+        assert_eq!(p.delivery_to_charge("com.a", &pkg, &installed), 0);
+        assert_eq!(p.delivery_to_charge("com.b", &pkg, &installed), 1234);
+        // A name that is no plain file name is marked by its hash, and still once.
+        assert_eq!(p.delivery_to_charge("../x", &pkg, &installed), 1234);
+        assert_eq!(p.delivery_to_charge("../x", &pkg, &installed), 0);
+        assert!(!dir.path().join("metered/x").exists());
+        drop(p);
+        let p = open();
+        assert_eq!(p.delivery_to_charge("com.a", &pkg, &installed), 0);
+        assert_eq!(p.delivery_to_charge("com.b", &pkg, &installed), 0);
     }
 }

@@ -30,6 +30,7 @@ impl Registry {
                     m.bytes_in = m.bytes_in.max(row.bytes_in);
                     m.bytes_out = m.bytes_out.max(row.bytes_out);
                     m.instance_ms = m.instance_ms.max(row.instance_ms);
+                    m.package_bytes = m.package_bytes.max(row.package_bytes);
                     if m.latency.len() < row.latency.len() {
                         m.latency.resize(row.latency.len(), 0);
                     }
@@ -93,7 +94,7 @@ impl Registry {
         };
         let sql = format!(
             "SELECT realm, key_id, hour, ops_publish, ops_subscribe, ops_call, ops_register, ops_dht, \
-             bytes_in, bytes_out, instance_ms, latency FROM usage_reports WHERE node = $1 AND epoch = $2 AND hour >= $3 \
+             bytes_in, bytes_out, instance_ms, package_bytes, latency FROM usage_reports WHERE node = $1 AND epoch = $2 AND hour >= $3 \
              AND realm IN ({}) AND key_id IN ({}){lock}",
             list(4, realms.len()),
             list(4 + realms.len(), keys.len())
@@ -172,6 +173,7 @@ impl Registry {
             new[5] = row.bytes_in;
             new[6] = row.bytes_out;
             new[7] = row.instance_ms;
+            new[8] = row.package_bytes;
             // Stored as BIGINT: a value beyond it (only a broken or hostile node sends one)
             // is held at the maximum rather than wrapping negative.
             for v in new.iter_mut() {
@@ -211,13 +213,15 @@ impl Registry {
             args.push(now.into());
             tx.defer(
                 "INSERT INTO usage_reports (node, epoch, realm, key_id, hour, ops_publish, ops_subscribe, \
-                 ops_call, ops_register, ops_dht, bytes_in, bytes_out, instance_ms, latency, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+                 ops_call, ops_register, ops_dht, bytes_in, bytes_out, instance_ms, package_bytes, latency, \
+                 updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
                  ON CONFLICT (node, epoch, realm, key_id, hour) DO UPDATE SET \
                  ops_publish = excluded.ops_publish, ops_subscribe = excluded.ops_subscribe, \
                  ops_call = excluded.ops_call, ops_register = excluded.ops_register, \
                  ops_dht = excluded.ops_dht, bytes_in = excluded.bytes_in, \
                  bytes_out = excluded.bytes_out, instance_ms = excluded.instance_ms, \
+                 package_bytes = excluded.package_bytes, \
                  latency = excluded.latency, updated_at = excluded.updated_at",
                 args,
             );
@@ -237,8 +241,8 @@ impl Registry {
                 tx.defer(
                     add_to_rollup!(
                         "INSERT INTO usage_rollups (realm, period, start, ops_publish, ops_subscribe, ops_call, \
-                         ops_register, ops_dht, bytes_in, bytes_out, instance_ms) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                         ops_register, ops_dht, bytes_in, bytes_out, instance_ms, package_bytes) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
                     ),
                     args,
                 );
@@ -285,10 +289,12 @@ pub(crate) const COUNTER_COLS: [&str; N] = [
     "bytes_in",
     "bytes_out",
     "instance_ms",
+    "package_bytes",
 ];
 
-/// The counters of a usage row: operations by kind, bytes in and out, compute.
-pub(crate) const N: usize = 8;
+/// The counters of a usage row: operations by kind, bytes in and out, compute, package
+/// delivery.
+pub(crate) const N: usize = 9;
 
 /// (realm, key id, hour) of a node's report row.
 type ReportKey = (String, String, i64);

@@ -41,16 +41,17 @@ impl Registry {
                 *e = (at, t);
             }
         }
-        let usage: HashMap<String, (i64, i64, i64)> = sqlx::query_as::<_, (String, i64, i64, i64)>(
-            "SELECT realm, ops_publish + ops_subscribe + ops_call + ops_register + ops_dht, bytes_out, \
-             instance_ms FROM usage_rollups WHERE period = 'month' AND start = $1",
-        )
-        .bind(month)
-        .fetch_all(&mut *c)
-        .await?
-        .into_iter()
-        .map(|(r, o, b, i)| (r, (o, b, i)))
-        .collect();
+        let usage: HashMap<String, (i64, i64, i64, i64)> =
+            sqlx::query_as::<_, (String, i64, i64, i64, i64)>(
+                "SELECT realm, ops_publish + ops_subscribe + ops_call + ops_register + ops_dht, bytes_out, \
+                 instance_ms, package_bytes FROM usage_rollups WHERE period = 'month' AND start = $1",
+            )
+            .bind(month)
+            .fetch_all(&mut *c)
+            .await?
+            .into_iter()
+            .map(|(r, o, b, i, p)| (r, (o, b, i, p)))
+            .collect();
         let mut addons: HashMap<String, Vec<String>> = HashMap::new();
         for (realm, f) in sqlx::query_as::<_, (String, String)>(
             "SELECT DISTINCT realm, feature FROM addons WHERE started_at < $1 AND (ended_at = 0 OR ended_at > $2)",
@@ -87,7 +88,8 @@ impl Registry {
         let mut per_account: HashMap<String, Vec<RealmMonth>> = HashMap::new();
         for (name, owner, current) in realms {
             let t = tiers.get(&name).map(|t| t.1.clone()).unwrap_or(current);
-            let (ops, bytes, instance_ms) = usage.get(&name).copied().unwrap_or((0, 0, 0));
+            let (ops, bytes, instance_ms, package_bytes) =
+                usage.get(&name).copied().unwrap_or((0, 0, 0, 0));
             let mut a = addons.remove(&name).unwrap_or_default();
             a.sort();
             per_account.entry(owner).or_default().push(RealmMonth {
@@ -96,6 +98,7 @@ impl Registry {
                 ops: ops.max(0) as u64,
                 egress_bytes: bytes.max(0) as u64,
                 instance_ms: instance_ms.max(0) as u64,
+                package_bytes: package_bytes.max(0) as u64,
                 addons: a,
             });
         }
@@ -352,6 +355,8 @@ pub struct RealmMonth {
     pub egress_bytes: u64,
     /// Milliseconds of replicas run (compute).
     pub instance_ms: u64,
+    /// Bytes of Hub packages delivered (billed per GiB).
+    pub package_bytes: u64,
     pub addons: Vec<String>,
 }
 
@@ -420,6 +425,20 @@ pub fn invoice_lines(
                 quantity: r.instance_ms.div_ceil(1_000),
                 unit: "instance-seconds".into(),
                 amount_cents: compute_cents(t, r.instance_ms),
+            });
+        }
+        if r.package_bytes > 0 {
+            lines.push(Line {
+                kind: "package_delivery".into(),
+                realm: r.realm.clone(),
+                description: format!(
+                    "Hub package delivery: {:.3} GiB at ${:.2}/GiB",
+                    r.package_bytes as f64 / GIB as f64,
+                    t.package_cents_per_gib as f64 / 100.0
+                ),
+                quantity: r.package_bytes,
+                unit: "bytes".into(),
+                amount_cents: package_cents(t, r.package_bytes),
             });
         }
         for a in &r.addons {

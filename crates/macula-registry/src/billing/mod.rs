@@ -113,6 +113,11 @@ pub fn compute_cents(t: &Tier, instance_ms: u64) -> i64 {
     )
 }
 
+/// The Hub delivery charge for `bytes` of packages delivered, in cents.
+pub fn package_cents(t: &Tier, bytes: u64) -> i64 {
+    round_half_up(bytes as u128 * t.package_cents_per_gib as u128, GIB as u128)
+}
+
 /// The overage charge for `bytes` of egress beyond the allowance, in cents.
 pub fn egress_overage_cents(t: &Tier, bytes: u64) -> i64 {
     round_half_up(bytes as u128 * t.egress_cents_per_gib as u128, GIB as u128)
@@ -139,7 +144,8 @@ macro_rules! add_to_rollup {
              ops_dht = usage_rollups.ops_dht + excluded.ops_dht, \
              bytes_in = usage_rollups.bytes_in + excluded.bytes_in, \
              bytes_out = usage_rollups.bytes_out + excluded.bytes_out, \
-             instance_ms = usage_rollups.instance_ms + excluded.instance_ms"
+             instance_ms = usage_rollups.instance_ms + excluded.instance_ms, \
+             package_bytes = usage_rollups.package_bytes + excluded.package_bytes"
         )
     };
 }

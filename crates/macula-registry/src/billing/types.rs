@@ -63,6 +63,12 @@ pub struct UsagePeriod {
     pub instance_ms: u64,
     #[serde(default)]
     pub instance_hours: f64,
+    /// Hub package delivery: bytes of packages' files delivered to the nodes running the
+    /// realm's replicas, and the same in GiB.
+    #[serde(default)]
+    pub package_bytes: u64,
+    #[serde(default)]
+    pub package_gb: f64,
 }
 
 /// A realm's usage per period.

@@ -64,7 +64,7 @@ impl Registry {
         }
         let rows = sqlx::query(
             "SELECT start, ops_publish, ops_subscribe, ops_call, ops_register, ops_dht, bytes_in, bytes_out, \
-             instance_ms FROM usage_rollups WHERE realm = $1 AND period = $2 AND start >= $3 AND start < $4 ORDER BY start",
+             instance_ms, package_bytes FROM usage_rollups WHERE realm = $1 AND period = $2 AND start >= $3 AND start < $4 ORDER BY start",
         )
         .bind(realm)
         .bind(period)
@@ -115,6 +115,8 @@ impl Registry {
             p.egress_gb = p.egress_bytes as f64 / GIB as f64;
             p.instance_ms = r.try_get::<i64, _>("instance_ms")?.max(0) as u64;
             p.instance_hours = p.instance_ms as f64 / 3_600_000.0;
+            p.package_bytes = r.try_get::<i64, _>("package_bytes")?.max(0) as u64;
+            p.package_gb = p.package_bytes as f64 / GIB as f64;
             if let Some(h) = hists.get(&start) {
                 p.latency_p50_ms = quantile_ms(h, 0.50);
                 p.latency_p95_ms = quantile_ms(h, 0.95);
@@ -172,6 +174,7 @@ impl Registry {
                 ops: usage.ops_total,
                 egress_bytes: usage.egress_bytes,
                 instance_ms: usage.instance_ms,
+                package_bytes: usage.package_bytes,
                 addons,
             }],
             &[],

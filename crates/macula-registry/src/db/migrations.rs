@@ -334,4 +334,12 @@ CREATE INDEX hub_releases_package ON hub_releases(package, created_at);
 ALTER TABLE hub_releases ADD COLUMN smoke TEXT NOT NULL DEFAULT '';
 "#,
     },
+    Migration {
+        version: 11,
+        name: "Hub package delivery: bytes delivered for a realm's replicas (billed per GiB)",
+        sql: r#"
+ALTER TABLE usage_reports ADD COLUMN package_bytes BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE usage_rollups ADD COLUMN package_bytes BIGINT NOT NULL DEFAULT 0;
+"#,
+    },
 ];

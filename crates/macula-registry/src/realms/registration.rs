@@ -251,9 +251,9 @@ impl Registry {
             }
             sqlx::query(crate::billing::add_to_rollup!(
                 "INSERT INTO usage_rollups (realm, period, start, ops_publish, ops_subscribe, ops_call, \
-                 ops_register, ops_dht, bytes_in, bytes_out, instance_ms) \
+                 ops_register, ops_dht, bytes_in, bytes_out, instance_ms, package_bytes) \
                  SELECT $1, period, start, ops_publish, ops_subscribe, ops_call, ops_register, ops_dht, \
-                 bytes_in, bytes_out, instance_ms FROM usage_rollups WHERE realm = $2"
+                 bytes_in, bytes_out, instance_ms, package_bytes FROM usage_rollups WHERE realm = $2"
             ))
             .bind(archived(name, generation - 1))
             .bind(name)
