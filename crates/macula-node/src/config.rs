@@ -262,6 +262,9 @@ pub struct HubSection {
     /// bucket, region, prefix, access_key_id, secret_access_key_file, virtual_hosted,
     /// allow_http); unset: the filesystem.
     pub s3: macula_hub::s3::S3Config,
+    /// The fee for certifying a release, in cents, charged to the publisher's owner when an
+    /// operator certifies it; 0: free.
+    pub certification_fee_cents: u64,
 }
 
 impl Default for HubSection {
@@ -272,6 +275,7 @@ impl Default for HubSection {
             osv: PathBuf::new(),
             max_blob: 1 << 30,
             s3: Default::default(),
+            certification_fee_cents: 50_000,
         }
     }
 }

@@ -36,6 +36,7 @@ pub fn registry_config(s: &RegistrySection) -> RegistryConfig {
             osv: (!s.hub.osv.as_os_str().is_empty()).then(|| s.hub.osv.clone()),
             max_blob: s.hub.max_blob.max(1),
             s3: s.hub.s3.clone(),
+            certification_fee_cents: s.hub.certification_fee_cents.min(i64::MAX as u64) as i64,
             ..Default::default()
         },
         kek: match std::env::var(kek::KEK_ENV) {

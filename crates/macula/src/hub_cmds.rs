@@ -100,8 +100,20 @@ pub enum HubCmd {
         #[arg(long)]
         reason: String,
     },
-    /// Certify a Verified version (platform operators): its vendor's declared support and SLO
-    /// were reviewed.
+    /// Ask for a Verified version to be certified (its publisher's owner): declare the support
+    /// you offer and the SLO you commit to, and accept the certification fee (shown in the
+    /// answer; charged to your account when an operator certifies it).
+    RequestCertification {
+        /// `org/name@version`.
+        release: String,
+        /// Your support terms and SLO, e.g. "support@acme.com, 24x7, 4 h response; 99.9 %
+        /// monthly availability".
+        #[arg(long)]
+        declare: String,
+    },
+    /// Certify a Verified version (platform operators) whose publisher asked for it: its
+    /// declared support and SLO were reviewed. The certification fee is charged to the
+    /// publisher's owner.
     Certify {
         /// `org/name@version`.
         release: String,
@@ -405,6 +417,9 @@ pub async fn hub(args: HubArgs, json: bool) -> Result<()> {
         HubCmd::Yank { release, reason } => mark(&api, &release, "yank", &reason, json)?,
         HubCmd::Revoke { release, reason } => mark(&api, &release, "revoke", &reason, json)?,
         HubCmd::Certify { release, note } => mark(&api, &release, "certify", &note, json)?,
+        HubCmd::RequestCertification { release, declare } => {
+            mark(&api, &release, "request-certification", &declare, json)?
+        }
         HubCmd::Trust => {
             let t: Trust = api.get_anonymous("/v1/hub/trust")?;
             if json {
@@ -433,16 +448,28 @@ fn mark(api: &Api, release: &str, what: &str, reason: &str, json: bool) -> Resul
             reason: reason.to_owned(),
         },
     )?;
-    emit(json, &r, |r| match what {
+    emit(json, &r, |r| {
+        match what {
         "yank" => println!(
             "Yanked {}: new installs skip it; deployments pinned to {} keep working.",
             r.target, r.digest
         ),
-        "certify" => println!("Certified {} (tier {}).", r.target, r.tier),
+        "certify" => println!(
+            "Certified {} (tier {}); the fee of ${:.2} is charged to its publisher.",
+            r.target,
+            r.tier,
+            r.certification["fee_cents"].as_i64().unwrap_or(0) as f64 / 100.0
+        ),
+        "request-certification" => println!(
+            "Asked for {} to be certified. An operator reviews the support and SLO declared; when it is certified, the fee of ${:.2} is charged to your account.",
+            r.target,
+            r.certification["fee_cents"].as_i64().unwrap_or(0) as f64 / 100.0
+        ),
         _ => println!(
             "Revoked {}: no node installs it any more, and running replicas of it are flagged.",
             r.target
         ),
+    }
     });
     Ok(())
 }
@@ -703,6 +730,23 @@ fn print_releases(releases: &[Release]) {
         ]);
     }
     println!("{t}");
+    for r in releases {
+        let c = &r.certification;
+        if let Some(declared) = c["declared"].as_str() {
+            match c["certified_at"].as_str() {
+                Some(at) => println!(
+                    "{}: certified {at} by {} — support and SLO: {declared} (review: {})",
+                    r.version,
+                    c["certified_by"].as_str().unwrap_or(""),
+                    c["review"].as_str().unwrap_or("")
+                ),
+                None => println!(
+                    "{}: certification requested — support and SLO: {declared}",
+                    r.version
+                ),
+            }
+        }
+    }
 }
 
 /// GETs `url` (a Hub route), at most `max` bytes.

@@ -697,6 +697,51 @@ fn the_smoke_test_promotes_a_healthy_package_to_verified() {
         None,
     );
     assert!(!ok && err.contains("only a Verified release"), "{err}");
+    // Paid: only once its publisher asked (declaring support and an SLO, accepting the fee).
+    let (ok, _, err) = cli_run(
+        ops.path(),
+        &f.http,
+        &[&["hub", "certify", "acme/hello@1.0.0"][..], &note[..]].concat(),
+        None,
+    );
+    assert!(
+        !ok && err.contains("has not asked for certification"),
+        "{err}"
+    );
+    let declare = ["--declare", "support@acme.com 24x7; SLO 99.9% monthly"];
+    let (ok, _, err) = cli_run(
+        ops.path(),
+        &f.http,
+        &[
+            &["hub", "request-certification", "acme/hello@1.0.0"][..],
+            &declare[..],
+        ]
+        .concat(),
+        None,
+    );
+    assert!(
+        !ok && err.contains("only the owner of publisher acme"),
+        "{err}"
+    );
+    let (ok, _, err) = cli_run(
+        f.acme.path(),
+        &f.http,
+        &[
+            &["hub", "request-certification", "acme/dies@1.0.0"][..],
+            &declare[..],
+        ]
+        .concat(),
+        None,
+    );
+    assert!(!ok && err.contains("for Verified releases"), "{err}");
+    let asked = f.hub(
+        &[
+            &["hub", "request-certification", "acme/hello@1.0.0"][..],
+            &declare[..],
+        ]
+        .concat(),
+    );
+    assert!(asked.contains("the fee of $500.00"), "{asked}");
     let c = json(&cli(
         ops.path(),
         &f.http,
@@ -708,6 +753,35 @@ fn the_smoke_test_promotes_a_healthy_package_to_verified() {
         None,
     ));
     assert_eq!(c["tier"], "certified", "{c}");
+    assert_eq!(c["certification"]["certified_by"], "ops@example.com", "{c}");
+    let shown = f.hub(&["hub", "info", "acme/hello"]);
+    assert!(shown.contains("SLO 99.9% monthly"), "{shown}");
+    // The fee is on the publisher's invoice (not the operator's).
+    let inv = json(&f.hub(&["--json", "invoices", "show", "current"]));
+    let fee = inv["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["kind"] == "hub_certification_fee")
+        .cloned()
+        .unwrap_or_else(|| panic!("no certification fee on {inv}"));
+    assert_eq!(
+        (fee["amount_cents"].as_i64(), fee["realm"].as_str()),
+        (Some(50_000), Some("acme/hello@1.0.0")),
+        "{inv}"
+    );
+    // Certified once: asking again is refused.
+    let (ok, _, err) = cli_run(
+        f.acme.path(),
+        &f.http,
+        &[
+            &["hub", "request-certification", "acme/hello@1.0.0"][..],
+            &declare[..],
+        ]
+        .concat(),
+        None,
+    );
+    assert!(!ok && err.contains("certified already"), "{err}");
 }
 
 /// An offline bundle: exported from a Hub, imported on a mesh that cannot reach it (two nodes

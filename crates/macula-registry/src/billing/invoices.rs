@@ -458,7 +458,10 @@ pub fn invoice_lines(
         lines.push(Line {
             kind: format!("{kind}_fee"),
             realm: realm.clone(),
-            description: format!("Realm {kind} fee"),
+            description: match kind.as_str() {
+                "hub_certification" => format!("Hub certification of {realm}"),
+                _ => format!("Realm {kind} fee"),
+            },
             quantity: 1,
             unit: "fee".into(),
             amount_cents: *cents,

@@ -342,4 +342,11 @@ ALTER TABLE usage_reports ADD COLUMN package_bytes BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE usage_rollups ADD COLUMN package_bytes BIGINT NOT NULL DEFAULT 0;
 "#,
     },
+    Migration {
+        version: 12,
+        name: "the Hub: certification requests (declared support and SLO, the fee) and reviews",
+        sql: r#"
+ALTER TABLE hub_releases ADD COLUMN certification TEXT NOT NULL DEFAULT '';
+"#,
+    },
 ];

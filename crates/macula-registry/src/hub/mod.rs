@@ -53,6 +53,9 @@ pub struct HubConfig {
     pub lifetimes: Lifetimes,
     /// Blobs in an S3-compatible bucket instead of `<dir>/blobs` (when set).
     pub s3: S3Config,
+    /// The fee for certifying a release, in cents, charged to the publisher's owner when an
+    /// operator certifies it (the publisher accepts it when requesting certification).
+    pub certification_fee_cents: i64,
 }
 
 impl Default for HubConfig {
@@ -64,6 +67,7 @@ impl Default for HubConfig {
             max_blob: 1 << 30,
             lifetimes: Lifetimes::default(),
             s3: S3Config::default(),
+            certification_fee_cents: 50_000,
         }
     }
 }
@@ -75,6 +79,7 @@ pub struct Hub {
     pub(crate) store: Arc<dyn BlobStore>,
     pub(crate) osv: Option<osv::Database>,
     pub(crate) max_blob: u64,
+    pub(crate) certification_fee_cents: i64,
     /// One smoke test at a time (see `smoke.rs`), and how many wait for their turn.
     pub(crate) smoking: tokio::sync::Mutex<()>,
     pub(crate) smoke_waiting: std::sync::atomic::AtomicUsize,
@@ -166,6 +171,7 @@ impl Hub {
             store,
             osv,
             max_blob: cfg.max_blob,
+            certification_fee_cents: cfg.certification_fee_cents.max(0),
             smoking: tokio::sync::Mutex::new(()),
             smoke_waiting: Default::default(),
         })

@@ -23,7 +23,7 @@ pub const STATUS_TARGET: &str = "status.json";
 const MAX_CPU_MILLIS: u64 = 64_000;
 const MAX_MEMORY_BYTES: u64 = 256 << 30;
 
-const RELEASE_COLUMNS: &str = "r.target, r.package, r.version, r.digest, r.size, r.tier, r.scan, r.smoke, r.yanked, r.revoked, r.published_by, r.created_at";
+const RELEASE_COLUMNS: &str = "r.target, r.package, r.version, r.digest, r.size, r.tier, r.scan, r.smoke, r.yanked, r.revoked, r.certification, r.published_by, r.created_at";
 
 fn release_of(r: &AnyRow) -> ApiResult<Release> {
     let scan: String = r.try_get("scan")?;
@@ -38,6 +38,8 @@ fn release_of(r: &AnyRow) -> ApiResult<Release> {
         smoke: serde_json::from_str(&r.try_get::<String, _>("smoke")?).unwrap_or(Value::Null),
         yanked: r.try_get("yanked")?,
         revoked: r.try_get("revoked")?,
+        certification: serde_json::from_str(&r.try_get::<String, _>("certification")?)
+            .unwrap_or_else(|_| json!({})),
         published_by: r.try_get("published_by")?,
         published_at: rfc3339(r.try_get::<i64, _>("created_at")? as u64),
     })
@@ -257,6 +259,7 @@ impl Registry {
                 smoke: json!({"pending": true}),
                 yanked: String::new(),
                 revoked: String::new(),
+                certification: json!({}),
                 published_by: actor.email.clone(),
                 published_at: rfc3339(now as u64),
             };
@@ -391,7 +394,67 @@ impl Registry {
         self.release(target).await
     }
 
-    /// An operator certifies a Verified release (support and SLO declared and reviewed: `note`).
+    /// The publisher's owner asks for a Verified release to be certified: `declared` is the
+    /// vendor's support terms and SLO; the certification fee (quoted in the answer) is charged
+    /// to the owner's account when an operator certifies it. Asking again replaces the
+    /// declaration until it is certified.
+    pub async fn request_certification(
+        &self,
+        actor: &Actor,
+        target: &str,
+        declared: &str,
+    ) -> ApiResult<Release> {
+        let hub = self.hub()?;
+        let declared = declared.trim();
+        if declared.len() < 10 || declared.len() > 2000 {
+            return Err(ApiError::invalid(
+                "invalid_declaration",
+                "declare the support you offer and the SLO you commit to (10 to 2000 bytes)",
+            ));
+        }
+        let ns = target.split('/').next().unwrap_or_default().to_owned();
+        let release = self.release(target).await?;
+        if release.tier == "certified" {
+            return Err(ApiError::conflict(
+                "already_certified",
+                format!("{target} is certified already"),
+            ));
+        }
+        if release.tier != "verified" || !release.revoked.is_empty() {
+            return Err(ApiError::conflict(
+                "not_verified",
+                format!(
+                    "{target} is {}: certification is for Verified releases (scan and smoke test passed) that are not revoked",
+                    release.tier
+                ),
+            ));
+        }
+        let repo = hub.repo.lock().await;
+        let mut ch = self.change(actor).await?;
+        self.owned_publisher(&mut ch, actor, &ns, false).await?;
+        let request = json!({
+            "declared": declared,
+            "requested_by": actor.email,
+            "requested_at": rfc3339(now_secs()),
+            "fee_cents": hub.certification_fee_cents,
+        });
+        sqlx::query("UPDATE hub_releases SET certification = $1 WHERE target = $2")
+            .bind(request.to_string())
+            .bind(target)
+            .execute(&mut *ch)
+            .await?;
+        ch.audit(
+            "hub.certification.request",
+            json!({"target": target, "declared": declared, "fee_cents": hub.certification_fee_cents}),
+        );
+        ch.commit().await?;
+        drop(repo);
+        self.release(target).await
+    }
+
+    /// An operator certifies a Verified release whose publisher asked for it (the declared
+    /// support and SLO reviewed: `note`); the fee the publisher accepted is charged to its
+    /// owner's account (a `hub_certification` fee on the month's invoice).
     pub async fn certify_release(
         &self,
         actor: &Actor,
@@ -417,15 +480,41 @@ impl Registry {
                 ),
             ));
         }
+        let Some(fee) = release.certification["fee_cents"].as_i64() else {
+            return Err(ApiError::conflict(
+                "not_requested",
+                format!(
+                    "{target}: its publisher has not asked for certification (macula hub request-certification), declaring support and an SLO and accepting the fee"
+                ),
+            ));
+        };
+        let ns = target.split('/').next().unwrap_or_default().to_owned();
         let repo = hub.repo.lock().await;
         let mut ch = self.change(actor).await?;
-        sqlx::query("UPDATE hub_releases SET tier = 'certified' WHERE target = $1")
-            .bind(target)
-            .execute(&mut *ch)
-            .await?;
+        let owner = self.publisher_row(&mut ch, &ns).await?.owner_id;
+        let mut cert = release.certification.clone();
+        cert["review"] = json!(note);
+        cert["certified_by"] = json!(actor.email);
+        cert["certified_at"] = json!(rfc3339(now_secs()));
+        sqlx::query(
+            "UPDATE hub_releases SET tier = 'certified', certification = $1 WHERE target = $2",
+        )
+        .bind(cert.to_string())
+        .bind(target)
+        .execute(&mut *ch)
+        .await?;
+        if fee > 0 {
+            sqlx::query("INSERT INTO fees (account_id, realm, kind, amount_cents, created_at) VALUES ($1, $2, 'hub_certification', $3, $4)")
+                .bind(&owner)
+                .bind(target)
+                .bind(fee)
+                .bind(now_secs() as i64)
+                .execute(&mut *ch)
+                .await?;
+        }
         ch.audit(
             "hub.tier",
-            json!({"target": target, "tier": "certified", "was": release.tier, "review": note}),
+            json!({"target": target, "tier": "certified", "was": release.tier, "review": note, "fee_cents": fee}),
         );
         ch.commit().await?;
         self.announce_status(repo).await?;

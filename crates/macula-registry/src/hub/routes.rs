@@ -272,16 +272,19 @@ pub(crate) async fn package_info(
     Ok(Json(reg.package_info(&format!("{ns}/{name}")).await?))
 }
 
-/// Yank, revoke or certify a release.
+/// Yank, revoke, ask for certification of, or certify a release.
 ///
 /// `yank` (its publisher's owner or an operator): hidden from new installs, still installable by
 /// digest (deployments that pinned it keep working). `revoke` (the same): installable nowhere,
-/// and running replicas of it are flagged. `certify` (operators): a Verified release whose
-/// vendor declared support and an SLO (`reason` says what was reviewed) becomes Certified.
+/// and running replicas of it are flagged. `request-certification` (its publisher's owner):
+/// `reason` declares the vendor's support and SLO, and the certification fee is accepted (it is
+/// in the answer's `certification`). `certify` (operators): a Verified release whose publisher
+/// asked becomes Certified (`reason` says what was reviewed), and the fee is charged to the
+/// publisher's owner.
 #[utoipa::path(post, path = "/v1/hub/releases/{namespace}/{release}/{action}", tag = "hub", security(("session" = [])),
     params(("namespace" = String, Path, description = "The publisher's namespace."),
         ("release" = String, Path, description = "`<name>@<version>`."),
-        ("action" = String, Path, description = "`yank`, `revoke` or `certify`.")),
+        ("action" = String, Path, description = "`yank`, `revoke`, `request-certification` or `certify`.")),
     request_body = Reason,
     responses((status = 200, body = Release, description = "Yanked or revoked."),
         (status = 401, response = ErrorBody), (status = 403, response = ErrorBody),
@@ -301,9 +304,15 @@ pub(crate) async fn mark_release(
                 reg.certify_release(&actor, &target, &req.reason).await?,
             ))
         }
+        "request-certification" => {
+            return Ok(Json(
+                reg.request_certification(&actor, &target, &req.reason)
+                    .await?,
+            ))
+        }
         _ => {
             return Err(ApiError::not_found(format!(
-                "no action {action}: yank, revoke or certify"
+                "no action {action}: yank, revoke, request-certification or certify"
             )))
         }
     };

@@ -111,6 +111,11 @@ pub struct Release {
     pub yanked: String,
     /// Why it was revoked (installable nowhere), or empty.
     pub revoked: String,
+    /// Certification: none (`{}`), requested (`{"declared", "requested_by", "requested_at",
+    /// "fee_cents"}`: the vendor's support and SLO, and the fee it accepted), and once certified
+    /// also `"review"`, `"certified_by"`, `"certified_at"`.
+    #[schema(value_type = Object)]
+    pub certification: serde_json::Value,
     pub published_by: String,
     pub published_at: String,
 }
