@@ -203,6 +203,7 @@ pub async fn run(packages: usize, publishers: usize) -> Result<Vec<Figure>> {
                 digest: digests.get(t).cloned().unwrap_or_default(),
             })
             .collect(),
+        osv: None,
     };
     macula_hub::bundle::write(std::fs::File::create(&bundle_path)?, &manifest, files)
         .map_err(|e| anyhow!("{e}"))?;

@@ -9,7 +9,11 @@
 //!   onwards (so a site rotates roots offline), a bundle timestamp and snapshot with the bundle's
 //!   own expiry, the targets role and every publisher's role;
 //! - `repo/targets/<org>/<sha256>.<file>`: each package's index, and the Hub's signed status;
-//! - `blobs/sha256/<hex>`: every file of every package.
+//! - `blobs/sha256/<hex>`: every file of every package;
+//! - `osv/osv.json` and `osv/envelope.json` (when the Hub has a vulnerability database): the
+//!   OSV records of the ecosystems in the packages' SBOMs (`osv::Export`), and the Hub's DSSE
+//!   signature over its digest (`osv::ExportStatement`) with the targets key that the verified
+//!   root names, so the site scans the packages offline against data no one altered.
 //!
 //! [`import`] verifies everything before anything is usable: each blob's bytes against its name,
 //! the whole TUF chain against the root the site trusts (with its rollback datastore), each
@@ -47,7 +51,15 @@ pub struct Manifest {
     /// Until when its metadata verifies (the earliest expiry in its TUF chain), RFC 3339.
     pub expires: String,
     pub packages: Vec<Entry>,
+    /// The vulnerability data it carries (as the Hub's signed statement says; checked against
+    /// the signature at import).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub osv: Option<crate::osv::ExportStatement>,
 }
+
+/// The bundle entries of the vulnerability data.
+pub const OSV_EXPORT: &str = "osv/osv.json";
+pub const OSV_ENVELOPE: &str = "osv/envelope.json";
 
 /// A package in a bundle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,11 +131,13 @@ fn entry_path(name: &str) -> Result<&str, BundleError> {
     if !normal
         || !(name.starts_with("repo/")
             || name.starts_with("blobs/sha256/")
-            || name == "bundle.json")
+            || name == "bundle.json"
+            || name == OSV_EXPORT
+            || name == OSV_ENVELOPE)
     {
         return Err(err(
             name,
-            "not an entry a bundle has (repo/…, blobs/sha256/…, bundle.json)",
+            "not an entry a bundle has (repo/…, blobs/sha256/…, osv/…, bundle.json)",
         ));
     }
     Ok(name)
@@ -228,6 +242,76 @@ pub struct Imported {
     pub manifest: Manifest,
     pub blobs: usize,
     pub root_version: u64,
+    /// The bundle's vulnerability data, verified, and each package scanned against it (none
+    /// when the bundle carries none).
+    pub osv: Option<OsvChecked>,
+}
+
+/// A bundle's vulnerability data as verified, and what the packages' scans found.
+#[derive(Debug)]
+pub struct OsvChecked {
+    pub statement: crate::osv::ExportStatement,
+    /// Per package: the findings, and how many components could not be checked.
+    pub scans: Vec<(String, crate::osv::Scan)>,
+}
+
+/// Verifies a bundle's vulnerability data (`export`, `envelope`) against the targets keys of
+/// the verified root, and scans each package's SBOM (from `store`) with it.
+fn check_osv(
+    client: &Client,
+    export: &[u8],
+    envelope: &[u8],
+    packages: &[(String, Index)],
+    store: &FsStore,
+) -> Result<OsvChecked, BundleError> {
+    use crate::osv;
+    let payload =
+        crate::attest::verify(envelope, osv::EXPORT_PAYLOAD_TYPE, &client.targets_trust())
+            .map_err(|e| err(OSV_ENVELOPE, e.to_string()))?;
+    let statement: osv::ExportStatement = serde_json::from_slice(&payload)
+        .map_err(|e| err(OSV_ENVELOPE, format!("its statement: {e}")))?;
+    let actual = Digest::of(export);
+    if actual.to_string() != statement.digest || export.len() as u64 != statement.size {
+        return Err(err(
+            OSV_EXPORT,
+            format!(
+                "its bytes hash to {actual} ({} bytes); the Hub signed {} ({} bytes)",
+                export.len(),
+                statement.digest,
+                statement.size
+            ),
+        ));
+    }
+    let data: osv::Export =
+        serde_json::from_slice(export).map_err(|e| err(OSV_EXPORT, e.to_string()))?;
+    if data.kind != osv::EXPORT_KIND {
+        return Err(err(
+            OSV_EXPORT,
+            format!("kind {:?}: not {}", data.kind, osv::EXPORT_KIND),
+        ));
+    }
+    let db = osv::Database::from_export(data);
+    let mut scans = vec![];
+    for (target, index) in packages {
+        let what = |e: String| err(format!("the SBOM of {target}"), e);
+        let manifest = store
+            .read(&index.manifest.digest, crate::pack::MAX_MANIFEST)
+            .map_err(|e| what(e.to_string()))?
+            .ok_or_else(|| what("its manifest is missing".into()))?;
+        let pkg = crate::parse(&String::from_utf8_lossy(&manifest))
+            .map_err(|e| what(crate::package::describe("package.yaml", &e)))?;
+        let Some(file) = pkg.sbom.as_ref().and_then(|f| index.files.get(f)) else {
+            scans.push((target.clone(), osv::Scan::default()));
+            continue;
+        };
+        let bytes = store
+            .read(&file.digest, crate::sbom::MAX_SBOM as u64)
+            .map_err(|e| what(e.to_string()))?
+            .ok_or_else(|| what("missing".into()))?;
+        let sbom = crate::sbom::parse(&bytes).map_err(|e| what(e.to_string()))?;
+        scans.push((target.clone(), db.scan(&sbom)));
+    }
+    Ok(OsvChecked { statement, scans })
 }
 
 /// Imports `bundle` into a node's packages directory `dir` (its `repo/`, `blobs/` and `tuf/`),
@@ -258,6 +342,7 @@ pub async fn import(
     let cleanup = Staging(staging.clone());
     let store = FsStore::open(dir.join("blobs")).map_err(|e| err("blobs", e.to_string()))?;
     let mut blobs = 0;
+    let (mut osv_export, mut osv_envelope) = (None, None);
     for i in 0..z.len() {
         let mut e = z.by_index(i).map_err(|x| err(&shown, x.to_string()))?;
         let name = e
@@ -276,6 +361,25 @@ pub async fn import(
                 .put(&mut e, max_blob, Some(d))
                 .map_err(|x| err(&name, format!("refused: {x}")))?;
             blobs += 1;
+        } else if name == OSV_EXPORT || name == OSV_ENVELOPE {
+            let max = if name == OSV_EXPORT {
+                max_blob
+            } else {
+                crate::attest::MAX_ENVELOPE as u64
+            };
+            let mut b = vec![];
+            (&mut e)
+                .take(max + 1)
+                .read_to_end(&mut b)
+                .map_err(|x| err(&name, x.to_string()))?;
+            if b.len() as u64 > max {
+                return Err(err(&name, format!("larger than {max} bytes")));
+            }
+            if name == OSV_EXPORT {
+                osv_export = Some(b);
+            } else {
+                osv_envelope = Some(b);
+            }
         } else if let Some(rest) = name.strip_prefix("repo/") {
             let to = staging.join("repo").join(rest);
             if let Some(p) = to.parent() {
@@ -298,6 +402,7 @@ pub async fn import(
     )
     .await
     .map_err(|e| err("repo/metadata", e.to_string()))?;
+    let mut indexes = vec![];
     for p in &manifest.packages {
         let listed = client.release(&p.target).ok_or_else(|| {
             err(
@@ -334,7 +439,24 @@ pub async fn import(
                 ));
             }
         }
+        indexes.push((p.target.clone(), index));
     }
+    // The vulnerability data: signed by the Hub's targets key, or not taken at all.
+    let osv = match (&osv_export, &osv_envelope) {
+        (None, None) => None,
+        (Some(export), Some(envelope)) => {
+            Some(check_osv(&client, export, envelope, &indexes, &store)?)
+        }
+        (Some(_), None) => {
+            return Err(err(
+                OSV_ENVELOPE,
+                "missing: the Hub's signature over osv/osv.json",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(err(OSV_EXPORT, "missing: the data osv/envelope.json signs"))
+        }
+    };
     // Verified: the bundle's repository replaces the previous one.
     let live = dir.join("repo");
     let old = dir.join("repo.old");
@@ -344,11 +466,22 @@ pub async fn import(
     }
     std::fs::rename(staging.join("repo"), &live).map_err(|e| err("repo", e.to_string()))?;
     let _ = std::fs::remove_dir_all(&old);
+    // Kept beside the repository, verified, for scans on the site (`osv.json`, with its
+    // signature in `osv.envelope.json`).
+    if let (Some(export), Some(envelope)) = (&osv_export, &osv_envelope) {
+        for (name, bytes) in [("osv.json", export), ("osv.envelope.json", envelope)] {
+            let tmp = dir.join(format!("{name}.tmp"));
+            std::fs::write(&tmp, bytes)
+                .and_then(|()| std::fs::rename(&tmp, dir.join(name)))
+                .map_err(|e| err(name, e.to_string()))?;
+        }
+    }
     drop(cleanup);
     Ok(Imported {
         root_version: client.root_version(),
         manifest,
         blobs,
+        osv,
     })
 }
 

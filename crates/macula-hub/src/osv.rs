@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::sbom::{Component, Sbom};
 
@@ -18,7 +18,7 @@ use crate::sbom::{Component, Sbom};
 pub const MAX_RECORD: u64 = 4 << 20;
 pub const MAX_RECORDS: usize = 2_000_000;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
     pub id: String,
     #[serde(default)]
@@ -27,7 +27,7 @@ pub struct Record {
     pub affected: Vec<Affected>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Affected {
     pub package: Option<PackageRef>,
     #[serde(default)]
@@ -36,13 +36,13 @@ pub struct Affected {
     pub versions: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PackageRef {
     pub ecosystem: String,
     pub name: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Range {
     #[serde(rename = "type")]
     pub kind: String,
@@ -50,11 +50,53 @@ pub struct Range {
     pub events: Vec<Event>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event {
     pub introduced: Option<String>,
     pub fixed: Option<String>,
     pub last_affected: Option<String>,
+}
+
+/// What [`Database::export`] writes (`osv/osv.json` in a bundle).
+pub const EXPORT_KIND: &str = "macula-osv-export/v1";
+
+/// The DSSE payload type of the Hub's signature over an export (`osv/envelope.json`).
+pub const EXPORT_PAYLOAD_TYPE: &str = "application/vnd.macula.osv-export+json";
+
+/// Records for some ecosystems, as a bundle carries them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Export {
+    pub kind: String,
+    pub ecosystems: Vec<String>,
+    pub records: Vec<Record>,
+}
+
+/// What the Hub signs about an export: its digest and size, and what it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportStatement {
+    /// `sha256:<hex>` of `osv/osv.json`.
+    pub digest: String,
+    pub size: u64,
+    pub ecosystems: Vec<String>,
+    pub records: u64,
+    /// When the Hub exported it (RFC 3339): how current the data is.
+    pub exported: String,
+}
+
+impl Scan {
+    /// As the Hub and the CLI show it: `{"findings": [{id, summary, component, version,
+    /// fixed}], "unchecked": [...]}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "findings": self.findings.iter().map(|f| serde_json::json!({
+                "id": f.id, "summary": f.summary, "component": f.component,
+                "version": f.version, "fixed": f.fixed,
+            })).collect::<Vec<_>>(),
+            "unchecked": self.unchecked,
+        })
+    }
 }
 
 /// Records by (ecosystem, package name).
@@ -172,6 +214,33 @@ impl Database {
 
     pub fn is_empty(&self) -> bool {
         self.records == 0
+    }
+
+    /// The records that name a package of one of `ecosystems`, each once, by id (what an
+    /// offline bundle carries for the ecosystems in its SBOMs: the fields the scan reads).
+    pub fn export(&self, ecosystems: &std::collections::BTreeSet<String>) -> Export {
+        let mut by_id: std::collections::BTreeMap<&str, &Record> = Default::default();
+        for ((eco, _), records) in &self.by_package {
+            if ecosystems.contains(eco) {
+                for r in records {
+                    by_id.entry(r.id.as_str()).or_insert(r);
+                }
+            }
+        }
+        Export {
+            kind: EXPORT_KIND.into(),
+            ecosystems: ecosystems.iter().cloned().collect(),
+            records: by_id.into_values().cloned().collect(),
+        }
+    }
+
+    /// A database of an [`Export`]'s records.
+    pub fn from_export(e: Export) -> Database {
+        let mut db = Database::default();
+        for r in e.records {
+            db.add(r);
+        }
+        db
     }
 
     /// Scans the SBOM's components.

@@ -624,6 +624,17 @@ impl Repo {
     pub fn timestamp_version(&self) -> u64 {
         self.timestamp_version
     }
+    /// A DSSE envelope over `body`, signed with the online targets key (what the Hub attests
+    /// outside TUF's files, such as a bundle's vulnerability data); clients check it against
+    /// the targets role's keys in the root they verified ([`Client::targets_trust`]).
+    pub fn sign_with_targets_key(
+        &self,
+        payload_type: &str,
+        body: &[u8],
+    ) -> crate::attest::Envelope {
+        crate::attest::sign(payload_type, body, &[self.online.targets.signing()])
+    }
+
     /// The bytes of `N.root.json` (what a node is given as its first root of trust).
     pub fn root_file(&self, version: u64) -> Result<Vec<u8>, TufError> {
         let p = self.dir.join(format!("metadata/{version}.root.json"));
@@ -1355,6 +1366,33 @@ impl Client {
     /// The newest root this client verified (JSON), to keep as the next load's trusted root.
     pub fn root_json(&self) -> Vec<u8> {
         pretty(self.repo.root())
+    }
+
+    /// The keys of the top-level targets role and its threshold, from the verified root: who
+    /// may sign what the Hub attests outside TUF's files ([`Repo::sign_with_targets_key`]).
+    pub fn targets_trust(&self) -> crate::attest::Trusted {
+        let root = &self.repo.root().signed;
+        let Some(role) = root.roles.get(&RoleType::Targets) else {
+            return crate::attest::Trusted {
+                keys: vec![],
+                threshold: 1,
+            };
+        };
+        let keys = role
+            .keyids
+            .iter()
+            .filter_map(|id| match root.keys.get(id)? {
+                TufKey::Ed25519 { keyval, .. } => {
+                    let bytes: [u8; 32] = keyval.public.as_ref().try_into().ok()?;
+                    ed25519_dalek::VerifyingKey::from_bytes(&bytes).ok()
+                }
+                _ => None,
+            })
+            .collect();
+        crate::attest::Trusted {
+            keys,
+            threshold: (role.threshold.get() as usize).max(1),
+        }
     }
     pub fn root_version(&self) -> u64 {
         self.repo.root().signed.version.get()

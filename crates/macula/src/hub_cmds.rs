@@ -250,7 +250,7 @@ pub async fn hub(args: HubArgs, json: bool) -> Result<()> {
             .map_err(|e| anyhow!("{} does not verify: {e}", file.display()))?;
         emit(
             json,
-            &json!({"file": file, "packages": v.manifest.packages, "expires": v.manifest.expires, "root_version": v.root_version, "blobs": v.blobs}),
+            &json!({"file": file, "packages": v.manifest.packages, "expires": v.manifest.expires, "root_version": v.root_version, "blobs": v.blobs, "scan": bundle_scan_json(v.osv.as_ref())}),
             |_| {
                 println!(
                     "{} verifies against root version {}: {} file(s), until {}.",
@@ -262,6 +262,7 @@ pub async fn hub(args: HubArgs, json: bool) -> Result<()> {
                 for p in &v.manifest.packages {
                     println!("  {} {}", p.target, p.digest);
                 }
+                print_bundle_scan(v.osv.as_ref());
             },
         );
         return Ok(());
@@ -749,6 +750,36 @@ fn print_releases(releases: &[Release]) {
     }
 }
 
+/// A release's index from the Hub's repository (`targets/<ns>/<sha256>.<name@version>`),
+/// required to hash to the release's digest (it is content-addressed): its target path, bytes
+/// and contents.
+fn fetch_index(
+    agent: &ureq::Agent,
+    hub: &str,
+    ns: &str,
+    release: &Release,
+) -> Result<(String, Vec<u8>, macula_hub::pack::Index)> {
+    let digest: macula_hub::Digest = release
+        .digest
+        .parse()
+        .map_err(|e| anyhow!("the Hub's digest {}: {e}", release.digest))?;
+    let file = release.target.split_once('/').map_or("", |x| x.1);
+    let tname = format!("targets/{ns}/{}.{file}", digest.hex());
+    let bytes = fetch(
+        agent,
+        &format!("{hub}/v1/hub/tuf/{tname}"),
+        review::MAX_INDEX,
+    )?;
+    if macula_hub::Digest::of(&bytes) != digest {
+        bail!(
+            "the Hub served an index for {} that is not {digest}",
+            release.target
+        );
+    }
+    let index = serde_json::from_slice(&bytes)?;
+    Ok((tname, bytes, index))
+}
+
 /// GETs `url` (a Hub route), at most `max` bytes.
 fn fetch(agent: &ureq::Agent, url: &str, max: u64) -> Result<Vec<u8>> {
     use std::io::Read;
@@ -801,24 +832,7 @@ pub fn package_manifest(
             release.target, release.yanked, release.digest
         );
     }
-    let digest: macula_hub::Digest = release
-        .digest
-        .parse()
-        .map_err(|e| anyhow!("the Hub's digest {}: {e}", release.digest))?;
-    // The index is content-addressed: its bytes must hash to the digest.
-    let file = release.target.split_once('/').map_or("", |x| x.1);
-    let index_bytes = fetch(
-        agent,
-        &format!("{hub}/v1/hub/tuf/targets/{ns}/{}.{file}", digest.hex()),
-        review::MAX_INDEX,
-    )?;
-    if macula_hub::Digest::of(&index_bytes) != digest {
-        bail!(
-            "the Hub served an index for {} that is not {digest}",
-            release.target
-        );
-    }
-    let index: macula_hub::pack::Index = serde_json::from_slice(&index_bytes)?;
+    let (_, _, index) = fetch_index(agent, hub, ns, release)?;
     let manifest = fetch(
         agent,
         &format!("{hub}/v1/hub/blobs/{}", index.manifest.digest),
@@ -886,7 +900,7 @@ fn export_bundle(
     since_root: u64,
     json: bool,
 ) -> Result<()> {
-    use macula_hub::bundle::{self, Entry, Manifest, Source};
+    use macula_hub::bundle::{self, Manifest, Source};
     let agent = crate::registry_cmds::http_agent(api.ca(), Duration::from_secs(600))?;
     let hub = api.base().to_owned();
     let tuf = |path: &str, max: u64| fetch(&agent, &format!("{hub}/v1/hub/tuf/{path}"), max);
@@ -902,12 +916,38 @@ fn export_bundle(
         let name = format!("metadata/{n}.root.json");
         files.push((format!("repo/{name}"), Source::Bytes(tuf(&name, 1 << 20)?)));
     }
+    let tmp = tempfile::tempdir()?;
+    let store = FsStore::open(tmp.path().join("blobs"))?;
+    let mut entries = vec![];
+    let mut ecosystems = std::collections::BTreeSet::new();
+    for spec in specs {
+        let (entry, index_name, index_bytes) =
+            bundle_package(api, &agent, &hub, &store, spec, &mut files)?;
+        ecosystems.extend(sbom_ecosystems(&store, &index_bytes));
+        files.push((format!("repo/{index_name}"), Source::Bytes(index_bytes)));
+        entries.push(entry);
+    }
+    // Signed for the bundle: its snapshot and timestamp, and the vulnerability records of the
+    // ecosystems its SBOMs name.
     let meta: BundleMetadata = api.call(
         "POST",
         "/v1/hub/bundle-metadata",
-        &NewBundleMetadata { days: Some(days) },
+        &NewBundleMetadata {
+            days: Some(days),
+            ecosystems: ecosystems.into_iter().collect(),
+        },
     )?;
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.decode(s);
+    let mut osv_statement = None;
+    if let (Some(export), Some(envelope)) = (&meta.osv, &meta.osv_envelope) {
+        let envelope = b64(envelope)?;
+        let e: macula_hub::attest::Envelope = serde_json::from_slice(&envelope)?;
+        let statement: macula_hub::osv::ExportStatement =
+            serde_json::from_slice(&b64(&e.payload)?)?;
+        osv_statement = Some(statement);
+        files.push((bundle::OSV_EXPORT.into(), Source::Bytes(b64(export)?)));
+        files.push((bundle::OSV_ENVELOPE.into(), Source::Bytes(envelope)));
+    }
     let snapshot = b64(&meta.snapshot)?;
     files.push((
         "repo/metadata/timestamp.json".into(),
@@ -939,61 +979,12 @@ fn export_bundle(
             Source::Bytes(tuf(&name, bundle::MAX_META)?),
         ));
     }
-    let tmp = tempfile::tempdir()?;
-    let store = FsStore::open(tmp.path().join("blobs"))?;
-    let mut entries = vec![];
-    for spec in specs {
-        let (package, version) = match spec.split_once('@') {
-            Some((p, v)) => (p, Some(v)),
-            None => (spec.as_str(), None),
-        };
-        let (ns, name) = package
-            .split_once('/')
-            .ok_or_else(|| anyhow!("{spec}: write org/name@version"))?;
-        let info: PackageInfo =
-            api.get_anonymous(&format!("/v1/hub/packages/{}/{}", seg(ns), seg(name)))?;
-        let release = pick_release(&info, version)?;
-        let digest: macula_hub::Digest = release.digest.parse().map_err(|e| anyhow!("{e}"))?;
-        let file = release.target.split_once('/').map_or("", |x| x.1);
-        let tname = format!("targets/{ns}/{}.{file}", digest.hex());
-        let index_bytes = tuf(&tname, review::MAX_INDEX)?;
-        if macula_hub::Digest::of(&index_bytes) != digest {
-            bail!(
-                "the Hub served an index for {} that is not {digest}",
-                release.target
-            );
-        }
-        let index: macula_hub::pack::Index = serde_json::from_slice(&index_bytes)?;
-        let mut blobs = vec![(index.manifest.digest, index.manifest.size)];
-        blobs.extend(index.files.values().map(|f| (f.digest, f.size)));
-        for (d, size) in blobs {
-            if store.has(&d) {
-                continue;
-            }
-            let url = format!("{hub}/v1/hub/blobs/{d}");
-            let mut res = agent.get(&url).call().map_err(|e| anyhow!("{url}: {e}"))?;
-            if res.status().as_u16() != 200 {
-                bail!("{url}: HTTP {}", res.status().as_u16());
-            }
-            store
-                .put(&mut res.body_mut().as_reader(), size, Some(d))
-                .map_err(|e| anyhow!("{url}: {e}"))?;
-            files.push((
-                format!("blobs/sha256/{}", d.hex()),
-                Source::File(store.root().join("sha256").join(d.hex())),
-            ));
-        }
-        files.push((format!("repo/{tname}"), Source::Bytes(index_bytes)));
-        entries.push(Entry {
-            target: release.target.clone(),
-            digest: release.digest.clone(),
-        });
-    }
     let manifest = Manifest {
         kind: bundle::BUNDLE_KIND.into(),
         created: macula_common::time::rfc3339(macula_common::time::now_secs()),
         expires: meta.expires.clone(),
         packages: entries,
+        osv: osv_statement,
     };
     let tmp_out = out.with_extension("bmz.partial");
     let f = std::fs::File::create(&tmp_out).with_context(|| tmp_out.display().to_string())?;
@@ -1011,9 +1002,151 @@ fn export_bundle(
             trust.root_version,
             manifest.expires
         );
+            match &manifest.osv {
+                Some(o) => println!(
+                    "Vulnerability data: {} OSV record(s) for {}, as of {} (signed by the Hub).",
+                    o.records,
+                    o.ecosystems.join(", "),
+                    o.exported
+                ),
+                None => println!(
+                    "No vulnerability data: the Hub has no OSV database, or the SBOMs name no ecosystem."
+                ),
+            }
         },
     );
     Ok(())
+}
+
+/// Fetches one package of a bundle (`org/name[@version]`): its index (checked against the
+/// digest the Hub lists) and every file it names into `store`, the files added to `files`.
+/// Returns its entry, the index's TUF target path and the index.
+fn bundle_package(
+    api: &Api,
+    agent: &ureq::Agent,
+    hub: &str,
+    store: &FsStore,
+    spec: &str,
+    files: &mut Vec<(String, macula_hub::bundle::Source)>,
+) -> Result<(macula_hub::bundle::Entry, String, Vec<u8>)> {
+    use macula_hub::bundle::{Entry, Source};
+    let (package, version) = match spec.split_once('@') {
+        Some((p, v)) => (p, Some(v)),
+        None => (spec, None),
+    };
+    let (ns, name) = package
+        .split_once('/')
+        .ok_or_else(|| anyhow!("{spec}: write org/name@version"))?;
+    let info: PackageInfo =
+        api.get_anonymous(&format!("/v1/hub/packages/{}/{}", seg(ns), seg(name)))?;
+    let release = pick_release(&info, version)?;
+    let (tname, index_bytes, index) = fetch_index(agent, hub, ns, release)?;
+    let mut blobs = vec![(index.manifest.digest, index.manifest.size)];
+    blobs.extend(index.files.values().map(|f| (f.digest, f.size)));
+    for (d, size) in blobs {
+        if store.has(&d) {
+            continue;
+        }
+        let url = format!("{hub}/v1/hub/blobs/{d}");
+        let mut res = agent.get(&url).call().map_err(|e| anyhow!("{url}: {e}"))?;
+        if res.status().as_u16() != 200 {
+            bail!("{url}: HTTP {}", res.status().as_u16());
+        }
+        store
+            .put(&mut res.body_mut().as_reader(), size, Some(d))
+            .map_err(|e| anyhow!("{url}: {e}"))?;
+        files.push((
+            format!("blobs/sha256/{}", d.hex()),
+            Source::File(store.root().join("sha256").join(d.hex())),
+        ));
+    }
+    Ok((
+        Entry {
+            target: release.target.clone(),
+            digest: release.digest.clone(),
+        },
+        tname,
+        index_bytes,
+    ))
+}
+
+/// The OSV ecosystems of the components a package's SBOM lists (none when it has no SBOM or
+/// it cannot be read: the bundle then carries no data for them, and the site's scan says so).
+fn sbom_ecosystems(store: &FsStore, index_bytes: &[u8]) -> Vec<String> {
+    let Ok(index) = serde_json::from_slice::<macula_hub::pack::Index>(index_bytes) else {
+        return vec![];
+    };
+    let sbom = (|| {
+        let manifest = store
+            .read(&index.manifest.digest, macula_hub::pack::MAX_MANIFEST)
+            .ok()??;
+        let pkg = macula_hub::parse(&String::from_utf8_lossy(&manifest)).ok()?;
+        let file = index.files.get(pkg.sbom.as_ref()?)?;
+        let bytes = store
+            .read(&file.digest, macula_hub::sbom::MAX_SBOM as u64)
+            .ok()??;
+        macula_hub::sbom::parse(&bytes).ok()
+    })();
+    sbom.map(|s| {
+        s.components
+            .iter()
+            .filter_map(|c| c.ecosystem().map(str::to_owned))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// Prints what a bundle's vulnerability data found in its packages.
+fn print_bundle_scan(osv: Option<&macula_hub::bundle::OsvChecked>) {
+    let Some(o) = osv else {
+        println!("  no vulnerability data in the bundle: not scanned here");
+        return;
+    };
+    println!(
+        "  scanned against the bundle's {} OSV record(s) ({}), as of {}:",
+        o.statement.records,
+        o.statement.ecosystems.join(", "),
+        o.statement.exported
+    );
+    for (target, scan) in &o.scans {
+        if scan.findings.is_empty() {
+            println!("    {target}: no known vulnerability");
+        }
+        for f in &scan.findings {
+            println!(
+                "    {target}: {} in {} {}{}: {}",
+                f.id,
+                f.component,
+                f.version,
+                f.fixed
+                    .as_deref()
+                    .map(|x| format!(" (fixed in {x})"))
+                    .unwrap_or_default(),
+                f.summary
+            );
+        }
+        if !scan.unchecked.is_empty() {
+            println!(
+                "    {target}: {} component(s) not checked (no version or ecosystem)",
+                scan.unchecked.len()
+            );
+        }
+    }
+}
+
+/// The scan results of an import, for `--json`.
+fn bundle_scan_json(osv: Option<&macula_hub::bundle::OsvChecked>) -> Value {
+    match osv {
+        None => Value::Null,
+        Some(o) => json!({
+            "statement": o.statement,
+            "packages": o.scans.iter().map(|(t, s)| {
+                let mut v = s.to_json();
+                v["target"] = json!(t);
+                v
+            }).collect::<Vec<_>>(),
+        }),
+    }
 }
 
 async fn import_bundle(
@@ -1038,11 +1171,13 @@ async fn import_bundle(
     let trusted =
         std::fs::read(&root).with_context(|| format!("the root of trust {}", root.display()))?;
     let mut done = vec![];
+    let mut last = None;
     for d in &dirs {
         let imported = macula_hub::bundle::import(bundle, d, &trusted, 8 << 30)
             .await
             .map_err(|e| anyhow!("{} refused: {e}", bundle.display()))?;
-        done.push(json!({"into": d, "packages": imported.manifest.packages, "blobs": imported.blobs, "root_version": imported.root_version}));
+        done.push(json!({"into": d, "packages": imported.manifest.packages, "blobs": imported.blobs, "root_version": imported.root_version, "scan": bundle_scan_json(imported.osv.as_ref())}));
+        last = imported.osv;
     }
     emit(json, &done, |done| {
         for d in done {
@@ -1054,6 +1189,7 @@ async fn import_bundle(
                 d["root_version"]
             );
         }
+        print_bundle_scan(last.as_ref());
     });
     Ok(())
 }

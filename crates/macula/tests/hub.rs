@@ -393,8 +393,17 @@ impl Fixture {
 
     /// Publishes a package with `manifest` whose program is `body`.
     fn publish(&self, manifest: &str, body: &str) {
+        self.publish_with(manifest, body, &[]);
+    }
+
+    /// Publishes a package with `manifest` whose program is `body`, and `files` (path,
+    /// contents) beside them.
+    fn publish_with(&self, manifest: &str, body: &str, files: &[(&str, String)]) {
         let pkg = tempfile::tempdir().unwrap();
         package(pkg.path(), manifest, body);
+        for (path, text) in files {
+            std::fs::write(pkg.path().join(path), text).unwrap();
+        }
         cli(
             self.acme.path(),
             &self.http,
@@ -786,13 +795,37 @@ fn the_smoke_test_promotes_a_healthy_package_to_verified() {
 
 /// An offline bundle: exported from a Hub, imported on a mesh that cannot reach it (two nodes
 /// of their own, no Hub; only the first Hub's root of trust), where the package is installed
-/// and runs on both nodes. A tampered byte anywhere is refused, naming the entry.
+/// and runs on both nodes. A tampered byte anywhere is refused, naming the entry. The bundle
+/// carries the Hub's vulnerability records for the ecosystems its SBOMs name, signed: the site
+/// scans the package offline.
 #[test]
 fn a_bundle_installs_and_runs_on_an_isolated_site() {
-    let f = Fixture::new(&[]);
-    f.publish(
+    let osv = tempfile::tempdir().unwrap();
+    std::fs::write(
+        osv.path().join("GHSA-1111-2222-3333.json"),
+        r#"{"id": "GHSA-1111-2222-3333", "summary": "left-pad pads wrong",
+            "affected": [{"package": {"ecosystem": "npm", "name": "left-pad"},
+                          "ranges": [{"type": "SEMVER", "events": [{"introduced": "0"}, {"fixed": "1.0.1"}]}]}]}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        osv.path().join("RUSTSEC-0000-0001.json"),
+        r#"{"id": "RUSTSEC-0000-0001", "summary": "another ecosystem: not in the bundle",
+            "affected": [{"package": {"ecosystem": "crates.io", "name": "serde"}, "versions": ["1.0.0"]}]}"#,
+    )
+    .unwrap();
+    let f = Fixture::with(&[], &format!("  hub:\n    osv: {}\n", osv.path().display()));
+    let body = "#!/bin/sh\necho offline\nexec sleep 300\n";
+    let sbom = format!(
+        r#"{{"bomFormat": "CycloneDX", "specVersion": "1.5", "components": [
+            {{"type": "file", "name": "bin/hello", "hashes": [{{"alg": "SHA-256", "content": "{}"}}]}},
+            {{"type": "library", "name": "left-pad", "version": "1.0.0", "purl": "pkg:npm/left-pad@1.0.0"}}]}}"#,
+        macula_hub::Digest::of(body.as_bytes()).hex()
+    );
+    f.publish_with(
         &MANIFEST.replace("  name: hello\n", "  name: hello\n  replicas: 2\n"),
-        "#!/bin/sh\necho offline\nexec sleep 300\n",
+        body,
+        &[("sbom.spdx.json", sbom)],
     );
     let work = tempfile::tempdir().unwrap();
     let bmz = work.path().join("hello.bmz");
@@ -809,6 +842,13 @@ fn a_bundle_installs_and_runs_on_an_isolated_site() {
         out["bundle"]["packages"][0]["target"], "acme/hello@1.0.0",
         "{out}"
     );
+    // The records of npm (the SBOM's only ecosystem), not of crates.io.
+    assert_eq!(
+        out["bundle"]["osv"]["ecosystems"],
+        serde_json::json!(["npm"]),
+        "{out}"
+    );
+    assert_eq!(out["bundle"]["osv"]["records"], 1, "{out}");
 
     // The site: its own `macula up` (another trust root, another mesh), no Hub, only the first
     // Hub's root of trust.
@@ -892,6 +932,20 @@ fn a_bundle_installs_and_runs_on_an_isolated_site() {
             swap("blobs/", b"echo offline", b"echo pwned!!"),
             "blobs/sha256/",
         ),
+        // The vulnerability data edited (a finding hidden): its signed digest does not match.
+        (
+            swap(
+                "osv/osv.json",
+                b"\"fixed\":\"1.0.1\"",
+                b"\"fixed\":\"0.0.1\"",
+            ),
+            "osv/osv.json",
+        ),
+        // Its signature made over other data: refused by the targets key's check.
+        (
+            swap("osv/envelope.json", b"\"sig\":\"", b"\"sig\":\"A"),
+            "osv/envelope.json",
+        ),
         // A later expiry, the signature left as it was.
         (
             swap("timestamp.json", b"\"expires\": \"20", b"\"expires\": \"21"),
@@ -923,6 +977,10 @@ fn a_bundle_installs_and_runs_on_an_isolated_site() {
         root.to_str().unwrap(),
     ]);
     assert!(ok && out.contains("acme/hello@1.0.0"), "verify: {err}");
+    assert!(
+        out.contains("GHSA-1111-2222-3333 in left-pad 1.0.0 (fixed in 1.0.1)"),
+        "the offline scan: {out}"
+    );
     let (ok, out, err) = site_cli(&[
         "--json",
         "hub",

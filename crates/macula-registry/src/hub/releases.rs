@@ -48,14 +48,11 @@ fn release_of(r: &AnyRow) -> ApiResult<Release> {
 fn scan_json(scan: Option<&macula_hub::osv::Scan>) -> Value {
     match scan {
         None => json!({"database": false}),
-        Some(s) => json!({
-            "database": true,
-            "findings": s.findings.iter().map(|f| json!({
-                "id": f.id, "summary": f.summary, "component": f.component,
-                "version": f.version, "fixed": f.fixed,
-            })).collect::<Vec<_>>(),
-            "unchecked": s.unchecked,
-        }),
+        Some(s) => {
+            let mut v = s.to_json();
+            v["database"] = json!(true);
+            v
+        }
     }
 }
 
@@ -629,11 +626,44 @@ impl Registry {
             .await
             .map_err(super::tuf_error)?;
         let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        if req.ecosystems.len() > 64 || req.ecosystems.iter().any(|e| e.is_empty() || e.len() > 64)
+        {
+            return Err(ApiError::invalid(
+                "invalid_ecosystems",
+                "ecosystems: at most 64 names of 1 to 64 bytes",
+            ));
+        }
+        // The vulnerability data for the bundle's ecosystems, signed like the repository's
+        // own files (the targets key), so the site can trust it offline.
+        let (osv, osv_envelope) = match (&hub.osv, req.ecosystems.is_empty()) {
+            (Some(db), false) => {
+                let wanted: std::collections::BTreeSet<String> =
+                    req.ecosystems.iter().cloned().collect();
+                let export = db.export(&wanted);
+                let records = export.records.len() as u64;
+                let bytes = serde_json::to_vec(&export).map_err(ApiError::internal)?;
+                let statement = macula_hub::osv::ExportStatement {
+                    digest: Digest::of(&bytes).to_string(),
+                    size: bytes.len() as u64,
+                    ecosystems: export.ecosystems,
+                    records,
+                    exported: rfc3339(now_secs()),
+                };
+                let body = serde_json::to_vec(&statement).map_err(ApiError::internal)?;
+                let envelope =
+                    repo.sign_with_targets_key(macula_hub::osv::EXPORT_PAYLOAD_TYPE, &body);
+                let envelope = serde_json::to_vec(&envelope).map_err(ApiError::internal)?;
+                (Some(b64(&bytes)), Some(b64(&envelope)))
+            }
+            _ => (None, None),
+        };
         Ok(BundleMetadata {
             snapshot: b64(&snapshot),
             snapshot_version: repo.snapshot_version(),
             timestamp: b64(&timestamp),
             expires: rfc3339(expires.as_second().max(0) as u64),
+            osv,
+            osv_envelope,
         })
     }
 

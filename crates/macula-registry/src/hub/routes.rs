@@ -323,7 +323,8 @@ pub(crate) async fn mark_release(
 }
 
 /// Sign a snapshot and timestamp for an offline bundle (`macula hub bundle export`), valid for
-/// `days` (the chain's other roles may end it sooner).
+/// `days` (the chain's other roles may end it sooner); with `ecosystems`, also the Hub's
+/// vulnerability records for them, with its signature.
 #[utoipa::path(post, path = "/v1/hub/bundle-metadata", tag = "hub", security(("session" = [])),
     request_body = NewBundleMetadata,
     responses((status = 200, body = BundleMetadata, description = "The bundle's snapshot and timestamp."),

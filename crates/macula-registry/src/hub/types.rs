@@ -171,6 +171,10 @@ pub struct NewBundleMetadata {
     /// roles and the targets role may end it sooner: `expires` says when.
     #[serde(default)]
     pub days: Option<u64>,
+    /// The OSV ecosystems of the bundled packages' SBOMs (`npm`, `crates.io`, ...): the Hub's
+    /// vulnerability records for them come back signed (at most 64).
+    #[serde(default)]
+    pub ecosystems: Vec<String>,
 }
 
 /// A snapshot and timestamp signed for an offline bundle (the exact bytes, base64).
@@ -181,6 +185,14 @@ pub struct BundleMetadata {
     pub timestamp: String,
     /// Until when the bundle's metadata verifies (the earliest expiry of its chain).
     pub expires: String,
+    /// The vulnerability records of the ecosystems asked for (`osv/osv.json`, base64), when
+    /// the Hub has a database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub osv: Option<String>,
+    /// The Hub's DSSE envelope over the records' digest, signed with the targets key
+    /// (`osv/envelope.json`, base64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub osv_envelope: Option<String>,
 }
 
 /// The Hub's trust: its root of trust, for nodes to verify the repository with.
