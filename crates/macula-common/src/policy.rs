@@ -75,6 +75,103 @@ pub struct PolicyDoc {
     /// it. None: no limit (a realm of a node's own config directory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_instances: Option<u32>,
+    /// Which Hub packages the realm's workloads may run, and what a revocation does to running
+    /// replicas (every node enforces it when a replica starts, and stops running replicas that
+    /// it no longer allows). Default: any package the Hub lists; revoked ones flagged.
+    #[serde(default, skip_serializing_if = "PackagePolicy::is_default")]
+    pub packages: PackagePolicy,
+}
+
+/// A realm's rules for Hub packages (`PolicyDoc::packages`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PackagePolicy {
+    /// The lowest tier allowed: `community` (any signed package; the default), `verified`
+    /// (scan and smoke test passed) or `certified`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub min_tier: String,
+    /// The publishers (namespaces, `acme` for `acme/*`) whose packages may run; empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publishers: Vec<String>,
+    /// What a revocation does to the realm's running replicas of the package: `flag` (shown
+    /// in status; the default) or `stop`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub on_revoked: String,
+}
+
+/// The Hub's tiers, lowest first.
+pub const TIERS: [&str; 3] = ["community", "verified", "certified"];
+
+impl PackagePolicy {
+    pub fn is_default(&self) -> bool {
+        *self == PackagePolicy::default()
+    }
+
+    /// The problem with the rules as written, if any.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.min_tier.is_empty() && !TIERS.contains(&self.min_tier.as_str()) {
+            return Err(format!(
+                "packages.min_tier {:?}: one of {}",
+                self.min_tier,
+                TIERS.join(", ")
+            ));
+        }
+        if !["", "flag", "stop"].contains(&self.on_revoked.as_str()) {
+            return Err(format!(
+                "packages.on_revoked {:?}: flag or stop",
+                self.on_revoked
+            ));
+        }
+        if self.publishers.len() > 256 {
+            return Err("packages.publishers: at most 256".into());
+        }
+        if let Some(p) = self.publishers.iter().find(|p| {
+            p.is_empty()
+                || p.len() > 64
+                || !p
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        }) {
+            return Err(format!(
+                "packages.publishers: {p:?} is not a publisher's namespace (lowercase letters, digits, -)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Why a package of publisher `namespace` at `tier` may not run in the realm, if it may
+    /// not. A tier that is not known (`None`: the Hub's status was not read) passes only when
+    /// no tier is required.
+    pub fn refusal(&self, namespace: &str, tier: Option<&str>) -> Option<String> {
+        if !self.publishers.is_empty() && !self.publishers.iter().any(|p| p == namespace) {
+            return Some(format!(
+                "the realm's policy allows packages of {} only, not of {namespace}",
+                self.publishers.join(", ")
+            ));
+        }
+        let rank = |t: &str| TIERS.iter().position(|x| *x == t);
+        let need = rank(&self.min_tier).unwrap_or(0);
+        if need == 0 {
+            return None;
+        }
+        match tier {
+            Some(t) if rank(t).is_some_and(|r| r >= need) => None,
+            Some(t) => Some(format!(
+                "the realm's policy allows {} packages or better; this one is {t}",
+                self.min_tier
+            )),
+            None => Some(format!(
+                "the realm's policy allows {} packages or better, and the Hub's status (the tier) could not be read",
+                self.min_tier
+            )),
+        }
+    }
+
+    /// Whether a revocation stops the realm's running replicas.
+    pub fn stops_revoked(&self) -> bool {
+        self.on_revoked == "stop"
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -166,5 +263,51 @@ pub fn default_policy(realm: &str) -> PolicyDoc {
             },
         ],
         ..PolicyDoc::default()
+    }
+}
+
+#[cfg(test)]
+mod package_policy_tests {
+    use super::*;
+
+    #[test]
+    fn tiers_publishers_and_revocation() {
+        let any = PackagePolicy::default();
+        assert!(any.is_default() && any.check().is_ok());
+        assert_eq!(any.refusal("acme", None), None);
+        let p = PackagePolicy {
+            min_tier: "verified".into(),
+            publishers: vec!["acme".into()],
+            on_revoked: "stop".into(),
+        };
+        assert!(p.check().is_ok() && p.stops_revoked());
+        assert_eq!(p.refusal("acme", Some("verified")), None);
+        assert_eq!(p.refusal("acme", Some("certified")), None);
+        assert!(p
+            .refusal("acme", Some("community"))
+            .is_some_and(|w| w.contains("this one is community")));
+        // Unknown tier: refused when one is required (fail closed).
+        assert!(p
+            .refusal("acme", None)
+            .is_some_and(|w| w.contains("could not be read")));
+        assert!(p
+            .refusal("initech", Some("certified"))
+            .is_some_and(|w| w.contains("of acme only")));
+        for bad in [
+            PackagePolicy {
+                min_tier: "gold".into(),
+                ..Default::default()
+            },
+            PackagePolicy {
+                on_revoked: "explode".into(),
+                ..Default::default()
+            },
+            PackagePolicy {
+                publishers: vec!["Acme/*".into()],
+                ..Default::default()
+            },
+        ] {
+            assert!(bad.check().is_err(), "{bad:?}");
+        }
     }
 }

@@ -45,7 +45,9 @@ impl Action {
     }
 }
 
-pub use macula_common::policy::{AllowDoc, ApiKeyDoc, PolicyDoc, RoleDoc, TopicAclDoc, UserDoc};
+pub use macula_common::policy::{
+    AllowDoc, ApiKeyDoc, PackagePolicy, PolicyDoc, RoleDoc, TopicAclDoc, UserDoc,
+};
 
 /// Why a policy could not be loaded; names the place in the document.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -211,6 +213,7 @@ impl Policy {
 
     pub fn from_doc(doc: PolicyDoc) -> Result<Policy, PolicyError> {
         uri::validate_realm(&doc.realm).map_err(|e| PolicyError::Invalid(e.to_string()))?;
+        doc.packages.check().map_err(PolicyError::Invalid)?;
         if let Some(a) = doc
             .authorities
             .iter()

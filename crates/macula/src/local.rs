@@ -179,9 +179,12 @@ pub enum RealmsCmd {
     /// session joined; keys issued before this release prove nothing and must be reissued);
     /// `--nodes` restricts the realm to dedicated nodes (their peer ids from `macula mesh
     /// status`, comma-separated; `any` lifts the restriction; needs the dedicated_nodes add-on
-    /// on a registry).
+    /// on a registry); `--package-tier`, `--package-publishers` and `--on-revoked` say which Hub
+    /// packages the realm's workloads may run and whether a revocation stops their replicas
+    /// (every node enforces it).
     ///
     /// Example: macula realms policy com.myapp --verified-roles on
+    /// Example: macula realms policy com.myapp --package-tier verified --package-publishers acme --on-revoked stop
     Policy {
         #[command(flatten)]
         dir: DirArg,
@@ -191,6 +194,8 @@ pub enum RealmsCmd {
         verified_roles: Option<Switch>,
         #[arg(long, value_name = "PEER,...|any")]
         nodes: Option<String>,
+        #[command(flatten)]
+        packages: PackageFlags,
     },
     /// Turn a premium add-on on (or --off): analytics, multi_region, priority_support,
     /// custom_domains, dedicated_nodes, sso. Billed for every month in which it was on.
@@ -202,6 +207,31 @@ pub enum RealmsCmd {
         #[arg(long)]
         off: bool,
     },
+}
+
+/// `macula realms policy` flags for Hub packages (`PolicyDoc::packages`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct PackageFlags {
+    /// The lowest Hub tier the realm's workloads may run: community (any signed package),
+    /// verified (scan and smoke test passed) or certified.
+    #[arg(long, value_name = "TIER")]
+    pub package_tier: Option<String>,
+    /// The publishers whose packages the realm's workloads may run (comma-separated
+    /// namespaces, e.g. acme,initech); `any` lifts the restriction.
+    #[arg(long, value_name = "NS,...|any")]
+    pub package_publishers: Option<String>,
+    /// What a revocation does to the realm's running replicas of the package: flag (shown in
+    /// status) or stop.
+    #[arg(long, value_name = "flag|stop")]
+    pub on_revoked: Option<String>,
+}
+
+impl PackageFlags {
+    pub fn any(&self) -> bool {
+        self.package_tier.is_some()
+            || self.package_publishers.is_some()
+            || self.on_revoked.is_some()
+    }
 }
 
 /// `on` or `off`.
@@ -216,7 +246,29 @@ pub fn change_policy(
     doc: &mut macula_router::policy::PolicyDoc,
     verified_roles: Option<Switch>,
     nodes: Option<&str>,
-) -> bool {
+    packages: &PackageFlags,
+) -> Result<bool> {
+    if let Some(t) = &packages.package_tier {
+        doc.packages.min_tier = if t == "community" {
+            String::new()
+        } else {
+            t.trim().to_owned()
+        };
+    }
+    if let Some(p) = &packages.package_publishers {
+        doc.packages.publishers = match p.trim() {
+            "any" | "" => vec![],
+            list => list.split(',').map(|x| x.trim().to_owned()).collect(),
+        };
+    }
+    if let Some(r) = &packages.on_revoked {
+        doc.packages.on_revoked = if r == "flag" {
+            String::new()
+        } else {
+            r.trim().to_owned()
+        };
+    }
+    doc.packages.check().map_err(|e| anyhow::anyhow!("{e}"))?;
     if let Some(v) = verified_roles {
         doc.verified_roles = v == Switch::On;
     }
@@ -226,7 +278,7 @@ pub fn change_policy(
             list => list.split(',').map(|p| p.trim().to_owned()).collect(),
         };
     }
-    verified_roles.is_some() || nodes.is_some()
+    Ok(verified_roles.is_some() || nodes.is_some() || packages.any())
 }
 
 /// Prints a realm's policy for people.
@@ -254,6 +306,25 @@ pub fn print_policy(doc: &macula_router::policy::PolicyDoc) {
             "on (forwarded traffic only with roles keys prove)"
         } else {
             "off (a claimed role is believed when no key proves one)"
+        }
+    );
+    let p = &doc.packages;
+    println!(
+        "  hub packages:   {} or better, from {}; revoked ones {}",
+        if p.min_tier.is_empty() {
+            "community"
+        } else {
+            &p.min_tier
+        },
+        if p.publishers.is_empty() {
+            "any publisher".to_string()
+        } else {
+            p.publishers.join(", ")
+        },
+        if p.stops_revoked() {
+            "stopped"
+        } else {
+            "flagged"
         }
     );
 }
@@ -452,12 +523,13 @@ pub fn realms(cmd: RealmsCmd, json: bool) -> Result<()> {
             name,
             verified_roles,
             nodes,
+            packages,
         } => {
             let d = open(&dir)?;
             let mut doc = d
                 .read_policy(&name)
                 .map_err(|e| anyhow::anyhow!("realm {name}: {e}"))?;
-            if change_policy(&mut doc, verified_roles, nodes.as_deref()) {
+            if change_policy(&mut doc, verified_roles, nodes.as_deref(), &packages)? {
                 for n in &doc.nodes {
                     if n.parse::<macula_mesh::Peer>().is_err() {
                         bail!("{n:?} is not a node's peer id (see `macula mesh status`)");

@@ -563,6 +563,78 @@ fn a_hub_keeps_its_blobs_in_an_s3_bucket() {
     assert_eq!(got, None, "altered bytes were served whole");
 }
 
+/// A realm's policy decides which Hub packages its workloads run, on every node: with
+/// `--on-revoked stop` a revocation stops the running replica (its restart refused, saying
+/// why); `--package-tier verified` refuses a Community release; `--package-publishers`
+/// refuses another publisher's. A policy that names no tier is refused, naming the choices.
+#[test]
+fn a_realms_policy_decides_which_packages_run_and_stops_revoked_ones() {
+    let f = Fixture::new(&[]);
+    f.publish(MANIFEST, "#!/bin/sh\nexec sleep 300\n");
+    let home = f._home.path().to_str().unwrap().to_owned();
+    let policy = |args: &[&str]| {
+        let mut a = vec!["realms", "policy", f.realm.as_str(), "--config", &home];
+        a.extend_from_slice(args);
+        cli_run(f.acme.path(), &f.http, &a, None)
+    };
+    let (ok, shown, err) = policy(&["--on-revoked", "stop"]);
+    assert!(ok && shown.contains("revoked ones stopped"), "{shown}{err}");
+    let out = f.deploy("acme/hello@1.0.0", "60s");
+    assert_eq!(running_nodes(&json(&out)).len(), 1);
+    // The replica of `hello` whose detail says `want`, within 30 s.
+    let replica_says = |want: &str| {
+        let t = std::time::Instant::now();
+        loop {
+            let (_, out, _) = f.node(&["status"]);
+            let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+            let found = v["workloads"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|w| w["name"] == "hello")
+                .flat_map(|w| w["items"].as_array().cloned().unwrap_or_default())
+                .find(|r| r["detail"].as_str().is_some_and(|d| d.contains(want)));
+            if let Some(r) = found {
+                return r;
+            }
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(30),
+                "no replica says {want:?}: {v}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    f.hub(&["hub", "revoke", "acme/hello@1.0.0", "--reason", "bad build"]);
+    let r = replica_says("the realm's policy stops its replicas");
+    assert_ne!(r["state"], "running", "{r}");
+
+    // A Community release where Verified is required: refused on the node.
+    f.publish(
+        &MANIFEST.replace("version: 1.0.0", "version: 1.1.0"),
+        "#!/bin/sh\nexec sleep 300\n",
+    );
+    let (ok, shown, err) = policy(&["--package-tier", "verified"]);
+    assert!(ok && shown.contains("verified or better"), "{shown}{err}");
+    let _ = f.node(&["deploy", "--package", "acme/hello@1.1.0", "--timeout", "2s"]);
+    let r = replica_says("allows verified packages or better; this one is community");
+    assert_ne!(r["state"], "running", "{r}");
+    // Another publisher's only.
+    let (ok, _, err) = policy(&[
+        "--package-tier",
+        "community",
+        "--package-publishers",
+        "initech",
+    ]);
+    assert!(ok, "{err}");
+    replica_says("allows packages of initech only, not of acme");
+    // Nonsense is refused, naming the choices.
+    let (ok, _, err) = policy(&["--package-tier", "gold"]);
+    assert!(
+        !ok && err.contains("one of community, verified, certified"),
+        "{err}"
+    );
+}
+
 /// Revocation spreads: on `macula up --nodes 3`, a package's 3 replicas run on the three nodes;
 /// its version is revoked at the Hub; every node flags its replica in `macula status` (nodes 2
 /// and 3 learn it from the mesh's change notice, well before their periodic check), and new

@@ -120,6 +120,25 @@ async fn onboarding(database: Option<&str>) {
         None,
     );
     assert!(on.contains("verified roles: on"), "{on}");
+    // Which Hub packages the realm runs: kept by the registry in the signed policy.
+    let pk = cli(
+        c,
+        &http,
+        &[
+            "realms",
+            "policy",
+            "com.onboard.app",
+            "--package-tier",
+            "certified",
+            "--package-publishers",
+            "acme,initech",
+        ],
+        None,
+    );
+    assert!(
+        pk.contains("certified or better, from acme, initech") && pk.contains("verified roles: on"),
+        "{pk}"
+    );
     let peer = macula_mesh::identity::Keypair::generate_ed25519()
         .public()
         .to_peer_id()

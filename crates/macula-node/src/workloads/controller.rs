@@ -441,6 +441,7 @@ impl Controller {
     /// control groups).
     fn sample(&self) {
         self.meter_compute();
+        self.enforce_package_policy();
         let held: Vec<(String, ReplicaState, Option<Cgroup>)> = self
             .state
             .lock()
@@ -475,6 +476,38 @@ impl Controller {
             .collect();
         if let Ok(mut r) = self.node.metrics.workloads.replicas.lock() {
             *r = samples;
+        }
+    }
+
+    /// Stops the running replicas whose package their realm's policy no longer allows (a
+    /// revocation where it stops replicas, a publisher or tier it no longer takes): the run
+    /// ends, and its restart is refused by the same policy, saying why in status.
+    fn enforce_package_policy(&self) {
+        let st = self.state.lock();
+        for (slot, h) in &st.held {
+            let Some(pkg) = h.manifest.workload().package.as_ref() else {
+                continue;
+            };
+            let Some((realm, _, _)) = wire::parse_slot(slot) else {
+                continue;
+            };
+            let running =
+                |r: &Supervised| matches!(*r.state.borrow(), ReplicaState::Running { .. });
+            let runs: Vec<&Supervised> = h
+                .replica
+                .iter()
+                .chain(h.old.as_ref().map(|o| &o.0))
+                .filter(|r| running(r))
+                .collect();
+            if runs.is_empty() {
+                continue;
+            }
+            if let Some(why) = self.packages.policy_refusal_now(realm, pkg) {
+                tracing::warn!(slot = %slot, "stopping a replica: {why}");
+                for r in runs {
+                    r.interrupt(why.clone());
+                }
+            }
         }
     }
 
@@ -2456,6 +2489,10 @@ impl Controller {
                     // The package's files first (verified against the Hub, pinned by digest);
                     // its `./` program runs from them, read-only.
                     Box::pin(async move {
+                        // The realm's policy on packages (publishers, tier, revocation) first.
+                        if let Some(why) = packages.policy_refusal(&realm, &pkg, true).await {
+                            return Err(io::Error::other(why));
+                        }
                         let dir = packages
                             .install(&pkg)
                             .await

@@ -64,6 +64,8 @@ pub struct HubView {
     pub version: u64,
     pub revoked: HashMap<String, String>,
     pub listed: std::collections::HashSet<String>,
+    /// Each release's tier, as the Hub's signed status says.
+    pub tiers: HashMap<String, String>,
 }
 
 impl HubView {
@@ -93,6 +95,8 @@ struct StatusEntry {
     revoked: String,
     #[serde(default)]
     yanked: String,
+    #[serde(default)]
+    tier: String,
 }
 
 /// The Hub over HTTP: `/v1/hub/tuf/<path>`, at most `max` bytes. What it serves is also kept
@@ -276,6 +280,11 @@ impl Packages {
         };
         let view = HubView {
             version: client.timestamp_version(),
+            tiers: status
+                .releases
+                .iter()
+                .map(|(name, s)| (name.clone(), s.tier.clone()))
+                .collect(),
             revoked: status
                 .releases
                 .into_iter()
@@ -402,6 +411,49 @@ impl Packages {
         let r = self.install_now(pkg, &done).await;
         self.busy.lock().await.remove(&hex);
         r.map(|()| done)
+    }
+
+    /// Why the realm's policy (`PolicyDoc::packages`) does not let a replica of `pkg` run, if it
+    /// does not: a publisher it does not allow, a tier below the one it requires, or a revoked
+    /// release where revocation stops replicas. Judged with the view of the Hub this node has
+    /// (refreshed first when it has none yet, with `fresh`).
+    pub async fn policy_refusal(
+        &self,
+        realm: &str,
+        pkg: &PackageRef,
+        fresh: bool,
+    ) -> Option<String> {
+        let rules = self
+            .node
+            .upgrade()?
+            .policy_for(realm)
+            .map(|p| p.doc.packages.clone())
+            .unwrap_or_default();
+        if rules.is_default() {
+            return None;
+        }
+        if fresh && self.view().version == 0 {
+            if let Err(e) = self.refresh().await {
+                tracing::warn!("packages: the Hub's status for the realm's policy: {e}");
+            }
+        }
+        judge(&rules, &self.view(), pkg)
+    }
+
+    /// [`Packages::policy_refusal`] with what this node knows now, only when it knows the Hub's
+    /// status (for replicas already running: stopped on positive knowledge only).
+    pub fn policy_refusal_now(&self, realm: &str, pkg: &PackageRef) -> Option<String> {
+        let rules = self
+            .node
+            .upgrade()?
+            .policy_for(realm)
+            .map(|p| p.doc.packages.clone())
+            .unwrap_or_default();
+        let view = self.view();
+        if rules.is_default() || view.version == 0 {
+            return None;
+        }
+        judge(&rules, &view, pkg)
     }
 
     /// The bytes of `pkg` delivered for a replica of `realm`, the first time one of the realm's
@@ -588,6 +640,30 @@ impl Packages {
         }
         std::fs::rename(&tmp, done).map_err(io)
     }
+}
+
+/// Why `rules` do not let `pkg` run, judged with `view` (see [`Packages::policy_refusal`]).
+fn judge(
+    rules: &macula_router::policy::PackagePolicy,
+    view: &HubView,
+    pkg: &PackageRef,
+) -> Option<String> {
+    let ns = pkg.name.split('/').next().unwrap_or_default();
+    let tier = (view.version > 0)
+        .then(|| view.tiers.get(&pkg.name).map(String::as_str))
+        .flatten();
+    if let Some(why) = rules.refusal(ns, tier) {
+        return Some(format!("package {}: {why}", pkg.name));
+    }
+    if rules.stops_revoked() {
+        if let Some(why) = view.revoked.get(&pkg.name) {
+            return Some(format!(
+                "package {} revoked: {why} (the realm's policy stops its replicas)",
+                pkg.name
+            ));
+        }
+    }
+    None
 }
 
 /// The bytes of the files under `dir` (an installed package: a few files).

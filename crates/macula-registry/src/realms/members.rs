@@ -238,6 +238,11 @@ impl Registry {
         if let Some(v) = req.verified_roles {
             doc.verified_roles = v;
         }
+        if let Some(p) = req.packages {
+            p.check()
+                .map_err(|e| ApiError::invalid("invalid_packages", e))?;
+            doc.packages = p;
+        }
         let doc = tx.put_policy(doc).await?;
         tx.audit("policy.update", json!({"version": doc.version}));
         tx.commit().await?;

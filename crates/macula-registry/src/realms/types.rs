@@ -147,6 +147,10 @@ pub struct PolicyUpdate {
     /// `PolicyDoc::verified_roles`). Absent: unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified_roles: Option<bool>,
+    /// Which Hub packages the realm's workloads may run (`PolicyDoc::packages`). Absent:
+    /// unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packages: Option<macula_common::policy::PackagePolicy>,
     /// Change only if the policy is at this version (409 `stale_policy` otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected_version: Option<i64>,

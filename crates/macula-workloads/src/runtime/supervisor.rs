@@ -69,6 +69,8 @@ pub struct Supervised {
     /// The control groups of the run now going (to read its CPU and memory).
     current: Arc<Mutex<Option<Cgroup>>>,
     stop: Arc<Notify>,
+    /// Ends the current run (as a failure, with the reason kept), the supervisor going on.
+    interrupt: Arc<(Notify, Mutex<Option<String>>)>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -79,6 +81,14 @@ impl Supervised {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Ends the replica's current run, as a failure saying `why`; the supervisor restarts it as
+    /// after any failure (whose start may then refuse, for the same reason).
+    pub fn interrupt(&self, why: String) {
+        *self.interrupt.1.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        // Only a run under way (none waits otherwise): a later run is not cut short.
+        self.interrupt.0.notify_waiters();
     }
 
     /// Stops the replica (every process of it) and the supervisor.
@@ -103,6 +113,8 @@ where
 {
     let (tx, rx) = watch::channel(ReplicaState::Starting { restarts: 0 });
     let stop = Arc::new(Notify::new());
+    let interrupt = Arc::new((Notify::new(), Mutex::new(None::<String>)));
+    let interrupt2 = interrupt.clone();
     let current = Arc::new(Mutex::new(None));
     let (stop2, logs2, current2) = (stop.clone(), logs.clone(), current.clone());
     let set_cgroup = move |cg: Option<Cgroup>| {
@@ -149,12 +161,14 @@ where
                     enum End {
                         Exited(Result<(), String>),
                         Unhealthy(String),
+                        Interrupted,
                         Stop,
                     }
                     let end = tokio::select! {
                         status = r.wait() => End::Exited(status),
                         why = liveness => End::Unhealthy(why),
                         never = readiness => never,
+                        _ = interrupt2.0.notified() => End::Interrupted,
                         _ = stop2.notified() => End::Stop,
                     };
                     let exit = match end {
@@ -162,6 +176,16 @@ where
                         End::Unhealthy(why) => {
                             r.kill().await;
                             Err(format!("liveness check failed: {why}"))
+                        }
+                        End::Interrupted => {
+                            r.kill().await;
+                            let why = interrupt2
+                                .1
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .take()
+                                .unwrap_or_default();
+                            Err(format!("stopped: {why}"))
                         }
                         End::Stop => {
                             r.kill().await;
@@ -217,6 +241,7 @@ where
         logs,
         current,
         stop,
+        interrupt,
         task,
     }
 }

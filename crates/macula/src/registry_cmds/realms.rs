@@ -132,17 +132,24 @@ pub fn realms(api: &Api, cmd: crate::local::RealmsCmd, json: bool) -> Result<()>
             name,
             verified_roles,
             nodes,
+            packages,
             ..
         } => {
             let path = format!("/v1/realms/{}/policy", seg(&name));
             let mut doc: macula_router::policy::PolicyDoc = api.get("GET", &path)?;
-            let doc = if crate::local::change_policy(&mut doc, verified_roles, nodes.as_deref()) {
+            let doc = if crate::local::change_policy(
+                &mut doc,
+                verified_roles,
+                nodes.as_deref(),
+                &packages,
+            )? {
                 api.call(
                     "PUT",
                     &path,
                     &PolicyUpdate {
                         nodes: nodes.is_some().then(|| doc.nodes.clone()),
                         verified_roles: verified_roles.map(|_| doc.verified_roles),
+                        packages: packages.any().then(|| doc.packages.clone()),
                         expected_version: Some(doc.version as i64),
                         roles: doc.roles,
                         topic_acls: doc.topic_acls,
