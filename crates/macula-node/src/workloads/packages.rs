@@ -413,6 +413,13 @@ impl Packages {
         r.map(|()| done)
     }
 
+    /// The realm's package rules, unless they are the default (anything the Hub lists).
+    fn rules_for(&self, realm: &str) -> Option<macula_router::policy::PackagePolicy> {
+        let node = self.node.upgrade()?;
+        let rules = node.policy_for(realm)?.doc.packages.clone();
+        (!rules.is_default()).then_some(rules)
+    }
+
     /// Why the realm's policy (`PolicyDoc::packages`) does not let a replica of `pkg` run, if it
     /// does not: a publisher it does not allow, a tier below the one it requires, or a revoked
     /// release where revocation stops replicas. Judged with the view of the Hub this node has
@@ -423,15 +430,7 @@ impl Packages {
         pkg: &PackageRef,
         fresh: bool,
     ) -> Option<String> {
-        let rules = self
-            .node
-            .upgrade()?
-            .policy_for(realm)
-            .map(|p| p.doc.packages.clone())
-            .unwrap_or_default();
-        if rules.is_default() {
-            return None;
-        }
+        let rules = self.rules_for(realm)?;
         if fresh && self.view().version == 0 {
             if let Err(e) = self.refresh().await {
                 tracing::warn!("packages: the Hub's status for the realm's policy: {e}");
@@ -443,14 +442,9 @@ impl Packages {
     /// [`Packages::policy_refusal`] with what this node knows now, only when it knows the Hub's
     /// status (for replicas already running: stopped on positive knowledge only).
     pub fn policy_refusal_now(&self, realm: &str, pkg: &PackageRef) -> Option<String> {
-        let rules = self
-            .node
-            .upgrade()?
-            .policy_for(realm)
-            .map(|p| p.doc.packages.clone())
-            .unwrap_or_default();
+        let rules = self.rules_for(realm)?;
         let view = self.view();
-        if rules.is_default() || view.version == 0 {
+        if view.version == 0 {
             return None;
         }
         judge(&rules, &view, pkg)
