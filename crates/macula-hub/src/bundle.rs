@@ -293,23 +293,13 @@ fn check_osv(
     let db = osv::Database::from_export(data);
     let mut scans = vec![];
     for (target, index) in packages {
-        let what = |e: String| err(format!("the SBOM of {target}"), e);
-        let manifest = store
-            .read(&index.manifest.digest, crate::pack::MAX_MANIFEST)
-            .map_err(|e| what(e.to_string()))?
-            .ok_or_else(|| what("its manifest is missing".into()))?;
-        let pkg = crate::parse(&String::from_utf8_lossy(&manifest))
-            .map_err(|e| what(crate::package::describe("package.yaml", &e)))?;
-        let Some(file) = pkg.sbom.as_ref().and_then(|f| index.files.get(f)) else {
-            scans.push((target.clone(), osv::Scan::default()));
-            continue;
+        let scan = match crate::sbom::of_package(store, index)
+            .map_err(|e| err(format!("the SBOM of {target}"), e))?
+        {
+            Some(sbom) => db.scan(&sbom),
+            None => osv::Scan::default(),
         };
-        let bytes = store
-            .read(&file.digest, crate::sbom::MAX_SBOM as u64)
-            .map_err(|e| what(e.to_string()))?
-            .ok_or_else(|| what("missing".into()))?;
-        let sbom = crate::sbom::parse(&bytes).map_err(|e| what(e.to_string()))?;
-        scans.push((target.clone(), db.scan(&sbom)));
+        scans.push((target.clone(), scan));
     }
     Ok(OsvChecked { statement, scans })
 }

@@ -192,6 +192,33 @@ pub fn parse(bytes: &[u8]) -> Result<Sbom, SbomError> {
     })
 }
 
+/// The SBOM of a packed package (`index`), read from `store` (its manifest's
+/// `attestations.sbom`): None when the package names none; an error naming what could not be
+/// read.
+pub fn of_package(
+    store: &dyn crate::store::BlobStore,
+    index: &crate::pack::Index,
+) -> Result<Option<Sbom>, String> {
+    let manifest = store
+        .read(&index.manifest.digest, crate::pack::MAX_MANIFEST)
+        .map_err(|e| format!("its manifest: {e}"))?
+        .ok_or("its manifest is missing")?;
+    let pkg = crate::parse(&String::from_utf8_lossy(&manifest))
+        .map_err(|e| crate::package::describe("package.yaml", &e))?;
+    let Some(path) = pkg.sbom.as_ref() else {
+        return Ok(None);
+    };
+    let file = index
+        .files
+        .get(path)
+        .ok_or_else(|| format!("{path}: not among the package's files"))?;
+    let bytes = store
+        .read(&file.digest, MAX_SBOM as u64)
+        .map_err(|e| format!("{path}: {e}"))?
+        .ok_or_else(|| format!("{path}: missing"))?;
+    parse(&bytes).map(Some).map_err(|e| format!("{path}: {e}"))
+}
+
 /// Every artifact (name → digest) is described by the SBOM by its SHA-256; the first one that
 /// is not, by name.
 pub fn covers(sbom: &Sbom, artifacts: &BTreeMap<String, Digest>) -> Result<(), SbomError> {

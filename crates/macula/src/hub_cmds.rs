@@ -100,6 +100,13 @@ pub enum HubCmd {
         #[arg(long)]
         reason: String,
     },
+    /// Test a version again (its publisher's owner, or an operator): scan its SBOM against the
+    /// Hub's current vulnerability database and run its smoke test on the mesh; the tier
+    /// follows (see `macula hub info`).
+    Retest {
+        /// `org/name@version`.
+        release: String,
+    },
     /// Ask for a Verified version to be certified (its publisher's owner): declare the support
     /// you offer and the SLO you commit to, and accept the certification fee (shown in the
     /// answer; charged to your account when an operator certifies it).
@@ -418,6 +425,7 @@ pub async fn hub(args: HubArgs, json: bool) -> Result<()> {
         HubCmd::Yank { release, reason } => mark(&api, &release, "yank", &reason, json)?,
         HubCmd::Revoke { release, reason } => mark(&api, &release, "revoke", &reason, json)?,
         HubCmd::Certify { release, note } => mark(&api, &release, "certify", &note, json)?,
+        HubCmd::Retest { release } => mark(&api, &release, "retest", "retest", json)?,
         HubCmd::RequestCertification { release, declare } => {
             mark(&api, &release, "request-certification", &declare, json)?
         }
@@ -460,6 +468,16 @@ fn mark(api: &Api, release: &str, what: &str, reason: &str, json: bool) -> Resul
             r.target,
             r.tier,
             r.certification["fee_cents"].as_i64().unwrap_or(0) as f64 / 100.0
+        ),
+        "retest" => println!(
+            "Testing {} again: its SBOM was scanned against the Hub's current database ({}), and its smoke test runs now; `macula hub info {}` shows the result and the tier.",
+            r.target,
+            match r.scan["findings"].as_array() {
+                Some(f) if f.is_empty() => "nothing found".to_string(),
+                Some(f) => format!("{} finding(s)", f.len()),
+                None => "no database".to_string(),
+            },
+            r.package
         ),
         "request-certification" => println!(
             "Asked for {} to be certified. An operator reviews the support and SLO declared; when it is certified, the fee of ${:.2} is charged to your account.",
@@ -1076,17 +1094,7 @@ fn sbom_ecosystems(store: &FsStore, index_bytes: &[u8]) -> Vec<String> {
     let Ok(index) = serde_json::from_slice::<macula_hub::pack::Index>(index_bytes) else {
         return vec![];
     };
-    let sbom = (|| {
-        let manifest = store
-            .read(&index.manifest.digest, macula_hub::pack::MAX_MANIFEST)
-            .ok()??;
-        let pkg = macula_hub::parse(&String::from_utf8_lossy(&manifest)).ok()?;
-        let file = index.files.get(pkg.sbom.as_ref()?)?;
-        let bytes = store
-            .read(&file.digest, macula_hub::sbom::MAX_SBOM as u64)
-            .ok()??;
-        macula_hub::sbom::parse(&bytes).ok()
-    })();
+    let sbom = macula_hub::sbom::of_package(store, &index).ok().flatten();
     sbom.map(|s| {
         s.components
             .iter()

@@ -282,6 +282,8 @@ fn a_publisher_publishes_and_the_hub_serves_it_verified() {
         &["hub", "yank", "acme/hello@1.0.0", "--reason", "mine now"],
     );
     assert!(err.contains("only the owner"), "{err}");
+    let err = refused(e, &http, &["hub", "retest", "acme/hello@1.0.0"]);
+    assert!(err.contains("only the owner"), "{err}");
 
     // acme cannot overwrite 1.0.0 with other bytes either.
     let pkg3 = tempfile::tempdir().unwrap();
@@ -851,6 +853,20 @@ fn the_smoke_test_promotes_a_healthy_package_to_verified() {
         (Some(50_000), Some("acme/hello@1.0.0")),
         "{inv}"
     );
+    // Tested again on its owner's word (scan and smoke test): pending, then passed again,
+    // and a certification stands while it stays healthy.
+    let (ok, _, err) = cli_run(
+        ops.path(),
+        &f.http,
+        &["hub", "retest", "acme/nonexistent@1.0.0"],
+        None,
+    );
+    assert!(!ok && err.contains("no release"), "{err}");
+    let again = json(&f.hub(&["--json", "hub", "retest", "acme/hello@1.0.0"]));
+    assert_eq!(again["smoke"]["pending"], true, "{again}");
+    let settled_again = settled("acme/hello");
+    assert_eq!(settled_again["smoke"]["passed"], true, "{settled_again}");
+    assert_eq!(settled_again["tier"], "certified", "{settled_again}");
     // Certified once: asking again is refused.
     let (ok, _, err) = cli_run(
         f.acme.path(),
@@ -865,9 +881,10 @@ fn the_smoke_test_promotes_a_healthy_package_to_verified() {
     assert!(!ok && err.contains("certified already"), "{err}");
 }
 
-/// An offline bundle: exported from a Hub, imported on a mesh that cannot reach it (two nodes
-/// of their own, no Hub; only the first Hub's root of trust), where the package is installed
-/// and runs on both nodes. A tampered byte anywhere is refused, naming the entry. The bundle
+/// An offline bundle: exported from a Hub, imported on one node of a mesh that cannot reach it
+/// (two nodes of their own, no Hub; only the first Hub's root of trust), where the package is
+/// installed and runs on both nodes (the second takes the verified repository and the files
+/// from the first). A tampered byte anywhere is refused, naming the entry. The bundle
 /// carries the Hub's vulnerability records for the ecosystems its SBOMs name, signed: the site
 /// scans the package offline.
 #[test]
@@ -1053,21 +1070,23 @@ fn a_bundle_installs_and_runs_on_an_isolated_site() {
         out.contains("GHSA-1111-2222-3333 in left-pad 1.0.0 (fixed in 1.0.1)"),
         "the offline scan: {out}"
     );
+    // Imported on node 1 only: node 2 gets the verified repository and the files from it.
+    let node1 = site.path().join("nodes/1/workloads/packages");
+    let node2 = site.path().join("nodes/2/workloads/packages");
     let (ok, out, err) = site_cli(&[
         "--json",
         "hub",
         "bundle",
         "import",
         bmz.to_str().unwrap(),
-        "--home",
-        home,
+        "--into",
+        node1.to_str().unwrap(),
+        "--root",
+        root.to_str().unwrap(),
     ]);
     assert!(ok, "import: {err}");
-    assert_eq!(
-        json(&out).as_array().map(Vec::len),
-        Some(2),
-        "both nodes: {out}"
-    );
+    assert_eq!(json(&out).as_array().map(Vec::len), Some(1), "{out}");
+    assert!(!node2.join("repo").exists());
     let (ok, out, err) = site_cli(&[
         "--json",
         "deploy",
@@ -1088,6 +1107,10 @@ fn a_bundle_installs_and_runs_on_an_isolated_site() {
     let d = json(&out);
     let nodes = running_nodes(&d);
     assert_eq!(nodes.len(), 2, "running on both nodes of the site: {d}");
+    assert!(
+        !node2.join("repo").exists() && node2.join("installed").is_dir(),
+        "node 2 installed from its peer, with no bundle of its own"
+    );
 }
 
 /// Packages travel between nodes: on `macula up --nodes 3`, one replica installs the package

@@ -228,11 +228,14 @@ impl Packages {
         }
     }
 
-    /// Whether this node reads a Hub (over HTTP, or from an imported bundle).
+    /// Whether this node reads a Hub (over HTTP, from an imported bundle, or — trusting a Hub's
+    /// root, with `hub.peers` — from peers that have one of those).
     pub fn has_hub(&self) -> bool {
-        self.hub
-            .as_ref()
-            .is_some_and(|h| h.url.is_some() || self.dir.join("repo/metadata").is_dir())
+        self.hub.as_ref().is_some_and(|h| {
+            h.url.is_some()
+                || self.dir.join("repo/metadata").is_dir()
+                || (self.peers && h.root.is_file())
+        })
     }
 
     /// Records a change notice naming `version`; true if the caller is to run the refresh
@@ -311,15 +314,25 @@ impl Packages {
             )
         })?;
         let base = hub.url.as_ref().map(|u| u.trim_end_matches('/').to_owned());
-        let source: Arc<dyn Source> = match &base {
-            Some(base) => Arc::new(HttpSource {
+        let datastore = self.dir.join("tuf");
+        let load = |source: Arc<dyn Source>| {
+            Client::load(&root, source, &datastore, ClientOptions::default())
+        };
+        let own: Option<Arc<dyn Source>> = match &base {
+            Some(base) => Some(Arc::new(HttpSource {
                 base: base.clone(),
                 agent: self.agent.clone(),
                 cache: self.dir.join("repo-cache"),
-            }),
+            })),
             None if self.dir.join("repo/metadata").is_dir() => {
-                Arc::new(macula_hub::tuf::DirSource(self.dir.join("repo")))
+                Some(Arc::new(macula_hub::tuf::DirSource(self.dir.join("repo"))))
             }
+            // An air-gapped node with no bundle of its own: its peers' (one imported one).
+            None => None,
+        };
+        let first = match own {
+            Some(source) => load(source).await.map_err(|e| e.to_string()),
+            None if self.peers => Err("no bundle was imported on this node".to_owned()),
             None => {
                 return Err(
                     "this node reads no Hub: set hub.url (the registry node's HTTP address), or import a bundle (macula hub bundle import)"
@@ -327,17 +340,15 @@ impl Packages {
                 )
             }
         };
-        let datastore = self.dir.join("tuf");
-        let load = |source: Arc<dyn Source>| {
-            Client::load(&root, source, &datastore, ClientOptions::default())
-        };
-        let client = match load(source).await {
+        let client = match first {
             Ok(c) => c,
-            // The Hub cannot be reached (or failed to verify): the repository as peers keep
-            // it, verified the same way — installs go on while the Hub is down.
-            // Each peer is a whole source (one version of the repository); the newest copy
-            // that verifies (no older than what this node saw, unexpired) serves.
-            Err(e) if base.is_some() && self.peers => {
+            // The Hub cannot be reached (or failed to verify), or this node has no bundle: the
+            // repository as peers keep it (what they cached from the Hub, or the bundle they
+            // imported), verified the same way — installs go on while the Hub is down, and one
+            // node of an air-gapped site importing a bundle serves the others. Each peer is a
+            // whole source (one version of the repository); the newest copy that verifies (no
+            // older than what this node saw, unexpired) serves.
+            Err(e) if self.peers => {
                 let peers = match self.node.upgrade() {
                     Some(node) => crate::mesh::blobs::repo_peers(&node).await,
                     None => vec![],
@@ -359,12 +370,12 @@ impl Packages {
                 }
                 match found {
                     Some(c) => {
-                        tracing::info!(
-                            "packages: the Hub failed ({e}); its repository came from peers"
-                        );
+                        tracing::info!("packages: {e}; the Hub's repository came from peers");
                         c
                     }
-                    None if why.is_empty() => return Err(format!("{e}; no peers to ask")),
+                    None if why.is_empty() => {
+                        return Err(format!("{e}; no peer keeps the Hub's repository"))
+                    }
                     None => {
                         return Err(format!(
                             "{e}; from {} peer(s): {}",
@@ -374,7 +385,7 @@ impl Packages {
                     }
                 }
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e),
         };
         // Keep the newest root verified as the next trust (a rotation is walked once).
         let tmp = hub
@@ -526,7 +537,7 @@ impl Packages {
             }
             let Some(base) = &base else {
                 return Err(format!(
-                    "{d} (a file of {}) is not here: it was not in the bundles imported",
+                    "{d} (a file of {}) is not here, nor at a peer: it was not in the bundles imported",
                     pkg.name
                 ));
             };

@@ -105,6 +105,30 @@ fn open_store(cfg: &HubConfig, dir: &Path) -> anyhow::Result<Arc<dyn BlobStore>>
     }
 }
 
+impl Hub {
+    /// A release's index (`target` of `digest`): from the blob store, else the repository's
+    /// target file.
+    pub(crate) fn release_index(
+        &self,
+        target: &str,
+        digest: &macula_hub::Digest,
+    ) -> Option<Vec<u8>> {
+        self.store
+            .read(digest, macula_hub::review::MAX_INDEX)
+            .ok()
+            .flatten()
+            .or_else(|| {
+                let (org, file) = target.split_once('/')?;
+                std::fs::read(
+                    self.repo_dir()
+                        .join(format!("targets/{org}/{}.{file}", digest.hex())),
+                )
+                .ok()
+            })
+            .filter(|b| macula_hub::Digest::of(b) == *digest)
+    }
+}
+
 const ROLES: [&str; 4] = ["root", "targets", "snapshot", "timestamp"];
 
 fn read_key(path: &Path) -> anyhow::Result<Key> {

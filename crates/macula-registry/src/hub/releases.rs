@@ -391,6 +391,56 @@ impl Registry {
         self.release(target).await
     }
 
+    /// Tests a release again (its publisher's owner or an operator): its SBOM scanned against
+    /// the Hub's vulnerability database as it is now (a newer OSV export finds what an older
+    /// did not), and its smoke test marked pending — the caller runs it (`smoke_release`), which
+    /// then sets the tier. A revoked release is not tested.
+    pub async fn retest_release(&self, actor: &Actor, target: &str) -> ApiResult<Release> {
+        let hub = self.hub()?;
+        let ns = target.split('/').next().unwrap_or_default().to_owned();
+        if ns == HUB_NAMESPACE {
+            return Err(ApiError::not_found(format!("no release {target}")));
+        }
+        let release = self.release(target).await?;
+        if !release.revoked.is_empty() {
+            return Err(ApiError::conflict(
+                "revoked",
+                format!("{target} is revoked: nothing to test"),
+            ));
+        }
+        let mut ch = self.change(actor).await?;
+        self.owned_publisher(&mut ch, actor, &ns, true).await?;
+        let digest: Digest = release.digest.parse().map_err(ApiError::internal)?;
+        let index = hub.release_index(target, &digest).ok_or_else(|| {
+            ApiError::internal(format!("the index of {target} is not in the repository"))
+        })?;
+        let index: macula_hub::pack::Index =
+            serde_json::from_slice(&index).map_err(ApiError::internal)?;
+        let scan = match &hub.osv {
+            None => None,
+            Some(db) => {
+                let store = hub.store.clone();
+                let sbom = tokio::task::spawn_blocking(move || {
+                    macula_hub::sbom::of_package(store.as_ref(), &index)
+                })
+                .await
+                .map_err(ApiError::internal)?
+                .map_err(|e| ApiError::invalid("package_refused", format!("{target}: {e}")))?;
+                Some(sbom.map(|s| db.scan(&s)).unwrap_or_default())
+            }
+        };
+        sqlx::query(
+            "UPDATE hub_releases SET scan = $1, smoke = '{\"pending\": true}' WHERE target = $2",
+        )
+        .bind(scan_json(scan.as_ref()).to_string())
+        .bind(target)
+        .execute(&mut *ch)
+        .await?;
+        ch.audit("hub.retest", json!({"target": target}));
+        ch.commit().await?;
+        self.release(target).await
+    }
+
     /// The publisher's owner asks for a Verified release to be certified: `declared` is the
     /// vendor's support terms and SLO; the certification fee (quoted in the answer) is charged
     /// to the owner's account when an operator certifies it. Asking again replaces the

@@ -280,11 +280,13 @@ pub(crate) async fn package_info(
 /// `reason` declares the vendor's support and SLO, and the certification fee is accepted (it is
 /// in the answer's `certification`). `certify` (operators): a Verified release whose publisher
 /// asked becomes Certified (`reason` says what was reviewed), and the fee is charged to the
-/// publisher's owner.
+/// publisher's owner. `retest` (its publisher's owner or an operator): the release's SBOM is
+/// scanned against the Hub's current vulnerability database and its smoke test runs again
+/// (`reason` is not used), the tier following the result.
 #[utoipa::path(post, path = "/v1/hub/releases/{namespace}/{release}/{action}", tag = "hub", security(("session" = [])),
     params(("namespace" = String, Path, description = "The publisher's namespace."),
         ("release" = String, Path, description = "`<name>@<version>`."),
-        ("action" = String, Path, description = "`yank`, `revoke`, `request-certification` or `certify`.")),
+        ("action" = String, Path, description = "`yank`, `revoke`, `retest`, `request-certification` or `certify`.")),
     request_body = Reason,
     responses((status = 200, body = Release, description = "Yanked or revoked."),
         (status = 401, response = ErrorBody), (status = 403, response = ErrorBody),
@@ -310,9 +312,19 @@ pub(crate) async fn mark_release(
                     .await?,
             ))
         }
+        "retest" => {
+            let r = reg.retest_release(&actor, &target).await?;
+            let reg = reg.clone();
+            tokio::spawn(async move {
+                if let Err(e) = reg.smoke_release(&target).await {
+                    tracing::warn!("hub: smoke test of {target}: {}", e.message);
+                }
+            });
+            return Ok(Json(r));
+        }
         _ => {
             return Err(ApiError::not_found(format!(
-                "no action {action}: yank, revoke, request-certification or certify"
+                "no action {action}: yank, revoke, retest, request-certification or certify"
             )))
         }
     };

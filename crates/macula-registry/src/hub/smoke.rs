@@ -175,18 +175,7 @@ impl Registry {
         let hub = self.hub().map_err(|e| e.message)?;
         let digest: macula_hub::Digest = release.digest.parse().map_err(|e| format!("{e}"))?;
         let index = hub
-            .store
-            .read(&digest, macula_hub::review::MAX_INDEX)
-            .ok()
-            .flatten()
-            .or_else(|| {
-                let (org, file) = release.target.split_once('/')?;
-                std::fs::read(
-                    hub.repo_dir()
-                        .join(format!("targets/{org}/{}.{file}", digest.hex())),
-                )
-                .ok()
-            })
+            .release_index(&release.target, &digest)
             .ok_or("the release's index is not in the repository")?;
         let index: macula_hub::pack::Index =
             serde_json::from_slice(&index).map_err(|e| e.to_string())?;
