@@ -282,6 +282,16 @@ fn check_osv(
             ),
         ));
     }
+    if statement.snapshot_version != client.snapshot_version() {
+        return Err(err(
+            OSV_ENVELOPE,
+            format!(
+                "made for the bundle of snapshot version {}, not this one ({})",
+                statement.snapshot_version,
+                client.snapshot_version()
+            ),
+        ));
+    }
     let data: osv::Export =
         serde_json::from_slice(export).map_err(|e| err(OSV_EXPORT, e.to_string()))?;
     if data.kind != osv::EXPORT_KIND {
@@ -296,7 +306,22 @@ fn check_osv(
         let scan = match crate::sbom::of_package(store, index)
             .map_err(|e| err(format!("the SBOM of {target}"), e))?
         {
-            Some(sbom) => db.scan(&sbom),
+            Some(sbom) => {
+                // The data must cover what the SBOM names (a statement for other ecosystems
+                // would make every package look clean).
+                if let Some(eco) = sbom
+                    .components
+                    .iter()
+                    .filter_map(|c| c.ecosystem())
+                    .find(|e| !statement.ecosystems.iter().any(|s| s == e))
+                {
+                    return Err(err(
+                        OSV_ENVELOPE,
+                        format!("the SBOM of {target} names ecosystem {eco}, which the vulnerability data does not cover"),
+                    ));
+                }
+                db.scan(&sbom)
+            }
             None => osv::Scan::default(),
         };
         scans.push((target.clone(), scan));

@@ -83,6 +83,8 @@ pub struct ExportStatement {
     pub records: u64,
     /// When the Hub exported it (RFC 3339): how current the data is.
     pub exported: String,
+    /// The snapshot version of the bundle it was made for (data of another bundle is refused).
+    pub snapshot_version: u64,
 }
 
 impl Scan {

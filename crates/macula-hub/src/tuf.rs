@@ -1397,6 +1397,9 @@ impl Client {
     pub fn root_version(&self) -> u64 {
         self.repo.root().signed.version.get()
     }
+    pub fn snapshot_version(&self) -> u64 {
+        self.repo.snapshot().signed.version.get()
+    }
     pub fn timestamp_version(&self) -> u64 {
         self.repo.timestamp().signed.version.get()
     }

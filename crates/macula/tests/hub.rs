@@ -506,6 +506,47 @@ fn deploy_package_runs_it_from_the_hub() {
     assert_eq!(delivered, tree(&installed), "{metrics}");
     assert!(delivered > 0);
 
+    // A manifest that pins the installed digest under a name the Hub does not list with it (to
+    // pass a realm's policy, or dodge a revocation, by name) does not start.
+    let info = json(&f.hub(&["--json", "hub", "info", "acme/hello"]));
+    let digest = info["releases"][0]["digest"].as_str().unwrap().to_owned();
+    let forged = tempfile::tempdir().unwrap();
+    let manifest = forged.path().join("forged.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "kind: payload\nname: forged\ncommand: [./bin/hello]\npackage:\n  name: acme/certified@9.9.9\n  digest: {digest}\n"
+        ),
+    )
+    .unwrap();
+    let (ok, _, err) = f.node(&["deploy", "-f", manifest.to_str().unwrap(), "--no-wait"]);
+    assert!(ok, "{err}");
+    let t = std::time::Instant::now();
+    loop {
+        let (_, out, _) = f.node(&["status"]);
+        let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        let replica = v["workloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|w| w["name"] == "forged")
+            .flat_map(|w| w["items"].as_array().cloned().unwrap_or_default())
+            .next();
+        if let Some(r) = replica.filter(|r| {
+            r["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("acme/certified@9.9.9 is not on the Hub"))
+        }) {
+            assert_ne!(r["state"], "running", "{r}");
+            break;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "the forged name was not refused: {v}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
     // Yanked: new deployments of that version are refused (the running one stays).
     f.hub(&["hub", "yank", "acme/hello@1.0.0", "--reason", "broken"]);
     let (ok, _, e) = f.node(&["deploy", "--package", "acme/hello@1.0.0"]);
@@ -914,7 +955,7 @@ fn a_bundle_installs_and_runs_on_an_isolated_site() {
     f.publish_with(
         &MANIFEST.replace("  name: hello\n", "  name: hello\n  replicas: 2\n"),
         body,
-        &[("sbom.spdx.json", sbom)],
+        &[("sbom.spdx.json", sbom.clone())],
     );
     let work = tempfile::tempdir().unwrap();
     let bmz = work.path().join("hello.bmz");
@@ -938,6 +979,22 @@ fn a_bundle_installs_and_runs_on_an_isolated_site() {
         "{out}"
     );
     assert_eq!(out["bundle"]["osv"]["records"], 1, "{out}");
+    // Another bundle, after another release (a newer snapshot): its vulnerability data is
+    // signed for that bundle only.
+    f.publish_with(
+        &MANIFEST.replace("version: 1.0.0", "version: 1.0.1"),
+        body,
+        &[("sbom.spdx.json", sbom)],
+    );
+    let bmz2 = work.path().join("hello2.bmz");
+    f.hub(&[
+        "hub",
+        "bundle",
+        "export",
+        "acme/hello@1.0.1",
+        "--out",
+        bmz2.to_str().unwrap(),
+    ]);
 
     // The site: its own `macula up` (another trust root, another mesh), no Hub, only the first
     // Hub's root of trust.
@@ -1054,6 +1111,27 @@ fn a_bundle_installs_and_runs_on_an_isolated_site() {
         eprintln!("rebuilt: {}", err.trim());
         std::fs::remove_file(&bad).unwrap();
     }
+    // The vulnerability data of the other bundle (validly signed, for another snapshot).
+    let (_, other) = macula_hub::bundle::read_all(&bmz2, 1 << 30).unwrap();
+    let bad = rebuilt(&|name: &str, b: &mut Vec<u8>| {
+        if name.starts_with("osv/") {
+            if let Some((_, theirs)) = other.iter().find(|(n, _)| n == name) {
+                *b = theirs.clone();
+            }
+        }
+    });
+    let (ok, _, err) = site_cli(&[
+        "hub",
+        "bundle",
+        "import",
+        bad.to_str().unwrap(),
+        "--home",
+        home,
+    ]);
+    assert!(
+        !ok && err.contains("osv/envelope.json") && err.contains("snapshot version"),
+        "{err}"
+    );
     assert!(!site.path().join("nodes/1/workloads/packages/repo").exists());
 
     // Verified offline without installing anything.

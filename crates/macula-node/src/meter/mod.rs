@@ -82,10 +82,12 @@ pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"MACMETR3");
 /// [`Meter::upgrade_v2`]).
 pub(crate) const MAGIC_V2: u64 = u64::from_le_bytes(*b"MACMETR2");
 
-/// Word 1 of a slot (unused before): [`V3`] once the slot is in this format (so a conversion
-/// cut short and run again moves each slot once).
+/// Word 1 of a slot (unused before): [`V3`] once the slot is in this format, and while it is
+/// converted `MOVING + j`, `j` the counters moved so far (so a conversion cut short resumes at
+/// the word where it stopped and moves none twice).
 pub(crate) const SLOT_FORMAT: usize = 1;
 pub(crate) const V3: u64 = 3;
+pub(crate) const MOVING: u64 = 1_000;
 
 /// Slot names by slot number, and the file they are appended to
 /// (`slot<TAB>realm<TAB>key<TAB>owner`; the last line for a slot wins). Slot 0 is the file
@@ -461,11 +463,21 @@ impl Meter {
                 if (seg == 0 && i == 0) || s.len() < SLOT_WORDS {
                     continue;
                 }
-                if s[SLOT_FORMAT].load(Ordering::Relaxed) == V3 {
+                let mark = s[SLOT_FORMAT].load(Ordering::Relaxed);
+                if mark == V3 {
                     continue;
                 }
-                for j in 0..old_counters {
+                // Word `CUR + j` is written from `OLD_CUR + j`, which no earlier step wrote: a
+                // resumed conversion finds every word it still needs where it was.
+                let from = match mark {
+                    m if (MOVING..=MOVING + old_counters as u64).contains(&m) => {
+                        (m - MOVING) as usize
+                    }
+                    _ => 0,
+                };
+                for j in from..old_counters {
                     s[CUR + j].store(s[OLD_CUR + j].load(Ordering::Relaxed), Ordering::Relaxed);
+                    s[SLOT_FORMAT].store(MOVING + j as u64 + 1, Ordering::Relaxed);
                 }
                 s[CUR + old_counters].store(0, Ordering::Relaxed);
                 s[BASE + old_counters].store(0, Ordering::Relaxed);

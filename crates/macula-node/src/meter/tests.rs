@@ -337,6 +337,19 @@ async fn a_counters_file_of_the_previous_format_is_converted_keeping_every_count
         s[CUR] = 0;
         s[SLOT_FORMAT] = 0;
     }
+    // The conversion of com.a's slot was cut short after 5 words (they moved, and the slot
+    // says so): it resumes there.
+    let a_slot = w
+        .chunks(SLOT_WORDS)
+        .position(|s| s[8 + Op::Publish as usize] == 3)
+        .expect("com.a's slot");
+    {
+        let s = &mut w[a_slot * SLOT_WORDS..(a_slot + 1) * SLOT_WORDS];
+        for j in 0..5 {
+            s[CUR + j] = s[8 + j];
+        }
+        s[SLOT_FORMAT] = MOVING + 5;
+    }
     let old: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
     std::fs::write(&path, old).unwrap();
     let check = |m: &Meter| {

@@ -2470,7 +2470,13 @@ impl Controller {
                             })
                             .ok()
                     });
-                    (p, self.packages.clone(), counter, w.realm.clone())
+                    (
+                        p,
+                        self.packages.clone(),
+                        counter,
+                        w.realm.clone(),
+                        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                    )
                 });
                 Box::new(move |buffer: Arc<LogBuffer>| {
                     let mut start = Start {
@@ -2483,13 +2489,20 @@ impl Controller {
                         logs: log_limits.clone(),
                         buffer: Some(buffer),
                     };
-                    let Some((pkg, packages, counter, realm)) = package.clone() else {
+                    let Some((pkg, packages, counter, realm, started)) = package.clone() else {
                         return start.launch();
                     };
                     // The package's files first (verified against the Hub, pinned by digest);
                     // its `./` program runs from them, read-only.
                     Box::pin(async move {
-                        // The realm's policy on packages (publishers, tier, revocation) first.
+                        // The pin (name and digest as the Hub lists them) and the realm's policy on
+                        // packages (publishers, tier, revocation) first, at every start.
+                        // (First: no start of this replica has succeeded yet.)
+                        let first = !started.load(std::sync::atomic::Ordering::Acquire);
+                        packages
+                            .check_pin(&pkg, first)
+                            .await
+                            .map_err(|e| io::Error::other(format!("package {}: {e}", pkg.name)))?;
                         if let Some(why) = packages.policy_refusal(&realm, &pkg, true).await {
                             return Err(io::Error::other(why));
                         }
@@ -2506,7 +2519,11 @@ impl Controller {
                             .spec
                             .env
                             .insert("MACULA_PACKAGE_DIR".into(), dir.display().to_string());
-                        start.launch().await
+                        let launched = start.launch().await;
+                        if launched.is_ok() {
+                            started.store(true, std::sync::atomic::Ordering::Release);
+                        }
+                        launched
                     })
                 })
             }

@@ -66,6 +66,8 @@ pub struct HubView {
     pub listed: std::collections::HashSet<String>,
     /// Each release's tier, as the Hub's signed status says.
     pub tiers: HashMap<String, String>,
+    /// Each listed release's digest (`sha256:<hex>`): what its name pins.
+    pub digests: HashMap<String, String>,
 }
 
 impl HubView {
@@ -277,11 +279,13 @@ impl Packages {
 
     async fn refresh_now(&self) -> Result<u64, String> {
         let (client, _) = self.client().await?;
-        let status: Status = match client.fetch("hub/status.json").await {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("hub/status.json: {e}"))?,
-            Err(_) => Status::default(),
-        };
+        let status = status_of(&client).await?;
         let view = HubView {
+            digests: client
+                .releases()
+                .into_iter()
+                .map(|r| (r.name, r.digest.to_string()))
+                .collect(),
             version: client.timestamp_version(),
             tiers: status
                 .releases
@@ -353,8 +357,12 @@ impl Packages {
                     Some(node) => crate::mesh::blobs::repo_peers(&node).await,
                     None => vec![],
                 };
+                // Every peer is tried (the versions they claim only order the tries: a peer
+                // claiming the newest copy and serving an older, still valid one must not keep
+                // the node from a newer one another peer has); the highest verified timestamp
+                // wins.
                 let mut why = vec![];
-                let mut found = None;
+                let mut found: Option<Client> = None;
                 for peer in peers {
                     let source: Arc<dyn Source> = Arc::new(MeshSource {
                         node: self.node.clone(),
@@ -362,8 +370,12 @@ impl Packages {
                     });
                     match load(source).await {
                         Ok(c) => {
-                            found = Some(c);
-                            break;
+                            if found
+                                .as_ref()
+                                .is_none_or(|f| c.timestamp_version() > f.timestamp_version())
+                            {
+                                found = Some(c);
+                            }
                         }
                         Err(e2) => why.push(format!("{peer}: {e2}")),
                     }
@@ -422,6 +434,47 @@ impl Packages {
         let r = self.install_now(pkg, &done).await;
         self.busy.lock().await.remove(&hex);
         r.map(|()| done)
+    }
+
+    /// `pkg`'s pin checked against the Hub as this node sees it, before each start of a replica:
+    /// the name must be listed with the digest pinned (an installed digest is otherwise run
+    /// under any name a manifest gives it, and judged — policy, revocation — by that name);
+    /// on a replica's `first` start, a release the Hub revoked or no longer lists is refused
+    /// (later restarts of a running replica are the realm policy's to stop). With no view of
+    /// the Hub at all (none could be read) the install verifies through TUF as before.
+    pub async fn check_pin(&self, pkg: &PackageRef, first: bool) -> Result<(), String> {
+        // A view that does not (yet) show the pin — none at all, or one older than a release
+        // just published — is refreshed once (at most one refresh a second runs).
+        let mut v = self.view();
+        if v.digests.get(&pkg.name) != Some(&pkg.digest) {
+            if let Err(e) = self.refresh().await {
+                tracing::debug!("packages: checking {}: {e}", pkg.name);
+            }
+            v = self.view();
+        }
+        if v.version == 0 {
+            return Ok(());
+        }
+        match v.digests.get(&pkg.name) {
+            Some(d) if *d == pkg.digest => {}
+            Some(d) => {
+                return Err(format!(
+                    "the Hub's {} is {d}, not the {} pinned: refused",
+                    pkg.name, pkg.digest
+                ))
+            }
+            None if first => {
+                return Err(format!(
+                    "{} is not on the Hub (never published, removed, or its publisher's key was revoked)",
+                    pkg.name
+                ))
+            }
+            None => {}
+        }
+        match v.revoked.get(&pkg.name) {
+            Some(why) if first => Err(format!("{} is revoked: {why}", pkg.name)),
+            _ => Ok(()),
+        }
     }
 
     /// The realm's package rules, unless they are the default (anything the Hub lists).
@@ -505,10 +558,7 @@ impl Packages {
                 pkg.name, release.digest, pkg.digest
             ));
         }
-        let status: Status = match client.fetch("hub/status.json").await {
-            Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
-            Err(_) => Status::default(),
-        };
+        let status = status_of(&client).await?;
         if let Some(s) = status.releases.get(&pkg.name) {
             if !s.revoked.is_empty() {
                 return Err(format!("{} is revoked: {}", pkg.name, s.revoked));
@@ -644,6 +694,19 @@ impl Packages {
             std::fs::create_dir_all(parent).map_err(io)?;
         }
         std::fs::rename(&tmp, done).map_err(io)
+    }
+}
+
+/// The Hub's signed status (revocations, yanks, tiers). Required when the repository lists it:
+/// a source that withholds it (a peer, a proxy) must not make revoked releases look fine.
+async fn status_of(client: &Client) -> Result<Status, String> {
+    match client.fetch("hub/status.json").await {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("hub/status.json: {e}")),
+        Err(e) if client.release("hub/status.json").is_some() => Err(format!(
+            "the Hub's status (hub/status.json) could not be read: {e}"
+        )),
+        // A repository with no status yet (nothing published).
+        Err(_) => Ok(Status::default()),
     }
 }
 

@@ -71,13 +71,7 @@ impl Registry {
         let want: Digest = digest.parse().map_err(|e: macula_hub::digest::BadDigest| {
             ApiError::invalid("invalid_digest", e.to_string())
         })?;
-        let owns: Option<String> = sqlx::query_scalar(
-            "SELECT namespace FROM hub_publishers WHERE owner_id = $1 AND verified_by <> '' LIMIT 1",
-        )
-        .bind(&actor.account_id)
-        .fetch_optional(&self.db.pool)
-        .await?;
-        if owns.is_none() {
+        if !self.owns_verified_publisher(actor).await? {
             return Err(ApiError::forbidden(
                 "not_publisher",
                 "only the owner of a verified publisher uploads to the Hub",
@@ -402,14 +396,20 @@ impl Registry {
             return Err(ApiError::not_found(format!("no release {target}")));
         }
         let release = self.release(target).await?;
+        let mut ch = self.change(actor).await?;
+        self.owned_publisher(&mut ch, actor, &ns, true).await?;
         if !release.revoked.is_empty() {
             return Err(ApiError::conflict(
                 "revoked",
                 format!("{target} is revoked: nothing to test"),
             ));
         }
-        let mut ch = self.change(actor).await?;
-        self.owned_publisher(&mut ch, actor, &ns, true).await?;
+        if release.smoke["pending"] == json!(true) {
+            return Err(ApiError::conflict(
+                "test_pending",
+                format!("{target} is being tested already; `macula hub info` shows the result when it ends"),
+            ));
+        }
         let digest: Digest = release.digest.parse().map_err(ApiError::internal)?;
         let index = hub.release_index(target, &digest).ok_or_else(|| {
             ApiError::internal(format!("the index of {target} is not in the repository"))
@@ -474,6 +474,13 @@ impl Registry {
                     "{target} is {}: certification is for Verified releases (scan and smoke test passed) that are not revoked",
                     release.tier
                 ),
+            ));
+        }
+        if let Some(at) = release.certification["requested_at"].as_str() {
+            // What the operator reviews does not change under them.
+            return Err(ApiError::conflict(
+                "already_requested",
+                format!("{target}: certification was requested at {at}; an operator reviews that declaration"),
             ));
         }
         let repo = hub.repo.lock().await;
@@ -662,20 +669,22 @@ impl Registry {
     /// A snapshot and timestamp for an offline bundle (a logged-in account asks).
     pub async fn bundle_metadata(
         &self,
-        _actor: &Actor,
+        actor: &Actor,
         req: NewBundleMetadata,
     ) -> ApiResult<BundleMetadata> {
         let hub = self.hub()?;
+        // Bundles are for publishers and operators (an export of vulnerability records is work
+        // worth bounding to them).
+        if !actor.operator && !self.owns_verified_publisher(actor).await? {
+            return Err(ApiError::forbidden(
+                "not_publisher",
+                "bundles are exported by operators and the owners of verified publishers",
+            ));
+        }
         let days = req.days.unwrap_or(30);
         if !(1..=180).contains(&days) {
             return Err(ApiError::invalid("invalid_days", "days: 1 to 180"));
         }
-        let repo = hub.repo.lock().await;
-        let (snapshot, timestamp, expires) = repo
-            .bundle_metadata(std::time::Duration::from_secs(days * 86_400))
-            .await
-            .map_err(super::tuf_error)?;
-        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
         if req.ecosystems.len() > 64 || req.ecosystems.iter().any(|e| e.is_empty() || e.len() > 64)
         {
             return Err(ApiError::invalid(
@@ -683,21 +692,35 @@ impl Registry {
                 "ecosystems: at most 64 names of 1 to 64 bytes",
             ));
         }
-        // The vulnerability data for the bundle's ecosystems, signed like the repository's
-        // own files (the targets key), so the site can trust it offline.
-        let (osv, osv_envelope) = match (&hub.osv, req.ecosystems.is_empty()) {
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        // The vulnerability data for the bundle's ecosystems, made before the repository is
+        // locked (it may be large); signed below like the repository's own files (the targets
+        // key), and bound to the bundle's snapshot version, so the site can trust it offline.
+        let osv = match (&hub.osv, req.ecosystems.is_empty()) {
             (Some(db), false) => {
                 let wanted: std::collections::BTreeSet<String> =
                     req.ecosystems.iter().cloned().collect();
                 let export = db.export(&wanted);
                 let records = export.records.len() as u64;
                 let bytes = serde_json::to_vec(&export).map_err(ApiError::internal)?;
+                Some((bytes, export.ecosystems, records))
+            }
+            _ => None,
+        };
+        let repo = hub.repo.lock().await;
+        let (snapshot, timestamp, expires) = repo
+            .bundle_metadata(std::time::Duration::from_secs(days * 86_400))
+            .await
+            .map_err(super::tuf_error)?;
+        let (osv, osv_envelope) = match osv {
+            Some((bytes, ecosystems, records)) => {
                 let statement = macula_hub::osv::ExportStatement {
                     digest: Digest::of(&bytes).to_string(),
                     size: bytes.len() as u64,
-                    ecosystems: export.ecosystems,
+                    ecosystems,
                     records,
                     exported: rfc3339(now_secs()),
+                    snapshot_version: repo.snapshot_version(),
                 };
                 let body = serde_json::to_vec(&statement).map_err(ApiError::internal)?;
                 let envelope =
@@ -705,7 +728,7 @@ impl Registry {
                 let envelope = serde_json::to_vec(&envelope).map_err(ApiError::internal)?;
                 (Some(b64(&bytes)), Some(b64(&envelope)))
             }
-            _ => (None, None),
+            None => (None, None),
         };
         Ok(BundleMetadata {
             snapshot: b64(&snapshot),
@@ -715,6 +738,17 @@ impl Registry {
             osv,
             osv_envelope,
         })
+    }
+
+    /// Whether `actor` owns a verified publisher.
+    async fn owns_verified_publisher(&self, actor: &Actor) -> ApiResult<bool> {
+        let owns: Option<String> = sqlx::query_scalar(
+            "SELECT namespace FROM hub_publishers WHERE owner_id = $1 AND verified_by <> '' LIMIT 1",
+        )
+        .bind(&actor.account_id)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        Ok(owns.is_some())
     }
 
     /// The Hub's newest root, for a node or client to trust.
