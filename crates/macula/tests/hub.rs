@@ -429,6 +429,30 @@ impl Fixture {
         out
     }
 
+    /// The replica of workload `name` whose status detail says `want` (within 30 s).
+    fn replica_saying(&self, name: &str, want: &str) -> Value {
+        let t = std::time::Instant::now();
+        loop {
+            let (_, out, _) = self.node(&["status"]);
+            let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+            let found = v["workloads"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|w| w["name"] == name)
+                .flat_map(|w| w["items"].as_array().cloned().unwrap_or_default())
+                .find(|r| r["detail"].as_str().is_some_and(|d| d.contains(want)));
+            if let Some(r) = found {
+                return r;
+            }
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(30),
+                "no replica of {name} says {want:?}: {v}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
     /// `macula --json ARGS --url --realm --key` against the node: (ok, stdout, stderr).
     fn node(&self, args: &[&str]) -> (bool, String, String) {
         let mut all = vec!["--json"];
@@ -521,31 +545,8 @@ fn deploy_package_runs_it_from_the_hub() {
     .unwrap();
     let (ok, _, err) = f.node(&["deploy", "-f", manifest.to_str().unwrap(), "--no-wait"]);
     assert!(ok, "{err}");
-    let t = std::time::Instant::now();
-    loop {
-        let (_, out, _) = f.node(&["status"]);
-        let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
-        let replica = v["workloads"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|w| w["name"] == "forged")
-            .flat_map(|w| w["items"].as_array().cloned().unwrap_or_default())
-            .next();
-        if let Some(r) = replica.filter(|r| {
-            r["detail"]
-                .as_str()
-                .is_some_and(|d| d.contains("acme/certified@9.9.9 is not on the Hub"))
-        }) {
-            assert_ne!(r["state"], "running", "{r}");
-            break;
-        }
-        assert!(
-            t.elapsed() < std::time::Duration::from_secs(30),
-            "the forged name was not refused: {v}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    let r = f.replica_saying("forged", "acme/certified@9.9.9 is not on the Hub");
+    assert_ne!(r["state"], "running", "{r}");
 
     // Yanked: new deployments of that version are refused (the running one stays).
     f.hub(&["hub", "yank", "acme/hello@1.0.0", "--reason", "broken"]);
@@ -624,29 +625,7 @@ fn a_realms_policy_decides_which_packages_run_and_stops_revoked_ones() {
     assert!(ok && shown.contains("revoked ones stopped"), "{shown}{err}");
     let out = f.deploy("acme/hello@1.0.0", "60s");
     assert_eq!(running_nodes(&json(&out)).len(), 1);
-    // The replica of `hello` whose detail says `want`, within 30 s.
-    let replica_says = |want: &str| {
-        let t = std::time::Instant::now();
-        loop {
-            let (_, out, _) = f.node(&["status"]);
-            let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
-            let found = v["workloads"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|w| w["name"] == "hello")
-                .flat_map(|w| w["items"].as_array().cloned().unwrap_or_default())
-                .find(|r| r["detail"].as_str().is_some_and(|d| d.contains(want)));
-            if let Some(r) = found {
-                return r;
-            }
-            assert!(
-                t.elapsed() < std::time::Duration::from_secs(30),
-                "no replica says {want:?}: {v}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-    };
+    let replica_says = |want: &str| f.replica_saying("hello", want);
     f.hub(&["hub", "revoke", "acme/hello@1.0.0", "--reason", "bad build"]);
     let r = replica_says("the realm's policy stops its replicas");
     assert_ne!(r["state"], "running", "{r}");
