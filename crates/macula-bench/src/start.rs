@@ -203,6 +203,7 @@ async fn containers(
                 },
                 logs: LogLimits::default(),
                 buffer: buffer.clone(),
+                package: None,
             }
             .launch()
             .await

@@ -28,7 +28,8 @@
 //!
 //! With `package`, the node installs that version of a Hub package (verified against the Hub's
 //! TUF repository and pinned to `digest`) before it starts a replica, and a `command` starting
-//! with `./` runs from the package's directory (`MACULA_PACKAGE_DIR`), read-only;
+//! with `./` runs from the package's directory (`MACULA_PACKAGE_DIR`), read-only; with
+//! `image` (the podman runtime), the image comes from the package's image archives;
 //! `macula deploy --package org/name@version` writes it from the package's own manifest.
 //!
 //! A job has `completions`, `parallelism`, `backoff_limit` and `active_deadline` instead of
@@ -793,9 +794,6 @@ pub fn check(d: ManifestDoc) -> Result<Manifest, ManifestError> {
                     pk.digest
                 ),
             );
-        }
-        if runtime != Runtime::Process {
-            p.add("package", "a package's files run with `runtime: process`");
         }
         PackageRef {
             name: pk.name.clone(),

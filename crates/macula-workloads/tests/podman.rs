@@ -285,6 +285,7 @@ async fn a_node_runs_replicas_as_containers_and_its_reaper_outlives_it() {
                 spec: s.clone(),
                 logs: LogLimits::default(),
                 buffer,
+                package: None,
             }
             .launch()
         }
@@ -306,6 +307,7 @@ async fn a_node_runs_replicas_as_containers_and_its_reaper_outlives_it() {
         },
         logs: LogLimits::default(),
         buffer: Arc::new(LogBuffer::new(10)),
+        package: None,
     }
     .launch()
     .await
@@ -329,6 +331,7 @@ async fn a_node_runs_replicas_as_containers_and_its_reaper_outlives_it() {
         },
         logs: LogLimits::default(),
         buffer: Arc::new(LogBuffer::new(10)),
+        package: None,
     };
     let mut beta = as_realm("com.beta", "beta-only:1", "beta")
         .launch()
@@ -453,6 +456,7 @@ async fn a_node_runs_replicas_as_containers_and_its_reaper_outlives_it() {
         spec: spec("left", "exec sleep 600"),
         logs: LogLimits::default(),
         buffer: Arc::new(LogBuffer::new(10)),
+        package: None,
     }
     .launch()
     .await

@@ -4,7 +4,12 @@
 //! yank its versions or overwrite them; a yank shows with its reason; a revoked key takes the
 //! publisher's packages out of the repository.
 
+mod common;
 mod macula_up;
+
+/// The realm the shared test helpers (`common`) name: `macula up`'s.
+#[allow(dead_code)]
+const REALM: &str = "com.example.demo";
 #[path = "../../macula-hub/tests/common/pytuf.rs"]
 mod pytuf;
 #[path = "../../macula-hub/tests/common/s3s.rs"]
@@ -655,6 +660,77 @@ fn a_realms_policy_decides_which_packages_run_and_stops_revoked_ones() {
         !ok && err.contains("one of community, verified, certified"),
         "{err}"
     );
+}
+
+/// A package whose artifact is an OCI image (a `podman save` archive): published, verified
+/// and installed by the node like any package, and run by Podman from the installed archive —
+/// no images directory, no registry. SKIPPED without podman, runc and a static busybox.
+#[test]
+fn a_package_image_runs_in_a_container() {
+    if let Some(why) = common::work::containers_unavailable() {
+        eprintln!("SKIPPED the Hub's container packages: {why}");
+        return;
+    }
+    let build = tempfile::tempdir().unwrap();
+    let archive = match common::work::busybox_image(build.path(), "localhost/hubpod:1") {
+        Ok(a) => a,
+        Err(why) => {
+            eprintln!("SKIPPED the Hub's container packages: no test image: {why}");
+            return;
+        }
+    };
+    let f = Fixture::with(
+        &[],
+        "workloads:\n  require_limits: false\n  require_sandbox: false\n",
+    );
+    let manifest = r#"
+name: acme/pod
+version: 1.0.0
+kind: hub-package
+description: A container from the Hub.
+permissions:
+  planes: [workplane]
+artifacts:
+  - name: image
+    file: image.tar
+attestations:
+  sbom: sbom.spdx.json
+  provenance: provenance.dsse.json
+workload:
+  kind: payload
+  name: pod
+  image: localhost/hubpod:1
+  command: [sh, -c, "cat /etc/macula-image; echo from the hub; exec sleep 300"]
+"#;
+    let pkg = tempfile::tempdir().unwrap();
+    std::fs::write(pkg.path().join("package.yaml"), manifest).unwrap();
+    std::fs::copy(&archive, pkg.path().join("image.tar")).unwrap();
+    cli(
+        f.acme.path(),
+        &f.http,
+        &publish_args(pkg.path(), &f.key, false)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        None,
+    );
+    let out = f.deploy("acme/pod@1.0.0", "90s");
+    let d = json(&out);
+    assert_eq!(d["replicas"][0]["state"], "running", "{d}");
+    let logs = (0..150)
+        .find_map(|_| {
+            let (_, out, _) = f.node(&["logs", "pod"]);
+            if out.contains("from the hub") {
+                return Some(out);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            None
+        })
+        .expect("the container's output");
+    // `yes`: /etc/macula-image, which only the image holds.
+    assert!(logs.contains("yes"), "{logs}");
+    let (_, out, _) = f.node(&["workloads", "pod"]);
+    assert!(out.contains("podman"), "{out}");
 }
 
 /// Revocation spreads: on `macula up --nodes 3`, a package's 3 replicas run on the three nodes;

@@ -542,6 +542,16 @@ impl Controller {
         }
     }
 
+    /// The counter a replica's package delivery is metered in: its realm's, under the key that
+    /// deployed it.
+    fn package_counter(&self, w: &Wanted) -> Option<crate::meter::Counter> {
+        let m = self.node.meter.as_ref()?;
+        let owner = self.node.auth().owner_group(&w.realm).unwrap_or_default();
+        m.counter_for(&w.realm, &w.kid, &owner)
+            .map_err(|e| tracing::warn!(realm = %w.realm, "package delivery not metered: {e}"))
+            .ok()
+    }
+
     /// The control groups' (and container's) name of this node's replica of `slot` (unique on
     /// the machine).
     fn cgroup_name(&self, slot: &str, seq: u64) -> String {
@@ -2406,15 +2416,51 @@ impl Controller {
                     ..ContainerSpec::default()
                 };
                 target.container = host.clone().map(|h| (h, spec.name.clone()));
+                // A Hub package's image: its archives, installed and verified like a native
+                // package's files, are what the container may run.
+                let package = wl.package.clone().map(|p| {
+                    (
+                        p,
+                        self.packages.clone(),
+                        self.package_counter(w),
+                        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                    )
+                });
                 Box::new(move |buffer: Arc<LogBuffer>| match &host {
-                    Some(host) => ContainerStart {
-                        host: host.clone(),
-                        realm: realm.clone(),
-                        spec: spec.clone(),
-                        logs: log_limits.clone(),
-                        buffer,
+                    Some(host) => {
+                        let start = ContainerStart {
+                            host: host.clone(),
+                            realm: realm.clone(),
+                            spec: spec.clone(),
+                            logs: log_limits.clone(),
+                            buffer,
+                            package: None,
+                        };
+                        let Some((pkg, packages, counter, started)) = package.clone() else {
+                            return start.launch();
+                        };
+                        Box::pin(async move {
+                            let first = !started.load(std::sync::atomic::Ordering::Acquire);
+                            let dir = prepare_package(
+                                &packages,
+                                &pkg,
+                                &start.realm,
+                                counter.as_ref(),
+                                first,
+                            )
+                            .await?;
+                            let launched = ContainerStart {
+                                package: Some(dir),
+                                ..start
+                            }
+                            .launch()
+                            .await;
+                            if launched.is_ok() {
+                                started.store(true, std::sync::atomic::Ordering::Release);
+                            }
+                            launched
+                        })
                     }
-                    .launch(),
                     None => Box::pin(async {
                         Err(io::Error::new(
                                 io::ErrorKind::Unsupported,
@@ -2462,18 +2508,10 @@ impl Controller {
                 let require_limits = self.node.config.workloads.require_limits;
                 // The package's delivery is metered for the realm, under the deploying key.
                 let package = wl.package.clone().map(|p| {
-                    let counter = self.node.meter.as_ref().and_then(|m| {
-                        let owner = self.node.auth().owner_group(&w.realm).unwrap_or_default();
-                        m.counter_for(&w.realm, &w.kid, &owner)
-                            .map_err(|e| {
-                                tracing::warn!(realm = %w.realm, "package delivery not metered: {e}")
-                            })
-                            .ok()
-                    });
                     (
                         p,
                         self.packages.clone(),
-                        counter,
+                        self.package_counter(w),
                         w.realm.clone(),
                         Arc::new(std::sync::atomic::AtomicBool::new(false)),
                     )
@@ -2495,24 +2533,9 @@ impl Controller {
                     // The package's files first (verified against the Hub, pinned by digest);
                     // its `./` program runs from them, read-only.
                     Box::pin(async move {
-                        // The pin (name and digest as the Hub lists them) and the realm's policy on
-                        // packages (publishers, tier, revocation) first, at every start.
-                        // (First: no start of this replica has succeeded yet.)
                         let first = !started.load(std::sync::atomic::Ordering::Acquire);
-                        packages
-                            .check_pin(&pkg, first)
-                            .await
-                            .map_err(|e| io::Error::other(format!("package {}: {e}", pkg.name)))?;
-                        if let Some(why) = packages.policy_refusal(&realm, &pkg, true).await {
-                            return Err(io::Error::other(why));
-                        }
-                        let dir = packages
-                            .install(&pkg)
-                            .await
-                            .map_err(|e| io::Error::other(format!("package {}: {e}", pkg.name)))?;
-                        if let Some(c) = &counter {
-                            c.package_bytes(packages.delivery_to_charge(&realm, &pkg, &dir));
-                        }
+                        let dir = prepare_package(&packages, &pkg, &realm, counter.as_ref(), first)
+                            .await?;
                         super::packages::in_package(&mut start.spec.argv, &dir);
                         start.spec.read_only.push(dir.clone());
                         start
@@ -2928,6 +2951,34 @@ const CONTAINER_MIN_BACKOFF: Duration = Duration::from_secs(1);
 fn unit_name(node: &str, slot: &str, seq: u64) -> String {
     let short = &node[node.len().saturating_sub(8)..];
     format!("{short}_{}_v{seq}", slot.replace('/', "_"))
+}
+
+/// A replica's Hub package made ready before each start: the pin (name and digest as the Hub
+/// lists them) and the realm's policy on packages (publishers, tier, revocation) checked, then
+/// the package installed (verified, once per digest) and its delivery metered for the realm.
+/// `first`: no start of this replica has succeeded yet. Returns the installed directory.
+async fn prepare_package(
+    packages: &super::packages::Packages,
+    pkg: &macula_workloads::PackageRef,
+    realm: &str,
+    counter: Option<&crate::meter::Counter>,
+    first: bool,
+) -> io::Result<PathBuf> {
+    packages
+        .check_pin(pkg, first)
+        .await
+        .map_err(|e| io::Error::other(format!("package {}: {e}", pkg.name)))?;
+    if let Some(why) = packages.policy_refusal(realm, pkg, true).await {
+        return Err(io::Error::other(why));
+    }
+    let dir = packages
+        .install(pkg)
+        .await
+        .map_err(|e| io::Error::other(format!("package {}: {e}", pkg.name)))?;
+    if let Some(c) = counter {
+        c.package_bytes(packages.delivery_to_charge(realm, pkg, &dir));
+    }
+    Ok(dir)
 }
 
 #[cfg(test)]

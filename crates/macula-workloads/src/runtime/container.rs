@@ -198,8 +198,20 @@ impl Host {
     /// realm's image (also where another realm's archive took the same name since: the id is
     /// the one loaded), and not an image by its id. Archives not loaded yet (or changed since)
     /// are loaded first. A clear error where none holds it.
-    pub async fn ensure_image(&self, p: &Podman, image: &str, realm: &str) -> io::Result<String> {
+    ///
+    /// `package`: the installed directory of the Hub package the replica runs (verified against
+    /// the Hub by the node): its image archives are loaded for this realm too.
+    pub async fn ensure_image(
+        &self,
+        p: &Podman,
+        image: &str,
+        realm: &str,
+        package: Option<&Path>,
+    ) -> io::Result<String> {
         let mut loaded = self.loaded.lock().await;
+        if let Some(dir) = package {
+            load_archives(p, &mut loaded, dir, Some(realm.to_owned())).await;
+        }
         for dir in &self.cfg.images {
             for (scope, d) in [(None, dir.clone()), (Some(realm), dir.join(realm))] {
                 load_archives(p, &mut loaded, &d, scope.map(str::to_owned)).await;
@@ -273,7 +285,13 @@ async fn load_archives(
             meta.len(),
             meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
         );
-        if loaded.get(&path).is_some_and(|l| l.key == key) {
+        // One entry per archive and realm it was loaded for (a package's archive may serve
+        // several realms, each on its own authority).
+        let entry = match &realm {
+            Some(r) => PathBuf::from(format!("{}#{r}", path.display())),
+            None => path.clone(),
+        };
+        if loaded.get(&entry).is_some_and(|l| l.key == key) {
             continue;
         }
         let mut images = vec![];
@@ -294,7 +312,7 @@ async fn load_archives(
             }
         }
         loaded.insert(
-            path,
+            entry,
             Loaded {
                 key,
                 images,
@@ -443,6 +461,8 @@ pub struct ContainerStart {
     pub spec: ContainerSpec,
     pub logs: LogLimits,
     pub buffer: Arc<LogBuffer>,
+    /// The installed directory of the Hub package it runs, whose image archives it may use.
+    pub package: Option<PathBuf>,
 }
 
 impl ContainerStart {
@@ -456,9 +476,12 @@ impl ContainerStart {
                 mut spec,
                 logs,
                 buffer,
+                package,
             } = self;
             let p = host.podman().await?;
-            spec.image = host.ensure_image(&p, &spec.image, &realm).await?;
+            spec.image = host
+                .ensure_image(&p, &spec.image, &realm, package.as_deref())
+                .await?;
             spec.cgroup_parent = Some(host.cgroup_parent());
             spec.labels
                 .insert(NODE_LABEL.to_owned(), host.node().to_owned());
