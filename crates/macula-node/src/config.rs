@@ -265,6 +265,10 @@ pub struct HubSection {
     /// The fee for certifying a release, in cents, charged to the publisher's owner when an
     /// operator certifies it; 0: free.
     pub certification_fee_cents: u64,
+    /// The most bytes an account may have uploaded that no release names yet.
+    pub max_unpublished_bytes: u64,
+    /// How long (seconds) an upload no release names is kept before it is collected.
+    pub upload_ttl_secs: u64,
 }
 
 impl Default for HubSection {
@@ -276,6 +280,8 @@ impl Default for HubSection {
             max_blob: 1 << 30,
             s3: Default::default(),
             certification_fee_cents: 50_000,
+            max_unpublished_bytes: 10 << 30,
+            upload_ttl_secs: 86_400,
         }
     }
 }

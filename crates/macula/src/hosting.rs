@@ -37,6 +37,8 @@ pub fn registry_config(s: &RegistrySection) -> RegistryConfig {
             max_blob: s.hub.max_blob.max(1),
             s3: s.hub.s3.clone(),
             certification_fee_cents: s.hub.certification_fee_cents.min(i64::MAX as u64) as i64,
+            max_unpublished_bytes: s.hub.max_unpublished_bytes,
+            upload_ttl: Duration::from_secs(s.hub.upload_ttl_secs),
             ..Default::default()
         },
         kek: match std::env::var(kek::KEK_ENV) {

@@ -662,6 +662,74 @@ fn a_realms_policy_decides_which_packages_run_and_stops_revoked_ones() {
     );
 }
 
+/// Uploads no release names are bounded per account and collected: a package too large for
+/// what the account may have pending is refused, saying so; once the uploads of that failed
+/// publish are older than `upload_ttl_secs`, they are collected (their blobs gone from the Hub),
+/// while the files of published releases stay.
+#[test]
+fn unpublished_uploads_are_bounded_and_collected() {
+    let f = Fixture::with(
+        &[],
+        "  hub:\n    max_unpublished_bytes: 3500\n    upload_ttl_secs: 1\n",
+    );
+    let blobs = f._home.path().join("hub/blobs/sha256");
+    let publish = |manifest: &str, body: &str| {
+        let pkg = tempfile::tempdir().unwrap();
+        package(pkg.path(), manifest, body);
+        let (ok, _, err) = cli_run(
+            f.acme.path(),
+            &f.http,
+            &publish_args(pkg.path(), &f.key, false)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            None,
+        );
+        let files: Vec<String> = [
+            "package.yaml",
+            "bin/hello",
+            "sbom.spdx.json",
+            "provenance.dsse.json",
+        ]
+        .iter()
+        .filter_map(|p| std::fs::read(pkg.path().join(p)).ok())
+        .map(|b| macula_hub::Digest::of(&b).hex().to_owned())
+        .collect();
+        (ok, err, files)
+    };
+    let (ok, err, a) = publish(MANIFEST, "#!/bin/sh\nexec sleep 300\n");
+    assert!(ok, "{err}");
+    // Each of its files fits on its own (the program 3,000 bytes), all of them do not: the
+    // first uploads are kept pending, whatever their order, and a later one is refused.
+    let big = format!("#!/bin/sh\n# {}\nexec sleep 300\n", "x".repeat(2_970));
+    let (ok, err, b) = publish(&MANIFEST.replace("version: 1.0.0", "version: 1.1.0"), &big);
+    assert!(!ok && err.contains("no release names yet"), "{err}");
+    let unique: Vec<&String> = b.iter().filter(|d| !a.contains(d)).collect();
+    assert!(
+        unique.iter().any(|d| blobs.join(d).exists()),
+        "some of the failed publish's files were uploaded"
+    );
+    // After the time to live, the next upload collects them.
+    let t = std::time::Instant::now();
+    while t.elapsed() < std::time::Duration::from_millis(1100) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (ok, err, c) = publish(
+        &MANIFEST.replace("version: 1.0.0", "version: 1.2.0"),
+        "#!/bin/sh\necho c\nexec sleep 300\n",
+    );
+    assert!(ok, "{err}");
+    for d in unique.iter().filter(|d| !c.contains(d)) {
+        assert!(
+            !blobs.join(d).exists(),
+            "an abandoned upload {d} is still kept"
+        );
+    }
+    for d in a.iter().chain(&c) {
+        assert!(blobs.join(d).exists(), "a published file {d} is gone");
+    }
+}
+
 /// A package whose artifact is an OCI image (a `podman save` archive): published, verified
 /// and installed by the node like any package, and run by Podman from the installed archive —
 /// no images directory, no registry. SKIPPED without podman, runc and a static busybox.

@@ -349,4 +349,25 @@ ALTER TABLE usage_rollups ADD COLUMN package_bytes BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE hub_releases ADD COLUMN certification TEXT NOT NULL DEFAULT '';
 "#,
     },
+    Migration {
+        version: 13,
+        name: "the Hub: uploads no release names yet (per-account quota, collection), and each release's files",
+        sql: r#"
+CREATE TABLE hub_uploads (
+    digest TEXT NOT NULL,
+    account_id TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    uploaded_at BIGINT NOT NULL,
+    PRIMARY KEY (digest, account_id)
+);
+CREATE INDEX hub_uploads_account ON hub_uploads(account_id);
+CREATE INDEX hub_uploads_at ON hub_uploads(uploaded_at);
+CREATE TABLE hub_release_files (
+    target TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (target, digest)
+);
+CREATE INDEX hub_release_files_digest ON hub_release_files(digest);
+"#,
+    },
 ];

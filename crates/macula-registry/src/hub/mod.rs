@@ -56,6 +56,12 @@ pub struct HubConfig {
     /// The fee for certifying a release, in cents, charged to the publisher's owner when an
     /// operator certifies it (the publisher accepts it when requesting certification).
     pub certification_fee_cents: i64,
+    /// The most bytes an account may have uploaded that no release names yet (uploads of a
+    /// publish in progress, or abandoned); past it, uploads are refused until a publish names
+    /// them or they are collected.
+    pub max_unpublished_bytes: u64,
+    /// How long an upload no release names is kept before it is collected.
+    pub upload_ttl: std::time::Duration,
 }
 
 impl Default for HubConfig {
@@ -68,6 +74,8 @@ impl Default for HubConfig {
             lifetimes: Lifetimes::default(),
             s3: S3Config::default(),
             certification_fee_cents: 50_000,
+            max_unpublished_bytes: 10 << 30,
+            upload_ttl: std::time::Duration::from_secs(86_400),
         }
     }
 }
@@ -80,6 +88,8 @@ pub struct Hub {
     pub(crate) osv: Option<osv::Database>,
     pub(crate) max_blob: u64,
     pub(crate) certification_fee_cents: i64,
+    pub(crate) max_unpublished_bytes: u64,
+    pub(crate) upload_ttl: std::time::Duration,
     /// One smoke test at a time (see `smoke.rs`), and how many wait for their turn.
     pub(crate) smoking: tokio::sync::Mutex<()>,
     pub(crate) smoke_waiting: std::sync::atomic::AtomicUsize,
@@ -196,6 +206,8 @@ impl Hub {
             osv,
             max_blob: cfg.max_blob,
             certification_fee_cents: cfg.certification_fee_cents.max(0),
+            max_unpublished_bytes: cfg.max_unpublished_bytes,
+            upload_ttl: cfg.upload_ttl,
             smoking: tokio::sync::Mutex::new(()),
             smoke_waiting: Default::default(),
         })
@@ -233,6 +245,10 @@ impl Registry {
                 "hub: publisher {ns}'s role is about to expire and was dropped from the repository \
                  until it signs a new one"
             );
+        }
+        let n = self.collect_uploads(None).await?;
+        if n > 0 {
+            tracing::info!("hub: collected {n} upload(s) no release named");
         }
         Ok(())
     }

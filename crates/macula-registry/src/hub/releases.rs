@@ -100,6 +100,40 @@ impl Registry {
                 size,
             });
         }
+        // What the account has uploaded that no release names yet is bounded (abandoned uploads
+        // are collected after `upload_ttl`; this account's first).
+        self.collect_uploads(Some(&actor.account_id)).await?;
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(size), 0) FROM hub_uploads WHERE account_id = $1",
+        )
+        .bind(&actor.account_id)
+        .fetch_one(&self.db.pool)
+        .await?;
+        let room = hub
+            .max_unpublished_bytes
+            .saturating_sub(pending.max(0) as u64);
+        let limit = hub.max_blob.min(room);
+        let too_large = || {
+            if limit < hub.max_blob {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "unpublished_quota",
+                    format!(
+                        "your uploads that no release names yet take {pending} of the {} bytes allowed (registry.hub.max_unpublished_bytes): publish them, or wait until they are collected",
+                        hub.max_unpublished_bytes
+                    ),
+                )
+            } else {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "blob_too_large",
+                    format!(
+                        "a blob may be {} bytes (registry.hub.max_blob)",
+                        hub.max_blob
+                    ),
+                )
+            }
+        };
         // Spooled to a file as it arrives (a blob may be larger than memory should hold), then
         // hashed into the store, which keeps it only if it is `digest`.
         let tmp_dir = hub.dir.join("uploads");
@@ -112,15 +146,8 @@ impl Registry {
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.map_err(|e| ApiError::invalid("upload_failed", e.to_string()))?;
                 size += chunk.len() as u64;
-                if size > hub.max_blob {
-                    return Err(ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "blob_too_large",
-                        format!(
-                            "a blob may be {} bytes (registry.hub.max_blob)",
-                            hub.max_blob
-                        ),
-                    ));
+                if size > limit {
+                    return Err(too_large());
                 }
                 file.write_all(&chunk).map_err(ApiError::internal)?;
             }
@@ -132,7 +159,6 @@ impl Registry {
             Ok(()) => {
                 let store = hub.store.clone();
                 let path = tmp.clone();
-                let limit = hub.max_blob;
                 tokio::task::spawn_blocking(move || {
                     let mut f = std::fs::File::open(&path)?;
                     store
@@ -147,6 +173,16 @@ impl Registry {
         };
         let _ = std::fs::remove_file(&tmp);
         let (d, size) = stored?;
+        sqlx::query(
+            "INSERT INTO hub_uploads (digest, account_id, size, uploaded_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (digest, account_id) DO NOTHING",
+        )
+        .bind(d.to_string())
+        .bind(&actor.account_id)
+        .bind(size as i64)
+        .bind(now_secs() as i64)
+        .execute(&self.db.pool)
+        .await?;
         Ok(Blob {
             digest: d.to_string(),
             size,
@@ -270,6 +306,29 @@ impl Registry {
             .bind(now)
             .execute(&mut *ch)
             .await?;
+            // Its files are a release's now: kept, and no longer anyone's pending uploads.
+            let mut files: Vec<String> = r
+                .index
+                .files
+                .values()
+                .map(|f| f.digest.to_string())
+                .collect();
+            files.push(r.index.manifest.digest.to_string());
+            files.sort();
+            files.dedup();
+            for d in &files {
+                sqlx::query(
+                    "INSERT INTO hub_release_files (target, digest) VALUES ($1, $2) ON CONFLICT (target, digest) DO NOTHING",
+                )
+                .bind(&release.target)
+                .bind(d)
+                .execute(&mut *ch)
+                .await?;
+                sqlx::query("DELETE FROM hub_uploads WHERE digest = $1")
+                    .bind(d)
+                    .execute(&mut *ch)
+                    .await?;
+            }
             added.push(release);
         }
         for name in &accepted.removed {
@@ -738,6 +797,49 @@ impl Registry {
             osv,
             osv_envelope,
         })
+    }
+
+    /// Removes the uploads older than `upload_ttl` that no release names (of `account` only,
+    /// or of every account): their rows, and their blobs unless a release or another upload
+    /// still holds them. Returns how many uploads it collected.
+    pub(crate) async fn collect_uploads(&self, account: Option<&str>) -> ApiResult<usize> {
+        let hub = self.hub()?;
+        let before = now_secs() as i64 - hub.upload_ttl.as_secs() as i64;
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT digest, account_id FROM hub_uploads WHERE uploaded_at <= $1 AND ($2 = '' OR account_id = $2) LIMIT 10000",
+        )
+        .bind(before)
+        .bind(account.unwrap_or(""))
+        .fetch_all(&self.db.pool)
+        .await?;
+        for (digest, acct) in &rows {
+            sqlx::query("DELETE FROM hub_uploads WHERE digest = $1 AND account_id = $2")
+                .bind(digest)
+                .bind(acct)
+                .execute(&self.db.pool)
+                .await?;
+            let held: i64 = sqlx::query_scalar(
+                "SELECT (SELECT COUNT(*) FROM hub_release_files WHERE digest = $1) + \
+                 (SELECT COUNT(*) FROM hub_uploads WHERE digest = $1)",
+            )
+            .bind(digest)
+            .fetch_one(&self.db.pool)
+            .await?;
+            // Only blobs an upload stored are tracked: a release's files from before this
+            // table existed were never in it, so they are never collected.
+            let in_release: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM hub_releases WHERE digest = $1")
+                    .bind(digest)
+                    .fetch_one(&self.db.pool)
+                    .await?;
+            if held == 0 && in_release == 0 {
+                if let Ok(d) = digest.parse::<Digest>() {
+                    let store = hub.store.clone();
+                    let _ = tokio::task::spawn_blocking(move || store.remove(&d)).await;
+                }
+            }
+        }
+        Ok(rows.len())
     }
 
     /// Whether `actor` owns a verified publisher.
