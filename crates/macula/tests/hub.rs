@@ -411,15 +411,21 @@ impl Fixture {
         for (path, text) in files {
             std::fs::write(pkg.path().join(path), text).unwrap();
         }
-        cli(
+        let (ok, _, err) = self.publish_dir(pkg.path());
+        assert!(ok, "publishing: {err}");
+    }
+
+    /// `macula hub publish DIR --key --attest` as acme: (ok, stdout, stderr).
+    fn publish_dir(&self, dir: &Path) -> (bool, String, String) {
+        cli_run(
             self.acme.path(),
             &self.http,
-            &publish_args(pkg.path(), &self.key, false)
+            &publish_args(dir, &self.key, false)
                 .iter()
                 .map(String::as_str)
                 .collect::<Vec<_>>(),
             None,
-        );
+        )
     }
 
     /// `macula ARGS` as acme (the registry's commands).
@@ -676,15 +682,7 @@ fn unpublished_uploads_are_bounded_and_collected() {
     let publish = |manifest: &str, body: &str| {
         let pkg = tempfile::tempdir().unwrap();
         package(pkg.path(), manifest, body);
-        let (ok, _, err) = cli_run(
-            f.acme.path(),
-            &f.http,
-            &publish_args(pkg.path(), &f.key, false)
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-            None,
-        );
+        let (ok, _, err) = f.publish_dir(pkg.path());
         let files: Vec<String> = [
             "package.yaml",
             "bin/hello",
@@ -773,15 +771,8 @@ workload:
     let pkg = tempfile::tempdir().unwrap();
     std::fs::write(pkg.path().join("package.yaml"), manifest).unwrap();
     std::fs::copy(&archive, pkg.path().join("image.tar")).unwrap();
-    cli(
-        f.acme.path(),
-        &f.http,
-        &publish_args(pkg.path(), &f.key, false)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-        None,
-    );
+    let (ok, _, err) = f.publish_dir(pkg.path());
+    assert!(ok, "{err}");
     let out = f.deploy("acme/pod@1.0.0", "90s");
     let d = json(&out);
     assert_eq!(d["replicas"][0]["state"], "running", "{d}");
