@@ -906,6 +906,37 @@ fn the_smoke_test_promotes_a_healthy_package_to_verified() {
     assert_eq!(steps, ["install", "upgrade", "rollback"]);
     assert_eq!(ok["scan"]["findings"].as_array().map(Vec::len), Some(0));
     assert_eq!(ok["tier"], "verified");
+    // The results are in the Hub's signed status (a TUF target every node verifies).
+    // (Written just after the result is recorded: looked for until it is there.)
+    let status_dir = f._home.path().join("hub/repo/targets/hub");
+    let signed = |want: &dyn Fn(&Value) -> bool| {
+        let t = std::time::Instant::now();
+        loop {
+            let status = std::fs::read_dir(&status_dir)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().ends_with(".status.json"))
+                .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+                .max()
+                .and_then(|(_, p)| {
+                    serde_json::from_str::<Value>(&std::fs::read_to_string(p).ok()?).ok()
+                })
+                .unwrap_or(Value::Null);
+            if want(&status) {
+                return;
+            }
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(10),
+                "not in the signed status: {status}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    signed(&|s: &Value| {
+        let e = &s["releases"]["acme/hello@1.0.0"];
+        e["tier"] == "verified" && e["smoke"] == true && e["scan"]["database"] == true
+    });
     let bad = settled("acme/dies");
     assert_eq!(bad["smoke"]["passed"], false, "{bad}");
     assert_eq!(bad["tier"], "community");

@@ -358,13 +358,23 @@ impl Registry {
     /// Re-signs `hub/status.json`: every release's tier, yank and revocation, as the Hub says.
     pub(crate) async fn write_status(&self, repo: &mut macula_hub::tuf::Repo) -> ApiResult<()> {
         let rows = sqlx::query(
-            "SELECT target, digest, tier, yanked, revoked FROM hub_releases ORDER BY target",
+            "SELECT target, digest, tier, yanked, revoked, scan, smoke FROM hub_releases ORDER BY target",
         )
         .fetch_all(&self.db.pool)
         .await?;
         let mut releases = serde_json::Map::new();
         for r in rows {
             let target: String = r.try_get("target")?;
+            // The pipeline's results, signed with the rest: whether a database scanned it and
+            // what it found (by id), and whether its smoke test passed (null: not run yet).
+            let scan: Value =
+                serde_json::from_str(&r.try_get::<String, _>("scan")?).unwrap_or(Value::Null);
+            let smoke: Value =
+                serde_json::from_str(&r.try_get::<String, _>("smoke")?).unwrap_or(Value::Null);
+            let findings: Vec<Value> = scan["findings"]
+                .as_array()
+                .map(|f| f.iter().map(|x| x["id"].clone()).collect())
+                .unwrap_or_default();
             releases.insert(
                 target,
                 json!({
@@ -372,6 +382,8 @@ impl Registry {
                     "tier": r.try_get::<String, _>("tier")?,
                     "yanked": r.try_get::<String, _>("yanked")?,
                     "revoked": r.try_get::<String, _>("revoked")?,
+                    "scan": {"database": scan["database"] == json!(true), "findings": findings},
+                    "smoke": smoke.get("passed").cloned().unwrap_or(Value::Null),
                 }),
             );
         }
