@@ -115,6 +115,15 @@ fn open_store(cfg: &HubConfig, dir: &Path) -> anyhow::Result<Arc<dyn BlobStore>>
     }
 }
 
+/// Runs blocking work — blob reads: a disk, or an S3 round trip — without stalling the async
+/// runtime's other tasks: in place on a multi-threaded runtime (the node's), else inline.
+pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 impl Hub {
     /// A release's index (`target` of `digest`): from the blob store, else the repository's
     /// target file.
@@ -123,6 +132,10 @@ impl Hub {
         target: &str,
         digest: &macula_hub::Digest,
     ) -> Option<Vec<u8>> {
+        blocking(|| self.release_index_now(target, digest))
+    }
+
+    fn release_index_now(&self, target: &str, digest: &macula_hub::Digest) -> Option<Vec<u8>> {
         self.store
             .read(digest, macula_hub::review::MAX_INDEX)
             .ok()

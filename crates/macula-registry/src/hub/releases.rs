@@ -245,12 +245,14 @@ impl Registry {
         // index given for a target already published must be that target's).
         let mut reviewed = vec![];
         for (name, bytes) in &files {
-            let r = review::review(bytes, hub.store.as_ref(), &rules).map_err(|problems| {
-                ApiError::invalid(
-                    "package_refused",
-                    format!("{name}:\n{}", review::describe(&problems)),
-                )
-            })?;
+            let r = super::blocking(|| review::review(bytes, hub.store.as_ref(), &rules)).map_err(
+                |problems| {
+                    ApiError::invalid(
+                        "package_refused",
+                        format!("{name}:\n{}", review::describe(&problems)),
+                    )
+                },
+            )?;
             let want = format!("{}@{}", r.index.name, r.index.version);
             if *name != want {
                 return Err(ApiError::invalid(

@@ -179,11 +179,12 @@ impl Registry {
             .ok_or("the release's index is not in the repository")?;
         let index: macula_hub::pack::Index =
             serde_json::from_slice(&index).map_err(|e| e.to_string())?;
-        let manifest = hub
-            .store
-            .read(&index.manifest.digest, macula_hub::pack::MAX_MANIFEST)
-            .map_err(|e| e.to_string())?
-            .ok_or("the release's manifest is not in the blob store")?;
+        let manifest = super::blocking(|| {
+            hub.store
+                .read(&index.manifest.digest, macula_hub::pack::MAX_MANIFEST)
+        })
+        .map_err(|e| e.to_string())?
+        .ok_or("the release's manifest is not in the blob store")?;
         let pkg = macula_hub::parse(&String::from_utf8_lossy(&manifest))
             .map_err(|e| macula_hub::package::describe("package.yaml", &e))?;
         let name = format!("smoke-{}", &digest.hex()[..16]);
