@@ -1141,6 +1141,43 @@ fn a_bundle_installs_and_runs_on_an_isolated_site() {
         bmz2.to_str().unwrap(),
     ]);
 
+    // A newer vulnerability record dropped into the Hub's database: a retest scans with it
+    // (the database is read again when its source changed), no restart.
+    std::fs::write(
+        osv.path().join("GHSA-4444-5555-6666.json"),
+        r#"{"id": "GHSA-4444-5555-6666", "summary": "left-pad 1.0.0 again",
+            "affected": [{"package": {"ecosystem": "npm", "name": "left-pad"}, "versions": ["1.0.0"]}]}"#,
+    )
+    .unwrap();
+    let t = std::time::Instant::now();
+    let again = loop {
+        let (ok, out, err) = cli_run(
+            f.acme.path(),
+            &f.http,
+            &["--json", "hub", "retest", "acme/hello@1.0.0"],
+            None,
+        );
+        if ok {
+            break json(&out);
+        }
+        // The release's first smoke test may still run.
+        assert!(
+            err.contains("being tested") && t.elapsed() < std::time::Duration::from_secs(240),
+            "{err}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    };
+    let ids: Vec<&str> = again["scan"]["findings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&"GHSA-1111-2222-3333") && ids.contains(&"GHSA-4444-5555-6666"),
+        "{again}"
+    );
+
     // The site: its own `macula up` (another trust root, another mesh), no Hub, only the first
     // Hub's root of trust.
     let site = tempfile::tempdir().unwrap();

@@ -85,7 +85,10 @@ pub struct Hub {
     pub dir: PathBuf,
     pub(crate) repo: tokio::sync::Mutex<Repo>,
     pub(crate) store: Arc<dyn BlobStore>,
-    pub(crate) osv: Option<osv::Database>,
+    /// The OSV database, replaced when its source changes (`reload_osv`).
+    osv: std::sync::RwLock<Option<Arc<osv::Database>>>,
+    /// Its source and the stamp (length, modification time) it was loaded at.
+    osv_source: Option<(PathBuf, std::sync::Mutex<Option<OsvStamp>>)>,
     pub(crate) max_blob: u64,
     pub(crate) certification_fee_cents: i64,
     pub(crate) max_unpublished_bytes: u64,
@@ -115,6 +118,30 @@ fn open_store(cfg: &HubConfig, dir: &Path) -> anyhow::Result<Arc<dyn BlobStore>>
     }
 }
 
+/// Loads an OSV database: a directory of records, or an OSV zip export.
+fn load_osv(p: &Path) -> std::io::Result<osv::Database> {
+    let (db, skipped) = if p.is_dir() {
+        osv::Database::load_dir(p)?
+    } else {
+        osv::Database::load_zip(p)?
+    };
+    tracing::info!(
+        "hub: OSV database {}: {} records ({skipped} entries skipped)",
+        p.display(),
+        db.len()
+    );
+    Ok(db)
+}
+
+/// An OSV source's length and modification time (a directory's own: records added or removed).
+type OsvStamp = (u64, std::time::SystemTime);
+
+/// When the source of an OSV database changed (see [`OsvStamp`]).
+fn osv_stamp(p: &Path) -> Option<OsvStamp> {
+    let m = std::fs::metadata(p).ok()?;
+    Some((m.len(), m.modified().ok()?))
+}
+
 /// Runs blocking work — blob reads: a disk, or an S3 round trip — without stalling the async
 /// runtime's other tasks: in place on a multi-threaded runtime (the node's), else inline.
 pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
@@ -125,6 +152,36 @@ pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 impl Hub {
+    /// The vulnerability database as it is now (none configured: None).
+    pub(crate) fn osv(&self) -> Option<Arc<osv::Database>> {
+        self.osv.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Loads the OSV database again when its source changed since it was loaded (a newer export
+    /// dropped in place), off the async workers; the old one serves until the new one is read,
+    /// and stays if the new one cannot be.
+    pub(crate) async fn reload_osv(&self) {
+        let Some((path, stamp)) = &self.osv_source else {
+            return;
+        };
+        let now = osv_stamp(path);
+        if now.is_none() || *stamp.lock().unwrap_or_else(|p| p.into_inner()) == now {
+            return;
+        }
+        let p = path.clone();
+        match tokio::task::spawn_blocking(move || load_osv(&p)).await {
+            Ok(Ok(db)) => {
+                *self.osv.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db));
+                *stamp.lock().unwrap_or_else(|p| p.into_inner()) = now;
+            }
+            Ok(Err(e)) => tracing::warn!(
+                "hub: the OSV database {} changed and could not be read: {e}",
+                path.display()
+            ),
+            Err(e) => tracing::warn!("hub: reloading the OSV database: {e}"),
+        }
+    }
+
     /// A release's index (`target` of `digest`): from the blob store, else the repository's
     /// target file.
     pub(crate) fn release_index(
@@ -198,25 +255,18 @@ impl Hub {
         tracing::info!("hub: blobs in {}", store.describe());
         let osv = match &cfg.osv {
             None => None,
-            Some(p) => {
-                let (db, skipped) = if p.is_dir() {
-                    osv::Database::load_dir(p)?
-                } else {
-                    osv::Database::load_zip(p)?
-                };
-                tracing::info!(
-                    "hub: OSV database {}: {} records ({skipped} entries skipped)",
-                    p.display(),
-                    db.len()
-                );
-                Some(db)
-            }
+            Some(p) => Some(Arc::new(load_osv(p)?)),
         };
+        let osv_source = cfg
+            .osv
+            .as_ref()
+            .map(|p| (p.clone(), std::sync::Mutex::new(osv_stamp(p))));
         Ok(Hub {
             dir: dir.to_path_buf(),
             repo: tokio::sync::Mutex::new(repo),
             store,
-            osv,
+            osv: std::sync::RwLock::new(osv),
+            osv_source,
             max_blob: cfg.max_blob,
             certification_fee_cents: cfg.certification_fee_cents.max(0),
             max_unpublished_bytes: cfg.max_unpublished_bytes,
@@ -259,6 +309,7 @@ impl Registry {
                  until it signs a new one"
             );
         }
+        hub.reload_osv().await;
         let n = self.collect_uploads(None).await?;
         if n > 0 {
             tracing::info!("hub: collected {n} upload(s) no release named");

@@ -236,10 +236,11 @@ impl Registry {
             max_cpu_millis: MAX_CPU_MILLIS,
             max_memory_bytes: MAX_MEMORY_BYTES,
         };
+        let osv_db = hub.osv();
         let rules = Rules {
             publisher: &trusted,
             policy: &policy,
-            osv: hub.osv.as_ref(),
+            osv: osv_db.as_deref(),
         };
         // Review every index given (the repository refuses a new target without one, and an
         // index given for a target already published must be that target's).
@@ -489,7 +490,8 @@ impl Registry {
         })?;
         let index: macula_hub::pack::Index =
             serde_json::from_slice(&index).map_err(ApiError::internal)?;
-        let scan = match &hub.osv {
+        hub.reload_osv().await;
+        let scan = match hub.osv() {
             None => None,
             Some(db) => {
                 let store = hub.store.clone();
@@ -769,7 +771,7 @@ impl Registry {
         // The vulnerability data for the bundle's ecosystems, made before the repository is
         // locked (it may be large); signed below like the repository's own files (the targets
         // key), and bound to the bundle's snapshot version, so the site can trust it offline.
-        let osv = match (&hub.osv, req.ecosystems.is_empty()) {
+        let osv = match (hub.osv(), req.ecosystems.is_empty()) {
             (Some(db), false) => {
                 let wanted: std::collections::BTreeSet<String> =
                     req.ecosystems.iter().cloned().collect();
