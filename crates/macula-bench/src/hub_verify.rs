@@ -141,7 +141,7 @@ pub async fn run(packages: usize, publishers: usize) -> Result<Vec<Figure>> {
     // the TUF chain, every index and file), into an empty node directory.
     let bundle_path = tmp.path().join("all.bmz");
     let (snapshot, timestamp, _) = repo
-        .bundle_metadata(Duration::from_secs(30 * 86_400))
+        .bundle_metadata(Duration::from_secs(30 * 86_400), None)
         .await
         .map_err(|e| anyhow!("{e}"))?;
     let md = tmp.path().join("repo/metadata");

@@ -456,7 +456,30 @@ pub async fn import(
         }
         indexes.push((p.target.clone(), index));
     }
-    // The vulnerability data: signed by the Hub's targets key, or not taken at all.
+    // The vulnerability data: what the bundle's signed timestamp names, if it names any (a
+    // bundle stripped of it, or given other data, is refused)...
+    if let Some(signed) = client.bundle_osv() {
+        let Some(export) = &osv_export else {
+            return Err(err(
+                OSV_EXPORT,
+                "missing: the bundle's signed timestamp names vulnerability data",
+            ));
+        };
+        let actual = Digest::of(export).to_string();
+        if signed["digest"].as_str() != Some(actual.as_str())
+            || signed["size"].as_u64() != Some(export.len() as u64)
+        {
+            return Err(err(
+                OSV_EXPORT,
+                format!(
+                    "its bytes hash to {actual} ({} bytes); the bundle's signed timestamp names {}",
+                    export.len(),
+                    signed
+                ),
+            ));
+        }
+    }
+    // ... and signed by the Hub's targets key, or not taken at all.
     let osv = match (&osv_export, &osv_envelope) {
         (None, None) => None,
         (Some(export), Some(envelope)) => {

@@ -157,6 +157,10 @@ impl Key {
     }
 }
 
+/// The field of a bundle's timestamp naming its vulnerability data (TUF keeps unknown fields
+/// in the signed body; clients that do not know it ignore it).
+pub const BUNDLE_OSV: &str = "x-macula-osv";
+
 /// The public half of a `Key`, as TUF names it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct PublicKey(pub ed25519_dalek::VerifyingKey);
@@ -1044,6 +1048,7 @@ impl Repo {
     pub async fn bundle_metadata(
         &self,
         life: Duration,
+        osv: Option<serde_json::Value>,
     ) -> Result<(Vec<u8>, Vec<u8>, jiff::Timestamp), TufError> {
         let current = self.read_meta(&format!("{}.snapshot.json", self.snapshot_version))?;
         let current: Signed<Snapshot> = serde_json::from_slice(&current)
@@ -1058,6 +1063,11 @@ impl Repo {
             "snapshot.json".into(),
             metafile(self.snapshot_version, snap.buffer()),
         );
+        // The bundle's vulnerability data (its digest and size), signed with the timestamp: a
+        // bundle stripped of it, or given other data, no longer matches what was signed.
+        if let Some(v) = osv {
+            ts._extra.insert(BUNDLE_OSV.into(), v);
+        }
         let ts = sign_role(ts, &holder, std::slice::from_ref(&self.online.timestamp)).await?;
         let earliest = self
             .roles
@@ -1399,6 +1409,11 @@ impl Client {
     }
     pub fn snapshot_version(&self) -> u64 {
         self.repo.snapshot().signed.version.get()
+    }
+    /// What a bundle's timestamp says of the vulnerability data it carries (`{"digest",
+    /// "size"}`), if it says anything.
+    pub fn bundle_osv(&self) -> Option<serde_json::Value> {
+        self.repo.timestamp().signed._extra.get(BUNDLE_OSV).cloned()
     }
     pub fn timestamp_version(&self) -> u64 {
         self.repo.timestamp().signed.version.get()

@@ -1293,6 +1293,32 @@ fn a_bundle_installs_and_runs_on_an_isolated_site() {
         eprintln!("rebuilt: {}", err.trim());
         std::fs::remove_file(&bad).unwrap();
     }
+    // The vulnerability data stripped (both entries, and bundle.json's mention of it): the
+    // bundle's signed timestamp still names it.
+    let stripped = work.path().join("stripped.bmz");
+    let mut bare = manifest.clone();
+    bare.osv = None;
+    macula_hub::bundle::write(
+        std::fs::File::create(&stripped).unwrap(),
+        &bare,
+        entries
+            .iter()
+            .filter(|(n, _)| !n.starts_with("osv/"))
+            .map(|(n, b)| (n.clone(), macula_hub::bundle::Source::Bytes(b.clone()))),
+    )
+    .unwrap();
+    let (ok, _, err) = site_cli(&[
+        "hub",
+        "bundle",
+        "import",
+        stripped.to_str().unwrap(),
+        "--home",
+        home,
+    ]);
+    assert!(
+        !ok && err.contains("osv/osv.json") && err.contains("signed timestamp"),
+        "{err}"
+    );
     // The vulnerability data of the other bundle (validly signed, for another snapshot).
     let (_, other) = macula_hub::bundle::read_all(&bmz2, 1 << 30).unwrap();
     let bad = rebuilt(&|name: &str, b: &mut Vec<u8>| {

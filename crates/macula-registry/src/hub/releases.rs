@@ -783,8 +783,11 @@ impl Registry {
             _ => None,
         };
         let repo = hub.repo.lock().await;
+        let signed_osv = osv.as_ref().map(
+            |(bytes, _, _)| json!({"digest": Digest::of(bytes).to_string(), "size": bytes.len()}),
+        );
         let (snapshot, timestamp, expires) = repo
-            .bundle_metadata(std::time::Duration::from_secs(days * 86_400))
+            .bundle_metadata(std::time::Duration::from_secs(days * 86_400), signed_osv)
             .await
             .map_err(super::tuf_error)?;
         let (osv, osv_envelope) = match osv {
