@@ -671,33 +671,50 @@ impl Controller {
         let node = self.node.clone();
         let from = from.parse::<PeerId>().ok();
         tokio::spawn(async move {
-            let mut verified = packages.view().version;
+            // A notice that comes while this task ends (after its last look, before it lets
+            // go) is not left to the periodic check: the task looks again.
             loop {
-                match packages.refresh().await {
-                    Ok(v) if v > verified => {
-                        verified = v;
-                        if let (Some(m), Ok(bytes)) = (
-                            crate::mesh::of(&node),
-                            serde_json::to_vec(&Work::HubChanged { version: v }),
-                        ) {
-                            m.handle
-                                .broadcast(&Frame::Work { msg: bytes.into() }, from.as_ref());
-                        }
-                    }
-                    // No newer version at the Hub than this node has: a notice claiming one
-                    // goes no further.
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::warn!("hub: refreshing after a change notice: {e}");
-                        break;
-                    }
-                }
-                if packages.noticed() <= verified {
+                let seen = packages.notice_count();
+                Self::refresh_for_notices(&packages, &node, from.as_ref()).await;
+                packages.notice_done();
+                if packages.notice_count() == seen || !packages.notice_retake() {
                     break;
                 }
             }
-            packages.notice_done();
         });
+    }
+
+    /// Refreshes the view of the Hub until it is at the highest version noticed (or the Hub has
+    /// no newer one), passing each newer verified version on to the peers.
+    async fn refresh_for_notices(
+        packages: &super::packages::Packages,
+        node: &Arc<Node>,
+        from: Option<&PeerId>,
+    ) {
+        let mut verified = packages.view().version;
+        loop {
+            match packages.refresh().await {
+                Ok(v) if v > verified => {
+                    verified = v;
+                    if let (Some(m), Ok(bytes)) = (
+                        crate::mesh::of(node),
+                        serde_json::to_vec(&Work::HubChanged { version: v }),
+                    ) {
+                        m.handle.broadcast(&Frame::Work { msg: bytes.into() }, from);
+                    }
+                }
+                // No newer version at the Hub than this node has: a notice claiming one
+                // goes no further.
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!("hub: refreshing after a change notice: {e}");
+                    break;
+                }
+            }
+            if packages.noticed() <= verified {
+                break;
+            }
+        }
     }
 
     fn send(&self, to: &str, w: Work) {

@@ -52,6 +52,8 @@ pub struct Packages {
     /// The highest version change notices named, and whether a refresh for them runs.
     noticed: std::sync::atomic::AtomicU64,
     notice_running: std::sync::atomic::AtomicBool,
+    /// Notices received so far (a refresh that ends checks none came while it ran).
+    notices: std::sync::atomic::AtomicU64,
     /// The node (its mesh: files from peers), and whether to ask peers first.
     node: std::sync::Weak<crate::node::Node>,
     peers: bool,
@@ -220,6 +222,7 @@ impl Packages {
             view: parking_lot::RwLock::new(HubView::default()),
             noticed: Default::default(),
             notice_running: Default::default(),
+            notices: Default::default(),
             node,
             peers,
             refreshing: tokio::sync::Mutex::new(
@@ -245,7 +248,21 @@ impl Packages {
     pub fn notice(&self, version: u64) -> bool {
         use std::sync::atomic::Ordering;
         self.noticed.fetch_max(version, Ordering::AcqRel);
+        self.notices.fetch_add(1, Ordering::AcqRel);
         !self.notice_running.swap(true, Ordering::AcqRel)
+    }
+
+    /// How many notices came so far.
+    pub fn notice_count(&self) -> u64 {
+        self.notices.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Takes the refresh for notices again after [`Packages::notice_done`] (a notice came as
+    /// the last one ended); false if another task took it.
+    pub fn notice_retake(&self) -> bool {
+        !self
+            .notice_running
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
     }
 
     /// The highest version notices named.
