@@ -1,6 +1,6 @@
 //! The Hub (issue 15): signed, content-addressed packages.
 //!
-//! Built so far:
+//! What it holds:
 //! - `package.rs` a package's manifest (the seed's `beemesh.yaml` shape plus the artifacts it
 //!   carries and the workload it deploys), checked with a path for every problem;
 //! - `attest.rs` attestations: DSSE envelopes (PAE, threshold of trusted keys, the payload type
@@ -21,10 +21,13 @@
 //!   may grant, the workload within the largest plan, no secret written into the manifest.
 //! - `tuf.rs` the TUF repository (through `tough`): the Hub's writer (root with rotation, a
 //!   delegation per publisher for `org/*`, snapshot, timestamp; in the layout python-tuf's
-//!   `ngclient` also reads) and the verifying client every node runs, over any `Source`.
+//!   `ngclient` also reads) and the verifying client every node runs, over any `Source`;
+//! - `review.rs` the review every party shares; `prepare.rs` `macula hub attest`;
+//! - `bundle.rs` offline bundles (`.bmz`): the TUF chain, the packages' files and the signed
+//!   vulnerability data, verified whole before anything is usable.
 //!
-//! To come (see `docs/design/hub.md`): the submission pipeline and tiers,
-//! distribution over the mesh, offline bundles, revocation.
+//! The Hub's service (publishers, publishing, tiers, status) is in `macula-registry/src/hub/`;
+//! the nodes' client in `macula-node/src/workloads/packages.rs` (see `docs/design/hub.md`).
 
 pub mod attest;
 pub mod bundle;
