@@ -129,7 +129,8 @@ pub enum HubCmd {
         note: String,
     },
     /// Verify a bundle (.bmz) offline, as an import would, without installing anything: every
-    /// file against its digest, the metadata chain against the root of trust, every package.
+    /// file against its digest, the metadata chain against the root of trust, every package;
+    /// and scan the packages with the bundle's signed vulnerability data, printing findings.
     Verify {
         file: PathBuf,
         /// The Hub's root of trust to verify against (`macula hub trust` wrote it).
@@ -165,7 +166,8 @@ pub enum BundleCmd {
     /// into a node's packages directory, or into every node of a `macula up` home.
     Import {
         bundle: PathBuf,
-        /// A node's packages directory (`<workloads dir>/packages`); repeatable.
+        /// A node's packages directory (`<workloads dir>/packages`); repeatable. One node of a
+        /// site is enough: the others take the bundle from it.
         #[arg(long, required_unless_present = "home")]
         into: Vec<PathBuf>,
         /// A `macula up` home: every node's packages directory, and its `hub-root.json`.

@@ -108,7 +108,8 @@ enum Command {
     /// Deploy a payload (a command, or a manifest with -f) into the realm: the nodes place,
     /// run and heal its replicas.
     Deploy(workload_cmds::DeployArgs),
-    /// The Hub: signing keys, publishers, attest and publish packages, search, yank, revoke.
+    /// The Hub: signing keys, publishers, attest and publish packages, search, yank, revoke,
+    /// retest, certification, offline bundles.
     Hub(hub_cmds::HubArgs),
     /// The realm's workloads and their replicas: node, state, restarts, lease token, age.
     #[command(visible_alias = "ps")]

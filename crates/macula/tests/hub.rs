@@ -233,6 +233,25 @@ fn a_publisher_publishes_and_the_hub_serves_it_verified() {
         ],
     );
     assert!(err.contains("not verified"), "{err}");
+    // Nor export bundles (the Hub signs their metadata and exports its vulnerability data
+    // for publishers and operators only).
+    let out = e.join("stolen.bmz");
+    let err = refused(
+        e,
+        &http,
+        &[
+            "hub",
+            "bundle",
+            "export",
+            "acme/hello@1.0.0",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        err.contains("bundles are exported by operators") && !out.exists(),
+        "{err}"
+    );
     let ops = account(&http, &mail, "ops@example.com");
     cli(
         ops.path(),
@@ -440,6 +459,22 @@ impl Fixture {
         out
     }
 
+    /// `macula logs NAME` once they say `want` (within 15 s).
+    fn logs_saying(&self, name: &str, want: &str) -> String {
+        let t = std::time::Instant::now();
+        loop {
+            let (_, out, _) = self.node(&["logs", name]);
+            if out.contains(want) {
+                return out;
+            }
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(15),
+                "{name}'s output never said {want:?}: {out}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     /// The replica of workload `name` whose status detail says `want` (within 30 s).
     fn replica_saying(&self, name: &str, want: &str) -> Value {
         let t = std::time::Instant::now();
@@ -495,16 +530,7 @@ fn deploy_package_runs_it_from_the_hub() {
     assert_eq!(d["name"], "hello", "{d}");
     assert_eq!(d["replicas"][0]["state"], "running", "{d}");
     // The program ran from the package's installed files.
-    let logs = (0..100)
-        .find_map(|_| {
-            let (_, out, _) = f.node(&["logs", "hello"]);
-            if out.contains("hello from") {
-                return Some(out);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            None
-        })
-        .expect("the replica's output");
+    let logs = f.logs_saying("hello", "hello from");
     assert!(logs.contains("/packages/installed/"), "{logs}");
     // The delivery is metered for the realm: the package's files, once per node (whoever
     // installed them first there: the Hub's smoke test may have).
@@ -776,16 +802,7 @@ workload:
     let out = f.deploy("acme/pod@1.0.0", "90s");
     let d = json(&out);
     assert_eq!(d["replicas"][0]["state"], "running", "{d}");
-    let logs = (0..150)
-        .find_map(|_| {
-            let (_, out, _) = f.node(&["logs", "pod"]);
-            if out.contains("from the hub") {
-                return Some(out);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            None
-        })
-        .expect("the container's output");
+    let logs = f.logs_saying("pod", "from the hub");
     // `yes`: /etc/macula-image, which only the image holds.
     assert!(logs.contains("yes"), "{logs}");
     let (_, out, _) = f.node(&["workloads", "pod"]);

@@ -45,6 +45,10 @@ fn release_of(r: &AnyRow) -> ApiResult<Release> {
     })
 }
 
+/// The most uploads one account may have that no release names yet (besides their bytes,
+/// `registry.hub.max_unpublished_bytes`): rows and files stay bounded however small they are.
+const MAX_UNPUBLISHED_FILES: i64 = 10_000;
+
 fn scan_json(scan: Option<&macula_hub::osv::Scan>) -> Value {
     match scan {
         None => json!({"database": false}),
@@ -103,12 +107,21 @@ impl Registry {
         // What the account has uploaded that no release names yet is bounded (abandoned uploads
         // are collected after `upload_ttl`; this account's first).
         self.collect_uploads(Some(&actor.account_id)).await?;
-        let pending: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(SUM(size), 0) FROM hub_uploads WHERE account_id = $1",
+        let (pending, files): (i64, i64) = sqlx::query_as(
+            "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM hub_uploads WHERE account_id = $1",
         )
         .bind(&actor.account_id)
         .fetch_one(&self.db.pool)
         .await?;
+        if files >= MAX_UNPUBLISHED_FILES {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "unpublished_quota",
+                format!(
+                    "you have {files} uploads that no release names yet (at most {MAX_UNPUBLISHED_FILES}): publish them, or wait until they are collected (registry.hub.upload_ttl_secs)"
+                ),
+            ));
+        }
         let room = hub
             .max_unpublished_bytes
             .saturating_sub(pending.max(0) as u64);
@@ -518,8 +531,8 @@ impl Registry {
 
     /// The publisher's owner asks for a Verified release to be certified: `declared` is the
     /// vendor's support terms and SLO; the certification fee (quoted in the answer) is charged
-    /// to the owner's account when an operator certifies it. Asking again replaces the
-    /// declaration until it is certified.
+    /// to the owner's account when an operator certifies it. The declaration is fixed once
+    /// made (what the operator reviews does not change under them).
     pub async fn request_certification(
         &self,
         actor: &Actor,
@@ -536,6 +549,9 @@ impl Registry {
         }
         let ns = target.split('/').next().unwrap_or_default().to_owned();
         let release = self.release(target).await?;
+        // Whose release it is, before anything about its state is said.
+        let mut ch = self.change(actor).await?;
+        self.owned_publisher(&mut ch, actor, &ns, false).await?;
         if release.tier == "certified" {
             return Err(ApiError::conflict(
                 "already_certified",
@@ -552,15 +568,11 @@ impl Registry {
             ));
         }
         if let Some(at) = release.certification["requested_at"].as_str() {
-            // What the operator reviews does not change under them.
             return Err(ApiError::conflict(
                 "already_requested",
                 format!("{target}: certification was requested at {at}; an operator reviews that declaration"),
             ));
         }
-        let repo = hub.repo.lock().await;
-        let mut ch = self.change(actor).await?;
-        self.owned_publisher(&mut ch, actor, &ns, false).await?;
         let request = json!({
             "declared": declared,
             "requested_by": actor.email,
@@ -577,7 +589,6 @@ impl Registry {
             json!({"target": target, "declared": declared, "fee_cents": hub.certification_fee_cents}),
         );
         ch.commit().await?;
-        drop(repo);
         self.release(target).await
     }
 
